@@ -1,0 +1,146 @@
+"""``LoraConfig``: what to adapt and how, with PEFT's field names and meanings.
+
+The config is immutable: derive a changed copy with ``config.model_copy(update={...})``.
+``to_peft_dict`` / ``from_peft_dict`` translate to and from ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loratune.errors import AdapterLoadError, ConfigError
+from loratune.validation import check_known_keys, describe_validation_error
+
+ALL_LINEAR = "all-linear"
+
+# Keys PEFT writes whose non-default values change the math; an adapter using one of them is refused
+# rather than silently misread.
+_UNSUPPORTED_PEFT_FEATURES = {
+    "use_dora": False,
+    "lora_bias": False,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+    "alora_invocation_tokens": None,
+}
+
+
+class LoraConfig(BaseModel):
+    """Which modules get LoRA adapters and with which rank, scaling, dropout and initialisation.
+
+    Fields and meanings follow PEFT's ``LoraConfig``:
+
+    - ``target_modules``: a list (exact module path or dotted suffix, e.g. ``"q_proj"``), a string (regex
+      that must match the whole module path), or ``"all-linear"`` (every Linear/Conv1D except the output head).
+    - ``exclude_modules``: same forms; matching modules are skipped.
+    - ``layers_to_transform`` / ``layers_pattern``: only adapt blocks with these indices (list targets only).
+    - ``rank_pattern`` / ``alpha_pattern``: per-module r / alpha; a key is a regex matched against the end
+      of the module path at a dot boundary.
+    - ``init_lora_weights``: True (A Kaiming-uniform, B zero: starts as the base model), ``"gaussian"``
+      (A ~ N(0, 1/r)), ``"pissa"`` (principal singular directions of W0), or False (random B; tests only).
+    - ``modules_to_save``: modules trained in full (a private copy per adapter) and saved with the adapter.
+
+    Raises ``ConfigError`` on an unknown field (naming the closest valid one) or an invalid value.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    r: int = Field(8, gt=0)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Union[str, list[str]] = ALL_LINEAR
+    exclude_modules: Union[str, list[str], None] = None
+    layers_to_transform: Union[int, list[int], None] = None
+    layers_pattern: Union[str, list[str], None] = None
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, Literal["gaussian", "pissa"]] = True
+    modules_to_save: Union[list[str], None] = None
+    bias: str = "none"
+    fan_in_fan_out: bool = False  # accepted for PEFT compatibility; Conv1D layers are detected by type
+    task_type: Union[str, None] = None
+    base_model_name_or_path: Union[str, None] = None
+
+    def __init__(self, **data: Any):
+        check_known_keys(data, type(self).model_fields, "LoraConfig.")
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, "LoraConfig.")) from None
+
+    @field_validator("init_lora_weights", mode="before")
+    @classmethod
+    def _known_init(cls, value):
+        if isinstance(value, str) and value not in ("gaussian", "pissa"):
+            raise ValueError("must be True, False, 'gaussian' or 'pissa'")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_targets(cls, value):
+        if not value:
+            raise ValueError("must name at least one module (or be 'all-linear')")
+        return value
+
+    @field_validator("bias")
+    @classmethod
+    def _bias_none(cls, value):
+        if value != "none":
+            raise ValueError("only 'none' is supported: LoRA here trains no bias terms")
+        return value
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _positive_patterns(cls, value):
+        for key, number in value.items():
+            if number <= 0:
+                raise ValueError(f"value for {key!r} must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _layers_need_list_targets(self):
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError("layers_to_transform needs target_modules as a list of names, not a regex string")
+        return self
+
+    # --- adapter_config.json ----------------------------------------------------------------------
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content PEFT reads (``peft_type`` LORA, PEFT's key names)."""
+        data = self.model_dump()
+        data["peft_type"] = "LORA"
+        data["target_modules"] = _json_list(self.target_modules)
+        data["exclude_modules"] = _json_list(self.exclude_modules)
+        data["inference_mode"] = True
+        return data
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
+        """Read a PEFT ``adapter_config.json`` dict; unknown keys are ignored, non-LoRA adapters refused.
+
+        Raises ``AdapterLoadError`` for another PEFT method or a LoRA variant loratune does not implement.
+        """
+        peft_type = data.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise AdapterLoadError(f"{source}: peft_type is {peft_type!r}; loratune loads LoRA adapters only")
+        for key, default in _UNSUPPORTED_PEFT_FEATURES.items():
+            if data.get(key, default) not in (default, [], {}):
+                raise AdapterLoadError(f"{source}: uses {key}={data[key]!r}, a LoRA variant loratune does not support")
+        known = {k: v for k, v in data.items() if k in cls.model_fields}
+        if known.get("init_lora_weights") not in (True, False, "gaussian", "pissa"):
+            known["init_lora_weights"] = True  # the start does not matter for trained weights
+        for key in ("rank_pattern", "alpha_pattern"):
+            if known.get(key) is None:
+                known[key] = {}
+        try:
+            return cls(**known)
+        except ConfigError as exc:
+            raise AdapterLoadError(f"{source}: {exc}") from None
+
+
+def _json_list(value):
+    # PEFT stores target sets as lists; keep regex strings as they are.
+    return sorted(value) if isinstance(value, (list, set, tuple)) else value

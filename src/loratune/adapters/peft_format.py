@@ -1,0 +1,235 @@
+"""Save and load adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor keys are produced by one walk over the adapter's modules (``adapter_slots``), used by both save and
+load, so the two are symmetric by construction: ``base_model.model.<module path>.lora_A.weight`` (r × in),
+``.lora_B.weight`` (out × r), ``.lora_embedding_A`` / ``.lora_embedding_B`` for embeddings, and
+modules_to_save parameters under the module's own key. The adapter's name never appears in the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from loratune.adapters.config import LoraConfig
+from loratune.adapters.surgery import (
+    active_adapters,
+    adapters_of,
+    delete_adapter,
+    get_entry,
+    inject_adapter,
+    lora_layers,
+    saved_modules,
+    set_active,
+    set_strength,
+)
+from loratune.adapters.targets import portable_target_modules
+from loratune.errors import AdapterLoadError, ConfigError
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_slots(model: nn.Module, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(PEFT key, tensor) for every tensor adapter ``name`` owns, found by walking its modules."""
+    for path, layer in lora_layers(model):
+        if name in layer.lora_A:
+            a_suffix, b_suffix = layer.peft_suffixes
+            yield f"{PREFIX}{path}.{a_suffix}", layer.lora_A[name]
+            yield f"{PREFIX}{path}.{b_suffix}", layer.lora_B[name]
+    for path, wrapper in saved_modules(model):
+        if name in wrapper.copies:
+            for key, tensor in wrapper.copies[name].state_dict(keep_vars=True).items():
+                yield f"{PREFIX}{path}.{key}", tensor
+
+
+def model_name_of(model: nn.Module) -> str | None:
+    """The name the base model was loaded under (Hugging Face ``name_or_path``), if it has one."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    get = getattr(model, "get_output_embeddings", None)
+    return hasattr(model, "generate") and callable(get) and get() is not None
+
+
+def adapter_tensors(model: nn.Module, name: str, *, convert_pissa: bool = True) -> tuple[dict, LoraConfig]:
+    """The tensors and config ``save_adapter`` writes for adapter ``name`` (float tensors on the CPU).
+
+    A PiSSA-initialised adapter is converted (by default) into an ordinary LoRA relative to the original
+    base: ``ΔW = s·B·A − s·B0·A0`` = ``[B, −B0]·[A; A0]``, rank 2r with alpha scaled to keep ``s``.
+    """
+    entry = get_entry(model, name)
+    config = entry.config
+    tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in adapter_slots(model, name)}
+    pissa_layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.pissa]
+    if pissa_layers:
+        if not convert_pissa:
+            raise ConfigError("a PiSSA adapter is only saved converted to plain LoRA (convert_pissa=True)")
+        for path, layer in pissa_layers:
+            start = layer.pissa[name]
+            a_key, b_key = (f"{PREFIX}{path}.{suffix}" for suffix in layer.peft_suffixes)
+            tensors[a_key] = torch.cat([tensors[a_key], start.A0.to(tensors[a_key].dtype).cpu()], dim=0)
+            tensors[b_key] = torch.cat([tensors[b_key], -start.B0.to(tensors[b_key].dtype).cpu()], dim=1)
+        alpha_factor = math.sqrt(2) if config.use_rslora else 2.0  # keeps s = alpha/r (or alpha/√r) unchanged
+        config = config.model_copy(
+            update={
+                "r": 2 * config.r,
+                "lora_alpha": alpha_factor * config.lora_alpha,
+                "rank_pattern": {k: 2 * v for k, v in config.rank_pattern.items()},
+                "alpha_pattern": {k: alpha_factor * v for k, v in config.alpha_pattern.items()},
+                "init_lora_weights": True,
+            }
+        )
+    config = config.model_copy(
+        update={"target_modules": portable_target_modules(model, config, entry.lora_paths)}
+    )
+    return tensors, config
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str = "default",
+    *,
+    base_model_name_or_path: str | None = None,
+    convert_pissa: bool = True,
+) -> Path:
+    """Write adapter ``name`` as a PEFT adapter directory at ``path`` and return the path.
+
+    Files are written under temporary names and renamed into place, so an interrupted save never leaves a
+    half-written adapter. Other files already in ``path`` (tokenizer files, say) are kept.
+    """
+    tensors, config = adapter_tensors(model, name, convert_pissa=convert_pissa)
+    base_name = base_model_name_or_path or config.base_model_name_or_path or model_name_of(model)
+    task_type = config.task_type or ("CAUSAL_LM" if _is_causal_lm(model) else None)
+    config_dict = config.model_copy(update={"base_model_name_or_path": base_name, "task_type": task_type})
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(json.dumps(config_dict.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+        if not target.exists():
+            staging.rename(target)
+        else:
+            for file in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(staging / file, target / file)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
+    """The ``LoraConfig`` of the adapter directory at ``path`` (unknown PEFT keys ignored).
+
+    Raises ``AdapterLoadError`` when ``path`` is not an adapter directory or its config is not LoRA.
+    """
+    directory = Path(path)
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        what = "does not exist" if not directory.exists() else f"has no {CONFIG_NAME}"
+        raise AdapterLoadError(
+            f"{directory} {what}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    try:
+        data = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterLoadError(f"{config_file}: invalid JSON ({exc})") from None
+    return LoraConfig.from_peft_dict(data, source=str(config_file))
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        if (directory / "adapter_model.bin").exists():
+            raise AdapterLoadError(
+                f"{directory} has only adapter_model.bin (pickle), which loratune does not load for safety; "
+                "convert it to safetensors with PEFT first"
+            )
+        raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME}")
+    with safe_open(str(weights), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+def _listed(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | None = None,
+    scale: float = 1.0,
+    *,
+    trainable: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    """Load the PEFT-format adapter at ``path`` into ``model`` as ``name`` and add it to the active adapters.
+
+    ``scale`` is its strength (1.0 = as trained). The adapter is frozen unless ``trainable``. Returns the
+    name used (``"default"`` when free, else the directory name). Raises ``AdapterLoadError`` when a tensor
+    finds no module, a module gets no tensor, or a shape differs (the model is left as it was).
+    Warns when the adapter was trained on a differently named base model.
+    """
+    directory = Path(path)
+    config = read_adapter_config(directory)
+    tensors = _read_weights(directory)
+    if name is None:
+        name = "default" if "default" not in adapters_of(model) else directory.name
+    ours = model_name_of(model)
+    theirs = config.base_model_name_or_path
+    if ours and theirs and ours != theirs:
+        warnings.warn(f"adapter {directory} was trained on {theirs!r}, this model is {ours!r}", stacklevel=2)
+    # The start is overwritten by the file, except that a PiSSA adapter must rebuild its residual base.
+    init = "pissa" if config.init_lora_weights == "pissa" else True
+    try:
+        inject_adapter(model, config, name, dtype=dtype, init=init)
+    except ConfigError as exc:
+        raise AdapterLoadError(f"adapter {directory} does not fit this model: {exc}") from None
+    try:
+        _copy_into_slots(model, name, tensors, directory)
+    except AdapterLoadError:
+        delete_adapter(model, name)
+        raise
+    for param in (p for _, p in adapter_slots(model, name)):
+        param.requires_grad_(trainable)
+    set_strength(model, name, scale)
+    set_active(model, [*active_adapters(model), name])
+    return name
+
+
+def _copy_into_slots(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    slots = dict(adapter_slots(model, name))
+    missing, unexpected = slots.keys() - tensors.keys(), tensors.keys() - slots.keys()
+    if missing or unexpected:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors match no adapted module: {_listed(unexpected)}")
+        if missing:
+            parts.append(f"{len(missing)} adapted module tensors are missing from the file: {_listed(missing)}")
+        raise AdapterLoadError(f"adapter {directory} does not fit this model — " + "; ".join(parts))
+    for key, slot in slots.items():
+        if tuple(tensors[key].shape) != tuple(slot.shape):
+            raise AdapterLoadError(
+                f"adapter {directory}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
+                f"{tuple(slot.shape)} — was it trained on another base model?"
+            )
+    with torch.no_grad():
+        for key, slot in slots.items():
+            slot.copy_(tensors[key])

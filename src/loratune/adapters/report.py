@@ -1,0 +1,45 @@
+"""How big an adapter is: trainable parameters, their share of the model, and bytes on disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from loratune.adapters.peft_format import adapter_slots
+from loratune.adapters.surgery import active_adapters
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    """Trainable and total parameter counts and the adapter's size in bytes (as saved)."""
+
+    trainable: int
+    total: int
+    adapter_params: int
+    adapter_bytes: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.percent:.4f} || adapter: {self.adapter_params:,} params, "
+            f"{self.adapter_bytes / 2**20:.2f} MiB"
+        )
+
+
+def parameter_report(model: nn.Module, name: str | None = None) -> ParameterReport:
+    """Counts for ``model``: trainable and total parameters (tied weights counted once), and the parameters
+    and bytes of adapter ``name`` (default: the active adapters together)."""
+    params = list(model.parameters())  # deduplicates tied weights
+    names = [name] if name is not None else active_adapters(model)
+    owned = {id(t): t for n in names for _, t in adapter_slots(model, n)}
+    return ParameterReport(
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+        adapter_params=sum(t.numel() for t in owned.values()),
+        adapter_bytes=sum(t.numel() * t.element_size() for t in owned.values()),
+    )

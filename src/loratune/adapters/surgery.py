@@ -1,0 +1,367 @@
+"""Adapter surgery on any ``nn.Module``: inject, activate, disable, merge, unmerge, delete, unload.
+
+LoRA layers replace the targeted modules in place (the original becomes ``<path>.base_layer``). Which
+adapters exist and with which config is recorded on the root module (``ADAPTERS_ATTR``); which are active,
+their strengths and what is merged live on the layers, and are only changed through the functions here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from loratune.adapters.config import LoraConfig
+from loratune.adapters.modules_to_save import ModulesToSaveWrapper
+from loratune.adapters.targets import candidate_modules, find_targets, rank_and_alpha
+from loratune.errors import ConfigError
+from loratune.layers import LoraLayer, lora_class_for
+
+ADAPTERS_ATTR = "_loratune_adapters"
+BASE_ADAPTER = "__base__"  # PEFT's word for "no adapter" in mixed batches
+
+
+@dataclass
+class AdapterEntry:
+    """What an adapter was created with: its config and the module paths it touches."""
+
+    config: LoraConfig
+    lora_paths: list[str]
+    saved_paths: list[str] = field(default_factory=list)  # modules_to_save copies
+
+
+def adapters_of(model: nn.Module) -> dict[str, AdapterEntry]:
+    """The adapters on ``model`` by name, in creation order (empty when there are none)."""
+    return getattr(model, ADAPTERS_ATTR, {})
+
+
+def get_entry(model: nn.Module, name: str) -> AdapterEntry:
+    """The entry of adapter ``name``; ``ConfigError`` naming the existing adapters when there is none."""
+    entries = adapters_of(model)
+    if name not in entries:
+        have = ", ".join(repr(n) for n in entries) or "none"
+        raise ConfigError(f"no adapter named {name!r} on this model (adapters: {have})")
+    return entries[name]
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(path, layer) for every LoRA layer in ``model``."""
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield path, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    """(path, wrapper) for every modules_to_save wrapper in ``model``."""
+    for path, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            yield path, module
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters that currently act, in activation order."""
+    return list(getattr(model, ADAPTERS_ATTR + "_active", []))
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters merged into the base weights."""
+    names: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        names.update(dict.fromkeys(layer.merged))
+    return list(names)
+
+
+def _shared_weight_ids(model: nn.Module) -> set[int]:
+    """ids of parameters held by more than one module (tied weights)."""
+    counts = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    return {pid for pid, n in counts.items() if n > 1}
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
+        raise ConfigError(f"adapter name {name!r} is invalid: use a non-empty name without dots, not {BASE_ADAPTER!r}")
+
+
+def _require_unmerged(model: nn.Module, action: str) -> None:
+    merged = merged_adapters(model)
+    if merged:
+        raise ConfigError(f"cannot {action} while adapters {merged} are merged; call unmerge(model) first")
+
+
+def inject_adapter(
+    model: nn.Module, config: LoraConfig, name: str, *, dtype: torch.dtype = torch.float32, init=None
+) -> AdapterEntry:
+    """Create adapter ``name`` on the modules ``config`` targets, without activating it or touching grads.
+
+    ``init`` overrides ``config.init_lora_weights`` (loading uses a cheap start it then overwrites).
+    Raises ``ConfigError`` for a duplicate name or a config that matches nothing.
+    """
+    _check_name(name)
+    entries = adapters_of(model)
+    if name in entries:
+        raise ConfigError(f"an adapter named {name!r} already exists; pick another name or delete_adapter() it")
+    targets = find_targets(model, config)
+    shared = _shared_weight_ids(model)
+    init = config.init_lora_weights if init is None else init
+    lora_paths = []
+    for path, module in targets:
+        if isinstance(module, LoraLayer):
+            layer = module
+        else:
+            layer = lora_class_for(module)(module)
+            model.set_submodule(path, layer)
+        r, alpha = rank_and_alpha(config, path)
+        layer.add(
+            name,
+            r,
+            alpha,
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            init=init,
+            dtype=dtype,
+            weight_is_shared=id(layer.base_weight) in shared,
+        )
+        lora_paths.append(path)
+    saved_paths = []
+    for path, module in list(candidate_modules(model)) if config.modules_to_save else []:
+        if any(path == m or path.endswith("." + m) for m in config.modules_to_save):
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                model.set_submodule(path, module)
+            module.add(name)
+            saved_paths.append(path)
+    if config.modules_to_save and not saved_paths:
+        delete_adapter_layers(model, name)
+        raise ConfigError(f"modules_to_save={config.modules_to_save} matches no module of this model")
+    entry = AdapterEntry(config, lora_paths, saved_paths)
+    setattr(model, ADAPTERS_ATTR, {**entries, name: entry})
+    return entry
+
+
+def adapter_parameters(model: nn.Module, name: str) -> Iterator[nn.Parameter]:
+    """The parameters adapter ``name`` trains: its A and B factors and its modules_to_save copies."""
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A:
+            yield layer.lora_A[name]
+            yield layer.lora_B[name]
+    for _, wrapper in saved_modules(model):
+        if name in wrapper.copies:
+            yield from wrapper.copies[name].parameters()
+
+
+def set_trainable(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Freeze every parameter of ``model`` except those of the adapters ``names``."""
+    names = [names] if isinstance(names, str) else list(names)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        get_entry(model, name)
+        for param in adapter_parameters(model, name):
+            param.requires_grad_(True)
+
+
+def add_adapter(
+    model: nn.Module, config: LoraConfig, name: str = "default", *, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """Inject a new trainable adapter, freeze everything else and make it the only active adapter.
+
+    Adapter parameters are created in ``dtype`` (float32 by default, whatever the base dtype).
+    Returns ``model`` (changed in place). Raises ``ConfigError`` for an invalid name, a duplicate, a config
+    that matches no module, or when adapters are merged.
+    """
+    _require_unmerged(model, "add an adapter")
+    inject_adapter(model, config, name, dtype=dtype)
+    set_trainable(model, name)
+    set_active(model, name)
+    return model
+
+
+def set_active(
+    model: nn.Module, names: str | Sequence[str], scales: float | Sequence[float] | dict[str, float] | None = None
+) -> None:
+    """Make exactly ``names`` act (their outputs add up), each with a strength (default: keep the current one).
+
+    ``scales`` is one number per name (a list, a dict, or a float for a single name); strength multiplies the
+    trained effect ``s·B·A`` (0 = base, 1 = as trained). ``[]`` leaves the base model.
+    Raises ``ConfigError`` for an unknown name, mismatched scales, adapters merged, or two active adapters
+    that both carry a copy of the same modules_to_save module.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        get_entry(model, name)
+    if isinstance(scales, (int, float)):
+        if len(names) != 1:
+            raise ConfigError(f"one scale given for {len(names)} adapters; give one per adapter")
+        scales = [scales]
+    if scales is not None and not isinstance(scales, dict):
+        if len(scales) != len(names):
+            raise ConfigError(f"{len(scales)} scales given for {len(names)} adapters; give one per adapter")
+        scales = dict(zip(names, scales))
+    unknown = set(scales or {}) - set(names)
+    if unknown:
+        raise ConfigError(f"scales given for adapters that are not being activated: {sorted(unknown)}")
+    _require_unmerged(model, "change the active adapters")
+    for _, layer in lora_layers(model):
+        layer.active = tuple(n for n in names if n in layer.lora_A)
+        for n, value in (scales or {}).items():
+            if n in layer.strength:
+                layer.strength[n] = float(value)
+    for path, wrapper in saved_modules(model):
+        owners = [n for n in names if n in wrapper.copies]
+        if len(owners) > 1:
+            raise ConfigError(f"adapters {owners} each train their own copy of {path!r}; activate only one of them")
+        wrapper.active = owners[0] if owners else None
+    setattr(model, ADAPTERS_ATTR + "_active", names)
+
+
+def set_strength(model: nn.Module, name: str, scale: float) -> None:
+    """Change the strength of adapter ``name`` (active or not) without reloading it."""
+    get_entry(model, name)
+    _require_unmerged(model, "change an adapter's strength")
+    for _, layer in lora_layers(model):
+        if name in layer.strength:
+            layer.strength[name] = float(scale)
+
+
+def adapter_strength(model: nn.Module, name: str) -> float:
+    """The current strength of adapter ``name`` (1.0 = as trained)."""
+    get_entry(model, name)
+    for _, layer in lora_layers(model):
+        if name in layer.strength:
+            return layer.strength[name]
+    return 1.0
+
+
+@contextlib.contextmanager
+def disabled_adapters(model: nn.Module):
+    """Run the bare base model inside the ``with`` block (adapters and modules_to_save copies off).
+
+    Raises ``ConfigError`` when adapters are merged (the base weights then include them).
+    """
+    _require_unmerged(model, "run the base model")
+    layers = [layer for _, layer in lora_layers(model)]
+    wrappers = [(w, w.active) for _, w in saved_modules(model)]
+    for layer in layers:
+        layer.base_only = True
+    for wrapper, _ in wrappers:
+        wrapper.active = None
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.base_only = False
+        for wrapper, active in wrappers:
+            wrapper.active = active
+
+
+def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, *, safe: bool = False, on_tied: str = "untie") -> None:
+    """Write ``s·strength·B·A`` of ``names`` (default: the active adapters) into the base weights.
+
+    Math in float32, cast back to the base dtype. An adapter already merged is skipped with a warning.
+    ``safe``: refuse (and change nothing) if any merged weight would be non-finite.
+    ``on_tied``: a weight shared with another module (tied embeddings) is given a private copy (``"untie"``)
+    so the other module keeps its behaviour, or the merge is refused (``"error"``).
+    """
+    if on_tied not in ("untie", "error"):
+        raise ConfigError(f"on_tied={on_tied!r} must be 'untie' or 'error'")
+    names = active_adapters(model) if names is None else list(names)
+    already = set(merged_adapters(model))
+    shared = _shared_weight_ids(model)
+    done: list[tuple[LoraLayer, str]] = []
+    try:
+        for name in names:
+            get_entry(model, name)
+            if name in already:
+                warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing", stacklevel=2)
+                continue
+            for path, layer in lora_layers(model):
+                if name not in layer.lora_A:
+                    continue
+                tied = id(layer.base_weight) in shared or layer._tied_original is not None
+                if tied and on_tied == "error":
+                    raise ConfigError(
+                        f"{path!r} shares its weight with another module (tied weights); merging would change "
+                        "both — use on_tied='untie' to give it a private copy"
+                    )
+                layer.merge(name, safe=safe, untie=tied)
+                done.append((layer, name))
+    except Exception:
+        for layer, name in reversed(done):
+            layer.unmerge(name)
+        raise
+
+
+def unmerge_adapters(model: nn.Module, names: Sequence[str] | None = None) -> None:
+    """Subtract merged adapters (default: all) from the base weights, restoring them up to float rounding."""
+    names = merged_adapters(model) if names is None else list(names)
+    for name in names:
+        get_entry(model, name)
+        for _, layer in lora_layers(model):
+            if name in layer.merged:
+                layer.unmerge(name)
+
+
+def delete_adapter_layers(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer and wrapper; emptied wrappers give their module back."""
+    for path, layer in list(lora_layers(model)):
+        if name in layer.lora_A:
+            layer.remove(name)
+            if not layer.adapter_names:
+                model.set_submodule(path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        if name in wrapper.copies:
+            wrapper.remove(name)
+            if not wrapper.copies:
+                model.set_submodule(path, wrapper.original_module)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; other adapters and the base weights stay as they were.
+
+    Raises ``ConfigError`` for an unknown or merged adapter.
+    """
+    get_entry(model, name)
+    if name in merged_adapters(model):
+        raise ConfigError(f"adapter {name!r} is merged; unmerge(model) before deleting it")
+    delete_adapter_layers(model, name)
+    entries = dict(adapters_of(model))
+    del entries[name]
+    setattr(model, ADAPTERS_ATTR, entries)
+    remaining = [n for n in active_adapters(model) if n != name]
+    if entries:
+        set_active(model, remaining)
+    else:
+        _forget_adapters(model)
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove all LoRA layers and give back a plain model.
+
+    With ``merge`` the active adapters are merged first (and active modules_to_save copies kept);
+    otherwise the base model comes back as it was before any adapter (PiSSA residuals restored).
+    """
+    if merge:
+        merge_adapters(model)
+    else:
+        unmerge_adapters(model)
+    for path, layer in list(lora_layers(model)):
+        for name in layer.adapter_names:
+            if name not in layer.merged:
+                layer.remove(name)  # gives a PiSSA adapter's principal part back to W0
+        model.set_submodule(path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        keep = wrapper.copies[wrapper.active] if merge and wrapper.active else wrapper.original_module
+        model.set_submodule(path, keep)
+    _forget_adapters(model)
+    return model
+
+
+def _forget_adapters(model: nn.Module) -> None:
+    for attr in (ADAPTERS_ATTR, ADAPTERS_ATTR + "_active"):
+        if hasattr(model, attr):
+            delattr(model, attr)

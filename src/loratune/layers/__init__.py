@@ -1,0 +1,25 @@
+"""LoRA modules: the math of low-rank adapters around Linear, Conv1D and Embedding layers."""
+
+from loratune.layers.lora import (
+    INIT_CHOICES,
+    LoraConv1D,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    PissaStart,
+    is_conv1d,
+    lora_class_for,
+    lora_scaling,
+)
+
+__all__ = [
+    "INIT_CHOICES",
+    "LoraConv1D",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "PissaStart",
+    "is_conv1d",
+    "lora_class_for",
+    "lora_scaling",
+]

@@ -1,0 +1,348 @@
+"""LoRA modules: the math, nothing else.
+
+A ``LoraLayer`` wraps a frozen base module (``base_layer``) and holds any number of named adapters.
+For an input ``x`` it returns
+
+    base(x) + Σ_active  s_i · B_i(A_i(dropout_i(x)))          s_i = alpha_i / r_i  (rsLoRA: alpha_i / √r_i)
+                                                                    × strength_i
+
+never forming ``B·A`` in the forward pass. Adapter parameters live in their own dtype (float32 by default);
+the low-rank path runs in the activation dtype and the result has the base layer's output dtype.
+
+Merging writes ``W0 + s·B·A`` (computed in float32) into the base weight; unmerging subtracts it again.
+Which adapters exist, which are active and which module weights are shared is decided one level up
+(``loratune.adapters``); this module only does what it is told.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loratune.errors import ConfigError
+
+INIT_CHOICES = (True, False, "gaussian", "pissa")
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """The factor ``s`` in ``h = W0·x + s·B·A·x``: ``alpha/r``, or ``alpha/√r`` with rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+@dataclass(frozen=True)
+class PissaStart:
+    """The factors a PiSSA adapter started from; the base weight holds ``W0 − s·B0·A0``."""
+
+    A0: torch.Tensor  # r × in, float32
+    B0: torch.Tensor  # out × r, float32
+    scaling: float
+
+
+class LoraLayer(nn.Module):
+    """A frozen base module plus named low-rank adapters. Subclasses define the shapes and the merge layout.
+
+    Export names (PEFT's) for the two factors are ``peft_suffixes``; ``lora_A``/``lora_B`` hold them here.
+    """
+
+    peft_suffixes: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.strength: dict[str, float] = {}
+        self.active: tuple[str, ...] = ()
+        self.merged: dict[str, float] = {}  # adapter name -> effective scale that was merged
+        self.pissa: dict[str, PissaStart] = {}
+        self.base_only = False  # set by adapters.disabled_adapters(): run the original base
+        # (weight,) when a shared base weight was replaced by a private copy for merging; a tuple so that
+        # nn.Module does not register the original as a parameter of this layer.
+        self._tied_original: tuple[nn.Parameter] | None = None
+
+    # --- shapes and layout, per subclass ---------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        raise NotImplementedError
+
+    def _delta_to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """``delta`` is ``B·A`` (out × in); return it laid out like ``base_layer.weight``."""
+        return delta
+
+    def _weight_as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight viewed as out × in (the inverse of ``_delta_to_weight_layout``)."""
+        return weight
+
+    def _low_rank(self, x: torch.Tensor, name: str, A: torch.Tensor, B: torch.Tensor, scale: float):
+        """``scale · B(A(dropout(x)))`` in the dtype of ``x``; shape of the base output."""
+        h = self.lora_dropout[name](x)
+        return F.linear(F.linear(h, A.to(x.dtype)) * scale, B.to(x.dtype))
+
+    def _init_factors(self, name: str, init) -> None:
+        A, B = self.lora_A[name], self.lora_B[name]
+        if init is True:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # bound = 1/√in
+            nn.init.zeros_(B)
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1 / self.r[name])
+            nn.init.zeros_(B)
+        elif init is False:  # a non-zero start; for tests and experiments
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            raise ConfigError(f"init_lora_weights={init!r} is not one of {INIT_CHOICES}")
+
+    # --- adapters ---------------------------------------------------------------------------------
+    def add(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        *,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init=True,
+        dtype: torch.dtype = torch.float32,
+        weight_is_shared: bool = False,
+    ) -> None:
+        """Create adapter ``name`` (r × in and out × r factors) and initialise it; it starts inactive."""
+        if name in self.lora_A:
+            raise ConfigError(f"adapter {name!r} already exists on this layer")
+        if init == "pissa" and weight_is_shared:
+            raise ConfigError(
+                "PiSSA rewrites the base weight, which this module shares with another one (tied weights); "
+                "use init_lora_weights=True for this module or exclude it"
+            )
+        device = self.base_weight.device
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.scaling[name] = lora_scaling(r, lora_alpha, use_rslora)
+        self.strength[name] = 1.0
+        self.lora_A[name] = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
+        self.lora_B[name] = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device))
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        if init == "pissa":
+            self._init_pissa(name)
+        else:
+            self._init_factors(name, init)
+
+    def remove(self, name: str) -> None:
+        """Delete adapter ``name``. A PiSSA adapter gives its principal part back to the base weight."""
+        if name in self.merged:
+            raise ConfigError(f"adapter {name!r} is merged; unmerge it before deleting it")
+        if name in self.pissa:
+            start = self.pissa.pop(name)
+            self._add_to_weight(start.scaling * (start.B0 @ start.A0), safe=False)
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.strength):
+            del table[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def effective_scale(self, name: str) -> float:
+        """``s · strength`` for adapter ``name``."""
+        return self.scaling[name] * self.strength[name]
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    # --- PiSSA ------------------------------------------------------------------------------------
+    def _init_pissa(self, name: str) -> None:
+        """A, B from the top-r singular triplets of W0 (split as √S on each side); W0 keeps the residual."""
+        r, s = self.r[name], self.scaling[name]
+        W = self._weight_as_out_in(self.base_weight.detach()).float()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        root = torch.sqrt(S[:r] / s)
+        A0 = root[:, None] * Vh[:r]  # r × in
+        B0 = U[:, :r] * root[None, :]  # out × r
+        with torch.no_grad():
+            self.lora_A[name].copy_(A0)
+            self.lora_B[name].copy_(B0)
+        self.pissa[name] = PissaStart(A0.clone(), B0.clone(), s)
+        self._add_to_weight(-s * (B0 @ A0), safe=False)
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.base_only:
+            # The weight of a PiSSA layer holds W0 − s·B0·A0: add the principal part back to get W0.
+            for start in self.pissa.values():
+                result = result + self._low_rank_raw(x, start.A0, start.B0, start.scaling).to(result.dtype)
+            return result
+        for name in self.active:
+            if name in self.merged:
+                continue
+            A, B = self.lora_A[name], self.lora_B[name]
+            result = result + self._low_rank(x, name, A, B, self.effective_scale(name)).to(result.dtype)
+        for name, start in self.pissa.items():
+            if name not in self.active:  # an inactive PiSSA adapter leaves the original W0
+                result = result + self._low_rank_raw(x, start.A0, start.B0, start.scaling).to(result.dtype)
+        return result
+
+    def _low_rank_raw(self, x, A, B, scale):
+        """Like ``_low_rank`` without dropout, for fixed factors (a PiSSA start)."""
+        A, B = A.to(x.device), B.to(x.device)
+        return F.linear(F.linear(x, A.to(x.dtype)) * scale, B.to(x.dtype))
+
+    # --- merge ------------------------------------------------------------------------------------
+    def delta_weight(self, name: str, scale: float | None = None) -> torch.Tensor:
+        """``scale · B·A`` in float32, laid out like the base weight (default scale: s · strength)."""
+        scale = self.effective_scale(name) if scale is None else scale
+        B, A = self.lora_B[name].detach().float(), self.lora_A[name].detach().float()
+        return self._delta_to_weight_layout(scale * (B @ A))
+
+    def _add_to_weight(self, delta: torch.Tensor, *, safe: bool, what: str = "") -> None:
+        weight = self.base_weight
+        new = weight.detach().float() + delta.to(weight.device)
+        if safe and not torch.isfinite(new).all():
+            raise ValueError(f"merging {what} would write non-finite values into the base weight; nothing was changed")
+        with torch.no_grad():
+            weight.copy_(new.to(weight.dtype))
+
+    def merge(self, name: str, *, safe: bool = False, untie: bool = False) -> None:
+        """Add ``s·strength·B·A`` of adapter ``name`` into the base weight (float32 math, cast back).
+
+        ``untie``: the base weight is shared with another module, so give this layer a private copy first
+        (the other module keeps the original, which ``unmerge`` restores exactly).
+        """
+        if name in self.merged:
+            warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing", stacklevel=3)
+            return
+        scale = self.effective_scale(name)
+        delta = self.delta_weight(name, scale)
+        if untie and self._tied_original is None:
+            original = self.base_layer.weight
+            if safe and not torch.isfinite(original.detach().float() + delta).all():
+                raise ValueError(f"merging {name!r} would write non-finite values; nothing was changed")
+            self.base_layer.weight = nn.Parameter(original.detach().clone(), requires_grad=False)
+            self._tied_original = (original,)
+        self._add_to_weight(delta, safe=safe, what=repr(name))
+        self.merged[name] = scale
+
+    def unmerge(self, name: str) -> None:
+        """Subtract what ``merge`` added; restore a shared weight exactly once nothing is merged."""
+        if name not in self.merged:
+            warnings.warn(f"adapter {name!r} is not merged; nothing to unmerge", stacklevel=3)
+            return
+        scale = self.merged.pop(name)
+        if not self.merged and self._tied_original is not None:
+            self.base_layer.weight = self._tied_original[0]
+            self._tied_original = None
+            return
+        self._add_to_weight(-self.delta_weight(name, scale), safe=False)
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)
+        return f"adapters=[{ranks}], active={list(self.active)}, merged={list(self.merged)}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` (weight out × in), and any ``nn.Linear`` subclass."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+
+class LoraConv1D(LoraLayer):
+    """LoRA around transformers' GPT-2 ``Conv1D`` (weight in × out, i.e. transposed). Same A/B as Linear."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.weight.shape[1]
+
+    def _delta_to_weight_layout(self, delta):
+        return delta.T
+
+    def _weight_as_out_in(self, weight):
+        return weight.T
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around ``nn.Embedding``: A is r × num_embeddings (a lookup table), B is embedding_dim × r.
+
+    Follows loralib/PEFT: A starts at zero and B normal; no dropout on token ids.
+    """
+
+    peft_suffixes = ("lora_embedding_A", "lora_embedding_B")
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.num_embeddings
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.embedding_dim
+
+    def _delta_to_weight_layout(self, delta):
+        return delta.T  # num_embeddings × embedding_dim
+
+    def _weight_as_out_in(self, weight):
+        return weight.T
+
+    def _init_factors(self, name, init):
+        A, B = self.lora_A[name], self.lora_B[name]
+        if init in (True, "gaussian"):
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        elif init is False:
+            nn.init.normal_(A)
+            nn.init.normal_(B)
+        else:
+            raise ConfigError(f"init_lora_weights={init!r} is not supported for embeddings; use True or 'gaussian'")
+
+    def _init_pissa(self, name):
+        raise ConfigError("PiSSA initialisation is not supported for embeddings; use init_lora_weights=True")
+
+    def _lookup(self, ids: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(ids, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+    def _low_rank(self, ids, name, A, B, scale):
+        return self._low_rank_raw(ids, A, B, scale)
+
+    def _low_rank_raw(self, ids, A, B, scale):
+        A, B = A.to(ids.device), B.to(ids.device)
+        return F.linear(self._lookup(ids, A) * scale, B)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2 style, transposed weight), without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
+
+
+def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA layer class that can wrap ``module``, or None when LoRA does not support its type."""
+    if isinstance(module, nn.Linear):
+        return LoraLinear
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if is_conv1d(module):
+        return LoraConv1D
+    return None

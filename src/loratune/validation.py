@@ -1,0 +1,50 @@
+"""Config validation shared by every config model: unknown keys name the closest valid key, and pydantic's
+multi-line errors become one ``ConfigError`` line that names the offending field."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+
+from pydantic import BaseModel, ValidationError
+
+from loratune.errors import ConfigError
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The valid name closest to ``word``, or None when nothing is close."""
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+def check_known_keys(data: Mapping, valid: Iterable[str], where: str) -> None:
+    """Raise ``ConfigError`` for the first key of ``data`` that is not in ``valid``, suggesting the closest."""
+    valid = list(valid)
+    for key in data:
+        if key not in valid:
+            hint = closest(str(key), valid)
+            suggestion = f"; did you mean {hint!r}?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
+            raise ConfigError(f"unknown key {where}{key!r}{suggestion}")
+
+
+def validate_model(cls: type[BaseModel], data: Mapping, where: str = "") -> BaseModel:
+    """Build ``cls`` from ``data``; unknown keys and invalid values raise a one-line ``ConfigError``.
+
+    ``where`` prefixes field names in messages (e.g. ``"lora."``).
+    """
+    check_known_keys(data, cls.model_fields, where)
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, where)) from None
+
+
+def describe_validation_error(exc: ValidationError, where: str = "") -> str:
+    """One line for the first problem pydantic found: the field, what is wrong, and the value given."""
+    err = exc.errors()[0]
+    loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
+    field = f"{where}{loc}" if loc else where.rstrip(".") or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    given = err.get("input")
+    shown = "" if isinstance(given, Mapping) else f" (got {given!r})"
+    return f"{field}: {msg}{shown}"

@@ -1,0 +1,53 @@
+"""Tiny randomly initialised models for fast tests (real transformers architectures, no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0, *, tie: bool = True, layers: int = 2, dtype=torch.float32) -> LlamaForCausalLM:
+    """A 2-block Llama (hidden 32, GQA 4/2 heads) with tied embeddings by default, in eval mode."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """A 2-block GPT-2 (Conv1D projections c_attn/c_proj/c_fc), in eval mode."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+class TwoLayerNet(nn.Module):
+    """A plain PyTorch model (not Hugging Face): embedding, two linears, output head."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(20, 16)
+        self.fc1 = nn.Linear(16, 24)
+        self.fc2 = nn.Linear(24, 16)
+        self.head = nn.Linear(16, 20)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(self.embed(ids))))))
+
+
+def token_batch(seed: int = 0, batch: int = 2, length: int = 9) -> torch.Tensor:
+    """Random token ids that fit the tiny vocabularies."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=generator)
