@@ -270,30 +270,28 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, *, safe
     if on_tied not in ("untie", "error"):
         raise ConfigError(f"on_tied={on_tied!r} must be 'untie' or 'error'")
     names = active_adapters(model) if names is None else list(names)
+    for name in names:
+        get_entry(model, name)
     already = set(merged_adapters(model))
+    for name in already.intersection(names):
+        warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing", stacklevel=2)
     shared = _shared_weight_ids(model)
-    done: list[tuple[LoraLayer, str]] = []
-    try:
-        for name in names:
-            get_entry(model, name)
-            if name in already:
-                warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing", stacklevel=2)
+    work = []  # (path, layer, name, tied): every check passes before any weight is written
+    for name in (n for n in names if n not in already):
+        for path, layer in lora_layers(model):
+            if name not in layer.lora_A:
                 continue
-            for path, layer in lora_layers(model):
-                if name not in layer.lora_A:
-                    continue
-                tied = id(layer.base_weight) in shared or layer._tied_original is not None
-                if tied and on_tied == "error":
-                    raise ConfigError(
-                        f"{path!r} shares its weight with another module (tied weights); merging would change "
-                        "both — use on_tied='untie' to give it a private copy"
-                    )
-                layer.merge(name, safe=safe, untie=tied)
-                done.append((layer, name))
-    except Exception:
-        for layer, name in reversed(done):
-            layer.unmerge(name)
-        raise
+            tied = id(layer.base_weight) in shared or layer._tied_original is not None
+            if tied and on_tied == "error":
+                raise ConfigError(
+                    f"{path!r} shares its weight with another module (tied weights); merging would change "
+                    "both — use on_tied='untie' to give it a private copy"
+                )
+            if safe and not layer.merge_would_be_finite(name):
+                raise ValueError(f"{path}: merging adapter {name!r} would write non-finite values; nothing was changed")
+            work.append((layer, name, tied))
+    for layer, name, tied in work:
+        layer.merge(name, untie=tied)
 
 
 def unmerge_adapters(model: nn.Module, names: Sequence[str] | None = None) -> None:

@@ -143,8 +143,7 @@ class LoraLayer(nn.Module):
         if name in self.merged:
             raise ConfigError(f"adapter {name!r} is merged; unmerge it before deleting it")
         if name in self.pissa:
-            start = self.pissa.pop(name)
-            self._add_to_weight(start.scaling * (start.B0 @ start.A0), safe=False)
+            self._add_to_weight(self._pissa_delta(self.pissa.pop(name)))
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
         for table in (self.r, self.lora_alpha, self.scaling, self.strength):
@@ -176,7 +175,11 @@ class LoraLayer(nn.Module):
             self.lora_A[name].copy_(A0)
             self.lora_B[name].copy_(B0)
         self.pissa[name] = PissaStart(A0.clone(), B0.clone(), s)
-        self._add_to_weight(-s * (B0 @ A0), safe=False)
+        self._add_to_weight(-self._pissa_delta(self.pissa[name]))
+
+    def _pissa_delta(self, start: PissaStart) -> torch.Tensor:
+        """``s·B0·A0``, the principal part a PiSSA start took out of W0, laid out like the weight."""
+        return self._delta_to_weight_layout(start.scaling * (start.B0 @ start.A0))
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -208,13 +211,14 @@ class LoraLayer(nn.Module):
         B, A = self.lora_B[name].detach().float(), self.lora_A[name].detach().float()
         return self._delta_to_weight_layout(scale * (B @ A))
 
-    def _add_to_weight(self, delta: torch.Tensor, *, safe: bool, what: str = "") -> None:
+    def _add_to_weight(self, delta: torch.Tensor) -> None:
         weight = self.base_weight
-        new = weight.detach().float() + delta.to(weight.device)
-        if safe and not torch.isfinite(new).all():
-            raise ValueError(f"merging {what} would write non-finite values into the base weight; nothing was changed")
         with torch.no_grad():
-            weight.copy_(new.to(weight.dtype))
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+
+    def merge_would_be_finite(self, name: str) -> bool:
+        """Whether merging adapter ``name`` now would leave every base weight finite."""
+        return bool(torch.isfinite(self.base_weight.detach().float() + self.delta_weight(name)).all())
 
     def merge(self, name: str, *, safe: bool = False, untie: bool = False) -> None:
         """Add ``s·strength·B·A`` of adapter ``name`` into the base weight (float32 math, cast back).
@@ -225,15 +229,14 @@ class LoraLayer(nn.Module):
         if name in self.merged:
             warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing", stacklevel=3)
             return
+        if safe and not self.merge_would_be_finite(name):
+            raise ValueError(f"merging adapter {name!r} would write non-finite values; nothing was changed")
         scale = self.effective_scale(name)
-        delta = self.delta_weight(name, scale)
         if untie and self._tied_original is None:
             original = self.base_layer.weight
-            if safe and not torch.isfinite(original.detach().float() + delta).all():
-                raise ValueError(f"merging {name!r} would write non-finite values; nothing was changed")
             self.base_layer.weight = nn.Parameter(original.detach().clone(), requires_grad=False)
             self._tied_original = (original,)
-        self._add_to_weight(delta, safe=safe, what=repr(name))
+        self._add_to_weight(self.delta_weight(name, scale))
         self.merged[name] = scale
 
     def unmerge(self, name: str) -> None:
@@ -246,7 +249,7 @@ class LoraLayer(nn.Module):
             self.base_layer.weight = self._tied_original[0]
             self._tied_original = None
             return
-        self._add_to_weight(-self.delta_weight(name, scale), safe=False)
+        self._add_to_weight(-self.delta_weight(name, scale))
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)
