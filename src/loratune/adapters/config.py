@@ -28,6 +28,10 @@ _UNSUPPORTED_PEFT_FEATURES = {
 }
 
 
+# PEFT starts that rewrite W0 in ways loratune does not reproduce (plain "pissa" it does: exact SVD).
+_BASE_REWRITING_STARTS = ("pissa_niter_", "olora", "corda", "loftq", "lora_ga")
+
+
 class LoraConfig(BaseModel):
     """Which modules get LoRA adapters and with which rank, scaling, dropout and initialisation.
 
@@ -130,8 +134,14 @@ class LoraConfig(BaseModel):
             if data.get(key, default) not in (default, [], {}):
                 raise AdapterLoadError(f"{source}: uses {key}={data[key]!r}, a LoRA variant loratune does not support")
         known = {k: v for k, v in data.items() if k in cls.model_fields}
-        if known.get("init_lora_weights") not in (True, False, "gaussian", "pissa"):
-            known["init_lora_weights"] = True  # the start does not matter for trained weights
+        init = known.get("init_lora_weights", True)
+        if isinstance(init, str) and init.startswith(_BASE_REWRITING_STARTS):
+            raise AdapterLoadError(
+                f"{source}: init_lora_weights={init!r} means the adapter expects a base weight rewritten by that "
+                "start; save it converted with PEFT (path_initial_model_for_weight_conversion) and load that"
+            )
+        if init not in (True, False, "gaussian", "pissa"):
+            known["init_lora_weights"] = True  # other starts (eva, orthogonal, ...) leave W0 alone
         for key in ("rank_pattern", "alpha_pattern"):
             if known.get(key) is None:
                 known[key] = {}

@@ -214,8 +214,28 @@ def load_adapter(
     return name
 
 
+def _drop_base_weight_copies(model: nn.Module, name: str, tensors: dict, directory: Path) -> dict:
+    """PEFT saves the full base weight of adapted embedding layers (``<path>.base_layer.weight``) by default.
+    A copy equal to this model's weight carries no information: drop it. A different one means the adapter
+    expects another base (PEFT would overwrite ours): refuse rather than change the base behind the user's back.
+    """
+    kept = dict(tensors)
+    for path, layer in lora_layers(model):
+        key = f"{PREFIX}{path}.base_layer.weight"
+        if name not in layer.lora_A or key not in kept:
+            continue
+        copy, ours = kept.pop(key), layer.base_weight.detach()
+        if copy.shape != ours.shape or not torch.allclose(copy.float(), ours.float().cpu(), rtol=1e-2, atol=1e-3):
+            raise AdapterLoadError(
+                f"adapter {directory} carries its own base weight {key}, which differs from this model's — "
+                "it was trained on another base (or with a resized vocabulary)"
+            )
+    return kept
+
+
 def _copy_into_slots(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
     slots = dict(adapter_slots(model, name))
+    tensors = _drop_base_weight_copies(model, name, tensors, directory)
     missing, unexpected = slots.keys() - tensors.keys(), tensors.keys() - slots.keys()
     if missing or unexpected:
         parts = []

@@ -18,7 +18,7 @@ from torch import nn
 
 from loratune.adapters.config import LoraConfig
 from loratune.adapters.modules_to_save import ModulesToSaveWrapper
-from loratune.adapters.targets import candidate_modules, find_targets, rank_and_alpha
+from loratune.adapters.targets import candidate_modules, find_targets, is_module_to_save, rank_and_alpha
 from loratune.errors import ConfigError
 from loratune.layers import LoraLayer, lora_class_for
 
@@ -129,7 +129,7 @@ def inject_adapter(
         lora_paths.append(path)
     saved_paths = []
     for path, module in list(candidate_modules(model)) if config.modules_to_save else []:
-        if any(path == m or path.endswith("." + m) for m in config.modules_to_save):
+        if is_module_to_save(path, config.modules_to_save):
             if not isinstance(module, ModulesToSaveWrapper):
                 module = ModulesToSaveWrapper(module)
                 model.set_submodule(path, module)

@@ -37,6 +37,17 @@ def _name_matches(names: str | list[str], path: str) -> bool:
     return path in names or any(path.endswith("." + name) for name in names)
 
 
+def is_module_to_save(path: str, modules_to_save: list[str] | None) -> bool:
+    """Whether ``path`` is one of ``modules_to_save``. PEFT matches a plain string suffix, so ``"norm"``
+    also selects ``input_layernorm``; we match the same way so that adapters load in both directions."""
+    return bool(modules_to_save) and any(path.endswith(name) for name in modules_to_save)
+
+
+def _inside_module_to_save(path: str, modules_to_save: list[str] | None) -> bool:
+    # PEFT never puts LoRA on (or inside) a modules_to_save module; it checks with this pattern.
+    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in modules_to_save)
+
+
 def _layer_index(path: str, layers_pattern) -> int | None:
     if not layers_pattern:
         match = _DEFAULT_LAYER_INDEX.match(path)
@@ -71,7 +82,7 @@ def is_target(config: LoraConfig, path: str, module: nn.Module, head: str | None
     """Whether ``config`` adapts the module at ``path`` (``head``: the output head's path, for all-linear)."""
     if config.exclude_modules and _name_matches(config.exclude_modules, path):
         return False
-    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in config.modules_to_save):
+    if _inside_module_to_save(path, config.modules_to_save):
         return False
     if config.target_modules == ALL_LINEAR:
         found = _is_linear(module) and path != head

