@@ -344,7 +344,7 @@ def test_parameter_report_counts_trainable_params_and_adapter_bytes():
 
 
 def test_unknown_config_field_names_the_closest_valid_one():
-    with pytest.raises(ConfigError, match="'lora_alhpa'.*did you mean 'lora_alpha'"):
+    with pytest.raises(ConfigError, match="'LoraConfig.lora_alhpa'; did you mean 'LoraConfig.lora_alpha'"):
         LoraConfig(lora_alhpa=16)
 
 

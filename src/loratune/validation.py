@@ -23,8 +23,8 @@ def check_known_keys(data: Mapping, valid: Iterable[str], where: str) -> None:
     for key in data:
         if key not in valid:
             hint = closest(str(key), valid)
-            suggestion = f"; did you mean {hint!r}?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
-            raise ConfigError(f"unknown key {where}{key!r}{suggestion}")
+            suggestion = f"; did you mean '{where}{hint}'?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
+            raise ConfigError(f"unknown key '{where}{key}'{suggestion}")
 
 
 def validate_model(cls: type[BaseModel], data: Mapping, where: str = "") -> BaseModel:
@@ -34,7 +34,7 @@ def validate_model(cls: type[BaseModel], data: Mapping, where: str = "") -> Base
     """
     check_known_keys(data, cls.model_fields, where)
     try:
-        return cls(**data)
+        return cls.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, where)) from None
 

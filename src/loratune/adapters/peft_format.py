@@ -74,7 +74,7 @@ def adapter_tensors(model: nn.Module, name: str, *, convert_pissa: bool = True) 
     """
     entry = get_entry(model, name)
     config = entry.config
-    tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in adapter_slots(model, name)}
+    tensors = adapter_state(model, name)
     pissa_layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.pissa]
     if pissa_layers:
         if not convert_pissa:
@@ -150,6 +150,20 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
     except json.JSONDecodeError as exc:
         raise AdapterLoadError(f"{config_file}: invalid JSON ({exc})") from None
     return LoraConfig.from_peft_dict(data, source=str(config_file))
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors as they are in the model (PEFT keys, CPU copies, no PiSSA conversion):
+    what a training checkpoint stores; ``load_adapter_state`` puts them back."""
+    return {key: t.detach().to("cpu", copy=True).contiguous() for key, t in adapter_slots(model, name)}
+
+
+def load_adapter_state(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` (from ``adapter_state``) into the existing adapter ``name``; strict on keys and shapes.
+
+    Raises ``AdapterLoadError`` naming ``source`` and the offending keys.
+    """
+    _copy_into_slots(model, name, tensors, Path(source))
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:

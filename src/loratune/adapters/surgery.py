@@ -337,14 +337,15 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         _forget_adapters(model)
 
 
-def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+def unload(model: nn.Module, merge: bool = False, *, safe: bool = False) -> nn.Module:
     """Remove all LoRA layers and give back a plain model.
 
-    With ``merge`` the active adapters are merged first (and active modules_to_save copies kept);
-    otherwise the base model comes back as it was before any adapter (PiSSA residuals restored).
+    With ``merge`` the active adapters are merged first (``safe``: refuse non-finite weights, see
+    ``merge_adapters``) and active modules_to_save copies kept; otherwise the base model comes back as it was
+    before any adapter (PiSSA residuals restored).
     """
     if merge:
-        merge_adapters(model)
+        merge_adapters(model, safe=safe)
     else:
         unmerge_adapters(model)
     for path, layer in list(lora_layers(model)):

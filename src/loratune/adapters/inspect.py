@@ -1,0 +1,54 @@
+"""What an adapter directory holds, read from its config and tensor headers (no weights loaded)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from safetensors import safe_open
+
+from loratune.adapters.peft_format import PREFIX, WEIGHTS_NAME, read_adapter_config
+
+_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
+
+
+def describe_adapter(path: str | os.PathLike) -> dict:
+    """A summary of the PEFT adapter at ``path``: ``base_model``, ``r``, ``lora_alpha``, ``target_modules``,
+    ``trainable_params``, ``size_bytes`` and more (modules, ranks found in the tensors, dtype).
+
+    Raises ``AdapterLoadError`` when ``path`` is not a readable adapter directory.
+    """
+    directory = Path(path)
+    config = read_adapter_config(directory)
+    weights = directory / WEIGHTS_NAME
+    params, dtypes, modules, ranks = 0, set(), set(), set()
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():
+            tensor = handle.get_slice(key)
+            shape = tensor.get_shape()
+            params += math.prod(shape)
+            dtypes.add(str(tensor.get_dtype()))
+            for suffix in _FACTOR_SUFFIXES:
+                if key.endswith(suffix):
+                    modules.add(key.removeprefix(PREFIX).removesuffix(suffix))
+                    ranks.add(shape[0])
+    return {
+        "path": str(directory),
+        "base_model": config.base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "use_rslora": config.use_rslora,
+        "lora_dropout": config.lora_dropout,
+        "init_lora_weights": config.init_lora_weights,
+        "target_modules": config.target_modules,
+        "modules_to_save": config.modules_to_save,
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
+        "task_type": config.task_type,
+        "n_modules": len(modules),
+        "ranks": sorted(ranks),
+        "trainable_params": params,
+        "dtype": ", ".join(sorted(dtypes)),
+        "size_bytes": weights.stat().st_size,
+    }

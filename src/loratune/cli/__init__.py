@@ -1,0 +1,5 @@
+"""The ``loratune`` command line (see ``loratune --help``)."""
+
+from loratune.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,206 @@
+"""The verbs of ``loratune``: each ``run_<verb>(args)`` calls the library and prints; errors propagate as
+``LoratuneError`` for ``main`` to report in one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from loratune.errors import ConfigError, LoratuneError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _load(args):
+    """The model named by ``args.model`` with ``args.adapter`` loaded at their strengths."""
+    import loratune
+
+    model, tokenizer = loratune.load_model(
+        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+    )
+    for path, scale in getattr(args, "adapter", []):
+        loratune.load_adapter(model, path, name=_adapter_name(model, path), scale=scale)
+    return model, tokenizer
+
+
+def _adapter_name(model, path: str) -> str:
+    from loratune.adapters import adapters_of
+
+    taken = adapters_of(model)
+    base = Path(path).resolve().name.replace(".", "_") or "adapter"
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    return name
+
+
+# --- train / data -------------------------------------------------------------------------------------
+
+
+def run_train(args) -> int:
+    from loratune.train import load_config, train
+
+    config = load_config(args.config, args.overrides)
+    console = _console()
+    summary = train(
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
+        log=lambda line: console.print(line, markup=False),
+    )
+    _print_summary(console, summary)
+    return 0
+
+
+def _print_summary(console, summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="training finished", show_header=False, title_justify="left")
+    table.add_row("steps", str(summary["steps"]))
+    table.add_row("train time", f"{summary['train_seconds']:.1f} s")
+    table.add_row("tokens/s", f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "-")
+    table.add_row("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-")
+    if summary["eval"]:
+        ev = summary["eval"]
+        em = ev.get("eval_exact_match")
+        table.add_row("eval loss / ppl", f"{ev['eval_loss']:.4f} / {ev['eval_perplexity']:.2f}")
+        if em is not None:
+            table.add_row("eval exact match", f"{100 * em:.1f}%")
+    if summary["best_metric"] and summary["best"] is not None:
+        table.add_row(f"best {summary['best_metric']}", f"{summary['best']:.4f} (step {summary['best_step']})")
+    table.add_row("trainable params", f"{summary['trainable_params']:,} of {summary['total_params']:,}")
+    if summary["adapter_bytes"]:
+        table.add_row("adapter", f"{summary['adapter_bytes'] / 2**20:.2f} MiB in {summary['output_dir']}/adapter")
+    console.print(table)
+
+
+def run_data(args) -> int:
+    from loratune.data import build_dataset, format_stats, render_preview_rich
+    from loratune.models import load_model
+    from loratune.train import load_config
+
+    config = load_config(args.config, args.overrides)
+    _, tokenizer = load_model(config.model.name, dtype="fp32", device="cpu", trust_remote_code=config.model.trust_remote_code)
+    d = config.data
+    console = _console()
+    for label, path in (("train", d.train), ("eval", d.eval)):
+        if path is None:
+            continue
+        examples, stats = build_dataset(path, tokenizer, format=d.format, max_length=d.max_length,
+                                        truncation=d.truncation, train_on_prompt=d.train_on_prompt)
+        console.rule(f"{label}: {path}")
+        console.print(render_preview_rich(examples, tokenizer, n=args.examples))
+        console.print()
+        console.print(format_stats(stats), markup=False)
+    console.print("[dim]trained tokens in green; everything else is context only[/]")
+    return 0
+
+
+# --- eval / generate ----------------------------------------------------------------------------------
+
+
+def run_eval(args) -> int:
+    from loratune.data import build_dataset, read_examples
+    from loratune.train import evaluate
+
+    model, tokenizer = _load(args)
+    tokenized, stats = build_dataset(args.data, tokenizer, format=args.format, max_length=args.max_length)
+    examples, _ = read_examples(args.data, args.format)
+    if args.max_examples is not None:
+        tokenized, examples = tokenized[: args.max_examples], examples[: args.max_examples]
+    if not tokenized:
+        raise ConfigError(f"{args.data}: no rows left to evaluate")
+    result = evaluate(model, tokenizer, tokenized, examples, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, with_exact_match=not args.no_exact_match)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    em = "n/a (no references)" if result.exact_match is None else f"{100 * result.exact_match:.1f}%"
+    print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  exact match {em}  "
+          f"({result.n} examples, {result.n_tokens} target tokens)")
+    return 0
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from loratune.data import Example, chat_prompt_ids, encode_texts, prompt_ids
+    from loratune.train import stream_greedy
+
+    model, tokenizer = _load(args)
+    generator = torch.Generator().manual_seed(args.seed)
+    options = dict(temperature=args.temperature or None, top_p=args.top_p, top_k=args.top_k, generator=generator)
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if args.prompt is not None:
+        if args.raw:
+            ids = encode_texts(tokenizer, [args.prompt])[0]
+        else:
+            ids = chat_prompt_ids(tokenizer, args.prompt, system=args.system)
+        stream_greedy(model, tokenizer, ids, args.max_new_tokens, emit, **options)
+        print()
+        return 0
+    if args.raw:
+        raise ConfigError("interactive chat uses the chat template; give --prompt to generate from raw text")
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; an empty line or Ctrl-D ends", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        ids = prompt_ids(Example(location="chat", messages=history), tokenizer)
+        answer = stream_greedy(model, tokenizer, ids, args.max_new_tokens, emit, **options)
+        print()
+        history.append({"role": "assistant", "content": answer})
+    return 0
+
+
+# --- merge / inspect ----------------------------------------------------------------------------------
+
+
+def run_merge(args) -> int:
+    import loratune
+    from loratune.models.export import save_hf_model
+
+    if not args.adapter:
+        raise ConfigError("merge needs at least one --adapter DIR[:SCALE]")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    model, tokenizer = _load(args)
+    plain = loratune.unload(model, merge=True, safe=True)
+    save_hf_model(plain, tokenizer, out)
+    names = ", ".join(f"{path}:{scale:g}" for path, scale in args.adapter)
+    print(f"merged {names} into {args.model} -> {out}")
+    return 0
+
+
+def run_inspect(args) -> int:
+    from loratune.adapters.inspect import describe_adapter
+
+    info = describe_adapter(args.adapter)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    console = _console()
+    from rich.table import Table
+
+    table = Table(title=str(args.adapter), show_header=False, title_justify="left")
+    for key in ("base_model", "r", "lora_alpha", "use_rslora", "lora_dropout", "init_lora_weights", "target_modules",
+                "modules_to_save", "n_modules", "ranks", "trainable_params", "dtype", "size_bytes"):
+        value = info.get(key)
+        table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+    console.print(table)
+    return 0
+
+
+__all__ = ["run_data", "run_eval", "run_generate", "run_inspect", "run_merge", "run_train", "LoratuneError"]

@@ -1,0 +1,43 @@
+"""Writing a plain Hugging Face model directory (e.g. a merged model) that ``transformers`` loads as is."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def weights_are_tied(model: nn.Module) -> bool:
+    """Whether the input embeddings and the output head share one weight tensor."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if not (callable(get_in) and callable(get_out)):
+        return False
+    inp, out = get_in(), get_out()
+    return inp is not None and out is not None and inp.weight is out.weight
+
+
+def save_hf_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Save ``model`` (safetensors), its tokenizer and chat template and generation config into ``out_dir``.
+
+    Written into a temporary sibling directory and renamed, so ``out_dir`` is complete or absent. When the
+    embeddings and output head are no longer the same tensor (merging untied them), the config says so, or
+    transformers would re-tie them on load.
+    """
+    out = Path(out_dir)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.config.tie_word_embeddings = weights_are_tied(model)
+    text_config = getattr(model.config, "get_text_config", lambda: None)()
+    if text_config is not None and text_config is not model.config:
+        text_config.tie_word_embeddings = model.config.tie_word_embeddings
+    staging = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(staging), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out

@@ -1,0 +1,122 @@
+"""Training checkpoints: ``checkpoints/step-N/`` with the adapter, the optimizer state, the RNG states and the
+trainer's position, tensors in safetensors and the rest in JSON (no pickle).
+
+A checkpoint is written into a hidden temporary directory and renamed when complete, so a crash never
+leaves a half-written ``step-N``; only the newest ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from loratune.adapters import adapter_state, load_adapter_state
+from loratune.errors import LoratuneError
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    adapter_name: str,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write ``checkpoints/step-{step}`` atomically and prune to the newest ``keep``; return its path."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    staging = root / f".step-{step}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_file(adapter_state(model, adapter_name), staging / "adapter_state.safetensors")
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, staging / "optimizer.safetensors")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, staging / "rng.safetensors")
+    state = {**trainer_state, "step": step, "optimizer": opt_meta, "python_random": _jsonable(random.getstate())}
+    (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore adapter, optimizer and RNG states from checkpoint ``path``; return the trainer state dict."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        load_adapter_state(model, adapter_name, load_file(path / "adapter_state.safetensors"), str(path))
+        _restore_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+        rng = load_file(path / "rng.safetensors")
+    except (OSError, KeyError, ValueError) as exc:
+        raise LoratuneError(f"checkpoint {path} cannot be read ({exc}); delete it to resume from an older one") from None
+    torch.set_rng_state(rng["torch"])
+    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    random.setstate(_tupled(state["python_random"]))
+    return state
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tupled(value):
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value

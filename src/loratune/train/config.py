@@ -1,0 +1,183 @@
+"""The training config: one YAML file, validated, with ``--set KEY=VALUE`` overrides.
+
+Sections ``model``, ``lora`` (every ``LoraConfig`` field), ``data`` and ``train``, plus ``output_dir``.
+An unknown key is an error naming the closest valid key; an invalid value names its dotted path.
+Relative data paths are looked up from the working directory first, then from the config file's directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from loratune.adapters import LoraConfig
+from loratune.errors import ConfigError
+from loratune.validation import check_known_keys, describe_validation_error
+
+DATA_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    name: str = "smollm2-135m"
+    quantize: Optional[Literal["nf4", "fp4"]] = None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+class DataSection(_Section):
+    train: str
+    eval: Optional[str] = None
+    eval_split: float = Field(0.0, ge=0.0, lt=1.0)
+    format: Literal[DATA_FORMATS] = "auto"
+    max_length: int = Field(512, gt=0)
+    truncation: Literal["truncate", "drop"] = "truncate"
+    train_on_prompt: bool = False
+    packing: bool = False
+    eval_max_examples: Optional[int] = Field(None, gt=0)  # cap on eval rows (exact match generates text)
+
+
+class TrainSection(_Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2.0e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = Field(200, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)
+    eval_every: Optional[int] = Field(None, gt=0)
+    best_metric: Optional[Literal["eval_loss", "eval_exact_match"]] = None
+    log_every: int = Field(10, gt=0)
+    eval_batch_size: int = Field(32, gt=0)
+    eval_max_new_tokens: int = Field(32, gt=0)
+    exact_match: bool = True  # generate and score exact match when the eval data has references
+    tensorboard: bool = False
+
+    @model_validator(mode="after")
+    def _best_needs_eval(self):
+        if self.best_metric is not None and self.eval_every is None:
+            raise ValueError("best_metric needs eval_every (how often to evaluate)")
+        return self
+
+
+class TrainConfig(_Section):
+    """The whole run: what to load, how to adapt it, what data, how to train, and where to write."""
+
+    model: ModelSection = ModelSection()
+    lora: LoraConfig = LoraConfig()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    output_dir: str
+    meta: Optional[dict[str, Any]] = None  # written by loratune into a run's config.yaml; ignored on input
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """Plain data for ``config.yaml`` (every default spelled out)."""
+        return self.model_dump(mode="json", exclude_none=False)
+
+
+_SECTIONS = {"model": ModelSection, "lora": LoraConfig, "data": DataSection, "train": TrainSection}
+_TOP_KEYS = [*_SECTIONS, "output_dir", "meta"]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-3"`` → (["train", "lr"], 0.001): the value is parsed as a YAML scalar."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """A copy of ``data`` with each ``KEY=VALUE`` (dotted key) set; unknown keys are caught by validation."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: Path) -> dict:
+    """The mapping in YAML file ``path``; ``ConfigError`` with file and line for a syntax error."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections model, lora, data, train")
+    return data
+
+
+def validate_config(data: dict, *, default_output_dir: str) -> TrainConfig:
+    """Build a ``TrainConfig`` from plain data; one-line ``ConfigError`` naming the dotted key on failure."""
+    check_known_keys(data, _TOP_KEYS, "")
+    for section, cls in _SECTIONS.items():
+        value = data.get(section)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {value!r}")
+        check_known_keys(value, cls.model_fields, f"{section}.")
+    if "data" not in data or "train" not in (data.get("data") or {}):
+        raise ConfigError("data.train is required: the training data file (JSONL, JSON, CSV or Parquet)")
+    data = {"output_dir": default_output_dir, **data}
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read, override and validate the YAML config at ``path``; resolve relative data paths.
+
+    ``output_dir`` defaults to ``runs/<config file stem>``.
+    """
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    config = validate_config(data, default_output_dir=f"runs/{path.stem}")
+    return resolve_data_paths(config, path.parent)
+
+
+def resolve_data_paths(config: TrainConfig, config_dir: Path) -> TrainConfig:
+    """Make data paths absolute: relative to the working directory if the file is there, else to
+    ``config_dir``. ``ConfigError`` when a named data file exists in neither place."""
+    updates = {}
+    for key in ("train", "eval"):
+        value = getattr(config.data, key)
+        if value is None:
+            continue
+        candidates = [Path(value)] if Path(value).is_absolute() else [Path(value), config_dir / value]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ConfigError(f"data.{key}: file {value!r} not found (looked in {', '.join(map(str, candidates))})")
+        updates[key] = str(found.resolve())
+    return config.model_copy(update={"data": config.data.model_copy(update=updates)})

@@ -1,0 +1,86 @@
+"""The training loss of a causal LM, without the full logits tensor.
+
+A plain forward computes logits for every position (batch × seq × 49k vocabulary for SmolLM2), upcasts them
+to float32 and keeps both for backward: most of the memory of a LoRA step. Here the output projection runs
+only on positions that have a target, chunk by chunk, fused with the cross-entropy; with a frozen output
+head the gradient w.r.t. the hidden states is computed in the same pass, so no logits survive the forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+# Architectures whose logits are exactly ``lm_head(final hidden state)`` (no soft-capping or scaling).
+_PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "smollm3", "olmo2", "gemma"}
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``Σ_i CE(hidden_i · Wᵀ, target_i)`` over rows, in chunks; W is frozen (no gradient for it).
+
+    hidden: N × H, weight: V × H, targets: N (no ignored entries). Returns a float32 (or float64) scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        want_grad = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 math for bf16/fp16 inputs
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]
+            t = targets[start : start + chunk_size]
+            logits = (h @ weight.T).to(acc)  # chunk × V
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad_hidden[start : start + chunk_size] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
+
+
+def linear_cross_entropy_sum(hidden, weight, targets, chunk_size: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden · weightᵀ`` against ``targets`` (rows with a target only)."""
+    if weight.requires_grad:  # a trained output head: let autograd keep what it needs
+        return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+
+
+def fused_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output head when the loss may bypass ``model.forward`` (a plain, frozen, bias-free Linear
+    on an architecture whose logits are exactly the head's output), else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if type(head) is not nn.Linear or head.bias is not None or model_type not in _PLAIN_HEAD_MODEL_TYPES:
+        return None
+    return head
+
+
+def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024):
+    """(summed next-token loss over target tokens, number of target tokens) for one batch.
+
+    ``batch`` has ``input_ids`` and ``labels`` (``IGNORE_INDEX`` where there is no target), and optionally
+    ``attention_mask`` and ``position_ids`` (packed rows). Labels are shifted here: position i predicts i+1.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    count = int(mask.sum())
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    inputs["use_cache"] = False  # also what lets transformers see packed rows (position_ids restarting at 0)
+    head = fused_head(model)
+    if head is None:
+        logits = model(**inputs).logits[:, :-1]
+        return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum"), count
+    hidden = model.base_model(**inputs).last_hidden_state[:, :-1]
+    return linear_cross_entropy_sum(hidden[mask], head.weight, targets[mask], chunk_size), count

@@ -1,0 +1,346 @@
+"""The training loop: config → model + adapter + data → optimizer steps → run directory.
+
+One optimizer step = ``grad_accum`` micro-batches; the loss is the sum of token losses divided by the
+number of target tokens across all of them (so long and short micro-batches weigh by their tokens).
+The batch order is a pure function of (seed, epoch), the learning rate of the step, and every other piece
+of state is in the checkpoint, so ``resume`` continues bit-identically on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loratune.adapters import add_adapter, parameter_report, save_adapter
+from loratune.data import (
+    Example,
+    TokenizedExample,
+    batch_order,
+    build_dataset,
+    collate,
+    collate_packed,
+    pack,
+    read_examples,
+    split_eval,
+)
+from loratune.errors import ConfigError, LoratuneError
+from loratune.models import load_model
+from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from loratune.train.config import TrainConfig, load_config, validate_config
+from loratune.train.evaluate import EvalResult, evaluate, model_device
+from loratune.train.loss import causal_lm_loss_sum
+from loratune.train.metrics import MetricsLog, plot_losses
+from loratune.train.run_dir import CONFIG_FILE, file_sha256, prepare_run_dir, write_run_config, write_text_atomic
+from loratune.train.schedule import learning_rate
+
+ADAPTER_NAME = "default"
+
+
+class TrainingDiverged(LoratuneError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class RunData:
+    """Training and evaluation examples of a run (eval ``examples`` carry the references for exact match)."""
+
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    eval_examples: list[Example]
+    stats: object
+
+
+def prepare_data(config: TrainConfig, tokenizer) -> RunData:
+    """Read, tokenize and split the run's data as ``config.data`` says."""
+    d = config.data
+    options = dict(format=d.format, max_length=d.max_length, truncation=d.truncation, train_on_prompt=d.train_on_prompt)
+    train, stats = build_dataset(d.train, tokenizer, **options)
+    eval_tokenized: list[TokenizedExample] = []
+    eval_examples: list[Example] = []
+    if d.eval is not None:
+        eval_tokenized, _ = build_dataset(d.eval, tokenizer, **options)
+        eval_examples, _ = read_examples(d.eval, d.format)
+    elif d.eval_split > 0:
+        train, eval_tokenized = split_eval(train, d.eval_split, config.train.seed)
+        by_location = {ex.location: ex for ex in read_examples(d.train, d.format)[0]}
+        eval_examples = [by_location[t.location] for t in eval_tokenized]
+    if d.eval_max_examples is not None:
+        eval_tokenized, eval_examples = eval_tokenized[: d.eval_max_examples], eval_examples[: d.eval_max_examples]
+    if not train:
+        raise ConfigError(f"data.train: no usable training rows in {d.train} after length limits")
+    return RunData(train, eval_tokenized, eval_examples, stats)
+
+
+class BatchStream:
+    """Micro-batches in a deterministic order; its position (epoch, index) is what a checkpoint stores."""
+
+    def __init__(self, examples, config: TrainConfig, pad_id: int, device):
+        packing = config.data.packing
+        self.rows = pack(examples, config.data.max_length) if packing else examples
+        self.collate = (lambda rows: collate_packed(rows, pad_id)) if packing else (lambda rows: collate(rows, pad_id))
+        self.lengths = None if packing else [len(e) for e in examples]
+        self.batch_size, self.seed, self.device = config.train.batch_size, config.train.seed, device
+        self.epoch, self.index = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        return batch_order(len(self.rows), self.batch_size, self.seed, epoch, lengths=self.lengths)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._order)
+
+    def seek(self, epoch: int, index: int) -> None:
+        self.epoch, self.index = epoch, index
+        self._order = self._epoch_order(epoch)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.index >= len(self._order):
+            self.seek(self.epoch + 1, 0)
+        batch = self.collate([self.rows[i] for i in self._order[self.index]])
+        self.index += 1
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+    progress.start()
+    progress.add_task("train", total=total, completed=start, info="")
+    return progress
+
+
+def save_adapter_with_tokenizer(model, tokenizer, path: Path, base_name: str) -> None:
+    """Write the adapter plus tokenizer files (with the chat template) into ``path``, replacing it whole."""
+    staging = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_adapter(model, staging, ADAPTER_NAME, base_model_name_or_path=base_name)
+    tokenizer.save_pretrained(str(staging))
+    if path.exists():
+        shutil.rmtree(path)
+    staging.rename(path)
+
+
+def resume_config(run_dir: Path) -> TrainConfig:
+    """The saved config of the run in ``run_dir``; refuses when its data files changed since."""
+    config = load_config(run_dir / CONFIG_FILE)
+    saved = (config.meta or {}).get("data_sha256", {})
+    for key, digest in saved.items():
+        path = getattr(config.data, key)
+        if file_sha256(path) != digest:
+            raise ConfigError(f"--resume: data.{key} ({path}) changed since the run started; use --overwrite to start over")
+    return config
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    log=print,
+) -> dict:
+    """Run a fine-tune as ``config`` says and return the summary (also written to ``summary.json``).
+
+    ``resume`` continues the run in ``config.output_dir`` from its newest complete checkpoint with the run's
+    saved config; ``overwrite`` replaces an existing run. ``progress`` shows a live bar (default: on a
+    terminal). Raises ``ConfigError`` for an existing output directory and other user errors, and
+    ``TrainingDiverged`` when the loss stops being finite (the last checkpoint stays).
+    """
+    run_dir = Path(config.output_dir)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        config = resume_config(run_dir).model_copy(update={"output_dir": str(run_dir)})
+    else:
+        config = write_run_config(run_dir, config)
+    t = config.train
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+
+    model, tokenizer = load_model(
+        config.model.name,
+        quantize=config.model.quantize,
+        dtype=config.model.dtype,
+        device=config.model.device,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    data = prepare_data(config, tokenizer)
+    torch.manual_seed(t.seed)  # the adapter's start depends on the seed only
+    add_adapter(model, config.lora, ADAPTER_NAME)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    device = model_device(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+    stream = BatchStream(data.train, config, tokenizer.pad_token_id, device)
+    micro_batches = math.ceil(t.epochs * stream.batches_per_epoch)
+    total_steps = t.max_steps or max(1, math.ceil(micro_batches / t.grad_accum))
+
+    metrics = MetricsLog(run_dir, tensorboard=t.tensorboard)
+    state = {"epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "best": None, "best_step": None}
+    start_step = 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, ADAPTER_NAME, optimizer)
+        start_step = state["step"]
+        stream.seek(state["epoch"], state["index"])
+        metrics.truncate_after(start_step)
+        log(f"resuming {run_dir} from {checkpoint.name}")
+    elif resume:
+        metrics.truncate_after(0)
+        log(f"resuming {run_dir}: no complete checkpoint yet, starting from step 0")
+
+    report = parameter_report(model)
+    log(
+        f"{len(data.train)} training examples ({data.stats.trained_tokens:,} target tokens), "
+        f"{len(data.eval)} eval; {total_steps} steps of {t.batch_size}×{t.grad_accum}; {report}"
+    )
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = _progress(total_steps, start_step, show)
+    model.train()
+    last_eval_step = None
+    try:
+        for step in range(start_step, total_steps):
+            started = time.perf_counter()
+            batches = [stream.next() for _ in range(t.grad_accum)]
+            targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            lr = learning_rate(step, total_steps=total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps, kind=t.scheduler)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_total = 0.0
+            for batch in batches:
+                loss_sum, _ = causal_lm_loss_sum(model, batch)
+                (loss_sum / max(1, targets)).backward()
+                loss_total += float(loss_sum.detach())
+            loss = loss_total / max(1, targets)
+            if not math.isfinite(loss):
+                kept = latest_checkpoint(run_dir)
+                where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
+                raise TrainingDiverged(
+                    f"loss became {loss} at step {step + 1}; {where}. Lower train.lr or check the data"
+                )
+            if t.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+            seconds = time.perf_counter() - started
+            state["tokens"] += tokens
+            state["train_seconds"] += seconds
+            state["epoch"], state["index"] = stream.epoch, stream.index
+            done = step + 1
+            tokens_per_s = tokens / seconds
+            if bar is not None:
+                bar.update(0, completed=done, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
+            if done % t.log_every == 0 or done == total_steps or done == 1:
+                record = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": grad_norm,
+                          "epoch": done * t.grad_accum / stream.batches_per_epoch}
+                metrics.log(record)
+                if bar is None:
+                    log(f"step {done}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
+            if t.eval_every and data.eval and (done % t.eval_every == 0 or done == total_steps):
+                result = _evaluate(model, tokenizer, data, t)
+                last_eval_step = done
+                metrics.log({"step": done, "eval_loss": result.loss, "eval_perplexity": result.perplexity,
+                             "eval_exact_match": result.exact_match})
+                log(_describe_eval(done, result))
+                _keep_best(model, tokenizer, run_dir, config, state, result, done)
+            if done % t.save_every == 0 and done < total_steps:
+                save_checkpoint(run_dir, done, model, ADAPTER_NAME, optimizer, _trainer_state(state), t.keep_checkpoints)
+    finally:
+        if bar is not None:
+            bar.stop()
+        metrics.close()
+
+    base_name = _base_name(model, config)
+    save_adapter_with_tokenizer(model, tokenizer, run_dir / "adapter", base_name)
+    save_checkpoint(run_dir, total_steps, model, ADAPTER_NAME, optimizer, _trainer_state(state), t.keep_checkpoints)
+    final_eval = None
+    if data.eval and last_eval_step != total_steps:
+        final_eval = _evaluate(model, tokenizer, data, t)
+        metrics.log({"step": total_steps, "eval_loss": final_eval.loss, "eval_perplexity": final_eval.perplexity,
+                     "eval_exact_match": final_eval.exact_match})
+        log(_describe_eval(total_steps, final_eval))
+        if t.best_metric:
+            _keep_best(model, tokenizer, run_dir, config, state, final_eval, total_steps)
+    records = metrics.records()
+    plot_losses(records, run_dir / "loss.png")
+    summary = _summary(run_dir, config, state, total_steps, report, records)
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _evaluate(model, tokenizer, data: RunData, t) -> EvalResult:
+    return evaluate(model, tokenizer, data.eval, data.eval_examples, batch_size=t.eval_batch_size,
+                    max_new_tokens=t.eval_max_new_tokens, with_exact_match=t.exact_match)
+
+
+def _describe_eval(step: int, result: EvalResult) -> str:
+    em = f", exact match {100 * result.exact_match:.1f}%" if result.exact_match is not None else ""
+    return f"eval @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}{em} (n={result.n})"
+
+
+def _keep_best(model, tokenizer, run_dir, config, state, result: EvalResult, step: int) -> None:
+    metric = config.train.best_metric
+    if metric is None:
+        return
+    value = result.loss if metric == "eval_loss" else result.exact_match
+    if value is None:
+        return
+    better = state["best"] is None or (value < state["best"] if metric == "eval_loss" else value > state["best"])
+    if better:
+        state["best"], state["best_step"] = value, step
+        save_adapter_with_tokenizer(model, tokenizer, run_dir / "best", _base_name(model, config))
+
+
+def _base_name(model, config: TrainConfig) -> str:
+    return getattr(model, "name_or_path", None) or config.model.name
+
+
+def _trainer_state(state: dict) -> dict:
+    return {k: state[k] for k in ("epoch", "index", "tokens", "train_seconds", "best", "best_step")}
+
+
+def _summary(run_dir: Path, config: TrainConfig, state: dict, steps: int, report, records: list[dict]) -> dict:
+    evals = [r for r in records if "eval_loss" in r]
+    adapter_file = run_dir / "adapter" / "adapter_model.safetensors"
+    return {
+        "steps": steps,
+        "train_seconds": round(state["train_seconds"], 2),
+        "tokens": state["tokens"],
+        "tokens_per_s": round(state["tokens"] / state["train_seconds"], 1) if state["train_seconds"] else None,
+        "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
+        "eval": evals[-1] if evals else None,
+        "best_metric": config.train.best_metric,
+        "best": state.get("best"),
+        "best_step": state.get("best_step"),
+        "trainable_params": report.trainable,
+        "total_params": report.total,
+        "adapter_bytes": adapter_file.stat().st_size if adapter_file.exists() else None,
+        "output_dir": str(run_dir),
+    }
+
+
+__all__ = ["TrainingDiverged", "prepare_data", "train", "validate_config"]

@@ -1,0 +1,70 @@
+"""The fused, chunked output-projection + cross-entropy equals the plain computation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import tiny_gpt2, tiny_llama, token_batch
+
+import loratune
+from loratune import LoraConfig
+from loratune.train.loss import LinearCrossEntropy, causal_lm_loss_sum, fused_head
+
+
+def test_linear_cross_entropy_passes_gradcheck_in_float64():
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64)
+    targets = torch.randint(0, 11, (7,))
+    assert torch.autograd.gradcheck(lambda h: LinearCrossEntropy.apply(h, weight, targets, 3).double(), (hidden,))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+def test_chunked_loss_and_gradient_equal_the_plain_computation(chunk_size):
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (9,))
+    fused = LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+    (fused_grad,) = torch.autograd.grad(2.5 * fused, hidden)
+    plain = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (plain_grad,) = torch.autograd.grad(2.5 * plain, hidden)
+    assert (fused - plain).abs() <= 1e-5 * plain.abs()
+    assert (fused_grad - plain_grad).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_model_loss_matches_transformers_loss_with_adapter_gradients(make):
+    def run(fused: bool):
+        model = make()
+        torch.manual_seed(3)
+        loratune.add_adapter(model, LoraConfig(r=4, init_lora_weights=False))
+        ids = token_batch(length=12)
+        labels = ids.clone()
+        labels[:, :5] = -100  # a prompt without targets
+        attention = torch.ones_like(ids)
+        attention[1, -3:] = 0
+        labels[1, -3:] = -100
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
+        if fused:
+            assert fused_head(model) is not None
+            total, count = causal_lm_loss_sum(model, batch, chunk_size=5)
+            loss = total / count
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    fused_loss, fused_grads = run(True)
+    plain_loss, plain_grads = run(False)
+    assert (fused_loss - plain_loss).abs() <= 1e-5
+    for a, b in zip(fused_grads, plain_grads):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_a_trained_output_head_uses_the_plain_path():
+    model = tiny_llama(tie=False)
+    loratune.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert fused_head(model) is None
+    ids = token_batch()
+    total, count = causal_lm_loss_sum(model, {"input_ids": ids, "labels": ids})
+    torch.testing.assert_close(total / count, model(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
