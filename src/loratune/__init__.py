@@ -15,7 +15,7 @@ from loratune.adapters import (
 )
 from loratune.adapters import merge_adapters as merge
 from loratune.adapters import unmerge_adapters as unmerge
-from loratune.errors import AdapterLoadError, ConfigError, LoratuneError, ModelNotFoundError
+from loratune.errors import AdapterLoadError, ConfigError, DataError, LoratuneError, ModelNotFoundError
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ def load_model(name="smollm2-135m", quantize=None, dtype=None, device=None, **kw
 __all__ = [
     "AdapterLoadError",
     "ConfigError",
+    "DataError",
     "LoraConfig",
     "LoratuneError",
     "ModelNotFoundError",

@@ -19,3 +19,7 @@ class AdapterLoadError(LoratuneError):
 
 class ModelNotFoundError(LoratuneError, FileNotFoundError):
     """A base model that cannot be found or read."""
+
+
+class DataError(LoratuneError, ValueError):
+    """Malformed training or evaluation data; the message names the file and line (``path:line: what``)."""
