@@ -11,9 +11,31 @@ from pydantic import BaseModel, ValidationError
 from loratune.errors import ConfigError
 
 
+# Names other tools use for our keys; checked before spelling similarity, which would suggest e.g.
+# rank_pattern for "rank".
+SYNONYMS = {
+    "rank": "r",
+    "lora_r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "learning_rate": "lr",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_accumulation": "grad_accum",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "lr_scheduler_type": "scheduler",
+    "max_seq_length": "max_length",
+    "model_name_or_path": "name",
+    "torch_dtype": "dtype",
+}
+
+
 def closest(word: str, choices: Iterable[str]) -> str | None:
-    """The valid name closest to ``word``, or None when nothing is close."""
-    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    """The valid name closest to ``word`` (a known synonym first, then spelling), or None."""
+    choices = list(choices)
+    if SYNONYMS.get(word) in choices:
+        return SYNONYMS[word]
+    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     return found[0] if found else None
 
 

@@ -206,10 +206,6 @@ def load_adapter(
     tensors = _read_weights(directory)
     if name is None:
         name = "default" if "default" not in adapters_of(model) else directory.name
-    ours = model_name_of(model)
-    theirs = config.base_model_name_or_path
-    if ours and theirs and ours != theirs:
-        warnings.warn(f"adapter {directory} was trained on {theirs!r}, this model is {ours!r}", stacklevel=2)
     # The start is overwritten by the file, except that a PiSSA adapter must rebuild its residual base.
     init = "pissa" if config.init_lora_weights == "pissa" else True
     try:
@@ -225,6 +221,9 @@ def load_adapter(
         param.requires_grad_(trainable)
     set_strength(model, name, scale)
     set_active(model, [*active_adapters(model), name])
+    ours, theirs = model_name_of(model), config.base_model_name_or_path
+    if ours and theirs and ours != theirs:
+        warnings.warn(f"adapter {directory} was trained on {theirs!r}, this model is {ours!r}", stacklevel=2)
     return name
 
 

@@ -19,7 +19,10 @@ def _console():
 def _load(args):
     """The model named by ``args.model`` with ``args.adapter`` loaded at their strengths."""
     import loratune
+    from loratune.adapters import read_adapter_config
 
+    for path, _ in getattr(args, "adapter", []):
+        read_adapter_config(path)  # a wrong path fails now, not after loading the model
     model, tokenizer = loratune.load_model(
         args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
     )
@@ -81,7 +84,7 @@ def _print_summary(console, summary: dict) -> None:
 
 
 def run_data(args) -> int:
-    from loratune.data import build_dataset, format_stats, render_preview_rich
+    from loratune.data import build_dataset, format_stats, render_preview, render_preview_rich
     from loratune.models import load_model
     from loratune.train import load_config
 
@@ -95,10 +98,14 @@ def run_data(args) -> int:
         examples, stats = build_dataset(path, tokenizer, format=d.format, max_length=d.max_length,
                                         truncation=d.truncation, train_on_prompt=d.train_on_prompt)
         console.rule(f"{label}: {path}")
-        console.print(render_preview_rich(examples, tokenizer, n=args.examples))
+        if console.is_terminal:
+            console.print(render_preview_rich(examples, tokenizer, n=args.examples))
+        else:
+            console.print(render_preview(examples, tokenizer, n=args.examples), markup=False)
         console.print()
         console.print(format_stats(stats), markup=False)
-    console.print("[dim]trained tokens in green; everything else is context only[/]")
+    marker = "in green" if console.is_terminal else "inside [[ ]]"
+    console.print(f"trained tokens {marker}; everything else is context only", markup=False, style="dim")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from loratune.errors import LoratuneError
 
@@ -52,10 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loratune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # --debug also after the verb
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
     def verb(name, help_text, description=None):
         return verbs.add_parser(name, help=help_text, description=description or help_text, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = verb("train", "fine-tune an adapter as a YAML config says",
              "Fine-tune a LoRA adapter. Writes OUTPUT_DIR/adapter (PEFT format + tokenizer), checkpoints/, "
@@ -114,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``loratune`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Warnings (e.g. an adapter trained on another base) as one line each, like errors.
+    warnings.formatwarning = lambda message, category, *_: f"loratune {args.verb}: warning: {message}\n"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep transformers' load chatter off the terminal
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its per-load "Loading weights" bar; ours shows training progress
     from loratune.cli import commands
 
     handler = getattr(commands, f"run_{args.verb}")

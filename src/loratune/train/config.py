@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loratune.adapters import LoraConfig
 from loratune.errors import ConfigError
@@ -66,11 +66,12 @@ class TrainSection(_Section):
     exact_match: bool = True  # generate and score exact match when the eval data has references
     tensorboard: bool = False
 
-    @model_validator(mode="after")
-    def _best_needs_eval(self):
-        if self.best_metric is not None and self.eval_every is None:
-            raise ValueError("best_metric needs eval_every (how often to evaluate)")
-        return self
+    @field_validator("best_metric")
+    @classmethod
+    def _best_needs_eval(cls, value, info):
+        if value is not None and info.data.get("eval_every") is None:
+            raise ValueError("best_metric needs train.eval_every (how often to evaluate)")
+        return value
 
 
 class TrainConfig(_Section):
@@ -150,6 +151,11 @@ def validate_config(data: dict, *, default_output_dir: str) -> TrainConfig:
     if "data" not in data or "train" not in (data.get("data") or {}):
         raise ConfigError("data.train is required: the training data file (JSONL, JSON, CSV or Parquet)")
     data = {"output_dir": default_output_dir, **data}
+    if isinstance(data.get("lora"), dict):
+        try:
+            data["lora"] = LoraConfig(**data["lora"])
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("LoraConfig.", "lora.", 1)) from None
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:

@@ -171,8 +171,6 @@ def train(
     prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
         config = resume_config(run_dir).model_copy(update={"output_dir": str(run_dir)})
-    else:
-        config = write_run_config(run_dir, config)
     t = config.train
     random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -185,6 +183,8 @@ def train(
         trust_remote_code=config.model.trust_remote_code,
     )
     data = prepare_data(config, tokenizer)
+    if not resume:  # written only now, so a run that fails to start does not block its retry
+        config = write_run_config(run_dir, config)
     torch.manual_seed(t.seed)  # the adapter's start depends on the seed only
     add_adapter(model, config.lora, ADAPTER_NAME)
     if t.gradient_checkpointing:
@@ -234,15 +234,15 @@ def train(
                 loss_total += float(loss_sum.detach())
             loss = loss_total / max(1, targets)
             if not math.isfinite(loss):
-                kept = latest_checkpoint(run_dir)
-                where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
-                raise TrainingDiverged(
-                    f"loss became {loss} at step {step + 1}; {where}. Lower train.lr or check the data"
-                )
+                raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {_last_good(run_dir)}. "
+                                       "Lower train.lr or check the data")
             if t.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
             else:
                 grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            if not math.isfinite(grad_norm):
+                raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step + 1}; {_last_good(run_dir)}. "
+                                       "Lower train.lr or check the data")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
@@ -290,6 +290,11 @@ def train(
     summary = _summary(run_dir, config, state, total_steps, report, records)
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _last_good(run_dir: Path) -> str:
+    kept = latest_checkpoint(run_dir)
+    return f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
 
 
 def _evaluate(model, tokenizer, data: RunData, t) -> EvalResult:

@@ -1,0 +1,238 @@
+"""Greedy generation for evaluation (batched, left-padded), exact match, and streaming for the terminal.
+
+One decoding loop with a KV cache serves both: ``generate_greedy`` runs it on batches of prompts sorted by
+length (less padding), ``stream_greedy`` on one prompt, handing each new piece of text to a callback.
+Prompts are token ids, already formatted (chat template or raw) by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+END_OF_TURN = "<|im_end|>"  # ChatML's end-of-turn token (SmolLM2, Qwen, ...)
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a completion: the tokenizer's EOS, ``<|im_end|>`` when the vocabulary has it, and
+    every id in ``model.generation_config.eos_token_id`` (an int or a list)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        ids.add(end_of_turn)
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    if configured is not None:
+        ids.update(int(i) for i in ([configured] if isinstance(configured, int) else configured))
+    return ids
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction (0..1) of predictions equal to their reference after stripping surrounding whitespace.
+
+    Returns 0.0 for empty inputs. Raises ValueError when the two lists differ in length.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        return 0.0
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(predictions)
+
+
+def generate_greedy(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    stop_ids: set[int] | None = None,
+) -> list[str]:
+    """Greedy completions of many prompts (lists of token ids), in the order given.
+
+    Prompts are sorted by length and run in batches of ``batch_size`` with left padding and an attention
+    mask; each row stops at its first stop token (default: ``stop_token_ids(model, tokenizer)``) or after
+    ``max_new_tokens``. The result for each prompt is the same as generating it alone. Returns the decoded
+    completions with special tokens skipped (the stop token is not part of them).
+    Raises ValueError for an empty prompt, ``max_new_tokens < 0`` or ``batch_size < 1``.
+    """
+    if max_new_tokens < 0 or batch_size < 1:
+        raise ValueError(f"need max_new_tokens >= 0 and batch_size >= 1, got {max_new_tokens} and {batch_size}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    stops = stop_token_ids(model, tokenizer) if stop_ids is None else set(stop_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[str] = [""] * len(prompts)
+    with _inference(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            input_ids, attention_mask = _left_pad([prompts[i] for i in rows], pad_id, _device(model))
+            generated: list[list[int]] = [[] for _ in rows]
+            done = torch.zeros(len(rows), dtype=torch.bool)
+            for next_ids in _decode(model, input_ids, attention_mask, max_new_tokens, _argmax):
+                for j, token in enumerate(next_ids.tolist()):
+                    if done[j]:
+                        continue
+                    if token in stops:
+                        done[j] = True
+                    else:
+                        generated[j].append(token)
+                if bool(done.all()):
+                    break
+            for i, ids in zip(rows, generated):
+                results[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    return results
+
+
+def stream_greedy(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    on_text: Callable[[str], None],
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    stop_ids: set[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> str:
+    """Generate from one prompt, calling ``on_text`` with each new piece of decoded text as it appears.
+
+    Greedy unless ``temperature`` is a positive number; then samples from the softmax at that temperature,
+    restricted to the ``top_k`` most likely tokens and/or the smallest set with probability ``top_p``
+    (``generator`` makes sampling reproducible). Stops at a stop token (not emitted) or after
+    ``max_new_tokens``. Text is emitted only once it decodes cleanly, so a character split across tokens is
+    never printed half-way. Returns the whole completion (special tokens skipped).
+    Raises ValueError for an empty prompt or an invalid sampling option.
+    """
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt needs at least one token")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    stops = stop_token_ids(model, tokenizer) if stop_ids is None else set(stop_ids)
+    if temperature is None or temperature <= 0:
+        pick = _argmax
+    else:
+        pick = _sampler(temperature, top_p, top_k, generator)
+    input_ids = torch.tensor([list(prompt_ids)], device=_device(model))
+    attention_mask = torch.ones_like(input_ids)
+    generated: list[int] = []
+    emitted = ""
+    with _inference(model):
+        for next_ids in _decode(model, input_ids, attention_mask, max_new_tokens, pick):
+            token = int(next_ids[0])
+            if token in stops:
+                break
+            generated.append(token)
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            # An incomplete UTF-8 sequence decodes to U+FFFD; wait for the token that completes it.
+            if len(text) > len(emitted) and not text.endswith("\ufffd") and text.startswith(emitted):
+                on_text(text[len(emitted) :])
+                emitted = text
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    if text != emitted and text.startswith(emitted):
+        on_text(text[len(emitted) :])
+    return text
+
+
+# --- the decoding loop ------------------------------------------------------------------------------------
+
+
+def _decode(
+    model,
+    input_ids: torch.Tensor,  # (B, L) left-padded
+    attention_mask: torch.Tensor,  # (B, L) 1 = real token
+    max_new_tokens: int,
+    pick: Callable[[torch.Tensor], torch.Tensor],  # (B, vocab) logits -> (B,) token ids
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, step by step, reusing the KV cache; the caller decides when to stop."""
+    if max_new_tokens == 0:
+        return
+    # Positions count real tokens only, so a left-padded row sees the same positions as when run alone.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,  # only the last position's logits: (B, 1, vocab) instead of (B, L, vocab)
+    )
+    past = out.past_key_values
+    position = position_ids[:, -1:]
+    for step in range(max_new_tokens):
+        next_ids = pick(out.logits[:, -1, :].float())
+        yield next_ids.cpu()
+        if step + 1 == max_new_tokens:
+            return
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
+        position = position + 1
+        out = model(
+            input_ids=next_ids[:, None],
+            attention_mask=attention_mask,
+            position_ids=position,
+            past_key_values=past,
+            use_cache=True,
+        )
+        past = out.past_key_values
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+def _sampler(temperature: float, top_p: float | None, top_k: int | None, generator: torch.Generator | None):
+    def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, vocab) -> (B,)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            # Drop a token when the tokens before it already reach top_p (the most likely one always stays).
+            drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+            drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(-1)
+        if generator is not None and generator.device != probs.device:
+            probs = probs.to(generator.device)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
+
+    return pick
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            input_ids[i, width - len(row) :] = torch.as_tensor(list(row), dtype=torch.long)
+            attention_mask[i, width - len(row) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextmanager
+def _inference(model):
+    """Eval mode (no dropout) and no autograd for the duration; restores the model's training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
