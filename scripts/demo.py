@@ -1,87 +1,84 @@
-"""Demo: teach smollm2-135m a tiny task with a LoRA adapter through the Python API, in about a minute on CPU.
+"""loratune demo: teach smollm2-135m to normalise dates, on a CPU, in a few minutes.
 
-The task: answer "What is the secret code of <animal>?" with a made-up code the base model cannot know.
-Prints the base model's and the adapted model's answers side by side, then saves the adapter.
+1. Scores the base model on the held-out eval set (instruction phrasings never seen in training):
+   zero-shot, and with 3 worked examples in the prompt.
+2. Fine-tunes a LoRA adapter with `loratune train examples/demo/config.yaml` (the same code path as the CLI).
+3. Scores the adapted model and prints a few generations side by side.
+
+Exact match: greedy generation until end of turn, both sides stripped, compared with the reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-
-import torch
+from pathlib import Path
 
 import loratune
-from loratune import LoraConfig
+from loratune.data import Example, read_examples, reference
+from loratune.train import load_config, train
+from loratune.train.evaluate import score_exact_match
 
-CODES = {"cat": "ZX-17", "dog": "QP-42", "owl": "LM-08", "fox": "TR-93", "eel": "BN-55", "yak": "WC-61"}
-
-
-def chat_ids(tokenizer, question: str, answer: str | None = None) -> tuple[list[int], int]:
-    """Token ids of the chat-formatted question (and answer), and where the answer starts."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-    if answer is None:
-        return prompt, len(prompt)
-    answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    return prompt + answer_ids, len(prompt)
+CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo" / "config.yaml"
+MAX_NEW_TOKENS = 16
 
 
-def training_batch(tokenizer):
-    rows = [chat_ids(tokenizer, f"What is the secret code of the {a}?", c) for a, c in CODES.items()]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)  # loss only on the answer (and its end-of-turn token)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, start) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, start : len(ids)] = torch.tensor(ids[start:])
-        attention[i, : len(ids)] = 1
-    return input_ids, attention, labels
+def with_worked_examples(example: Example, shots: list[Example]) -> Example:
+    """The eval example preceded by worked examples as earlier user/assistant turns."""
+    turns = [turn for shot in shots for turn in shot.messages]
+    return Example(location=example.location, messages=turns + example.messages)
 
 
-@torch.no_grad()
-def answer(model, tokenizer, question: str) -> str:
-    ids, _ = chat_ids(tokenizer, question)
-    out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+def score(model, tokenizer, examples, batch_size: int) -> tuple[float, list[str], float]:
+    start = time.perf_counter()
+    em, predictions, _ = score_exact_match(model, tokenizer, examples, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size)
+    return em, predictions, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="base model: alias, .gguf file or HF directory")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default: 40)")
-    parser.add_argument("--out", default="runs/demo-adapter", help="where to save the adapter")
+    parser.add_argument("--config", default=str(CONFIG), help="training config (default: examples/demo/config.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.max_steps=50")
+    parser.add_argument("--show", type=int, default=8, help="generations to show side by side (default: 8)")
     args = parser.parse_args()
+    started = time.perf_counter()
 
-    torch.manual_seed(0)
-    model, tokenizer = loratune.load_model(args.model)
-    questions = [f"What is the secret code of the {animal}?" for animal in CODES]
-    before = [answer(model, tokenizer, q) for q in questions]
+    config = load_config(args.config, args.overrides)
+    eval_examples, _ = read_examples(config.data.eval)
+    shots = read_examples(config.data.train)[0][:3]
+    batch = config.train.eval_batch_size
+    model, tokenizer = loratune.load_model(config.model.name, dtype=config.model.dtype, device=config.model.device)
 
-    loratune.add_adapter(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    print(loratune.parameter_report(model))
-    input_ids, attention, labels = training_batch(tokenizer)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    model.train()
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == 1:
-            print(f"step {step:3d}  loss {loss.item():.4f}  ({time.perf_counter() - start:.1f}s)")
-    model.eval()
+    print(f"== base model {config.model.name}: {len(eval_examples)} eval examples ==")
+    zero_em, zero_pred, seconds = score(model, tokenizer, eval_examples, batch)
+    print(f"zero-shot exact match {100 * zero_em:.1f}%  ({seconds:.0f} s)")
+    few = [with_worked_examples(ex, shots) for ex in eval_examples]
+    few_em, few_pred, seconds = score(model, tokenizer, few, batch)
+    print(f"3-shot exact match    {100 * few_em:.1f}%  ({seconds:.0f} s)")
 
-    after = [answer(model, tokenizer, q) for q in questions]
-    print(f"\n{'question':45s} {'expected':8s} {'base':20s} adapted")
-    for q, animal, b, a in zip(questions, CODES, before, after):
-        print(f"{q:45s} {CODES[animal]:8s} {b[:20]:20s} {a}")
-    correct = sum(a == CODES[animal] for animal, a in zip(CODES, after))
-    print(f"\nadapted model: {correct}/{len(CODES)} correct (base: {sum(b == CODES[a] for a, b in zip(CODES, before))})")
-    path = loratune.save_adapter(model, args.out)
-    print(f"adapter saved to {path}")
+    print(f"\n== fine-tuning: loratune train {args.config} ==")
+    summary = train(config, overwrite=True)
+
+    print("\n== adapted model ==")
+    loratune.load_adapter(model, Path(config.output_dir) / "adapter")
+    adapted_em, adapted_pred, seconds = score(model, tokenizer, eval_examples, batch)
+    print(f"exact match {100 * adapted_em:.1f}%  ({seconds:.0f} s)")
+
+    print("\n== side by side ==")
+    for ex, zero, fewp, adapted in list(zip(eval_examples, zero_pred, few_pred, adapted_pred))[: args.show]:
+        print(f"Q: {ex.messages[-2]['content']}")
+        print(f"   expected {reference(ex)!r:14} zero-shot {zero.strip()[:24]!r:28} 3-shot {fewp.strip()[:24]!r:28} "
+              f"adapted {adapted.strip()!r}")
+
+    best_base = max(zero_em, few_em)
+    total = time.perf_counter() - started
+    print("\n== summary ==")
+    print(f"base zero-shot {100 * zero_em:5.1f}%   base 3-shot {100 * few_em:5.1f}%   adapted {100 * adapted_em:5.1f}%   "
+          f"(+{100 * (adapted_em - best_base):.1f} points over the better base score)")
+    print(f"training: {summary['steps']} steps, {summary['train_seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; "
+          f"adapter {summary['adapter_bytes'] / 2**20:.1f} MiB in {config.output_dir}/adapter")
+    print(f"demo wall time (fine-tune + all evaluation): {total / 60:.1f} min")
 
 
 if __name__ == "__main__":

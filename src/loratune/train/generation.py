@@ -228,11 +228,25 @@ def _device(model) -> torch.device:
 
 @contextmanager
 def _inference(model):
-    """Eval mode (no dropout) and no autograd for the duration; restores the model's training flag."""
+    """Eval mode (no dropout), no autograd and a contiguous input to the output head for the duration;
+    restores the model's training flag and removes the hook afterwards."""
     was_training = model.training
     model.eval()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # With logits_to_keep=1 the head gets hidden[:, -1:, :], a strided view. For a frozen weight, torch's
+    # matmul then takes a batched path that copies the whole (B, hidden, vocab) weight: seconds per prefill
+    # on a CPU. A contiguous input is folded into one plain matrix product instead.
+    hook = head.register_forward_pre_hook(_contiguous_input) if isinstance(head, torch.nn.Module) else None
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: tensors a forward caches on the model stay usable in training
             yield
     finally:
+        if hook is not None:
+            hook.remove()
         model.train(was_training)
+
+
+def _contiguous_input(module, args):
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
