@@ -1,0 +1,215 @@
+"""Training speed and memory: loratune vs PEFT + transformers, same model, data, dtype, batch and LoRA config.
+
+Each trainer runs in its own process (so peak RSS is its own), alternating, several repetitions. Reported:
+median tokens/s over the timed steps (model loading and the first warm-up steps excluded) and peak RSS of
+the whole process, and their ratios. Both start from the same adapter weights (loratune writes its initial
+adapter, PEFT loads it trainable) and see the same batches, so their losses must agree.
+
+    python bench/train_vs_peft.py                       # smollm2-135m, bf16, batch 8 x 256, r=8 all-linear
+    python bench/train_vs_peft.py --steps 20 --reps 3 --data demo   # variable-length chat data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_TRAIN = ROOT / "examples" / "demo" / "train.jsonl"
+
+
+def make_fixed_length_data(tokenizer, path: Path, rows: int, length: int) -> None:
+    """Text rows of exactly ``length`` tokens (every token a target), cut from the demo task's text."""
+    texts = [json.loads(line)["messages"] for line in DEMO_TRAIN.read_text().splitlines()]
+    stream: list[int] = []
+    for messages in texts:
+        stream += tokenizer(" ".join(m["content"] for m in messages) + "\n", add_special_tokens=False)["input_ids"]
+        if len(stream) >= rows * length:
+            break
+    # A text row gets EOS appended when tokenized: leave room for it.
+    chunks = [stream[i * (length - 1) : (i + 1) * (length - 1)] for i in range(rows)]
+    with path.open("w") as handle:
+        for chunk in chunks:
+            handle.write(json.dumps({"text": tokenizer.decode(chunk)}) + "\n")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_loratune(args) -> dict:
+    import yaml
+
+    from loratune.train import load_config, train
+
+    run = Path(args.workdir) / "loratune-run"
+    config_path = Path(args.workdir) / "config.yaml"
+    config = {
+        "model": {"name": args.model, "dtype": args.dtype},
+        "lora": {"r": args.r, "lora_alpha": 2 * args.r, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": args.data_file, "max_length": args.length, "packing": args.packing},
+        "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 2e-4, "scheduler": "constant",
+                  "log_every": 1, "save_every": 10_000, "max_grad_norm": None, "seed": 0},
+        "output_dir": str(run),
+    }
+    config_path.write_text(yaml.safe_dump(config))
+    train(load_config(config_path), overwrite=True, progress=False, log=lambda *_: None)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps[args.warmup :]),
+        "losses": [r["loss"] for r in steps],
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def run_peft(args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loratune.data import batch_order, build_dataset, collate
+    from loratune.models import resolve_dtype
+    from loratune.models.loader import resolve_model_dir
+    from loratune.train.config import TrainSection
+
+    model_dir = resolve_model_dir(args.model)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=resolve_dtype(args.dtype))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    # Start from loratune's initial adapter: same seed, same init as the loratune run.
+    start = Path(args.workdir) / "initial-adapter"
+    state = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+             for k, v in _load_safetensors(start / "adapter_model.safetensors").items()}
+    missing = model.load_state_dict(state, strict=False)
+    assert not missing.unexpected_keys, missing.unexpected_keys[:3]
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=TrainSection().weight_decay, foreach=True)
+    examples, _ = build_dataset(args.data_file, tokenizer, max_length=args.length)
+    order = batch_order(len(examples), args.batch, 0, 0, lengths=[len(e) for e in examples])
+    speeds, losses = [], []
+    for step in range(args.steps):
+        batch = collate([examples[i] for i in order[step % len(order)]], tokenizer.pad_token_id)
+        started = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        speeds.append(int(batch["attention_mask"].sum()) / (time.perf_counter() - started))
+        losses.append(loss.item())
+    return {"tokens_per_s": statistics.median(speeds[args.warmup :]), "losses": losses, "peak_rss_mib": peak_rss_mib()}
+
+
+def _load_safetensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def write_initial_adapter(args) -> None:
+    """The adapter both trainers start from: loratune's init under seed 0 (what ``train`` creates)."""
+    import torch
+
+    import loratune
+
+    model, _ = loratune.load_model(args.model, dtype=args.dtype)
+    torch.manual_seed(0)
+    loratune.add_adapter(model, loratune.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"))
+    loratune.save_adapter(model, Path(args.workdir) / "initial-adapter")
+
+
+def child(args) -> None:
+    result = run_loratune(args) if args.impl == "loratune" else run_peft(args)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def parent(args) -> None:
+    import loratune
+    from loratune.models.loader import resolve_model_dir
+
+    workdir = Path(tempfile.mkdtemp(prefix="loratune-bench-"))
+    args.workdir = str(workdir)
+    _, tokenizer = loratune.load_model(args.model, dtype="fp32")
+    resolve_model_dir(args.model)
+    if args.data == "fixed":
+        data_file = workdir / "fixed.jsonl"
+        make_fixed_length_data(tokenizer, data_file, rows=args.batch * (args.steps + 1), length=args.length)
+    else:
+        data_file = DEMO_TRAIN
+    write_initial_adapter(args)
+    results: dict[str, list[dict]] = {"loratune": [], "peft": []}
+    for rep in range(args.reps):
+        for impl in ("loratune", "peft") if rep % 2 == 0 else ("peft", "loratune"):
+            cmd = [sys.executable, __file__, "--child", impl, "--workdir", str(workdir), "--data-file", str(data_file),
+                   *_passthrough(args)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{impl} run failed:\n{out.stderr[-3000:]}")
+            result = json.loads(line[len("RESULT "):])
+            results[impl].append(result)
+            print(f"rep {rep + 1} {impl:8s} {result['tokens_per_s']:8.1f} tok/s  peak RSS {result['peak_rss_mib']:7.0f} MiB  "
+                  f"loss@1 {result['losses'][0]:.4f}  loss@{args.steps} {result['losses'][-1]:.4f}", flush=True)
+    report(args, results)
+
+
+def report(args, results) -> None:
+    def med(impl, key):
+        return statistics.median(r[key] for r in results[impl])
+
+    lt, pt = med("loratune", "tokens_per_s"), med("peft", "tokens_per_s")
+    lm, pm = med("loratune", "peak_rss_mib"), med("peft", "peak_rss_mib")
+    l_loss, p_loss = results["loratune"][0]["losses"], results["peft"][0]["losses"]
+    rel = [abs(a - b) / abs(b) for a, b in zip(l_loss, p_loss)]
+    print()
+    print(f"model {args.model}, {args.dtype}, batch {args.batch} x {args.length} ({args.data} data), r={args.r} all-linear, "
+          f"{args.steps} steps ({args.warmup} warm-up excluded), {args.reps} reps, medians")
+    print("| trainer | tokens/s | peak RSS (MiB) |")
+    print("|---|---|---|")
+    print(f"| PEFT + transformers | {pt:.0f} | {pm:.0f} |")
+    print(f"| loratune | {lt:.0f} | {lm:.0f} |")
+    print(f"| ratio loratune / PEFT | {lt / pt:.2f}x | {lm / pm:.2f}x |")
+    print(f"loss agreement: step 1 {100 * rel[0]:.3f}% , step {len(rel)} {100 * rel[-1]:.3f}% relative difference")
+
+
+def _passthrough(args) -> list[str]:
+    return ["--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch), "--length", str(args.length),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--r", str(args.r), "--data", args.data,
+            *(["--packing"] if args.packing else [])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256, help="sequence length (fixed data) / max_length")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2, help="first steps excluded from the speed median")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--data", choices=("fixed", "demo"), default="fixed",
+                        help="fixed: batch x length text rows; demo: the variable-length demo chat data")
+    parser.add_argument("--packing", action="store_true", help="loratune packs rows (demo data)")
+    parser.add_argument("--child", choices=("loratune", "peft"), dest="impl", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--data-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    child(args) if args.impl else parent(args)
+
+
+if __name__ == "__main__":
+    main()
