@@ -15,7 +15,7 @@ from torch import nn
 from loratune.adapters.config import ALL_LINEAR, LoraConfig
 from loratune.adapters.modules_to_save import ModulesToSaveWrapper
 from loratune.errors import ConfigError
-from loratune.layers import LoraEmbedding, LoraLayer, is_conv1d, lora_class_for
+from loratune.layers import LoraLayer, is_conv1d, lora_class_for
 
 _DEFAULT_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 

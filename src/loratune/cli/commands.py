@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from loratune.errors import ConfigError, LoratuneError
+from loratune.errors import ConfigError
 
 
 def _console():
@@ -210,4 +210,4 @@ def run_inspect(args) -> int:
     return 0
 
 
-__all__ = ["run_data", "run_eval", "run_generate", "run_inspect", "run_merge", "run_train", "LoratuneError"]
+__all__ = ["run_data", "run_eval", "run_generate", "run_inspect", "run_merge", "run_train"]

@@ -34,7 +34,7 @@ from loratune.data import (
 from loratune.errors import ConfigError, LoratuneError
 from loratune.models import load_model
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from loratune.train.config import TrainConfig, load_config, validate_config
+from loratune.train.config import TrainConfig, load_config
 from loratune.train.evaluate import EvalResult, evaluate, model_device
 from loratune.train.loss import causal_lm_loss_sum
 from loratune.train.metrics import MetricsLog, plot_losses
@@ -348,4 +348,4 @@ def _summary(run_dir: Path, config: TrainConfig, state: dict, steps: int, report
     }
 
 
-__all__ = ["TrainingDiverged", "prepare_data", "train", "validate_config"]
+__all__ = ["TrainingDiverged", "prepare_data", "train"]
