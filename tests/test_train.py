@@ -256,14 +256,17 @@ def four_example_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_step_runs(tiny_llama_dir, four_example_data, tmp_path_factory):
-    """One optimizer step over the same four examples as 4×1, 2×2 (accumulated) and packed: run dirs."""
+    """One optimizer step over the same four examples as 4×1, 2×2 (accumulated), packed and with gradient
+    checkpointing: run dirs."""
     root = tmp_path_factory.mktemp("one-step")
     runs = {}
-    for name, batch_size, grad_accum, packing in (("4x1", 4, 1, False), ("2x2", 2, 2, False), ("packed", 4, 1, True)):
+    settings = (("4x1", 4, 1, False, False), ("2x2", 2, 2, False, False), ("packed", 4, 1, True, False),
+                ("checkpointed", 4, 1, False, True))
+    for name, batch_size, grad_accum, packing, checkpointing in settings:
         config = make_config(tiny_llama_dir, four_example_data, root / name,
                              data={"packing": packing, "eval_split": 0},
                              train={"max_steps": 1, "batch_size": batch_size, "grad_accum": grad_accum,
-                                    "max_grad_norm": None})
+                                    "max_grad_norm": None, "gradient_checkpointing": checkpointing})
         run(config)
         runs[name] = (config, root / name)
     return runs
@@ -294,6 +297,15 @@ def test_packed_run_logs_the_same_step_loss_as_unpacked(one_step_runs):
     assert (packed / "adapter" / "adapter_model.safetensors").is_file()
     assert train_records(packed)[0]["loss"] == pytest.approx(train_records(unpacked)[0]["loss"], rel=1e-5)
     assert train_records(packed)[0]["grad_norm"] == pytest.approx(train_records(unpacked)[0]["grad_norm"], rel=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_step(one_step_runs):
+    _, plain = one_step_runs["4x1"]
+    _, checkpointed = one_step_runs["checkpointed"]
+    assert train_records(checkpointed)[0]["loss"] == pytest.approx(train_records(plain)[0]["loss"], rel=1e-6)
+    a, b = adapter_tensors(plain), adapter_tensors(checkpointed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
 # --- divergence ------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def run_train(args) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
-        log=lambda line: console.print(line, markup=False),
+        log=lambda line: console.print(line, markup=False, soft_wrap=True),
     )
     _print_summary(console, summary)
     return 0

@@ -211,8 +211,11 @@ def train(
         log(f"resuming {run_dir}: no complete checkpoint yet, starting from step 0")
 
     report = parameter_report(model)
+    st = data.stats
+    log(f"data: {st.rows_read} rows read from {st.path}; longer than max_length ({st.max_length}): {st.too_long} "
+        f"({st.truncated} truncated, {st.dropped_too_long} dropped); dropped with no target token: {st.dropped_no_target}")
     log(
-        f"{len(data.train)} training examples ({data.stats.trained_tokens:,} target tokens), "
+        f"{len(data.train)} training examples ({st.trained_tokens:,} target tokens), "
         f"{len(data.eval)} eval; {total_steps} steps of {t.batch_size}×{t.grad_accum}; {report}"
     )
     show = sys.stderr.isatty() if progress is None else progress
