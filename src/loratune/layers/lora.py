@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.errors import ConfigError
+from loratune.layers.fused_linear import lora_linear
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 
@@ -257,7 +258,27 @@ class LoraLayer(nn.Module):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA around ``nn.Linear`` (weight out × in), and any ``nn.Linear`` subclass."""
+    """LoRA around ``nn.Linear`` (weight out × in), and any ``nn.Linear`` subclass.
+
+    The common training case (a plain Linear, one active adapter, no dropout) runs as one lean autograd
+    function (``fused_linear``); everything else takes the general path.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._single_fusable_adapter(x)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        return lora_linear(x, base.weight, base.bias, self.lora_A[name], self.lora_B[name], self.effective_scale(name))
+
+    def _single_fusable_adapter(self, x: torch.Tensor) -> str | None:
+        if type(self.base_layer) is not nn.Linear or self.base_only or self.pissa or len(self.active) != 1:
+            return None
+        name = self.active[0]
+        dropout = self.lora_dropout[name]
+        if name in self.merged or (self.training and not isinstance(dropout, nn.Identity)):
+            return None
+        return name if x.dtype == self.base_layer.weight.dtype else None
 
     @property
     def in_features(self) -> int:

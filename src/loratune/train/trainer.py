@@ -36,6 +36,7 @@ from loratune.models import load_model
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from loratune.train.config import TrainConfig, load_config
 from loratune.train.evaluate import EvalResult, evaluate, model_device
+from loratune.train.fused_ops import patch_for_training
 from loratune.train.loss import causal_lm_loss_sum
 from loratune.train.metrics import MetricsLog, plot_losses
 from loratune.train.run_dir import CONFIG_FILE, file_sha256, prepare_run_dir, write_run_config, write_text_atomic
@@ -187,6 +188,7 @@ def train(
         config = write_run_config(run_dir, config)
     torch.manual_seed(t.seed)  # the adapter's start depends on the seed only
     add_adapter(model, config.lora, ADAPTER_NAME)
+    patch_for_training(model)  # lean RMSNorm / SiLU-MLP autograd for Llama-family models
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     device = model_device(model)

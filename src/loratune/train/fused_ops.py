@@ -1,0 +1,98 @@
+"""Leaner training ops for Llama-family blocks: RMSNorm and the SiLU-gated MLP as autograd functions that
+save only their bf16 inputs (and one float per token), recomputing the cheap elementwise parts in backward.
+
+Left to autograd, HF's RMSNorm keeps float32 copies of its input and the MLP keeps six intermediates of the
+intermediate width per block. The math is unchanged (same float32 internals, same rounding points).
+``patch_for_training`` swaps the forward of those modules in place; the patched model still runs eval and
+generation exactly as before.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Architectures whose RMSNorm is ``weight * (x·rstd).to(dtype)`` and whose MLP is down(silu(gate(x)) * up(x)).
+LLAMA_LIKE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # float32 math for bf16/fp16, float64 stays
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """``weight * (x / sqrt(mean(x²) + eps)).to(x.dtype)`` with float32 internals; saves x and rstd only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.to(_compute_dtype(x))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(_compute_dtype(x)) * rstd
+        grad_xhat = (grad_out * weight).to(xhat.dtype)
+        grad_x = rstd * (grad_xhat - xhat * (grad_xhat * xhat).mean(-1, keepdim=True))
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_out * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+class SiluMulFunction(torch.autograd.Function):
+    """``silu(gate) * up``; saves gate and up, recomputes the sigmoid in backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = ctx.saved_tensors
+        g = gate.to(_compute_dtype(gate))
+        sig = torch.sigmoid(g)
+        grad = grad_out.to(g.dtype)
+        grad_up = (grad * g * sig).to(up.dtype)
+        grad_gate = (grad * up.to(g.dtype) * sig * (1 + g * (1 - sig))).to(gate.dtype)
+        return grad_gate, grad_up
+
+
+def _rms_norm_forward(self, hidden_states):
+    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x):
+    return self.down_proj(SiluMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight")
+
+
+def _is_silu_mlp(module: nn.Module) -> bool:
+    act = type(getattr(module, "act_fn", None)).__name__  # nn.SiLU or transformers' SiLUActivation
+    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and act in ("SiLU", "SiLUActivation")
+
+
+def patch_for_training(model: nn.Module) -> int:
+    """Give the RMSNorm and SiLU-MLP modules of a Llama-family model their lean forward; return how many
+    modules were patched (0 for other architectures, which keep their own code)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in LLAMA_LIKE_MODEL_TYPES:
+        return 0
+    patched = 0
+    for module in model.modules():
+        if _is_rms_norm(module):
+            module.forward = types.MethodType(_rms_norm_forward, module)
+            patched += 1
+        elif _is_silu_mlp(module):
+            module.forward = types.MethodType(_mlp_forward, module)
+            patched += 1
+    return patched

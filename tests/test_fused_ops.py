@@ -1,0 +1,60 @@
+"""Lean RMSNorm and SiLU-MLP training ops equal transformers' modules and pass gradcheck."""
+
+import pytest
+import torch
+from tiny_models import tiny_gpt2, tiny_llama, token_batch
+
+import loratune
+from loratune import LoraConfig
+from loratune.train.fused_ops import RMSNormFunction, SiluMulFunction, patch_for_training
+from loratune.train.loss import causal_lm_loss_sum
+
+
+def test_rms_norm_function_passes_gradcheck_in_float64():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: RMSNormFunction.apply(a, w, 1e-6), (x, weight))
+
+
+def test_silu_mul_function_passes_gradcheck_in_float64():
+    torch.manual_seed(0)
+    gate = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SiluMulFunction.apply, (gate, up))
+
+
+def loss_and_grads(patch: bool, dtype=torch.float32):
+    model = tiny_llama(dtype=dtype)
+    torch.manual_seed(1)
+    loratune.add_adapter(model, LoraConfig(r=4, init_lora_weights=False))
+    if patch:
+        assert patch_for_training(model) == 2 * 3 + 1  # two norms and an MLP per block, the final norm
+    model.train()
+    ids = token_batch(length=16)
+    total, count = causal_lm_loss_sum(model, {"input_ids": ids, "labels": ids})
+    (total / count).backward()
+    return total.detach() / count, [p.grad for p in model.parameters() if p.requires_grad]
+
+
+def test_patched_model_gives_the_same_loss_and_adapter_gradients_in_float32():
+    patched_loss, patched_grads = loss_and_grads(True)
+    plain_loss, plain_grads = loss_and_grads(False)
+    assert (patched_loss - plain_loss).abs() <= 1e-5 * plain_loss.abs()
+    for a, b in zip(patched_grads, plain_grads):
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-8
+
+
+def test_patched_bf16_model_is_as_close_to_float32_as_the_plain_bf16_model():
+    def error(grads, reference):
+        return sum((a.float() - b).norm() for a, b in zip(grads, reference)) / sum(b.norm() for b in reference)
+
+    reference_loss, reference = loss_and_grads(False, torch.float32)
+    patched_loss, patched = loss_and_grads(True, torch.bfloat16)
+    plain_loss, plain = loss_and_grads(False, torch.bfloat16)
+    assert abs(patched_loss - reference_loss) <= 1.5 * abs(plain_loss - reference_loss) + 1e-3
+    assert error(patched, reference) <= 1.5 * error(plain, reference)
+
+
+def test_other_architectures_are_left_alone():
+    assert patch_for_training(tiny_gpt2()) == 0
