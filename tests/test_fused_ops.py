@@ -6,7 +6,7 @@ from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 import loratune
 from loratune import LoraConfig
-from loratune.train.fused_ops import RMSNormFunction, SiluMulFunction, patch_for_training
+from loratune.train.fused_ops import RMSNormFunction, SiluMulFunction, SiluMulLoraDownFunction, patch_for_training
 from loratune.train.loss import causal_lm_loss_sum
 
 
@@ -22,6 +22,16 @@ def test_silu_mul_function_passes_gradcheck_in_float64():
     gate = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     up = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(SiluMulFunction.apply, (gate, up))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_silu_mul_lora_down_function_passes_gradcheck_in_float64(bias):
+    torch.manual_seed(0)
+    t = dict(dtype=torch.float64, requires_grad=True)
+    gate, up = torch.randn(2, 3, 6, **t), torch.randn(2, 3, 6, **t)
+    weight, b = torch.randn(4, 6, **t), (torch.randn(4, **t) if bias else None)
+    A, B = torch.randn(2, 6, **t), torch.randn(4, 2, **t)
+    assert torch.autograd.gradcheck(lambda *a: SiluMulLoraDownFunction.apply(*a, 0.7), (gate, up, weight, b, A, B))
 
 
 def loss_and_grads(patch: bool, dtype=torch.float32):

@@ -1,5 +1,6 @@
 """Leaner training ops for Llama-family blocks: RMSNorm and the SiLU-gated MLP as autograd functions that
-save only their bf16 inputs (and one float per token), recomputing the cheap elementwise parts in backward.
+save only their bf16 inputs (and one float per token), recomputing the cheap elementwise parts in backward
+(with a LoRA ``down_proj``, the MLP's product is recomputed rather than kept).
 
 Left to autograd, HF's RMSNorm keeps float32 copies of its input and the MLP keeps six intermediates of the
 intermediate width per block. The math is unchanged (same float32 internals, same rounding points).
@@ -14,6 +15,9 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loratune.layers import LoraLinear
+from loratune.layers.fused_linear import lora_linear_backward, lora_linear_forward
 
 # Architectures whose RMSNorm is ``weight * (x·rstd).to(dtype)`` and whose MLP is down(silu(gate(x)) * up(x)).
 LLAMA_LIKE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
@@ -45,6 +49,15 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_weight, None
 
 
+def _silu_mul_backward(gate, up, grad_out):
+    g = gate.to(_compute_dtype(gate))
+    sig = torch.sigmoid(g)
+    grad = grad_out.to(g.dtype)
+    grad_up = (grad * g * sig).to(up.dtype)
+    grad_gate = (grad * up.to(g.dtype) * sig * (1 + g * (1 - sig))).to(gate.dtype)
+    return grad_gate, grad_up
+
+
 class SiluMulFunction(torch.autograd.Function):
     """``silu(gate) * up``; saves gate and up, recomputes the sigmoid in backward."""
 
@@ -55,13 +68,31 @@ class SiluMulFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate, up = ctx.saved_tensors
-        g = gate.to(_compute_dtype(gate))
-        sig = torch.sigmoid(g)
-        grad = grad_out.to(g.dtype)
-        grad_up = (grad * g * sig).to(up.dtype)
-        grad_gate = (grad * up.to(g.dtype) * sig * (1 + g * (1 - sig))).to(gate.dtype)
-        return grad_gate, grad_up
+        return _silu_mul_backward(*ctx.saved_tensors, grad_out)
+
+
+class SiluMulLoraDownFunction(torch.autograd.Function):
+    """``down(silu(gate) * up)`` with a LoRA ``down``: saves gate, up and the rank-r product, not the
+    intermediate-width product ``silu(gate) * up``, which backward recomputes (elementwise, cheap)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, lora_A, lora_B, scale: float):
+        product = (F.silu(gate) * up).reshape(-1, gate.shape[-1])
+        out, xa = lora_linear_forward(product, weight, bias, lora_A, lora_B, scale)
+        ctx.save_for_backward(gate, up, weight, lora_A, lora_B, xa)
+        ctx.scale = scale
+        return out.view(*gate.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        product = (F.silu(gate) * up).reshape(-1, gate.shape[-1])
+        needs = (True, *ctx.needs_input_grad[2:6])
+        grad_product, grad_weight, grad_bias, grad_A, grad_B = lora_linear_backward(
+            grad_out.reshape(-1, grad_out.shape[-1]), product, xa, weight, lora_A, lora_B, ctx.scale, needs
+        )
+        grad_gate, grad_up = _silu_mul_backward(gate, up, grad_product.view(gate.shape))
+        return grad_gate, grad_up, grad_weight, grad_bias, grad_A, grad_B, None
 
 
 def _rms_norm_forward(self, hidden_states):
@@ -69,7 +100,14 @@ def _rms_norm_forward(self, hidden_states):
 
 
 def _mlp_forward(self, x):
-    return self.down_proj(SiluMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
+    name = down._single_fusable_adapter(gate) if isinstance(down, LoraLinear) else None
+    if name is None:
+        return down(SiluMulFunction.apply(gate, up))
+    base = down.base_layer
+    return SiluMulLoraDownFunction.apply(
+        gate, up, base.weight, base.bias, down.lora_A[name], down.lora_B[name], down.effective_scale(name)
+    )
 
 
 def _is_rms_norm(module: nn.Module) -> bool:

@@ -49,7 +49,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
 
 
-def linear_cross_entropy_sum(hidden, weight, targets, chunk_size: int = 1024) -> torch.Tensor:
+def linear_cross_entropy_sum(hidden, weight, targets, chunk_size: int = 128) -> torch.Tensor:
     """Summed cross-entropy of ``hidden · weightᵀ`` against ``targets`` (rows with a target only)."""
     if weight.requires_grad:  # a trained output head: let autograd keep what it needs
         return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
@@ -66,7 +66,7 @@ def fused_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024):
+def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 128):
     """(summed next-token loss over target tokens, number of target tokens) for one batch.
 
     ``batch`` has ``input_ids`` and ``labels`` (``IGNORE_INDEX`` where there is no target), and optionally
