@@ -70,3 +70,28 @@ def test_dropout_and_several_adapters_take_the_general_path():
     assert layer._single_fusable_adapter(x) is None
     layer.eval()
     assert layer._single_fusable_adapter(x) == "b"
+
+
+@pytest.mark.parametrize("rows", [3, 200], ids=["decode-sized", "prefill-sized"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_path_equals_the_general_path(rows, dtype):
+    layer = two_layers(dtype)
+    x = torch.randn(1, rows, 32, dtype=dtype)
+    with torch.no_grad():
+        fast = layer(x)
+        general = super(LoraLinear, layer).forward(x)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert fast.dtype == dtype
+    assert (fast.float() - general.float()).norm() <= tolerance * general.float().norm()
+
+
+def test_inference_cache_follows_changes_to_the_factors():
+    layer = two_layers(torch.bfloat16)
+    x = torch.randn(1, 200, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = layer(x)
+        layer.lora_B["a"].mul_(2.0)  # an in-place update bumps the version: the cached cast must refresh
+        after = layer(x)
+        general = super(LoraLinear, layer).forward(x)
+    assert not torch.equal(before, after)
+    assert (after.float() - general.float()).norm() <= 2e-2 * general.float().norm()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.errors import ConfigError
-from loratune.layers.fused_linear import lora_linear
+from loratune.layers.fused_linear import lora_linear, lora_linear_forward
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 
@@ -69,6 +69,7 @@ class LoraLayer(nn.Module):
         # (weight,) when a shared base weight was replaced by a private copy for merging; a tuple so that
         # nn.Module does not register the original as a parameter of this layer.
         self._tied_original: tuple[nn.Parameter] | None = None
+        self._cast_cache: tuple | None = None  # (key, A, B) in a compute dtype, for inference
 
     # --- shapes and layout, per subclass ---------------------------------------------------------
     @property
@@ -257,6 +258,9 @@ class LoraLayer(nn.Module):
         return f"adapters=[{ranks}], active={list(self.active)}, merged={list(self.merged)}"
 
 
+_FEW_ROWS = 64  # rows up to which the inference path keeps the low-rank products in float32 on a CPU
+
+
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` (weight out × in), and any ``nn.Linear`` subclass.
 
@@ -269,7 +273,30 @@ class LoraLinear(LoraLayer):
         if name is None:
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
-        return lora_linear(x, base.weight, base.bias, self.lora_A[name], self.lora_B[name], self.effective_scale(name))
+        if torch.is_grad_enabled():
+            return lora_linear(x, base.weight, base.bias, self.lora_A[name], self.lora_B[name], self.effective_scale(name))
+        # Inference: no autograd bookkeeping. Decoding multiplies a few rows: there the rank-r products run
+        # several times faster in the adapter's float32 than in bf16 on a CPU; larger inputs use x's dtype
+        # with the factors cast once and cached.
+        x2 = x.reshape(-1, x.shape[-1])
+        scale = self.effective_scale(name)
+        if x2.shape[0] <= _FEW_ROWS and x.device.type == "cpu":
+            A, B = self.lora_A[name], self.lora_B[name]
+            out = F.linear(x2, base.weight, base.bias)
+            out += (((x2.to(A.dtype) @ A.T) @ B.T) * scale).to(out.dtype)
+        else:
+            A, B = self._factors_in(name, x.dtype)
+            out, _ = lora_linear_forward(x2, base.weight, base.bias, A, B, scale)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _factors_in(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B of adapter ``name`` in ``dtype``, cached until either factor changes (its version bumps)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        key = (name, dtype, A._version, B._version, A.data_ptr(), B.data_ptr())
+        cached = self._cast_cache
+        if cached is None or cached[0] != key:
+            cached = self._cast_cache = (key, A.detach().to(dtype), B.detach().to(dtype))
+        return cached[1], cached[2]
 
     def _single_fusable_adapter(self, x: torch.Tensor) -> str | None:
         if type(self.base_layer) is not nn.Linear or self.base_only or self.pissa or len(self.active) != 1:
