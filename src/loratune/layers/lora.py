@@ -90,8 +90,7 @@ class LoraLayer(nn.Module):
 
     def _low_rank(self, x: torch.Tensor, name: str, A: torch.Tensor, B: torch.Tensor, scale: float):
         """``scale · B(A(dropout(x)))`` in the dtype of ``x``; shape of the base output."""
-        h = self.lora_dropout[name](x)
-        return F.linear(F.linear(h, A.to(x.dtype)) * scale, B.to(x.dtype))
+        return self._low_rank_raw(self.lora_dropout[name](x), A, B, scale)
 
     def _init_factors(self, name: str, init) -> None:
         A, B = self.lora_A[name], self.lora_B[name]
@@ -202,9 +201,8 @@ class LoraLayer(nn.Module):
         return result
 
     def _low_rank_raw(self, x, A, B, scale):
-        """Like ``_low_rank`` without dropout, for fixed factors (a PiSSA start)."""
-        A, B = A.to(x.device), B.to(x.device)
-        return F.linear(F.linear(x, A.to(x.dtype)) * scale, B.to(x.dtype))
+        """``scale · B(A(x))`` without dropout (also for fixed factors, e.g. a PiSSA start)."""
+        return F.linear(F.linear(x, A.to(x.device, x.dtype)) * scale, B.to(x.device, x.dtype))
 
     # --- merge ------------------------------------------------------------------------------------
     def delta_weight(self, name: str, scale: float | None = None) -> torch.Tensor:
