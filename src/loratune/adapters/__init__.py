@@ -1,6 +1,7 @@
 """Adapter surgery on any PyTorch model: inject, activate, merge, unload, save and load (PEFT format)."""
 
 from loratune.adapters.config import ALL_LINEAR, LoraConfig
+from loratune.adapters.mixed_batch import mixed_batch
 from loratune.adapters.modules_to_save import ModulesToSaveWrapper
 from loratune.adapters.peft_format import (
     CONFIG_NAME,
@@ -60,6 +61,7 @@ __all__ = [
     "lora_layers",
     "merge_adapters",
     "merged_adapters",
+    "mixed_batch",
     "parameter_report",
     "read_adapter_config",
     "save_adapter",

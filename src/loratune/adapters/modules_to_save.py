@@ -18,6 +18,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.original_module = original_module
         self.copies = nn.ModuleDict()
         self.active: str | None = None  # None runs the original
+        self.row_groups = None  # set by adapters.mixed_batch(): a layers.RowGroups, one adapter per row
 
     def add(self, name: str) -> None:
         """Give adapter ``name`` its own trainable copy of the original module."""
@@ -32,8 +33,21 @@ class ModulesToSaveWrapper(nn.Module):
             self.active = None
 
     def forward(self, *args, **kwargs):
+        if self.row_groups is not None:
+            return self._forward_row_groups(*args, **kwargs)
         module = self.copies[self.active] if self.active is not None else self.original_module
         return module(*args, **kwargs)
+
+    def _forward_row_groups(self, x, *args, **kwargs):
+        """Each group of rows (dim 0 of ``x``) through its adapter's copy, or the original for the others."""
+        self.row_groups.check_rows(x.shape[0])
+        groups = [(self.copies[name], rows) for name, rows in self.row_groups.groups if name in self.copies]
+        if len(groups) == 1 and groups[0][1] is None:
+            return groups[0][0](x, *args, **kwargs)
+        result = self.original_module(x, *args, **kwargs)
+        for module, rows in groups:
+            result = result.index_copy(0, rows, module(x.index_select(0, rows), *args, **kwargs))
+        return result
 
     def extra_repr(self) -> str:
         return f"copies={list(self.copies)}, active={self.active}"

@@ -36,6 +36,7 @@ from loratune.adapters.surgery import (
 )
 from loratune.adapters.targets import portable_target_modules
 from loratune.errors import AdapterLoadError, ConfigError
+from loratune.layers import UNINITIALISED
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -206,8 +207,8 @@ def load_adapter(
     tensors = _read_weights(directory)
     if name is None:
         name = "default" if "default" not in adapters_of(model) else directory.name
-    # The start is overwritten by the file, except that a PiSSA adapter must rebuild its residual base.
-    init = "pissa" if config.init_lora_weights == "pissa" else True
+    # The file fills every factor (checked strictly), except that a PiSSA adapter must rebuild its residual base.
+    init = "pissa" if config.init_lora_weights == "pissa" else UNINITIALISED
     try:
         inject_adapter(model, config, name, dtype=dtype, init=init)
     except ConfigError as exc:

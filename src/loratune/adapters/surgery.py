@@ -18,7 +18,13 @@ from torch import nn
 
 from loratune.adapters.config import LoraConfig
 from loratune.adapters.modules_to_save import ModulesToSaveWrapper
-from loratune.adapters.targets import candidate_modules, find_targets, is_module_to_save, rank_and_alpha
+from loratune.adapters.targets import (
+    candidate_modules,
+    find_targets,
+    is_module_to_save,
+    rank_and_alpha,
+    walk_modules,
+)
 from loratune.errors import ConfigError
 from loratune.layers import LoraLayer, lora_class_for
 
@@ -51,14 +57,14 @@ def get_entry(model: nn.Module, name: str) -> AdapterEntry:
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """(path, layer) for every LoRA layer in ``model``."""
-    for path, module in model.named_modules():
+    for path, module in walk_modules(model, (LoraLayer,)):
         if isinstance(module, LoraLayer):
             yield path, module
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
     """(path, wrapper) for every modules_to_save wrapper in ``model``."""
-    for path, module in model.named_modules():
+    for path, module in walk_modules(model, (LoraLayer, ModulesToSaveWrapper)):
         if isinstance(module, ModulesToSaveWrapper):
             yield path, module
 
@@ -140,6 +146,9 @@ def inject_adapter(
         raise ConfigError(f"modules_to_save={config.modules_to_save} matches no module of this model")
     entry = AdapterEntry(config, lora_paths, saved_paths)
     setattr(model, ADAPTERS_ATTR, {**entries, name: entry})
+    from loratune.adapters.mixed_batch import enable_adapter_names_argument  # it builds on this module
+
+    enable_adapter_names_argument(model)
     return entry
 
 
@@ -361,6 +370,9 @@ def unload(model: nn.Module, merge: bool = False, *, safe: bool = False) -> nn.M
 
 
 def _forget_adapters(model: nn.Module) -> None:
+    from loratune.adapters.mixed_batch import disable_adapter_names_argument
+
+    disable_adapter_names_argument(model)
     for attr in (ADAPTERS_ATTR, ADAPTERS_ATTR + "_active"):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -20,15 +20,26 @@ from loratune.layers import LoraLayer, is_conv1d, lora_class_for
 _DEFAULT_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 
+def walk_modules(model: nn.Module, skip_inside: tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) for the submodules of ``model`` in ``named_modules`` order (each module once), without
+    walking the insides of modules of the ``skip_inside`` types: a model can hold hundreds of LoRA layers."""
+    seen = {id(model)}
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for name, child in module._modules.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            yield prefix + name, child
+            if not isinstance(child, skip_inside):
+                yield from walk(child, prefix + name + ".")
+
+    return walk(model, "")
+
+
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Module paths LoRA could target: skips the insides of LoRA layers and of modules_to_save wrappers."""
-    skip: list[str] = []
-    for path, module in model.named_modules():
-        if not path or any(path.startswith(prefix) for prefix in skip):
-            continue
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-            skip.append(path + ".")
-        yield path, module
+    """Module paths LoRA could target: all but the insides of LoRA layers and of modules_to_save wrappers."""
+    return walk_modules(model, (LoraLayer, ModulesToSaveWrapper))
 
 
 def _name_matches(names: str | list[str], path: str) -> bool:

@@ -2,11 +2,13 @@
 
 from loratune.layers.lora import (
     INIT_CHOICES,
+    UNINITIALISED,
     LoraConv1D,
     LoraEmbedding,
     LoraLayer,
     LoraLinear,
     PissaStart,
+    RowGroups,
     is_conv1d,
     lora_class_for,
     lora_scaling,
@@ -14,11 +16,13 @@ from loratune.layers.lora import (
 
 __all__ = [
     "INIT_CHOICES",
+    "UNINITIALISED",
     "LoraConv1D",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
     "PissaStart",
+    "RowGroups",
     "is_conv1d",
     "lora_class_for",
     "lora_scaling",

@@ -28,6 +28,7 @@ from loratune.errors import ConfigError
 from loratune.layers.fused_linear import lora_linear, lora_linear_forward
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
+UNINITIALISED = "uninitialised"  # for loading: factors left empty, the caller fills every one of them
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -42,6 +43,22 @@ class PissaStart:
     A0: torch.Tensor  # r × in, float32
     B0: torch.Tensor  # out × r, float32
     scaling: float
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: a cache key for one batch's routing
+class RowGroups:
+    """Which adapter each row (dim 0) of a batch runs with: ``groups`` is ``[(name, row indices), ...]``,
+    indices ``None`` when one name has all ``n_rows`` rows. A name a layer lacks (e.g. ``"__base__"``) means
+    no adapter there."""
+
+    n_rows: int
+    groups: tuple[tuple[str, torch.Tensor | None], ...]
+
+    def check_rows(self, rows: int) -> None:
+        if rows != self.n_rows:
+            raise ConfigError(
+                f"adapter_names has {self.n_rows} names but the batch has {rows} rows; give exactly one name per row"
+            )
 
 
 class LoraLayer(nn.Module):
@@ -66,10 +83,12 @@ class LoraLayer(nn.Module):
         self.merged: dict[str, float] = {}  # adapter name -> effective scale that was merged
         self.pissa: dict[str, PissaStart] = {}
         self.base_only = False  # set by adapters.disabled_adapters(): run the original base
+        self.row_groups: RowGroups | None = None  # set by adapters.mixed_batch(): one adapter per row
         # (weight,) when a shared base weight was replaced by a private copy for merging; a tuple so that
         # nn.Module does not register the original as a parameter of this layer.
         self._tied_original: tuple[nn.Parameter] | None = None
         self._cast_cache: tuple | None = None  # (key, A, B) in a compute dtype, for inference
+        self._stacked_cache: tuple | None = None  # (key, A, B, mask) of the last mixed batch, for inference
 
     # --- shapes and layout, per subclass ---------------------------------------------------------
     @property
@@ -136,7 +155,7 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         if init == "pissa":
             self._init_pissa(name)
-        else:
+        elif init != UNINITIALISED:
             self._init_factors(name, init)
 
     def remove(self, name: str) -> None:
@@ -185,6 +204,8 @@ class LoraLayer(nn.Module):
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_groups is not None and not self.base_only:
+            return self._add_row_groups(x, result)
         if self.base_only:
             # The weight of a PiSSA layer holds W0 − s·B0·A0: add the principal part back to get W0.
             for start in self.pissa.values():
@@ -200,9 +221,71 @@ class LoraLayer(nn.Module):
                 result = result + self._low_rank_raw(x, start.A0, start.B0, start.scaling).to(result.dtype)
         return result
 
+    def _add_row_groups(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus, for every row (dim 0), the low-rank path of that row's adapter.
+
+        All the adapters of the batch run as one stacked adapter: ``A`` of every adapter stacked (Σr × in),
+        ``s·B`` side by side (out × Σr), and a 0/1 mask that keeps, for each row, its own adapter's block of
+        the Σr columns. Two small matrix products for the whole batch, however many adapters it mixes.
+        """
+        groups = self.row_groups
+        groups.check_rows(x.shape[0])
+        names = tuple(name for name, _ in groups.groups if name in self.lora_A)
+        if not names:
+            return result
+        if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names):
+            return self._add_row_groups_one_by_one(x, result)  # each adapter draws its own dropout mask
+        dtype = self._low_rank_dtype(x)
+        A, B, mask = self._stacked_factors(names, groups, dtype)
+        h = self._down(x if x.dtype == dtype or not x.is_floating_point() else x.to(dtype), A)
+        h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
+        return result + F.linear(h, B).to(result.dtype)
+
+    def _stacked_factors(self, names: tuple[str, ...], groups: RowGroups, dtype: torch.dtype):
+        """(A stacked: Σr × in, s·B side by side: out × Σr, row mask: n_rows × Σr), cached while nothing changes."""
+        factors = [(self.lora_A[n], self.lora_B[n]) for n in names]
+        key = (groups, names, dtype, tuple(self.effective_scale(n) for n in names),
+               tuple((A._version, B._version, A.data_ptr(), B.data_ptr()) for A, B in factors))
+        cached = self._stacked_cache
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1:]
+        A = torch.cat([A for A, _ in factors]).to(dtype)
+        B = torch.cat([B * self.effective_scale(n) for n, (_, B) in zip(names, factors)], dim=1).to(dtype)
+        mask = torch.zeros(groups.n_rows, A.shape[0], dtype=dtype, device=A.device)
+        offset = 0
+        rows_of = dict(groups.groups)
+        for name, (factor, _) in zip(names, factors):
+            rows = rows_of[name]
+            mask[slice(None) if rows is None else rows, offset : offset + factor.shape[0]] = 1
+            offset += factor.shape[0]
+        if torch.is_grad_enabled():
+            return A, B, mask
+        self._stacked_cache = (key, A, B, mask)
+        return A, B, mask
+
+    def _add_row_groups_one_by_one(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        for name, rows in self.row_groups.groups:
+            if name not in self.lora_A:
+                continue
+            A, B, scale = self.lora_A[name], self.lora_B[name], self.effective_scale(name)
+            if rows is None:
+                result = result + self._low_rank(x, name, A, B, scale).to(result.dtype)
+            else:  # result is fresh from the base layer and its backward does not need it: add in place
+                result.index_add_(0, rows, self._low_rank(x.index_select(0, rows), name, A, B, scale).to(result.dtype))
+        return result
+
+    def _low_rank_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the low-rank path computes in for input ``x``: x's own dtype."""
+        return x.dtype
+
+    def _down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """``A·x``: x (…, in) → (…, r)."""
+        return F.linear(x, A.to(x.device, x.dtype))
+
     def _low_rank_raw(self, x, A, B, scale):
         """``scale · B(A(x))`` without dropout (also for fixed factors, e.g. a PiSSA start)."""
-        return F.linear(F.linear(x, A.to(x.device, x.dtype)) * scale, B.to(x.device, x.dtype))
+        h = self._down(x, A) * scale
+        return F.linear(h, B.to(h.device, h.dtype))
 
     # --- merge ------------------------------------------------------------------------------------
     def delta_weight(self, name: str, scale: float | None = None) -> torch.Tensor:
@@ -273,12 +356,11 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         if torch.is_grad_enabled():
             return lora_linear(x, base.weight, base.bias, self.lora_A[name], self.lora_B[name], self.effective_scale(name))
-        # Inference: no autograd bookkeeping. Decoding multiplies a few rows: there the rank-r products run
-        # several times faster in the adapter's float32 than in bf16 on a CPU; larger inputs use x's dtype
-        # with the factors cast once and cached.
+        # Inference: no autograd bookkeeping; the low-rank products in the dtype _low_rank_dtype picks.
         x2 = x.reshape(-1, x.shape[-1])
         scale = self.effective_scale(name)
-        if x2.shape[0] <= _FEW_ROWS and x.device.type == "cpu":
+        dtype = self._low_rank_dtype(x)
+        if dtype != x.dtype:
             A, B = self.lora_A[name], self.lora_B[name]
             out = F.linear(x2, base.weight, base.bias)
             out += (((x2.to(A.dtype) @ A.T) @ B.T) * scale).to(out.dtype)
@@ -286,6 +368,14 @@ class LoraLinear(LoraLayer):
             A, B = self._factors_in(name, x.dtype)
             out, _ = lora_linear_forward(x2, base.weight, base.bias, A, B, scale)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _low_rank_dtype(self, x: torch.Tensor) -> torch.dtype:
+        # Decoding multiplies a few rows: there the rank-r products run several times faster in the
+        # adapter's float32 than in bf16 on a CPU; larger inputs (and training) use x's dtype.
+        few_rows = x.numel() <= _FEW_ROWS * x.shape[-1] and x.device.type == "cpu"
+        if few_rows and not torch.is_grad_enabled() and self.lora_A:
+            return next(iter(self.lora_A.values())).dtype
+        return x.dtype
 
     def _factors_in(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of adapter ``name`` in ``dtype``, cached until either factor changes (its version bumps)."""
@@ -297,7 +387,13 @@ class LoraLinear(LoraLayer):
         return cached[1], cached[2]
 
     def _single_fusable_adapter(self, x: torch.Tensor) -> str | None:
-        if type(self.base_layer) is not nn.Linear or self.base_only or self.pissa or len(self.active) != 1:
+        if (
+            type(self.base_layer) is not nn.Linear
+            or self.base_only
+            or self.pissa
+            or self.row_groups is not None
+            or len(self.active) != 1
+        ):
             return None
         name = self.active[0]
         dropout = self.lora_dropout[name]
@@ -375,9 +471,11 @@ class LoraEmbedding(LoraLayer):
     def _low_rank(self, ids, name, A, B, scale):
         return self._low_rank_raw(ids, A, B, scale)
 
-    def _low_rank_raw(self, ids, A, B, scale):
-        A, B = A.to(ids.device), B.to(ids.device)
-        return F.linear(self._lookup(ids, A) * scale, B)
+    def _low_rank_dtype(self, ids):
+        return next(iter(self.lora_A.values())).dtype  # token ids carry no float dtype: the adapter's
+
+    def _down(self, ids, A):
+        return self._lookup(ids, A.to(ids.device))
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -8,9 +8,12 @@ Prompts are token ids, already formatted (chat template or raw) by the caller.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
+
+from loratune.adapters.mixed_batch import mixed_batch
+from loratune.errors import ConfigError
 
 END_OF_TURN = "<|im_end|>"  # ChatML's end-of-turn token (SmolLM2, Qwen, ...)
 
@@ -50,15 +53,22 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int = 32,
     stop_ids: set[int] | None = None,
+    adapter_names: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy completions of many prompts (lists of token ids), in the order given.
+
+    ``adapter_names`` (one per prompt; ``"__base__"`` for none) runs each prompt with its own adapter, in
+    mixed batches (see ``loratune.adapters.mixed_batch``); by default the active adapters act on every prompt.
 
     Prompts are sorted by length and run in batches of ``batch_size`` with left padding and an attention
     mask; each row stops at its first stop token (default: ``stop_token_ids(model, tokenizer)``) or after
     ``max_new_tokens``. The result for each prompt is the same as generating it alone. Returns the decoded
     completions with special tokens skipped (the stop token is not part of them).
-    Raises ValueError for an empty prompt, ``max_new_tokens < 0`` or ``batch_size < 1``.
+    Raises ValueError for an empty prompt, ``max_new_tokens < 0`` or ``batch_size < 1``, and ``ConfigError``
+    for ``adapter_names`` of the wrong length or naming an unknown adapter.
     """
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ConfigError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
     if max_new_tokens < 0 or batch_size < 1:
         raise ValueError(f"need max_new_tokens >= 0 and batch_size >= 1, got {max_new_tokens} and {batch_size}")
     if any(len(p) == 0 for p in prompts):
@@ -71,21 +81,29 @@ def generate_greedy(
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             input_ids, attention_mask = _left_pad([prompts[i] for i in rows], pad_id, _device(model))
-            generated: list[list[int]] = [[] for _ in rows]
-            done = torch.zeros(len(rows), dtype=torch.bool)
-            for next_ids in _decode(model, input_ids, attention_mask, max_new_tokens, _argmax):
-                for j, token in enumerate(next_ids.tolist()):
-                    if done[j]:
-                        continue
-                    if token in stops:
-                        done[j] = True
-                    else:
-                        generated[j].append(token)
-                if bool(done.all()):
-                    break
+            routing = mixed_batch(model, [adapter_names[i] for i in rows]) if adapter_names else nullcontext()
+            with routing:
+                generated = _greedy_rows(model, input_ids, attention_mask, max_new_tokens, stops)
             for i, ids in zip(rows, generated):
                 results[i] = tokenizer.decode(ids, skip_special_tokens=True)
     return results
+
+
+def _greedy_rows(model, input_ids, attention_mask, max_new_tokens: int, stops: set[int]) -> list[list[int]]:
+    """The new token ids of each row, up to its first stop token (excluded) or the length limit."""
+    generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    for next_ids in _decode(model, input_ids, attention_mask, max_new_tokens, _argmax):
+        for j, token in enumerate(next_ids.tolist()):
+            if done[j]:
+                continue
+            if token in stops:
+                done[j] = True
+            else:
+                generated[j].append(token)
+        if bool(done.all()):
+            break
+    return generated
 
 
 def stream_greedy(

@@ -1,0 +1,134 @@
+"""Mixed-adapter batches: each row of a batch runs with its own adapter (or the bare base, ``"__base__"``).
+
+Rows are grouped by adapter once per call; every LoRA layer then runs its base once on the whole batch and
+each group's low-rank path once on that group's rows (no per-row loop): N rows over K adapters cost one base
+pass plus K small passes. Two ways in:
+
+    model(input_ids, ..., adapter_names=["a", "__base__", "b", ...])   # one name per row
+    with mixed_batch(model, adapter_names): ...                       # anything that calls the model
+                                                                       # (e.g. transformers' generate)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from loratune.adapters.surgery import (
+    ADAPTERS_ATTR,
+    BASE_ADAPTER,
+    adapters_of,
+    lora_layers,
+    merged_adapters,
+    saved_modules,
+)
+from loratune.errors import ConfigError
+from loratune.layers import RowGroups
+from loratune.validation import closest
+
+_HOOKS_ATTR = ADAPTERS_ATTR + "_mixed_batch_hooks"
+ADAPTER_NAMES_KWARG = "adapter_names"
+
+
+def row_groups(adapter_names: Sequence[str], device: torch.device) -> RowGroups:
+    """The rows of each name, in first-appearance order (indices ``None`` when one name has every row)."""
+    rows: dict[str, list[int]] = {}
+    for index, name in enumerate(adapter_names):
+        rows.setdefault(name, []).append(index)
+    if len(rows) == 1:
+        return RowGroups(len(adapter_names), ((next(iter(rows)), None),))
+    groups = tuple((name, torch.tensor(indices, dtype=torch.long, device=device)) for name, indices in rows.items())
+    return RowGroups(len(adapter_names), groups)
+
+
+def _check_names(model: nn.Module, adapter_names: Sequence[str]) -> None:
+    if isinstance(adapter_names, str) or not len(adapter_names):
+        raise ConfigError(f"{ADAPTER_NAMES_KWARG} must be a list with one adapter name per row, got {adapter_names!r}")
+    known = adapters_of(model)
+    for name in dict.fromkeys(adapter_names):
+        if name != BASE_ADAPTER and name not in known:
+            choices = [*known, BASE_ADAPTER]
+            hint = closest(str(name), choices)
+            suggestion = f"; did you mean {hint!r}?" if hint else ""
+            raise ConfigError(
+                f"{ADAPTER_NAMES_KWARG} names {name!r}, which is not an adapter of this model "
+                f"(adapters: {', '.join(map(repr, choices))}){suggestion}"
+            )
+    merged = merged_adapters(model)
+    if merged:
+        raise ConfigError(f"mixed-adapter batches need unmerged adapters, but {merged} are merged; unmerge(model) first")
+    for path, layer in lora_layers(model):
+        if layer.pissa:
+            raise ConfigError(
+                f"{path!r} holds a PiSSA adapter, whose base weight is rewritten, so its rows cannot share a base "
+                "pass with others; save it (as plain LoRA) and load it back to use it in mixed batches"
+            )
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
+    """Inside the ``with`` block, row ``i`` of every batch given to ``model`` runs with adapter
+    ``adapter_names[i]`` (at its current strength) or with none for ``"__base__"``; the active adapters and
+    their settings are back as they were afterwards.
+
+    Raises ``ConfigError`` for an unknown name (suggesting the closest), merged adapters or a PiSSA adapter.
+    A batch whose size differs from ``len(adapter_names)`` raises ``ConfigError`` when it reaches a layer.
+    """
+    _check_names(model, adapter_names)
+    layers = [layer for _, layer in lora_layers(model)]
+    wrappers = [wrapper for _, wrapper in saved_modules(model)]
+    groups = row_groups(list(adapter_names), _device_of(model))
+    for module in (*layers, *wrappers):
+        module.row_groups = groups
+    try:
+        yield model
+    finally:
+        for module in (*layers, *wrappers):
+            module.row_groups = None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def enable_adapter_names_argument(model: nn.Module) -> None:
+    """Let ``model(..., adapter_names=[...])`` run a mixed-adapter batch (idempotent).
+
+    A forward pre-hook on the root module takes the argument out of the call and enters ``mixed_batch``; a
+    forward hook leaves it, also when the forward raises.
+    """
+    if getattr(model, _HOOKS_ATTR, None) is not None:
+        return
+    exits: list[contextlib.ExitStack] = []
+
+    def enter(module, args, kwargs):
+        stack = contextlib.ExitStack()  # one per call, even an empty one, so that calls and leaves pair up
+        exits.append(stack)
+        names = kwargs.pop(ADAPTER_NAMES_KWARG, None)
+        if names is not None:
+            stack.enter_context(mixed_batch(module, names))
+        return args, kwargs
+
+    def leave(module, args, kwargs, output):
+        if exits:
+            exits.pop().close()
+        return None
+
+    handles = (
+        model.register_forward_pre_hook(enter, with_kwargs=True),
+        model.register_forward_hook(leave, with_kwargs=True, always_call=True),
+    )
+    setattr(model, _HOOKS_ATTR, handles)
+
+
+def disable_adapter_names_argument(model: nn.Module) -> None:
+    """Remove what ``enable_adapter_names_argument`` installed (nothing when it was not)."""
+    for handle in getattr(model, _HOOKS_ATTR, None) or ():
+        handle.remove()
+    if hasattr(model, _HOOKS_ATTR):
+        delattr(model, _HOOKS_ATTR)
