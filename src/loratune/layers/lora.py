@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.errors import ConfigError
-from loratune.layers.fused_linear import lora_linear, lora_linear_forward
+from loratune.layers.fused_linear import lora_linear
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 UNINITIALISED = "uninitialised"  # for loading: factors left empty, the caller fills every one of them
@@ -87,8 +87,9 @@ class LoraLayer(nn.Module):
         # (weight,) when a shared base weight was replaced by a private copy for merging; a tuple so that
         # nn.Module does not register the original as a parameter of this layer.
         self._tied_original: tuple[nn.Parameter] | None = None
-        self._cast_cache: tuple | None = None  # (key, A, B) in a compute dtype, for inference
         self._stacked_cache: tuple | None = None  # (key, A, B, mask) of the last mixed batch, for inference
+        self._plan: _InferencePlan | None = None  # LoraLinear's no-grad fast path
+        self._epoch = 0  # bumped when adapters are added, removed, merged or unmerged (see _InferencePlan)
 
     # --- shapes and layout, per subclass ---------------------------------------------------------
     @property
@@ -139,6 +140,7 @@ class LoraLayer(nn.Module):
         weight_is_shared: bool = False,
     ) -> None:
         """Create adapter ``name`` (r × in and out × r factors) and initialise it; it starts inactive."""
+        self._epoch += 1
         if name in self.lora_A:
             raise ConfigError(f"adapter {name!r} already exists on this layer")
         if init == "pissa" and weight_is_shared:
@@ -160,6 +162,7 @@ class LoraLayer(nn.Module):
 
     def remove(self, name: str) -> None:
         """Delete adapter ``name``. A PiSSA adapter gives its principal part back to the base weight."""
+        self._epoch += 1
         if name in self.merged:
             raise ConfigError(f"adapter {name!r} is merged; unmerge it before deleting it")
         if name in self.pissa:
@@ -314,6 +317,7 @@ class LoraLayer(nn.Module):
             return
         if safe and not self.merge_would_be_finite(name):
             raise ValueError(f"merging adapter {name!r} would write non-finite values; nothing was changed")
+        self._epoch += 1
         scale = self.effective_scale(name)
         if untie and self._tied_original is None:
             original = self.base_layer.weight
@@ -327,6 +331,7 @@ class LoraLayer(nn.Module):
         if name not in self.merged:
             warnings.warn(f"adapter {name!r} is not merged; nothing to unmerge", stacklevel=3)
             return
+        self._epoch += 1
         scale = self.merged.pop(name)
         if not self.merged and self._tied_original is not None:
             self.base_layer.weight = self._tied_original[0]
@@ -342,6 +347,47 @@ class LoraLayer(nn.Module):
 _FEW_ROWS = 64  # rows up to which the inference path keeps the low-rank products in float32 on a CPU
 
 
+class _InferencePlan:
+    """What a ``LoraLinear`` needs to run one active adapter without autograd: ``x·Wᵀ + b + (x·Aᵀ)·(s·Bᵀ)``,
+    with ``Aᵀ`` and ``s·Bᵀ`` cast and transposed once. ``usable`` is False when the layer must take the general
+    path (several adapters, merged, dropout in training, ...); ``key`` says what the plan was built for."""
+
+    __slots__ = ("key", "usable", "weight", "bias", "At", "sBt", "factors", "versions")
+
+    def __init__(self, key, usable=False, weight=None, bias=None, At=None, sBt=None, factors=()):
+        self.key, self.usable = key, usable
+        self.weight, self.bias, self.At, self.sBt, self.factors = weight, bias, At, sBt, factors
+        self.versions = self._versions()
+
+    def _versions(self):
+        return tuple((f._version, f.data_ptr()) for f in self.factors)
+
+    def factors_changed(self) -> bool:
+        """True when A or B changed in place (training, loading) or moved since the plan was built."""
+        return self.versions != self._versions()
+
+    @classmethod
+    def build(cls, layer: LoraLinear, key, x: torch.Tensor) -> _InferencePlan:
+        name = layer._single_fusable_adapter(x)
+        if name is None:
+            return cls(key)
+        A, B, scale = layer.lora_A[name], layer.lora_B[name], layer.effective_scale(name)
+        dtype = layer._low_rank_dtype(x)
+        At = A.detach().T.to(dtype).contiguous()
+        sBt = (B.detach().float().T * scale).to(dtype).contiguous()
+        base = layer.base_layer
+        return cls(key, True, base.weight, base.bias, At, sBt, (A, B))
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        out = F.linear(x2, self.weight, self.bias)
+        if self.At.dtype == x2.dtype:
+            out.addmm_(x2 @ self.At, self.sBt)
+        else:  # float32 factors for a few bf16/fp16 rows on a CPU: faster there, and added in place
+            out.add_(torch.mm(torch.mm(x2.to(self.At.dtype), self.At), self.sBt))
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` (weight out × in), and any ``nn.Linear`` subclass.
 
@@ -350,24 +396,28 @@ class LoraLinear(LoraLayer):
     """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            plan = self._inference_plan(x)
+            if plan.usable:
+                return plan.run(x)
         name = self._single_fusable_adapter(x)
         if name is None:
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
-        if torch.is_grad_enabled():
-            return lora_linear(x, base.weight, base.bias, self.lora_A[name], self.lora_B[name], self.effective_scale(name))
-        # Inference: no autograd bookkeeping; the low-rank products in the dtype _low_rank_dtype picks.
-        x2 = x.reshape(-1, x.shape[-1])
-        scale = self.effective_scale(name)
-        dtype = self._low_rank_dtype(x)
-        if dtype != x.dtype:
-            A, B = self.lora_A[name], self.lora_B[name]
-            out = F.linear(x2, base.weight, base.bias)
-            out += (((x2.to(A.dtype) @ A.T) @ B.T) * scale).to(out.dtype)
-        else:
-            A, B = self._factors_in(name, x.dtype)
-            out, _ = lora_linear_forward(x2, base.weight, base.bias, A, B, scale)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return lora_linear(x, base.weight, base.bias, self.lora_A[name], self.lora_B[name], self.effective_scale(name))
+
+    def _inference_plan(self, x: torch.Tensor) -> _InferencePlan:
+        """The no-grad plan for input ``x``, rebuilt only when something it depends on changed: decoding runs
+        hundreds of these layers per token, where per-call Python checks cost as much as the rank-r products."""
+        few_rows = x.device.type == "cpu" and x.numel() <= _FEW_ROWS * x.shape[-1]
+        key = (
+            self._epoch, self.active, self.base_only, self.row_groups, self.training, x.dtype, x.device, few_rows,
+            tuple(self.strength.values()),
+        )
+        plan = self._plan
+        if plan is None or plan.key != key or plan.factors_changed():
+            plan = self._plan = _InferencePlan.build(self, key, x)
+        return plan
 
     def _low_rank_dtype(self, x: torch.Tensor) -> torch.dtype:
         # Decoding multiplies a few rows: there the rank-r products run several times faster in the
@@ -376,15 +426,6 @@ class LoraLinear(LoraLayer):
         if few_rows and not torch.is_grad_enabled() and self.lora_A:
             return next(iter(self.lora_A.values())).dtype
         return x.dtype
-
-    def _factors_in(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B of adapter ``name`` in ``dtype``, cached until either factor changes (its version bumps)."""
-        A, B = self.lora_A[name], self.lora_B[name]
-        key = (name, dtype, A._version, B._version, A.data_ptr(), B.data_ptr())
-        cached = self._cast_cache
-        if cached is None or cached[0] != key:
-            cached = self._cast_cache = (key, A.detach().to(dtype), B.detach().to(dtype))
-        return cached[1], cached[2]
 
     def _single_fusable_adapter(self, x: torch.Tensor) -> str | None:
         if (
