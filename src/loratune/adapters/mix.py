@@ -261,10 +261,23 @@ def _check_shapes(factor_sets: Sequence[dict[str, Factors]], names: Sequence[str
                 )
 
 
+_BASE_COPY_SUFFIX = ".base_layer.weight"  # PEFT saves the base weight of adapted embeddings (resized vocabularies)
+
+
 def _common_others(other_sets: Sequence[dict], configs: Sequence[LoraConfig], names: Sequence[str]) -> dict:
-    """The modules_to_save tensors, when every input has the very same ones; else ``ConfigError``."""
-    first, first_config = other_sets[0], configs[0]
-    for others, config, name in zip(other_sets[1:], configs[1:], names[1:]):
+    """The tensors besides the factors: modules_to_save copies, which every input must have identical (else
+    ``ConfigError``), and base-weight copies, kept from whichever input has them (identical where shared)."""
+    base_copies: dict[str, tuple[torch.Tensor, str]] = {}
+    trained = []
+    for others, name in zip(other_sets, names):
+        for key, tensor in others.items():
+            if key.endswith(_BASE_COPY_SUFFIX):
+                first = base_copies.setdefault(key, (tensor, name))
+                if not torch.equal(first[0], tensor):
+                    raise ConfigError(f"{first[1]} and {name} carry different base weights {key}: different bases")
+        trained.append({k: t for k, t in others.items() if not k.endswith(_BASE_COPY_SUFFIX)})
+    first, first_config = trained[0], configs[0]
+    for others, config, name in zip(trained[1:], configs[1:], names[1:]):
         same_modules = sorted(config.modules_to_save or []) == sorted(first_config.modules_to_save or [])
         differing = sorted(others.keys() ^ first.keys()) or [
             k for k in first if not torch.equal(first[k], others[k])
@@ -275,7 +288,7 @@ def _common_others(other_sets: Sequence[dict], configs: Sequence[LoraConfig], na
                 f"{names[0]} and {name} differ in {what}: mix cannot combine fully trained modules "
                 "(modules_to_save); mix adapters whose modules_to_save tensors are identical, or none"
             )
-    return dict(first)
+    return {**first, **{key: tensor for key, (tensor, _) in base_copies.items()}}
 
 
 # --- the mixed config ---------------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def _mix_and_compress_verbs(verb) -> None:
              "Combine adapters trained on the same base model into one PEFT adapter (no model is loaded). "
              "Each input is ADAPTER_DIR:WEIGHT (weight 1 when omitted; negative weights subtract).\n\n"
              + METHOD_DEFINITIONS)
-    p.add_argument("adapters", nargs="+", type=adapter_spec, metavar="ADAPTER_DIR:WEIGHT",
+    p.add_argument("adapters", nargs="*", type=adapter_spec, metavar="ADAPTER_DIR:WEIGHT",
                    help="an adapter directory and its weight; one adapter with a weight rescales it")
     p.add_argument("--method", required=True, metavar="NAME", help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--rank", type=int, default=None, metavar="R",
