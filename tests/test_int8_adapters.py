@@ -150,3 +150,30 @@ def test_cli_mix_int8_writes_a_compressed_adapter_that_loads(capsys, trained, tm
     model = tiny_llama()
     loratune.load_adapter(model, tmp_path / "m")
     assert len(list(lora_layers(model))) == 7  # q, v, down in two blocks + the embedding
+
+
+# docs/benchmarks.md reports 5.1e-3 for this random adapter on smollm2-135m (5.6e-4 for the demo adapter).
+SMOLLM2_RELATIVE_LOGIT_ERROR = 1e-2
+
+
+@pytest.mark.integration
+def test_int8_adapter_on_smollm2_stays_within_the_reported_error(use_loratune_cache, tmp_path):
+    model, tokenizer = loratune.load_model("smollm2-135m", dtype="fp32", device="cpu")
+    torch.manual_seed(0)
+    loratune.add_adapter(model, loratune.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), "fp32")
+    with torch.no_grad():
+        for _, tensor in adapter_slots(model, "fp32"):
+            if tensor.shape[1] == 8:  # B (out × r): trained-looking, non-zero
+                tensor.normal_(std=0.01)
+    loratune.save_adapter(model, tmp_path / "q", "fp32", compress="int8")
+    loratune.load_adapter(model, tmp_path / "q", name="int8")
+    ids = tokenizer(["The capital of France is Paris, and the capital of Italy is"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        with loratune.disabled_adapters(model):
+            base = model(input_ids=ids).logits
+        loratune.set_active(model, ["fp32"])
+        exact = model(input_ids=ids).logits
+        loratune.set_active(model, ["int8"])
+        approx = model(input_ids=ids).logits
+    assert (exact - base).abs().max() > 0.1  # the adapter matters
+    assert (approx - exact).norm() / (exact - base).norm() <= SMOLLM2_RELATIVE_LOGIT_ERROR
