@@ -2,6 +2,8 @@
 
 from loratune.adapters.config import ALL_LINEAR, LoraConfig
 from loratune.adapters.mixed_batch import mixed_batch
+from loratune.adapters.int8 import INT8_WEIGHTS_NAME
+from loratune.adapters.mix import MixResult, mix_adapter_dirs, mix_adapters
 from loratune.adapters.modules_to_save import ModulesToSaveWrapper
 from loratune.adapters.peft_format import (
     CONFIG_NAME,
@@ -9,10 +11,13 @@ from loratune.adapters.peft_format import (
     adapter_slots,
     adapter_state,
     adapter_tensors,
+    compress_adapter,
     load_adapter_state,
     load_adapter,
+    read_adapter,
     read_adapter_config,
     save_adapter,
+    write_adapter,
 )
 from loratune.adapters.report import ParameterReport, parameter_report
 from loratune.adapters.surgery import (
@@ -40,7 +45,9 @@ __all__ = [
     "ALL_LINEAR",
     "BASE_ADAPTER",
     "CONFIG_NAME",
+    "INT8_WEIGHTS_NAME",
     "LoraConfig",
+    "MixResult",
     "ModulesToSaveWrapper",
     "ParameterReport",
     "WEIGHTS_NAME",
@@ -52,6 +59,7 @@ __all__ = [
     "adapter_tensors",
     "adapters_of",
     "add_adapter",
+    "compress_adapter",
     "delete_adapter",
     "disabled_adapters",
     "find_targets",
@@ -62,7 +70,10 @@ __all__ = [
     "merge_adapters",
     "merged_adapters",
     "mixed_batch",
+    "mix_adapter_dirs",
+    "mix_adapters",
     "parameter_report",
+    "read_adapter",
     "read_adapter_config",
     "save_adapter",
     "set_active",
@@ -70,4 +81,5 @@ __all__ = [
     "set_trainable",
     "unload",
     "unmerge_adapters",
+    "write_adapter",
 ]

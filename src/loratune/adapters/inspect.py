@@ -8,6 +8,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from loratune.adapters.int8 import DTYPE_KEY, INT8_WEIGHTS_NAME, SCALE_SUFFIX
 from loratune.adapters.peft_format import PREFIX, WEIGHTS_NAME, read_adapter_config
 
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
@@ -15,16 +16,23 @@ _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
 
 def describe_adapter(path: str | os.PathLike) -> dict:
     """A summary of the PEFT adapter at ``path``: ``base_model``, ``r``, ``lora_alpha``, ``target_modules``,
-    ``trainable_params``, ``size_bytes`` and more (modules, ranks found in the tensors, dtype).
+    ``trainable_params``, ``size_bytes`` and more (modules, ranks found in the tensors, dtype, and
+    ``compression``: ``"int8"`` for an int8-compressed adapter, else None).
 
     Raises ``AdapterLoadError`` when ``path`` is not a readable adapter directory.
     """
     directory = Path(path)
     config = read_adapter_config(directory)
     weights = directory / WEIGHTS_NAME
+    compression = None
+    if not weights.is_file() and (directory / INT8_WEIGHTS_NAME).is_file():
+        weights, compression = directory / INT8_WEIGHTS_NAME, "int8"
     params, dtypes, modules, ranks = 0, set(), set(), set()
     with safe_open(str(weights), framework="pt") as handle:
+        restored_dtype = (handle.metadata() or {}).get(DTYPE_KEY)
         for key in handle.keys():
+            if compression and key.endswith(SCALE_SUFFIX):
+                continue  # per-row scales: storage, not parameters
             tensor = handle.get_slice(key)
             shape = tensor.get_shape()
             params += math.prod(shape)
@@ -49,6 +57,7 @@ def describe_adapter(path: str | os.PathLike) -> dict:
         "n_modules": len(modules),
         "ranks": sorted(ranks),
         "trainable_params": params,
-        "dtype": ", ".join(sorted(dtypes)),
+        "dtype": ", ".join(sorted(dtypes)) + (f" (loads as {restored_dtype})" if compression else ""),
+        "compression": compression,
         "size_bytes": weights.stat().st_size,
     }

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loratune.adapters.config import LoraConfig
+from loratune.adapters.int8 import INT8_WEIGHTS_NAME, compress_tensors, read_int8_weights
 from loratune.adapters.surgery import (
     active_adapters,
     adapters_of,
@@ -108,30 +109,72 @@ def save_adapter(
     *,
     base_model_name_or_path: str | None = None,
     convert_pissa: bool = True,
+    compress: str | None = None,
 ) -> Path:
     """Write adapter ``name`` as a PEFT adapter directory at ``path`` and return the path.
 
     Files are written under temporary names and renamed into place, so an interrupted save never leaves a
-    half-written adapter. Other files already in ``path`` (tokenizer files, say) are kept.
+    half-written adapter. Other files already in ``path`` (tokenizer files, say) are kept. ``compress="int8"``
+    writes ``adapter_model.int8.safetensors`` instead (see ``loratune.adapters.int8``), which loratune loads
+    and PEFT refuses. Raises ``ConfigError`` for an unknown ``compress``.
     """
     tensors, config = adapter_tensors(model, name, convert_pissa=convert_pissa)
     base_name = base_model_name_or_path or config.base_model_name_or_path or model_name_of(model)
     task_type = config.task_type or ("CAUSAL_LM" if _is_causal_lm(model) else None)
-    config_dict = config.model_copy(update={"base_model_name_or_path": base_name, "task_type": task_type})
+    config = config.model_copy(update={"base_model_name_or_path": base_name, "task_type": task_type})
+    return write_adapter(path, config, tensors, compress=compress)
+
+
+COMPRESSIONS = (None, "int8")
+
+
+def write_adapter(
+    path: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor], *, compress: str | None = None
+) -> Path:
+    """Write ``config`` and PEFT-keyed ``tensors`` as an adapter directory at ``path`` (atomically); return it.
+
+    ``compress=None`` writes ``adapter_model.safetensors``; ``"int8"`` writes ``adapter_model.int8.safetensors``.
+    Either way the other weights file is removed, so a directory never holds both.
+    Raises ``ConfigError`` for an unknown ``compress``.
+    """
+    if compress not in COMPRESSIONS:
+        raise ConfigError(f"compress={compress!r} is not supported; use None or 'int8'")
+    if compress == "int8":
+        stored, metadata = compress_tensors(tensors)
+        weights_name, stale = INT8_WEIGHTS_NAME, WEIGHTS_NAME
+    else:
+        stored, metadata = tensors, {"format": "pt"}
+        weights_name, stale = WEIGHTS_NAME, INT8_WEIGHTS_NAME
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(json.dumps(config_dict.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+        save_file(stored, staging / weights_name, metadata=metadata)
+        (staging / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
         if not target.exists():
             staging.rename(target)
         else:
-            for file in (WEIGHTS_NAME, CONFIG_NAME):
+            for file in (weights_name, CONFIG_NAME):
                 os.replace(staging / file, target / file)
+            (target / stale).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The config and PEFT-keyed tensors of the adapter directory at ``path``, without a model
+    (an int8-compressed adapter comes back dequantized). Raises ``AdapterLoadError`` for an unreadable one."""
+    return read_adapter_config(path), _read_weights(Path(path))
+
+
+def compress_adapter(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write an int8-compressed copy of the adapter directory ``path`` to ``out`` and return ``out``.
+
+    Raises ``AdapterLoadError`` when ``path`` is not a readable adapter directory.
+    """
+    config, tensors = read_adapter(path)
+    return write_adapter(out, config, tensors, compress="int8")
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
@@ -144,7 +187,7 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
     if not config_file.is_file():
         what = "does not exist" if not directory.exists() else f"has no {CONFIG_NAME}"
         raise AdapterLoadError(
-            f"{directory} {what}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+            f"{directory} {what}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME} (or {INT8_WEIGHTS_NAME})"
         )
     try:
         data = json.loads(config_file.read_text())
@@ -169,6 +212,8 @@ def load_adapter_state(model: nn.Module, name: str, tensors: dict[str, torch.Ten
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     weights = directory / WEIGHTS_NAME
+    if not weights.is_file() and (directory / INT8_WEIGHTS_NAME).is_file():
+        return read_int8_weights(directory / INT8_WEIGHTS_NAME)
     if not weights.is_file():
         if (directory / "adapter_model.bin").exists():
             raise AdapterLoadError(

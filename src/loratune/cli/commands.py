@@ -191,6 +191,40 @@ def run_merge(args) -> int:
     return 0
 
 
+def _refuse_non_empty(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
+def run_mix(args) -> int:
+    from loratune.adapters.mix import mix_adapter_dirs
+
+    _refuse_non_empty(Path(args.out), args.overwrite)
+    result = mix_adapter_dirs(args.adapters, args.out, args.method, rank=args.rank, density=args.density,
+                              seed=args.seed, majority_sign=args.majority_sign, compress="int8" if args.int8 else None)
+    ranks = sorted(set(result.ranks.values()))
+    rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    inputs = ", ".join(f"{path}:{weight:g}" for path, weight in args.adapters)
+    print(f"mixed {inputs} with {args.method} -> {args.out} ({len(result.ranks)} modules, rank {rank_text})")
+    if result.energy_total is not None:
+        lowest = min(result.energy, key=result.energy.get)
+        print(f"energy kept: {100 * result.energy_total:.4f}% overall, lowest {100 * result.energy[lowest]:.4f}% "
+              f"in {lowest}")
+    return 0
+
+
+def run_compress(args) -> int:
+    from loratune.adapters import compress_adapter
+    from loratune.adapters.inspect import describe_adapter
+
+    _refuse_non_empty(Path(args.out), args.overwrite)
+    compress_adapter(args.adapter, args.out)
+    before, after = describe_adapter(args.adapter)["size_bytes"], describe_adapter(args.out)["size_bytes"]
+    print(f"compressed {args.adapter} ({before:,} bytes) -> {args.out} ({after:,} bytes, int8, "
+          f"{before / after:.2f}x smaller)")
+    return 0
+
+
 def run_inspect(args) -> int:
     from loratune.adapters.inspect import describe_adapter
 
@@ -203,11 +237,11 @@ def run_inspect(args) -> int:
 
     table = Table(title=str(args.adapter), show_header=False, title_justify="left")
     for key in ("base_model", "r", "lora_alpha", "use_rslora", "lora_dropout", "init_lora_weights", "target_modules",
-                "modules_to_save", "n_modules", "ranks", "trainable_params", "dtype", "size_bytes"):
+                "modules_to_save", "n_modules", "ranks", "trainable_params", "dtype", "compression", "size_bytes"):
         value = info.get(key)
         table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
     console.print(table)
     return 0
 
 
-__all__ = ["run_data", "run_eval", "run_generate", "run_inspect", "run_merge", "run_train"]
+__all__ = ["run_compress", "run_data", "run_eval", "run_generate", "run_inspect", "run_merge", "run_mix", "run_train"]

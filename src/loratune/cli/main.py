@@ -107,10 +107,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
 
+    _mix_and_compress_verbs(verb)
+
     p = verb("inspect", "describe an adapter directory: base model, rank, targets, parameters, size")
     p.add_argument("adapter", metavar="ADAPTER_DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _mix_and_compress_verbs(verb) -> None:
+    from loratune.adapters.mix import METHOD_DEFINITIONS, METHODS
+
+    p = verb("mix", "combine adapters of one base into one adapter (weighted sum, SVD, linear, TIES, DARE)",
+             "Combine adapters trained on the same base model into one PEFT adapter (no model is loaded). "
+             "Each input is ADAPTER_DIR:WEIGHT (weight 1 when omitted; negative weights subtract).\n\n"
+             + METHOD_DEFINITIONS)
+    p.add_argument("adapters", nargs="*", type=adapter_spec, metavar="ADAPTER_DIR:WEIGHT",
+                   help="an adapter directory and its weight; one adapter with a weight rescales it")
+    p.add_argument("--method", required=True, metavar="NAME", help=f"one of: {', '.join(METHODS)}")
+    p.add_argument("--rank", type=int, default=None, metavar="R",
+                   help="rank of the result for svd (default: largest input rank) and for ties, dare_linear, "
+                        "dare_ties, magnitude_prune (default: the numerical rank, i.e. exact)")
+    p.add_argument("--density", type=float, default=None, metavar="D",
+                   help="fraction of entries kept, in (0, 1]; required by ties, dare_linear, dare_ties, magnitude_prune")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default: 0)")
+    p.add_argument("--majority-sign", default="total", metavar="{total,frequency}",
+                   help="TIES sign election: sign of the summed values (total, default) or of the summed signs")
+    p.add_argument("--int8", action="store_true", help="write the result int8-compressed (see: loratune compress)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the mixed adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace the adapter files in an existing DIR")
+
+    p = verb("compress", "write an int8-compressed copy of an adapter (about 3-4x smaller than float32)",
+             "Store A and B as int8 with one float32 scale per row (symmetric absmax: scale = max|row|/127, "
+             "every element within scale/2 of the original) in adapter_model.int8.safetensors. loratune loads "
+             "it transparently (every --adapter option), dequantizing to the adapter dtype; PEFT refuses it.")
+    p.add_argument("adapter", metavar="ADAPTER_DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the compressed adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace the adapter files in an existing DIR")
 
 
 def main(argv: list[str] | None = None) -> int:

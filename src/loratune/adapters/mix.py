@@ -1,0 +1,441 @@
+"""Combine adapters of one base model into one adapter: pure functions from (config, tensors) pairs to a
+(config, tensors) pair, no model needed.
+
+Adapter i changes a module by Δᵢ = sᵢ·Bᵢ·Aᵢ (sᵢ = alpha/r or alpha/√r with rsLoRA, after rank_pattern and
+alpha_pattern). The result is written with lora_alpha = r for every module (alpha_pattern = rank_pattern,
+no rsLoRA), so its scaling is 1 and whatever scale a method needs is folded into the factors. A module
+that only some inputs adapt counts as Δ = 0 in the others. Embedding adapters are mixed the same way
+(their Δ = B·A is embedding_dim × num_embeddings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loratune.adapters.config import LoraConfig
+from loratune.adapters.int8 import FACTOR_SUFFIXES
+from loratune.adapters.peft_format import PREFIX, read_adapter, write_adapter
+from loratune.adapters.targets import rank_and_alpha
+from loratune.errors import ConfigError
+from loratune.layers import lora_scaling
+from loratune.validation import closest
+
+METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+RANK_METHODS = ("svd", *DENSITY_METHODS)
+SIGN_METHODS = ("total", "frequency")
+
+# One copy of the definitions, shown by ``loratune mix --help`` and appended to ``mix_adapters.__doc__``.
+METHOD_DEFINITIONS = """\
+methods (wᵢ: the weight given to adapter i; Δᵢ = sᵢ·Bᵢ·Aᵢ its delta; τᵢ = wᵢ·Δᵢ):
+  cat              the exact weighted sum Σ τᵢ. A = [A₁; A₂; ...] (rows), B = [w₁s₁B₁, w₂s₂B₂, ...]
+                   (columns): ranks add up. Any ranks, rsLoRA and rank/alpha patterns.
+  svd              the best rank-R approximation (truncated SVD) of Σ τᵢ, computed from the factors (QR of
+                   the stacked factors + SVD of a small core; the dense delta is never formed). R = --rank,
+                   default the largest input rank. Prints the energy kept, Σ kept σ² / Σ σ².
+  linear           PEFT's add_weighted_adapter(combination_type="linear"): with cᵢ = wᵢ·sᵢ,
+                   A = Σ sign(cᵢ)·√|cᵢ|·Aᵢ and B = Σ √|cᵢ|·Bᵢ. Needs equal ranks per module. Only
+                   approximates the weighted sum: B·A also holds the cross terms Bᵢ·Aⱼ.
+  magnitude_prune  Σ trim(τᵢ): trim keeps the ⌊density·n⌋ entries of largest magnitude, zeroes the rest.
+  ties             TIES-Merging: trim each τᵢ as above; elect a sign per entry, γ = sign(Σᵢ trim(τᵢ))
+                   ("total", the paper's rule; --majority-sign frequency: γ = sign(Σᵢ sign(trim(τᵢ)))),
+                   γ = + where the sum is 0; result = mean of the trimmed entries whose sign is γ (0 if none).
+  dare_linear      DARE: drop each entry of τᵢ with probability 1 − density, multiply the kept ones by
+                   1/density, then sum. Seeded (--seed): the mask of adapter i in module M depends only on
+                   (seed, M, i).
+  dare_ties        DARE drop-and-rescale instead of trim, then TIES sign election and disjoint mean.
+The last four act on the full out × in deltas τᵢ and factorise the result by SVD: rank R = --rank, default
+the numerical rank (singular values above σ₁·max(out, in)·ε_float32), which keeps the result exact — it
+can be as large as min(out, in). Where PEFT differs: its ties/dare_*/magnitude_prune act on A and B
+separately (ours: on the deltas, like its *_svd variants); it elects the sign from unweighted deltas
+(ours: from wᵢ·Δᵢ, so a negative weight votes with its sign); its DARE masks are unseeded.
+modules_to_save: carried over when every input has identical tensors for them; anything else is refused.
+"""
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One module of one adapter: Δ = scaling·B·A with A: r × in, B: out × r; ``suffixes``: PEFT key names."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    suffixes: tuple[str, str]
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass(frozen=True)
+class MixResult:
+    """The mixed adapter (``config``, PEFT-keyed ``tensors``), the rank of each module, and — for methods
+    that truncate an SVD — the share of each module's ‖Δ‖² kept (``energy``) and of all modules together."""
+
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]
+    ranks: dict[str, int]
+    energy: dict[str, float]
+    energy_total: float | None
+
+
+# --- reading adapters into per-module factors --------------------------------------------------------------
+
+
+def adapter_factors(
+    config: LoraConfig, tensors: dict[str, torch.Tensor], source: str = "adapter"
+) -> tuple[dict[str, Factors], dict[str, torch.Tensor]]:
+    """Split PEFT-keyed ``tensors`` into ``{module path: Factors}`` (scaling from ``config``) and the other
+    tensors (modules_to_save copies). Raises ``ConfigError`` naming ``source`` for an A without its B, a rank
+    that disagrees with the config, or an adapter whose delta is not s·B·A (an unconverted PiSSA adapter)."""
+    if config.init_lora_weights == "pissa":
+        raise ConfigError(
+            f"{source} is an unconverted PiSSA adapter (its delta is not s·B·A); load it with loratune and "
+            "save it again, which converts it to plain LoRA, then mix that"
+        )
+    factors, used = {}, set()
+    pairs = ((FACTOR_SUFFIXES[0], FACTOR_SUFFIXES[1]), (FACTOR_SUFFIXES[2], FACTOR_SUFFIXES[3]))
+    for key in tensors:
+        for a_suffix, b_suffix in pairs:
+            if not key.endswith("." + a_suffix):
+                continue
+            path = key.removeprefix(PREFIX)[: -len(a_suffix) - 1]
+            b_key = f"{PREFIX}{path}.{b_suffix}"
+            A, B = tensors[key], tensors.get(b_key)
+            if B is None or B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+                raise ConfigError(f"{source}: {key} has no matching {b_suffix} of shape (out, {A.shape[0]})")
+            r, alpha = rank_and_alpha(config, path)
+            if r != A.shape[0]:
+                raise ConfigError(f"{source}: {path} has rank {A.shape[0]} in the file but r={r} in its config")
+            factors[path] = Factors(A, B, lora_scaling(r, alpha, config.use_rslora), (a_suffix, b_suffix))
+            used.update((key, b_key))
+    others = {key: t for key, t in tensors.items() if key not in used}
+    return factors, others
+
+
+# --- the methods, one module at a time (float64 math) -------------------------------------------------------
+
+
+def _cat(parts):
+    A = torch.cat([f.A.double() for _, f in parts], dim=0)
+    B = torch.cat([w * f.scaling * f.B.double() for w, f in parts], dim=1)
+    return A, B
+
+
+def _low_rank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of B·A (B: out × R, A: R × in) from QR factors: B·A = Qb·(Rb·Raᵀ)·Qaᵀ, SVD of the small core."""
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    return Qb @ U, S, Vh @ Qa.T
+
+
+def _truncate(U, S, Vh, k: int):
+    """Rank-k factors with √σ on each side (balanced magnitudes), and the energy kept."""
+    k = max(1, min(k, S.numel()))
+    root = S[:k].sqrt()
+    total = float((S**2).sum())
+    energy = float((S[:k] ** 2).sum()) / total if total > 0 else 1.0
+    return root[:, None] * Vh[:k], U[:, :k] * root[None, :], energy
+
+
+def numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
+    """How many singular values ``S`` (descending) exceed σ₁·max(shape)·ε_float32: the rank that keeps the
+    matrix exact in float32."""
+    if S.numel() == 0 or S[0] == 0:
+        return 0
+    return int((S > S[0] * max(shape) * torch.finfo(torch.float32).eps).sum())
+
+
+def _linear(parts, path):
+    ranks = {f.rank for _, f in parts}
+    if len(ranks) > 1:
+        raise ConfigError(
+            f"method linear needs equal ranks, but {path} has ranks {sorted(ranks)}; use cat (exact) or svd"
+        )
+    A = B = 0
+    for w, f in parts:
+        c = w * f.scaling
+        sign = 1.0 if c >= 0 else -1.0
+        A = A + sign * math.sqrt(abs(c)) * f.A.double()
+        B = B + math.sqrt(abs(c)) * f.B.double()
+    return A, B
+
+
+def trim(task: torch.Tensor, density: float) -> torch.Tensor:
+    """``task`` with all but its ⌊density·n⌋ largest-magnitude entries set to zero."""
+    if density >= 1:
+        return task
+    k = int(density * task.numel())
+    mask = torch.zeros(task.numel(), dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(task.abs().flatten(), k).indices] = True
+    return task * mask.view(task.shape)
+
+
+def dare_keep_mask(shape: tuple[int, ...], density: float, seed: int, module: str, index: int) -> torch.Tensor:
+    """DARE's random mask for input ``index`` in ``module``: each entry kept with probability ``density``.
+    Depends only on (seed, module, index), so the same inputs give the same masks whatever else is mixed."""
+    digest = hashlib.sha256(f"{seed}/{module}/{index}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.rand(shape, generator=generator, dtype=torch.float64) < density
+
+
+def dare(task: torch.Tensor, density: float, seed: int, module: str, index: int) -> torch.Tensor:
+    """DARE: drop entries with probability 1 − density, rescale the kept ones by 1/density."""
+    if density >= 1:
+        return task
+    return task * dare_keep_mask(task.shape, density, seed, module, index) / density
+
+
+def disjoint_mean(tasks: torch.Tensor, majority_sign: str) -> torch.Tensor:
+    """TIES sign election and disjoint mean over ``tasks`` (stacked on dim 0)."""
+    votes = tasks.sum(0) if majority_sign == "total" else tasks.sign().sum(0)
+    elected = torch.where(votes >= 0, 1.0, -1.0).to(tasks.dtype)
+    agree = tasks.sign() == elected
+    return (tasks * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def _dense(method, parts, path, density, seed, majority_sign):
+    tasks = [(i, w * f.scaling * (f.B.double() @ f.A.double())) for i, w, f in parts]  # out × in each
+    if method == "magnitude_prune":
+        return sum(trim(t, density) for _, t in tasks)
+    if method == "dare_linear":
+        return sum(dare(t, density, seed, path, i) for i, t in tasks)
+    if method == "ties":
+        return disjoint_mean(torch.stack([trim(t, density) for _, t in tasks]), majority_sign)
+    return disjoint_mean(torch.stack([dare(t, density, seed, path, i) for i, t in tasks]), majority_sign)
+
+
+# --- checks -------------------------------------------------------------------------------------------------
+
+
+def check_options(method: str, n_adapters: int, rank: int | None, density: float | None, majority_sign: str) -> None:
+    """Raise ``ConfigError`` (one line, saying what to do) for an unknown method or options it cannot use."""
+    if method not in METHODS:
+        hint = closest(method, METHODS)
+        suggestion = f"did you mean '{hint}'? " if hint else ""
+        raise ConfigError(f"unknown mix method {method!r}; {suggestion}methods: {', '.join(METHODS)}")
+    if n_adapters < 1:
+        raise ConfigError("mix needs at least one adapter (one adapter with a weight rescales it)")
+    if rank is not None and method not in RANK_METHODS:
+        raise ConfigError(f"--rank applies to {', '.join(RANK_METHODS)}; {method} fixes the rank itself")
+    if rank is not None and rank < 1:
+        raise ConfigError(f"rank must be a positive integer, got {rank}")
+    if method in DENSITY_METHODS:
+        if density is None:
+            raise ConfigError(f"method {method} needs a density: the fraction of entries kept, in (0, 1]")
+        if not 0 < density <= 1:
+            raise ConfigError(f"density must be in (0, 1] (the fraction of entries kept), got {density}")
+    elif density is not None:
+        raise ConfigError(f"density applies to {', '.join(DENSITY_METHODS)}, not to {method}")
+    if majority_sign not in SIGN_METHODS:
+        raise ConfigError(f"majority_sign must be one of {', '.join(SIGN_METHODS)}, got {majority_sign!r}")
+
+
+def _check_same_base(configs: Sequence[LoraConfig], names: Sequence[str]) -> None:
+    bases = {c.base_model_name_or_path: n for c, n in zip(configs, names) if c.base_model_name_or_path}
+    if len(bases) > 1:
+        listed = ", ".join(f"{b!r} ({n})" for b, n in bases.items())
+        raise ConfigError(f"the adapters were trained on different base models: {listed}; mix adapters of one base")
+
+
+def _check_shapes(factor_sets: Sequence[dict[str, Factors]], names: Sequence[str]) -> None:
+    seen: dict[str, tuple] = {}
+    for factors, name in zip(factor_sets, names):
+        for path, f in factors.items():
+            shape = (f.suffixes, f.B.shape[0], f.A.shape[1])
+            first = seen.setdefault(path, (shape, name))
+            if first[0] != shape:
+                raise ConfigError(
+                    f"{path} is {shape[1]} × {shape[2]} in {name} but {first[0][1]} × {first[0][2]} in {first[1]} "
+                    "(or a different layer type): the adapters are for different base models"
+                )
+
+
+_BASE_COPY_SUFFIX = ".base_layer.weight"  # PEFT saves the base weight of adapted embeddings (resized vocabularies)
+
+
+def _common_others(other_sets: Sequence[dict], configs: Sequence[LoraConfig], names: Sequence[str]) -> dict:
+    """The tensors besides the factors: modules_to_save copies, which every input must have identical (else
+    ``ConfigError``), and base-weight copies, kept from whichever input has them (identical where shared)."""
+    base_copies: dict[str, tuple[torch.Tensor, str]] = {}
+    trained = []
+    for others, name in zip(other_sets, names):
+        for key, tensor in others.items():
+            if key.endswith(_BASE_COPY_SUFFIX):
+                first = base_copies.setdefault(key, (tensor, name))
+                if not torch.equal(first[0], tensor):
+                    raise ConfigError(f"{first[1]} and {name} carry different base weights {key}: different bases")
+        trained.append({k: t for k, t in others.items() if not k.endswith(_BASE_COPY_SUFFIX)})
+    first, first_config = trained[0], configs[0]
+    for others, config, name in zip(trained[1:], configs[1:], names[1:]):
+        same_modules = sorted(config.modules_to_save or []) == sorted(first_config.modules_to_save or [])
+        differing = sorted(others.keys() ^ first.keys()) or [
+            k for k in first if not torch.equal(first[k], others[k])
+        ]
+        if differing or not same_modules:
+            what = differing[0] if differing else "modules_to_save"
+            raise ConfigError(
+                f"{names[0]} and {name} differ in {what}: mix cannot combine fully trained modules "
+                "(modules_to_save); mix adapters whose modules_to_save tensors are identical, or none"
+            )
+    return {**first, **{key: tensor for key, (tensor, _) in base_copies.items()}}
+
+
+# --- the mixed config ---------------------------------------------------------------------------------------
+
+
+_TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+
+
+def _targeting(configs: Sequence[LoraConfig], paths: list[str]) -> dict:
+    """Targeting fields that select exactly ``paths``: the inputs' own when they agree, the union of plain
+    name lists, else the full module paths."""
+    first = {field: getattr(configs[0], field) for field in _TARGETING}
+    if all({field: getattr(c, field) for field in _TARGETING} == first for c in configs):
+        return first
+    plain = all(
+        isinstance(c.target_modules, list) and c.exclude_modules is None and c.layers_to_transform is None
+        for c in configs
+    )
+    names = sorted({name for c in configs for name in c.target_modules}) if plain else sorted(paths)
+    return {"target_modules": names, "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None}
+
+
+def _mixed_config(configs: Sequence[LoraConfig], ranks: dict[str, int]) -> LoraConfig:
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda rank: (counts[rank], rank))  # the most common rank; patterns hold the rest
+    rank_pattern = {path: k for path, k in sorted(ranks.items()) if k != r}
+    first = configs[0]
+    return first.model_copy(
+        update={
+            "r": r,
+            "lora_alpha": float(r),
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": {path: float(k) for path, k in rank_pattern.items()},
+            "use_rslora": False,
+            "init_lora_weights": True,
+            **_targeting(configs, sorted(ranks)),
+        }
+    )
+
+
+# --- public API ---------------------------------------------------------------------------------------------
+
+
+def mix_adapters(
+    adapters: Sequence[tuple[LoraConfig, dict[str, torch.Tensor]]],
+    weights: Sequence[float],
+    method: str = "cat",
+    *,
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    majority_sign: str = "total",
+    names: Sequence[str] | None = None,
+) -> MixResult:
+    """Combine ``adapters`` (``(config, PEFT-keyed tensors)`` pairs of one base model) with ``weights``.
+
+    Returns a ``MixResult`` whose config and tensors form an ordinary PEFT LoRA adapter (scaling 1 in every
+    module) that reproduces the combined delta. ``names`` label the inputs in error messages. Factors come
+    back in the inputs' common dtype (float32 when they differ); the math runs in float64.
+    Raises ``ConfigError`` for an unknown method, options it cannot use, adapters of different bases or
+    shapes, unequal ranks with ``linear``, and modules_to_save tensors that differ between inputs.
+    """
+    check_options(method, len(adapters), rank, density, majority_sign)
+    if len(weights) != len(adapters):
+        raise ConfigError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"weights must be finite numbers, got {list(weights)}")
+    names = list(names) if names is not None else [f"adapter {i}" for i in range(len(adapters))]
+    configs = [config for config, _ in adapters]
+    _check_same_base(configs, names)
+    split = [adapter_factors(config, tensors, name) for (config, tensors), name in zip(adapters, names)]
+    factor_sets = [factors for factors, _ in split]
+    _check_shapes(factor_sets, names)
+    others = _common_others([o for _, o in split], configs, names)
+    dtypes = {f.A.dtype for factors in factor_sets for f in factors.values()} | {
+        f.B.dtype for factors in factor_sets for f in factors.values()
+    }
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    default_rank = max(f.rank for factors in factor_sets for f in factors.values())
+
+    tensors, ranks, energy = {}, {}, {}
+    kept = total = 0.0
+    paths = sorted({path for factors in factor_sets for path in factors})
+    for path in paths:
+        parts = [(i, w, factors[path]) for i, (w, factors) in enumerate(zip(weights, factor_sets)) if path in factors]
+        weighted = [(w, f) for _, w, f in parts]
+        if method == "cat":
+            A, B = _cat(weighted)
+        elif method == "linear":
+            A, B = _linear(weighted, path)
+        else:
+            if method == "svd":
+                U, S, Vh = _low_rank_svd(*reversed(_cat(weighted)))
+                k = rank or default_rank
+            else:
+                delta = _dense(method, parts, path, density, seed, majority_sign)
+                U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+                k = rank or numerical_rank(S, tuple(delta.shape))
+            A, B, energy[path] = _truncate(U, S, Vh, k)
+            squares = float((S**2).sum())
+            kept, total = kept + energy[path] * squares, total + squares
+        a_suffix, b_suffix = parts[0][2].suffixes
+        tensors[f"{PREFIX}{path}.{a_suffix}"] = A.to(dtype).contiguous()
+        tensors[f"{PREFIX}{path}.{b_suffix}"] = B.to(dtype).contiguous()
+        ranks[path] = A.shape[0]
+    tensors.update(others)
+    energy_total = (kept / total if total > 0 else 1.0) if energy else None
+    return MixResult(_mixed_config(configs, ranks), tensors, ranks, energy, energy_total)
+
+
+mix_adapters.__doc__ += "\n" + METHOD_DEFINITIONS  # the exact definitions, kept in one place
+
+
+def mix_adapter_dirs(
+    inputs: Sequence[tuple[str | os.PathLike, float]],
+    out: str | os.PathLike,
+    method: str = "cat",
+    *,
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    majority_sign: str = "total",
+    compress: str | None = None,
+) -> MixResult:
+    """Read the adapter directories of ``inputs`` (``(path, weight)`` pairs), mix them with ``mix_adapters``
+    and write the result as a PEFT adapter directory at ``out`` (int8-compressed with ``compress="int8"``).
+
+    Returns the ``MixResult``. Raises ``ConfigError`` / ``AdapterLoadError`` for bad options or inputs;
+    nothing is written then.
+    """
+    check_options(method, len(inputs), rank, density, majority_sign)
+    adapters = [read_adapter(path) for path, _ in inputs]
+    result = mix_adapters(
+        adapters, [w for _, w in inputs], method, rank=rank, density=density, seed=seed,
+        majority_sign=majority_sign, names=[str(path) for path, _ in inputs],
+    )
+    write_adapter(Path(out), result.config, result.tensors, compress=compress)
+    return result
+
+
+__all__ = [
+    "METHODS",
+    "METHOD_DEFINITIONS",
+    "MixResult",
+    "adapter_factors",
+    "dare_keep_mask",
+    "mix_adapter_dirs",
+    "mix_adapters",
+    "numerical_rank",
+]
