@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Warnings (e.g. an adapter trained on another base) as one line each, like errors.
+    previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *_: f"loratune {args.verb}: warning: {message}\n"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep transformers' load chatter off the terminal
     from transformers.utils import logging as hf_logging
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"loratune {args.verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous_format  # main() also runs in-process (tests, notebooks)
 
 
 if __name__ == "__main__":
