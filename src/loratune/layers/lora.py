@@ -360,7 +360,10 @@ class _InferencePlan:
         self.versions = self._versions()
 
     def _versions(self):
-        return tuple((f._version, f.data_ptr()) for f in self.factors)
+        if not self.factors:
+            return ()
+        A, B = self.factors
+        return (A._version, B._version, A.data_ptr(), B.data_ptr())
 
     def factors_changed(self) -> bool:
         """True when A or B changed in place (training, loading) or moved since the plan was built."""
@@ -409,11 +412,11 @@ class LoraLinear(LoraLayer):
     def _inference_plan(self, x: torch.Tensor) -> _InferencePlan:
         """The no-grad plan for input ``x``, rebuilt only when something it depends on changed: decoding runs
         hundreds of these layers per token, where per-call Python checks cost as much as the rank-r products."""
-        few_rows = x.device.type == "cpu" and x.numel() <= _FEW_ROWS * x.shape[-1]
+        few_rows = x.is_cpu and x.numel() <= _FEW_ROWS * x.shape[-1]
         key = (
-            self._epoch, self.active, self.base_only, self.row_groups, self.training, x.dtype, x.device, few_rows,
+            self._epoch, self.active, self.base_only, self.row_groups, self.training, x.dtype, x.is_cpu, few_rows,
             tuple(self.strength.values()),
-        )
+        )  # a move to another accelerator moves the factors too, which factors_changed() sees
         plan = self._plan
         if plan is None or plan.key != key or plan.factors_changed():
             plan = self._plan = _InferencePlan.build(self, key, x)
