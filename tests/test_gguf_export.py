@@ -236,3 +236,15 @@ def test_cli_help_documents_every_option(capsys):
     assert status == 0
     for option in ("--out", "--model", "--dtype", "--scale", "--overwrite", "f32", "f16", "bf16"):
         assert option in out
+
+
+def test_cli_asks_for_model_when_the_recorded_base_cannot_be_found(capsys, exported, tmp_path):
+    import shutil
+
+    adapter = Path(shutil.copytree(exported[0], tmp_path / "a"))
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    config_file.write_text(json.dumps(config))
+    status, _, err = cli(capsys, "export-gguf", adapter, "--out", tmp_path / "x.gguf")
+    assert_one_line_error(status, err, "export-gguf", "gone", "--model")

@@ -200,7 +200,8 @@ def run_export_gguf(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
-    base_name = args.model or read_adapter_config(args.adapter).base_model_name_or_path
+    recorded = read_adapter_config(args.adapter).base_model_name_or_path  # a wrong path fails first
+    base_name = args.model or recorded
     if not base_name:
         raise ConfigError(f"adapter {args.adapter} records no base model; pass --model M")
     try:
