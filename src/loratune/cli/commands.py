@@ -225,6 +225,31 @@ def run_compress(args) -> int:
     return 0
 
 
+def run_export_gguf(args) -> int:
+    from loratune.adapters import read_adapter_config
+    from loratune.adapters.gguf_export import export_gguf
+    from loratune.errors import ModelNotFoundError
+    from loratune.models.base_config import base_model_config
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
+    recorded = read_adapter_config(args.adapter).base_model_name_or_path  # a wrong path fails first
+    base_name = args.model or recorded
+    if not base_name:
+        raise ConfigError(f"adapter {args.adapter} records no base model; pass --model M")
+    try:
+        base_config = base_model_config(base_name)
+    except ModelNotFoundError as exc:
+        if args.model:
+            raise
+        raise ModelNotFoundError(f"base model of the adapter: {exc}; pass --model M") from None
+    lora = export_gguf(args.adapter, out, base_config, dtype=args.dtype, scale=args.scale)
+    folded = f", scaling folded into lora_b for {len(lora.folded)} modules" if lora.folded else ""
+    print(f"wrote {out}: {len(lora.tensors) // 2} LoRA pairs, alpha {lora.alpha:g}, {args.dtype}{folded}")
+    return 0
+
+
 def run_inspect(args) -> int:
     from loratune.adapters.inspect import describe_adapter
 
@@ -244,4 +269,7 @@ def run_inspect(args) -> int:
     return 0
 
 
-__all__ = ["run_compress", "run_data", "run_eval", "run_generate", "run_inspect", "run_merge", "run_mix", "run_train"]
+__all__ = [
+    "run_compress", "run_data", "run_eval", "run_export_gguf", "run_generate", "run_inspect", "run_merge", "run_mix",
+    "run_train",
+]
