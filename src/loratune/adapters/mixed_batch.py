@@ -38,10 +38,12 @@ def row_groups(adapter_names: Sequence[str], device: torch.device) -> RowGroups:
     rows: dict[str, list[int]] = {}
     for index, name in enumerate(adapter_names):
         rows.setdefault(name, []).append(index)
+    names = tuple(rows)
+    row_group = torch.tensor([names.index(name) for name in adapter_names], dtype=torch.long, device=device)
     if len(rows) == 1:
-        return RowGroups(len(adapter_names), ((next(iter(rows)), None),))
+        return RowGroups(len(adapter_names), names, row_group, ((names[0], None),))
     groups = tuple((name, torch.tensor(indices, dtype=torch.long, device=device)) for name, indices in rows.items())
-    return RowGroups(len(adapter_names), groups)
+    return RowGroups(len(adapter_names), names, row_group, groups)
 
 
 def _check_names(model: nn.Module, adapter_names: Sequence[str]) -> None:

@@ -47,11 +47,14 @@ class PissaStart:
 
 @dataclass(frozen=True, eq=False)  # compared by identity: a cache key for one batch's routing
 class RowGroups:
-    """Which adapter each row (dim 0) of a batch runs with: ``groups`` is ``[(name, row indices), ...]``,
-    indices ``None`` when one name has all ``n_rows`` rows. A name a layer lacks (e.g. ``"__base__"``) means
-    no adapter there."""
+    """Which adapter each row (dim 0) of a batch runs with. ``names``: the distinct names, in order of first
+    appearance; ``row_group``: for each of the ``n_rows`` rows, the index of its name; ``groups``: the same as
+    ``[(name, row indices), ...]``, indices ``None`` when one name has all rows. A name a layer lacks (e.g.
+    ``"__base__"``) means no adapter there."""
 
     n_rows: int
+    names: tuple[str, ...]
+    row_group: torch.Tensor  # (n_rows,) int64
     groups: tuple[tuple[str, torch.Tensor | None], ...]
 
     def check_rows(self, rows: int) -> None:
@@ -87,7 +90,7 @@ class LoraLayer(nn.Module):
         # (weight,) when a shared base weight was replaced by a private copy for merging; a tuple so that
         # nn.Module does not register the original as a parameter of this layer.
         self._tied_original: tuple[nn.Parameter] | None = None
-        self._stacked_cache: tuple | None = None  # (key, A, B, mask) of the last mixed batch, for inference
+        self._stacked_cache: dict = {}  # dtype -> (key, A, B, group table) of the last mixed batch
         self._plan: _InferencePlan | None = None  # LoraLinear's no-grad fast path
         self._epoch = 0  # bumped when adapters are added, removed, merged or unmerged (see _InferencePlan)
 
@@ -233,38 +236,49 @@ class LoraLayer(nn.Module):
         """
         groups = self.row_groups
         groups.check_rows(x.shape[0])
-        names = tuple(name for name, _ in groups.groups if name in self.lora_A)
+        names = self._mixed_batch_names(x)
+        if names is None:
+            return self._add_row_groups_one_by_one(x, result)
         if not names:
             return result
-        if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names):
-            return self._add_row_groups_one_by_one(x, result)  # each adapter draws its own dropout mask
         dtype = self._low_rank_dtype(x)
         A, B, mask = self._stacked_factors(names, groups, dtype)
         h = self._down(x if x.dtype == dtype or not x.is_floating_point() else x.to(dtype), A)
         h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
         return result + F.linear(h, B).to(result.dtype)
 
+    def _mixed_batch_names(self, x: torch.Tensor) -> tuple[str, ...] | None:
+        """The adapters of this layer a mixed batch uses, for the stacked path; None when it cannot take it
+        (a PiSSA or merged adapter, or dropout in training: each adapter draws its own dropout mask)."""
+        names = tuple(name for name, _ in self.row_groups.groups if name in self.lora_A)
+        if self.pissa or self.merged or self.base_only:
+            return None
+        if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names):
+            return None
+        return names
+
     def _stacked_factors(self, names: tuple[str, ...], groups: RowGroups, dtype: torch.dtype):
-        """(A stacked: Σr × in, s·B side by side: out × Σr, row mask: n_rows × Σr), cached while nothing changes."""
+        """(A stacked: Σr × in, s·B side by side: out × Σr, row mask: n_rows × Σr) in ``dtype``. The factors are
+        cached (without autograd) while the adapters, their strengths and weights stay the same."""
         factors = [(self.lora_A[n], self.lora_B[n]) for n in names]
-        key = (groups, names, dtype, tuple(self.effective_scale(n) for n in names),
+        scales = tuple(self.effective_scale(n) for n in names)
+        key = (groups.names, names, dtype, scales,
                tuple((A._version, B._version, A.data_ptr(), B.data_ptr()) for A, B in factors))
-        cached = self._stacked_cache
+        cached = self._stacked_cache.get(dtype)  # one per dtype: prefill and decoding may differ (see LoraLinear)
         if cached is not None and cached[0] == key and not torch.is_grad_enabled():
-            return cached[1:]
-        A = torch.cat([A for A, _ in factors]).to(dtype)
-        B = torch.cat([B * self.effective_scale(n) for n, (_, B) in zip(names, factors)], dim=1).to(dtype)
-        mask = torch.zeros(groups.n_rows, A.shape[0], dtype=dtype, device=A.device)
-        offset = 0
-        rows_of = dict(groups.groups)
-        for name, (factor, _) in zip(names, factors):
-            rows = rows_of[name]
-            mask[slice(None) if rows is None else rows, offset : offset + factor.shape[0]] = 1
-            offset += factor.shape[0]
-        if torch.is_grad_enabled():
-            return A, B, mask
-        self._stacked_cache = (key, A, B, mask)
-        return A, B, mask
+            A, B, table = cached[1:]
+        else:
+            A = torch.cat([A for A, _ in factors]).to(dtype)
+            B = torch.cat([B * scale for scale, (_, B) in zip(scales, factors)], dim=1).to(dtype)
+            # table[g] is the 0/1 row mask of group g: ones on its adapter's block of the Σr columns
+            table = torch.zeros(len(groups.names), A.shape[0], dtype=dtype, device=A.device)
+            offset = 0
+            for name, (factor, _) in zip(names, factors):
+                table[groups.names.index(name), offset : offset + factor.shape[0]] = 1
+                offset += factor.shape[0]
+            if not torch.is_grad_enabled():
+                self._stacked_cache[dtype] = (key, A, B, table)
+        return A, B, table.index_select(0, groups.row_group.to(table.device))
 
     def _add_row_groups_one_by_one(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         for name, rows in self.row_groups.groups:
@@ -348,29 +362,37 @@ _FEW_ROWS = 64  # rows up to which the inference path keeps the low-rank product
 
 
 class _InferencePlan:
-    """What a ``LoraLinear`` needs to run one active adapter without autograd: ``x·Wᵀ + b + (x·Aᵀ)·(s·Bᵀ)``,
-    with ``Aᵀ`` and ``s·Bᵀ`` cast and transposed once. ``usable`` is False when the layer must take the general
-    path (several adapters, merged, dropout in training, ...); ``key`` says what the plan was built for."""
+    """What a ``LoraLinear`` needs to run without autograd: ``x·Wᵀ + b + (x·Aᵀ)·(s·Bᵀ)`` with ``Aᵀ`` and
+    ``s·Bᵀ`` cast and transposed once. For a mixed-adapter batch, A and B stack every adapter of the batch and
+    ``mask`` (rows × Σr) keeps each row's own block. ``usable`` is False when the layer must take the general
+    path (several active adapters, merged, dropout in training, ...); ``key`` says what it was built for."""
 
-    __slots__ = ("key", "usable", "weight", "bias", "At", "sBt", "factors", "versions")
+    __slots__ = ("key", "usable", "weight", "bias", "At", "sBt", "mask", "factors", "versions")
 
-    def __init__(self, key, usable=False, weight=None, bias=None, At=None, sBt=None, factors=()):
+    def __init__(self, key, usable=False, weight=None, bias=None, At=None, sBt=None, mask=None, factors=()):
         self.key, self.usable = key, usable
-        self.weight, self.bias, self.At, self.sBt, self.factors = weight, bias, At, sBt, factors
+        self.weight, self.bias, self.At, self.sBt, self.mask = weight, bias, At, sBt, mask
+        self.factors = factors
         self.versions = self._versions()
 
     def _versions(self):
-        if not self.factors:
-            return ()
-        A, B = self.factors
-        return (A._version, B._version, A.data_ptr(), B.data_ptr())
+        return tuple(f._version for f in self.factors) + tuple(f.data_ptr() for f in self.factors)
 
     def factors_changed(self) -> bool:
-        """True when A or B changed in place (training, loading) or moved since the plan was built."""
+        """True when an A or B changed in place (training, loading) or moved since the plan was built."""
         return self.versions != self._versions()
 
     @classmethod
     def build(cls, layer: LoraLinear, key, x: torch.Tensor) -> _InferencePlan:
+        base = layer.base_layer
+        if layer.row_groups is not None:
+            names = layer._mixed_batch_names(x)
+            if not names or type(base) is not nn.Linear or x.dtype != base.weight.dtype:
+                return cls(key)
+            A, sB, mask = layer._stacked_factors(names, layer.row_groups, layer._low_rank_dtype(x))
+            factors = tuple(t for n in names for t in (layer.lora_A[n], layer.lora_B[n]))
+            mask = mask[:, None, :].contiguous()  # rows × 1 × Σr: broadcasts over the positions of each row
+            return cls(key, True, base.weight, base.bias, A.T.contiguous(), sB.T.contiguous(), mask, factors)
         name = layer._single_fusable_adapter(x)
         if name is None:
             return cls(key)
@@ -378,16 +400,23 @@ class _InferencePlan:
         dtype = layer._low_rank_dtype(x)
         At = A.detach().T.to(dtype).contiguous()
         sBt = (B.detach().float().T * scale).to(dtype).contiguous()
-        base = layer.base_layer
-        return cls(key, True, base.weight, base.bias, At, sBt, (A, B))
+        return cls(key, True, base.weight, base.bias, At, sBt, None, (A, B))
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         out = F.linear(x2, self.weight, self.bias)
-        if self.At.dtype == x2.dtype:
-            out.addmm_(x2 @ self.At, self.sBt)
+        At, sBt = self.At, self.sBt
+        h = torch.mm(x2 if At.dtype == x2.dtype else x2.to(At.dtype), At)
+        if self.mask is not None:  # mixed batch: zero the other adapters' columns of each row (dim 0 of x)
+            rows = self.mask.shape[0]
+            if x.shape[0] != rows:
+                raise ConfigError(f"adapter_names has {rows} names but the batch has {x.shape[0]} rows; "
+                                  "give exactly one name per row")
+            h.view(rows, -1, h.shape[1]).mul_(self.mask)
+        if At.dtype == out.dtype:
+            out.addmm_(h, sBt)
         else:  # float32 factors for a few bf16/fp16 rows on a CPU: faster there, and added in place
-            out.add_(torch.mm(torch.mm(x2.to(self.At.dtype), self.At), self.sBt))
+            out.add_(torch.mm(h, sBt))
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
