@@ -237,3 +237,62 @@ def test_lora_class_for_supported_and_unsupported_modules():
     assert lora_class_for(Conv1D(2, 2)) is LoraConv1D
     assert lora_class_for(nn.Embedding(2, 2)) is LoraEmbedding
     assert lora_class_for(nn.LayerNorm(2)) is None
+
+
+# --- the no-grad fast path (cached factors) follows every change of the layer ---------------------------
+
+
+def reference_output(layer, x):
+    """base(x) + Σ_active s·strength·B·A·x, computed from scratch in float32."""
+    out = layer.base_layer(x.float()).float() if x.dtype == torch.float32 else layer.base_layer(x).float()
+    for name in layer.active:
+        if name not in layer.merged:
+            A, B = layer.lora_A[name].float(), layer.lora_B[name].float()
+            out = out + layer.effective_scale(name) * x.float() @ (B @ A).T
+    return out
+
+
+def two_adapter_layer(dtype=torch.float32):
+    layer = LoraLinear(make_linear(dtype=dtype))
+    layer.add("a", r=4, lora_alpha=8, init=False)
+    layer.add("b", r=2, lora_alpha=8, init=False)
+    layer.active = ("a",)
+    return layer
+
+
+def test_no_grad_output_follows_in_place_factor_updates_strength_and_switches():
+    layer, x = two_adapter_layer(), torch.randn(5, 64)
+    with torch.no_grad():
+        layer(x)  # builds the cached plan
+        layer.lora_B["a"].mul_(3.0)  # e.g. an optimizer step
+        torch.testing.assert_close(layer(x), reference_output(layer, x), rtol=1e-5, atol=1e-5)
+        layer.strength["a"] = 0.25
+        torch.testing.assert_close(layer(x), reference_output(layer, x), rtol=1e-5, atol=1e-5)
+        layer.active = ("b",)
+        torch.testing.assert_close(layer(x), reference_output(layer, x), rtol=1e-5, atol=1e-5)
+        layer.merge("b")
+        torch.testing.assert_close(layer(x), reference_output(layer, x), rtol=1e-5, atol=1e-5)
+        layer.unmerge("b")
+        layer.remove("b")
+        layer.add("b", r=3, lora_alpha=3, init=False)  # same name, new factors
+        torch.testing.assert_close(layer(x), reference_output(layer, x), rtol=1e-5, atol=1e-5)
+        layer.base_only = True
+        torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 64, 65, 300])
+def test_bf16_no_grad_path_matches_the_float32_reference_for_few_and_many_rows(rows):
+    layer = two_adapter_layer(torch.bfloat16)
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    reference = reference_output(layer, x)
+    assert (out.float() - reference).norm() / reference.norm() < 1e-2
+
+
+def test_no_grad_and_grad_paths_agree():
+    layer, x = two_adapter_layer(), torch.randn(2, 3, 64)
+    with torch.no_grad():
+        fast = layer(x)
+    torch.testing.assert_close(fast, layer(x).detach(), rtol=1e-5, atol=1e-6)
