@@ -11,6 +11,7 @@ from loratune.layers.lora import (
     lora_class_for,
     lora_scaling,
 )
+from loratune.layers.lora_4bit import MERGE_4BIT_HINT, LoraLinear4bit
 
 __all__ = [
     "INIT_CHOICES",
@@ -18,6 +19,8 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraLinear4bit",
+    "MERGE_4BIT_HINT",
     "PissaStart",
     "is_conv1d",
     "lora_class_for",

@@ -1,0 +1,167 @@
+"""Loading a model with its Linear layers in 4 bits, streaming the checkpoint so that the full-precision model
+never exists in memory; and quantizing a model that is already loaded (the same choice of layers).
+
+Streaming: the model is built with its parameters on the meta device (no memory), the Linear layers to
+quantize become empty ``Linear4bit`` modules, then the safetensors files are read one tensor at a time (see
+``quant.safetensors_stream``): each Linear weight is quantized as it arrives and its full-precision copy
+dropped, every other tensor is cast to the model dtype and put in place. Peak memory is about the 4-bit model
+plus the largest single tensor (in float32 while it is quantized).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loratune.adapters.targets import module_name_matches, output_head_path
+from loratune.errors import ConfigError, LoratuneError
+from loratune.quant import Linear4bit, QuantSpec, checkpoint_files, iter_tensors
+
+# Keywords of ``unquantized_modules``; any other entry names Linear modules (exact path or dotted suffix).
+EMBEDDINGS, OUTPUT_HEAD, NORMS = "embeddings", "output_head", "norms"
+DEFAULT_UNQUANTIZED = (EMBEDDINGS, OUTPUT_HEAD, NORMS)
+
+
+def check_unquantized_modules(unquantized: Sequence[str]) -> list[str]:
+    """``unquantized`` as a list; ``ConfigError`` when it leaves out embeddings or norms, which only Linear-layer
+    4-bit storage could hold and therefore always stay in the model dtype."""
+    unquantized = list(unquantized)
+    for keyword in (EMBEDDINGS, NORMS):
+        if keyword not in unquantized:
+            raise ConfigError(
+                f"model.unquantized_modules must include {keyword!r}: only Linear layers are stored in 4 bits, "
+                f"{keyword} always stay in the model dtype"
+            )
+    return unquantized
+
+
+def modules_to_quantize(model: nn.Module, unquantized: Sequence[str] = DEFAULT_UNQUANTIZED) -> list[str]:
+    """Paths of the ``nn.Linear`` modules of ``model`` that 4-bit loading quantizes: all of them except the
+    output head (unless ``"output_head"`` is left out of ``unquantized``) and those ``unquantized`` names."""
+    unquantized = check_unquantized_modules(unquantized)
+    names = [n for n in unquantized if n not in DEFAULT_UNQUANTIZED]
+    head = output_head_path(model) if OUTPUT_HEAD in unquantized else None
+    return [
+        path for path, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not isinstance(module, Linear4bit)
+        and path != head and not (names and module_name_matches(names, path))
+    ]
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec, unquantized: Sequence[str] = DEFAULT_UNQUANTIZED) -> nn.Module:
+    """Replace the Linear layers ``modules_to_quantize`` picks by ``Linear4bit`` (in place); return ``model``.
+
+    Weights are quantized from their float32 values, as streaming loading does. Raises ``ConfigError`` for a
+    weight that cannot be quantized.
+    """
+    for path in modules_to_quantize(model, unquantized):
+        linear = model.get_submodule(path)
+        layer = Linear4bit.from_weight(linear.weight.detach().float(), linear.bias, spec, name=f"{path}.weight")
+        model.set_submodule(path, layer)
+    return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Inside the block, new parameters are created on the meta device (no memory); buffers stay real, since
+    modules compute some in ``__init__`` (rotary frequencies) and checkpoints do not carry them."""
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def load_quantized_model(
+    model_dir: str | Path,
+    spec: QuantSpec,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    unquantized: Sequence[str] = DEFAULT_UNQUANTIZED,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Build the causal LM of ``model_dir`` with 4-bit Linear layers, streaming its safetensors weights.
+
+    Non-quantized tensors are cast to ``dtype``; everything is placed on ``device`` as it is read. Returns the
+    model in eval mode. Raises ``ModelNotFoundError`` without safetensors weights, ``ConfigError`` for a tensor
+    that cannot be quantized, and ``LoratuneError`` when checkpoint and model disagree (missing or unknown
+    tensors, wrong shapes).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    model_dir = Path(model_dir)
+    files = checkpoint_files(model_dir)
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for path in modules_to_quantize(model, unquantized):
+        meta = model.get_submodule(path)
+        model.set_submodule(path, Linear4bit(meta.in_features, meta.out_features, meta.bias is not None, spec, device))
+    quantized = {path + ".weight": model.get_submodule(path) for path in modules_to_quantize_in(model)}
+
+    unknown, mismatched = [], []
+    for file in files:
+        for name, tensor in iter_tensors(file):
+            if name in quantized:
+                quantized.pop(name).set_weight(tensor.to(device).float(), name)
+                continue
+            module_path, _, leaf = name.rpartition(".")
+            try:
+                module = model.get_submodule(module_path)
+            except AttributeError:
+                unknown.append(name)
+                continue
+            holder = module._parameters if leaf in module._parameters else module._buffers
+            current = holder.get(leaf)
+            if current is None:
+                unknown.append(name)
+            elif tuple(current.shape) != tuple(tensor.shape):
+                mismatched.append(f"{name} {tuple(tensor.shape)} vs {tuple(current.shape)}")
+            else:
+                value = tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+                holder[leaf] = nn.Parameter(value, requires_grad=current.requires_grad) if holder is module._parameters else value
+            del tensor
+    model.tie_weights()  # shares the output head with the embeddings when the config says so
+    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+    missing += [n for n in quantized]
+    problems = []
+    if mismatched:
+        problems.append(f"shapes differ from config.json: {', '.join(mismatched[:3])}")
+    if missing:
+        problems.append(f"tensors missing from the checkpoint: {', '.join(missing[:5])}")
+    if unknown:
+        problems.append(f"tensors the model has no place for: {', '.join(unknown[:5])}")
+    if problems:
+        raise LoratuneError(f"cannot load {model_dir} in 4 bits: {'; '.join(problems)}")
+    generation = model_dir / "generation_config.json"
+    if generation.is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
+    model.to(device)
+    model.eval()
+    return model
+
+
+def modules_to_quantize_in(model: nn.Module) -> list[str]:
+    """Paths of the ``Linear4bit`` modules of ``model``."""
+    return [path for path, module in model.named_modules() if isinstance(module, Linear4bit)]
+
+
+def quantized_summary(model: nn.Module) -> dict:
+    """Counts for reports: quantized parameters, their storage bytes and bytes per parameter."""
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    params = sum(m.in_features * m.out_features for m in layers)
+    stored = sum(m.storage_bytes() for m in layers)
+    return {"layers": len(layers), "parameters": params, "bytes": stored,
+            "bytes_per_parameter": stored / params if params else None}
+
