@@ -55,12 +55,12 @@ def modules_to_quantize(model: nn.Module, unquantized: Sequence[str] = DEFAULT_U
 def quantize_model(model: nn.Module, spec: QuantSpec, unquantized: Sequence[str] = DEFAULT_UNQUANTIZED) -> nn.Module:
     """Replace the Linear layers ``modules_to_quantize`` picks by ``Linear4bit`` (in place); return ``model``.
 
-    Weights are quantized from their float32 values, as streaming loading does. Raises ``ConfigError`` for a
+    Raises ``ConfigError`` for a
     weight that cannot be quantized.
     """
     for path in modules_to_quantize(model, unquantized):
         linear = model.get_submodule(path)
-        layer = Linear4bit.from_weight(linear.weight.detach().float(), linear.bias, spec, name=f"{path}.weight")
+        layer = Linear4bit.from_weight(linear.weight, linear.bias, spec, name=f"{path}.weight")
         model.set_submodule(path, layer)
     return model
 
@@ -114,7 +114,7 @@ def load_quantized_model(
     for file in files:
         for name, tensor in iter_tensors(file):
             if name in quantized:
-                quantized.pop(name).set_weight(tensor.to(device).float(), name)
+                quantized.pop(name).set_weight(tensor.to(device), name)
                 continue
             module_path, _, leaf = name.rpartition(".")
             try:
