@@ -11,7 +11,7 @@ from loratune.errors import ConfigError, LoratuneError, ModelNotFoundError
 from loratune.models.aliases import alias_gguf_path, alias_names, get_alias
 from loratune.models.devices import resolve_device, resolve_dtype
 from loratune.models.gguf_cache import cached_hf_dir
-from loratune.models.quantized import DEFAULT_UNQUANTIZED, load_quantized_model
+from loratune.models.quantized import DEFAULT_UNQUANTIZED, load_quantized_model, stored_in_4bit
 from loratune.quant import QuantSpec
 
 QUANTIZE_CHOICES = (None, "nf4", "fp4")
@@ -65,6 +65,9 @@ def load_model(
     model_dir = resolve_model_dir(name)
 
     try:
+        stored = stored_in_4bit(model_dir)
+        if quantize is None and stored:
+            raise ConfigError(f"{name} is stored in 4 bits ({stored}); load it with quantize={stored!r}")
         if quantize is None:
             model = AutoModelForCausalLM.from_pretrained(
                 str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True

@@ -19,7 +19,7 @@ from torch import nn
 
 from loratune.adapters.targets import module_name_matches, output_head_path
 from loratune.errors import ConfigError, LoratuneError
-from loratune.quant import Linear4bit, QuantSpec, checkpoint_files, iter_tensors
+from loratune.quant import Linear4bit, QuantSpec, checkpoint_files, iter_tensors, read_header
 
 # Keywords of ``unquantized_modules``; any other entry names Linear modules (exact path or dotted suffix).
 EMBEDDINGS, OUTPUT_HEAD, NORMS = "embeddings", "output_head", "norms"
@@ -102,17 +102,32 @@ def load_quantized_model(
 
     model_dir = Path(model_dir)
     files = checkpoint_files(model_dir)
+    # A checkpoint written in 4 bits (bitsandbytes format) names its quantized layers by their state tensors.
+    names = [name for file in files for name in read_header(file)[1]]
+    prequantized = sorted(n[: -len(_PACKED_MARK)] for n in names if n.endswith(_PACKED_MARK))
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # we do the quantizing; transformers must not try bitsandbytes' own
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    for path in modules_to_quantize(model, unquantized):
+    for path in prequantized or modules_to_quantize(model, unquantized):
         meta = model.get_submodule(path)
         model.set_submodule(path, Linear4bit(meta.in_features, meta.out_features, meta.bias is not None, spec, device))
     quantized = {path + ".weight": model.get_submodule(path) for path in modules_to_quantize_in(model)}
+    # packed data + state tensors of each pre-quantized layer, gathered until all of them have been read
+    expected = {p + ".weight": {n for n in names if n == p + ".weight" or n.startswith(p + ".weight.")} for p in prequantized}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
 
     unknown, mismatched = [], []
     for file in files:
         for name, tensor in iter_tensors(file):
+            owner = _owner_of(name, expected)
+            if owner is not None:
+                pending.setdefault(owner, {})[name[len(owner) + 1:] if name != owner else ""] = tensor.to(device)
+                if len(pending[owner]) == len(expected[owner]):
+                    parts = pending.pop(owner)
+                    quantized.pop(owner).set_packed(parts.pop(""), parts, owner)
+                continue
             if name in quantized:
                 quantized.pop(name).set_weight(tensor.to(device), name)
                 continue
@@ -150,6 +165,27 @@ def load_quantized_model(
     model.to(device)
     model.eval()
     return model
+
+
+_PACKED_MARK = ".weight.absmax"  # present for every layer bitsandbytes stored in 4 bits
+
+
+def _owner_of(name: str, expected: dict[str, set[str]]) -> str | None:
+    """The ``<path>.weight`` of the pre-quantized layer tensor ``name`` belongs to, or None."""
+    if name in expected:
+        return name
+    head, sep, _ = name.partition(".weight.")
+    return head + ".weight" if sep and head + ".weight" in expected else None
+
+
+def stored_in_4bit(model_dir: str | Path) -> str | None:
+    """The 4-bit type ("nf4"/"fp4") a model directory's config.json says its weights are stored in, or None."""
+    import json
+
+    config_file = Path(model_dir) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    quant = config.get("quantization_config") or {}
+    return quant.get("bnb_4bit_quant_type", "fp4") if quant.get("load_in_4bit") else None
 
 
 def modules_to_quantize_in(model: nn.Module) -> list[str]:

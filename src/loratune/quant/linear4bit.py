@@ -13,6 +13,8 @@ quantized model reads like one transformers wrote.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -55,9 +57,11 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "weight")
 
 
 def dequantize_weight(packed: torch.Tensor, state, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense (out × in) weight in ``dtype`` (default: the state's compute dtype)."""
-    dense = _bnb_functional().dequantize_4bit(packed, state, quant_type=state.quant_type)
-    return dense if dtype is None or dense.dtype == dtype else dense.to(dtype)
+    """The dense (out × in) weight in ``dtype`` (default: the state's compute dtype), computed in that dtype."""
+    if dtype is not None and dtype != state.dtype:
+        state = copy.copy(state)  # shares the tensors; only the output dtype differs
+        state.dtype = dtype
+    return _bnb_functional().dequantize_4bit(packed, state, quant_type=state.quant_type)
 
 
 class Dequantized4bitMatmul(torch.autograd.Function):
@@ -152,20 +156,30 @@ class Linear4bit(nn.Linear):
         for key, value in self.quant_state.as_dict(packed=True).items():
             destination[f"{prefix}weight.{key}"] = value
 
+    def set_packed(self, packed: torch.Tensor, state_tensors: dict[str, torch.Tensor], name: str = "weight") -> None:
+        """Take already-quantized data: ``packed`` codes and the bitsandbytes state tensors (keys ``absmax``,
+        ``quant_map``, ... without the ``weight.`` prefix). Raises ``ConfigError`` when they do not fit."""
+        try:
+            state = _bnb_functional().QuantState.from_dict(dict(state_tensors), device=packed.device)
+        except (ValueError, KeyError) as error:
+            raise ConfigError(f"{name}: unreadable 4-bit quantization state ({error})") from None
+        if tuple(state.shape) != (self.out_features, self.in_features) or state.quant_type != self.spec.quant_type:
+            raise ConfigError(
+                f"{name}: stored as {state.quant_type} {tuple(state.shape)}, expected {self.spec.quant_type} "
+                f"({self.out_features}, {self.in_features}); load it with quantize={state.quant_type}"
+            )
+        state.dtype = self.spec.compute_dtype
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.quant_state = state
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         extra = {k[len(prefix) + len("weight."):]: state_dict.pop(k) for k in list(state_dict)
                  if k.startswith(prefix + "weight.")}
-        if prefix + "weight" in state_dict:
-            packed = state_dict.pop(prefix + "weight")
-            if not extra:
-                error_msgs.append(f"{prefix}weight: a 4-bit layer needs its quantization state (weight.absmax, ...)")
-            else:
-                self.weight = nn.Parameter(packed.to(self.weight.device), requires_grad=False)
-                self.quant_state = _bnb_functional().QuantState.from_dict(extra, device=self.weight.device)
-                self.quant_state.dtype = self.spec.compute_dtype
+        packed = state_dict.pop(prefix + "weight", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if prefix + "weight" in missing_keys and self.quant_state is not None:
-            missing_keys.remove(prefix + "weight")
+        if packed is not None:
+            missing_keys[:] = [k for k in missing_keys if k != prefix + "weight"]
+            self.set_packed(packed.to(self.weight.device), extra, prefix + "weight")
 
     def extra_repr(self) -> str:
         s = self.spec
