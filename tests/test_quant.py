@@ -244,3 +244,13 @@ def test_model_merge_over_4bit_layers_refuses_and_changes_nothing():
         loratune.merge(model)
     assert torch.equal(model.lm_head.base_layer.weight, head_before)
     assert not loratune.adapters.merged_adapters(model)
+
+
+def test_a_trainable_bias_in_another_dtype_gets_its_gradient_in_its_own_dtype():
+    layer = lora_over(make_layer(torch.bfloat16, bias=True)).train()
+    layer.base_layer.bias.data = layer.base_layer.bias.data.float()
+    layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(3, IN, dtype=torch.bfloat16)
+    layer(x).sum().backward()
+    assert layer.base_layer.bias.grad.dtype == torch.float32
+    assert torch.allclose(layer.base_layer.bias.grad, torch.full((OUT,), 3.0))

@@ -33,6 +33,7 @@ class Lora4bitLinearFunction(torch.autograd.Function):
         del weight  # dequantized again in backward, never kept alive between the two
         ctx.save_for_backward(x, packed, lora_A, lora_B, xa)
         ctx.scale, ctx.state = scale, state
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -45,7 +46,8 @@ class Lora4bitLinearFunction(torch.autograd.Function):
             ctx.scale, (needs[0], False, needs[2], needs[3], needs[4]),
         )
         grad_x = grads[0].view(x.shape) if grads[0] is not None else None
-        return grad_x, None, grads[2], grads[3], grads[4], None, None
+        grad_bias = grads[2].to(ctx.bias_dtype) if grads[2] is not None else None
+        return grad_x, None, grad_bias, grads[3], grads[4], None, None
 
 
 def lora_4bit_linear(x, base: Linear4bit, lora_A, lora_B, scale: float) -> torch.Tensor:

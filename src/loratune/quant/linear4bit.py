@@ -73,7 +73,8 @@ class Dequantized4bitMatmul(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         out = x2 @ weight.T if bias is None else torch.addmm(bias.to(x.dtype), x2, weight.T)
         ctx.save_for_backward(packed)
-        ctx.state, ctx.dtype, ctx.x_shape, ctx.has_bias = state, x.dtype, x.shape, bias is not None
+        ctx.state, ctx.dtype, ctx.x_shape = state, x.dtype, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -83,7 +84,7 @@ class Dequantized4bitMatmul(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (g2.to(ctx.dtype) @ dequantize_weight(packed, ctx.state, ctx.dtype)).view(ctx.x_shape)
-        grad_bias = g2.sum(0) if ctx.needs_input_grad[2] else None
+        grad_bias = g2.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, None
 
 
