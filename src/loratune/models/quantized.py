@@ -131,21 +131,11 @@ def load_quantized_model(
             if name in quantized:
                 quantized.pop(name).set_weight(tensor.to(device), name)
                 continue
-            module_path, _, leaf = name.rpartition(".")
-            try:
-                module = model.get_submodule(module_path)
-            except AttributeError:
+            problem = _place_tensor(model, name, tensor.to(device), dtype)
+            if problem == "unknown":
                 unknown.append(name)
-                continue
-            holder = module._parameters if leaf in module._parameters else module._buffers
-            current = holder.get(leaf)
-            if current is None:
-                unknown.append(name)
-            elif tuple(current.shape) != tuple(tensor.shape):
-                mismatched.append(f"{name} {tuple(tensor.shape)} vs {tuple(current.shape)}")
-            else:
-                value = tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
-                holder[leaf] = nn.Parameter(value, requires_grad=current.requires_grad) if holder is module._parameters else value
+            elif problem:
+                mismatched.append(problem)
             del tensor
     model.tie_weights()  # shares the output head with the embeddings when the config says so
     missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
@@ -165,6 +155,25 @@ def load_quantized_model(
     model.to(device)
     model.eval()
     return model
+
+
+def _place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Put checkpoint tensor ``name`` (cast to ``dtype`` if floating) in place of the model's parameter or
+    buffer of that name. Returns None when done, "unknown" when the model has no such tensor, else what differs."""
+    module_path, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        return "unknown"
+    holder = module._parameters if leaf in module._parameters else module._buffers
+    current = holder.get(leaf)
+    if current is None:
+        return "unknown"
+    if tuple(current.shape) != tuple(tensor.shape):
+        return f"{name} {tuple(tensor.shape)} vs {tuple(current.shape)}"
+    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    holder[leaf] = nn.Parameter(value, requires_grad=current.requires_grad) if holder is module._parameters else value
+    return None
 
 
 _PACKED_MARK = ".weight.absmax"  # present for every layer bitsandbytes stored in 4 bits
