@@ -20,6 +20,7 @@ from torch import nn
 from loratune.adapters.targets import module_name_matches, output_head_path
 from loratune.errors import ConfigError, LoratuneError
 from loratune.quant import Linear4bit, QuantSpec, checkpoint_files, iter_tensors, read_header
+from loratune.quant.memory import release_freed_memory
 
 # Keywords of ``unquantized_modules``; any other entry names Linear modules (exact path or dotted suffix).
 EMBEDDINGS, OUTPUT_HEAD, NORMS = "embeddings", "output_head", "norms"
@@ -130,6 +131,8 @@ def load_quantized_model(
                 continue
             if name in quantized:
                 quantized.pop(name).set_weight(tensor.to(device), name)
+                del tensor
+                release_freed_memory()  # or heap holes left by quantizing add up to hundreds of MB
                 continue
             problem = _place_tensor(model, name, tensor.to(device), dtype)
             if problem == "unknown":

@@ -34,8 +34,8 @@ def _bnb_functional():
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "weight"):
     """(packed uint8 data, bitsandbytes ``QuantState``) for a 2-D float ``weight`` on its own device.
 
-    The weight is quantized from its float32 values (so bf16 and float32 copies of a weight give the same codes);
-    the state's dtype is ``spec.compute_dtype``: dequantizing gives the compute dtype directly.
+    bitsandbytes computes in float32 whatever the input dtype (a bf16 weight and its float32 copy give the same
+    codes), so the weight is passed as it is, without a float32 copy. The state's dtype is ``spec.compute_dtype``: dequantizing gives the compute dtype directly.
     Raises ``ConfigError`` (naming ``name``) for a weight that is not 2-D, empty, or not a float dtype.
     """
     if weight.dtype not in _QUANTIZABLE_DTYPES:
@@ -49,7 +49,7 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "weight")
             "keep this module unquantized (model.unquantized_modules) or load with quantize=null"
         )
     packed, state = _bnb_functional().quantize_4bit(
-        weight.detach().float().contiguous(), blocksize=spec.blocksize, compress_statistics=spec.double_quant,
+        weight.detach().contiguous(), blocksize=spec.blocksize, compress_statistics=spec.double_quant,
         quant_type=spec.quant_type,
     )
     state.dtype = spec.compute_dtype
