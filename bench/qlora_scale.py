@@ -51,6 +51,7 @@ def run_loratune(args) -> dict:
     torch.manual_seed(0)
     loratune.add_adapter(model, loratune.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["q_proj", "v_proj"]))
     patch_for_training(model)
+    enable_checkpointing(args, model)
     model.train()
     return train_steps(args, model, len(tokenizer), load_s, load_rss, summary)
 
@@ -69,8 +70,19 @@ def run_peft(args) -> dict:
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["q_proj", "v_proj"],
                                              task_type="CAUSAL_LM"))
+    enable_checkpointing(args, model)
     model.train()
     return train_steps(args, model, model.config.vocab_size, load_s, load_rss, None)
+
+
+def enable_checkpointing(args, model) -> None:
+    """Activation checkpointing for both sides alike (``--gradient-checkpointing``), as loratune's trainer does."""
+    if not args.gradient_checkpointing:
+        return
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def train_steps(args, model, vocab, load_s, load_rss, summary) -> dict:
@@ -125,6 +137,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--rss-limit-gb", type=float, default=16.0, help="watchdog limit for each process (GiB)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each block's activations in backward (both sides)")
     parser.add_argument("--only", choices=("loratune", "peft"), default=None)
     parser.add_argument("--child", choices=("loratune", "peft"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,7 +146,8 @@ def main() -> None:
         result = run_loratune(args) if args.child == "loratune" else run_peft(args)
         print("RESULT " + json.dumps(result), flush=True)
         return
-    passthrough = [args.model, "--steps", str(args.steps), "--length", str(args.length), "--r", str(args.r)]
+    passthrough = [args.model, "--steps", str(args.steps), "--length", str(args.length), "--r", str(args.r),
+                   *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     for impl in [args.only] if args.only else ["loratune", "peft"]:
         result, note, highest = watch([sys.executable, __file__, "--child", impl, *passthrough], args.rss_limit_gb)
         if result is None:

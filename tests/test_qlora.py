@@ -183,3 +183,19 @@ def test_config_rejects_unquantized_modules_without_norms(model_dir, tmp_path):
         model_dir, data, tmp_path / "run", model={"quantize": "nf4", "unquantized_modules": ["embeddings"]}))
     with pytest.raises(ConfigError, match="norms"):
         train(load_config(config), progress=False, log=lambda line: None)
+
+
+def test_gradient_checkpointing_over_a_4bit_base_gives_the_same_adapter(model_dir, tmp_path):
+    def run(name, checkpointing):
+        data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
+        config = write_config(tmp_path / f"{name}.yaml", config_dict(
+            model_dir, data, tmp_path / name, model={"quantize": "nf4", "dtype": "fp32", "compute_dtype": "fp32"},
+            train={"max_steps": 2, "lr": 0.05, "gradient_checkpointing": checkpointing}))
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["train", str(config), "--no-progress"]) == 0
+        return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+
+    plain, checkpointed = run("plain", False), run("checkpointed", True)
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-5, atol=1e-6)
