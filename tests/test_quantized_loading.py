@@ -168,3 +168,16 @@ def test_modules_to_quantize_skips_the_output_head_by_default(tiny_llama_dir):
     full, _ = load_model(tiny_llama_dir, dtype="fp32")
     paths = modules_to_quantize(full)
     assert "lm_head" not in paths and len(paths) == 14
+
+
+def test_parameter_report_counts_4bit_weights_as_their_full_parameter_count(tiny_llama_dir):
+    import loratune
+    from loratune.adapters import parameter_report
+
+    full, _ = load_model(tiny_llama_dir, dtype="fp32")
+    quantized, _ = load_model(tiny_llama_dir, quantize="nf4", dtype="fp32")
+    config = loratune.LoraConfig(r=2)
+    loratune.add_adapter(full, config)
+    loratune.add_adapter(quantized, config)
+    assert parameter_report(quantized).total == parameter_report(full).total
+    assert parameter_report(quantized).trainable == parameter_report(full).trainable
