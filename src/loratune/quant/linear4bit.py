@@ -25,9 +25,14 @@ _QUANTIZABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _bnb_functional():
-    # bitsandbytes is imported on first use: `import loratune` stays fast for unquantized work.
-    import bitsandbytes.functional as bnb_functional
-
+    # bitsandbytes is imported on first use: `import loratune` stays fast for unquantized work, and it is an
+    # optional dependency (the `quant` extra).
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError as error:
+        raise ConfigError(
+            f"4-bit weights need bitsandbytes ({error}); install it with: pip install 'loratune[quant]'"
+        ) from None
     return bnb_functional
 
 
