@@ -7,6 +7,12 @@ adapter, PEFT loads it trainable) and see the same batches, so their losses must
 
     python bench/train_vs_peft.py                       # smollm2-135m, bf16, batch 8 x 256, r=8 all-linear
     python bench/train_vs_peft.py --steps 20 --reps 3 --data demo   # variable-length chat data
+    python bench/train_vs_peft.py --quantize nf4 --with-lora        # QLoRA vs PEFT + bitsandbytes (and our LoRA)
+
+With ``--quantize nf4`` both sides train over a 4-bit NF4 base with double quantization and bf16 compute: loratune
+through ``model.quantize``, PEFT over transformers' ``BitsAndBytesConfig(load_in_4bit=True, nf4, double quant,
+compute bf16)`` (no ``prepare_model_for_kbit_training``: it would turn on gradient checkpointing).
+``--with-lora`` adds loratune's unquantized LoRA run, for its memory.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ def run_loratune(args) -> dict:
     run = Path(args.workdir) / "loratune-run"
     config_path = Path(args.workdir) / "config.yaml"
     config = {
-        "model": {"name": args.model, "dtype": args.dtype},
+        "model": {"name": args.model, "dtype": args.dtype, "quantize": None if args.impl == "loratune-lora" else args.quantize},
         "lora": {"r": args.r, "lora_alpha": 2 * args.r, "lora_dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": args.data_file, "max_length": args.length, "packing": args.packing},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 2e-4, "scheduler": "constant",
@@ -83,7 +89,14 @@ def run_peft(args) -> dict:
 
     model_dir = resolve_model_dir(args.model)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=resolve_dtype(args.dtype))
+    quant = {}
+    if args.quantize:
+        from transformers import BitsAndBytesConfig
+
+        quant = {"device_map": "cpu", "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=args.quantize, bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=resolve_dtype(args.dtype))}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=resolve_dtype(args.dtype), **quant)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -132,7 +145,7 @@ def write_initial_adapter(args) -> None:
 
 
 def child(args) -> None:
-    result = run_loratune(args) if args.impl == "loratune" else run_peft(args)
+    result = run_peft(args) if args.impl == "peft" else run_loratune(args)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -150,20 +163,41 @@ def parent(args) -> None:
     else:
         data_file = DEMO_TRAIN
     write_initial_adapter(args)
+    if args.quantize:
+        print_quantized_size(args)
     results: dict[str, list[dict]] = {"loratune": [], "peft": []}
     for rep in range(args.reps):
         for impl in ("loratune", "peft") if rep % 2 == 0 else ("peft", "loratune"):
-            cmd = [sys.executable, __file__, "--child", impl, "--workdir", str(workdir), "--data-file", str(data_file),
-                   *_passthrough(args)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{impl} run failed:\n{out.stderr[-3000:]}")
-            result = json.loads(line[len("RESULT "):])
+            result = run_child(args, impl, workdir, data_file)
             results[impl].append(result)
             print(f"rep {rep + 1} {impl:8s} {result['tokens_per_s']:8.1f} tok/s  peak RSS {result['peak_rss_mib']:7.0f} MiB  "
                   f"loss@1 {result['losses'][0]:.4f}  loss@{args.steps} {result['losses'][-1]:.4f}", flush=True)
+    if args.quantize and args.with_lora:
+        results["loratune-lora"] = [run_child(args, "loratune-lora", workdir, data_file)]
+        lora = results["loratune-lora"][0]
+        print(f"loratune LoRA without quantization: {lora['tokens_per_s']:.1f} tok/s, peak RSS {lora['peak_rss_mib']:.0f} MiB")
     report(args, results)
+
+
+def run_child(args, impl, workdir, data_file) -> dict:
+    cmd = [sys.executable, __file__, "--child", impl, "--workdir", str(workdir), "--data-file", str(data_file),
+           *_passthrough(args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{impl} run failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def print_quantized_size(args) -> None:
+    """Bytes per parameter of the 4-bit layers as loratune stores them."""
+    import loratune
+    from loratune.models.quantized import quantized_summary
+
+    model, _ = loratune.load_model(args.model, quantize=args.quantize, dtype=args.dtype)
+    s = quantized_summary(model)
+    print(f"loratune {args.quantize}: {s['layers']} quantized layers, {s['parameters'] / 1e6:.1f}M parameters in "
+          f"{s['bytes'] / 2**20:.1f} MiB = {s['bytes_per_parameter']:.4f} bytes/parameter", flush=True)
 
 
 def report(args, results) -> None:
@@ -175,20 +209,23 @@ def report(args, results) -> None:
     l_loss, p_loss = results["loratune"][0]["losses"], results["peft"][0]["losses"]
     rel = [abs(a - b) / abs(b) for a, b in zip(l_loss, p_loss)]
     print()
-    print(f"model {args.model}, {args.dtype}, batch {args.batch} x {args.length} ({args.data} data), r={args.r} all-linear, "
+    print(f"model {args.model}{' ' + args.quantize + ' base' if args.quantize else ''}, {args.dtype}, batch {args.batch} x {args.length} ({args.data} data), r={args.r} all-linear, "
           f"{args.steps} steps ({args.warmup} warm-up excluded), {args.reps} reps, medians")
     print("| trainer | tokens/s | peak RSS (MiB) |")
     print("|---|---|---|")
     print(f"| PEFT + transformers | {pt:.0f} | {pm:.0f} |")
     print(f"| loratune | {lt:.0f} | {lm:.0f} |")
     print(f"| ratio loratune / PEFT | {lt / pt:.2f}x | {lm / pm:.2f}x |")
+    if "loratune-lora" in results:
+        lora = results["loratune-lora"][0]
+        print(f"| loratune LoRA, unquantized base | {lora['tokens_per_s']:.0f} | {lora['peak_rss_mib']:.0f} |")
     print(f"loss agreement: step 1 {100 * rel[0]:.3f}% , step {len(rel)} {100 * rel[-1]:.3f}% relative difference")
 
 
 def _passthrough(args) -> list[str]:
     return ["--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch), "--length", str(args.length),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--r", str(args.r), "--data", args.data,
-            *(["--packing"] if args.packing else [])]
+            *(["--packing"] if args.packing else []), *(["--quantize", args.quantize] if args.quantize else [])]
 
 
 def main() -> None:
@@ -204,7 +241,11 @@ def main() -> None:
     parser.add_argument("--data", choices=("fixed", "demo"), default="fixed",
                         help="fixed: batch x length text rows; demo: the variable-length demo chat data")
     parser.add_argument("--packing", action="store_true", help="loratune packs rows (demo data)")
-    parser.add_argument("--child", choices=("loratune", "peft"), dest="impl", help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", choices=("nf4", "fp4"), default=None,
+                        help="QLoRA: train over a 4-bit base on both sides (bitsandbytes for PEFT)")
+    parser.add_argument("--with-lora", action="store_true",
+                        help="with --quantize: also run loratune's unquantized LoRA once, for comparison")
+    parser.add_argument("--child", choices=("loratune", "peft", "loratune-lora"), dest="impl", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--data-file", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -146,11 +146,13 @@ def test_directory_without_tokenizer_raises_model_not_found(make_tiny_llama_dir)
 # --- quantize ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("quantize", ["nf4", "fp4", "NF4"])
-def test_4bit_quantize_says_not_available_in_this_version(tiny_llama_dir, quantize):
-    with pytest.raises(LoratuneError, match="4-bit loading .* not available in this version") as raised:
-        load_model(tiny_llama_dir, quantize=quantize)
-    assert not isinstance(raised.value, ConfigError)
+@pytest.mark.parametrize(("quantize", "quant_type"), [("nf4", "nf4"), ("fp4", "fp4"), ("NF4", "nf4")])
+def test_4bit_quantize_loads_linear_layers_in_that_format(tiny_llama_dir, quantize, quant_type):
+    from loratune.quant import Linear4bit
+
+    model, _ = load_model(tiny_llama_dir, quantize=quantize)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert layers and {m.quant_state.quant_type for m in layers} == {quant_type}
 
 
 @pytest.mark.parametrize("quantize", ["int8", "4bit", 4, True])

@@ -8,6 +8,7 @@ from torch import nn
 
 from loratune.adapters.peft_format import adapter_slots
 from loratune.adapters.surgery import active_adapters
+from loratune.quant import Linear4bit
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,17 @@ class ParameterReport:
 
 
 def parameter_report(model: nn.Module, name: str | None = None) -> ParameterReport:
-    """Counts for ``model``: trainable and total parameters (tied weights counted once), and the parameters
-    and bytes of adapter ``name`` (default: the active adapters together)."""
+    """Counts for ``model``: trainable and total parameters (tied weights counted once; a 4-bit weight counts
+    its out × in parameters, not its packed bytes), and the parameters and bytes of adapter ``name`` (default:
+    the active adapters together)."""
     params = list(model.parameters())  # deduplicates tied weights
+    # Packed 4-bit data holds two parameters per byte: count what it stands for.
+    packed = sum(m.in_features * m.out_features - m.weight.numel() for m in model.modules() if isinstance(m, Linear4bit))
     names = [name] if name is not None else active_adapters(model)
     owned = {id(t): t for n in names for _, t in adapter_slots(model, n)}
     return ParameterReport(
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params),
+        total=sum(p.numel() for p in params) + packed,
         adapter_params=sum(t.numel() for t in owned.values()),
         adapter_bytes=sum(t.numel() * t.element_size() for t in owned.values()),
     )

@@ -26,7 +26,7 @@ from loratune.adapters.targets import (
     walk_modules,
 )
 from loratune.errors import ConfigError
-from loratune.layers import LoraLayer, lora_class_for
+from loratune.layers import MERGE_4BIT_HINT, LoraLayer, LoraLinear4bit, lora_class_for
 
 ADAPTERS_ATTR = "_loratune_adapters"
 BASE_ADAPTER = "__base__"  # PEFT's word for "no adapter" in mixed batches
@@ -290,6 +290,8 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, *, safe
         for path, layer in lora_layers(model):
             if name not in layer.lora_A:
                 continue
+            if isinstance(layer, LoraLinear4bit):
+                raise ConfigError(f"{path}: {MERGE_4BIT_HINT}")
             tied = id(layer.base_weight) in shared or layer._tied_original is not None
             if tied and on_tied == "error":
                 raise ConfigError(

@@ -42,7 +42,9 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     return walk_modules(model, (LoraLayer, ModulesToSaveWrapper))
 
 
-def _name_matches(names: str | list[str], path: str) -> bool:
+def module_name_matches(names: str | list[str], path: str) -> bool:
+    """Whether ``path`` is selected by ``names``: a list entry equal to it or a dotted suffix of it, or a
+    regex (a string) matching all of it — how ``target_modules`` names modules."""
     if isinstance(names, str):
         return re.fullmatch(names, path) is not None
     return path in names or any(path.endswith("." + name) for name in names)
@@ -91,14 +93,14 @@ def _is_linear(module: nn.Module) -> bool:
 
 def is_target(config: LoraConfig, path: str, module: nn.Module, head: str | None) -> bool:
     """Whether ``config`` adapts the module at ``path`` (``head``: the output head's path, for all-linear)."""
-    if config.exclude_modules and _name_matches(config.exclude_modules, path):
+    if config.exclude_modules and module_name_matches(config.exclude_modules, path):
         return False
     if _inside_module_to_save(path, config.modules_to_save):
         return False
     if config.target_modules == ALL_LINEAR:
         found = _is_linear(module) and path != head
     else:
-        found = _name_matches(config.target_modules, path)
+        found = module_name_matches(config.target_modules, path)
     if found and config.layers_to_transform is not None:
         index = _layer_index(path, config.layers_pattern)
         wanted = config.layers_to_transform

@@ -21,10 +21,14 @@ def _load(args):
     import loratune
     from loratune.adapters import read_adapter_config
 
+    from loratune.models.loader import resolve_model_dir
+    from loratune.models.quantized import stored_in_4bit
+
     for path, _ in getattr(args, "adapter", []):
         read_adapter_config(path)  # a wrong path fails now, not after loading the model
+    quantize = getattr(args, "quantize", None) or stored_in_4bit(resolve_model_dir(args.model))
     model, tokenizer = loratune.load_model(
-        args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+        args.model, quantize=quantize, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
     )
     for path, scale in getattr(args, "adapter", []):
         loratune.load_adapter(model, path, name=_adapter_name(model, path), scale=scale)
@@ -177,17 +181,62 @@ def run_generate(args) -> int:
 def run_merge(args) -> int:
     import loratune
     from loratune.models.export import save_hf_model
+    from loratune.models.loader import resolve_model_dir
+    from loratune.models.quantized import stored_in_4bit
 
     if not args.adapter:
         raise ConfigError("merge needs at least one --adapter DIR[:SCALE]")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    model, tokenizer = _load(args)
-    plain = loratune.unload(model, merge=True, safe=True)
-    save_hf_model(plain, tokenizer, out)
+    quantize = args.quantize or stored_in_4bit(resolve_model_dir(args.model))
+    if args.requantize and not quantize:
+        raise ConfigError("--requantize re-quantizes a 4-bit base; add --quantize nf4 (or fp4), as in training")
     names = ", ".join(f"{path}:{scale:g}" for path, scale in args.adapter)
-    print(f"merged {names} into {args.model} -> {out}")
+    if not quantize:
+        model, tokenizer = _load(args)
+        plain = loratune.unload(model, merge=True, safe=True)
+        save_hf_model(plain, tokenizer, out, dtype=_out_dtype(args))
+        print(f"merged {names} into {args.model} -> {out}")
+        return 0
+    return _merge_over_4bit(args, quantize, names, out)
+
+
+def _out_dtype(args):
+    from loratune.models.devices import DTYPE_NAMES
+
+    return DTYPE_NAMES[args.out_dtype] if args.out_dtype else None
+
+
+def _merge_over_4bit(args, quantize: str, names: str, out: Path) -> int:
+    """Dequantize the 4-bit base to float32, merge there, write bf16/fp16 (or re-quantize, reporting the error)."""
+    import torch
+
+    import loratune
+    from loratune.adapters import read_adapter_config
+    from loratune.models.export import save_hf_model
+    from loratune.models.merge_4bit import dequantize_model, merged_delta_norms, requantize_model, save_quantized_model
+
+    for path, _ in args.adapter:
+        read_adapter_config(path)
+    model, tokenizer = loratune.load_model(args.model, quantize=quantize, dtype="fp32", device=args.device,
+                                           trust_remote_code=args.trust_remote_code)
+    specs = dequantize_model(model, torch.float32)
+    for path, scale in args.adapter:
+        loratune.load_adapter(model, path, name=_adapter_name(model, path), scale=scale)
+    deltas = merged_delta_norms(model) if args.requantize else None
+    plain = loratune.unload(model, merge=True, safe=True)
+    if not args.requantize:
+        dtype = _out_dtype(args) or torch.bfloat16
+        save_hf_model(plain, tokenizer, out, dtype=dtype)
+        print(f"merged {names} into the dequantized {quantize} base {args.model} -> {out} ({dtype})")
+        return 0
+    report = requantize_model(plain, specs, deltas)
+    save_quantized_model(plain, tokenizer, out)
+    vs_delta = report.get("error_vs_delta")
+    print(f"merged {names} into {args.model} and re-quantized to {quantize} -> {out}; re-quantizing adds a relative "
+          f"weight error of {report['relative_error']:.4f} (worst layer {report['worst_layer_relative_error']:.4f})"
+          + (f", {vs_delta:.2f}x the size of the merged adapter change" if vs_delta is not None else ""))
     return 0
 
 

@@ -16,6 +16,9 @@ from loratune.errors import LoratuneError
 EPILOG = """\
 models (M): a Hugging Face model directory, a .gguf file (converted once into ~/.cache/loratune and
 loaded whole through transformers), or an alias: smollm2-135m (the built-in SmolLM2-135M-Instruct).
+4-bit bases (--quantize, model.quantize): safetensors directories stream tensor by tensor, never holding
+the full-precision model; a .gguf base is converted once through transformers, which holds the whole model
+(fine for small models).
 adapters: DIR or DIR:SCALE (strength, e.g. runs/x/adapter:0.5); repeat --adapter to combine several.
 """
 
@@ -39,6 +42,10 @@ def _model_options(parser: argparse.ArgumentParser, adapters: bool = True) -> No
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where supported), bf16, fp16 or fp32")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    parser.add_argument("--quantize", choices=("nf4", "fp4"), default=None,
+                        help="load the base with its Linear layers in 4 bits, as a QLoRA run trained it (automatic "
+                             "for a model stored in 4 bits); safetensors bases stream tensor by tensor, a .gguf base "
+                             "is converted through transformers, which holds the whole model (fine for small models)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,10 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("merge", "merge adapters into the base and write a plain Hugging Face model directory",
              "Write base + Σ strength·s·B·A into the weights (float32 math) and save a safetensors model directory "
-             "with tokenizer and chat template that plain transformers loads, with zero adapter latency.")
+             "with tokenizer and chat template that plain transformers loads, with zero adapter latency. "
+             "Over a 4-bit base (--quantize): dequantize it to float32, add the adapters in float32 and write "
+             "--out-dtype (bf16 by default); --requantize instead writes a 4-bit model and reports the error "
+             "re-quantizing adds.")
     _model_options(p)
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    p.add_argument("--out-dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="dtype of the written weights (default: bf16 over a 4-bit base, else the load --dtype)")
+    p.add_argument("--requantize", action="store_true",
+                   help="with a 4-bit base: re-quantize the merged weights and write a 4-bit model "
+                        "(bitsandbytes format); prints the relative error re-quantizing adds")
 
     p = verb("export-gguf", "export an adapter to llama.cpp's GGUF LoRA format (llama-cli --lora FILE.gguf)",
              "Write the adapter as a GGUF LoRA file that llama.cpp loads next to a GGUF of its base model with "

@@ -13,6 +13,7 @@ from loratune.layers.lora import (
     lora_class_for,
     lora_scaling,
 )
+from loratune.layers.lora_4bit import MERGE_4BIT_HINT, LoraLinear4bit
 
 __all__ = [
     "INIT_CHOICES",
@@ -21,6 +22,8 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraLinear4bit",
+    "MERGE_4BIT_HINT",
     "PissaStart",
     "RowGroups",
     "is_conv1d",

@@ -26,6 +26,7 @@ from torch import nn
 
 from loratune.errors import ConfigError
 from loratune.layers.fused_linear import lora_linear
+from loratune.quant import Linear4bit
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 UNINITIALISED = "uninitialised"  # for loading: factors left empty, the caller fills every one of them
@@ -559,6 +560,10 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA layer class that can wrap ``module``, or None when LoRA does not support its type."""
+    if isinstance(module, Linear4bit):
+        from loratune.layers.lora_4bit import LoraLinear4bit  # it subclasses LoraLinear, defined above
+
+        return LoraLinear4bit
     if isinstance(module, nn.Linear):
         return LoraLinear
     if isinstance(module, nn.Embedding):

@@ -11,9 +11,10 @@ from loratune.errors import ConfigError, LoratuneError, ModelNotFoundError
 from loratune.models.aliases import alias_gguf_path, alias_names, get_alias
 from loratune.models.devices import resolve_device, resolve_dtype
 from loratune.models.gguf_cache import cached_hf_dir
+from loratune.models.quantized import DEFAULT_UNQUANTIZED, load_quantized_model, stored_in_4bit
+from loratune.quant import QuantSpec
 
 QUANTIZE_CHOICES = (None, "nf4", "fp4")
-_NOT_YET_AVAILABLE = ("nf4", "fp4")  # valid config values; the quant layer adds the loading later
 
 
 def hf_name_for(name: str | Path) -> str:
@@ -32,6 +33,10 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    *,
+    double_quant: bool = True,
+    compute_dtype: str | torch.dtype | None = None,
+    unquantized_modules=DEFAULT_UNQUANTIZED,
 ):
     """Load a causal language model and its tokenizer; return ``(model, tokenizer)``.
 
@@ -42,8 +47,15 @@ def load_model(
     The model is returned in eval mode on ``device``, with ``config._name_or_path`` and ``name_or_path``
     set to ``hf_name_for(name)``. The tokenizer always has a pad token (its EOS token when it had none).
 
+    ``quantize`` "nf4"/"fp4" stores the Linear layers in 4 bits (blocks of 64; ``double_quant`` quantizes the
+    block scales too) except ``unquantized_modules`` (see ``models.quantized``); they compute in
+    ``compute_dtype`` ("auto"/None: bf16 where supported, else fp32). The safetensors weights are then read
+    tensor by tensor, never holding the full-precision model. A ``.gguf`` base is first converted once into
+    the cache through transformers, which holds that whole model in memory (fine for small models).
+
     Raises ``ModelNotFoundError`` when ``name`` cannot be found or read, ``ConfigError`` for an invalid
-    ``quantize``/``dtype``/``device``, and ``LoratuneError`` for 4-bit loading, not available yet.
+    ``quantize``/``dtype``/``device`` or a weight that cannot be quantized, and ``LoratuneError`` when a
+    checkpoint does not match its config in 4-bit loading.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import; only needed here
 
@@ -53,12 +65,21 @@ def load_model(
     model_dir = resolve_model_dir(name)
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True
-        )
+        stored = stored_in_4bit(model_dir)
+        if quantize is None and stored:
+            raise ConfigError(f"{name} is stored in 4 bits ({stored}); load it with quantize={stored!r}")
+        if quantize is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True
+            )
+        else:
+            spec = QuantSpec(quantize.strip().lower(), double_quant, resolve_dtype(compute_dtype, device))
+            model = load_quantized_model(model_dir, spec, torch_dtype, device, unquantized_modules, trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(
             str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True
         )
+    except LoratuneError:
+        raise  # already says what is wrong (e.g. a weight that cannot be quantized)
     except (OSError, ValueError, KeyError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelNotFoundError(f"cannot load model {name!r} from {model_dir}: {message}") from error
@@ -81,18 +102,12 @@ def load_model(
 
 
 def check_quantize(quantize: str | None) -> None:
-    """Check a ``quantize`` value; return None when this version can load it.
+    """Check a ``quantize`` value (None, "nf4" or "fp4", any case); return None when it is valid.
 
-    Raises ``LoratuneError`` for "nf4"/"fp4" (4-bit loading is not available in this version) and
-    ``ConfigError`` listing the valid values for anything else.
+    Raises ``ConfigError`` listing the valid values for anything else.
     """
-    if quantize is None:
+    if quantize is None or (isinstance(quantize, str) and quantize.strip().lower() in QUANTIZE_CHOICES):
         return
-    if isinstance(quantize, str) and quantize.strip().lower() in _NOT_YET_AVAILABLE:
-        raise LoratuneError(
-            f"4-bit loading (quantize={quantize!r}) is not available in this version of loratune; "
-            "use quantize=None (model.quantize: null) to train on the unquantized model"
-        )
     valid = ", ".join("null" if choice is None else repr(choice) for choice in QUANTIZE_CHOICES)
     raise ConfigError(f"unknown quantize value {quantize!r}; use one of: {valid}")
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loratune.adapters import LoraConfig
 from loratune.errors import ConfigError
+from loratune.models.quantized import DEFAULT_UNQUANTIZED
 from loratune.validation import check_known_keys, describe_validation_error
 
 DATA_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
@@ -30,6 +31,10 @@ class ModelSection(_Section):
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    # 4-bit options (used when quantize is set): see loratune.models.quantized
+    double_quant: bool = True  # quantize the per-block scales too (~0.37 bits/parameter less)
+    compute_dtype: str = "auto"  # dtype of the dequantized weights and matmuls; auto: bf16 where supported
+    unquantized_modules: list[str] = list(DEFAULT_UNQUANTIZED)  # keywords and/or Linear module names
 
 
 class DataSection(_Section):

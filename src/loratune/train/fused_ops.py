@@ -18,6 +18,7 @@ from torch import nn
 
 from loratune.layers import LoraLinear
 from loratune.layers.fused_linear import lora_linear_backward, lora_linear_forward
+from loratune.quant import Linear4bit, dequantize_weight
 
 # Architectures whose RMSNorm is ``weight * (x·rstd).to(dtype)`` and whose MLP is down(silu(gate(x)) * up(x)).
 LLAMA_LIKE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
@@ -73,26 +74,35 @@ class SiluMulFunction(torch.autograd.Function):
 
 class SiluMulLoraDownFunction(torch.autograd.Function):
     """``down(silu(gate) * up)`` with a LoRA ``down``: saves gate, up and the rank-r product, not the
-    intermediate-width product ``silu(gate) * up``, which backward recomputes (elementwise, cheap)."""
+    intermediate-width product ``silu(gate) * up``, which backward recomputes (elementwise, cheap).
+    With a 4-bit ``down`` (``quant_state`` given), ``weight`` is the packed data, dequantized in forward and
+    again in backward, never kept in between."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, lora_A, lora_B, scale: float):
+    def forward(ctx, gate, up, weight, bias, lora_A, lora_B, scale: float, quant_state=None):
         product = (F.silu(gate) * up).reshape(-1, gate.shape[-1])
-        out, xa = lora_linear_forward(product, weight, bias, lora_A, lora_B, scale)
+        dense = _dense_weight(weight, quant_state, product.dtype)
+        bias = None if bias is None else bias.to(product.dtype)
+        out, xa = lora_linear_forward(product, dense, bias, lora_A, lora_B, scale)
         ctx.save_for_backward(gate, up, weight, lora_A, lora_B, xa)
-        ctx.scale = scale
-        return out.view(*gate.shape[:-1], weight.shape[0])
+        ctx.scale, ctx.quant_state = scale, quant_state
+        return out.view(*gate.shape[:-1], dense.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, weight, lora_A, lora_B, xa = ctx.saved_tensors
         product = (F.silu(gate) * up).reshape(-1, gate.shape[-1])
-        needs = (True, *ctx.needs_input_grad[2:6])
+        dense = _dense_weight(weight, ctx.quant_state, product.dtype)
+        needs = (True, ctx.needs_input_grad[2] and ctx.quant_state is None, *ctx.needs_input_grad[3:6])
         grad_product, grad_weight, grad_bias, grad_A, grad_B = lora_linear_backward(
-            grad_out.reshape(-1, grad_out.shape[-1]), product, xa, weight, lora_A, lora_B, ctx.scale, needs
+            grad_out.reshape(-1, grad_out.shape[-1]), product, xa, dense, lora_A, lora_B, ctx.scale, needs
         )
         grad_gate, grad_up = _silu_mul_backward(gate, up, grad_product.view(gate.shape))
-        return grad_gate, grad_up, grad_weight, grad_bias, grad_A, grad_B, None
+        return grad_gate, grad_up, grad_weight, grad_bias, grad_A, grad_B, None, None
+
+
+def _dense_weight(weight, quant_state, dtype):
+    return weight if quant_state is None else dequantize_weight(weight, quant_state, dtype)
 
 
 def _rms_norm_forward(self, hidden_states):
@@ -105,8 +115,9 @@ def _mlp_forward(self, x):
     if name is None:
         return down(SiluMulFunction.apply(gate, up))
     base = down.base_layer
+    quant_state = base.quant_state if isinstance(base, Linear4bit) else None
     return SiluMulLoraDownFunction.apply(
-        gate, up, base.weight, base.bias, down.lora_A[name], down.lora_B[name], down.effective_scale(name)
+        gate, up, base.weight, base.bias, down.lora_A[name], down.lora_B[name], down.effective_scale(name), quant_state
     )
 
 

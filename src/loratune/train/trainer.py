@@ -182,6 +182,9 @@ def train(
         dtype=config.model.dtype,
         device=config.model.device,
         trust_remote_code=config.model.trust_remote_code,
+        double_quant=config.model.double_quant,
+        compute_dtype=config.model.compute_dtype,
+        unquantized_modules=config.model.unquantized_modules,
     )
     data = prepare_data(config, tokenizer)
     if not resume:  # written only now, so a run that fails to start does not block its retry
