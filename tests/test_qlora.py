@@ -199,3 +199,21 @@ def test_gradient_checkpointing_over_a_4bit_base_gives_the_same_adapter(model_di
     assert plain.keys() == checkpointed.keys()
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_adapter_batches_work_over_a_4bit_base(model_dir, qlora_run):
+    model, _ = loratune.load_model(model_dir, quantize="nf4", dtype="fp32", compute_dtype="fp32")
+    loratune.load_adapter(model, qlora_run / "adapter", name="a")
+    loratune.load_adapter(model, qlora_run / "adapter", name="b", scale=-1.0)
+    ids = IDS.repeat(3, 1)
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=["b", "__base__", "a"]).logits.float()
+        loratune.set_active(model, "a")
+        only_a = logits(model)
+        loratune.set_active(model, "b")
+        only_b = logits(model)
+        with loratune.disabled_adapters(model):
+            base = logits(model)
+    for row, expected in enumerate([only_b, base, only_a]):
+        torch.testing.assert_close(mixed[row], expected[0], rtol=1e-5, atol=1e-5)
+    assert rel(only_a, base) > 1e-3
