@@ -206,6 +206,7 @@ def test_mixed_adapter_batches_work_over_a_4bit_base(model_dir, qlora_run):
     loratune.load_adapter(model, qlora_run / "adapter", name="a")
     loratune.load_adapter(model, qlora_run / "adapter", name="b", scale=-1.0)
     ids = IDS.repeat(3, 1)
+    loratune.set_active(model, "a")  # one active adapter: the fused 4-bit path, which must yield to the rows
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=["b", "__base__", "a"]).logits.float()
         loratune.set_active(model, "a")
