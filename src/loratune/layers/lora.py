@@ -363,21 +363,21 @@ _FEW_ROWS = 64  # rows up to which the inference path keeps the low-rank product
 
 
 class _InferencePlan:
-    """What a ``LoraLinear`` needs to run without autograd: ``x·Wᵀ + b + (x·Aᵀ)·(s·Bᵀ)`` with ``Aᵀ`` and
-    ``s·Bᵀ`` cast and transposed once. For a mixed-adapter batch, A and B stack every adapter of the batch and
+    """What a ``LoraLinear`` needs to run without autograd: ``x·Wᵀ + b + (x·Aᵀ)·(s·Bᵀ)`` with ``A`` and
+    ``s·Bᵀ`` cast (and B transposed) once. For a mixed-adapter batch, A and B stack every adapter of the batch and
     ``mask`` (rows × Σr) keeps each row's own block. ``usable`` is False when the layer must take the general
     path (several active adapters, merged, dropout in training, ...); ``key`` says what it was built for."""
 
-    __slots__ = ("key", "usable", "weight", "bias", "At", "sBt", "mask", "factors", "versions")
+    __slots__ = ("key", "usable", "weight", "bias", "A", "sBt", "mask", "factors", "versions")
 
-    def __init__(self, key, usable=False, weight=None, bias=None, At=None, sBt=None, mask=None, factors=()):
+    def __init__(self, key, usable=False, weight=None, bias=None, A=None, sBt=None, mask=None, factors=()):
         self.key, self.usable = key, usable
-        self.weight, self.bias, self.At, self.sBt, self.mask = weight, bias, At, sBt, mask
+        self.weight, self.bias, self.A, self.sBt, self.mask = weight, bias, A, sBt, mask
         self.factors = factors
         self.versions = self._versions()
 
     def _versions(self):
-        return tuple(f._version for f in self.factors) + tuple(f.data_ptr() for f in self.factors)
+        return [(f._version, f.data_ptr()) for f in self.factors]
 
     def factors_changed(self) -> bool:
         """True when an A or B changed in place (training, loading) or moved since the plan was built."""
@@ -393,28 +393,33 @@ class _InferencePlan:
             A, sB, mask = layer._stacked_factors(names, layer.row_groups, layer._low_rank_dtype(x))
             factors = tuple(t for n in names for t in (layer.lora_A[n], layer.lora_B[n]))
             mask = mask[:, None, :].contiguous()  # rows × 1 × Σr: broadcasts over the positions of each row
-            return cls(key, True, base.weight, base.bias, A.T.contiguous(), sB.T.contiguous(), mask, factors)
+            return cls(key, True, base.weight, base.bias, A.contiguous(), sB.T.contiguous(), mask, factors)
+        if layer._runs_as_base(x):
+            return cls(key, True, base.weight, base.bias)
         name = layer._single_fusable_adapter(x)
         if name is None:
             return cls(key)
         A, B, scale = layer.lora_A[name], layer.lora_B[name], layer.effective_scale(name)
         dtype = layer._low_rank_dtype(x)
-        At = A.detach().T.to(dtype).contiguous()
         sBt = (B.detach().float().T * scale).to(dtype).contiguous()
-        return cls(key, True, base.weight, base.bias, At, sBt, None, (A, B))
+        return cls(key, True, base.weight, base.bias, A.detach().to(dtype).contiguous(), sBt, None, (A, B))
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.A is None:  # nothing to add: no adapter active, or all merged into the weight
+            return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
         out = F.linear(x2, self.weight, self.bias)
-        At, sBt = self.At, self.sBt
-        h = torch.mm(x2 if At.dtype == x2.dtype else x2.to(At.dtype), At)
+        A, sBt = self.A, self.sBt
+        # F.linear(x, A) with A as r × in: on a CPU, for a few rows, several times cheaper than x @ Aᵀ stored
+        # transposed, which the BLAS splits across threads.
+        h = F.linear(x2 if A.dtype == x2.dtype else x2.to(A.dtype), A)
         if self.mask is not None:  # mixed batch: zero the other adapters' columns of each row (dim 0 of x)
             rows = self.mask.shape[0]
             if x.shape[0] != rows:
                 raise ConfigError(f"adapter_names has {rows} names but the batch has {x.shape[0]} rows; "
                                   "give exactly one name per row")
             h.view(rows, -1, h.shape[1]).mul_(self.mask)
-        if At.dtype == out.dtype:
+        if A.dtype == out.dtype:
             out.addmm_(h, sBt)
         else:  # float32 factors for a few bf16/fp16 rows on a CPU: faster there, and added in place
             out.add_(torch.mm(h, sBt))
@@ -459,6 +464,16 @@ class LoraLinear(LoraLayer):
         if few_rows and not torch.is_grad_enabled() and self.lora_A:
             return next(iter(self.lora_A.values())).dtype
         return x.dtype
+
+    def _runs_as_base(self, x: torch.Tensor) -> bool:
+        """True when the output is just the (possibly merged) base Linear's: no unmerged adapter acts."""
+        return (
+            type(self.base_layer) is nn.Linear
+            and not self.pissa
+            and self.row_groups is None
+            and (self.base_only or all(name in self.merged for name in self.active))
+            and x.dtype == self.base_layer.weight.dtype
+        )
 
     def _single_fusable_adapter(self, x: torch.Tensor) -> str | None:
         if (
