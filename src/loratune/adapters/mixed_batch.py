@@ -30,6 +30,7 @@ from loratune.layers import RowGroups
 from loratune.validation import closest
 
 _HOOKS_ATTR = ADAPTERS_ATTR + "_mixed_batch_hooks"
+_LAST_GROUPS_ATTR = ADAPTERS_ATTR + "_last_row_groups"
 ADAPTER_NAMES_KWARG = "adapter_names"
 
 
@@ -82,7 +83,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     _check_names(model, adapter_names)
     layers = [layer for _, layer in lora_layers(model)]
     wrappers = [wrapper for _, wrapper in saved_modules(model)]
-    groups = row_groups(list(adapter_names), _device_of(model))
+    groups = _reused_row_groups(model, list(adapter_names))
     for module in (*layers, *wrappers):
         module.row_groups = groups
     try:
@@ -90,6 +91,19 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     finally:
         for module in (*layers, *wrappers):
             module.row_groups = None
+
+
+def _reused_row_groups(model: nn.Module, adapter_names: list[str]) -> RowGroups:
+    """``row_groups`` for this batch, the same object as last time when the names are the same: the layers
+    key their prepared factors on it, so repeated batches with one routing (a server, a benchmark, the
+    steps of a generation) skip preparing them again."""
+    device = _device_of(model)
+    last = getattr(model, _LAST_GROUPS_ATTR, None)
+    if last is not None and last[0] == adapter_names and last[1] == device:
+        return last[2]
+    groups = row_groups(adapter_names, device)
+    setattr(model, _LAST_GROUPS_ATTR, (adapter_names, device, groups))
+    return groups
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -132,5 +146,6 @@ def disable_adapter_names_argument(model: nn.Module) -> None:
     """Remove what ``enable_adapter_names_argument`` installed (nothing when it was not)."""
     for handle in getattr(model, _HOOKS_ATTR, None) or ():
         handle.remove()
-    if hasattr(model, _HOOKS_ATTR):
-        delattr(model, _HOOKS_ATTR)
+    for attr in (_HOOKS_ATTR, _LAST_GROUPS_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
