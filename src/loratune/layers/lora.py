@@ -408,7 +408,6 @@ class _InferencePlan:
         if self.A is None:  # nothing to add: no adapter active, or all merged into the weight
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
-        out = F.linear(x2, self.weight, self.bias)
         A, sBt = self.A, self.sBt
         # F.linear(x, A) with A as r × in: on a CPU, for a few rows, several times cheaper than x @ Aᵀ stored
         # transposed, which the BLAS splits across threads.
@@ -419,10 +418,15 @@ class _InferencePlan:
                 raise ConfigError(f"adapter_names has {rows} names but the batch has {x.shape[0]} rows; "
                                   "give exactly one name per row")
             h.view(rows, -1, h.shape[1]).mul_(self.mask)
-        if A.dtype == out.dtype:
+        if A.dtype == x2.dtype:
+            out = F.linear(x2, self.weight, self.bias)
             out.addmm_(h, sBt)
-        else:  # float32 factors for a few bf16/fp16 rows on a CPU: faster there, and added in place
-            out.add_(torch.mm(h, sBt))
+        else:
+            # Float32 factors for a few bf16/fp16 rows on a CPU: faster there. The rank-r products run before
+            # the base product: right after a multi-threaded matmul, small operations measured slower.
+            delta = torch.mm(h, sBt)
+            out = F.linear(x2, self.weight, self.bias)
+            out.add_(delta)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
