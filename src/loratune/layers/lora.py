@@ -365,7 +365,7 @@ _FEW_ROWS = 64  # rows up to which the inference path keeps the low-rank product
 class _InferencePlan:
     """What a ``LoraLinear`` needs to run without autograd: ``x·Wᵀ + b + (x·Aᵀ)·(s·Bᵀ)`` with ``A`` and
     ``s·Bᵀ`` cast (and B transposed) once. For a mixed-adapter batch, A and B stack every adapter of the batch and
-    ``mask`` (rows × Σr) keeps each row's own block. ``usable`` is False when the layer must take the general
+    ``mask`` (rows × 1 × Σr) keeps each row's own block. ``usable`` is False when the layer must take the general
     path (several active adapters, merged, dropout in training, ...); ``key`` says what it was built for."""
 
     __slots__ = ("key", "usable", "weight", "bias", "A", "sBt", "mask", "factors", "versions")
@@ -434,7 +434,8 @@ class LoraLinear(LoraLayer):
     """LoRA around ``nn.Linear`` (weight out × in), and any ``nn.Linear`` subclass.
 
     The common training case (a plain Linear, one active adapter, no dropout) runs as one lean autograd
-    function (``fused_linear``); everything else takes the general path.
+    function (``fused_linear``); without autograd, a cached ``_InferencePlan`` runs one adapter, a
+    mixed-adapter batch or the bare (merged) base; everything else takes the general path.
     """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -464,7 +465,7 @@ class LoraLinear(LoraLayer):
     def _low_rank_dtype(self, x: torch.Tensor) -> torch.dtype:
         # Decoding multiplies a few rows: there the rank-r products run several times faster in the
         # adapter's float32 than in bf16 on a CPU; larger inputs (and training) use x's dtype.
-        few_rows = x.numel() <= _FEW_ROWS * x.shape[-1] and x.device.type == "cpu"
+        few_rows = x.is_cpu and x.numel() <= _FEW_ROWS * x.shape[-1]
         if few_rows and not torch.is_grad_enabled() and self.lora_A:
             return next(iter(self.lora_A.values())).dtype
         return x.dtype
