@@ -16,22 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import loratune
+from common import random_adapter
 from loratune.train.generation import generate_greedy
-
-
-def make_adapter(model_name: str, dtype: str, path: Path) -> None:
-    """An r=8 all-linear adapter with non-zero B (so it changes the output), saved at ``path``."""
-    model, _ = loratune.load_model(model_name, dtype=dtype)
-    torch.manual_seed(0)
-    loratune.add_adapter(model, loratune.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.normal_(std=0.01)
-    loratune.save_adapter(model, path)
 
 
 def variants(model_name: str, dtype: str, adapter: Path):
@@ -64,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
 
     adapter = Path(tempfile.mkdtemp(prefix="loratune-infer-")) / "adapter"
-    make_adapter(args.model, args.dtype, adapter)
+    random_adapter(args.model, adapter, dtype=args.dtype)
     tokenizer, models = variants(args.model, args.dtype, adapter)
     text = "Summarise the plot of a novel about a lighthouse keeper who finds a message in a bottle."
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)

@@ -19,19 +19,8 @@ from pathlib import Path
 import torch
 
 import loratune
+from common import random_adapter
 from loratune.adapters import INT8_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter, write_adapter
-
-
-def random_adapter(model_name: str, path: Path) -> Path:
-    """An r=8 all-linear adapter with non-zero B (std 0.01), like bench/inference.py uses."""
-    model, _ = loratune.load_model(model_name, dtype="fp32", device="cpu")
-    torch.manual_seed(0)
-    loratune.add_adapter(model, loratune.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.normal_(std=0.01)
-    return loratune.save_adapter(model, path)
 
 
 def batch(tokenizer, data: Path, n: int) -> dict:

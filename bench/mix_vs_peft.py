@@ -18,21 +18,11 @@ from pathlib import Path
 import torch
 
 import loratune
+from common import random_adapter
 from loratune.adapters import read_adapter
 from loratune.adapters.mix import adapter_factors, mix_adapters
 
 WEIGHTS = [0.7, -0.3]
-
-
-def random_adapter(model_name: str, path: Path, seed: int) -> Path:
-    model, _ = loratune.load_model(model_name, dtype="fp32", device="cpu")
-    torch.manual_seed(seed)
-    loratune.add_adapter(model, loratune.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.normal_(std=0.01)
-    return loratune.save_adapter(model, path)
 
 
 def exact_sum(inputs) -> dict[str, torch.Tensor]:
@@ -58,8 +48,8 @@ def main() -> None:
     import peft
 
     work = Path(tempfile.mkdtemp(prefix="mix-bench-"))
-    first = Path(args.adapter) if args.adapter else random_adapter(args.model, work / "a", 1)
-    second = random_adapter(args.model, work / "b", 2)
+    first = Path(args.adapter) if args.adapter else random_adapter(args.model, work / "a", seed=1)
+    second = random_adapter(args.model, work / "b", seed=2)
     inputs = [read_adapter(first), read_adapter(second)]
     exact = exact_sum(inputs)
 

@@ -15,7 +15,7 @@ import torch
 
 import loratune
 from loratune.adapters.gguf_export import GgufBase, export_gguf
-from loratune.errors import AdapterLoadError, ConfigError
+from loratune.errors import ConfigError
 from loratune.models.base_config import alias_for_hf_id
 from test_cli import assert_one_line_error, cli
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loratune.errors import ConfigError, LoratuneError, ModelNotFoundError
+from loratune.errors import ConfigError, ModelNotFoundError
 from loratune.models import (
     ALIASES,
     ModelAlias,

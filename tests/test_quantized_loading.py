@@ -3,7 +3,6 @@ layers, giving exactly what quantizing the fully loaded model gives; what stays 
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
