@@ -1,8 +1,9 @@
 """Mixed-adapter batches: each row of a batch runs with its own adapter (or the bare base, ``"__base__"``).
 
-Rows are grouped by adapter once per call; every LoRA layer then runs its base once on the whole batch and
-each group's low-rank path once on that group's rows (no per-row loop): N rows over K adapters cost one base
-pass plus K small passes. Two ways in:
+Rows are grouped by adapter once per call. Every LoRA layer then runs its base once on the whole batch, and
+the batch's adapters as one stacked low-rank product with a per-row mask (see ``LoraLayer._add_row_groups``):
+N rows over K adapters cost one base pass plus two small products, with no per-row loop. (With dropout in
+training, each adapter runs once on its own rows instead.) Two ways in:
 
     model(input_ids, ..., adapter_names=["a", "__base__", "b", ...])   # one name per row
     with mixed_batch(model, adapter_names): ...                       # anything that calls the model
