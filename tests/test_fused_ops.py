@@ -34,8 +34,13 @@ def test_silu_mul_lora_down_function_passes_gradcheck_in_float64(bias):
     assert torch.autograd.gradcheck(lambda *a: SiluMulLoraDownFunction.apply(*a, 0.7), (gate, up, weight, b, A, B))
 
 
-def loss_and_grads(patch: bool, dtype=torch.float32):
+def loss_and_grads(patch: bool, dtype=torch.float32, quantize: str | None = None):
     model = tiny_llama(dtype=dtype)
+    if quantize:
+        from loratune.models.quantized import quantize_model
+        from loratune.quant import QuantSpec
+
+        model = quantize_model(model, QuantSpec(quantize, compute_dtype=dtype))
     torch.manual_seed(1)
     loratune.add_adapter(model, LoraConfig(r=4, init_lora_weights=False))
     if patch:
@@ -70,25 +75,9 @@ def test_other_architectures_are_left_alone():
     assert patch_for_training(tiny_gpt2()) == 0
 
 
-def loss_and_grads_4bit(patch: bool):
-    from loratune.models.quantized import quantize_model
-    from loratune.quant import QuantSpec
-
-    model = quantize_model(tiny_llama(), QuantSpec("nf4", compute_dtype=torch.float32))
-    torch.manual_seed(1)
-    loratune.add_adapter(model, LoraConfig(r=4, init_lora_weights=False))
-    if patch:
-        assert patch_for_training(model) == 2 * 3 + 1
-    model.train()
-    ids = token_batch(length=16)
-    total, count = causal_lm_loss_sum(model, {"input_ids": ids, "labels": ids})
-    (total / count).backward()
-    return total.detach() / count, [p.grad for p in model.parameters() if p.requires_grad]
-
-
 def test_patched_model_with_4bit_down_proj_gives_the_same_loss_and_adapter_gradients():
-    patched_loss, patched_grads = loss_and_grads_4bit(True)
-    plain_loss, plain_grads = loss_and_grads_4bit(False)
+    patched_loss, patched_grads = loss_and_grads(True, quantize="nf4")
+    plain_loss, plain_grads = loss_and_grads(False, quantize="nf4")
     assert (patched_loss - plain_loss).abs() <= 1e-5 * plain_loss.abs()
     assert len(patched_grads) == 2 * 7 * 2
     for a, b in zip(patched_grads, plain_grads):

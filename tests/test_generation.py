@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import build_tiny_llama
 
 from loratune.train.generation import exact_match, generate_greedy, stop_token_ids, stream_greedy
 
@@ -15,21 +15,10 @@ IM_END = 2  # "<|im_end|>" in the tiny tokenizer: its EOS and pad token
 def model(tiny_tokenizer):
     """A 2-block random Llama in float32. A larger init spread than usual makes its logits peaked, so greedy
     choices are not near-ties that float rounding could flip."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=IM_END,
-        pad_token_id=IM_END,
+    return build_tiny_llama(
+        len(tiny_tokenizer), tie_word_embeddings=False, hidden_size=64, intermediate_size=128,
+        max_position_embeddings=256, initializer_range=0.2, bos_token_id=1,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

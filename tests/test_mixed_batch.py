@@ -274,3 +274,10 @@ def test_mixed_batches_in_bf16_match_per_adapter_runs_up_to_bf16_rounding():
         mixed = model(ids, adapter_names=ROW_NAMES).logits.float()
     reference = rows_one_adapter_at_a_time(model, ids, ROW_NAMES).float()
     assert (mixed - reference).norm() / reference.norm() < 1e-2
+
+
+def test_mixed_batch_refuses_a_pissa_adapter():
+    model = tiny_llama(tie=False)
+    loratune.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"), "p")
+    with pytest.raises(ConfigError, match="PiSSA"):
+        model(token_batch(batch=2), adapter_names=["p", BASE_ADAPTER])

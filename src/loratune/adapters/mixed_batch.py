@@ -23,7 +23,6 @@ from loratune.adapters.surgery import (
     BASE_ADAPTER,
     adapters_of,
     lora_layers,
-    merged_adapters,
     saved_modules,
 )
 from loratune.errors import ConfigError
@@ -48,7 +47,7 @@ def row_groups(adapter_names: Sequence[str], device: torch.device) -> RowGroups:
     return RowGroups(len(adapter_names), names, row_group, groups)
 
 
-def _check_names(model: nn.Module, adapter_names: Sequence[str]) -> None:
+def _check_names(model: nn.Module, adapter_names: Sequence[str], layers: list[tuple[str, nn.Module]]) -> None:
     if isinstance(adapter_names, str) or not len(adapter_names):
         raise ConfigError(f"{ADAPTER_NAMES_KWARG} must be a list with one adapter name per row, got {adapter_names!r}")
     known = adapters_of(model)
@@ -61,10 +60,10 @@ def _check_names(model: nn.Module, adapter_names: Sequence[str]) -> None:
                 f"{ADAPTER_NAMES_KWARG} names {name!r}, which is not an adapter of this model "
                 f"(adapters: {', '.join(map(repr, choices))}){suggestion}"
             )
-    merged = merged_adapters(model)
+    merged = sorted({name for _, layer in layers for name in layer.merged})
     if merged:
         raise ConfigError(f"mixed-adapter batches need unmerged adapters, but {merged} are merged; unmerge(model) first")
-    for path, layer in lora_layers(model):
+    for path, layer in layers:
         if layer.pissa:
             raise ConfigError(
                 f"{path!r} holds a PiSSA adapter, whose base weight is rewritten, so its rows cannot share a base "
@@ -81,8 +80,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     Raises ``ConfigError`` for an unknown name (suggesting the closest), merged adapters or a PiSSA adapter.
     A batch whose size differs from ``len(adapter_names)`` raises ``ConfigError`` when it reaches a layer.
     """
-    _check_names(model, adapter_names)
-    layers = [layer for _, layer in lora_layers(model)]
+    named_layers = list(lora_layers(model))  # one walk of the model per batch: this runs on every forward
+    _check_names(model, adapter_names, named_layers)
+    layers = [layer for _, layer in named_layers]
     wrappers = [wrapper for _, wrapper in saved_modules(model)]
     groups = _reused_row_groups(model, list(adapter_names))
     for module in (*layers, *wrappers):

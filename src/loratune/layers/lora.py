@@ -362,6 +362,10 @@ class LoraLayer(nn.Module):
 _FEW_ROWS = 64  # rows up to which the inference path keeps the low-rank products in float32 on a CPU
 
 
+def _few_cpu_rows(x: torch.Tensor) -> bool:
+    return x.is_cpu and x.numel() <= _FEW_ROWS * x.shape[-1]
+
+
 class _InferencePlan:
     """What a ``LoraLinear`` needs to run without autograd: ``x·Wᵀ + b + (x·Aᵀ)·(s·Bᵀ)`` with ``A`` and
     ``s·Bᵀ`` cast (and B transposed) once. For a mixed-adapter batch, A and B stack every adapter of the batch and
@@ -452,9 +456,9 @@ class LoraLinear(LoraLayer):
     def _inference_plan(self, x: torch.Tensor) -> _InferencePlan:
         """The no-grad plan for input ``x``, rebuilt only when something it depends on changed: decoding runs
         hundreds of these layers per token, where per-call Python checks cost as much as the rank-r products."""
-        few_rows = x.is_cpu and x.numel() <= _FEW_ROWS * x.shape[-1]
         key = (
-            self._epoch, self.active, self.base_only, self.row_groups, self.training, x.dtype, x.is_cpu, few_rows,
+            self._epoch, self.active, self.base_only, self.row_groups, self.training, x.dtype, x.is_cpu,
+            _few_cpu_rows(x),
             tuple(self.strength.values()),
         )  # a move to another accelerator moves the factors too, which factors_changed() sees
         plan = self._plan
@@ -465,8 +469,7 @@ class LoraLinear(LoraLayer):
     def _low_rank_dtype(self, x: torch.Tensor) -> torch.dtype:
         # Decoding multiplies a few rows: there the rank-r products run several times faster in the
         # adapter's float32 than in bf16 on a CPU; larger inputs (and training) use x's dtype.
-        few_rows = x.is_cpu and x.numel() <= _FEW_ROWS * x.shape[-1]
-        if few_rows and not torch.is_grad_enabled() and self.lora_A:
+        if _few_cpu_rows(x) and not torch.is_grad_enabled() and self.lora_A:
             return next(iter(self.lora_A.values())).dtype
         return x.dtype
 
