@@ -17,6 +17,7 @@ Which adapters exist, which are active and which module weights are shared is de
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.errors import ConfigError
+from loratune.layers import lowrank_cpu
 from loratune.layers.fused_linear import lora_linear
 from loratune.quant import Linear4bit
 
@@ -65,6 +67,53 @@ class RowGroups:
             )
 
 
+class _StrengthTable(dict):
+    """Adapter name -> strength, counting its changes in ``version`` (a cheap key for the inference plans)."""
+
+    version = 0
+
+    def _changed(self):
+        self.version += 1
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._changed()
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def pop(self, *args):
+        self._changed()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._changed()
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        self._changed()
+        return super().setdefault(key, default)
+
+    def clear(self):
+        super().clear()
+        self._changed()
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+
+# Layer attributes the inference plans depend on: setting one bumps the layer's ``_epoch``. (``row_groups`` is
+# part of the plans' key instead: mixed_batch sets it for every batch, usually to the same object.)
+_PLAN_INPUTS = frozenset({"active", "base_only", "training", "strength"})
+_UNSET = object()
+
+
 class LoraLayer(nn.Module):
     """A frozen base module plus named low-rank adapters. Subclasses define the shapes and the merge layout.
 
@@ -72,6 +121,21 @@ class LoraLayer(nn.Module):
     """
 
     peft_suffixes: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+    _epoch = 0  # bumped when adapters are added, removed, merged or unmerged, or a plan input is set
+
+    def __setattr__(self, name, value):
+        if name == "strength" and not isinstance(value, _StrengthTable):
+            value = _StrengthTable(value)
+        # model.eval() sets every module's flag on each generation call: only a real change invalidates plans
+        changed = name in _PLAN_INPUTS and (name == "strength" or self.__dict__.get(name, _UNSET) != value)
+        super().__setattr__(name, value)
+        if changed:
+            self._epoch += 1
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half(), ...: the inference plans hold the old tensors, so they must be rebuilt
+        self._epoch += 1
+        return super()._apply(fn, recurse)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -82,7 +146,7 @@ class LoraLayer(nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.strength: dict[str, float] = {}
+        self.strength: dict[str, float] = _StrengthTable()
         self.active: tuple[str, ...] = ()
         self.merged: dict[str, float] = {}  # adapter name -> effective scale that was merged
         self.pissa: dict[str, PissaStart] = {}
@@ -92,8 +156,8 @@ class LoraLayer(nn.Module):
         # nn.Module does not register the original as a parameter of this layer.
         self._tied_original: tuple[nn.Parameter] | None = None
         self._stacked_cache: dict = {}  # dtype -> (key, A, B, group table) of the last mixed batch
-        self._plan: _InferencePlan | None = None  # LoraLinear's no-grad fast path
-        self._epoch = 0  # bumped when adapters are added, removed, merged or unmerged (see _InferencePlan)
+        # LoraLinear's no-grad fast path: one plan for a few rows (decoding), one for more (a prompt)
+        self._plans: list[_InferencePlan | None] = [None, None]
 
     # --- shapes and layout, per subclass ---------------------------------------------------------
     @property
@@ -362,6 +426,9 @@ class LoraLayer(nn.Module):
 _FEW_ROWS = 64  # rows up to which the inference path keeps the low-rank products in float32 on a CPU
 
 
+_VERSION = operator.attrgetter("_version")
+
+
 def _few_cpu_rows(x: torch.Tensor) -> bool:
     return x.is_cpu and x.numel() <= _FEW_ROWS * x.shape[-1]
 
@@ -370,21 +437,31 @@ class _InferencePlan:
     """What a ``LoraLinear`` needs to run without autograd: ``x·Wᵀ + b + (x·Aᵀ)·(s·Bᵀ)`` with ``A`` and
     ``s·Bᵀ`` cast (and B transposed) once. For a mixed-adapter batch, A and B stack every adapter of the batch and
     ``mask`` (rows × 1 × Σr) keeps each row's own block. ``usable`` is False when the layer must take the general
-    path (several active adapters, merged, dropout in training, ...); ``key`` says what it was built for."""
+    path (several active adapters, merged, dropout in training, ...); ``key`` says what it was built for.
+    ``kernel`` holds the fixed arguments of the compiled CPU kernel (``lowrank_cpu``) when it takes the update.
+    """
 
-    __slots__ = ("key", "usable", "weight", "bias", "A", "sBt", "mask", "factors", "versions")
+    __slots__ = ("key", "usable", "weight", "bias", "A", "sBt", "mask", "factors", "versions", "kernel")
 
-    def __init__(self, key, usable=False, weight=None, bias=None, A=None, sBt=None, mask=None, factors=()):
+    def __init__(self, key, usable=False, weight=None, bias=None, A=None, sBt=None, mask=None, factors=(),
+                 x_dtype=None):
         self.key, self.usable = key, usable
         self.weight, self.bias, self.A, self.sBt, self.mask = weight, bias, A, sBt, mask
         self.factors = factors
         self.versions = self._versions()
+        self.kernel = None
+        if A is not None and mask is None and x_dtype is not None and lowrank_cpu.kernel_fits(x_dtype, A, sBt):
+            self.kernel = (lowrank_cpu.raw_kernel(), A.data_ptr(), sBt.data_ptr(), A.shape[1], A.shape[0],
+                           sBt.shape[1], int(x_dtype == torch.bfloat16))
 
-    def _versions(self):
-        return [(f._version, f.data_ptr()) for f in self.factors]
+    def _versions(self) -> int:
+        # version counters only grow, so their sum changes when any one does; map + attrgetter runs in C (a
+        # comprehension measured ~8 µs per layer while decoding, as much as the kernel)
+        return sum(map(_VERSION, self.factors))
 
     def factors_changed(self) -> bool:
-        """True when an A or B changed in place (training, loading) or moved since the plan was built."""
+        """True when an A or B changed in place (training, loading) since the plan was built. (Moving a layer
+        to another device or dtype bumps its ``_epoch`` instead; see ``LoraLayer._apply``.)"""
         return self.versions != self._versions()
 
     @classmethod
@@ -406,12 +483,20 @@ class _InferencePlan:
         A, B, scale = layer.lora_A[name], layer.lora_B[name], layer.effective_scale(name)
         dtype = layer._low_rank_dtype(x)
         sBt = (B.detach().float().T * scale).to(dtype).contiguous()
-        return cls(key, True, base.weight, base.bias, A.detach().to(dtype).contiguous(), sBt, None, (A, B))
+        A_low = A.detach().to(dtype).contiguous()
+        kernel_dtype = x.dtype if _few_cpu_rows(x) else None  # the kernel's float32 loops pay off for few rows
+        return cls(key, True, base.weight, base.bias, A_low, sBt, None, (A, B), kernel_dtype)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         if self.A is None:  # nothing to add: no adapter active, or all merged into the weight
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
+        if self.kernel is not None and x2.is_contiguous():
+            out = F.linear(x2, self.weight, self.bias).contiguous()  # (it is; the kernel writes raw rows)
+            add_low_rank, A_address, sBt_address, in_features, rank, out_features, is_bf16 = self.kernel
+            add_low_rank(out.data_ptr(), x2.data_ptr(), A_address, sBt_address, x2.shape[0], in_features, rank,
+                         out_features, is_bf16)
+            return out.view(*x.shape[:-1], out_features)
         A, sBt = self.A, self.sBt
         # F.linear(x, A) with A as r × in: on a CPU, for a few rows, several times cheaper than x @ Aᵀ stored
         # transposed, which the BLAS splits across threads.
@@ -456,14 +541,13 @@ class LoraLinear(LoraLayer):
     def _inference_plan(self, x: torch.Tensor) -> _InferencePlan:
         """The no-grad plan for input ``x``, rebuilt only when something it depends on changed: decoding runs
         hundreds of these layers per token, where per-call Python checks cost as much as the rank-r products."""
-        key = (
-            self._epoch, self.active, self.base_only, self.row_groups, self.training, x.dtype, x.is_cpu,
-            _few_cpu_rows(x),
-            tuple(self.strength.values()),
-        )  # a move to another accelerator moves the factors too, which factors_changed() sees
-        plan = self._plan
+        few_rows = _few_cpu_rows(x)
+        # _epoch counts changes of the layer's state (active adapters, mode, merges, moves), strength.version
+        # changes of the strengths
+        key = (self._epoch, self.strength.version, self.row_groups, x.dtype, x.is_cpu)
+        plan = self._plans[few_rows]  # generation alternates a prompt and its decoding steps: keep both plans
         if plan is None or plan.key != key or plan.factors_changed():
-            plan = self._plan = _InferencePlan.build(self, key, x)
+            plan = self._plans[few_rows] = _InferencePlan.build(self, key, x)
         return plan
 
     def _low_rank_dtype(self, x: torch.Tensor) -> torch.dtype:

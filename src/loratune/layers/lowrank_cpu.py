@@ -1,0 +1,86 @@
+"""The compiled CPU kernel for an unmerged LoRA layer's update on a few rows: ``out += (x·Aᵀ)·(s·Bᵀ)``.
+
+Decoding runs every LoRA layer once per token on one row (or one row per prompt). In PyTorch operations the
+update is four calls (cast x to float32, two rank-r products, the add), each of which costs microseconds of
+dispatch and cold caches right after the base layer's product: more than the arithmetic. The kernel
+(``_lowrank_cpu.c``, built by ``pip install``) does it in one call, in float32, and writes the rounded sum into
+the base output. When it was not built (no C compiler), or ``LORATUNE_NO_KERNEL=1`` is set, loratune runs the
+same arithmetic through PyTorch operations.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from loratune.layers import _lowrank_cpu
+except ImportError:  # built without a C compiler: the PyTorch path does the same arithmetic
+    _lowrank_cpu = None
+
+MAX_RANK = 1024  # as in _lowrank_cpu.c
+_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
+
+
+def kernel_available() -> bool:
+    """True when the compiled kernel is importable and not switched off with ``LORATUNE_NO_KERNEL=1``."""
+    return _lowrank_cpu is not None and os.environ.get("LORATUNE_NO_KERNEL", "") in ("", "0")
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the kernel runs with (``avx512``, ``avx2`` or ``baseline``); None without it."""
+    return _lowrank_cpu.ISA if _lowrank_cpu is not None else None
+
+
+def raw_kernel():
+    """``add_low_rank(out, x, A, sBt, rows, in, rank, out_features, is_bf16)`` taking addresses, unchecked: for
+    callers that checked the tensors once with ``kernel_fits`` and keep them alive. None when unavailable."""
+    return _lowrank_cpu.add_low_rank if kernel_available() else None
+
+
+def kernel_fits(x_dtype: torch.dtype, A: torch.Tensor, sBt: torch.Tensor) -> bool:
+    """Whether the kernel can take a layer's factors for activations of ``x_dtype``: float32 factors (rank × in
+    and rank × out), contiguous, on the CPU, rank at most ``MAX_RANK``, bf16 or float32 activations."""
+    return (
+        kernel_available()
+        and x_dtype in _DTYPES
+        and A.dtype == torch.float32
+        and sBt.dtype == torch.float32
+        and A.device.type == "cpu"
+        and sBt.device.type == "cpu"
+        and A.is_contiguous()
+        and sBt.is_contiguous()
+        and A.dim() == 2
+        and sBt.dim() == 2
+        and A.shape[0] == sBt.shape[0]
+        and 1 <= A.shape[0] <= MAX_RANK
+    )
+
+
+def add_low_rank_(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, sBt: torch.Tensor) -> torch.Tensor:
+    """``out += (x·Aᵀ)·sBt`` in place, in float32, rounded once into ``out``'s dtype; returns ``out``.
+
+    ``x`` (rows × in) and ``out`` (rows × out_features): contiguous CPU tensors of one dtype, bf16 or float32;
+    ``A`` (rank × in) and ``sBt`` (rank × out_features) as ``kernel_fits`` requires. Raises ValueError for
+    anything else (the kernel reads raw memory, so nothing unchecked reaches it) and RuntimeError when the
+    kernel is not available. Layers check once per plan and call ``_lowrank_cpu.add_low_rank`` directly.
+    """
+    if not kernel_available():
+        raise RuntimeError("the compiled low-rank kernel is not available (reinstall loratune with a C compiler)")
+    if not kernel_fits(x.dtype, A, sBt):
+        raise ValueError("A and sBt must be contiguous float32 CPU matrices of one rank ≤ 1024, x bf16 or float32")
+    if (
+        x.dim() != 2 or out.dim() != 2 or out.dtype != x.dtype or out.device.type != "cpu"
+        or x.device.type != "cpu" or not (x.is_contiguous() and out.is_contiguous())
+        or out.shape[0] != x.shape[0] or A.shape[1] != x.shape[1] or sBt.shape[1] != out.shape[1]
+    ):
+        raise ValueError(
+            f"shapes or layout do not fit: x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} {out.dtype}, "
+            f"A {tuple(A.shape)}, sBt {tuple(sBt.shape)}"
+        )
+    _lowrank_cpu.add_low_rank(
+        out.data_ptr(), x.data_ptr(), A.data_ptr(), sBt.data_ptr(), x.shape[0], x.shape[1], A.shape[0], out.shape[1],
+        _DTYPES[x.dtype],
+    )
+    return out

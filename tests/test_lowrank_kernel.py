@@ -1,0 +1,173 @@
+"""The compiled CPU kernel for a LoRA layer's update on a few rows (``layers/_lowrank_cpu.c``), alone and as
+the no-grad path of ``LoraLinear``; and the plan cache that decides when it runs."""
+
+import platform
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from loratune.layers import LoraLinear, lowrank_cpu
+from loratune.layers.lowrank_cpu import add_low_rank_, kernel_available
+
+needs_kernel = pytest.mark.skipif(not kernel_available(), reason="compiled kernel not built or switched off")
+
+
+def test_the_kernel_is_built_where_ci_and_users_run():
+    # pip install builds it wherever a C compiler exists; a silent build failure must not pass unnoticed
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+        pytest.skip("not a platform the project builds on")
+    assert lowrank_cpu._lowrank_cpu is not None, "reinstall with `pip install -e .`: loratune.layers._lowrank_cpu is missing"
+    assert lowrank_cpu.kernel_isa() in ("avx512", "avx2", "baseline")
+
+
+def reference(out, x, A, sBt):
+    """The update in float64: out + (x·Aᵀ)·sBt."""
+    return out.double() + (x.double() @ A.double().T) @ sBt.double()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "rows, d_in, d_out, rank",
+    [
+        (1, 576, 1536, 8),  # one decoding row of SmolLM2's MLP
+        (8, 1536, 576, 8),
+        (5, 17, 33, 3),  # every loop has a remainder: rows % 4, in % 16, out % 16, rank % 8
+        (4, 16, 16, 8),  # no remainder anywhere
+        (3, 1, 1, 1),
+        (64, 64, 48, 9),
+        (2, 40, 70, 64),
+        (1, 8, 20, 1024),  # the largest rank the kernel takes
+        (0, 16, 16, 8),  # an empty batch writes nothing
+    ],
+)
+def test_kernel_matches_a_float64_reference(dtype, rows, d_in, d_out, rank):
+    torch.manual_seed(rows * 1000 + d_in + d_out + rank)
+    x = torch.randn(rows, d_in).to(dtype)
+    out = torch.randn(rows, d_out).to(dtype)
+    A, sBt = torch.randn(rank, d_in) / d_in**0.5, torch.randn(rank, d_out) / rank**0.5
+    expected = reference(out, x, A, sBt)
+    result = add_low_rank_(out.clone(), x, A, sBt)
+    if dtype == torch.float32:
+        torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-5)
+    else:
+        # float32 arithmetic, one rounding to bf16 at the end: within one bf16 step of the exact value
+        step = expected.abs().clamp_min(1e-30) * 2.0**-8
+        assert ((result.double() - expected).abs() <= step).all()
+
+
+@needs_kernel
+def test_kernel_rounds_like_torch_and_keeps_nan_and_inf():
+    torch.manual_seed(0)
+    x = torch.randn(6, 96, dtype=torch.bfloat16)
+    out = torch.randn(6, 80, dtype=torch.bfloat16)
+    out[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    A, sBt = torch.randn(8, 96) * 0.1, torch.randn(8, 80) * 0.1
+    delta = torch.nn.functional.linear(x.float(), A) @ sBt
+    expected = out.clone()
+    expected.add_(delta)  # what the PyTorch path computes: float32 sum, rounded to nearest even
+    result = add_low_rank_(out.clone(), x, A, sBt)
+    assert torch.equal(result.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    # summation order may differ from the BLAS; at most a few elements land on the other side of a tie
+    assert (result[finite] != expected[finite]).sum() <= 3
+    assert torch.equal(result[0, 1:3], expected[0, 1:3])
+
+
+@needs_kernel
+def test_kernel_refuses_what_it_cannot_read():
+    x, out = torch.randn(2, 16), torch.randn(2, 8)
+    A, sBt = torch.randn(4, 16), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="shapes or layout"):
+        add_low_rank_(out, x.T.contiguous().T, A, sBt)  # non-contiguous x
+    with pytest.raises(ValueError, match="shapes or layout"):
+        add_low_rank_(out, torch.randn(3, 16), A, sBt)  # rows differ
+    with pytest.raises(ValueError, match="shapes or layout"):
+        add_low_rank_(out.bfloat16(), x, A, sBt)  # dtypes differ
+    with pytest.raises(ValueError, match="float32"):
+        add_low_rank_(out, x, A.double(), sBt)
+    with pytest.raises(ValueError, match="float32"):
+        add_low_rank_(out.half(), x.half(), A, sBt)  # fp16 activations take the PyTorch path
+    with pytest.raises(ValueError, match="float32"):
+        add_low_rank_(out, x, torch.randn(4, 32)[:, ::2], sBt)  # non-contiguous A
+
+
+def lora_layer(dtype, bias, seed=0):
+    torch.manual_seed(seed)
+    layer = LoraLinear(nn.Linear(72, 40, bias=bias, dtype=dtype))
+    layer.add("a", r=6, lora_alpha=12, init=False)
+    layer.active = ("a",)
+    return layer
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 72), (8, 1, 72), (64, 72), (3, 5, 72)])
+def test_layer_takes_the_kernel_and_agrees_with_the_pytorch_path(monkeypatch, dtype, bias, shape):
+    x = torch.randn(*shape).to(dtype)
+    with torch.no_grad():
+        with_kernel = lora_layer(dtype, bias)
+        out = with_kernel(x)
+        assert with_kernel._plans[True].kernel is not None  # few rows on a CPU: the kernel ran
+        monkeypatch.setenv("LORATUNE_NO_KERNEL", "1")
+        without = lora_layer(dtype, bias)
+        expected = without(x)
+        assert without._plans[True].kernel is None
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    else:
+        assert (out != expected).float().mean() < 0.01  # the same float32 sum, rounded once; rare ties differ
+        torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
+
+
+@needs_kernel
+def test_layer_leaves_many_rows_and_non_contiguous_inputs_to_pytorch():
+    layer = lora_layer(torch.bfloat16, bias=False)
+    with torch.no_grad():
+        many = torch.randn(65, 72, dtype=torch.bfloat16)
+        layer(many)
+        assert layer._plans[False].kernel is None  # a prompt's rows: bf16 products
+        strided = torch.randn(4, 144, dtype=torch.bfloat16)[:, ::2]  # rows of 72 with a stride of 144
+        out = layer(strided)
+        assert layer._plans[True].kernel is not None
+        torch.testing.assert_close(out, layer(strided.contiguous()), rtol=0, atol=0)
+
+
+def test_eval_on_every_call_keeps_the_plans_and_a_real_change_rebuilds_them():
+    layer = lora_layer(torch.float32, bias=False)
+    x = torch.randn(2, 72)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+        plan = layer._plans[True]
+        layer.eval(), layer.eval()  # what generation does on every call
+        layer.active = ("a",)  # the same value again
+        layer(x)
+        assert layer._plans[True] is plan
+        layer.train()
+        layer(x)
+        assert layer._plans[True] is not plan
+
+
+def test_plans_follow_strength_table_changes_and_moves():
+    layer = lora_layer(torch.float32, bias=False)
+    x = torch.randn(3, 72)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        full = layer(x)
+        layer.strength.update(a=0.0)
+        torch.testing.assert_close(layer(x), base, rtol=0, atol=0)
+        layer.strength = {"a": 1.0}  # a plain dict is wrapped, and counts as a change
+        torch.testing.assert_close(layer(x), full, rtol=0, atol=0)
+        layer.to(torch.float64)
+        out = layer(x.double())
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, full.double(), rtol=1e-6, atol=1e-6)
+        plan = layer._plans[True]
+        layer.to(torch.float64)  # a move rebuilds the plan: its tensors may be stale
+        layer(x.double())
+        assert layer._plans[True] is not plan
