@@ -44,15 +44,18 @@ def make_adapters(model_name: str, dtype: str, root: Path) -> dict[str, Path]:
     return paths
 
 
-def timed(fn, reps: int) -> float:
-    """Median seconds of ``fn()`` over ``reps`` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def timed_alternating(fns: dict, reps: int) -> dict:
+    """Median seconds of each ``fns[key]()`` over ``reps`` rounds, one run of each per round (after one warm-up
+    each), so that a change in the machine's speed during the run touches every variant alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {key: [] for key in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def main() -> None:
@@ -111,10 +114,9 @@ def main() -> None:
         f"generate {args.rows}×{new}": (generate_ours, lambda names: generate(theirs, names), args.rows * new),
     }
     for label, (run_ours, run_theirs, tokens) in tests.items():
-        rate = {}
-        for key, run, names in [("ours single", run_ours, single), ("theirs single", run_theirs, single),
-                                ("ours mixed", run_ours, mixed), ("theirs mixed", run_theirs, mixed)]:
-            rate[key] = tokens / timed(lambda: run(names), args.reps)
+        variants = {"ours single": lambda: run_ours(single), "theirs single": lambda: run_theirs(single),
+                    "ours mixed": lambda: run_ours(mixed), "theirs mixed": lambda: run_theirs(mixed)}
+        rate = {key: tokens / seconds for key, seconds in timed_alternating(variants, args.reps).items()}
         print(f"| {label} | {rate['ours single']:.0f} | {rate['ours mixed']:.0f} | "
               f"{rate['ours mixed'] / rate['ours single']:.2f}× | {rate['theirs single']:.0f} | "
               f"{rate['theirs mixed']:.0f} | {rate['theirs mixed'] / rate['theirs single']:.2f}× | "
@@ -130,9 +132,7 @@ def main() -> None:
         theirs.load_adapter(str(extra), adapter_name="hot")
         theirs.delete_adapter("hot")
 
-    load = {}
-    for key, fn in [("ours", load_ours), ("theirs", load_theirs)]:
-        load[key] = timed(fn, args.load_reps)
+    load = timed_alternating({"ours": load_ours, "theirs": load_theirs}, args.load_reps)
     print(f"\nhot load + delete of one adapter (r=8, all linear, median of {args.load_reps}): "
           f"loratune {1000 * load['ours']:.1f} ms, PEFT {1000 * load['theirs']:.1f} ms, "
           f"ratio {load['ours'] / load['theirs']:.2f}×")

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from loratune.adapters.mixed_batch import row_groups
 from loratune.layers import LoraLinear, lowrank_cpu
-from loratune.layers.lowrank_cpu import add_low_rank_, kernel_available
+from loratune.layers.lowrank_cpu import add_low_rank_, kernel_available, row_blocks
 
 needs_kernel = pytest.mark.skipif(not kernel_available(), reason="compiled kernel not built or switched off")
 
@@ -92,6 +93,62 @@ def test_kernel_refuses_what_it_cannot_read():
         add_low_rank_(out.half(), x.half(), A, sBt)  # fp16 activations take the PyTorch path
     with pytest.raises(ValueError, match="float32"):
         add_low_rank_(out, x, torch.randn(4, 32)[:, ::2], sBt)  # non-contiguous A
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_gives_each_group_of_rows_its_own_block_of_the_factors(dtype):
+    torch.manual_seed(1)
+    groups, per_group, d_in, d_out = 4, 3, 40, 24  # e.g. 4 prompts of 3 positions each
+    A, sBt = torch.randn(11, d_in) * 0.2, torch.randn(11, d_out) * 0.2  # stacked ranks 5, 2 and 4
+    mask = torch.zeros(groups, 11)
+    for g, (start, stop) in enumerate([(0, 5), (5, 7), (0, 0), (7, 11)]):  # group 2: no adapter
+        mask[g, start:stop] = 1
+    blocks = row_blocks(mask)
+    assert blocks.tolist() == [[0, 5], [5, 2], [0, 0], [7, 4]]
+    x = torch.randn(groups * per_group, d_in).to(dtype)
+    out = torch.randn(groups * per_group, d_out).to(dtype)
+    result = add_low_rank_(out.clone(), x, A, sBt, blocks)
+    row_mask = mask.repeat_interleave(per_group, dim=0).double()
+    expected = out.double() + ((x.double() @ A.double().T) * row_mask) @ sBt.double()
+    tolerance = 1e-5 if dtype == torch.float32 else 2.0**-8
+    assert ((result.double() - expected).abs() <= tolerance * expected.abs().clamp_min(1)).all()
+    assert torch.equal(result[2 * per_group : 3 * per_group], out[2 * per_group : 3 * per_group])
+
+
+@needs_kernel
+def test_kernel_refuses_blocks_outside_the_factors():
+    x, out = torch.randn(4, 16), torch.randn(4, 8)
+    A, sBt = torch.randn(6, 16), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="outside the factors"):
+        add_low_rank_(out, x, A, sBt, torch.tensor([[0, 6], [4, 3]]))
+    with pytest.raises(ValueError, match="outside the factors"):
+        add_low_rank_(out, x, A, sBt, torch.tensor([[-1, 2], [0, 1]]))
+    with pytest.raises(ValueError, match="dividing the 4 rows"):
+        add_low_rank_(out, x, A, sBt, torch.tensor([[0, 1], [0, 1], [0, 1]]))
+    with pytest.raises(ValueError, match="int64"):
+        add_low_rank_(out, x, A, sBt, torch.tensor([[0, 1], [0, 1]], dtype=torch.int32))
+
+
+@needs_kernel
+def test_mixed_batch_rows_take_the_kernel_and_match_their_own_adapter():
+    torch.manual_seed(2)
+    layer = LoraLinear(nn.Linear(72, 40, dtype=torch.bfloat16))
+    layer.add("a", r=6, lora_alpha=12, init=False)
+    layer.add("b", r=3, lora_alpha=3, init=False)
+    layer.eval()
+    x = torch.randn(4, 2, 72, dtype=torch.bfloat16)
+    names = ["b", "__base__", "a", "b"]
+    with torch.no_grad():
+        layer.row_groups = row_groups(names, torch.device("cpu"))
+        mixed = layer(x)
+        assert layer._plans[True].kernel is not None
+        layer.row_groups = None
+        for i, name in enumerate(names):
+            layer.active = () if name == "__base__" else (name,)
+            torch.testing.assert_close(mixed[i], layer(x[i : i + 1])[0], rtol=1e-2, atol=1e-2)
+        layer.active = ()
+        assert torch.equal(mixed[1], layer.base_layer(x[1]))  # no adapter: the base output, untouched
 
 
 def lora_layer(dtype, bias, seed=0):

@@ -31,35 +31,50 @@
 #include "_lowrank_cpu_body.h"
 #undef NAME
 
-typedef void (*kernel_fn)(void *, const void *, const float *, const float *, int64_t, int64_t, int64_t, int64_t);
+typedef void (*kernel_fn)(void *, const void *, const float *, const float *, int64_t, int64_t, int64_t, int64_t,
+                          const int64_t *, int64_t);
 static kernel_fn kernel_bf16 = add_low_rank_bf16_baseline;
 static kernel_fn kernel_f32 = add_low_rank_f32_baseline;
 static const char *isa = "baseline";
 
-/* add_low_rank(out_ptr, x_ptr, A_ptr, sBt_ptr, rows, in, rank, out_features, is_bf16): addresses as ints. */
+#define N_ARGS 11
+
+/* add_low_rank(out, x, A, sBt, rows, in, rank, out_features, is_bf16, blocks, rows_per_block): addresses as
+ * ints; blocks is 0 (every row uses all rank rows of A and sBt) or the address of an int64 array of
+ * (offset, n) pairs, one per group of rows_per_block rows. */
 static PyObject *add_low_rank(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "add_low_rank takes 9 arguments");
+    if (nargs != N_ARGS) {
+        PyErr_SetString(PyExc_TypeError, "add_low_rank takes 11 arguments");
         return NULL;
     }
-    int64_t v[9];
-    for (int i = 0; i < 9; i++) v[i] = PyLong_AsLongLong(args[i]);
+    int64_t v[N_ARGS];
+    for (int i = 0; i < N_ARGS; i++) v[i] = PyLong_AsLongLong(args[i]);
     if (PyErr_Occurred()) return NULL;
-    if (v[4] < 0 || v[5] < 1 || v[6] < 1 || v[6] > MAX_RANK || v[7] < 1) {
+    const int64_t rows = v[4], in = v[5], rank = v[6], out_f = v[7], rows_per_block = v[10];
+    const int64_t *blocks = (const int64_t *)(intptr_t)v[9];
+    if (rows < 0 || in < 1 || rank < 1 || rank > MAX_RANK || out_f < 1 || rows_per_block < 1) {
         PyErr_SetString(PyExc_ValueError, "add_low_rank: bad sizes");
         return NULL;
     }
+    if (blocks != NULL) {
+        for (int64_t b = 0; b * rows_per_block < rows; b++) {
+            if (blocks[2 * b] < 0 || blocks[2 * b + 1] < 0 || blocks[2 * b] + blocks[2 * b + 1] > rank) {
+                PyErr_SetString(PyExc_ValueError, "add_low_rank: a block lies outside the factors");
+                return NULL;
+            }
+        }
+    }
     kernel_fn fn = v[8] ? kernel_bf16 : kernel_f32;
     fn((void *)(intptr_t)v[0], (const void *)(intptr_t)v[1], (const float *)(intptr_t)v[2],
-       (const float *)(intptr_t)v[3], v[4], v[5], v[6], v[7]);
+       (const float *)(intptr_t)v[3], rows, in, rank, out_f, blocks, rows_per_block);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"add_low_rank", (PyCFunction)(void (*)(void))add_low_rank, METH_FASTCALL,
-     "add_low_rank(out, x, A, sBt, rows, in_features, rank, out_features, is_bf16): out += (x·Aᵀ)·sBt, "
-     "all addresses of contiguous CPU tensors (see loratune.layers.lowrank_cpu)."},
+     "add_low_rank(out, x, A, sBt, rows, in_features, rank, out_features, is_bf16, blocks, rows_per_block): "
+     "out += (x·Aᵀ)·sBt, all addresses of contiguous CPU tensors (see loratune.layers.lowrank_cpu)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -121,12 +121,24 @@ static inline __attribute__((always_inline)) void NAME(low_rank_update)(
 
 /* out[r, :] += (x[r, :] · Aᵀ) · sBt for every row r, all arithmetic in float32.
  * x: rows × in, out: rows × out_f (both bf16 or both float32, contiguous); A: rank × in, sBt: rank × out_f
- * (float32, contiguous). Rows go four at a time (two pairs for h, then one update), the rest one by one. */
+ * (float32, contiguous). Rows go four at a time (two pairs for h, then one update), the rest one by one.
+ * With ``blocks`` (a mixed-adapter batch), row r uses only rows [offset, offset + n) of A and sBt, where
+ * (offset, n) = blocks[2b], blocks[2b + 1] for b = r / rows_per_block; n = 0 adds nothing. */
 static inline __attribute__((always_inline)) void NAME(add_low_rank)(
     void *restrict out, const void *restrict x, const float *restrict A, const float *restrict sBt,
-    int64_t rows, int64_t in, int64_t rank, int64_t out_f, const int bf16) {
+    int64_t rows, int64_t in, int64_t rank, int64_t out_f, const int64_t *restrict blocks, int64_t rows_per_block,
+    const int bf16) {
     const int64_t esize = bf16 ? 2 : 4;
     float h[4 * MAX_RANK];
+    if (blocks != NULL) {
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t offset = blocks[2 * (r / rows_per_block)], n = blocks[2 * (r / rows_per_block) + 1];
+            if (n == 0) continue;
+            NAME(low_rank_h)((const char *)x + r * in * esize, in, A + offset * in, n, h, 1, bf16);
+            NAME(low_rank_update)((char *)out + r * out_f * esize, out_f, sBt + offset * out_f, n, h, 1, bf16);
+        }
+        return;
+    }
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
         const char *xr = (const char *)x + r * in * esize;
@@ -141,11 +153,13 @@ static inline __attribute__((always_inline)) void NAME(add_low_rank)(
 }
 
 static void NAME(add_low_rank_bf16)(void *out, const void *x, const float *A, const float *sBt, int64_t rows,
-                                    int64_t in, int64_t rank, int64_t out_f) {
-    NAME(add_low_rank)(out, x, A, sBt, rows, in, rank, out_f, 1);
+                                    int64_t in, int64_t rank, int64_t out_f, const int64_t *blocks,
+                                    int64_t rows_per_block) {
+    NAME(add_low_rank)(out, x, A, sBt, rows, in, rank, out_f, blocks, rows_per_block, 1);
 }
 
 static void NAME(add_low_rank_f32)(void *out, const void *x, const float *A, const float *sBt, int64_t rows,
-                                   int64_t in, int64_t rank, int64_t out_f) {
-    NAME(add_low_rank)(out, x, A, sBt, rows, in, rank, out_f, 0);
+                                   int64_t in, int64_t rank, int64_t out_f, const int64_t *blocks,
+                                   int64_t rows_per_block) {
+    NAME(add_low_rank)(out, x, A, sBt, rows, in, rank, out_f, blocks, rows_per_block, 0);
 }

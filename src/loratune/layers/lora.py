@@ -441,7 +441,7 @@ class _InferencePlan:
     ``kernel`` holds the fixed arguments of the compiled CPU kernel (``lowrank_cpu``) when it takes the update.
     """
 
-    __slots__ = ("key", "usable", "weight", "bias", "A", "sBt", "mask", "factors", "versions", "kernel")
+    __slots__ = ("key", "usable", "weight", "bias", "A", "sBt", "mask", "factors", "versions", "kernel", "blocks")
 
     def __init__(self, key, usable=False, weight=None, bias=None, A=None, sBt=None, mask=None, factors=(),
                  x_dtype=None):
@@ -449,10 +449,13 @@ class _InferencePlan:
         self.weight, self.bias, self.A, self.sBt, self.mask = weight, bias, A, sBt, mask
         self.factors = factors
         self.versions = self._versions()
-        self.kernel = None
-        if A is not None and mask is None and x_dtype is not None and lowrank_cpu.kernel_fits(x_dtype, A, sBt):
+        self.kernel = self.blocks = None
+        if A is not None and x_dtype is not None and lowrank_cpu.kernel_fits(x_dtype, A, sBt):
+            # a mixed batch: each row's adapter is one run of the stacked rank rows (kept alive by the plan)
+            self.blocks = None if mask is None else lowrank_cpu.row_blocks(mask[:, 0, :])
             self.kernel = (lowrank_cpu.raw_kernel(), A.data_ptr(), sBt.data_ptr(), A.shape[1], A.shape[0],
-                           sBt.shape[1], int(x_dtype == torch.bfloat16))
+                           sBt.shape[1], int(x_dtype == torch.bfloat16),
+                           0 if self.blocks is None else self.blocks.data_ptr())
 
     def _versions(self) -> int:
         # version counters only grow, so their sum changes when any one does; map + attrgetter runs in C (a
@@ -474,7 +477,9 @@ class _InferencePlan:
             A, sB, mask = layer._stacked_factors(names, layer.row_groups, layer._low_rank_dtype(x))
             factors = tuple(t for n in names for t in (layer.lora_A[n], layer.lora_B[n]))
             mask = mask[:, None, :].contiguous()  # rows × 1 × Σr: broadcasts over the positions of each row
-            return cls(key, True, base.weight, base.bias, A.contiguous(), sB.T.contiguous(), mask, factors)
+            kernel_dtype = x.dtype if _few_cpu_rows(x) else None
+            return cls(key, True, base.weight, base.bias, A.contiguous(), sB.T.contiguous(), mask, factors,
+                       kernel_dtype)
         if layer._runs_as_base(x):
             return cls(key, True, base.weight, base.bias)
         name = layer._single_fusable_adapter(x)
@@ -491,21 +496,21 @@ class _InferencePlan:
         if self.A is None:  # nothing to add: no adapter active, or all merged into the weight
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
+        rows = 1 if self.mask is None else self.mask.shape[0]
+        if self.mask is not None and x.shape[0] != rows:
+            raise ConfigError(f"adapter_names has {rows} names but the batch has {x.shape[0]} rows; "
+                              "give exactly one name per row")
         if self.kernel is not None and x2.is_contiguous():
             out = F.linear(x2, self.weight, self.bias).contiguous()  # (it is; the kernel writes raw rows)
-            add_low_rank, A_address, sBt_address, in_features, rank, out_features, is_bf16 = self.kernel
+            add_low_rank, A_address, sBt_address, in_features, rank, out_features, is_bf16, blocks = self.kernel
             add_low_rank(out.data_ptr(), x2.data_ptr(), A_address, sBt_address, x2.shape[0], in_features, rank,
-                         out_features, is_bf16)
+                         out_features, is_bf16, blocks, max(x2.shape[0] // rows, 1))
             return out.view(*x.shape[:-1], out_features)
         A, sBt = self.A, self.sBt
         # F.linear(x, A) with A as r × in: on a CPU, for a few rows, several times cheaper than x @ Aᵀ stored
         # transposed, which the BLAS splits across threads.
         h = F.linear(x2 if A.dtype == x2.dtype else x2.to(A.dtype), A)
         if self.mask is not None:  # mixed batch: zero the other adapters' columns of each row (dim 0 of x)
-            rows = self.mask.shape[0]
-            if x.shape[0] != rows:
-                raise ConfigError(f"adapter_names has {rows} names but the batch has {x.shape[0]} rows; "
-                                  "give exactly one name per row")
             h.view(rows, -1, h.shape[1]).mul_(self.mask)
         if A.dtype == x2.dtype:
             out = F.linear(x2, self.weight, self.bias)

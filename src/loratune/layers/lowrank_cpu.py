@@ -34,8 +34,9 @@ def kernel_isa() -> str | None:
 
 
 def raw_kernel():
-    """``add_low_rank(out, x, A, sBt, rows, in, rank, out_features, is_bf16)`` taking addresses, unchecked: for
-    callers that checked the tensors once with ``kernel_fits`` and keep them alive. None when unavailable."""
+    """``add_low_rank(out, x, A, sBt, rows, in, rank, out_features, is_bf16, blocks, rows_per_block)`` taking
+    addresses, unchecked: for callers that checked the tensors once with ``kernel_fits`` and keep them alive.
+    None when unavailable."""
     return _lowrank_cpu.add_low_rank if kernel_available() else None
 
 
@@ -58,13 +59,29 @@ def kernel_fits(x_dtype: torch.dtype, A: torch.Tensor, sBt: torch.Tensor) -> boo
     )
 
 
-def add_low_rank_(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, sBt: torch.Tensor) -> torch.Tensor:
+def row_blocks(mask: torch.Tensor) -> torch.Tensor:
+    """For a 0/1 row mask (rows × rank) whose ones form one contiguous run per row, the kernel's ``blocks``:
+    int64 (rows × 2) of (offset, length) pairs, length 0 for a row of zeros."""
+    lengths = mask.sum(dim=1).long()
+    offsets = torch.where(lengths > 0, mask.argmax(dim=1), 0)
+    return torch.stack([offsets, lengths], dim=1).contiguous()
+
+
+def add_low_rank_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    sBt: torch.Tensor,
+    blocks: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``out += (x·Aᵀ)·sBt`` in place, in float32, rounded once into ``out``'s dtype; returns ``out``.
 
     ``x`` (rows × in) and ``out`` (rows × out_features): contiguous CPU tensors of one dtype, bf16 or float32;
-    ``A`` (rank × in) and ``sBt`` (rank × out_features) as ``kernel_fits`` requires. Raises ValueError for
-    anything else (the kernel reads raw memory, so nothing unchecked reaches it) and RuntimeError when the
-    kernel is not available. Layers check once per plan and call ``_lowrank_cpu.add_low_rank`` directly.
+    ``A`` (rank × in) and ``sBt`` (rank × out_features) as ``kernel_fits`` requires. ``blocks`` (int64,
+    groups × 2, see ``row_blocks``) gives each of ``groups`` equal runs of rows its own rows of A and sBt, as a
+    mixed-adapter batch does. Raises ValueError for anything else (the kernel reads raw memory, so nothing
+    unchecked reaches it) and RuntimeError when the kernel is not available. Layers check once per plan and
+    call ``raw_kernel()`` directly.
     """
     if not kernel_available():
         raise RuntimeError("the compiled low-rank kernel is not available (reinstall loratune with a C compiler)")
@@ -79,8 +96,17 @@ def add_low_rank_(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, sBt: torc
             f"shapes or layout do not fit: x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} {out.dtype}, "
             f"A {tuple(A.shape)}, sBt {tuple(sBt.shape)}"
         )
+    rows_per_block = 1
+    if blocks is not None:
+        groups = blocks.shape[0] if blocks.dim() == 2 else 0
+        if (
+            blocks.dtype != torch.int64 or blocks.device.type != "cpu" or not blocks.is_contiguous()
+            or blocks.dim() != 2 or blocks.shape[1] != 2 or groups == 0 or x.shape[0] % groups
+        ):
+            raise ValueError(f"blocks must be contiguous int64 (groups × 2) dividing the {x.shape[0]} rows")
+        rows_per_block = max(x.shape[0] // groups, 1)
     _lowrank_cpu.add_low_rank(
         out.data_ptr(), x.data_ptr(), A.data_ptr(), sBt.data_ptr(), x.shape[0], x.shape[1], A.shape[0], out.shape[1],
-        _DTYPES[x.dtype],
+        _DTYPES[x.dtype], 0 if blocks is None else blocks.data_ptr(), rows_per_block,
     )
     return out
