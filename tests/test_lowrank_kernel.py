@@ -93,6 +93,9 @@ def test_kernel_refuses_what_it_cannot_read():
         add_low_rank_(out.half(), x.half(), A, sBt)  # fp16 activations take the PyTorch path
     with pytest.raises(ValueError, match="float32"):
         add_low_rank_(out, x, torch.randn(4, 32)[:, ::2], sBt)  # non-contiguous A
+    too_many = lowrank_cpu.MAX_RANK + 1
+    with pytest.raises(ValueError, match=f"rank ≤ {lowrank_cpu.MAX_RANK}"):
+        add_low_rank_(out, x, torch.randn(too_many, 16), torch.randn(too_many, 8))
 
 
 @needs_kernel

@@ -91,7 +91,8 @@ PyMODINIT_FUNC PyInit__lowrank_cpu(void) {
     }
 #endif
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddStringConstant(m, "ISA", isa) < 0) {
+    if (m != NULL && (PyModule_AddStringConstant(m, "ISA", isa) < 0 ||
+                      PyModule_AddIntConstant(m, "MAX_RANK", MAX_RANK) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

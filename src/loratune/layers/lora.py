@@ -470,6 +470,7 @@ class _InferencePlan:
     @classmethod
     def build(cls, layer: LoraLinear, key, x: torch.Tensor) -> _InferencePlan:
         base = layer.base_layer
+        kernel_dtype = x.dtype if _few_cpu_rows(x) else None  # the kernel's float32 loops pay off for few rows
         if layer.row_groups is not None:
             names = layer._mixed_batch_names(x)
             if not names or type(base) is not nn.Linear or x.dtype != base.weight.dtype:
@@ -477,7 +478,6 @@ class _InferencePlan:
             A, sB, mask = layer._stacked_factors(names, layer.row_groups, layer._low_rank_dtype(x))
             factors = tuple(t for n in names for t in (layer.lora_A[n], layer.lora_B[n]))
             mask = mask[:, None, :].contiguous()  # rows × 1 × Σr: broadcasts over the positions of each row
-            kernel_dtype = x.dtype if _few_cpu_rows(x) else None
             return cls(key, True, base.weight, base.bias, A.contiguous(), sB.T.contiguous(), mask, factors,
                        kernel_dtype)
         if layer._runs_as_base(x):
@@ -489,7 +489,6 @@ class _InferencePlan:
         dtype = layer._low_rank_dtype(x)
         sBt = (B.detach().float().T * scale).to(dtype).contiguous()
         A_low = A.detach().to(dtype).contiguous()
-        kernel_dtype = x.dtype if _few_cpu_rows(x) else None  # the kernel's float32 loops pay off for few rows
         return cls(key, True, base.weight, base.bias, A_low, sBt, None, (A, B), kernel_dtype)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:

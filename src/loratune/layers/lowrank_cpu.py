@@ -19,7 +19,7 @@ try:
 except ImportError:  # built without a C compiler: the PyTorch path does the same arithmetic
     _lowrank_cpu = None
 
-MAX_RANK = 1024  # as in _lowrank_cpu.c
+MAX_RANK = _lowrank_cpu.MAX_RANK if _lowrank_cpu is not None else 0
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 
 
@@ -86,7 +86,9 @@ def add_low_rank_(
     if not kernel_available():
         raise RuntimeError("the compiled low-rank kernel is not available (reinstall loratune with a C compiler)")
     if not kernel_fits(x.dtype, A, sBt):
-        raise ValueError("A and sBt must be contiguous float32 CPU matrices of one rank ≤ 1024, x bf16 or float32")
+        raise ValueError(
+            f"A and sBt must be contiguous float32 CPU matrices of one rank ≤ {MAX_RANK}, x bf16 or float32"
+        )
     if (
         x.dim() != 2 or out.dim() != 2 or out.dtype != x.dtype or out.device.type != "cpu"
         or x.device.type != "cpu" or not (x.is_contiguous() and out.is_contiguous())
@@ -98,13 +100,12 @@ def add_low_rank_(
         )
     rows_per_block = 1
     if blocks is not None:
-        groups = blocks.shape[0] if blocks.dim() == 2 else 0
         if (
             blocks.dtype != torch.int64 or blocks.device.type != "cpu" or not blocks.is_contiguous()
-            or blocks.dim() != 2 or blocks.shape[1] != 2 or groups == 0 or x.shape[0] % groups
+            or blocks.dim() != 2 or blocks.shape[1] != 2 or blocks.shape[0] == 0 or x.shape[0] % blocks.shape[0]
         ):
             raise ValueError(f"blocks must be contiguous int64 (groups × 2) dividing the {x.shape[0]} rows")
-        rows_per_block = max(x.shape[0] // groups, 1)
+        rows_per_block = max(x.shape[0] // blocks.shape[0], 1)
     _lowrank_cpu.add_low_rank(
         out.data_ptr(), x.data_ptr(), A.data_ptr(), sBt.data_ptr(), x.shape[0], x.shape[1], A.shape[0], out.shape[1],
         _DTYPES[x.dtype], 0 if blocks is None else blocks.data_ptr(), rows_per_block,
