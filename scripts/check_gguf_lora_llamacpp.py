@@ -25,7 +25,8 @@ import torch
 
 import loratune
 from loratune.adapters import lora_layers
-from loratune.adapters.gguf_export import GgufBase, gguf_lora_tensors, read_adapter_tensors, write_gguf_lora
+from loratune.adapters import read_adapter
+from loratune.adapters.gguf_export import GgufBase, gguf_lora_tensors, write_gguf_lora
 from loratune.models.aliases import alias_gguf_path, get_alias
 from loratune.models.base_config import base_model_config
 
@@ -165,7 +166,7 @@ def main() -> None:
 
         # The right export (what `loratune export-gguf` writes) and a deliberately wrong one.
         base = GgufBase.from_config(base_model_config("smollm2-135m"))
-        tensors, config = read_adapter_tensors(tmp / "adapter")
+        config, tensors = read_adapter(tmp / "adapter")
         files = {
             "export": write_gguf_lora(gguf_lora_tensors(tensors, config, base), base, tmp / "right.gguf",
                                       dtype=args.dtype),

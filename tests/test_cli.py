@@ -232,16 +232,28 @@ def test_merge_of_an_embedding_adapter_unties_the_output_head(capsys, tiny_llama
 
 
 def test_merge_refuses_an_existing_output_dir_unless_overwrite(capsys, tiny_llama_dir, linear_run, tmp_path):
+    out_dir = tmp_path / "merged"
+    args = ["merge", "--model", tiny_llama_dir, "--adapter", linear_run[0] / "adapter", "--out", out_dir]
+    assert cli(capsys, *args)[0] == 0
+    first = (out_dir / "model.safetensors").read_bytes()
+    status, _, err = cli(capsys, *args)
+    assert_one_line_error(status, err, "merge", out_dir, "--overwrite")
+    status, _, err = cli(capsys, *args[:-2], "--adapter", f"{linear_run[0] / 'adapter'}:0.5", "--out", out_dir,
+                         "--overwrite")
+    assert status == 0, err
+    assert (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").read_bytes() != first
+
+
+def test_merge_overwrite_never_deletes_files_loratune_did_not_write(capsys, tiny_llama_dir, linear_run, tmp_path):
     out_dir = tmp_path / "taken"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("x")
     args = ["merge", "--model", tiny_llama_dir, "--adapter", linear_run[0] / "adapter", "--out", out_dir]
-    status, _, err = cli(capsys, *args)
-    assert_one_line_error(status, err, "merge", out_dir, "--overwrite")
-    assert (out_dir / "keep.txt").exists()
-    status, _, err = cli(capsys, *args, "--overwrite")
-    assert status == 0, err
-    assert (out_dir / "config.json").is_file() and not (out_dir / "keep.txt").exists()
+    for extra in ([], ["--overwrite"]):
+        status, _, err = cli(capsys, *args, *extra)
+        assert_one_line_error(status, err, "merge", out_dir)
+        assert sorted(p.name for p in out_dir.iterdir()) == ["keep.txt"]
+    assert "keep.txt" in err and "loratune wrote" in err
 
 
 def expected_adapter_params(model_dir, targets: list[str], r: int) -> int:

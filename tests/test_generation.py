@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import build_tiny_llama
 
+from loratune.errors import ConfigError
 from loratune.train.generation import exact_match, generate_greedy, stop_token_ids, stream_greedy
 
 IM_END = 2  # "<|im_end|>" in the tiny tokenizer: its EOS and pad token
@@ -203,11 +204,25 @@ def test_sampling_from_the_single_most_likely_token_is_greedy(model, tiny_tokeni
     assert sampled == greedy
 
 
-def test_invalid_sampling_options_are_errors(model, tiny_tokenizer, prompts):
-    with pytest.raises(ValueError, match="top_p"):
-        stream_greedy(model, tiny_tokenizer, prompts[0], 4, print, temperature=1.0, top_p=0.0)
-    with pytest.raises(ValueError, match="top_k"):
-        stream_greedy(model, tiny_tokenizer, prompts[0], 4, print, temperature=1.0, top_k=0)
+@pytest.mark.parametrize("options, named", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=1.0, top_p=0.0), "top_p"),
+    (dict(temperature=1.0, top_p=1.5), "top_p"),
+    (dict(temperature=1.0, top_k=0), "top_k"),
+    (dict(top_p=0.9), "temperature 0"),
+    (dict(temperature=0.0, top_k=5), "temperature 0"),
+])
+def test_sampling_options_that_cannot_mean_anything_are_refused(model, tiny_tokenizer, prompts, options, named):
+    with pytest.raises(ConfigError, match=named):
+        stream_greedy(model, tiny_tokenizer, prompts[0], 4, print, **options)
+
+
+def test_a_negative_token_budget_is_refused_not_read_as_nothing(model, tiny_tokenizer, prompts):
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        stream_greedy(model, tiny_tokenizer, prompts[0], -1, print)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        generate_greedy(model, tiny_tokenizer, prompts, max_new_tokens=-1)
 
 
 def test_generation_with_a_frozen_model_gives_the_same_result_and_leaves_no_hooks(model, tiny_tokenizer, prompts):

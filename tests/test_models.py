@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import time
 from pathlib import Path
@@ -385,6 +386,13 @@ def smollm2_first_load(tmp_path_factory):
         conversions.append(Path(out_dir))
         return real_convert(gguf_path, out_dir)
 
+    notices: list[str] = []
+    listener = logging.Handler(logging.INFO)
+    listener.emit = lambda record: notices.append(record.getMessage())
+    logger = logging.getLogger("loratune")
+    logger.addHandler(listener)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LORATUNE_CACHE", str(cache))
         patch.setattr(gguf_cache, "convert_gguf_to_hf", counting_convert)
@@ -392,8 +400,11 @@ def smollm2_first_load(tmp_path_factory):
         model, tokenizer = load_model("smollm2-135m", dtype="fp32")
         seconds = time.perf_counter() - start
         cache_dir = gguf_cache_dir(alias_gguf_path(ALIASES["smollm2-135m"]))
+    logger.removeHandler(listener)
+    logger.setLevel(level)
     print(f"\nsmollm2-135m first load (conversion included): {seconds:.1f} s")
-    return {"model": model, "tokenizer": tokenizer, "conversions": conversions, "cache_dir": cache_dir, "cache": cache}
+    return {"model": model, "tokenizer": tokenizer, "conversions": conversions, "cache_dir": cache_dir, "cache": cache,
+            "notices": notices}
 
 
 @pytest.mark.integration
@@ -404,6 +415,8 @@ def test_smollm2_first_use_converts_once_into_the_cache(smollm2_first_load):
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
         assert (cache_dir / name).is_file(), name
     assert list(cache_dir.parent.iterdir()) == [cache_dir]  # no temporary directory left behind
+    notice = [n for n in smollm2_first_load["notices"] if "converting" in n]
+    assert len(notice) == 1 and "once" in notice[0] and str(cache_dir) in notice[0]
 
 
 @pytest.mark.integration

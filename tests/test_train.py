@@ -22,7 +22,7 @@ from loratune.adapters import LoraConfig
 from loratune.errors import ConfigError, ModelNotFoundError
 from loratune.train import TrainingDiverged, load_config, prepare_data, train, validate_config
 from loratune.train.config import DataSection, ModelSection, TrainSection, parse_override
-from loratune.train.run_dir import prepare_run_dir, write_run_config
+from loratune.train.run_dir import finish_run_dir, prepare_run_dir, write_run_config
 from loratune.train.schedule import learning_rate
 from run_helpers import (
     addition_rows,
@@ -385,12 +385,19 @@ def test_empty_existing_output_dir_is_used(tmp_path):
     assert (tmp_path / "run").is_dir()
 
 
-def test_overwrite_replaces_the_output_dir(tmp_path):
+def test_overwrite_builds_the_new_run_beside_the_old_one_until_it_completes(tmp_path):
     run_dir = tmp_path / "run"
+    first = prepare_run_dir(run_dir, resume=False, overwrite=False)
+    assert first.work == run_dir
     (run_dir / "checkpoints" / "step-2").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("old: run\n")
-    prepare_run_dir(run_dir, resume=False, overwrite=True)
-    assert run_dir.is_dir() and not any(run_dir.iterdir())
+    second = prepare_run_dir(run_dir, resume=False, overwrite=True)
+    assert second.final == run_dir and second.work != run_dir and second.work.parent == tmp_path
+    assert (run_dir / "config.yaml").read_text() == "old: run\n"  # whole until the new run completes
+    (second.work / "config.yaml").write_text("new: run\n")
+    finish_run_dir(second)
+    assert (run_dir / "config.yaml").read_text() == "new: run\n" and not (run_dir / "checkpoints").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_resume_and_overwrite_exclude_each_other(tmp_path):

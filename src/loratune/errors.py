@@ -23,3 +23,8 @@ class ModelNotFoundError(LoratuneError, FileNotFoundError):
 
 class DataError(LoratuneError, ValueError):
     """Malformed training or evaluation data; the message names the file and line (``path:line: what``)."""
+
+
+class FileAccessError(LoratuneError):
+    """A file that cannot be read or written: missing, damaged (truncated, wrong format), permission denied,
+    disk full. The message names the path and the reason."""

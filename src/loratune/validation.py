@@ -46,7 +46,13 @@ def check_known_keys(data: Mapping, valid: Iterable[str], where: str) -> None:
         if key not in valid:
             hint = closest(str(key), valid)
             suggestion = f"; did you mean '{where}{hint}'?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
-            raise ConfigError(f"unknown key '{where}{key}'{suggestion}")
+            raise ConfigError(f"unknown key {quoted(f'{where}{key}')}{suggestion}")
+
+
+def quoted(text: str) -> str:
+    """``text`` in single quotes for a message, escaped (as Python would) when it holds line breaks or other
+    characters that do not print, so the message stays one readable line."""
+    return f"'{text}'" if text.isprintable() else repr(text)
 
 
 def validate_model(cls: type[BaseModel], data: Mapping, where: str = "") -> BaseModel:

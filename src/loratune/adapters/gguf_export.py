@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from loratune.adapters.config import LoraConfig
-from loratune.adapters.peft_format import PREFIX, WEIGHTS_NAME, read_adapter_config
+from loratune.adapters.peft_format import PREFIX, read_adapter
 from loratune.adapters.targets import rank_and_alpha
 from loratune.errors import AdapterLoadError, ConfigError
+from loratune.files import write_atomic
 from loratune.layers.lora import lora_scaling
 
 # Hugging Face architecture (config.json ``architectures[0]``, what llama.cpp's converter dispatches on) ->
@@ -55,6 +54,7 @@ GGUF_DTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
 }
 
+WRITER_KEY = "loratune.writer"  # marks files loratune wrote; llama.cpp ignores keys it does not know
 _LINEAR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _EMBEDDING_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")
 
@@ -208,20 +208,6 @@ def gguf_lora_tensors(
     return GgufLora(tensors=out, alpha=alpha, folded=folded)
 
 
-def read_adapter_tensors(adapter_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraConfig]:
-    """The tensors and config of the PEFT adapter directory ``adapter_dir``.
-
-    Raises ``AdapterLoadError`` when it is not a readable adapter directory.
-    """
-    directory = Path(adapter_dir)
-    config = read_adapter_config(directory)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME}")
-    with safe_open(str(weights), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, config
-
-
 def write_gguf_lora(lora: GgufLora, base: GgufBase, out: str | os.PathLike, *, dtype: str = "f32",
                     name: str | None = None) -> Path:
     """Write ``lora`` as a GGUF LoRA file at ``out`` (temporary name, then renamed); return the path.
@@ -232,15 +218,14 @@ def write_gguf_lora(lora: GgufLora, base: GgufBase, out: str | os.PathLike, *, d
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"unknown GGUF dtype {dtype!r}; use one of: {', '.join(GGUF_DTYPES)}")
     qtype, file_type = GGUF_DTYPES[dtype]
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    try:
-        writer = gguf.GGUFWriter(temp_name, base.arch_name)
+    from loratune import __version__
+
+    def write(temp: Path) -> None:
+        writer = gguf.GGUFWriter(str(temp), base.arch_name)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora.alpha)
+        writer.add_string(WRITER_KEY, f"loratune {__version__}")
         if name:
             writer.add_name(name)
         writer.add_file_type(file_type)
@@ -251,11 +236,16 @@ def write_gguf_lora(lora: GgufLora, base: GgufBase, out: str | os.PathLike, *, d
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return target
+
+    return write_atomic(out, write)
+
+
+def written_by_loratune(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a GGUF LoRA file that loratune wrote (what ``--overwrite`` may replace)."""
+    try:
+        return WRITER_KEY in gguf.GGUFReader(str(path)).fields
+    except Exception:  # noqa: BLE001 - anything unreadable as GGUF is not ours
+        return False
 
 
 def export_gguf(adapter_dir: str | os.PathLike, out: str | os.PathLike, base_config: Mapping, *,
@@ -267,7 +257,7 @@ def export_gguf(adapter_dir: str | os.PathLike, out: str | os.PathLike, base_con
     or inconsistent adapter and ``ConfigError`` for what llama.cpp cannot represent.
     """
     base = GgufBase.from_config(base_config)
-    tensors, config = read_adapter_tensors(adapter_dir)
+    config, tensors = read_adapter(adapter_dir)
     lora = gguf_lora_tensors(tensors, config, base, scale=scale)
     write_gguf_lora(lora, base, out, dtype=dtype, name=Path(adapter_dir).resolve().name)
     return lora

@@ -10,6 +10,8 @@ from safetensors import safe_open
 
 from loratune.adapters.int8 import DTYPE_KEY, INT8_WEIGHTS_NAME, SCALE_SUFFIX
 from loratune.adapters.peft_format import PREFIX, WEIGHTS_NAME, read_adapter_config
+from loratune.errors import AdapterLoadError
+from loratune.files import reading
 
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
 
@@ -28,7 +30,9 @@ def describe_adapter(path: str | os.PathLike) -> dict:
     if not weights.is_file() and (directory / INT8_WEIGHTS_NAME).is_file():
         weights, compression = directory / INT8_WEIGHTS_NAME, "int8"
     params, dtypes, modules, ranks = 0, set(), set(), set()
-    with safe_open(str(weights), framework="pt") as handle:
+    if not weights.is_file():
+        raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME}")
+    with reading(weights, "adapter weights", AdapterLoadError), safe_open(str(weights), framework="pt") as handle:
         restored_dtype = (handle.metadata() or {}).get(DTYPE_KEY)
         for key in handle.keys():
             if compression and key.endswith(SCALE_SUFFIX):

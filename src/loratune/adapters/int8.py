@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from loratune.errors import AdapterLoadError
+from loratune.files import reading
 from loratune.layers import LoraEmbedding, LoraLayer
 
 INT8_WEIGHTS_NAME = "adapter_model.int8.safetensors"
@@ -71,7 +72,7 @@ def read_int8_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises ``AdapterLoadError`` when the file is not a loratune int8 adapter file or a scale is missing.
     """
-    with safe_open(str(path), framework="pt") as handle:
+    with reading(path, "adapter weights", AdapterLoadError), safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if metadata.get(FORMAT_KEY) != FORMAT:
             raise AdapterLoadError(f"{path} is not a loratune int8 adapter file ({FORMAT_KEY}={FORMAT!r} missing)")

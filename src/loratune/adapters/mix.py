@@ -13,18 +13,19 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from loratune.adapters.config import LoraConfig
 from loratune.adapters.int8 import FACTOR_SUFFIXES
-from loratune.adapters.peft_format import PREFIX, read_adapter, write_adapter
+from loratune.adapters.peft_format import PREFIX, read_adapter, write_adapter_dir
 from loratune.adapters.targets import rank_and_alpha
 from loratune.errors import ConfigError
+from loratune.files import check_output_dir
 from loratune.layers import lora_scaling
 from loratune.validation import closest
 
@@ -32,6 +33,7 @@ METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitud
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 RANK_METHODS = ("svd", *DENSITY_METHODS)
 SIGN_METHODS = ("total", "frequency")
+FULL_RANK = "full"  # rank= for the density methods: keep the numerical rank (exact)
 
 # One copy of the definitions, shown by ``loratune mix --help`` and appended to ``mix_adapters.__doc__``.
 METHOD_DEFINITIONS = """\
@@ -53,8 +55,9 @@ methods (wᵢ: the weight given to adapter i; Δᵢ = sᵢ·Bᵢ·Aᵢ its delta
                    (seed, M, i).
   dare_ties        DARE drop-and-rescale instead of trim, then TIES sign election and disjoint mean.
 The last four act on the full out × in deltas τᵢ and factorise the result by SVD: rank R = --rank, default
-the numerical rank (singular values above σ₁·max(out, in)·ε_float32), which keeps the result exact — it
-can be as large as min(out, in). Where PEFT differs: its ties/dare_*/magnitude_prune act on A and B
+the sum of the input ranks in that module (the inputs' size together; the energy kept is printed).
+--rank full keeps the numerical rank (singular values above σ₁·max(out, in)·ε_float32), which is exact but
+can be as large as min(out, in): hundreds of MB for a small model. Where PEFT differs: its ties/dare_*/magnitude_prune act on A and B
 separately (ours: on the deltas, like its *_svd variants); it elects the sign from unweighted deltas
 (ours: from wᵢ·Δᵢ, so a negative weight votes with its sign); its DARE masks are unseeded.
 modules_to_save: carried over when every input has identical tensors for them; anything else is refused.
@@ -218,7 +221,7 @@ def _dense(method, parts, path, density, seed, majority_sign):
 # --- checks -------------------------------------------------------------------------------------------------
 
 
-def check_options(method: str, n_adapters: int, rank: int | None, density: float | None, majority_sign: str) -> None:
+def check_options(method: str, n_adapters: int, rank: int | str | None, density: float | None, majority_sign: str) -> None:
     """Raise ``ConfigError`` (one line, saying what to do) for an unknown method or options it cannot use."""
     if method not in METHODS:
         hint = closest(method, METHODS)
@@ -228,8 +231,10 @@ def check_options(method: str, n_adapters: int, rank: int | None, density: float
         raise ConfigError("mix needs at least one adapter (one adapter with a weight rescales it)")
     if rank is not None and method not in RANK_METHODS:
         raise ConfigError(f"--rank applies to {', '.join(RANK_METHODS)}; {method} fixes the rank itself")
-    if rank is not None and rank < 1:
-        raise ConfigError(f"rank must be a positive integer, got {rank}")
+    if rank == FULL_RANK and method not in DENSITY_METHODS:
+        raise ConfigError(f"rank {FULL_RANK!r} applies to {', '.join(DENSITY_METHODS)}; give svd a number")
+    if rank is not None and rank != FULL_RANK and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"rank must be a positive integer or {FULL_RANK!r}, got {rank!r}")
     if method in DENSITY_METHODS:
         if density is None:
             raise ConfigError(f"method {method} needs a density: the fraction of entries kept, in (0, 1]")
@@ -337,7 +342,7 @@ def mix_adapters(
     weights: Sequence[float],
     method: str = "cat",
     *,
-    rank: int | None = None,
+    rank: int | str | None = None,
     density: float | None = None,
     seed: int = 0,
     majority_sign: str = "total",
@@ -347,7 +352,9 @@ def mix_adapters(
 
     Returns a ``MixResult`` whose config and tensors form an ordinary PEFT LoRA adapter (scaling 1 in every
     module) that reproduces the combined delta. ``names`` label the inputs in error messages. Factors come
-    back in the inputs' common dtype (float32 when they differ); the math runs in float64.
+    back in the inputs' common dtype (float32 when they differ); the math runs in float64. ``rank``: see the
+    definitions below (``"full"``: exact, for the density methods). Warns when the result is more than
+    ``LARGE_RESULT_FACTOR`` times the size of its inputs.
     Raises ``ConfigError`` for an unknown method, options it cannot use, adapters of different bases or
     shapes, unequal ranks with ``linear``, and modules_to_save tensors that differ between inputs.
     """
@@ -386,7 +393,10 @@ def mix_adapters(
             else:
                 delta = _dense(method, parts, path, density, seed, majority_sign)
                 U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-                k = rank or numerical_rank(S, tuple(delta.shape))
+                if rank == FULL_RANK:
+                    k = numerical_rank(S, tuple(delta.shape))
+                else:
+                    k = rank or sum(f.rank for _, f in weighted)
             A, B, energy[path] = _truncate(U, S, Vh, k)
             squares = float((S**2).sum())
             kept, total = kept + energy[path] * squares, total + squares
@@ -394,9 +404,24 @@ def mix_adapters(
         tensors[f"{PREFIX}{path}.{a_suffix}"] = A.to(dtype).contiguous()
         tensors[f"{PREFIX}{path}.{b_suffix}"] = B.to(dtype).contiguous()
         ranks[path] = A.shape[0]
+    _warn_if_much_larger(tensors, factor_sets)
     tensors.update(others)
     energy_total = (kept / total if total > 0 else 1.0) if energy else None
     return MixResult(_mixed_config(configs, ranks), tensors, ranks, energy, energy_total)
+
+
+LARGE_RESULT_FACTOR = 4  # a result this many times its inputs' size gets a warning
+
+
+def _warn_if_much_larger(tensors: dict[str, torch.Tensor], factor_sets: Sequence[dict[str, Factors]]) -> None:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    inputs = sum(t.numel() * t.element_size() for fs in factor_sets for f in fs.values() for t in (f.A, f.B))
+    if inputs and size > LARGE_RESULT_FACTOR * inputs:
+        warnings.warn(
+            f"the mixed adapter's factors take {size / 1e6:.1f} MB, {size / inputs:.0f}× its inputs' "
+            f"{inputs / 1e6:.1f} MB; give a rank (--rank R) for a smaller approximation (the energy kept is "
+            "reported)", stacklevel=3,
+        )
 
 
 mix_adapters.__doc__ += "\n" + METHOD_DEFINITIONS  # the exact definitions, kept in one place
@@ -407,25 +432,28 @@ def mix_adapter_dirs(
     out: str | os.PathLike,
     method: str = "cat",
     *,
-    rank: int | None = None,
+    rank: int | str | None = None,
     density: float | None = None,
     seed: int = 0,
     majority_sign: str = "total",
     compress: str | None = None,
+    overwrite: bool = False,
 ) -> MixResult:
     """Read the adapter directories of ``inputs`` (``(path, weight)`` pairs), mix them with ``mix_adapters``
-    and write the result as a PEFT adapter directory at ``out`` (int8-compressed with ``compress="int8"``).
+    and write the result as a new PEFT adapter directory at ``out`` (int8-compressed with
+    ``compress="int8"``; replacing an earlier output only with ``overwrite``, see ``write_adapter_dir``).
 
-    Returns the ``MixResult``. Raises ``ConfigError`` / ``AdapterLoadError`` for bad options or inputs;
-    nothing is written then.
+    Returns the ``MixResult``. Raises ``ConfigError`` / ``AdapterLoadError`` for bad options, inputs or
+    output path; nothing is written then.
     """
     check_options(method, len(inputs), rank, density, majority_sign)
+    check_output_dir(out, overwrite=overwrite)
     adapters = [read_adapter(path) for path, _ in inputs]
     result = mix_adapters(
         adapters, [w for _, w in inputs], method, rank=rank, density=density, seed=seed,
         majority_sign=majority_sign, names=[str(path) for path, _ in inputs],
     )
-    write_adapter(Path(out), result.config, result.tensors, compress=compress)
+    write_adapter_dir(out, result.config, result.tensors, compress=compress, overwrite=overwrite)
     return result
 
 

@@ -12,13 +12,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -37,6 +35,17 @@ from loratune.adapters.surgery import (
 )
 from loratune.adapters.targets import portable_target_modules
 from loratune.errors import AdapterLoadError, ConfigError
+from loratune.files import (
+    MANIFEST_NAME,
+    check_output_dir,
+    describe_read_error,
+    give_default_modes,
+    is_temp_name,
+    read_safetensors,
+    temp_dir_beside,
+    write_output_dir,
+    writing,
+)
 from loratune.layers import UNINITIALISED
 
 PREFIX = "base_model.model."
@@ -146,19 +155,20 @@ def write_adapter(
         stored, metadata = tensors, {"format": "pt"}
         weights_name, stale = WEIGHTS_NAME, INT8_WEIGHTS_NAME
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save_file(stored, staging / weights_name, metadata=metadata)
-        (staging / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
-        if not target.exists():
-            staging.rename(target)
-        else:
-            for file in (weights_name, CONFIG_NAME):
-                os.replace(staging / file, target / file)
-            (target / stale).unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with writing(target, "adapter"):
+        staging = temp_dir_beside(target)
+        try:
+            save_file(stored, staging / weights_name, metadata=metadata)
+            (staging / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+            give_default_modes(staging)
+            if not target.exists():
+                staging.rename(target)
+            else:
+                for file in (weights_name, CONFIG_NAME):
+                    os.replace(staging / file, target / file)
+                (target / stale).unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -168,13 +178,45 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.T
     return read_adapter_config(path), _read_weights(Path(path))
 
 
-def compress_adapter(path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write an int8-compressed copy of the adapter directory ``path`` to ``out`` and return ``out``.
+def write_adapter_dir(
+    path: str | os.PathLike,
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    *,
+    compress: str | None = None,
+    overwrite: bool = False,
+    copy_from: str | os.PathLike | None = None,
+) -> Path:
+    """Write a new adapter directory at ``path`` holding only ``config`` and ``tensors`` (and, with
+    ``copy_from``, that directory's other files: tokenizer, chat template), built beside ``path`` and
+    swapped in.
 
-    Raises ``AdapterLoadError`` when ``path`` is not a readable adapter directory.
+    Raises ``ConfigError`` when ``path`` exists and is not empty without ``overwrite``, or cannot be
+    replaced (see ``loratune.files.check_output_dir``); nothing is written then.
+    """
+    check_output_dir(path, overwrite=overwrite)
+    extras = []
+    if copy_from is not None:
+        skip = {CONFIG_NAME, WEIGHTS_NAME, INT8_WEIGHTS_NAME, MANIFEST_NAME}
+        extras = [p for p in Path(copy_from).iterdir() if p.is_file() and p.name not in skip and not is_temp_name(p.name)]
+
+    def fill(staging: Path) -> None:
+        for extra in extras:
+            shutil.copyfile(extra, staging / extra.name)
+        write_adapter(staging, config, tensors, compress=compress)
+
+    return write_output_dir(path, "adapter", fill)
+
+
+def compress_adapter(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write an int8-compressed copy of the adapter directory ``path`` (with its other files, such as the
+    tokenizer) to ``out`` and return ``out``; ``out`` may be ``path`` itself, with ``overwrite``.
+
+    Raises ``AdapterLoadError`` when ``path`` is not a readable adapter directory, ``ConfigError`` when
+    ``out`` cannot be written (see ``write_adapter_dir``).
     """
     config, tensors = read_adapter(path)
-    return write_adapter(out, config, tensors, compress="int8")
+    return write_adapter_dir(out, config, tensors, compress="int8", overwrite=overwrite, copy_from=path)
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
@@ -185,14 +227,23 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
     directory = Path(path)
     config_file = directory / CONFIG_NAME
     if not config_file.is_file():
-        what = "does not exist" if not directory.exists() else f"has no {CONFIG_NAME}"
+        if not directory.exists():
+            what = "does not exist"
+        elif not directory.is_dir():
+            what = "is a file, not an adapter directory"
+        else:
+            what = f"has no {CONFIG_NAME}"
         raise AdapterLoadError(
             f"{directory} {what}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME} (or {INT8_WEIGHTS_NAME})"
         )
     try:
-        data = json.loads(config_file.read_text())
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(f"{config_file} cannot be read: {describe_read_error(exc)}") from None
     except json.JSONDecodeError as exc:
         raise AdapterLoadError(f"{config_file}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{config_file}: expected a JSON object with the adapter's settings")
     return LoraConfig.from_peft_dict(data, source=str(config_file))
 
 
@@ -221,8 +272,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
                 "convert it to safetensors with PEFT first"
             )
         raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME}")
-    with safe_open(str(weights), framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
+    return read_safetensors(weights, what="adapter weights", error=AdapterLoadError)
 
 
 def _listed(keys, limit: int = 5) -> str:

@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from loratune.errors import ConfigError
+from loratune.files import check_output_dir
+
+DEFAULT_EVAL_MAX_LENGTH = 512
 
 
 def _console():
@@ -50,17 +55,25 @@ def _adapter_name(model, path: str) -> str:
 
 
 def run_train(args) -> int:
-    from loratune.train import load_config, train
+    from loratune.train import TrainingInterrupted, load_config, train
 
     config = load_config(args.config, args.overrides)
     console = _console()
-    summary = train(
-        config,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=False if args.no_progress else None,
-        log=lambda line: console.print(line, markup=False, soft_wrap=True),
-    )
+    try:
+        summary = train(
+            config,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=False if args.no_progress else None,
+            log=lambda line: console.print(line, markup=False, soft_wrap=True),
+        )
+    except TrainingInterrupted as stop:
+        print(f"loratune train: {stop}", file=sys.stderr)
+        if stop.checkpoint is not None:
+            sets = [part for override in args.overrides for part in ("--set", override)]
+            command = shlex.join(["loratune", "train", str(args.config), *sets, "--resume"])
+            print(f"loratune train: continue with: {command}", file=sys.stderr)
+        return 130
     _print_summary(console, summary)
     return 0
 
@@ -89,17 +102,18 @@ def _print_summary(console, summary: dict) -> None:
 
 def run_data(args) -> int:
     from loratune.data import build_dataset, format_stats, render_preview, render_preview_rich
-    from loratune.models import load_model
+    from loratune.models import load_tokenizer
     from loratune.train import load_config
 
     config = load_config(args.config, args.overrides)
-    _, tokenizer = load_model(config.model.name, dtype="fp32", device="cpu", trust_remote_code=config.model.trust_remote_code)
+    tokenizer = load_tokenizer(config.model.name, trust_remote_code=config.model.trust_remote_code)
     d = config.data
+    max_length = _fit_max_length(d.max_length, _base_context(config.model.name), "data.max_length")
     console = _console()
     for label, path in (("train", d.train), ("eval", d.eval)):
         if path is None:
             continue
-        examples, stats = build_dataset(path, tokenizer, format=d.format, max_length=d.max_length,
+        examples, stats = build_dataset(path, tokenizer, format=d.format, max_length=max_length,
                                         truncation=d.truncation, train_on_prompt=d.train_on_prompt)
         console.rule(f"{label}: {path}")
         if console.is_terminal:
@@ -113,6 +127,22 @@ def run_data(args) -> int:
     return 0
 
 
+def _base_context(name: str) -> int | None:
+    from loratune.models import context_length
+    from loratune.models.base_config import base_model_config
+
+    return context_length(base_model_config(name))
+
+
+def _fit_max_length(max_length: int, limit: int | None, what: str) -> int:
+    """``max_length`` capped at the model's context ``limit``, with a warning when it is longer."""
+    if limit is None or max_length <= limit:
+        return max_length
+    warnings.warn(f"{what} {max_length} is longer than the model's context ({limit} positions); using {limit}",
+                  stacklevel=2)
+    return limit
+
+
 # --- eval / generate ----------------------------------------------------------------------------------
 
 
@@ -121,7 +151,14 @@ def run_eval(args) -> int:
     from loratune.train import evaluate
 
     model, tokenizer = _load(args)
-    tokenized, stats = build_dataset(args.data, tokenizer, format=args.format, max_length=args.max_length)
+    from loratune.models import context_length
+
+    limit = context_length(model.config)
+    if args.max_length is None:
+        max_length = min(DEFAULT_EVAL_MAX_LENGTH, limit or DEFAULT_EVAL_MAX_LENGTH)
+    else:
+        max_length = _fit_max_length(args.max_length, limit, "--max-length")
+    tokenized, stats = build_dataset(args.data, tokenizer, format=args.format, max_length=max_length)
     examples, _ = read_examples(args.data, args.format)
     if args.max_examples is not None:
         tokenized, examples = tokenized[: args.max_examples], examples[: args.max_examples]
@@ -144,6 +181,12 @@ def run_generate(args) -> int:
     from loratune.data import Example, chat_prompt_ids, encode_texts, prompt_ids
     from loratune.train import stream_greedy
 
+    sampling = [name for name, value in (("--top-p", args.top_p), ("--top-k", args.top_k)) if value is not None]
+    if sampling and args.temperature == 0:
+        raise ConfigError(f"{' and '.join(sampling)} shape sampling, but --temperature 0 decodes greedily; "
+                          "give --temperature above 0 (e.g. 0.7) to sample")
+    if args.raw and args.prompt is None:
+        raise ConfigError("interactive chat uses the chat template; give --prompt to generate from raw text")
     model, tokenizer = _load(args)
     generator = torch.Generator().manual_seed(args.seed)
     options = dict(temperature=args.temperature or None, top_p=args.top_p, top_k=args.top_k, generator=generator)
@@ -152,26 +195,39 @@ def run_generate(args) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    def answer(ids) -> str:
+        # A library warning printed mid-stream would land inside the model's text: show it afterwards.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            text = stream_greedy(model, tokenizer, ids, args.max_new_tokens, emit, **options)
+        print()
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            print(f"loratune generate: warning: {message}", file=sys.stderr)
+        return text
+
     if args.prompt is not None:
         if args.raw:
             ids = encode_texts(tokenizer, [args.prompt])[0]
         else:
             ids = chat_prompt_ids(tokenizer, args.prompt, system=args.system)
-        stream_greedy(model, tokenizer, ids, args.max_new_tokens, emit, **options)
-        print()
+        answer(ids)
         return 0
-    if args.raw:
-        raise ConfigError("interactive chat uses the chat template; give --prompt to generate from raw text")
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("chat with the model; an empty line or Ctrl-D ends", file=sys.stderr)
-    for line in sys.stdin:
+    typed = sys.stdin.isatty()
+    while True:
+        print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
         if not line.strip():
+            if not typed or not line:
+                print(file=sys.stderr)
             break
+        if not typed:
+            print(line.rstrip("\n"), file=sys.stderr)  # show the turn, as a terminal would have echoed it
         history.append({"role": "user", "content": line.rstrip("\n")})
         ids = prompt_ids(Example(location="chat", messages=history), tokenizer)
-        answer = stream_greedy(model, tokenizer, ids, args.max_new_tokens, emit, **options)
-        print()
-        history.append({"role": "assistant", "content": answer})
+        print("model> ", end="", file=sys.stderr, flush=True)
+        history.append({"role": "assistant", "content": answer(ids)})
     return 0
 
 
@@ -187,8 +243,7 @@ def run_merge(args) -> int:
     if not args.adapter:
         raise ConfigError("merge needs at least one --adapter DIR[:SCALE]")
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_output_dir(out, overwrite=args.overwrite)  # before loading anything
     quantize = args.quantize or stored_in_4bit(resolve_model_dir(args.model))
     if args.requantize and not quantize:
         raise ConfigError("--requantize re-quantizes a 4-bit base; add --quantize nf4 (or fp4), as in training")
@@ -196,7 +251,7 @@ def run_merge(args) -> int:
     if not quantize:
         model, tokenizer = _load(args)
         plain = loratune.unload(model, merge=True, safe=True)
-        save_hf_model(plain, tokenizer, out, dtype=_out_dtype(args))
+        save_hf_model(plain, tokenizer, out, dtype=_out_dtype(args), overwrite=args.overwrite)
         print(f"merged {names} into {args.model} -> {out}")
         return 0
     return _merge_over_4bit(args, quantize, names, out)
@@ -228,11 +283,11 @@ def _merge_over_4bit(args, quantize: str, names: str, out: Path) -> int:
     plain = loratune.unload(model, merge=True, safe=True)
     if not args.requantize:
         dtype = _out_dtype(args) or torch.bfloat16
-        save_hf_model(plain, tokenizer, out, dtype=dtype)
+        save_hf_model(plain, tokenizer, out, dtype=dtype, overwrite=args.overwrite)
         print(f"merged {names} into the dequantized {quantize} base {args.model} -> {out} ({dtype})")
         return 0
     report = requantize_model(plain, specs, deltas)
-    save_quantized_model(plain, tokenizer, out)
+    save_quantized_model(plain, tokenizer, out, overwrite=args.overwrite)
     vs_delta = report.get("error_vs_delta")
     print(f"merged {names} into {args.model} and re-quantized to {quantize} -> {out}; re-quantizing adds a relative "
           f"weight error of {report['relative_error']:.4f} (worst layer {report['worst_layer_relative_error']:.4f})"
@@ -240,17 +295,12 @@ def _merge_over_4bit(args, quantize: str, names: str, out: Path) -> int:
     return 0
 
 
-def _refuse_non_empty(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
-
-
 def run_mix(args) -> int:
     from loratune.adapters.mix import mix_adapter_dirs
 
-    _refuse_non_empty(Path(args.out), args.overwrite)
     result = mix_adapter_dirs(args.adapters, args.out, args.method, rank=args.rank, density=args.density,
-                              seed=args.seed, majority_sign=args.majority_sign, compress="int8" if args.int8 else None)
+                              seed=args.seed, majority_sign=args.majority_sign, compress="int8" if args.int8 else None,
+                              overwrite=args.overwrite)
     ranks = sorted(set(result.ranks.values()))
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     inputs = ", ".join(f"{path}:{weight:g}" for path, weight in args.adapters)
@@ -266,9 +316,9 @@ def run_compress(args) -> int:
     from loratune.adapters import compress_adapter
     from loratune.adapters.inspect import describe_adapter
 
-    _refuse_non_empty(Path(args.out), args.overwrite)
-    compress_adapter(args.adapter, args.out)
-    before, after = describe_adapter(args.adapter)["size_bytes"], describe_adapter(args.out)["size_bytes"]
+    before = describe_adapter(args.adapter)["size_bytes"]
+    compress_adapter(args.adapter, args.out, overwrite=args.overwrite)
+    after = describe_adapter(args.out)["size_bytes"]
     print(f"compressed {args.adapter} ({before:,} bytes) -> {args.out} ({after:,} bytes, int8, "
           f"{before / after:.2f}x smaller)")
     return 0
@@ -276,13 +326,13 @@ def run_compress(args) -> int:
 
 def run_export_gguf(args) -> int:
     from loratune.adapters import read_adapter_config
-    from loratune.adapters.gguf_export import export_gguf
+    from loratune.adapters.gguf_export import export_gguf, written_by_loratune
+    from loratune.files import check_output_file
     from loratune.errors import ModelNotFoundError
     from loratune.models.base_config import base_model_config
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
+    check_output_file(out, overwrite=args.overwrite, ours=written_by_loratune)
     recorded = read_adapter_config(args.adapter).base_model_name_or_path  # a wrong path fails first
     base_name = args.model or recorded
     if not base_name:

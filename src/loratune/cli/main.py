@@ -7,10 +7,24 @@ A user error (bad config, missing file, wrong adapter) prints one line on stderr
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
 
+from loratune.cli.options import (
+    DTYPE_CHOICES,
+    adapter_spec,
+    density,
+    device,
+    finite_float,
+    mix_rank,
+    non_negative_int,
+    positive_int,
+    probability,
+    temperature,
+)
+from loratune.data.formats import FORMATS
 from loratune.errors import LoratuneError
 
 EPILOG = """\
@@ -20,18 +34,18 @@ loaded whole through transformers), or an alias: smollm2-135m (the built-in Smol
 the full-precision model; a .gguf base is converted once through transformers, which holds the whole model
 (fine for small models).
 adapters: DIR or DIR:SCALE (strength, e.g. runs/x/adapter:0.5); repeat --adapter to combine several.
+OVERWRITE: --overwrite replaces only an output loratune wrote (it records what it wrote in
+.loratune-output.json); it refuses the current directory, its parents, your home directory, a filesystem
+root, and any directory holding other files. The new output is built beside the old one and swapped in,
+so the old one stays whole if anything fails.
 """
 
 
-def adapter_spec(value: str) -> tuple[str, float]:
-    """``DIR[:SCALE]``: split at the last colon when what follows parses as a number."""
-    head, sep, tail = value.rpartition(":")
-    if sep:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return value, 1.0
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line on stderr (exit status 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _model_options(parser: argparse.ArgumentParser, adapters: bool = True) -> None:
@@ -39,8 +53,9 @@ def _model_options(parser: argparse.ArgumentParser, adapters: bool = True) -> No
     if adapters:
         parser.add_argument("--adapter", "-a", action="append", default=[], type=adapter_spec, metavar="DIR[:SCALE]",
                             help="adapter directory (PEFT format) with an optional strength; repeatable")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 where supported), bf16, fp16 or fp32")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, metavar="DTYPE",
+                        help="auto (bf16 where supported), bf16, fp16 or fp32")
+    parser.add_argument("--device", default="auto", type=device, help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     parser.add_argument("--quantize", choices=("nf4", "fp4"), default=None,
                         help="load the base with its Linear layers in 4 bits, as a QLoRA run trained it (automatic "
@@ -51,7 +66,7 @@ def _model_options(parser: argparse.ArgumentParser, adapters: bool = True) -> No
 def build_parser() -> argparse.ArgumentParser:
     from loratune import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="loratune",
         description="Fine-tune language models with LoRA; adapters in PEFT's format.",
         epilog=EPILOG,
@@ -60,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loratune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    common = argparse.ArgumentParser(add_help=False)  # --debug also after the verb
+    common = Parser(add_help=False)  # --debug also after the verb
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
     def verb(name, help_text, description=None):
@@ -75,22 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, dotted key, YAML value (e.g. --set train.lr=1e-4); repeatable")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest checkpoint")
-    mode.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace an existing run in output_dir (only a directory loratune wrote: see OVERWRITE below); "
+                           "the old run stays whole until the new one completes")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a live progress bar")
 
     p = verb("data", "preview the training data as the model will see it, with length statistics")
     p.add_argument("config", metavar="CONFIG.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("-n", "--examples", type=int, default=3, help="how many examples to show (default: 3)")
+    p.add_argument("-n", "--examples", type=non_negative_int, default=3, help="how many examples to show (default: 3)")
 
     p = verb("eval", "loss, perplexity and exact match of a model (+ adapters) on a data file")
     _model_options(p)
     p.add_argument("--data", required=True, metavar="FILE", help="JSONL/JSON/CSV/Parquet in a supported format")
-    p.add_argument("--format", default="auto", help="data format (default: detected)")
-    p.add_argument("--max-length", type=int, default=512, help="truncate longer rows (default: 512)")
-    p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N rows")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generation limit for exact match (default: 32)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS), metavar="FORMAT",
+                   help=f"data format: auto (detected, default), {', '.join(FORMATS)}")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="truncate longer rows (default: 512, or the model's context when shorter)")
+    p.add_argument("--max-examples", type=positive_int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="generation limit for exact match (default: 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="rows per batch (default: 32)")
     p.add_argument("--no-exact-match", action="store_true", help="skip generation; loss and perplexity only")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -101,11 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", help="the prompt; without it, an interactive chat on stdin")
     p.add_argument("--system", help="a system message (chat format only)")
     p.add_argument("--raw", action="store_true", help="use the prompt as written, no chat template")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation limit (default: 256)")
+    p.add_argument("--temperature", type=temperature, default=0.0,
+                   help="0 = greedy (default); above 0, sample from softmax(logits / T)")
+    p.add_argument("--top-p", type=probability, default=None, metavar="P",
+                   help="sampling: keep the smallest set of tokens with probability mass P, in (0, 1]")
+    p.add_argument("--top-k", type=positive_int, default=None, metavar="K", help="sampling: keep the K most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
 
     p = verb("merge", "merge adapters into the base and write a plain Hugging Face model directory",
              "Write base + Σ strength·s·B·A into the weights (float32 math) and save a safetensors model directory "
@@ -115,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
              "re-quantizing adds.")
     _model_options(p)
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR that loratune wrote (see OVERWRITE)")
     p.add_argument("--out-dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="dtype of the written weights (default: bf16 over a 4-bit base, else the load --dtype)")
     p.add_argument("--requantize", action="store_true",
@@ -135,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "adapter's base_model_name_or_path")
     p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32",
                    help="tensor type of lora_a/lora_b (default: f32, as llama.cpp's converter)")
-    p.add_argument("--scale", type=float, default=1.0, help="strength baked into the file (default: 1.0)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing FILE.gguf")
+    p.add_argument("--scale", type=finite_float, default=1.0, help="strength baked into the file (default: 1.0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing FILE.gguf that loratune wrote")
 
     _mix_and_compress_verbs(verb)
 
@@ -156,34 +177,38 @@ def _mix_and_compress_verbs(verb) -> None:
     p.add_argument("adapters", nargs="*", type=adapter_spec, metavar="ADAPTER_DIR:WEIGHT",
                    help="an adapter directory and its weight; one adapter with a weight rescales it")
     p.add_argument("--method", required=True, metavar="NAME", help=f"one of: {', '.join(METHODS)}")
-    p.add_argument("--rank", type=int, default=None, metavar="R",
+    p.add_argument("--rank", type=mix_rank, default=None, metavar="R",
                    help="rank of the result for svd (default: largest input rank) and for ties, dare_linear, "
-                        "dare_ties, magnitude_prune (default: the numerical rank, i.e. exact)")
-    p.add_argument("--density", type=float, default=None, metavar="D",
+                        "dare_ties, magnitude_prune (default: the sum of the input ranks; 'full': the numerical "
+                        "rank, i.e. exact, which can be hundreds of MB)")
+    p.add_argument("--density", type=density, default=None, metavar="D",
                    help="fraction of entries kept, in (0, 1]; required by ties, dare_linear, dare_ties, magnitude_prune")
     p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default: 0)")
-    p.add_argument("--majority-sign", default="total", metavar="{total,frequency}",
+    p.add_argument("--majority-sign", default="total", choices=("total", "frequency"),
                    help="TIES sign election: sign of the summed values (total, default) or of the summed signs")
     p.add_argument("--int8", action="store_true", help="write the result int8-compressed (see: loratune compress)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the mixed adapter")
-    p.add_argument("--overwrite", action="store_true", help="replace the adapter files in an existing DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR that loratune wrote (see OVERWRITE)")
 
     p = verb("compress", "write an int8-compressed copy of an adapter (about 3-4x smaller than float32)",
              "Store A and B as int8 with one float32 scale per row (symmetric absmax: scale = max|row|/127, "
              "every element within scale/2 of the original) in adapter_model.int8.safetensors. loratune loads "
              "it transparently (every --adapter option), dequantizing to the adapter dtype; PEFT refuses it.")
     p.add_argument("adapter", metavar="ADAPTER_DIR")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory for the compressed adapter")
-    p.add_argument("--overwrite", action="store_true", help="replace the adapter files in an existing DIR")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="directory for the compressed adapter (its tokenizer files are copied too)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR that loratune wrote (see OVERWRITE)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``loratune`` command; returns the exit status."""
+    """Entry point of the ``loratune`` command; returns the exit status.
+
+    0 on success; 2 for a user error (one line on stderr: what is wrong and what to do); 130 when
+    interrupted; 1 for an unexpected failure (a bug: one line, ``--debug`` shows the traceback).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Warnings (e.g. an adapter trained on another base) as one line each, like errors.
-    previous_format = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, *_: f"loratune {args.verb}: warning: {message}\n"
+    verb = f"loratune {args.verb}"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep transformers' load chatter off the terminal
     from transformers.utils import logging as hf_logging
 
@@ -191,18 +216,53 @@ def main(argv: list[str] | None = None) -> int:
     from loratune.cli import commands
 
     handler = getattr(commands, f"run_{args.verb.replace('-', '_')}")
-    try:
-        return handler(args) or 0
-    except LoratuneError as exc:
-        if args.debug:
-            raise
-        print(f"loratune {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"loratune {args.verb}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        warnings.formatwarning = previous_format  # main() also runs in-process (tests, notebooks)
+    notices = _show_notices(verb)
+    # Warnings (e.g. an adapter trained on another base) as one line each, like errors, whatever filters the
+    # caller set; restored afterwards (main() also runs in-process: tests, notebooks).
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.showwarning = lambda message, *_, **__: print(f"{verb}: warning: {message}", file=sys.stderr)
+        try:
+            return handler(args) or 0
+        except Exception as error:  # noqa: BLE001 - every failure becomes one line unless --debug
+            if args.debug:
+                raise
+            status, message = describe_failure(error)
+            print(f"{verb}: {' '.join(message.splitlines())}", file=sys.stderr)  # one line, whatever it quotes
+            return status
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            print(f"{verb}: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            logging.getLogger("loratune").removeHandler(notices)
+
+
+def describe_failure(error: Exception) -> tuple[int, str]:
+    """(exit status, one line) for an exception that reached the command line."""
+    if isinstance(error, LoratuneError):
+        return 2, f"error: {error}"
+    if isinstance(error, OSError):  # disk full, permission denied, a path of the wrong kind, ...
+        where = f"{error.filename}: " if error.filename else ""
+        return 2, f"error: {where}{error.strerror or error}"
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return 2, ("error: out of memory; lower the batch size or max_length, or load the model in 4 bits "
+                   "(--quantize nf4 / model.quantize: nf4)")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return 1, (f"internal error: {type(error).__name__}: {first} — this is a bug in loratune; "
+               "run again with --debug for the traceback and report it")
+
+
+def _show_notices(verb: str) -> logging.Handler:
+    """Show the library's notices (e.g. converting the built-in model on first use) as ``VERB: message``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{verb}: %(message)s"))
+    logger = logging.getLogger("loratune")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
 
 
 if __name__ == "__main__":

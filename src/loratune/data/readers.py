@@ -136,12 +136,23 @@ def _read_parquet(path: Path, name: str) -> Iterator[LocatedRow]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    def unreadable(err: Exception) -> DataError:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return DataError(f"{name}: not a readable Parquet file ({first})")
+
     try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{name}: not a readable Parquet file ({err})") from None
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise unreadable(err) from None
     index = 0
-    for batch in parquet.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            rows = batch.to_pylist()
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise unreadable(err) from None
+        for row in rows:
             yield f"{name}:row {index}", row
             index += 1

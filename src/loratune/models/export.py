@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from loratune.files import check_output_dir, write_output_dir
 
 
 def weights_are_tied(model: nn.Module) -> bool:
@@ -18,26 +19,26 @@ def weights_are_tied(model: nn.Module) -> bool:
     return inp is not None and out is not None and inp.weight is out.weight
 
 
-def save_hf_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def save_hf_model(
+    model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None, *, overwrite: bool = False
+) -> Path:
     """Save ``model`` (safetensors), its tokenizer and chat template and generation config into ``out_dir``.
 
-    Written into a temporary sibling directory and renamed, so ``out_dir`` is complete or absent. When the
+    Built in a directory beside ``out_dir`` and swapped in, so ``out_dir`` is complete or as it was. When the
     embeddings and output head are no longer the same tensor (merging untied them), the config says so, or
-    transformers would re-tie them on load.
+    transformers would re-tie them on load. Raises ``ConfigError`` when ``out_dir`` exists and is not empty
+    without ``overwrite``, or cannot be replaced (see ``loratune.files.check_output_dir``).
     """
-    out = Path(out_dir)
+    check_output_dir(out_dir, overwrite=overwrite)
     if dtype is not None:
         model = model.to(dtype)
     model.config.tie_word_embeddings = weights_are_tied(model)
     text_config = getattr(model.config, "get_text_config", lambda: None)()
     if text_config is not None and text_config is not model.config:
         text_config.tie_word_embeddings = model.config.tie_word_embeddings
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(staging), safe_serialization=True)
-    tokenizer.save_pretrained(str(staging))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+
+    def fill(staging: Path) -> None:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+
+    return write_output_dir(out_dir, "model", fill)

@@ -16,11 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 from loratune.errors import ModelNotFoundError
+from loratune.files import give_default_modes, temp_dir_beside, writing
+
+logger = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "LORATUNE_CACHE"
 SOURCE_RECORD = "loratune_source.json"  # written into each cache dir: where it came from, for humans
@@ -68,10 +71,12 @@ def cached_hf_dir(gguf_path: str | os.PathLike) -> Path:
     final = gguf_cache_dir(gguf_path)
     if _is_complete(final):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    logger.info("converting %s once into %s; later loads read that copy in about a second", gguf_path, final)
+    with writing(final, "model cache"):
+        staging = temp_dir_beside(final)
     try:
         convert_gguf_to_hf(gguf_path, staging)
+        give_default_modes(staging)
         try:
             os.rename(staging, final)  # atomic on one filesystem: readers see nothing or everything
         except OSError:

@@ -57,7 +57,7 @@ def load_model(
     ``quantize``/``dtype``/``device`` or a weight that cannot be quantized, and ``LoratuneError`` when a
     checkpoint does not match its config in 4-bit loading.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import; only needed here
+    from transformers import AutoModelForCausalLM  # slow import; only needed here
 
     check_quantize(quantize)
     device = resolve_device(device)
@@ -75,18 +75,13 @@ def load_model(
         else:
             spec = QuantSpec(quantize.strip().lower(), double_quant, resolve_dtype(compute_dtype, device))
             model = load_quantized_model(model_dir, spec, torch_dtype, device, unquantized_modules, trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True
-        )
+        tokenizer = _tokenizer_from(model_dir, trust_remote_code)
     except LoratuneError:
         raise  # already says what is wrong (e.g. a weight that cannot be quantized)
     except (OSError, ValueError, KeyError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelNotFoundError(f"cannot load model {name!r} from {model_dir}: {message}") from error
 
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        # Batching needs a pad token; EOS is the usual choice and the one SmolLM2 itself ships with.
-        tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
@@ -99,6 +94,43 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of model ``name`` (alias, ``.gguf`` or directory) without loading any weights; it always
+    has a pad token (its EOS token when it had none) and records ``hf_name_for(name)`` as its name.
+
+    Raises ``ModelNotFoundError`` when ``name`` cannot be found or its tokenizer cannot be read.
+    """
+    model_dir = resolve_model_dir(name)
+    try:
+        tokenizer = _tokenizer_from(model_dir, trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"cannot load the tokenizer of {name!r} from {model_dir}: {message}") from error
+    tokenizer.name_or_path = hf_name_for(name)
+    return tokenizer
+
+
+def _tokenizer_from(model_dir: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Batching needs a pad token; EOS is the usual choice and the one SmolLM2 itself ships with.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def context_length(config) -> int | None:
+    """How many positions a model attends over (``max_position_embeddings``, GPT-2's ``n_positions``), from
+    its config object or ``config.json`` dict; None when the config does not say."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def check_quantize(quantize: str | None) -> None:

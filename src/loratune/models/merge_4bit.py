@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loratune.adapters.surgery import lora_layers
+from loratune.files import check_output_dir, write_output_dir
 from loratune.models.export import weights_are_tied
 from loratune.quant import Linear4bit, QuantSpec, dequantize_weight, quantize_weight
 
@@ -75,10 +75,11 @@ def merged_delta_norms(model: nn.Module) -> dict[str, float]:
     return norms
 
 
-def save_quantized_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+def save_quantized_model(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``model`` with its ``Linear4bit`` layers as a Hugging Face directory in bitsandbytes' 4-bit format
     (``quantization_config`` in config.json, packed weights + quantization state in safetensors), which
-    transformers + bitsandbytes and ``load_model(quantize=...)`` read. Written to a temporary name, then renamed."""
+    transformers + bitsandbytes and ``load_model(quantize=...)`` read. Built beside ``out_dir`` and swapped in;
+    ``ConfigError`` when ``out_dir`` cannot be replaced (see ``loratune.files.check_output_dir``)."""
     layers = {p: m for p, m in model.named_modules() if isinstance(m, Linear4bit)}
     spec = next(iter(layers.values())).spec
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -93,15 +94,12 @@ def save_quantized_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Pa
         "bnb_4bit_compute_dtype": str(spec.compute_dtype).removeprefix("torch."),
         "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": [p.rsplit(".", 1)[-1] for p in keep] or None,
     }
-    out = Path(out_dir)
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
-    (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    model.generation_config.save_pretrained(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return out
+    check_output_dir(out_dir, overwrite=overwrite)
+
+    def fill(staging: Path) -> None:
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        model.generation_config.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+
+    return write_output_dir(out_dir, "model", fill)

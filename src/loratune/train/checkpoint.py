@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from loratune.adapters import adapter_state, load_adapter_state
 from loratune.errors import LoratuneError
+from loratune.files import give_default_modes, read_safetensors, swap_into_place, temp_dir_beside, writing
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -73,24 +74,24 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write ``checkpoints/step-{step}`` atomically and prune to the newest ``keep``; return its path."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    staging = root / f".step-{step}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_file(adapter_state(model, adapter_name), staging / "adapter_state.safetensors")
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, staging / "optimizer.safetensors")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, staging / "rng.safetensors")
-    state = {**trainer_state, "step": step, "optimizer": opt_meta, "python_random": _jsonable(random.getstate())}
-    (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    final = Path(run_dir) / "checkpoints" / f"step-{step}"
+    with writing(final, "checkpoint"):
+        staging = temp_dir_beside(final)
+        try:
+            save_file(adapter_state(model, adapter_name), staging / "adapter_state.safetensors")
+            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+            save_file(opt_tensors, staging / "optimizer.safetensors")
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+            save_file(rng, staging / "rng.safetensors")
+            state = {**trainer_state, "step": step, "optimizer": opt_meta, "python_random": _jsonable(random.getstate())}
+            (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            give_default_modes(staging)
+            swap_into_place(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -101,10 +102,10 @@ def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer: 
     path = Path(path)
     try:
         state = json.loads((path / STATE_FILE).read_text())
-        load_adapter_state(model, adapter_name, load_file(path / "adapter_state.safetensors"), str(path))
-        _restore_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
-        rng = load_file(path / "rng.safetensors")
-    except (OSError, KeyError, ValueError) as exc:
+        load_adapter_state(model, adapter_name, read_safetensors(path / "adapter_state.safetensors"), str(path))
+        _restore_optimizer(optimizer, read_safetensors(path / "optimizer.safetensors"), state["optimizer"])
+        rng = read_safetensors(path / "rng.safetensors")
+    except (OSError, KeyError, ValueError, TypeError, LoratuneError) as exc:
         raise LoratuneError(f"checkpoint {path} cannot be read ({exc}); delete it to resume from an older one") from None
     torch.set_rng_state(rng["torch"])
     cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]

@@ -128,14 +128,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def read_yaml(path: Path) -> dict:
     """The mapping in YAML file ``path``; ``ConfigError`` with file and line for a syntax error."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML ({problem})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -7,6 +7,7 @@ Prompts are token ids, already formatted (chat template or raw) by the caller.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
@@ -64,15 +65,15 @@ def generate_greedy(
     mask; each row stops at its first stop token (default: ``stop_token_ids(model, tokenizer)``) or after
     ``max_new_tokens``. The result for each prompt is the same as generating it alone. Returns the decoded
     completions with special tokens skipped (the stop token is not part of them).
-    Raises ValueError for an empty prompt, ``max_new_tokens < 0`` or ``batch_size < 1``, and ``ConfigError``
-    for ``adapter_names`` of the wrong length or naming an unknown adapter.
+    Raises ``ConfigError`` for an empty prompt, ``max_new_tokens < 0``, ``batch_size < 1``, and
+    ``adapter_names`` of the wrong length or naming an unknown adapter.
     """
     if adapter_names is not None and len(adapter_names) != len(prompts):
         raise ConfigError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
     if max_new_tokens < 0 or batch_size < 1:
-        raise ValueError(f"need max_new_tokens >= 0 and batch_size >= 1, got {max_new_tokens} and {batch_size}")
+        raise ConfigError(f"need max_new_tokens >= 0 and batch_size >= 1, got {max_new_tokens} and {batch_size}")
     if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise ConfigError("every prompt needs at least one token")
     stops = stop_token_ids(model, tokenizer) if stop_ids is None else set(stop_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -121,24 +122,22 @@ def stream_greedy(
 ) -> str:
     """Generate from one prompt, calling ``on_text`` with each new piece of decoded text as it appears.
 
-    Greedy unless ``temperature`` is a positive number; then samples from the softmax at that temperature,
-    restricted to the ``top_k`` most likely tokens and/or the smallest set with probability ``top_p``
-    (``generator`` makes sampling reproducible). Stops at a stop token (not emitted) or after
+    Greedy when ``temperature`` is None or 0; a positive ``temperature`` samples from the softmax at that
+    temperature, restricted to the ``top_k`` most likely tokens and/or the smallest set with probability
+    ``top_p`` (``generator`` makes sampling reproducible). Stops at a stop token (not emitted) or after
     ``max_new_tokens``. Text is emitted only once it decodes cleanly, so a character split across tokens is
     never printed half-way. Returns the whole completion (special tokens skipped).
-    Raises ValueError for an empty prompt or an invalid sampling option.
+    Raises ``ConfigError`` for an empty prompt, a negative ``max_new_tokens`` and any sampling option that
+    cannot mean anything: a negative or non-finite temperature, top_p outside (0, 1], top_k below 1, or
+    top_p/top_k with greedy decoding.
     """
+    check_sampling(temperature, top_p, top_k)
     if len(prompt_ids) == 0:
-        raise ValueError("the prompt needs at least one token")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise ConfigError("the prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
     stops = stop_token_ids(model, tokenizer) if stop_ids is None else set(stop_ids)
-    if temperature is None or temperature <= 0:
-        pick = _argmax
-    else:
-        pick = _sampler(temperature, top_p, top_k, generator)
+    pick = _argmax if not temperature else _sampler(temperature, top_p, top_k, generator)
     input_ids = torch.tensor([list(prompt_ids)], device=_device(model))
     attention_mask = torch.ones_like(input_ids)
     generated: list[int] = []
@@ -158,6 +157,18 @@ def stream_greedy(
     if text != emitted and text.startswith(emitted):
         on_text(text[len(emitted) :])
     return text
+
+
+def check_sampling(temperature: float | None, top_p: float | None, top_k: int | None) -> None:
+    """Raise ``ConfigError`` for sampling options that cannot mean anything (see ``stream_greedy``)."""
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature must be 0 (greedy) or a positive number, got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if not temperature and (top_p is not None or top_k is not None):
+        raise ConfigError("top_p and top_k shape sampling, but temperature 0 decodes greedily; give a temperature above 0")
 
 
 # --- the decoding loop ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from loratune.errors import ConfigError
+from loratune.files import write_atomic, write_text_atomic
 
 
 class MetricsLog:
@@ -26,7 +27,7 @@ class MetricsLog:
         """Drop records past ``step`` (a resumed run repeats them)."""
         if self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         with self.path.open("a") as handle:
@@ -66,7 +67,5 @@ def plot_losses(records: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    write_atomic(path, lambda temp: fig.savefig(temp, format="png"))
     plt.close(fig)
-    tmp.replace(path)

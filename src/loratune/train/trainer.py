@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -32,14 +31,25 @@ from loratune.data import (
     split_eval,
 )
 from loratune.errors import ConfigError, LoratuneError
-from loratune.models import load_model
+from loratune.files import write_output_dir, write_text_atomic
+from loratune.models import context_length, load_model
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from loratune.train.config import TrainConfig, load_config
+from loratune.train.config import TrainConfig
 from loratune.train.evaluate import EvalResult, evaluate, model_device
 from loratune.train.fused_ops import patch_for_training
+from loratune.train.interrupt import StepInterrupts
 from loratune.train.loss import causal_lm_loss_sum
 from loratune.train.metrics import MetricsLog, plot_losses
-from loratune.train.run_dir import CONFIG_FILE, file_sha256, prepare_run_dir, write_run_config, write_text_atomic
+from loratune.train.run_dir import (
+    SUMMARY_FILE,
+    RunDirs,
+    abandon_run_dir,
+    finish_run_dir,
+    prepare_run_dir,
+    resume_config,
+    saved_run_config,
+    write_run_config,
+)
 from loratune.train.schedule import learning_rate
 
 ADAPTER_NAME = "default"
@@ -133,24 +143,21 @@ def _progress(total: int, start: int, enabled: bool):
 
 def save_adapter_with_tokenizer(model, tokenizer, path: Path, base_name: str) -> None:
     """Write the adapter plus tokenizer files (with the chat template) into ``path``, replacing it whole."""
-    staging = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    save_adapter(model, staging, ADAPTER_NAME, base_model_name_or_path=base_name)
-    tokenizer.save_pretrained(str(staging))
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
+
+    def fill(staging: Path) -> None:
+        save_adapter(model, staging, ADAPTER_NAME, base_model_name_or_path=base_name)
+        tokenizer.save_pretrained(str(staging))
+
+    write_output_dir(path, "adapter", fill)
 
 
-def resume_config(run_dir: Path) -> TrainConfig:
-    """The saved config of the run in ``run_dir``; refuses when its data files changed since."""
-    config = load_config(run_dir / CONFIG_FILE)
-    saved = (config.meta or {}).get("data_sha256", {})
-    for key, digest in saved.items():
-        path = getattr(config.data, key)
-        if file_sha256(path) != digest:
-            raise ConfigError(f"--resume: data.{key} ({path}) changed since the run started; use --overwrite to start over")
-    return config
+class TrainingInterrupted(LoratuneError):
+    """Training stopped by Ctrl-C; ``checkpoint`` is the checkpoint to resume from (None when no step
+    completed, so there is nothing to resume)."""
+
+    def __init__(self, message: str, checkpoint: Path | None, run_dir: Path):
+        super().__init__(message)
+        self.checkpoint, self.run_dir = checkpoint, run_dir
 
 
 def train(
@@ -164,19 +171,31 @@ def train(
     """Run a fine-tune as ``config`` says and return the summary (also written to ``summary.json``).
 
     ``resume`` continues the run in ``config.output_dir`` from its newest complete checkpoint with the run's
-    saved config; ``overwrite`` replaces an existing run. ``progress`` shows a live bar (default: on a
-    terminal). Raises ``ConfigError`` for an existing output directory and other user errors, and
-    ``TrainingDiverged`` when the loss stops being finite (the last checkpoint stays).
-    """
-    run_dir = Path(config.output_dir)
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    if resume:
-        config = resume_config(run_dir).model_copy(update={"output_dir": str(run_dir)})
-    t = config.train
-    random.seed(t.seed)
-    torch.manual_seed(t.seed)
+    saved config, changed only where ``config`` differs in what a resumed run may change (more steps or
+    epochs, evaluation, logging and saving: ``run_dir.RESUMABLE_CHANGES``). ``overwrite`` replaces an
+    existing run that loratune wrote; the new run is built beside it and swapped in when it completes.
+    ``progress`` shows a live bar (default: on a terminal).
 
-    model, tokenizer = load_model(
+    Raises ``ConfigError`` for an output directory that cannot be used, a resume that would change anything
+    else or finds the run finished, and other user errors; ``TrainingDiverged`` when the loss stops being
+    finite (the last checkpoint stays); ``TrainingInterrupted`` on Ctrl-C, after saving a checkpoint at the
+    last completed step. A run that fails before its first step leaves no output directory behind.
+    """
+    dirs = prepare_run_dir(config.output_dir, resume=resume, overwrite=overwrite, log=log)
+    try:
+        return _run(config, dirs, resume, progress, log)
+    except BaseException as error:
+        if not isinstance(error, TrainingInterrupted) and not _first_step_done(dirs):
+            abandon_run_dir(dirs)
+        raise
+
+
+def _first_step_done(dirs) -> bool:
+    return (dirs.work / "checkpoints").is_dir() or MetricsLog(dirs.work).records() != []
+
+
+def _load_base(config: TrainConfig):
+    return load_model(
         config.model.name,
         quantize=config.model.quantize,
         dtype=config.model.dtype,
@@ -186,8 +205,37 @@ def train(
         compute_dtype=config.model.compute_dtype,
         unquantized_modules=config.model.unquantized_modules,
     )
+
+
+def fit_max_length(config: TrainConfig, model, log) -> TrainConfig:
+    """``config`` with ``data.max_length`` capped at the model's context length, saying so when it was longer."""
+    limit = context_length(getattr(model, "config", None))
+    if limit is None or config.data.max_length <= limit:
+        return config
+    log(f"data.max_length {config.data.max_length} is longer than the model's context ({limit} positions); "
+        f"using {limit}")
+    return config.model_copy(update={"data": config.data.model_copy(update={"max_length": limit})})
+
+
+def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dict:
+    run_dir = dirs.work
+    changes: list[str] = []
+    if resume:
+        saved = saved_run_config(run_dir)
+        config, changes = resume_config(saved, config)
+        config = config.model_copy(update={"output_dir": str(dirs.final)})
+        if changes:
+            write_run_config(run_dir, config, meta=saved.meta)
+            log("resume with changes: " + "; ".join(changes))
+    t = config.train
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+
+    model, tokenizer = _load_base(config)
+    if not resume:
+        config = fit_max_length(config, model, log)
     data = prepare_data(config, tokenizer)
-    if not resume:  # written only now, so a run that fails to start does not block its retry
+    if not resume:
         config = write_run_config(run_dir, config)
     torch.manual_seed(t.seed)  # the adapter's start depends on the seed only
     add_adapter(model, config.lora, ADAPTER_NAME)
@@ -212,12 +260,13 @@ def train(
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, ADAPTER_NAME, optimizer)
         start_step = state["step"]
+        _check_steps_left(run_dir, start_step, total_steps)
         stream.seek(state["epoch"], state["index"])
         metrics.truncate_after(start_step)
-        log(f"resuming {run_dir} from {checkpoint.name}")
+        log(f"resuming {dirs.final} from {checkpoint.name}" + (f", now {total_steps} steps" if changes else ""))
     elif resume:
         metrics.truncate_after(0)
-        log(f"resuming {run_dir}: no complete checkpoint yet, starting from step 0")
+        log(f"resuming {dirs.final}: no complete checkpoint yet, starting from step 0")
 
     report = parameter_report(model)
     st = data.stats
@@ -227,68 +276,83 @@ def train(
         f"{len(data.train)} training examples ({st.trained_tokens:,} target tokens), "
         f"{len(data.eval)} eval; {total_steps} steps of {t.batch_size}×{t.grad_accum}; {report}"
     )
+    if dirs.work != dirs.final:
+        log(f"building the new run in {dirs.work}; it replaces {dirs.final} when it completes")
     show = sys.stderr.isatty() if progress is None else progress
     bar = _progress(total_steps, start_step, show)
     model.train()
     last_eval_step = None
+    done = start_step
+    after_step = _rng_state()  # what a checkpoint of the last completed step must restore
     try:
-        for step in range(start_step, total_steps):
-            started = time.perf_counter()
-            batches = [stream.next() for _ in range(t.grad_accum)]
-            targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            lr = learning_rate(step, total_steps=total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps, kind=t.scheduler)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_total = 0.0
-            for batch in batches:
-                loss_sum, _ = causal_lm_loss_sum(model, batch)
-                (loss_sum / max(1, targets)).backward()
-                loss_total += float(loss_sum.detach())
-            loss = loss_total / max(1, targets)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {_last_good(run_dir)}. "
-                                       "Lower train.lr or check the data")
-            if t.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-            if not math.isfinite(grad_norm):
-                raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step + 1}; {_last_good(run_dir)}. "
-                                       "Lower train.lr or check the data")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
-            seconds = time.perf_counter() - started
-            state["tokens"] += tokens
-            state["train_seconds"] += seconds
-            state["epoch"], state["index"] = stream.epoch, stream.index
-            done = step + 1
-            tokens_per_s = tokens / seconds
-            if bar is not None:
-                bar.update(0, completed=done, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
-            if done % t.log_every == 0 or done == total_steps or done == 1:
-                record = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": grad_norm,
-                          "epoch": done * t.grad_accum / stream.batches_per_epoch}
-                metrics.log(record)
-                if bar is None:
-                    log(f"step {done}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
-            if t.eval_every and data.eval and (done % t.eval_every == 0 or done == total_steps):
-                result = _evaluate(model, tokenizer, data, t)
-                last_eval_step = done
-                metrics.log({"step": done, "eval_loss": result.loss, "eval_perplexity": result.perplexity,
-                             "eval_exact_match": result.exact_match})
-                log(_describe_eval(done, result))
-                _keep_best(model, tokenizer, run_dir, config, state, result, done)
-            if done % t.save_every == 0 and done < total_steps:
-                save_checkpoint(run_dir, done, model, ADAPTER_NAME, optimizer, _trainer_state(state), t.keep_checkpoints)
+        with StepInterrupts() as interrupts:
+            for step in range(start_step, total_steps):
+                started = time.perf_counter()
+                batches = [stream.next() for _ in range(t.grad_accum)]
+                targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+                lr = learning_rate(step, total_steps=total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps,
+                                   kind=t.scheduler)
+                loss_total = 0.0
+                for batch in batches:
+                    loss_sum, _ = causal_lm_loss_sum(model, batch)
+                    (loss_sum / max(1, targets)).backward()
+                    loss_total += float(loss_sum.detach())
+                loss = loss_total / max(1, targets)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {_last_good(run_dir)}. "
+                                           "Lower train.lr or check the data")
+                if t.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+                else:
+                    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+                if not math.isfinite(grad_norm):
+                    raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step + 1}; "
+                                           f"{_last_good(run_dir)}. Lower train.lr or check the data")
+                tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                             for b in batches)
+                with interrupts.protected():
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    seconds = time.perf_counter() - started
+                    state["tokens"] += tokens
+                    state["train_seconds"] += seconds
+                    state["epoch"], state["index"] = stream.epoch, stream.index
+                    done = step + 1
+                    after_step = _rng_state()
+                tokens_per_s = tokens / seconds
+                if bar is not None:
+                    bar.update(0, completed=done, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
+                if done % t.log_every == 0 or done == total_steps or done == 1:
+                    record = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                              "grad_norm": grad_norm, "epoch": done * t.grad_accum / stream.batches_per_epoch}
+                    metrics.log(record)
+                    if bar is None:
+                        log(f"step {done}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
+                if t.eval_every and data.eval and (done % t.eval_every == 0 or done == total_steps):
+                    result = _evaluate(model, tokenizer, data, t)
+                    last_eval_step = done
+                    metrics.log({"step": done, "eval_loss": result.loss, "eval_perplexity": result.perplexity,
+                                 "eval_exact_match": result.exact_match})
+                    log(_describe_eval(done, result))
+                    _keep_best(model, tokenizer, run_dir, config, state, result, done)
+                if done % t.save_every == 0 and done < total_steps:
+                    save_checkpoint(run_dir, done, model, ADAPTER_NAME, optimizer, _trainer_state(state),
+                                    t.keep_checkpoints)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.stop()
+            bar = None
+        raise _interrupted(dirs, done, start_step, total_steps, after_step, model, optimizer, state, t) from None
     finally:
         if bar is not None:
             bar.stop()
         metrics.close()
 
+    save_checkpoint(run_dir, total_steps, model, ADAPTER_NAME, optimizer, _trainer_state(state), t.keep_checkpoints)
     base_name = _base_name(model, config)
     save_adapter_with_tokenizer(model, tokenizer, run_dir / "adapter", base_name)
-    save_checkpoint(run_dir, total_steps, model, ADAPTER_NAME, optimizer, _trainer_state(state), t.keep_checkpoints)
     final_eval = None
     if data.eval and last_eval_step != total_steps:
         final_eval = _evaluate(model, tokenizer, data, t)
@@ -299,9 +363,47 @@ def train(
             _keep_best(model, tokenizer, run_dir, config, state, final_eval, total_steps)
     records = metrics.records()
     plot_losses(records, run_dir / "loss.png")
-    summary = _summary(run_dir, config, state, total_steps, report, records)
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    summary = _summary(dirs.final, run_dir, config, state, total_steps, report, records)
+    write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    finish_run_dir(dirs)
     return summary
+
+
+def _check_steps_left(run_dir: Path, reached: int, total_steps: int) -> None:
+    """Refuse a resume with nothing to do: a finished run needs more steps, and steps cannot be undone."""
+    if reached > total_steps:
+        raise ConfigError(f"--resume: the run already reached step {reached}, past the {total_steps} steps now "
+                          f"configured; give train.max_steps (or train.epochs) for more than {reached} steps")
+    if reached == total_steps and (run_dir / SUMMARY_FILE).is_file():
+        raise ConfigError(f"--resume: the run already finished its {total_steps} steps; to train it further, "
+                          f"extend it, e.g. --set train.max_steps={2 * total_steps} (or a larger train.epochs)")
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda, random.getstate()
+
+
+def _set_rng_state(saved: tuple) -> None:
+    cpu, cuda, python = saved
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(python)
+
+
+def _interrupted(dirs, done, start_step, total_steps, rng, model, optimizer, state, t) -> TrainingInterrupted:
+    """Checkpoint the last completed step (as an uninterrupted run would have had it) and describe it."""
+    checkpoint = latest_checkpoint(dirs.work)
+    if done > start_step:
+        _set_rng_state(rng)
+        checkpoint = save_checkpoint(dirs.work, done, model, ADAPTER_NAME, optimizer, _trainer_state(state),
+                                     t.keep_checkpoints)
+    if checkpoint is None:
+        abandon_run_dir(dirs)
+        return TrainingInterrupted("interrupted before the first step completed; nothing was saved", None, dirs.final)
+    return TrainingInterrupted(f"interrupted at step {done} of {total_steps}; checkpoint saved in {checkpoint}",
+                               checkpoint, dirs.final)
 
 
 def _last_good(run_dir: Path) -> str:
@@ -340,7 +442,7 @@ def _trainer_state(state: dict) -> dict:
     return {k: state[k] for k in ("epoch", "index", "tokens", "train_seconds", "best", "best_step")}
 
 
-def _summary(run_dir: Path, config: TrainConfig, state: dict, steps: int, report, records: list[dict]) -> dict:
+def _summary(final: Path, run_dir: Path, config: TrainConfig, state: dict, steps: int, report, records: list[dict]) -> dict:
     evals = [r for r in records if "eval_loss" in r]
     adapter_file = run_dir / "adapter" / "adapter_model.safetensors"
     return {
@@ -356,8 +458,8 @@ def _summary(run_dir: Path, config: TrainConfig, state: dict, steps: int, report
         "trainable_params": report.trainable,
         "total_params": report.total,
         "adapter_bytes": adapter_file.stat().st_size if adapter_file.exists() else None,
-        "output_dir": str(run_dir),
+        "output_dir": str(final),
     }
 
 
-__all__ = ["TrainingDiverged", "prepare_data", "train"]
+__all__ = ["TrainingDiverged", "TrainingInterrupted", "prepare_data", "train"]

@@ -1,0 +1,101 @@
+"""Argument types of the ``loratune`` command line: every option is checked where it is parsed, so a value
+that cannot mean anything is a one-line usage error before any model is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+DTYPE_CHOICES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+
+
+def _number(text: str, kind, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1."""
+    value = _number(text, int, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer ≥ 0."""
+    value = _number(text, int, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Any finite number."""
+    return _number(text, float, "a number")
+
+
+def temperature(text: str) -> float:
+    """A sampling temperature: 0 (greedy) or more."""
+    value = _number(text, float, "a number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or more, got {value:g}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A probability mass in (0, 1], as top-p takes."""
+    value = _number(text, float, "a number")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
+    return value
+
+
+def density(text: str) -> float:
+    """A fraction of entries kept, in (0, 1]."""
+    return probability(text)
+
+
+def mix_rank(text: str) -> int | str:
+    """A rank ≥ 1, or ``full`` (exact: the numerical rank)."""
+    return "full" if text.strip().lower() == "full" else positive_int(text)
+
+
+def device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` ...: anything torch parses as a device."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    import torch
+
+    try:
+        torch.device(text.strip())
+    except (RuntimeError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    return text.strip()
+
+
+def adapter_spec(value: str) -> tuple[str, float]:
+    """``DIR[:SCALE]``: split at the last colon when what follows parses as a number.
+
+    When ``DIR`` exists but ``DIR:TEXT`` does not and ``TEXT`` is no number, the scale is what is wrong.
+    """
+    head, sep, tail = value.rpartition(":")
+    if sep:
+        try:
+            scale = float(tail)
+        except ValueError:
+            if head and os.path.exists(head) and not os.path.exists(value):
+                raise argparse.ArgumentTypeError(
+                    f"the strength {tail!r} in {value!r} is not a number; write DIR:SCALE, e.g. {head}:0.5"
+                ) from None
+        else:
+            if not math.isfinite(scale):
+                raise argparse.ArgumentTypeError(f"the strength in {value!r} must be a finite number")
+            return head, scale
+    return value, 1.0
