@@ -71,10 +71,10 @@ def test_rank_and_alpha_patterns_set_per_module_rank_and_scaling():
                         alpha_pattern={r"layers\.1\.self_attn\.q_proj": 32})
     loratune.add_adapter(model, config)
     layers = dict(lora_layers(model))
-    assert layers["model.layers.0.self_attn.v_proj"].r["default"] == 2
-    assert layers["model.layers.0.self_attn.v_proj"].scaling["default"] == 4.0
-    assert layers["model.layers.0.self_attn.q_proj"].scaling["default"] == 2.0
-    assert layers["model.layers.1.self_attn.q_proj"].scaling["default"] == 8.0
+    assert layers["model.layers.0.self_attn.v_proj"].specs["default"].r == 2
+    assert layers["model.layers.0.self_attn.v_proj"].specs["default"].scaling == 4.0
+    assert layers["model.layers.0.self_attn.q_proj"].specs["default"].scaling == 2.0
+    assert layers["model.layers.1.self_attn.q_proj"].specs["default"].scaling == 8.0
 
 
 def test_embeddings_and_conv1d_layers_get_lora():

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+
+from loratune.layers import LoraLinear
 from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 import loratune
@@ -29,9 +31,12 @@ def test_silu_mul_lora_down_function_passes_gradcheck_in_float64(bias):
     torch.manual_seed(0)
     t = dict(dtype=torch.float64, requires_grad=True)
     gate, up = torch.randn(2, 3, 6, **t), torch.randn(2, 3, 6, **t)
-    weight, b = torch.randn(4, 6, **t), (torch.randn(4, **t) if bias else None)
+    weight = torch.nn.Linear(6, 4, bias=bias, dtype=torch.float64).requires_grad_(False)
+    down = LoraLinear(weight)
+    b = weight.bias.requires_grad_(True) if bias else None
     A, B = torch.randn(2, 6, **t), torch.randn(4, 2, **t)
-    assert torch.autograd.gradcheck(lambda *a: SiluMulLoraDownFunction.apply(*a, 0.7), (gate, up, weight, b, A, B))
+    assert torch.autograd.gradcheck(lambda g, u, b, A, B: SiluMulLoraDownFunction.apply(g, u, down, b, A, B, 0.7),
+                                    (gate, up, b, A, B))
 
 
 def loss_and_grads(patch: bool, dtype=torch.float32, quantize: str | None = None):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from loratune.adapters.mixed_batch import row_groups
-from loratune.layers import LoraLinear, lowrank_cpu
+from loratune.layers import LoraLinear, Routing
+from loratune.layers.execution import backend_for, lowrank_cpu
 from loratune.layers.lowrank_cpu import add_low_rank_, kernel_available, row_blocks
 
 needs_kernel = pytest.mark.skipif(not kernel_available(), reason="compiled kernel not built or switched off")
@@ -137,28 +137,28 @@ def test_kernel_refuses_blocks_outside_the_factors():
 def test_mixed_batch_rows_take_the_kernel_and_match_their_own_adapter():
     torch.manual_seed(2)
     layer = LoraLinear(nn.Linear(72, 40, dtype=torch.bfloat16))
-    layer.add("a", r=6, lora_alpha=12, init=False)
-    layer.add("b", r=3, lora_alpha=3, init=False)
+    layer.add_adapter("a", r=6, lora_alpha=12, init=False)
+    layer.add_adapter("b", r=3, lora_alpha=3, init=False)
     layer.eval()
     x = torch.randn(4, 2, 72, dtype=torch.bfloat16)
     names = ["b", "__base__", "a", "b"]
     with torch.no_grad():
-        layer.row_groups = row_groups(names, torch.device("cpu"))
+        layer.set_routing(Routing(tuple(names)))
+        assert backend_for(layer, x) == "kernel"
         mixed = layer(x)
-        assert layer._plans[True].kernel is not None
-        layer.row_groups = None
+        layer.set_routing(None)
         for i, name in enumerate(names):
-            layer.active = () if name == "__base__" else (name,)
+            layer.set_active(() if name == "__base__" else (name,))
             torch.testing.assert_close(mixed[i], layer(x[i : i + 1])[0], rtol=1e-2, atol=1e-2)
-        layer.active = ()
+        layer.set_active(())
         assert torch.equal(mixed[1], layer.base_layer(x[1]))  # no adapter: the base output, untouched
 
 
 def lora_layer(dtype, bias, seed=0):
     torch.manual_seed(seed)
     layer = LoraLinear(nn.Linear(72, 40, bias=bias, dtype=dtype))
-    layer.add("a", r=6, lora_alpha=12, init=False)
-    layer.active = ("a",)
+    layer.add_adapter("a", r=6, lora_alpha=12, init=False)
+    layer.set_active(("a",))
     return layer
 
 
@@ -170,12 +170,12 @@ def test_layer_takes_the_kernel_and_agrees_with_the_pytorch_path(monkeypatch, dt
     x = torch.randn(*shape).to(dtype)
     with torch.no_grad():
         with_kernel = lora_layer(dtype, bias)
+        assert backend_for(with_kernel, x) == "kernel"  # few rows on a CPU
         out = with_kernel(x)
-        assert with_kernel._plans[True].kernel is not None  # few rows on a CPU: the kernel ran
         monkeypatch.setenv("LORATUNE_NO_KERNEL", "1")
         without = lora_layer(dtype, bias)
+        assert backend_for(without, x) == "plan"
         expected = without(x)
-        assert without._plans[True].kernel is None
     assert out.shape == expected.shape and out.dtype == expected.dtype
     if dtype == torch.float32:
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
@@ -189,45 +189,27 @@ def test_layer_leaves_many_rows_and_non_contiguous_inputs_to_pytorch():
     layer = lora_layer(torch.bfloat16, bias=False)
     with torch.no_grad():
         many = torch.randn(65, 72, dtype=torch.bfloat16)
-        layer(many)
-        assert layer._plans[False].kernel is None  # a prompt's rows: bf16 products
+        assert backend_for(layer, many) == "plan"  # a prompt's rows: bf16 products
         strided = torch.randn(4, 144, dtype=torch.bfloat16)[:, ::2]  # rows of 72 with a stride of 144
-        out = layer(strided)
-        assert layer._plans[True].kernel is not None
-        torch.testing.assert_close(out, layer(strided.contiguous()), rtol=0, atol=0)
+        assert backend_for(layer, strided) == "plan" and backend_for(layer, strided.contiguous()) == "kernel"
+        torch.testing.assert_close(layer(strided), layer(strided.contiguous()), rtol=0, atol=0)
 
 
-def test_eval_on_every_call_keeps_the_plans_and_a_real_change_rebuilds_them():
-    layer = lora_layer(torch.float32, bias=False)
-    x = torch.randn(2, 72)
-    layer.eval()
-    with torch.no_grad():
-        layer(x)
-        plan = layer._plans[True]
-        layer.eval(), layer.eval()  # what generation does on every call
-        layer.active = ("a",)  # the same value again
-        layer(x)
-        assert layer._plans[True] is plan
-        layer.train()
-        layer(x)
-        assert layer._plans[True] is not plan
-
-
-def test_plans_follow_strength_table_changes_and_moves():
+def test_no_grad_output_follows_strengths_training_mode_and_moves():
     layer = lora_layer(torch.float32, bias=False)
     x = torch.randn(3, 72)
     with torch.no_grad():
         base = layer.base_layer(x)
         full = layer(x)
-        layer.strength.update(a=0.0)
+        layer.set_strength("a", 0.0)
         torch.testing.assert_close(layer(x), base, rtol=0, atol=0)
-        layer.strength = {"a": 1.0}  # a plain dict is wrapped, and counts as a change
+        layer.set_strength("a", 1.0)
+        torch.testing.assert_close(layer(x), full, rtol=0, atol=0)
+        layer.train()
         torch.testing.assert_close(layer(x), full, rtol=0, atol=0)
         layer.to(torch.float64)
         out = layer(x.double())
         assert out.dtype == torch.float64
         torch.testing.assert_close(out, full.double(), rtol=1e-6, atol=1e-6)
-        plan = layer._plans[True]
-        layer.to(torch.float64)  # a move rebuilds the plan: its tensors may be stale
-        layer(x.double())
-        assert layer._plans[True] is not plan
+        layer.lora_B["a"].zero_()  # an in-place change of a moved factor
+        torch.testing.assert_close(layer(x.double()), layer.base_layer(x.double()), rtol=0, atol=0)

@@ -58,7 +58,7 @@ def source():
 def deltas(model, name: str) -> dict[str, torch.Tensor]:
     """{module path: scaling · B·A} (out × in, float64) of adapter ``name``, from the LoRA layers."""
     return {
-        path: layer.scaling[name] * (layer.lora_B[name].detach().double() @ layer.lora_A[name].detach().double())
+        path: layer.specs[name].scaling * (layer.lora_B[name].detach().double() @ layer.lora_A[name].detach().double())
         for path, layer in lora_layers(model)
         if name in layer.lora_A
     }
@@ -210,7 +210,7 @@ def test_linear_is_the_sqrt_weight_combination_of_the_factors(source, tmp_path):
         A = B = 0
         for name, weight in zip(["a4", "b4"], WEIGHTS):
             if name in layer.lora_A:
-                c = weight * layer.scaling[name]
+                c = weight * layer.specs[name].scaling
                 A = A + (1 if c >= 0 else -1) * abs(c) ** 0.5 * layer.lora_A[name].double()
                 B = B + abs(c) ** 0.5 * layer.lora_B[name].double()
         expected[path] = (B @ A).detach()
@@ -401,7 +401,7 @@ def test_cli_mix_writes_a_loadable_adapter(capsys, saved, tmp_path):
     assert config["base_model_name_or_path"] == "org/tiny" and config["r"] == 3
     model = tiny_llama()
     loratune.load_adapter(model, tmp_path / "m")
-    assert {layer.r["default"] for _, layer in lora_layers(model)} == {3}
+    assert {layer.specs["default"].r for _, layer in lora_layers(model)} == {3}
 
 
 @pytest.mark.parametrize("arguments, named", [

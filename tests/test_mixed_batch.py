@@ -218,7 +218,7 @@ def test_several_active_adapters_add_up_with_their_own_strengths():
     loratune.set_active(model, ["a", "b"], [0.5, 2.0])
     with torch.no_grad():
         combined = layer(x) - layer.base_layer(x)
-        expected = 0.5 * layer.delta_weight("a", layer.scaling["a"]) + 2.0 * layer.delta_weight("b", layer.scaling["b"])
+        expected = 0.5 * layer.delta_weight("a", layer.specs["a"].scaling) + 2.0 * layer.delta_weight("b", layer.specs["b"].scaling)
     torch.testing.assert_close(combined, x @ expected.T, rtol=1e-5, atol=1e-6)
     assert not torch.equal(both, base)
 

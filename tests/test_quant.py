@@ -1,4 +1,4 @@
-"""The 4-bit base layer (``quant.Linear4bit``, bitsandbytes NF4/FP4) and LoRA over it (``LoraLinear4bit``).
+"""The 4-bit base layer (``quant.Linear4bit``, bitsandbytes NF4/FP4) and LoRA over it (``LoraLinear``).
 
 References are computed in float32 on the dequantized weight: LoRA over a 4-bit base must be exactly LoRA over
 that dense weight (‖out − ref‖/‖ref‖ ≤ 1e-5 in fp32, ≤ 1e-2 in bf16), for outputs and for the gradients of the
@@ -14,7 +14,8 @@ from torch import nn
 
 import loratune
 from loratune.errors import ConfigError
-from loratune.layers import LoraLinear, LoraLinear4bit, lora_class_for
+from loratune.adapters.peft_keys import factor_keys
+from loratune.layers import LoraLinear, lora_class_for
 from loratune.quant import Linear4bit, QuantSpec, dequantize_weight, quantize_weight
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -35,8 +36,8 @@ def make_layer(dtype=torch.float32, quant_type="nf4", bias=False, seed=0) -> Lin
 def lora_over(base: nn.Module, seed=1) -> LoraLinear:
     layer = lora_class_for(base)(base)
     torch.manual_seed(seed)
-    layer.add("default", R, 2 * R, init=False)  # non-zero B: the adapter path counts
-    layer.active = ("default",)
+    layer.add_adapter("default", R, 2 * R, init=False)  # non-zero B: the adapter path counts
+    layer.set_active(("default",))
     return layer
 
 
@@ -139,10 +140,10 @@ def test_4bit_linear_forward_and_input_gradient_match_the_dequantized_weight(dty
 # --- LoRA over the 4-bit layer ---------------------------------------------------------------------------------------
 
 
-def test_lora_wraps_a_4bit_linear_in_the_4bit_lora_layer_with_the_peft_key_names():
+def test_lora_wraps_a_4bit_linear_as_a_linear_layer_with_the_peft_key_names():
     layer = lora_over(make_layer())
-    assert isinstance(layer, LoraLinear4bit)
-    assert layer.peft_suffixes == ("lora_A.weight", "lora_B.weight")
+    assert isinstance(layer, LoraLinear) and layer.quantized and not layer.embedding
+    assert factor_keys("m", layer.embedding) == ("base_model.model.m.lora_A.weight", "base_model.model.m.lora_B.weight")
     assert layer.lora_A["default"].shape == (R, IN) and layer.lora_B["default"].shape == (OUT, R)
 
 
@@ -152,7 +153,7 @@ def test_lora_4bit_forward_matches_lora_over_the_dequantized_weight(dtype, bias)
     layer = lora_over(make_layer(dtype, bias=bias))
     x = torch.randn(2, 7, IN, dtype=dtype)
     A, B = layer.lora_A["default"], layer.lora_B["default"]
-    ref = reference(x, layer.base_layer.dequantized_weight(torch.float32), layer.base_layer.bias, A, B, layer.scaling["default"])
+    ref = reference(x, layer.base_layer.dequantized_weight(torch.float32), layer.base_layer.bias, A, B, layer.specs["default"].scaling)
     out = layer(x)
     assert out.dtype == dtype
     assert rel(out, ref) <= TOLERANCE[dtype]
@@ -169,7 +170,7 @@ def test_lora_4bit_gradients_of_input_and_factors_match_an_fp32_reference(dtype)
     A = layer.lora_A["default"].detach().clone().requires_grad_()
     B = layer.lora_B["default"].detach().clone().requires_grad_()
     x_ref = x.detach().float().requires_grad_()
-    reference(x_ref, layer.base_layer.dequantized_weight(torch.float32), None, A, B, layer.scaling["default"]).backward(grad.float())
+    reference(x_ref, layer.base_layer.dequantized_weight(torch.float32), None, A, B, layer.specs["default"].scaling).backward(grad.float())
     assert rel(x.grad, x_ref.grad) <= TOLERANCE[dtype]
     assert rel(layer.lora_A["default"].grad, A.grad) <= TOLERANCE[dtype]
     assert rel(layer.lora_B["default"].grad, B.grad) <= TOLERANCE[dtype]
@@ -179,8 +180,8 @@ def test_lora_4bit_gradients_of_input_and_factors_match_an_fp32_reference(dtype)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_no_dense_weight_is_kept_between_forward_and_backward(dropout):
     layer = lora_class_for(make_layer(torch.bfloat16))(make_layer(torch.bfloat16))
-    layer.add("default", R, 2 * R, init=False, lora_dropout=dropout)
-    layer.active = ("default",)
+    layer.add_adapter("default", R, 2 * R, init=False, lora_dropout=dropout)
+    layer.set_active(("default",))
     layer.train()
     saved_shapes = []
 
@@ -199,18 +200,18 @@ def test_no_dense_weight_is_kept_between_forward_and_backward(dropout):
 def test_lora_4bit_with_two_active_adapters_adds_both():
     layer = lora_over(make_layer())
     torch.manual_seed(2)
-    layer.add("second", R, R, init=False)
-    layer.active = ("default", "second")
+    layer.add_adapter("second", R, R, init=False)
+    layer.set_active(("default", "second"))
     x = torch.randn(5, IN)
     dense = layer.base_layer.dequantized_weight(torch.float32)
-    ref = reference(x, dense, None, layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"])
-    ref = ref + layer.scaling["second"] * (x @ layer.lora_A["second"].T) @ layer.lora_B["second"].detach().T
+    ref = reference(x, dense, None, layer.lora_A["default"], layer.lora_B["default"], layer.specs["default"].scaling)
+    ref = ref + layer.specs["second"].scaling * (x @ layer.lora_A["second"].T) @ layer.lora_B["second"].detach().T
     assert rel(layer(x), ref) <= 1e-5
 
 
 def test_base_only_runs_the_4bit_base_without_adapters():
     layer = lora_over(make_layer())
-    layer.base_only = True
+    layer.set_base_only(True)
     x = torch.randn(5, IN)
     assert torch.allclose(layer(x), layer.base_layer(x))
 
@@ -222,13 +223,13 @@ def test_in_place_merge_on_a_4bit_layer_refuses_pointing_to_loratune_merge():
     layer = lora_over(make_layer())
     with pytest.raises(ConfigError, match="loratune merge.*--requantize"):
         layer.merge("default")
-    assert not layer.merged
+    assert not layer.state.merged
 
 
 def test_pissa_on_a_4bit_layer_refuses():
     layer = lora_class_for(make_layer())(make_layer())
     with pytest.raises(ConfigError, match="PiSSA.*4 bits"):
-        layer.add("default", R, R, init="pissa")
+        layer.add_adapter("default", R, R, init="pissa")
 
 
 def test_model_merge_over_4bit_layers_refuses_and_changes_nothing():

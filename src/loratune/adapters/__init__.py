@@ -1,9 +1,9 @@
 """Adapter surgery on any PyTorch model: inject, activate, merge, unload, save and load (PEFT format)."""
 
 from loratune.adapters.config import ALL_LINEAR, LoraConfig
-from loratune.adapters.mixed_batch import mixed_batch
 from loratune.adapters.int8 import INT8_WEIGHTS_NAME
 from loratune.adapters.mix import MixResult, mix_adapter_dirs, mix_adapters
+from loratune.adapters.mixed_batch import mixed_batch
 from loratune.adapters.modules_to_save import ModulesToSaveWrapper
 from loratune.adapters.peft_format import (
     CONFIG_NAME,
@@ -12,27 +12,32 @@ from loratune.adapters.peft_format import (
     adapter_state,
     adapter_tensors,
     compress_adapter,
-    load_adapter_state,
     load_adapter,
+    load_adapter_state,
     read_adapter,
     read_adapter_config,
     save_adapter,
     write_adapter,
+    write_adapter_dir,
+)
+from loratune.adapters.registry import (
+    AdapterEntry,
+    active_adapters,
+    adapters_of,
+    get_entry,
+    lora_layers,
+    merged_adapters,
+    saved_modules,
 )
 from loratune.adapters.report import ParameterReport, parameter_report
 from loratune.adapters.surgery import (
-    BASE_ADAPTER,
-    active_adapters,
     adapter_parameters,
     adapter_strength,
-    adapters_of,
     add_adapter,
     delete_adapter,
     disabled_adapters,
     inject_adapter,
-    lora_layers,
     merge_adapters,
-    merged_adapters,
     set_active,
     set_strength,
     set_trainable,
@@ -40,9 +45,11 @@ from loratune.adapters.surgery import (
     unmerge_adapters,
 )
 from loratune.adapters.targets import find_targets
+from loratune.layers import BASE_ADAPTER
 
 __all__ = [
     "ALL_LINEAR",
+    "AdapterEntry",
     "BASE_ADAPTER",
     "CONFIG_NAME",
     "INT8_WEIGHTS_NAME",
@@ -63,6 +70,7 @@ __all__ = [
     "delete_adapter",
     "disabled_adapters",
     "find_targets",
+    "get_entry",
     "inject_adapter",
     "load_adapter",
     "load_adapter_state",
@@ -76,10 +84,12 @@ __all__ = [
     "read_adapter",
     "read_adapter_config",
     "save_adapter",
+    "saved_modules",
     "set_active",
     "set_strength",
     "set_trainable",
     "unload",
     "unmerge_adapters",
     "write_adapter",
+    "write_adapter_dir",
 ]

@@ -34,11 +34,12 @@ import numpy as np
 import torch
 
 from loratune.adapters.config import LoraConfig
-from loratune.adapters.peft_format import PREFIX, read_adapter
+from loratune.adapters.peft_format import read_adapter
+from loratune.adapters.peft_keys import is_base_copy_key, parse_factor_key
 from loratune.adapters.targets import rank_and_alpha
 from loratune.errors import AdapterLoadError, ConfigError
 from loratune.files import write_atomic
-from loratune.layers.lora import lora_scaling
+from loratune.layers import lora_scaling
 
 # Hugging Face architecture (config.json ``architectures[0]``, what llama.cpp's converter dispatches on) ->
 # (GGUF architecture, whether the converter permutes q/k rows for it).
@@ -55,8 +56,6 @@ GGUF_DTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
 }
 
 WRITER_KEY = "loratune.writer"  # marks files loratune wrote; llama.cpp ignores keys it does not know
-_LINEAR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-_EMBEDDING_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")
 
 
 @dataclass(frozen=True)
@@ -116,30 +115,18 @@ def permute_rope_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
     return rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def _split_key(key: str) -> tuple[str, str, bool] | None:
-    """(module path, "A"/"B", is_embedding) for a LoRA factor key; None for anything else."""
-    if not key.startswith(PREFIX):
-        return None
-    for suffixes, embedding in ((_LINEAR_SUFFIXES, False), (_EMBEDDING_SUFFIXES, True)):
-        for suffix, factor in zip(suffixes, "AB"):
-            if key.endswith(suffix):
-                return key[len(PREFIX):-len(suffix)], factor, embedding
-    return None
-
-
 def _pairs(tensors: Mapping[str, torch.Tensor], config: LoraConfig) -> dict[str, dict]:
     """Group factor tensors by module path; refuse tensors llama.cpp has no place for."""
     pairs: dict[str, dict] = {}
     others = []
     for key, tensor in tensors.items():
-        split = _split_key(key)
-        if split is None:
+        parsed = parse_factor_key(key)
+        if parsed is None:
             # PEFT's copy of an adapted embedding's own base weight carries no adapter information.
-            if not key.endswith(".base_layer.weight"):
+            if not is_base_copy_key(key):
                 others.append(key)
             continue
-        path, factor, embedding = split
-        pairs.setdefault(path, {"embedding": embedding})[factor] = tensor
+        pairs.setdefault(parsed.path, {"embedding": parsed.embedding})[parsed.factor] = tensor
     if others or config.modules_to_save:
         names = ", ".join(config.modules_to_save or sorted(others)[:3])
         raise ConfigError(

@@ -9,12 +9,10 @@ from pathlib import Path
 from safetensors import safe_open
 
 from loratune.adapters.int8 import DTYPE_KEY, INT8_WEIGHTS_NAME, SCALE_SUFFIX
-from loratune.adapters.peft_format import PREFIX, WEIGHTS_NAME, read_adapter_config
+from loratune.adapters.peft_format import WEIGHTS_NAME, read_adapter_config
+from loratune.adapters.peft_keys import parse_factor_key
 from loratune.errors import AdapterLoadError
 from loratune.files import reading
-
-_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
-
 
 def describe_adapter(path: str | os.PathLike) -> dict:
     """A summary of the PEFT adapter at ``path``: ``base_model``, ``r``, ``lora_alpha``, ``target_modules``,
@@ -41,10 +39,10 @@ def describe_adapter(path: str | os.PathLike) -> dict:
             shape = tensor.get_shape()
             params += math.prod(shape)
             dtypes.add(str(tensor.get_dtype()))
-            for suffix in _FACTOR_SUFFIXES:
-                if key.endswith(suffix):
-                    modules.add(key.removeprefix(PREFIX).removesuffix(suffix))
-                    ranks.add(shape[0])
+            parsed = parse_factor_key(key)
+            if parsed is not None and parsed.factor == "A":
+                modules.add(parsed.path)
+                ranks.add(shape[0])
     return {
         "path": str(directory),
         "base_model": config.base_model_name_or_path,

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from loratune.adapters.peft_keys import is_factor_key
 from loratune.errors import AdapterLoadError
 from loratune.files import reading
-from loratune.layers import LoraEmbedding, LoraLayer
 
 INT8_WEIGHTS_NAME = "adapter_model.int8.safetensors"
 SCALE_SUFFIX = ".row_scale"
@@ -27,14 +27,6 @@ FORMAT_KEY = "loratune_compression"
 FORMAT = "int8-rowwise-absmax"
 DTYPE_KEY = "loratune_factor_dtype"  # the factors' dtype before compression; loading returns it
 _QMAX = 127
-FACTOR_SUFFIXES = (*LoraLayer.peft_suffixes, *LoraEmbedding.peft_suffixes)  # PEFT's names for A and B
-
-
-def is_factor_key(key: str) -> bool:
-    """Whether the PEFT tensor ``key`` is a LoRA factor (A or B of a linear or embedding adapter)."""
-    return key.endswith(tuple("." + suffix for suffix in FACTOR_SUFFIXES))
-
-
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)``: int8 codes shaped like ``x`` (2-D) and one float32 scale per row (0 for a zero row)."""
     x = x.detach().float()

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from loratune.adapters.config import LoraConfig
-from loratune.adapters.int8 import FACTOR_SUFFIXES
-from loratune.adapters.peft_format import PREFIX, read_adapter, write_adapter_dir
+from loratune.adapters.peft_format import read_adapter, write_adapter_dir
+from loratune.adapters.peft_keys import factor_keys, is_base_copy_key, parse_factor_key
 from loratune.adapters.targets import rank_and_alpha
 from loratune.errors import ConfigError
 from loratune.files import check_output_dir
@@ -57,8 +57,8 @@ methods (wᵢ: the weight given to adapter i; Δᵢ = sᵢ·Bᵢ·Aᵢ its delta
 The last four act on the full out × in deltas τᵢ and factorise the result by SVD: rank R = --rank, default
 the sum of the input ranks in that module (the inputs' size together; the energy kept is printed).
 --rank full keeps the numerical rank (singular values above σ₁·max(out, in)·ε_float32), which is exact but
-can be as large as min(out, in): hundreds of MB for a small model. Where PEFT differs: its ties/dare_*/magnitude_prune act on A and B
-separately (ours: on the deltas, like its *_svd variants); it elects the sign from unweighted deltas
+can be as large as min(out, in): hundreds of MB for a small model. Where PEFT differs: its
+ties/dare_*/magnitude_prune act on A and B separately (ours: on the deltas, like its *_svd variants); it elects the sign from unweighted deltas
 (ours: from wᵢ·Δᵢ, so a negative weight votes with its sign); its DARE masks are unseeded.
 modules_to_save: carried over when every input has identical tensors for them; anything else is refused.
 """
@@ -66,12 +66,12 @@ modules_to_save: carried over when every input has identical tensors for them; a
 
 @dataclass(frozen=True)
 class Factors:
-    """One module of one adapter: Δ = scaling·B·A with A: r × in, B: out × r; ``suffixes``: PEFT key names."""
+    """One module of one adapter: Δ = scaling·B·A with A: r × in, B: out × r (``embedding``: an embedding's)."""
 
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
-    suffixes: tuple[str, str]
+    embedding: bool
 
     @property
     def rank(self) -> int:
@@ -105,21 +105,19 @@ def adapter_factors(
             "save it again, which converts it to plain LoRA, then mix that"
         )
     factors, used = {}, set()
-    pairs = ((FACTOR_SUFFIXES[0], FACTOR_SUFFIXES[1]), (FACTOR_SUFFIXES[2], FACTOR_SUFFIXES[3]))
     for key in tensors:
-        for a_suffix, b_suffix in pairs:
-            if not key.endswith("." + a_suffix):
-                continue
-            path = key.removeprefix(PREFIX)[: -len(a_suffix) - 1]
-            b_key = f"{PREFIX}{path}.{b_suffix}"
-            A, B = tensors[key], tensors.get(b_key)
-            if B is None or B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
-                raise ConfigError(f"{source}: {key} has no matching {b_suffix} of shape (out, {A.shape[0]})")
-            r, alpha = rank_and_alpha(config, path)
-            if r != A.shape[0]:
-                raise ConfigError(f"{source}: {path} has rank {A.shape[0]} in the file but r={r} in its config")
-            factors[path] = Factors(A, B, lora_scaling(r, alpha, config.use_rslora), (a_suffix, b_suffix))
-            used.update((key, b_key))
+        parsed = parse_factor_key(key)
+        if parsed is None or parsed.factor != "A":
+            continue
+        b_key = parsed.partner()
+        A, B = tensors[key], tensors.get(b_key)
+        if B is None or B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise ConfigError(f"{source}: {key} has no matching {b_key} of shape (out, {A.shape[0]})")
+        r, alpha = rank_and_alpha(config, parsed.path)
+        if r != A.shape[0]:
+            raise ConfigError(f"{source}: {parsed.path} has rank {A.shape[0]} in the file but r={r} in its config")
+        factors[parsed.path] = Factors(A, B, lora_scaling(r, alpha, config.use_rslora), parsed.embedding)
+        used.update((key, b_key))
     others = {key: t for key, t in tensors.items() if key not in used}
     return factors, others
 
@@ -257,7 +255,7 @@ def _check_shapes(factor_sets: Sequence[dict[str, Factors]], names: Sequence[str
     seen: dict[str, tuple] = {}
     for factors, name in zip(factor_sets, names):
         for path, f in factors.items():
-            shape = (f.suffixes, f.B.shape[0], f.A.shape[1])
+            shape = (f.embedding, f.B.shape[0], f.A.shape[1])
             first = seen.setdefault(path, (shape, name))
             if first[0] != shape:
                 raise ConfigError(
@@ -265,8 +263,6 @@ def _check_shapes(factor_sets: Sequence[dict[str, Factors]], names: Sequence[str
                     "(or a different layer type): the adapters are for different base models"
                 )
 
-
-_BASE_COPY_SUFFIX = ".base_layer.weight"  # PEFT saves the base weight of adapted embeddings (resized vocabularies)
 
 
 def _common_others(other_sets: Sequence[dict], configs: Sequence[LoraConfig], names: Sequence[str]) -> dict:
@@ -276,11 +272,11 @@ def _common_others(other_sets: Sequence[dict], configs: Sequence[LoraConfig], na
     trained = []
     for others, name in zip(other_sets, names):
         for key, tensor in others.items():
-            if key.endswith(_BASE_COPY_SUFFIX):
+            if is_base_copy_key(key):  # PEFT saves adapted embeddings' base weights (resized vocabularies)
                 first = base_copies.setdefault(key, (tensor, name))
                 if not torch.equal(first[0], tensor):
                     raise ConfigError(f"{first[1]} and {name} carry different base weights {key}: different bases")
-        trained.append({k: t for k, t in others.items() if not k.endswith(_BASE_COPY_SUFFIX)})
+        trained.append({k: t for k, t in others.items() if not is_base_copy_key(k)})
     first, first_config = trained[0], configs[0]
     for others, config, name in zip(trained[1:], configs[1:], names[1:]):
         same_modules = sorted(config.modules_to_save or []) == sorted(first_config.modules_to_save or [])
@@ -400,9 +396,9 @@ def mix_adapters(
             A, B, energy[path] = _truncate(U, S, Vh, k)
             squares = float((S**2).sum())
             kept, total = kept + energy[path] * squares, total + squares
-        a_suffix, b_suffix = parts[0][2].suffixes
-        tensors[f"{PREFIX}{path}.{a_suffix}"] = A.to(dtype).contiguous()
-        tensors[f"{PREFIX}{path}.{b_suffix}"] = B.to(dtype).contiguous()
+        a_key, b_key = factor_keys(path, parts[0][2].embedding)
+        tensors[a_key] = A.to(dtype).contiguous()
+        tensors[b_key] = B.to(dtype).contiguous()
         ranks[path] = A.shape[0]
     _warn_if_much_larger(tensors, factor_sets)
     tensors.update(others)

@@ -9,16 +9,19 @@ import copy
 
 from torch import nn
 
+from loratune.layers import Routing
+
 
 class ModulesToSaveWrapper(nn.Module):
-    """Holds the original module and one trainable copy per adapter; runs the copy of the active adapter."""
+    """Holds the original module and one trainable copy per adapter; runs the copy of the active adapter (or,
+    in a mixed-adapter batch, each row's adapter's copy)."""
 
     def __init__(self, original_module: nn.Module):
         super().__init__()
         self.original_module = original_module
         self.copies = nn.ModuleDict()
         self.active: str | None = None  # None runs the original
-        self.row_groups = None  # set by adapters.mixed_batch(): a layers.RowGroups, one adapter per row
+        self.routing: Routing | None = None  # set by adapters.mixed_batch(): one adapter per row
 
     def add(self, name: str) -> None:
         """Give adapter ``name`` its own trainable copy of the original module."""
@@ -33,15 +36,16 @@ class ModulesToSaveWrapper(nn.Module):
             self.active = None
 
     def forward(self, *args, **kwargs):
-        if self.row_groups is not None:
-            return self._forward_row_groups(*args, **kwargs)
+        if self.routing is not None:
+            return self._forward_routed(*args, **kwargs)
         module = self.copies[self.active] if self.active is not None else self.original_module
         return module(*args, **kwargs)
 
-    def _forward_row_groups(self, x, *args, **kwargs):
+    def _forward_routed(self, x, *args, **kwargs):
         """Each group of rows (dim 0 of ``x``) through its adapter's copy, or the original for the others."""
-        self.row_groups.check_rows(x.shape[0])
-        groups = [(self.copies[name], rows) for name, rows in self.row_groups.groups if name in self.copies]
+        self.routing.check_rows(x.shape[0])
+        rows_of = self.routing.rows(x.device)
+        groups = [(self.copies[name], rows) for name, rows in rows_of.items() if name in self.copies]
         if len(groups) == 1 and groups[0][1] is None:
             return groups[0][0](x, *args, **kwargs)
         result = self.original_module(x, *args, **kwargs)

@@ -22,17 +22,9 @@ from torch import nn
 
 from loratune.adapters.config import LoraConfig
 from loratune.adapters.int8 import INT8_WEIGHTS_NAME, compress_tensors, read_int8_weights
-from loratune.adapters.surgery import (
-    active_adapters,
-    adapters_of,
-    delete_adapter,
-    get_entry,
-    inject_adapter,
-    lora_layers,
-    saved_modules,
-    set_active,
-    set_strength,
-)
+from loratune.adapters.peft_keys import factor_keys, module_key
+from loratune.adapters.registry import active_adapters, adapters_of, get_entry, lora_layers, saved_modules
+from loratune.adapters.surgery import delete_adapter, inject_adapter, set_active, set_strength
 from loratune.adapters.targets import portable_target_modules
 from loratune.errors import AdapterLoadError, ConfigError
 from loratune.files import (
@@ -48,7 +40,6 @@ from loratune.files import (
 )
 from loratune.layers import UNINITIALISED
 
-PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -57,13 +48,13 @@ def adapter_slots(model: nn.Module, name: str) -> Iterator[tuple[str, torch.Tens
     """(PEFT key, tensor) for every tensor adapter ``name`` owns, found by walking its modules."""
     for path, layer in lora_layers(model):
         if name in layer.lora_A:
-            a_suffix, b_suffix = layer.peft_suffixes
-            yield f"{PREFIX}{path}.{a_suffix}", layer.lora_A[name]
-            yield f"{PREFIX}{path}.{b_suffix}", layer.lora_B[name]
+            a_key, b_key = factor_keys(path, layer.embedding)
+            yield a_key, layer.lora_A[name]
+            yield b_key, layer.lora_B[name]
     for path, wrapper in saved_modules(model):
         if name in wrapper.copies:
             for key, tensor in wrapper.copies[name].state_dict(keep_vars=True).items():
-                yield f"{PREFIX}{path}.{key}", tensor
+                yield module_key(path, key), tensor
 
 
 def model_name_of(model: nn.Module) -> str | None:
@@ -92,7 +83,7 @@ def adapter_tensors(model: nn.Module, name: str, *, convert_pissa: bool = True) 
             raise ConfigError("a PiSSA adapter is only saved converted to plain LoRA (convert_pissa=True)")
         for path, layer in pissa_layers:
             start = layer.pissa[name]
-            a_key, b_key = (f"{PREFIX}{path}.{suffix}" for suffix in layer.peft_suffixes)
+            a_key, b_key = factor_keys(path, layer.embedding)
             tensors[a_key] = torch.cat([tensors[a_key], start.A0.to(tensors[a_key].dtype).cpu()], dim=0)
             tensors[b_key] = torch.cat([tensors[b_key], -start.B0.to(tensors[b_key].dtype).cpu()], dim=1)
         alpha_factor = math.sqrt(2) if config.use_rslora else 2.0  # keeps s = alpha/r (or alpha/√r) unchanged
@@ -330,7 +321,7 @@ def _drop_base_weight_copies(model: nn.Module, name: str, tensors: dict, directo
     """
     kept = dict(tensors)
     for path, layer in lora_layers(model):
-        key = f"{PREFIX}{path}.base_layer.weight"
+        key = module_key(path, "base_layer.weight")
         if name not in layer.lora_A or key not in kept:
             continue
         copy, ours = kept.pop(key), layer.base_weight.detach()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from loratune.adapters.peft_format import adapter_slots
-from loratune.adapters.surgery import active_adapters
+from loratune.adapters.registry import active_adapters
 from loratune.quant import Linear4bit
 
 

@@ -1,90 +1,43 @@
 """Adapter surgery on any ``nn.Module``: inject, activate, disable, merge, unmerge, delete, unload.
 
-LoRA layers replace the targeted modules in place (the original becomes ``<path>.base_layer``). Which
-adapters exist and with which config is recorded on the root module (``ADAPTERS_ATTR``); which are active,
-their strengths and what is merged live on the layers, and are only changed through the functions here.
+LoRA layers replace the targeted modules in place (the original becomes ``<path>.base_layer``). What
+adapters exist, which are active, their strengths and what is merged live in the layers themselves (see
+``registry``); the functions here change them on every layer at once, through the layers' own methods.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from loratune.adapters.config import LoraConfig
+from loratune.adapters.mixed_batch import disable_adapter_names_argument, enable_adapter_names_argument
 from loratune.adapters.modules_to_save import ModulesToSaveWrapper
-from loratune.adapters.targets import (
-    candidate_modules,
-    find_targets,
-    is_module_to_save,
-    rank_and_alpha,
-    walk_modules,
+from loratune.adapters.registry import (
+    AdapterEntry,
+    active_adapters,
+    adapters_of,
+    get_entry,
+    lora_layers,
+    merged_adapters,
+    saved_modules,
 )
+from loratune.adapters.targets import candidate_modules, find_targets, is_module_to_save, rank_and_alpha
 from loratune.errors import ConfigError
-from loratune.layers import MERGE_4BIT_HINT, LoraLayer, LoraLinear4bit, lora_class_for
+from loratune.layers import BASE_ADAPTER, LoraLayer, lora_class_for
 
-ADAPTERS_ATTR = "_loratune_adapters"
-BASE_ADAPTER = "__base__"  # PEFT's word for "no adapter" in mixed batches
-
-
-@dataclass
-class AdapterEntry:
-    """What an adapter was created with: its config and the module paths it touches."""
-
-    config: LoraConfig
-    lora_paths: list[str]
-    saved_paths: list[str] = field(default_factory=list)  # modules_to_save copies
-
-
-def adapters_of(model: nn.Module) -> dict[str, AdapterEntry]:
-    """The adapters on ``model`` by name, in creation order (empty when there are none)."""
-    return getattr(model, ADAPTERS_ATTR, {})
-
-
-def get_entry(model: nn.Module, name: str) -> AdapterEntry:
-    """The entry of adapter ``name``; ``ConfigError`` naming the existing adapters when there is none."""
-    entries = adapters_of(model)
-    if name not in entries:
-        have = ", ".join(repr(n) for n in entries) or "none"
-        raise ConfigError(f"no adapter named {name!r} on this model (adapters: {have})")
-    return entries[name]
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """(path, layer) for every LoRA layer in ``model``."""
-    for path, module in walk_modules(model, (LoraLayer,)):
-        if isinstance(module, LoraLayer):
-            yield path, module
-
-
-def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-    """(path, wrapper) for every modules_to_save wrapper in ``model``."""
-    for path, module in walk_modules(model, (LoraLayer, ModulesToSaveWrapper)):
-        if isinstance(module, ModulesToSaveWrapper):
-            yield path, module
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters that currently act, in activation order."""
-    return list(getattr(model, ADAPTERS_ATTR + "_active", []))
-
-
-def merged_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters merged into the base weights."""
-    names: dict[str, None] = {}
-    for _, layer in lora_layers(model):
-        names.update(dict.fromkeys(layer.merged))
-    return list(names)
+_creation = itertools.count()  # orders adapters by creation, across models
 
 
 def _shared_weight_ids(model: nn.Module) -> set[int]:
     """ids of parameters held by more than one module (tied weights)."""
-    counts = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    counts = Counter(id(p) for m in model.modules() for _, p in m.named_parameters(recurse=False))
     return {pid for pid, n in counts.items() if n > 1}
 
 
@@ -114,6 +67,7 @@ def inject_adapter(
     targets = find_targets(model, config)
     shared = _shared_weight_ids(model)
     init = config.init_lora_weights if init is None else init
+    order = next(_creation)
     lora_paths = []
     for path, module in targets:
         if isinstance(module, LoraLayer):
@@ -122,7 +76,7 @@ def inject_adapter(
             layer = lora_class_for(module)(module)
             model.set_submodule(path, layer)
         r, alpha = rank_and_alpha(config, path)
-        layer.add(
+        layer.add_adapter(
             name,
             r,
             alpha,
@@ -131,6 +85,8 @@ def inject_adapter(
             init=init,
             dtype=dtype,
             weight_is_shared=id(layer.base_weight) in shared,
+            config=config,
+            order=order,
         )
         lora_paths.append(path)
     saved_paths = []
@@ -144,12 +100,8 @@ def inject_adapter(
     if config.modules_to_save and not saved_paths:
         delete_adapter_layers(model, name)
         raise ConfigError(f"modules_to_save={config.modules_to_save} matches no module of this model")
-    entry = AdapterEntry(config, lora_paths, saved_paths)
-    setattr(model, ADAPTERS_ATTR, {**entries, name: entry})
-    from loratune.adapters.mixed_batch import enable_adapter_names_argument  # it builds on this module
-
     enable_adapter_names_argument(model)
-    return entry
+    return AdapterEntry(config, lora_paths, saved_paths)
 
 
 def adapter_parameters(model: nn.Module, name: str) -> Iterator[nn.Parameter]:
@@ -201,8 +153,10 @@ def set_active(
     that both carry a copy of the same modules_to_save module.
     """
     names = [names] if isinstance(names, str) else list(names)
+    entries = adapters_of(model)
     for name in names:
-        get_entry(model, name)
+        if name not in entries:
+            get_entry(model, name)  # raises, naming the adapters there are
     if isinstance(scales, (int, float)):
         if len(names) != 1:
             raise ConfigError(f"one scale given for {len(names)} adapters; give one per adapter")
@@ -215,17 +169,19 @@ def set_active(
     if unknown:
         raise ConfigError(f"scales given for adapters that are not being activated: {sorted(unknown)}")
     _require_unmerged(model, "change the active adapters")
-    for _, layer in lora_layers(model):
-        layer.active = tuple(n for n in names if n in layer.lora_A)
-        for n, value in (scales or {}).items():
-            if n in layer.strength:
-                layer.strength[n] = float(value)
+    owners_of = {}
     for path, wrapper in saved_modules(model):
         owners = [n for n in names if n in wrapper.copies]
         if len(owners) > 1:
             raise ConfigError(f"adapters {owners} each train their own copy of {path!r}; activate only one of them")
-        wrapper.active = owners[0] if owners else None
-    setattr(model, ADAPTERS_ATTR + "_active", names)
+        owners_of[wrapper] = owners[0] if owners else None
+    for _, layer in lora_layers(model):
+        layer.set_active(tuple(names))
+        for n, value in (scales or {}).items():
+            if n in layer.specs:
+                layer.set_strength(n, float(value))
+    for wrapper, owner in owners_of.items():
+        wrapper.active = owner
 
 
 def set_strength(model: nn.Module, name: str, scale: float) -> None:
@@ -233,16 +189,16 @@ def set_strength(model: nn.Module, name: str, scale: float) -> None:
     get_entry(model, name)
     _require_unmerged(model, "change an adapter's strength")
     for _, layer in lora_layers(model):
-        if name in layer.strength:
-            layer.strength[name] = float(scale)
+        if name in layer.specs:
+            layer.set_strength(name, float(scale))
 
 
 def adapter_strength(model: nn.Module, name: str) -> float:
     """The current strength of adapter ``name`` (1.0 = as trained)."""
     get_entry(model, name)
     for _, layer in lora_layers(model):
-        if name in layer.strength:
-            return layer.strength[name]
+        if name in layer.specs:
+            return layer.state.strength(name)
     return 1.0
 
 
@@ -256,14 +212,14 @@ def disabled_adapters(model: nn.Module):
     layers = [layer for _, layer in lora_layers(model)]
     wrappers = [(w, w.active) for _, w in saved_modules(model)]
     for layer in layers:
-        layer.base_only = True
+        layer.set_base_only(True)
     for wrapper, _ in wrappers:
         wrapper.active = None
     try:
         yield model
     finally:
         for layer in layers:
-            layer.base_only = False
+            layer.set_base_only(False)
         for wrapper, active in wrappers:
             wrapper.active = active
 
@@ -275,6 +231,8 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, *, safe
     ``safe``: refuse (and change nothing) if any merged weight would be non-finite.
     ``on_tied``: a weight shared with another module (tied embeddings) is given a private copy (``"untie"``)
     so the other module keeps its behaviour, or the merge is refused (``"error"``).
+    Raises ``ConfigError`` for an unknown adapter, a 4-bit base (merge with ``loratune merge`` instead) or a
+    tied weight with ``on_tied="error"``; nothing is written then.
     """
     if on_tied not in ("untie", "error"):
         raise ConfigError(f"on_tied={on_tied!r} must be 'untie' or 'error'")
@@ -285,21 +243,21 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, *, safe
     for name in already.intersection(names):
         warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing", stacklevel=2)
     shared = _shared_weight_ids(model)
-    work = []  # (path, layer, name, tied): every check passes before any weight is written
+    work = []  # (layer, name, tied): every check passes before any weight is written
     for name in (n for n in names if n not in already):
         for path, layer in lora_layers(model):
-            if name not in layer.lora_A:
+            if name not in layer.specs:
                 continue
-            if isinstance(layer, LoraLinear4bit):
-                raise ConfigError(f"{path}: {MERGE_4BIT_HINT}")
-            tied = id(layer.base_weight) in shared or layer._tied_original is not None
+            tied = id(layer.base_weight) in shared
             if tied and on_tied == "error":
                 raise ConfigError(
                     f"{path!r} shares its weight with another module (tied weights); merging would change "
                     "both — use on_tied='untie' to give it a private copy"
                 )
-            if safe and not layer.merge_would_be_finite(name):
-                raise ValueError(f"{path}: merging adapter {name!r} would write non-finite values; nothing was changed")
+            try:
+                layer.check_merge(name, safe=safe)
+            except (ConfigError, ValueError) as error:
+                raise type(error)(f"{path}: {error}") from None
             work.append((layer, name, tied))
     for layer, name, tied in work:
         layer.merge(name, untie=tied)
@@ -311,15 +269,15 @@ def unmerge_adapters(model: nn.Module, names: Sequence[str] | None = None) -> No
     for name in names:
         get_entry(model, name)
         for _, layer in lora_layers(model):
-            if name in layer.merged:
+            if layer.state.merged_scale(name) is not None:
                 layer.unmerge(name)
 
 
 def delete_adapter_layers(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` from every layer and wrapper; emptied wrappers give their module back."""
     for path, layer in list(lora_layers(model)):
-        if name in layer.lora_A:
-            layer.remove(name)
+        if name in layer.specs:
+            layer.remove_adapter(name)
             if not layer.adapter_names:
                 model.set_submodule(path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
@@ -337,15 +295,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     get_entry(model, name)
     if name in merged_adapters(model):
         raise ConfigError(f"adapter {name!r} is merged; unmerge(model) before deleting it")
-    delete_adapter_layers(model, name)
-    entries = dict(adapters_of(model))
-    del entries[name]
-    setattr(model, ADAPTERS_ATTR, entries)
     remaining = [n for n in active_adapters(model) if n != name]
-    if entries:
+    delete_adapter_layers(model, name)
+    if adapters_of(model):
         set_active(model, remaining)
     else:
-        _forget_adapters(model)
+        disable_adapter_names_argument(model)
 
 
 def unload(model: nn.Module, merge: bool = False, *, safe: bool = False) -> nn.Module:
@@ -360,21 +315,13 @@ def unload(model: nn.Module, merge: bool = False, *, safe: bool = False) -> nn.M
     else:
         unmerge_adapters(model)
     for path, layer in list(lora_layers(model)):
+        merged = set(layer.state.merged_names)
         for name in layer.adapter_names:
-            if name not in layer.merged:
-                layer.remove(name)  # gives a PiSSA adapter's principal part back to W0
+            if name not in merged:
+                layer.remove_adapter(name)  # gives a PiSSA adapter's principal part back to W0
         model.set_submodule(path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
         keep = wrapper.copies[wrapper.active] if merge and wrapper.active else wrapper.original_module
         model.set_submodule(path, keep)
-    _forget_adapters(model)
-    return model
-
-
-def _forget_adapters(model: nn.Module) -> None:
-    from loratune.adapters.mixed_batch import disable_adapter_names_argument
-
     disable_adapter_names_argument(model)
-    for attr in (ADAPTERS_ATTR, ADAPTERS_ATTR + "_active"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    return model

@@ -14,27 +14,11 @@ from torch import nn
 
 from loratune.adapters.config import ALL_LINEAR, LoraConfig
 from loratune.adapters.modules_to_save import ModulesToSaveWrapper
+from loratune.adapters.registry import walk_modules
 from loratune.errors import ConfigError
-from loratune.layers import LoraLayer, is_conv1d, lora_class_for
+from loratune.layers import LoraLayer, is_linear, lora_class_for
 
 _DEFAULT_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
-
-
-def walk_modules(model: nn.Module, skip_inside: tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
-    """(path, module) for the submodules of ``model`` in ``named_modules`` order (each module once), without
-    walking the insides of modules of the ``skip_inside`` types: a model can hold hundreds of LoRA layers."""
-    seen = {id(model)}
-
-    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
-        for name, child in module._modules.items():
-            if child is None or id(child) in seen:
-                continue
-            seen.add(id(child))
-            yield prefix + name, child
-            if not isinstance(child, skip_inside):
-                yield from walk(child, prefix + name + ".")
-
-    return walk(model, "")
 
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -87,8 +71,7 @@ def output_head_path(model: nn.Module) -> str | None:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    base = module.base_layer if isinstance(module, LoraLayer) else module
-    return isinstance(base, nn.Linear) or is_conv1d(base)
+    return is_linear(module.base_layer if isinstance(module, LoraLayer) else module)
 
 
 def is_target(config: LoraConfig, path: str, module: nn.Module, head: str | None) -> bool:

@@ -1,32 +1,46 @@
-"""LoRA modules: the math of low-rank adapters around Linear, Conv1D and Embedding layers."""
+"""LoRA layers, read top to bottom:
 
+- ``state``: what a layer does now (``LayerState``, ``Routing``) as an immutable value, and its ``Term``s;
+- ``init``: how factors start (LoRA's, gaussian, PiSSA);
+- ``lora``: the layers and their math (``reference_forward`` defines the output);
+- ``execution``: faster ways to compute the same output (fused training, stacked mixed batches, no-grad plans);
+- ``fused_linear``: the lean autograd function of the fused path;
+- ``lowrank_cpu`` (+ ``_lowrank_cpu.c``): the compiled CPU kernel that plans use for a few rows.
+"""
+
+from loratune.layers.init import INIT_CHOICES, UNINITIALISED, PissaStart
 from loratune.layers.lora import (
-    INIT_CHOICES,
-    UNINITIALISED,
+    MERGE_4BIT_HINT,
+    AdapterSpec,
     LoraConv1D,
     LoraEmbedding,
     LoraLayer,
     LoraLinear,
-    PissaStart,
-    RowGroups,
+    QuantizedLinear,
     is_conv1d,
+    is_linear,
     lora_class_for,
     lora_scaling,
 )
-from loratune.layers.lora_4bit import MERGE_4BIT_HINT, LoraLinear4bit
+from loratune.layers.state import BASE_ADAPTER, LayerState, Routing, Term
 
 __all__ = [
+    "AdapterSpec",
+    "BASE_ADAPTER",
     "INIT_CHOICES",
-    "UNINITIALISED",
+    "LayerState",
     "LoraConv1D",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
-    "LoraLinear4bit",
     "MERGE_4BIT_HINT",
     "PissaStart",
-    "RowGroups",
+    "QuantizedLinear",
+    "Routing",
+    "Term",
+    "UNINITIALISED",
     "is_conv1d",
+    "is_linear",
     "lora_class_for",
     "lora_scaling",
 ]

@@ -59,11 +59,15 @@ def kernel_fits(x_dtype: torch.dtype, A: torch.Tensor, sBt: torch.Tensor) -> boo
     )
 
 
-def row_blocks(mask: torch.Tensor) -> torch.Tensor:
-    """For a 0/1 row mask (rows × rank) whose ones form one contiguous run per row, the kernel's ``blocks``:
-    int64 (rows × 2) of (offset, length) pairs, length 0 for a row of zeros."""
+def row_blocks(mask: torch.Tensor) -> torch.Tensor | None:
+    """The kernel's ``blocks`` for a 0/1 row mask (rows × rank): int64 (rows × 2) of (offset, length) pairs,
+    length 0 for a row of zeros; None when some row's ones are not one contiguous run (the kernel cannot)."""
     lengths = mask.sum(dim=1).long()
     offsets = torch.where(lengths > 0, mask.argmax(dim=1), 0)
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    runs = (columns >= offsets[:, None]) & (columns < (offsets + lengths)[:, None])
+    if not torch.equal(runs, mask != 0):
+        return None
     return torch.stack([offsets, lengths], dim=1).contiguous()
 
 

@@ -68,7 +68,7 @@ def merged_delta_norms(model: nn.Module) -> dict[str, float]:
     """{path: ‖Σ active s·B·A‖²} for every LoRA layer of ``model``: the change merging will make there."""
     norms = {}
     for path, layer in lora_layers(model):
-        names = [n for n in layer.active if n not in layer.merged]
+        names = [n for n in layer.state.active if n in layer.specs and layer.state.merged_scale(n) is None]
         if names:
             delta = sum(layer.delta_weight(n) for n in names)
             norms[path] = float(delta.norm()) ** 2

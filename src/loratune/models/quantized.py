@@ -49,7 +49,7 @@ def modules_to_quantize(model: nn.Module, unquantized: Sequence[str] = DEFAULT_U
     head = output_head_path(model) if OUTPUT_HEAD in unquantized else None
     return [
         path for path, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not isinstance(module, Linear4bit)
+        if isinstance(module, nn.Linear)
         and path != head and not (names and module_name_matches(names, path))
     ]
 

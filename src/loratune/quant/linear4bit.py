@@ -1,8 +1,9 @@
 """A frozen Linear layer whose weight is stored in 4 bits (NF4/FP4 via bitsandbytes) and dequantized on the fly.
 
-``Linear4bit`` subclasses ``nn.Linear`` so that everything that recognises a Linear layer (LoRA targeting,
-"all-linear") sees one; its ``weight`` is the packed uint8 data (two 4-bit codes per byte, shape
-(out·in/2, 1)) and ``quant_state`` holds the per-block scales. The weight never gets a gradient; the input does,
+``Linear4bit`` is a module of its own, not an ``nn.Linear``: its ``weight`` is the packed uint8 data (two
+4-bit codes per byte, shape (out·in/2, 1)) and ``quant_state`` holds the per-block scales. What LoRA layers
+need of it is small: ``in_features``, ``out_features``, ``bias``, ``compute_dtype``, ``dequantized_weight``
+and calling it. The weight never gets a gradient; the input does,
 through ``Dequantized4bitMatmul``, which dequantizes in forward, drops the result, and dequantizes again in
 backward, so no dense copy of the weight lives between the two.
 
@@ -93,14 +94,14 @@ class Dequantized4bitMatmul(torch.autograd.Function):
         return grad_x, None, grad_bias, None
 
 
-class Linear4bit(nn.Linear):
-    """A frozen ``nn.Linear`` stored in 4 bits. Build it with ``from_linear`` or ``from_weight``.
+class Linear4bit(nn.Module):
+    """A frozen Linear layer stored in 4 bits. Build it with ``from_linear`` or ``from_weight``.
 
     Inputs are cast to the compute dtype and outputs back to the input dtype. Only the bias (if any) can train.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: QuantSpec, device=None):
-        nn.Module.__init__(self)  # not nn.Linear.__init__: no dense weight is ever allocated
+        super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.weight = nn.Parameter(torch.empty(0, 1, dtype=torch.uint8, device=device), requires_grad=False)
         self.quant_state = None
@@ -132,6 +133,11 @@ class Linear4bit(nn.Linear):
             )
         packed, self.quant_state = quantize_weight(weight, self.spec, name)
         self.weight = nn.Parameter(packed, requires_grad=False)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the weight is dequantized to and multiplied in."""
+        return self.spec.compute_dtype
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight (out × in) in ``dtype`` (default: the compute dtype); a new tensor each call."""

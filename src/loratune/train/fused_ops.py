@@ -10,18 +10,21 @@ generation exactly as before.
 
 from __future__ import annotations
 
+import importlib
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune.layers import LoraLinear
+from loratune.layers import LoraLayer
+from loratune.layers.execution import fused_term
 from loratune.layers.fused_linear import lora_linear_backward, lora_linear_forward
-from loratune.quant import Linear4bit, dequantize_weight
 
-# Architectures whose RMSNorm is ``weight * (x·rstd).to(dtype)`` and whose MLP is down(silu(gate(x)) * up(x)).
-LLAMA_LIKE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
+# Architectures whose RMSNorm is ``weight * (x·rstd).to(dtype)`` and whose MLP is down(silu(gate(x)) * up(x)):
+# model_type -> the prefix of their transformers class names.
+LLAMA_LIKE_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                          "smollm3": "SmolLM3"}
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -74,35 +77,32 @@ class SiluMulFunction(torch.autograd.Function):
 
 class SiluMulLoraDownFunction(torch.autograd.Function):
     """``down(silu(gate) * up)`` with a LoRA ``down``: saves gate, up and the rank-r product, not the
-    intermediate-width product ``silu(gate) * up``, which backward recomputes (elementwise, cheap).
-    With a 4-bit ``down`` (``quant_state`` given), ``weight`` is the packed data, dequantized in forward and
-    again in backward, never kept in between."""
+    intermediate-width product ``silu(gate) * up``, which backward recomputes (elementwise, cheap). The frozen
+    base weight comes from ``source.dense_weight`` in forward and again in backward (a 4-bit one is dequantized
+    each time, never kept in between)."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, lora_A, lora_B, scale: float, quant_state=None):
+    def forward(ctx, gate, up, source, bias, lora_A, lora_B, scale: float):
         product = (F.silu(gate) * up).reshape(-1, gate.shape[-1])
-        dense = _dense_weight(weight, quant_state, product.dtype)
-        bias = None if bias is None else bias.to(product.dtype)
+        dense = source.dense_weight(product.dtype)
         out, xa = lora_linear_forward(product, dense, bias, lora_A, lora_B, scale)
-        ctx.save_for_backward(gate, up, weight, lora_A, lora_B, xa)
-        ctx.scale, ctx.quant_state = scale, quant_state
+        ctx.save_for_backward(gate, up, lora_A, lora_B, xa)
+        ctx.source, ctx.scale = source, scale
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out.view(*gate.shape[:-1], dense.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate, up, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        gate, up, lora_A, lora_B, xa = ctx.saved_tensors
         product = (F.silu(gate) * up).reshape(-1, gate.shape[-1])
-        dense = _dense_weight(weight, ctx.quant_state, product.dtype)
-        needs = (True, ctx.needs_input_grad[2] and ctx.quant_state is None, *ctx.needs_input_grad[3:6])
-        grad_product, grad_weight, grad_bias, grad_A, grad_B = lora_linear_backward(
+        dense = ctx.source.dense_weight(product.dtype)
+        needs = (True, *ctx.needs_input_grad[3:6])
+        grad_product, grad_bias, grad_A, grad_B = lora_linear_backward(
             grad_out.reshape(-1, grad_out.shape[-1]), product, xa, dense, lora_A, lora_B, ctx.scale, needs
         )
         grad_gate, grad_up = _silu_mul_backward(gate, up, grad_product.view(gate.shape))
-        return grad_gate, grad_up, grad_weight, grad_bias, grad_A, grad_B, None, None
-
-
-def _dense_weight(weight, quant_state, dtype):
-    return weight if quant_state is None else dequantize_weight(weight, quant_state, dtype)
+        grad_bias = grad_bias.to(ctx.bias_dtype) if grad_bias is not None else None
+        return grad_gate, grad_up, None, grad_bias, grad_A, grad_B, None
 
 
 def _rms_norm_forward(self, hidden_states):
@@ -111,37 +111,41 @@ def _rms_norm_forward(self, hidden_states):
 
 def _mlp_forward(self, x):
     gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
-    name = down._single_fusable_adapter(gate) if isinstance(down, LoraLinear) else None
-    if name is None:
+    term = fused_term(down, gate) if isinstance(down, LoraLayer) else None
+    if term is None:
         return down(SiluMulFunction.apply(gate, up))
-    base = down.base_layer
-    quant_state = base.quant_state if isinstance(base, Linear4bit) else None
-    return SiluMulLoraDownFunction.apply(
-        gate, up, base.weight, base.bias, down.lora_A[name], down.lora_B[name], down.effective_scale(name), quant_state
-    )
+    return SiluMulLoraDownFunction.apply(gate, up, down, down.base_layer.bias, term.A, term.B, term.scale)
 
 
-def _is_rms_norm(module: nn.Module) -> bool:
-    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight")
-
-
-def _is_silu_mlp(module: nn.Module) -> bool:
-    act = type(getattr(module, "act_fn", None)).__name__  # nn.SiLU or transformers' SiLUActivation
-    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and act in ("SiLU", "SiLUActivation")
+def _llama_family_classes(model_type: str) -> tuple[type, type] | None:
+    """(RMSNorm class, MLP class) of a Llama-family architecture in transformers, or None."""
+    prefix = LLAMA_LIKE_MODEL_TYPES.get(model_type)
+    if prefix is None:
+        return None
+    try:
+        modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return None
+    norm, mlp = getattr(modeling, f"{prefix}RMSNorm", None), getattr(modeling, f"{prefix}MLP", None)
+    return (norm, mlp) if norm is not None and mlp is not None else None
 
 
 def patch_for_training(model: nn.Module) -> int:
-    """Give the RMSNorm and SiLU-MLP modules of a Llama-family model their lean forward; return how many
-    modules were patched (0 for other architectures, which keep their own code)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in LLAMA_LIKE_MODEL_TYPES:
+    """Give the RMSNorm and SiLU-MLP modules of a Llama-family model their lean forward (exactly these
+    transformers classes, whose math is the one above); return how many modules were patched (0 for other
+    architectures, which keep their own code)."""
+    classes = _llama_family_classes(getattr(getattr(model, "config", None), "model_type", None))
+    if classes is None:
         return 0
+    norm_class, mlp_class = classes
+    silu_classes = (nn.SiLU, *filter(None, [getattr(importlib.import_module("transformers.activations"),
+                                                    "SiLUActivation", None)]))
     patched = 0
     for module in model.modules():
-        if _is_rms_norm(module):
+        if type(module) is norm_class:
             module.forward = types.MethodType(_rms_norm_forward, module)
             patched += 1
-        elif _is_silu_mlp(module):
+        elif type(module) is mlp_class and isinstance(getattr(module, "act_fn", None), silu_classes):
             module.forward = types.MethodType(_mlp_forward, module)
             patched += 1
     return patched

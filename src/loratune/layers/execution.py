@@ -1,0 +1,240 @@
+"""Execution backends: faster ways to compute what ``LoraLayer.reference_forward`` defines.
+
+``run`` picks one per call, for Linear-like layers (a Linear, a 4-bit Linear, a GPT-2 ``Conv1D``):
+
+- **fused** (autograd on, one term on every row): ``fused_linear``'s autograd function, which saves only x
+  and A·x; a 4-bit base is dequantized in forward and again in backward.
+- **stacked** (autograd on, a mixed-adapter batch): the batch's adapters as one stacked adapter — A of every
+  adapter stacked (Σr × in), s·B side by side (out × Σr) — and a 0/1 row mask that keeps each row's own block.
+- **plan** (autograd off): the terms' factors prepared once (cast, B scaled and transposed, stacked, the row
+  mask) and kept in ``layer.execution_cache`` while the layer's state, training flag, the input's dtype,
+  device and size regime, and the factors' identity and version stay the same. A single adapter is the
+  one-group case. On a CPU with few rows (decoding) the compiled kernel (``lowrank_cpu``) adds the update in
+  one call, reading each row's block of the stacked factors.
+- **reference** for everything else: embeddings, dropout in training, a trainable base weight, extra
+  arguments, an input in another dtype than the base computes in.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loratune.errors import ConfigError
+from loratune.layers import lowrank_cpu
+from loratune.layers.fused_linear import lora_linear
+from loratune.layers.state import Term
+
+FEW_ROWS = 64  # rows up to which a CPU keeps the low-rank products in the factors' float32 (and the kernel)
+_VERSION = operator.attrgetter("_version")
+
+
+def run(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``layer``'s output for ``x``: the fastest backend that computes ``reference_forward`` exactly."""
+    if args or kwargs or not layer.fast_paths:
+        return layer.reference_forward(x, *args, **kwargs)
+    if torch.is_grad_enabled():
+        return _with_autograd(layer, x)
+    plan = _plan(layer, x)
+    return layer.reference_forward(x) if plan is None else plan.run(layer, x)
+
+
+def backend_for(layer, x: torch.Tensor) -> str:
+    """Which backend ``run`` takes for ``x`` in the current grad mode: ``"reference"``, ``"base"`` (nothing to
+    add), ``"fused"``, ``"stacked"``, ``"plan"`` or ``"kernel"`` (a plan whose update the CPU kernel adds)."""
+    if not layer.fast_paths:
+        return "reference"
+    if torch.is_grad_enabled():
+        return _autograd_backend(layer, x, layer.terms())
+    plan = _plan(layer, x)
+    if plan is None:
+        return "reference"
+    if plan.A is None:
+        return "base"
+    return "kernel" if plan.kernel is not None and x.is_contiguous() else "plan"
+
+
+def _fast_path_applies(layer, x: torch.Tensor, terms) -> bool:
+    """Whether a backend may replace the reference: x in the dtype the base computes in, no dropout acting,
+    and, with autograd on, a frozen base weight (the fused paths give it no gradient)."""
+    if x.dtype != layer.compute_dtype:
+        return False
+    if torch.is_grad_enabled() and not layer.quantized and layer.base_layer.weight.requires_grad:
+        return False
+    return not (layer.training and any(not isinstance(t.dropout, nn.Identity) for t in terms))
+
+
+def fused_term(layer, x: torch.Tensor) -> Term | None:
+    """The one term of ``layer`` when, with autograd on, an input like ``x`` takes the fused path (a single
+    adapter on every row, no dropout acting, a frozen base computing in x's dtype); None otherwise. For fused
+    functions that compute the layer's input themselves (``train.fused_ops``)."""
+    if not layer.fast_paths or layer.state.routing is not None:
+        return None
+    terms = layer.terms()
+    if len(terms) != 1 or terms[0].rows is not None or not _fast_path_applies(layer, x, terms):
+        return None
+    return terms[0]
+
+
+def _autograd_backend(layer, x: torch.Tensor, terms) -> str:
+    if not terms:
+        return "base"
+    if not _fast_path_applies(layer, x, terms):
+        return "reference"
+    return "fused" if len(terms) == 1 and terms[0].rows is None else "stacked"
+
+
+def _with_autograd(layer, x: torch.Tensor) -> torch.Tensor:
+    routing = layer.state.routing
+    if routing is not None:
+        routing.check_rows(x.shape[0])
+    terms = layer.terms()
+    backend = _autograd_backend(layer, x, terms)
+    if backend == "base":
+        return layer.base_layer(x)
+    if backend == "reference":
+        return layer.reference_forward(x)
+    if backend == "fused":
+        term = terms[0]
+        return lora_linear(x, layer, layer.base_layer.bias, term.A, term.B, term.scale)
+    A, sB = stacked_factors(terms, x.dtype)
+    h = F.linear(x, A)
+    mask = row_mask(terms, x.shape[0], x.dtype, x.device)
+    if mask is not None:
+        h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
+    result = layer.base_matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+    return result + F.linear(h, sB).to(result.dtype)
+
+
+def stacked_factors(terms, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A of every term stacked: Σr × in, scale·B side by side: out × Σr), in ``dtype``, differentiable."""
+    A = torch.cat([t.A for t in terms]).to(dtype)
+    sB = torch.cat([t.B * t.scale for t in terms], dim=1).to(dtype)
+    return A, sB
+
+
+def row_mask(terms, n_rows: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """0/1 (n_rows × Σr): row i keeps the blocks of the terms that act on it; None when every term has all rows."""
+    if all(t.rows is None for t in terms):
+        return None
+    mask = torch.zeros(n_rows, sum(t.A.shape[0] for t in terms), dtype=dtype, device=device)
+    offset = 0
+    for term in terms:
+        block = slice(offset, offset + term.A.shape[0])
+        if term.rows is None:
+            mask[:, block] = 1
+        else:
+            mask[term.rows.to(device), block] = 1
+        offset += term.A.shape[0]
+    return mask
+
+
+# --- no autograd: prepared plans ------------------------------------------------------------------------------
+
+
+def _few_cpu_rows(x: torch.Tensor) -> bool:
+    return x.is_cpu and x.numel() <= FEW_ROWS * x.shape[-1]
+
+
+def _plan(layer, x: torch.Tensor) -> Plan | None:
+    """The layer's prepared plan for ``x``: rebuilt only when something it depends on changed. Decoding runs
+    hundreds of these layers per token, where per-call Python work costs as much as the rank-r products."""
+    few = _few_cpu_rows(x)
+    plan = layer.execution_cache.get(few)
+    state = layer.state
+    if (
+        plan is None
+        or not (plan.state is state or plan.state == state)
+        or plan.training != layer.training
+        or plan.dtype != x.dtype
+        or plan.device != x.device
+        or plan.stamp != _stamp(plan.factors)
+    ):
+        plan = Plan.build(layer, x, few)
+        layer.execution_cache[few] = plan
+    return plan if plan.usable else None
+
+
+def _stamp(factors) -> tuple:
+    # version counters only grow, so their sum changes when any one does; addresses change when a factor moves
+    return sum(map(_VERSION, factors)), tuple(map(torch.Tensor.data_ptr, factors))
+
+
+class Plan:
+    """``base(x) + (x·Aᵀ ⊙ mask)·sBt`` with the terms' factors cast, stacked and scaled once (A: Σr × in,
+    sBt: Σr × out, mask: rows × 1 × Σr or None). ``usable`` is False when the reference must run (dropout in
+    training, an input dtype the base does not compute in). ``kernel`` holds the fixed arguments of the
+    compiled CPU kernel when it takes the update."""
+
+    __slots__ = ("state", "training", "dtype", "device", "factors", "stamp", "storages", "usable", "A", "sBt",
+                 "mask", "kernel", "blocks")
+
+    def __init__(self, layer, x: torch.Tensor, terms):
+        self.state, self.training, self.dtype, self.device = layer.state, layer.training, x.dtype, x.device
+        self.factors = tuple(t for term in terms for t in (term.A, term.B))
+        self.stamp = _stamp(self.factors)
+        self.storages = tuple(t.data for t in self.factors)  # keeps the addresses in the stamp from being reused
+        self.usable = _fast_path_applies(layer, x, terms)
+        self.A = self.sBt = self.mask = self.kernel = self.blocks = None
+
+    @classmethod
+    def build(cls, layer, x: torch.Tensor, few: bool) -> Plan:
+        terms = layer.terms()
+        plan = cls(layer, x, terms)
+        if not plan.usable or not terms:
+            return plan
+        # Few rows on a CPU: the rank-r products run several times faster in the factors' float32 than in bf16.
+        dtype = terms[0].A.dtype if few else x.dtype
+        with torch.no_grad():
+            A, sB = stacked_factors([_detached(t) for t in terms], dtype)
+        plan.A, plan.sBt = A.contiguous(), sB.T.contiguous()
+        routing = layer.state.routing
+        if routing is not None:
+            mask = row_mask(terms, routing.n_rows, dtype, A.device)
+            plan.mask = None if mask is None else mask[:, None, :].contiguous()  # broadcasts over positions
+        if few and lowrank_cpu.kernel_fits(x.dtype, plan.A, plan.sBt):
+            plan.blocks = None if plan.mask is None else lowrank_cpu.row_blocks(plan.mask[:, 0, :])
+            if plan.mask is None or plan.blocks is not None:
+                plan.kernel = (lowrank_cpu.raw_kernel(), plan.A.data_ptr(), plan.sBt.data_ptr(), plan.A.shape[1],
+                               plan.A.shape[0], plan.sBt.shape[1], int(x.dtype == torch.bfloat16),
+                               0 if plan.blocks is None else plan.blocks.data_ptr())
+        return plan
+
+    def run(self, layer, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.A is None:  # nothing to add: no adapter acts, or all are merged into the weight
+            return layer.base_matmul(x2).view(*x.shape[:-1], -1)
+        rows = 1 if self.mask is None else self.mask.shape[0]
+        if self.mask is not None and x.shape[0] != rows:
+            raise ConfigError(f"adapter_names has {rows} names but the batch has {x.shape[0]} rows; "
+                              "give exactly one name per row")
+        if self.kernel is not None and x2.is_contiguous():
+            out = layer.base_matmul(x2).contiguous()  # (it is; the kernel writes raw rows)
+            add_low_rank, A_address, sBt_address, in_features, rank, out_features, is_bf16, blocks = self.kernel
+            add_low_rank(out.data_ptr(), x2.data_ptr(), A_address, sBt_address, x2.shape[0], in_features, rank,
+                         out_features, is_bf16, blocks, max(x2.shape[0] // rows, 1))
+            return out.view(*x.shape[:-1], out_features)
+        A, sBt = self.A, self.sBt
+        # F.linear(x, A) with A as r × in: on a CPU, for a few rows, several times cheaper than x @ Aᵀ stored
+        # transposed, which the BLAS splits across threads.
+        h = F.linear(x2 if A.dtype == x2.dtype else x2.to(A.dtype), A)
+        if self.mask is not None:  # mixed batch: zero the other adapters' columns of each row (dim 0 of x)
+            h.view(rows, -1, h.shape[1]).mul_(self.mask)
+        if A.dtype == x2.dtype:
+            out = layer.base_matmul(x2)
+            out.addmm_(h, sBt)
+        else:
+            # float32 factors for a few bf16/fp16 rows: the rank-r products run before the base product (small
+            # operations right after a multi-threaded matmul run slower)
+            delta = torch.mm(h, sBt)
+            out = layer.base_matmul(x2)
+            out.add_(delta)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _detached(term: Term) -> Term:
+    return replace(term, A=term.A.detach(), B=term.B.detach())

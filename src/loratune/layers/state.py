@@ -1,0 +1,118 @@
+"""What a LoRA layer does at a given moment, as an immutable value, and the terms that makes act.
+
+``LayerState`` says which adapters act and how strongly, which are merged into the base weight, whether the
+bare base runs, and, for a mixed-adapter batch, which adapter each row uses (``Routing``). A layer replaces
+its state through explicit methods and never mutates it, so "has anything changed?" is "is it still the same
+state (or an equal one)?": execution backends key their caches on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from loratune.errors import ConfigError
+
+BASE_ADAPTER = "__base__"  # PEFT's word for "no adapter" in mixed batches
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One adapter name per row (dim 0) of a batch. A name a layer lacks (e.g. ``"__base__"``) means no adapter
+    on that row there. Equal routings (same names in the same order) are interchangeable."""
+
+    names: tuple[str, ...]
+    groups: tuple[tuple[str, tuple[int, ...]], ...] = field(init=False, repr=False, compare=False)
+    _rows_on: dict = field(init=False, repr=False, compare=False)  # device -> row index tensors, made once
+
+    def __post_init__(self):
+        rows: dict[str, list[int]] = {}
+        for index, name in enumerate(self.names):
+            rows.setdefault(name, []).append(index)
+        object.__setattr__(self, "groups", tuple((name, tuple(indices)) for name, indices in rows.items()))
+        object.__setattr__(self, "_rows_on", {})
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.names)
+
+    def check_rows(self, rows: int) -> None:
+        """Raise ``ConfigError`` unless a batch of ``rows`` rows fits this routing."""
+        if rows != self.n_rows:
+            raise ConfigError(
+                f"adapter_names has {self.n_rows} names but the batch has {rows} rows; give exactly one name per row"
+            )
+
+    def rows(self, device: torch.device) -> dict[str, torch.Tensor | None]:
+        """Row indices of each name on ``device`` (None for a name that has every row)."""
+        found = self._rows_on.get(device)
+        if found is None:
+            found = {
+                name: None if len(indices) == self.n_rows else torch.tensor(indices, dtype=torch.long, device=device)
+                for name, indices in self.groups
+            }
+            self._rows_on[device] = found
+        return found
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """What a LoRA layer does now.
+
+    ``active``: the adapters that act, in activation order (names a layer lacks are ignored there);
+    ``strengths``: (name, strength) for adapters whose strength is not 1.0; ``merged``: (name, scale) for
+    adapters whose ``scale·B·A`` was added into the base weight; ``base_only``: run the original base (a
+    PiSSA layer adds back what it took out); ``routing``: a mixed-adapter batch, one adapter per row.
+    """
+
+    active: tuple[str, ...] = ()
+    strengths: tuple[tuple[str, float], ...] = ()
+    merged: tuple[tuple[str, float], ...] = ()
+    base_only: bool = False
+    routing: Routing | None = None
+
+    def strength(self, name: str) -> float:
+        """The strength of adapter ``name`` (1.0 unless set)."""
+        for key, value in self.strengths:
+            if key == name:
+                return value
+        return 1.0
+
+    def merged_scale(self, name: str) -> float | None:
+        """The scale adapter ``name`` was merged with, or None when it is not merged."""
+        for key, value in self.merged:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def merged_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.merged)
+
+    def with_strength(self, name: str, value: float) -> LayerState:
+        kept = tuple((k, v) for k, v in self.strengths if k != name)
+        return replace(self, strengths=kept if value == 1.0 else (*kept, (name, float(value))))
+
+    def with_merged(self, name: str, scale: float | None) -> LayerState:
+        """This state with ``name`` merged at ``scale`` (or unmerged, for None)."""
+        kept = tuple((k, v) for k, v in self.merged if k != name)
+        return replace(self, merged=kept if scale is None else (*kept, (name, scale)))
+
+    def without(self, name: str) -> LayerState:
+        """This state with every mention of adapter ``name`` gone (it was deleted)."""
+        return replace(
+            self.with_strength(name, 1.0).with_merged(name, None), active=tuple(n for n in self.active if n != name)
+        )
+
+
+@dataclass(frozen=True)
+class Term:
+    """One summand of a layer's output: ``scale·B(A(dropout(x)))`` on ``rows`` of the batch (None: all rows)."""
+
+    A: torch.Tensor  # r × in (an embedding's: r × num_embeddings)
+    B: torch.Tensor  # out × r
+    scale: float
+    dropout: nn.Module
+    rows: torch.Tensor | None = None
