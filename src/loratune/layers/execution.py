@@ -7,8 +7,8 @@
 - **stacked** (autograd on, a mixed-adapter batch): the batch's adapters as one stacked adapter — A of every
   adapter stacked (Σr × in), s·B side by side (out × Σr) — and a 0/1 row mask that keeps each row's own block.
 - **plan** (autograd off): the terms' factors prepared once (cast, B scaled and transposed, stacked, the row
-  mask) and kept in ``layer.execution_cache`` while the layer's state, training flag, the input's dtype,
-  device and size regime, and the factors' identity and version stay the same. A single adapter is the
+  mask) and kept in ``layer.execution_cache`` while the layer's state and training flag, the input's dtype
+  and size regime, and the factors (their version counters; a move empties the cache) stay the same. A single adapter is the
   one-group case. On a CPU with few rows (decoding) the compiled kernel (``lowrank_cpu``) adds the update in
   one call, reading each row's block of the stacked factors.
 - **reference** for everything else: embeddings, dropout in training, a trainable base weight, extra
@@ -40,7 +40,7 @@ def run(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if torch.is_grad_enabled():
         return _with_autograd(layer, x)
     plan = _plan(layer, x)
-    return layer.reference_forward(x) if plan is None else plan.run(layer, x)
+    return layer.reference_forward(x) if plan is None else plan.run(x)
 
 
 def backend_for(layer, x: torch.Tensor) -> str:
@@ -106,7 +106,7 @@ def _with_autograd(layer, x: torch.Tensor) -> torch.Tensor:
     mask = row_mask(terms, x.shape[0], x.dtype, x.device)
     if mask is not None:
         h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
-    result = layer.base_matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+    result = layer.base_product()(x)
     return result + F.linear(h, sB).to(result.dtype)
 
 
@@ -149,9 +149,8 @@ def _plan(layer, x: torch.Tensor) -> Plan | None:
     if (
         plan is None
         or not (plan.state is state or plan.state == state)
-        or plan.training != layer.training
-        or plan.dtype != x.dtype
-        or plan.device != x.device
+        or plan.training is not layer.training
+        or plan.dtype is not x.dtype
         or plan.stamp != _stamp(plan.factors)
     ):
         plan = Plan.build(layer, x, few)
@@ -159,9 +158,10 @@ def _plan(layer, x: torch.Tensor) -> Plan | None:
     return plan if plan.usable else None
 
 
-def _stamp(factors) -> tuple:
-    # version counters only grow, so their sum changes when any one does; addresses change when a factor moves
-    return sum(map(_VERSION, factors)), tuple(map(torch.Tensor.data_ptr, factors))
+def _stamp(factors) -> int:
+    # version counters only grow, so their sum changes when any one does (a move to another device or dtype
+    # replaces the factors' storage: LoraLayer empties the cache then)
+    return sum(map(_VERSION, factors))
 
 
 class Plan:
@@ -170,14 +170,14 @@ class Plan:
     training, an input dtype the base does not compute in). ``kernel`` holds the fixed arguments of the
     compiled CPU kernel when it takes the update."""
 
-    __slots__ = ("state", "training", "dtype", "device", "factors", "stamp", "storages", "usable", "A", "sBt",
-                 "mask", "kernel", "blocks")
+    __slots__ = ("state", "training", "dtype", "factors", "stamp", "usable", "base", "A", "sBt", "mask", "kernel",
+                 "blocks")
 
     def __init__(self, layer, x: torch.Tensor, terms):
-        self.state, self.training, self.dtype, self.device = layer.state, layer.training, x.dtype, x.device
+        self.state, self.training, self.dtype = layer.state, layer.training, x.dtype
+        self.base = layer.base_product()
         self.factors = tuple(t for term in terms for t in (term.A, term.B))
         self.stamp = _stamp(self.factors)
-        self.storages = tuple(t.data for t in self.factors)  # keeps the addresses in the stamp from being reused
         self.usable = _fast_path_applies(layer, x, terms)
         self.A = self.sBt = self.mask = self.kernel = self.blocks = None
 
@@ -204,16 +204,16 @@ class Plan:
                                0 if plan.blocks is None else plan.blocks.data_ptr())
         return plan
 
-    def run(self, layer, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
+    def run(self, x: torch.Tensor) -> torch.Tensor:
         if self.A is None:  # nothing to add: no adapter acts, or all are merged into the weight
-            return layer.base_matmul(x2).view(*x.shape[:-1], -1)
+            return self.base(x)
+        x2 = x.reshape(-1, x.shape[-1])
         rows = 1 if self.mask is None else self.mask.shape[0]
         if self.mask is not None and x.shape[0] != rows:
             raise ConfigError(f"adapter_names has {rows} names but the batch has {x.shape[0]} rows; "
                               "give exactly one name per row")
         if self.kernel is not None and x2.is_contiguous():
-            out = layer.base_matmul(x2).contiguous()  # (it is; the kernel writes raw rows)
+            out = self.base(x2).contiguous()  # (it is; the kernel writes raw rows)
             add_low_rank, A_address, sBt_address, in_features, rank, out_features, is_bf16, blocks = self.kernel
             add_low_rank(out.data_ptr(), x2.data_ptr(), A_address, sBt_address, x2.shape[0], in_features, rank,
                          out_features, is_bf16, blocks, max(x2.shape[0] // rows, 1))
@@ -225,13 +225,13 @@ class Plan:
         if self.mask is not None:  # mixed batch: zero the other adapters' columns of each row (dim 0 of x)
             h.view(rows, -1, h.shape[1]).mul_(self.mask)
         if A.dtype == x2.dtype:
-            out = layer.base_matmul(x2)
+            out = self.base(x2)
             out.addmm_(h, sBt)
         else:
             # float32 factors for a few bf16/fp16 rows: the rank-r products run before the base product (small
             # operations right after a multi-threaded matmul run slower)
             delta = torch.mm(h, sBt)
-            out = layer.base_matmul(x2)
+            out = self.base(x2)
             out.add_(delta)
         return out.view(*x.shape[:-1], out.shape[-1])
 

@@ -16,6 +16,7 @@ float32) into the base weight and records it in the state; unmerging subtracts i
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, replace
@@ -83,6 +84,11 @@ class LoraLayer(nn.Module):
         self._shared_weight: tuple[nn.Parameter] | None = None
         self.execution_cache: dict = {}  # owned by layers.execution: prepared factors, checked against the state
         self.fast_paths = False  # whether layers.execution may compute this layer's output its own way
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half(): the factors get new storage, so prepared copies of them are stale
+        self.execution_cache.clear()
+        return super()._apply(fn, recurse)
 
     # --- per kind: shapes, layout, the two products ------------------------------------------------------
     in_features: int
@@ -313,11 +319,12 @@ class LoraLinear(LoraLayer):
         weight = self.base_layer.weight
         return weight if weight.dtype == dtype else weight.to(dtype)
 
-    def base_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """The base output for 2-D ``x2`` (rows × in)."""
+    def base_product(self):
+        """A function computing the base output for an input (…, in), bound to the current base weight (for a
+        plain Linear, ``F.linear`` itself: no module call per use)."""
         if self.quantized:
-            return self.base_layer(x2)
-        return F.linear(x2, self.base_layer.weight, self.base_layer.bias)
+            return self.base_layer
+        return functools.partial(F.linear, weight=self.base_layer.weight, bias=self.base_layer.bias)
 
     def _check_pissa(self, weight_is_shared: bool) -> None:
         if self.quantized:
@@ -353,8 +360,8 @@ class LoraConv1D(LoraLinear):
         weight = self.base_layer.weight.T  # a view: out × in
         return weight if weight.dtype == dtype else weight.to(dtype)
 
-    def base_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.base_layer.bias, x2, self.base_layer.weight)
+    def base_product(self):
+        return self.base_layer
 
 
 class LoraEmbedding(LoraLayer):
