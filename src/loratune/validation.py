@@ -3,6 +3,7 @@ multi-line errors become one ``ConfigError`` line that names the offending field
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Iterable, Mapping
 
@@ -61,8 +62,15 @@ def validate_model(cls: type[BaseModel], data: Mapping, where: str = "") -> Base
     ``where`` prefixes field names in messages (e.g. ``"lora."``).
     """
     check_known_keys(data, cls.model_fields, where)
-    try:
+    with one_line_errors(where):
         return cls.model_validate(dict(data))
+
+
+@contextlib.contextmanager
+def one_line_errors(where: str = ""):
+    """Inside the block, pydantic's multi-line ``ValidationError`` becomes a one-line ``ConfigError``."""
+    try:
+        yield
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, where)) from None
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loratune.errors import AdapterLoadError, ConfigError
-from loratune.validation import check_known_keys, describe_validation_error
+from loratune.layers import INIT_CHOICES
+from loratune.validation import check_known_keys, one_line_errors
 
 ALL_LINEAR = "all-linear"
+_NAMED_INITS = tuple(choice for choice in INIT_CHOICES if isinstance(choice, str))
 
 # Keys PEFT writes whose non-default values change the math; an adapter using one of them is refused
 # rather than silently misread.
@@ -62,7 +64,7 @@ class LoraConfig(BaseModel):
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     use_rslora: bool = False
-    init_lora_weights: Union[bool, Literal["gaussian", "pissa"]] = True
+    init_lora_weights: Union[bool, Literal[_NAMED_INITS]] = True
     modules_to_save: Union[list[str], None] = None
     bias: str = "none"
     fan_in_fan_out: bool = False  # accepted for PEFT compatibility; Conv1D layers are detected by type
@@ -71,16 +73,14 @@ class LoraConfig(BaseModel):
 
     def __init__(self, **data: Any):
         check_known_keys(data, type(self).model_fields, "LoraConfig.")
-        try:
+        with one_line_errors("LoraConfig."):
             super().__init__(**data)
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, "LoraConfig.")) from None
 
     @field_validator("init_lora_weights", mode="before")
     @classmethod
     def _known_init(cls, value):
-        if isinstance(value, str) and value not in ("gaussian", "pissa"):
-            raise ValueError("must be True, False, 'gaussian' or 'pissa'")
+        if isinstance(value, str) and value not in INIT_CHOICES:
+            raise ValueError(f"must be one of {', '.join(map(repr, INIT_CHOICES))}")
         return value
 
     @field_validator("target_modules")
@@ -140,7 +140,7 @@ class LoraConfig(BaseModel):
                 f"{source}: init_lora_weights={init!r} means the adapter expects a base weight rewritten by that "
                 "start; save it converted with PEFT (path_initial_model_for_weight_conversion) and load that"
             )
-        if init not in (True, False, "gaussian", "pissa"):
+        if init not in INIT_CHOICES:
             known["init_lora_weights"] = True  # other starts (eva, orthogonal, ...) leave W0 alone
         for key in ("rank_pattern", "alpha_pattern"):
             if known.get(key) is None:

@@ -1,8 +1,7 @@
 """A data file → tokenized, length-limited examples with statistics; a deterministic eval split.
 
 Plain Python lists, no ``datasets``: rows are rendered and tokenized in batches through the fast
-tokenizer, which is where the time goes: 10k short single-turn chat rows take 1-2 s on a 2-core machine
-(``datasets.map`` over the same function measured no faster).
+tokenizer, which is where the time goes (``datasets.map`` over the same function is no faster).
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
 """Convert a GGUF file once into a Hugging Face safetensors directory, and reuse it afterwards.
 
-Dequantizing a GGUF on every load is slow (about 20 s for SmolLM2-135M on a laptop CPU) while loading
-safetensors is fast, so the first use of a ``.gguf`` writes the dequantized model, tokenizer, chat template
+Dequantizing a GGUF on every load is slow while loading safetensors is fast, so the first use of a ``.gguf`` writes the dequantized model, tokenizer, chat template
 and generation config to ``<cache root>/models/<stem>-<hash>``; later loads read that directory.
 
 Storage dtype: whatever transformers dequantizes the GGUF to — float32 for the legacy GGUF loader, which
 covers Llama-family files such as SmolLM2's Q4_1. We keep it rather than casting to bf16 because the
 dequantized values (``scale * q + min`` in float32) are not representable in bf16: storing float32 makes
 the cached model bit-identical to loading the GGUF directly, and ``load_model`` casts to the requested
-dtype afterwards. (SmolLM2-135M: ~540 MB on disk.)
+dtype afterwards.
 """
 
 from __future__ import annotations

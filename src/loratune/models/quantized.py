@@ -6,7 +6,7 @@ quantize become empty ``Linear4bit`` modules, then the safetensors files are rea
 ``quant.safetensors_stream``): each Linear weight is quantized as it arrives and its full-precision copy
 dropped, every other tensor is cast to the model dtype and put in place. Peak memory is about the 4-bit model
 plus the unquantized modules plus the largest single Linear weight and bitsandbytes' working memory while it
-quantizes it (about 600 MB for a 11008 × 4096 weight).
+quantizes it.
 """
 
 from __future__ import annotations

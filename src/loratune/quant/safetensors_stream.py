@@ -2,7 +2,7 @@
 full-precision weights would take.
 
 ``safetensors.safe_open`` memory-maps the file; every page a read touches then counts towards the process's
-resident memory until the file is closed, so reading a 2 GB shard through it costs 2 GB of RSS. Here each
+resident memory until the file is closed, so reading a shard through it costs its whole size in RSS. Here each
 tensor is read with plain file reads into its own buffer: peak memory is one tensor, and the page cache
 (which the kernel can drop) is not charged to the process.
 """

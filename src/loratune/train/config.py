@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loratune.adapters import LoraConfig
 from loratune.errors import ConfigError
 from loratune.models.quantized import DEFAULT_UNQUANTIZED
-from loratune.validation import check_known_keys, describe_validation_error
+from loratune.validation import check_known_keys, validate_model
 
 DATA_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
 
@@ -170,10 +170,7 @@ def validate_config(data: dict, *, default_output_dir: str) -> TrainConfig:
             data["lora"] = LoraConfig(**data["lora"])
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("LoraConfig.", "lora.", 1)) from None
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
+    return validate_model(TrainConfig, data)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

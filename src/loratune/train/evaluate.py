@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from loratune.data import Example, TokenizedExample, collate, prompt_ids, reference
-from loratune.train.generation import exact_match, generate_greedy
+from loratune.train.generation import exact_match, generate_greedy, model_device
 from loratune.train.loss import causal_lm_loss_sum
 
 
@@ -35,10 +35,6 @@ class EvalResult:
             "n": self.n,
             "n_tokens": self.n_tokens,
         }
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()

@@ -81,7 +81,7 @@ def generate_greedy(
     with _inference(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            input_ids, attention_mask = _left_pad([prompts[i] for i in rows], pad_id, _device(model))
+            input_ids, attention_mask = _left_pad([prompts[i] for i in rows], pad_id, model_device(model))
             routing = mixed_batch(model, [adapter_names[i] for i in rows]) if adapter_names else nullcontext()
             with routing:
                 generated = _greedy_rows(model, input_ids, attention_mask, max_new_tokens, stops)
@@ -138,7 +138,7 @@ def stream_greedy(
         raise ConfigError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
     stops = stop_token_ids(model, tokenizer) if stop_ids is None else set(stop_ids)
     pick = _argmax if not temperature else _sampler(temperature, top_p, top_k, generator)
-    input_ids = torch.tensor([list(prompt_ids)], device=_device(model))
+    input_ids = torch.tensor([list(prompt_ids)], device=model_device(model))
     attention_mask = torch.ones_like(input_ids)
     generated: list[int] = []
     emitted = ""
@@ -193,7 +193,7 @@ def _decode(
         use_cache=True,
         logits_to_keep=1,  # only the last position's logits: (B, 1, vocab) instead of (B, L, vocab)
     )
-    past = out.past_key_values
+    cache = out.cache
     position = position_ids[:, -1:]
     for step in range(max_new_tokens):
         next_ids = pick(out.logits[:, -1, :].float())
@@ -206,10 +206,10 @@ def _decode(
             input_ids=next_ids[:, None],
             attention_mask=attention_mask,
             position_ids=position,
-            past_key_values=past,
+            cache=cache,
             use_cache=True,
         )
-        past = out.past_key_values
+        cache = out.cache
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -248,7 +248,8 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of ``model``'s parameters (the CPU for a model without any)."""
     try:
         return next(model.parameters()).device
     except StopIteration:

@@ -35,7 +35,8 @@ from loratune.files import write_output_dir, write_text_atomic
 from loratune.models import context_length, load_model
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from loratune.train.config import TrainConfig
-from loratune.train.evaluate import EvalResult, evaluate, model_device
+from loratune.train.evaluate import EvalResult, evaluate
+from loratune.train.generation import model_device
 from loratune.train.fused_ops import patch_for_training
 from loratune.train.interrupt import StepInterrupts
 from loratune.train.loss import causal_lm_loss_sum
