@@ -179,8 +179,7 @@ def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(
 
     adapter = request.getfixturevalue(run_name)[0] / "adapter"
     out_dir = tmp_path / "merged"
-    status, out, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", adapter, "--out", out_dir,
-                           "--dtype", "fp32")
+    status, out, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", adapter, "--out", out_dir)
     assert status == 0, err
     merged = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
     merged_tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
@@ -204,8 +203,7 @@ def test_merge_at_a_strength_matches_the_adapter_loaded_at_that_strength(capsys,
 
     adapter = linear_run[0] / "adapter"
     out_dir = tmp_path / "half"
-    status, _, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", f"{adapter}:0.5", "--out", out_dir,
-                         "--dtype", "fp32")
+    status, _, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", f"{adapter}:0.5", "--out", out_dir)
     assert status == 0, err
     merged = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
     half, tokenizer = load_with_adapter(tiny_llama_dir, adapter, scale=0.5)
@@ -222,7 +220,7 @@ def test_merge_of_an_embedding_adapter_unties_the_output_head(capsys, tiny_llama
 
     out_dir = tmp_path / "merged"
     status, _, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", embed_run[0] / "adapter",
-                         "--out", out_dir, "--dtype", "fp32")
+                         "--out", out_dir)
     assert status == 0, err
     assert json.loads((out_dir / "config.json").read_text())["tie_word_embeddings"] is False
     merged = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)

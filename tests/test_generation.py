@@ -233,3 +233,59 @@ def test_generation_with_a_frozen_model_gives_the_same_result_and_leaves_no_hook
     finally:
         model.requires_grad_(True)
     assert not model.get_output_embeddings()._forward_pre_hooks
+
+
+def test_different_seeds_give_different_samples(model, tiny_tokenizer, prompts):
+    samples = {
+        stream_greedy(model, tiny_tokenizer, prompts[0], 8, lambda _: None, temperature=1.5,
+                      generator=torch.Generator().manual_seed(seed), stop_ids=set())
+        for seed in range(6)
+    }
+    assert len(samples) >= 4
+
+
+def expected_distribution(logits: torch.Tensor, temperature: float, top_p, top_k) -> torch.Tensor:
+    """The target distribution written out independently: softmax(logits/T) over the top-k tokens, then the
+    smallest prefix (by probability) whose mass reaches top_p, renormalised."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    order = torch.argsort(probs, descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    kept_mass = 0.0
+    support = order[:top_k] if top_k else order
+    renormalised = probs[support] / probs[support].sum()
+    for token, p in zip(support.tolist(), renormalised.tolist()):
+        if top_p is not None and kept_mass >= top_p:
+            break
+        keep[token] = True
+        kept_mass += p
+    out = torch.where(keep, probs, torch.zeros_like(probs))
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, None, None), (0.7, None, 8), (1.3, 0.6, None),
+                                                       (1.0, 0.9, 12)])
+def test_sampled_token_frequencies_follow_the_tempered_and_truncated_softmax(model, prompts, temperature, top_p, top_k):
+    from loratune.train.generation import sample_next
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[1]])).logits[0, -1].float()
+    logits = (logits - logits.mean()) / logits.std() * 2.5  # spread out: truncation changes it visibly
+    expected = expected_distribution(logits, temperature, top_p, top_k)
+    n = 40_000
+    draws = sample_next(logits.expand(n, -1), temperature, top_p, top_k, torch.Generator().manual_seed(0))
+    observed = torch.bincount(draws, minlength=logits.numel()).double() / n
+    assert observed[expected == 0].sum() == 0  # nothing outside the truncated support, ever
+    assert 0.5 * (observed - expected).abs().sum() < 0.02  # total variation distance
+    assert (expected > 0).sum() > 1  # a real distribution, not a single certain token
+
+
+def test_streamed_sampling_draws_each_token_with_sample_next(model, tiny_tokenizer, prompts):
+    from loratune.train.generation import sample_next
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[1]])).logits[0, -1].float()
+    for seed in range(40):
+        streamed = stream_greedy(model, tiny_tokenizer, prompts[1], 1, lambda _: None, temperature=2.0, top_k=5,
+                                 stop_ids=set(), generator=torch.Generator().manual_seed(seed))
+        token = sample_next(logits[None], 2.0, None, 5, torch.Generator().manual_seed(seed)).item()
+        assert streamed == tiny_tokenizer.decode([token], skip_special_tokens=True)

@@ -284,7 +284,7 @@ def load_adapter(
     """Load the PEFT-format adapter at ``path`` into ``model`` as ``name`` and add it to the active adapters.
 
     ``scale`` is its strength (1.0 = as trained). The adapter is frozen unless ``trainable``. Returns the
-    name used (``"default"`` when free, else the directory name). Raises ``AdapterLoadError`` when a tensor
+    name used (by default ``"default"`` when free, else the directory's name, numbered when taken). Raises ``AdapterLoadError`` when a tensor
     finds no module, a module gets no tensor, or a shape differs (the model is left as it was).
     Warns when the adapter was trained on a differently named base model.
     """
@@ -292,7 +292,7 @@ def load_adapter(
     config = read_adapter_config(directory)
     tensors = _read_weights(directory)
     if name is None:
-        name = "default" if "default" not in adapters_of(model) else directory.name
+        name = _free_name(model, directory)
     # The file fills every factor (checked strictly), except that a PiSSA adapter must rebuild its residual base.
     init = "pissa" if config.init_lora_weights == "pissa" else UNINITIALISED
     try:
@@ -311,6 +311,17 @@ def load_adapter(
     ours, theirs = model_name_of(model), config.base_model_name_or_path
     if ours and theirs and ours != theirs:
         warnings.warn(f"adapter {directory} was trained on {theirs!r}, this model is {ours!r}", stacklevel=2)
+    return name
+
+
+def _free_name(model: nn.Module, directory: Path) -> str:
+    taken = adapters_of(model)
+    if "default" not in taken:
+        return "default"
+    base = directory.resolve().name.replace(".", "_") or "adapter"
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
     return name
 
 

@@ -10,9 +10,9 @@ import warnings
 from pathlib import Path
 
 from loratune.errors import ConfigError
-from loratune.files import check_output_dir
 
 DEFAULT_EVAL_MAX_LENGTH = 512
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def _console():
@@ -22,32 +22,48 @@ def _console():
 
 
 def _load(args):
-    """The model named by ``args.model`` with ``args.adapter`` loaded at their strengths."""
+    """The model ``--model`` names (see ``_base_model``) with ``args.adapter`` loaded at their strengths."""
     import loratune
-    from loratune.adapters import read_adapter_config
-
     from loratune.models.loader import resolve_model_dir
     from loratune.models.quantized import stored_in_4bit
 
-    for path, _ in getattr(args, "adapter", []):
-        read_adapter_config(path)  # a wrong path fails now, not after loading the model
-    quantize = getattr(args, "quantize", None) or stored_in_4bit(resolve_model_dir(args.model))
+    name = _base_model(args)
+    quantize = getattr(args, "quantize", None) or stored_in_4bit(resolve_model_dir(name))
     model, tokenizer = loratune.load_model(
-        args.model, quantize=quantize, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+        name, quantize=quantize, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
     )
-    for path, scale in getattr(args, "adapter", []):
-        loratune.load_adapter(model, path, name=_adapter_name(model, path), scale=scale)
+    for path, scale in args.adapter:
+        loratune.load_adapter(model, path, scale=scale)
     return model, tokenizer
 
 
-def _adapter_name(model, path: str) -> str:
-    from loratune.adapters import adapters_of
+def _base_model(args, adapters=None) -> str:
+    """``--model`` when given; else the base the adapters record (the alias of a built-in model); with no
+    adapter either, the built-in model. Every adapter's config is read, so a wrong path fails before any
+    model loads. Raises ``ConfigError`` when the adapters record different bases or none."""
+    from loratune.adapters import read_adapter_config
+    from loratune.errors import ModelNotFoundError
+    from loratune.models.base_config import model_name_for
+    from loratune.models.loader import resolve_model_dir
 
-    taken = adapters_of(model)
-    base = Path(path).resolve().name.replace(".", "_") or "adapter"
-    name, n = base, 2
-    while name in taken:
-        name, n = f"{base}_{n}", n + 1
+    paths = [path for path, _ in args.adapter] if adapters is None else list(adapters)
+    recorded = {str(path): read_adapter_config(path).base_model_name_or_path for path in paths}
+    if args.model:
+        return args.model
+    if not paths:
+        return DEFAULT_MODEL
+    names = set(recorded.values())
+    if None in names:
+        missing = next(path for path, name in recorded.items() if name is None)
+        raise ConfigError(f"adapter {missing} records no base model; pass --model M")
+    if len(names) > 1:
+        listed = ", ".join(f"{path}: {name}" for path, name in recorded.items())
+        raise ConfigError(f"the adapters record different base models ({listed}); pass --model M")
+    name = model_name_for(names.pop())
+    try:
+        resolve_model_dir(name)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"base model recorded in the adapter: {exc}; pass --model M") from None
     return name
 
 
@@ -235,62 +251,24 @@ def run_generate(args) -> int:
 
 
 def run_merge(args) -> int:
-    import loratune
-    from loratune.models.export import save_hf_model
-    from loratune.models.loader import resolve_model_dir
-    from loratune.models.quantized import stored_in_4bit
+    from loratune.models.merge import merge_to_directory
 
     if not args.adapter:
         raise ConfigError("merge needs at least one --adapter DIR[:SCALE]")
-    out = Path(args.out)
-    check_output_dir(out, overwrite=args.overwrite)  # before loading anything
-    quantize = args.quantize or stored_in_4bit(resolve_model_dir(args.model))
-    if args.requantize and not quantize:
-        raise ConfigError("--requantize re-quantizes a 4-bit base; add --quantize nf4 (or fp4), as in training")
+    model = _base_model(args)
+    result = merge_to_directory(model, args.adapter, args.out, out_dtype=args.out_dtype, quantize=args.quantize,
+                                requantize=args.requantize, device=args.device,
+                                trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
     names = ", ".join(f"{path}:{scale:g}" for path, scale in args.adapter)
-    if not quantize:
-        model, tokenizer = _load(args)
-        plain = loratune.unload(model, merge=True, safe=True)
-        save_hf_model(plain, tokenizer, out, dtype=_out_dtype(args), overwrite=args.overwrite)
-        print(f"merged {names} into {args.model} -> {out}")
+    dtype = str(result.dtype).removeprefix("torch.")
+    report = result.requantize_report
+    if report is None:
+        print(f"merged {names} into {model} -> {result.path} ({dtype})")
         return 0
-    return _merge_over_4bit(args, quantize, names, out)
-
-
-def _out_dtype(args):
-    from loratune.models.devices import DTYPE_NAMES
-
-    return DTYPE_NAMES[args.out_dtype] if args.out_dtype else None
-
-
-def _merge_over_4bit(args, quantize: str, names: str, out: Path) -> int:
-    """Dequantize the 4-bit base to float32, merge there, write bf16/fp16 (or re-quantize, reporting the error)."""
-    import torch
-
-    import loratune
-    from loratune.adapters import read_adapter_config
-    from loratune.models.export import save_hf_model
-    from loratune.models.merge_4bit import dequantize_model, merged_delta_norms, requantize_model, save_quantized_model
-
-    for path, _ in args.adapter:
-        read_adapter_config(path)
-    model, tokenizer = loratune.load_model(args.model, quantize=quantize, dtype="fp32", device=args.device,
-                                           trust_remote_code=args.trust_remote_code)
-    specs = dequantize_model(model, torch.float32)
-    for path, scale in args.adapter:
-        loratune.load_adapter(model, path, name=_adapter_name(model, path), scale=scale)
-    deltas = merged_delta_norms(model) if args.requantize else None
-    plain = loratune.unload(model, merge=True, safe=True)
-    if not args.requantize:
-        dtype = _out_dtype(args) or torch.bfloat16
-        save_hf_model(plain, tokenizer, out, dtype=dtype, overwrite=args.overwrite)
-        print(f"merged {names} into the dequantized {quantize} base {args.model} -> {out} ({dtype})")
-        return 0
-    report = requantize_model(plain, specs, deltas)
-    save_quantized_model(plain, tokenizer, out, overwrite=args.overwrite)
     vs_delta = report.get("error_vs_delta")
-    print(f"merged {names} into {args.model} and re-quantized to {quantize} -> {out}; re-quantizing adds a relative "
-          f"weight error of {report['relative_error']:.4f} (worst layer {report['worst_layer_relative_error']:.4f})"
+    print(f"merged {names} into {model} and re-quantized to {result.quantize} -> {result.path}; re-quantizing adds "
+          f"a relative weight error of {report['relative_error']:.4f} (worst layer "
+          f"{report['worst_layer_relative_error']:.4f})"
           + (f", {vs_delta:.2f}x the size of the merged adapter change" if vs_delta is not None else ""))
     return 0
 
@@ -333,16 +311,7 @@ def run_export_gguf(args) -> int:
 
     out = Path(args.out)
     check_output_file(out, overwrite=args.overwrite, ours=written_by_loratune)
-    recorded = read_adapter_config(args.adapter).base_model_name_or_path  # a wrong path fails first
-    base_name = args.model or recorded
-    if not base_name:
-        raise ConfigError(f"adapter {args.adapter} records no base model; pass --model M")
-    try:
-        base_config = base_model_config(base_name)
-    except ModelNotFoundError as exc:
-        if args.model:
-            raise
-        raise ModelNotFoundError(f"base model of the adapter: {exc}; pass --model M") from None
+    base_config = base_model_config(_base_model(args, adapters=[args.adapter]))
     lora = export_gguf(args.adapter, out, base_config, dtype=args.dtype, scale=args.scale)
     folded = f", scaling folded into lora_b for {len(lora.folded)} modules" if lora.folded else ""
     print(f"wrote {out}: {len(lora.tensors) // 2} LoRA pairs, alpha {lora.alpha:g}, {args.dtype}{folded}")

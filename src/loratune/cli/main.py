@@ -34,6 +34,7 @@ loaded whole through transformers), or an alias: smollm2-135m (the built-in Smol
 the full-precision model; a .gguf base is converted once through transformers, which holds the whole model
 (fine for small models).
 adapters: DIR or DIR:SCALE (strength, e.g. runs/x/adapter:0.5); repeat --adapter to combine several.
+Without --model, a verb that takes adapters uses the base model they record.
 OVERWRITE: --overwrite replaces only an output loratune wrote (it records what it wrote in
 .loratune-output.json); it refuses the current directory, its parents, your home directory, a filesystem
 root, and any directory holding other files. The new output is built beside the old one and swapped in,
@@ -48,13 +49,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _model_options(parser: argparse.ArgumentParser, adapters: bool = True) -> None:
-    parser.add_argument("--model", "-m", default="smollm2-135m", help="base model: alias, .gguf or HF directory (default: smollm2-135m)")
-    if adapters:
-        parser.add_argument("--adapter", "-a", action="append", default=[], type=adapter_spec, metavar="DIR[:SCALE]",
-                            help="adapter directory (PEFT format) with an optional strength; repeatable")
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, metavar="DTYPE",
-                        help="auto (bf16 where supported), bf16, fp16 or fp32")
+def _model_options(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    parser.add_argument("--model", "-m", default=None, metavar="M",
+                        help="base model: alias, .gguf or HF directory (default: the base recorded in the adapter; "
+                             "without an adapter, smollm2-135m)")
+    parser.add_argument("--adapter", "-a", action="append", default=[], type=adapter_spec, metavar="DIR[:SCALE]",
+                        help="adapter directory (PEFT format) with an optional strength; repeatable")
+    if dtype:
+        parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, metavar="DTYPE",
+                            help="auto (bf16 where supported), bf16, fp16 or fp32")
     parser.add_argument("--device", default="auto", type=device, help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
     parser.add_argument("--quantize", choices=("nf4", "fp4"), default=None,
@@ -130,15 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("merge", "merge adapters into the base and write a plain Hugging Face model directory",
              "Write base + Σ strength·s·B·A into the weights (float32 math) and save a safetensors model directory "
-             "with tokenizer and chat template that plain transformers loads, with zero adapter latency. "
+             "with tokenizer and chat template that plain transformers loads, with zero adapter latency. The base "
+             "loads at its stored precision and the result keeps it unless --out-dtype says otherwise. "
              "Over a 4-bit base (--quantize): dequantize it to float32, add the adapters in float32 and write "
              "--out-dtype (bf16 by default); --requantize instead writes a 4-bit model and reports the error "
              "re-quantizing adds.")
-    _model_options(p)
+    _model_options(p, dtype=False)
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR that loratune wrote (see OVERWRITE)")
     p.add_argument("--out-dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="dtype of the written weights (default: bf16 over a 4-bit base, else the load --dtype)")
+                   help="dtype of the written weights (default: the base's stored dtype; bf16 over a 4-bit base)")
     p.add_argument("--requantize", action="store_true",
                    help="with a 4-bit base: re-quantize the merged weights and write a 4-bit model "
                         "(bitsandbytes format); prints the relative error re-quantizing adds")

@@ -18,6 +18,12 @@ def alias_for_hf_id(hf_id: str) -> str | None:
     return None
 
 
+def model_name_for(recorded: str) -> str:
+    """The name to load an adapter's base by, from its ``base_model_name_or_path``: the alias of a built-in
+    model's Hugging Face id, else the name as recorded."""
+    return alias_for_hf_id(recorded) or recorded
+
+
 def base_model_config(name: str | Path) -> dict:
     """The ``config.json`` content of the model ``name``: an alias, an alias's Hugging Face id (what adapters
     record), a ``.gguf`` file (converted once into the cache) or a local model directory.

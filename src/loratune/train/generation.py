@@ -216,25 +216,37 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def _sampler(temperature: float, top_p: float | None, top_k: int | None, generator: torch.Generator | None):
-    def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, vocab) -> (B,)
-        logits = logits / temperature
-        if top_k is not None and top_k < logits.shape[-1]:
-            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            # Drop a token when the tokens before it already reach top_p (the most likely one always stays).
-            drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-            drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        probs = logits.softmax(-1)
-        if generator is not None and generator.device != probs.device:
-            probs = probs.to(generator.device)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token id per row of ``logits`` (B × vocab), drawn from ``softmax(logits / temperature)`` restricted to
+    the ``top_k`` most likely tokens and then to the smallest set of them whose probability reaches ``top_p``
+    (the most likely token always stays). Raises ``ConfigError`` for options that cannot mean anything."""
+    check_sampling(temperature, top_p, top_k)
+    if not temperature:
+        raise ConfigError("temperature 0 is greedy decoding, not sampling; give a temperature above 0")
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        probabilities = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p
+        drop_sorted = (probabilities.cumsum(-1) - probabilities) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, sorted_idx, drop_sorted), float("-inf"))
+    probs = logits.softmax(-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
 
-    return pick
+
+def _sampler(temperature: float, top_p: float | None, top_k: int | None, generator: torch.Generator | None):
+    return lambda logits: sample_next(logits, temperature, top_p, top_k, generator)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

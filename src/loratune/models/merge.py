@@ -1,0 +1,120 @@
+"""Merging adapters into their base and writing the result as a plain Hugging Face model directory.
+
+The base is loaded at its stored precision (or at the output's, when that is wider), never rounded through a
+compute dtype: ``W0 + Σ strength·s·B·A`` is added in float32 and written in the stored dtype unless another is
+asked for. A 4-bit base is dequantized to float32 for the merge and written in bf16 (or re-quantized, with the
+error that adds reported), see ``merge_4bit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loratune.adapters import load_adapter, read_adapter_config, unload
+from loratune.errors import ConfigError
+from loratune.files import check_output_dir
+from loratune.models.devices import DTYPE_NAMES, resolve_dtype
+from loratune.models.export import save_hf_model
+from loratune.models.loader import load_model, resolve_model_dir
+from loratune.models.merge_4bit import (
+    dequantize_model,
+    merged_delta_norms,
+    requantize_model,
+    save_quantized_model,
+)
+from loratune.models.quantized import stored_in_4bit
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What ``merge_to_directory`` wrote: the directory, the weights' dtype, the 4-bit format when it re-quantized
+    (else None) and then the error re-quantizing added (``merge_4bit.requantize_model``'s report)."""
+
+    path: Path
+    dtype: torch.dtype
+    quantize: str | None = None
+    requantize_report: dict | None = None
+
+
+def stored_dtype(model_dir: str | os.PathLike) -> torch.dtype:
+    """The dtype a Hugging Face model directory's weights are stored in (its config.json; float32 if unsaid)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPE_NAMES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def _wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype that holds every value of both (bf16 and fp16 only meet in float32)."""
+    return a if a == b else torch.float32
+
+
+def merge_to_directory(
+    model: str | os.PathLike,
+    adapters: Sequence[tuple[str | os.PathLike, float]],
+    out: str | os.PathLike,
+    *,
+    out_dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
+    requantize: bool = False,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> MergeResult:
+    """Merge ``adapters`` (``(path, strength)`` pairs) into the base ``model`` and write it to ``out``.
+
+    ``out_dtype``: the written weights' dtype (default: the base's stored dtype; bf16 over a 4-bit base).
+    ``quantize``: the base's 4-bit format, as a QLoRA run loaded it (found automatically for a model stored in
+    4 bits); ``requantize`` then writes a 4-bit model instead. Raises ``ConfigError`` for an ``out`` that cannot
+    be written (checked before anything loads) or options that do not fit, ``AdapterLoadError`` for an adapter
+    that does not fit the base, ``ModelNotFoundError`` for a base that cannot be found.
+    """
+    if not adapters:
+        raise ConfigError("merging needs at least one adapter")
+    check_output_dir(out, overwrite=overwrite)
+    for path, _ in adapters:
+        read_adapter_config(path)  # a wrong path fails now, not after loading the model
+    model_dir = resolve_model_dir(model)
+    quantize = quantize or stored_in_4bit(model_dir)
+    if requantize and not quantize:
+        raise ConfigError("requantize re-quantizes a 4-bit base; load the base in 4 bits as training did "
+                          "(--quantize nf4, or quantize='nf4'; fp4 likewise)")
+    written = None if out_dtype is None else resolve_dtype(out_dtype)
+    if quantize:
+        return _merge_over_4bit(model, adapters, Path(out), quantize, requantize, written, device, trust_remote_code,
+                                overwrite)
+    stored = stored_dtype(model_dir)
+    written = written or stored
+    base, tokenizer = load_model(model, dtype=_wider(stored, written), device=device,
+                                 trust_remote_code=trust_remote_code)
+    for path, scale in adapters:
+        load_adapter(base, path, scale=scale)
+    plain = unload(base, merge=True, safe=True)
+    return MergeResult(save_hf_model(plain, tokenizer, out, dtype=written, overwrite=overwrite), written)
+
+
+def _merge_over_4bit(model, adapters, out: Path, quantize: str, requantize: bool, written, device,
+                     trust_remote_code: bool, overwrite: bool) -> MergeResult:
+    """Dequantize the 4-bit base to float32, merge there, write bf16/fp16/fp32 (or re-quantize, reporting the
+    error)."""
+    base, tokenizer = load_model(model, quantize=quantize, dtype="fp32", device=device,
+                                 trust_remote_code=trust_remote_code)
+    specs = dequantize_model(base, torch.float32)
+    for path, scale in adapters:
+        load_adapter(base, path, scale=scale)
+    deltas = merged_delta_norms(base) if requantize else None
+    plain = unload(base, merge=True, safe=True)
+    if not requantize:
+        written = written or torch.bfloat16
+        return MergeResult(save_hf_model(plain, tokenizer, out, dtype=written, overwrite=overwrite), written)
+    report = requantize_model(plain, specs, deltas)
+    path = save_quantized_model(plain, tokenizer, out, overwrite=overwrite)
+    return MergeResult(path, next(iter(specs.values())).compute_dtype, quantize, report)
