@@ -20,8 +20,7 @@ from loratune.adapters import (
 from loratune.adapters import merge_adapters as merge
 from loratune.adapters import unmerge_adapters as unmerge
 from loratune.errors import AdapterLoadError, ConfigError, DataError, LoratuneError, ModelNotFoundError
-
-__version__ = "0.1.0"
+from loratune.version import __version__
 
 
 def load_model(name="smollm2-135m", quantize=None, dtype=None, device=None, **kwargs):
@@ -41,6 +40,7 @@ __all__ = [
     "LoraConfig",
     "LoratuneError",
     "ModelNotFoundError",
+    "__version__",
     "active_adapters",
     "add_adapter",
     "compress_adapter",

@@ -139,7 +139,7 @@ def read_manifest(directory: Path) -> dict | None:
 
 def write_manifest(directory: Path, kind: str, entries: Iterable[str]) -> None:
     """Record that loratune wrote ``entries`` (names directly inside ``directory``) as a ``kind`` output."""
-    from loratune import __version__
+    from loratune.version import __version__
 
     record = {"written_by": "loratune", "version": __version__, "kind": kind, "entries": sorted(set(entries))}
     write_text_atomic(directory / MANIFEST_NAME, json.dumps(record, indent=1) + "\n")

@@ -205,7 +205,7 @@ def write_gguf_lora(lora: GgufLora, base: GgufBase, out: str | os.PathLike, *, d
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"unknown GGUF dtype {dtype!r}; use one of: {', '.join(GGUF_DTYPES)}")
     qtype, file_type = GGUF_DTYPES[dtype]
-    from loratune import __version__
+    from loratune.version import __version__
 
     def write(temp: Path) -> None:
         writer = gguf.GGUFWriter(str(temp), base.arch_name)

@@ -23,17 +23,17 @@ def _console():
 
 def _load(args):
     """The model ``--model`` names (see ``_base_model``) with ``args.adapter`` loaded at their strengths."""
-    import loratune
-    from loratune.models.loader import resolve_model_dir
+    from loratune.adapters import load_adapter
+    from loratune.models.loader import load_model, resolve_model_dir
     from loratune.models.quantized import stored_in_4bit
 
     name = _base_model(args)
     quantize = getattr(args, "quantize", None) or stored_in_4bit(resolve_model_dir(name))
-    model, tokenizer = loratune.load_model(
+    model, tokenizer = load_model(
         name, quantize=quantize, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
     )
     for path, scale in args.adapter:
-        loratune.load_adapter(model, path, scale=scale)
+        load_adapter(model, path, scale=scale)
     return model, tokenizer
 
 

@@ -67,7 +67,7 @@ def _model_options(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loratune import __version__
+    from loratune.version import __version__
 
     parser = Parser(
         prog="loratune",
