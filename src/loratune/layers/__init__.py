@@ -2,26 +2,25 @@
 
 - ``state``: what a layer does now (``LayerState``, ``Routing``) as an immutable value, and its ``Term``s;
 - ``init``: how factors start (LoRA's, gaussian, PiSSA);
-- ``lora``: the layers and their math (``reference_forward`` defines the output);
+- ``lora``: the layer and its math (``reference_forward`` defines the output);
+- ``kinds``: what A and B mean around a Linear (dense or 4-bit), a GPT-2 Conv1D and an Embedding;
 - ``execution``: faster ways to compute the same output (fused training, stacked mixed batches, no-grad plans);
 - ``fused_linear``: the lean autograd function of the fused path;
 - ``lowrank_cpu`` (+ ``_lowrank_cpu.c``): the compiled CPU kernel that plans use for a few rows.
 """
 
 from loratune.layers.init import INIT_CHOICES, UNINITIALISED, PissaStart
-from loratune.layers.lora import (
+from loratune.layers.kinds import (
     MERGE_4BIT_HINT,
-    AdapterSpec,
     LoraConv1D,
     LoraEmbedding,
-    LoraLayer,
     LoraLinear,
     QuantizedLinear,
     is_conv1d,
     is_linear,
     lora_class_for,
-    lora_scaling,
 )
+from loratune.layers.lora import AdapterSpec, LoraLayer, lora_scaling
 from loratune.layers.state import BASE_ADAPTER, LayerState, Routing, Term
 
 __all__ = [

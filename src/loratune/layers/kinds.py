@@ -1,0 +1,162 @@
+"""The kinds of LoRA layer: what A and B mean for each base module type.
+
+``LoraLinear`` wraps ``nn.Linear`` or a quantized Linear (``QuantizedLinear``: ``quant.Linear4bit``, weight
+out × in); ``LoraConv1D`` wraps transformers' GPT-2 ``Conv1D`` (weight in × out); ``LoraEmbedding`` wraps
+``nn.Embedding`` (A is a lookup table). The Linear-like kinds also tell ``layers.execution`` how to compute
+their base product and dense weight, which its fast paths need.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loratune.errors import ConfigError
+from loratune.layers.lora import LoraLayer
+
+MERGE_4BIT_HINT = (
+    "the base weights are stored in 4 bits, so an adapter cannot be merged into them in place; use "
+    "`loratune merge` (dequantizes, adds the delta in float32, writes a bf16/fp16 model) or its --requantize "
+    "option (writes a 4-bit model and reports the error re-quantizing adds)"
+)
+
+
+@runtime_checkable
+class QuantizedLinear(Protocol):
+    """A frozen Linear layer whose weight is stored compressed (``quant.Linear4bit``): what LoRA needs of it."""
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+    compute_dtype: torch.dtype
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor: ...
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around ``nn.Linear`` (weight out × in) or a quantized Linear (``QuantizedLinear``)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.quantized = isinstance(base_layer, QuantizedLinear)
+        # a subclass of nn.Linear may compute its own way: only the reference path calls it as it is
+        self.fast_paths = self.quantized or type(base_layer) is nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the base multiplies in: inputs in it take the fused paths."""
+        return self.base_layer.compute_dtype if self.quantized else self.base_layer.weight.dtype
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight (out × in) in ``dtype``: the weight itself, or dequantized (a new tensor)."""
+        if self.quantized:
+            return self.base_layer.dequantized_weight(dtype)
+        weight = self.base_layer.weight
+        return weight if weight.dtype == dtype else weight.to(dtype)
+
+    def base_product(self):
+        """A function computing the base output for an input (…, in), bound to the current base weight (for a
+        plain Linear, ``F.linear`` itself: no module call per use)."""
+        if self.quantized:
+            return self.base_layer
+        return functools.partial(F.linear, weight=self.base_layer.weight, bias=self.base_layer.bias)
+
+    def _check_pissa(self, weight_is_shared: bool) -> None:
+        if self.quantized:
+            raise ConfigError("PiSSA rewrites the base weight, which is stored in 4 bits here; load the base "
+                              "unquantized (model.quantize: null) to start from PiSSA")
+        super()._check_pissa(weight_is_shared)
+
+    def check_merge(self, name: str, *, safe: bool = False) -> None:
+        if self.quantized:
+            raise ConfigError(MERGE_4BIT_HINT)
+        super().check_merge(name, safe=safe)
+
+
+class LoraConv1D(LoraLinear):
+    """LoRA around transformers' GPT-2 ``Conv1D`` (weight in × out, i.e. transposed). Same A/B as Linear."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.fast_paths = True
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.weight.shape[1]
+
+    def weight_layout(self, delta):
+        return delta.T
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        weight = self.base_layer.weight.T  # a view: out × in
+        return weight if weight.dtype == dtype else weight.to(dtype)
+
+    def base_product(self):
+        return self.base_layer
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around ``nn.Embedding``: A is r × num_embeddings (a lookup table), B is embedding_dim × r.
+
+    Follows loralib/PEFT: A starts at zero and B normal; no dropout on token ids; the low-rank path runs in
+    the adapter's dtype (token ids carry none).
+    """
+
+    embedding = True
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.num_embeddings
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.embedding_dim
+
+    def weight_layout(self, delta):
+        return delta.T  # num_embeddings × embedding_dim
+
+    def down(self, ids: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        table = A.to(ids.device).T
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+    def _check_pissa(self, weight_is_shared: bool) -> None:
+        raise ConfigError("PiSSA initialisation is not supported for embeddings; use init_lora_weights=True")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2 style, transposed weight), without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear layer LoRA can wrap: ``nn.Linear``, a quantized Linear or a ``Conv1D``."""
+    return isinstance(module, nn.Linear) or isinstance(module, QuantizedLinear) or is_conv1d(module)
+
+
+def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA layer class that can wrap ``module``, or None when LoRA does not support its type."""
+    if isinstance(module, nn.Linear) or isinstance(module, QuantizedLinear):
+        return LoraLinear
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if is_conv1d(module):
+        return LoraConv1D
+    return None
