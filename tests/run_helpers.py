@@ -80,3 +80,17 @@ def metrics(run_dir) -> list[dict]:
 
 def train_records(run_dir) -> list[dict]:
     return [r for r in metrics(run_dir) if "loss" in r]
+
+
+def train_through_cli(model_dir, root: Path, targets, name: str = "run") -> dict:
+    """A config, its data and a run trained with ``loratune train`` under ``root``: paths by name."""
+    import contextlib
+
+    from loratune.cli.main import main
+
+    data = write_jsonl(root / "train.jsonl", addition_rows(8))
+    config = write_config(root / f"{name}.yaml", config_dict(model_dir, data, root / name,
+                                                             lora={"target_modules": targets}))
+    with contextlib.redirect_stdout(None):
+        assert main(["train", str(config), "--no-progress"]) == 0
+    return {"root": root, "data": data, "config": config, "run": root / name, "adapter": root / name / "adapter"}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import addition_rows, config_dict, write_config, write_jsonl
+from run_helpers import train_through_cli
 from test_cli import assert_one_line_error, cli, loratune_executable
 
 LINEAR = ["q_proj", "v_proj"]
@@ -23,15 +23,8 @@ LINEAR = ["q_proj", "v_proj"]
 @pytest.fixture(scope="module")
 def ws(tiny_llama_dir, tmp_path_factory):
     """A config, its data and a trained run (adapter) on the tiny Llama; plus damaged copies of files."""
-    root = tmp_path_factory.mktemp("cli-errors")
-    data = write_jsonl(root / "train.jsonl", addition_rows(8))
-    config = write_config(root / "run.yaml", config_dict(tiny_llama_dir, data, root / "run",
-                                                         lora={"target_modules": LINEAR}))
-    from loratune.cli.main import main
-
-    with contextlib.redirect_stdout(None):
-        assert main(["train", str(config), "--no-progress"]) == 0
-    adapter = root / "run" / "adapter"
+    trained = train_through_cli(tiny_llama_dir, tmp_path_factory.mktemp("cli-errors"), LINEAR)
+    root, data, config, adapter = trained["root"], trained["data"], trained["config"], trained["adapter"]
     truncated = root / "truncated-adapter"
     truncated.mkdir()
     (truncated / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())

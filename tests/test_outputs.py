@@ -17,7 +17,7 @@ import pytest
 import loratune
 from loratune.errors import ConfigError, FileAccessError
 from loratune.files import MANIFEST_NAME, write_output_dir
-from run_helpers import addition_rows, config_dict, write_config, write_jsonl
+from run_helpers import train_through_cli, write_jsonl
 from test_cli import assert_one_line_error, cli
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -53,15 +53,7 @@ def assert_default_modes(root: Path, mask: int) -> None:
 @pytest.fixture(scope="module")
 def workspace(tiny_llama_dir, tmp_path_factory):
     """A data file, a trained run (through the CLI) and its adapter."""
-    root = tmp_path_factory.mktemp("outputs")
-    data = write_jsonl(root / "train.jsonl", addition_rows(8))
-    config = write_config(root / "run.yaml", config_dict(tiny_llama_dir, data, root / "run",
-                                                         lora={"target_modules": LINEAR}))
-    from loratune.cli.main import main
-
-    with contextlib.redirect_stdout(None):
-        assert main(["train", str(config), "--no-progress"]) == 0
-    return {"root": root, "data": data, "config": config, "run": root / "run", "adapter": root / "run" / "adapter"}
+    return train_through_cli(tiny_llama_dir, tmp_path_factory.mktemp("outputs"), LINEAR)
 
 
 def user_folder(path: Path) -> Path:

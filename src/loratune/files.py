@@ -271,11 +271,9 @@ def swap_into_place(staging: Path, target: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_output_dir(
-    path: str | os.PathLike, kind: str, fill: Callable[[Path], None], *, manifest_entries: Iterable[str] | None = None
-) -> Path:
+def write_output_dir(path: str | os.PathLike, kind: str, fill: Callable[[Path], None]) -> Path:
     """Build an output directory: ``fill(staging)`` writes everything into a new directory beside ``path``,
-    which gets a manifest (``manifest_entries``, default: what ``fill`` wrote) and is swapped into place.
+    which gets a manifest of what ``fill`` wrote and is swapped into place.
 
     The caller checks ``path`` first (``check_output_dir``). A failure removes the staging directory and
     leaves ``path`` untouched. Returns ``path``.
@@ -286,8 +284,7 @@ def write_output_dir(
         try:
             fill(staging)
             give_default_modes(staging)
-            entries = [p.name for p in staging.iterdir()] if manifest_entries is None else list(manifest_entries)
-            write_manifest(staging, kind, entries)
+            write_manifest(staging, kind, [p.name for p in staging.iterdir()])
             swap_into_place(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

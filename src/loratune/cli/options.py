@@ -20,20 +20,21 @@ def _number(text: str, kind, what: str):
     return value
 
 
+def _at_least(text: str, kind, lowest, message: str):
+    value = _number(text, kind, "an integer" if kind is int else "a number")
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"must be {message}, got {value:g}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer ≥ 1."""
-    value = _number(text, int, "an integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _at_least(text, int, 1, "at least 1")
 
 
 def non_negative_int(text: str) -> int:
     """An integer ≥ 0."""
-    value = _number(text, int, "an integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return _at_least(text, int, 0, "0 or more")
 
 
 def finite_float(text: str) -> float:
@@ -43,10 +44,7 @@ def finite_float(text: str) -> float:
 
 def temperature(text: str) -> float:
     """A sampling temperature: 0 (greedy) or more."""
-    value = _number(text, float, "a number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or more, got {value:g}")
-    return value
+    return _at_least(text, float, 0, "0 (greedy) or more")
 
 
 def probability(text: str) -> float:
