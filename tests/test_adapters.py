@@ -439,3 +439,15 @@ def test_find_targets_lists_pairs_in_model_order():
     model = tiny_gpt2()
     paths = [p for p, _ in find_targets(model, LoraConfig(target_modules=["c_attn"]))]
     assert paths == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+
+
+def test_adapter_state_lives_in_the_layers_so_an_enclosing_module_sees_it():
+    model = tiny_llama()
+    loratune.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    loratune.add_adapter(model, LoraConfig(r=2, target_modules=["v_proj"]), "b")
+    assert not [name for name in vars(model) if "loratune" in name]  # nothing stored on the user's model
+    outer = torch.nn.ModuleDict({"inner": model})
+    assert list(loratune.adapters.adapters_of(outer)) == ["a", "b"]
+    loratune.set_active(outer, ["b", "a"], scales=[0.5, 1.0])
+    assert loratune.active_adapters(model) == ["b", "a"]
+    assert loratune.adapters.adapter_strength(model, "b") == 0.5

@@ -466,3 +466,12 @@ def test_executable_reports_a_user_error_in_one_line(wider_llama_dir, linear_run
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("loratune eval: error: ") and str(adapter) in lines[0]
+
+
+def test_data_reads_only_the_tokenizer_not_the_weights(capsys, make_tiny_llama_dir, files, tmp_path):
+    model_dir = make_tiny_llama_dir()
+    (model_dir / "model.safetensors").write_bytes(b"not weights: the preview must not need them")
+    config = write_config(tmp_path / "c.yaml", config_dict(model_dir, files["chat"], tmp_path / "run"))
+    status, out, err = cli(capsys, "data", config, "-n", "1")
+    assert status == 0, err
+    assert "rows: 8 read" in out

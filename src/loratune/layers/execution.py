@@ -8,8 +8,8 @@
   adapter stacked (Σr × in), s·B side by side (out × Σr) — and a 0/1 row mask that keeps each row's own block.
 - **plan** (autograd off): the terms' factors prepared once (cast, B scaled and transposed, stacked, the row
   mask) and kept in ``layer.execution_cache`` while the layer's state and training flag, the input's dtype
-  and size regime, and the factors (their version counters; a move empties the cache) stay the same. A single adapter is the
-  one-group case. On a CPU with few rows (decoding) the compiled kernel (``lowrank_cpu``) adds the update in
+  and size regime, and the factors (their version counters; a move empties the cache) stay the same. A
+  single adapter is the one-group case. On a CPU with few rows (decoding) the compiled kernel (``lowrank_cpu``) adds the update in
   one call, reading each row's block of the stacked factors.
 - **reference** for everything else: embeddings, dropout in training, a trainable base weight, extra
   arguments, an input in another dtype than the base computes in.
@@ -34,7 +34,7 @@ _VERSION = operator.attrgetter("_version")
 
 
 def run(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """``layer``'s output for ``x``: the fastest backend that computes ``reference_forward`` exactly."""
+    """``layer``'s output for ``x``: ``reference_forward``'s result, from the fastest backend that can compute it."""
     if args or kwargs or not layer.fast_paths:
         return layer.reference_forward(x, *args, **kwargs)
     if torch.is_grad_enabled():
