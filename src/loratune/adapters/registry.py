@@ -34,8 +34,8 @@ def walk_modules(model: nn.Module, skip_inside: tuple[type, ...]) -> Iterator[tu
     seen = {id(model)}
 
     def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
-        for name, child in module.named_children():
-            if id(child) in seen:
+        for name, child in module._modules.items():  # named_children() costs several times more
+            if child is None or id(child) in seen:
                 continue
             seen.add(id(child))
             yield prefix + name, child

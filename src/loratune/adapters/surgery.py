@@ -37,7 +37,7 @@ _creation = itertools.count()  # orders adapters by creation, across models
 
 def _shared_weight_ids(model: nn.Module) -> set[int]:
     """ids of parameters held by more than one module (tied weights)."""
-    counts = Counter(id(p) for m in model.modules() for _, p in m.named_parameters(recurse=False))
+    counts = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     return {pid for pid, n in counts.items() if n > 1}
 
 

@@ -140,22 +140,33 @@ def _few_cpu_rows(x: torch.Tensor) -> bool:
     return x.is_cpu and x.numel() <= FEW_ROWS * x.shape[-1]
 
 
+KEPT_PLANS = 8  # plans kept per layer for recent states (e.g. a server alternating single and mixed batches)
+
+
 def _plan(layer, x: torch.Tensor) -> Plan | None:
-    """The layer's prepared plan for ``x``: rebuilt only when something it depends on changed. Decoding runs
-    hundreds of these layers per token, where per-call Python work costs as much as the rank-r products."""
+    """The layer's prepared plan for ``x``, rebuilt only when something it depends on changed. Decoding runs
+    hundreds of these layers per token, where per-call Python work costs as much as the rank-r products, so
+    the plan used last in this size regime is checked first (the same state object: one identity test)."""
     few = _few_cpu_rows(x)
-    plan = layer.execution_cache.get(few)
-    state = layer.state
-    if (
-        plan is None
-        or not (plan.state is state or plan.state == state)
-        or plan.training is not layer.training
-        or plan.dtype is not x.dtype
-        or plan.stamp != _stamp(plan.factors)
-    ):
-        plan = Plan.build(layer, x, few)
-        layer.execution_cache[few] = plan
+    cache = layer.execution_cache
+    plan = cache.get(few)
+    if plan is None or plan.state is not layer.state or not plan.fits(layer, x):
+        plan = _kept_plan(layer, x, few)
+        cache[few] = plan
     return plan if plan.usable else None
+
+
+def _kept_plan(layer, x: torch.Tensor, few: bool) -> Plan:
+    """The plan for the layer's state (an equal state's, when one was prepared before), else a new one."""
+    kept = layer.execution_cache.setdefault("by_state", {})
+    key = (few, layer.state)
+    plan = kept.pop(key, None)
+    if plan is None or not plan.fits(layer, x):
+        plan = Plan.build(layer, x, few)
+    kept[key] = plan  # most recent last
+    while len(kept) > KEPT_PLANS:
+        kept.pop(next(iter(kept)))
+    return plan
 
 
 def _stamp(factors) -> int:
@@ -172,6 +183,11 @@ class Plan:
 
     __slots__ = ("state", "training", "dtype", "factors", "stamp", "usable", "base", "A", "sBt", "mask", "kernel",
                  "blocks")
+
+    def fits(self, layer, x: torch.Tensor) -> bool:
+        """Whether this plan still computes the layer's output for ``x`` (its state aside)."""
+        return (self.training is layer.training and self.dtype is x.dtype
+                and self.stamp == _stamp(self.factors))
 
     def __init__(self, layer, x: torch.Tensor, terms):
         self.state, self.training, self.dtype = layer.state, layer.training, x.dtype
