@@ -16,4 +16,4 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
 
 clean:
-	rm -rf .venv .pytest_cache build *.egg-info src/*.egg-info src/loratune/layers/*.so
+	rm -rf .venv .pytest_cache build *.egg-info src/*.egg-info src/loratune/layers/*.so src/loratune/train/*.so

@@ -1,7 +1,8 @@
-"""Builds loratune's one compiled piece, the CPU low-rank kernel (``loratune.layers._lowrank_cpu``).
+"""Builds loratune's compiled pieces: the CPU low-rank kernel for decoding (``loratune.layers._lowrank_cpu``)
+and the fused elementwise kernels for training (``loratune.train._fused_cpu``).
 
-Everything else is declared in pyproject.toml. The extension is optional: without a C compiler the install
-still succeeds and loratune runs the same arithmetic through PyTorch operations, only slower when decoding.
+Everything else is declared in pyproject.toml. Both extensions are optional: without a C compiler the install
+still succeeds and loratune runs the same arithmetic through PyTorch operations, only slower.
 """
 
 import sys
@@ -14,9 +15,16 @@ setup(
         Extension(
             "loratune.layers._lowrank_cpu",
             sources=["src/loratune/layers/_lowrank_cpu.c"],
-            depends=["src/loratune/layers/_lowrank_cpu_body.h"],
+            depends=["src/loratune/layers/_lowrank_cpu_body.h", "src/loratune/_vec16.h"],
             extra_compile_args=flags,
             optional=True,
-        )
+        ),
+        Extension(
+            "loratune.train._fused_cpu",
+            sources=["src/loratune/train/_fused_cpu.c"],
+            depends=["src/loratune/train/_fused_cpu_body.h", "src/loratune/_vec16.h"],
+            extra_compile_args=flags,
+            optional=True,
+        ),
     ]
 )

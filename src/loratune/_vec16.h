@@ -1,0 +1,131 @@
+/* 16-float vectors and bf16 conversions shared by loratune's CPU kernels. Included by each kernel body once
+ * per instruction set, inside a NAME(n) that gives every symbol that set's suffix (no include guard: each
+ * inclusion defines a differently named copy). The vector width is fixed at 16 floats; the compiler lowers it
+ * to one AVX-512 register, two AVX2 registers or four SSE registers. */
+
+typedef float NAME(f32x16) __attribute__((vector_size(64)));
+typedef uint32_t NAME(u32x16) __attribute__((vector_size(64)));
+typedef uint16_t NAME(u16x16) __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) float NAME(bf16_to_f32)(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even, as torch does; NaN stays a (quiet) NaN. */
+static inline __attribute__((always_inline)) uint16_t NAME(f32_to_bf16)(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
+}
+
+static inline __attribute__((always_inline)) NAME(f32x16) NAME(load16)(const void *p, int bf16) {
+    NAME(f32x16) f;
+    if (bf16) {
+#ifdef __AVX512BW__
+        __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+        memcpy(&f, &u, 64);
+#else
+        NAME(u16x16) h;
+        memcpy(&h, p, 32);
+        NAME(u32x16) u = __builtin_convertvector(h, NAME(u32x16)) << 16;
+        memcpy(&f, &u, 64);
+#endif
+    } else {
+        memcpy(&f, p, 64);
+    }
+    return f;
+}
+
+static inline __attribute__((always_inline)) void NAME(store16)(void *p, NAME(f32x16) f, int bf16) {
+    if (bf16) {
+        NAME(u32x16) u;
+        memcpy(&u, &f, 64);
+        NAME(u32x16) rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        NAME(u32x16) is_nan = (NAME(u32x16))((u & 0x7fffffffu) > 0x7f800000u);
+        NAME(u32x16) bits = (((u >> 16) | 0x40u) & is_nan) | (rounded & ~is_nan);
+#ifdef __AVX512BW__
+        __m512i b;
+        memcpy(&b, &bits, 64);
+        _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(b));
+#else
+        NAME(u16x16) h = __builtin_convertvector(bits, NAME(u16x16));
+        memcpy(p, &h, 32);
+#endif
+    } else {
+        memcpy(p, &f, 64);
+    }
+}
+
+static inline __attribute__((always_inline)) float NAME(load1)(const void *p, int64_t i, int bf16) {
+    return bf16 ? NAME(bf16_to_f32)(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline __attribute__((always_inline)) void NAME(store1)(void *p, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = NAME(f32_to_bf16)(v);
+    else ((float *)p)[i] = v;
+}
+
+typedef int32_t NAME(i32x16) __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) NAME(f32x16) NAME(select16)(NAME(i32x16) mask, NAME(f32x16) a,
+                                                                     NAME(f32x16) b) {
+    NAME(i32x16) ai, bi, r;
+    memcpy(&ai, &a, 64);
+    memcpy(&bi, &b, 64);
+    r = (ai & mask) | (bi & ~mask);
+    NAME(f32x16) f;
+    memcpy(&f, &r, 64);
+    return f;
+}
+
+/* exp(x) with Cephes' single-precision polynomial (relative error below 2e-7); NaN stays NaN, and like expf
+ * it overflows to +inf above 88.72 and underflows to 0 below -88.72 as expf does (in between it gives
+ * exp(88.38), which only a sigmoid ever sees). */
+static inline __attribute__((always_inline)) NAME(f32x16) NAME(exp16)(NAME(f32x16) x) {
+    const float bound = 88.3762626647949f;
+    const NAME(f32x16) zero = (NAME(f32x16)){0}, inf = zero + __builtin_inff();
+    NAME(i32x16) is_nan = x != x, over = x > 88.7228391f, under = x < -88.7228391f;
+    NAME(f32x16) c = NAME(select16)(x > bound, zero + bound, NAME(select16)(x < -bound, zero - bound, x));
+    NAME(f32x16) fx = c * 1.44269504088896341f + 0.5f;
+    NAME(i32x16) n = __builtin_convertvector(fx, NAME(i32x16));  /* toward zero: fix up to floor below */
+    n += (NAME(i32x16))(__builtin_convertvector(n, NAME(f32x16)) > fx);
+    NAME(f32x16) nf = __builtin_convertvector(n, NAME(f32x16));
+    c = c - nf * 0.693359375f;
+    c = c - nf * -2.12194440e-4f;
+    NAME(f32x16) y = zero + 1.9875691500e-4f;
+    y = y * c + 1.3981999507e-3f;
+    y = y * c + 8.3334519073e-3f;
+    y = y * c + 4.1665795894e-2f;
+    y = y * c + 1.6666665459e-1f;
+    y = y * c + 5.0000001201e-1f;
+    y = y * (c * c) + c + 1.0f;
+    NAME(i32x16) bits = (n + 127) << 23;
+    NAME(f32x16) scale;
+    memcpy(&scale, &bits, 64);
+    y = NAME(select16)(over, inf, NAME(select16)(under, zero, y * scale));
+    return NAME(select16)(is_nan, x, y);
+}
+
+static inline __attribute__((always_inline)) float NAME(exp1)(float x) {
+    NAME(f32x16) v = (NAME(f32x16)){0} + x;
+    return NAME(exp16)(v)[0];
+}
+
+/* x rounded to bf16 and back (what storing a bf16 tensor and reading it again gives). */
+static inline __attribute__((always_inline)) NAME(f32x16) NAME(round_bf16_16)(NAME(f32x16) f) {
+    NAME(u32x16) u;
+    memcpy(&u, &f, 64);
+    NAME(u32x16) rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    NAME(u32x16) is_nan = (NAME(u32x16))((u & 0x7fffffffu) > 0x7f800000u);
+    NAME(u32x16) bits = ((u | 0x400000u) & 0xffff0000u & is_nan) | (rounded & ~is_nan);
+    memcpy(&f, &bits, 64);
+    return f;
+}
+
+static inline __attribute__((always_inline)) float NAME(round_bf16_1)(float f) {
+    return NAME(bf16_to_f32)(NAME(f32_to_bf16)(f));
+}
