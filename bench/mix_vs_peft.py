@@ -20,7 +20,8 @@ import torch
 import loratune
 from common import random_adapter
 from loratune.adapters import read_adapter
-from loratune.adapters.mix import adapter_factors, mix_adapters
+from loratune.adapters.factors import adapter_factors
+from loratune.adapters.mix import mix_adapters
 
 WEIGHTS = [0.7, -0.3]
 

@@ -14,19 +14,24 @@ import hashlib
 import math
 import os
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from loratune.adapters.config import LoraConfig
+from loratune.adapters.factors import (
+    Factors,
+    adapter_factors,
+    balanced_factors,
+    low_rank_svd,
+    numerical_rank,
+    unit_scaling_fields,
+)
 from loratune.adapters.peft_format import read_adapter, write_adapter_dir
-from loratune.adapters.peft_keys import factor_keys, is_base_copy_key, parse_factor_key
-from loratune.adapters.targets import rank_and_alpha
+from loratune.adapters.peft_keys import factor_keys, is_base_copy_key
 from loratune.errors import ConfigError
 from loratune.files import check_output_dir
-from loratune.layers import lora_scaling
 from loratune.validation import closest
 
 METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -65,20 +70,6 @@ modules_to_save: carried over when every input has identical tensors for them; a
 
 
 @dataclass(frozen=True)
-class Factors:
-    """One module of one adapter: Δ = scaling·B·A with A: r × in, B: out × r (``embedding``: an embedding's)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scaling: float
-    embedding: bool
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-
-@dataclass(frozen=True)
 class MixResult:
     """The mixed adapter (``config``, PEFT-keyed ``tensors``), the rank of each module, and — for methods
     that truncate an SVD — the share of each module's ‖Δ‖² kept (``energy``) and of all modules together."""
@@ -90,38 +81,6 @@ class MixResult:
     energy_total: float | None
 
 
-# --- reading adapters into per-module factors --------------------------------------------------------------
-
-
-def adapter_factors(
-    config: LoraConfig, tensors: dict[str, torch.Tensor], source: str = "adapter"
-) -> tuple[dict[str, Factors], dict[str, torch.Tensor]]:
-    """Split PEFT-keyed ``tensors`` into ``{module path: Factors}`` (scaling from ``config``) and the other
-    tensors (modules_to_save copies). Raises ``ConfigError`` naming ``source`` for an A without its B, a rank
-    that disagrees with the config, or an adapter whose delta is not s·B·A (an unconverted PiSSA adapter)."""
-    if config.init_lora_weights == "pissa":
-        raise ConfigError(
-            f"{source} is an unconverted PiSSA adapter (its delta is not s·B·A); load it with loratune and "
-            "save it again, which converts it to plain LoRA, then mix that"
-        )
-    factors, used = {}, set()
-    for key in tensors:
-        parsed = parse_factor_key(key)
-        if parsed is None or parsed.factor != "A":
-            continue
-        b_key = parsed.partner()
-        A, B = tensors[key], tensors.get(b_key)
-        if B is None or B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
-            raise ConfigError(f"{source}: {key} has no matching {b_key} of shape (out, {A.shape[0]})")
-        r, alpha = rank_and_alpha(config, parsed.path)
-        if r != A.shape[0]:
-            raise ConfigError(f"{source}: {parsed.path} has rank {A.shape[0]} in the file but r={r} in its config")
-        factors[parsed.path] = Factors(A, B, lora_scaling(r, alpha, config.use_rslora), parsed.embedding)
-        used.update((key, b_key))
-    others = {key: t for key, t in tensors.items() if key not in used}
-    return factors, others
-
-
 # --- the methods, one module at a time (float64 math) -------------------------------------------------------
 
 
@@ -129,31 +88,6 @@ def _cat(parts):
     A = torch.cat([f.A.double() for _, f in parts], dim=0)
     B = torch.cat([w * f.scaling * f.B.double() for w, f in parts], dim=1)
     return A, B
-
-
-def _low_rank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, S, Vh of B·A (B: out × R, A: R × in) from QR factors: B·A = Qb·(Rb·Raᵀ)·Qaᵀ, SVD of the small core."""
-    Qb, Rb = torch.linalg.qr(B)
-    Qa, Ra = torch.linalg.qr(A.T)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
-    return Qb @ U, S, Vh @ Qa.T
-
-
-def _truncate(U, S, Vh, k: int):
-    """Rank-k factors with √σ on each side (balanced magnitudes), and the energy kept."""
-    k = max(1, min(k, S.numel()))
-    root = S[:k].sqrt()
-    total = float((S**2).sum())
-    energy = float((S[:k] ** 2).sum()) / total if total > 0 else 1.0
-    return root[:, None] * Vh[:k], U[:, :k] * root[None, :], energy
-
-
-def numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
-    """How many singular values ``S`` (descending) exceed σ₁·max(shape)·ε_float32: the rank that keeps the
-    matrix exact in float32."""
-    if S.numel() == 0 or S[0] == 0:
-        return 0
-    return int((S > S[0] * max(shape) * torch.finfo(torch.float32).eps).sum())
 
 
 def _linear(parts, path):
@@ -313,21 +247,7 @@ def _targeting(configs: Sequence[LoraConfig], paths: list[str]) -> dict:
 
 
 def _mixed_config(configs: Sequence[LoraConfig], ranks: dict[str, int]) -> LoraConfig:
-    counts = Counter(ranks.values())
-    r = max(counts, key=lambda rank: (counts[rank], rank))  # the most common rank; patterns hold the rest
-    rank_pattern = {path: k for path, k in sorted(ranks.items()) if k != r}
-    first = configs[0]
-    return first.model_copy(
-        update={
-            "r": r,
-            "lora_alpha": float(r),
-            "rank_pattern": rank_pattern,
-            "alpha_pattern": {path: float(k) for path, k in rank_pattern.items()},
-            "use_rslora": False,
-            "init_lora_weights": True,
-            **_targeting(configs, sorted(ranks)),
-        }
-    )
+    return configs[0].model_copy(update={**unit_scaling_fields(ranks), **_targeting(configs, sorted(ranks))})
 
 
 # --- public API ---------------------------------------------------------------------------------------------
@@ -384,7 +304,7 @@ def mix_adapters(
             A, B = _linear(weighted, path)
         else:
             if method == "svd":
-                U, S, Vh = _low_rank_svd(*reversed(_cat(weighted)))
+                U, S, Vh = low_rank_svd(*reversed(_cat(weighted)))
                 k = rank or default_rank
             else:
                 delta = _dense(method, parts, path, density, seed, majority_sign)
@@ -393,7 +313,7 @@ def mix_adapters(
                     k = numerical_rank(S, tuple(delta.shape))
                 else:
                     k = rank or sum(f.rank for _, f in weighted)
-            A, B, energy[path] = _truncate(U, S, Vh, k)
+            A, B, energy[path] = balanced_factors(U, S, Vh, k)
             squares = float((S**2).sum())
             kept, total = kept + energy[path] * squares, total + squares
         a_key, b_key = factor_keys(path, parts[0][2].embedding)
@@ -457,9 +377,7 @@ __all__ = [
     "METHODS",
     "METHOD_DEFINITIONS",
     "MixResult",
-    "adapter_factors",
     "dare_keep_mask",
     "mix_adapter_dirs",
     "mix_adapters",
-    "numerical_rank",
 ]

@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from loratune.cli.rank_tools import run_compare, run_extract, run_rank, run_resize
 from loratune.errors import ConfigError
 
 DEFAULT_EVAL_MAX_LENGTH = 512
@@ -338,6 +339,6 @@ def run_inspect(args) -> int:
 
 
 __all__ = [
-    "run_compress", "run_data", "run_eval", "run_export_gguf", "run_generate", "run_inspect", "run_merge", "run_mix",
-    "run_train",
+    "run_compare", "run_compress", "run_data", "run_eval", "run_export_gguf", "run_extract", "run_generate",
+    "run_inspect", "run_merge", "run_mix", "run_rank", "run_resize", "run_train",
 ]

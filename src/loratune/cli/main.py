@@ -24,6 +24,7 @@ from loratune.cli.options import (
     probability,
     temperature,
 )
+from loratune.cli.rank_tools import add_rank_verbs
 from loratune.data.formats import FORMATS
 from loratune.errors import LoratuneError
 
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing FILE.gguf that loratune wrote")
 
     _mix_and_compress_verbs(verb)
+    add_rank_verbs(verb)
 
     p = verb("inspect", "describe an adapter directory: base model, rank, targets, parameters, size")
     p.add_argument("adapter", metavar="ADAPTER_DIR")

@@ -97,3 +97,11 @@ def adapter_spec(value: str) -> tuple[str, float]:
                 raise argparse.ArgumentTypeError(f"the strength in {value!r} must be a finite number")
             return head, scale
     return value, 1.0
+
+
+def energy_list(text: str) -> list[float]:
+    """Comma-separated energy thresholds, each in (0, 1] (e.g. ``0.5,0.9,0.99``)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("give one or more thresholds in (0, 1], e.g. 0.5,0.9,0.99")
+    return [probability(part) for part in parts]

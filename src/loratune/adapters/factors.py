@@ -1,0 +1,105 @@
+"""An adapter as per-module factors, and the SVD of a low-rank product without forming it.
+
+Adapter modules change their weight by Δ = s·B·A (A: r × in, B: out × r; s = alpha/r or alpha/√r with
+rsLoRA, after rank_pattern and alpha_pattern). ``mix`` combines these; ``loratune.analysis`` measures and
+truncates them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from loratune.adapters.config import LoraConfig
+from loratune.adapters.peft_keys import parse_factor_key
+from loratune.adapters.targets import rank_and_alpha
+from loratune.errors import ConfigError
+from loratune.layers import lora_scaling
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One module of one adapter: Δ = scaling·B·A with A: r × in, B: out × r (``embedding``: an embedding's)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    embedding: bool
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+def adapter_factors(
+    config: LoraConfig, tensors: dict[str, torch.Tensor], source: str = "adapter"
+) -> tuple[dict[str, Factors], dict[str, torch.Tensor]]:
+    """Split PEFT-keyed ``tensors`` into ``{module path: Factors}`` (scaling from ``config``) and the other
+    tensors (modules_to_save copies). Raises ``ConfigError`` naming ``source`` for an A without its B, a rank
+    that disagrees with the config, or an adapter whose delta is not s·B·A (an unconverted PiSSA adapter)."""
+    if config.init_lora_weights == "pissa":
+        raise ConfigError(
+            f"{source} is an unconverted PiSSA adapter (its delta is not s·B·A); load it with loratune and "
+            "save it again, which converts it to plain LoRA, and use that"
+        )
+    factors, used = {}, set()
+    for key in tensors:
+        parsed = parse_factor_key(key)
+        if parsed is None or parsed.factor != "A":
+            continue
+        b_key = parsed.partner()
+        A, B = tensors[key], tensors.get(b_key)
+        if B is None or B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise ConfigError(f"{source}: {key} has no matching {b_key} of shape (out, {A.shape[0]})")
+        r, alpha = rank_and_alpha(config, parsed.path)
+        if r != A.shape[0]:
+            raise ConfigError(f"{source}: {parsed.path} has rank {A.shape[0]} in the file but r={r} in its config")
+        factors[parsed.path] = Factors(A, B, lora_scaling(r, alpha, config.use_rslora), parsed.embedding)
+        used.update((key, b_key))
+    others = {key: t for key, t in tensors.items() if key not in used}
+    return factors, others
+
+
+def low_rank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, Vh of B·A (B: out × R, A: R × in) from QR factors: B·A = Qb·(Rb·Raᵀ)·Qaᵀ, SVD of the small core."""
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    return Qb @ U, S, Vh @ Qa.T
+
+
+def balanced_factors(U, S, Vh, k: int):
+    """(A: k × in, B: out × k, energy kept) with B·A the rank-k truncation of U·diag(S)·Vh, √σ on each side
+    (balanced magnitudes); energy = Σ_{i≤k} σᵢ² / Σ σᵢ² (1 for a zero matrix)."""
+    k = max(1, min(k, S.numel()))
+    root = S[:k].sqrt()
+    total = float((S**2).sum())
+    energy = float((S[:k] ** 2).sum()) / total if total > 0 else 1.0
+    return root[:, None] * Vh[:k], U[:, :k] * root[None, :], energy
+
+
+def numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
+    """How many singular values ``S`` (descending) exceed σ₁·max(shape)·ε_float32: the rank that keeps the
+    matrix exact in float32."""
+    if S.numel() == 0 or S[0] == 0:
+        return 0
+    return int((S > S[0] * max(shape) * torch.finfo(torch.float32).eps).sum())
+
+
+def unit_scaling_fields(ranks: dict[str, int]) -> dict:
+    """``LoraConfig`` fields that give each module path in ``ranks`` its rank and scaling s = 1: the most common
+    rank as ``r``, the rest in ``rank_pattern`` (full paths), ``lora_alpha`` = r per module, no rsLoRA. For
+    adapters written as plain products B·A (mixed, resized, extracted)."""
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda rank: (counts[rank], rank))
+    rank_pattern = {path: k for path, k in sorted(ranks.items()) if k != r}
+    return {
+        "r": r,
+        "lora_alpha": float(r),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {path: float(k) for path, k in rank_pattern.items()},
+        "use_rslora": False,
+        "init_lora_weights": True,
+    }

@@ -1,0 +1,56 @@
+"""A model's module layout without its weights: which modules LoRA can adapt (and of what kind), and whether
+the input embedding and output head share one weight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loratune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """``kinds``: {module path: "linear" | "conv1d" | "embedding"}; ``tied``: (input embedding path, output
+    head path) when they share one weight, else None; ``model_type`` from the config."""
+
+    kinds: dict[str, str]
+    tied: tuple[str, str] | None
+    model_type: str | None
+
+
+def _kind(module: nn.Module) -> str | None:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def model_structure(model_dir: str | Path, trust_remote_code: bool = False) -> ModelStructure:
+    """The ``ModelStructure`` of the causal LM in ``model_dir``, built on the meta device (no weights read).
+
+    Raises ``ConfigError`` when transformers cannot build a causal LM from its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot build the model in {model_dir} from its config.json: {first}") from None
+    names = {id(module): path for path, module in model.named_modules()}
+    kinds = {path: kind for path, module in model.named_modules() if (kind := _kind(module)) is not None}
+    tied = None
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is not None and out is not None and inp.weight is out.weight:
+        tied = (names[id(inp)], names[id(out)])
+    return ModelStructure(kinds, tied, getattr(config, "model_type", None))
