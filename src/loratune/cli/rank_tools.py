@@ -83,6 +83,12 @@ def add_rank_verbs(verb) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def _label(path: str) -> str:
+    """A short name for an adapter in a figure: its directory, or the run's for ``runs/NAME/adapter``."""
+    p = Path(path).resolve()
+    return p.parent.name if p.name in ("adapter", "best") else p.name
+
+
 def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -124,7 +130,7 @@ def run_rank(args) -> int:
         report = adapter_spectrum(*read_adapter(args.adapter), args.energy)
         source = args.adapter
     if args.plot:
-        plot_energy(report, args.plot, title=f"energy kept by rank k: {Path(source).name}")
+        plot_energy(report, args.plot, title=f"energy kept by rank k: {_label(source)}")
     if args.json:
         print(json.dumps(report))
         return 0
@@ -230,7 +236,7 @@ def run_compare(args) -> int:
         base, kinds = _weights(args.model), model_structure(resolve_model_dir(args.model)).kinds
     report = compare_adapters(a, b, base=base, kinds=kinds)
     if args.plot:
-        plot_similarity(report, args.plot, labels=(Path(args.adapter_a).name, Path(args.adapter_b).name))
+        plot_similarity(report, args.plot, labels=(_label(args.adapter_a), _label(args.adapter_b)))
     if args.json:
         print(json.dumps(report))
         return 0
