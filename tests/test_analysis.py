@@ -353,3 +353,17 @@ def test_an_adapter_without_tensors_is_refused(adapter_dirs, capsys, tmp_path):
     assert_one_line_error(status, err, "rank", "no LoRA factors")
     with pytest.raises(ConfigError, match="no LoRA factors"):
         resize_adapter(config, {}, rank=2)
+
+
+def test_modules_named_to_save_are_copied_whole_and_still_reproduce_the_tuned_model(checkpoints, tmp_path):
+    base_dir, tuned_dir = checkpoints[False]
+    structure = model_structure(tuned_dir)
+    result = extract_adapter(WeightReader(base_dir), WeightReader(tuned_dir), structure.kinds, rank=64,
+                             save_modules=["lm_head", "up_proj"])
+    assert "lm_head" in result.modules_to_save and "model.layers.1.mlp.up_proj" in result.modules_to_save
+    assert not any(name.endswith(("lm_head", "up_proj")) for name in result.config.target_modules)
+    write_adapter(tmp_path / "x", result.config, result.tensors)
+    model = peft.PeftModel.from_pretrained(loratune_free_model(base_dir), str(tmp_path / "x")).eval()
+    ids = token_batch(seed=4)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loratune_free_model(tuned_dir)(ids).logits, atol=1e-4)
