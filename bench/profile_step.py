@@ -53,9 +53,11 @@ def build(args):
 
 
 def step(model, optimizer, params, batch) -> float:
+    from loratune.train.fused_ops import recompute_norm_outputs
     from loratune.train.loss import causal_lm_loss_sum
 
-    loss_sum, count = causal_lm_loss_sum(model, batch)
+    with recompute_norm_outputs():
+        loss_sum, count = causal_lm_loss_sum(model, batch)
     (loss_sum / count).backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()

@@ -66,6 +66,7 @@ def test_rms_norm_forward_and_backward_match_torch(dtype, width):
     assert out.shape == x.shape and out.dtype == dtype and rstd.shape == (3, 5, 1)
     torch.testing.assert_close(rstd, expected_rstd, rtol=1e-6, atol=0)
     assert_close(out, expected_out)
+    assert torch.equal(fused_cpu.rms_norm_with_rstd(x, weight, rstd), out)  # what backward rebuilds: same bits
     terms = (grad.float() * weight.float() * rstd).abs().amax(-1, keepdim=True)
     assert_close(fused_cpu.rms_norm_backward(grad, x, weight, rstd), torch_rms_norm_backward(grad, x, weight, rstd),
                  scale=terms)

@@ -1,5 +1,7 @@
 """Lean RMSNorm and SiLU-MLP training ops equal transformers' modules and pass gradcheck."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -87,3 +89,32 @@ def test_patched_model_with_4bit_down_proj_gives_the_same_loss_and_adapter_gradi
     assert len(patched_grads) == 2 * 7 * 2
     for a, b in zip(patched_grads, plain_grads):
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputing_norm_outputs_gives_the_same_bits_and_keeps_no_norm_output(dtype):
+    import weakref
+
+    from loratune.train.fused_ops import recompute_norm_outputs
+
+    def run(recompute: bool):
+        model = tiny_llama(dtype=dtype)
+        torch.manual_seed(1)
+        loratune.add_adapter(model, LoraConfig(r=4, init_lora_weights=False))
+        patch_for_training(model)
+        model.train()
+        outputs = []
+        norm = model.model.layers[1].input_layernorm  # feeds q/k/v, which keep their input for grad A
+        norm.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+        ids = token_batch(length=16)
+        with recompute_norm_outputs() if recompute else contextlib.nullcontext():
+            total, count = causal_lm_loss_sum(model, {"input_ids": ids, "labels": ids})
+        kept = outputs[0]() is not None  # while the graph (and what it saved) is alive
+        (total / count).backward()
+        return total.detach(), [p.grad for p in model.parameters() if p.requires_grad], kept
+
+    loss, grads, kept = run(True)
+    plain_loss, plain_grads, plain_kept = run(False)
+    assert plain_kept and not kept
+    assert torch.equal(loss, plain_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))

@@ -38,12 +38,14 @@
 typedef void (*silu_mul_fn)(void *, const void *, const void *, int64_t, int);
 typedef void (*silu_mul_backward_fn)(void *, void *, const void *, const void *, const void *, int64_t, int);
 typedef void (*rms_norm_fn)(void *, float *, const void *, const void *, int64_t, int64_t, float, int);
+typedef void (*rms_norm_apply_fn)(void *, const float *, const void *, const void *, int64_t, int64_t, int);
 typedef void (*rms_norm_backward_fn)(void *, const void *, const void *, const void *, const float *, int64_t,
                                      int64_t, int);
 
 static silu_mul_fn silu_mul_impl = silu_mul_baseline;
 static silu_mul_backward_fn silu_mul_backward_impl = silu_mul_backward_baseline;
 static rms_norm_fn rms_norm_impl = rms_norm_baseline;
+static rms_norm_apply_fn rms_norm_apply_impl = rms_norm_apply_baseline;
 static rms_norm_backward_fn rms_norm_backward_impl = rms_norm_backward_baseline;
 static const char *isa = "baseline";
 
@@ -116,6 +118,14 @@ static void run_rms_norm(const int64_t *v, float eps, int64_t b, int64_t e) {
                   eps, (int)v[6]);
 }
 
+/* v: out, rstd, x, weight, rows, h, is_bf16 */
+static void run_rms_norm_apply(const int64_t *v, float eps, int64_t b, int64_t e) {
+    (void)eps;
+    const int64_t row = v[5] * (v[6] ? 2 : 4);
+    rms_norm_apply_impl((char *)PTR(0) + b * row, (const float *)PTR(1) + b, (char *)PTR(2) + b * row, PTR(3), e - b,
+                        v[5], (int)v[6]);
+}
+
 /* v: grad_x, grad, x, weight, rstd, rows, h, is_bf16 */
 static void run_rms_norm_backward(const int64_t *v, float eps, int64_t b, int64_t e) {
     (void)eps;
@@ -161,6 +171,11 @@ static PyObject *rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return call(args, nargs, 8, 6, 4, 1, 64, run_rms_norm, "rms_norm");
 }
 
+static PyObject *rms_norm_apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return call(args, nargs, 7, -1, 4, 1, 64, run_rms_norm_apply, "rms_norm_apply");
+}
+
 static PyObject *rms_norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     return call(args, nargs, 8, -1, 5, 1, 64, run_rms_norm_backward, "rms_norm_backward");
@@ -173,6 +188,8 @@ static PyMethodDef methods[] = {
      "silu_mul_backward(grad_gate, grad_up, gate, up, grad, n, is_bf16, threads): silu(gate)·up's gradients."},
     {"rms_norm", (PyCFunction)(void (*)(void))rms_norm, METH_FASTCALL,
      "rms_norm(out, rstd, x, weight, rows, h, eps, is_bf16, threads): Llama's RMSNorm over rows of h elements."},
+    {"rms_norm_apply", (PyCFunction)(void (*)(void))rms_norm_apply, METH_FASTCALL,
+     "rms_norm_apply(out, rstd, x, weight, rows, h, is_bf16, threads): rms_norm's output for a known rstd."},
     {"rms_norm_backward", (PyCFunction)(void (*)(void))rms_norm_backward, METH_FASTCALL,
      "rms_norm_backward(grad_x, grad, x, weight, rstd, rows, h, is_bf16, threads): RMSNorm's input gradient."},
     {NULL, NULL, 0, NULL},
@@ -187,9 +204,11 @@ PyMODINIT_FUNC PyInit__fused_cpu(void) {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
         silu_mul_impl = silu_mul_avx512, silu_mul_backward_impl = silu_mul_backward_avx512;
         rms_norm_impl = rms_norm_avx512, rms_norm_backward_impl = rms_norm_backward_avx512, isa = "avx512";
+        rms_norm_apply_impl = rms_norm_apply_avx512;
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         silu_mul_impl = silu_mul_avx2, silu_mul_backward_impl = silu_mul_backward_avx2;
         rms_norm_impl = rms_norm_avx2, rms_norm_backward_impl = rms_norm_backward_avx2, isa = "avx2";
+        rms_norm_apply_impl = rms_norm_apply_avx2;
     }
 #endif
     PyObject *m = PyModule_Create(&module);

@@ -63,6 +63,23 @@ static inline __attribute__((always_inline)) float NAME(row_dot)(const char *a, 
     return s;
 }
 
+/* One row of RMSNorm's output for its rstd: out = weight · (x·rstd rounded to the dtype). */
+static inline __attribute__((always_inline)) void NAME(rms_norm_row)(char *outr, const char *xr, const void *weight,
+                                                                    float rs, int64_t h, int bf16) {
+    const int64_t es = bf16 ? 2 : 4;
+    int64_t i = 0;
+    for (; i + 16 <= h; i += 16) {
+        NAME(f32x16) v = NAME(load16)(xr + i * es, bf16) * rs;
+        if (bf16) v = NAME(round_bf16_16)(v);
+        NAME(store16)(outr + i * es, NAME(load16)((const char *)weight + i * es, bf16) * v, bf16);
+    }
+    for (; i < h; i++) {
+        float v = NAME(load1)(xr, i, bf16) * rs;
+        if (bf16) v = NAME(round_bf16_1)(v);
+        NAME(store1)(outr, i, NAME(load1)(weight, i, bf16) * v, bf16);
+    }
+}
+
 /* RMSNorm, as Hugging Face's Llama: rstd = 1/sqrt(mean(x²) + eps) per row (float32, written to rstd),
  * out = weight · (x·rstd rounded to the dtype). x, out: rows × h; weight: h. */
 static void NAME(rms_norm)(void *restrict out, float *restrict rstd, const void *restrict x,
@@ -70,21 +87,17 @@ static void NAME(rms_norm)(void *restrict out, float *restrict rstd, const void 
     const int64_t es = bf16 ? 2 : 4;
     for (int64_t r = 0; r < rows; r++) {
         const char *xr = (const char *)x + r * h * es;
-        char *outr = (char *)out + r * h * es;
-        const float rs = 1.0f / sqrtf(NAME(row_dot)(xr, xr, h, bf16) / (float)h + eps);
-        rstd[r] = rs;
-        int64_t i = 0;
-        for (; i + 16 <= h; i += 16) {
-            NAME(f32x16) v = NAME(load16)(xr + i * es, bf16) * rs;
-            if (bf16) v = NAME(round_bf16_16)(v);
-            NAME(store16)(outr + i * es, NAME(load16)((const char *)weight + i * es, bf16) * v, bf16);
-        }
-        for (; i < h; i++) {
-            float v = NAME(load1)(xr, i, bf16) * rs;
-            if (bf16) v = NAME(round_bf16_1)(v);
-            NAME(store1)(outr, i, NAME(load1)(weight, i, bf16) * v, bf16);
-        }
+        rstd[r] = 1.0f / sqrtf(NAME(row_dot)(xr, xr, h, bf16) / (float)h + eps);
+        NAME(rms_norm_row)((char *)out + r * h * es, xr, weight, rstd[r], h, bf16);
     }
+}
+
+/* rms_norm's output again for the rstd it wrote (the same bits: what backward rebuilds instead of keeping). */
+static void NAME(rms_norm_apply)(void *restrict out, const float *restrict rstd, const void *restrict x,
+                                 const void *restrict weight, int64_t rows, int64_t h, int bf16) {
+    const int64_t es = bf16 ? 2 : 4;
+    for (int64_t r = 0; r < rows; r++)
+        NAME(rms_norm_row)((char *)out + r * h * es, (const char *)x + r * h * es, weight, rstd[r], h, bf16);
 }
 
 /* The input gradient of rms_norm for output gradient grad: with x̂ = x·rstd and ĝ = grad·weight (rounded to

@@ -75,6 +75,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     return out, rstd
 
 
+def rms_norm_with_rstd(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor | None:
+    """``weight * (x·rstd).to(dtype)`` for a float32 rstd that ``rms_norm`` returned (the same bits again),
+    or None."""
+    if (
+        x.dim() == 0 or weight.shape != x.shape[-1:] or rstd.dtype != torch.float32 or not rstd.is_contiguous()
+        or rstd.numel() * x.shape[-1] != x.numel() or not _fits(x, weight)
+    ):
+        return None
+    h = x.shape[-1]
+    out = torch.empty_like(x)
+    _fused_cpu.rms_norm_apply(
+        out.data_ptr(), rstd.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.numel(), h, _DTYPES[x.dtype],
+        torch.get_num_threads(),
+    )
+    return out
+
+
 def rms_norm_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> torch.Tensor | None:

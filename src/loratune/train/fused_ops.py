@@ -10,8 +10,10 @@ generation exactly as before.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,61 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # float32 math for bf16/fp16, float64 stays
 
 
+class _NormRecipe:
+    """What a saved RMSNorm output is rebuilt from in backward: the norm's input (which the norm keeps anyway),
+    its weight and rstd. The first unpack recomputes the output; the layers sharing it (q/k/v, gate/up) reuse
+    that one copy until the last of them has run its backward."""
+
+    __slots__ = ("x", "weight", "rstd", "value")
+
+    def __init__(self, x, weight, rstd):
+        self.x, self.weight, self.rstd, self.value = x, weight, rstd, None
+
+    def materialize(self) -> torch.Tensor:
+        if self.value is None:
+            self.value = _rms_norm_apply(self.x, self.weight, self.rstd)
+        return self.value
+
+
+# The norm outputs of the forward running under ``recompute_norm_outputs``: data pointer -> (a weak reference
+# to the output, its version when made, its recipe). Weak, so the registry itself keeps no output alive.
+_norm_outputs: dict[int, tuple] | None = None
+
+
+def _pack(tensor: torch.Tensor):
+    entry = _norm_outputs.get(tensor.data_ptr()) if _norm_outputs else None
+    if entry is not None and entry[0]() is tensor and tensor._version == entry[1]:
+        return entry[2]  # rebuilt in backward instead of kept: the norm's input is kept anyway
+    return tensor
+
+
+def _unpack(saved):
+    return saved.materialize() if isinstance(saved, _NormRecipe) else saved
+
+
+@contextlib.contextmanager
+def recompute_norm_outputs():
+    """Inside the block, a forward through the patched RMSNorm lets the layers that consume its output
+    (q/k/v, gate/up) save a recipe instead of the output itself; backward recomputes it once per norm (one
+    pass over memory), which saves two activations of the hidden size per block. Results are bit-identical."""
+    global _norm_outputs
+    outer = _norm_outputs
+    _norm_outputs = {}
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _norm_outputs = outer
+
+
+def _rms_norm_apply(x, weight, rstd):
+    """``weight * (x·rstd).to(dtype)`` for a known rstd: the forward's output again, bit for bit."""
+    fused = fused_cpu.rms_norm_with_rstd(x, weight, rstd)
+    if fused is not None:
+        return fused
+    return weight * (x.to(_compute_dtype(x)) * rstd).to(x.dtype)
+
+
 class RMSNormFunction(torch.autograd.Function):
     """``weight * (x / sqrt(mean(x²) + eps)).to(x.dtype)`` with float32 internals; saves x and rstd only."""
 
@@ -45,6 +102,8 @@ class RMSNormFunction(torch.autograd.Function):
             rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
             out = weight * (xf * rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
+        if _norm_outputs is not None:
+            _norm_outputs[out.data_ptr()] = (weakref.ref(out), out._version, _NormRecipe(x, weight, rstd))
         return out
 
     @staticmethod

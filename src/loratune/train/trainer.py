@@ -37,7 +37,7 @@ from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from loratune.train.config import TrainConfig
 from loratune.train.evaluate import EvalResult, evaluate
 from loratune.train.generation import model_device
-from loratune.train.fused_ops import patch_for_training
+from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
 from loratune.train.interrupt import StepInterrupts
 from loratune.train.loss import causal_lm_loss_sum
 from loratune.train.metrics import MetricsLog, plot_losses
@@ -295,7 +295,8 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
                                    kind=t.scheduler)
                 loss_total = 0.0
                 for batch in batches:
-                    loss_sum, _ = causal_lm_loss_sum(model, batch)
+                    with recompute_norm_outputs():
+                        loss_sum, _ = causal_lm_loss_sum(model, batch)
                     (loss_sum / max(1, targets)).backward()
                     loss_total += float(loss_sum.detach())
                 loss = loss_total / max(1, targets)
