@@ -163,3 +163,15 @@ def test_autograd_functions_give_torch_gradients_in_float32(kernel, monkeypatch)
         want = torch.autograd.grad(ref, inputs, probe)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_backward_may_write_over_its_inputs(dtype):
+    torch.manual_seed(0)
+    gate, up, grad = (torch.randn(37, 101, dtype=dtype) for _ in range(3))
+    expected = fused_cpu.silu_mul_backward(gate, up, grad)
+    gate_copy, grad_copy = gate.clone(), grad.clone()
+    result = fused_cpu.silu_mul_backward(gate_copy, up, grad_copy, out=(grad_copy, gate_copy))
+    assert result[0] is grad_copy and result[1] is gate_copy
+    assert torch.equal(result[0], expected[0]) and torch.equal(result[1], expected[1])

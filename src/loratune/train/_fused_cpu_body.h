@@ -29,9 +29,10 @@ static void NAME(silu_mul)(void *restrict out, const void *restrict gate, const 
 }
 
 /* Gradients of silu(gate) * up for the output gradient grad: grad_up = grad·g·σ(g),
- * grad_gate = grad·up·σ(g)·(1 + g·(1 − σ(g))), in that order of float32 products. */
-static void NAME(silu_mul_backward)(void *restrict grad_gate, void *restrict grad_up, const void *restrict gate,
-                                    const void *restrict up, const void *restrict grad, int64_t n, int bf16) {
+ * grad_gate = grad·up·σ(g)·(1 + g·(1 − σ(g))), in that order of float32 products. The outputs may be the
+ * inputs' own memory (each block of 16 is read before it is written), so no restrict here. */
+static void NAME(silu_mul_backward)(void *grad_gate, void *grad_up, const void *gate, const void *up,
+                                    const void *grad, int64_t n, int bf16) {
     const int64_t es = bf16 ? 2 : 4;
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {

@@ -47,12 +47,18 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
 
 
 def silu_mul_backward(
-    gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor
+    gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(grad_gate, grad_up) of ``silu(gate) * up`` for the output gradient ``grad``, or None."""
+    """(grad_gate, grad_up) of ``silu(gate) * up`` for the output gradient ``grad``, or None. ``out``: two
+    tensors like ``gate`` to write them into, which may be any of the three inputs themselves (elementwise,
+    each element is read before it is written), saving two allocations."""
     if not (gate.shape == up.shape == grad.shape) or not _fits(gate, up, grad):
         return None
-    grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+    if out is None:
+        out = torch.empty_like(gate), torch.empty_like(up)
+    elif not all(o.shape == gate.shape for o in out) or not _fits(gate, *out):
+        return None
+    grad_gate, grad_up = out
     _fused_cpu.silu_mul_backward(
         grad_gate.data_ptr(), grad_up.data_ptr(), gate.data_ptr(), up.data_ptr(), grad.data_ptr(), gate.numel(),
         _DTYPES[gate.dtype], torch.get_num_threads(),

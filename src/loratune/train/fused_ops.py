@@ -128,8 +128,8 @@ def _silu_mul(gate, up):
     return fused if fused is not None else F.silu(gate) * up
 
 
-def _silu_mul_backward(gate, up, grad_out):
-    fused = fused_cpu.silu_mul_backward(gate, up, grad_out.contiguous())
+def _silu_mul_backward(gate, up, grad_out, out=None):
+    fused = fused_cpu.silu_mul_backward(gate, up, grad_out.contiguous(), out)
     if fused is not None:
         return fused
     g = gate.to(_compute_dtype(gate))
@@ -178,7 +178,9 @@ class SiluMulLoraDownFunction(torch.autograd.Function):
         grad_product, grad_bias, grad_A, grad_B = lora_linear_backward(
             grad_out.reshape(-1, grad_out.shape[-1]), product, xa, dense, lora_A, lora_B, ctx.scale, needs
         )
-        grad_gate, grad_up = _silu_mul_backward(gate, up, grad_product.view(gate.shape))
+        # grad_product and product are this backward's own: the gradients overwrite them instead of new tensors
+        grad_gate, grad_up = _silu_mul_backward(gate, up, grad_product.view(gate.shape),
+                                                out=(grad_product.view(gate.shape), product.view(up.shape)))
         grad_bias = grad_bias.to(ctx.bias_dtype) if grad_bias is not None else None
         return grad_gate, grad_up, None, grad_bias, grad_A, grad_B, None
 
