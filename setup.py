@@ -10,21 +10,13 @@ import sys
 from setuptools import Extension, setup
 
 flags = [] if sys.platform == "win32" else ["-O3", "-Wno-psabi"]
-setup(
-    ext_modules=[
-        Extension(
-            "loratune.layers._lowrank_cpu",
-            sources=["src/loratune/layers/_lowrank_cpu.c"],
-            depends=["src/loratune/layers/_lowrank_cpu_body.h", "src/loratune/_vec16.h"],
-            extra_compile_args=flags,
-            optional=True,
-        ),
-        Extension(
-            "loratune.train._fused_cpu",
-            sources=["src/loratune/train/_fused_cpu.c"],
-            depends=["src/loratune/train/_fused_cpu_body.h", "src/loratune/_vec16.h"],
-            extra_compile_args=flags,
-            optional=True,
-        ),
-    ]
-)
+SHARED = ["src/loratune/_vec16.h", "src/loratune/_per_isa.h"]
+
+
+def kernel(module: str, path: str) -> Extension:
+    """The optional extension ``loratune.<module>`` from ``src/loratune/<path>.c`` and its ``_body.h``."""
+    return Extension(f"loratune.{module}", sources=[f"src/loratune/{path}.c"],
+                     depends=[f"src/loratune/{path}_body.h", *SHARED], extra_compile_args=flags, optional=True)
+
+
+setup(ext_modules=[kernel("layers._lowrank_cpu", "layers/_lowrank_cpu"), kernel("train._fused_cpu", "train/_fused_cpu")])

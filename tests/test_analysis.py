@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import loratune
-from loratune.adapters import adapter_tensors, read_adapter, write_adapter
+from loratune.adapters import read_adapter, write_adapter
 from loratune.analysis import (
     WeightReader,
     adapter_spectrum,
@@ -24,7 +24,7 @@ from loratune.analysis import (
 from loratune.errors import ConfigError
 from loratune.models.structure import model_structure
 from test_cli import assert_one_line_error, cli
-from test_mix import add_trained, deltas
+from test_mix import add_trained, as_input, assert_peft_gives_our_logits, deltas
 from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 peft = pytest.importorskip("peft")
@@ -40,11 +40,6 @@ def adapted():
     add_trained(model, "a", 1, **CONFIG)
     add_trained(model, "b", 2, r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     return model
-
-
-def as_input(model, name):
-    tensors, config = adapter_tensors(model, name)
-    return config, tensors
 
 
 def reference_sigma(delta: torch.Tensor) -> torch.Tensor:
@@ -111,14 +106,7 @@ def test_resize_by_energy_keeps_at_least_that_share_in_every_module(adapted):
 def test_resized_adapter_loads_in_peft_with_the_same_logits(adapted, tmp_path):
     result = resize_adapter(*as_input(adapted, "a"), rank=2)
     write_adapter(tmp_path / "resized", result.config, result.tensors)
-    ours = tiny_llama()
-    loratune.load_adapter(ours, tmp_path / "resized")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*missing adapter keys.*")
-        theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "resized")).eval()
-    ids = token_batch()
-    with torch.no_grad():
-        assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-5)
+    assert_peft_gives_our_logits(tmp_path / "resized")
 
 
 def test_subspace_similarity_matches_its_definition():

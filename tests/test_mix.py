@@ -365,15 +365,21 @@ def test_an_unconverted_pissa_adapter_is_refused(source):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_mixed_adapter_with_rank_patterns_loads_in_peft_with_the_same_logits(source, tmp_path):
-    peft = pytest.importorskip("peft")
     result = mix_adapters([as_input(source, "a"), as_input(source, "b")], WEIGHTS, "cat")
     assert result.config.rank_pattern  # ranks differ between modules
     write_adapter(tmp_path / "m", result.config, result.tensors)
+    assert_peft_gives_our_logits(tmp_path / "m")
+
+
+def assert_peft_gives_our_logits(directory) -> None:
+    """The adapter at ``directory`` gives the same logits on the tiny Llama in PEFT as in loratune (and PEFT
+    finds every tensor it expects)."""
+    peft = pytest.importorskip("peft")
     ours = tiny_llama()
-    loratune.load_adapter(ours, tmp_path / "m")
+    loratune.load_adapter(ours, directory)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*missing adapter keys.*")
-        theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "m")).eval()
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(directory)).eval()
     ids = token_batch()
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=1e-5)

@@ -8,31 +8,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#endif
 #include <string.h>
 
 #define MAX_RANK 1024
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define X86_DISPATCH 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-#define NAME(n) n##_avx512
-#include "_lowrank_cpu_body.h"
-#undef NAME
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define NAME(n) n##_avx2
-#include "_lowrank_cpu_body.h"
-#undef NAME
-#pragma GCC pop_options
-#endif
-#define NAME(n) n##_baseline
-#include "_lowrank_cpu_body.h"
-#undef NAME
+#define KERNEL_BODY "layers/_lowrank_cpu_body.h" /* relative to _per_isa.h */
+#include "../_per_isa.h"
 
 typedef void (*kernel_fn)(void *, const void *, const float *, const float *, int64_t, int64_t, int64_t, int64_t,
                           const int64_t *, int64_t);

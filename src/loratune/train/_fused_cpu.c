@@ -9,31 +9,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#endif
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define X86_DISPATCH 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-#define NAME(n) n##_avx512
-#include "_fused_cpu_body.h"
-#undef NAME
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define NAME(n) n##_avx2
-#include "_fused_cpu_body.h"
-#undef NAME
-#pragma GCC pop_options
-#endif
-#define NAME(n) n##_baseline
-#include "_fused_cpu_body.h"
-#undef NAME
+#define KERNEL_BODY "train/_fused_cpu_body.h" /* relative to _per_isa.h */
+#include "../_per_isa.h"
 
 typedef void (*silu_mul_fn)(void *, const void *, const void *, int64_t, int);
 typedef void (*silu_mul_backward_fn)(void *, void *, const void *, const void *, const void *, int64_t, int);
