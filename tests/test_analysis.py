@@ -103,6 +103,7 @@ def test_resize_by_energy_keeps_at_least_that_share_in_every_module(adapted):
     assert len(ranks) > 1 and result.config.rank_pattern  # differing ranks go to rank_pattern
 
 
+@pytest.mark.filterwarnings("ignore:.*ensure_weight_tying")  # PEFT's note on an adapted tied embedding
 def test_resized_adapter_loads_in_peft_with_the_same_logits(adapted, tmp_path):
     result = resize_adapter(*as_input(adapted, "a"), rank=2)
     write_adapter(tmp_path / "resized", result.config, result.tensors)
