@@ -299,6 +299,9 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
                         loss_sum, _ = causal_lm_loss_sum(model, batch)
                     (loss_sum / max(1, targets)).backward()
                     loss_total += float(loss_sum.detach())
+                    # Drop the step's graph now: kept until the next forward reassigns the name, what its nodes
+                    # still hold lives through that forward and raises the peak by ~0.3 GB.
+                    del loss_sum
                 loss = loss_total / max(1, targets)
                 if not math.isfinite(loss):
                     raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {_last_good(run_dir)}. "
