@@ -12,7 +12,6 @@ import io
 import json
 import os
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -304,10 +304,8 @@ def run_compress(args) -> int:
 
 
 def run_export_gguf(args) -> int:
-    from loratune.adapters import read_adapter_config
     from loratune.adapters.gguf_export import export_gguf, written_by_loratune
     from loratune.files import check_output_file
-    from loratune.errors import ModelNotFoundError
     from loratune.models.base_config import base_model_config
 
     out = Path(args.out)
