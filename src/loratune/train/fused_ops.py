@@ -3,9 +3,10 @@ save only their bf16 inputs (and one float per token), recomputing the cheap ele
 (with a LoRA ``down_proj``, the MLP's product is recomputed rather than kept).
 
 Left to autograd, HF's RMSNorm keeps float32 copies of its input and the MLP keeps six intermediates of the
-intermediate width per block. The math is unchanged (same float32 internals, same rounding points).
-``patch_for_training`` swaps the forward of those modules in place; the patched model still runs eval and
-generation exactly as before.
+intermediate width per block. The math is unchanged (same float32 internals, same rounding points); on the
+CPU the elementwise work runs in the compiled kernels of ``train.fused_cpu``. Under
+``recompute_norm_outputs`` the layers fed by a norm keep a recipe instead of its output. ``patch_for_training``
+swaps the forward of those modules in place; the patched model still runs eval and generation as before.
 """
 
 from __future__ import annotations
