@@ -299,8 +299,8 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
                         loss_sum, _ = causal_lm_loss_sum(model, batch)
                     (loss_sum / max(1, targets)).backward()
                     loss_total += float(loss_sum.detach())
-                    # Drop the step's graph now: kept until the next forward reassigns the name, what its nodes
-                    # still hold lives through that forward and raises the peak by ~0.3 GB.
+                    # Drop the step's graph now: kept until the next forward reassigns the name, its many small
+                    # nodes sit in the freed activation memory and the next forward cannot reuse it whole.
                     del loss_sum
                 loss = loss_total / max(1, targets)
                 if not math.isfinite(loss):
