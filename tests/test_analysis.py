@@ -206,6 +206,10 @@ def test_randomized_svd_finds_the_top_singular_values_of_a_large_matrix():
     assert result.total == pytest.approx(float(matrix.double().square().sum()), rel=1e-9)
     approx = (result.U * result.S) @ result.Vh
     assert torch.allclose(approx.float(), (U[:, :8] * sigma[:8]) @ V[:, :8].T, atol=1e-3)
+    reads = []
+    zero = delta_svd(lambda a, b: reads.append(a) or torch.zeros(b - a, 2000), (3000, 2000), 8)
+    assert zero.total == 0 and not zero.S.any()
+    assert len(reads) == len(set(reads))  # an unchanged matrix is read once, not once per power iteration
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -15,12 +15,14 @@ from loratune.analysis.resize import check_rank_or_energy
 from loratune.analysis.similarity import TRANSPOSED_KINDS
 from loratune.analysis.spectrum import (
     DEFAULT_MAX_RANK,
-    changed_weights,
+    changed_others,
     delta_reader,
     delta_svd,
     energy_curve,
+    matrix_changed,
     module_of,
     rank_for_energy,
+    weight_layout,
 )
 from loratune.analysis.weights import WeightReader
 from loratune.errors import ConfigError
@@ -32,7 +34,7 @@ LORA_KINDS = ("linear", "conv1d", "embedding")
 class ExtractResult:
     """The extracted adapter (``config``, PEFT-keyed ``tensors``); per LoRA module ``name``, ``shape``, ``k``,
     ``energy`` (E(k)) and ``method`` (exact or randomized SVD); ``modules_to_save`` (saved whole) and
-    ``unchanged`` (how many weight matrices did not change)."""
+    ``unchanged`` (how many weight matrices LoRA could take did not change)."""
 
     config: LoraConfig
     tensors: dict[str, torch.Tensor]
@@ -78,24 +80,28 @@ def extract_adapter(
     check_rank_or_energy(rank, energy)
     if max_rank < 1:
         raise ConfigError(f"--max-rank must be at least 1, not {max_rank}")
-    matrices, others = changed_weights(base, tuned)
-    if not matrices and not others:
-        raise ConfigError("the tuned model equals the base; there is nothing to extract")
-    saved = {key.rsplit(".", 1)[0] for key in others}  # the module that owns a changed norm weight or bias
-    saved |= {p for p in map(module_of, matrices) if _named(p, save_modules) or kinds.get(p) not in LORA_KINDS}
+    layout = weight_layout(base, tuned)
+    matrices = [key for key, shape in layout.items() if len(shape) == 2]
+    # the module that owns a changed norm weight or bias; changed matrices LoRA does not take (or named)
+    saved = {key.rsplit(".", 1)[0] for key in changed_others(base, tuned, layout)}
+    saved |= {module_of(key) for key in matrices
+              if (_named(module_of(key), save_modules) or kinds.get(module_of(key)) not in LORA_KINDS)
+              and matrix_changed(base, tuned, key, layout[key])}
     if tied is not None and tied[0] in saved:
         saved.add(tied[1])  # the head shares the embedding's weight: a saved copy must carry both
     lora = [key for key in matrices if module_of(key) not in saved]
 
     tensors: dict[str, torch.Tensor] = {}
-    modules, ranks = [], {}
+    modules, ranks, unchanged = [], {}, 0
     for index, key in enumerate(lora, start=1):
-        path = module_of(key)
-        shape = base.shape(key)
+        path, shape = module_of(key), layout[key]
         if progress is not None:
             progress(f"[{index}/{len(lora)}] {path} {list(shape)}")
         want = min(rank, min(shape)) if rank is not None else min(max_rank, min(shape))
         svd = delta_svd(delta_reader(base, tuned, key), shape, want, vectors=True)
+        if svd.total == 0:
+            unchanged += 1
+            continue
         k = want
         if energy is not None:
             k = rank_for_energy(energy_curve(svd.S, svd.total), energy) or want
@@ -115,6 +121,8 @@ def extract_adapter(
     for path in sorted(saved):
         for key in _module_tensors(tuned, path):
             tensors[module_key(path, key[len(path) + 1 :])] = tuned.get(key)
+    if not ranks and not saved:
+        raise ConfigError("the tuned model equals the base; there is nothing to extract")
     if not ranks:
         raise ConfigError(f"no changed weight matrix is left for LoRA (changed and saved whole: "
                           f"{', '.join(sorted(saved)[:5])}); merge-style copies need no adapter")
@@ -125,5 +133,4 @@ def extract_adapter(
         task_type=task_type,
         base_model_name_or_path=base_model_name,
     )
-    unchanged = sum(1 for key in tuned.keys() if len(tuned.shape(key)) == 2) - len(matrices)
     return ExtractResult(config, tensors, modules, sorted(saved), unchanged)

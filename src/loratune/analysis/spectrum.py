@@ -138,7 +138,7 @@ def delta_svd(read_rows: RowReader, shape: tuple[int, int], k: int, *, vectors: 
     returns, holding at most one block of rows and the sketches (out × q, in × q) at a time — unless the matrix
     is small (≤ 4M elements) or k is at least half its rank, when it is read whole and decomposed exactly in
     float64. Otherwise a randomized range finder (Halko et al.) with q = k + max(10, k) columns and
-    ``power_iterations`` passes, in float32."""
+    ``power_iterations`` passes, in float32; a zero matrix (``total`` 0) stops after the first pass."""
     rows, columns = shape
     full = min(rows, columns)
     k = max(1, min(k, full))
@@ -155,9 +155,13 @@ def delta_svd(read_rows: RowReader, shape: tuple[int, int], k: int, *, vectors: 
     total = 0.0
     Y = torch.empty(rows, q)
     for a, b in _blocks(rows, columns):  # Y = Δ·Ω, and ‖Δ‖² on the way
-        block = read_rows(a, b).float()
+        block = read_rows(a, b)
         total += float(block.double().square().sum())
-        Y[a:b] = block @ omega
+        Y[a:b] = block.float() @ omega
+    if total == 0:  # unchanged: nothing to decompose, no more passes
+        return DeltaSVD(torch.zeros(rows, k, dtype=torch.float64) if vectors else None,
+                        torch.zeros(k, dtype=torch.float64),
+                        torch.zeros(k, columns, dtype=torch.float64) if vectors else None, 0.0, "randomized")
     for _ in range(power_iterations):
         Q = torch.linalg.qr(Y)[0]
         Z = torch.zeros(columns, q)
@@ -176,10 +180,10 @@ def delta_svd(read_rows: RowReader, shape: tuple[int, int], k: int, *, vectors: 
     return DeltaSVD(Q.double() @ U_small[:, :k], S[:k], Vh[:k], total, "randomized")
 
 
-def changed_weights(base: WeightReader, tuned: WeightReader) -> tuple[list[str], list[str]]:
-    """(2-D weights that differ, other tensors that differ), comparing the two checkpoints key by key.
+def weight_layout(base: WeightReader, tuned: WeightReader) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of two checkpoints that hold the same tensors with the same shapes.
 
-    Raises ``ConfigError`` when they hold different tensor names or shapes (another architecture or size)."""
+    Raises ``ConfigError`` when they do not (another architecture or size)."""
     base_keys, tuned_keys = set(base.keys()), set(tuned.keys())
     if base_keys != tuned_keys:
         only = sorted(tuned_keys - base_keys)[:3] or sorted(base_keys - tuned_keys)[:3]
@@ -188,7 +192,7 @@ def changed_weights(base: WeightReader, tuned: WeightReader) -> tuple[list[str],
             f"base and tuned models hold different tensors ({', '.join(only)} only in {where}); "
             "the tuned model must be a fine-tune of this base (same architecture and size)"
         )
-    matrices, others = [], []
+    layout = {}
     for key in sorted(tuned_keys):
         shape_base, shape_tuned = base.shape(key), tuned.shape(key)
         if shape_base != shape_tuned:
@@ -196,14 +200,17 @@ def changed_weights(base: WeightReader, tuned: WeightReader) -> tuple[list[str],
                 f"{key} is {list(shape_tuned)} in the tuned model but {list(shape_base)} in the base; the tuned "
                 "model must be a fine-tune of this base (same architecture and size)"
             )
-        if _differs(base, tuned, key, shape_tuned):
-            (matrices if len(shape_tuned) == 2 else others).append(key)
-    return matrices, others
+        layout[key] = shape_tuned
+    return layout
 
 
-def _differs(base: WeightReader, tuned: WeightReader, key: str, shape) -> bool:
-    if len(shape) != 2:
-        return not torch.equal(base.get(key), tuned.get(key))
+def changed_others(base: WeightReader, tuned: WeightReader, layout: dict[str, tuple[int, ...]]) -> list[str]:
+    """The tensors that are not matrices (norm weights, biases) and differ between the checkpoints."""
+    return [key for key, shape in layout.items() if len(shape) != 2 and not torch.equal(base.get(key), tuned.get(key))]
+
+
+def matrix_changed(base: WeightReader, tuned: WeightReader, key: str, shape: tuple[int, int]) -> bool:
+    """Whether the matrix ``key`` differs, compared a block of rows at a time."""
     return any(not torch.equal(base.rows(key, a, b), tuned.rows(key, a, b)) for a, b in _blocks(*shape))
 
 
@@ -234,18 +241,20 @@ def full_finetune_spectrum(
     thresholds = check_thresholds(thresholds)
     if max_rank < 1:
         raise ConfigError(f"--max-rank must be at least 1, not {max_rank}")
-    matrices, others = changed_weights(base, tuned)
-    if not matrices:
-        raise ConfigError("no weight matrix differs between the base and the tuned model; nothing to measure")
+    layout = weight_layout(base, tuned)
+    matrices = [key for key, shape in layout.items() if len(shape) == 2]
     modules = []
     for index, key in enumerate(matrices, start=1):
-        shape = base.shape(key)
         if progress is not None:
-            progress(f"[{index}/{len(matrices)}] {module_of(key)} {list(shape)}")
-        svd = delta_svd(delta_reader(base, tuned, key), shape, max_rank)
-        entry = _entry(module_of(key), shape, None, None, svd.S, svd.total, thresholds)
+            progress(f"[{index}/{len(matrices)}] {module_of(key)} {list(layout[key])}")
+        svd = delta_svd(delta_reader(base, tuned, key), layout[key], max_rank)
+        if svd.total == 0:
+            continue  # unchanged
+        entry = _entry(module_of(key), layout[key], None, None, svd.S, svd.total, thresholds)
         del entry["scale"]
         entry["method"] = svd.method
         modules.append(entry)
+    if not modules:
+        raise ConfigError("no weight matrix differs between the base and the tuned model; nothing to measure")
     return {"modules": modules, "recommended_rank": _recommended(modules, thresholds),
-            "other_changed": list(others)}
+            "other_changed": changed_others(base, tuned, layout)}

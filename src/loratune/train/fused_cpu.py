@@ -81,13 +81,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     return out, rstd
 
 
+def _norm_fits(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, *more: torch.Tensor) -> bool:
+    """Whether the kernels can take a norm's input, weight and its float32 rstd (one per row of x)."""
+    return (
+        x.dim() > 0 and weight.shape == x.shape[-1:] and rstd.dtype == torch.float32 and rstd.is_contiguous()
+        and rstd.numel() * x.shape[-1] == x.numel() and _fits(x, weight, *more)
+    )
+
+
 def rms_norm_with_rstd(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor | None:
     """``weight * (x·rstd).to(dtype)`` for a float32 rstd that ``rms_norm`` returned (the same bits again),
     or None."""
-    if (
-        x.dim() == 0 or weight.shape != x.shape[-1:] or rstd.dtype != torch.float32 or not rstd.is_contiguous()
-        or rstd.numel() * x.shape[-1] != x.numel() or not _fits(x, weight)
-    ):
+    if not _norm_fits(x, weight, rstd):
         return None
     h = x.shape[-1]
     out = torch.empty_like(x)
@@ -102,10 +107,7 @@ def rms_norm_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> torch.Tensor | None:
     """The input gradient of ``rms_norm`` for the output gradient ``grad``, or None."""
-    if (
-        grad.shape != x.shape or weight.shape != x.shape[-1:] or rstd.dtype != torch.float32
-        or not rstd.is_contiguous() or rstd.numel() * x.shape[-1] != x.numel() or not _fits(x, weight, grad)
-    ):
+    if grad.shape != x.shape or not _norm_fits(x, weight, rstd, grad):
         return None
     h = x.shape[-1]
     grad_x = torch.empty_like(x)
