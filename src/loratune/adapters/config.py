@@ -20,7 +20,6 @@ _NAMED_INITS = tuple(choice for choice in INIT_CHOICES if isinstance(choice, str
 # Keys PEFT writes whose non-default values change the math; an adapter using one of them is refused
 # rather than silently misread.
 _UNSUPPORTED_PEFT_FEATURES = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "target_parameters": None,
@@ -48,6 +47,7 @@ class LoraConfig(BaseModel):
     - ``init_lora_weights``: True (A Kaiming-uniform, B zero: starts as the base model), ``"gaussian"``
       (A ~ N(0, 1/r)), ``"pissa"`` (principal singular directions of W0), or False (random B; tests only).
     - ``modules_to_save``: modules trained in full (a private copy per adapter) and saved with the adapter.
+    - ``use_dora``: DoRA, weight-decomposed LoRA (a trainable magnitude per output row; see ``layers.dora``).
 
     Raises ``ConfigError`` on an unknown field (naming the closest valid one) or an invalid value.
     """
@@ -66,6 +66,7 @@ class LoraConfig(BaseModel):
     use_rslora: bool = False
     init_lora_weights: Union[bool, Literal[_NAMED_INITS]] = True
     modules_to_save: Union[list[str], None] = None
+    use_dora: bool = False
     bias: str = "none"
     fan_in_fan_out: bool = False  # accepted for PEFT compatibility; Conv1D layers are detected by type
     task_type: Union[str, None] = None
@@ -104,6 +105,12 @@ class LoraConfig(BaseModel):
             if number <= 0:
                 raise ValueError(f"value for {key!r} must be positive")
         return value
+
+    @model_validator(mode="after")
+    def _dora_start(self):
+        if self.use_dora and self.init_lora_weights == "pissa":
+            raise ValueError("use_dora cannot start from PiSSA (init_lora_weights='pissa'); use the default init")
+        return self
 
     @model_validator(mode="after")
     def _layers_need_list_targets(self):

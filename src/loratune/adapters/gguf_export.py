@@ -150,6 +150,9 @@ def gguf_lora_tensors(
     """
     if not math.isfinite(scale):
         raise ConfigError(f"--scale must be a finite number, got {scale}")
+    if config.use_dora:
+        raise ConfigError("llama.cpp has no DoRA adapters; merge this one into the base (`loratune merge`) and "
+                          "convert the merged model instead")
     names = gguf.TensorNameMap(base.arch, base.n_layers)
     alpha = float(config.lora_alpha)
     out: dict[str, np.ndarray] = {}

@@ -49,6 +49,7 @@ def describe_adapter(path: str | os.PathLike) -> dict:
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "lora_dropout": config.lora_dropout,
         "init_lora_weights": config.init_lora_weights,
         "target_modules": config.target_modules,

@@ -281,6 +281,12 @@ def mix_adapters(
         raise ConfigError(f"weights must be finite numbers, got {list(weights)}")
     names = list(names) if names is not None else [f"adapter {i}" for i in range(len(adapters))]
     configs = [config for config, _ in adapters]
+    for config, name in zip(configs, names):
+        if config.use_dora:
+            raise ConfigError(
+                f"{name} is a DoRA adapter: its change to a weight depends on the base weight and its magnitudes, "
+                "so no mix method combines it from the factors; load the adapters together with strengths instead"
+            )
     _check_same_base(configs, names)
     split = [adapter_factors(config, tensors, name) for (config, tensors), name in zip(adapters, names)]
     factor_sets = [factors for factors, _ in split]

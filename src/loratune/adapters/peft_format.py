@@ -22,7 +22,7 @@ from torch import nn
 
 from loratune.adapters.config import LoraConfig
 from loratune.adapters.int8 import INT8_WEIGHTS_NAME, compress_tensors, read_int8_weights
-from loratune.adapters.peft_keys import factor_keys, module_key
+from loratune.adapters.peft_keys import factor_keys, magnitude_key, module_key
 from loratune.adapters.registry import active_adapters, adapters_of, get_entry, lora_layers, saved_modules
 from loratune.adapters.surgery import delete_adapter, inject_adapter, set_active, set_strength
 from loratune.adapters.targets import portable_target_modules
@@ -51,6 +51,8 @@ def adapter_slots(model: nn.Module, name: str) -> Iterator[tuple[str, torch.Tens
             a_key, b_key = factor_keys(path, layer.embedding)
             yield a_key, layer.lora_A[name]
             yield b_key, layer.lora_B[name]
+            if layer.is_dora(name):
+                yield magnitude_key(path), layer.lora_magnitude_vector[name]
     for path, wrapper in saved_modules(model):
         if name in wrapper.copies:
             for key, tensor in wrapper.copies[name].state_dict(keep_vars=True).items():

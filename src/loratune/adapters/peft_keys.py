@@ -4,6 +4,7 @@
     base_model.model.<module path>.lora_B.weight        out × r
     base_model.model.<module path>.lora_embedding_A     r × num_embeddings   (Embedding)
     base_model.model.<module path>.lora_embedding_B     embedding_dim × r
+    base_model.model.<module path>.lora_magnitude_vector   out (embedding_dim)   (DoRA's magnitude)
     base_model.model.<module path>.<key>                a modules_to_save copy's own state-dict keys
     base_model.model.<module path>.base_layer.weight    PEFT's copy of an adapted embedding's base weight
 
@@ -18,6 +19,7 @@ PREFIX = "base_model.model."
 LINEAR_SUFFIXES = ("lora_A.weight", "lora_B.weight")
 EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 BASE_COPY_SUFFIX = ".base_layer.weight"
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,16 @@ def factor_key(path: str, factor: str, embedding: bool = False) -> str:
 def factor_keys(path: str, embedding: bool = False) -> tuple[str, str]:
     """(A key, B key) of the module at ``path``."""
     return factor_key(path, "A", embedding), factor_key(path, "B", embedding)
+
+
+def magnitude_key(path: str) -> str:
+    """The key of a DoRA adapter's magnitude vector at ``path``."""
+    return f"{PREFIX}{path}{MAGNITUDE_SUFFIX}"
+
+
+def is_magnitude_key(key: str) -> bool:
+    """Whether ``key`` names a DoRA magnitude vector."""
+    return key.startswith(PREFIX) and key.endswith(MAGNITUDE_SUFFIX)
 
 
 def module_key(path: str, key: str) -> str:

@@ -87,6 +87,7 @@ def inject_adapter(
             weight_is_shared=id(layer.base_weight) in shared,
             config=config,
             order=order,
+            use_dora=config.use_dora,
         )
         lora_paths.append(path)
     saved_paths = []
@@ -105,11 +106,14 @@ def inject_adapter(
 
 
 def adapter_parameters(model: nn.Module, name: str) -> Iterator[nn.Parameter]:
-    """The parameters adapter ``name`` trains: its A and B factors and its modules_to_save copies."""
+    """The parameters adapter ``name`` trains: its A and B factors (and DoRA magnitudes) and its
+    modules_to_save copies."""
     for _, layer in lora_layers(model):
         if name in layer.lora_A:
             yield layer.lora_A[name]
             yield layer.lora_B[name]
+            if layer.is_dora(name):
+                yield layer.lora_magnitude_vector[name]
     for _, wrapper in saved_modules(model):
         if name in wrapper.copies:
             yield from wrapper.copies[name].parameters()
@@ -228,6 +232,7 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, *, safe
     """Write ``s·strength·B·A`` of ``names`` (default: the active adapters) into the base weights.
 
     Math in float32, cast back to the base dtype. An adapter already merged is skipped with a warning.
+    DoRA adapters merge first (their change is defined on the original weight); one per layer.
     ``safe``: refuse (and change nothing) if any merged weight would be non-finite.
     ``on_tied``: a weight shared with another module (tied embeddings) is given a private copy (``"untie"``)
     so the other module keeps its behaviour, or the merge is refused (``"error"``).
@@ -239,11 +244,13 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, *, safe
     names = active_adapters(model) if names is None else list(names)
     for name in names:
         get_entry(model, name)
+    names.sort(key=lambda name: not _is_dora(model, name))
     already = set(merged_adapters(model))
     for name in already.intersection(names):
         warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing", stacklevel=2)
     shared = _shared_weight_ids(model)
     work = []  # (layer, name, tied): every check passes before any weight is written
+    merging = set()  # ids of layers some pending merge writes to
     for name in (n for n in names if n not in already):
         for path, layer in lora_layers(model):
             if name not in layer.specs:
@@ -256,8 +263,12 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, *, safe
                 )
             try:
                 layer.check_merge(name, safe=safe)
+                if layer.is_dora(name) and id(layer) in merging:
+                    raise ConfigError(f"DoRA adapter {name!r} merges into the original weight, which another "
+                                      "adapter in this merge changes; merge one DoRA adapter per layer")
             except (ConfigError, ValueError) as error:
                 raise type(error)(f"{path}: {error}") from None
+            merging.add(id(layer))
             work.append((layer, name, tied))
     for layer, name, tied in work:
         layer.merge(name, untie=tied)
@@ -266,11 +277,16 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, *, safe
 def unmerge_adapters(model: nn.Module, names: Sequence[str] | None = None) -> None:
     """Subtract merged adapters (default: all) from the base weights, restoring them up to float rounding."""
     names = merged_adapters(model) if names is None else list(names)
+    names.sort(key=lambda name: _is_dora(model, name))  # DoRA last: it was merged into the original weight
     for name in names:
         get_entry(model, name)
         for _, layer in lora_layers(model):
             if layer.state.merged_scale(name) is not None:
                 layer.unmerge(name)
+
+
+def _is_dora(model: nn.Module, name: str) -> bool:
+    return any(layer.is_dora(name) for _, layer in lora_layers(model))
 
 
 def delete_adapter_layers(model: nn.Module, name: str) -> None:

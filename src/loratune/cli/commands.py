@@ -328,7 +328,7 @@ def run_inspect(args) -> int:
     from rich.table import Table
 
     table = Table(title=str(args.adapter), show_header=False, title_justify="left")
-    for key in ("base_model", "r", "lora_alpha", "use_rslora", "lora_dropout", "init_lora_weights", "target_modules",
+    for key in ("base_model", "r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "init_lora_weights", "target_modules",
                 "modules_to_save", "n_modules", "ranks", "trainable_params", "dtype", "compression", "size_bytes"):
         value = info.get(key)
         table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))

@@ -2,17 +2,19 @@
 
 ``run`` picks one per call, for Linear-like layers (a Linear, a 4-bit Linear, a GPT-2 ``Conv1D``):
 
-- **fused** (autograd on, one term on every row): ``fused_linear``'s autograd function, which saves only x
-  and A·x; a 4-bit base is dequantized in forward and again in backward.
+- **fused** (autograd on, one term on every row): ``fused_linear``'s autograd functions, which save only x
+  and A·x (DoRA: and the pre-scaling output its magnitude's gradient needs); a 4-bit base is dequantized in
+  forward and again in backward.
 - **stacked** (autograd on, a mixed-adapter batch): the batch's adapters as one stacked adapter — A of every
   adapter stacked (Σr × in), s·B side by side (out × Σr) — and a 0/1 row mask that keeps each row's own block.
 - **plan** (autograd off): the terms' factors prepared once (cast, B scaled and transposed, stacked, the row
   mask) and kept in ``layer.execution_cache`` while the layer's state and training flag, the input's dtype
   and size regime, and the factors (their version counters; a move empties the cache) stay the same. A
-  single adapter is the one-group case. On a CPU with few rows (decoding) the compiled kernel (``lowrank_cpu``) adds the update in
+  single adapter is the one-group case. A DoRA term folds in as a low-rank block with B scaled by its gain
+  plus a per-row scaling of the base product. On a CPU with few rows (decoding) the compiled kernel (``lowrank_cpu``) adds the update in
   one call, reading each row's block of the stacked factors.
 - **reference** for everything else: embeddings, dropout in training, a trainable base weight, extra
-  arguments, an input in another dtype than the base computes in.
+  arguments, an input in another dtype than the base computes in, DoRA in a mixed batch with autograd on.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 
 from loratune.errors import ConfigError
 from loratune.layers import lowrank_cpu
-from loratune.layers.fused_linear import lora_linear
+from loratune.layers.fused_linear import dora_linear, lora_linear
 from loratune.layers.state import Term
 
 FEW_ROWS = 64  # rows up to which a CPU keeps the low-rank products in the factors' float32 (and the kernel)
@@ -75,9 +77,9 @@ def fused_term(layer, x: torch.Tensor) -> Term | None:
     if not layer.fast_paths or layer.state.routing is not None:
         return None
     terms = layer.terms()
-    if len(terms) != 1 or terms[0].rows is not None or not _fast_path_applies(layer, x, terms):
+    if len(terms) != 1 or terms[0].rows is not None or terms[0].magnitude is not None:
         return None
-    return terms[0]
+    return terms[0] if _fast_path_applies(layer, x, terms) else None
 
 
 def _autograd_backend(layer, x: torch.Tensor, terms) -> str:
@@ -85,7 +87,9 @@ def _autograd_backend(layer, x: torch.Tensor, terms) -> str:
         return "base"
     if not _fast_path_applies(layer, x, terms):
         return "reference"
-    return "fused" if len(terms) == 1 and terms[0].rows is None else "stacked"
+    if len(terms) == 1 and terms[0].rows is None:
+        return "fused"
+    return "reference" if any(t.magnitude is not None for t in terms) else "stacked"
 
 
 def _with_autograd(layer, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +104,8 @@ def _with_autograd(layer, x: torch.Tensor) -> torch.Tensor:
         return layer.reference_forward(x)
     if backend == "fused":
         term = terms[0]
+        if term.magnitude is not None:
+            return dora_linear(x, layer, term, layer.base_layer.bias)
         return lora_linear(x, layer, layer.base_layer.bias, term.A, term.B, term.scale)
     A, sB = stacked_factors(terms, x.dtype)
     h = F.linear(x, A)
@@ -182,7 +188,7 @@ class Plan:
     compiled CPU kernel when it takes the update."""
 
     __slots__ = ("state", "training", "dtype", "factors", "stamp", "usable", "base", "A", "sBt", "mask", "kernel",
-                 "blocks")
+                 "blocks", "base_scale", "bias_shift")
 
     def fits(self, layer, x: torch.Tensor) -> bool:
         """Whether this plan still computes the layer's output for ``x`` (its state aside)."""
@@ -192,10 +198,10 @@ class Plan:
     def __init__(self, layer, x: torch.Tensor, terms):
         self.state, self.training, self.dtype = layer.state, layer.training, x.dtype
         self.base = layer.base_product()
-        self.factors = tuple(t for term in terms for t in (term.A, term.B))
+        self.factors = tuple(t for term in terms for t in (term.A, term.B, term.magnitude) if t is not None)
         self.stamp = _stamp(self.factors)
         self.usable = _fast_path_applies(layer, x, terms)
-        self.A = self.sBt = self.mask = self.kernel = self.blocks = None
+        self.A = self.sBt = self.mask = self.kernel = self.blocks = self.base_scale = self.bias_shift = None
 
     @classmethod
     def build(cls, layer, x: torch.Tensor, few: bool) -> Plan:
@@ -206,7 +212,10 @@ class Plan:
         # Few rows on a CPU: the rank-r products run several times faster in the factors' float32 than in bf16.
         dtype = terms[0].A.dtype if few else x.dtype
         with torch.no_grad():
-            A, sB = stacked_factors([_detached(t) for t in terms], dtype)
+            terms = [_detached(t) for t in terms]
+            if any(t.magnitude is not None for t in terms):
+                terms = plan._fold_dora(layer, terms, x.dtype)
+            A, sB = stacked_factors(terms, dtype)
         plan.A, plan.sBt = A.contiguous(), sB.T.contiguous()
         routing = layer.state.routing
         if routing is not None:
@@ -220,6 +229,38 @@ class Plan:
                                0 if plan.blocks is None else plan.blocks.data_ptr())
         return plan
 
+    def _fold_dora(self, layer, terms, dtype: torch.dtype) -> list[Term]:
+        """DoRA terms as plain ones with B scaled by their gain ``g``, and the base product's per-row scaling
+        ``1 + Σ t·(g − 1)`` kept in ``base_scale`` (rows × 1 × out) with ``bias_shift`` = (scaling − 1)·bias."""
+        rows = 1 if layer.state.routing is None else layer.state.routing.n_rows
+        extra = torch.zeros(rows, layer.out_features, dtype=torch.float32, device=terms[0].A.device)
+        folded = []
+        for term in terms:
+            if term.magnitude is None:
+                folded.append(term)
+                continue
+            gain = layer.dora_gain(term)
+            change = term.strength * (gain - 1)
+            if term.rows is None:
+                extra += change
+            else:
+                extra.index_add_(0, term.rows, change.expand(len(term.rows), -1))
+            folded.append(replace(term, B=term.B * gain[:, None].to(term.B.dtype), magnitude=None))
+        self.base_scale = (1 + extra)[:, None, :].to(dtype)
+        bias = layer.base_layer.bias
+        self.bias_shift = None if bias is None else (extra * bias.float())[:, None, :].to(dtype)
+        return folded
+
+    def _scaled_base(self, x2: torch.Tensor) -> torch.Tensor:
+        """The base product, scaled per row for DoRA terms (a no-op without them)."""
+        out = self.base(x2)
+        if self.base_scale is not None:
+            view = out.view(self.base_scale.shape[0], -1, out.shape[-1])
+            view.mul_(self.base_scale)
+            if self.bias_shift is not None:
+                view.sub_(self.bias_shift)
+        return out
+
     def run(self, x: torch.Tensor) -> torch.Tensor:
         if self.A is None:  # nothing to add: no adapter acts, or all are merged into the weight
             return self.base(x)
@@ -229,7 +270,7 @@ class Plan:
             raise ConfigError(f"adapter_names has {rows} names but the batch has {x.shape[0]} rows; "
                               "give exactly one name per row")
         if self.kernel is not None and x2.is_contiguous():
-            out = self.base(x2).contiguous()  # (it is; the kernel writes raw rows)
+            out = self._scaled_base(x2).contiguous()  # (it is; the kernel writes raw rows)
             add_low_rank, A_address, sBt_address, in_features, rank, out_features, is_bf16, blocks = self.kernel
             add_low_rank(out.data_ptr(), x2.data_ptr(), A_address, sBt_address, x2.shape[0], in_features, rank,
                          out_features, is_bf16, blocks, max(x2.shape[0] // rows, 1))
@@ -241,13 +282,13 @@ class Plan:
         if self.mask is not None:  # mixed batch: zero the other adapters' columns of each row (dim 0 of x)
             h.view(rows, -1, h.shape[1]).mul_(self.mask)
         if A.dtype == x2.dtype:
-            out = self.base(x2)
+            out = self._scaled_base(x2)
             out.addmm_(h, sBt)
         else:
             # float32 factors for a few bf16/fp16 rows: the rank-r products run before the base product (small
             # operations right after a multi-threaded matmul run slower)
             delta = torch.mm(h, sBt)
-            out = self.base(x2)
+            out = self._scaled_base(x2)
             out.add_(delta)
         return out.view(*x.shape[:-1], out.shape[-1])
 

@@ -59,12 +59,15 @@ class LoraLinear(LoraLayer):
         """The dtype the base multiplies in: inputs in it take the fused paths."""
         return self.base_layer.compute_dtype if self.quantized else self.base_layer.weight.dtype
 
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The base weight (out × in) in ``dtype``: the weight itself, or dequantized (a new tensor)."""
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight (out × in) in ``dtype`` (default: the one it computes in): the weight itself, or
+        dequantized (a new tensor)."""
         if self.quantized:
-            return self.base_layer.dequantized_weight(dtype)
-        weight = self.base_layer.weight
-        return weight if weight.dtype == dtype else weight.to(dtype)
+            return self.base_layer.dequantized_weight(dtype or self.compute_dtype)
+        return super().dense_weight(dtype)
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(x.dtype))
 
     def base_product(self):
         """A function computing the base output for an input (…, in), bound to the current base weight (for a
@@ -102,10 +105,6 @@ class LoraConv1D(LoraLinear):
 
     def weight_layout(self, delta):
         return delta.T
-
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        weight = self.base_layer.weight.T  # a view: out × in
-        return weight if weight.dtype == dtype else weight.to(dtype)
 
     def base_product(self):
         return self.base_layer

@@ -6,7 +6,8 @@ For an input ``x`` a layer returns
 
 where the terms are what its ``LayerState`` makes act: the active, unmerged adapters (in a mixed-adapter
 batch, each on its own rows), and, for a PiSSA adapter that does not act, the principal part it took out of
-W0. ``B·A`` is never formed in the forward pass. Factors keep their own dtype (float32 by default); the
+W0. A DoRA adapter (one with a magnitude vector) adds ``t·((g − 1) ⊙ W0·x + g ⊙ s·B·A·x)`` instead (see
+``layers.dora``). ``B·A`` is never formed in the forward pass. Factors keep their own dtype (float32 by default); the
 low-rank path runs in the activation dtype and the result has the base output's dtype.
 
 ``reference_forward`` is that definition, written plainly. ``forward`` hands the call to
@@ -25,11 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.errors import ConfigError
-from loratune.layers import execution
+from loratune.layers import dora, execution
 from loratune.layers.init import UNINITIALISED, PissaStart, check_init, init_factors, pissa_start
 from loratune.layers.state import LayerState, Routing, Term
-
-
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """The factor ``s`` in ``h = W0·x + s·B·A·x``: ``alpha/r``, or ``alpha/√r`` with rsLoRA."""
@@ -57,6 +56,7 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters' m (PEFT's name)
         self.specs: dict[str, AdapterSpec] = {}
         self.pissa: dict[str, PissaStart] = {}
         self._state = LayerState()
@@ -64,11 +64,14 @@ class LoraLayer(nn.Module):
         # so that nn.Module does not register the original as a parameter of this layer.
         self._shared_weight: tuple[nn.Parameter] | None = None
         self.execution_cache: dict = {}  # owned by layers.execution: prepared factors, checked against the state
+        self._base_norms: tuple | None = None  # (weight identity and version, ‖W0‖² per row) for DoRA
+        self._dora_merged_gains: dict[str, torch.Tensor] = {}  # the gain each merged DoRA adapter used
         self.fast_paths = False  # whether layers.execution may compute this layer's output its own way
 
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .half(): the factors get new storage, so prepared copies of them are stale
         self.execution_cache.clear()
+        self._base_norms = None
         return super()._apply(fn, recurse)
 
     # --- per kind: shapes, layout, the two products ------------------------------------------------------
@@ -92,6 +95,15 @@ class LoraLayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight as out × in, in ``dtype`` (default: the weight's own)."""
+        weight = self.weight_layout(self.base_weight)
+        return weight if dtype is None or weight.dtype == dtype else weight.to(dtype)
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """``W0·x``: the base output without its bias (for DoRA's ``(g − 1) ⊙ W0·x``)."""
+        return self.base_layer(x)
+
     # --- adapters --------------------------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
@@ -110,13 +122,17 @@ class LoraLayer(nn.Module):
         weight_is_shared: bool = False,
         config: object = None,
         order: int = 0,
+        use_dora: bool = False,
     ) -> None:
         """Create adapter ``name`` (r × in and out × r factors) and initialise it (see ``layers.init``); it
-        starts inactive. ``config`` and ``order`` are recorded in its ``AdapterSpec``. Raises ``ConfigError`` for
+        starts inactive. ``use_dora`` adds DoRA's magnitude vector, starting at the row norms of
+        ``W0 + s·B·A``. ``config`` and ``order`` are recorded in its ``AdapterSpec``. Raises ``ConfigError`` for
         a duplicate name or an initialisation this layer cannot take."""
         check_init(init)
         if name in self.lora_A:
             raise ConfigError(f"adapter {name!r} already exists on this layer")
+        if use_dora and init == "pissa":
+            raise ConfigError("DoRA with a PiSSA start is not supported; use init_lora_weights=True with use_dora")
         self.execution_cache.clear()  # the set of factors changes
         if init == "pissa":
             self._check_pissa(weight_is_shared)
@@ -134,6 +150,9 @@ class LoraLayer(nn.Module):
             self._add_to_weight(-start.delta())
         elif init != UNINITIALISED:
             init_factors(self.lora_A[name], self.lora_B[name], init, embedding=self.embedding)
+        if use_dora:
+            magnitude = dora.row_norms(self.dense_weight(), self.lora_A[name], self.lora_B[name], self.specs[name].scaling)
+            self.lora_magnitude_vector[name] = nn.Parameter(magnitude.to(dtype))
 
     def _check_pissa(self, weight_is_shared: bool) -> None:
         if weight_is_shared:
@@ -149,14 +168,19 @@ class LoraLayer(nn.Module):
         self.execution_cache.clear()
         if name in self.pissa:
             self._add_to_weight(self.pissa.pop(name).delta())
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
-            del table[name]
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in table:
+                del table[name]
         del self.specs[name]
         self._state = self._state.without(name)
 
     def effective_scale(self, name: str) -> float:
         """``s · strength`` for adapter ``name``."""
         return self.specs[name].scaling * self._state.strength(name)
+
+    def is_dora(self, name: str) -> bool:
+        """Whether adapter ``name`` is a DoRA adapter (has a magnitude vector)."""
+        return name in self.lora_magnitude_vector
 
     # --- state: replaced only here -------------------------------------------------------------------------
     @property
@@ -186,15 +210,35 @@ class LoraLayer(nn.Module):
             acting = [(name, rows) for name, rows in state.routing.rows(self.base_weight.device).items()]
         else:
             acting = [(name, None) for name in state.active]
-        terms = [
-            Term(self.lora_A[name], self.lora_B[name], self.effective_scale(name), self.lora_dropout[name], rows)
-            for name, rows in acting
-            if name in self.lora_A and state.merged_scale(name) is None
-        ]
+        terms = [self._term(name, rows) for name, rows in acting if name in self.lora_A and state.merged_scale(name) is None]
         # A PiSSA adapter that does not act leaves the original W0: add back what its start took out.
         acting_names = {name for name, _ in acting}
         terms += [self._restoring(start) for name, start in self.pissa.items() if name not in acting_names]
         return terms
+
+    def _term(self, name: str, rows) -> Term:
+        term = Term(self.lora_A[name], self.lora_B[name], self.effective_scale(name), self.lora_dropout[name], rows)
+        if name not in self.lora_magnitude_vector:
+            return term
+        if self._state.merged:
+            raise ConfigError(f"DoRA adapter {name!r} cannot run beside adapters merged into the same weight "
+                              f"{list(self._state.merged_names)}; unmerge them first")
+        return replace(term, magnitude=self.lora_magnitude_vector[name], scaling=self.specs[name].scaling)
+
+    def base_row_norms_squared(self) -> torch.Tensor:
+        """``‖W0‖²`` of each output row (float32), computed once per base weight (DoRA's norms build on it)."""
+        weight = self.base_weight
+        key = (id(weight), weight._version)
+        if self._base_norms is None or self._base_norms[0] != key:
+            self._base_norms = (key, dora.squared_row_norms(self.dense_weight()))
+        return self._base_norms[1]
+
+    def dora_gain(self, term: Term, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``g = m / ‖W0 + s·B·A‖_c`` of a DoRA term (float32; the norm carries no gradient, m does).
+        ``weight``: W0 as out × in when the caller already has it (a dequantized 4-bit weight, say)."""
+        weight = self.dense_weight() if weight is None else weight
+        norms = dora.row_norms(weight, term.A, term.B, term.scaling, self.base_row_norms_squared())
+        return term.magnitude.float() / norms.to(term.magnitude.device)
 
     def _restoring(self, start: PissaStart) -> Term:
         return Term(start.A0, start.B0, start.scaling, nn.Identity())
@@ -205,8 +249,14 @@ class LoraLayer(nn.Module):
             self._state.routing.check_rows(x.shape[0])
         result = self.base_layer(x, *args, **kwargs)
         for term in self.terms():
-            rows = x if term.rows is None else x.index_select(0, term.rows)
-            delta = (term.scale * self.up(self.down(term.dropout(rows), term.A), term.B)).to(result.dtype)
+            rows = term.dropout(x if term.rows is None else x.index_select(0, term.rows))
+            low_rank = self.up(self.down(rows, term.A), term.B)
+            if term.magnitude is None:
+                delta = (term.scale * low_rank).to(result.dtype)
+            else:
+                gain = self.dora_gain(term).to(low_rank.dtype)
+                delta = (term.strength * ((gain - 1) * self.base_without_bias(rows) + gain * term.scaling * low_rank))
+                delta = delta.to(result.dtype)
             result = result + delta if term.rows is None else result.index_add(0, term.rows, delta)
         return result
 
@@ -215,11 +265,18 @@ class LoraLayer(nn.Module):
 
     # --- merge ------------------------------------------------------------------------------------------------
     def _delta(self, name: str, scale: float) -> torch.Tensor:
+        """The change adapter ``name`` makes to W0 at ``scale`` (= s·strength), out × in, float32."""
         B, A = self.lora_B[name].detach().float(), self.lora_A[name].detach().float()
-        return scale * (B @ A)  # out × in
+        if name not in self.lora_magnitude_vector:
+            return scale * (B @ A)
+        s = self.specs[name].scaling
+        weight = self.dense_weight(torch.float32)
+        gain = self.dora_gain(self._term(name, None), weight).detach()
+        return dora.weight_change(weight, A, B, s, gain, scale / s)
 
     def delta_weight(self, name: str, scale: float | None = None) -> torch.Tensor:
-        """``scale·B·A`` in float32, laid out like the base weight (default scale: s · strength)."""
+        """What adapter ``name`` adds to the base weight, in float32, laid out like it (default scale:
+        s · strength): ``scale·B·A``, or for DoRA ``t·(W' − W0)`` (see ``layers.dora``)."""
         return self.weight_layout(self._delta(name, self.effective_scale(name) if scale is None else scale))
 
     def _add_to_weight(self, delta: torch.Tensor) -> None:
@@ -230,7 +287,10 @@ class LoraLayer(nn.Module):
 
     def check_merge(self, name: str, *, safe: bool = False) -> None:
         """Raise unless adapter ``name`` can be merged now (``safe``: also when a weight would become
-        non-finite: ``ValueError``)."""
+        non-finite: ``ValueError``). A DoRA adapter merges only into the original weight (nothing merged yet)."""
+        if self.is_dora(name) and self._state.merged:
+            raise ConfigError(f"DoRA adapter {name!r} merges into the original weight, but "
+                              f"{list(self._state.merged_names)} are merged already; merge the DoRA adapter first")
         if safe and not torch.isfinite(self.base_weight.detach().float() + self.delta_weight(name)).all():
             raise ValueError(f"merging adapter {name!r} would write non-finite values; nothing was changed")
 
@@ -249,6 +309,8 @@ class LoraLayer(nn.Module):
             original = self.base_layer.weight
             self.base_layer.weight = nn.Parameter(original.detach().clone(), requires_grad=False)
             self._shared_weight = (original,)
+        if self.is_dora(name):  # unmerging needs the gain the merge used
+            self._dora_merged_gains[name] = self.dora_gain(self._term(name, None)).detach()
         self._add_to_weight(self._delta(name, scale))
         self._state = self._state.with_merged(name, scale)
 
@@ -258,12 +320,23 @@ class LoraLayer(nn.Module):
         if scale is None:
             warnings.warn(f"adapter {name!r} is not merged; nothing to unmerge", stacklevel=3)
             return
+        others = [n for n in self._state.merged_names if n != name]
+        if self.is_dora(name) and others:
+            raise ConfigError(f"DoRA adapter {name!r} was merged first; unmerge {others} before it")
         self._state = self._state.with_merged(name, None)
+        gain = self._dora_merged_gains.pop(name, None)
         if not self._state.merged and self._shared_weight is not None:
             self.base_layer.weight = self._shared_weight[0]
             self._shared_weight = None
             return
-        self._add_to_weight(-self._delta(name, scale))
+        if gain is None:
+            self._add_to_weight(-self._delta(name, scale))
+            return
+        s = self.specs[name].scaling
+        original = dora.undo_change(self.dense_weight(torch.float32), self.lora_A[name].detach(),
+                                    self.lora_B[name].detach(), s, gain, scale / s)
+        with torch.no_grad():
+            self.base_weight.copy_(self.weight_layout(original).to(self.base_weight.dtype))
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.specs[n].r}" for n in self.adapter_names)

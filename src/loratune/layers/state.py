@@ -109,10 +109,20 @@ class LayerState:
 
 @dataclass(frozen=True)
 class Term:
-    """One summand of a layer's output: ``scale·B(A(dropout(x)))`` on ``rows`` of the batch (None: all rows)."""
+    """One summand of a layer's output: ``scale·B(A(dropout(x)))`` on ``rows`` of the batch (None: all rows).
+
+    A DoRA term (``magnitude`` set) adds ``t·((g − 1) ⊙ W0·x + g ⊙ s·B·A·x)`` instead, with ``g`` the magnitude
+    over the row norms of ``W0 + s·B·A`` (see ``layers.dora``); ``scale`` is still ``s·t``."""
 
     A: torch.Tensor  # r × in (an embedding's: r × num_embeddings)
     B: torch.Tensor  # out × r
     scale: float
     dropout: nn.Module
     rows: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None  # DoRA: m, one entry per output row
+    scaling: float = 0.0  # DoRA: s alone, which the row norms use
+
+    @property
+    def strength(self) -> float:
+        """A DoRA term's strength ``t``."""
+        return self.scale / self.scaling
