@@ -11,11 +11,13 @@ adapter, PEFT loads it trainable) and see the same batches, so their losses must
     python bench/train_vs_peft.py                       # smollm2-135m, bf16, batch 8 x 256, r=8 all-linear
     python bench/train_vs_peft.py --steps 20 --reps 3 --data demo   # variable-length chat data
     python bench/train_vs_peft.py --quantize nf4 --with-lora        # QLoRA vs PEFT + bitsandbytes (and our LoRA)
+    python bench/train_vs_peft.py --dora --with-lora                # DoRA vs PEFT's DoRA (and our plain LoRA)
 
 With ``--quantize nf4`` both sides train over a 4-bit NF4 base with double quantization and bf16 compute: loratune
 through ``model.quantize``, PEFT over transformers' ``BitsAndBytesConfig(load_in_4bit=True, nf4, double quant,
 compute bf16)`` (no ``prepare_model_for_kbit_training``: it would turn on gradient checkpointing).
-``--with-lora`` adds loratune's unquantized LoRA run, for its memory.
+``--dora`` trains DoRA adapters on both sides (``use_dora``). ``--with-lora`` adds loratune's plain LoRA run
+(unquantized, no DoRA), for what quantization or DoRA costs.
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def run_loratune(args) -> dict:
     config_path = Path(args.workdir) / "config.yaml"
     config = {
         "model": {"name": args.model, "dtype": args.dtype, "quantize": None if args.impl == "loratune-lora" else args.quantize},
-        "lora": {"r": args.r, "lora_alpha": 2 * args.r, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "lora": {"r": args.r, "lora_alpha": 2 * args.r, "lora_dropout": 0.0, "target_modules": "all-linear",
+                 "use_dora": args.dora and args.impl != "loratune-lora"},
         "data": {"train": args.data_file, "max_length": args.length, "packing": args.packing},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 2e-4, "scheduler": "constant",
                   "log_every": 1, "save_every": 10_000, "max_grad_norm": None, "seed": 0},
@@ -163,11 +166,12 @@ def run_peft(args) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
+    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, use_dora=args.dora,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     # Start from loratune's initial adapter: same seed, same init as the loratune run.
     start = Path(args.workdir) / "initial-adapter"
-    state = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+    state = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+             .replace(".lora_magnitude_vector", ".lora_magnitude_vector.default.weight"): v
              for k, v in _load_safetensors(start / "adapter_model.safetensors").items()}
     missing = model.load_state_dict(state, strict=False)
     assert not missing.unexpected_keys, missing.unexpected_keys[:3]
@@ -203,7 +207,8 @@ def write_initial_adapter(args) -> None:
 
     model, _ = loratune.load_model(args.model, dtype=args.dtype)
     torch.manual_seed(0)
-    loratune.add_adapter(model, loratune.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"))
+    loratune.add_adapter(model, loratune.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear",
+                                                    use_dora=args.dora))
     loratune.save_adapter(model, Path(args.workdir) / "initial-adapter")
 
 
@@ -237,10 +242,10 @@ def parent(args) -> None:
             results[impl].append(result)
             print(f"rep {rep + 1} {impl:8s} {result['tokens_per_s']:8.1f} tok/s  peak RSS {result['peak_rss_mib']:7.0f} MiB  "
                   f"loss@1 {result['losses'][0]:.4f}  loss@{args.steps} {result['losses'][-1]:.4f}", flush=True)
-    if args.quantize and args.with_lora:
+    if args.with_lora and (args.quantize or args.dora):
         results["loratune-lora"] = [run_child(args, "loratune-lora", workdir, data_file)]
         lora = results["loratune-lora"][0]
-        print(f"loratune LoRA without quantization: {lora['tokens_per_s']:.1f} tok/s, peak RSS {lora['peak_rss_mib']:.0f} MiB")
+        print(f"loratune plain LoRA: {lora['tokens_per_s']:.1f} tok/s, peak RSS {lora['peak_rss_mib']:.0f} MiB")
     report(args, results, roofline)
 
 
@@ -274,7 +279,7 @@ def report(args, results, roofline: tuple[float, float]) -> None:
     l_loss, p_loss = results["loratune"][0]["losses"], results["peft"][0]["losses"]
     rel = [abs(a - b) / abs(b) for a, b in zip(l_loss, p_loss)]
     print()
-    print(f"model {args.model}{' ' + args.quantize + ' base' if args.quantize else ''}, {args.dtype}, batch {args.batch} x {args.length} ({args.data} data), r={args.r} all-linear, "
+    print(f"model {args.model}{' ' + args.quantize + ' base' if args.quantize else ''}, {args.dtype}, batch {args.batch} x {args.length} ({args.data} data), r={args.r} all-linear{' DoRA' if args.dora else ''}, "
           f"{args.steps} steps ({args.warmup} warm-up excluded), {args.reps} reps, medians")
     print("| trainer | tokens/s | peak RSS (MiB) |")
     print("|---|---|---|")
@@ -283,7 +288,10 @@ def report(args, results, roofline: tuple[float, float]) -> None:
     print(f"| ratio loratune / PEFT | {lt / pt:.2f}x | {lm / pm:.2f}x |")
     if "loratune-lora" in results:
         lora = results["loratune-lora"][0]
-        print(f"| loratune LoRA, unquantized base | {lora['tokens_per_s']:.0f} | {lora['peak_rss_mib']:.0f} |")
+        print(f"| loratune plain LoRA, unquantized base | {lora['tokens_per_s']:.0f} | {lora['peak_rss_mib']:.0f} |")
+        if args.dora:
+            print(f"DoRA's cost over plain LoRA in loratune: {lora['tokens_per_s'] / lt:.2f}x the time per token, "
+                  f"{lm / lora['peak_rss_mib']:.2f}x the memory")
     ceiling, gflop = roofline
     print(f"matmul roofline ({gflop:.2f} GFLOP per token, each product timed at its shape): {ceiling:.0f} tokens/s; "
           f"loratune at {100 * lt / ceiling:.0f}% of it, PEFT at {100 * pt / ceiling:.0f}%")
@@ -293,7 +301,8 @@ def report(args, results, roofline: tuple[float, float]) -> None:
 def _passthrough(args) -> list[str]:
     return ["--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch), "--length", str(args.length),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--r", str(args.r), "--data", args.data,
-            *(["--packing"] if args.packing else []), *(["--quantize", args.quantize] if args.quantize else [])]
+            *(["--packing"] if args.packing else []), *(["--quantize", args.quantize] if args.quantize else []),
+            *(["--dora"] if args.dora else [])]
 
 
 def main() -> None:
@@ -311,8 +320,9 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true", help="loratune packs rows (demo data)")
     parser.add_argument("--quantize", choices=("nf4", "fp4"), default=None,
                         help="QLoRA: train over a 4-bit base on both sides (bitsandbytes for PEFT)")
+    parser.add_argument("--dora", action="store_true", help="train DoRA adapters (use_dora) on both sides")
     parser.add_argument("--with-lora", action="store_true",
-                        help="with --quantize: also run loratune's unquantized LoRA once, for comparison")
+                        help="with --quantize or --dora: also run loratune's plain LoRA once, for comparison")
     parser.add_argument("--child", choices=("loratune", "peft", "loratune-lora"), dest="impl", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--data-file", help=argparse.SUPPRESS)

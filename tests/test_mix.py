@@ -356,7 +356,7 @@ def test_invalid_options_are_refused_in_one_line(source, options, message):
 def test_an_unconverted_pissa_adapter_is_refused(source):
     config, tensors = as_input(source, "a")
     pissa = config.model_copy(update={"init_lora_weights": "pissa"})
-    with pytest.raises(ConfigError, match="unconverted PiSSA"):
+    with pytest.raises(ConfigError, match="unconverted adapter from init_lora_weights='pissa'"):
         mix_adapters([(pissa, tensors)], [1.0], "cat")
 
 

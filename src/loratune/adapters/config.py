@@ -6,16 +6,15 @@ The config is immutable: derive a changed copy with ``config.model_copy(update={
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loratune.errors import AdapterLoadError, ConfigError
-from loratune.layers import INIT_CHOICES
+from loratune.layers import INIT_CHOICES, is_residual_start, is_valid_init
 from loratune.validation import check_known_keys, one_line_errors
 
 ALL_LINEAR = "all-linear"
-_NAMED_INITS = tuple(choice for choice in INIT_CHOICES if isinstance(choice, str))
 
 # Keys PEFT writes whose non-default values change the math; an adapter using one of them is refused
 # rather than silently misread.
@@ -29,8 +28,9 @@ _UNSUPPORTED_PEFT_FEATURES = {
 }
 
 
-# PEFT starts that rewrite W0 in ways loratune does not reproduce (plain "pissa" it does: exact SVD).
-_BASE_REWRITING_STARTS = ("pissa_niter_", "olora", "corda", "loftq", "lora_ga")
+# PEFT starts that rewrite W0 in ways loratune cannot rebuild on load ("pissa" and "olora" it can: they are
+# deterministic; "pissa_niter_N" is random).
+_BASE_REWRITING_STARTS = ("pissa_niter_", "corda", "loftq", "lora_ga")
 
 
 class LoraConfig(BaseModel):
@@ -45,7 +45,8 @@ class LoraConfig(BaseModel):
     - ``rank_pattern`` / ``alpha_pattern``: per-module r / alpha; a key is a regex matched against the end
       of the module path at a dot boundary.
     - ``init_lora_weights``: True (A Kaiming-uniform, B zero: starts as the base model), ``"gaussian"``
-      (A ~ N(0, 1/r)), ``"pissa"`` (principal singular directions of W0), or False (random B; tests only).
+      (A ~ N(0, 1/r)), ``"pissa"`` (principal singular directions of W0), ``"pissa_niter_N"`` (the same from a
+      randomized SVD with N iterations), ``"olora"`` (QR of W0), or False (random B; tests only).
     - ``modules_to_save``: modules trained in full (a private copy per adapter) and saved with the adapter.
     - ``use_dora``: DoRA, weight-decomposed LoRA (a trainable magnitude per output row; see ``layers.dora``).
 
@@ -64,7 +65,7 @@ class LoraConfig(BaseModel):
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     use_rslora: bool = False
-    init_lora_weights: Union[bool, Literal[_NAMED_INITS]] = True
+    init_lora_weights: Union[bool, str] = True
     modules_to_save: Union[list[str], None] = None
     use_dora: bool = False
     bias: str = "none"
@@ -80,8 +81,8 @@ class LoraConfig(BaseModel):
     @field_validator("init_lora_weights", mode="before")
     @classmethod
     def _known_init(cls, value):
-        if isinstance(value, str) and value not in INIT_CHOICES:
-            raise ValueError(f"must be one of {', '.join(map(repr, INIT_CHOICES))}")
+        if not is_valid_init(value):
+            raise ValueError(f"must be one of {', '.join(map(repr, INIT_CHOICES))} (N: a positive integer)")
         return value
 
     @field_validator("target_modules")
@@ -108,8 +109,8 @@ class LoraConfig(BaseModel):
 
     @model_validator(mode="after")
     def _dora_start(self):
-        if self.use_dora and self.init_lora_weights == "pissa":
-            raise ValueError("use_dora cannot start from PiSSA (init_lora_weights='pissa'); use the default init")
+        if self.use_dora and is_residual_start(self.init_lora_weights):
+            raise ValueError(f"use_dora cannot start from init_lora_weights={self.init_lora_weights!r}; use the default init")
         return self
 
     @model_validator(mode="after")
@@ -147,7 +148,7 @@ class LoraConfig(BaseModel):
                 f"{source}: init_lora_weights={init!r} means the adapter expects a base weight rewritten by that "
                 "start; save it converted with PEFT (path_initial_model_for_weight_conversion) and load that"
             )
-        if init not in INIT_CHOICES:
+        if not is_valid_init(init):
             known["init_lora_weights"] = True  # other starts (eva, orthogonal, ...) leave W0 alone
         for key in ("rank_pattern", "alpha_pattern"):
             if known.get(key) is None:

@@ -16,7 +16,7 @@ from loratune.adapters.config import LoraConfig
 from loratune.adapters.peft_keys import parse_factor_key
 from loratune.adapters.targets import rank_and_alpha
 from loratune.errors import ConfigError
-from loratune.layers import lora_scaling
+from loratune.layers import is_residual_start, lora_scaling
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,11 @@ def adapter_factors(
 ) -> tuple[dict[str, Factors], dict[str, torch.Tensor]]:
     """Split PEFT-keyed ``tensors`` into ``{module path: Factors}`` (scaling from ``config``) and the other
     tensors (modules_to_save copies). Raises ``ConfigError`` naming ``source`` for an A without its B, a rank
-    that disagrees with the config, or an adapter whose delta is not s·B·A (an unconverted PiSSA adapter)."""
-    if config.init_lora_weights == "pissa":
+    that disagrees with the config, or an adapter whose delta is not s·B·A (an unconverted PiSSA or OLoRA adapter)."""
+    if is_residual_start(config.init_lora_weights):
         raise ConfigError(
-            f"{source} is an unconverted PiSSA adapter (its delta is not s·B·A); load it with loratune and "
-            "save it again, which converts it to plain LoRA, and use that"
+            f"{source} is an unconverted adapter from init_lora_weights={config.init_lora_weights!r} (its delta is "
+            "not s·B·A); load it with loratune and save it again, which converts it to plain LoRA, and use that"
         )
     factors, used = {}, set()
     for key in tensors:

@@ -296,7 +296,7 @@ def load_adapter(
     if name is None:
         name = _free_name(model, directory)
     # The file fills every factor (checked strictly), except that a PiSSA adapter must rebuild its residual base.
-    init = "pissa" if config.init_lora_weights == "pissa" else UNINITIALISED
+    init = config.init_lora_weights if config.init_lora_weights in ("pissa", "olora") else UNINITIALISED
     try:
         inject_adapter(model, config, name, dtype=dtype, init=init)
     except ConfigError as exc:

@@ -1,7 +1,8 @@
 """LoRA layers, read top to bottom:
 
 - ``state``: what a layer does now (``LayerState``, ``Routing``) as an immutable value, and its ``Term``s;
-- ``init``: how factors start (LoRA's, gaussian, PiSSA);
+- ``init``: how factors start (LoRA's, gaussian, PiSSA and its randomized variant, OLoRA);
+- ``dora``: DoRA's math (row norms without the dense update, the weight change, strength);
 - ``lora``: the layer and its math (``reference_forward`` defines the output);
 - ``kinds``: what A and B mean around a Linear (dense or 4-bit), a GPT-2 Conv1D and an Embedding;
 - ``execution``: faster ways to compute the same output (fused training, stacked mixed batches, no-grad plans);
@@ -9,7 +10,7 @@
 - ``lowrank_cpu`` (+ ``_lowrank_cpu.c``): the compiled CPU kernel that plans use for a few rows.
 """
 
-from loratune.layers.init import INIT_CHOICES, UNINITIALISED, PissaStart
+from loratune.layers.init import INIT_CHOICES, UNINITIALISED, PissaStart, is_residual_start, is_valid_init
 from loratune.layers.kinds import (
     MERGE_4BIT_HINT,
     LoraConv1D,
@@ -39,6 +40,8 @@ __all__ = [
     "Term",
     "UNINITIALISED",
     "is_conv1d",
+    "is_residual_start",
+    "is_valid_init",
     "is_linear",
     "lora_class_for",
     "lora_scaling",

@@ -21,14 +21,19 @@ from __future__ import annotations
 import torch
 
 
+def _exact_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # float32, or float64 for a float64 weight
+
+
 def squared_row_norms(weight: torch.Tensor) -> torch.Tensor:
-    """``‖W0‖²`` of each row of ``weight`` (out × in), in float32."""
-    return weight.float().square().sum(1)
+    """``‖W0‖²`` of each row of ``weight`` (out × in), in float32 (float64 for a float64 weight)."""
+    return weight.to(_exact_dtype(weight.dtype)).square().sum(1)
 
 
 def row_norms(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
               weight_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """``‖W0 + scale·B·A‖`` of each output row (float32, no gradient), without forming the sum.
+    """``‖W0 + scale·B·A‖`` of each output row (float32, or float64 for a float64 weight; no gradient), without
+    forming the sum.
 
     ``weight``: W0 (out × in, any float dtype: the product W0·Aᵀ runs in it); ``A`` r × in, ``B`` out × r;
     ``weight_sq``: ``squared_row_norms(weight)`` when the caller keeps it.
@@ -36,8 +41,9 @@ def row_norms(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: flo
     with torch.no_grad():
         if weight_sq is None:
             weight_sq = squared_row_norms(weight)
-        A32, B32 = A.detach().float(), B.detach().float()
-        cross = (weight @ A.detach().to(weight.dtype).T).float()  # out × r
+        exact = _exact_dtype(weight.dtype)
+        A32, B32 = A.detach().to(exact), B.detach().to(exact)
+        cross = (weight @ A.detach().to(weight.dtype).T).to(exact)  # out × r
         squares = weight_sq + (2 * scale) * (cross * B32).sum(1) + scale * scale * ((B32 @ (A32 @ A32.T)) * B32).sum(1)
         return squares.clamp_min_(0).sqrt_()
 

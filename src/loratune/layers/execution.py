@@ -73,11 +73,11 @@ def _fast_path_applies(layer, x: torch.Tensor, terms) -> bool:
 def fused_term(layer, x: torch.Tensor) -> Term | None:
     """The one term of ``layer`` when, with autograd on, an input like ``x`` takes the fused path (a single
     adapter on every row, no dropout acting, a frozen base computing in x's dtype); None otherwise. For fused
-    functions that compute the layer's input themselves (``train.fused_ops``)."""
+    functions that compute the layer's input themselves (``train.fused_ops``); a DoRA term has ``magnitude``."""
     if not layer.fast_paths or layer.state.routing is not None:
         return None
     terms = layer.terms()
-    if len(terms) != 1 or terms[0].rows is not None or terms[0].magnitude is not None:
+    if len(terms) != 1 or terms[0].rows is not None:
         return None
     return terms[0] if _fast_path_applies(layer, x, terms) else None
 

@@ -70,57 +70,83 @@ def lora_linear(x, source, bias, lora_A, lora_B, scale: float) -> torch.Tensor:
     return LoraLinearFunction.apply(x, source, bias, lora_A, lora_B, scale)
 
 
+def dora_linear_forward(x2, weight, bias, lora_A, lora_B, magnitude, norms, scale: float, strength: float):
+    """(out, xa, kept, kept_is_out) for 2-D ``x2`` (N × in) and a DoRA term: ``out = x2·Wᵀ + bias +
+    t·((g − 1) ⊙ x2·Wᵀ + g ⊙ s·xa·Bᵀ)`` with ``xa = x2·Aᵀ`` and ``g = m / norms`` (the row norms of W + s·B·A,
+    a constant). ``kept`` is what m's gradient needs: ``out`` itself at strength 1 (no extra memory: the next
+    operation usually keeps it too), else ``v = x2·Wᵀ + s·xa·Bᵀ``."""
+    A, B = lora_A.to(x2.dtype), lora_B.to(x2.dtype)
+    gain = magnitude.detach().to(norms.dtype) / norms
+    xa = x2 @ A.T
+    z = x2 @ weight.T
+    kept_is_out = strength == 1 and bool((magnitude != 0).all())
+    if kept_is_out:
+        out = kept = z.addmm_(xa, B.T, alpha=scale).mul_(gain.to(x2.dtype))
+    else:
+        kept = torch.addmm(z, xa, B.T, alpha=scale)
+        out = (kept * (strength * gain).to(x2.dtype)).add_(z, alpha=1 - strength)
+    if bias is not None:
+        out.add_(bias.to(x2.dtype))
+    return out, xa, kept, kept_is_out
+
+
+def dora_linear_backward(g2, x2, xa, kept, kept_is_out: bool, weight, bias, lora_A, lora_B, magnitude, norms,
+                         scale: float, strength: float, needs):
+    """Gradients (x2, bias, A, B, m) of ``dora_linear_forward`` for output gradient ``g2`` (N × out); ``needs``
+    says which (5 flags); ``kept`` and ``kept_is_out`` as that function returned them."""
+    A, B = lora_A.to(x2.dtype), lora_B.to(x2.dtype)
+    m = magnitude.detach().to(norms.dtype)
+    grad_v = g2 * (strength * m / norms).to(g2.dtype)  # also the gradient of x2·Wᵀ, plus (1 − t)·g2 when t ≠ 1
+    gb = (grad_v @ B).mul_(scale)  # N × r: the gradient of xa
+    grad_x = grad_bias = grad_A = grad_B = grad_m = None
+    if needs[0]:
+        grad_z = grad_v if strength == 1 else grad_v.add(g2, alpha=1 - strength)
+        grad_x = (grad_z @ weight).addmm_(gb, A)
+    if needs[1] or (needs[4] and kept_is_out and bias is not None):
+        grad_bias = g2.sum(0, dtype=norms.dtype)
+    if needs[2]:
+        grad_A = (gb.T @ x2).to(lora_A.dtype)
+    if needs[3]:
+        grad_B = (scale * (grad_v.T @ xa)).to(lora_B.dtype)
+    if needs[4]:
+        # dout/dm = t·v / norms; with kept = out (t = 1), v = (out − bias)·norms/m, so the gradient is Σ g2⊙(out − bias) / m
+        product = (g2 * kept).sum(0, dtype=norms.dtype)
+        if not kept_is_out:
+            grad_m = strength * product / norms
+        else:
+            grad_m = (product if bias is None else product - bias.to(m.dtype) * grad_bias) / m
+        grad_m = grad_m.to(magnitude.dtype)
+    return grad_x, grad_bias, grad_A, grad_B, grad_m
+
+
 class DoraLinearFunction(torch.autograd.Function):
-    """DoRA's ``x·Wᵀ + bias + t·((g − 1) ⊙ x·Wᵀ + g ⊙ s·(x·Aᵀ)·Bᵀ)`` with ``g = m / ‖W + s·B·A‖_c`` (the norm a
-    constant, see ``layers.dora``), W from ``layer.dense_weight`` and the norms from it, so a
-    4-bit weight is dequantized once per pass. Saves x, x·Aᵀ and ``v = x·Wᵀ + s·x·Aᵀ·Bᵀ`` (what m's gradient
-    needs), never the dense update."""
+    """DoRA's layer output (see ``dora_linear_forward``) with W from ``layer.dense_weight`` and the row norms from
+    it, so a 4-bit weight is dequantized once per pass. Saves x, x·Aᵀ and one N × out tensor for m's gradient
+    (the output itself at strength 1), never the dense update."""
 
     @staticmethod
     def forward(ctx, x, layer, term, bias, lora_A, lora_B, magnitude):
         x2 = x.reshape(-1, x.shape[-1])
         weight = layer.dense_weight(x.dtype)
-        s, t = term.scaling, term.strength
-        norms = dora.row_norms(weight, lora_A, lora_B, s, layer.base_row_norms_squared())  # float32, out
-        gain = magnitude.detach().float() / norms
-        z = x2 @ weight.T
+        norms = dora.row_norms(weight, lora_A, lora_B, term.scaling, layer.base_row_norms_squared())
+        out, xa, kept, ctx.kept_is_out = dora_linear_forward(x2, weight, bias, lora_A, lora_B, magnitude, norms,
+                                                             term.scaling, term.strength)
         del weight
-        xa = x2 @ lora_A.to(x.dtype).T
-        v = torch.addmm(z, xa, lora_B.to(x.dtype).T, alpha=s)
-        out = v * (t * gain).to(x.dtype)
-        if t != 1:
-            out.add_(z, alpha=1 - t)
-        del z
-        if bias is not None:
-            out.add_(bias.to(x.dtype))
-        ctx.save_for_backward(x, lora_A, lora_B, xa, v, gain, norms)
-        ctx.layer, ctx.scaling, ctx.strength = layer, s, t
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.magnitude_dtype = magnitude.dtype
+        ctx.save_for_backward(x, lora_A, lora_B, magnitude, xa, kept, norms, bias)
+        ctx.layer, ctx.scaling, ctx.strength = layer, term.scaling, term.strength
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, lora_A, lora_B, xa, v, gain, norms = ctx.saved_tensors
+        x, lora_A, lora_B, magnitude, xa, kept, norms, bias = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        s, t = ctx.scaling, ctx.strength
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        grad_v = g2 * (t * gain).to(g2.dtype)  # also the gradient of W·x, plus (1 − t)·g2 when t ≠ 1
-        gb = (grad_v @ B).mul_(s)  # N × r: the gradient of x·Aᵀ
-        grad_x = grad_bias = grad_A = grad_B = grad_m = None
-        if needs[0]:
-            grad_z = grad_v if t == 1 else grad_v.add(g2, alpha=1 - t)
-            grad_x = (grad_z @ ctx.layer.dense_weight(x.dtype)).addmm_(gb, A).view(x.shape)
-        if needs[3]:
-            grad_bias = g2.sum(0).to(ctx.bias_dtype)
-        if needs[4]:
-            grad_A = (gb.T @ x2).to(lora_A.dtype)
-        if needs[5]:
-            grad_B = (s * (grad_v.T @ xa)).to(lora_B.dtype)
-        if needs[6]:
-            grad_m = (t * (g2 * v).sum(0, dtype=torch.float32) / norms).to(ctx.magnitude_dtype)
+        weight = ctx.layer.dense_weight(x.dtype) if needs[0] else None
+        grad_x, grad_bias, grad_A, grad_B, grad_m = dora_linear_backward(
+            grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]), xa, kept, ctx.kept_is_out, weight,
+            bias, lora_A, lora_B, magnitude, norms, ctx.scaling, ctx.strength, (needs[0], *needs[3:7]),
+        )
+        grad_x = grad_x.view(x.shape) if grad_x is not None else None
+        grad_bias = grad_bias.to(bias.dtype) if needs[3] else None
         return grad_x, None, None, grad_bias, grad_A, grad_B, grad_m
 
 

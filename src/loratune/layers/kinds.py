@@ -78,8 +78,8 @@ class LoraLinear(LoraLayer):
 
     def _check_pissa(self, weight_is_shared: bool) -> None:
         if self.quantized:
-            raise ConfigError("PiSSA rewrites the base weight, which is stored in 4 bits here; load the base "
-                              "unquantized (model.quantize: null) to start from PiSSA")
+            raise ConfigError("PiSSA and OLoRA starts rewrite the base weight, which is stored in 4 bits here; load the base "
+                              "unquantized (model.quantize: null) to start from them")
         super()._check_pissa(weight_is_shared)
 
     def check_merge(self, name: str, *, safe: bool = False) -> None:
@@ -136,7 +136,7 @@ class LoraEmbedding(LoraLayer):
         return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
 
     def _check_pissa(self, weight_is_shared: bool) -> None:
-        raise ConfigError("PiSSA initialisation is not supported for embeddings; use init_lora_weights=True")
+        raise ConfigError("PiSSA and OLoRA starts are not supported for embeddings; use init_lora_weights=True")
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -27,7 +27,7 @@ from torch import nn
 
 from loratune.errors import ConfigError
 from loratune.layers import dora, execution
-from loratune.layers.init import UNINITIALISED, PissaStart, check_init, init_factors, pissa_start
+from loratune.layers.init import UNINITIALISED, PissaStart, check_init, init_factors, is_residual_start, residual_start
 from loratune.layers.state import LayerState, Routing, Term
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -131,18 +131,18 @@ class LoraLayer(nn.Module):
         check_init(init)
         if name in self.lora_A:
             raise ConfigError(f"adapter {name!r} already exists on this layer")
-        if use_dora and init == "pissa":
-            raise ConfigError("DoRA with a PiSSA start is not supported; use init_lora_weights=True with use_dora")
+        if use_dora and is_residual_start(init):
+            raise ConfigError(f"DoRA with init_lora_weights={init!r} is not supported; use the default init with use_dora")
         self.execution_cache.clear()  # the set of factors changes
-        if init == "pissa":
+        if is_residual_start(init):
             self._check_pissa(weight_is_shared)
         device = self.base_weight.device
         self.specs[name] = AdapterSpec(r, lora_alpha, lora_scaling(r, lora_alpha, use_rslora), config, order)
         self.lora_A[name] = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
         self.lora_B[name] = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device))
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 and not self.embedding else nn.Identity()
-        if init == "pissa":
-            start = pissa_start(self.weight_layout(self.base_weight.detach()), r, self.specs[name].scaling)
+        if is_residual_start(init):
+            start = residual_start(init, self.weight_layout(self.base_weight.detach()), r, self.specs[name].scaling)
             with torch.no_grad():
                 self.lora_A[name].copy_(start.A0)
                 self.lora_B[name].copy_(start.B0)
@@ -157,12 +157,12 @@ class LoraLayer(nn.Module):
     def _check_pissa(self, weight_is_shared: bool) -> None:
         if weight_is_shared:
             raise ConfigError(
-                "PiSSA rewrites the base weight, which this module shares with another one (tied weights); "
+                "PiSSA and OLoRA starts rewrite the base weight, which this module shares with another one (tied weights); "
                 "use init_lora_weights=True for this module or exclude it"
             )
 
     def remove_adapter(self, name: str) -> None:
-        """Delete adapter ``name``. A PiSSA adapter gives its principal part back to the base weight."""
+        """Delete adapter ``name``. An adapter from a residual start (PiSSA, OLoRA) gives what it took back to the base weight."""
         if self._state.merged_scale(name) is not None:
             raise ConfigError(f"adapter {name!r} is merged; unmerge it before deleting it")
         self.execution_cache.clear()
@@ -238,7 +238,7 @@ class LoraLayer(nn.Module):
         ``weight``: W0 as out × in when the caller already has it (a dequantized 4-bit weight, say)."""
         weight = self.dense_weight() if weight is None else weight
         norms = dora.row_norms(weight, term.A, term.B, term.scaling, self.base_row_norms_squared())
-        return term.magnitude.float() / norms.to(term.magnitude.device)
+        return term.magnitude.to(norms.dtype) / norms.to(term.magnitude.device)
 
     def _restoring(self, start: PissaStart) -> Term:
         return Term(start.A0, start.B0, start.scaling, nn.Identity())

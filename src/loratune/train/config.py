@@ -58,6 +58,8 @@ class TrainSection(_Section):
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    loraplus_lr_ratio: Optional[float] = Field(None, gt=0)  # LoRA+: B's lr = ratio × lr (see train.optimizer)
+    loraplus_lr_embedding: float = Field(1e-6, gt=0)  # LoRA+: the lr of adapted embeddings' factors (PEFT's default)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
     seed: int = 0

@@ -22,7 +22,13 @@ from torch import nn
 
 from loratune.layers import LoraLayer
 from loratune.layers.execution import fused_term
-from loratune.layers.fused_linear import lora_linear_backward, lora_linear_forward
+from loratune.layers import dora
+from loratune.layers.fused_linear import (
+    dora_linear_backward,
+    dora_linear_forward,
+    lora_linear_backward,
+    lora_linear_forward,
+)
 from loratune.train import fused_cpu
 
 # Architectures whose RMSNorm is ``weight * (x·rstd).to(dtype)`` and whose MLP is down(silu(gate(x)) * up(x)):
@@ -186,6 +192,37 @@ class SiluMulLoraDownFunction(torch.autograd.Function):
         return grad_gate, grad_up, None, grad_bias, grad_A, grad_B, None
 
 
+class SiluMulDoraDownFunction(torch.autograd.Function):
+    """``down(silu(gate) * up)`` with a DoRA ``down``: like ``SiluMulLoraDownFunction``, the intermediate-width
+    product is recomputed in backward instead of kept."""
+
+    @staticmethod
+    def forward(ctx, gate, up, layer, term, bias, lora_A, lora_B, magnitude):
+        product = _silu_mul(gate, up).reshape(-1, gate.shape[-1])
+        dense = layer.dense_weight(product.dtype)
+        norms = dora.row_norms(dense, lora_A, lora_B, term.scaling, layer.base_row_norms_squared())
+        out, xa, kept, ctx.kept_is_out = dora_linear_forward(product, dense, bias, lora_A, lora_B, magnitude, norms,
+                                                             term.scaling, term.strength)
+        ctx.save_for_backward(gate, up, lora_A, lora_B, magnitude, xa, kept, norms, bias)
+        ctx.layer, ctx.scaling, ctx.strength = layer, term.scaling, term.strength
+        return out.view(*gate.shape[:-1], dense.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, lora_A, lora_B, magnitude, xa, kept, norms, bias = ctx.saved_tensors
+        product = _silu_mul(gate, up).reshape(-1, gate.shape[-1])
+        dense = ctx.layer.dense_weight(product.dtype)
+        needs = (True, *ctx.needs_input_grad[4:8])
+        grad_product, grad_bias, grad_A, grad_B, grad_m = dora_linear_backward(
+            grad_out.reshape(-1, grad_out.shape[-1]), product, xa, kept, ctx.kept_is_out, dense, bias, lora_A, lora_B,
+            magnitude, norms, ctx.scaling, ctx.strength, needs,
+        )
+        grad_gate, grad_up = _silu_mul_backward(gate, up, grad_product.view(gate.shape),
+                                                out=(grad_product.view(gate.shape), product.view(up.shape)))
+        grad_bias = grad_bias.to(bias.dtype) if ctx.needs_input_grad[4] else None
+        return grad_gate, grad_up, None, None, grad_bias, grad_A, grad_B, grad_m
+
+
 def _rms_norm_forward(self, hidden_states):
     return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
 
@@ -195,6 +232,8 @@ def _mlp_forward(self, x):
     term = fused_term(down, gate) if isinstance(down, LoraLayer) else None
     if term is None:
         return down(SiluMulFunction.apply(gate, up))
+    if term.magnitude is not None:
+        return SiluMulDoraDownFunction.apply(gate, up, down, term, down.base_layer.bias, term.A, term.B, term.magnitude)
     return SiluMulLoraDownFunction.apply(gate, up, down, down.base_layer.bias, term.A, term.B, term.scale)
 
 

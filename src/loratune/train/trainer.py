@@ -41,6 +41,7 @@ from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
 from loratune.train.interrupt import StepInterrupts
 from loratune.train.loss import causal_lm_loss_sum
 from loratune.train.metrics import MetricsLog, plot_losses
+from loratune.train.optimizer import build_optimizer, set_learning_rate
 from loratune.train.run_dir import (
     SUMMARY_FILE,
     RunDirs,
@@ -249,7 +250,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+    optimizer = build_optimizer(model, t)
     stream = BatchStream(data.train, config, tokenizer.pad_token_id, device)
     micro_batches = math.ceil(t.epochs * stream.batches_per_epoch)
     total_steps = t.max_steps or max(1, math.ceil(micro_batches / t.grad_accum))
@@ -316,8 +317,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
                 tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                              for b in batches)
                 with interrupts.protected():
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
+                    set_learning_rate(optimizer, lr)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     seconds = time.perf_counter() - started
