@@ -1,8 +1,8 @@
 """Every execution backend against the reference: the one test matrix.
 
-{Linear, Conv1D, Embedding, 4-bit} × {training, no-grad few rows, no-grad many rows, mixed batch in training,
-mixed batch without grad} × {fp32, bf16} × {kernel, no kernel}: the output (and, with autograd, the gradients
-of the input and both factors) equals ``reference_forward``'s, and the backend that ran is the one the
+{Linear, Conv1D, Embedding, 4-bit} × {LoRA, DoRA} × {training, no-grad few rows, no-grad many rows, mixed batch
+in training, mixed batch without grad} × {fp32, bf16} × {kernel, no kernel}: the output (and, with autograd, the
+gradients of the input, the factors and DoRA's magnitude) equals ``reference_forward``'s, and the backend that ran is the one the
 design says (``execution.backend_for``), so a fast path that silently falls back cannot pass for one.
 """
 
@@ -39,16 +39,19 @@ def make_base(kind: str, dtype: torch.dtype) -> nn.Module:
     return Linear4bit.from_linear(nn.Linear(IN, OUT), QuantSpec("nf4", compute_dtype=dtype))
 
 
-def make_layer(kind: str, dtype: torch.dtype):
+def make_layer(kind: str, dtype: torch.dtype, variant: str = "lora"):
+    """Adapters "a" (DoRA in the "dora" variant) and "b" (rsLoRA at strength 0.7)."""
     base = make_base(kind, dtype).requires_grad_(False)
     layer = lora_class_for(base)(base)
     torch.manual_seed(1)
-    layer.add_adapter("a", 4, 8, init=False)
+    layer.add_adapter("a", 4, 8, init=False, use_dora=variant == "dora")
     layer.add_adapter("b", 2, 6, init=False, use_rslora=True)
     layer.set_strength("b", 0.7)
     with torch.no_grad():
         for name in ("a", "b"):
             layer.lora_A[name].normal_()  # an embedding's A starts at zero
+        if variant == "dora":
+            layer.lora_magnitude_vector["a"].mul_(torch.rand(OUT) + 0.5)
     return layer
 
 
@@ -59,8 +62,8 @@ def make_input(kind: str, dtype: torch.dtype, rows: int, positions: int) -> torc
     return torch.randn(rows, positions, IN, dtype=dtype)
 
 
-def expected_backend(kind: str, mode: str, kernel: bool) -> str:
-    if kind == "embedding":
+def expected_backend(kind: str, mode: str, kernel: bool, variant: str = "lora") -> str:
+    if kind == "embedding" or (variant == "dora" and mode == "mixed-training"):
         return "reference"
     return {"training": "fused", "mixed-training": "stacked", "many-rows": "plan"}.get(
         mode, "kernel" if kernel else "plan"
@@ -75,13 +78,14 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "no-kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", ["lora", "dora"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_backend_equals_the_reference(monkeypatch, kind, mode, dtype, kernel):
+def test_every_backend_equals_the_reference(monkeypatch, kind, variant, mode, dtype, kernel):
     if kernel and not kernel_available():
         pytest.skip("the compiled kernel is not built here")
     if not kernel:
         monkeypatch.setenv("LORATUNE_NO_KERNEL", "1")
-    layer = make_layer(kind, dtype)
+    layer = make_layer(kind, dtype, variant)
     mixed = mode.startswith("mixed")
     rows, positions = {"few-rows": (1, 3), "many-rows": (2, 100)}.get(mode, (len(ROUTING), 2) if mixed else (2, 5))
     x = make_input(kind, dtype, rows, positions)
@@ -92,13 +96,14 @@ def test_every_backend_equals_the_reference(monkeypatch, kind, mode, dtype, kern
     grad = mode in ("training", "mixed-training")
     layer.train(grad)
     with torch.set_grad_enabled(grad):
-        assert backend_for(layer, x) == expected_backend(kind, mode, kernel)
+        assert backend_for(layer, x) == expected_backend(kind, mode, kernel, variant)
         if not grad:
             out, ref = layer(x), layer.reference_forward(x)
             assert out.dtype == ref.dtype and out.shape == ref.shape
             assert relative(out, ref) <= TOLERANCE[dtype]
             return
-        factors = [layer.lora_A["a"], layer.lora_B["a"], layer.lora_A["b"], layer.lora_B["b"]]
+        factors = [layer.lora_A["a"], layer.lora_B["a"], layer.lora_A["b"], layer.lora_B["b"],
+                   *layer.lora_magnitude_vector.values()]
         leaves = [x.requires_grad_()] if x.is_floating_point() else []
         for factor in factors:
             factor.requires_grad_(True)

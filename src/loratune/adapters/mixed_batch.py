@@ -52,7 +52,7 @@ def _check_names(adapter_names: Sequence[str], known: list[str], layers: list[tu
     for path, layer in layers:
         if layer.pissa:
             raise ConfigError(
-                f"{path!r} holds a PiSSA adapter, whose base weight is rewritten, so its rows cannot share a base "
+                f"{path!r} holds an adapter from a PiSSA or OLoRA start, whose base weight is rewritten, so its rows cannot share a base "
                 "pass with others; save it (as plain LoRA) and load it back to use it in mixed batches"
             )
 
