@@ -424,3 +424,19 @@ def test_tools_undefined_for_dora_refuse_it_in_one_line(capsys, verb, dora_adapt
     status, _, err = cli(capsys, *args)
     assert_one_line_error(status, err, verb, "DoRA")
     assert not (tmp_path / "mixed").exists() and not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_loratune_merge_writes_a_model_that_gives_the_dora_adapter_s_logits(capsys, strength, dora_adapter,
+                                                                            tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    status, _, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", f"{dora_adapter}:{strength}",
+                         "--out", tmp_path / "merged")
+    assert status == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    adapted, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    loratune.load_adapter(adapted, dora_adapter, scale=strength)
+    base, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    ids = token_batch(1)
+    assert_close_logits(logits(merged, ids), logits(adapted, ids), logits(base, ids))

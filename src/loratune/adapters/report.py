@@ -25,11 +25,10 @@ class ParameterReport:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return (
-            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-            f"trainable%: {self.percent:.4f} || adapter: {self.adapter_params:,} params, "
-            f"{self.adapter_bytes / 2**20:.2f} MiB"
-        )
+        counts = f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+        if not self.adapter_params:
+            return counts
+        return f"{counts} || adapter: {self.adapter_params:,} params, {self.adapter_bytes / 2**20:.2f} MiB"
 
 
 def parameter_report(model: nn.Module, name: str | None = None) -> ParameterReport:

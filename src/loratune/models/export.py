@@ -32,13 +32,15 @@ def save_hf_model(
     check_output_dir(out_dir, overwrite=overwrite)
     if dtype is not None:
         model = model.to(dtype)
+    return write_output_dir(out_dir, "model", lambda staging: write_hf_model(model, tokenizer, staging))
+
+
+def write_hf_model(model, tokenizer, directory: Path) -> None:
+    """Write ``model`` (safetensors), its tokenizer and chat template and generation config into the existing
+    directory ``directory`` (no atomicity of its own: build it in a staging directory)."""
     model.config.tie_word_embeddings = weights_are_tied(model)
     text_config = getattr(model.config, "get_text_config", lambda: None)()
     if text_config is not None and text_config is not model.config:
         text_config.tie_word_embeddings = model.config.tie_word_embeddings
-
-    def fill(staging: Path) -> None:
-        model.save_pretrained(str(staging), safe_serialization=True)
-        tokenizer.save_pretrained(str(staging))
-
-    return write_output_dir(out_dir, "model", fill)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))

@@ -1,4 +1,5 @@
-"""Training checkpoints: ``checkpoints/step-N/`` with the adapter, the optimizer state, the RNG states and the
+"""Training checkpoints: ``checkpoints/step-N/`` with what the run trains (the adapter, or a full fine-tune's
+weights), the optimizer state, the RNG states and the
 trainer's position, tensors in safetensors and the rest in JSON (no pickle).
 
 A checkpoint is written into a hidden temporary directory and renamed when complete, so a crash never
@@ -16,9 +17,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
-from loratune.adapters import adapter_state, load_adapter_state
 from loratune.errors import LoratuneError
 from loratune.files import give_default_modes, read_safetensors, swap_into_place, temp_dir_beside, writing
 
@@ -67,18 +66,18 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: di
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
-    adapter_name: str,
+    trained,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write ``checkpoints/step-{step}`` atomically and prune to the newest ``keep``; return its path."""
+    """Write ``checkpoints/step-{step}`` atomically and prune to the newest ``keep``; return its path.
+    ``trained`` (``train.trained``) gives the trained tensors and the file they go in."""
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
     with writing(final, "checkpoint"):
         staging = temp_dir_beside(final)
         try:
-            save_file(adapter_state(model, adapter_name), staging / "adapter_state.safetensors")
+            save_file(trained.state(), staging / trained.state_file)
             opt_tensors, opt_meta = _optimizer_tensors(optimizer)
             save_file(opt_tensors, staging / "optimizer.safetensors")
             rng = {"torch": torch.get_rng_state()}
@@ -97,12 +96,12 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore adapter, optimizer and RNG states from checkpoint ``path``; return the trainer state dict."""
+def load_checkpoint(path: Path, trained, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore the trained tensors, optimizer and RNG states from checkpoint ``path``; return the trainer state."""
     path = Path(path)
     try:
         state = json.loads((path / STATE_FILE).read_text())
-        load_adapter_state(model, adapter_name, read_safetensors(path / "adapter_state.safetensors"), str(path))
+        trained.load_state(read_safetensors(path / trained.state_file), str(path))
         _restore_optimizer(optimizer, read_safetensors(path / "optimizer.safetensors"), state["optimizer"])
         rng = read_safetensors(path / "rng.safetensors")
     except (OSError, KeyError, ValueError, TypeError, LoratuneError) as exc:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loratune.adapters import LoraConfig
 from loratune.errors import ConfigError
@@ -50,6 +50,8 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
+    method: Literal["lora", "full"] = "lora"  # full: every weight trains (or those of full_modules); lora: ignored
+    full_modules: Optional[list[str]] = None  # with method full: module names or dotted suffixes that train
     epochs: float = Field(1.0, gt=0)
     max_steps: Optional[int] = Field(None, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -90,6 +92,18 @@ class TrainConfig(_Section):
     train: TrainSection = TrainSection()
     output_dir: str
     meta: Optional[dict[str, Any]] = None  # written by loratune into a run's config.yaml; ignored on input
+
+    @model_validator(mode="after")
+    def _full_fine_tuning_fits(self):
+        if self.train.method == "full" and self.model.quantize is not None:
+            raise ValueError(f"train.method: full trains every weight, which a {self.model.quantize} base stores in "
+                             "4 bits and cannot update; set model.quantize: null, or train LoRA over it")
+        if self.train.method == "full" and self.train.loraplus_lr_ratio is not None:
+            raise ValueError("train.loraplus_lr_ratio sets the lr of LoRA's B factors; with train.method: full "
+                             "there are none, so remove it")
+        if self.train.method != "full" and self.train.full_modules is not None:
+            raise ValueError("train.full_modules applies to train.method: full; remove it or set the method")
+        return self
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """Plain data for ``config.yaml`` (every default spelled out)."""

@@ -44,10 +44,11 @@ def _loraplus_groups(model: nn.Module, lr: float, ratio: float, embedding_lr: fl
     ]
 
 
-def build_optimizer(model: nn.Module, train) -> torch.optim.AdamW:
-    """AdamW over ``model``'s trainable parameters as ``train`` (a ``TrainSection``) says: one group, or LoRA+'s."""
+def build_optimizer(model: nn.Module, train, params: list[torch.Tensor] | None = None) -> torch.optim.AdamW:
+    """AdamW as ``train`` (a ``TrainSection``) says: over ``params`` (default: ``model``'s trainable parameters)
+    in one group, or in LoRA+'s groups."""
     if train.loraplus_lr_ratio is None:
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad] if params is None else params
         groups = [{"params": params, "lr_scale": 1.0}]
     else:
         groups = _loraplus_groups(model, train.lr, train.loraplus_lr_ratio, train.loraplus_lr_embedding,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from loratune.adapters import add_adapter, parameter_report, save_adapter
+from loratune.adapters import add_adapter, parameter_report
 from loratune.data import (
     Example,
     TokenizedExample,
@@ -42,6 +43,7 @@ from loratune.train.interrupt import StepInterrupts
 from loratune.train.loss import causal_lm_loss_sum
 from loratune.train.metrics import MetricsLog, plot_losses
 from loratune.train.optimizer import build_optimizer, set_learning_rate
+from loratune.train.trained import TrainedAdapter, TrainedModel
 from loratune.train.run_dir import (
     SUMMARY_FILE,
     RunDirs,
@@ -143,14 +145,10 @@ def _progress(total: int, start: int, enabled: bool):
     return progress
 
 
-def save_adapter_with_tokenizer(model, tokenizer, path: Path, base_name: str) -> None:
-    """Write the adapter plus tokenizer files (with the chat template) into ``path``, replacing it whole."""
-
-    def fill(staging: Path) -> None:
-        save_adapter(model, staging, ADAPTER_NAME, base_model_name_or_path=base_name)
-        tokenizer.save_pretrained(str(staging))
-
-    write_output_dir(path, "adapter", fill)
+def save_trained(trained, tokenizer, path: Path, base_name: str) -> None:
+    """Write what the run trained (an adapter, or a full fine-tune's model) plus the tokenizer files (with the
+    chat template) into ``path``, replacing it whole."""
+    write_output_dir(path, trained.output_name, lambda staging: trained.save(tokenizer, staging, base_name))
 
 
 class TrainingInterrupted(LoratuneError):
@@ -240,7 +238,11 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
     if not resume:
         config = write_run_config(run_dir, config)
     torch.manual_seed(t.seed)  # the adapter's start depends on the seed only
-    add_adapter(model, config.lora, ADAPTER_NAME)
+    if t.method == "full":
+        trained = TrainedModel(model, t.full_modules)
+    else:
+        add_adapter(model, config.lora, ADAPTER_NAME)
+        trained = TrainedAdapter(model, ADAPTER_NAME)
     patch_for_training(model)  # lean RMSNorm / SiLU-MLP autograd for Llama-family models
     if t.gradient_checkpointing:
         # transformers 5 renamed it; older versions only have gradient_checkpointing_enable.
@@ -249,8 +251,8 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     device = model_device(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, t)
+    params = trained.parameters()
+    optimizer = build_optimizer(model, t, trained.optimizer_parameters())
     stream = BatchStream(data.train, config, tokenizer.pad_token_id, device)
     micro_batches = math.ceil(t.epochs * stream.batches_per_epoch)
     total_steps = t.max_steps or max(1, math.ceil(micro_batches / t.grad_accum))
@@ -260,7 +262,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
     start_step = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, ADAPTER_NAME, optimizer)
+        state = load_checkpoint(checkpoint, trained, optimizer)
         start_step = state["step"]
         _check_steps_left(run_dir, start_step, total_steps)
         stream.seek(state["epoch"], state["index"])
@@ -318,8 +320,10 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
                              for b in batches)
                 with interrupts.protected():
                     set_learning_rate(optimizer, lr)
+                    trained.before_step()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    trained.after_step()
                     seconds = time.perf_counter() - started
                     state["tokens"] += tokens
                     state["train_seconds"] += seconds
@@ -341,23 +345,22 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
                     metrics.log({"step": done, "eval_loss": result.loss, "eval_perplexity": result.perplexity,
                                  "eval_exact_match": result.exact_match})
                     log(_describe_eval(done, result))
-                    _keep_best(model, tokenizer, run_dir, config, state, result, done)
+                    _keep_best(trained, tokenizer, run_dir, config, state, result, done)
                 if done % t.save_every == 0 and done < total_steps:
-                    save_checkpoint(run_dir, done, model, ADAPTER_NAME, optimizer, _trainer_state(state),
-                                    t.keep_checkpoints)
+                    save_checkpoint(run_dir, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
     except KeyboardInterrupt:
         if bar is not None:
             bar.stop()
             bar = None
-        raise _interrupted(dirs, done, start_step, total_steps, after_step, model, optimizer, state, t) from None
+        raise _interrupted(dirs, done, start_step, total_steps, after_step, trained, optimizer, state, t) from None
     finally:
         if bar is not None:
             bar.stop()
         metrics.close()
 
-    save_checkpoint(run_dir, total_steps, model, ADAPTER_NAME, optimizer, _trainer_state(state), t.keep_checkpoints)
+    save_checkpoint(run_dir, total_steps, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
     base_name = _base_name(model, config)
-    save_adapter_with_tokenizer(model, tokenizer, run_dir / "adapter", base_name)
+    save_trained(trained, tokenizer, run_dir / trained.output_name, base_name)
     final_eval = None
     if data.eval and last_eval_step != total_steps:
         final_eval = _evaluate(model, tokenizer, data, t)
@@ -365,7 +368,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
                      "eval_exact_match": final_eval.exact_match})
         log(_describe_eval(total_steps, final_eval))
         if t.best_metric:
-            _keep_best(model, tokenizer, run_dir, config, state, final_eval, total_steps)
+            _keep_best(trained, tokenizer, run_dir, config, state, final_eval, total_steps)
     records = metrics.records()
     plot_losses(records, run_dir / "loss.png")
     summary = _summary(dirs.final, run_dir, config, state, total_steps, report, records)
@@ -397,13 +400,12 @@ def _set_rng_state(saved: tuple) -> None:
     random.setstate(python)
 
 
-def _interrupted(dirs, done, start_step, total_steps, rng, model, optimizer, state, t) -> TrainingInterrupted:
+def _interrupted(dirs, done, start_step, total_steps, rng, trained, optimizer, state, t) -> TrainingInterrupted:
     """Checkpoint the last completed step (as an uninterrupted run would have had it) and describe it."""
     checkpoint = latest_checkpoint(dirs.work)
     if done > start_step:
         _set_rng_state(rng)
-        checkpoint = save_checkpoint(dirs.work, done, model, ADAPTER_NAME, optimizer, _trainer_state(state),
-                                     t.keep_checkpoints)
+        checkpoint = save_checkpoint(dirs.work, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
     if checkpoint is None:
         abandon_run_dir(dirs)
         return TrainingInterrupted("interrupted before the first step completed; nothing was saved", None, dirs.final)
@@ -426,7 +428,7 @@ def _describe_eval(step: int, result: EvalResult) -> str:
     return f"eval @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}{em} (n={result.n})"
 
 
-def _keep_best(model, tokenizer, run_dir, config, state, result: EvalResult, step: int) -> None:
+def _keep_best(trained, tokenizer, run_dir, config, state, result: EvalResult, step: int) -> None:
     metric = config.train.best_metric
     if metric is None:
         return
@@ -436,7 +438,7 @@ def _keep_best(model, tokenizer, run_dir, config, state, result: EvalResult, ste
     better = state["best"] is None or (value < state["best"] if metric == "eval_loss" else value > state["best"])
     if better:
         state["best"], state["best_step"] = value, step
-        save_adapter_with_tokenizer(model, tokenizer, run_dir / "best", _base_name(model, config))
+        save_trained(trained, tokenizer, run_dir / "best", _base_name(trained.model, config))
 
 
 def _base_name(model, config: TrainConfig) -> str:
@@ -451,6 +453,7 @@ def _summary(final: Path, run_dir: Path, config: TrainConfig, state: dict, steps
     evals = [r for r in records if "eval_loss" in r]
     adapter_file = run_dir / "adapter" / "adapter_model.safetensors"
     return {
+        "method": config.train.method,
         "steps": steps,
         "train_seconds": round(state["train_seconds"], 2),
         "tokens": state["tokens"],
@@ -463,8 +466,22 @@ def _summary(final: Path, run_dir: Path, config: TrainConfig, state: dict, steps
         "trainable_params": report.trainable,
         "total_params": report.total,
         "adapter_bytes": adapter_file.stat().st_size if adapter_file.exists() else None,
+        "model_bytes": _model_bytes(run_dir / "model") if config.train.method == "full" else None,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
         "output_dir": str(final),
     }
+
+
+def _model_bytes(directory: Path) -> int | None:
+    files = list(directory.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory so far, MiB: the CUDA allocator's peak when training on a GPU, else peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 __all__ = ["TrainingDiverged", "TrainingInterrupted", "prepare_data", "train"]

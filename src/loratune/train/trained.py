@@ -1,0 +1,131 @@
+"""What a run trains, apart from how: an adapter (``train.method: lora``) or the model's own weights
+(``full``). Each kind says which parameters the optimizer updates, what a checkpoint stores and how it is put
+back, and what the run writes at the end (``adapter/`` or ``model/``).
+
+Full fine-tuning of a bf16/fp16 model keeps float32 *master weights*: the optimizer updates float32 copies and
+each step writes them back rounded to the model's dtype, so updates far below the model dtype's resolution
+(an lr of 1e-5 on a weight of 1 is 1e-5, under bf16's step of 8e-3) accumulate instead of vanishing.
+Checkpoints store the masters, so a resumed run continues from exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loratune.adapters import adapter_state, load_adapter_state, save_adapter
+from loratune.adapters.targets import module_name_matches
+from loratune.errors import ConfigError, LoratuneError
+from loratune.models.export import write_hf_model
+
+
+class TrainedAdapter:
+    """A LoRA run: the adapter ``name``'s parameters train; the run writes an adapter directory."""
+
+    output_name = "adapter"
+    state_file = "adapter_state.safetensors"
+
+    def __init__(self, model: nn.Module, name: str):
+        self.model, self.name = model, name
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def optimizer_parameters(self) -> list[torch.Tensor]:
+        return self.parameters()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.model, self.name)
+
+    def load_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        load_adapter_state(self.model, self.name, tensors, source)
+
+    def before_step(self) -> None:
+        """Nothing to do: the optimizer updates the parameters themselves."""
+
+    def after_step(self) -> None:
+        """Nothing to do."""
+
+    def save(self, tokenizer, directory: Path, base_name: str) -> None:
+        """Write the adapter and the tokenizer (with its chat template) into ``directory``."""
+        save_adapter(self.model, directory, self.name, base_model_name_or_path=base_name)
+        tokenizer.save_pretrained(str(directory))
+
+
+class TrainedModel:
+    """A full fine-tuning run: the model's parameters (all, or those of ``modules``) train, through float32
+    master copies when the model computes in a lower precision; the run writes a Hugging Face model directory."""
+
+    output_name = "model"
+    state_file = "model_state.safetensors"
+
+    def __init__(self, model: nn.Module, modules: Sequence[str] | None = None):
+        self.model = model
+        chosen = _chosen_parameters(model, modules)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for param in chosen.values():
+            param.requires_grad_(True)
+        self.names = list(chosen)
+        self.params = list(chosen.values())
+        self.masters = [p.detach().float().clone() if p.dtype != torch.float32 else p for p in self.params]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.params
+
+    def optimizer_parameters(self) -> list[torch.Tensor]:
+        return self.masters
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: master.detach().to("cpu", copy=True).contiguous() for name, master in zip(self.names, self.masters)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        missing = [name for name in self.names if name not in tensors]
+        if missing or len(tensors) != len(self.names):
+            raise LoratuneError(f"{source} does not hold this run's trained weights (missing: {missing[:3]})")
+        with torch.no_grad():
+            for name, param, master in zip(self.names, self.params, self.masters):
+                if tuple(tensors[name].shape) != tuple(param.shape):
+                    raise LoratuneError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, the model "
+                                        f"{tuple(param.shape)}")
+                master.copy_(tensors[name])
+                if master is not param:
+                    param.copy_(master)
+
+    def before_step(self) -> None:
+        """Give each float32 master the gradient of its low-precision parameter."""
+        for param, master in zip(self.params, self.masters):
+            if master is not param:
+                master.grad = None if param.grad is None else param.grad.float()
+                param.grad = None
+
+    def after_step(self) -> None:
+        """Write the updated masters back into the model, rounded to its dtype."""
+        with torch.no_grad():
+            for param, master in zip(self.params, self.masters):
+                if master is not param:
+                    param.copy_(master)
+
+    def save(self, tokenizer, directory: Path, base_name: str) -> None:
+        """Write the model (safetensors, its stored dtype) and tokenizer into ``directory``: transformers loads it."""
+        write_hf_model(self.model, tokenizer, directory)
+
+
+def _chosen_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[str, nn.Parameter]:
+    """{name: parameter} that full fine-tuning trains: every one, or those of the modules ``modules`` names
+    (exact paths or dotted suffixes, as ``target_modules``). Raises ``ConfigError`` when a name matches nothing."""
+    named = dict(model.named_parameters())  # a tied weight appears once, under its first name
+    if modules is None:
+        return named
+    name_of = {id(param): name for name, param in named.items()}
+    chosen = {}
+    for module_name in modules:
+        found = [param for path, module in model.named_modules() if module_name_matches([module_name], path)
+                 for param in module.parameters()]
+        if not found:
+            raise ConfigError(f"train.full_modules: {module_name!r} matches no module of this model")
+        chosen.update({name_of[id(param)]: param for param in found})
+    return chosen
