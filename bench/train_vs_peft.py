@@ -12,17 +12,21 @@ adapter, PEFT loads it trainable) and see the same batches, so their losses must
     python bench/train_vs_peft.py --steps 20 --reps 3 --data demo   # variable-length chat data
     python bench/train_vs_peft.py --quantize nf4 --with-lora        # QLoRA vs PEFT + bitsandbytes (and our LoRA)
     python bench/train_vs_peft.py --dora --with-lora                # DoRA vs PEFT's DoRA (and our plain LoRA)
+    python bench/train_vs_peft.py --full --with-lora                # full fine-tuning vs transformers' (and LoRA)
 
 With ``--quantize nf4`` both sides train over a 4-bit NF4 base with double quantization and bf16 compute: loratune
 through ``model.quantize``, PEFT over transformers' ``BitsAndBytesConfig(load_in_4bit=True, nf4, double quant,
 compute bf16)`` (no ``prepare_model_for_kbit_training``: it would turn on gradient checkpointing).
-``--dora`` trains DoRA adapters on both sides (``use_dora``). ``--with-lora`` adds loratune's plain LoRA run
+``--dora`` trains DoRA adapters on both sides (``use_dora``). ``--full`` compares full fine-tuning: loratune's
+``train.method: full`` (bf16 weights, float32 master weights) against what transformers' ``Trainer(bf16=True)``
+does (float32 weights, the forward and backward under ``torch.autocast`` in bf16, AdamW on the float32 weights). ``--with-lora`` adds loratune's plain LoRA run
 (unquantized, no DoRA), for what quantization or DoRA costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -127,11 +131,13 @@ def run_loratune(args) -> dict:
         "model": {"name": args.model, "dtype": args.dtype, "quantize": None if args.impl == "loratune-lora" else args.quantize},
         "lora": {"r": args.r, "lora_alpha": 2 * args.r, "lora_dropout": 0.0, "target_modules": "all-linear",
                  "use_dora": args.dora and args.impl != "loratune-lora"},
+        "train_method": "full" if args.full and args.impl != "loratune-lora" else "lora",
         "data": {"train": args.data_file, "max_length": args.length, "packing": args.packing},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 2e-4, "scheduler": "constant",
                   "log_every": 1, "save_every": 10_000, "max_grad_norm": None, "seed": 0},
         "output_dir": str(run),
     }
+    config["train"]["method"] = config.pop("train_method")
     config_path.write_text(yaml.safe_dump(config))
     train(load_config(config_path), overwrite=True, progress=False, log=lambda *_: None)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -148,10 +154,8 @@ def run_peft(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loratune.data import batch_order, build_dataset, collate
     from loratune.models import resolve_dtype
     from loratune.models.loader import resolve_model_dir
-    from loratune.train.config import TrainSection
 
     model_dir = resolve_model_dir(args.model)
     torch.manual_seed(0)
@@ -162,10 +166,13 @@ def run_peft(args) -> dict:
         quant = {"device_map": "cpu", "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=args.quantize, bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=resolve_dtype(args.dtype))}
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=resolve_dtype(args.dtype), **quant)
+    weights_dtype = torch.float32 if args.full else resolve_dtype(args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=weights_dtype, **quant)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if args.full:
+        return _train_plain(args, model, tokenizer, torch.autocast("cpu", dtype=resolve_dtype(args.dtype)))
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, use_dora=args.dora,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     # Start from loratune's initial adapter: same seed, same init as the loratune run.
@@ -175,6 +182,16 @@ def run_peft(args) -> dict:
              for k, v in _load_safetensors(start / "adapter_model.safetensors").items()}
     missing = model.load_state_dict(state, strict=False)
     assert not missing.unexpected_keys, missing.unexpected_keys[:3]
+    return _train_plain(args, model, tokenizer, contextlib.nullcontext())
+
+
+def _train_plain(args, model, tokenizer, precision) -> dict:
+    """The peer's loop: transformers computes the loss, torch's AdamW updates every trainable parameter."""
+    import torch
+
+    from loratune.data import batch_order, build_dataset, collate
+    from loratune.train.config import TrainSection
+
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=TrainSection().weight_decay, foreach=True)
@@ -184,7 +201,8 @@ def run_peft(args) -> dict:
     for step in range(args.steps):
         batch = collate([examples[i] for i in order[step % len(order)]], tokenizer.pad_token_id)
         started = time.perf_counter()
-        loss = model(**batch).loss
+        with precision:
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -242,7 +260,7 @@ def parent(args) -> None:
             results[impl].append(result)
             print(f"rep {rep + 1} {impl:8s} {result['tokens_per_s']:8.1f} tok/s  peak RSS {result['peak_rss_mib']:7.0f} MiB  "
                   f"loss@1 {result['losses'][0]:.4f}  loss@{args.steps} {result['losses'][-1]:.4f}", flush=True)
-    if args.with_lora and (args.quantize or args.dora):
+    if args.with_lora and (args.quantize or args.dora or args.full):
         results["loratune-lora"] = [run_child(args, "loratune-lora", workdir, data_file)]
         lora = results["loratune-lora"][0]
         print(f"loratune plain LoRA: {lora['tokens_per_s']:.1f} tok/s, peak RSS {lora['peak_rss_mib']:.0f} MiB")
@@ -279,11 +297,11 @@ def report(args, results, roofline: tuple[float, float]) -> None:
     l_loss, p_loss = results["loratune"][0]["losses"], results["peft"][0]["losses"]
     rel = [abs(a - b) / abs(b) for a, b in zip(l_loss, p_loss)]
     print()
-    print(f"model {args.model}{' ' + args.quantize + ' base' if args.quantize else ''}, {args.dtype}, batch {args.batch} x {args.length} ({args.data} data), r={args.r} all-linear{' DoRA' if args.dora else ''}, "
+    print(f"model {args.model}{' ' + args.quantize + ' base' if args.quantize else ''}, {args.dtype}, batch {args.batch} x {args.length} ({args.data} data), {'full fine-tuning' if args.full else f'r={args.r} all-linear'}{' DoRA' if args.dora else ''}, "
           f"{args.steps} steps ({args.warmup} warm-up excluded), {args.reps} reps, medians")
     print("| trainer | tokens/s | peak RSS (MiB) |")
     print("|---|---|---|")
-    print(f"| PEFT + transformers | {pt:.0f} | {pm:.0f} |")
+    print(f"| {'transformers (full, bf16 autocast)' if args.full else 'PEFT + transformers'} | {pt:.0f} | {pm:.0f} |")
     print(f"| loratune | {lt:.0f} | {lm:.0f} |")
     print(f"| ratio loratune / PEFT | {lt / pt:.2f}x | {lm / pm:.2f}x |")
     if "loratune-lora" in results:
@@ -302,7 +320,7 @@ def _passthrough(args) -> list[str]:
     return ["--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch), "--length", str(args.length),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--r", str(args.r), "--data", args.data,
             *(["--packing"] if args.packing else []), *(["--quantize", args.quantize] if args.quantize else []),
-            *(["--dora"] if args.dora else [])]
+            *(["--dora"] if args.dora else []), *(["--full"] if args.full else [])]
 
 
 def main() -> None:
@@ -321,6 +339,8 @@ def main() -> None:
     parser.add_argument("--quantize", choices=("nf4", "fp4"), default=None,
                         help="QLoRA: train over a 4-bit base on both sides (bitsandbytes for PEFT)")
     parser.add_argument("--dora", action="store_true", help="train DoRA adapters (use_dora) on both sides")
+    parser.add_argument("--full", action="store_true",
+                        help="full fine-tuning on both sides (the peer: transformers with bf16 autocast)")
     parser.add_argument("--with-lora", action="store_true",
                         help="with --quantize or --dora: also run loratune's plain LoRA once, for comparison")
     parser.add_argument("--child", choices=("loratune", "peft", "loratune-lora"), dest="impl", help=argparse.SUPPRESS)
