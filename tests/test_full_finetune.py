@@ -86,6 +86,14 @@ def test_a_full_run_writes_a_model_transformers_loads_and_says_what_it_cost(caps
         assert (trained(ids).logits - base(ids).logits).abs().max() > 1e-3
 
 
+def test_a_full_run_can_be_overwritten_and_a_lora_run_can_replace_it(capsys, tiny_llama_dir, tmp_path):
+    config = full_config(tmp_path, tiny_llama_dir, max_steps=1)
+    run(capsys, config)
+    run(capsys, config, "--overwrite")
+    run(capsys, config, "--overwrite", "--set", "train.method=lora")
+    assert (tmp_path / "run" / "adapter").is_dir() and not (tmp_path / "run" / "model").exists()
+
+
 def test_a_lora_run_reports_its_trainable_params_and_peak_memory_too(capsys, tiny_llama_dir, tmp_path):
     config = full_config(tmp_path, tiny_llama_dir, method="lora", max_steps=1)
     run(capsys, config)

@@ -33,7 +33,7 @@ from loratune.train.config import TrainConfig, load_config, validate_config
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
-RUN_ENTRIES = ("adapter", "best", "checkpoints", CONFIG_FILE, "metrics.jsonl", "loss.png", SUMMARY_FILE, "tensorboard")
+RUN_ENTRIES = ("adapter", "model", "best", "checkpoints", CONFIG_FILE, "metrics.jsonl", "loss.png", SUMMARY_FILE, "tensorboard")
 _VERSIONED = ("loratune", "torch", "transformers", "safetensors", "peft", "bitsandbytes")
 
 # What --resume may change in a run's config: how long it trains, how it is evaluated, logged and saved.
@@ -114,11 +114,11 @@ def abandon_run_dir(dirs: RunDirs) -> None:
 
 
 def never_started(path: Path) -> bool:
-    """A loratune run directory with nothing to lose: no checkpoint, no adapter and no logged step."""
+    """A loratune run directory with nothing to lose: no checkpoint, no adapter or model and no logged step."""
     is_run = (read_manifest(path) or {}).get("kind") == "run" or is_legacy_run(path)
     if not is_run:
         return False
-    if (path / "adapter").exists() or any((path / "checkpoints").glob("step-*")):
+    if (path / "adapter").exists() or (path / "model").exists() or any((path / "checkpoints").glob("step-*")):
         return False
     metrics = path / "metrics.jsonl"
     return not (metrics.is_file() and metrics.stat().st_size > 0) and all(
