@@ -303,7 +303,7 @@ def report(args, results, roofline: tuple[float, float]) -> None:
     print("|---|---|---|")
     print(f"| {'transformers (full, bf16 autocast)' if args.full else 'PEFT + transformers'} | {pt:.0f} | {pm:.0f} |")
     print(f"| loratune | {lt:.0f} | {lm:.0f} |")
-    print(f"| ratio loratune / PEFT | {lt / pt:.2f}x | {lm / pm:.2f}x |")
+    print(f"| ratio loratune / {'transformers' if args.full else 'PEFT'} | {lt / pt:.2f}x | {lm / pm:.2f}x |")
     if "loratune-lora" in results:
         lora = results["loratune-lora"][0]
         print(f"| loratune plain LoRA, unquantized base | {lora['tokens_per_s']:.0f} | {lora['peak_rss_mib']:.0f} |")

@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from loratune.cli.experiments import run_sweep
 from loratune.cli.rank_tools import run_compare, run_extract, run_rank, run_resize
 from loratune.errors import ConfigError
 
@@ -112,8 +113,11 @@ def _print_summary(console, summary: dict) -> None:
     if summary["best_metric"] and summary["best"] is not None:
         table.add_row(f"best {summary['best_metric']}", f"{summary['best']:.4f} (step {summary['best_step']})")
     table.add_row("trainable params", f"{summary['trainable_params']:,} of {summary['total_params']:,}")
+    table.add_row("peak memory", f"{summary['peak_memory_mb']:,.0f} MiB")
     if summary["adapter_bytes"]:
         table.add_row("adapter", f"{summary['adapter_bytes'] / 2**20:.2f} MiB in {summary['output_dir']}/adapter")
+    if summary["model_bytes"]:
+        table.add_row("model", f"{summary['model_bytes'] / 2**20:.1f} MiB in {summary['output_dir']}/model")
     console.print(table)
 
 
@@ -338,5 +342,5 @@ def run_inspect(args) -> int:
 
 __all__ = [
     "run_compare", "run_compress", "run_data", "run_eval", "run_export_gguf", "run_extract", "run_generate",
-    "run_inspect", "run_merge", "run_mix", "run_rank", "run_resize", "run_train",
+    "run_inspect", "run_merge", "run_mix", "run_rank", "run_resize", "run_sweep", "run_train",
 ]

@@ -24,6 +24,7 @@ from loratune.cli.options import (
     probability,
     temperature,
 )
+from loratune.cli.experiments import add_sweep_verb
 from loratune.cli.rank_tools import add_rank_verbs
 from loratune.data.formats import FORMATS
 from loratune.errors import LoratuneError
@@ -87,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = verb("train", "fine-tune an adapter as a YAML config says",
-             "Fine-tune a LoRA adapter. Writes OUTPUT_DIR/adapter (PEFT format + tokenizer), checkpoints/, "
-             "metrics.jsonl, config.yaml, loss.png and summary.json.")
+             "Fine-tune a LoRA adapter (train.method: lora) or every weight (train.method: full, the baseline). "
+             "Writes OUTPUT_DIR/adapter (PEFT format + tokenizer; OUTPUT_DIR/model for a full fine-tune), "
+             "checkpoints/, metrics.jsonl, config.yaml, loss.png and summary.json.")
     p.add_argument("config", metavar="CONFIG.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, dotted key, YAML value (e.g. --set train.lr=1e-4); repeatable")
@@ -166,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _mix_and_compress_verbs(verb)
     add_rank_verbs(verb)
+    add_sweep_verb(verb)
 
     p = verb("inspect", "describe an adapter directory: base model, rank, targets, parameters, size")
     p.add_argument("adapter", metavar="ADAPTER_DIR")

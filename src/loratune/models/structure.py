@@ -34,8 +34,8 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def model_structure(model_dir: str | Path, trust_remote_code: bool = False) -> ModelStructure:
-    """The ``ModelStructure`` of the causal LM in ``model_dir``, built on the meta device (no weights read).
+def meta_model(model_dir: str | Path, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM in ``model_dir`` built on the meta device: its modules and shapes, no weights read.
 
     Raises ``ConfigError`` when transformers cannot build a causal LM from its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -43,10 +43,18 @@ def model_structure(model_dir: str | Path, trust_remote_code: bool = False) -> M
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot build the model in {model_dir} from its config.json: {first}") from None
+
+
+def model_structure(model_dir: str | Path, trust_remote_code: bool = False) -> ModelStructure:
+    """The ``ModelStructure`` of the causal LM in ``model_dir``, built on the meta device (no weights read).
+
+    Raises ``ConfigError`` when transformers cannot build a causal LM from its config."""
+    model = meta_model(model_dir, trust_remote_code)
+    config = model.config
     names = {id(module): path for path, module in model.named_modules()}
     kinds = {path: kind for path, module in model.named_modules() if (kind := _kind(module)) is not None}
     tied = None

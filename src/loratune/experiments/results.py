@@ -1,0 +1,127 @@
+"""A sweep's results: one row per run (``results.csv``), and per combination of grid values the mean ± std over
+seeds (``results.md``, the way the LoRA paper reports), plus a plot of the main metric (``results.png``)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from loratune.analysis.plots import SOFTWARE_TAG
+from loratune.experiments.grid import PlannedRun, run_name
+from loratune.files import write_atomic, write_text_atomic
+from loratune.train.run_dir import SUMMARY_FILE
+
+COLUMNS = ("method", "r", "target_modules", "trainable_params", "adapter_mb", "train_seconds", "tokens_per_s",
+           "peak_memory_mb", "final_loss", "eval_loss", "eval_exact_match")
+FILES = ("results.csv", "results.md", "results.png")
+
+
+def run_row(run: PlannedRun) -> dict[str, Any] | None:
+    """The results row of a finished run (its grid values, then ``COLUMNS``), or None when it has not finished."""
+    summary_file = Path(run.config.output_dir) / SUMMARY_FILE
+    if not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    evaluation = summary.get("eval") or {}
+    full = summary.get("method") == "full"
+    lora = run.config.lora
+    row = {"run": run.name, **{key: _cell(value) for key, value in run.settings.items()}}
+    row.update({
+        "method": summary.get("method", "lora"),
+        "r": None if full else lora.r,
+        "target_modules": None if full else _cell(lora.target_modules),
+        "trainable_params": summary.get("trainable_params"),
+        "adapter_mb": round(summary["adapter_bytes"] / 2**20, 3) if summary.get("adapter_bytes") else None,
+        "train_seconds": summary.get("train_seconds"),
+        "tokens_per_s": summary.get("tokens_per_s"),
+        "peak_memory_mb": summary.get("peak_memory_mb"),
+        "final_loss": summary.get("final_loss"),
+        "eval_loss": evaluation.get("eval_loss"),
+        "eval_exact_match": evaluation.get("eval_exact_match"),
+    })
+    return row
+
+
+def _cell(value: Any) -> Any:
+    return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, (list, tuple)) else value
+
+
+def write_results(runs: list[PlannedRun], out: Path) -> list[dict[str, Any]]:
+    """Write ``results.csv``, ``results.md`` and ``results.png`` into ``out`` for the finished ``runs``; return
+    the rows. Each file is written to a temporary name and renamed."""
+    rows = [row for row in map(run_row, runs) if row is not None]
+    keys = list(dict.fromkeys(key for run in runs for key in run.settings))
+    header = ["run", *keys, *COLUMNS]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / "results.csv", buffer.getvalue())
+    groups = _groups(rows, [k for k in keys if k != "train.seed"])
+    write_text_atomic(out / "results.md", _markdown(groups, [k for k in keys if k != "train.seed"], len(runs)))
+    _plot(groups, out / "results.png")
+    return rows
+
+
+def _groups(rows: list[dict], keys: list[str]) -> list[tuple[dict, list[dict]]]:
+    grouped: dict[str, tuple[dict, list[dict]]] = {}
+    for row in rows:
+        values = {key: row.get(key) for key in keys}
+        grouped.setdefault(json.dumps(values, sort_keys=True, default=str), (values, []))[1].append(row)
+    return list(grouped.values())
+
+
+def _stat(rows: list[dict], column: str, digits: int) -> str:
+    values = [r[column] for r in rows if isinstance(r.get(column), (int, float)) and math.isfinite(r[column])]
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _markdown(groups, keys: list[str], planned: int) -> str:
+    shown = [("trainable_params", 0), ("adapter_mb", 2), ("train_seconds", 1), ("tokens_per_s", 0),
+             ("peak_memory_mb", 0), ("final_loss", 4), ("eval_loss", 4), ("eval_exact_match", 3)]
+    seeds = max((len(rows) for _, rows in groups), default=0)
+    lines = [f"{sum(len(rows) for _, rows in groups)} of {planned} runs finished"
+             + (f"; mean ± std over up to {seeds} seeds" if seeds > 1 else ""), "",
+             "| " + " | ".join([*keys, "method", "r", "runs", *(name for name, _ in shown)]) + " |",
+             "|" + "---|" * (len(keys) + 3 + len(shown))]
+    for values, rows in groups:
+        first = rows[0]
+        cells = [str(values[key]) for key in keys] + [str(first["method"]), str(first["r"] or "–"), str(len(rows))]
+        cells += [_stat(rows, name, digits) for name, digits in shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(groups, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "eval_loss" if any(r.get("eval_loss") is not None for _, rows in groups for r in rows) else "final_loss"
+    labels, means, errors = [], [], []
+    for values, rows in groups:
+        numbers = [r[metric] for r in rows if isinstance(r.get(metric), (int, float))]
+        if not numbers:
+            continue
+        labels.append(run_name(values) if values else "run")
+        means.append(statistics.fmean(numbers))
+        errors.append(statistics.stdev(numbers) if len(numbers) > 1 else 0.0)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 2), 4.5))
+    ax.bar(range(len(labels)), means, yerr=errors, capsize=4, color="#4C72B0")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(f"sweep: {metric.replace('_', ' ')} per configuration (mean ± std over seeds)")
+    fig.tight_layout()
+    write_atomic(path, lambda temp: fig.savefig(temp, format="png", metadata={"Software": SOFTWARE_TAG}))
+    plt.close(fig)
