@@ -185,15 +185,35 @@ def run_eval(args) -> int:
         tokenized, examples = tokenized[: args.max_examples], examples[: args.max_examples]
     if not tokenized:
         raise ConfigError(f"{args.data}: no rows left to evaluate")
+    retention = _retention(model, tokenizer, args, max_length) if args.retain is not None else {}
     result = evaluate(model, tokenizer, tokenized, examples, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, with_exact_match=not args.no_exact_match)
     if args.json:
-        print(json.dumps(result.as_dict()))
+        print(json.dumps({**result.as_dict(), **retention}))
         return 0
     em = "n/a (no references)" if result.exact_match is None else f"{100 * result.exact_match:.1f}%"
     print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  exact match {em}  "
           f"({result.n} examples, {result.n_tokens} target tokens)")
+    if retention:
+        base = "n/a (no adapter)" if retention["retain_loss_base"] is None else f"{retention['retain_loss_base']:.4f}"
+        change = "" if retention["forgetting"] is None else f"  forgetting {retention['forgetting']:+.4f}"
+        print(f"retain loss {retention['retain_loss']:.4f}  base {base}{change}")
     return 0
+
+
+def _retention(model, tokenizer, args, max_length: int) -> dict:
+    """Loss on the retain set with the loaded adapters and without them (the base), and their difference."""
+    from loratune.adapters import active_adapters, disabled_adapters
+    from loratune.train.forgetting import retain_examples, retain_loss
+
+    examples = retain_examples(args.retain, tokenizer, max_length)
+    batch = max(1, args.batch_size // 2)
+    adapted = retain_loss(model, examples, tokenizer.pad_token_id, batch)
+    if not active_adapters(model):
+        return {"retain_loss": adapted, "retain_loss_base": None, "forgetting": None}
+    with disabled_adapters(model):
+        base = retain_loss(model, examples, tokenizer.pad_token_id, batch)
+    return {"retain_loss": adapted, "retain_loss_base": base, "forgetting": adapted - base}
 
 
 def run_generate(args) -> int:

@@ -22,6 +22,7 @@ from loratune.cli.options import (
     non_negative_int,
     positive_int,
     probability,
+    retain_source,
     temperature,
 )
 from loratune.cli.experiments import add_sweep_verb
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="generation limit for exact match (default: 32)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="rows per batch (default: 32)")
     p.add_argument("--no-exact-match", action="store_true", help="skip generation; loss and perplexity only")
+    p.add_argument("--retain", metavar="FILE", default=None, type=retain_source,
+                   help="also the loss on FILE (or 'builtin': text smollm2-135m wrote) with the adapters and without "
+                        "them: retain_loss, retain_loss_base and forgetting = their difference")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = verb("generate", "generate text from a prompt (chat-formatted unless --raw), streamed to the terminal",

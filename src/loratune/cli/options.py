@@ -4,6 +4,7 @@ that cannot mean anything is a one-line usage error before any model is loaded."
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import math
 import os
 
@@ -105,3 +106,10 @@ def energy_list(text: str) -> list[float]:
     if not parts:
         raise argparse.ArgumentTypeError("give one or more thresholds in (0, 1], e.g. 0.5,0.9,0.99")
     return [probability(part) for part in parts]
+
+
+def retain_source(text: str) -> str:
+    """A retain set: an existing data file, or ``builtin``."""
+    if text != "builtin" and not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file (give a data file, or 'builtin')")
+    return text

@@ -17,7 +17,8 @@ from loratune.files import write_atomic, write_text_atomic
 from loratune.train.run_dir import SUMMARY_FILE
 
 COLUMNS = ("method", "r", "target_modules", "trainable_params", "adapter_mb", "train_seconds", "tokens_per_s",
-           "peak_memory_mb", "final_loss", "eval_loss", "eval_exact_match")
+           "peak_memory_mb", "final_loss", "eval_loss", "eval_exact_match", "retain_loss_base", "retain_loss",
+           "forgetting")
 FILES = ("results.csv", "results.md", "results.png")
 
 
@@ -43,6 +44,9 @@ def run_row(run: PlannedRun) -> dict[str, Any] | None:
         "final_loss": summary.get("final_loss"),
         "eval_loss": evaluation.get("eval_loss"),
         "eval_exact_match": evaluation.get("eval_exact_match"),
+        "retain_loss_base": summary.get("retain_loss_base"),
+        "retain_loss": summary.get("retain_loss"),
+        "forgetting": summary.get("forgetting"),
     })
     return row
 
@@ -88,7 +92,7 @@ def _stat(rows: list[dict], column: str, digits: int) -> str:
 
 def _markdown(groups, keys: list[str], planned: int) -> str:
     shown = [("trainable_params", 0), ("adapter_mb", 2), ("train_seconds", 1), ("tokens_per_s", 0),
-             ("peak_memory_mb", 0), ("final_loss", 4), ("eval_loss", 4), ("eval_exact_match", 3)]
+             ("peak_memory_mb", 0), ("final_loss", 4), ("eval_loss", 4), ("eval_exact_match", 3), ("forgetting", 4)]
     seeds = max((len(rows) for _, rows in groups), default=0)
     lines = [f"{sum(len(rows) for _, rows in groups)} of {planned} runs finished"
              + (f"; mean ± std over up to {seeds} seeds" if seeds > 1 else ""), "",

@@ -47,6 +47,7 @@ class DataSection(_Section):
     train_on_prompt: bool = False
     packing: bool = False
     eval_max_examples: Optional[int] = Field(None, gt=0)  # cap on eval rows (exact match generates text)
+    retain: Optional[str] = None  # a data file (or "builtin") whose loss measures forgetting (train.forgetting)
 
 
 class TrainSection(_Section):
@@ -204,9 +205,9 @@ def resolve_data_paths(config: TrainConfig, config_dir: Path) -> TrainConfig:
     """Make data paths absolute: relative to the working directory if the file is there, else to
     ``config_dir``. ``ConfigError`` when a named data file exists in neither place."""
     updates = {}
-    for key in ("train", "eval"):
+    for key in ("train", "eval", "retain"):
         value = getattr(config.data, key)
-        if value is None:
+        if value is None or (key == "retain" and value == "builtin"):
             continue
         candidates = [Path(value)] if Path(value).is_absolute() else [Path(value), config_dir / value]
         found = next((c for c in candidates if c.is_file()), None)

@@ -42,6 +42,7 @@ from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
 from loratune.train.interrupt import StepInterrupts
 from loratune.train.loss import causal_lm_loss_sum
 from loratune.train.metrics import MetricsLog, plot_losses
+from loratune.train.forgetting import retain_examples, retain_loss
 from loratune.train.optimizer import build_optimizer, set_learning_rate
 from loratune.train.trained import TrainedAdapter, TrainedModel
 from loratune.train.run_dir import (
@@ -71,6 +72,7 @@ class RunData:
     eval: list[TokenizedExample]
     eval_examples: list[Example]
     stats: object
+    retain: list[TokenizedExample] = ()  # data.retain: what the base knows (see train.forgetting)
 
 
 def prepare_data(config: TrainConfig, tokenizer) -> RunData:
@@ -91,7 +93,8 @@ def prepare_data(config: TrainConfig, tokenizer) -> RunData:
         eval_tokenized, eval_examples = eval_tokenized[: d.eval_max_examples], eval_examples[: d.eval_max_examples]
     if not train:
         raise ConfigError(f"data.train: no usable training rows in {d.train} after length limits")
-    return RunData(train, eval_tokenized, eval_examples, stats)
+    retain = retain_examples(d.retain, tokenizer, d.max_length) if d.retain is not None else []
+    return RunData(train, eval_tokenized, eval_examples, stats, retain)
 
 
 class BatchStream:
@@ -258,7 +261,8 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
     total_steps = t.max_steps or max(1, math.ceil(micro_batches / t.grad_accum))
 
     metrics = MetricsLog(run_dir, tensorboard=t.tensorboard)
-    state = {"epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "best": None, "best_step": None}
+    state = {"epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "best": None, "best_step": None,
+             "retain_loss_base": None}
     start_step = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
@@ -282,6 +286,10 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
     )
     if dirs.work != dirs.final:
         log(f"building the new run in {dirs.work}; it replaces {dirs.final} when it completes")
+    if data.retain and state.get("retain_loss_base") is None:
+        state["retain_loss_base"] = retain_loss(model, data.retain, tokenizer.pad_token_id, t.eval_batch_size)
+        metrics.log({"step": 0, "retain_loss": state["retain_loss_base"], "forgetting": 0.0})
+        log(f"retain set: loss {state['retain_loss_base']:.4f} before training ({len(data.retain)} rows)")
     show = sys.stderr.isatty() if progress is None else progress
     bar = _progress(total_steps, start_step, show)
     model.train()
@@ -339,13 +347,12 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
                     metrics.log(record)
                     if bar is None:
                         log(f"step {done}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
-                if t.eval_every and data.eval and (done % t.eval_every == 0 or done == total_steps):
-                    result = _evaluate(model, tokenizer, data, t)
+                if t.eval_every and (data.eval or data.retain) and (done % t.eval_every == 0 or done == total_steps):
+                    result = _evaluate(model, tokenizer, data, t) if data.eval else None
                     last_eval_step = done
-                    metrics.log({"step": done, "eval_loss": result.loss, "eval_perplexity": result.perplexity,
-                                 "eval_exact_match": result.exact_match})
-                    log(_describe_eval(done, result))
-                    _keep_best(trained, tokenizer, run_dir, config, state, result, done)
+                    _log_evaluation(metrics, log, done, result, _retention(model, tokenizer, data, state, t))
+                    if result is not None:
+                        _keep_best(trained, tokenizer, run_dir, config, state, result, done)
                 if done % t.save_every == 0 and done < total_steps:
                     save_checkpoint(run_dir, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
     except KeyboardInterrupt:
@@ -362,12 +369,10 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
     base_name = _base_name(model, config)
     save_trained(trained, tokenizer, run_dir / trained.output_name, base_name)
     final_eval = None
-    if data.eval and last_eval_step != total_steps:
-        final_eval = _evaluate(model, tokenizer, data, t)
-        metrics.log({"step": total_steps, "eval_loss": final_eval.loss, "eval_perplexity": final_eval.perplexity,
-                     "eval_exact_match": final_eval.exact_match})
-        log(_describe_eval(total_steps, final_eval))
-        if t.best_metric:
+    if (data.eval or data.retain) and last_eval_step != total_steps:
+        final_eval = _evaluate(model, tokenizer, data, t) if data.eval else None
+        _log_evaluation(metrics, log, total_steps, final_eval, _retention(model, tokenizer, data, state, t))
+        if t.best_metric and final_eval is not None:
             _keep_best(trained, tokenizer, run_dir, config, state, final_eval, total_steps)
     records = metrics.records()
     plot_losses(records, run_dir / "loss.png")
@@ -423,6 +428,24 @@ def _evaluate(model, tokenizer, data: RunData, t) -> EvalResult:
                     max_new_tokens=t.eval_max_new_tokens, with_exact_match=t.exact_match)
 
 
+def _retention(model, tokenizer, data: RunData, state: dict, t) -> dict:
+    """{"retain_loss", "forgetting"} now, or {} without a retain set."""
+    if not data.retain:
+        return {}
+    loss = retain_loss(model, data.retain, tokenizer.pad_token_id, t.eval_batch_size)
+    return {"retain_loss": loss, "forgetting": loss - state["retain_loss_base"]}
+
+
+def _log_evaluation(metrics, log, step: int, result: EvalResult | None, retention: dict) -> None:
+    record = {"step": step, **retention}
+    if result is not None:
+        record.update(eval_loss=result.loss, eval_perplexity=result.perplexity, eval_exact_match=result.exact_match)
+        log(_describe_eval(step, result))
+    if retention:
+        log(f"retain @ step {step}: loss {retention['retain_loss']:.4f}, forgetting {retention['forgetting']:+.4f}")
+    metrics.log(record)
+
+
 def _describe_eval(step: int, result: EvalResult) -> str:
     em = f", exact match {100 * result.exact_match:.1f}%" if result.exact_match is not None else ""
     return f"eval @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}{em} (n={result.n})"
@@ -446,11 +469,13 @@ def _base_name(model, config: TrainConfig) -> str:
 
 
 def _trainer_state(state: dict) -> dict:
-    return {k: state[k] for k in ("epoch", "index", "tokens", "train_seconds", "best", "best_step")}
+    return {k: state.get(k) for k in ("epoch", "index", "tokens", "train_seconds", "best", "best_step",
+                                      "retain_loss_base")}
 
 
 def _summary(final: Path, run_dir: Path, config: TrainConfig, state: dict, steps: int, report, records: list[dict]) -> dict:
     evals = [r for r in records if "eval_loss" in r]
+    retained = [r for r in records if "retain_loss" in r]
     adapter_file = run_dir / "adapter" / "adapter_model.safetensors"
     return {
         "method": config.train.method,
@@ -468,6 +493,9 @@ def _summary(final: Path, run_dir: Path, config: TrainConfig, state: dict, steps
         "adapter_bytes": adapter_file.stat().st_size if adapter_file.exists() else None,
         "model_bytes": _model_bytes(run_dir / "model") if config.train.method == "full" else None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "retain_loss_base": state.get("retain_loss_base"),
+        "retain_loss": retained[-1]["retain_loss"] if retained else None,
+        "forgetting": retained[-1]["forgetting"] if retained else None,
         "output_dir": str(final),
     }
 
