@@ -280,6 +280,10 @@ def run_merge(args) -> int:
 
     if not args.adapter:
         raise ConfigError("merge needs at least one --adapter DIR[:SCALE]")
+    from loratune.train.intrinsic import is_intrinsic_dir
+
+    if any(is_intrinsic_dir(path) for path, _ in args.adapter):
+        return _merge_intrinsic(args)
     model = _base_model(args)
     result = merge_to_directory(model, args.adapter, args.out, out_dtype=args.out_dtype, quantize=args.quantize,
                                 requantize=args.requantize, device=args.device,
@@ -295,6 +299,31 @@ def run_merge(args) -> int:
           f"a relative weight error of {report['relative_error']:.4f} (worst layer "
           f"{report['worst_layer_relative_error']:.4f})"
           + (f", {vs_delta:.2f}x the size of the merged adapter change" if vs_delta is not None else ""))
+    return 0
+
+
+def _merge_intrinsic(args) -> int:
+    """``merge`` of an intrinsic-dimension run's artefact: θ₀ + P·θ_d written into the base's weights."""
+    from loratune.models import load_model, resolve_dtype
+    from loratune.models.base_config import model_name_for
+    from loratune.models.export import save_hf_model
+    from loratune.models.loader import resolve_model_dir
+    from loratune.models.merge import stored_dtype
+    from loratune.train.intrinsic import CONFIG_FILE, apply_intrinsic
+
+    if len(args.adapter) != 1 or args.adapter[0][1] != 1.0 or args.quantize:
+        raise ConfigError("an intrinsic-dimension artefact merges alone, at strength 1, into an unquantized base")
+    path = Path(args.adapter[0][0])
+    recorded = json.loads((path / CONFIG_FILE).read_text()).get("base_model_name_or_path")
+    name = args.model or (model_name_for(recorded) if recorded else None)
+    if name is None:
+        raise ConfigError(f"{path} does not record its base model; give --model")
+    stored = stored_dtype(resolve_model_dir(name))
+    model, tokenizer = load_model(name, dtype="fp32", device=args.device, trust_remote_code=args.trust_remote_code)
+    apply_intrinsic(model, path).bake()  # in float32, written at the base's stored dtype unless --out-dtype
+    out = save_hf_model(model, tokenizer, args.out, resolve_dtype(args.out_dtype) if args.out_dtype else stored,
+                        overwrite=args.overwrite)
+    print(f"merged {path} (intrinsic dimension) into {name} -> {out}")
     return 0
 
 

@@ -8,7 +8,7 @@ Relative data paths are looked up from the working directory first, then from th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -51,7 +51,7 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    method: Literal["lora", "full"] = "lora"  # full: every weight trains (or those of full_modules); lora: ignored
+    method: Literal["lora", "full", "intrinsic"] = "lora"  # full: every weight (or full_modules); intrinsic: see below
     full_modules: Optional[list[str]] = None  # with method full: module names or dotted suffixes that train
     epochs: float = Field(1.0, gt=0)
     max_steps: Optional[int] = Field(None, gt=0)
@@ -84,6 +84,15 @@ class TrainSection(_Section):
         return value
 
 
+class IntrinsicSection(_Section):
+    """``train.method: intrinsic``: a ``dim``-dimensional θ projected into the ``targets``' weights (train.intrinsic)."""
+
+    dim: Optional[int] = Field(None, gt=0)
+    said: bool = True  # SAID: one trained scalar per target tensor
+    targets: Union[str, list[str]] = "all-linear"
+    seed: Optional[int] = None  # of the projection; default: train.seed
+
+
 class TrainConfig(_Section):
     """The whole run: what to load, how to adapt it, what data, how to train, and where to write."""
 
@@ -91,17 +100,21 @@ class TrainConfig(_Section):
     lora: LoraConfig = LoraConfig()
     data: DataSection
     train: TrainSection = TrainSection()
+    intrinsic: IntrinsicSection = IntrinsicSection()
     output_dir: str
     meta: Optional[dict[str, Any]] = None  # written by loratune into a run's config.yaml; ignored on input
 
     @model_validator(mode="after")
-    def _full_fine_tuning_fits(self):
-        if self.train.method == "full" and self.model.quantize is not None:
-            raise ValueError(f"train.method: full trains every weight, which a {self.model.quantize} base stores in "
-                             "4 bits and cannot update; set model.quantize: null, or train LoRA over it")
-        if self.train.method == "full" and self.train.loraplus_lr_ratio is not None:
-            raise ValueError("train.loraplus_lr_ratio sets the lr of LoRA's B factors; with train.method: full "
+    def _method_fits(self):
+        method = self.train.method
+        if method != "lora" and self.model.quantize is not None:
+            raise ValueError(f"train.method: {method} changes the base weights, which a {self.model.quantize} base "
+                             "stores in 4 bits and cannot update; set model.quantize: null, or train LoRA over it")
+        if method != "lora" and self.train.loraplus_lr_ratio is not None:
+            raise ValueError(f"train.loraplus_lr_ratio sets the lr of LoRA's B factors; with train.method: {method} "
                              "there are none, so remove it")
+        if method == "intrinsic" and self.intrinsic.dim is None:
+            raise ValueError("train.method: intrinsic needs intrinsic.dim (how many parameters train), e.g. 1000")
         if self.train.method != "full" and self.train.full_modules is not None:
             raise ValueError("train.full_modules applies to train.method: full; remove it or set the method")
         return self
@@ -111,7 +124,8 @@ class TrainConfig(_Section):
         return self.model_dump(mode="json", exclude_none=False)
 
 
-_SECTIONS = {"model": ModelSection, "lora": LoraConfig, "data": DataSection, "train": TrainSection}
+_SECTIONS = {"model": ModelSection, "lora": LoraConfig, "data": DataSection, "train": TrainSection,
+             "intrinsic": IntrinsicSection}
 _TOP_KEYS = [*_SECTIONS, "output_dir", "meta"]
 
 

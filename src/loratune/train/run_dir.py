@@ -33,7 +33,7 @@ from loratune.train.config import TrainConfig, load_config, validate_config
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
-RUN_ENTRIES = ("adapter", "model", "best", "checkpoints", CONFIG_FILE, "metrics.jsonl", "loss.png", SUMMARY_FILE, "tensorboard")
+RUN_ENTRIES = ("adapter", "model", "intrinsic", "best", "checkpoints", CONFIG_FILE, "metrics.jsonl", "loss.png", SUMMARY_FILE, "tensorboard")
 _VERSIONED = ("loratune", "torch", "transformers", "safetensors", "peft", "bitsandbytes")
 
 # What --resume may change in a run's config: how long it trains, how it is evaluated, logged and saved.
@@ -118,7 +118,8 @@ def never_started(path: Path) -> bool:
     is_run = (read_manifest(path) or {}).get("kind") == "run" or is_legacy_run(path)
     if not is_run:
         return False
-    if (path / "adapter").exists() or (path / "model").exists() or any((path / "checkpoints").glob("step-*")):
+    if any((path / name).exists() for name in ("adapter", "model", "intrinsic")) or any(
+            (path / "checkpoints").glob("step-*")):
         return False
     metrics = path / "metrics.jsonl"
     return not (metrics.is_file() and metrics.stat().st_size > 0) and all(

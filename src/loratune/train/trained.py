@@ -1,5 +1,5 @@
-"""What a run trains, apart from how: an adapter (``train.method: lora``) or the model's own weights
-(``full``). Each kind says which parameters the optimizer updates, what a checkpoint stores and how it is put
+"""What a run trains, apart from how: an adapter (``train.method: lora``), the model's own weights (``full``) or
+a d-dimensional projection into them (``intrinsic``, see ``train.intrinsic``). Each kind says which parameters the optimizer updates, what a checkpoint stores and how it is put
 back, and what the run writes at the end (``adapter/`` or ``model/``).
 
 Full fine-tuning of a bf16/fp16 model keeps float32 *master weights*: the optimizer updates float32 copies and
@@ -20,6 +20,7 @@ from loratune.adapters import adapter_state, load_adapter_state, save_adapter
 from loratune.adapters.targets import module_name_matches
 from loratune.errors import ConfigError, LoratuneError
 from loratune.models.export import write_hf_model
+from loratune.train.intrinsic import IntrinsicWeights, intrinsic_targets
 
 
 class TrainedAdapter:
@@ -129,3 +130,39 @@ def _chosen_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[
             raise ConfigError(f"train.full_modules: {module_name!r} matches no module of this model")
         chosen.update({name_of[id(param)]: param for param in found})
     return chosen
+
+
+class TrainedIntrinsic:
+    """An intrinsic-dimension run: θ_d (and SAID's λ) train; the run writes ``intrinsic/`` (θ, seed, targets)."""
+
+    output_name = "intrinsic"
+    state_file = "intrinsic_state.safetensors"
+
+    def __init__(self, model: nn.Module, dim: int, seed: int, said: bool, targets):
+        self.model = model
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.weights = IntrinsicWeights(model, intrinsic_targets(model, targets), dim, seed, said)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.weights.parameters()
+
+    def optimizer_parameters(self) -> list[torch.Tensor]:
+        return self.weights.parameters()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.weights.state()
+
+    def load_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        self.weights.load_state(tensors, source)
+
+    def before_step(self) -> None:
+        """Nothing to do."""
+
+    def after_step(self) -> None:
+        """Nothing to do."""
+
+    def save(self, tokenizer, directory: Path, base_name: str) -> None:
+        """Write θ_d, λ, the seed and the targets (see ``train.intrinsic``) and the tokenizer into ``directory``."""
+        self.weights.save(directory, base_name)
+        tokenizer.save_pretrained(str(directory))

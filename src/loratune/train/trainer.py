@@ -14,7 +14,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ from loratune.train.loss import causal_lm_loss_sum
 from loratune.train.metrics import MetricsLog, plot_losses
 from loratune.train.forgetting import retain_examples, retain_loss
 from loratune.train.optimizer import build_optimizer, set_learning_rate
-from loratune.train.trained import TrainedAdapter, TrainedModel
+from loratune.train.trained import TrainedAdapter, TrainedIntrinsic, TrainedModel
 from loratune.train.run_dir import (
     SUMMARY_FILE,
     RunDirs,
@@ -243,6 +243,9 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
     torch.manual_seed(t.seed)  # the adapter's start depends on the seed only
     if t.method == "full":
         trained = TrainedModel(model, t.full_modules)
+    elif t.method == "intrinsic":
+        i = config.intrinsic
+        trained = TrainedIntrinsic(model, i.dim, t.seed if i.seed is None else i.seed, i.said, i.targets)
     else:
         add_adapter(model, config.lora, ADAPTER_NAME)
         trained = TrainedAdapter(model, ADAPTER_NAME)
@@ -276,7 +279,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
         metrics.truncate_after(0)
         log(f"resuming {dirs.final}: no complete checkpoint yet, starting from step 0")
 
-    report = parameter_report(model)
+    report = replace(parameter_report(model), trainable=sum(p.numel() for p in trained.optimizer_parameters()))
     st = data.stats
     log(f"data: {st.rows_read} rows read from {st.path}; longer than max_length ({st.max_length}): {st.too_long} "
         f"({st.truncated} truncated, {st.dropped_too_long} dropped); dropped with no target token: {st.dropped_no_target}")

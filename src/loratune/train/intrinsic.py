@@ -1,0 +1,151 @@
+"""Intrinsic-dimension training (``train.method: intrinsic``): only a d-dimensional vector θ_d trains, mapped into
+the target weights as ``θ = θ₀ + P·θ_d`` (Li et al., 2018) with P the seeded Fastfood projection of
+``train.projection``, or with SAID (Aghajanyan et al., 2020) ``θ_i = θ₀,i + λ_i·(P·θ_d)_i``: one trained scalar
+per target tensor. θ_d starts at zero (the model starts as the base) and λ at one.
+
+The target weights are concatenated in module order into one D-vector; ``P·θ_d`` is computed once per forward
+pass and each weight reads its slice (``torch.nn.utils.parametrize``), so the backward pass sums every weight's
+gradient into θ_d through ``Pᵀ``. Without autograd the offset is kept until θ_d or λ change (generation runs
+hundreds of forwards). The artefact a run writes is tiny: θ_d, λ, the seed and the target list
+(``intrinsic/``); ``apply_intrinsic`` puts it back onto the base, ``bake`` writes it into the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.utils import parametrize
+
+from loratune.adapters.targets import module_name_matches, output_head_path
+from loratune.errors import ConfigError
+from loratune.files import read_safetensors
+from loratune.train.projection import FastfoodProjection
+
+CONFIG_FILE = "intrinsic_config.json"
+WEIGHTS_FILE = "intrinsic.safetensors"
+
+
+def intrinsic_targets(model: nn.Module, targets: str | Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the Linear layers ``targets`` names (``"all-linear"``: every one but the output head;
+    a list: names or dotted suffixes; a string: a regex over the whole path), in module order. Raises
+    ``ConfigError`` when nothing matches."""
+    head = output_head_path(model)
+    found = [(path, module) for path, module in model.named_modules() if isinstance(module, nn.Linear)
+             and (path != head if targets == "all-linear" else module_name_matches(targets, path))]
+    if not found:
+        raise ConfigError(f"intrinsic.targets {targets!r} match no Linear layer of this model")
+    return found
+
+
+class _Offset(nn.Module):
+    """The parametrization of one target weight: the weight plus its slice of the shared offset."""
+
+    def __init__(self, owner: IntrinsicWeights, index: int, start: int, shape: torch.Size):
+        super().__init__()
+        self.owner, self.index, self.start, self.shape = (owner,), index, start, shape  # a tuple: not a submodule
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        owner = self.owner[0]
+        piece = owner.offset()[self.start : self.start + self.shape.numel()].view(self.shape)
+        if owner.lambdas is not None:
+            piece = piece * owner.lambdas[self.index]
+        return weight + piece.to(weight.dtype)
+
+
+class IntrinsicWeights:
+    """θ_d (and SAID's λ) reparametrizing the target weights of ``model`` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, modules: list[tuple[str, nn.Module]], dim: int, seed: int, said: bool):
+        self.paths = [path for path, _ in modules]
+        sizes = [module.weight.numel() for _, module in modules]
+        self.D = sum(sizes)
+        if dim > self.D:
+            raise ConfigError(f"intrinsic.dim {dim:,} is larger than the {self.D:,} parameters of its targets; "
+                              "choose a smaller dim")
+        device = modules[0][1].weight.device
+        self.dim, self.seed = dim, seed
+        self.theta = nn.Parameter(torch.zeros(dim, device=device))
+        self.lambdas = nn.Parameter(torch.ones(len(modules), device=device)) if said else None
+        self.projection = FastfoodProjection(dim, self.D, seed, device=device)
+        self._kept: tuple | None = None
+        start = 0
+        for index, ((_, module), size) in enumerate(zip(modules, sizes)):
+            module.weight.requires_grad_(False)
+            parametrize.register_parametrization(module, "weight", _Offset(self, index, start, module.weight.shape))
+            start += size
+        self.modules = [module for _, module in modules]
+        # a new forward pass starts at the model or, for the fused loss, at its base model
+        for entry in {id(m): m for m in (model, getattr(model, "base_model", model))}.values():
+            entry.register_forward_pre_hook(lambda *_: self._new_pass())
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.theta] + ([self.lambdas] if self.lambdas is not None else [])
+
+    def _new_pass(self) -> None:
+        if torch.is_grad_enabled():
+            self._kept = None  # the previous pass's graph is spent
+
+    def offset(self) -> torch.Tensor:
+        """``P·θ_d`` (D values): once per forward pass with autograd, else until θ_d changes."""
+        key = (self.theta._version, torch.is_grad_enabled())
+        if self._kept is None or self._kept[0] != key:
+            self._kept = (key, self.projection(self.theta))
+        return self._kept[1]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        tensors = {"theta": self.theta.detach().cpu().clone()}
+        if self.lambdas is not None:
+            tensors["lambdas"] = self.lambdas.detach().cpu().clone()
+        return tensors
+
+    def load_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        expected = {name: t.shape for name, t in self.state().items()}
+        if {name: t.shape for name, t in tensors.items()} != expected:
+            raise ConfigError(f"{source} does not hold this projection's θ (expected {dict(expected)})")
+        with torch.no_grad():
+            self.theta.copy_(tensors["theta"])
+            if self.lambdas is not None:
+                self.lambdas.copy_(tensors["lambdas"])
+
+    def save(self, directory: Path, base_name: str) -> None:
+        """Write θ_d (and λ) and what rebuilds P into ``directory`` (an existing, empty staging directory)."""
+        save_file(self.state(), directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        config = {"method": "intrinsic", "dim": self.dim, "seed": self.seed, "said": self.lambdas is not None,
+                  "targets": self.paths, "D": self.D, "projection": "fastfood",
+                  "base_model_name_or_path": base_name}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+
+    def bake(self) -> None:
+        """Write ``θ₀ + P·θ_d`` into the target weights and remove the reparametrization."""
+        with torch.no_grad():
+            for module in self.modules:
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
+def is_intrinsic_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds an intrinsic-dimension artefact (``intrinsic_config.json``)."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def apply_intrinsic(model: nn.Module, directory: str | Path) -> IntrinsicWeights:
+    """Put the intrinsic-dimension artefact at ``directory`` back onto ``model`` (its base). Raises
+    ``ConfigError`` when its targets are not this model's."""
+    directory = Path(directory)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    modules = dict(model.named_modules())
+    missing = [path for path in config["targets"] if not isinstance(modules.get(path), nn.Linear)]
+    if missing:
+        raise ConfigError(f"{directory}: its targets are not Linear layers of this model ({missing[:3]})")
+    weights = IntrinsicWeights(model, [(p, modules[p]) for p in config["targets"]], config["dim"], config["seed"],
+                               config["said"])
+    if weights.D != config["D"]:
+        raise ConfigError(f"{directory}: its targets hold {config['D']:,} parameters, this model's {weights.D:,}")
+    weights.load_state(read_safetensors(directory / WEIGHTS_FILE), str(directory))
+    for param in weights.parameters():
+        param.requires_grad_(False)
+    return weights

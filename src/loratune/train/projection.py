@@ -1,0 +1,68 @@
+"""A seeded random projection ℝ^d → ℝ^D that never exists as a D × d matrix: the Fastfood transform, as the
+intrinsic-dimension paper (Li et al., 2018) uses it.
+
+Fastfood (Le, Sarlós and Smola, 2013) stands in for a Gaussian matrix with ``V = H·G·Π·H·B`` on blocks of
+L = 2^⌈log₂ d⌉: B a random ±1 diagonal, H the Walsh–Hadamard matrix (applied in O(L log L) additions), Π a random
+permutation, G a Gaussian diagonal. ``⌈D / L⌉`` independent blocks are stacked and the first D rows kept. Each
+block is divided by ``√(L·ΣG²)`` and the stack by ``√blocks``, so every column of P has unit norm (a column of a
+block is ``H·G·z`` for a ±1 vector z, whose norm is exactly ``√(L·ΣG²)``). A product costs O(D log d) time and
+O(D) memory, and its gradient (Pᵀ·g) flows through the same operations. Chosen over a sparse random matrix
+because its cost does not grow with d and it is the paper's own choice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``x·H`` over the last dimension (a power of two), H the Sylvester–Hadamard matrix (entries ±1), in
+    log₂(L) passes of additions; differentiable."""
+    length = x.shape[-1]
+    if length & (length - 1):
+        raise ValueError(f"the Walsh–Hadamard transform needs a power-of-two length, got {length}")
+    lead = x.shape[:-1]
+    half = 1
+    while half < length:
+        pairs = x.reshape(*lead, length // (2 * half), 2, half)
+        first, second = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack((first + second, first - second), dim=-2).reshape(*lead, length)
+        half *= 2
+    return x
+
+
+class FastfoodProjection:
+    """``P·θ`` for θ ∈ ℝ^d, P a seeded D × d Fastfood projection with unit-norm columns (see the module docstring).
+    The random parts (B, Π, G) are drawn from a generator seeded with ``seed`` on the CPU, so a saved
+    (seed, d, D) rebuilds the same P anywhere."""
+
+    def __init__(self, d: int, D: int, seed: int, device=None):
+        if d < 1 or D < 1:
+            raise ValueError(f"a projection needs d ≥ 1 and D ≥ 1, got d={d}, D={D}")
+        self.d, self.D, self.seed = d, D, seed
+        self.block = 1 << max(0, math.ceil(math.log2(d)))
+        self.blocks = math.ceil(D / self.block)
+        generator = torch.Generator().manual_seed(seed)
+        shape = (self.blocks, self.block)
+        self.signs = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).float().to(device)
+        self.permutation = torch.argsort(torch.rand(shape, generator=generator), dim=1).to(device)
+        self.gaussian = torch.randn(shape, generator=generator).to(device)
+        norms = torch.sqrt(self.block * self.gaussian.square().sum(1, keepdim=True))
+        self.scale = (1.0 / (norms * math.sqrt(self.blocks))).to(device)
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        """``P·θ`` (D values, in θ's dtype) for θ of length d."""
+        if theta.shape != (self.d,):
+            raise ValueError(f"expected θ of shape ({self.d},), got {tuple(theta.shape)}")
+        x = torch.nn.functional.pad(theta, (0, self.block - self.d)).expand(self.blocks, self.block)
+        x = hadamard(x * self.signs.to(theta.dtype))
+        x = torch.gather(x, 1, self.permutation)
+        x = hadamard(x * self.gaussian.to(theta.dtype)) * self.scale.to(theta.dtype)
+        return x.reshape(-1)[: self.D]
+
+    def dense(self) -> torch.Tensor:
+        """P as a D × d matrix, for tests on tiny sizes (its columns: P applied to the unit vectors)."""
+        eye = torch.eye(self.d)
+        return torch.stack([self(column) for column in eye], dim=1)

@@ -1,0 +1,130 @@
+"""Intrinsic dimension (``train.method: intrinsic``): the Fastfood projection against a dense reference built
+from its definition, its cost, training only θ_d (and SAID's λ) through it, the tiny artefact and loading it back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import loratune
+from loratune.train.intrinsic import apply_intrinsic
+from loratune.train.projection import FastfoodProjection, hadamard
+from run_helpers import addition_rows, config_dict, write_config, write_jsonl
+from test_cli import assert_one_line_error, cli
+
+
+def sylvester(length: int) -> torch.Tensor:
+    H = torch.ones(1, 1)
+    while H.shape[0] < length:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H
+
+
+def test_hadamard_is_the_sylvester_matrix():
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(hadamard(x), x @ sylvester(16))
+
+
+@pytest.mark.parametrize("d, D", [(5, 20), (8, 8), (3, 50)])
+def test_fastfood_equals_its_dense_definition_with_unit_columns(d, D):
+    projection = FastfoodProjection(d, D, seed=7)
+    L, blocks = projection.block, projection.blocks
+    H = sylvester(L)
+    parts = []
+    for b in range(blocks):  # V_b = H·G·Π·H·B / √(L·ΣG²), stacked, / √blocks
+        B = torch.diag(projection.signs[b])
+        Pi = torch.zeros(L, L)
+        Pi[torch.arange(L), projection.permutation[b]] = 1
+        G = torch.diag(projection.gaussian[b])
+        parts.append(H @ G @ Pi @ H @ B / torch.sqrt(L * projection.gaussian[b].square().sum()))
+    dense = (torch.cat(parts) / blocks**0.5)[:D, :d]
+    theta = torch.randn(d)
+    torch.testing.assert_close(projection(theta), dense @ theta, atol=1e-5, rtol=1e-5)
+    full_columns = torch.cat(parts)[:, :d] / blocks**0.5  # before keeping the first D rows
+    torch.testing.assert_close(full_columns.norm(dim=0), torch.ones(d), atol=1e-5, rtol=0)
+    # the gradient is Pᵀ·g, through the same operations
+    theta.requires_grad_(True)
+    g = torch.randn(D)
+    (grad,) = torch.autograd.grad(projection(theta), theta, g)
+    torch.testing.assert_close(grad, dense.T @ g, atol=1e-5, rtol=1e-5)
+
+
+def test_the_same_seed_gives_the_same_projection_and_no_d_by_D_matrix_is_kept():
+    a, b = FastfoodProjection(100, 10_000, seed=3), FastfoodProjection(100, 10_000, seed=3)
+    theta = torch.randn(100)
+    assert torch.equal(a(theta), b(theta))
+    kept = sum(t.numel() for t in (a.signs, a.permutation, a.gaussian, a.scale))
+    assert kept < 4 * 10_240  # O(D) numbers (the padded blocks), never D × d
+
+
+def intrinsic_run(capsys, model_dir, tmp_path, steps: int = 4, **intrinsic):
+    """8 rows, 4 per step (2 × grad_accum 2): every 2 steps are one epoch over the same rows."""
+    data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
+    config = write_config(tmp_path / "run.yaml", config_dict(
+        model_dir, data, tmp_path / "run", train={"method": "intrinsic", "max_steps": steps, "lr": 0.5,
+                                                   "save_every": 2, "grad_accum": 2, "scheduler": "constant"},
+        intrinsic={"dim": 64, **intrinsic}))
+    status, _, err = cli(capsys, "train", config, "--no-progress")
+    assert status == 0, err
+    return config
+
+
+@pytest.mark.parametrize("said", [True, False])
+def test_an_intrinsic_run_trains_only_theta_and_its_artefact_loads_back(capsys, tiny_llama_dir, tmp_path, said):
+    intrinsic_run(capsys, tiny_llama_dir, tmp_path, steps=8, said=said)
+    run = tmp_path / "run"
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert sum(losses[-2:]) < sum(losses[:2]) - 0.05  # the last epoch over the same rows: it trained
+    summary = json.loads((run / "summary.json").read_text())
+    targets = 2 * 7  # all-linear: 7 Linear layers in each of 2 blocks
+    assert summary["trainable_params"] == 64 + (targets if said else 0)
+    config = json.loads((run / "intrinsic" / "intrinsic_config.json").read_text())
+    assert config["dim"] == 64 and config["said"] is said and len(config["targets"]) == targets
+    assert sum(f.stat().st_size for f in (run / "intrinsic").glob("intrinsic*")) < 10_000  # tiny
+
+    model, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    base, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    weights = apply_intrinsic(model, run / "intrinsic")
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        adapted = model(ids).logits
+        assert (adapted - base(ids).logits).abs().max() > 1e-4
+        weights.bake()
+        torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_an_intrinsic_run_resumes_to_the_same_theta(capsys, tiny_llama_dir, tmp_path):
+    config = intrinsic_run(capsys, tiny_llama_dir, tmp_path)
+    straight = (tmp_path / "run" / "intrinsic" / "intrinsic.safetensors").read_bytes()
+    status, _, err = cli(capsys, "train", config, "--no-progress", "--overwrite", "--set", "train.max_steps=2")
+    assert status == 0, err
+    status, _, err = cli(capsys, "train", config, "--no-progress", "--resume", "--set", "train.max_steps=4")
+    assert status == 0, err
+    assert (tmp_path / "run" / "intrinsic" / "intrinsic.safetensors").read_bytes() == straight
+
+
+@pytest.mark.parametrize("intrinsic, named", [({}, "intrinsic.dim"), ({"dim": 10**9}, "larger than")])
+def test_bad_intrinsic_settings_are_one_line(capsys, tiny_llama_dir, tmp_path, intrinsic, named):
+    data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
+    config = write_config(tmp_path / "bad.yaml", config_dict(tiny_llama_dir, data, tmp_path / "bad",
+                                                             train={"method": "intrinsic"}, intrinsic=intrinsic))
+    status, _, err = cli(capsys, "train", config, "--no-progress")
+    assert_one_line_error(status, err, "train", named)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_loratune_merge_writes_the_intrinsic_run_into_the_weights(capsys, tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    intrinsic_run(capsys, tiny_llama_dir, tmp_path)
+    status, _, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", tmp_path / "run" / "intrinsic",
+                         "--out", tmp_path / "merged")
+    assert status == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    model, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    apply_intrinsic(model, tmp_path / "run" / "intrinsic")
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
