@@ -128,3 +128,40 @@ def test_loratune_merge_writes_the_intrinsic_run_into_the_weights(capsys, tiny_l
     ids = torch.tensor([[1, 5, 9, 13, 2]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_d90_is_the_smallest_dim_reaching_90_percent_of_the_reference():
+    from loratune.experiments.results import d90
+
+    rows = [{"intrinsic.dim": dim, "eval_exact_match": score} for dim, score in
+            [(10, 0.2), (10, 0.3), (100, 0.71), (100, 0.75), (1000, 0.80), (1000, 0.82)]]
+    reference = {"eval": {"eval_exact_match": 0.8}}
+    assert d90(rows, reference) == (100, 0.8, "eval_exact_match")  # mean 0.73 ≥ 0.9 × 0.8
+    assert d90(rows, {"eval": {"eval_exact_match": 0.95}})[0] is None
+
+
+def test_a_sweep_over_intrinsic_dims_reports_d90_against_a_reference_run(capsys, tiny_llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", addition_rows(4, start=20))
+    sections = dict(data={"eval": str(evaluation)}, train={"max_steps": 2, "exact_match": True})
+    reference = write_config(tmp_path / "ref.yaml", config_dict(tiny_llama_dir, data, tmp_path / "ref", **sections))
+    status, _, err = cli(capsys, "train", reference, "--no-progress")
+    assert status == 0, err
+    base = write_config(tmp_path / "base.yaml", config_dict(
+        tiny_llama_dir, data, tmp_path / "unused", **{**sections, "train": {**sections["train"], "method": "intrinsic"}}))
+    status, out, err = cli(capsys, "sweep", base, "--grid", "intrinsic.dim=8,64", "--reference", tmp_path / "ref",
+                           "--out", tmp_path / "sweep")
+    assert status == 0, err
+    assert "d90 " in out and "90% of" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+def test_a_reference_without_exact_match_is_refused_before_anything_runs(capsys, tiny_llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
+    reference = write_config(tmp_path / "ref.yaml", config_dict(tiny_llama_dir, data, tmp_path / "ref"))
+    assert cli(capsys, "train", reference, "--no-progress")[0] == 0
+    base = write_config(tmp_path / "base.yaml", config_dict(tiny_llama_dir, data, tmp_path / "unused",
+                                                            train={"method": "intrinsic"}))
+    status, _, err = cli(capsys, "sweep", base, "--grid", "intrinsic.dim=8,64", "--reference", tmp_path / "ref",
+                         "--out", tmp_path / "sweep")
+    assert_one_line_error(status, err, "sweep", "eval_exact_match")
+    assert not (tmp_path / "sweep").exists()

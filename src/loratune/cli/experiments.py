@@ -37,6 +37,9 @@ def add_sweep_verb(verb) -> None:
                    help="choose lora.r per run so the adapter has about PARAMS trainable parameters")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value for every run (as in train); repeatable")
+    p.add_argument("--reference", metavar="RUN_DIR",
+                   help="with --grid intrinsic.dim=...: report d90, the smallest dim reaching 90%% of this run's "
+                        "exact match (a LoRA or full run on the same task)")
     p.add_argument("--out", required=True, metavar="DIR", help="the sweep's directory (run directories, results)")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and what state each is in")
 
@@ -57,6 +60,7 @@ def run_sweep(args) -> int:
 
     if not args.grid and args.seeds == 1:
         raise ConfigError("nothing to sweep: give at least one --grid KEY=V1,V2,... or --seeds N")
+    reference = _reference_summary(args.reference) if args.reference else None
     out = Path(args.out)
     runs = plan_runs(args.config, args.grid, out, seeds=args.seeds, overrides=args.overrides)
     if args.budget:
@@ -84,6 +88,31 @@ def run_sweep(args) -> int:
         print(line, file=sys.stderr, flush=True)
 
     run_sweep(runs, progress=say, on_result=lambda run: write_results(runs, out))
+    if reference is not None:
+        _report_d90(write_results(runs, out), reference, args.reference, out)
     print((out / "results.md").read_text(), end="")
     say(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'results.png'}")
     return 0
+
+
+def _reference_summary(run_dir: str) -> dict:
+    import json
+
+    summary = Path(run_dir) / "summary.json"
+    if not summary.is_file():
+        raise ConfigError(f"--reference {run_dir}: no summary.json (give a finished run directory)")
+    data = json.loads(summary.read_text())
+    if (data.get("eval") or {}).get("eval_exact_match") is None:
+        raise ConfigError(f"--reference {run_dir}: d90 needs the run's eval_exact_match (evaluation data with "
+                          "references and train.exact_match: true)")
+    return data
+
+
+def _report_d90(rows: list[dict], reference: dict, reference_dir: str, out: Path) -> None:
+    from loratune.experiments.results import d90
+    from loratune.files import write_text_atomic
+
+    dim, value, metric = d90(rows, reference)
+    found = f"d90 = {dim}" if dim is not None else "d90 > the largest intrinsic.dim tried (none reached 90%)"
+    line = f"{found}: 90% of {reference_dir}'s {metric} ({value:.3f}) is {0.9 * value:.3f}"
+    write_text_atomic(out / "results.md", (out / "results.md").read_text() + "\n" + line + "\n")

@@ -129,3 +129,25 @@ def _plot(groups, path: Path) -> None:
     fig.tight_layout()
     write_atomic(path, lambda temp: fig.savefig(temp, format="png", metadata={"Software": SOFTWARE_TAG}))
     plt.close(fig)
+
+
+def d90(rows: list[dict[str, Any]], reference: dict[str, Any]) -> tuple[int | None, float, str]:
+    """(d90, the reference's value, the metric): the smallest ``intrinsic.dim`` whose runs reach, on average
+    over seeds, 90% of the reference run's metric (``reference``: its summary.json) — exact match, which is
+    what "90% of the performance" means for a score where higher is better. None when no dim reaches it.
+    Raises ``ConfigError`` when the reference or the runs have no exact match."""
+    from loratune.errors import ConfigError
+
+    value = (reference.get("eval") or {}).get("eval_exact_match")
+    if value is None:
+        raise ConfigError("--reference: d90 needs the reference run's eval_exact_match (evaluation data with "
+                          "references and train.exact_match: true)")
+    by_dim: dict[int, list[float]] = {}
+    for row in rows:
+        if row.get("eval_exact_match") is None or "intrinsic.dim" not in row:
+            continue
+        by_dim.setdefault(int(row["intrinsic.dim"]), []).append(float(row["eval_exact_match"]))
+    if not by_dim:
+        raise ConfigError("--reference: d90 needs runs over --grid intrinsic.dim=... with eval_exact_match")
+    reached = [dim for dim, scores in sorted(by_dim.items()) if statistics.fmean(scores) >= 0.9 * value]
+    return (reached[0] if reached else None), value, "eval_exact_match"
