@@ -150,3 +150,18 @@ def test_full_fine_tuning_settings_that_make_no_sense_are_one_line_errors(capsys
     status, _, err = cli(capsys, "train", config, "--no-progress")
     assert_one_line_error(status, err, "train", named)
     assert not (tmp_path / "bad").exists()
+
+
+def test_peak_memory_restarts_with_each_run_in_one_process():
+    import sys
+
+    from loratune.train.trainer import peak_memory_mb, reset_peak_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the peak RSS restarts only on Linux (/proc/self/clear_refs)")
+    big = torch.ones(400 * 2**20, dtype=torch.uint8)
+    big += 1
+    high = peak_memory_mb()
+    del big
+    reset_peak_memory()
+    assert peak_memory_mb() < high - 300  # a later run (a sweep's next) does not inherit this peak

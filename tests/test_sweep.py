@@ -124,3 +124,12 @@ def test_a_sweep_refuses_a_directory_it_did_not_write(capsys, base_config, tmp_p
     status, _, err = cli(capsys, "sweep", base_config, "--grid", "lora.r=2,4", "--out", tmp_path / "mine")
     assert_one_line_error(status, err, "sweep", "not a loratune sweep directory")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_diverging_run_is_reported_and_the_sweep_goes_on(capsys, base_config, tmp_path):
+    out = tmp_path / "sweep"
+    status, _, err = cli(capsys, "sweep", base_config, "--grid", "train.lr=1e-3,1e30", "--out", out)
+    assert status == 0, err
+    assert "lr=1e30: diverged" in err
+    assert [row["train.lr"] for row in rows(out)] == ["0.001"]
+    assert "1 of 2 runs finished" in (out / "results.md").read_text()

@@ -12,7 +12,7 @@ from pathlib import Path
 from loratune.experiments.budget import rank_for_budget
 from loratune.experiments.grid import PlannedRun
 from loratune.files import read_manifest
-from loratune.train import train
+from loratune.train import TrainingDiverged, train
 from loratune.train.run_dir import SUMMARY_FILE, never_started
 
 
@@ -45,7 +45,7 @@ def run_state(run: PlannedRun) -> str:
 def run_sweep(runs: list[PlannedRun], *, progress: Callable[[str], None] = print,
               on_result: Callable[[PlannedRun], None] = lambda run: None) -> None:
     """Train every run that is not done (resuming partial ones), saying which run is where and how long the
-    rest should take; ``on_result`` is called after each finished or skipped run (the results table is
+    rest should take; a run whose loss diverges is reported and skipped; ``on_result`` is called after each finished or skipped run (the results table is
     rewritten then, so an interrupted sweep still has its table so far)."""
     seconds: list[float] = []
     for index, run in enumerate(runs, 1):
@@ -59,8 +59,12 @@ def run_sweep(runs: list[PlannedRun], *, progress: Callable[[str], None] = print
         eta = f"; about {_duration(left * sum(seconds) / len(seconds))} left" if seconds else ""
         progress(f"{head}: {'resuming' if state == 'partial' else 'training'}{eta}")
         started = time.perf_counter()
-        summary = train(run.config, resume=state == "partial", overwrite=state == "new" and Path(
-            run.config.output_dir).exists(), progress=False, log=lambda line: None)
+        try:
+            summary = train(run.config, resume=state == "partial", overwrite=state == "new" and Path(
+                run.config.output_dir).exists(), progress=False, log=lambda line: None)
+        except TrainingDiverged as error:  # a setting that does not train is a result too; the others go on
+            progress(f"{head}: diverged ({error}); left out of the table, run the sweep again to retry it")
+            continue
         seconds.append(time.perf_counter() - started)
         progress(f"{head}: final loss {summary['final_loss']:.4f}{_eval_text(summary)} "
                  f"({_duration(seconds[-1])})")

@@ -221,6 +221,7 @@ def fit_max_length(config: TrainConfig, model, log) -> TrainConfig:
 
 
 def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dict:
+    reset_peak_memory()
     run_dir = dirs.work
     changes: list[str] = []
     if resume:
@@ -508,10 +509,28 @@ def _model_bytes(directory: Path) -> int | None:
     return sum(f.stat().st_size for f in files) if files else None
 
 
+def reset_peak_memory() -> None:
+    """Start measuring the peak afresh (several runs in one process, as in a sweep, each get their own): the
+    CUDA allocator's peak, and on Linux the process's peak RSS (``/proc/self/clear_refs``)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux (or not allowed): the peak then covers the whole process
+
+
 def peak_memory_mb() -> float:
-    """This process's peak memory so far, MiB: the CUDA allocator's peak when training on a GPU, else peak RSS."""
+    """The peak memory since ``reset_peak_memory``, MiB: the CUDA allocator's peak when training on a GPU, else
+    the peak RSS (``VmHWM``; ``ru_maxrss``, the whole process's, where /proc is missing)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
