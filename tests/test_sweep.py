@@ -131,5 +131,5 @@ def test_a_diverging_run_is_reported_and_the_sweep_goes_on(capsys, base_config, 
     status, _, err = cli(capsys, "sweep", base_config, "--grid", "train.lr=1e-3,1e30", "--out", out)
     assert status == 0, err
     assert "lr=1e30: diverged" in err
-    assert [row["train.lr"] for row in rows(out)] == ["0.001"]
+    assert [row["train.lr"] for row in rows(out)] == ["1e-3"]
     assert "1 of 2 runs finished" in (out / "results.md").read_text()
