@@ -1,6 +1,7 @@
 """What a run trains, apart from how: an adapter (``train.method: lora``), the model's own weights (``full``) or
-a d-dimensional projection into them (``intrinsic``, see ``train.intrinsic``). Each kind says which parameters the optimizer updates, what a checkpoint stores and how it is put
-back, and what the run writes at the end (``adapter/`` or ``model/``).
+a d-dimensional projection into them (``intrinsic``, see ``train.intrinsic``). Each kind says which parameters
+the optimizer updates, what a checkpoint stores and how it is put back, and what the run writes at the end
+(``adapter/``, ``model/`` or ``intrinsic/``).
 
 Full fine-tuning of a bf16/fp16 model keeps float32 *master weights*: the optimizer updates float32 copies and
 each step writes them back rounded to the model's dtype, so updates far below the model dtype's resolution
