@@ -51,11 +51,6 @@ def magnitude_key(path: str) -> str:
     return f"{PREFIX}{path}{MAGNITUDE_SUFFIX}"
 
 
-def is_magnitude_key(key: str) -> bool:
-    """Whether ``key`` names a DoRA magnitude vector."""
-    return key.startswith(PREFIX) and key.endswith(MAGNITUDE_SUFFIX)
-
-
 def module_key(path: str, key: str) -> str:
     """The key of a modules_to_save copy's tensor ``key`` (its own state-dict key) at ``path``."""
     return f"{PREFIX}{path}.{key}"

@@ -26,7 +26,8 @@ def _module_type(name: str) -> str:
     return leaf if not leaf.isdigit() else name
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG tagged with loratune's Software tag (to a temporary name, then renamed) and close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -62,7 +63,7 @@ def plot_energy(report: dict, path: str | Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title or "share of each update's energy kept by its top-k singular directions", fontsize=10)
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
     return Path(path)
 
 

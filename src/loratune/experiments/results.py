@@ -11,9 +11,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from loratune.analysis.plots import SOFTWARE_TAG
+from loratune.analysis.plots import save_figure
 from loratune.experiments.grid import PlannedRun, run_name
-from loratune.files import write_atomic, write_text_atomic
+from loratune.files import write_text_atomic
 from loratune.train.run_dir import SUMMARY_FILE
 
 COLUMNS = ("method", "r", "target_modules", "trainable_params", "adapter_mb", "train_seconds", "tokens_per_s",
@@ -93,14 +93,15 @@ def _stat(rows: list[dict], column: str, digits: int) -> str:
 def _markdown(groups, keys: list[str], planned: int) -> str:
     shown = [("trainable_params", 0), ("adapter_mb", 2), ("train_seconds", 1), ("tokens_per_s", 0),
              ("peak_memory_mb", 0), ("final_loss", 4), ("eval_loss", 4), ("eval_exact_match", 3), ("forgetting", 4)]
+    # method and r, unless a grid already shows them (train.method, lora.r: the budget's choice)
+    fixed = [name for name, key in (("method", "train.method"), ("r", "lora.r")) if key not in keys]
     seeds = max((len(rows) for _, rows in groups), default=0)
     lines = [f"{sum(len(rows) for _, rows in groups)} of {planned} runs finished"
              + (f"; mean ± std over up to {seeds} seeds" if seeds > 1 else ""), "",
-             "| " + " | ".join([*keys, "method", "r", "runs", *(name for name, _ in shown)]) + " |",
-             "|" + "---|" * (len(keys) + 3 + len(shown))]
+             "| " + " | ".join([*keys, *fixed, "runs", *(name for name, _ in shown)]) + " |",
+             "|" + "---|" * (len(keys) + len(fixed) + 1 + len(shown))]
     for values, rows in groups:
-        first = rows[0]
-        cells = [str(values[key]) for key in keys] + [str(first["method"]), str(first["r"] or "–"), str(len(rows))]
+        cells = [str(values[key]) for key in keys] + [str(rows[0][name] or "–") for name in fixed] + [str(len(rows))]
         cells += [_stat(rows, name, digits) for name, digits in shown]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -126,9 +127,7 @@ def _plot(groups, path: Path) -> None:
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(f"sweep: {metric.replace('_', ' ')} per configuration (mean ± std over seeds)")
-    fig.tight_layout()
-    write_atomic(path, lambda temp: fig.savefig(temp, format="png", metadata={"Software": SOFTWARE_TAG}))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def d90(rows: list[dict[str, Any]], reference: dict[str, Any]) -> tuple[int | None, float, str]:

@@ -3,8 +3,8 @@
 ``run`` picks one per call, for Linear-like layers (a Linear, a 4-bit Linear, a GPT-2 ``Conv1D``):
 
 - **fused** (autograd on, one term on every row): ``fused_linear``'s autograd functions, which save only x
-  and A·x (DoRA: and the pre-scaling output its magnitude's gradient needs); a 4-bit base is dequantized in
-  forward and again in backward.
+  and A·x (DoRA: also one out-wide tensor for the magnitude's gradient, the output itself at strength 1); a
+  4-bit base is dequantized in forward and again in backward.
 - **stacked** (autograd on, a mixed-adapter batch): the batch's adapters as one stacked adapter — A of every
   adapter stacked (Σr × in), s·B side by side (out × Σr) — and a 0/1 row mask that keeps each row's own block.
 - **plan** (autograd off): the terms' factors prepared once (cast, B scaled and transposed, stacked, the row

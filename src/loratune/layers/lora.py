@@ -266,13 +266,18 @@ class LoraLayer(nn.Module):
     # --- merge ------------------------------------------------------------------------------------------------
     def _delta(self, name: str, scale: float) -> torch.Tensor:
         """The change adapter ``name`` makes to W0 at ``scale`` (= s·strength), out × in, float32."""
+        if self.is_dora(name):
+            return self._dora_change(name, scale)[0]
         B, A = self.lora_B[name].detach().float(), self.lora_A[name].detach().float()
-        if name not in self.lora_magnitude_vector:
-            return scale * (B @ A)
+        return scale * (B @ A)
+
+    def _dora_change(self, name: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``t·(W' − W0)``, out × in, float32; the gain ``g`` it used) for DoRA adapter ``name`` at ``scale``."""
         s = self.specs[name].scaling
         weight = self.dense_weight(torch.float32)
         gain = self.dora_gain(self._term(name, None), weight).detach()
-        return dora.weight_change(weight, A, B, s, gain, scale / s)
+        change = dora.weight_change(weight, self.lora_A[name].detach(), self.lora_B[name].detach(), s, gain, scale / s)
+        return change, gain
 
     def delta_weight(self, name: str, scale: float | None = None) -> torch.Tensor:
         """What adapter ``name`` adds to the base weight, in float32, laid out like it (default scale:
@@ -310,8 +315,10 @@ class LoraLayer(nn.Module):
             self.base_layer.weight = nn.Parameter(original.detach().clone(), requires_grad=False)
             self._shared_weight = (original,)
         if self.is_dora(name):  # unmerging needs the gain the merge used
-            self._dora_merged_gains[name] = self.dora_gain(self._term(name, None)).detach()
-        self._add_to_weight(self._delta(name, scale))
+            change, self._dora_merged_gains[name] = self._dora_change(name, scale)
+        else:
+            change = self._delta(name, scale)
+        self._add_to_weight(change)
         self._state = self._state.with_merged(name, scale)
 
     def unmerge(self, name: str) -> None:

@@ -24,7 +24,27 @@ from loratune.models.export import write_hf_model
 from loratune.train.intrinsic import IntrinsicWeights, intrinsic_targets
 
 
-class TrainedAdapter:
+class Trained:
+    """What every kind shares: the optimizer updates ``parameters()`` themselves, with nothing to do around a step.
+    Kinds set ``output_name`` (the run's output directory) and ``state_file`` (in checkpoints)."""
+
+    output_name: str
+    state_file: str
+
+    def parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def optimizer_parameters(self) -> list[torch.Tensor]:
+        return self.parameters()
+
+    def before_step(self) -> None:
+        """Called after the gradients are final, before the optimizer steps."""
+
+    def after_step(self) -> None:
+        """Called after the optimizer stepped."""
+
+
+class TrainedAdapter(Trained):
     """A LoRA run: the adapter ``name``'s parameters train; the run writes an adapter directory."""
 
     output_name = "adapter"
@@ -36,20 +56,11 @@ class TrainedAdapter:
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def optimizer_parameters(self) -> list[torch.Tensor]:
-        return self.parameters()
-
     def state(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.model, self.name)
 
     def load_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         load_adapter_state(self.model, self.name, tensors, source)
-
-    def before_step(self) -> None:
-        """Nothing to do: the optimizer updates the parameters themselves."""
-
-    def after_step(self) -> None:
-        """Nothing to do."""
 
     def save(self, tokenizer, directory: Path, base_name: str) -> None:
         """Write the adapter and the tokenizer (with its chat template) into ``directory``."""
@@ -57,7 +68,7 @@ class TrainedAdapter:
         tokenizer.save_pretrained(str(directory))
 
 
-class TrainedModel:
+class TrainedModel(Trained):
     """A full fine-tuning run: the model's parameters (all, or those of ``modules``) train, through float32
     master copies when the model computes in a lower precision; the run writes a Hugging Face model directory."""
 
@@ -133,7 +144,7 @@ def _chosen_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[
     return chosen
 
 
-class TrainedIntrinsic:
+class TrainedIntrinsic(Trained):
     """An intrinsic-dimension run: θ_d (and SAID's λ) train; the run writes ``intrinsic/`` (θ, seed, targets)."""
 
     output_name = "intrinsic"
@@ -148,20 +159,11 @@ class TrainedIntrinsic:
     def parameters(self) -> list[nn.Parameter]:
         return self.weights.parameters()
 
-    def optimizer_parameters(self) -> list[torch.Tensor]:
-        return self.weights.parameters()
-
     def state(self) -> dict[str, torch.Tensor]:
         return self.weights.state()
 
     def load_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         self.weights.load_state(tensors, source)
-
-    def before_step(self) -> None:
-        """Nothing to do."""
-
-    def after_step(self) -> None:
-        """Nothing to do."""
 
     def save(self, tokenizer, directory: Path, base_name: str) -> None:
         """Write θ_d, λ, the seed and the targets (see ``train.intrinsic``) and the tokenizer into ``directory``."""
