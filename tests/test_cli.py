@@ -428,7 +428,10 @@ def test_debug_shows_the_traceback(tmp_path, files):
     ("eval", ["--model", "--adapter", "--data", "--json"]),
     ("generate", ["--model", "--adapter", "--prompt", "--max-new-tokens", "--raw"]),
     ("merge", ["--model", "--adapter", "--out"]),
-    ("inspect", ["ADAPTER_DIR", "--json"]),
+    ("inspect", ["ADAPTER", "--json", "kohya"]),
+    ("mix", ["ADAPTER:WEIGHT", "--method", "--format", "--out"]),
+    ("convert", ["FILE_OR_DIR", "--to", "--model", "--out", "diffusers"]),
+    ("resize", ["ADAPTER", "--energy", "--format"]),
 ])
 def test_help_of_every_verb(capsys, verb, options):
     status, out, _ = cli(capsys, verb, "--help")
@@ -440,7 +443,7 @@ def test_help_of_every_verb(capsys, verb, options):
 def test_top_level_help_lists_the_verbs(capsys):
     status, out, _ = cli(capsys, "--help")
     assert status == 0
-    for verb in ("train", "data", "eval", "generate", "merge", "inspect"):
+    for verb in ("train", "data", "eval", "generate", "merge", "inspect", "mix", "convert"):
         assert verb in out
 
 

@@ -51,3 +51,33 @@ def token_batch(seed: int = 0, batch: int = 2, length: int = 9) -> torch.Tensor:
     """Random token ids that fit the tiny vocabularies."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=generator)
+
+
+def tiny_unet(seed: int = 0):
+    """A tiny random Stable-Diffusion-style UNet (diffusers): attention, resnet and up/down-sampling convs."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+    ).eval()
+
+
+def tiny_clip_text(seed: int = 0):
+    """A tiny random CLIP text encoder (transformers), the kind Stable Diffusion pipelines use."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+                            vocab_size=100, max_position_embeddings=16, projection_dim=16, bos_token_id=0,
+                            eos_token_id=1, pad_token_id=1)
+    return CLIPTextModel(config).eval()
+
+
+def unet_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy latents, timesteps, text embeddings) for ``tiny_unet``."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10, 500]),
+            torch.randn(2, 5, 16, generator=generator))

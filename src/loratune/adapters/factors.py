@@ -1,7 +1,8 @@
 """An adapter as per-module factors, and the SVD of a low-rank product without forming it.
 
 Adapter modules change their weight by Δ = s·B·A (A: r × in, B: out × r; s = alpha/r or alpha/√r with
-rsLoRA, after rank_pattern and alpha_pattern). ``mix`` combines these; ``loratune.analysis`` measures and
+rsLoRA, after rank_pattern and alpha_pattern). A convolution's factors (A: r × in × k…, B: out × r × 1…) are
+held flattened to those matrices, Δ being the change of the flattened kernel, and reshaped when written. ``mix`` combines these; ``loratune.analysis`` measures and
 truncates them.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from loratune.adapters.config import LoraConfig
-from loratune.adapters.peft_keys import parse_factor_key
+from loratune.adapters.peft_keys import factor_keys, parse_factor_key
 from loratune.adapters.targets import rank_and_alpha
 from loratune.errors import ConfigError
 from loratune.layers import is_residual_start, lora_scaling
@@ -21,16 +22,26 @@ from loratune.layers import is_residual_start, lora_scaling
 
 @dataclass(frozen=True)
 class Factors:
-    """One module of one adapter: Δ = scaling·B·A with A: r × in, B: out × r (``embedding``: an embedding's)."""
+    """One module of one adapter: Δ = scaling·B·A with A: r × in, B: out × r (``embedding``: an embedding's;
+    ``kernel``: a convolution's kernel size, A then flattened from r × in × kernel)."""
 
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
     embedding: bool
+    kernel: tuple[int, ...] = ()
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
+
+    def tensors(self, path: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = None) -> dict:
+        """PEFT-keyed tensors of new factors ``A`` (k × in), ``B`` (out × k) for this module, shaped like these
+        (a convolution's kernel restored), in ``dtype`` (default: these factors')."""
+        a_key, b_key = factor_keys(path, self.embedding)
+        A = A.reshape(A.shape[0], -1, *self.kernel) if self.kernel else A
+        B = B.reshape(*B.shape, *(1,) * len(self.kernel))
+        return {a_key: A.to(dtype or self.A.dtype).contiguous(), b_key: B.to(dtype or self.B.dtype).contiguous()}
 
 
 def adapter_factors(
@@ -51,12 +62,14 @@ def adapter_factors(
             continue
         b_key = parsed.partner()
         A, B = tensors[key], tensors.get(b_key)
-        if B is None or B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+        kernel = tuple(A.shape[2:])
+        if B is None or A.ndim < 2 or B.shape[1:] != (A.shape[0], *(1,) * len(kernel)):
             raise ConfigError(f"{source}: {key} has no matching {b_key} of shape (out, {A.shape[0]})")
         r, alpha = rank_and_alpha(config, parsed.path)
         if r != A.shape[0]:
             raise ConfigError(f"{source}: {parsed.path} has rank {A.shape[0]} in the file but r={r} in its config")
-        factors[parsed.path] = Factors(A, B, lora_scaling(r, alpha, config.use_rslora), parsed.embedding)
+        scaling = lora_scaling(r, alpha, config.use_rslora)
+        factors[parsed.path] = Factors(A.flatten(1), B.flatten(1), scaling, parsed.embedding, kernel)
         used.update((key, b_key))
     others = {key: t for key, t in tensors.items() if key not in used}
     return factors, others

@@ -1,26 +1,41 @@
-"""What an adapter directory holds, read from its config and tensor headers (no weights loaded)."""
+"""What an adapter holds: a PEFT directory read from its config and tensor headers (no weights loaded), or a
+kohya file (image-model LoRA) read whole — such files are a few to a few hundred MB."""
 
 from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 from safetensors import safe_open
 
+from loratune.adapters.convert import is_diffusers_file, read_any
 from loratune.adapters.int8 import DTYPE_KEY, INT8_WEIGHTS_NAME, SCALE_SUFFIX
+from loratune.adapters.kohya import COMPONENTS, is_kohya_path, module_ranks_and_alphas, split_name
 from loratune.adapters.peft_format import WEIGHTS_NAME, read_adapter_config
 from loratune.adapters.peft_keys import parse_factor_key
 from loratune.errors import AdapterLoadError
 from loratune.files import reading
 
-def describe_adapter(path: str | os.PathLike) -> dict:
-    """A summary of the PEFT adapter at ``path``: ``base_model``, ``r``, ``lora_alpha``, ``target_modules``,
-    ``trainable_params``, ``size_bytes`` and more (modules, ranks found in the tensors, dtype, and
-    ``compression``: ``"int8"`` for an int8-compressed adapter, else None).
+PEFT_FIELDS = ("base_model", "r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "init_lora_weights",
+               "target_modules", "modules_to_save", "n_modules", "ranks", "trainable_params", "dtype", "compression",
+               "size_bytes")
+KOHYA_FIELDS = ("base_model", "base_model_version", "network_module", "components", "n_modules", "conv_modules", "r",
+                "lora_alpha", "ranks", "alphas", "trainable_params", "dtype", "size_bytes", "output_name",
+                "training_comment")
 
-    Raises ``AdapterLoadError`` when ``path`` is not a readable adapter directory.
+
+def describe_adapter(path: str | os.PathLike) -> dict:
+    """A summary of the adapter at ``path`` (a PEFT directory or a kohya ``.safetensors`` file): ``format``,
+    ``base_model``, ``r``, ``lora_alpha``, ``target_modules``, ``trainable_params``, ``size_bytes`` and more
+    (PEFT: modules, ranks found in the tensors, dtype, ``compression``: ``"int8"`` for an int8-compressed
+    adapter, else None; kohya: see ``describe_kohya``).
+
+    Raises ``AdapterLoadError`` when ``path`` is not a readable adapter.
     """
+    if is_kohya_path(path):
+        return describe_kohya(path)
     directory = Path(path)
     config = read_adapter_config(directory)
     weights = directory / WEIGHTS_NAME
@@ -44,6 +59,7 @@ def describe_adapter(path: str | os.PathLike) -> dict:
                 modules.add(parsed.path)
                 ranks.add(shape[0])
     return {
+        "format": "peft",
         "path": str(directory),
         "base_model": config.base_model_name_or_path,
         "r": config.r,
@@ -63,4 +79,38 @@ def describe_adapter(path: str | os.PathLike) -> dict:
         "dtype": ", ".join(sorted(dtypes)) + (f" (loads as {restored_dtype})" if compression else ""),
         "compression": compression,
         "size_bytes": weights.stat().st_size,
+    }
+
+
+def describe_kohya(path: str | os.PathLike) -> dict:
+    """A summary of the kohya file (or diffusers single-file LoRA, described by the kohya file it converts
+    to) at ``path``: the PEFT summary's keys where they apply (``r`` and
+    ``lora_alpha`` the most common; ``target_modules`` the kohya names), the ``components`` adapted with their
+    module counts, ``conv_modules`` (LoCon), every distinct rank and alpha, and the ``ss_*`` training settings
+    (``metadata``)."""
+    adapter = read_any(path)
+    ranks, alphas = module_ranks_and_alphas(adapter.config, adapter.tensors, str(path))
+    components = Counter(COMPONENTS[split_name(name)[0]] for name in ranks)
+    metadata = adapter.metadata
+    conv = sum(1 for key, t in adapter.tensors.items() if t.ndim > 2 and key.endswith("lora_A.weight"))
+    return {
+        "format": "diffusers" if is_diffusers_file(path) else "kohya",
+        "path": str(path),
+        "base_model": metadata.get("ss_sd_model_name"),
+        "base_model_version": metadata.get("ss_base_model_version"),
+        "network_module": metadata.get("ss_network_module"),
+        "components": dict(sorted(components.items())),
+        "r": adapter.config.r,
+        "lora_alpha": adapter.config.lora_alpha,
+        "target_modules": sorted(ranks),
+        "n_modules": len(ranks),
+        "conv_modules": conv,
+        "ranks": sorted(set(ranks.values())),
+        "alphas": sorted(set(alphas.values())),
+        "trainable_params": sum(t.numel() for t in adapter.tensors.values()),
+        "dtype": ", ".join(sorted({str(t.dtype) for t in adapter.tensors.values()})),
+        "size_bytes": Path(path).stat().st_size,
+        "output_name": metadata.get("ss_output_name"),
+        "training_comment": metadata.get("ss_training_comment"),
+        "metadata": {k: v for k, v in sorted(metadata.items()) if k.startswith("ss_")},
     }

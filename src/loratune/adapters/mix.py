@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from loratune.adapters.config import LoraConfig
+from loratune.adapters.convert import output_format, read_any, write_any
 from loratune.adapters.factors import (
     Factors,
     adapter_factors,
@@ -28,8 +29,7 @@ from loratune.adapters.factors import (
     numerical_rank,
     unit_scaling_fields,
 )
-from loratune.adapters.peft_format import read_adapter, write_adapter_dir
-from loratune.adapters.peft_keys import factor_keys, is_base_copy_key
+from loratune.adapters.peft_keys import is_base_copy_key
 from loratune.errors import ConfigError
 from loratune.files import check_output_dir
 from loratune.validation import closest
@@ -189,7 +189,7 @@ def _check_shapes(factor_sets: Sequence[dict[str, Factors]], names: Sequence[str
     seen: dict[str, tuple] = {}
     for factors, name in zip(factor_sets, names):
         for path, f in factors.items():
-            shape = (f.embedding, f.B.shape[0], f.A.shape[1])
+            shape = (f.embedding, f.B.shape[0], f.A.shape[1], f.kernel)
             first = seen.setdefault(path, (shape, name))
             if first[0] != shape:
                 raise ConfigError(
@@ -322,9 +322,7 @@ def mix_adapters(
             A, B, energy[path] = balanced_factors(U, S, Vh, k)
             squares = float((S**2).sum())
             kept, total = kept + energy[path] * squares, total + squares
-        a_key, b_key = factor_keys(path, parts[0][2].embedding)
-        tensors[a_key] = A.to(dtype).contiguous()
-        tensors[b_key] = B.to(dtype).contiguous()
+        tensors.update(parts[0][2].tensors(path, A, B, dtype))
         ranks[path] = A.shape[0]
     _warn_if_much_larger(tensors, factor_sets)
     tensors.update(others)
@@ -360,22 +358,27 @@ def mix_adapter_dirs(
     majority_sign: str = "total",
     compress: str | None = None,
     overwrite: bool = False,
+    format: str | None = None,
 ) -> MixResult:
-    """Read the adapter directories of ``inputs`` (``(path, weight)`` pairs), mix them with ``mix_adapters``
-    and write the result as a new PEFT adapter directory at ``out`` (int8-compressed with
-    ``compress="int8"``; replacing an earlier output only with ``overwrite``, see ``write_adapter_dir``).
+    """Read the adapters of ``inputs`` (``(path, weight)`` pairs: PEFT directories or kohya ``.safetensors``
+    files), mix them with ``mix_adapters`` and write the result at ``out`` in ``format`` (``"peft"``: a new
+    adapter directory, int8-compressed with ``compress="int8"``; ``"kohya"``: a ``.safetensors`` file keeping
+    the first input's metadata; default: the inputs' format). An earlier output is replaced only with
+    ``overwrite`` (see ``write_adapter_dir``).
 
     Returns the ``MixResult``. Raises ``ConfigError`` / ``AdapterLoadError`` for bad options, inputs or
     output path; nothing is written then.
     """
     check_options(method, len(inputs), rank, density, majority_sign)
-    check_output_dir(out, overwrite=overwrite)
-    adapters = [read_adapter(path) for path, _ in inputs]
+    adapters = [read_any(path) for path, _ in inputs]
+    fmt = output_format(adapters, format, out)
+    if fmt == "peft":
+        check_output_dir(out, overwrite=overwrite)
     result = mix_adapters(
-        adapters, [w for _, w in inputs], method, rank=rank, density=density, seed=seed,
-        majority_sign=majority_sign, names=[str(path) for path, _ in inputs],
+        [(a.config, a.tensors) for a in adapters], [w for _, w in inputs], method, rank=rank, density=density,
+        seed=seed, majority_sign=majority_sign, names=[str(path) for path, _ in inputs],
     )
-    write_adapter_dir(out, result.config, result.tensors, compress=compress, overwrite=overwrite)
+    write_any(out, result.config, result.tensors, fmt, metadata=adapters[0].metadata, overwrite=overwrite, compress=compress)
     return result
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from loratune.adapters.config import LoraConfig
 from loratune.adapters.int8 import INT8_WEIGHTS_NAME, compress_tensors, read_int8_weights
+from loratune.adapters.kohya import component_part, components_in, is_kohya_path, read_kohya, to_module_paths
 from loratune.adapters.peft_keys import factor_keys, magnitude_key, module_key
 from loratune.adapters.registry import active_adapters, adapters_of, get_entry, lora_layers, saved_modules
 from loratune.adapters.surgery import delete_adapter, inject_adapter, set_active, set_strength
@@ -282,27 +283,33 @@ def load_adapter(
     *,
     trainable: bool = False,
     dtype: torch.dtype = torch.float32,
+    component: str | None = None,
 ) -> str:
-    """Load the PEFT-format adapter at ``path`` into ``model`` as ``name`` and add it to the active adapters.
+    """Load the adapter at ``path`` into ``model`` as ``name`` and add it to the active adapters: a PEFT
+    adapter directory, or a kohya ``.safetensors`` file (image-model LoRA; see ``adapters.kohya``).
 
     ``scale`` is its strength (1.0 = as trained). The adapter is frozen unless ``trainable``. Returns the
-    name used (by default ``"default"`` when free, else the directory's name, numbered when taken). Raises ``AdapterLoadError`` when a tensor
-    finds no module, a module gets no tensor, or a shape differs (the model is left as it was).
-    Warns when the adapter was trained on a differently named base model.
+    name used (by default ``"default"`` when free, else the directory's name, numbered when taken). For a
+    kohya file adapting several components, ``component`` (``"unet"``, ``"text_encoder"``,
+    ``"text_encoder_2"``) says which one ``model`` is; by default the one whose module names ``model`` has.
+    Raises ``AdapterLoadError`` when a tensor finds no module, a module gets no tensor, or a shape differs
+    (the model is left as it was). Warns when the adapter was trained on a differently named base model.
     """
-    directory = Path(path)
-    config = read_adapter_config(directory)
-    tensors = _read_weights(directory)
+    source = Path(path)
+    if is_kohya_path(source):
+        config, tensors = _kohya_for(model, source, component)
+    else:
+        config, tensors = read_adapter_config(source), _read_weights(source)
     if name is None:
-        name = _free_name(model, directory)
+        name = _free_name(model, source)
     # The file fills every factor (checked strictly), except that a PiSSA adapter must rebuild its residual base.
     init = config.init_lora_weights if config.init_lora_weights in ("pissa", "olora") else UNINITIALISED
     try:
         inject_adapter(model, config, name, dtype=dtype, init=init)
     except ConfigError as exc:
-        raise AdapterLoadError(f"adapter {directory} does not fit this model: {exc}") from None
+        raise AdapterLoadError(f"adapter {source} does not fit this model: {exc}") from None
     try:
-        _copy_into_slots(model, name, tensors, directory)
+        _copy_into_slots(model, name, tensors, source)
     except AdapterLoadError:
         delete_adapter(model, name)
         raise
@@ -311,16 +318,36 @@ def load_adapter(
     set_strength(model, name, scale)
     set_active(model, [*active_adapters(model), name])
     ours, theirs = model_name_of(model), config.base_model_name_or_path
-    if ours and theirs and ours != theirs:
-        warnings.warn(f"adapter {directory} was trained on {theirs!r}, this model is {ours!r}", stacklevel=2)
+    if ours and theirs and ours != theirs and not is_kohya_path(source):
+        warnings.warn(f"adapter {source} was trained on {theirs!r}, this model is {ours!r}", stacklevel=2)
     return name
+
+
+def _kohya_for(model: nn.Module, path: Path, component: str | None) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The part of the kohya file at ``path`` that adapts ``model``, keyed by ``model``'s module paths."""
+    adapter = read_kohya(path)
+    paths = [p for p, _ in model.named_modules()]
+    choices = components_in(adapter) if component is None else [component]
+    fitting = {}
+    for choice in choices:
+        try:
+            fitting[choice] = to_module_paths(component_part(adapter, choice), {choice: paths}, str(path))[choice]
+        except ConfigError as exc:
+            if component is not None or len(choices) == 1:
+                raise AdapterLoadError(f"adapter {path} does not fit this model: {exc}") from None
+    if len(fitting) != 1:
+        found = ", ".join(components_in(adapter))
+        raise AdapterLoadError(f"{path} adapts {found}, and {'several' if fitting else 'none'} of them fit this "
+                               "model; say which one it is with component=")
+    return next(iter(fitting.values()))
 
 
 def _free_name(model: nn.Module, directory: Path) -> str:
     taken = adapters_of(model)
     if "default" not in taken:
         return "default"
-    base = directory.resolve().name.replace(".", "_") or "adapter"
+    stem = directory.resolve().stem if is_kohya_path(directory) else directory.resolve().name
+    base = stem.replace(".", "_") or "adapter"
     name, n = base, 2
     while name in taken:
         name, n = f"{base}_{n}", n + 1

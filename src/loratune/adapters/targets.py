@@ -107,8 +107,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             if config.target_modules == ALL_LINEAR:
                 continue
             raise ConfigError(
-                f"target module {path!r} is a {type(base).__name__}; LoRA supports Linear, Conv1D and Embedding "
-                "layers — narrow target_modules"
+                f"target module {path!r} is a {type(base).__name__}; LoRA supports Linear, Conv1D, Embedding and "
+                "Conv1d/2d/3d (groups = 1) layers — narrow target_modules"
             )
         targets.append((path, module))
     if not targets:

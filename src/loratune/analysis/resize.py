@@ -9,7 +9,6 @@ import torch
 
 from loratune.adapters.config import LoraConfig
 from loratune.adapters.factors import adapter_factors, balanced_factors, low_rank_svd, unit_scaling_fields
-from loratune.adapters.peft_keys import factor_keys
 from loratune.analysis.spectrum import check_thresholds, energy_curve, rank_for_energy
 from loratune.errors import ConfigError
 
@@ -54,8 +53,7 @@ def resize_adapter(
         curve = energy_curve(S)
         k = min(rank, f.rank) if rank is not None else rank_for_energy(curve, energy) or f.rank
         A, B, kept = balanced_factors(U, S, Vh, k)
-        a_key, b_key = factor_keys(path, f.embedding)
-        out[a_key], out[b_key] = A.to(f.A.dtype).contiguous(), B.to(f.B.dtype).contiguous()
+        out.update(f.tensors(path, A, B))
         ranks[path] = A.shape[0]
         modules.append({"name": path, "r": f.rank, "k": A.shape[0], "energy": kept})
     out.update(others)

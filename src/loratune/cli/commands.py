@@ -122,7 +122,12 @@ def _print_summary(console, summary: dict) -> None:
 
 
 def run_data(args) -> int:
-    from loratune.data import build_dataset, format_stats, render_preview, render_preview_rich
+    from loratune.data import (
+        build_dataset,
+        format_stats,
+        render_preview,
+        render_preview_rich,
+    )
     from loratune.models import load_tokenizer
     from loratune.train import load_config
 
@@ -332,7 +337,7 @@ def run_mix(args) -> int:
 
     result = mix_adapter_dirs(args.adapters, args.out, args.method, rank=args.rank, density=args.density,
                               seed=args.seed, majority_sign=args.majority_sign, compress="int8" if args.int8 else None,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, format=args.format)
     ranks = sorted(set(result.ranks.values()))
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     inputs = ", ".join(f"{path}:{weight:g}" for path, weight in args.adapters)
@@ -371,7 +376,7 @@ def run_export_gguf(args) -> int:
 
 
 def run_inspect(args) -> int:
-    from loratune.adapters.inspect import describe_adapter
+    from loratune.adapters.inspect import KOHYA_FIELDS, PEFT_FIELDS, describe_adapter
 
     info = describe_adapter(args.adapter)
     if args.json:
@@ -381,15 +386,36 @@ def run_inspect(args) -> int:
     from rich.table import Table
 
     table = Table(title=str(args.adapter), show_header=False, title_justify="left")
-    for key in ("base_model", "r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "init_lora_weights", "target_modules",
-                "modules_to_save", "n_modules", "ranks", "trainable_params", "dtype", "compression", "size_bytes"):
+    for key in PEFT_FIELDS if info["format"] == "peft" else KOHYA_FIELDS:
         value = info.get(key)
         table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
     console.print(table)
     return 0
 
 
+def run_convert(args) -> int:
+    from loratune.adapters.convert import is_diffusers_file, kohya_to_peft, peft_to_kohya, to_diffusers_file
+    from loratune.adapters.kohya import is_kohya_path
+    from loratune.models.diffusers_names import diffusers_module_paths
+
+    single_file = is_kohya_path(args.source)
+    kind = ("diffusers" if is_diffusers_file(args.source) else "kohya") if single_file else "peft"
+    if kind == args.to:
+        raise ConfigError(f"{args.source} is in the {kind} format already; --to names the format to write")
+    module_paths = diffusers_module_paths(args.model) if args.model is not None else None
+    if args.to == "peft":
+        counts = kohya_to_peft(args.source, args.out, module_paths, base_model=args.model and str(args.model),
+                               overwrite=args.overwrite)
+    elif args.to == "kohya":
+        counts = peft_to_kohya(args.source, args.out, overwrite=args.overwrite)
+    else:
+        counts = to_diffusers_file(args.source, args.out, module_paths, overwrite=args.overwrite)
+    parts = ", ".join(f"{component}: {n} modules" for component, n in counts.items())
+    print(f"converted {args.source} ({kind}) -> {args.out} ({args.to}; {parts})")
+    return 0
+
+
 __all__ = [
-    "run_compare", "run_compress", "run_data", "run_eval", "run_export_gguf", "run_extract", "run_generate",
+    "run_compare", "run_compress", "run_convert", "run_data", "run_eval", "run_export_gguf", "run_extract", "run_generate",
     "run_inspect", "run_merge", "run_mix", "run_rank", "run_resize", "run_sweep", "run_train",
 ]

@@ -12,8 +12,10 @@ import os
 import sys
 import warnings
 
+from loratune.cli.experiments import add_sweep_verb
 from loratune.cli.options import (
     DTYPE_CHOICES,
+    add_adapter_output,
     adapter_spec,
     density,
     device,
@@ -25,7 +27,6 @@ from loratune.cli.options import (
     retain_source,
     temperature,
 )
-from loratune.cli.experiments import add_sweep_verb
 from loratune.cli.rank_tools import add_rank_verbs
 from loratune.data.formats import FORMATS
 from loratune.errors import LoratuneError
@@ -174,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_rank_verbs(verb)
     add_sweep_verb(verb)
 
-    p = verb("inspect", "describe an adapter directory: base model, rank, targets, parameters, size")
-    p.add_argument("adapter", metavar="ADAPTER_DIR")
+    p = verb("inspect", "describe an adapter: base model, rank, targets, parameters, size",
+             "Describe a PEFT adapter directory or a kohya .safetensors file (image-model LoRA: its components, "
+             "Linear and Conv modules, ranks and alphas, and the training settings in its ss_* metadata).")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter directory (PEFT format) or kohya .safetensors file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -185,10 +188,11 @@ def _mix_and_compress_verbs(verb) -> None:
 
     p = verb("mix", "combine adapters of one base into one adapter (weighted sum, SVD, linear, TIES, DARE)",
              "Combine adapters trained on the same base model into one PEFT adapter (no model is loaded). "
-             "Each input is ADAPTER_DIR:WEIGHT (weight 1 when omitted; negative weights subtract).\n\n"
+             "Each input is ADAPTER:WEIGHT (weight 1 when omitted; negative weights subtract), a PEFT directory or "
+             "a kohya .safetensors file; the result has the inputs' format unless --format says otherwise.\n\n"
              + METHOD_DEFINITIONS)
-    p.add_argument("adapters", nargs="*", type=adapter_spec, metavar="ADAPTER_DIR:WEIGHT",
-                   help="an adapter directory and its weight; one adapter with a weight rescales it")
+    p.add_argument("adapters", nargs="*", type=adapter_spec, metavar="ADAPTER:WEIGHT",
+                   help="an adapter (directory or kohya file) and its weight; one adapter with a weight rescales it")
     p.add_argument("--method", required=True, metavar="NAME", help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--rank", type=mix_rank, default=None, metavar="R",
                    help="rank of the result for svd (default: largest input rank) and for ties, dare_linear, "
@@ -200,8 +204,21 @@ def _mix_and_compress_verbs(verb) -> None:
     p.add_argument("--majority-sign", default="total", choices=("total", "frequency"),
                    help="TIES sign election: sign of the summed values (total, default) or of the summed signs")
     p.add_argument("--int8", action="store_true", help="write the result int8-compressed (see: loratune compress)")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory for the mixed adapter")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR that loratune wrote (see OVERWRITE)")
+    add_adapter_output(p, "kohya when every input is a kohya file, else peft")
+
+    p = verb("convert", "convert an image-model LoRA between the kohya (Civitai / A1111), PEFT and diffusers formats",
+             "Convert losslessly (tensors copied bit for bit; each module's scale kept) between: kohya, one "
+             ".safetensors file (lora_unet_*, lora_te*); peft, a directory (the UNet's adapter at OUT, each text "
+             "encoder's in OUT/text_encoder/ and OUT/text_encoder_2/; a single UNet adapter is one too); diffusers, "
+             "the single file diffusers' save_lora_weights writes (unet.*, text_encoder.*). Reading a kohya file "
+             "needs the model's module names: --model is a diffusers pipeline directory (model_index.json, unet/, "
+             "text_encoder/), a UNet directory or its config.json; only configs are read, no weights.")
+    p.add_argument("source", metavar="FILE_OR_DIR", help="a kohya or diffusers .safetensors file, or a PEFT adapter directory")
+    p.add_argument("--to", required=True, choices=("peft", "kohya", "diffusers"), help="the format to write")
+    p.add_argument("--model", "-m", metavar="DIFFUSERS_DIR", help="the model a kohya file is for (to read its names)")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="directory (--to peft) or FILE.safetensors (--to kohya, --to diffusers)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT that loratune wrote (see OVERWRITE)")
 
     p = verb("compress", "write an int8-compressed copy of an adapter (about 3-4x smaller than float32)",
              "Store A and B as int8 with one float32 scale per row (symmetric absmax: scale = max|row|/127, "
@@ -226,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its per-load "Loading weights" bar; ours shows training progress
+    # bitsandbytes (imported by PEFT, diffusers and 4-bit loading) notes on every start that an optional CPU
+    # kernel package is missing; nothing the user needs to act on
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from loratune.cli import commands
 
     handler = getattr(commands, f"run_{args.verb.replace('-', '_')}")

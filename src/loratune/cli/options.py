@@ -113,3 +113,14 @@ def retain_source(text: str) -> str:
     if text != "builtin" and not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file (give a data file, or 'builtin')")
     return text
+
+
+def add_adapter_output(parser, default_format: str) -> None:
+    """``--out``, ``--format`` and ``--overwrite`` of a verb that writes an adapter in either file format
+    (``default_format`` says, in the help, which format it writes unless told)."""
+    parser.add_argument("--out", required=True, metavar="OUT",
+                        help="directory for a PEFT adapter, FILE.safetensors for a kohya file")
+    parser.add_argument("--format", choices=("peft", "kohya"), default=None,
+                        help=f"format of the result (default: {default_format})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing OUT that loratune wrote (see OVERWRITE)")

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from loratune.cli.options import energy_list, positive_int, probability
+from loratune.cli.options import add_adapter_output, energy_list, positive_int, probability
 from loratune.errors import ConfigError
 
 DEFINITIONS = """\
@@ -27,7 +27,7 @@ def add_rank_verbs(verb) -> None:
              "each, SVD of an r × r core), or with --model/--tuned of each weight a full fine-tune changed "
              "(W_tuned − W_base, read a block of rows at a time; the top --max-rank σ by an exact or randomized "
              "SVD, E relative to the exact ‖ΔW‖_F²).\n\n" + DEFINITIONS)
-    p.add_argument("adapter", nargs="?", metavar="ADAPTER_DIR", help="adapter directory (PEFT format)")
+    p.add_argument("adapter", nargs="?", metavar="ADAPTER", help="adapter directory (PEFT format) or kohya .safetensors file")
     p.add_argument("--model", "-m", metavar="BASE", help="with --tuned: the base model (alias, .gguf or HF directory)")
     p.add_argument("--tuned", metavar="TUNED_DIR", help="a fully fine-tuned model directory (safetensors) of BASE")
     p.add_argument("--max-rank", type=positive_int, default=64, metavar="K",
@@ -41,14 +41,15 @@ def add_rank_verbs(verb) -> None:
     p = verb("resize", "replace each module's update by its best rank-k approximation (a smaller adapter)",
              "Truncate each module's update s·B·A to rank k = min(R, r) (--rank R) or to the smallest k with "
              "E(k) ≥ E (--energy E): the truncated SVD, the optimal rank-k approximation (Eckart–Young). Writes "
-             "an ordinary PEFT adapter (scaling 1 per module; rank_pattern/alpha_pattern where ranks differ).\n\n"
+             "an ordinary adapter (scaling 1 per module: PEFT with rank_pattern/alpha_pattern where ranks differ, kohya "
+             "with alpha = k) in the format it read, unless --format says otherwise; for kohya files this is what "
+             "kohya's resize_lora.py does, with the exact optimum.\n\n"
              + DEFINITIONS)
-    p.add_argument("adapter", metavar="ADAPTER_DIR")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter directory (PEFT format) or kohya .safetensors file")
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=positive_int, metavar="R", help="the rank to keep (at most each module's r)")
     size.add_argument("--energy", type=probability, metavar="E", help="the share of each update's energy to keep, in (0, 1]")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory for the resized adapter")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR that loratune wrote (see OVERWRITE)")
+    add_adapter_output(p, "the input's")
     p.add_argument("--json", action="store_true", help="print one JSON object (per-module k and energy kept)")
 
     p = verb("extract", "a LoRA adapter from a full fine-tune (truncated SVD of each changed weight)",
@@ -75,7 +76,7 @@ def add_rank_verbs(verb) -> None:
              "Subspace similarity φ(i, j) of the two adapters' A matrices in every module both adapt; with "
              "--model also the amplification factor ‖ΔW‖_F / ‖Uᵀ·W·V‖_F of each (§7.3; U, V: ΔW's top-r "
              "singular vectors, W the base weight).\n\n" + DEFINITIONS)
-    p.add_argument("adapter_a", metavar="ADAPTER_A")
+    p.add_argument("adapter_a", metavar="ADAPTER_A", help="adapter directory (PEFT format) or kohya .safetensors file")
     p.add_argument("adapter_b", metavar="ADAPTER_B")
     p.add_argument("--model", "-m", metavar="BASE", help="the base model, for the amplification factor")
     p.add_argument("--plot", metavar="FILE.png", help="draw φ(i, j) heat maps (up to six modules) into FILE.png")
@@ -110,7 +111,7 @@ def _weights(name: str):
 
 
 def run_rank(args) -> int:
-    from loratune.adapters import read_adapter
+    from loratune.adapters.convert import read_any
     from loratune.analysis import adapter_spectrum, full_finetune_spectrum
     from loratune.analysis.plots import plot_energy
 
@@ -127,7 +128,8 @@ def run_rank(args) -> int:
                                         progress=None if args.json else _status)
         source = args.tuned
     else:
-        report = adapter_spectrum(*read_adapter(args.adapter), args.energy)
+        adapter = read_any(args.adapter)
+        report = adapter_spectrum(adapter.config, adapter.tensors, args.energy)
         source = args.adapter
     if args.plot:
         plot_energy(report, args.plot, title=f"energy kept by rank k: {_label(source)}")
@@ -164,14 +166,17 @@ def _print_rank_table(report: dict, source: str) -> None:
 
 
 def run_resize(args) -> int:
-    from loratune.adapters import read_adapter, write_adapter_dir
+    from loratune.adapters.convert import output_format, read_any, write_any
     from loratune.analysis import resize_adapter
     from loratune.files import check_output_dir
 
-    check_output_dir(args.out, overwrite=args.overwrite)
-    config, tensors = read_adapter(args.adapter)
-    result = resize_adapter(config, tensors, rank=args.rank, energy=args.energy)
-    write_adapter_dir(args.out, result.config, result.tensors, overwrite=args.overwrite, copy_from=args.adapter)
+    adapter = read_any(args.adapter)
+    fmt = output_format([adapter], args.format, args.out)
+    if fmt == "peft":
+        check_output_dir(args.out, overwrite=args.overwrite)
+    result = resize_adapter(adapter.config, adapter.tensors, rank=args.rank, energy=args.energy)
+    write_any(args.out, result.config, result.tensors, fmt, metadata=adapter.metadata, overwrite=args.overwrite,
+              copy_from=args.adapter)
     if args.json:
         print(json.dumps({"out": str(args.out), "modules": result.modules}))
         return 0
@@ -223,14 +228,14 @@ def run_extract(args) -> int:
 
 
 def run_compare(args) -> int:
-    from loratune.adapters import read_adapter
+    from loratune.adapters.convert import read_any
     from loratune.analysis import compare_adapters
     from loratune.analysis.plots import plot_similarity
     from loratune.models.loader import resolve_model_dir
     from loratune.models.structure import model_structure
 
     _check_plot(args)
-    a, b = read_adapter(args.adapter_a), read_adapter(args.adapter_b)
+    a, b = ((f.config, f.tensors) for f in (read_any(args.adapter_a), read_any(args.adapter_b)))
     base = kinds = None
     if args.model:
         base, kinds = _weights(args.model), model_structure(resolve_model_dir(args.model)).kinds

@@ -4,7 +4,7 @@
 - ``init``: how factors start (LoRA's, gaussian, PiSSA and its randomized variant, OLoRA);
 - ``dora``: DoRA's math (row norms without the dense update, the weight change, strength);
 - ``lora``: the layer and its math (``reference_forward`` defines the output);
-- ``kinds``: what A and B mean around a Linear (dense or 4-bit), a GPT-2 Conv1D and an Embedding;
+- ``kinds``: what A and B mean around a Linear (dense or 4-bit), a GPT-2 Conv1D, an Embedding and a convolution;
 - ``execution``: faster ways to compute the same output (fused training, stacked mixed batches, no-grad plans);
 - ``fused_linear``: the lean autograd function of the fused path;
 - ``lowrank_cpu`` (+ ``_lowrank_cpu.c``): the compiled CPU kernel that plans use for a few rows.
@@ -13,10 +13,12 @@
 from loratune.layers.init import INIT_CHOICES, UNINITIALISED, PissaStart, is_residual_start, is_valid_init
 from loratune.layers.kinds import (
     MERGE_4BIT_HINT,
+    LoraConv,
     LoraConv1D,
     LoraEmbedding,
     LoraLinear,
     QuantizedLinear,
+    is_conv,
     is_conv1d,
     is_linear,
     lora_class_for,
@@ -29,6 +31,7 @@ __all__ = [
     "BASE_ADAPTER",
     "INIT_CHOICES",
     "LayerState",
+    "LoraConv",
     "LoraConv1D",
     "LoraEmbedding",
     "LoraLayer",
@@ -39,6 +42,7 @@ __all__ = [
     "Routing",
     "Term",
     "UNINITIALISED",
+    "is_conv",
     "is_conv1d",
     "is_residual_start",
     "is_valid_init",

@@ -2,7 +2,8 @@
 
 ``LoraLinear`` wraps ``nn.Linear`` or a quantized Linear (``QuantizedLinear``: ``quant.Linear4bit``, weight
 out × in); ``LoraConv1D`` wraps transformers' GPT-2 ``Conv1D`` (weight in × out); ``LoraEmbedding`` wraps
-``nn.Embedding`` (A is a lookup table). The Linear-like kinds also tell ``layers.execution`` how to compute
+``nn.Embedding`` (A is a lookup table); ``LoraConv`` wraps ``nn.Conv1d``/``Conv2d``/``Conv3d`` (A a convolution
+like the base's with r output channels, B a 1 × 1 one). The Linear-like kinds also tell ``layers.execution`` how to compute
 their base product and dense weight, which its fast paths need.
 """
 
@@ -139,6 +140,56 @@ class LoraEmbedding(LoraLayer):
         raise ConfigError("PiSSA and OLoRA starts are not supported for embeddings; use init_lora_weights=True")
 
 
+class LoraConv(LoraLayer):
+    """LoRA around ``nn.Conv1d``/``Conv2d``/``Conv3d`` (groups = 1), PEFT's definition: A is a convolution
+    like the base's (r × in × k…: same kernel, stride, padding, dilation and padding mode), B a 1 × 1 one
+    (out × r × 1…). As matrices — A flattened to r × (in·k…), B to out × r — ΔW = s·B·A is the change
+    to the base kernel flattened the same way, which merging adds."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_channels
+
+    def factor_shapes(self, r: int):
+        kernel = tuple(self.base_layer.kernel_size)
+        return (r, self.in_features, *kernel), (self.out_features, r, *(1,) * len(kernel))
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        weight = self.base_weight.flatten(1)
+        return weight if dtype is None or weight.dtype == dtype else weight.to(dtype)
+
+    def weight_layout(self, delta):
+        return delta.reshape(self.base_weight.shape)
+
+    def down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, A.to(x.device, x.dtype), None)
+
+    def up(self, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return _CONV_BY_DIMS[B.ndim - 2](h, B.to(h.device, h.dtype))
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, self.base_weight, None)
+
+    def _check_dora(self) -> None:
+        raise ConfigError("DoRA is not supported on convolution layers yet; use plain LoRA there (use_dora: false) or "
+                          "leave convolutions out of target_modules")
+
+    def _check_pissa(self, weight_is_shared: bool) -> None:
+        raise ConfigError("PiSSA and OLoRA starts are not supported for convolutions; use init_lora_weights=True")
+
+
+_CONV_BY_DIMS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def is_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a convolution LoRA can wrap: ``nn.Conv1d``/``Conv2d``/``Conv3d`` with groups = 1."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """True for transformers' ``Conv1D`` (GPT-2 style, transposed weight), without importing transformers."""
     cls = type(module)
@@ -158,4 +209,6 @@ def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
         return LoraEmbedding
     if is_conv1d(module):
         return LoraConv1D
+    if is_conv(module):
+        return LoraConv
     return None

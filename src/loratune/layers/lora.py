@@ -83,6 +83,10 @@ class LoraLayer(nn.Module):
         """``delta`` (out × in) laid out like the base weight."""
         return delta
 
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of A and B for rank ``r`` (PEFT's: r × in and out × r)."""
+        return (r, self.in_features), (self.out_features, r)
+
     def down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """``A·x``: (…, in) → (…, r), in x's dtype."""
         return F.linear(x, A.to(x.device, x.dtype))
@@ -133,13 +137,16 @@ class LoraLayer(nn.Module):
             raise ConfigError(f"adapter {name!r} already exists on this layer")
         if use_dora and is_residual_start(init):
             raise ConfigError(f"DoRA with init_lora_weights={init!r} is not supported; use the default init with use_dora")
+        if use_dora:
+            self._check_dora()
         self.execution_cache.clear()  # the set of factors changes
         if is_residual_start(init):
             self._check_pissa(weight_is_shared)
         device = self.base_weight.device
         self.specs[name] = AdapterSpec(r, lora_alpha, lora_scaling(r, lora_alpha, use_rslora), config, order)
-        self.lora_A[name] = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
-        self.lora_B[name] = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device))
+        a_shape, b_shape = self.factor_shapes(r)
+        self.lora_A[name] = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
+        self.lora_B[name] = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=device))
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 and not self.embedding else nn.Identity()
         if is_residual_start(init):
             start = residual_start(init, self.weight_layout(self.base_weight.detach()), r, self.specs[name].scaling)
@@ -153,6 +160,9 @@ class LoraLayer(nn.Module):
         if use_dora:
             magnitude = dora.row_norms(self.dense_weight(), self.lora_A[name], self.lora_B[name], self.specs[name].scaling)
             self.lora_magnitude_vector[name] = nn.Parameter(magnitude.to(dtype))
+
+    def _check_dora(self) -> None:
+        """Raise ``ConfigError`` where this kind of layer has no DoRA."""
 
     def _check_pissa(self, weight_is_shared: bool) -> None:
         if weight_is_shared:
@@ -269,7 +279,7 @@ class LoraLayer(nn.Module):
         if self.is_dora(name):
             return self._dora_change(name, scale)[0]
         B, A = self.lora_B[name].detach().float(), self.lora_A[name].detach().float()
-        return scale * (B @ A)
+        return scale * (B.flatten(1) @ A.flatten(1))  # flatten: a convolution's factors as matrices
 
     def _dora_change(self, name: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(``t·(W' − W0)``, out × in, float32; the gain ``g`` it used) for DoRA adapter ``name`` at ``scale``."""
