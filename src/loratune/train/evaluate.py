@@ -17,15 +17,17 @@ from loratune.train.loss import causal_lm_loss_sum
 @dataclass
 class EvalResult:
     """``loss`` and ``perplexity`` over ``n_tokens`` target tokens of ``n`` examples; ``exact_match`` (0..1)
-    over the examples with a reference, None when there are none."""
+    over the examples with a reference, None when there are none. A classifier's result has the task's
+    ``metrics`` (accuracy, macro_f1, mcc; or pearson, spearman, mse) and no perplexity."""
 
     loss: float
-    perplexity: float
+    perplexity: float | None
     n: int
     n_tokens: int
     exact_match: float | None = None
     predictions: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -34,6 +36,7 @@ class EvalResult:
             "exact_match": self.exact_match,
             "n": self.n,
             "n_tokens": self.n_tokens,
+            **self.metrics,
         }
 
 

@@ -33,9 +33,18 @@ from loratune.data import (
 )
 from loratune.errors import ConfigError, LoratuneError
 from loratune.files import write_output_dir, write_text_atomic
-from loratune.models import context_length, load_model
+from loratune.data.classification import LabelSpace, collate_classification, tokenize_classification, write_labels
+from loratune.models import context_length, load_classifier, load_model
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from loratune.train.config import TrainConfig
+from loratune.train.classify import (
+    check_classifier_config,
+    classification_examples,
+    classification_lora,
+    classification_loss_sum,
+    describe_labels,
+    evaluate_classification,
+)
+from loratune.train.config import TrainConfig, resolved_task
 from loratune.train.evaluate import EvalResult, evaluate
 from loratune.train.generation import model_device
 from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
@@ -73,6 +82,7 @@ class RunData:
     eval_examples: list[Example]
     stats: object
     retain: list[TokenizedExample] = ()  # data.retain: what the base knows (see train.forgetting)
+    labels: LabelSpace | None = None  # a classifier's outputs (task: seq_cls); its rows are TokenizedClassExample
 
 
 def prepare_data(config: TrainConfig, tokenizer) -> RunData:
@@ -100,10 +110,10 @@ def prepare_data(config: TrainConfig, tokenizer) -> RunData:
 class BatchStream:
     """Micro-batches in a deterministic order; its position (epoch, index) is what a checkpoint stores."""
 
-    def __init__(self, examples, config: TrainConfig, pad_id: int, device):
+    def __init__(self, examples, config: TrainConfig, pad_id: int, device, collate_rows=collate):
         packing = config.data.packing
         self.rows = pack(examples, config.data.max_length) if packing else examples
-        self.collate = (lambda rows: collate_packed(rows, pad_id)) if packing else (lambda rows: collate(rows, pad_id))
+        self.collate = (lambda rows: collate_packed(rows, pad_id)) if packing else (lambda rows: collate_rows(rows, pad_id))
         self.lengths = None if packing else [len(e) for e in examples]
         self.batch_size, self.seed, self.device = config.train.batch_size, config.train.seed, device
         self.epoch, self.index = 0, 0
@@ -148,10 +158,16 @@ def _progress(total: int, start: int, enabled: bool):
     return progress
 
 
-def save_trained(trained, tokenizer, path: Path, base_name: str) -> None:
+def save_trained(trained, tokenizer, path: Path, base_name: str, labels: LabelSpace | None = None) -> None:
     """Write what the run trained (an adapter, or a full fine-tune's model) plus the tokenizer files (with the
-    chat template) into ``path``, replacing it whole."""
-    write_output_dir(path, trained.output_name, lambda staging: trained.save(tokenizer, staging, base_name))
+    chat template) — and a classifier's ``labels.json`` — into ``path``, replacing it whole."""
+
+    def fill(staging: Path) -> None:
+        trained.save(tokenizer, staging, base_name)
+        if labels is not None:
+            write_labels(staging, labels)
+
+    write_output_dir(path, trained.output_name, fill)
 
 
 class TrainingInterrupted(LoratuneError):
@@ -235,10 +251,24 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
     random.seed(t.seed)
     torch.manual_seed(t.seed)
 
-    model, tokenizer = _load_base(config)
+    classifier = resolved_task(config) == "seq_cls"
+    if classifier:
+        check_classifier_config(config)
+        space, train_rows, eval_rows = classification_examples(config)
+        m = config.model
+        model, tokenizer = load_classifier(m.name, space, m.dtype, m.device, m.trust_remote_code)
+    else:
+        model, tokenizer = _load_base(config)
     if not resume:
         config = fit_max_length(config, model, log)
-    data = prepare_data(config, tokenizer)
+        if classifier:
+            config = config.model_copy(update={"task": "seq_cls", "lora": classification_lora(config.lora, model)})
+    if classifier:
+        tokenized = (tokenize_classification(rows, tokenizer, space, config.data.max_length)
+                     for rows in (train_rows, eval_rows))
+        data = RunData(next(tokenized), next(tokenized), [], None, labels=space)
+    else:
+        data = prepare_data(config, tokenizer)
     if not resume:
         config = write_run_config(run_dir, config)
     torch.manual_seed(t.seed)  # the adapter's start depends on the seed only
@@ -260,7 +290,9 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
     device = model_device(model)
     params = trained.parameters()
     optimizer = build_optimizer(model, t, trained.optimizer_parameters())
-    stream = BatchStream(data.train, config, tokenizer.pad_token_id, device)
+    stream = BatchStream(data.train, config, tokenizer.pad_token_id, device,
+                         collate_classification if classifier else collate)
+    loss_sum_of = classification_loss_sum if classifier else causal_lm_loss_sum
     micro_batches = math.ceil(t.epochs * stream.batches_per_epoch)
     total_steps = t.max_steps or max(1, math.ceil(micro_batches / t.grad_accum))
 
@@ -282,18 +314,25 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
 
     report = replace(parameter_report(model), trainable=sum(p.numel() for p in trained.optimizer_parameters()))
     st = data.stats
-    log(f"data: {st.rows_read} rows read from {st.path}; longer than max_length ({st.max_length}): {st.too_long} "
-        f"({st.truncated} truncated, {st.dropped_too_long} dropped); dropped with no target token: {st.dropped_no_target}")
-    log(
-        f"{len(data.train)} training examples ({st.trained_tokens:,} target tokens), "
-        f"{len(data.eval)} eval; {total_steps} steps of {t.batch_size}×{t.grad_accum}; {report}"
-    )
+    if classifier:
+        log(describe_labels(data.labels, len(data.train), len(data.eval)))
+        log(f"{total_steps} steps of {t.batch_size}×{t.grad_accum}; {report}")
+    else:
+        log(f"data: {st.rows_read} rows read from {st.path}; longer than max_length ({st.max_length}): {st.too_long} "
+            f"({st.truncated} truncated, {st.dropped_too_long} dropped); dropped with no target token: "
+            f"{st.dropped_no_target}")
+        log(
+            f"{len(data.train)} training examples ({st.trained_tokens:,} target tokens), "
+            f"{len(data.eval)} eval; {total_steps} steps of {t.batch_size}×{t.grad_accum}; {report}"
+        )
     if dirs.work != dirs.final:
         log(f"building the new run in {dirs.work}; it replaces {dirs.final} when it completes")
     if data.retain and state.get("retain_loss_base") is None:
         state["retain_loss_base"] = retain_loss(model, data.retain, tokenizer.pad_token_id, t.eval_batch_size)
         metrics.log({"step": 0, "retain_loss": state["retain_loss_base"], "forgetting": 0.0})
         log(f"retain set: loss {state['retain_loss_base']:.4f} before training ({len(data.retain)} rows)")
+    if classifier and data.eval and start_step == 0:  # the new head's start: chance level, for comparison
+        _log_evaluation(metrics, log, 0, _evaluate(model, tokenizer, data, t), {})
     show = sys.stderr.isatty() if progress is None else progress
     bar = _progress(total_steps, start_step, show)
     model.train()
@@ -305,13 +344,13 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
             for step in range(start_step, total_steps):
                 started = time.perf_counter()
                 batches = [stream.next() for _ in range(t.grad_accum)]
-                targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+                targets = sum(_targets(b, classifier) for b in batches)
                 lr = learning_rate(step, total_steps=total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps,
                                    kind=t.scheduler)
                 loss_total = 0.0
                 for batch in batches:
                     with recompute_norm_outputs():
-                        loss_sum, _ = causal_lm_loss_sum(model, batch)
+                        loss_sum, _ = loss_sum_of(model, batch)
                     (loss_sum / max(1, targets)).backward()
                     loss_total += float(loss_sum.detach())
                     # Drop the step's graph now: kept until the next forward reassigns the name, its many small
@@ -356,7 +395,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
                     last_eval_step = done
                     _log_evaluation(metrics, log, done, result, _retention(model, tokenizer, data, state, t))
                     if result is not None:
-                        _keep_best(trained, tokenizer, run_dir, config, state, result, done)
+                        _keep_best(trained, tokenizer, run_dir, config, state, result, done, data.labels)
                 if done % t.save_every == 0 and done < total_steps:
                     save_checkpoint(run_dir, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
     except KeyboardInterrupt:
@@ -371,13 +410,13 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
 
     save_checkpoint(run_dir, total_steps, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
     base_name = _base_name(model, config)
-    save_trained(trained, tokenizer, run_dir / trained.output_name, base_name)
+    save_trained(trained, tokenizer, run_dir / trained.output_name, base_name, data.labels)
     final_eval = None
     if (data.eval or data.retain) and last_eval_step != total_steps:
         final_eval = _evaluate(model, tokenizer, data, t) if data.eval else None
         _log_evaluation(metrics, log, total_steps, final_eval, _retention(model, tokenizer, data, state, t))
         if t.best_metric and final_eval is not None:
-            _keep_best(trained, tokenizer, run_dir, config, state, final_eval, total_steps)
+            _keep_best(trained, tokenizer, run_dir, config, state, final_eval, total_steps, data.labels)
     records = metrics.records()
     plot_losses(records, run_dir / "loss.png")
     summary = _summary(dirs.final, run_dir, config, state, total_steps, report, records)
@@ -427,7 +466,14 @@ def _last_good(run_dir: Path) -> str:
     return f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
 
 
+def _targets(batch: dict, classifier: bool) -> int:
+    """What one micro-batch's loss is a sum over: target tokens, or a classifier's rows."""
+    return batch["labels"].shape[0] if classifier else int((batch["labels"][:, 1:] != -100).sum())
+
+
 def _evaluate(model, tokenizer, data: RunData, t) -> EvalResult:
+    if data.labels is not None:
+        return evaluate_classification(model, data.eval, data.labels, tokenizer.pad_token_id, t.eval_batch_size)
     return evaluate(model, tokenizer, data.eval, data.eval_examples, batch_size=t.eval_batch_size,
                     max_new_tokens=t.eval_max_new_tokens, with_exact_match=t.exact_match)
 
@@ -443,7 +489,10 @@ def _retention(model, tokenizer, data: RunData, state: dict, t) -> dict:
 def _log_evaluation(metrics, log, step: int, result: EvalResult | None, retention: dict) -> None:
     record = {"step": step, **retention}
     if result is not None:
-        record.update(eval_loss=result.loss, eval_perplexity=result.perplexity, eval_exact_match=result.exact_match)
+        if result.metrics:
+            record.update(eval_loss=result.loss, **{f"eval_{k}": v for k, v in result.metrics.items()})
+        else:
+            record.update(eval_loss=result.loss, eval_perplexity=result.perplexity, eval_exact_match=result.exact_match)
         log(_describe_eval(step, result))
     if retention:
         log(f"retain @ step {step}: loss {retention['retain_loss']:.4f}, forgetting {retention['forgetting']:+.4f}")
@@ -451,21 +500,29 @@ def _log_evaluation(metrics, log, step: int, result: EvalResult | None, retentio
 
 
 def _describe_eval(step: int, result: EvalResult) -> str:
+    if result.metrics:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        return f"eval @ step {step}: loss {result.loss:.4f}, {shown} (n={result.n})"
     em = f", exact match {100 * result.exact_match:.1f}%" if result.exact_match is not None else ""
     return f"eval @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}{em} (n={result.n})"
 
 
-def _keep_best(trained, tokenizer, run_dir, config, state, result: EvalResult, step: int) -> None:
+def _keep_best(trained, tokenizer, run_dir, config, state, result: EvalResult, step: int, labels=None) -> None:
     metric = config.train.best_metric
     if metric is None:
         return
-    value = result.loss if metric == "eval_loss" else result.exact_match
+    if metric == "eval_loss":
+        value = result.loss
+    elif metric == "eval_exact_match":
+        value = result.exact_match
+    else:
+        value = result.metrics.get(metric.removeprefix("eval_"))
     if value is None:
         return
     better = state["best"] is None or (value < state["best"] if metric == "eval_loss" else value > state["best"])
     if better:
         state["best"], state["best_step"] = value, step
-        save_trained(trained, tokenizer, run_dir / "best", _base_name(trained.model, config))
+        save_trained(trained, tokenizer, run_dir / "best", _base_name(trained.model, config), labels)
 
 
 def _base_name(model, config: TrainConfig) -> str:

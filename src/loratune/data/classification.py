@@ -1,0 +1,284 @@
+"""Sequence-classification data: rows → (text, optional second text, label) → token ids and a label → batches.
+
+Rows are ``{"text", "label"}``, sentence pairs ``{"sentence1", "sentence2", "label"}``, or GLUE's own columns
+(``sentence``; ``question``/``sentence``; ``premise``/``hypothesis``; ``question1``/``question2``), from any file
+``data.readers`` reads. Labels are strings or integers (classes) or non-integer numbers (regression, as STS-B).
+The ``LabelSpace`` fixes the order of the head's outputs: integers keep their value as the class index (GLUE's
+files use 0..K-1), strings are sorted; it is written beside an adapter as ``labels.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loratune.data.readers import read_rows
+from loratune.errors import ConfigError, DataError
+
+# (first text column, second or None), tried in order; the first whose columns a row has decides
+TEXT_COLUMNS = (
+    ("sentence1", "sentence2"),
+    ("premise", "hypothesis"),
+    ("question1", "question2"),
+    ("question", "sentence"),
+    ("text", None),
+    ("sentence", None),
+)
+LABEL_COLUMN = "label"
+LABELS_FILE = "labels.json"
+SINGLE_LABEL, REGRESSION = "single_label_classification", "regression"
+
+
+@dataclass(frozen=True)
+class ClassExample:
+    """One row: its text (and ``pair``, the second text of a pair task), its label as written (None when the
+    file has none, e.g. for prediction), and where it came from."""
+
+    text: str
+    pair: str | None
+    label: str | int | float | None
+    location: str
+
+
+@dataclass(frozen=True)
+class TokenizedClassExample:
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    label: int | float | None
+    location: str
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _columns(row: dict, location: str) -> tuple[str, str | None]:
+    for first, second in TEXT_COLUMNS:
+        if first in row and (second is None or second in row):
+            return first, second
+    known = ", ".join(f"{a}/{b}" if b else a for a, b in TEXT_COLUMNS)
+    raise DataError(f"{location}: no text column for classification (columns: {', '.join(map(str, row)) or 'none'}); "
+                    f"use one of: {known}")
+
+
+def _text(row: dict, column: str, location: str) -> str:
+    value = row[column]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{location}: {column!r} must be non-empty text")
+    return value
+
+
+def _label(row: dict, location: str, required: bool):
+    if LABEL_COLUMN not in row or row[LABEL_COLUMN] is None or row[LABEL_COLUMN] == "":
+        if required:
+            raise DataError(f"{location}: no {LABEL_COLUMN!r}; every training and evaluation row needs its label")
+        return None
+    value = row[LABEL_COLUMN]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{location}: {LABEL_COLUMN!r} must be a string or a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{location}: {LABEL_COLUMN!r} is {value}; give a finite number")
+    return value
+
+
+def read_classification(path: str | os.PathLike, *, require_labels: bool = True) -> list[ClassExample]:
+    """The rows of a classification file. Every row must use the same text columns (a file mixing single
+    sentences and pairs is refused at the first row that differs). Raises ``DataError`` naming file and line."""
+    examples, layout = [], None
+    for location, row in read_rows(path):
+        columns = _columns(row, location)
+        if layout is None:
+            layout = columns
+        elif columns != layout:
+            raise DataError(f"{location}: uses columns {_describe(columns)} but earlier rows use {_describe(layout)}; "
+                            "a file holds one kind of row")
+        first, second = columns
+        pair = _text(row, second, location) if second else None
+        examples.append(ClassExample(_text(row, first, location), pair, _label(row, location, require_labels), location))
+    return examples
+
+
+def _describe(columns: tuple[str, str | None]) -> str:
+    return f"{columns[0]}/{columns[1]} (pairs)" if columns[1] else f"{columns[0]} (single texts)"
+
+
+def is_pair_data(examples: Sequence[ClassExample]) -> bool:
+    return bool(examples) and examples[0].pair is not None
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """The head's outputs: ``names`` in output order for classes (None for regression), and whether the
+    task is a pair task (each input two texts)."""
+
+    names: tuple[str, ...] | None
+    pair: bool = False
+
+    @property
+    def regression(self) -> bool:
+        return self.names is None
+
+    @property
+    def problem_type(self) -> str:
+        return REGRESSION if self.regression else SINGLE_LABEL
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.regression else len(self.names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return {0: "score"} if self.regression else dict(enumerate(self.names))
+
+    def encode(self, example: ClassExample) -> int | float:
+        """The target of a labelled example: a class index, or the float for regression. ``DataError`` for a
+        class the space does not have."""
+        if self.regression:
+            if isinstance(example.label, str):
+                try:
+                    return float(example.label)
+                except ValueError:
+                    raise DataError(f"{example.location}: label {example.label!r} is not a number; this task is "
+                                    "regression (its training labels were numbers)") from None
+            return float(example.label)
+        name = _label_name(example.label)
+        if name not in self._index:
+            raise DataError(f"{example.location}: label {name!r} never occurs in the training data "
+                            f"(labels: {', '.join(self.names[:10])}{', …' if len(self.names) > 10 else ''})")
+        return self._index[name]
+
+    @property
+    def _index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+    def to_json(self) -> dict:
+        """``labels.json``: ``id2label`` (index order = the head's output order) and ``problem_type``."""
+        return {"id2label": {str(i): name for i, name in self.id2label.items()}, "problem_type": self.problem_type,
+                "num_labels": self.num_labels, "pair": self.pair}
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = LABELS_FILE) -> "LabelSpace":
+        try:
+            regression = data["problem_type"] == REGRESSION
+            names = None if regression else tuple(data["id2label"][str(i)] for i in range(len(data["id2label"])))
+        except (KeyError, TypeError):
+            raise ConfigError(f"{source}: expected id2label and problem_type, as loratune writes them") from None
+        return cls(names, bool(data.get("pair", False)))
+
+
+def _label_name(label) -> str:
+    return str(int(label)) if isinstance(label, float) and label.is_integer() else str(label)
+
+
+def _is_number(label) -> bool:
+    if isinstance(label, (int, float)):
+        return True
+    try:
+        float(label)
+    except ValueError:
+        return False
+    return True
+
+
+def label_space(examples: Sequence[ClassExample], regression: bool | None = None) -> LabelSpace:
+    """The label space of training ``examples``: regression when every label is a number and one is not an
+    integer (or ``regression`` says so); else the classes — integers in numeric order (the label is the index
+    when they are 0..K-1), other labels sorted."""
+    labels = [ex.label for ex in examples]
+    numbers = all(_is_number(label) for label in labels)
+    if regression is None:
+        regression = numbers and any(not float(label).is_integer() for label in labels)
+    pair = is_pair_data(examples)
+    if regression:
+        if not numbers:
+            bad = next(ex for ex in examples if not _is_number(ex.label))
+            raise DataError(f"{bad.location}: label {bad.label!r} is not a number, but the task is regression")
+        return LabelSpace(None, pair)
+    names = sorted({_label_name(label) for label in labels},
+                   key=lambda n: (0, float(n), n) if numbers else (1, 0.0, n))
+    if len(names) < 2:
+        raise DataError(f"{examples[0].location if examples else 'data'}: the training data has a single label "
+                        f"({names[0] if names else 'none'}); classification needs at least two")
+    return LabelSpace(tuple(names), pair)
+
+
+def check_layout(space: LabelSpace, examples: Sequence[ClassExample], what: str) -> None:
+    """Raise ``DataError`` when ``examples`` are single texts for a pair task, or pairs for a single-text one."""
+    if examples and is_pair_data(examples) != space.pair:
+        want, got = ("pairs", "single texts") if space.pair else ("single texts", "pairs")
+        raise DataError(f"{examples[0].location}: {what} holds {got}, but the task takes {want}")
+
+
+def tokenize_classification(examples: Iterable[ClassExample], tokenizer, space: LabelSpace | None,
+                            max_length: int) -> list[TokenizedClassExample]:
+    """Token ids (the tokenizer's own special tokens and pair layout, truncated to ``max_length``) and the
+    encoded label (None without a ``space`` or a label)."""
+    examples = list(examples)
+    if not examples:
+        return []
+    pairs = [ex.pair for ex in examples] if examples[0].pair is not None else None
+    encoded = tokenizer([ex.text for ex in examples], pairs, truncation=True, max_length=max_length)
+    type_ids = encoded.get("token_type_ids")
+    out = []
+    for i, ex in enumerate(examples):
+        label = space.encode(ex) if space is not None and ex.label is not None else None
+        out.append(TokenizedClassExample(encoded["input_ids"][i], type_ids[i] if type_ids else None, label, ex.location))
+    return out
+
+
+def collate_classification(rows: Sequence[TokenizedClassExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer makes them) and
+    ``labels`` (long for classes, float for regression; absent when a row has none)."""
+    width = max(len(row) for row in rows)
+    batch = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long)}
+    if rows[0].token_type_ids is not None:
+        batch["token_type_ids"] = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row)
+        batch["input_ids"][i, :n] = torch.tensor(row.input_ids)
+        batch["attention_mask"][i, :n] = 1
+        if "token_type_ids" in batch:
+            batch["token_type_ids"][i, :n] = torch.tensor(row.token_type_ids)
+    if all(row.label is not None for row in rows):
+        dtype = torch.float32 if isinstance(rows[0].label, float) else torch.long
+        batch["labels"] = torch.tensor([row.label for row in rows], dtype=dtype)
+    return batch
+
+
+def write_labels(directory: str | os.PathLike, space: LabelSpace) -> None:
+    """Write ``labels.json`` into ``directory`` (beside an adapter or model)."""
+    (Path(directory) / LABELS_FILE).write_text(json.dumps(space.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def read_labels(directory: str | os.PathLike) -> LabelSpace | None:
+    """The ``LabelSpace`` in ``directory``'s ``labels.json``, or None when it has none."""
+    file = Path(directory) / LABELS_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{file} cannot be read: {exc}") from None
+    return LabelSpace.from_json(data, str(file))
+
+
+__all__ = [
+    "LABELS_FILE",
+    "ClassExample",
+    "LabelSpace",
+    "TokenizedClassExample",
+    "check_layout",
+    "collate_classification",
+    "is_pair_data",
+    "label_space",
+    "read_classification",
+    "read_labels",
+    "tokenize_classification",
+    "write_labels",
+]

@@ -1,0 +1,285 @@
+"""Sequence classification with encoders: data and labels, the GLUE metrics, training through the CLI,
+eval and predict, and interop with real PEFT on tiny random BERT and RoBERTa models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import peft
+import pytest
+import torch
+import yaml
+
+import loratune
+from loratune.data.classification import ClassExample, LabelSpace, label_space, read_classification
+from loratune.errors import DataError
+from loratune.models import load_classifier
+from loratune.train.classify import classification_lora
+from loratune.train.scores import accuracy, macro_f1, matthews, pearson, ranks, spearman
+from test_cli import assert_one_line_error, cli
+from tiny_models import tiny_encoder_dir
+
+ATOL = 1e-5
+INTENTS = {
+    "flight": ["book a flight to {c}", "i need a ticket to {c} please", "book a train to {c}"],
+    "music": ["play some {g} music", "play a {g} song", "i want hear {g}"],
+    "weather": ["what is the weather like {d}", "is it going to rain {d}", "weather in {c} {d}"],
+    "alarm": ["set an alarm for {h}", "wake me at {h}", "set an alarm {d} at {h}"],
+}
+FILL = dict(c=["paris", "london", "tokyo"], g=["jazz", "rock"], d=["today", "tomorrow"], h=["seven am", "eight pm"])
+
+
+def intent_rows(n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(sorted(INTENTS))
+        template = rng.choice(INTENTS[label])
+        rows.append({"text": template.format(**{k: rng.choice(v) for k, v in FILL.items()}), "label": label})
+    return rows
+
+
+def write_jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+# --- the metrics --------------------------------------------------------------------------------------------
+
+def test_the_glue_metrics_match_their_definitions():
+    predicted, gold = [0, 1, 1, 0, 1, 0], [0, 1, 0, 0, 1, 1]
+    tp, tn, fp, fn = 2, 2, 1, 1
+    assert accuracy(predicted, gold) == 4 / 6
+    assert matthews(predicted, gold, 2) == pytest.approx((tp * tn - fp * fn) / math.sqrt(
+        (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    assert macro_f1(predicted, gold, 2) == pytest.approx((2 * 2 / (2 * 2 + 1 + 1) + 2 * 2 / (2 * 2 + 1 + 1)) / 2)
+    assert macro_f1([0, 0, 2], [0, 1, 2], 3) == pytest.approx((2 / 3 + 0 + 1) / 3)  # class 1 present, never predicted
+    assert matthews([1, 1, 1], [0, 1, 0], 2) == 0.0  # a constant prediction
+    assert ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    x, y = [1.0, 2.0, 3.0, 4.0], [1.0, 4.0, 9.0, 16.0]
+    assert spearman(x, y) == pytest.approx(1.0) and pearson(x, y) < 0.99
+    assert pearson(x, [2 * v + 1 for v in x]) == pytest.approx(1.0)
+
+
+# --- data and labels ----------------------------------------------------------------------------------------
+
+def test_label_spaces_keep_integer_order_sort_strings_and_see_regression():
+    rows = lambda labels: [ClassExample("t", None, label, f"f:{i}") for i, label in enumerate(labels)]  # noqa: E731
+    assert label_space(rows([2, 0, 1, 0])).names == ("0", "1", "2")
+    assert label_space(rows(["10", "9", "1"])).names == ("1", "9", "10")  # CSV labels are strings of numbers
+    assert label_space(rows(["spam", "ham"])).names == ("ham", "spam")
+    space = label_space(rows([0.5, 3.8, 5.0]))
+    assert space.regression and space.num_labels == 1 and space.problem_type == "regression"
+    assert LabelSpace.from_json(space.to_json()) == space
+    with pytest.raises(DataError, match="single label"):
+        label_space(rows(["a", "a"]))
+    with pytest.raises(DataError, match="f:1: label 'c' never occurs"):
+        label_space(rows(["a", "b"])).encode(ClassExample("t", None, "c", "f:1"))
+
+
+@pytest.mark.parametrize("columns", [("sentence1", "sentence2"), ("premise", "hypothesis"),
+                                     ("question1", "question2"), ("question", "sentence")])
+def test_glue_pair_columns_are_read_as_pairs(columns, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, [{columns[0]: "play some jazz", columns[1]: "play a rock song", "label": 1}])
+    (example,) = read_classification(path)
+    assert (example.text, example.pair, example.label) == ("play some jazz", "play a rock song", 1)
+
+
+def test_glue_tsv_files_are_read(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text('sentence\tlabel\nit is "fine" today\t1\nnot so\t0\n')
+    examples = read_classification(path)
+    assert [(e.text, e.label) for e in examples] == [('it is "fine" today', "1"), ("not so", "0")]
+    assert examples[1].location == f"{path}:3"
+
+
+# --- training, eval and predict through the command line --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classify")
+    tiny_encoder_dir(root / "bert")
+    write_jsonl(root / "train.jsonl", intent_rows(240, 0))
+    write_jsonl(root / "eval.jsonl", intent_rows(48, 1))
+    return root
+
+
+def write_config(root, name: str, **sections) -> str:
+    config = {"model": {"name": str(root / "bert"), "dtype": "fp32"},
+              "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 32},
+              "lora": {"r": 4, "lora_alpha": 8},
+              "train": {"max_steps": 60, "batch_size": 16, "lr": 5e-3, "log_every": 20, "save_every": 30},
+              "output_dir": str(root / name)}
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    config = write_config(workspace, "run", train={"eval_every": 30, "best_metric": "eval_accuracy"})
+    assert loratune.cli.main(["train", config, "--no-progress"]) == 0
+    return workspace / "run"
+
+
+def test_a_classification_run_learns_the_task_and_writes_a_peft_seq_cls_adapter(trained):
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["eval"]["eval_accuracy"] >= 0.6  # four intents: chance is 0.25
+    assert {"eval_macro_f1", "eval_mcc", "eval_loss"} <= summary["eval"].keys()
+    assert summary["best_metric"] == "eval_accuracy" and (trained / "best" / "labels.json").is_file()
+    config = json.loads((trained / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]
+    assert sorted(config["target_modules"]) == ["query", "value"]  # the paper's W_q, W_v by default
+    labels = json.loads((trained / "adapter" / "labels.json").read_text())
+    assert labels["id2label"] == {"0": "alarm", "1": "flight", "2": "music", "3": "weather"}
+    assert labels["problem_type"] == "single_label_classification"
+    run_config = yaml.safe_load((trained / "config.yaml").read_text())
+    assert run_config["task"] == "seq_cls"
+
+
+def test_eval_reports_the_classification_metrics_and_predict_labels_rows(trained, workspace, capsys):
+    status, out, err = cli(capsys, "eval", "--adapter", trained / "adapter", "--data", workspace / "eval.jsonl",
+                           "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["perplexity"] is None and result["exact_match"] is None and result["n"] == 48
+    summary = json.loads((trained / "summary.json").read_text())
+    assert result["accuracy"] == pytest.approx(summary["eval"]["eval_accuracy"])
+    unlabelled = workspace / "unlabelled.jsonl"
+    write_jsonl(unlabelled, [{"text": "play some jazz music"}, {"text": "book a flight to tokyo"}])
+    status, out, err = cli(capsys, "predict", "--adapter", trained / "adapter", "--data", unlabelled, "--out",
+                           workspace / "predictions.jsonl")
+    assert status == 0, err
+    rows = [json.loads(line) for line in (workspace / "predictions.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["play some jazz music", "book a flight to tokyo"]
+    assert all(r["label"] in {"alarm", "flight", "music", "weather"} for r in rows)
+    assert all(sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-4) for r in rows)
+
+
+def test_regression_and_pair_tasks_train_with_their_losses_and_metrics(workspace, capsys):
+    import random
+
+    rng = random.Random(0)
+    words = "play some jazz music book a flight to paris set an alarm for seven am".split()
+    pairs = []
+    for _ in range(120):
+        a, b = rng.sample(words, 4), rng.sample(words, 4)
+        pairs.append({"sentence1": " ".join(a), "sentence2": " ".join(b), "label": len(set(a) & set(b)) + 0.5})
+    write_jsonl(workspace / "sts.jsonl", pairs)
+    config = write_config(workspace, "sts", data={"train": str(workspace / "sts.jsonl"), "eval": None,
+                                                   "eval_split": 0.2, "max_length": 32})
+    status, _, err = cli(capsys, "train", config, "--no-progress")
+    assert status == 0, err
+    summary = json.loads((workspace / "sts" / "summary.json").read_text())
+    assert {"eval_pearson", "eval_spearman", "eval_mse"} <= summary["eval"].keys()
+    labels = json.loads((workspace / "sts" / "adapter" / "labels.json").read_text())
+    assert labels["problem_type"] == "regression" and labels["pair"] is True
+    status, _, err = cli(capsys, "eval", "--adapter", workspace / "sts" / "adapter", "--data", workspace / "eval.jsonl")
+    assert_one_line_error(status, err, "eval", "single texts", "pairs")  # a pair task given single sentences
+
+
+def test_full_fine_tuning_trains_a_classifier_too(workspace, capsys):
+    config = write_config(workspace, "full", train={"method": "full", "lr": 1e-3, "max_steps": 20})
+    status, _, err = cli(capsys, "train", config, "--no-progress")
+    assert status == 0, err
+    model_dir = workspace / "full" / "model"
+    assert (model_dir / "labels.json").is_file()
+    status, out, err = cli(capsys, "eval", "--model", model_dir, "--data", workspace / "eval.jsonl", "--json")
+    assert status == 0, err
+    assert 0 <= json.loads(out)["accuracy"] <= 1
+
+
+def test_bad_classification_input_is_one_clear_line(workspace, tmp_path, capsys):
+    rows = intent_rows(20, 3)
+    del rows[4]["label"]
+    write_jsonl(tmp_path / "missing.jsonl", rows)
+    config = write_config(workspace, "bad1", data={"train": str(tmp_path / "missing.jsonl")})
+    assert_one_line_error(*cli(capsys, "train", config)[::2], "train", "missing.jsonl:5", "label")
+    write_jsonl(tmp_path / "unseen.jsonl", [{"text": "play some jazz", "label": "greeting"}])
+    config = write_config(workspace, "bad2", data={"eval": str(tmp_path / "unseen.jsonl")})
+    assert_one_line_error(*cli(capsys, "train", config)[::2], "train", "unseen.jsonl:1", "greeting")
+    (tmp_path / "codegen").mkdir()
+    (tmp_path / "codegen" / "config.json").write_text(json.dumps(
+        {"model_type": "codegen", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 10}))
+    config = write_config(workspace, "bad3", model={"name": str(tmp_path / "codegen")})
+    assert_one_line_error(*cli(capsys, "train", config)[::2], "train", "no sequence-classification head")
+    assert not (workspace / "bad1").exists() and not (workspace / "bad3").exists()
+
+
+# --- interop with real PEFT --------------------------------------------------------------------------------
+
+SPACE = LabelSpace(("neg", "neutral", "pos"))
+
+
+def classifier(directory):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(3)
+    return AutoModelForSequenceClassification.from_pretrained(directory, num_labels=3).eval()
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(["play some jazz music", "book a flight to paris please"], ["today", "i want hear rock"],
+                      return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def perturb(model, seed: int = 7) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_a_loratune_classifier_adapter_loads_in_peft_with_the_same_logits(kind, tmp_path):
+    from transformers import AutoTokenizer
+
+    directory = tiny_encoder_dir(tmp_path / kind, kind)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    torch.manual_seed(0)
+    model, _ = load_classifier(directory, SPACE, dtype="fp32")
+    loratune.add_adapter(model, classification_lora(loratune.LoraConfig(r=4, lora_alpha=8), model))
+    perturb(model)
+    expected = logits(model, tokenizer)
+    loratune.save_adapter(model, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(classifier(directory), str(tmp_path / "adapter")).eval()
+    assert (logits(classifier(directory), tokenizer) - expected).abs().max() > 1e-2
+    torch.testing.assert_close(logits(loaded, tokenizer), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_a_peft_seq_cls_adapter_loads_in_loratune_with_the_same_logits(kind, tmp_path):
+    from transformers import AutoTokenizer
+
+    directory = tiny_encoder_dir(tmp_path / kind, kind)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    source = peft.get_peft_model(classifier(directory), peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False))
+    perturb(source)
+    source.eval()
+    expected = logits(source, tokenizer)
+    source.save_pretrained(tmp_path / "adapter")
+    model, _ = load_classifier(directory, SPACE, dtype="fp32")
+    loratune.load_adapter(model, tmp_path / "adapter")
+    torch.testing.assert_close(logits(model, tokenizer), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.integration
+def test_the_classification_demo_beats_90_percent_on_held_out_phrasings(tmp_path, capsys):
+    from pathlib import Path
+
+    config = Path(__file__).parents[1] / "examples" / "classify" / "config.yaml"
+    status, _, err = cli(capsys, "train", config, "--set", f"output_dir={tmp_path / 'run'}", "--no-progress")
+    assert status == 0, err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_accuracy" in r]
+    assert evals[0]["step"] == 0 and evals[0]["eval_accuracy"] < 0.3  # the new head: chance is 1/8
+    assert evals[-1]["eval_accuracy"] >= 0.9
