@@ -283,3 +283,15 @@ def test_the_classification_demo_beats_90_percent_on_held_out_phrasings(tmp_path
     evals = [r for r in records if "eval_accuracy" in r]
     assert evals[0]["step"] == 0 and evals[0]["eval_accuracy"] < 0.3  # the new head: chance is 1/8
     assert evals[-1]["eval_accuracy"] >= 0.9
+
+
+def test_data_preview_and_a_sweep_work_for_a_classifier(workspace, capsys):
+    config = write_config(workspace, "sweepable", train={"max_steps": 10})
+    status, out, err = cli(capsys, "data", config, "-n", "1")
+    assert status == 0, err
+    assert "4 labels (alarm, flight, music, weather)" in out and "[CLS]" in out
+    status, out, err = cli(capsys, "sweep", config, "--grid", "lora.r=2,4", "--out", workspace / "sweep")
+    assert status == 0, err
+    header = (workspace / "sweep" / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"eval_accuracy", "eval_macro_f1", "eval_mcc"} <= set(header)
+    assert "eval_accuracy" in (workspace / "sweep" / "results.md").read_text()

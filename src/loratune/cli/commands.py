@@ -171,6 +171,10 @@ def run_data(args) -> int:
     d = config.data
     max_length = _fit_max_length(d.max_length, _base_context(config.model.name), "data.max_length")
     console = _console()
+    from loratune.train.config import resolved_task
+
+    if resolved_task(config) == "seq_cls":
+        return _preview_classification(config, tokenizer, max_length, console, args.examples)
     for label, path in (("train", d.train), ("eval", d.eval)):
         if path is None:
             continue
@@ -185,6 +189,29 @@ def run_data(args) -> int:
         console.print(format_stats(stats), markup=False)
     marker = "in green" if console.is_terminal else "inside [[ ]]"
     console.print(f"trained tokens {marker}; everything else is context only", markup=False, style="dim")
+    return 0
+
+
+def _preview_classification(config, tokenizer, max_length: int, console, n: int) -> int:
+    """``loratune data`` for a classification run: the labels, a few rows as the model sees them, lengths."""
+    from loratune.data.classification import tokenize_classification
+    from loratune.train.classify import classification_examples, describe_labels
+
+    space, train, evaluation = classification_examples(config)
+    console.print(describe_labels(space, len(train), len(evaluation)), markup=False, soft_wrap=True)
+    for label, examples in (("train", train), ("eval", evaluation)):
+        if not examples:
+            continue
+        rows = tokenize_classification(examples, tokenizer, space, max_length)
+        console.rule(f"{label}: {len(rows)} rows")
+        for example, row in zip(examples[:n], rows[:n]):
+            target = example.label if space.regression else f"{example.label} (class {row.label})"
+            console.print(f"{example.location}  label {target}", markup=False, style="dim")
+            console.print(tokenizer.decode(row.input_ids), markup=False, soft_wrap=True)
+        lengths = sorted(len(row) for row in rows)
+        cut = sum(1 for length in lengths if length >= max_length)
+        console.print(f"tokens per row: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
+                      f"{cut} at max_length {max_length} (truncated)", markup=False)
     return 0
 
 

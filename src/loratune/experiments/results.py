@@ -20,6 +20,9 @@ COLUMNS = ("method", "r", "target_modules", "trainable_params", "adapter_mb", "t
            "peak_memory_mb", "final_loss", "eval_loss", "eval_exact_match", "retain_loss_base", "retain_loss",
            "forgetting")
 FILES = ("results.csv", "results.md", "results.png")
+# a task's quality metrics, as training logs them; the first one a run has is its score (d90 uses it)
+TASK_METRICS = ("eval_exact_match", "eval_accuracy", "eval_macro_f1", "eval_mcc", "eval_pearson", "eval_spearman")
+CLASSIFIER_METRICS = TASK_METRICS[1:]
 
 
 def run_row(run: PlannedRun) -> dict[str, Any] | None:
@@ -44,6 +47,7 @@ def run_row(run: PlannedRun) -> dict[str, Any] | None:
         "final_loss": summary.get("final_loss"),
         "eval_loss": evaluation.get("eval_loss"),
         "eval_exact_match": evaluation.get("eval_exact_match"),
+        **{name: evaluation[name] for name in CLASSIFIER_METRICS if evaluation.get(name) is not None},
         "retain_loss_base": summary.get("retain_loss_base"),
         "retain_loss": summary.get("retain_loss"),
         "forgetting": summary.get("forgetting"),
@@ -60,14 +64,16 @@ def write_results(runs: list[PlannedRun], out: Path) -> list[dict[str, Any]]:
     the rows. Each file is written to a temporary name and renamed."""
     rows = [row for row in map(run_row, runs) if row is not None]
     keys = list(dict.fromkeys(key for run in runs for key in run.settings))
-    header = ["run", *keys, *COLUMNS]
+    metrics = [name for name in CLASSIFIER_METRICS if any(row.get(name) is not None for row in rows)]
+    header = ["run", *keys, *COLUMNS, *metrics]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=header, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(out / "results.csv", buffer.getvalue())
     groups = _groups(rows, [k for k in keys if k != "train.seed"])
-    write_text_atomic(out / "results.md", _markdown(groups, [k for k in keys if k != "train.seed"], len(runs)))
+    write_text_atomic(out / "results.md", _markdown(groups, [k for k in keys if k != "train.seed"], len(runs),
+                                                    metrics))
     _plot(groups, out / "results.png")
     return rows
 
@@ -90,9 +96,10 @@ def _stat(rows: list[dict], column: str, digits: int) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def _markdown(groups, keys: list[str], planned: int) -> str:
+def _markdown(groups, keys: list[str], planned: int, metrics: list[str] = ()) -> str:
+    scores = [(name, 3) for name in metrics] or [("eval_exact_match", 3)]
     shown = [("trainable_params", 0), ("adapter_mb", 2), ("train_seconds", 1), ("tokens_per_s", 0),
-             ("peak_memory_mb", 0), ("final_loss", 4), ("eval_loss", 4), ("eval_exact_match", 3), ("forgetting", 4)]
+             ("peak_memory_mb", 0), ("final_loss", 4), ("eval_loss", 4), *scores, ("forgetting", 4)]
     # method and r, unless a grid already shows them (train.method, lora.r: the budget's choice)
     fixed = [name for name, key in (("method", "train.method"), ("r", "lora.r")) if key not in keys]
     seeds = max((len(rows) for _, rows in groups), default=0)
