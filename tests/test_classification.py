@@ -295,3 +295,121 @@ def test_data_preview_and_a_sweep_work_for_a_classifier(workspace, capsys):
     header = (workspace / "sweep" / "results.csv").read_text().splitlines()[0].split(",")
     assert {"eval_accuracy", "eval_macro_f1", "eval_mcc"} <= set(header)
     assert "eval_accuracy" in (workspace / "sweep" / "results.md").read_text()
+
+
+# --- token classification -----------------------------------------------------------------------------------
+
+def test_entities_are_read_as_conlleval_reads_them():
+    from loratune.train.scores import entities, entity_scores
+
+    tags = ["B-PER", "I-PER", "O", "I-LOC", "B-LOC", "B-LOC", "I-ORG", "O"]
+    assert entities(tags) == {("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5), ("LOC", 5, 6), ("ORG", 6, 7)}
+    scores = entity_scores([["B-PER", "I-PER", "O", "O"]], [["B-PER", "I-PER", "O", "B-LOC"]])
+    assert (scores["precision"], scores["recall"], scores["accuracy"]) == (1.0, 0.5, 0.75)
+    assert scores["f1"] == pytest.approx(2 / 3)
+    assert entity_scores([["B-PER", "O"]], [["B-PER", "I-PER"]])["f1"] == 0.0  # a span must match exactly
+
+
+def test_tags_go_on_the_first_sub_token_of_each_word():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from loratune.data.classification import IGNORE, LabelSpace, TokenExample, tokenize_tokens
+
+    vocab = {t: i for i, t in enumerate(["[UNK]", "[PAD]", "fly", "##ing", "to", "new", "yo", "##rk"])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+    space = LabelSpace(("O", "B-LOC", "I-LOC"), token=True)
+    example = TokenExample(["flying", "to", "new", "york"], ["O", "O", "B-LOC", "I-LOC"], "f:1")
+    (row,) = tokenize_tokens([example], tokenizer, space, max_length=16)
+    assert tokenizer.convert_ids_to_tokens(row.input_ids) == ["fly", "##ing", "to", "new", "yo", "##rk"]
+    assert row.label == [0, IGNORE, 0, 1, 2, IGNORE]
+    assert row.words == ((0, 0), (2, 1), (3, 2), (4, 3)) and row.n_words == 4
+    (cut,) = tokenize_tokens([example], tokenizer, space, max_length=4)  # "new york" does not fit
+    assert cut.words == ((0, 0), (2, 1), (3, 2)) and cut.n_words == 4
+
+
+def ner_rows(n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    cities = [["paris"], ["london"], ["tokyo"]]
+    rows = []
+    for _ in range(n):
+        city = rng.choice(cities)
+        before = rng.choice([["book", "a", "flight", "to"], ["weather", "in"], ["i", "need", "a", "ticket", "to"]])
+        after = rng.choice([[], ["today"], ["tomorrow", "please"]])
+        tokens = [*before, *city, *after]
+        tags = ["O"] * len(before) + ["B-LOC"] + ["I-LOC"] * (len(city) - 1) + ["O"] * len(after)
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def test_a_token_classification_run_tags_words_and_reports_entity_f1(workspace, capsys):
+    write_jsonl(workspace / "ner.jsonl", ner_rows(160, 0))
+    write_jsonl(workspace / "ner_eval.jsonl", ner_rows(40, 1))
+    config = write_config(workspace, "ner", data={"train": str(workspace / "ner.jsonl"),
+                                                  "eval": str(workspace / "ner_eval.jsonl")},
+                          train={"max_steps": 60, "lr": 1e-2})
+    status, out, err = cli(capsys, "train", config, "--no-progress")
+    assert status == 0, err
+    summary = json.loads((workspace / "ner" / "summary.json").read_text())
+    assert {"eval_f1", "eval_precision", "eval_recall", "eval_accuracy"} <= summary["eval"].keys()
+    assert summary["eval"]["eval_f1"] >= 0.5
+    labels = json.loads((workspace / "ner" / "adapter" / "labels.json").read_text())
+    assert labels["task"] == "token_cls" and labels["id2label"] == {"0": "O", "1": "B-LOC"}
+    adapter_config = json.loads((workspace / "ner" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "TOKEN_CLS"
+    write_jsonl(workspace / "words.jsonl", [{"tokens": ["weather", "in", "paris", "today"]}])
+    status, out, err = cli(capsys, "predict", "--adapter", workspace / "ner" / "adapter", "--data",
+                           workspace / "words.jsonl")
+    assert status == 0, err
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert row["tokens"] == ["weather", "in", "paris", "today"] and len(row["tags"]) == 4
+    assert set(row["tags"]) <= {"O", "B-LOC"}
+    bad = ner_rows(3, 2)
+    bad[1]["tags"] = bad[1]["tags"][:-1]
+    write_jsonl(workspace / "ner_bad.jsonl", bad)
+    status, _, err = cli(capsys, "eval", "--adapter", workspace / "ner" / "adapter", "--data", workspace / "ner_bad.jsonl")
+    assert_one_line_error(status, err, "eval", "ner_bad.jsonl:2", "one tag per token")
+
+
+def test_a_loratune_token_classifier_adapter_loads_in_peft_with_the_same_logits(tmp_path):
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    directory = tiny_encoder_dir(tmp_path / "bert")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    space = LabelSpace(("O", "B-LOC", "I-LOC"), token=True)
+    model, _ = load_classifier(directory, space, dtype="fp32")
+    loratune.add_adapter(model, classification_lora(loratune.LoraConfig(r=4, lora_alpha=8), model, token=True))
+    perturb(model)
+    expected = logits(model, tokenizer)
+    loratune.save_adapter(model, tmp_path / "adapter")
+    torch.manual_seed(3)
+    base = AutoModelForTokenClassification.from_pretrained(directory, num_labels=3).eval()
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(logits(loaded, tokenizer), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind, targets, head", [
+    ("distilbert", ["q_lin", "v_lin"], ["classifier", "pre_classifier"]),
+    ("deberta-v2", ["query_proj", "value_proj"], ["classifier", "pooler"]),
+    ("modernbert", ["Wqkv"], ["classifier", "head"]),
+])
+def test_other_encoders_get_their_query_value_targets_and_a_fully_trained_new_head(kind, targets, head, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    directory = tiny_encoder_dir(tmp_path / kind, kind)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model, _ = load_classifier(directory, SPACE, dtype="fp32")
+    config = classification_lora(loratune.LoraConfig(r=4, lora_alpha=8), model)
+    assert sorted(config.target_modules) == targets and config.modules_to_save == head  # the modules the checkpoint lacked
+    loratune.add_adapter(model, config)
+    perturb(model)
+    expected = logits(model, tokenizer)
+    loratune.save_adapter(model, tmp_path / "adapter")
+    torch.manual_seed(3)
+    base = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=3).eval()
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(logits(loaded, tokenizer), expected, atol=ATOL, rtol=0)

@@ -89,17 +89,19 @@ ENCODER_WORDS = ("book a flight to paris london tokyo please play some music son
 
 
 def tiny_encoder_dir(path, kind: str = "bert", seed: int = 0):
-    """Save a tiny random encoder checkpoint (``bert`` or ``roberta``, the bare ``…Model`` without a head, as
-    sentence encoders ship) with a word-level tokenizer over ``ENCODER_WORDS`` into ``path``; return ``path``."""
+    """Save a tiny random encoder checkpoint (``bert``, ``roberta``, ``distilbert``, ``deberta-v2`` or
+    ``modernbert``: the bare ``…Model`` without a head, as sentence encoders ship) with a word-level tokenizer
+    over ``ENCODER_WORDS`` (BERT's specials; RoBERTa's for ``roberta``) into ``path``; return ``path``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, RobertaConfig, RobertaModel
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if kind == "bert" else ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]
+    bert_like = kind != "roberta"
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if bert_like else ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]
     vocab = {token: i for i, token in enumerate([*specials, *dict.fromkeys(ENCODER_WORDS)])}
     pad, unk, cls, sep, mask = specials
     backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    pair_template = f"{cls} $A {sep} $B:1 {sep}:1" if kind == "bert" else f"{cls} $A {sep} {sep} $B {sep}"
+    pair_template = f"{cls} $A {sep} $B:1 {sep}:1" if bert_like else f"{cls} $A {sep} {sep} $B {sep}"
     backend.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", pair=pair_template, special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=pad, unk_token=unk, cls_token=cls,
@@ -110,9 +112,24 @@ def tiny_encoder_dir(path, kind: str = "bert", seed: int = 0):
                 initializer_range=0.3)  # large enough that different inputs give different outputs
     if kind == "bert":
         model = BertModel(BertConfig(**size))
-    else:
+    elif kind == "roberta":
         model = RobertaModel(RobertaConfig(**size, pad_token_id=vocab[pad], bos_token_id=vocab[cls],
                                            eos_token_id=vocab[sep], type_vocab_size=1))
+    elif kind == "distilbert":
+        from transformers import DistilBertConfig, DistilBertModel
+
+        model = DistilBertModel(DistilBertConfig(vocab_size=len(vocab), dim=16, n_layers=2, n_heads=2, hidden_dim=32,
+                                                 max_position_embeddings=64, initializer_range=0.3))
+    elif kind == "deberta-v2":
+        from transformers import DebertaV2Config, DebertaV2Model
+
+        model = DebertaV2Model(DebertaV2Config(**size))
+    else:
+        from transformers import ModernBertConfig, ModernBertModel
+
+        ids = dict(pad_token_id=vocab[pad], bos_token_id=vocab[cls], eos_token_id=vocab[sep], cls_token_id=vocab[cls],
+                   sep_token_id=vocab[sep])
+        model = ModernBertModel(ModernBertConfig(**size, **ids))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

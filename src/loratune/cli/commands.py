@@ -173,7 +173,7 @@ def run_data(args) -> int:
     console = _console()
     from loratune.train.config import resolved_task
 
-    if resolved_task(config) == "seq_cls":
+    if resolved_task(config) != "causal_lm":
         return _preview_classification(config, tokenizer, max_length, console, args.examples)
     for label, path in (("train", d.train), ("eval", d.eval)):
         if path is None:
@@ -194,19 +194,25 @@ def run_data(args) -> int:
 
 def _preview_classification(config, tokenizer, max_length: int, console, n: int) -> int:
     """``loratune data`` for a classification run: the labels, a few rows as the model sees them, lengths."""
-    from loratune.data.classification import tokenize_classification
+    from loratune.data.classification import tokenize_classification, tokenize_tokens
     from loratune.train.classify import classification_examples, describe_labels
+    from loratune.train.config import resolved_task
 
-    space, train, evaluation = classification_examples(config)
+    token = resolved_task(config) == "token_cls"
+    space, train, evaluation = classification_examples(config, token=token)
+    tokenize = tokenize_tokens if token else tokenize_classification
     console.print(describe_labels(space, len(train), len(evaluation)), markup=False, soft_wrap=True)
     for label, examples in (("train", train), ("eval", evaluation)):
         if not examples:
             continue
-        rows = tokenize_classification(examples, tokenizer, space, max_length)
+        rows = tokenize(examples, tokenizer, space, max_length)
         console.rule(f"{label}: {len(rows)} rows")
         for example, row in zip(examples[:n], rows[:n]):
-            target = example.label if space.regression else f"{example.label} (class {row.label})"
-            console.print(f"{example.location}  label {target}", markup=False, style="dim")
+            if token:
+                target = "tags " + " ".join(f"{word}/{tag}" for word, tag in zip(example.tokens, example.tags))
+            else:
+                target = "label " + (str(example.label) if space.regression else f"{example.label} (class {row.label})")
+            console.print(f"{example.location}  {target}", markup=False, style="dim", soft_wrap=True)
             console.print(tokenizer.decode(row.input_ids), markup=False, soft_wrap=True)
         lengths = sorted(len(row) for row in rows)
         cut = sum(1 for length in lengths if length >= max_length)
@@ -272,15 +278,26 @@ def run_eval(args) -> int:
 
 def _classifier_rows(model, tokenizer, args, max_length: int, *, labelled: bool):
     """(rows as read, tokenized rows) of ``--data`` for the classifier ``model``."""
-    from loratune.data.classification import check_layout, read_classification, tokenize_classification
+    from loratune.data.classification import (
+        check_layout,
+        read_classification,
+        read_token_classification,
+        tokenize_classification,
+        tokenize_tokens,
+    )
 
     if getattr(args, "retain", None) is not None:
         raise ConfigError("--retain measures forgetting of a language model; it does not apply to a classifier")
-    examples = read_classification(args.data, require_labels=labelled)
-    check_layout(model.labels, examples, str(args.data))
+    space = model.labels
+    if space.token:
+        examples = read_token_classification(args.data, require_labels=labelled)
+    else:
+        examples = read_classification(args.data, require_labels=labelled)
+        check_layout(space, examples, str(args.data))
     if args.max_examples is not None:
         examples = examples[: args.max_examples]
-    return examples, tokenize_classification(examples, tokenizer, model.labels if labelled else None, max_length)
+    tokenize = tokenize_tokens if space.token else tokenize_classification
+    return examples, tokenize(examples, tokenizer, space if labelled else None, max_length)
 
 
 def _eval_classifier(model, tokenizer, args, max_length: int) -> int:
@@ -316,8 +333,11 @@ def run_predict(args) -> int:
     examples, rows = _classifier_rows(model, tokenizer, args, max_length, labelled=False)
     logits = classifier_logits(model, rows, tokenizer.pad_token_id, args.batch_size)
     lines = []
-    for example, prediction in zip(examples, predictions(logits, model.labels)):
-        record = {"text": example.text, **({"text_pair": example.pair} if example.pair is not None else {})}
+    for example, prediction in zip(examples, predictions(logits, model.labels, rows)):
+        if model.labels.token:
+            record = {"tokens": example.tokens}
+        else:
+            record = {"text": example.text, **({"text_pair": example.pair} if example.pair is not None else {})}
         lines.append(json.dumps({**record, **prediction}, ensure_ascii=False))
     text = "\n".join(lines) + "\n"
     if args.out is None:

@@ -1,4 +1,6 @@
-"""Sequence-classification data: rows → (text, optional second text, label) → token ids and a label → batches.
+"""Classification data: rows → (text, optional second text, label) → token ids and a label → batches; and for
+token classification, rows ``{"tokens": [...], "tags": [...]}`` (or ``ner_tags``) → sub-token ids with each
+word's tag on its first sub-token.
 
 Rows are ``{"text", "label"}``, sentence pairs ``{"sentence1", "sentence2", "label"}``, or GLUE's own columns
 (``sentence``; ``question``/``sentence``; ``premise``/``hypothesis``; ``question1``/``question2``), from any file
@@ -31,8 +33,10 @@ TEXT_COLUMNS = (
     ("sentence", None),
 )
 LABEL_COLUMN = "label"
+TOKENS_COLUMN, TAG_COLUMNS = "tokens", ("tags", "ner_tags")
 LABELS_FILE = "labels.json"
-SINGLE_LABEL, REGRESSION = "single_label_classification", "regression"
+SINGLE_LABEL, REGRESSION, TOKEN_LABELS = "single_label_classification", "regression", "token_classification"
+IGNORE = -100  # sub-tokens without a label: every sub-token of a word but its first, and special tokens
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,26 @@ class ClassExample:
 
 
 @dataclass(frozen=True)
+class TokenExample:
+    """One token-classification row: its words and their tags as written (None for prediction)."""
+
+    tokens: list[str]
+    tags: list | None
+    location: str
+
+
+@dataclass(frozen=True)
 class TokenizedClassExample:
+    """Token ids and the target: a class index or float for a sequence, a list (one per sub-token, ``IGNORE``
+    where untrained) for token classification; ``words``: for tokens, (sub-token position, word index) of the
+    first sub-token of each word that fit in ``max_length``, and ``n_words`` the row's words."""
+
     input_ids: list[int]
     token_type_ids: list[int] | None
-    label: int | float | None
+    label: int | float | list[int] | None
     location: str
+    words: tuple[tuple[int, int], ...] = ()
+    n_words: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -113,11 +132,12 @@ def is_pair_data(examples: Sequence[ClassExample]) -> bool:
 
 @dataclass(frozen=True)
 class LabelSpace:
-    """The head's outputs: ``names`` in output order for classes (None for regression), and whether the
-    task is a pair task (each input two texts)."""
+    """The head's outputs: ``names`` in output order for classes (None for regression), whether the
+    task is a pair task (each input two texts), and whether it labels each token (``token``)."""
 
     names: tuple[str, ...] | None
     pair: bool = False
+    token: bool = False
 
     @property
     def regression(self) -> bool:
@@ -125,7 +145,7 @@ class LabelSpace:
 
     @property
     def problem_type(self) -> str:
-        return REGRESSION if self.regression else SINGLE_LABEL
+        return TOKEN_LABELS if self.token else REGRESSION if self.regression else SINGLE_LABEL
 
     @property
     def num_labels(self) -> int:
@@ -159,7 +179,7 @@ class LabelSpace:
     def to_json(self) -> dict:
         """``labels.json``: ``id2label`` (index order = the head's output order) and ``problem_type``."""
         return {"id2label": {str(i): name for i, name in self.id2label.items()}, "problem_type": self.problem_type,
-                "num_labels": self.num_labels, "pair": self.pair}
+                "num_labels": self.num_labels, "pair": self.pair, "task": "token_cls" if self.token else "seq_cls"}
 
     @classmethod
     def from_json(cls, data: dict, source: str = LABELS_FILE) -> "LabelSpace":
@@ -168,7 +188,15 @@ class LabelSpace:
             names = None if regression else tuple(data["id2label"][str(i)] for i in range(len(data["id2label"])))
         except (KeyError, TypeError):
             raise ConfigError(f"{source}: expected id2label and problem_type, as loratune writes them") from None
-        return cls(names, bool(data.get("pair", False)))
+        return cls(names, bool(data.get("pair", False)), data.get("problem_type") == TOKEN_LABELS)
+
+    def tag_id(self, tag, location: str) -> int:
+        """The class index of a token's tag; ``DataError`` for a tag the space does not have."""
+        name = _label_name(tag)
+        if name not in self._index:
+            raise DataError(f"{location}: tag {name!r} never occurs in the training data "
+                            f"(tags: {', '.join(self.names[:10])}{', …' if len(self.names) > 10 else ''})")
+        return self._index[name]
 
 
 def _label_name(label) -> str:
@@ -245,10 +273,78 @@ def collate_classification(rows: Sequence[TokenizedClassExample], pad_id: int) -
         batch["attention_mask"][i, :n] = 1
         if "token_type_ids" in batch:
             batch["token_type_ids"][i, :n] = torch.tensor(row.token_type_ids)
-    if all(row.label is not None for row in rows):
+    if all(row.label is not None for row in rows) and isinstance(rows[0].label, list):
+        batch["labels"] = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for i, row in enumerate(rows):
+            batch["labels"][i, : len(row)] = torch.tensor(row.label)
+    elif all(row.label is not None for row in rows):
         dtype = torch.float32 if isinstance(rows[0].label, float) else torch.long
         batch["labels"] = torch.tensor([row.label for row in rows], dtype=dtype)
     return batch
+
+
+def read_token_classification(path: str | os.PathLike, *, require_labels: bool = True) -> list[TokenExample]:
+    """The rows of a token-classification file: ``tokens`` (a list of words) and ``tags`` or ``ner_tags`` (one
+    per word, strings or integers). Raises ``DataError`` naming file and line."""
+    examples = []
+    for location, row in read_rows(path):
+        tokens = row.get(TOKENS_COLUMN)
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+            raise DataError(f"{location}: {TOKENS_COLUMN!r} must be a non-empty list of words")
+        column = next((c for c in TAG_COLUMNS if row.get(c) is not None), None)
+        if column is None:
+            if require_labels:
+                raise DataError(f"{location}: no 'tags' (or 'ner_tags'); every training and evaluation row needs "
+                                "one tag per token")
+            examples.append(TokenExample(tokens, None, location))
+            continue
+        tags = row[column]
+        if not isinstance(tags, list) or len(tags) != len(tokens):
+            raise DataError(f"{location}: {column!r} must be a list with one tag per token ({len(tokens)} tokens)")
+        if not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in tags):
+            raise DataError(f"{location}: {column!r} must hold strings or integers")
+        examples.append(TokenExample(tokens, tags, location))
+    return examples
+
+
+def tag_space(examples: Sequence[TokenExample]) -> LabelSpace:
+    """The tags of training ``examples`` in output order: integers in numeric order; strings with ``O`` first,
+    then sorted."""
+    tags = {_label_name(tag) for ex in examples for tag in ex.tags}
+    if all(_is_number(tag) for tag in tags):
+        names = sorted(tags, key=float)
+    else:
+        names = sorted(tags, key=lambda tag: (tag != "O", tag))
+    if len(names) < 2:
+        raise DataError(f"{examples[0].location if examples else 'data'}: the training data has a single tag; "
+                        "token classification needs at least two")
+    return LabelSpace(tuple(names), token=True)
+
+
+def tokenize_tokens(examples: Iterable[TokenExample], tokenizer, space: LabelSpace | None,
+                    max_length: int) -> list[TokenizedClassExample]:
+    """Sub-token ids of each row's words (truncated to ``max_length``); each word's tag on its first sub-token,
+    ``IGNORE`` elsewhere (label None without a ``space`` or tags). Needs a fast tokenizer (word ids)."""
+    examples = list(examples)
+    if not examples:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("token classification needs a fast tokenizer (tokenizer.json) to map words to sub-tokens")
+    encoded = tokenizer([ex.tokens for ex in examples], is_split_into_words=True, truncation=True,
+                        max_length=max_length)
+    type_ids = encoded.get("token_type_ids")
+    out = []
+    for i, ex in enumerate(examples):
+        word_ids = encoded.word_ids(i)
+        first = [k for k, w in enumerate(word_ids) if w is not None and (k == 0 or word_ids[k - 1] != w)]
+        labels = None
+        if space is not None and ex.tags is not None:
+            labels = [IGNORE] * len(word_ids)
+            for k in first:
+                labels[k] = space.tag_id(ex.tags[word_ids[k]], ex.location)
+        out.append(TokenizedClassExample(encoded["input_ids"][i], type_ids[i] if type_ids else None, labels,
+                                         ex.location, tuple((k, word_ids[k]) for k in first), len(ex.tokens)))
+    return out
 
 
 def write_labels(directory: str | os.PathLike, space: LabelSpace) -> None:
@@ -272,6 +368,7 @@ __all__ = [
     "LABELS_FILE",
     "ClassExample",
     "LabelSpace",
+    "TokenExample",
     "TokenizedClassExample",
     "check_layout",
     "collate_classification",
@@ -279,6 +376,9 @@ __all__ = [
     "label_space",
     "read_classification",
     "read_labels",
+    "read_token_classification",
+    "tag_space",
     "tokenize_classification",
+    "tokenize_tokens",
     "write_labels",
 ]

@@ -103,30 +103,33 @@ def load_classifier(
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
 ):
-    """Load model ``name`` with a sequence-classification head for ``labels`` (a ``data.classification.LabelSpace``:
-    its outputs, names and problem type); return ``(model, tokenizer)``.
+    """Load model ``name`` with a classification head for ``labels`` (a ``data.classification.LabelSpace``: its
+    outputs, names, problem type, and whether it labels sequences or tokens); return ``(model, tokenizer)``.
 
-    transformers' ``AutoModelForSequenceClassification`` builds the head: kept from the checkpoint when it has
+    transformers' ``AutoModelForSequenceClassification`` (``AutoModelForTokenClassification``) builds the head: kept from the checkpoint when it has
     one of that size, else new (drawn from torch's generator: seed first for a reproducible start). Nothing is
     downloaded. Raises ``ConfigError`` when transformers has no classification head for this kind of model,
-    ``ModelNotFoundError`` when it cannot be read.
+    ``ModelNotFoundError`` when it cannot be read. ``model.new_head_modules`` names the head's modules the
+    checkpoint did not have.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     model_dir = resolve_model_dir(name)
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True)
-        if type(config) not in AutoModelForSequenceClassification._model_mapping:
-            raise ConfigError(f"transformers has no sequence-classification head for {name} (a {config.model_type} "
+        auto = AutoModelForTokenClassification if labels.token else AutoModelForSequenceClassification
+        what = "token" if labels.token else "sequence"
+        if type(config) not in auto._model_mapping:
+            raise ConfigError(f"transformers has no {what}-classification head for {name} (a {config.model_type} "
                               "model); use an encoder (BERT, RoBERTa, DeBERTa, …) or a model type that has one")
         tokenizer = _tokenizer_from(model_dir, trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
+        extra = {} if labels.token else {"problem_type": labels.problem_type}
+        model, info = auto.from_pretrained(
             str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True,
-            num_labels=labels.num_labels, id2label=labels.id2label,
-            label2id={v: k for k, v in labels.id2label.items()}, problem_type=labels.problem_type,
-            pad_token_id=tokenizer.pad_token_id,
+            num_labels=labels.num_labels, id2label=labels.id2label, output_loading_info=True,
+            label2id={v: k for k, v in labels.id2label.items()}, pad_token_id=tokenizer.pad_token_id, **extra,
         )
     except LoratuneError:
         raise
@@ -137,6 +140,9 @@ def load_classifier(
     model.config._name_or_path = recorded_name
     model.name_or_path = recorded_name
     tokenizer.name_or_path = recorded_name
+    # the head's modules the checkpoint did not have (new, so a run trains them in full)
+    prefix = model.base_model_prefix + "."
+    model.new_head_modules = sorted({key.split(".")[0] for key in info["missing_keys"] if not key.startswith(prefix)})
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -19,7 +19,7 @@ from loratune.models.quantized import DEFAULT_UNQUANTIZED
 from loratune.validation import check_known_keys, validate_model
 
 DATA_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
-TASKS = ("causal_lm", "seq_cls")
+TASKS = ("causal_lm", "seq_cls", "token_cls")
 BEST_METRICS = ("eval_loss", "eval_exact_match", "eval_accuracy", "eval_macro_f1", "eval_mcc", "eval_pearson",
                 "eval_spearman")
 
@@ -98,8 +98,9 @@ class IntrinsicSection(_Section):
 
 class TrainConfig(_Section):
     """The whole run: what to load, how to adapt it, what data, how to train, and where to write. ``task``:
-    ``causal_lm`` (a language model learns to continue text) or ``seq_cls`` (a classification head learns a
-    label per row); by default ``seq_cls`` when the training rows have a ``label``, else ``causal_lm``."""
+    ``causal_lm`` (a language model learns to continue text), ``seq_cls`` (a classification head learns a label
+    per row) or ``token_cls`` (a tag per word); by default ``seq_cls`` when the training rows have a ``label``,
+    ``token_cls`` when they have ``tokens`` and ``tags``, else ``causal_lm``."""
 
     task: Optional[Literal[TASKS]] = None
 
@@ -224,16 +225,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 
 def resolved_task(config: TrainConfig) -> str:
     """``config.task``, or the task its training data asks for: ``seq_cls`` when the first row has a
-    ``label`` column, else ``causal_lm``. Raises ``ConfigError`` for token-classification rows (not yet
-    supported)."""
+    ``label`` column, ``token_cls`` when it has ``tokens`` and ``tags`` (or ``ner_tags``), else ``causal_lm``."""
     if config.task is not None:
         return config.task
     from loratune.data.readers import read_rows
 
     first = next(iter(read_rows(config.data.train)))[1]
-    if "tokens" in first and "tags" in first:
-        raise ConfigError(f"{config.data.train}: token classification rows (tokens/tags) are not supported yet; "
-                          "loratune trains causal language models and sequence classifiers (task: seq_cls)")
+    if "tokens" in first and ("tags" in first or "ner_tags" in first):
+        return "token_cls"
     return "seq_cls" if "label" in first else "causal_lm"
 
 

@@ -1,5 +1,6 @@
 """The GLUE metrics, as GLUE defines them: accuracy, macro-F1, Matthews correlation (CoLA), Pearson and
-Spearman correlation (STS-B). Plain functions on label lists; nothing is averaged over batches."""
+Spearman correlation (STS-B); and for token classification, entity-level precision, recall and F1 as seqeval
+(CoNLL's conlleval) computes them. Plain functions on label lists; nothing is averaged over batches."""
 
 from __future__ import annotations
 
@@ -78,5 +79,37 @@ def regression_scores(predicted: Sequence[float], gold: Sequence[float]) -> dict
     return {"pearson": pearson(predicted, gold), "spearman": spearman(predicted, gold), "mse": mse}
 
 
-__all__ = ["accuracy", "classification_scores", "macro_f1", "matthews", "pearson", "ranks", "regression_scores",
+def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """The (type, start, end) spans of a tag sequence in the IOB2 scheme, read as conlleval does: an entity
+    starts at ``B-X``, or at ``I-X`` after ``O`` or after another type; a tag without a prefix is ``I-`` of its
+    name; ``O`` is outside."""
+    spans, start, kind = set(), None, None
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, name = (tag[0], tag[2:]) if len(tag) > 1 and tag[1] == "-" else ("I", tag)
+        if tag == "O" or prefix in "BS" or name != kind or prefix not in "IE":
+            if kind is not None:
+                spans.add((kind, start, i))
+            start, kind = (i, name) if tag != "O" else (None, None)
+        if prefix in "ES" and kind is not None:
+            spans.add((kind, start, i + 1))
+            start, kind = None, None
+    return spans
+
+
+def entity_scores(predicted: Sequence[Sequence[str]], gold: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Micro-averaged entity ``precision``, ``recall`` and ``f1`` (exact span and type) over all rows, and the
+    token ``accuracy``."""
+    found = correct = expected = 0
+    right = total = 0
+    for p, g in zip(predicted, gold):
+        p_spans, g_spans = entities(p), entities(g)
+        found, expected, correct = found + len(p_spans), expected + len(g_spans), correct + len(p_spans & g_spans)
+        right, total = right + sum(a == b for a, b in zip(p, g)), total + len(g)
+    precision = correct / found if found else 0.0
+    recall = correct / expected if expected else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": right / total if total else float("nan"), "precision": precision, "recall": recall, "f1": f1}
+
+
+__all__ = ["accuracy", "classification_scores", "entities", "entity_scores", "macro_f1", "matthews", "pearson", "ranks", "regression_scores",
            "spearman"]

@@ -33,7 +33,13 @@ from loratune.data import (
 )
 from loratune.errors import ConfigError, LoratuneError
 from loratune.files import write_output_dir, write_text_atomic
-from loratune.data.classification import LabelSpace, collate_classification, tokenize_classification, write_labels
+from loratune.data.classification import (
+    LabelSpace,
+    collate_classification,
+    tokenize_classification,
+    tokenize_tokens,
+    write_labels,
+)
 from loratune.models import context_length, load_classifier, load_model
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from loratune.train.classify import (
@@ -251,10 +257,11 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
     random.seed(t.seed)
     torch.manual_seed(t.seed)
 
-    classifier = resolved_task(config) == "seq_cls"
+    task = resolved_task(config)
+    classifier = task != "causal_lm"
     if classifier:
         check_classifier_config(config)
-        space, train_rows, eval_rows = classification_examples(config)
+        space, train_rows, eval_rows = classification_examples(config, token=task == "token_cls")
         m = config.model
         model, tokenizer = load_classifier(m.name, space, m.dtype, m.device, m.trust_remote_code)
     else:
@@ -262,10 +269,11 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
     if not resume:
         config = fit_max_length(config, model, log)
         if classifier:
-            config = config.model_copy(update={"task": "seq_cls", "lora": classification_lora(config.lora, model)})
+            lora = classification_lora(config.lora, model, token=space.token)
+            config = config.model_copy(update={"task": task, "lora": lora})
     if classifier:
-        tokenized = (tokenize_classification(rows, tokenizer, space, config.data.max_length)
-                     for rows in (train_rows, eval_rows))
+        tokenize = tokenize_tokens if space.token else tokenize_classification
+        tokenized = (tokenize(rows, tokenizer, space, config.data.max_length) for rows in (train_rows, eval_rows))
         data = RunData(next(tokenized), next(tokenized), [], None, labels=space)
     else:
         data = prepare_data(config, tokenizer)
@@ -467,8 +475,12 @@ def _last_good(run_dir: Path) -> str:
 
 
 def _targets(batch: dict, classifier: bool) -> int:
-    """What one micro-batch's loss is a sum over: target tokens, or a classifier's rows."""
-    return batch["labels"].shape[0] if classifier else int((batch["labels"][:, 1:] != -100).sum())
+    """What one micro-batch's loss is a sum over: target tokens; a classifier's rows; a token classifier's
+    labelled words."""
+    labels = batch["labels"]
+    if classifier:
+        return int((labels != -100).sum()) if labels.ndim == 2 else labels.shape[0]
+    return int((labels[:, 1:] != -100).sum())
 
 
 def _evaluate(model, tokenizer, data: RunData, t) -> EvalResult:
