@@ -1,6 +1,6 @@
-/* loratune.train._fused_cpu: the elementwise parts of a Llama block's training step as single passes over
- * memory — RMSNorm forward and backward, silu(gate)·up forward and backward — in float32 arithmetic on bf16 or
- * float32 tensors. In PyTorch operations each is a chain of five to fifteen operations, each writing a fresh
+/* loratune.train._fused_cpu: the elementwise parts of a training step as single passes over memory — a Llama
+ * block's RMSNorm forward and backward and silu(gate)·up forward and backward, and dropout from a counter-based
+ * mask — in float32 arithmetic on bf16 or float32 tensors. In PyTorch operations each is a chain of five to fifteen operations, each writing a fresh
  * intermediate tensor; here every element is read and written once. loratune/train/fused_cpu.py checks every
  * argument before it reaches these functions (they take raw addresses).
  *
@@ -22,12 +22,14 @@ typedef void (*rms_norm_fn)(void *, float *, const void *, const void *, int64_t
 typedef void (*rms_norm_apply_fn)(void *, const float *, const void *, const void *, int64_t, int64_t, int);
 typedef void (*rms_norm_backward_fn)(void *, const void *, const void *, const void *, const float *, int64_t,
                                      int64_t, int);
+typedef void (*dropout_fn)(void *, const void *, int64_t, int64_t, uint64_t, uint32_t, float, int);
 
 static silu_mul_fn silu_mul_impl = silu_mul_baseline;
 static silu_mul_backward_fn silu_mul_backward_impl = silu_mul_backward_baseline;
 static rms_norm_fn rms_norm_impl = rms_norm_baseline;
 static rms_norm_apply_fn rms_norm_apply_impl = rms_norm_apply_baseline;
 static rms_norm_backward_fn rms_norm_backward_impl = rms_norm_backward_baseline;
+static dropout_fn dropout_impl = dropout_baseline;
 static const char *isa = "baseline";
 
 /* One call's arguments: addresses, sizes, and the float eps; a span [begin, end) of elements or rows. */
@@ -115,6 +117,13 @@ static void run_rms_norm_backward(const int64_t *v, float eps, int64_t b, int64_
                            (const float *)PTR(4) + b, e - b, v[6], (int)v[7]);
 }
 
+/* v: out, x, n, seed, keep_below, is_bf16; eps: the scale. Spans start at multiples of 16 (the grain). */
+static void run_dropout(const int64_t *v, float scale, int64_t b, int64_t e) {
+    const int64_t es = v[5] ? 2 : 4;
+    dropout_impl((char *)PTR(0) + b * es, (char *)PTR(1) + b * es, b, e - b, (uint64_t)v[3], (uint32_t)v[4], scale,
+                 (int)v[5]);
+}
+
 /* Reads the integer arguments (the float one at index float_at, if any, into *eps) and runs the job on
  * args[nargs - 1] threads over n = v[n_at] items. */
 static PyObject *call(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, Py_ssize_t float_at, int n_at,
@@ -162,6 +171,11 @@ static PyObject *rms_norm_backward(PyObject *self, PyObject *const *args, Py_ssi
     return call(args, nargs, 8, -1, 5, 1, 64, run_rms_norm_backward, "rms_norm_backward");
 }
 
+static PyObject *dropout(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return call(args, nargs, 7, 5, 2, 16, 1 << 16, run_dropout, "dropout");
+}
+
 static PyMethodDef methods[] = {
     {"silu_mul", (PyCFunction)(void (*)(void))silu_mul, METH_FASTCALL,
      "silu_mul(out, gate, up, n, is_bf16, threads): out = silu(gate)·up over n elements (addresses)."},
@@ -173,6 +187,8 @@ static PyMethodDef methods[] = {
      "rms_norm_apply(out, rstd, x, weight, rows, h, is_bf16, threads): rms_norm's output for a known rstd."},
     {"rms_norm_backward", (PyCFunction)(void (*)(void))rms_norm_backward, METH_FASTCALL,
      "rms_norm_backward(grad_x, grad, x, weight, rstd, rows, h, is_bf16, threads): RMSNorm's input gradient."},
+    {"dropout", (PyCFunction)(void (*)(void))dropout, METH_FASTCALL,
+     "dropout(out, x, n, seed, keep_below, scale, is_bf16, threads): out = keep(seed, i) ? x·scale : 0."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -185,11 +201,11 @@ PyMODINIT_FUNC PyInit__fused_cpu(void) {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
         silu_mul_impl = silu_mul_avx512, silu_mul_backward_impl = silu_mul_backward_avx512;
         rms_norm_impl = rms_norm_avx512, rms_norm_backward_impl = rms_norm_backward_avx512, isa = "avx512";
-        rms_norm_apply_impl = rms_norm_apply_avx512;
+        rms_norm_apply_impl = rms_norm_apply_avx512, dropout_impl = dropout_avx512;
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         silu_mul_impl = silu_mul_avx2, silu_mul_backward_impl = silu_mul_backward_avx2;
         rms_norm_impl = rms_norm_avx2, rms_norm_backward_impl = rms_norm_backward_avx2, isa = "avx2";
-        rms_norm_apply_impl = rms_norm_apply_avx2;
+        rms_norm_apply_impl = rms_norm_apply_avx2, dropout_impl = dropout_avx2;
     }
 #endif
     PyObject *m = PyModule_Create(&module);

@@ -116,3 +116,17 @@ def rms_norm_backward(
         _DTYPES[x.dtype], torch.get_num_threads(),
     )
     return grad_x
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
+    """``x`` with each element zeroed with probability ``p`` and the rest scaled by 1/(1 − p), the mask a pure
+    function of (``seed``, element index): the same ``seed`` on a tensor of the same size gives the same mask
+    (dropout's backward is this function applied to the output gradient). None when the kernel cannot take
+    ``x``."""
+    if not 0.0 < p < 1.0 or not _fits(x):
+        return None
+    keep_below = min(round((1.0 - p) * 2**32), 2**32 - 1)
+    out = torch.empty_like(x)
+    _fused_cpu.dropout(out.data_ptr(), x.data_ptr(), x.numel(), seed, keep_below, 1.0 / (1.0 - p), _DTYPES[x.dtype],
+                       torch.get_num_threads())
+    return out

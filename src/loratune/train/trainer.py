@@ -51,6 +51,7 @@ from loratune.train.classify import (
     evaluate_classification,
 )
 from loratune.train.config import TrainConfig, resolved_task
+from loratune.train.dropout import patch_dropout
 from loratune.train.evaluate import EvalResult, evaluate
 from loratune.train.generation import model_device
 from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
@@ -289,6 +290,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
         add_adapter(model, config.lora, ADAPTER_NAME)
         trained = TrainedAdapter(model, ADAPTER_NAME)
     patch_for_training(model)  # lean RMSNorm / SiLU-MLP autograd for Llama-family models
+    patch_dropout(model)  # dropout masks from the compiled kernel on a CPU
     if t.gradient_checkpointing:
         # transformers 5 renamed it; older versions only have gradient_checkpointing_enable.
         if hasattr(model, "activation_checkpointing_enable"):
