@@ -413,3 +413,17 @@ def test_other_encoders_get_their_query_value_targets_and_a_fully_trained_new_he
     base = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=3).eval()
     loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     torch.testing.assert_close(logits(loaded, tokenizer), expected, atol=ATOL, rtol=0)
+
+
+def test_merge_writes_a_classifier_with_its_labels_that_gives_the_adapter_s_predictions(trained, workspace, capsys):
+    merged = workspace / "merged"
+    status, _, err = cli(capsys, "merge", "--adapter", trained / "adapter", "--out", merged)
+    assert status == 0, err
+    assert json.loads((merged / "labels.json").read_text())["id2label"]["0"] == "alarm"
+    outputs = []
+    for options in (["--adapter", trained / "adapter"], ["--model", merged]):
+        status, out, err = cli(capsys, "eval", *options, "--data", workspace / "eval.jsonl", "--json", "--dtype", "fp32")
+        assert status == 0, err
+        outputs.append(json.loads(out))
+    assert outputs[0]["accuracy"] == outputs[1]["accuracy"]
+    assert outputs[0]["loss"] == pytest.approx(outputs[1]["loss"], abs=1e-5)

@@ -432,9 +432,12 @@ def run_merge(args) -> int:
     if any(is_intrinsic_dir(path) for path, _ in args.adapter):
         return _merge_intrinsic(args)
     model = _base_model(args)
+    labels = classifier_labels(args, model)
+    extras = {"labels.json": json.dumps(labels.to_json(), indent=2) + "\n"} if labels is not None else None
     result = merge_to_directory(model, args.adapter, args.out, out_dtype=args.out_dtype, quantize=args.quantize,
                                 requantize=args.requantize, device=args.device,
-                                trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
+                                trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
+                                labels=labels, extras=extras)
     names = ", ".join(f"{path}:{scale:g}" for path, scale in args.adapter)
     dtype = str(result.dtype).removeprefix("torch.")
     report = result.requantize_report

@@ -20,9 +20,11 @@ def weights_are_tied(model: nn.Module) -> bool:
 
 
 def save_hf_model(
-    model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None, *, overwrite: bool = False
+    model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None, *, overwrite: bool = False,
+    extras: dict[str, str] | None = None,
 ) -> Path:
-    """Save ``model`` (safetensors), its tokenizer and chat template and generation config into ``out_dir``.
+    """Save ``model`` (safetensors), its tokenizer and chat template and generation config into ``out_dir``
+    (and ``extras``: more text files by name, such as a classifier's ``labels.json``).
 
     Built in a directory beside ``out_dir`` and swapped in, so ``out_dir`` is complete or as it was. When the
     embeddings and output head are no longer the same tensor (merging untied them), the config says so, or
@@ -32,7 +34,13 @@ def save_hf_model(
     check_output_dir(out_dir, overwrite=overwrite)
     if dtype is not None:
         model = model.to(dtype)
-    return write_output_dir(out_dir, "model", lambda staging: write_hf_model(model, tokenizer, staging))
+
+    def fill(staging: Path) -> None:
+        write_hf_model(model, tokenizer, staging)
+        for name, text in (extras or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
+
+    return write_output_dir(out_dir, "model", fill)
 
 
 def write_hf_model(model, tokenizer, directory: Path) -> None:

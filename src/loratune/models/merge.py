@@ -21,7 +21,7 @@ from loratune.errors import ConfigError
 from loratune.files import check_output_dir
 from loratune.models.devices import DTYPE_NAMES, resolve_dtype
 from loratune.models.export import save_hf_model
-from loratune.models.loader import load_model, resolve_model_dir
+from loratune.models.loader import load_classifier, load_model, resolve_model_dir
 from loratune.models.merge_4bit import (
     dequantize_model,
     merged_delta_norms,
@@ -68,9 +68,13 @@ def merge_to_directory(
     device: str | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    labels=None,
+    extras: dict[str, str] | None = None,
 ) -> MergeResult:
     """Merge ``adapters`` (``(path, strength)`` pairs) into the base ``model`` and write it to ``out``.
 
+    ``labels``: the adapters are classifiers with this label space (``load_classifier``), written with
+    ``extras`` (text files by name, e.g. ``labels.json``) beside the model.
     ``out_dtype``: the written weights' dtype (default: the base's stored dtype; bf16 over a 4-bit base).
     ``quantize``: the base's 4-bit format, as a QLoRA run loaded it (found automatically for a model stored in
     4 bits); ``requantize`` then writes a 4-bit model instead. Raises ``ConfigError`` for an ``out`` that cannot
@@ -88,17 +92,22 @@ def merge_to_directory(
         raise ConfigError("requantize re-quantizes a 4-bit base; load the base in 4 bits as training did "
                           "(--quantize nf4, or quantize='nf4'; fp4 likewise)")
     written = None if out_dtype is None else resolve_dtype(out_dtype)
+    if quantize and labels is not None:
+        raise ConfigError("classifiers train over an unquantized base; merge without --quantize")
     if quantize:
         return _merge_over_4bit(model, adapters, Path(out), quantize, requantize, written, device, trust_remote_code,
                                 overwrite)
     stored = stored_dtype(model_dir)
     written = written or stored
-    base, tokenizer = load_model(model, dtype=_wider(stored, written), device=device,
-                                 trust_remote_code=trust_remote_code)
+    if labels is not None:
+        base, tokenizer = load_classifier(model, labels, _wider(stored, written), device, trust_remote_code)
+    else:
+        base, tokenizer = load_model(model, dtype=_wider(stored, written), device=device,
+                                     trust_remote_code=trust_remote_code)
     for path, scale in adapters:
         load_adapter(base, path, scale=scale)
     plain = unload(base, merge=True, safe=True)
-    return MergeResult(save_hf_model(plain, tokenizer, out, dtype=written, overwrite=overwrite), written)
+    return MergeResult(save_hf_model(plain, tokenizer, out, dtype=written, overwrite=overwrite, extras=extras), written)
 
 
 def _merge_over_4bit(model, adapters, out: Path, quantize: str, requantize: bool, written, device,
