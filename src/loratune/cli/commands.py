@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import warnings
@@ -102,6 +103,13 @@ def run_train(args) -> int:
     from loratune.train import TrainingInterrupted, load_config, train
 
     config = load_config(args.config, args.overrides)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from loratune.train.distributed import launch
+
+        sets = [part for override in args.overrides for part in ("--set", override)]
+        flags = [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite),
+                                       ("--no-progress", args.no_progress), ("--debug", args.debug)) if on]
+        return launch(["train", str(args.config), *sets, *flags], args.nproc)
     console = _console()
     try:
         summary = train(
@@ -118,7 +126,8 @@ def run_train(args) -> int:
             command = shlex.join(["loratune", "train", str(args.config), *sets, "--resume"])
             print(f"loratune train: continue with: {command}", file=sys.stderr)
         return 130
-    _print_summary(console, summary)
+    if summary:  # (rank 0's; the other processes of a distributed run print nothing)
+        _print_summary(console, summary)
     return 0
 
 

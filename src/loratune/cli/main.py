@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="replace an existing run in output_dir (only a directory loratune wrote: see OVERWRITE below); "
                            "the old run stays whole until the new one completes")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a live progress bar")
+    p.add_argument("--nproc", type=positive_int, default=1, metavar="N",
+                   help="train as N processes on this machine (torchrun, DDP; each gets its share of the CPU threads "
+                        "or one GPU); the effective batch is batch_size × grad_accum × N")
 
     p = verb("data", "preview the training data as the model will see it, with length statistics")
     p.add_argument("config", metavar="CONFIG.yaml")
@@ -279,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.debug:
                 raise
             status, message = describe_failure(error)
-            print(f"{verb}: {' '.join(message.splitlines())}", file=sys.stderr)  # one line, whatever it quotes
+            if os.environ.get("RANK", "0") == "0":  # a distributed run's processes fail together; one says why
+                print(f"{verb}: {' '.join(message.splitlines())}", file=sys.stderr)  # one line, whatever it quotes
             return status
         except KeyboardInterrupt:
             if args.debug:

@@ -48,6 +48,22 @@ class MetricsLog:
             self._writer.close()
 
 
+class NoMetrics:
+    """The metrics log of a process that does not write the run (ranks other than 0)."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def records(self) -> list[dict]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
 def plot_losses(records: list[dict], path: Path) -> None:
     """Draw train loss (and eval loss when present) against step into ``path`` (PNG)."""
     import matplotlib

@@ -8,6 +8,7 @@ of state is in the checkpoint, so ``resume`` continues bit-identically on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -18,6 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from loratune.adapters import add_adapter, parameter_report
 from loratune.data import (
@@ -51,13 +54,15 @@ from loratune.train.classify import (
     evaluate_classification,
 )
 from loratune.train.config import TrainConfig, resolved_task
+from loratune.train import distributed
+from loratune.train.distributed import Processes
 from loratune.train.dropout import patch_dropout
 from loratune.train.evaluate import EvalResult, evaluate
 from loratune.train.generation import model_device
 from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
 from loratune.train.interrupt import StepInterrupts
 from loratune.train.loss import causal_lm_loss_sum
-from loratune.train.metrics import MetricsLog, plot_losses
+from loratune.train.metrics import MetricsLog, NoMetrics, plot_losses
 from loratune.train.forgetting import retain_examples, retain_loss
 from loratune.train.optimizer import build_optimizer, set_learning_rate
 from loratune.train.trained import TrainedAdapter, TrainedIntrinsic, TrainedModel
@@ -115,19 +120,30 @@ def prepare_data(config: TrainConfig, tokenizer) -> RunData:
 
 
 class BatchStream:
-    """Micro-batches in a deterministic order; its position (epoch, index) is what a checkpoint stores."""
+    """Micro-batches in a deterministic order; its position (epoch, index) is what a checkpoint stores.
 
-    def __init__(self, examples, config: TrainConfig, pad_id: int, device, collate_rows=collate):
+    Across processes the order is that of the global micro-batch (``batch_size × world``), and each process
+    takes every ``world``-th row of it from its ``rank`` on; a final short batch too small to give every process
+    a row is left out."""
+
+    def __init__(self, examples, config: TrainConfig, pad_id: int, device, collate_rows=collate,
+                 processes: Processes = Processes()):
         packing = config.data.packing
         self.rows = pack(examples, config.data.max_length) if packing else examples
         self.collate = (lambda rows: collate_packed(rows, pad_id)) if packing else (lambda rows: collate_rows(rows, pad_id))
         self.lengths = None if packing else [len(e) for e in examples]
-        self.batch_size, self.seed, self.device = config.train.batch_size, config.train.seed, device
+        self.world, self.rank = processes.world, processes.rank
+        self.batch_size, self.seed, self.device = config.train.batch_size * self.world, config.train.seed, device
+        if self.world > 1 and len(self.rows) < self.batch_size:
+            raise ConfigError(f"data.train has {len(self.rows)} training rows, fewer than one global batch "
+                              f"({config.train.batch_size} × {self.world} processes); use fewer processes or a "
+                              "smaller train.batch_size")
         self.epoch, self.index = 0, 0
         self._order = self._epoch_order(0)
 
     def _epoch_order(self, epoch: int) -> list[list[int]]:
-        return batch_order(len(self.rows), self.batch_size, self.seed, epoch, lengths=self.lengths)
+        order = batch_order(len(self.rows), self.batch_size, self.seed, epoch, lengths=self.lengths)
+        return [batch for batch in order if len(batch) >= self.world]
 
     @property
     def batches_per_epoch(self) -> int:
@@ -140,7 +156,7 @@ class BatchStream:
     def next(self) -> dict[str, torch.Tensor]:
         if self.index >= len(self._order):
             self.seek(self.epoch + 1, 0)
-        batch = self.collate([self.rows[i] for i in self._order[self.index]])
+        batch = self.collate([self.rows[i] for i in self._order[self.index][self.rank :: self.world]])
         self.index += 1
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -207,13 +223,36 @@ def train(
     finite (the last checkpoint stays); ``TrainingInterrupted`` on Ctrl-C, after saving a checkpoint at the
     last completed step. A run that fails before its first step leaves no output directory behind.
     """
-    dirs = prepare_run_dir(config.output_dir, resume=resume, overwrite=overwrite, log=log)
+    processes = distributed.start()
+    dirs = None
     try:
-        return _run(config, dirs, resume, progress, log)
+        dirs = _shared_run_dir(config, resume, overwrite, log, processes)
+        return _run(config, dirs, resume, progress, log if processes.main else _quiet, processes)
     except BaseException as error:
-        if not isinstance(error, TrainingInterrupted) and not _first_step_done(dirs):
+        if processes.main and dirs is not None and not isinstance(error, TrainingInterrupted) \
+                and not _first_step_done(dirs):
             abandon_run_dir(dirs)
         raise
+    finally:
+        distributed.stop(processes)
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of processes other than rank 0: the run speaks once."""
+
+
+def _shared_run_dir(config: TrainConfig, resume: bool, overwrite: bool, log, processes: Processes) -> RunDirs:
+    """Rank 0 prepares the run directory; every process gets its paths (or rank 0's error, raised everywhere)."""
+    prepared = None
+    if processes.main:
+        try:
+            prepared = prepare_run_dir(config.output_dir, resume=resume, overwrite=overwrite, log=log)
+        except LoratuneError as error:
+            prepared = error
+    prepared = distributed.from_main(processes, prepared)
+    if isinstance(prepared, LoratuneError):
+        raise prepared
+    return prepared
 
 
 def _first_step_done(dirs) -> bool:
@@ -243,7 +282,7 @@ def fit_max_length(config: TrainConfig, model, log) -> TrainConfig:
     return config.model_copy(update={"data": config.data.model_copy(update={"max_length": limit})})
 
 
-def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dict:
+def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, processes: Processes = Processes()) -> dict:
     reset_peak_memory()
     run_dir = dirs.work
     changes: list[str] = []
@@ -251,7 +290,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
         saved = saved_run_config(run_dir)
         config, changes = resume_config(saved, config)
         config = config.model_copy(update={"output_dir": str(dirs.final)})
-        if changes:
+        if changes and processes.main:
             write_run_config(run_dir, config, meta=saved.meta)
             log("resume with changes: " + "; ".join(changes))
     t = config.train
@@ -278,7 +317,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
         data = RunData(next(tokenized), next(tokenized), [], None, labels=space)
     else:
         data = prepare_data(config, tokenizer)
-    if not resume:
+    if not resume and processes.main:
         config = write_run_config(run_dir, config)
     torch.manual_seed(t.seed)  # the adapter's start depends on the seed only
     if t.method == "full":
@@ -301,12 +340,20 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
     params = trained.parameters()
     optimizer = build_optimizer(model, t, trained.optimizer_parameters())
     stream = BatchStream(data.train, config, tokenizer.pad_token_id, device,
-                         collate_classification if classifier else collate)
+                         collate_classification if classifier else collate, processes)
     loss_sum_of = classification_loss_sum if classifier else causal_lm_loss_sum
+    # DDP all-reduces (averages) the gradients; every process runs the same steps on its shard. It wraps the loss
+    # computation, so the fused loss (hidden states and the output head, no logits) runs under it too.
+    if processes.active:
+        wrapped = DistributedDataParallel(StepLoss(model, loss_sum_of),
+                                          device_ids=[processes.local_rank] if device.type == "cuda" else None)
+        step_loss = wrapped
+    else:
+        wrapped, step_loss = None, lambda batch: loss_sum_of(model, batch)
     micro_batches = math.ceil(t.epochs * stream.batches_per_epoch)
     total_steps = t.max_steps or max(1, math.ceil(micro_batches / t.grad_accum))
 
-    metrics = MetricsLog(run_dir, tensorboard=t.tensorboard)
+    metrics = MetricsLog(run_dir, tensorboard=t.tensorboard) if processes.main else NoMetrics()
     state = {"epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "best": None, "best_step": None,
              "retain_loss_base": None}
     start_step = 0
@@ -337,13 +384,13 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
         )
     if dirs.work != dirs.final:
         log(f"building the new run in {dirs.work}; it replaces {dirs.final} when it completes")
-    if data.retain and state.get("retain_loss_base") is None:
+    if data.retain and state.get("retain_loss_base") is None and processes.main:
         state["retain_loss_base"] = retain_loss(model, data.retain, tokenizer.pad_token_id, t.eval_batch_size)
         metrics.log({"step": 0, "retain_loss": state["retain_loss_base"], "forgetting": 0.0})
         log(f"retain set: loss {state['retain_loss_base']:.4f} before training ({len(data.retain)} rows)")
-    if classifier and data.eval and start_step == 0:  # the new head's start: chance level, for comparison
+    if classifier and data.eval and start_step == 0 and processes.main:  # the new head's start: chance level, for comparison
         _log_evaluation(metrics, log, 0, _evaluate(model, tokenizer, data, t), {})
-    show = sys.stderr.isatty() if progress is None else progress
+    show = (sys.stderr.isatty() if progress is None else progress) and processes.main
     bar = _progress(total_steps, start_step, show)
     model.train()
     last_eval_step = None
@@ -354,19 +401,23 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
             for step in range(start_step, total_steps):
                 started = time.perf_counter()
                 batches = [stream.next() for _ in range(t.grad_accum)]
-                targets = sum(_targets(b, classifier) for b in batches)
+                targets = int(distributed.total(processes, sum(_targets(b, classifier) for b in batches)))
                 lr = learning_rate(step, total_steps=total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps,
                                    kind=t.scheduler)
                 loss_total = 0.0
-                for batch in batches:
-                    with recompute_norm_outputs():
-                        loss_sum, _ = loss_sum_of(model, batch)
-                    (loss_sum / max(1, targets)).backward()
+                for index, batch in enumerate(batches):
+                    # one gradient all-reduce per step, at its last micro-batch
+                    sync = wrapped.no_sync() if wrapped is not None and index < len(batches) - 1 \
+                        else contextlib.nullcontext()
+                    with sync, recompute_norm_outputs():
+                        loss_sum, _ = step_loss(batch)
+                        # DDP averages over the processes; the step wants the sum over all targets
+                        (loss_sum * (processes.world / max(1, targets))).backward()
                     loss_total += float(loss_sum.detach())
                     # Drop the step's graph now: kept until the next forward reassigns the name, its many small
                     # nodes sit in the freed activation memory and the next forward cannot reuse it whole.
                     del loss_sum
-                loss = loss_total / max(1, targets)
+                loss = distributed.total(processes, loss_total) / max(1, targets)
                 if not math.isfinite(loss):
                     raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {_last_good(run_dir)}. "
                                            "Lower train.lr or check the data")
@@ -377,8 +428,8 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
                 if not math.isfinite(grad_norm):
                     raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step + 1}; "
                                            f"{_last_good(run_dir)}. Lower train.lr or check the data")
-                tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                             for b in batches)
+                tokens = int(distributed.total(processes, sum(
+                    int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)))
                 with interrupts.protected():
                     set_learning_rate(optimizer, lr)
                     trained.before_step()
@@ -400,24 +451,30 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
                     metrics.log(record)
                     if bar is None:
                         log(f"step {done}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
-                if t.eval_every and (data.eval or data.retain) and (done % t.eval_every == 0 or done == total_steps):
+                if t.eval_every and (data.eval or data.retain) and (done % t.eval_every == 0 or done == total_steps) \
+                        and processes.main:
                     result = _evaluate(model, tokenizer, data, t) if data.eval else None
                     last_eval_step = done
                     _log_evaluation(metrics, log, done, result, _retention(model, tokenizer, data, state, t))
                     if result is not None:
                         _keep_best(trained, tokenizer, run_dir, config, state, result, done, data.labels)
-                if done % t.save_every == 0 and done < total_steps:
+                if done % t.save_every == 0 and done < total_steps and processes.main:
                     save_checkpoint(run_dir, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
     except KeyboardInterrupt:
         if bar is not None:
             bar.stop()
             bar = None
+        if not processes.main:
+            raise TrainingInterrupted("interrupted", None, dirs.final) from None
         raise _interrupted(dirs, done, start_step, total_steps, after_step, trained, optimizer, state, t) from None
     finally:
         if bar is not None:
             bar.stop()
         metrics.close()
 
+    if not processes.main:
+        distributed.barrier(processes)  # rank 0 evaluates and writes the run; the others wait for it
+        return {}
     save_checkpoint(run_dir, total_steps, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
     base_name = _base_name(model, config)
     save_trained(trained, tokenizer, run_dir / trained.output_name, base_name, data.labels)
@@ -432,7 +489,19 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log) -> dic
     summary = _summary(dirs.final, run_dir, config, state, total_steps, report, records)
     write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     finish_run_dir(dirs)
+    distributed.barrier(processes)
     return summary
+
+
+class StepLoss(nn.Module):
+    """A micro-batch's (summed loss, count) as a module, for DDP to wrap: ``loss_sum_of(model, batch)``."""
+
+    def __init__(self, model: nn.Module, loss_sum_of):
+        super().__init__()
+        self.model, self.loss_sum_of = model, loss_sum_of
+
+    def forward(self, batch: dict):
+        return self.loss_sum_of(self.model, batch)
 
 
 def _check_steps_left(run_dir: Path, reached: int, total_steps: int) -> None:

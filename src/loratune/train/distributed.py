@@ -1,0 +1,142 @@
+"""Training across processes with PyTorch's own engine: ``torchrun`` starts the workers, ``torch.distributed``
+connects them (gloo on CPUs, NCCL on GPUs), DDP all-reduces the gradients.
+
+One run: each process reads its share of every global batch (``batch_size × grad_accum × world_size`` rows), the
+loss is normalised by the global number of targets, and DDP's gradient average is scaled back to that sum, so a
+run over N processes makes the update a single process makes with N times the micro-batch. Rank 0 alone writes
+the run directory; a rank that fails takes the others down (the process group's timeout, then torchrun).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+
+TIMEOUT = datetime.timedelta(minutes=10)  # a rank that stops answering fails the others after this
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands: ``rank`` of ``world`` processes (``world == 1``: not distributed)."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run directory and the log (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies (torchrun starts workers in sessions of their own, so
+    a killed launcher would otherwise leave them running); exit at once if the parent is already gone."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def start() -> Processes:
+    """Join the process group torchrun describes in the environment (``WORLD_SIZE``, ``RANK``, ...); a single
+    process without it. Picks gloo on CPUs and NCCL on GPUs, with ``TIMEOUT``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Processes()
+    import torch.distributed as dist
+
+    die_with_parent()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    return Processes(world, rank, local_rank)
+
+
+def stop(processes: Processes) -> None:
+    """Leave the process group (a no-op for a single process)."""
+    if processes.active:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def total(processes: Processes, value: float) -> float:
+    """The sum of ``value`` over the processes."""
+    if not processes.active:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor)
+
+
+def barrier(processes: Processes) -> None:
+    if processes.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def from_main(processes: Processes, value):
+    """Rank 0's ``value`` (a picklable object of our own making), on every process."""
+    if not processes.active:
+        return value
+    import torch.distributed as dist
+
+    box = [value if processes.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gathered(processes: Processes, value) -> list:
+    """Every process's ``value``, in rank order, on rank 0 (None elsewhere)."""
+    if not processes.active:
+        return [value]
+    import torch.distributed as dist
+
+    box = [None] * processes.world if processes.main else None
+    dist.gather_object(value, box, dst=0)
+    return box
+
+
+
+
+def launch(loratune_args: list[str], nproc: int) -> int:
+    """Run ``loratune <loratune_args>`` as ``nproc`` processes on this machine through torchrun (``--standalone``:
+    a local rendezvous on a free port) and return its exit status. Each process gets its share of the CPU
+    threads; torchrun dies with this process, and its workers with it (``die_with_parent``)."""
+    import subprocess
+    import sys
+
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "--max-restarts", "0", "-m", "loratune", *loratune_args]
+    process = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # torchrun passes it on to the workers, which checkpoint; wait for them
+        return process.wait()
+
+
+__all__ = ["Processes", "TIMEOUT", "barrier", "die_with_parent", "from_main", "gathered", "launch", "start", "stop",
+           "total"]

@@ -1,0 +1,63 @@
+"""Training across processes: real torchrun processes on CPU/gloo, DDP, against single-process runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from run_helpers import addition_rows, adapter_tensors, config_dict, metrics, write_config, write_jsonl
+
+pytestmark = pytest.mark.integration  # starts torchrun and worker processes
+
+
+def loratune(*args, threads: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY": "error"}
+    return subprocess.run([sys.executable, "-m", "loratune", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, make_tiny_llama_dir):
+    root = tmp_path_factory.mktemp("ddp")
+    data = write_jsonl(root / "train.jsonl", addition_rows(24))
+    return root, make_tiny_llama_dir(), data
+
+
+def run_config(root: Path, model_dir, data, name: str, batch_size: int, **train) -> Path:
+    config = config_dict(model_dir, data, root / name, lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+                         train={"max_steps": 4, "batch_size": batch_size, "lr": 1e-2, "save_every": 2, **train})
+    return write_config(root / f"{name}.yaml", config)
+
+
+def test_two_processes_make_the_update_one_process_makes_with_twice_the_micro_batch(setup):
+    root, model_dir, data = setup
+    single = loratune("train", run_config(root, model_dir, data, "single", 4), "--no-progress", threads=2)
+    assert single.returncode == 0, single.stderr
+    double = loratune("train", run_config(root, model_dir, data, "double", 2), "--nproc", 2, "--no-progress", threads=2)
+    assert double.returncode == 0, double.stderr
+    ours, reference = adapter_tensors(root / "double"), adapter_tensors(root / "single")
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
+    steps = [r for r in metrics(root / "double") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # one line per step: rank 0 alone writes
+    reference_steps = [r for r in metrics(root / "single") if "loss" in r]
+    for a, b in zip(steps, reference_steps):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert double.stdout.count("training finished") == 1
+    assert sorted(p.name for p in (root / "double" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+
+def test_too_few_rows_for_one_global_batch_is_one_line(setup, tmp_path):
+    root, model_dir, _ = setup
+    small = write_jsonl(tmp_path / "small.jsonl", addition_rows(3))
+    result = loratune("train", run_config(tmp_path, model_dir, small, "small", 2), "--nproc", 2, threads=2)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("loratune train: error")]
+    assert len(lines) == 1 and "fewer than one global batch" in lines[0]
+    assert not (tmp_path / "small").exists()
