@@ -61,3 +61,51 @@ def test_too_few_rows_for_one_global_batch_is_one_line(setup, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("loratune train: error")]
     assert len(lines) == 1 and "fewer than one global batch" in lines[0]
     assert not (tmp_path / "small").exists()
+
+
+def worker_pids(marker: str) -> list[int]:
+    """Processes whose command line names ``marker`` (this test's config file), this one excluded."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_killed_run_stops_every_process_and_resumes_to_the_uninterrupted_result(setup):
+    import signal
+    import time
+
+    root, model_dir, data = setup
+    steps = dict(max_steps=40, save_every=4)
+    whole = loratune("train", run_config(root, model_dir, data, "whole", 2, **steps), "--nproc", 2, "--no-progress",
+                     threads=2)
+    assert whole.returncode == 0, whole.stderr
+    config = run_config(root, model_dir, data, "killed", 2, **steps)
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TRANSFORMERS_VERBOSITY": "error"}
+    launcher = subprocess.Popen([sys.executable, "-m", "loratune", "train", str(config), "--nproc", "2",
+                                 "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (root / "killed" / "checkpoints" / "step-8").is_dir():
+        assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while worker_pids(str(config)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker_pids(str(config)) == [], "workers outlived the killed launcher"
+    assert not (root / "killed" / "adapter").exists()
+    resumed = loratune("train", config, "--nproc", 2, "--resume", "--no-progress", threads=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout + resumed.stderr
+    ours, reference = adapter_tensors(root / "killed"), adapter_tensors(root / "whole")
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-6, rtol=0)
+    assert [r["step"] for r in metrics(root / "killed") if "loss" in r] == list(range(1, 41))
+    other = loratune("train", config, "--resume", "--set", "train.max_steps=44", threads=2)
+    assert other.returncode != 0 and "--nproc 2" in other.stderr  # another world size: refused in one line

@@ -127,6 +127,11 @@ def launch(loratune_args: list[str], nproc: int) -> int:
     import subprocess
     import sys
 
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        from loratune.errors import ConfigError
+
+        raise ConfigError(f"--nproc {nproc} asks for more processes than this machine's {torch.cuda.device_count()} "
+                          "GPU(s); give at most one process per GPU")
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),

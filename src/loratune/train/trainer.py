@@ -355,11 +355,15 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
 
     metrics = MetricsLog(run_dir, tensorboard=t.tensorboard) if processes.main else NoMetrics()
     state = {"epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "best": None, "best_step": None,
-             "retain_loss_base": None}
+             "retain_loss_base": None, "processes": processes.world}
     start_step = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, trained, optimizer)
+        saved_world = state.get("processes") or 1
+        if saved_world != processes.world:
+            raise ConfigError(f"{checkpoint} was written by a run of {saved_world} process(es); resume it with "
+                              f"--nproc {saved_world} (its position in the data counts batches of that many processes)")
         start_step = state["step"]
         _check_steps_left(run_dir, start_step, total_steps)
         stream.seek(state["epoch"], state["index"])
@@ -614,7 +618,7 @@ def _base_name(model, config: TrainConfig) -> str:
 
 def _trainer_state(state: dict) -> dict:
     return {k: state.get(k) for k in ("epoch", "index", "tokens", "train_seconds", "best", "best_step",
-                                      "retain_loss_base")}
+                                      "retain_loss_base", "processes")}
 
 
 def _summary(final: Path, run_dir: Path, config: TrainConfig, state: dict, steps: int, report, records: list[dict]) -> dict:
