@@ -109,3 +109,18 @@ def test_a_killed_run_stops_every_process_and_resumes_to_the_uninterrupted_resul
     assert [r["step"] for r in metrics(root / "killed") if "loss" in r] == list(range(1, 41))
     other = loratune("train", config, "--resume", "--set", "train.max_steps=44", threads=2)
     assert other.returncode != 0 and "--nproc 2" in other.stderr  # another world size: refused in one line
+
+
+def test_full_fine_tuning_with_gradient_checkpointing_also_matches_one_process(setup):
+    root, model_dir, data = setup
+    options = dict(method="full", gradient_checkpointing=True, lr=1e-3)
+    single = loratune("train", run_config(root, model_dir, data, "full1", 4, **options), "--no-progress", threads=2)
+    assert single.returncode == 0, single.stderr
+    double = loratune("train", run_config(root, model_dir, data, "full2", 2, **options), "--nproc", 2,
+                      "--no-progress", threads=2)
+    assert double.returncode == 0, double.stderr
+    from safetensors.torch import load_file
+
+    ours, reference = (load_file(root / name / "model" / "model.safetensors") for name in ("full2", "full1"))
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
