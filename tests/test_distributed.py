@@ -124,3 +124,31 @@ def test_full_fine_tuning_with_gradient_checkpointing_also_matches_one_process(s
     ours, reference = (load_file(root / name / "model" / "model.safetensors") for name in ("full2", "full1"))
     for key in reference:
         torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["causal", "classifier"])
+def test_evaluation_is_sharded_and_gathered_to_the_single_process_result(setup, tmp_path, task):
+    root, model_dir, data = setup
+    if task == "classifier":
+        from test_classification import intent_rows
+        from tiny_models import tiny_encoder_dir
+
+        model_dir = tiny_encoder_dir(tmp_path / "bert")
+        data = write_jsonl(tmp_path / "intents.jsonl", intent_rows(40, 0))
+        evaluation = write_jsonl(tmp_path / "intents_eval.jsonl", intent_rows(11, 1))
+    else:
+        evaluation = write_jsonl(tmp_path / "eval.jsonl", addition_rows(7, start=50))
+    results = {}
+    for name, batch, nproc in (("one", 4, 1), ("two", 2, 2)):
+        config = config_dict(model_dir, data, tmp_path / name, data={"eval": str(evaluation)},
+                             train={"max_steps": 2, "batch_size": batch, "eval_every": 2, "lr": 1e-2})
+        result = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", nproc,
+                          "--no-progress", threads=2)
+        assert result.returncode == 0, result.stderr
+        evaluations = [r for r in metrics(tmp_path / name) if "eval_loss" in r]
+        # a classifier's step-0 evaluation (BERT's dropout makes the trained models differ); the LM's last one
+        results[name] = evaluations[0] if task == "classifier" else evaluations[-1]
+    one, two = results["one"], results["two"]
+    assert one.keys() == two.keys()
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key

@@ -86,7 +86,10 @@ def classification_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor
 @torch.no_grad()
 def classifier_logits(model: nn.Module, rows: Sequence[TokenizedClassExample], pad_id: int,
                       batch_size: int = 32) -> torch.Tensor:
-    """The model's outputs (float32, rows × outputs) in the order of ``rows``, batched by length."""
+    """The model's outputs (float32, rows × outputs; a token classifier's: one tensor per row) in the order of
+    ``rows``, batched by length."""
+    if not rows:
+        return []
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -109,7 +112,11 @@ def evaluate_classification(model: nn.Module, rows: Sequence[TokenizedClassExamp
     """Loss (mean over rows; over labelled words for tokens) and the metrics that fit the task (``accuracy``,
     ``macro_f1``, ``mcc``; ``pearson``, ``spearman``, ``mse`` for regression; entity ``precision``, ``recall``,
     ``f1`` and word ``accuracy`` for tokens); perplexity and exact match do not apply (None)."""
-    logits = classifier_logits(model, rows, pad_id, batch_size)
+    return classification_result(classifier_logits(model, rows, pad_id, batch_size), rows, space)
+
+
+def classification_result(logits, rows: Sequence[TokenizedClassExample], space: LabelSpace) -> EvalResult:
+    """``evaluate_classification``'s result from the model's outputs for ``rows`` (``classifier_logits``)."""
     if space.token:
         gold = torch.cat([torch.tensor(row.label) for row in rows])
         loss = float(F.cross_entropy(torch.cat(logits), gold, ignore_index=IGNORE))
@@ -204,5 +211,5 @@ def describe_labels(space: LabelSpace, n_train: int, n_eval: int) -> str:
 
 
 __all__ = ["QUERY_VALUE", "TASK_TYPE", "check_classifier_config", "classification_examples", "classification_lora",
-           "classification_loss_sum", "classifier_logits", "describe_labels", "evaluate_classification",
+           "classification_loss_sum", "classification_result", "classifier_logits", "describe_labels", "evaluate_classification",
            "head_modules", "predictions"]

@@ -50,8 +50,9 @@ from loratune.train.classify import (
     classification_examples,
     classification_lora,
     classification_loss_sum,
+    classification_result,
+    classifier_logits,
     describe_labels,
-    evaluate_classification,
 )
 from loratune.train.config import TrainConfig, resolved_task
 from loratune.train import distributed
@@ -392,8 +393,10 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
         state["retain_loss_base"] = retain_loss(model, data.retain, tokenizer.pad_token_id, t.eval_batch_size)
         metrics.log({"step": 0, "retain_loss": state["retain_loss_base"], "forgetting": 0.0})
         log(f"retain set: loss {state['retain_loss_base']:.4f} before training ({len(data.retain)} rows)")
-    if classifier and data.eval and start_step == 0 and processes.main:  # the new head's start: chance level, for comparison
-        _log_evaluation(metrics, log, 0, _evaluate(model, tokenizer, data, t), {})
+    if classifier and data.eval and start_step == 0:  # the new head's start: chance level, for comparison
+        start_eval = _evaluate(model, tokenizer, data, t, processes)
+        if processes.main:
+            _log_evaluation(metrics, log, 0, start_eval, {})
     show = (sys.stderr.isatty() if progress is None else progress) and processes.main
     bar = _progress(total_steps, start_step, show)
     model.train()
@@ -455,13 +458,13 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
                     metrics.log(record)
                     if bar is None:
                         log(f"step {done}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
-                if t.eval_every and (data.eval or data.retain) and (done % t.eval_every == 0 or done == total_steps) \
-                        and processes.main:
-                    result = _evaluate(model, tokenizer, data, t) if data.eval else None
+                if t.eval_every and (data.eval or data.retain) and (done % t.eval_every == 0 or done == total_steps):
+                    result = _evaluate(model, tokenizer, data, t, processes) if data.eval else None
                     last_eval_step = done
-                    _log_evaluation(metrics, log, done, result, _retention(model, tokenizer, data, state, t))
-                    if result is not None:
-                        _keep_best(trained, tokenizer, run_dir, config, state, result, done, data.labels)
+                    if processes.main:
+                        _log_evaluation(metrics, log, done, result, _retention(model, tokenizer, data, state, t))
+                        if result is not None:
+                            _keep_best(trained, tokenizer, run_dir, config, state, result, done, data.labels)
                 if done % t.save_every == 0 and done < total_steps and processes.main:
                     save_checkpoint(run_dir, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
     except KeyboardInterrupt:
@@ -476,15 +479,16 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
             bar.stop()
         metrics.close()
 
+    final_eval = None
+    if (data.eval or data.retain) and last_eval_step != total_steps:
+        final_eval = _evaluate(model, tokenizer, data, t, processes) if data.eval else None
     if not processes.main:
-        distributed.barrier(processes)  # rank 0 evaluates and writes the run; the others wait for it
+        distributed.barrier(processes)  # rank 0 writes the run; the others wait for it
         return {}
     save_checkpoint(run_dir, total_steps, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
     base_name = _base_name(model, config)
     save_trained(trained, tokenizer, run_dir / trained.output_name, base_name, data.labels)
-    final_eval = None
     if (data.eval or data.retain) and last_eval_step != total_steps:
-        final_eval = _evaluate(model, tokenizer, data, t) if data.eval else None
         _log_evaluation(metrics, log, total_steps, final_eval, _retention(model, tokenizer, data, state, t))
         if t.best_metric and final_eval is not None:
             _keep_best(trained, tokenizer, run_dir, config, state, final_eval, total_steps, data.labels)
@@ -558,11 +562,35 @@ def _targets(batch: dict, classifier: bool) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
-def _evaluate(model, tokenizer, data: RunData, t) -> EvalResult:
+def _evaluate(model, tokenizer, data: RunData, t, processes: Processes = Processes()) -> EvalResult | None:
+    """The evaluation of the run's model. Across processes each evaluates every N-th row and rank 0 combines
+    them (sums of losses and matches, or all outputs for a classifier's metrics); the others get None."""
+    rank, world = processes.rank, processes.world
     if data.labels is not None:
-        return evaluate_classification(model, data.eval, data.labels, tokenizer.pad_token_id, t.eval_batch_size)
-    return evaluate(model, tokenizer, data.eval, data.eval_examples, batch_size=t.eval_batch_size,
-                    max_new_tokens=t.eval_max_new_tokens, with_exact_match=t.exact_match)
+        rows = data.eval[rank::world]
+        logits = classifier_logits(model, rows, tokenizer.pad_token_id, t.eval_batch_size)
+        parts = distributed.gathered(processes, (list(logits), rows))
+        if not processes.main:
+            return None
+        every = [(logit, row) for part_logits, part_rows in parts for logit, row in zip(part_logits, part_rows)]
+        logits_all = [logit for logit, _ in every]
+        return classification_result(logits_all if data.labels.token else torch.stack(logits_all),
+                                     [row for _, row in every], data.labels)
+    result = evaluate(model, tokenizer, data.eval[rank::world], data.eval_examples[rank::world],
+                      batch_size=t.eval_batch_size, max_new_tokens=t.eval_max_new_tokens, with_exact_match=t.exact_match)
+    if not processes.active:
+        return result
+    matches = None if result.exact_match is None else result.exact_match * len(result.references)
+    loss_sum = result.loss * result.n_tokens if result.n_tokens else 0.0  # (a share with no rows has a NaN mean)
+    parts = distributed.gathered(processes, (loss_sum, result.n_tokens, result.n, matches,
+                                             len(result.references)))
+    if not processes.main:
+        return None
+    loss_sum, n_tokens, n, match_sum, references = (sum(p[i] or 0 for p in parts) for i in range(5))
+    loss = loss_sum / n_tokens if n_tokens else float("nan")
+    exact = match_sum / references if references and any(p[3] is not None for p in parts) else None
+    return EvalResult(loss=loss, perplexity=math.exp(loss) if loss < 50 else float("inf"), n=n, n_tokens=n_tokens,
+                      exact_match=exact)
 
 
 def _retention(model, tokenizer, data: RunData, state: dict, t) -> dict:
