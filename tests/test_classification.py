@@ -238,21 +238,32 @@ def perturb(model, seed: int = 7) -> None:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
-def test_a_loratune_classifier_adapter_loads_in_peft_with_the_same_logits(kind, tmp_path):
-    from transformers import AutoTokenizer
+def assert_peft_gives_our_logits(directory, space: LabelSpace, tmp_path, check_config=None) -> None:
+    """A perturbed ('trained') loratune classifier adapter on the encoder at ``directory``, saved and loaded by
+    PEFT onto the same transformers class: the same logits. ``check_config`` sees the LoRA config first."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
-    directory = tiny_encoder_dir(tmp_path / kind, kind)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     torch.manual_seed(0)
-    model, _ = load_classifier(directory, SPACE, dtype="fp32")
-    loratune.add_adapter(model, classification_lora(loratune.LoraConfig(r=4, lora_alpha=8), model))
+    model, _ = load_classifier(directory, space, dtype="fp32")
+    config = classification_lora(loratune.LoraConfig(r=4, lora_alpha=8), model, token=space.token)
+    if check_config is not None:
+        check_config(config)
+    loratune.add_adapter(model, config)
     perturb(model)
     expected = logits(model, tokenizer)
     loratune.save_adapter(model, tmp_path / "adapter")
-    loaded = peft.PeftModel.from_pretrained(classifier(directory), str(tmp_path / "adapter")).eval()
-    assert (logits(classifier(directory), tokenizer) - expected).abs().max() > 1e-2
+    auto = AutoModelForTokenClassification if space.token else AutoModelForSequenceClassification
+    torch.manual_seed(3)
+    base = auto.from_pretrained(directory, num_labels=space.num_labels).eval()
+    assert (logits(base, tokenizer) - expected).abs().max() > 1e-2
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     torch.testing.assert_close(logits(loaded, tokenizer), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_a_loratune_classifier_adapter_loads_in_peft_with_the_same_logits(kind, tmp_path):
+    assert_peft_gives_our_logits(tiny_encoder_dir(tmp_path / kind, kind), SPACE, tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
@@ -376,20 +387,8 @@ def test_a_token_classification_run_tags_words_and_reports_entity_f1(workspace, 
 
 
 def test_a_loratune_token_classifier_adapter_loads_in_peft_with_the_same_logits(tmp_path):
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-
-    directory = tiny_encoder_dir(tmp_path / "bert")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
     space = LabelSpace(("O", "B-LOC", "I-LOC"), token=True)
-    model, _ = load_classifier(directory, space, dtype="fp32")
-    loratune.add_adapter(model, classification_lora(loratune.LoraConfig(r=4, lora_alpha=8), model, token=True))
-    perturb(model)
-    expected = logits(model, tokenizer)
-    loratune.save_adapter(model, tmp_path / "adapter")
-    torch.manual_seed(3)
-    base = AutoModelForTokenClassification.from_pretrained(directory, num_labels=3).eval()
-    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
-    torch.testing.assert_close(logits(loaded, tokenizer), expected, atol=ATOL, rtol=0)
+    assert_peft_gives_our_logits(tiny_encoder_dir(tmp_path / "bert"), space, tmp_path)
 
 
 @pytest.mark.parametrize("kind, targets, head", [
@@ -398,21 +397,11 @@ def test_a_loratune_token_classifier_adapter_loads_in_peft_with_the_same_logits(
     ("modernbert", ["Wqkv"], ["classifier", "head"]),
 ])
 def test_other_encoders_get_their_query_value_targets_and_a_fully_trained_new_head(kind, targets, head, tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def check(config):
+        assert sorted(config.target_modules) == targets
+        assert config.modules_to_save == head  # the head's modules the checkpoint lacked
 
-    directory = tiny_encoder_dir(tmp_path / kind, kind)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model, _ = load_classifier(directory, SPACE, dtype="fp32")
-    config = classification_lora(loratune.LoraConfig(r=4, lora_alpha=8), model)
-    assert sorted(config.target_modules) == targets and config.modules_to_save == head  # the modules the checkpoint lacked
-    loratune.add_adapter(model, config)
-    perturb(model)
-    expected = logits(model, tokenizer)
-    loratune.save_adapter(model, tmp_path / "adapter")
-    torch.manual_seed(3)
-    base = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=3).eval()
-    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
-    torch.testing.assert_close(logits(loaded, tokenizer), expected, atol=ATOL, rtol=0)
+    assert_peft_gives_our_logits(tiny_encoder_dir(tmp_path / kind, kind), SPACE, tmp_path, check)
 
 
 def test_merge_writes_a_classifier_with_its_labels_that_gives_the_adapter_s_predictions(trained, workspace, capsys):
