@@ -1,7 +1,9 @@
 """The training loop: config → model + adapter + data → optimizer steps → run directory.
 
 One optimizer step = ``grad_accum`` micro-batches; the loss is the sum of token losses divided by the
-number of target tokens across all of them (so long and short micro-batches weigh by their tokens).
+number of target tokens across all of them (so long and short micro-batches weigh by their tokens) — for a
+classifier, of its rows' (or labelled sub-tokens') losses — and, across processes (``train.distributed``),
+across all processes' shares of the global micro-batches.
 The batch order is a pure function of (seed, epoch), the learning rate of the step, and every other piece
 of state is in the checkpoint, so ``resume`` continues bit-identically on CPU.
 """
