@@ -32,13 +32,13 @@ def run_row(run: PlannedRun) -> dict[str, Any] | None:
         return None
     summary = json.loads(summary_file.read_text())
     evaluation = summary.get("eval") or {}
-    full = summary.get("method") == "full"
+    lora_run = summary.get("method", "lora") == "lora"  # r and target_modules describe a LoRA run only
     lora = run.config.lora
     row = {"run": run.name, **{key: _cell(value) for key, value in run.settings.items()}}
     row.update({
         "method": summary.get("method", "lora"),
-        "r": None if full else lora.r,
-        "target_modules": None if full else _cell(lora.target_modules),
+        "r": lora.r if lora_run else None,
+        "target_modules": _cell(lora.target_modules) if lora_run else None,
         "trainable_params": summary.get("trainable_params"),
         "adapter_mb": round(summary["adapter_bytes"] / 2**20, 3) if summary.get("adapter_bytes") else None,
         "train_seconds": summary.get("train_seconds"),
