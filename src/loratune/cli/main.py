@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _mix_and_compress_verbs(verb) -> None:
+    from loratune.adapters.convert import CONVERT_FORMATS
     from loratune.adapters.mix import METHOD_DEFINITIONS, METHODS
 
     p = verb("mix", "combine adapters of one base into one adapter (weighted sum, SVD, linear, TIES, DARE)",
@@ -234,7 +235,7 @@ def _mix_and_compress_verbs(verb) -> None:
              "needs the model's module names: --model is a diffusers pipeline directory (model_index.json, unet/, "
              "text_encoder/), a UNet directory or its config.json; only configs are read, no weights.")
     p.add_argument("source", metavar="FILE_OR_DIR", help="a kohya or diffusers .safetensors file, or a PEFT adapter directory")
-    p.add_argument("--to", required=True, choices=("peft", "kohya", "diffusers"), help="the format to write")
+    p.add_argument("--to", required=True, choices=CONVERT_FORMATS, help="the format to write")
     p.add_argument("--model", "-m", metavar="DIFFUSERS_DIR", help="the model a kohya file is for (to read its names)")
     p.add_argument("--out", required=True, metavar="OUT",
                    help="directory (--to peft) or FILE.safetensors (--to kohya, --to diffusers)")

@@ -120,7 +120,9 @@ def add_adapter_output(parser, default_format: str) -> None:
     (``default_format`` says, in the help, which format it writes unless told)."""
     parser.add_argument("--out", required=True, metavar="OUT",
                         help="directory for a PEFT adapter, FILE.safetensors for a kohya file")
-    parser.add_argument("--format", choices=("peft", "kohya"), default=None,
+    from loratune.adapters.convert import FORMATS
+
+    parser.add_argument("--format", choices=FORMATS, default=None,
                         help=f"format of the result (default: {default_format})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing OUT that loratune wrote (see OVERWRITE)")
