@@ -58,7 +58,7 @@ def classifier_labels(args, model_name: str):
     spaces = {space for space in found.values() if space is not None}
     if len(spaces) > 1:
         raise ConfigError("the adapters are classifiers with different labels; give adapters of one task")
-    if spaces and len(spaces) == 1 and None in found.values():
+    if spaces and None in found.values():
         plain = next(path for path, space in found.items() if space is None)
         raise ConfigError(f"adapter {plain} has no labels.json but the others are classifiers; give adapters of one task")
     if spaces:

@@ -158,9 +158,8 @@ class LoraConv(LoraLayer):
         kernel = tuple(self.base_layer.kernel_size)
         return (r, self.in_features, *kernel), (self.out_features, r, *(1,) * len(kernel))
 
-    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        weight = self.base_weight.flatten(1)
-        return weight if dtype is None or weight.dtype == dtype else weight.to(dtype)
+    def matrix_layout(self, weight):
+        return weight.flatten(1)
 
     def weight_layout(self, delta):
         return delta.reshape(self.base_weight.shape)

@@ -83,6 +83,10 @@ class LoraLayer(nn.Module):
         """``delta`` (out × in) laid out like the base weight."""
         return delta
 
+    def matrix_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight as out × in (for the transposed kinds ``weight_layout`` is its own inverse)."""
+        return self.weight_layout(weight)
+
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes of A and B for rank ``r`` (PEFT's: r × in and out × r)."""
         return (r, self.in_features), (self.out_features, r)
@@ -101,7 +105,7 @@ class LoraLayer(nn.Module):
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The base weight as out × in, in ``dtype`` (default: the weight's own)."""
-        weight = self.weight_layout(self.base_weight)
+        weight = self.matrix_layout(self.base_weight)
         return weight if dtype is None or weight.dtype == dtype else weight.to(dtype)
 
     def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:

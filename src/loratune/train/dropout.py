@@ -40,8 +40,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the mask drawn by the compiled kernel where it can take ``x``."""
     if not training or p == 0.0:
         return x
-    if 0.0 < p < 1.0 and x.device.type == "cpu" and x.is_contiguous() and fused_cpu.kernel_available() \
-            and x.dtype in (torch.float32, torch.bfloat16):
+    if 0.0 < p < 1.0 and fused_cpu.dropout_fits(x):
         return _KernelDropout.apply(x, p, _seed())
     return F.dropout(x, p, training)
 
@@ -60,8 +59,9 @@ def attention(module: nn.Module, query, key, value, attention_mask, dropout: flo
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    plain = (dropout > 0.0 and module.training and query.device.type == "cpu" and fused_cpu.kernel_available()
-             and query.dtype in (torch.float32, torch.bfloat16) and not (causal and attention_mask is None)
+    kernel_takes = fused_cpu.dropout_fits(query.new_empty(0))  # the probabilities' device and dtype (made contiguous)
+    plain = (dropout > 0.0 and module.training and kernel_takes
+             and not (causal and attention_mask is None)
              and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
              and getattr(module, "num_key_value_groups", 1) == 1)
     if not plain:

@@ -118,6 +118,12 @@ def rms_norm_backward(
     return grad_x
 
 
+def dropout_fits(x: torch.Tensor) -> bool:
+    """Whether ``dropout`` can take ``x`` (the kernel is built and on, ``x`` is a contiguous CPU tensor in bf16
+    or float32)."""
+    return _fits(x)
+
+
 def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
     """``x`` with each element zeroed with probability ``p`` and the rest scaled by 1/(1 − p), the mask a pure
     function of (``seed``, element index): the same ``seed`` on a tensor of the same size gives the same mask
