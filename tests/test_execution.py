@@ -181,6 +181,21 @@ def test_the_fused_path_keeps_no_copy_of_the_base_weight():
     assert sum(t.numel() for t in saved if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()) < x.numel()
 
 
+@pytest.mark.parametrize("positions", [1, 40])  # the kernel's few rows, and the plain products
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_layer_rerouted_batch_after_batch_equals_the_reference(kind, variant, positions):
+    """A server's batches: the same layer sees routing after routing (rows join, leave, mix at weights)."""
+    layer = make_layer(kind, torch.float32, variant)
+    routings = [("b", "__base__", "a", "b"), ("a", "b", "b"), ("b", "a"), ((("a", 0.5), ("b", 2.0)), "b", ()),
+                ("b", "b", "a", "__base__", "a"), ("b", "__base__", "a", "b")]
+    for names in routings:
+        layer.set_routing(Routing(names))
+        x = make_input(kind, torch.float32, len(names), positions)
+        with torch.no_grad():
+            assert relative(layer(x), layer.reference_forward(x)) <= TOLERANCE[torch.float32], names
+
+
 def test_a_batch_that_does_not_fit_the_routing_is_one_clear_error():
     from loratune.errors import ConfigError
 

@@ -7,6 +7,7 @@ from tiny_models import tiny_gpt2, tiny_llama, token_batch
 import loratune
 from loratune import LoraConfig
 from loratune.adapters import BASE_ADAPTER, adapter_slots, lora_layers, mixed_batch
+from loratune.adapters.surgery import adapter_strength
 from loratune.errors import ConfigError
 from loratune.train.generation import generate_greedy
 
@@ -281,3 +282,56 @@ def test_mixed_batch_refuses_a_pissa_adapter():
     loratune.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"), "p")
     with pytest.raises(ConfigError, match="PiSSA"):
         model(token_batch(batch=2), adapter_names=["p", BASE_ADAPTER])
+
+
+MIXES = [(("a", 0.5), ("b", -0.3)), (), (("b", 1.0),), (("a", 2.0),), (("b", 0.25), ("a", 1.0)), "a"]
+
+
+def rows_with_strengths(model, ids, mixes):
+    """The reference for mixed rows: the whole batch once per mix, its adapters active at strength × weight."""
+    strengths = {name: adapter_strength(model, name) for name in ("a", "b")}
+    rows = []
+    for index, mix in enumerate(mixes):
+        pairs = ((mix, 1.0),) if isinstance(mix, str) else mix
+        with torch.no_grad():
+            if not pairs:
+                with loratune.disabled_adapters(model):
+                    rows.append(model(ids).logits[index])
+                continue
+            loratune.set_active(model, [n for n, _ in pairs], [strengths[n] * w for n, w in pairs])
+            rows.append(model(ids).logits[index])
+    loratune.set_active(model, list(strengths), list(strengths.values()))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("rows_per_batch", [1, 40])  # few rows (the no-grad kernel's size) and many
+def test_rows_that_mix_adapters_at_weights_equal_those_adapters_active_together(dora, rows_per_batch):
+    model = tiny_llama()
+    loratune.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=dora), "a")
+    loratune.add_adapter(model, LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"), "b")
+    randomize_b(model, "a", 1)
+    randomize_b(model, "b", 2)
+    loratune.set_strength(model, "b", 0.7)
+    ids = token_batch(batch=len(MIXES), length=rows_per_batch)
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=MIXES).logits
+    reference = rows_with_strengths(model, ids, MIXES)
+    torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
+    loratune.set_active(model, [])
+    with torch.no_grad():
+        bare = model(ids).logits
+    assert torch.equal(mixed[1], bare[1]) and not torch.allclose(mixed[0], bare[0])
+    for _, layer in lora_layers(model):  # the reference path computes the same rows
+        layer.fast_paths = False
+    with torch.no_grad():
+        slow = model(ids, adapter_names=MIXES).logits
+    torch.testing.assert_close(slow, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_cannot_mix_two_adapters_that_replace_the_same_module():
+    model = tiny_llama(tie=False)
+    loratune.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), "x")
+    loratune.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), "y")
+    with pytest.raises(ConfigError, match="modules_to_save"), torch.no_grad():
+        model(token_batch(batch=2), adapter_names=[(("x", 1.0), ("y", 1.0)), "x"])

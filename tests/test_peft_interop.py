@@ -412,6 +412,25 @@ def test_peft_pissa_adapter_converted_on_save_loads_in_loratune_on_the_original_
 
 
 @by_id(PEFT_CONVERTIBLE_PISSA_CASES)
+def test_a_peft_pissa_adapter_with_its_residual_loads_as_plain_lora_on_the_untouched_base(case, input_ids, tmp_path):
+    source = peft_model(case, init_lora_weights="pissa")
+    expected = logits(source, input_ids)
+    source.save_pretrained(tmp_path)  # A, B of the residual start: the base must be split again to use them
+    model = case.build(0)
+    base_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    loratune.load_adapter(model, tmp_path, name="p", as_plain=True)
+    assert_same_logits(logits(model, input_ids), expected)
+    layers = dict(loratune.adapters.lora_layers(model))
+    assert layers and not any(layer.pissa for layer in layers.values())
+    residual = case.build(0)
+    loratune.load_adapter(residual, tmp_path, name="p")
+    ranks = {path: layer.lora_A["p"].shape[0] for path, layer in loratune.adapters.lora_layers(residual)}
+    assert {path: layer.lora_A["p"].shape[0] for path, layer in layers.items()} == {p: 2 * r for p, r in ranks.items()}
+    loratune.delete_adapter(model, "p")
+    assert all(torch.equal(v, base_weights[k]) for k, v in model.state_dict().items())
+
+
+@by_id(PEFT_CONVERTIBLE_PISSA_CASES)
 def test_loratune_pissa_save_writes_the_same_keys_shapes_and_config_as_peft_conversion(case, tmp_path):
     source = peft_model(case, trained=False, init_lora_weights="pissa")
     source.save_pretrained(tmp_path / "pissa_init")

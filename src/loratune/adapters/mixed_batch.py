@@ -37,7 +37,8 @@ def routing_for(adapter_names: tuple[str, ...]) -> Routing:
 def _check_names(adapter_names: Sequence[str], known: list[str], layers: list[tuple[str, nn.Module]]) -> None:
     if isinstance(adapter_names, str) or not len(adapter_names):
         raise ConfigError(f"{ADAPTER_NAMES_KWARG} must be a list with one adapter name per row, got {adapter_names!r}")
-    for name in dict.fromkeys(adapter_names):
+    named = (n for entry in adapter_names for n in ((entry,) if isinstance(entry, str) else (n for n, _ in entry)))
+    for name in dict.fromkeys(named):
         if name != BASE_ADAPTER and name not in known:
             choices = [*known, BASE_ADAPTER]
             hint = closest(str(name), choices)
@@ -61,7 +62,8 @@ def _check_names(adapter_names: Sequence[str], known: list[str], layers: list[tu
 def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     """Inside the ``with`` block, row ``i`` of every batch given to ``model`` runs with adapter
     ``adapter_names[i]`` (at its current strength) or with none for ``"__base__"``; every layer is back in
-    the state it had afterwards.
+    the state it had afterwards. An entry may also be a mix, a tuple of ``(name, weight)`` pairs: that row runs
+    each adapter at its strength times the weight (see ``layers.Routing``).
 
     Raises ``ConfigError`` for an unknown name (suggesting the closest), merged adapters or a PiSSA adapter.
     A batch whose size differs from ``len(adapter_names)`` raises ``ConfigError`` when it reaches a layer.

@@ -9,6 +9,7 @@ import copy
 
 from torch import nn
 
+from loratune.errors import ConfigError
 from loratune.layers import Routing
 
 
@@ -45,7 +46,12 @@ class ModulesToSaveWrapper(nn.Module):
         """Each group of rows (dim 0 of ``x``) through its adapter's copy, or the original for the others."""
         self.routing.check_rows(x.shape[0])
         rows_of = self.routing.rows(x.device)
-        groups = [(self.copies[name], rows) for name, rows in rows_of.items() if name in self.copies]
+        groups = [(self.copies[name], rows) for name, (rows, _) in rows_of.items() if name in self.copies]
+        if len(groups) > 1:
+            taken = [set(indices) for name, indices in self.routing.groups if name in self.copies]
+            if len(set().union(*taken)) < sum(map(len, taken)):
+                raise ConfigError("a row mixes two adapters that each replace this whole module (modules_to_save); "
+                                  "such adapters cannot be mixed on one row")
         if len(groups) == 1 and groups[0][1] is None:
             return groups[0][0](x, *args, **kwargs)
         result = self.original_module(x, *args, **kwargs)

@@ -26,7 +26,7 @@ from loratune.adapters.kohya import component_part, components_in, is_kohya_path
 from loratune.adapters.peft_keys import factor_keys, magnitude_key, module_key
 from loratune.adapters.registry import active_adapters, adapters_of, get_entry, lora_layers, saved_modules
 from loratune.adapters.surgery import delete_adapter, inject_adapter, set_active, set_strength
-from loratune.adapters.targets import portable_target_modules
+from loratune.adapters.targets import find_targets, portable_target_modules
 from loratune.errors import AdapterLoadError, ConfigError
 from loratune.files import (
     MANIFEST_NAME,
@@ -39,7 +39,7 @@ from loratune.files import (
     write_output_dir,
     writing,
 )
-from loratune.layers import UNINITIALISED
+from loratune.layers import UNINITIALISED, LoraLayer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -284,6 +284,7 @@ def load_adapter(
     trainable: bool = False,
     dtype: torch.dtype = torch.float32,
     component: str | None = None,
+    as_plain: bool = False,
 ) -> str:
     """Load the adapter at ``path`` into ``model`` as ``name`` and add it to the active adapters: a PEFT
     adapter directory, or a kohya ``.safetensors`` file (image-model LoRA; see ``adapters.kohya``).
@@ -294,6 +295,9 @@ def load_adapter(
     ``"text_encoder_2"``) says which one ``model`` is; by default the one whose module names ``model`` has.
     Raises ``AdapterLoadError`` when a tensor finds no module, a module gets no tensor, or a shape differs
     (the model is left as it was). Warns when the adapter was trained on a differently named base model.
+    ``as_plain``: an adapter saved from a PiSSA or OLoRA start with its residual (PEFT's default) is loaded as
+    the ordinary LoRA it amounts to on the unmodified base (rank 2r), so the base weights stay shared (mixed
+    batches, a server).
     """
     source = Path(path)
     if is_kohya_path(source):
@@ -304,6 +308,9 @@ def load_adapter(
         name = _free_name(model, source)
     # The file fills every factor (checked strictly), except that a PiSSA adapter must rebuild its residual base.
     init = config.init_lora_weights if config.init_lora_weights in ("pissa", "olora") else UNINITIALISED
+    plain = as_plain and init is not UNINITIALISED
+    # the start rewrites the targets' weights; converting gives them back only up to rounding, so keep them
+    originals = {path: _base_weight(module).detach().clone() for path, module in find_targets(model, config)} if plain else {}
     try:
         inject_adapter(model, config, name, dtype=dtype, init=init)
     except ConfigError as exc:
@@ -313,6 +320,14 @@ def load_adapter(
     except AdapterLoadError:
         delete_adapter(model, name)
         raise
+    if plain:
+        tensors, config = adapter_tensors(model, name)
+        delete_adapter(model, name)
+        with torch.no_grad():
+            for path, weight in originals.items():
+                _base_weight(model.get_submodule(path)).copy_(weight)
+        inject_adapter(model, config, name, dtype=dtype, init=UNINITIALISED)
+        _copy_into_slots(model, name, tensors, source)
     for param in (p for _, p in adapter_slots(model, name)):
         param.requires_grad_(trainable)
     set_strength(model, name, scale)
@@ -321,6 +336,10 @@ def load_adapter(
     if ours and theirs and ours != theirs and not is_kohya_path(source):
         warnings.warn(f"adapter {source} was trained on {theirs!r}, this model is {ours!r}", stacklevel=2)
     return name
+
+
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    return module.base_weight if isinstance(module, LoraLayer) else module.weight
 
 
 def _kohya_for(model: nn.Module, path: Path, component: str | None) -> tuple[LoraConfig, dict[str, torch.Tensor]]:

@@ -11,11 +11,12 @@ import warnings
 from pathlib import Path
 
 from loratune.cli.experiments import run_sweep
+from loratune.cli.options import base_model_for
 from loratune.cli.rank_tools import run_compare, run_extract, run_rank, run_resize
+from loratune.cli.serve import run_serve
 from loratune.errors import ConfigError
 
 DEFAULT_EVAL_MAX_LENGTH = 512
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def _console():
@@ -25,12 +26,12 @@ def _console():
 
 
 def _load(args):
-    """The model ``--model`` names (see ``_base_model``) with ``args.adapter`` loaded at their strengths."""
+    """The model ``--model`` names (see ``base_model_for``) with ``args.adapter`` loaded at their strengths."""
     from loratune.adapters import load_adapter
     from loratune.models.loader import load_model, resolve_model_dir
     from loratune.models.quantized import stored_in_4bit
 
-    name = _base_model(args)
+    name = base_model_for(args)
     labels = classifier_labels(args, name)
     if labels is not None:
         from loratune.models.loader import load_classifier
@@ -64,36 +65,6 @@ def classifier_labels(args, model_name: str):
     if spaces:
         return spaces.pop()
     return read_labels(model_name) if Path(model_name).is_dir() else None
-
-
-def _base_model(args, adapters=None) -> str:
-    """``--model`` when given; else the base the adapters record (the alias of a built-in model); with no
-    adapter either, the built-in model. Every adapter's config is read, so a wrong path fails before any
-    model loads. Raises ``ConfigError`` when the adapters record different bases or none."""
-    from loratune.adapters import read_adapter_config
-    from loratune.errors import ModelNotFoundError
-    from loratune.models.base_config import model_name_for
-    from loratune.models.loader import resolve_model_dir
-
-    paths = [path for path, _ in args.adapter] if adapters is None else list(adapters)
-    recorded = {str(path): read_adapter_config(path).base_model_name_or_path for path in paths}
-    if args.model:
-        return args.model
-    if not paths:
-        return DEFAULT_MODEL
-    names = set(recorded.values())
-    if None in names:
-        missing = next(path for path, name in recorded.items() if name is None)
-        raise ConfigError(f"adapter {missing} records no base model; pass --model M")
-    if len(names) > 1:
-        listed = ", ".join(f"{path}: {name}" for path, name in recorded.items())
-        raise ConfigError(f"the adapters record different base models ({listed}); pass --model M")
-    name = model_name_for(names.pop())
-    try:
-        resolve_model_dir(name)
-    except ModelNotFoundError as exc:
-        raise ModelNotFoundError(f"base model recorded in the adapter: {exc}; pass --model M") from None
-    return name
 
 
 # --- train / data -------------------------------------------------------------------------------------
@@ -440,7 +411,7 @@ def run_merge(args) -> int:
 
     if any(is_intrinsic_dir(path) for path, _ in args.adapter):
         return _merge_intrinsic(args)
-    model = _base_model(args)
+    model = base_model_for(args)
     labels = classifier_labels(args, model)
     extras = {"labels.json": json.dumps(labels.to_json(), indent=2) + "\n"} if labels is not None else None
     result = merge_to_directory(model, args.adapter, args.out, out_dtype=args.out_dtype, quantize=args.quantize,
@@ -522,7 +493,7 @@ def run_export_gguf(args) -> int:
 
     out = Path(args.out)
     check_output_file(out, overwrite=args.overwrite, ours=written_by_loratune)
-    base_config = base_model_config(_base_model(args, adapters=[args.adapter]))
+    base_config = base_model_config(base_model_for(args, adapters=[args.adapter]))
     lora = export_gguf(args.adapter, out, base_config, dtype=args.dtype, scale=args.scale)
     folded = f", scaling folded into lora_b for {len(lora.folded)} modules" if lora.folded else ""
     print(f"wrote {out}: {len(lora.tensors) // 2} LoRA pairs, alpha {lora.alpha:g}, {args.dtype}{folded}")
@@ -571,5 +542,5 @@ def run_convert(args) -> int:
 
 __all__ = [
     "run_compare", "run_compress", "run_convert", "run_data", "run_eval", "run_export_gguf", "run_extract", "run_generate",
-    "run_inspect", "run_merge", "run_mix", "run_predict", "run_rank", "run_resize", "run_sweep", "run_train",
+    "run_inspect", "run_merge", "run_mix", "run_predict", "run_rank", "run_resize", "run_serve", "run_sweep", "run_train",
 ]

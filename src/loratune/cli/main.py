@@ -28,6 +28,7 @@ from loratune.cli.options import (
     temperature,
 )
 from loratune.cli.rank_tools import add_rank_verbs
+from loratune.cli.serve import add_serve_verb
 from loratune.data.formats import FORMATS
 from loratune.errors import LoratuneError
 
@@ -53,12 +54,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _model_options(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+def _model_options(parser: argparse.ArgumentParser, dtype: bool = True, adapters: bool = True) -> None:
     parser.add_argument("--model", "-m", default=None, metavar="M",
                         help="base model: alias, .gguf or HF directory (default: the base recorded in the adapter; "
                              "without an adapter, smollm2-135m)")
-    parser.add_argument("--adapter", "-a", action="append", default=[], type=adapter_spec, metavar="DIR[:SCALE]",
-                        help="adapter directory (PEFT format) with an optional strength; repeatable")
+    if adapters:
+        parser.add_argument("--adapter", "-a", action="append", default=[], type=adapter_spec, metavar="DIR[:SCALE]",
+                            help="adapter directory (PEFT format) with an optional strength; repeatable")
     if dtype:
         parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, metavar="DTYPE",
                             help="auto (bf16 where supported), bf16, fp16 or fp32")
@@ -194,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _mix_and_compress_verbs(verb)
     add_rank_verbs(verb)
     add_sweep_verb(verb)
+    add_serve_verb(verb, _model_options)
 
     p = verb("inspect", "describe an adapter: base model, rank, targets, parameters, size",
              "Describe a PEFT adapter directory or a kohya .safetensors file (image-model LoRA: its components, "

@@ -126,3 +126,37 @@ def add_adapter_output(parser, default_format: str) -> None:
                         help=f"format of the result (default: {default_format})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing OUT that loratune wrote (see OVERWRITE)")
+
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def base_model_for(args, adapters=None) -> str:
+    """``--model`` when given; else the base the adapters record (the alias of a built-in model); with no
+    adapter either, the built-in model. Every adapter's config is read, so a wrong path fails before any
+    model loads. Raises ``ConfigError`` when the adapters record different bases or none."""
+    from loratune.adapters import read_adapter_config
+    from loratune.errors import ConfigError
+    from loratune.errors import ModelNotFoundError
+    from loratune.models.base_config import model_name_for
+    from loratune.models.loader import resolve_model_dir
+
+    paths = [path for path, _ in args.adapter] if adapters is None else list(adapters)
+    recorded = {str(path): read_adapter_config(path).base_model_name_or_path for path in paths}
+    if args.model:
+        return args.model
+    if not paths:
+        return DEFAULT_MODEL
+    names = set(recorded.values())
+    if None in names:
+        missing = next(path for path, name in recorded.items() if name is None)
+        raise ConfigError(f"adapter {missing} records no base model; pass --model M")
+    if len(names) > 1:
+        listed = ", ".join(f"{path}: {name}" for path, name in recorded.items())
+        raise ConfigError(f"the adapters record different base models ({listed}); pass --model M")
+    name = model_name_for(names.pop())
+    try:
+        resolve_model_dir(name)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"base model recorded in the adapter: {exc}; pass --model M") from None
+    return name

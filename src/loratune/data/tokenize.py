@@ -262,8 +262,8 @@ def _assistant_span(full: list[int], before: list[int], through: list[int], inde
 def prompt_ids(example: Example, tokenizer) -> list[int]:
     """Return the token ids a model is given to generate this example's answer, formatted as in training.
 
-    Chat: every turn before the final assistant turn (all turns if there is none) plus the template's
-    generation prompt. Prompt/completion: ``[BOS] + prompt``. Raises ``DataError`` for a text row (it has no
+    Chat: every turn before the answer — the last turn when it is the assistant's (an evaluation row), else
+    nothing (a conversation to continue) — plus the template's generation prompt. Prompt/completion: ``[BOS] + prompt``. Raises ``DataError`` for a text row (it has no
     prompt), a chat with nothing before its assistant turn, or a tokenizer without a chat template.
     """
     if example.kind == "text":
@@ -271,8 +271,8 @@ def prompt_ids(example: Example, tokenizer) -> list[int]:
     if example.kind == "prompt_completion":
         return _tokenizer_facts(tokenizer).leading_ids + encode_texts(tokenizer, [example.prompt])[0]
     _require_chat_template(tokenizer, example.location)
-    assistant = _assistant_indices(example.messages)
-    before = example.messages[: assistant[-1]] if assistant else example.messages
+    answered = example.messages[-1]["role"] == "assistant"
+    before = example.messages[:-1] if answered else example.messages
     if not before:
         raise DataError(f"{example.location}: nothing precedes the assistant turn to use as a prompt")
     text = _render_chats(tokenizer, [before], True, [example.location])[0]
@@ -280,10 +280,11 @@ def prompt_ids(example: Example, tokenizer) -> list[int]:
 
 
 def reference(example: Example) -> str | None:
-    """Return the expected answer: the final assistant turn's content, the completion, or None (text rows)."""
+    """Return the expected answer: the last turn's content when it is the assistant's, the completion, or None
+    (text rows, chats that end with another turn)."""
     if example.kind == "chat":
-        assistant = _assistant_indices(example.messages)
-        return example.messages[assistant[-1]]["content"] if assistant else None
+        last = example.messages[-1]
+        return last["content"] if last["role"] == "assistant" else None
     if example.kind == "prompt_completion":
         return example.completion
     return None

@@ -124,7 +124,8 @@ def stacked_factors(terms, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
 
 
 def row_mask(terms, n_rows: int, dtype: torch.dtype, device) -> torch.Tensor | None:
-    """0/1 (n_rows × Σr): row i keeps the blocks of the terms that act on it; None when every term has all rows."""
+    """n_rows × Σr: row i keeps the blocks of the terms that act on it, at the term's weight for that row (1
+    unless a mix says otherwise), the others are 0; None when every term has all rows."""
     if all(t.rows is None for t in terms):
         return None
     mask = torch.zeros(n_rows, sum(t.A.shape[0] for t in terms), dtype=dtype, device=device)
@@ -133,8 +134,10 @@ def row_mask(terms, n_rows: int, dtype: torch.dtype, device) -> torch.Tensor | N
         block = slice(offset, offset + term.A.shape[0])
         if term.rows is None:
             mask[:, block] = 1
-        else:
+        elif term.row_weights is None:
             mask[term.rows.to(device), block] = 1
+        else:
+            mask[term.rows.to(device), block] = term.row_weights.to(device=device, dtype=dtype)[:, None]
         offset += term.A.shape[0]
     return mask
 
@@ -168,7 +171,8 @@ def _kept_plan(layer, x: torch.Tensor, few: bool) -> Plan:
     key = (few, layer.state)
     plan = kept.pop(key, None)
     if plan is None or not plan.fits(layer, x):
-        plan = Plan.build(layer, x, few)
+        previous = layer.execution_cache.get(few)
+        plan = (previous is not None and previous.rerouted(layer, x)) or Plan.build(layer, x, few)
     kept[key] = plan  # most recent last
     while len(kept) > KEPT_PLANS:
         kept.pop(next(iter(kept)))
@@ -188,7 +192,7 @@ class Plan:
     compiled CPU kernel when it takes the update."""
 
     __slots__ = ("state", "training", "dtype", "factors", "stamp", "usable", "base", "A", "sBt", "mask", "kernel",
-                 "blocks", "base_scale", "bias_shift")
+                 "blocks", "base_scale", "bias_shift", "names", "ranks", "few_kernel_fits")
 
     def fits(self, layer, x: torch.Tensor) -> bool:
         """Whether this plan still computes the layer's output for ``x`` (its state aside)."""
@@ -202,6 +206,9 @@ class Plan:
         self.stamp = _stamp(self.factors)
         self.usable = _fast_path_applies(layer, x, terms)
         self.A = self.sBt = self.mask = self.kernel = self.blocks = self.base_scale = self.bias_shift = None
+        self.names = layer.routed_names() if layer.state.routing is not None else None  # terms' adapters, in order
+        self.ranks = tuple(t.A.shape[0] for t in terms)
+        self.few_kernel_fits = False
 
     @classmethod
     def build(cls, layer, x: torch.Tensor, few: bool) -> Plan:
@@ -212,21 +219,51 @@ class Plan:
         # Few rows on a CPU: the rank-r products run several times faster in the factors' float32 than in bf16.
         dtype = terms[0].A.dtype if few else x.dtype
         with torch.no_grad():
-            terms = [_detached(t) for t in terms]
             if any(t.magnitude is not None for t in terms):
-                terms = plan._fold_dora(layer, terms, x.dtype)
-            A, sB = stacked_factors(terms, dtype)
-        plan.A, plan.sBt = A.contiguous(), sB.T.contiguous()
+                terms = plan._fold_dora(layer, [_detached(t) for t in terms], x.dtype)
+                plan.A, plan.sBt = _stacked_for_plan(terms, dtype)
+            else:
+                plan.A, plan.sBt = _kept_stacked(layer, terms, dtype)
         routing = layer.state.routing
         if routing is not None:
-            mask = row_mask(terms, routing.n_rows, dtype, A.device)
-            plan.mask = None if mask is None else mask[:, None, :].contiguous()  # broadcasts over positions
-        if few and lowrank_cpu.kernel_fits(x.dtype, plan.A, plan.sBt):
-            plan.blocks = None if plan.mask is None else lowrank_cpu.row_blocks(plan.mask[:, 0, :])
+            # A server's batches change rows often; every layer whose terms have the same rows and ranks
+            # shares one mask (and kernel blocks), prepared once per routing.
+            layout = (tuple((id(t.rows), id(t.row_weights), t.A.shape[0]) for t in terms), dtype, str(plan.A.device))
+            plan.mask, plan.blocks = routing.prepared(layout, lambda: _mask_and_blocks(terms, routing, dtype))
+        # the kernel takes 0/1 masks only: rows that mix adapters at weights run the plain products
+        weighted = routing is not None and routing.weighted
+        plan.few_kernel_fits = few and lowrank_cpu.kernel_fits(x.dtype, plan.A, plan.sBt)
+        if plan.few_kernel_fits and not weighted:
             if plan.mask is None or plan.blocks is not None:
                 plan.kernel = (lowrank_cpu.raw_kernel(), plan.A.data_ptr(), plan.sBt.data_ptr(), plan.A.shape[1],
                                plan.A.shape[0], plan.sBt.shape[1], int(x.dtype == torch.bfloat16),
                                0 if plan.blocks is None else plan.blocks.data_ptr())
+        return plan
+
+    def rerouted(self, layer, x: torch.Tensor) -> Plan | None:
+        """This plan for the layer's new routing when nothing else changed and the same adapters act (a
+        server's batch gaining or losing rows): only the mask and kernel blocks differ. None otherwise."""
+        old, new = self.state, layer.state
+        if (self.A is None or self.base_scale is not None or layer.pissa or old.routing is None
+                or new.routing is None or replace(old, routing=None) != replace(new, routing=None)
+                or not self.fits(layer, x) or layer.routed_names() != self.names):
+            return None
+        routing, dtype = new.routing, self.A.dtype
+        rows_of = routing.rows(self.A.device)
+        layout = (tuple((id(rows_of[n][0]), id(rows_of[n][1]), r) for n, r in zip(self.names, self.ranks)), dtype,
+                  str(self.A.device))
+        plan = object.__new__(Plan)
+        for slot in Plan.__slots__:
+            setattr(plan, slot, getattr(self, slot))
+        plan.state = new
+        plan.mask, plan.blocks = routing.prepared(layout, lambda: _mask_and_blocks(layer.terms(), routing, dtype))
+        if self.kernel is not None:
+            if routing.weighted or (plan.mask is not None and plan.blocks is None):
+                plan.kernel = None
+            else:
+                plan.kernel = (*self.kernel[:-1], 0 if plan.blocks is None else plan.blocks.data_ptr())
+        elif self.few_kernel_fits and not routing.weighted and (plan.mask is None or plan.blocks is not None):
+            return None  # the kernel could take this routing: build it
         return plan
 
     def _fold_dora(self, layer, terms, dtype: torch.dtype) -> list[Term]:
@@ -241,6 +278,8 @@ class Plan:
                 continue
             gain = layer.dora_gain(term)
             change = term.strength * (gain - 1)
+            if term.row_weights is not None:
+                change = term.row_weights[:, None] * change
             if term.rows is None:
                 extra += change
             else:
@@ -291,6 +330,36 @@ class Plan:
             out = self._scaled_base(x2)
             out.add_(delta)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _stacked_for_plan(terms, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A stacked: Σr × in, (scale·B)ᵀ stacked: Σr × out), contiguous, in ``dtype``, without autograd."""
+    A, sB = stacked_factors([_detached(t) for t in terms], dtype)
+    return A.contiguous(), sB.T.contiguous()
+
+
+def _kept_stacked(layer, terms, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_stacked_for_plan`` of these terms, reused while the same factors (same versions) act at the same
+    scales: a new routing of the same adapters only needs a new mask."""
+    key = (tuple((id(t.A), id(t.B), t.scale) for t in terms), dtype)
+    stamp = _stamp([f for t in terms for f in (t.A, t.B)])
+    kept = layer.execution_cache.setdefault("stacked", {})
+    found = kept.get(key)
+    if found is None or found[0] != stamp:
+        found = kept[key] = (stamp, *_stacked_for_plan(terms, dtype))
+        while len(kept) > KEPT_PLANS:
+            kept.pop(next(iter(kept)))
+    return found[1], found[2]
+
+
+def _mask_and_blocks(terms, routing, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The plan's row mask (rows × 1 × Σr, or None when every term acts on every row) and the kernel's row
+    blocks for it (None when the mask has weights, or a row's columns are not one run)."""
+    mask = row_mask(terms, routing.n_rows, dtype, terms[0].A.device)
+    if mask is None:
+        return None, None
+    blocks = None if routing.weighted else lowrank_cpu.row_blocks(mask)
+    return mask[:, None, :].contiguous(), blocks
 
 
 def _detached(term: Term) -> Term:

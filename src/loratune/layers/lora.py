@@ -221,17 +221,26 @@ class LoraLayer(nn.Module):
         if state.base_only:
             return [self._restoring(start) for start in self.pissa.values()]
         if state.routing is not None:
-            acting = [(name, rows) for name, rows in state.routing.rows(self.base_weight.device).items()]
+            rows_of = state.routing.rows(self.base_weight.device)
+            terms = [self._term(name, *rows_of[name]) for name in self.routed_names()]
+            named = {name for name, _ in state.routing.groups}
         else:
-            acting = [(name, None) for name in state.active]
-        terms = [self._term(name, rows) for name, rows in acting if name in self.lora_A and state.merged_scale(name) is None]
-        # A PiSSA adapter that does not act leaves the original W0: add back what its start took out.
-        acting_names = {name for name, _ in acting}
-        terms += [self._restoring(start) for name, start in self.pissa.items() if name not in acting_names]
+            terms = [self._term(name) for name in state.active if self._acts(name)]
+            named = set(state.active)
+        # A PiSSA adapter that is not named leaves the original W0: add back what its start took out.
+        terms += [self._restoring(start) for name, start in self.pissa.items() if name not in named]
         return terms
 
-    def _term(self, name: str, rows) -> Term:
-        term = Term(self.lora_A[name], self.lora_B[name], self.effective_scale(name), self.lora_dropout[name], rows)
+    def routed_names(self) -> tuple[str, ...]:
+        """The adapters of this layer a mixed batch's routing makes act, in the order of ``terms()``."""
+        return tuple(name for name, _ in self._state.routing.groups if self._acts(name))
+
+    def _acts(self, name: str) -> bool:
+        return name in self.lora_A and self._state.merged_scale(name) is None
+
+    def _term(self, name: str, rows=None, row_weights=None) -> Term:
+        term = Term(self.lora_A[name], self.lora_B[name], self.effective_scale(name), self.lora_dropout[name], rows,
+                    row_weights)
         if name not in self.lora_magnitude_vector:
             return term
         if self._state.merged:
@@ -271,6 +280,8 @@ class LoraLayer(nn.Module):
                 gain = self.dora_gain(term).to(low_rank.dtype)
                 delta = (term.strength * ((gain - 1) * self.base_without_bias(rows) + gain * term.scaling * low_rank))
                 delta = delta.to(result.dtype)
+            if term.row_weights is not None:
+                delta = delta * term.row_weights.view(-1, *([1] * (delta.dim() - 1))).to(delta.dtype)
             result = result + delta if term.rows is None else result.index_add(0, term.rows, delta)
         return result
 
@@ -289,7 +300,7 @@ class LoraLayer(nn.Module):
         """(``t·(W' − W0)``, out × in, float32; the gain ``g`` it used) for DoRA adapter ``name`` at ``scale``."""
         s = self.specs[name].scaling
         weight = self.dense_weight(torch.float32)
-        gain = self.dora_gain(self._term(name, None), weight).detach()
+        gain = self.dora_gain(self._term(name), weight).detach()
         change = dora.weight_change(weight, self.lora_A[name].detach(), self.lora_B[name].detach(), s, gain, scale / s)
         return change, gain
 

@@ -20,23 +20,38 @@ BASE_ADAPTER = "__base__"  # PEFT's word for "no adapter" in mixed batches
 
 @dataclass(frozen=True)
 class Routing:
-    """One adapter name per row (dim 0) of a batch. A name a layer lacks (e.g. ``"__base__"``) means no adapter
-    on that row there. Equal routings (same names in the same order) are interchangeable."""
+    """Which adapters act on each row (dim 0) of a batch. Each entry of ``names`` is one row: an adapter name
+    (a name a layer lacks, e.g. ``"__base__"``, means no adapter on that row there), or a mix, a tuple of
+    ``(name, weight)`` pairs: that row runs ``Σ weight·scale·B·A`` over them (an empty mix is the bare base).
+    Equal routings (same entries in the same order) are interchangeable."""
 
-    names: tuple[str, ...]
+    names: tuple
     groups: tuple[tuple[str, tuple[int, ...]], ...] = field(init=False, repr=False, compare=False)
+    _weights: dict = field(init=False, repr=False, compare=False)  # name -> weight per row of its group
     _rows_on: dict = field(init=False, repr=False, compare=False)  # device -> row index tensors, made once
+    _prepared: dict = field(init=False, repr=False, compare=False)  # what execution backends derive from it
 
     def __post_init__(self):
         rows: dict[str, list[int]] = {}
-        for index, name in enumerate(self.names):
-            rows.setdefault(name, []).append(index)
-        object.__setattr__(self, "groups", tuple((name, tuple(indices)) for name, indices in rows.items()))
+        weights: dict[str, list[float]] = {}
+        for index, entry in enumerate(self.names):
+            for name, weight in ((entry, 1.0),) if isinstance(entry, str) else entry:
+                rows.setdefault(name, []).append(index)
+                weights.setdefault(name, []).append(float(weight))
+        # by name, so that routings of the same adapters list them (and layers stack them) in one order
+        object.__setattr__(self, "groups", tuple((name, tuple(rows[name])) for name in sorted(rows)))
+        object.__setattr__(self, "_weights", {name: tuple(w) for name, w in weights.items() if any(x != 1.0 for x in w)})
         object.__setattr__(self, "_rows_on", {})
+        object.__setattr__(self, "_prepared", {})
 
     @property
     def n_rows(self) -> int:
         return len(self.names)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether some row runs an adapter at a weight other than 1."""
+        return bool(self._weights)
 
     def check_rows(self, rows: int) -> None:
         """Raise ``ConfigError`` unless a batch of ``rows`` rows fits this routing."""
@@ -45,14 +60,25 @@ class Routing:
                 f"adapter_names has {self.n_rows} names but the batch has {rows} rows; give exactly one name per row"
             )
 
-    def rows(self, device: torch.device) -> dict[str, torch.Tensor | None]:
-        """Row indices of each name on ``device`` (None for a name that has every row)."""
+    def prepared(self, key, build):
+        """``build()``, made once per ``key`` for this routing: backends keep what they derive from it here
+        (masks shared by every layer with the same terms), so it lives exactly as long as the routing."""
+        found = self._prepared.get(key)
+        if found is None:
+            found = self._prepared[key] = build()
+        return found
+
+    def rows(self, device: torch.device) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """(row indices, weight of each of those rows) of each name on ``device``: indices None for a name that
+        has every row at weight 1, weights None when they are all 1."""
         found = self._rows_on.get(device)
         if found is None:
-            found = {
-                name: None if len(indices) == self.n_rows else torch.tensor(indices, dtype=torch.long, device=device)
-                for name, indices in self.groups
-            }
+            found = {}
+            for name, indices in self.groups:
+                weights = self._weights.get(name)
+                everywhere = len(indices) == self.n_rows and weights is None
+                found[name] = (None if everywhere else torch.tensor(indices, dtype=torch.long, device=device),
+                               None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device))
             self._rows_on[device] = found
         return found
 
@@ -109,7 +135,8 @@ class LayerState:
 
 @dataclass(frozen=True)
 class Term:
-    """One summand of a layer's output: ``scale·B(A(dropout(x)))`` on ``rows`` of the batch (None: all rows).
+    """One summand of a layer's output: ``scale·B(A(dropout(x)))`` on ``rows`` of the batch (None: all rows),
+    times ``row_weights`` per row when given.
 
     A DoRA term (``magnitude`` set) adds ``t·((g − 1) ⊙ W0·x + g ⊙ s·B·A·x)`` instead, with ``g`` the magnitude
     over the row norms of ``W0 + s·B·A`` (see ``layers.dora``); ``scale`` is still ``s·t``."""
@@ -119,6 +146,7 @@ class Term:
     scale: float
     dropout: nn.Module
     rows: torch.Tensor | None = None
+    row_weights: torch.Tensor | None = None  # float32, one per entry of rows: a mixed batch's per-row weights
     magnitude: torch.Tensor | None = None  # DoRA: m, one entry per output row
     scaling: float = 0.0  # DoRA: s alone, which the row norms use
 

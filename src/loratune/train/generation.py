@@ -78,7 +78,7 @@ def generate_greedy(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[str] = [""] * len(prompts)
-    with _inference(model):
+    with inference(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             input_ids, attention_mask = _left_pad([prompts[i] for i in rows], pad_id, model_device(model))
@@ -142,7 +142,7 @@ def stream_greedy(
     attention_mask = torch.ones_like(input_ids)
     generated: list[int] = []
     emitted = ""
-    with _inference(model):
+    with inference(model):
         for next_ids in _decode(model, input_ids, attention_mask, max_new_tokens, pick):
             token = int(next_ids[0])
             if token in stops:
@@ -269,7 +269,7 @@ def model_device(model) -> torch.device:
 
 
 @contextmanager
-def _inference(model):
+def inference(model):
     """Eval mode (no dropout), no autograd and a contiguous input to the output head for the duration;
     restores the model's training flag and removes the hook afterwards."""
     was_training = model.training

@@ -1,0 +1,102 @@
+"""``loratune serve``: parse its options, load the base and the adapters, serve."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from pathlib import Path
+
+from loratune.cli.options import adapter_spec, base_model_for, positive_int
+from loratune.errors import ConfigError
+
+SERVE_HELP = """\
+Serve a base model and any number of adapters behind OpenAI's API (/v1/models, /v1/completions,
+/v1/chat/completions, streaming included), batching all requests together: each row of a decoding step
+runs with its own adapter, or a per-request mix (the extra body field "adapters": {"NAME": strength}).
+The "model" field picks an adapter by NAME, or the base by its id (the --model name).
+Also: POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with --adapter-root), GET /health,
+GET /metrics (Prometheus) and a playground page at /. Binds 127.0.0.1 unless --host says otherwise."""
+
+
+def named_adapter(value: str) -> tuple[str, str, float]:
+    """``NAME=DIR[:SCALE]`` or ``DIR[:SCALE]`` (named after the directory)."""
+    name, sep, rest = value.partition("=")
+    if not sep or "/" in name or not name:
+        name, rest = "", value
+    path, scale = adapter_spec(rest)
+    return name or Path(path).resolve().name, path, scale
+
+
+def add_serve_verb(verb, model_options) -> None:
+    """Add ``serve`` through ``verb(name, help, description)``; ``model_options(parser, adapters=False)`` adds
+    the model-loading options ``generate`` has."""
+    p = verb("serve", "serve the base and adapters over an OpenAI-compatible HTTP API, batched", SERVE_HELP)
+    model_options(p, adapters=False)
+    p.add_argument("--adapter", "-a", action="append", default=[], type=named_adapter, metavar="NAME=DIR[:SCALE]",
+                   help="an adapter to serve as NAME (default: the directory's name) at a strength (default 1); "
+                        "repeatable; these stay in memory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every endpoint except /health and the playground page")
+    p.add_argument("--adapter-root", default=None, metavar="DIR",
+                   help="allow POST /v1/load_lora_adapter for adapter directories inside DIR (off without it)")
+    p.add_argument("--max-loaded", type=positive_int, default=16, metavar="N",
+                   help="adapters held in memory at once; beyond, the least recently used idle one is freed and "
+                        "read back when asked for (default: 16; --adapter ones always stay)")
+    p.add_argument("--max-batch", type=positive_int, default=32, metavar="B",
+                   help="sequences decoded together in one step (default: 32)")
+    p.add_argument("--max-tokens-limit", type=positive_int, default=None, metavar="T",
+                   help="refuse requests for more than T new tokens (default: only the model's context limits)")
+    p.add_argument("--prefill-tokens", type=positive_int, default=512, metavar="N",
+                   help="prompt tokens read between two decoding steps, so new requests never stall running ones "
+                        "for long (default: 512)")
+    p.add_argument("--max-waiting", type=positive_int, default=256, metavar="N",
+                   help="requests queued before new ones get 429 with Retry-After (default: 256)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                   help="fail a request still running after S seconds (default: 600)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/Ctrl-C, wait up to S seconds for running requests (default: 30)")
+
+
+def run_serve(args) -> int:
+    from loratune.models.loader import load_model, resolve_model_dir
+    from loratune.models.quantized import stored_in_4bit
+    from loratune.serve import build, run
+
+    names = [name for name, _, _ in args.adapter]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ConfigError(f"two adapters are named {duplicated[0]!r}; name them apart with NAME=DIR")
+    if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
+        raise ConfigError(f"--adapter-root {args.adapter_root} is not a directory")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    name = base_model_for(args, adapters=[path for _, path, _ in args.adapter])
+    quantize = args.quantize or stored_in_4bit(resolve_model_dir(name))
+    model, tokenizer = load_model(name, quantize=quantize, dtype=args.dtype, device=args.device,
+                                  trust_remote_code=args.trust_remote_code)
+    service = build(model, tokenizer, name, args.adapter, max_batch=args.max_batch,
+                    prefill_tokens=args.prefill_tokens, max_waiting=args.max_waiting, max_loaded=args.max_loaded,
+                    adapter_root=args.adapter_root, max_tokens_limit=args.max_tokens_limit,
+                    request_timeout=args.request_timeout)
+    if not _is_loopback(args.host) and args.api_key is None:
+        print(f"loratune serve: warning: listening on {args.host} without --api-key: anyone who reaches this "
+              "port can use the model", file=sys.stderr)
+    where = f"http://{args.host}:{args.port}"
+
+    def ready() -> None:
+        adapters = ", ".join(a.name for a in service.pool.listed()) or "none"
+        print(f"loratune serve: {name} with adapters: {adapters}; API at {where}/v1, playground at {where}/ "
+              "(Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    run(service, args.host, args.port, args.api_key, args.drain_timeout, on_ready=ready)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+

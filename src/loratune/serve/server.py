@@ -1,0 +1,85 @@
+"""Put the pieces together and run them: engine thread, adapters, service, HTTP app under uvicorn.
+
+``build`` makes a ``Service`` for a loaded model (tests and the command line both use it); ``run`` serves it
+until SIGINT/SIGTERM, then drains: no new requests, running ones finish (up to ``drain_timeout``), exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+
+from loratune.serve.adapters import DEFAULT_MAX_LOADED, AdapterPool
+from loratune.serve.engine import Engine
+from loratune.serve.metrics import ServeMetrics
+from loratune.serve.service import Service
+
+log = logging.getLogger("loratune.serve")
+
+
+def build(model, tokenizer, base_id: str, adapters: list[tuple[str, str, float]] = (), *,
+          max_batch: int = 32, prefill_tokens: int = 512, max_waiting: int = 256,
+          max_loaded: int = DEFAULT_MAX_LOADED, adapter_root=None, max_tokens_limit: int | None = None,
+          request_timeout: float = 600.0) -> Service:
+    """A started service for ``model`` with ``adapters`` given as (name, directory, strength), pinned."""
+    metrics = ServeMetrics()
+    engine = Engine(model, max_batch=max_batch, prefill_tokens=prefill_tokens, max_waiting=max_waiting,
+                    on_step=metrics.on_step)
+    pool = AdapterPool(model, engine, max_loaded=max(max_loaded, len(adapters)), adapter_root=adapter_root)
+    for name, path, strength in adapters:
+        pool.add_at_start(name, path, strength)
+    service = Service(model, tokenizer, base_id, engine, pool, metrics, max_tokens_limit=max_tokens_limit,
+                      request_timeout=request_timeout)
+    engine.start()
+    return service
+
+
+def run(service: Service, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+        drain_timeout: float = 30.0, on_ready=None) -> None:
+    """Serve over HTTP until interrupted, then drain and stop the engine."""
+    import uvicorn
+
+    from loratune.serve.app import create_app
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            service.draining = True  # new requests get 503 while running ones finish
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if on_ready is not None and self.started:
+                on_ready()
+
+    config = uvicorn.Config(create_app(service, api_key), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=drain_timeout, access_log=False)
+    try:
+        DrainingServer(config).run()
+    finally:
+        service.close()
+
+
+@contextlib.contextmanager
+def serving(service: Service, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None):
+    """Serve ``service`` over HTTP from a background thread (a notebook, a test) for the ``with`` block;
+    yields the base URL (port 0: a free port). The engine keeps running afterwards: ``service.close()``."""
+    import uvicorn
+
+    from loratune.serve.app import create_app
+
+    config = uvicorn.Config(create_app(service, api_key), host=host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="loratune-http", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the HTTP server did not start on {host}:{port}")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

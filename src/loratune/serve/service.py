@@ -1,0 +1,212 @@
+"""From an OpenAI request to sequences in the engine and back to answers, independent of the HTTP layer.
+
+``Service.prepare`` checks a request against what is served (model name, adapters, context, limits) and
+tokenizes it; ``Service.events`` runs it and yields ``(choice index, event)`` pairs as the engine produces
+them, cancelling the sequences when the consumer stops listening (a closed connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from loratune.data import Example, encode_texts, prompt_ids
+from loratune.errors import LoratuneError
+from loratune.serve.adapters import AdapterPool
+from loratune.serve.engine import Engine, QueueFull
+from loratune.serve.metrics import ServeMetrics
+from loratune.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestError
+from loratune.serve.sequence import Event, Failed, Finished, SamplingParams, Sequence
+from loratune.train.generation import stop_token_ids
+
+
+@dataclass
+class Job:
+    """A checked, tokenized request: ``prompts`` × ``n`` sequences running ``mix`` (name → strength)."""
+
+    model_name: str
+    mix: dict[str, float]
+    tokenizer: object
+    prompts: list[list[int]]
+    n: int
+    params: SamplingParams
+    arrived: float
+    ignore_eos: bool = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.mix)
+
+
+class Service:
+    """Everything a request needs: the model's name and context, the tokenizer, the engine and the adapters."""
+
+    def __init__(self, model, tokenizer, base_id: str, engine: Engine, pool: AdapterPool, metrics: ServeMetrics, *,
+                 max_tokens_limit: int | None = None, request_timeout: float = 600.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base_id = base_id
+        self.engine = engine
+        self.pool = pool
+        self.metrics = metrics
+        self.max_tokens_limit = max_tokens_limit
+        self.request_timeout = request_timeout
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        self._stops: dict[int, frozenset[int]] = {}
+        self.draining = False
+
+    def close(self) -> None:
+        """Stop the engine; whatever still runs fails with 503."""
+        self.engine.stop()
+
+    def model_ids(self) -> list[str]:
+        return [self.base_id, *(a.name for a in self.pool.listed())]
+
+    # --- checking a request --------------------------------------------------------------------------------
+    def prepare(self, request: CompletionRequest | ChatCompletionRequest) -> Job:
+        """Check and tokenize ``request``; raises ``RequestError`` with the status to answer."""
+        mix = self._mix(request)
+        tokenizer = self._tokenizer_for(mix)
+        try:
+            if isinstance(request, ChatCompletionRequest):
+                prompts = [prompt_ids(Example(location="messages", messages=request.chat()), tokenizer)]
+                limit, alternatives = request.token_limit, request.logprob_alternatives
+            else:
+                prompts = self._completion_prompts(request.prompt, tokenizer)
+                limit, alternatives = request.max_tokens, request.logprobs
+        except LoratuneError as error:
+            raise RequestError(str(error)) from None
+        if any(not ids for ids in prompts):
+            raise RequestError("the prompt is empty; give at least one token of text", param="prompt")
+        vocab = len(tokenizer)
+        if any(i < 0 or i >= vocab for ids in prompts for i in ids):
+            raise RequestError(f"the prompt has token ids outside the vocabulary (0..{vocab - 1})", param="prompt")
+        max_tokens = self._max_tokens(limit, max(len(ids) for ids in prompts))
+        params = SamplingParams(max_tokens, request.sampling_temperature, request.top_p, request.sampling_top_k,
+                                request.seed, tuple(request.stop or ()), alternatives)
+        if not params.temperature:  # greedy: top_p and top_k mean nothing
+            params = replace(params, top_p=None, top_k=None)
+        return Job(request.model, mix, tokenizer, prompts, request.n, params, time.monotonic(), request.ignore_eos)
+
+    def _mix(self, request) -> dict[str, float]:
+        names = self.model_ids()
+        if request.model not in names:
+            raise RequestError(f"model {request.model!r} is not served here; available: {', '.join(names)}", 404,
+                               code="model_not_found", param="model")
+        if request.adapters is not None:
+            unknown = [n for n in request.adapters if self.pool.get(n) is None]
+            if unknown:
+                listed = ", ".join(a.name for a in self.pool.listed()) or "none"
+                raise RequestError(f"adapters names {unknown[0]!r}, which is not loaded; loaded adapters: {listed}",
+                                   404, code="model_not_found", param="adapters")
+            mix = {name: float(strength) for name, strength in request.adapters.items() if strength != 0}
+            whole = [n for n in mix if self.pool.get(n).replaces_modules]
+            if whole and len(mix) > 1:
+                raise RequestError(f"adapter {whole[0]!r} replaces whole modules (modules_to_save), so it cannot be "
+                                   "mixed with others in one request; request it alone", param="adapters")
+            return mix
+        if request.model == self.base_id:
+            return {}
+        return {request.model: self.pool.get(request.model).strength}
+
+    def _tokenizer_for(self, mix: dict[str, float]):
+        if len(mix) == 1:
+            own = self.pool.get(next(iter(mix))).tokenizer
+            if own is not None:
+                return own
+        return self.tokenizer
+
+    @staticmethod
+    def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [encode_texts(tokenizer, [prompt])[0]]
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, str) for p in prompt):
+            return encode_texts(tokenizer, list(prompt))
+        return [list(p) for p in prompt]
+
+    def _max_tokens(self, asked: int | None, prompt_length: int) -> int:
+        left = None if self.context is None else self.context - prompt_length
+        if left is not None and left < 1:
+            raise RequestError(f"the prompt has {prompt_length} tokens, which fills the model's context of "
+                               f"{self.context}; shorten it", param="messages")
+        if asked is None:
+            return min(x for x in (left, self.max_tokens_limit, 2**31) if x is not None)
+        if self.max_tokens_limit is not None and asked > self.max_tokens_limit:
+            raise RequestError(f"max_tokens is {asked}, above this server's limit of {self.max_tokens_limit} "
+                               "(--max-tokens-limit); ask for fewer", param="max_tokens")
+        if left is not None and asked > left:
+            raise RequestError(f"max_tokens is {asked}, but the prompt ({prompt_length} tokens) leaves {left} of the "
+                               f"model's context of {self.context}; ask for at most {left}", param="max_tokens")
+        return asked
+
+    def _stop_ids(self, tokenizer) -> frozenset[int]:
+        found = self._stops.get(id(tokenizer))
+        if found is None:
+            found = self._stops[id(tokenizer)] = frozenset(stop_token_ids(self.model, tokenizer))
+        return found
+
+    # --- running it ----------------------------------------------------------------------------------------------
+    async def events(self, job: Job) -> AsyncIterator[tuple[int, Event]]:
+        """Run ``job``; yield (choice index, event) until every sequence has finished or failed. Leaving the
+        iteration early cancels what still runs."""
+        if self.draining:
+            raise RequestError("the server is shutting down; retry on another instance", 503, "server_shutdown")
+        self.pool.acquire(job.adapter_names)
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        seqs: list[Sequence] = []
+        try:
+            await self.pool.make_resident(job.adapter_names)
+            deadline = time.monotonic() + self.request_timeout
+            stops = frozenset() if job.ignore_eos else self._stop_ids(job.tokenizer)
+            for p, ids in enumerate(job.prompts):
+                for j in range(job.n):
+                    index = p * job.n + j
+                    params = job.params
+                    if params.seed is not None and job.n > 1:  # n samples, each reproducible and different
+                        params = replace(params, seed=params.seed + j)
+                    seqs.append(Sequence(ids, job.mix, params, job.tokenizer, stops,
+                                         _sink(loop, inbox, index), deadline))
+            try:
+                for seq in seqs:
+                    self.engine.submit(seq)
+            except QueueFull:
+                raise RequestError("the server is busy (its queue is full); retry in a moment", 429,
+                                   "rate_limit_error") from None
+            self.metrics.queue_depth.set(self.engine.stats.waiting)
+            open_ = len(seqs)
+            while open_:
+                index, event = await inbox.get()
+                if isinstance(event, Finished | Failed):
+                    open_ -= 1
+                    self._observe(job, seqs[index], event)
+                yield index, event
+        finally:
+            unfinished = [seq for seq in seqs if not seq.done]
+            for seq in unfinished:
+                seq.cancel()
+            if unfinished:
+                self.metrics.cancelled.labels(job.model_name).inc(len(unfinished))
+            self.pool.release(job.adapter_names)
+
+    def _observe(self, job: Job, seq: Sequence, event: Event) -> None:
+        m = self.metrics
+        if isinstance(event, Finished):
+            m.prompt_tokens.labels(job.model_name).inc(event.prompt_tokens)
+            m.generated_tokens.labels(job.model_name).inc(event.completion_tokens)
+            if seq.first_token_at is not None:
+                m.time_to_first_token.labels(job.model_name).observe(seq.first_token_at - job.arrived)
+            m.request_seconds.labels(job.model_name).observe(time.monotonic() - job.arrived)
+        m.running.set(self.engine.stats.running)
+        m.queue_depth.set(self.engine.stats.waiting)
+
+
+def _sink(loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue, index: int):
+    def put(event: Event) -> None:
+        loop.call_soon_threadsafe(inbox.put_nowait, (index, event))
+
+    return put

@@ -1,0 +1,485 @@
+"""`loratune serve`: a real HTTP server (uvicorn on loopback) over a tiny Llama with three adapters, spoken to
+with the real `openai` client (and raw HTTP for what the client cannot send)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2
+import pytest
+import torch
+from openai import APIStatusError, OpenAI
+
+from loratune import LoraConfig, add_adapter, compress_adapter, load_adapter, save_adapter, set_active
+from loratune.cli import main
+from loratune.data import chat_prompt_ids, encode_texts
+from loratune.models.loader import load_model
+from loratune.serve import build, serving
+from loratune.train.generation import stream_greedy
+
+pytestmark = pytest.mark.integration  # real HTTP servers (and one subprocess)
+
+ADAPTERS = {
+    "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "b": dict(r=8, lora_alpha=32, target_modules="all-linear"),
+    "c": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], use_dora=True),
+}
+PROMPTS = ["The capital of France", "1 + 1 =", "hello world", "Translate to French: hello"]
+
+
+def _make_adapter(model_dir: Path, out: Path, seed: int, **config) -> Path:
+    model, _ = load_model(str(model_dir), dtype="fp32")
+    torch.manual_seed(seed)
+    add_adapter(model, LoraConfig(init_lora_weights=False, **config))
+    save_adapter(model, out)
+    return out
+
+
+@contextmanager
+def own_server(model, tokenizer, adapters=(), **options):
+    """A service of its own for one test, served over HTTP; yields its base URL."""
+    service = build(model, tokenizer, "tiny", list(adapters), **options)
+    try:
+        with serving(service) as url:
+            yield url
+    finally:
+        service.close()
+
+
+@pytest.fixture(scope="module")
+def served(make_tiny_llama_dir, tmp_path_factory):
+    """(model dir, {name: adapter dir}, adapter root, service) — the service runs until the module ends."""
+    model_dir = make_tiny_llama_dir()
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = {name: _make_adapter(model_dir, root / name, 10 + i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
+    _make_adapter(model_dir, root / "spare", 20, **ADAPTERS["a"])
+    _make_adapter(model_dir, root / "spare2", 21, **ADAPTERS["b"])
+    model, tokenizer = load_model(str(model_dir), dtype="fp32")
+    service = build(model, tokenizer, "tiny", [(n, str(d), 1.0) for n, d in dirs.items()], adapter_root=root,
+                    max_tokens_limit=64, max_loaded=4)
+    yield model_dir, dirs, root, service
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    with serving(served[3]) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _complete(client, model, prompt, max_tokens=12, stream=False, **extra):
+    if not stream:
+        answer = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, **extra)
+        return answer.choices[0].text
+    chunks = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                                       **extra)
+    return "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def _chat(client, model, text, max_tokens=12, stream=False, **extra):
+    messages = [{"role": "user", "content": text}]
+    if not stream:
+        answer = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                                **extra)
+        return answer.choices[0].message.content
+    chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                            stream=True, **extra)
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_models_lists_the_base_and_every_adapter(client, served):
+    listed = {m.id: m for m in client.models.list().data}
+    assert set(listed) == {"tiny", "a", "b", "c"}
+    assert listed["a"].parent == "tiny" and listed["a"].root == str(served[1]["a"])
+    assert listed["tiny"].parent is None
+
+
+def test_greedy_answers_are_what_generate_prints(client, served, capsys):
+    model_dir, dirs = served[0], served[1]
+    for name in ("a", "c"):
+        assert main(["generate", "--model", str(model_dir), "--adapter", str(dirs[name]), "--prompt", PROMPTS[0],
+                     "--max-new-tokens", "12", "--dtype", "fp32"]) == 0
+        chat_expected = capsys.readouterr().out.removesuffix("\n")
+        assert main(["generate", "--model", str(model_dir), "--adapter", str(dirs[name]), "--prompt", PROMPTS[1],
+                     "--raw", "--max-new-tokens", "12", "--dtype", "fp32"]) == 0
+        raw_expected = capsys.readouterr().out.removesuffix("\n")
+        assert _chat(client, name, PROMPTS[0]) == chat_expected
+        assert _complete(client, name, PROMPTS[1]) == raw_expected
+    assert main(["generate", "--model", str(model_dir), "--prompt", PROMPTS[2], "--raw", "--max-new-tokens", "12", "--dtype", "fp32"]) == 0
+    assert _complete(client, "tiny", PROMPTS[2]) == capsys.readouterr().out.removesuffix("\n")
+
+
+def test_streamed_text_joins_to_the_unstreamed_text(client):
+    for model in ("tiny", "a", "b", "c"):
+        for prompt in PROMPTS[:2]:
+            assert _complete(client, model, prompt, 20, stream=True) == _complete(client, model, prompt, 20)
+            assert _chat(client, model, prompt, 20, stream=True) == _chat(client, model, prompt, 20)
+
+
+def test_32_concurrent_requests_over_3_adapters_and_the_base_equal_each_sent_alone(client):
+    jobs = [(model, PROMPTS[i % len(PROMPTS)], bool(i % 2), "chat" if i % 3 == 0 else "completion")
+            for i, model in enumerate(["tiny", "a", "b", "c"] * 8)]
+
+    def run(job):
+        model, prompt, stream, kind = job
+        return (_chat if kind == "chat" else _complete)(client, model, prompt, 24, stream=stream)
+
+    alone = [run(job) for job in jobs]
+    assert len({alone[i] for i in range(4)}) == 4, "the adapters must answer differently for this test to mean anything"
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(run, jobs))
+    assert together == alone
+
+
+def test_a_per_request_mix_equals_the_adapters_active_together(client, served):
+    model_dir, dirs = served[0], served[1]
+    model, tokenizer = load_model(str(model_dir), dtype="fp32")
+    load_adapter(model, dirs["a"], name="a")
+    load_adapter(model, dirs["b"], name="b")
+    set_active(model, ["a", "b"], [0.5, -0.3])
+    ids = encode_texts(tokenizer, [PROMPTS[0]])[0]
+    expected = stream_greedy(model, tokenizer, ids, 16, lambda _: None)
+    assert _complete(client, "tiny", PROMPTS[0], 16, extra_body={"adapters": {"a": 0.5, "b": -0.3}}) == expected
+    assert _complete(client, "tiny", PROMPTS[0], 16, stream=True, extra_body={"adapters": {"a": 0.5, "b": -0.3}}) == expected
+    # a strength of one adapter alone, beside plain requests in the same batch
+    set_active(model, ["b"], [0.5])
+    alone = stream_greedy(model, tokenizer, ids, 16, lambda _: None)
+    with ThreadPoolExecutor(4) as pool:
+        mixed = pool.submit(_complete, client, "tiny", PROMPTS[0], 16, extra_body={"adapters": {"b": 0.5}})
+        others = [pool.submit(_complete, client, m, PROMPTS[0], 16) for m in ("a", "b", "tiny")]
+        assert mixed.result() == alone
+        assert all(o.result() for o in others)
+
+
+def test_usage_logprobs_stop_and_n(client):
+    answer = client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=2)
+    choice = answer.choices[0]
+    assert answer.usage.completion_tokens == 8 and answer.usage.prompt_tokens > 0
+    assert len(choice.logprobs.token_logprobs) == 8 and all(len(t) == 2 for t in choice.logprobs.top_logprobs)
+    assert "".join(choice.logprobs.tokens) == choice.text
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+    full = choice.text
+    stop = full[3:5]
+    cut = client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=8, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=8, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.choices[0].text
+    chat = client.chat.completions.create(model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=3, n=2)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
+    assert len(chat.choices[0].logprobs.content) == 5 and len(chat.choices[0].logprobs.content[0].top_logprobs) == 3
+    chunks = list(client.chat.completions.create(model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 5 and not chunks[-1].choices
+
+
+def test_ignore_eos_runs_to_max_tokens(make_tiny_llama_dir, tmp_path):
+    # an adapter whose output head makes <|im_end|> win at once, so that answers end unless told otherwise
+    model_dir = make_tiny_llama_dir(tie_word_embeddings=False)
+    model, tokenizer = load_model(str(model_dir), dtype="fp32")
+    add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.lm_head.copies["default"].weight[tokenizer.eos_token_id].mul_(1000)
+    save_adapter(model, tmp_path / "eos")
+    model, tokenizer = load_model(str(model_dir), dtype="fp32")
+    with own_server(model, tokenizer, [("eos", str(tmp_path / "eos"), 1.0)]) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        ended = client.completions.create(model="eos", prompt=PROMPTS[0], max_tokens=20, temperature=0)
+        ran = client.completions.create(model="eos", prompt=PROMPTS[0], max_tokens=20, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 20
+    assert ran.choices[0].finish_reason == "length" and ran.usage.completion_tokens == 20
+
+
+def test_sampling_with_a_seed_repeats_and_differs_from_greedy(client):
+    def sample(seed):
+        return client.completions.create(model="b", prompt=PROMPTS[1], max_tokens=16, temperature=1.0, top_p=0.9,
+                                         seed=seed, extra_body={"top_k": 50}).choices[0].text
+
+    assert sample(1) == sample(1)
+    assert len({sample(s) for s in range(4)}) > 1
+
+
+def test_max_tokens_defaults_to_the_context_left_and_limits_are_refused(client, url):
+    with pytest.raises(APIStatusError) as refused:
+        client.completions.create(model="a", prompt="x", max_tokens=65)  # above --max-tokens-limit 64
+    assert refused.value.status_code == 400 and "64" in refused.value.message
+    with pytest.raises(APIStatusError) as too_long:
+        client.completions.create(model="a", prompt=list(range(5, 133)), max_tokens=1)  # 128 tokens fill the context
+    assert too_long.value.status_code == 400 and "context" in too_long.value.message
+    answer = client.completions.create(model="a", prompt=list(range(5, 100)), temperature=0)  # 95 + 33 = 128
+    assert answer.usage.completion_tokens <= 33
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"prompt": "x"}).encode(), 400, "model"),
+    (json.dumps({"model": "a"}).encode(), 400, "prompt"),
+    (json.dumps({"model": "a", "prompt": "x", "temperature": -1}).encode(), 400, "temperature"),
+    (json.dumps({"model": "a", "prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "a", "prompt": "x", "presence_penalty": 1}).encode(), 400, "presence_penalty"),
+    (json.dumps({"model": "a", "prompt": [10**9]}).encode(), 400, "vocabulary"),
+    (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "available: tiny, a, b, c"),
+    (json.dumps({"model": "tiny", "prompt": "x", "adapters": {"zz": 1}}).encode(), 404, "zz"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(url, client, body, status, words):
+    response = httpx2.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert words in error["message"] and error["type"]
+    assert _complete(client, "a", PROMPTS[0], 4)
+
+
+def test_the_api_key_guards_every_endpoint_but_health_and_the_page(served):
+    with serving(served[3], api_key="sekret") as url:
+        assert httpx2.get(f"{url}/health").status_code == 200
+        assert "<html" in httpx2.get(f"{url}/").text.lower()
+        for path in ("/v1/models", "/metrics"):
+            response = httpx2.get(f"{url}{path}", headers={"Authorization": "Bearer wrong"})
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(APIStatusError) as refused:
+            OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        assert refused.value.status_code == 401
+        assert len(OpenAI(base_url=f"{url}/v1", api_key="sekret").models.list().data) == 4
+
+
+def test_hot_load_and_unload_while_other_requests_run(url, client):
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def keep_asking():
+        while not stop.is_set():
+            try:
+                _complete(client, "b", PROMPTS[0], 8, stream=True)
+            except Exception as error:  # noqa: BLE001 - collected and asserted on
+                errors.append(error)
+
+    workers = [threading.Thread(target=keep_asking) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        response = httpx2.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "spare", "lora_path": "spare"})
+        assert response.status_code == 200, response.text
+        assert _complete(client, "spare", PROMPTS[0], 8)  # usable as soon as the call returned
+        assert "spare" in {m.id for m in client.models.list().data}
+        # an unload waits for the requests running on it, which finish whole
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(_complete, client, "spare", PROMPTS[1], 40, True)
+            time.sleep(0.05)
+            assert httpx2.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "spare"}).status_code == 200
+            assert len(running.result()) > 0
+        assert "spare" not in {m.id for m in client.models.list().data}
+        with pytest.raises(APIStatusError) as gone:
+            _complete(client, "spare", PROMPTS[0], 4)
+        assert gone.value.status_code == 404
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert not errors
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"lora_name": "x", "lora_path": "does-not-exist"}, 400, "does-not-exist"),
+    ({"lora_name": "x", "lora_path": "../outside"}, 400, ".."),
+    ({"lora_name": "x", "lora_path": "/etc"}, 400, "outside the adapter root"),
+    ({"lora_name": "x", "lora_path": "link-out"}, 400, "outside the adapter root"),
+    ({"lora_name": "x", "lora_path": "other-base"}, 400, "trained on"),
+    ({"lora_name": "x", "lora_path": "misfit"}, 400, "has shape (4, 48)"),
+    ({"lora_name": "a", "lora_path": "spare"}, 400, "already loaded"),
+    ({"lora_name": "x"}, 400, "lora_path"),
+])
+def test_bad_loads_are_refused_and_load_nothing(url, client, served, tmp_path_factory, make_tiny_llama_dir, body,
+                                                status, words):
+    root = served[2]
+    if not (root / "link-out").exists():
+        outside = tmp_path_factory.mktemp("outside")
+        _make_adapter(served[0], outside / "adapter", 30, **ADAPTERS["a"])
+        (root / "link-out").symlink_to(outside / "adapter")
+        other = make_tiny_llama_dir(hidden_size=48, intermediate_size=96)
+        _make_adapter(other, root / "other-base", 31, **ADAPTERS["a"])
+        misfit = _make_adapter(other, root / "misfit", 32, **ADAPTERS["a"])  # records our base, has other shapes
+        config = json.loads((misfit / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(served[0])
+        (misfit / "adapter_config.json").write_text(json.dumps(config))
+    before = {m.id for m in client.models.list().data}
+    response = httpx2.post(f"{url}/v1/load_lora_adapter", json=body)
+    assert response.status_code == status and words in response.json()["error"]["message"]
+    assert {m.id for m in client.models.list().data} == before
+    assert _complete(client, "a", PROMPTS[0], 4)
+
+
+def test_evicted_adapters_come_back_when_asked_for(url, client, served):
+    # max_loaded 4 with three pinned: loading two more evicts the older of them, which a request reads back
+    expected = None
+    for name in ("spare", "spare2"):
+        assert httpx2.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": name}).status_code == 200
+        if name == "spare":
+            expected = _complete(client, "spare", PROMPTS[2], 12)
+    metrics = httpx2.get(f"{url}/metrics").text
+    assert "loratune_adapters_in_memory 4.0" in metrics and "loratune_adapters_known 5.0" in metrics
+    assert _complete(client, "spare", PROMPTS[2], 12) == expected  # read back, evicting spare2
+    assert _complete(client, "spare2", PROMPTS[2], 12)
+    for name in ("spare", "spare2"):
+        assert httpx2.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, served):
+    service = served[3]
+    body = {"model": "b", "prompt": PROMPTS[0], "max_tokens": 64, "temperature": 0, "stream": True}
+    with httpx2.stream("POST", f"{url}/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data:")
+    for _ in range(200):
+        if service.engine.stats.running == 0:
+            break
+        time.sleep(0.02)
+    assert service.engine.stats.running == 0
+    metrics = httpx2.get(f"{url}/metrics").text
+    assert "loratune_running_sequences 0.0" in metrics and "loratune_batch_size_count" in metrics
+    assert 'loratune_cancelled_sequences_total{model="b"} 1.0' in metrics
+
+
+def test_a_full_queue_answers_429_with_retry_after(served):
+    with own_server(*load_model(str(served[0]), dtype="fp32"), max_waiting=0) as url:
+        response = httpx2.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert "busy" in response.json()["error"]["message"]
+
+
+def test_a_request_over_the_time_limit_fails_with_504(served):
+    with own_server(*load_model(str(served[0]), dtype="fp32"), request_timeout=0.0) as url:
+        response = httpx2.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 8})
+    assert response.status_code == 504 and "time limit" in response.json()["error"]["message"]
+
+
+def test_an_adapter_with_its_own_chat_template_formats_its_requests(served, tmp_path):
+    model_dir = served[0]
+    own = _make_adapter(model_dir, tmp_path / "own", 40, **ADAPTERS["a"])
+    _, tokenizer = load_model(str(model_dir), dtype="fp32")
+    tokenizer.chat_template = "SYSTEM: be brief\n" + tokenizer.chat_template
+    tokenizer.save_pretrained(own)
+    model, base_tokenizer = load_model(str(model_dir), dtype="fp32")
+    with own_server(model, base_tokenizer, [("own", str(own), 1.0), ("a", str(served[1]["a"]), 1.0)]) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        usage_own = client.chat.completions.create(model="own", messages=messages, max_tokens=1).usage
+        usage_base = client.chat.completions.create(model="a", messages=messages, max_tokens=1).usage
+    assert usage_own.prompt_tokens == len(chat_prompt_ids(tokenizer, "hi"))
+    assert usage_base.prompt_tokens == len(chat_prompt_ids(base_tokenizer, "hi")) < usage_own.prompt_tokens
+
+
+def _peft_pissa_adapter(model_dir: Path, out: Path) -> Path:
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], init_lora_weights="pissa"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("base", ["fp32", "nf4"])
+def test_any_adapter_loratune_loads_is_servable(make_tiny_llama_dir, tmp_path, base):
+    """rsLoRA with patterns and modules_to_save, an int8-compressed copy, a PiSSA start saved with its residual,
+    over a float or a 4-bit base: each answers as the same adapter loaded with load_adapter does, batched beside
+    the others, and in a mix."""
+    model_dir = make_tiny_llama_dir(tie_word_embeddings=False)
+    kinds = {
+        "saved": _make_adapter(model_dir, tmp_path / "saved", 1, r=4, target_modules=["q_proj", "k_proj"],
+                               modules_to_save=["lm_head"]),
+        "patterned": _make_adapter(model_dir, tmp_path / "patterned", 2, r=8, lora_alpha=8, use_rslora=True,
+                                   target_modules="all-linear", rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 4}),
+    }
+    kinds["int8"] = compress_adapter(kinds["patterned"], tmp_path / "int8")
+    kinds["pissa"] = _peft_pissa_adapter(model_dir, tmp_path / "pissa")  # its residual start, as PEFT saves it
+    quantize = None if base == "fp32" else "nf4"
+    if quantize:
+        del kinds["pissa"]  # a PiSSA start needs the base's full-precision weights to split
+
+    def loaded(*names):
+        model, tokenizer = load_model(str(model_dir), dtype="fp32", quantize=quantize)
+        for name in names:
+            load_adapter(model, kinds[name], name=name)
+        return model, tokenizer
+
+    model, tokenizer = loaded()
+    ids = encode_texts(tokenizer, [PROMPTS[0]])[0]
+    with own_server(model, tokenizer, [(n, str(d), 1.0) for n, d in kinds.items()]) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with ThreadPoolExecutor(4) as pool:
+            answers = dict(zip(kinds, pool.map(lambda n: _complete(client, n, PROMPTS[0], 16), kinds)))
+            mix = pool.submit(_complete, client, "tiny", PROMPTS[0], 16,
+                              extra_body={"adapters": {"patterned": 0.5, "int8": 0.5}}).result()
+    for name in kinds:
+        alone, _ = loaded(name)
+        assert answers[name] == stream_greedy(alone, tokenizer, ids, 16, lambda _: None), name
+    both, _ = loaded("patterned", "int8")
+    set_active(both, ["patterned", "int8"], [0.5, 0.5])
+    assert mix == stream_greedy(both, tokenizer, ids, 16, lambda _: None)
+
+
+def test_sigterm_drains_running_requests_then_exits(make_tiny_llama_dir, tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # big enough that a long answer is still streaming when the signal comes
+    model_dir = make_tiny_llama_dir(hidden_size=512, intermediate_size=1024, num_hidden_layers=6)
+    adapter = _make_adapter(model_dir, tmp_path / "b", 1, **ADAPTERS["b"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "loratune", "serve", "--model", str(model_dir), "--adapter",
+                               f"b={adapter}", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx2.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx2.TransportError:
+                time.sleep(0.1)
+        body = {"model": "b", "prompt": PROMPTS[0], "max_tokens": 120, "temperature": 0, "stream": True}
+        with httpx2.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data:")
+            server.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            time.sleep(0.5)
+            try:  # draining: a new request is refused (the port is closed, or 503)
+                assert httpx2.post(f"{url}/v1/completions", json={**body, "stream": False}).status_code == 503
+            except httpx2.TransportError:
+                pass
+            rest = [line for line in lines if line]
+            streamed_after_signal = time.monotonic() - signalled
+        assert rest[-1] == "data: [DONE]"
+        finish = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
+        assert finish[-1] == "length"
+        print(f"streamed for {streamed_after_signal:.2f} s after SIGTERM")
+        # uvicorn re-raises the signal once it has drained, so the process ends as SIGTERM says
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
