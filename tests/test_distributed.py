@@ -152,3 +152,45 @@ def test_evaluation_is_sharded_and_gathered_to_the_single_process_result(setup, 
     assert one.keys() == two.keys()
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+
+
+def test_fsdp_shards_the_base_and_trains_and_evaluates_as_ddp_does(setup, tmp_path):
+    root, model_dir, data = setup
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", addition_rows(5, start=50))
+    runs = {}
+    for name, options in (("ddp", {}), ("fsdp", {"distributed": "fsdp"}), ("fsdp_ckpt", {"distributed": "fsdp",
+                                                                                      "gradient_checkpointing": True})):
+        config = config_dict(model_dir, data, tmp_path / name, lora={"r": 4, "lora_alpha": 8},
+                             data={"eval": str(evaluation)},
+                             train={"max_steps": 4, "batch_size": 2, "lr": 1e-2, "eval_every": 2, **options})
+        runs[name] = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2,
+                              "--no-progress", threads=2)
+        assert runs[name].returncode == 0, runs[name].stderr
+    assert "FSDP2: 2 blocks of the base sharded over 2 processes" in runs["fsdp"].stdout + runs["fsdp"].stderr
+    reference = adapter_tensors(tmp_path / "ddp")
+    for name in ("fsdp", "fsdp_ckpt"):
+        ours = adapter_tensors(tmp_path / name)
+        assert ours.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
+        evaluations = [r for r in metrics(tmp_path / name) if "eval_loss" in r]
+        expected = [r for r in metrics(tmp_path / "ddp") if "eval_loss" in r]
+        assert [r["step"] for r in evaluations] == [2, 4]
+        for ours_eval, theirs in zip(evaluations, expected):
+            assert ours_eval["eval_loss"] == pytest.approx(theirs["eval_loss"], abs=1e-5)
+            assert ours_eval["eval_exact_match"] == theirs["eval_exact_match"]
+
+
+@pytest.mark.parametrize("setting, named", [({"model": {"quantize": "nf4"}}, "a nf4 base"),
+                                            ({"train": {"method": "intrinsic"}}, "train.method: intrinsic")])
+def test_what_fsdp_cannot_shard_yet_is_refused_in_one_line(capsys, setup, tmp_path, setting, named):
+    from test_cli import assert_one_line_error, cli
+
+    _, model_dir, data = setup
+    config = config_dict(model_dir, data, tmp_path / "run", intrinsic={"dim": 8})
+    for section, values in setting.items():
+        config[section].update(values)
+    config["train"]["distributed"] = "fsdp"
+    status, _, err = cli(capsys, "train", write_config(tmp_path / "fsdp.yaml", config), "--no-progress")
+    assert_one_line_error(status, err, "train", named)
+    assert not (tmp_path / "run").exists()

@@ -68,6 +68,7 @@ class TrainSection(_Section):
     loraplus_lr_embedding: float = Field(1e-6, gt=0)  # LoRA+: the lr of adapted embeddings' factors (PEFT's default)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # with several processes; auto: ddp (see train.distributed)
     seed: int = 0
     save_every: int = Field(200, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
@@ -123,6 +124,9 @@ class TrainConfig(_Section):
                              "there are none, so remove it")
         if method == "intrinsic" and self.intrinsic.dim is None:
             raise ValueError("train.method: intrinsic needs intrinsic.dim (how many parameters train), e.g. 1000")
+        if self.train.distributed == "fsdp" and (self.model.quantize is not None or method == "intrinsic"):
+            what = f"a {self.model.quantize} base" if self.model.quantize else "train.method: intrinsic"
+            raise ValueError(f"train.distributed: fsdp does not shard {what} yet; use train.distributed: ddp")
         if self.train.method != "full" and self.train.full_modules is not None:
             raise ValueError("train.full_modules applies to train.method: full; remove it or set the method")
         return self

@@ -1,5 +1,6 @@
 """Training across processes with PyTorch's own engine: ``torchrun`` starts the workers, ``torch.distributed``
-connects them (gloo on CPUs, NCCL on GPUs), DDP all-reduces the gradients.
+connects them (gloo on CPUs, NCCL on GPUs), DDP all-reduces the gradients — or, with ``train.distributed:
+fsdp``, FSDP2 shards the frozen base's blocks and the trained parameters' gradients are averaged directly.
 
 One run: each process reads its share of every global batch (``batch_size × grad_accum × world_size`` rows), the
 loss is normalised by the global number of targets, and DDP's gradient average is scaled back to that sum, so a
@@ -118,6 +119,49 @@ def gathered(processes: Processes, value) -> list:
     return box
 
 
+
+
+def shard_frozen_base(model: torch.nn.Module, trained: list[torch.nn.Parameter]) -> int:
+    """FSDP2 (``fully_shard``) over the frozen base: each transformer block is a unit whose weights are split
+    across the processes and gathered only for its forward and backward; the base model (``model.base_model``)
+    is the root. The ``trained`` parameters, and everything outside the blocks (embeddings, final norm, output
+    head: small, and a tied head shares its weight with the embeddings), stay whole on every process: their
+    gradients are averaged with ``average_gradients``, so checkpoints and the adapter are written as today.
+    Returns how many blocks were sharded; raises ``ConfigError`` for a model without blocks FSDP can find."""
+    from torch.distributed.fsdp import fully_shard
+
+    from loratune.errors import ConfigError
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    root = getattr(model, "base_model", model)
+    blocks = [module for module in root.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise ConfigError("train.distributed: fsdp shards a model's transformer blocks, and this model names none "
+                          "(_no_split_modules); use train.distributed: ddp")
+    whole = set(trained)
+    inside = {id(p) for block in blocks for p in block.parameters()}
+    whole |= {p for p in root.parameters() if id(p) not in inside}
+    for block in blocks:
+        fully_shard(block, ignored_params={p for p in block.parameters() if p in whole})
+    fully_shard(root, ignored_params={p for p in root.parameters() if p in whole})
+    return len(blocks)
+
+
+def average_gradients(processes: Processes, params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over the processes, in one all-reduce (what DDP does for the
+    parameters FSDP leaves whole)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= processes.world
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
 
 
 def launch(loratune_args: list[str], nproc: int) -> int:

@@ -347,12 +347,19 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
     loss_sum_of = classification_loss_sum if classifier else causal_lm_loss_sum
     # DDP all-reduces (averages) the gradients; every process runs the same steps on its shard. It wraps the loss
     # computation, so the fused loss (hidden states and the output head, no logits) runs under it too.
-    if processes.active:
+    sharded = processes.active and t.distributed == "fsdp"
+    wrapped, step_loss = None, lambda batch: loss_sum_of(model, batch)
+    if sharded:
+        blocks = distributed.shard_frozen_base(model, params)
+        log(f"FSDP2: {blocks} blocks of the base sharded over {processes.world} processes; trained parameters whole")
+    elif processes.active:
         wrapped = DistributedDataParallel(StepLoss(model, loss_sum_of),
                                           device_ids=[processes.local_rank] if device.type == "cuda" else None)
         step_loss = wrapped
-    else:
-        wrapped, step_loss = None, lambda batch: loss_sum_of(model, batch)
+    # FSDP gathers each block's weights from every process at every forward: all of them run every evaluation
+    # together (on all rows), where DDP shares the rows out
+    evaluating = Processes() if sharded else processes
+    lockstep = processes.main or sharded  # the processes that run a forward rank 0 needs
     micro_batches = math.ceil(t.epochs * stream.batches_per_epoch)
     total_steps = t.max_steps or max(1, math.ceil(micro_batches / t.grad_accum))
 
@@ -391,12 +398,12 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
         )
     if dirs.work != dirs.final:
         log(f"building the new run in {dirs.work}; it replaces {dirs.final} when it completes")
-    if data.retain and state.get("retain_loss_base") is None and processes.main:
+    if data.retain and state.get("retain_loss_base") is None and lockstep:
         state["retain_loss_base"] = retain_loss(model, data.retain, tokenizer.pad_token_id, t.eval_batch_size)
         metrics.log({"step": 0, "retain_loss": state["retain_loss_base"], "forgetting": 0.0})
         log(f"retain set: loss {state['retain_loss_base']:.4f} before training ({len(data.retain)} rows)")
     if classifier and data.eval and start_step == 0:  # the new head's start: chance level, for comparison
-        start_eval = _evaluate(model, tokenizer, data, t, processes)
+        start_eval = _evaluate(model, tokenizer, data, t, evaluating)
         if processes.main:
             _log_evaluation(metrics, log, 0, start_eval, {})
     show = (sys.stderr.isatty() if progress is None else progress) and processes.main
@@ -422,6 +429,8 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
                         loss_sum, _ = step_loss(batch)
                         # DDP averages over the processes; the step wants the sum over all targets
                         (loss_sum * (processes.world / max(1, targets))).backward()
+                    if sharded and index == len(batches) - 1:
+                        distributed.average_gradients(processes, params)
                     loss_total += float(loss_sum.detach())
                     # Drop the step's graph now: kept until the next forward reassigns the name, its many small
                     # nodes sit in the freed activation memory and the next forward cannot reuse it whole.
@@ -461,10 +470,11 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
                     if bar is None:
                         log(f"step {done}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
                 if t.eval_every and (data.eval or data.retain) and (done % t.eval_every == 0 or done == total_steps):
-                    result = _evaluate(model, tokenizer, data, t, processes) if data.eval else None
+                    result = _evaluate(model, tokenizer, data, t, evaluating) if data.eval else None
                     last_eval_step = done
+                    retention = _retention(model, tokenizer, data, state, t) if lockstep else {}
                     if processes.main:
-                        _log_evaluation(metrics, log, done, result, _retention(model, tokenizer, data, state, t))
+                        _log_evaluation(metrics, log, done, result, retention)
                         if result is not None:
                             _keep_best(trained, tokenizer, run_dir, config, state, result, done, data.labels)
                 if done % t.save_every == 0 and done < total_steps and processes.main:
@@ -481,9 +491,10 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
             bar.stop()
         metrics.close()
 
-    final_eval = None
+    final_eval, final_retention = None, {}
     if (data.eval or data.retain) and last_eval_step != total_steps:
-        final_eval = _evaluate(model, tokenizer, data, t, processes) if data.eval else None
+        final_eval = _evaluate(model, tokenizer, data, t, evaluating) if data.eval else None
+        final_retention = _retention(model, tokenizer, data, state, t) if lockstep else {}
     if not processes.main:
         distributed.barrier(processes)  # rank 0 writes the run; the others wait for it
         return {}
@@ -491,7 +502,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
     base_name = _base_name(model, config)
     save_trained(trained, tokenizer, run_dir / trained.output_name, base_name, data.labels)
     if (data.eval or data.retain) and last_eval_step != total_steps:
-        _log_evaluation(metrics, log, total_steps, final_eval, _retention(model, tokenizer, data, state, t))
+        _log_evaluation(metrics, log, total_steps, final_eval, final_retention)
         if t.best_metric and final_eval is not None:
             _keep_best(trained, tokenizer, run_dir, config, state, final_eval, total_steps, data.labels)
     records = metrics.records()
