@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,14 @@ def test_evaluation_is_sharded_and_gathered_to_the_single_process_result(setup, 
         assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
 
 
+def held_and_total(run: subprocess.CompletedProcess) -> tuple[float, float]:
+    """(MiB of weights each process holds, MiB of all weights) from an FSDP run's log line."""
+    found = re.search(r"FSDP2: 2 blocks of the base sharded over 2 processes; each holds ([0-9.]+) of the "
+                      r"weights' ([0-9.]+) MiB", run.stdout + run.stderr)
+    assert found, run.stdout + run.stderr
+    return float(found[1]), float(found[2])
+
+
 def test_fsdp_shards_the_base_and_trains_and_evaluates_as_ddp_does(setup, tmp_path):
     root, model_dir, data = setup
     evaluation = write_jsonl(tmp_path / "eval.jsonl", addition_rows(5, start=50))
@@ -166,7 +175,8 @@ def test_fsdp_shards_the_base_and_trains_and_evaluates_as_ddp_does(setup, tmp_pa
         runs[name] = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2,
                               "--no-progress", threads=2)
         assert runs[name].returncode == 0, runs[name].stderr
-    assert "FSDP2: 2 blocks of the base sharded over 2 processes" in runs["fsdp"].stdout + runs["fsdp"].stderr
+    held, total = held_and_total(runs["fsdp"])  # the blocks are split; embeddings, head and adapter are whole
+    assert 0.6 * total < held < 0.8 * total
     reference = adapter_tensors(tmp_path / "ddp")
     for name in ("fsdp", "fsdp_ckpt"):
         ours = adapter_tensors(tmp_path / name)
@@ -181,8 +191,24 @@ def test_fsdp_shards_the_base_and_trains_and_evaluates_as_ddp_does(setup, tmp_pa
             assert ours_eval["eval_exact_match"] == theirs["eval_exact_match"]
 
 
-@pytest.mark.parametrize("setting, named", [({"model": {"quantize": "nf4"}}, "a nf4 base"),
-                                            ({"train": {"method": "intrinsic"}}, "train.method: intrinsic")])
+def test_qlora_under_fsdp_shards_the_4bit_base_and_trains_what_ddp_trains(setup, tmp_path):
+    root, model_dir, data = setup
+    for name, options in (("ddp", {}), ("fsdp", {"distributed": "fsdp"})):
+        config = config_dict(model_dir, data, tmp_path / name, model={"quantize": "nf4"},
+                             train={"max_steps": 3, "batch_size": 2, "lr": 1e-2, **options})
+        result = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress",
+                          threads=2)
+        assert result.returncode == 0, result.stderr
+    held, total = held_and_total(result)  # the 4-bit blocks' packed weights are split too
+    assert held < total
+    reference, ours = adapter_tensors(tmp_path / "ddp"), adapter_tensors(tmp_path / "fsdp")
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("setting, named", [({"train": {"method": "intrinsic"}}, "train.method: intrinsic"),
+                                            ({"train": {"method": "full"}}, "train.method: full")])
 def test_what_fsdp_cannot_shard_yet_is_refused_in_one_line(capsys, setup, tmp_path, setting, named):
     from test_cli import assert_one_line_error, cli
 
@@ -194,3 +220,24 @@ def test_what_fsdp_cannot_shard_yet_is_refused_in_one_line(capsys, setup, tmp_pa
     status, _, err = cli(capsys, "train", write_config(tmp_path / "fsdp.yaml", config), "--no-progress")
     assert_one_line_error(status, err, "train", named)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_fsdp_run_resumed_from_a_checkpoint_ends_where_the_uninterrupted_one_does(setup, tmp_path):
+    root, model_dir, data = setup
+
+    def train(name: str, *extra, steps: int = 4):
+        # a constant lr: the schedule must not depend on max_steps, which the resume raises from 2 to 4
+        config = config_dict(model_dir, data, tmp_path / name, train={"max_steps": steps, "batch_size": 2,
+                                                                     "distributed": "fsdp", "save_every": 2,
+                                                                     "scheduler": "constant", "lr": 1e-2})
+        result = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress",
+                          *extra, threads=2)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    train("whole")
+    train("resumed", steps=2)
+    assert "resuming" in train("resumed", "--resume", "--set", "train.max_steps=4", steps=2).stdout
+    whole, resumed = adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "resumed")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], atol=1e-6, rtol=0)

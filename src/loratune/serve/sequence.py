@@ -7,16 +7,12 @@ token limit. Streaming and non-streaming requests consume the same deltas, so th
 
 from __future__ import annotations
 
-import itertools
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
-_ids = itertools.count()
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -83,8 +79,6 @@ class Sequence:
     stop_ids: frozenset[int]
     sink: Callable[[Event], None]
     deadline: float | None = None  # time.monotonic() after which it fails as timed out
-    id: int = field(default_factory=lambda: next(_ids))
-    created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     tokens: list[int] = field(default_factory=list)
     emitted: str = ""

@@ -124,9 +124,9 @@ class TrainConfig(_Section):
                              "there are none, so remove it")
         if method == "intrinsic" and self.intrinsic.dim is None:
             raise ValueError("train.method: intrinsic needs intrinsic.dim (how many parameters train), e.g. 1000")
-        if self.train.distributed == "fsdp" and (self.model.quantize is not None or method == "intrinsic"):
-            what = f"a {self.model.quantize} base" if self.model.quantize else "train.method: intrinsic"
-            raise ValueError(f"train.distributed: fsdp does not shard {what} yet; use train.distributed: ddp")
+        if self.train.distributed == "fsdp" and method != "lora":
+            raise ValueError(f"train.distributed: fsdp shards the frozen base under an adapter; train.method: {method} "
+                             "writes the base's own weights, which it does not gather yet; use train.distributed: ddp")
         if self.train.method != "full" and self.train.full_modules is not None:
             raise ValueError("train.full_modules applies to train.method: full; remove it or set the method")
         return self

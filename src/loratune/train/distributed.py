@@ -127,7 +127,8 @@ def shard_frozen_base(model: torch.nn.Module, trained: list[torch.nn.Parameter])
     is the root. The ``trained`` parameters, and everything outside the blocks (embeddings, final norm, output
     head: small, and a tied head shares its weight with the embeddings), stay whole on every process: their
     gradients are averaged with ``average_gradients``, so checkpoints and the adapter are written as today.
-    Returns how many blocks were sharded; raises ``ConfigError`` for a model without blocks FSDP can find."""
+    Returns (blocks sharded, bytes of weights this process holds, bytes of all the model's weights); raises
+    ``ConfigError`` for a model without blocks FSDP can find."""
     from torch.distributed.fsdp import fully_shard
 
     from loratune.errors import ConfigError
@@ -144,7 +145,12 @@ def shard_frozen_base(model: torch.nn.Module, trained: list[torch.nn.Parameter])
     for block in blocks:
         fully_shard(block, ignored_params={p for p in block.parameters() if p in whole})
     fully_shard(root, ignored_params={p for p in root.parameters() if p in whole})
-    return len(blocks)
+    held = total = 0
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param  # a DTensor holds its shard
+        held += local.numel() * local.element_size()
+        total += param.numel() * param.element_size()
+    return len(blocks), held, total
 
 
 def average_gradients(processes: Processes, params: list[torch.nn.Parameter]) -> None:

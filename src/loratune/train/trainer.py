@@ -350,8 +350,9 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
     sharded = processes.active and t.distributed == "fsdp"
     wrapped, step_loss = None, lambda batch: loss_sum_of(model, batch)
     if sharded:
-        blocks = distributed.shard_frozen_base(model, params)
-        log(f"FSDP2: {blocks} blocks of the base sharded over {processes.world} processes; trained parameters whole")
+        blocks, held, total = distributed.shard_frozen_base(model, params)
+        log(f"FSDP2: {blocks} blocks of the base sharded over {processes.world} processes; each holds "
+            f"{held / 2**20:.4g} of the weights' {total / 2**20:.4g} MiB (trained parameters whole)")
     elif processes.active:
         wrapped = DistributedDataParallel(StepLoss(model, loss_sum_of),
                                           device_ids=[processes.local_rank] if device.type == "cuda" else None)
