@@ -34,11 +34,8 @@ def routing_for(adapter_names: tuple[str, ...]) -> Routing:
     return Routing(adapter_names)
 
 
-def _check_names(adapter_names: Sequence[str], known: list[str], layers: list[tuple[str, nn.Module]]) -> None:
-    if isinstance(adapter_names, str) or not len(adapter_names):
-        raise ConfigError(f"{ADAPTER_NAMES_KWARG} must be a list with one adapter name per row, got {adapter_names!r}")
-    named = (n for entry in adapter_names for n in ((entry,) if isinstance(entry, str) else (n for n, _ in entry)))
-    for name in dict.fromkeys(named):
+def _check_names(routing: Routing, known: list[str], layers: list[tuple[str, nn.Module]]) -> None:
+    for name, _ in routing.groups:
         if name != BASE_ADAPTER and name not in known:
             choices = [*known, BASE_ADAPTER]
             hint = closest(str(name), choices)
@@ -71,8 +68,10 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
     layers = list(lora_layers(model))  # one walk of the model per batch: this runs on every forward
     wrappers = [wrapper for _, wrapper in saved_modules(model)]
     known = [*dict.fromkeys([n for _, layer in layers for n in layer.specs] + [n for w in wrappers for n in w.copies])]
-    _check_names(adapter_names, known, layers)
+    if isinstance(adapter_names, str) or not len(adapter_names):
+        raise ConfigError(f"{ADAPTER_NAMES_KWARG} must be a list with one adapter name per row, got {adapter_names!r}")
     routing = routing_for(tuple(adapter_names))
+    _check_names(routing, known, layers)
     before = [(module, module.state.routing if isinstance(module, LoraLayer) else module.routing)
               for module in (*(layer for _, layer in layers), *wrappers)]
     for module, _ in before:

@@ -136,8 +136,7 @@ def base_model_for(args, adapters=None) -> str:
     adapter either, the built-in model. Every adapter's config is read, so a wrong path fails before any
     model loads. Raises ``ConfigError`` when the adapters record different bases or none."""
     from loratune.adapters import read_adapter_config
-    from loratune.errors import ConfigError
-    from loratune.errors import ModelNotFoundError
+    from loratune.errors import ConfigError, ModelNotFoundError
     from loratune.models.base_config import model_name_for
     from loratune.models.loader import resolve_model_dir
 

@@ -263,8 +263,9 @@ def prompt_ids(example: Example, tokenizer) -> list[int]:
     """Return the token ids a model is given to generate this example's answer, formatted as in training.
 
     Chat: every turn before the answer — the last turn when it is the assistant's (an evaluation row), else
-    nothing (a conversation to continue) — plus the template's generation prompt. Prompt/completion: ``[BOS] + prompt``. Raises ``DataError`` for a text row (it has no
-    prompt), a chat with nothing before its assistant turn, or a tokenizer without a chat template.
+    nothing (a conversation to continue) — plus the template's generation prompt. Prompt/completion:
+    ``[BOS] + prompt``. Raises ``DataError`` for a text row (it has no prompt), a chat with nothing before its
+    assistant turn, or a tokenizer without a chat template.
     """
     if example.kind == "text":
         raise DataError(f"{example.location}: a text row has no prompt to generate from")

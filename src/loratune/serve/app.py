@@ -101,10 +101,6 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        service.metrics.adapters_known.set(len(service.pool.listed()))
-        service.metrics.adapters_loaded.set(sum(a.resident for a in service.pool.listed()))
-        service.metrics.queue_depth.set(service.engine.stats.waiting)
-        service.metrics.running.set(service.engine.stats.running)
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", response_class=HTMLResponse)

@@ -55,7 +55,3 @@ def keep_rows(cache, rows: torch.Tensor) -> None:
         layer.keys = layer.keys.index_select(0, rows)
         layer.values = layer.values.index_select(0, rows)
 
-
-def columns(cache) -> int:
-    """Cached positions per row."""
-    return cache.layers[0].keys.shape[-2]

@@ -36,6 +36,13 @@ class ServeMetrics:
         self.adapters_loaded = Gauge("loratune_adapters_in_memory", "Adapters held in memory", registry=r)
         self.adapters_known = Gauge("loratune_adapters_known", "Adapters the server can serve", registry=r)
 
+    def watch(self, engine, pool) -> None:
+        """Read the gauges off the engine and the adapter pool whenever they are scraped."""
+        self.queue_depth.set_function(lambda: engine.stats.waiting)
+        self.running.set_function(lambda: engine.stats.running)
+        self.adapters_loaded.set_function(lambda: sum(a.resident for a in pool.listed()))
+        self.adapters_known.set_function(lambda: len(pool.listed()))
+
     def on_step(self, rows: int, seconds: float) -> None:
         self.batch_rows.observe(rows)
         self.step_seconds.observe(seconds)

@@ -100,8 +100,8 @@ class Sequence:
         """What the sequence runs with, as a hashable value (sorted names and strengths)."""
         return tuple(sorted(self.adapters.items()))
 
-    def accept(self, token: int, logprob: TokenLogprob | None = None) -> bool:
-        """Take the next token; emit what text is ready; return True when the sequence is finished."""
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Take the next token and emit what text is ready; ``done`` says when the sequence has finished."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         if logprob is not None:
@@ -109,22 +109,20 @@ class Sequence:
         if token in self.stop_ids:
             self._emit(self.tokenizer.decode(self.tokens, skip_special_tokens=True))  # what a stop string held back
             self._finish("stop", counted=1)
-            return True
+            return
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         cut = _first_stop(text, self.params.stop, max(0, len(self.emitted) - _longest(self.params.stop)))
         if cut is not None:
             self._emit(text[:cut])
             self._finish("stop")
-            return True
+            return
         ready = text[: len(text) - _held_back(text, self.params.stop)]
         # An incomplete UTF-8 sequence decodes to U+FFFD; wait for the token that completes it.
         self._emit(ready.rstrip("\ufffd"))
         if len(self.tokens) >= self.params.max_tokens:
             self._emit(text)
             self._finish("length")
-            return True
-        return False
 
     def fail(self, failure: Failed) -> None:
         if not self.done:

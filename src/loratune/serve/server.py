@@ -30,6 +30,7 @@ def build(model, tokenizer, base_id: str, adapters: list[tuple[str, str, float]]
     pool = AdapterPool(model, engine, max_loaded=max(max_loaded, len(adapters)), adapter_root=adapter_root)
     for name, path, strength in adapters:
         pool.add_at_start(name, path, strength)
+    metrics.watch(engine, pool)
     service = Service(model, tokenizer, base_id, engine, pool, metrics, max_tokens_limit=max_tokens_limit,
                       request_timeout=request_timeout)
     engine.start()

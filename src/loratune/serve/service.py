@@ -177,7 +177,6 @@ class Service:
             except QueueFull:
                 raise RequestError("the server is busy (its queue is full); retry in a moment", 429,
                                    "rate_limit_error") from None
-            self.metrics.queue_depth.set(self.engine.stats.waiting)
             open_ = len(seqs)
             while open_:
                 index, event = await inbox.get()
@@ -201,8 +200,6 @@ class Service:
             if seq.first_token_at is not None:
                 m.time_to_first_token.labels(job.model_name).observe(seq.first_token_at - job.arrived)
             m.request_seconds.labels(job.model_name).observe(time.monotonic() - job.arrived)
-        m.running.set(self.engine.stats.running)
-        m.queue_depth.set(self.engine.stats.waiting)
 
 
 def _sink(loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue, index: int):
