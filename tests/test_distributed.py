@@ -29,8 +29,8 @@ def setup(tmp_path_factory, make_tiny_llama_dir):
     return root, make_tiny_llama_dir(), data
 
 
-def run_config(root: Path, model_dir, data, name: str, batch_size: int, **train) -> Path:
-    config = config_dict(model_dir, data, root / name, lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+def run_config(root: Path, model_dir, data, name: str, batch_size: int, dropout: float = 0.0, **train) -> Path:
+    config = config_dict(model_dir, data, root / name, lora={"r": 4, "lora_alpha": 8, "lora_dropout": dropout},
                          train={"max_steps": 4, "batch_size": batch_size, "lr": 1e-2, "save_every": 2, **train})
     return write_config(root / f"{name}.yaml", config)
 
@@ -82,7 +82,7 @@ def test_a_killed_run_stops_every_process_and_resumes_to_the_uninterrupted_resul
     import time
 
     root, model_dir, data = setup
-    steps = dict(max_steps=40, save_every=4)
+    steps = dict(max_steps=40, save_every=4, dropout=0.1)  # each process's masks are drawn again on resume
     whole = loratune("train", run_config(root, model_dir, data, "whole", 2, **steps), "--nproc", 2, "--no-progress",
                      threads=2)
     assert whole.returncode == 0, whole.stderr
@@ -177,6 +177,7 @@ def test_fsdp_shards_the_base_and_trains_and_evaluates_as_ddp_does(setup, tmp_pa
         assert runs[name].returncode == 0, runs[name].stderr
     held, total = held_and_total(runs["fsdp"])  # the blocks are split; embeddings, head and adapter are whole
     assert 0.6 * total < held < 0.8 * total
+    assert "each block sharded as it was read" in runs["fsdp"].stdout  # no process held the whole base
     reference = adapter_tensors(tmp_path / "ddp")
     for name in ("fsdp", "fsdp_ckpt"):
         ours = adapter_tensors(tmp_path / name)
@@ -207,19 +208,64 @@ def test_qlora_under_fsdp_shards_the_4bit_base_and_trains_what_ddp_trains(setup,
         torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("setting, named", [({"train": {"method": "intrinsic"}}, "train.method: intrinsic"),
-                                            ({"train": {"method": "full"}}, "train.method: full")])
-def test_what_fsdp_cannot_shard_yet_is_refused_in_one_line(capsys, setup, tmp_path, setting, named):
+def test_an_adapter_whose_start_reads_the_base_loads_it_whole_under_fsdp_and_matches_ddp(setup, tmp_path):
+    root, model_dir, data = setup
+    for name, options in (("ddp", {}), ("fsdp", {"distributed": "fsdp"})):
+        config = config_dict(model_dir, data, tmp_path / name, lora={"r": 4, "lora_alpha": 8, "use_dora": True},
+                             train={"max_steps": 3, "batch_size": 2, "lr": 1e-2, **options})
+        result = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress",
+                          threads=2)
+        assert result.returncode == 0, result.stderr
+    assert "the base was read whole, then sharded" in result.stdout  # DoRA's magnitudes need whole weights
+    reference, ours = adapter_tensors(tmp_path / "ddp"), adapter_tensors(tmp_path / "fsdp")
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
+
+
+def test_what_fsdp_cannot_shard_is_refused_in_one_line(capsys, setup, tmp_path):
     from test_cli import assert_one_line_error, cli
 
     _, model_dir, data = setup
     config = config_dict(model_dir, data, tmp_path / "run", intrinsic={"dim": 8})
-    for section, values in setting.items():
-        config[section].update(values)
-    config["train"]["distributed"] = "fsdp"
+    config["train"].update(method="intrinsic", distributed="fsdp")
     status, _, err = cli(capsys, "train", write_config(tmp_path / "fsdp.yaml", config), "--no-progress")
-    assert_one_line_error(status, err, "train", named)
+    assert_one_line_error(status, err, "train", "train.method: intrinsic")
     assert not (tmp_path / "run").exists()
+
+
+def model_weights(run: Path, name: str = "model") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / name / "model.safetensors")
+
+
+def test_full_fine_tuning_under_fsdp_shards_the_trained_weights_and_matches_ddp(setup, tmp_path):
+    root, model_dir, data = setup
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", addition_rows(5, start=50))
+    runs = {}
+    for name, options in (("ddp", {}), ("fsdp", {"distributed": "fsdp"}),
+                          ("fsdp_ckpt", {"distributed": "fsdp", "gradient_checkpointing": True})):
+        config = config_dict(model_dir, data, tmp_path / name, data={"eval": str(evaluation)},
+                             train={"method": "full", "max_steps": 4, "batch_size": 2, "lr": 1e-3, "eval_every": 2,
+                                    "save_every": 2, "best_metric": "eval_loss", **options})
+        runs[name] = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2,
+                              "--no-progress", threads=2)
+        assert runs[name].returncode == 0, runs[name].stderr
+    held, total = held_and_total(runs["fsdp"])  # the blocks' trained weights are split too
+    assert "trained parameters sharded too" in runs["fsdp"].stdout + runs["fsdp"].stderr
+    assert 0.6 * total < held < 0.8 * total
+    reference = model_weights(tmp_path / "ddp")
+    for name in ("fsdp", "fsdp_ckpt"):
+        for output in ("model", "best"):  # the final model and the best one, gathered whole
+            ours = model_weights(tmp_path / name, output)
+            assert ours.keys() == model_weights(tmp_path / "ddp", output).keys()
+            for key, value in model_weights(tmp_path / "ddp", output).items():
+                torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0)
+        evaluations = [r["eval_loss"] for r in metrics(tmp_path / name) if "eval_loss" in r]
+        expected = [r["eval_loss"] for r in metrics(tmp_path / "ddp") if "eval_loss" in r]
+        assert evaluations == pytest.approx(expected, abs=1e-5)
+    assert reference.keys() == model_weights(tmp_path / "fsdp").keys()
 
 
 def test_an_fsdp_run_resumed_from_a_checkpoint_ends_where_the_uninterrupted_one_does(setup, tmp_path):
@@ -239,5 +285,26 @@ def test_an_fsdp_run_resumed_from_a_checkpoint_ends_where_the_uninterrupted_one_
     train("resumed", steps=2)
     assert "resuming" in train("resumed", "--resume", "--set", "train.max_steps=4", steps=2).stdout
     whole, resumed = adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "resumed")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], atol=1e-6, rtol=0)
+
+
+def test_a_full_fine_tune_under_fsdp_resumes_to_the_uninterrupted_result(setup, tmp_path):
+    root, model_dir, data = setup
+
+    def train(name: str, *extra, steps: int = 4):
+        config = config_dict(model_dir, data, tmp_path / name, train={"method": "full", "max_steps": steps,
+                                                                     "batch_size": 2, "distributed": "fsdp",
+                                                                     "save_every": 2, "scheduler": "constant",
+                                                                     "lr": 1e-3})
+        result = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress",
+                          *extra, threads=2)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    train("whole")
+    train("resumed", steps=2)  # its checkpoint holds the gathered weights and AdamW's moments
+    assert "resuming" in train("resumed", "--resume", "--set", "train.max_steps=4", steps=2).stdout
+    whole, resumed = model_weights(tmp_path / "whole"), model_weights(tmp_path / "resumed")
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], atol=1e-6, rtol=0)

@@ -128,7 +128,9 @@ def _print_summary(console, summary: dict) -> None:
     if summary["best_metric"] and summary["best"] is not None:
         table.add_row(f"best {summary['best_metric']}", f"{summary['best']:.4f} (step {summary['best_step']})")
     table.add_row("trainable params", f"{summary['trainable_params']:,} of {summary['total_params']:,}")
-    table.add_row("peak memory", f"{summary['peak_memory_mb']:,.0f} MiB")
+    peaks = summary.get("peak_memory_mb_per_process")
+    each = f" (per process: {', '.join(f'{peak:,.0f}' for peak in peaks)} MiB)" if peaks else ""
+    table.add_row("peak memory", f"{summary['peak_memory_mb']:,.0f} MiB{each}")
     if summary["adapter_bytes"]:
         table.add_row("adapter", f"{summary['adapter_bytes'] / 2**20:.2f} MiB in {summary['output_dir']}/adapter")
     if summary["model_bytes"]:

@@ -43,12 +43,13 @@ def save_hf_model(
     return write_output_dir(out_dir, "model", fill)
 
 
-def write_hf_model(model, tokenizer, directory: Path) -> None:
+def write_hf_model(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
     """Write ``model`` (safetensors), its tokenizer and chat template and generation config into the existing
-    directory ``directory`` (no atomicity of its own: build it in a staging directory)."""
+    directory ``directory`` (no atomicity of its own: build it in a staging directory). ``state_dict``: the
+    weights to write in place of the model's own (a sharded model's, gathered)."""
     model.config.tie_word_embeddings = weights_are_tied(model)
     text_config = getattr(model.config, "get_text_config", lambda: None)()
     if text_config is not None and text_config is not model.config:
         text_config.tie_word_embeddings = model.config.tie_word_embeddings
-    model.save_pretrained(str(directory), safe_serialization=True)
+    model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(directory))

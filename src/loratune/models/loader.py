@@ -11,8 +11,9 @@ from loratune.errors import ConfigError, LoratuneError, ModelNotFoundError
 from loratune.models.aliases import alias_gguf_path, alias_names, get_alias
 from loratune.models.devices import resolve_device, resolve_dtype
 from loratune.models.gguf_cache import cached_hf_dir
-from loratune.models.quantized import DEFAULT_UNQUANTIZED, load_quantized_model, stored_in_4bit
-from loratune.quant import QuantSpec
+from loratune.models.quantized import DEFAULT_UNQUANTIZED, stored_in_4bit
+from loratune.models.streamed import load_streamed
+from loratune.quant import QuantSpec, checkpoint_files
 
 QUANTIZE_CHOICES = (None, "nf4", "fp4")
 
@@ -37,6 +38,7 @@ def load_model(
     double_quant: bool = True,
     compute_dtype: str | torch.dtype | None = None,
     unquantized_modules=DEFAULT_UNQUANTIZED,
+    on_block=None,
 ):
     """Load a causal language model and its tokenizer; return ``(model, tokenizer)``.
 
@@ -53,6 +55,10 @@ def load_model(
     tensor by tensor, never holding the full-precision model. A ``.gguf`` base is first converted once into
     the cache through transformers, which holds that whole model in memory (fine for small models).
 
+    ``on_block`` (FSDP2 sharding): the safetensors weights are streamed the same way, in any dtype, and each
+    transformer block is given to ``on_block`` as soon as it is complete (see ``models.streamed``); a checkpoint
+    without safetensors files is loaded whole instead.
+
     Raises ``ModelNotFoundError`` when ``name`` cannot be found or read, ``ConfigError`` for an invalid
     ``quantize``/``dtype``/``device`` or a weight that cannot be quantized, and ``LoratuneError`` when a
     checkpoint does not match its config in 4-bit loading.
@@ -68,13 +74,17 @@ def load_model(
         stored = stored_in_4bit(model_dir)
         if quantize is None and stored:
             raise ConfigError(f"{name} is stored in 4 bits ({stored}); load it with quantize={stored!r}")
-        if quantize is None:
+        if quantize is None and on_block is not None and _has_safetensors(model_dir):
+            model = load_streamed(model_dir, None, torch_dtype, device, trust_remote_code=trust_remote_code,
+                                  on_block=on_block)
+        elif quantize is None:
             model = AutoModelForCausalLM.from_pretrained(
                 str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True
             )
         else:
             spec = QuantSpec(quantize.strip().lower(), double_quant, resolve_dtype(compute_dtype, device))
-            model = load_quantized_model(model_dir, spec, torch_dtype, device, unquantized_modules, trust_remote_code)
+            model = load_streamed(model_dir, spec, torch_dtype, device, unquantized_modules, trust_remote_code,
+                                  on_block)
         tokenizer = _tokenizer_from(model_dir, trust_remote_code)
     except LoratuneError:
         raise  # already says what is wrong (e.g. a weight that cannot be quantized)
@@ -172,6 +182,13 @@ def _tokenizer_from(model_dir: Path, trust_remote_code: bool):
         # Batching needs a pad token; EOS is the usual choice and the one SmolLM2 itself ships with.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _has_safetensors(model_dir: Path) -> bool:
+    try:
+        return bool(checkpoint_files(model_dir))
+    except ModelNotFoundError:
+        return False
 
 
 def context_length(config) -> int | None:

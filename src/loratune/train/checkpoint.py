@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from loratune.errors import LoratuneError
 from loratune.files import give_default_modes, read_safetensors, swap_into_place, temp_dir_beside, writing
+from loratune.train.distributed import shard_like, whole_tensor
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -45,8 +46,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            if torch.is_tensor(value):  # a sharded parameter's state is gathered whole
+                tensors[f"state.{index}.{key}"] = whole_tensor(value.detach()).cpu().contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -61,6 +62,12 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: di
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for group in optimizer.param_groups:  # a sharded parameter keeps its share of its state
+        for param in group["params"]:
+            values = optimizer.state.get(param, {})
+            for name, value in values.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    values[name] = shard_like(value, param)
 
 
 def save_checkpoint(
@@ -70,15 +77,20 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep: int,
-) -> Path:
+    write: bool = True,
+) -> Path | None:
     """Write ``checkpoints/step-{step}`` atomically and prune to the newest ``keep``; return its path.
-    ``trained`` (``train.trained``) gives the trained tensors and the file they go in."""
+    ``trained`` (``train.trained``) gives the trained tensors and the file they go in. When FSDP split them
+    (``trained.collective``) every process calls this, and only the one with ``write`` writes."""
+    tensors = trained.state()
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    if not write:
+        return None
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
     with writing(final, "checkpoint"):
         staging = temp_dir_beside(final)
         try:
-            save_file(trained.state(), staging / trained.state_file)
-            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+            save_file(tensors, staging / trained.state_file)
             save_file(opt_tensors, staging / "optimizer.safetensors")
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():

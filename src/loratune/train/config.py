@@ -124,9 +124,9 @@ class TrainConfig(_Section):
                              "there are none, so remove it")
         if method == "intrinsic" and self.intrinsic.dim is None:
             raise ValueError("train.method: intrinsic needs intrinsic.dim (how many parameters train), e.g. 1000")
-        if self.train.distributed == "fsdp" and method != "lora":
-            raise ValueError(f"train.distributed: fsdp shards the frozen base under an adapter; train.method: {method} "
-                             "writes the base's own weights, which it does not gather yet; use train.distributed: ddp")
+        if self.train.distributed == "fsdp" and method == "intrinsic":
+            raise ValueError("train.distributed: fsdp shards the base's weights, and train.method: intrinsic adds a "
+                             "projection into all of them to each forward; use train.distributed: ddp")
         if self.train.method != "full" and self.train.full_modules is not None:
             raise ValueError("train.full_modules applies to train.method: full; remove it or set the method")
         return self

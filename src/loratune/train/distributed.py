@@ -1,6 +1,7 @@
 """Training across processes with PyTorch's own engine: ``torchrun`` starts the workers, ``torch.distributed``
 connects them (gloo on CPUs, NCCL on GPUs), DDP all-reduces the gradients — or, with ``train.distributed:
-fsdp``, FSDP2 shards the frozen base's blocks and the trained parameters' gradients are averaged directly.
+fsdp``, FSDP2 shards the base's blocks (a full fine-tune's trained weights with them), and the gradients of what
+stays whole are averaged directly.
 
 One run: each process reads its share of every global batch (``batch_size × grad_accum × world_size`` rows), the
 loss is normalised by the global number of targets, and DDP's gradient average is scaled back to that sum, so a
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import os
+import random
 import signal
 from dataclasses import dataclass
 
@@ -119,46 +121,102 @@ def gathered(processes: Processes, value) -> list:
     return box
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of the random draws (dropout masks) of one step on one of several processes: a function of the
+    step, so a resumed run draws what the uninterrupted one drew whatever each process drew before, and of the
+    rank, so the processes draw independent masks. (A single process draws from one stream, which its
+    checkpoints save.)"""
+    return random.Random(f"{seed}:{rank}:{step}").getrandbits(63)
 
 
-def shard_frozen_base(model: torch.nn.Module, trained: list[torch.nn.Parameter]) -> int:
-    """FSDP2 (``fully_shard``) over the frozen base: each transformer block is a unit whose weights are split
-    across the processes and gathered only for its forward and backward; the base model (``model.base_model``)
-    is the root. The ``trained`` parameters, and everything outside the blocks (embeddings, final norm, output
-    head: small, and a tied head shares its weight with the embeddings), stay whole on every process: their
-    gradients are averaged with ``average_gradients``, so checkpoints and the adapter are written as today.
-    Returns (blocks sharded, bytes of weights this process holds, bytes of all the model's weights); raises
-    ``ConfigError`` for a model without blocks FSDP can find."""
-    from torch.distributed.fsdp import fully_shard
+def shard_model(model: torch.nn.Module, trained: list[torch.nn.Parameter],
+                shard_trained: bool) -> tuple[int, int, int, int]:
+    """FSDP2 (``fully_shard``) over the model: each transformer block is a unit whose weights are split across the
+    processes and gathered only for its forward and backward; the base model (``model.base_model``) is the root.
+
+    Everything outside the blocks (embeddings, final norm, output head: a tied head shares its weight with the
+    embeddings, and the fused loss reads the head's weight directly) stays whole on every process, and so do
+    the ``trained`` parameters unless ``shard_trained`` (a full fine-tune: the blocks' trained weights are
+    sharded, their gradients reduce-scattered, and the optimizer keeps only this process's share of their
+    state). The gradients of whole trained parameters are averaged with ``average_gradients``.
+    Blocks ``shard_block`` sharded while the model loaded are left as they are (all their weights sharded; an
+    adapter's factors added since are not FSDP's and stay whole).
+    Returns (blocks, how many of them were sharded while loading, bytes of weights this process holds, bytes of
+    all the model's weights); raises ``ConfigError`` for a model without blocks FSDP can find."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from loratune.errors import ConfigError
 
     names = set(getattr(model, "_no_split_modules", None) or ())
     root = getattr(model, "base_model", model)
-    blocks = [module for module in root.modules() if type(module).__name__ in names]
+    # fully_shard gives a module it sharded a subclass of its own class (FSDPLlamaDecoderLayer)
+    blocks = [module for module in root.modules() if any(c.__name__ in names for c in type(module).__mro__)]
     if not blocks:
         raise ConfigError("train.distributed: fsdp shards a model's transformer blocks, and this model names none "
                           "(_no_split_modules); use train.distributed: ddp")
-    whole = set(trained)
     inside = {id(p) for block in blocks for p in block.parameters()}
-    whole |= {p for p in root.parameters() if id(p) not in inside}
+    whole = {p for p in root.parameters() if id(p) not in inside} | (set() if shard_trained else set(trained))
+    loaded = [block for block in blocks if isinstance(block, FSDPModule)]
     for block in blocks:
-        fully_shard(block, ignored_params={p for p in block.parameters() if p in whole})
+        if not isinstance(block, FSDPModule):
+            fully_shard(block, ignored_params={p for p in block.parameters() if p in whole})
     fully_shard(root, ignored_params={p for p in root.parameters() if p in whole})
     held = total = 0
     for param in model.parameters():
         local = param.to_local() if hasattr(param, "to_local") else param  # a DTensor holds its shard
         held += local.numel() * local.element_size()
         total += param.numel() * param.element_size()
-    return len(blocks), held, total
+    return len(blocks), len(loaded), held, total
+
+
+def shard_block(block: torch.nn.Module) -> None:
+    """Shard one transformer block's weights across the processes as soon as it is loaded (``fully_shard``),
+    which frees the other processes' shares; ``shard_model`` makes the model's root afterwards."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(block)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP unit of ``model`` back in its sharded state: a forward without a backward (an evaluation)
+    leaves the root's weights gathered, and its modules holding the gathered tensors instead of the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor: FSDP2 keeps only this process's share of it."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of ``tensor``: a sharded one (DTensor) gathered from every process — a collective call, which
+    every process must make in the same order — and any other as it is."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``whole`` split as ``like`` (a DTensor) is: this process keeps its share, cut from its own copy of
+    ``whole`` without communication; for a plain ``like``, ``whole`` itself."""
+    if not is_sharded(like):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    local = whole.to(dtype=like.dtype, device=like.to_local().device)
+    return distribute_tensor(local, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def average_gradients(processes: Processes, params: list[torch.nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over the processes, in one all-reduce (what DDP does for the
-    parameters FSDP leaves whole)."""
+    """Average the gradients of ``params`` that FSDP left whole over the processes, in one all-reduce (what DDP
+    does; FSDP reduces the sharded ones itself)."""
     import torch.distributed as dist
 
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None and not is_sharded(p.grad)]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -168,6 +226,27 @@ def average_gradients(processes: Processes, params: list[torch.nn.Parameter]) ->
     for grad in grads:
         grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The gradients' global L2 norm, after scaling them down to ``max_norm`` when it is exceeded (None: no
+    clipping). Gradients FSDP sharded count with their every shard (a collective call)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if is_sharded(g)]
+    if not sharded:
+        if max_norm is not None:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(torch.nn.utils.get_total_norm(grads))
+    plain = [g for g in grads if not is_sharded(g)]
+    squares = float(whole_tensor(torch.nn.utils.get_total_norm(sharded))) ** 2
+    if plain:
+        squares += float(torch.nn.utils.get_total_norm(plain)) ** 2
+    norm = squares ** 0.5
+    if max_norm is not None and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)  # as clip_grad_norm_
+        for grad in grads:
+            grad.mul_(scale)
+    return norm
 
 
 def launch(loratune_args: list[str], nproc: int) -> int:
@@ -193,5 +272,6 @@ def launch(loratune_args: list[str], nproc: int) -> int:
         return process.wait()
 
 
-__all__ = ["Processes", "TIMEOUT", "barrier", "die_with_parent", "from_main", "gathered", "launch", "start", "stop",
-           "total"]
+__all__ = ["Processes", "TIMEOUT", "average_gradients", "barrier", "die_with_parent", "from_main", "gathered",
+           "gradient_norm", "is_sharded", "launch", "reshard", "shard_block", "shard_like", "shard_model", "start",
+           "step_seed", "stop", "total", "whole_tensor"]

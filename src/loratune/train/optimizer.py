@@ -53,7 +53,20 @@ def build_optimizer(model: nn.Module, train, params: list[torch.Tensor] | None =
     else:
         groups = _loraplus_groups(model, train.lr, train.loraplus_lr_ratio, train.loraplus_lr_embedding,
                                   train.weight_decay)
-    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
+    return torch.optim.AdamW(_apart_from_shards(groups), lr=train.lr, weight_decay=train.weight_decay, foreach=True)
+
+
+def _apart_from_shards(groups: list[dict]) -> list[dict]:
+    """Each group split in two when it mixes parameters FSDP sharded (DTensors) with whole ones: the foreach
+    update runs over one kind at a time."""
+    from loratune.train.distributed import is_sharded
+
+    split = []
+    for group in groups:
+        sharded = [p for p in group["params"] if is_sharded(p)]
+        whole = [p for p in group["params"] if not is_sharded(p)]
+        split += [{**group, "params": params} for params in (sharded, whole) if params]
+    return split
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -21,15 +21,21 @@ from loratune.adapters import adapter_state, load_adapter_state, save_adapter
 from loratune.adapters.targets import module_name_matches
 from loratune.errors import ConfigError, LoratuneError
 from loratune.models.export import write_hf_model
+from loratune.train.distributed import is_sharded, reshard, shard_like, whole_tensor
 from loratune.train.intrinsic import IntrinsicWeights, intrinsic_targets
 
 
 class Trained:
     """What every kind shares: the optimizer updates ``parameters()`` themselves, with nothing to do around a step.
-    Kinds set ``output_name`` (the run's output directory) and ``state_file`` (in checkpoints)."""
+    Kinds set ``output_name`` (the run's output directory) and ``state_file`` (in checkpoints).
+
+    ``collective``: whether FSDP split what the run trains across the processes (a full fine-tune under
+    ``train.distributed: fsdp``). Then ``state()``, ``saved_weights()`` and the optimizer's state are gathered
+    by every process together, so every process takes part in each checkpoint and save that rank 0 writes."""
 
     output_name: str
     state_file: str
+    collective = False
 
     def parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
@@ -42,6 +48,14 @@ class Trained:
 
     def after_step(self) -> None:
         """Called after the optimizer stepped."""
+
+    def after_sharding(self) -> None:
+        """Called after FSDP replaced the model's parameters with sharded ones."""
+
+    def saved_weights(self, keep: bool) -> dict[str, torch.Tensor] | None:
+        """What ``save`` writes when it must be gathered first (every process calls this, in step); None when
+        ``save`` reads the model itself. ``keep``: whether this process keeps the result (the one that writes)."""
+        return None
 
 
 class TrainedAdapter(Trained):
@@ -62,7 +76,7 @@ class TrainedAdapter(Trained):
     def load_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         load_adapter_state(self.model, self.name, tensors, source)
 
-    def save(self, tokenizer, directory: Path, base_name: str) -> None:
+    def save(self, tokenizer, directory: Path, base_name: str, weights: dict | None = None) -> None:
         """Write the adapter and the tokenizer (with its chat template) into ``directory``."""
         save_adapter(self.model, directory, self.name, base_model_name_or_path=base_name)
         tokenizer.save_pretrained(str(directory))
@@ -83,8 +97,17 @@ class TrainedModel(Trained):
         for param in chosen.values():
             param.requires_grad_(True)
         self.names = list(chosen)
-        self.params = list(chosen.values())
-        self.masters = [p.detach().float().clone() if p.dtype != torch.float32 else p for p in self.params]
+        self._bind(list(chosen.values()))
+
+    def _bind(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.masters = [p.detach().float().clone() if p.dtype != torch.float32 else p for p in params]
+
+    def after_sharding(self) -> None:
+        """Train the sharded parameters FSDP put in place of the model's own (same names), each process its share."""
+        named = dict(self.model.named_parameters())
+        self._bind([named[name] for name in self.names])
+        self.collective = any(is_sharded(p) for p in self.params)
 
     def parameters(self) -> list[nn.Parameter]:
         return self.params
@@ -93,7 +116,8 @@ class TrainedModel(Trained):
         return self.masters
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {name: master.detach().to("cpu", copy=True).contiguous() for name, master in zip(self.names, self.masters)}
+        return {name: whole_tensor(master.detach()).to("cpu", copy=True).contiguous()
+                for name, master in zip(self.names, self.masters)}
 
     def load_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         missing = [name for name in self.names if name not in tensors]
@@ -104,7 +128,7 @@ class TrainedModel(Trained):
                 if tuple(tensors[name].shape) != tuple(param.shape):
                     raise LoratuneError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, the model "
                                         f"{tuple(param.shape)}")
-                master.copy_(tensors[name])
+                master.copy_(shard_like(tensors[name], master))
                 if master is not param:
                     param.copy_(master)
 
@@ -122,9 +146,27 @@ class TrainedModel(Trained):
                 if master is not param:
                     param.copy_(master)
 
-    def save(self, tokenizer, directory: Path, base_name: str) -> None:
-        """Write the model (safetensors, its stored dtype) and tokenizer into ``directory``: transformers loads it."""
-        write_hf_model(self.model, tokenizer, directory)
+    def saved_weights(self, keep: bool) -> dict[str, torch.Tensor] | None:
+        """The model's whole state dict on the CPU, gathered from the processes' shards (a tied weight once, under
+        each of its names); None when nothing is sharded."""
+        if not self.collective:
+            return None
+        reshard(self.model)
+        parameters = dict(self.model.named_parameters(remove_duplicate=False))
+        gathered: dict[int, torch.Tensor | None] = {}
+        weights = {}
+        for name, value in self.model.state_dict().items():
+            value = parameters.get(name, value)
+            if id(value) not in gathered:  # every process, in the same order: gathering a shard is collective
+                whole = whole_tensor(value.detach())
+                gathered[id(value)] = whole.cpu() if keep else None
+            weights[name] = gathered[id(value)]
+        return weights if keep else None
+
+    def save(self, tokenizer, directory: Path, base_name: str, weights: dict | None = None) -> None:
+        """Write the model (safetensors, its stored dtype) and tokenizer into ``directory``: transformers loads it.
+        ``weights``: its gathered state dict (``saved_weights``) when FSDP split it."""
+        write_hf_model(self.model, tokenizer, directory, state_dict=weights)
 
 
 def _chosen_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[str, nn.Parameter]:
@@ -165,7 +207,7 @@ class TrainedIntrinsic(Trained):
     def load_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         self.weights.load_state(tensors, source)
 
-    def save(self, tokenizer, directory: Path, base_name: str) -> None:
+    def save(self, tokenizer, directory: Path, base_name: str, weights: dict | None = None) -> None:
         """Write θ_d, λ, the seed and the targets (see ``train.intrinsic``) and the tokenizer into ``directory``."""
         self.weights.save(directory, base_name)
         tokenizer.save_pretrained(str(directory))

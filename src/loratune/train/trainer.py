@@ -25,6 +25,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from loratune.adapters import add_adapter, parameter_report
+from loratune.layers.init import is_residual_start
+from loratune.quant.memory import release_freed_memory
 from loratune.data import (
     Example,
     TokenizedExample,
@@ -184,12 +186,17 @@ def _progress(total: int, start: int, enabled: bool):
     return progress
 
 
-def save_trained(trained, tokenizer, path: Path, base_name: str, labels: LabelSpace | None = None) -> None:
+def save_trained(trained, tokenizer, path: Path, base_name: str, labels: LabelSpace | None = None,
+                 write: bool = True) -> None:
     """Write what the run trained (an adapter, or a full fine-tune's model) plus the tokenizer files (with the
-    chat template) — and a classifier's ``labels.json`` — into ``path``, replacing it whole."""
+    chat template) — and a classifier's ``labels.json`` — into ``path``, replacing it whole. When FSDP split what
+    was trained (``trained.collective``) every process calls this, and only the one with ``write`` writes."""
+    weights = trained.saved_weights(keep=write)
+    if not write:
+        return
 
     def fill(staging: Path) -> None:
-        trained.save(tokenizer, staging, base_name)
+        trained.save(tokenizer, staging, base_name, weights)
         if labels is not None:
             write_labels(staging, labels)
 
@@ -262,7 +269,7 @@ def _first_step_done(dirs) -> bool:
     return (dirs.work / "checkpoints").is_dir() or MetricsLog(dirs.work).records() != []
 
 
-def _load_base(config: TrainConfig):
+def _load_base(config: TrainConfig, on_block=None):
     return load_model(
         config.model.name,
         quantize=config.model.quantize,
@@ -272,7 +279,16 @@ def _load_base(config: TrainConfig):
         double_quant=config.model.double_quant,
         compute_dtype=config.model.compute_dtype,
         unquantized_modules=config.model.unquantized_modules,
+        on_block=on_block,
     )
+
+
+def _shards_while_loading(config: TrainConfig) -> bool:
+    """Whether FSDP may shard each block as it loads: not when the adapter's start reads the base weights
+    whole (DoRA's magnitudes, PiSSA/OLoRA's factors) or copies modules (modules_to_save)."""
+    lora = config.lora
+    return config.train.method == "full" or not (lora.use_dora or is_residual_start(lora.init_lora_weights)
+                                                 or lora.modules_to_save)
 
 
 def fit_max_length(config: TrainConfig, model, log) -> TrainConfig:
@@ -308,7 +324,8 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
         m = config.model
         model, tokenizer = load_classifier(m.name, space, m.dtype, m.device, m.trust_remote_code)
     else:
-        model, tokenizer = _load_base(config)
+        streams = processes.active and t.distributed == "fsdp" and _shards_while_loading(config)
+        model, tokenizer = _load_base(config, distributed.shard_block if streams else None)
     if not resume:
         config = fit_max_length(config, model, log)
         if classifier:
@@ -340,6 +357,17 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     device = model_device(model)
+    sharded = processes.active and t.distributed == "fsdp"
+    if sharded:
+        full = t.method == "full"
+        blocks, loaded, held, total = distributed.shard_model(model, trained.parameters(), shard_trained=full)
+        trained.after_sharding()
+        peaks = distributed.gathered(processes, peak_memory_mb())
+        log(f"FSDP2: {blocks} blocks of the base sharded over {processes.world} processes; each holds "
+            f"{held / 2**20:.4g} of the weights' {total / 2**20:.4g} MiB "
+            f"(trained parameters {'sharded too' if full else 'whole'}); "
+            + ("each block sharded as it was read" if loaded == blocks else "the base was read whole, then sharded")
+            + f"; peak memory so far {', '.join(f'{peak:,.0f}' for peak in peaks or [])} MiB")
     params = trained.parameters()
     optimizer = build_optimizer(model, t, trained.optimizer_parameters())
     stream = BatchStream(data.train, config, tokenizer.pad_token_id, device,
@@ -347,13 +375,8 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
     loss_sum_of = classification_loss_sum if classifier else causal_lm_loss_sum
     # DDP all-reduces (averages) the gradients; every process runs the same steps on its shard. It wraps the loss
     # computation, so the fused loss (hidden states and the output head, no logits) runs under it too.
-    sharded = processes.active and t.distributed == "fsdp"
     wrapped, step_loss = None, lambda batch: loss_sum_of(model, batch)
-    if sharded:
-        blocks, held, total = distributed.shard_frozen_base(model, params)
-        log(f"FSDP2: {blocks} blocks of the base sharded over {processes.world} processes; each holds "
-            f"{held / 2**20:.4g} of the weights' {total / 2**20:.4g} MiB (trained parameters whole)")
-    elif processes.active:
+    if processes.active and not sharded:
         wrapped = DistributedDataParallel(StepLoss(model, loss_sum_of),
                                           device_ids=[processes.local_rank] if device.type == "cuda" else None)
         step_loss = wrapped
@@ -361,6 +384,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
     # together (on all rows), where DDP shares the rows out
     evaluating = Processes() if sharded else processes
     lockstep = processes.main or sharded  # the processes that run a forward rank 0 needs
+    writes = processes.main or trained.collective  # the processes that take part in what rank 0 writes
     micro_batches = math.ceil(t.epochs * stream.batches_per_epoch)
     total_steps = t.max_steps or max(1, math.ceil(micro_batches / t.grad_accum))
 
@@ -417,6 +441,8 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
         with StepInterrupts() as interrupts:
             for step in range(start_step, total_steps):
                 started = time.perf_counter()
+                if processes.active:
+                    torch.manual_seed(distributed.step_seed(t.seed, processes.rank, step))
                 batches = [stream.next() for _ in range(t.grad_accum)]
                 targets = int(distributed.total(processes, sum(_targets(b, classifier) for b in batches)))
                 lr = learning_rate(step, total_steps=total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps,
@@ -431,7 +457,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
                         # DDP averages over the processes; the step wants the sum over all targets
                         (loss_sum * (processes.world / max(1, targets))).backward()
                     if sharded and index == len(batches) - 1:
-                        distributed.average_gradients(processes, params)
+                        distributed.average_gradients(processes, params)  # FSDP reduces only what it shards
                     loss_total += float(loss_sum.detach())
                     # Drop the step's graph now: kept until the next forward reassigns the name, its many small
                     # nodes sit in the freed activation memory and the next forward cannot reuse it whole.
@@ -440,10 +466,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
                 if not math.isfinite(loss):
                     raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {_last_good(run_dir)}. "
                                            "Lower train.lr or check the data")
-                if t.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-                else:
-                    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+                grad_norm = distributed.gradient_norm(params, t.max_grad_norm)
                 if not math.isfinite(grad_norm):
                     raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step + 1}; "
                                            f"{_last_good(run_dir)}. Lower train.lr or check the data")
@@ -455,6 +478,8 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     trained.after_step()
+                    if sharded and device.type == "cpu":
+                        release_freed_memory()  # the gathered blocks' freed memory, or the heap keeps it resident
                     seconds = time.perf_counter() - started
                     state["tokens"] += tokens
                     state["train_seconds"] += seconds
@@ -476,10 +501,12 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
                     retention = _retention(model, tokenizer, data, state, t) if lockstep else {}
                     if processes.main:
                         _log_evaluation(metrics, log, done, result, retention)
-                        if result is not None:
-                            _keep_best(trained, tokenizer, run_dir, config, state, result, done, data.labels)
-                if done % t.save_every == 0 and done < total_steps and processes.main:
-                    save_checkpoint(run_dir, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
+                    if result is not None and writes:
+                        _keep_best(trained, tokenizer, run_dir, config, state, result, done, data.labels,
+                                   write=processes.main)
+                if done % t.save_every == 0 and done < total_steps and writes:
+                    save_checkpoint(run_dir, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints,
+                                    write=processes.main)
     except KeyboardInterrupt:
         if bar is not None:
             bar.stop()
@@ -496,19 +523,25 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
     if (data.eval or data.retain) and last_eval_step != total_steps:
         final_eval = _evaluate(model, tokenizer, data, t, evaluating) if data.eval else None
         final_retention = _retention(model, tokenizer, data, state, t) if lockstep else {}
-    if not processes.main:
+    main = processes.main
+    if writes:
+        save_checkpoint(run_dir, total_steps, trained, optimizer, _trainer_state(state), t.keep_checkpoints, write=main)
+        save_trained(trained, tokenizer, run_dir / trained.output_name, _base_name(model, config), data.labels,
+                     write=main)
+        if (data.eval or data.retain) and last_eval_step != total_steps:
+            if main:
+                _log_evaluation(metrics, log, total_steps, final_eval, final_retention)
+            if t.best_metric and final_eval is not None:
+                _keep_best(trained, tokenizer, run_dir, config, state, final_eval, total_steps, data.labels,
+                           write=main)
+    if not main:
+        distributed.gathered(processes, round(peak_memory_mb(), 1))  # for rank 0's summary, once it has written
         distributed.barrier(processes)  # rank 0 writes the run; the others wait for it
         return {}
-    save_checkpoint(run_dir, total_steps, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
-    base_name = _base_name(model, config)
-    save_trained(trained, tokenizer, run_dir / trained.output_name, base_name, data.labels)
-    if (data.eval or data.retain) and last_eval_step != total_steps:
-        _log_evaluation(metrics, log, total_steps, final_eval, final_retention)
-        if t.best_metric and final_eval is not None:
-            _keep_best(trained, tokenizer, run_dir, config, state, final_eval, total_steps, data.labels)
     records = metrics.records()
     plot_losses(records, run_dir / "loss.png")
-    summary = _summary(dirs.final, run_dir, config, state, total_steps, report, records)
+    peaks = distributed.gathered(processes, round(peak_memory_mb(), 1)) if processes.active else None
+    summary = _summary(dirs.final, run_dir, config, state, total_steps, report, records, peaks)
     write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     finish_run_dir(dirs)
     distributed.barrier(processes)
@@ -550,16 +583,21 @@ def _set_rng_state(saved: tuple) -> None:
 
 
 def _interrupted(dirs, done, start_step, total_steps, rng, trained, optimizer, state, t) -> TrainingInterrupted:
-    """Checkpoint the last completed step (as an uninterrupted run would have had it) and describe it."""
-    checkpoint = latest_checkpoint(dirs.work)
-    if done > start_step:
+    """Checkpoint the last completed step (as an uninterrupted run would have had it) and describe it. Weights FSDP
+    split across the processes cannot be gathered while they stop: then the last checkpoint written stands."""
+    checkpoint, saved = latest_checkpoint(dirs.work), done > start_step and not trained.collective
+    if saved:
         _set_rng_state(rng)
         checkpoint = save_checkpoint(dirs.work, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
     if checkpoint is None:
         abandon_run_dir(dirs)
-        return TrainingInterrupted("interrupted before the first step completed; nothing was saved", None, dirs.final)
-    return TrainingInterrupted(f"interrupted at step {done} of {total_steps}; checkpoint saved in {checkpoint}",
-                               checkpoint, dirs.final)
+        return TrainingInterrupted("interrupted before the first step completed; nothing was saved"
+                                   if done == start_step else
+                                   f"interrupted at step {done} before the first checkpoint (a full fine-tune under "
+                                   "FSDP saves at train.save_every only); nothing was saved", None, dirs.final)
+    where = "checkpoint saved in" if saved else "the last checkpoint is"
+    return TrainingInterrupted(f"interrupted at step {done} of {total_steps}; {where} {checkpoint}", checkpoint,
+                               dirs.final)
 
 
 def _last_good(run_dir: Path) -> str:
@@ -636,7 +674,8 @@ def _describe_eval(step: int, result: EvalResult) -> str:
     return f"eval @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}{em} (n={result.n})"
 
 
-def _keep_best(trained, tokenizer, run_dir, config, state, result: EvalResult, step: int, labels=None) -> None:
+def _keep_best(trained, tokenizer, run_dir, config, state, result: EvalResult, step: int, labels=None,
+               write: bool = True) -> None:
     metric = config.train.best_metric
     if metric is None:
         return
@@ -651,7 +690,7 @@ def _keep_best(trained, tokenizer, run_dir, config, state, result: EvalResult, s
     better = state["best"] is None or (value < state["best"] if metric == "eval_loss" else value > state["best"])
     if better:
         state["best"], state["best_step"] = value, step
-        save_trained(trained, tokenizer, run_dir / "best", _base_name(trained.model, config), labels)
+        save_trained(trained, tokenizer, run_dir / "best", _base_name(trained.model, config), labels, write)
 
 
 def _base_name(model, config: TrainConfig) -> str:
@@ -663,7 +702,8 @@ def _trainer_state(state: dict) -> dict:
                                       "retain_loss_base", "processes")}
 
 
-def _summary(final: Path, run_dir: Path, config: TrainConfig, state: dict, steps: int, report, records: list[dict]) -> dict:
+def _summary(final: Path, run_dir: Path, config: TrainConfig, state: dict, steps: int, report, records: list[dict],
+             peaks: list[float] | None = None) -> dict:
     evals = [r for r in records if "eval_loss" in r]
     retained = [r for r in records if "retain_loss" in r]
     adapter_file = run_dir / "adapter" / "adapter_model.safetensors"
@@ -683,6 +723,7 @@ def _summary(final: Path, run_dir: Path, config: TrainConfig, state: dict, steps
         "adapter_bytes": adapter_file.stat().st_size if adapter_file.exists() else None,
         "model_bytes": _model_bytes(run_dir / "model") if config.train.method == "full" else None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "peak_memory_mb_per_process": peaks,  # in rank order, from a run over several processes
         "retain_loss_base": state.get("retain_loss_base"),
         "retain_loss": retained[-1]["retain_loss"] if retained else None,
         "forgetting": retained[-1]["forgetting"] if retained else None,

@@ -1,0 +1,189 @@
+"""Building a model from its safetensors checkpoint one tensor at a time, so that the whole model in full
+precision never exists in memory: in 4 bits (QLoRA), or with each transformer block sharded across the
+processes as soon as it is complete (FSDP2).
+
+The model is built with its parameters on the meta device (no memory); the Linear layers to quantize become
+empty ``Linear4bit`` modules; then the safetensors files are read one tensor at a time (see
+``quant.safetensors_stream``): each such Linear weight is quantized as it arrives and its full-precision copy
+dropped, every other tensor is cast to the model dtype and put in place. Peak memory is about the 4-bit model
+plus the unquantized modules plus the largest single Linear weight and bitsandbytes' working memory while it
+quantizes it. With ``on_block``, each transformer block is handed over as soon as its last weight is in place
+(to be sharded, which frees the other processes' shares): a process then holds its share of the blocks read so
+far, the weights outside the blocks, and the block being read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loratune.errors import LoratuneError
+from loratune.models.quantized import DEFAULT_UNQUANTIZED, modules_to_quantize, modules_to_quantize_in
+from loratune.quant import Linear4bit, QuantSpec, checkpoint_files, iter_tensors, read_header
+from loratune.quant.memory import release_freed_memory
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Inside the block, new parameters are created on the meta device (no memory); buffers stay real, since
+    modules compute some in ``__init__`` (rotary frequencies) and checkpoints do not carry them."""
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def load_streamed(
+    model_dir: str | Path,
+    spec: QuantSpec | None,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    unquantized: Sequence[str] = DEFAULT_UNQUANTIZED,
+    trust_remote_code: bool = False,
+    on_block: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """Build the causal LM of ``model_dir``, streaming its safetensors weights: with 4-bit Linear layers as
+    ``spec`` says (None: none, unless the checkpoint is stored in 4 bits), each transformer block (the model's
+    ``_no_split_modules``) given to ``on_block`` once all its weights are in place.
+
+    Non-quantized tensors are cast to ``dtype``; everything is placed on ``device`` as it is read. Returns the
+    model in eval mode. Raises ``ModelNotFoundError`` without safetensors weights, ``ConfigError`` for a tensor
+    that cannot be quantized, and ``LoratuneError`` when checkpoint and model disagree (missing or unknown
+    tensors, wrong shapes).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    model_dir = Path(model_dir)
+    files = checkpoint_files(model_dir)
+    # A checkpoint written in 4 bits (bitsandbytes format) names its quantized layers by their state tensors.
+    names = [name for file in files for name in read_header(file)[1]]
+    prequantized = sorted(n[: -len(_PACKED_MARK)] for n in names if n.endswith(_PACKED_MARK))
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # we do the quantizing; transformers must not try bitsandbytes' own
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for path in prequantized or (modules_to_quantize(model, unquantized) if spec else []):
+        meta = model.get_submodule(path)
+        model.set_submodule(path, Linear4bit(meta.in_features, meta.out_features, meta.bias is not None, spec, device))
+    quantized = {path + ".weight": model.get_submodule(path) for path in modules_to_quantize_in(model)}
+    # packed data + state tensors of each pre-quantized layer, gathered until all of them have been read
+    expected = {p + ".weight": {n for n in names if n == p + ".weight" or n.startswith(p + ".weight.")} for p in prequantized}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    blocks = _BlocksInProgress(model, on_block)
+
+    unknown, mismatched = [], []
+    for file in files:
+        for name, tensor in iter_tensors(file):
+            owner = _owner_of(name, expected)
+            if owner is not None:
+                pending.setdefault(owner, {})[name[len(owner) + 1:] if name != owner else ""] = tensor.to(device)
+                if len(pending[owner]) == len(expected[owner]):
+                    parts = pending.pop(owner)
+                    quantized.pop(owner).set_packed(parts.pop(""), parts, owner)
+                    blocks.placed(owner)
+                continue
+            if name in quantized:
+                quantized.pop(name).set_weight(tensor.to(device), name)
+                del tensor
+                release_freed_memory()  # or heap holes left by quantizing add up to hundreds of MB
+                blocks.placed(name)
+                continue
+            problem = _place_tensor(model, name, tensor.to(device), dtype)
+            if problem == "unknown":
+                unknown.append(name)
+            elif problem:
+                mismatched.append(problem)
+            else:
+                blocks.placed(name)
+            del tensor
+    model.tie_weights()  # shares the output head with the embeddings when the config says so
+    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+    missing += [n for n in quantized]
+    problems = []
+    if mismatched:
+        problems.append(f"shapes differ from config.json: {', '.join(mismatched[:3])}")
+    if missing:
+        problems.append(f"tensors missing from the checkpoint: {', '.join(missing[:5])}")
+    if unknown:
+        problems.append(f"tensors the model has no place for: {', '.join(unknown[:5])}")
+    if problems:
+        how = " in 4 bits" if spec or prequantized else ""
+        raise LoratuneError(f"cannot load {model_dir}{how}: {'; '.join(problems)}")
+    generation = model_dir / "generation_config.json"
+    if generation.is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
+    model.to(device)
+    model.eval()
+    return model
+
+
+def _place_tensor(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Put checkpoint tensor ``name`` (cast to ``dtype`` if floating) in place of the model's parameter or
+    buffer of that name. Returns None when done, "unknown" when the model has no such tensor, else what differs."""
+    module_path, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        return "unknown"
+    holder = module._parameters if leaf in module._parameters else module._buffers
+    current = holder.get(leaf)
+    if current is None:
+        return "unknown"
+    if tuple(current.shape) != tuple(tensor.shape):
+        return f"{name} {tuple(tensor.shape)} vs {tuple(current.shape)}"
+    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    holder[leaf] = nn.Parameter(value, requires_grad=current.requires_grad) if holder is module._parameters else value
+    return None
+
+
+_PACKED_MARK = ".weight.absmax"  # present for every layer bitsandbytes stored in 4 bits
+
+
+def _owner_of(name: str, expected: dict[str, set[str]]) -> str | None:
+    """The ``<path>.weight`` of the pre-quantized layer tensor ``name`` belongs to, or None."""
+    if name in expected:
+        return name
+    head, sep, _ = name.partition(".weight.")
+    return head + ".weight" if sep and head + ".weight" in expected else None
+
+
+class _BlocksInProgress:
+    """The transformer blocks of a model being streamed in, each handed to ``on_block`` when its last parameter
+    arrives (a no-op without ``on_block``)."""
+
+    def __init__(self, model: nn.Module, on_block: Callable[[nn.Module], None] | None):
+        self.on_block = on_block
+        self.block_of: dict[str, str] = {}  # parameter name -> block path
+        self.missing: dict[str, set[str]] = {}  # block path -> parameters not read yet
+        self.modules: dict[str, nn.Module] = {}
+        if on_block is None:
+            return
+        kinds = set(getattr(model, "_no_split_modules", None) or ())
+        for path, module in model.named_modules():
+            if type(module).__name__ in kinds and not any(path.startswith(p + ".") for p in self.modules):
+                names = {f"{path}.{name}" for name, _ in module.named_parameters()}
+                self.modules[path], self.missing[path] = module, names
+                self.block_of.update(dict.fromkeys(names, path))
+
+    def placed(self, name: str) -> None:
+        """Parameter ``name`` is in place; hand its block over if it was the last one."""
+        path = self.block_of.get(name)
+        if path is None or name not in self.missing[path]:
+            return
+        self.missing[path].discard(name)
+        if not self.missing[path]:
+            self.on_block(self.modules.pop(path))
+            release_freed_memory()  # the whole block's weights, now freed: or the heap keeps them resident
