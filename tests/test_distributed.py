@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from run_helpers import addition_rows, adapter_tensors, config_dict, metrics, write_config, write_jsonl
 
@@ -120,8 +121,6 @@ def test_full_fine_tuning_with_gradient_checkpointing_also_matches_one_process(s
     double = loratune("train", run_config(root, model_dir, data, "full2", 2, **options), "--nproc", 2,
                       "--no-progress", threads=2)
     assert double.returncode == 0, double.stderr
-    from safetensors.torch import load_file
-
     ours, reference = (load_file(root / name / "model" / "model.safetensors") for name in ("full2", "full1"))
     for key in reference:
         torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
@@ -235,8 +234,6 @@ def test_what_fsdp_cannot_shard_is_refused_in_one_line(capsys, setup, tmp_path):
 
 
 def model_weights(run: Path, name: str = "model") -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(run / name / "model.safetensors")
 
 
@@ -289,14 +286,14 @@ def test_an_fsdp_run_resumed_from_a_checkpoint_ends_where_the_uninterrupted_one_
         torch.testing.assert_close(resumed[key], whole[key], atol=1e-6, rtol=0)
 
 
-def test_a_full_fine_tune_under_fsdp_resumes_to_the_uninterrupted_result(setup, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: each process keeps float32 masters of its share
+def test_a_full_fine_tune_under_fsdp_resumes_to_the_uninterrupted_result(setup, tmp_path, dtype):
     root, model_dir, data = setup
 
     def train(name: str, *extra, steps: int = 4):
-        config = config_dict(model_dir, data, tmp_path / name, train={"method": "full", "max_steps": steps,
-                                                                     "batch_size": 2, "distributed": "fsdp",
-                                                                     "save_every": 2, "scheduler": "constant",
-                                                                     "lr": 1e-3})
+        config = config_dict(model_dir, data, tmp_path / name, model={"dtype": dtype},
+                             train={"method": "full", "max_steps": steps, "batch_size": 2, "distributed": "fsdp",
+                                    "save_every": 2, "scheduler": "constant", "lr": 1e-3})
         result = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress",
                           *extra, threads=2)
         assert result.returncode == 0, result.stderr
@@ -308,3 +305,8 @@ def test_a_full_fine_tune_under_fsdp_resumes_to_the_uninterrupted_result(setup, 
     whole, resumed = model_weights(tmp_path / "whole"), model_weights(tmp_path / "resumed")
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], atol=1e-6, rtol=0)
+    masters = [load_file(tmp_path / name / "checkpoints" / "step-4" / "model_state.safetensors")
+               for name in ("whole", "resumed")]
+    assert all(t.dtype == torch.float32 for t in masters[0].values())
+    for key in masters[0]:
+        torch.testing.assert_close(masters[1][key], masters[0][key], atol=1e-6, rtol=0)

@@ -177,16 +177,6 @@ def shard_block(block: torch.nn.Module) -> None:
     fully_shard(block)
 
 
-def reshard(model: torch.nn.Module) -> None:
-    """Put every FSDP unit of ``model`` back in its sharded state: a forward without a backward (an evaluation)
-    leaves the root's weights gathered, and its modules holding the gathered tensors instead of the shards."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
 def is_sharded(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a DTensor: FSDP2 keeps only this process's share of it."""
     from torch.distributed.tensor import DTensor
@@ -273,5 +263,5 @@ def launch(loratune_args: list[str], nproc: int) -> int:
 
 
 __all__ = ["Processes", "TIMEOUT", "average_gradients", "barrier", "die_with_parent", "from_main", "gathered",
-           "gradient_norm", "is_sharded", "launch", "reshard", "shard_block", "shard_like", "shard_model", "start",
+           "gradient_norm", "is_sharded", "launch", "shard_block", "shard_like", "shard_model", "start",
            "step_seed", "stop", "total", "whole_tensor"]

@@ -21,7 +21,7 @@ from loratune.adapters import adapter_state, load_adapter_state, save_adapter
 from loratune.adapters.targets import module_name_matches
 from loratune.errors import ConfigError, LoratuneError
 from loratune.models.export import write_hf_model
-from loratune.train.distributed import is_sharded, reshard, shard_like, whole_tensor
+from loratune.train.distributed import is_sharded, shard_like, whole_tensor
 from loratune.train.intrinsic import IntrinsicWeights, intrinsic_targets
 
 
@@ -97,16 +97,21 @@ class TrainedModel(Trained):
         for param in chosen.values():
             param.requires_grad_(True)
         self.names = list(chosen)
-        self._bind(list(chosen.values()))
+        self.params = list(chosen.values())
+        self._masters: list[torch.Tensor] | None = None
 
-    def _bind(self, params: list[nn.Parameter]) -> None:
-        self.params = params
-        self.masters = [p.detach().float().clone() if p.dtype != torch.float32 else p for p in params]
+    @property
+    def masters(self) -> list[torch.Tensor]:
+        """The float32 copies the optimizer updates (the parameters themselves when they are float32), made on
+        first use: after FSDP sharded the parameters, each process copies only its share."""
+        if self._masters is None:
+            self._masters = [p.detach().float().clone() if p.dtype != torch.float32 else p for p in self.params]
+        return self._masters
 
     def after_sharding(self) -> None:
         """Train the sharded parameters FSDP put in place of the model's own (same names), each process its share."""
         named = dict(self.model.named_parameters())
-        self._bind([named[name] for name in self.names])
+        self.params, self._masters = [named[name] for name in self.names], None
         self.collective = any(is_sharded(p) for p in self.params)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -151,7 +156,6 @@ class TrainedModel(Trained):
         each of its names); None when nothing is sharded."""
         if not self.collective:
             return None
-        reshard(self.model)
         parameters = dict(self.model.named_parameters(remove_duplicate=False))
         gathered: dict[int, torch.Tensor | None] = {}
         weights = {}
