@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "the old run stays whole until the new one completes")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a live progress bar")
     p.add_argument("--nproc", type=positive_int, default=1, metavar="N",
-                   help="train as N processes on this machine (torchrun, DDP; each gets its share of the CPU threads "
-                        "or one GPU); the effective batch is batch_size × grad_accum × N")
+                   help="train as N processes on this machine (torchrun; DDP, or FSDP2 with --set "
+                        "train.distributed=fsdp; each gets its share of the CPU threads or one GPU); the effective "
+                        "batch is batch_size × grad_accum × N")
 
     p = verb("data", "preview the training data as the model will see it, with length statistics")
     p.add_argument("config", metavar="CONFIG.yaml")
