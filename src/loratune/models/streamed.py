@@ -23,6 +23,7 @@ from torch import nn
 
 from loratune.errors import LoratuneError
 from loratune.models.quantized import DEFAULT_UNQUANTIZED, modules_to_quantize, modules_to_quantize_in
+from loratune.models.structure import transformer_blocks
 from loratune.quant import Linear4bit, QuantSpec, checkpoint_files, iter_tensors, read_header
 from loratune.quant.memory import release_freed_memory
 
@@ -171,12 +172,10 @@ class _BlocksInProgress:
         self.modules: dict[str, nn.Module] = {}
         if on_block is None:
             return
-        kinds = set(getattr(model, "_no_split_modules", None) or ())
-        for path, module in model.named_modules():
-            if type(module).__name__ in kinds and not any(path.startswith(p + ".") for p in self.modules):
-                names = {f"{path}.{name}" for name, _ in module.named_parameters()}
-                self.modules[path], self.missing[path] = module, names
-                self.block_of.update(dict.fromkeys(names, path))
+        self.modules = transformer_blocks(model)
+        for path, module in self.modules.items():
+            self.missing[path] = {f"{path}.{name}" for name, _ in module.named_parameters()}
+            self.block_of.update(dict.fromkeys(self.missing[path], path))
 
     def placed(self, name: str) -> None:
         """Parameter ``name`` is in place; hand its block over if it was the last one."""

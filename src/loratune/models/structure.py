@@ -22,6 +22,19 @@ class ModelStructure:
     model_type: str | None
 
 
+def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """{path: module} of the model's transformer blocks: the outermost modules whose class, or a class it
+    derives from (FSDP gives a module it shards a subclass of its own), the model names in
+    ``_no_split_modules``."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    blocks: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if any(c.__name__ in kinds for c in type(module).__mro__) and \
+                not any(path.startswith(outer + ".") for outer in blocks):
+            blocks[path] = module
+    return blocks
+
+
 def _kind(module: nn.Module) -> str | None:
     from transformers.pytorch_utils import Conv1D
 

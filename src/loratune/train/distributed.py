@@ -147,10 +147,10 @@ def shard_model(model: torch.nn.Module, trained: list[torch.nn.Parameter],
 
     from loratune.errors import ConfigError
 
-    names = set(getattr(model, "_no_split_modules", None) or ())
+    from loratune.models.structure import transformer_blocks
+
     root = getattr(model, "base_model", model)
-    # fully_shard gives a module it sharded a subclass of its own class (FSDPLlamaDecoderLayer)
-    blocks = [module for module in root.modules() if any(c.__name__ in names for c in type(module).__mro__)]
+    blocks = list(transformer_blocks(model).values())
     if not blocks:
         raise ConfigError("train.distributed: fsdp shards a model's transformer blocks, and this model names none "
                           "(_no_split_modules); use train.distributed: ddp")

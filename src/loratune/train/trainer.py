@@ -362,12 +362,12 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
         full = t.method == "full"
         blocks, loaded, held, total = distributed.shard_model(model, trained.parameters(), shard_trained=full)
         trained.after_sharding()
-        peaks = distributed.gathered(processes, peak_memory_mb())
+        loading = distributed.gathered(processes, peak_memory_mb())  # each process's peak so far
         log(f"FSDP2: {blocks} blocks of the base sharded over {processes.world} processes; each holds "
             f"{held / 2**20:.4g} of the weights' {total / 2**20:.4g} MiB "
             f"(trained parameters {'sharded too' if full else 'whole'}); "
             + ("each block sharded as it was read" if loaded == blocks else "the base was read whole, then sharded")
-            + f"; peak memory so far {', '.join(f'{peak:,.0f}' for peak in peaks or [])} MiB")
+            + f"; peak memory so far {', '.join(f'{peak:,.0f}' for peak in loading or [])} MiB")
     params = trained.parameters()
     optimizer = build_optimizer(model, t, trained.optimizer_parameters())
     stream = BatchStream(data.train, config, tokenizer.pad_token_id, device,
