@@ -6,7 +6,7 @@ spent in matrix products (and attention) versus everything else, and the top non
 self time, each with the bytes it moves (inputs + output, from the recorded shapes) and how far it runs
 from this machine's memory bandwidth (measured here with a large copy).
 
-    python bench/profile_step.py [--steps 3] [--batch 8] [--length 256] [--dtype bf16] [--top 15]
+    python bench/profile_step.py [--steps 3] [--batch 8] [--length 256] [--dtype bf16] [--quantize nf4] [--top 15]
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::mm_out"}
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu",
                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
-                 "aten::_scaled_dot_product_efficient_attention", "aten::_efficient_attention_backward"}
+                 "aten::_scaled_dot_product_efficient_attention", "aten::_efficient_attention_backward",
+                 "AttentionFunctionBackward"}  # loratune's backward: its own time, the products are matmuls
 
 
 def copy_bandwidth_gbs(megabytes: int = 512) -> float:
@@ -38,12 +39,14 @@ def copy_bandwidth_gbs(megabytes: int = 512) -> float:
 
 def build(args):
     import loratune
+    from loratune.train.attention import patch_attention
     from loratune.train.fused_ops import patch_for_training
 
-    model, tokenizer = loratune.load_model(args.model, dtype=args.dtype)
+    model, tokenizer = loratune.load_model(args.model, dtype=args.dtype, quantize=args.quantize)
     torch.manual_seed(0)
     loratune.add_adapter(model, loratune.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     patch_for_training(model)
+    patch_attention(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, foreach=True)
@@ -75,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--quantize", choices=("nf4", "fp4"), default=None, help="train over a 4-bit base (QLoRA)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
@@ -102,7 +106,7 @@ def main() -> None:
     total = sum(by_op.values())
     matmul = sum(t for op, t in by_op.items() if op in MATMUL_OPS)
     attention = sum(t for op, t in by_op.items() if op in ATTENTION_OPS)
-    print(f"{args.model}, {args.dtype}, batch {args.batch} x {args.length}, r=8 all linear; {args.steps} profiled steps")
+    print(f"{args.model}{' ' + args.quantize + ' base' if args.quantize else ''}, {args.dtype}, batch {args.batch} x {args.length}, r=8 all linear; {args.steps} profiled steps")
     print(f"step {wall:.2f} s wall ({tokens / wall:.0f} tokens/s under the profiler); operator self time {total:.2f} s")
     print(f"matrix products {matmul:.2f} s ({100 * matmul / total:.0f}%), attention {attention:.2f} s "
           f"({100 * attention / total:.0f}%), everything else {total - matmul - attention:.2f} s "

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.train import fused_cpu
+from loratune.train.attention import patch_attention
 from loratune.train.dropout import KernelDropout, attention, dropout, patch_dropout
 from tiny_models import tiny_encoder_dir
 
@@ -62,6 +63,7 @@ def test_a_patched_model_runs_its_dropout_through_the_kernel_and_is_unchanged_in
     model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=2)
     model.load_state_dict(reference.state_dict())
     assert patch_dropout(model) > 0
+    assert patch_attention(model)
     assert any(isinstance(m, KernelDropout) for m in model.modules())
     assert model.config._attn_implementation == "loratune_sdpa"
     ids = torch.tensor([[2, 10, 11, 12, 3, 0], [2, 13, 14, 3, 0, 0]])

@@ -20,7 +20,7 @@ def test_the_kernels_are_built_where_ci_and_users_run():
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
         pytest.skip("not a platform the project builds on")
     assert fused_cpu._fused_cpu is not None, "reinstall with `pip install -e .`: loratune.train._fused_cpu is missing"
-    assert fused_cpu._fused_cpu.ISA in ("avx512", "avx2", "baseline")
+    assert fused_cpu._fused_cpu.ISA in ("avx512bf16", "avx512", "avx2", "baseline")
 
 
 def torch_rms_norm(x, weight, eps):

@@ -41,6 +41,15 @@ static inline __attribute__((always_inline)) NAME(f32x16) NAME(load16)(const voi
 }
 
 static inline __attribute__((always_inline)) void NAME(store16)(void *p, NAME(f32x16) f, int bf16) {
+#ifdef __AVX512BF16__
+    if (bf16) {  /* one rounding instruction (it reads float32 denormals as zero) */
+        __m512 v;
+        memcpy(&v, &f, 64);
+        const __m256bh h = _mm512_cvtneps_pbh(v);
+        memcpy(p, &h, 32);
+        return;
+    }
+#endif
     if (bf16) {
         NAME(u32x16) u;
         memcpy(&u, &f, 64);
@@ -82,18 +91,31 @@ static inline __attribute__((always_inline)) NAME(f32x16) NAME(select16)(NAME(i3
     return f;
 }
 
-/* exp(x) with Cephes' single-precision polynomial (relative error below 2e-7); NaN stays NaN, and like expf
- * it overflows to +inf above 88.72 and underflows to 0 below -88.72 as expf does (in between it gives
- * exp(88.38), which only a sigmoid ever sees). */
+/* exp(x) with Cephes' single-precision polynomial (relative error below 2e-7); NaN stays NaN, it overflows to
+ * +inf above 88.72 and gives 0 below -88.72 (no denormal results, as PyTorch's vectorized exp). With AVX-512,
+ * n is rounded in one instruction and 2^n applied with scalef; elsewhere 2^n is built from its bits (there,
+ * between 88.38 and 88.72 it gives exp(88.38), which only a sigmoid ever sees). */
 static inline __attribute__((always_inline)) NAME(f32x16) NAME(exp16)(NAME(f32x16) x) {
+    const NAME(f32x16) zero = (NAME(f32x16)){0};
+#ifdef __AVX512F__
+    __m512 v, n;
+    memcpy(&v, &x, 64);
+    v = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), v));  /* NaN passes through */
+    n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    NAME(f32x16) c, nf;
+    memcpy(&c, &v, 64);
+    memcpy(&nf, &n, 64);
+#else
     const float bound = 88.3762626647949f;
-    const NAME(f32x16) zero = (NAME(f32x16)){0}, inf = zero + __builtin_inff();
+    const NAME(f32x16) inf = zero + __builtin_inff();
     NAME(i32x16) is_nan = x != x, over = x > 88.7228391f, under = x < -88.7228391f;
     NAME(f32x16) c = NAME(select16)(x > bound, zero + bound, NAME(select16)(x < -bound, zero - bound, x));
     NAME(f32x16) fx = c * 1.44269504088896341f + 0.5f;
     NAME(i32x16) n = __builtin_convertvector(fx, NAME(i32x16));  /* toward zero: fix up to floor below */
     n += (NAME(i32x16))(__builtin_convertvector(n, NAME(f32x16)) > fx);
     NAME(f32x16) nf = __builtin_convertvector(n, NAME(f32x16));
+#endif
     c = c - nf * 0.693359375f;
     c = c - nf * -2.12194440e-4f;
     NAME(f32x16) y = zero + 1.9875691500e-4f;
@@ -103,11 +125,19 @@ static inline __attribute__((always_inline)) NAME(f32x16) NAME(exp16)(NAME(f32x1
     y = y * c + 1.6666665459e-1f;
     y = y * c + 5.0000001201e-1f;
     y = y * (c * c) + c + 1.0f;
+#ifdef __AVX512F__
+    __m512 r;
+    memcpy(&r, &y, 64);
+    r = _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(-88.7228391f), _CMP_NLT_UQ), r, n);
+    memcpy(&y, &r, 64);
+    return y;
+#else
     NAME(i32x16) bits = (n + 127) << 23;
     NAME(f32x16) scale;
     memcpy(&scale, &bits, 64);
     y = NAME(select16)(over, inf, NAME(select16)(under, zero, y * scale));
     return NAME(select16)(is_nan, x, y);
+#endif
 }
 
 static inline __attribute__((always_inline)) float NAME(exp1)(float x) {

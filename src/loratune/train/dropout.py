@@ -4,10 +4,10 @@ that writes the output, and the backward pass regenerates the mask from its seed
 
 The mask has the same distribution as ``nn.Dropout``'s (each element kept with probability 1 − p, to 2⁻³² —
 the seeds come from torch's generator, so ``torch.manual_seed`` and a checkpoint's RNG state reproduce it), not
-the same draws. ``patch_dropout`` gives a model's ``nn.Dropout`` modules this forward and routes its attention
-through ``loratune_sdpa``: transformers' SDPA attention, except that while training with attention dropout on a
-CPU the probabilities are dropped by the kernel (PyTorch's SDPA would take its math path and ``bernoulli_``).
-Anywhere else (a GPU, p = 0, evaluation, no kernel) everything runs as before.
+the same draws. ``patch_dropout`` gives a model's ``nn.Dropout`` modules this forward; ``attention`` is
+transformers' SDPA attention, except that while training with attention dropout on a CPU the probabilities are
+dropped by the kernel (PyTorch's SDPA would take its math path and ``bernoulli_``); ``train.attention`` routes
+a model's attention through it. Anywhere else (a GPU, p = 0, evaluation, no kernel) everything runs as before.
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.train import fused_cpu
-
-ATTENTION = "loratune_sdpa"  # the attention implementation patch_dropout registers and selects
-
 
 def _seed() -> int:
     return int(torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64))
@@ -80,9 +77,8 @@ def attention(module: nn.Module, query, key, value, attention_mask, dropout: flo
 
 
 def patch_dropout(model: nn.Module) -> int:
-    """Give ``model``'s ``nn.Dropout`` modules (p > 0) the kernel's mask and, for a transformers model whose
-    attention is SDPA with attention dropout, route its attention through ``attention``; return how many
-    dropout modules changed."""
+    """Give ``model``'s ``nn.Dropout`` modules (p > 0) the kernel's mask; return how many changed. (Attention
+    dropout reaches ``attention`` through ``train.attention.patch_attention``.)"""
     if not fused_cpu.kernel_available():
         return 0
     patched = 0
@@ -90,20 +86,7 @@ def patch_dropout(model: nn.Module) -> int:
         if type(module) is nn.Dropout and module.p > 0:
             module.__class__ = KernelDropout
             patched += 1
-    config = getattr(model, "config", None)
-    attention_p = max(getattr(config, "attention_probs_dropout_prob", 0) or 0, getattr(config, "attention_dropout", 0) or 0)
-    if attention_p > 0 and getattr(config, "_attn_implementation", None) == "sdpa" \
-            and hasattr(model, "set_attn_implementation"):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(ATTENTION, attention)
-        AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-        try:
-            model.set_attn_implementation(ATTENTION)
-        except (ValueError, AttributeError):
-            pass  # a model that does not take a registered implementation keeps SDPA
     return patched
 
 
-__all__ = ["ATTENTION", "KernelDropout", "attention", "dropout", "patch_dropout"]
+__all__ = ["KernelDropout", "attention", "dropout", "patch_dropout"]

@@ -1,12 +1,14 @@
-"""The compiled CPU kernels for a Llama block's elementwise training work: RMSNorm and ``silu(gate)·up``,
-forward and backward, each one pass over memory (``_fused_cpu.c``, built by ``pip install``).
+"""The compiled CPU kernels for a training step's work outside the big matrix products (``_fused_cpu.c``,
+built by ``pip install``): a Llama block's RMSNorm and ``silu(gate)·up``, forward and backward, each one pass
+over memory; dropout masks; attention's backward between its products (``train.attention``); the
+cross-entropy's softmax over each chunk of logits (``train.loss``).
 
 In PyTorch operations each of these is a chain of five to fifteen operations that each write a fresh tensor;
 on a CPU that memory traffic, not the arithmetic, is what they cost. Every function here returns None when
 the kernel cannot take its tensors (not built, switched off with ``LORATUNE_NO_KERNEL=1``, not on the CPU,
 not contiguous, not one dtype of bf16 or float32), and the caller runs its PyTorch code instead: the two agree
 up to the order of float32 sums. Like PyTorch's own operations, the kernels split their work over
-``torch.get_numtorch.get_num_threads()`` threads.
+``torch.get_num_threads()`` threads (PyTorch's own OpenMP threads where the module is built with OpenMP).
 """
 
 from __future__ import annotations
@@ -136,3 +138,64 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
     _fused_cpu.dropout(out.data_ptr(), x.data_ptr(), x.numel(), seed, keep_below, 1.0 / (1.0 - p), _DTYPES[x.dtype],
                        torch.get_num_threads())
     return out
+
+
+def attention_fits(*tensors: torch.Tensor) -> bool:
+    """Whether ``attention_scores_backward`` can take tensors of these dtypes on this device (all of one dtype,
+    bf16 or float32, on the CPU, with the kernel built and on)."""
+    dtype = tensors[0].dtype
+    return dtype in _DTYPES and kernel_available() and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
+
+
+def attention_backward_scores(
+    q: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    lse: torch.Tensor, mask: torch.Tensor | None, mask_rows: torch.Tensor | None, q_len: int, causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probabilities and the scores' gradient of attention, for its backward: ``(p, ds)``, each
+    ``[batch, rows, keys]`` in ``out``'s dtype, with s = q·kᵀ and dp = dO·vᵀ taken in float32, p = exp(scale·s +
+    mask − lse) and ds = p·(dp − Σ dO·O)·scale (zero where ``causal`` masks a key after its query, the query being
+    row mod ``q_len``, or where the row's lse is −inf). q, grad_out, out: ``[batch, rows, head_dim]``; key, value:
+    ``[batch, keys, head_dim]``; lse: float32, one per row; mask: additive float32 read at ``mask_rows[row]``
+    (int64 offsets, rows counted over the whole batch) along the keys. The caller checks ``attention_fits``."""
+    batch, rows, head_dim = q.shape
+    keys = key.shape[1]
+    padded = (keys + 15) // 16 * 16
+    # with AVX512-BF16 the kernel takes bf16 as it is, k and v transposed in pairs of dimensions; else float32
+    pairs = bool(_fused_cpu.BF16_PAIRS) and out.dtype == torch.bfloat16 and head_dim % 2 == 0
+
+    def transposed(t):  # [batch, head_dim, padded] float32 or [batch, head_dim / 2, padded, 2] bf16, zero-padded
+        if pairs:  # a pair as one int32: a plain transposing copy
+            packed = torch.zeros(batch, head_dim // 2, padded, dtype=torch.int32)
+            packed[:, :, :keys] = t.contiguous().view(torch.int32).transpose(1, 2)
+            return packed.view(t.dtype)
+        packed = torch.zeros(batch, head_dim, padded, dtype=torch.float32)
+        packed[:, :, :keys] = t.transpose(1, 2)
+        return packed
+
+    dtype = out.dtype if pairs else torch.float32
+    q32, grad32 = q.to(dtype).contiguous(), grad_out.to(dtype).contiguous()
+    kt, vt = transposed(key), transposed(value)
+    probs = torch.empty(batch, rows, padded, dtype=out.dtype)
+    grad_scores = torch.empty_like(probs)
+    tiles = batch * ((rows + 3) // 4)
+    _fused_cpu.attention_backward_scores(
+        probs.data_ptr(), grad_scores.data_ptr(), q32.data_ptr(), grad32.data_ptr(), out.contiguous().data_ptr(),
+        kt.data_ptr(), vt.data_ptr(), lse.contiguous().data_ptr(), 0 if mask is None else mask.data_ptr(),
+        0 if mask_rows is None else mask_rows.data_ptr(), tiles, rows, q_len, keys, head_dim, int(causal),
+        float(scale), _DTYPES[out.dtype], int(pairs), torch.get_num_threads(),
+    )
+    return probs[..., :keys], grad_scores[..., :keys]
+
+
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool) -> torch.Tensor | None:
+    """Each row's log-sum-exp of ``logits`` (rows × vocab, bf16 or float32) as float32, computed in float32 with
+    the row's max subtracted; with ``want_grad`` every row of ``logits`` is overwritten by the cross-entropy's
+    gradient softmax(row) − onehot(target) in place. None (``logits`` untouched) when the kernel cannot take it."""
+    if logits.dim() != 2 or not _fits(logits) or targets.shape != logits.shape[:1] or targets.dtype != torch.int64:
+        return None
+    targets = targets.contiguous()
+    lse = torch.empty(logits.shape[0], dtype=torch.float32)
+    _fused_cpu.cross_entropy_rows(logits.data_ptr(), lse.data_ptr(), targets.data_ptr(), logits.shape[0],
+                                  logits.shape[1], int(want_grad), _DTYPES[logits.dtype], torch.get_num_threads())
+    return lse

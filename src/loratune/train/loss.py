@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loratune.train import fused_cpu
+
 IGNORE_INDEX = -100
 
 # Architectures whose logits are exactly ``lm_head(final hidden state)`` (no soft-capping or scaling).
@@ -31,26 +33,33 @@ class LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 math for bf16/fp16 inputs
         total = torch.zeros((), dtype=acc, device=hidden.device)
         # One set of chunk buffers, reused: a fresh 25 MB logits tensor per chunk costs more in page faults
-        # than the arithmetic on it.
+        # than the arithmetic on it. The compiled kernel needs no float32 copy of the logits.
         rows = min(chunk_size, hidden.shape[0])
         logits_low = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-        logits = torch.empty(rows, weight.shape[0], dtype=acc, device=hidden.device)
+        logits = None
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
             n = h.shape[0]
-            low, full = logits_low[:n], logits[:n]
+            low = logits_low[:n]
             torch.mm(h, weight.T, out=low)
-            full.copy_(low)
-            top = full.amax(dim=-1, keepdim=True)
-            full.sub_(top).exp_()  # exp(logits - max)
-            sums = full.sum(dim=-1, keepdim=True)
-            lse = sums.log().add_(top)[:, 0]
-            total += (lse - low.gather(1, t[:, None])[:, 0].to(acc)).sum()
-            if want_grad:
-                full.div_(sums)  # softmax
-                full[torch.arange(n, device=t.device), t] -= 1.0
-                low.copy_(full)
+            picked = low.gather(1, t[:, None])[:, 0].to(acc)
+            lse = fused_cpu.cross_entropy_rows(low, t, want_grad) if acc == torch.float32 else None
+            if lse is None:  # PyTorch operations, in a float32 (or float64) copy of the chunk
+                if logits is None:
+                    logits = torch.empty(rows, weight.shape[0], dtype=acc, device=hidden.device)
+                full = logits[:n]
+                full.copy_(low)
+                top = full.amax(dim=-1, keepdim=True)
+                full.sub_(top).exp_()  # exp(logits - max)
+                sums = full.sum(dim=-1, keepdim=True)
+                lse = sums.log().add_(top)[:, 0]
+                if want_grad:
+                    full.div_(sums)  # softmax
+                    full[torch.arange(n, device=t.device), t] -= 1.0
+                    low.copy_(full)
+            total += (lse - picked).sum()
+            if want_grad:  # low holds the logits' gradient now
                 torch.mm(low, weight, out=grad_hidden[start : start + chunk_size])
         ctx.save_for_backward(grad_hidden)
         return total

@@ -61,6 +61,7 @@ from loratune.train.classify import (
 from loratune.train.config import TrainConfig, resolved_task
 from loratune.train import distributed
 from loratune.train.distributed import Processes
+from loratune.train.attention import patch_attention
 from loratune.train.dropout import patch_dropout
 from loratune.train.evaluate import EvalResult, evaluate
 from loratune.train.generation import model_device
@@ -350,6 +351,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
         trained = TrainedAdapter(model, ADAPTER_NAME)
     patch_for_training(model)  # lean RMSNorm / SiLU-MLP autograd for Llama-family models
     patch_dropout(model)  # dropout masks from the compiled kernel on a CPU
+    patch_attention(model)  # attention's backward from batched products on a CPU
     if t.gradient_checkpointing:
         # transformers 5 renamed it; older versions only have gradient_checkpointing_enable.
         if hasattr(model, "activation_checkpointing_enable"):
