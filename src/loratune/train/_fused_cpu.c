@@ -17,7 +17,13 @@
 #include <string.h>
 
 #define KERNEL_BODY "train/_fused_cpu_body.h" /* relative to _per_isa.h */
+/* AVX512-BF16 and AMX need GCC 11 / Clang 12 intrinsics; AMX also Linux's permission call */
+#if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #define PER_ISA_AVX512_BF16 1
+#if defined(__linux__)
+#define WITH_AMX 1
+#endif
+#endif
 #include "../_per_isa.h"
 
 typedef void (*silu_mul_fn)(void *, const void *, const void *, int64_t, int);
@@ -142,7 +148,7 @@ static void run_dropout(const int64_t *v, float scale, int64_t b, int64_t e) {
                  (int)v[5]);
 }
 
-#ifdef X86_DISPATCH
+#ifdef WITH_AMX
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -212,11 +218,7 @@ static void attention_backward_scores_amx(void *probs, void *grad_scores, const 
 
 /* Asks Linux for the AMX tile state (ARCH_REQ_XCOMP_PERM for XTILEDATA); 1 when granted (or already held). */
 static int amx_granted(void) {
-#ifdef SYS_arch_prctl
     return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-#else
-    return 0;
-#endif
 }
 #endif
 
@@ -231,7 +233,7 @@ static int amx_fits(const int64_t *v) {
 /* v: probs, grad_scores, q, go, o, kt, vt, lse, mask, mask_row, tiles, rows_per_batch, q_len, k_len, head_dim,
  * causal, is_bf16, pairs; eps: the scale. A span is a range of 4-row tiles (whole 16-row units where AMX takes it). */
 static void run_attention_backward_scores(const int64_t *v, float scale, int64_t b, int64_t e) {
-#ifdef X86_DISPATCH
+#ifdef WITH_AMX
     if (amx_fits(v)) {
         attention_backward_scores_amx(PTR(0), PTR(1), PTR(2), PTR(3), PTR(4), PTR(5), PTR(6), (const float *)PTR(7),
                                       (const float *)PTR(8), (const int64_t *)PTR(9), b, e - b, v[11], v[12], v[13],
@@ -353,14 +355,19 @@ PyMODINIT_FUNC PyInit__fused_cpu(void) {
     __builtin_cpu_init();
     const int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#ifdef PER_ISA_AVX512_BF16
     if (avx512 && __builtin_cpu_supports("avx512bf16")) {
         silu_mul_impl = silu_mul_avx512bf16, silu_mul_backward_impl = silu_mul_backward_avx512bf16;
         rms_norm_impl = rms_norm_avx512bf16, rms_norm_backward_impl = rms_norm_backward_avx512bf16;
         rms_norm_apply_impl = rms_norm_apply_avx512bf16, dropout_impl = dropout_avx512bf16;
         attention_backward_scores_impl = attention_backward_scores_avx512bf16, isa = "avx512bf16";
         cross_entropy_rows_impl = cross_entropy_rows_avx512bf16;
+#ifdef WITH_AMX
         use_amx = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") && amx_granted();
-    } else if (avx512) {
+#endif
+    } else
+#endif
+    if (avx512) {
         silu_mul_impl = silu_mul_avx512, silu_mul_backward_impl = silu_mul_backward_avx512;
         rms_norm_impl = rms_norm_avx512, rms_norm_backward_impl = rms_norm_backward_avx512, isa = "avx512";
         rms_norm_apply_impl = rms_norm_apply_avx512, dropout_impl = dropout_avx512;
