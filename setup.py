@@ -11,15 +11,15 @@ from setuptools import Extension, setup
 
 flags = [] if sys.platform == "win32" else ["-O3", "-Wno-psabi"]
 # The training kernels share PyTorch's OpenMP threads where PyTorch itself runs on libgomp (Linux wheels).
-openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+openmp = ("-fopenmp",) if sys.platform.startswith("linux") else ()
 SHARED = ["src/loratune/_vec16.h", "src/loratune/_per_isa.h"]
 
 
-def kernel(module: str, path: str, extra: list[str] = []) -> Extension:
+def kernel(module: str, path: str, extra: tuple[str, ...] = ()) -> Extension:
     """The optional extension ``loratune.<module>`` from ``src/loratune/<path>.c`` and its ``_body.h``."""
     return Extension(f"loratune.{module}", sources=[f"src/loratune/{path}.c"],
-                     depends=[f"src/loratune/{path}_body.h", *SHARED], extra_compile_args=flags + extra,
-                     extra_link_args=extra, optional=True)
+                     depends=[f"src/loratune/{path}_body.h", *SHARED], extra_compile_args=[*flags, *extra],
+                     extra_link_args=list(extra), optional=True)
 
 
 setup(ext_modules=[kernel("layers._lowrank_cpu", "layers/_lowrank_cpu"),
