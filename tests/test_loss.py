@@ -91,3 +91,16 @@ def test_the_compiled_cross_entropy_equals_the_pytorch_operations(monkeypatch, d
         assert fused_grad.dtype == dtype
         torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-5 if dtype == torch.float32 else 1e-2,
                                    atol=1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def test_a_target_outside_the_vocabulary_is_an_error_not_a_write_past_the_logits():
+    from loratune.train import fused_cpu
+
+    hidden, weight = torch.randn(3, 8), torch.randn(20, 8)
+    with pytest.raises((IndexError, RuntimeError)):
+        LinearCrossEntropy.apply(hidden.requires_grad_(), weight, torch.tensor([1, 20, 2]), 4)
+    logits = torch.randn(3, 20)
+    before = logits.clone()
+    for bad in ([1, 20, 2], [1, -1, 2]):  # the kernel takes raw addresses: it must never see these
+        assert fused_cpu.cross_entropy_rows(logits, torch.tensor(bad), want_grad=True) is None
+        assert torch.equal(logits, before)

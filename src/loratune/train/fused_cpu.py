@@ -194,6 +194,8 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, want_grad: b
     gradient softmax(row) − onehot(target) in place. None (``logits`` untouched) when the kernel cannot take it."""
     if logits.dim() != 2 or not _fits(logits) or targets.shape != logits.shape[:1] or targets.dtype != torch.int64:
         return None
+    if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < logits.shape[1]:
+        return None  # an id outside the vocabulary: PyTorch's indexing raises its error
     targets = targets.contiguous()
     lse = torch.empty(logits.shape[0], dtype=torch.float32)
     _fused_cpu.cross_entropy_rows(logits.data_ptr(), lse.data_ptr(), targets.data_ptr(), logits.shape[0],
