@@ -302,9 +302,9 @@ static inline __attribute__((always_inline)) void NAME(attention_tile)(
 /* The middle of attention's backward for a span of tiles, each 4 query rows of one batch entry (a key/value
  * head: its group's query rows one after another, row r at query position r mod q_len): with s = q·kᵀ and
  * dp = dO·vᵀ in float32 (q, dO [rows][head_dim]; kᵀ, vᵀ [head_dim][lp], lp = k_len rounded up to 16 and zero
- * beyond, all float32 copies; with AVX512-BF16 and a bf16 dtype instead q, dO as they are and kᵀ, vᵀ in bf16
- * pairs, see tile_product_pairs, when ``pairs``), p = exp(scale·s + mask − lse) and ds = p·(dp − delta)·scale, written to probs
- * and grad_scores ([rows][lp] in the dtype; zero where causal masks a key after its query, beyond k_len, or where
+ * beyond, all float32 copies; with `pairs` (AVX512-BF16, bf16 dtype) q, dO as they are and kᵀ, vᵀ in bf16 pairs,
+ * see tile_product_pairs), p = exp(scale·s + mask − lse) and ds = p·(dp − delta)·scale, written to probs and
+ * grad_scores ([rows][lp] in the dtype; zero where causal masks a key after its query, beyond k_len, or where
  * lse is −inf). delta = Σ dO·O per row (o in the dtype); mask: additive float32, row g's at mask + mask_row[g]. */
 static void NAME(attention_backward_scores)(void *probs, void *grad_scores, const void *q, const void *go,
                                             const void *o, const void *kt, const void *vt, const float *lse,
@@ -334,7 +334,8 @@ static void NAME(attention_backward_scores)(void *probs, void *grad_scores, cons
             qt[t] = (const char *)q + (g0 + (t < n ? t : n - 1)) * head_dim * in_es;
             got[t] = (const char *)go + (g0 + (t < n ? t : n - 1)) * head_dim * in_es;
         }
-        const char *kt_b = (const char *)kt + b * head_dim * lp * in_es, *vt_b = (const char *)vt + b * head_dim * lp * in_es;
+        const char *kt_b = (const char *)kt + b * head_dim * lp * in_es;
+        const char *vt_b = (const char *)vt + b * head_dim * lp * in_es;
         char *pr = (char *)probs + g0 * lp * es, *gr = (char *)grad_scores + g0 * lp * es;
         int64_t j0 = 0;
         for (; j0 < tile_end && j0 + 64 <= lp; j0 += 64)
