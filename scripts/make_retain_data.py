@@ -41,7 +41,7 @@ def main() -> None:
 
     import loratune
     from loratune.data.tokenize import chat_prompt_ids
-    from loratune.files import write_text_atomic
+    from loratune.outputs import write_text_atomic
     from loratune.train.generation import generate_greedy
 
     model, tokenizer = loratune.load_model("smollm2-135m", dtype="bf16", device="cpu")

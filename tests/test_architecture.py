@@ -12,7 +12,7 @@ import loratune
 
 ROOT = Path(loratune.__file__).parent
 # Highest first; a package may import only itself and those after it. Top-level modules are the bottom.
-ORDER = ["cli", "serve", "experiments", "train", "data", "models", "analysis", "adapters", "layers", "quant", ""]
+ORDER = ["cli", "serve", "experiments", "train", "data", "models", "analysis", "adapters", "layers", "quant", "outputs", ""]
 
 
 def modules() -> dict[str, Path]:

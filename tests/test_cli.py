@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import loratune
-from loratune.cli.main import adapter_spec, main
+from loratune.cli.main import main
+from loratune.cli.options import adapter_spec
 from loratune.errors import LoratuneError
 from run_helpers import addition_rows, config_dict, text_rows, write_config, write_jsonl
 

@@ -243,12 +243,12 @@ def test_a_path_through_a_file_is_one_line(capsys, ws, tmp_path):
 
 
 def test_an_unexpected_failure_is_one_line_that_says_it_is_a_bug(capsys, ws, monkeypatch):
-    from loratune.cli import commands
+    from loratune.cli import inspect_adapter
 
     def broken(args):
         raise ZeroDivisionError("something loratune did not foresee")
 
-    monkeypatch.setattr(commands, "run_inspect", broken)
+    monkeypatch.setattr(inspect_adapter, "run", broken)
     status, _, err = cli(capsys, "inspect", ws["adapter"])
     assert status == 1
     lines = err.strip().splitlines()

@@ -27,7 +27,7 @@ import loratune
 from loratune.cli.main import main
 from loratune.errors import ConfigError
 from loratune.train import train, validate_config
-from loratune.train.run_dir import prepare_run_dir, write_run_config
+from loratune.train.run_dir import run_directory, write_run_config
 from run_helpers import (
     adapter_tensors,
     addition_rows,
@@ -165,8 +165,8 @@ def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(capsys, ti
 def test_a_run_that_crashed_before_its_first_step_is_started_afresh(tiny_llama_dir, data, tmp_path):
     run = tmp_path / "run"
     config = validate_config(config_dict(tiny_llama_dir, data, run), default_output_dir="unused")
-    prepare_run_dir(run, resume=False, overwrite=False)  # what a crash right after the start leaves
-    write_run_config(run, config)
+    with run_directory(run, resume=False, overwrite=False):  # what a crash right after the start leaves
+        write_run_config(run, config)
     log: list[str] = []
     train(config, progress=False, log=log.append)
     assert "never completed a step; starting afresh" in lines_of(log)
@@ -221,19 +221,19 @@ def test_the_default_rank_of_pruning_mixes_keeps_the_inputs_size(capsys, rank1_a
 
 
 def test_library_warnings_never_land_inside_streamed_text(capsys, monkeypatch, tiny_llama_dir):
-    from loratune.cli import commands
+    from loratune.cli import generate
 
     args = ["generate", "--model", str(tiny_llama_dir), "--prompt", "hello", "--max-new-tokens", "6"]
     status, text, _ = cli(capsys, *args)
     assert status == 0
-    load = commands._load
+    load = generate.load_for_verb
 
     def load_with_a_chatty_library(args):
         model, tokenizer = load(args)
         model.register_forward_hook(lambda *_: warnings.warn("a library deprecation", FutureWarning))
         return model, tokenizer
 
-    monkeypatch.setattr(commands, "_load", load_with_a_chatty_library)
+    monkeypatch.setattr(generate, "load_for_verb", load_with_a_chatty_library)
     both = io.StringIO()  # stdout and stderr as a terminal shows them: one stream, in order
     with contextlib.redirect_stdout(both), contextlib.redirect_stderr(both):
         assert main(args) == 0

@@ -16,7 +16,7 @@ import pytest
 
 import loratune
 from loratune.errors import ConfigError, FileAccessError
-from loratune.files import MANIFEST_NAME, write_output_dir
+from loratune.outputs import MANIFEST_NAME, write_output_dir
 from run_helpers import train_through_cli, write_jsonl
 from test_cli import assert_one_line_error, cli
 
@@ -156,7 +156,8 @@ def test_overwrite_replaces_an_output_loratune_wrote(capsys, workspace, tiny_lla
     assert_one_line_error(status, err, verb, "--overwrite")
     status, _, err = cli(capsys, *args, "--overwrite")
     assert status == 0, err
-    assert out.exists() and [p.name for p in tmp_path.iterdir()] == [out.name]  # nothing left beside it
+    record = [f".{out.name}{MANIFEST_NAME}"] if verb == "export-gguf" else []  # a single file's record
+    assert out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, *record])  # nothing else
 
 
 @pytest.mark.parametrize("verb", ["train", "merge", "mix", "compress"])
@@ -195,7 +196,7 @@ def test_a_failure_while_building_an_output_leaves_the_old_one_whole(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(FileAccessError, match="No space left on device"):
-        write_output_dir(target, "model", fail_half_way)
+        write_output_dir(target, "model", fail_half_way, overwrite=True)
     assert (target / "weights.bin").read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -221,13 +222,15 @@ def json_of(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_a_run_written_before_manifests_existed_can_still_be_overwritten(capsys, workspace, tmp_path):
+def test_a_run_without_a_record_of_its_files_is_never_overwritten(capsys, workspace, tmp_path):
     run = tmp_path / "run"
     args = ["train", workspace["config"], "--set", f"output_dir={run}", "--no-progress"]
     assert cli(capsys, *args)[0] == 0
-    (run / MANIFEST_NAME).unlink()  # as an earlier loratune left it
+    (run / MANIFEST_NAME).unlink()  # as a loratune before records left it: names prove nothing
+    before = snapshot(run)
     status, _, err = cli(capsys, *args, "--overwrite")
-    assert status == 0, err
+    assert_one_line_error(status, err, "train", run, "no record")
+    assert snapshot(run) == before
 
 
 # --- permissions ------------------------------------------------------------------------------------------

@@ -436,7 +436,8 @@ def test_any_adapter_loratune_loads_is_servable(make_tiny_llama_dir, tmp_path, b
     assert mix == stream_greedy(both, tokenizer, ids, 16, lambda _: None)
 
 
-def test_sigterm_drains_running_requests_then_exits(make_tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_drains_running_requests_then_exits_cleanly(make_tiny_llama_dir, tmp_path, signum):
     import signal
     import socket
     import subprocess
@@ -463,7 +464,7 @@ def test_sigterm_drains_running_requests_then_exits(make_tiny_llama_dir, tmp_pat
         with httpx2.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data:")
-            server.send_signal(signal.SIGTERM)
+            server.send_signal(getattr(signal, signum))
             signalled = time.monotonic()
             time.sleep(0.5)
             try:  # draining: a new request is refused (the port is closed, or 503)
@@ -475,9 +476,8 @@ def test_sigterm_drains_running_requests_then_exits(make_tiny_llama_dir, tmp_pat
         assert rest[-1] == "data: [DONE]"
         finish = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
         assert finish[-1] == "length"
-        print(f"streamed for {streamed_after_signal:.2f} s after SIGTERM")
-        # uvicorn re-raises the signal once it has drained, so the process ends as SIGTERM says
-        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+        print(f"streamed for {streamed_after_signal:.2f} s after {signum}")
+        assert server.wait(timeout=60) == 0  # a completed drain is a clean end
         assert "Traceback" not in server.stderr.read()
     finally:
         if server.poll() is None:

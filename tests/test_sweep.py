@@ -14,7 +14,7 @@ import pytest
 
 from loratune.experiments import adapter_parameters, parse_grid
 from loratune.experiments.results import COLUMNS
-from loratune.files import read_manifest
+from loratune.outputs import Manifest
 from run_helpers import addition_rows, config_dict, write_config, write_jsonl
 from test_cli import assert_one_line_error, cli
 
@@ -59,7 +59,7 @@ def test_a_sweep_of_ranks_targets_and_seeds_runs_every_combination_with_every_co
     assert "8 of 8 runs finished; mean ± std over up to 2 seeds" in markdown and " ± " in markdown.split("\n")[4]
     assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
     assert "[8/8]" in err and markdown in stdout
-    assert read_manifest(out)["kind"] == "sweep"
+    assert Manifest.read(out).kind == "sweep"
 
     # the same command again: nothing retrains
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}

@@ -22,7 +22,8 @@ from loratune.adapters import LoraConfig
 from loratune.errors import ConfigError, ModelNotFoundError
 from loratune.train import TrainingDiverged, load_config, prepare_data, train, validate_config
 from loratune.train.config import DataSection, ModelSection, TrainSection, parse_override
-from loratune.train.run_dir import finish_run_dir, prepare_run_dir, write_run_config
+from loratune.outputs import write_text_atomic
+from loratune.train.run_dir import finish_run_dir, run_directory, write_run_config
 from loratune.train.schedule import learning_rate
 from run_helpers import (
     addition_rows,
@@ -368,6 +369,12 @@ def test_non_finite_gradient_stops_before_the_update_and_checkpoints_stay_finite
 # --- the output directory --------------------------------------------------------------------------------
 
 
+def prepare_run_dir(path, **options):
+    """Where a run at ``path`` would write (the directory's guard taken and released again)."""
+    with run_directory(path, **options) as dirs:
+        return dirs
+
+
 def test_existing_non_empty_output_dir_is_refused_naming_both_flags(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -387,10 +394,11 @@ def test_empty_existing_output_dir_is_used(tmp_path):
 
 def test_overwrite_builds_the_new_run_beside_the_old_one_until_it_completes(tmp_path):
     run_dir = tmp_path / "run"
-    first = prepare_run_dir(run_dir, resume=False, overwrite=False)
-    assert first.work == run_dir
-    (run_dir / "checkpoints" / "step-2").mkdir(parents=True)
-    (run_dir / "config.yaml").write_text("old: run\n")
+    with run_directory(run_dir, resume=False, overwrite=False) as first:
+        assert first.work == run_dir
+        (run_dir / "checkpoints" / "step-2").mkdir(parents=True)
+        write_text_atomic(run_dir / "checkpoints" / "step-2" / "trainer_state.json", "{}")
+        write_text_atomic(run_dir / "config.yaml", "old: run\n")
     second = prepare_run_dir(run_dir, resume=False, overwrite=True)
     assert second.final == run_dir and second.work != run_dir and second.work.parent == tmp_path
     assert (run_dir / "config.yaml").read_text() == "old: run\n"  # whole until the new run completes

@@ -37,12 +37,12 @@ from loratune.adapters.kohya import (
     read_kohya,
     to_module_paths,
     write_kohya,
-    written_by_loratune,
 )
 from loratune.adapters.peft_format import CONFIG_NAME, read_adapter, write_adapter, write_adapter_dir
 from loratune.adapters.peft_keys import PREFIX, module_path, parse_factor_key
 from loratune.errors import AdapterLoadError, ConfigError
-from loratune.files import check_output_dir, check_output_file, reading, write_atomic, write_output_dir
+from loratune.files import reading
+from loratune.outputs import guard_output, write_atomic, write_output_dir
 from loratune.version import __version__
 
 FORMATS = ("peft", "kohya")
@@ -163,14 +163,34 @@ def write_diffusers_file(out: str | os.PathLike, parts: Mapping[str, tuple[LoraC
     target = Path(out)
     if target.suffix != ".safetensors":
         raise ConfigError(f"a diffusers LoRA file is a .safetensors file; give --out ending in .safetensors, not {target}")
-    check_output_file(target, overwrite=overwrite, ours=written_by_loratune, what="diffusers LoRA file")
-    tensors, packed = {}, {}
-    for component, (config, part) in parts.items():
-        tensors.update({f"{component}.{module_path(key)}": t.contiguous() for key, t in part.items()})
-        packed.update({f"{component}.{k}": v for k, v in config.to_peft_dict().items()})
-    header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
-              WRITER_KEY: __version__}
-    return write_atomic(target, lambda temp: save_file(tensors, temp, metadata=header))
+    with guard_output(target, kind="file", overwrite=overwrite, what="diffusers LoRA file",
+                      record_kind="diffusers-lora"):
+        tensors, packed = {}, {}
+        for component, (config, part) in parts.items():
+            tensors.update({f"{component}.{module_path(key)}": t.contiguous() for key, t in part.items()})
+            packed.update({f"{component}.{k}": v for k, v in config.to_peft_dict().items()})
+        header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
+                  WRITER_KEY: __version__}
+        return write_atomic(target, lambda temp: save_file(tensors, temp, metadata=header))
+
+
+def source_format(path: str | os.PathLike) -> str:
+    """The format of the LoRA at ``path``: ``"peft"`` (a directory with an adapter config, at its root or for a
+    text encoder), ``"diffusers"`` or ``"kohya"`` (a ``.safetensors`` file). Raises ``ConfigError`` saying what
+    ``path`` is instead: missing, a file of another kind, a directory without an adapter."""
+    source = Path(path)
+    if not source.exists():
+        raise ConfigError(f"{source}: no such file or directory; give a kohya or diffusers .safetensors file or a "
+                          "PEFT adapter directory")
+    if source.is_dir():
+        if (source / CONFIG_NAME).is_file() or any((source / c / CONFIG_NAME).is_file() for c in TEXT_ENCODERS):
+            return "peft"
+        raise ConfigError(f"{source} is a directory without {CONFIG_NAME}, so not a PEFT adapter; give an adapter "
+                          "directory or a .safetensors LoRA file")
+    if source.suffix != ".safetensors":
+        raise ConfigError(f"{source} is not a LoRA file (convert reads a kohya or diffusers .safetensors file, or a "
+                          "PEFT adapter directory)")
+    return "diffusers" if is_diffusers_file(source) else "kohya"
 
 
 def pipeline_parts(source: str | os.PathLike, module_paths: Mapping[str, Iterable[str]] | None = None
@@ -193,17 +213,17 @@ def kohya_to_peft(source: str | os.PathLike, out: str | os.PathLike, module_path
     ``out`` (the UNet's adapter at the root, text encoders' in subdirectories), kohya names resolved with
     ``module_paths`` (``{component: paths}``). Tensors are copied bit for bit. Returns the number of modules
     per component."""
-    check_output_dir(out, overwrite=overwrite)
-    parts = pipeline_parts(source, module_paths)
-    if base_model:
-        parts = {c: (config.model_copy(update={"base_model_name_or_path": base_model}), tensors)
-                 for c, (config, tensors) in parts.items()}
+    with guard_output(out, overwrite=overwrite, inputs=[("the LoRA file", source)]):
+        parts = pipeline_parts(source, module_paths)
+        if base_model:
+            parts = {c: (config.model_copy(update={"base_model_name_or_path": base_model}), tensors)
+                     for c, (config, tensors) in parts.items()}
 
-    def fill(staging: Path) -> None:
-        for component, (config, tensors) in parts.items():
-            write_adapter(staging if component == "unet" else staging / component, config, tensors)
+        def fill(staging: Path) -> None:
+            for component, (config, tensors) in parts.items():
+                write_adapter(staging if component == "unet" else staging / component, config, tensors)
 
-    write_output_dir(out, "adapter", fill)
+        write_output_dir(out, "adapter", fill, overwrite=overwrite)
     return {component: len(config.target_modules) for component, (config, _) in parts.items()}
 
 
@@ -236,6 +256,7 @@ __all__ = [
     "read_any",
     "read_diffusers_file",
     "read_pipeline_adapter",
+    "source_format",
     "to_diffusers_file",
     "write_any",
 ]

@@ -38,7 +38,7 @@ from loratune.adapters.peft_format import read_adapter
 from loratune.adapters.peft_keys import is_base_copy_key, parse_factor_key
 from loratune.adapters.targets import rank_and_alpha
 from loratune.errors import AdapterLoadError, ConfigError
-from loratune.files import write_atomic
+from loratune.outputs import guard_output, write_atomic
 from loratune.layers import lora_scaling
 
 # Hugging Face architecture (config.json ``architectures[0]``, what llama.cpp's converter dispatches on) ->
@@ -55,7 +55,7 @@ GGUF_DTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
 }
 
-WRITER_KEY = "loratune.writer"  # marks files loratune wrote; llama.cpp ignores keys it does not know
+WRITER_KEY = "loratune.writer"  # the loratune version that wrote a file; llama.cpp ignores keys it does not know
 
 
 @dataclass(frozen=True)
@@ -230,24 +230,20 @@ def write_gguf_lora(lora: GgufLora, base: GgufBase, out: str | os.PathLike, *, d
     return write_atomic(out, write)
 
 
-def written_by_loratune(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a GGUF LoRA file that loratune wrote (what ``--overwrite`` may replace)."""
-    try:
-        return WRITER_KEY in gguf.GGUFReader(str(path)).fields
-    except Exception:  # noqa: BLE001 - anything unreadable as GGUF is not ours
-        return False
-
-
 def export_gguf(adapter_dir: str | os.PathLike, out: str | os.PathLike, base_config: Mapping, *,
-                dtype: str = "f32", scale: float = 1.0) -> GgufLora:
-    """Export the PEFT adapter at ``adapter_dir`` to a llama.cpp GGUF LoRA file at ``out``.
+                dtype: str = "f32", scale: float = 1.0, overwrite: bool = False) -> GgufLora:
+    """Export the PEFT adapter at ``adapter_dir`` to a llama.cpp GGUF LoRA file at ``out`` (an existing file only
+    with ``overwrite``, and only one loratune wrote).
 
     ``base_config`` is the base model's ``config.json`` as a dict (architecture, heads, layers, tying).
     Returns what was written (tensors, alpha, folded factors). Raises ``AdapterLoadError`` for an unreadable
-    or inconsistent adapter and ``ConfigError`` for what llama.cpp cannot represent.
+    or inconsistent adapter and ``ConfigError`` for what llama.cpp cannot represent or an ``out`` that may not
+    be written.
     """
-    base = GgufBase.from_config(base_config)
-    config, tensors = read_adapter(adapter_dir)
-    lora = gguf_lora_tensors(tensors, config, base, scale=scale)
-    write_gguf_lora(lora, base, out, dtype=dtype, name=Path(adapter_dir).resolve().name)
+    with guard_output(out, kind="file", overwrite=overwrite, inputs=[("the adapter", adapter_dir)],
+                      what="GGUF file", record_kind="gguf-lora"):
+        base = GgufBase.from_config(base_config)
+        config, tensors = read_adapter(adapter_dir)
+        lora = gguf_lora_tensors(tensors, config, base, scale=scale)
+        write_gguf_lora(lora, base, out, dtype=dtype, name=Path(adapter_dir).resolve().name)
     return lora

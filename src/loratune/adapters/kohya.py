@@ -33,14 +33,15 @@ from loratune.adapters.factors import adapter_factors
 from loratune.adapters.peft_keys import factor_keys
 from loratune.adapters.targets import rank_and_alpha
 from loratune.errors import AdapterLoadError, ConfigError
-from loratune.files import check_output_file, reading, write_atomic
+from loratune.files import reading
+from loratune.outputs import guard_output, write_atomic
 from loratune.validation import closest
 from loratune.version import __version__
 
 # prefix -> the pipeline component it adapts (the longest prefixes first: "lora_te1" before "lora_te")
 COMPONENTS = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2", "lora_te": "text_encoder"}
 SUFFIXES = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
-WRITER_KEY = "loratune.writer"  # metadata that marks a file loratune wrote (what --overwrite may replace)
+WRITER_KEY = "loratune.writer"  # metadata naming the loratune version that wrote a file
 NETWORK_MODULE = "networks.lora"  # kohya's name for plain LoRA / LoCon, as its scripts record it
 
 # Keys of LyCORIS and other variants that are not LoRA: the type each one means.
@@ -169,15 +170,6 @@ def module_ranks_and_alphas(config: LoraConfig, tensors: Mapping[str, torch.Tens
     return ranks, {path: rank_and_alpha(config, path)[1] for path in factors}
 
 
-def written_by_loratune(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a kohya file loratune wrote (what ``--overwrite`` may replace)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return WRITER_KEY in (handle.metadata() or {})
-    except Exception:  # noqa: BLE001 - anything unreadable is not ours
-        return False
-
-
 def write_kohya(path: str | os.PathLike, config: LoraConfig, tensors: Mapping[str, torch.Tensor], *,
                 metadata: Mapping[str, str] | None = None, overwrite: bool = False) -> Path:
     """Write a PEFT-keyed adapter whose module paths are kohya names as a kohya file at ``path`` (atomically).
@@ -189,7 +181,12 @@ def write_kohya(path: str | os.PathLike, config: LoraConfig, tensors: Mapping[st
     target = Path(path)
     if target.suffix != ".safetensors":
         raise ConfigError(f"a kohya LoRA file is a .safetensors file; give --out ending in .safetensors, not {target}")
-    check_output_file(target, overwrite=overwrite, ours=written_by_loratune, what="kohya LoRA file")
+    with guard_output(target, kind="file", overwrite=overwrite, what="kohya LoRA file", record_kind="kohya-lora"):
+        return _write_kohya_file(target, config, tensors, metadata)
+
+
+def _write_kohya_file(target: Path, config: LoraConfig, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None) -> Path:
     ranks, alphas = module_ranks_and_alphas(config, tensors)
     out = {}
     for name in sorted(ranks):
@@ -304,5 +301,4 @@ __all__ = [
     "split_name",
     "to_module_paths",
     "write_kohya",
-    "written_by_loratune",
 ]

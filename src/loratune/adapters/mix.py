@@ -31,7 +31,7 @@ from loratune.adapters.factors import (
 )
 from loratune.adapters.peft_keys import is_base_copy_key
 from loratune.errors import ConfigError
-from loratune.files import check_output_dir
+from loratune.outputs import guard_output, refuse_aliasing
 from loratune.validation import closest
 
 METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -370,15 +370,17 @@ def mix_adapter_dirs(
     output path; nothing is written then.
     """
     check_options(method, len(inputs), rank, density, majority_sign)
+    refuse_aliasing(out, [("the adapter", path) for path, _ in inputs], "the output")
     adapters = [read_any(path) for path, _ in inputs]
     fmt = output_format(adapters, format, out)
-    if fmt == "peft":
-        check_output_dir(out, overwrite=overwrite)
-    result = mix_adapters(
-        [(a.config, a.tensors) for a in adapters], [w for _, w in inputs], method, rank=rank, density=density,
-        seed=seed, majority_sign=majority_sign, names=[str(path) for path, _ in inputs],
-    )
-    write_any(out, result.config, result.tensors, fmt, metadata=adapters[0].metadata, overwrite=overwrite, compress=compress)
+    with guard_output(out, kind="file" if fmt == "kohya" else "directory", overwrite=overwrite,
+                      record_kind="kohya-lora"):
+        result = mix_adapters(
+            [(a.config, a.tensors) for a in adapters], [w for _, w in inputs], method, rank=rank, density=density,
+            seed=seed, majority_sign=majority_sign, names=[str(path) for path, _ in inputs],
+        )
+        write_any(out, result.config, result.tensors, fmt, metadata=adapters[0].metadata, overwrite=overwrite,
+                  compress=compress)
     return result
 
 

@@ -28,17 +28,8 @@ from loratune.adapters.registry import active_adapters, adapters_of, get_entry, 
 from loratune.adapters.surgery import delete_adapter, inject_adapter, set_active, set_strength
 from loratune.adapters.targets import find_targets, portable_target_modules
 from loratune.errors import AdapterLoadError, ConfigError
-from loratune.files import (
-    MANIFEST_NAME,
-    check_output_dir,
-    describe_read_error,
-    give_default_modes,
-    is_temp_name,
-    read_safetensors,
-    temp_dir_beside,
-    write_output_dir,
-    writing,
-)
+from loratune.files import describe_read_error, give_default_modes, is_temp_name, read_safetensors, temp_dir_beside, writing
+from loratune.outputs import MANIFEST_NAME, guard_output, record_published, record_removed, write_output_dir
 from loratune.layers import UNINITIALISED, LoraLayer
 
 CONFIG_NAME = "adapter_config.json"
@@ -156,11 +147,14 @@ def write_adapter(
             (staging / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
             give_default_modes(staging)
             if not target.exists():
+                record_published(target, staging)
                 staging.rename(target)
             else:
                 for file in (weights_name, CONFIG_NAME):
+                    record_published(target / file, staging / file)
                     os.replace(staging / file, target / file)
                 (target / stale).unlink(missing_ok=True)
+                record_removed(target / stale)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -186,9 +180,8 @@ def write_adapter_dir(
     swapped in.
 
     Raises ``ConfigError`` when ``path`` exists and is not empty without ``overwrite``, or cannot be
-    replaced (see ``loratune.files.check_output_dir``); nothing is written then.
+    replaced (see ``loratune.outputs.check_output_dir``); nothing is written then.
     """
-    check_output_dir(path, overwrite=overwrite)
     extras = []
     if copy_from is not None:
         skip = {CONFIG_NAME, WEIGHTS_NAME, INT8_WEIGHTS_NAME, MANIFEST_NAME}
@@ -199,18 +192,19 @@ def write_adapter_dir(
             shutil.copyfile(extra, staging / extra.name)
         write_adapter(staging, config, tensors, compress=compress)
 
-    return write_output_dir(path, "adapter", fill)
+    return write_output_dir(path, "adapter", fill, overwrite=overwrite)
 
 
 def compress_adapter(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write an int8-compressed copy of the adapter directory ``path`` (with its other files, such as the
-    tokenizer) to ``out`` and return ``out``; ``out`` may be ``path`` itself, with ``overwrite``.
+    tokenizer) to ``out`` and return ``out``.
 
     Raises ``AdapterLoadError`` when ``path`` is not a readable adapter directory, ``ConfigError`` when
-    ``out`` cannot be written (see ``write_adapter_dir``).
+    ``out`` cannot be written (see ``write_adapter_dir``), among others when it is, contains or lies inside ``path``.
     """
-    config, tensors = read_adapter(path)
-    return write_adapter_dir(out, config, tensors, compress="int8", overwrite=overwrite, copy_from=path)
+    with guard_output(out, overwrite=overwrite, inputs=[("the adapter", path)]):
+        config, tensors = read_adapter(path)
+        return write_adapter_dir(out, config, tensors, compress="int8", overwrite=overwrite, copy_from=path)
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoraConfig:

@@ -1,24 +1,14 @@
 """Figures for the rank tools: energy curves E(k) per module type, and the φ(i, j) heat map (LoRA paper
-Figure 3 style). PNG, written to a temporary name and renamed; tagged so ``--overwrite`` knows them."""
+Figure 3 style). PNG, written to a temporary name and renamed, with loratune in its Software tag."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
 
-from loratune.files import write_atomic
+from loratune.outputs import write_atomic
 
 SOFTWARE_TAG = "loratune"
-
-
-def is_our_plot(path: Path) -> bool:
-    """Whether the PNG at ``path`` carries loratune's Software tag (so --overwrite may replace it)."""
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(8192)
-    except OSError:
-        return False
-    return head.startswith(b"\x89PNG") and b"Software\x00" + SOFTWARE_TAG.encode() in head
 
 
 def _module_type(name: str) -> str:

@@ -4,11 +4,38 @@ that cannot mean anything is a one-line usage error before any model is loaded."
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import math
 import os
+from pathlib import Path
 
 DTYPE_CHOICES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line on stderr (exit status 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_model_options(parser: argparse.ArgumentParser, dtype: bool = True, adapters: bool = True) -> None:
+    """``--model`` (and ``--adapter``, ``--dtype``), ``--device``, ``--trust-remote-code`` and ``--quantize``: how a
+    verb that runs a model loads it."""
+    parser.add_argument("--model", "-m", default=None, metavar="M",
+                        help="base model: alias, .gguf or HF directory (default: the base recorded in the adapter; "
+                             "without an adapter, smollm2-135m)")
+    if adapters:
+        parser.add_argument("--adapter", "-a", action="append", default=[], type=adapter_spec, metavar="DIR[:SCALE]",
+                            help="adapter directory (PEFT format) with an optional strength; repeatable")
+    if dtype:
+        parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, metavar="DTYPE",
+                            help="auto (bf16 where supported), bf16, fp16 or fp32")
+    parser.add_argument("--device", default="auto", type=device, help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    parser.add_argument("--quantize", choices=("nf4", "fp4"), default=None,
+                        help="load the base with its Linear layers in 4 bits, as a QLoRA run trained it (automatic "
+                             "for a model stored in 4 bits); safetensors bases stream tensor by tensor, a .gguf base "
+                             "is converted through transformers, which holds the whole model (fine for small models)")
 
 
 def _number(text: str, kind, what: str):
@@ -36,6 +63,35 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """An integer ≥ 0."""
     return _at_least(text, int, 0, "0 or more")
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer from -2^63 to 2^64 - 1 (what torch's generators take)."""
+    value = _number(text, int, "an integer")
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be from -2^63 to 2^64-1, got {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A duration in seconds, above 0."""
+    value = _number(text, float, "a number of seconds")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {value:g}")
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    """A duration in seconds, 0 or more."""
+    return _at_least(text, float, 0, "0 seconds or more")
+
+
+def port(text: str) -> int:
+    """A TCP port: 1 to 65535."""
+    value = _number(text, int, "a port number")
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 65535, got {value}")
+    return value
 
 
 def finite_float(text: str) -> float:

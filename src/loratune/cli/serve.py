@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
+import errno
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 
-from loratune.cli.options import adapter_spec, base_model_for, positive_int
+from loratune.cli.options import (
+    add_model_options,
+    adapter_spec,
+    base_model_for,
+    non_negative_seconds,
+    port,
+    positive_int,
+    positive_seconds,
+)
+from loratune.cli.writes import NOTHING, Writes
 from loratune.errors import ConfigError
+
+NAME = "serve"
 
 SERVE_HELP = """\
 Serve a base model and any number of adapters behind OpenAI's API (/v1/models, /v1/completions,
@@ -15,7 +29,9 @@ Serve a base model and any number of adapters behind OpenAI's API (/v1/models, /
 runs with its own adapter, or a per-request mix (the extra body field "adapters": {"NAME": strength}).
 The "model" field picks an adapter by NAME, or the base by its id (the --model name).
 Also: POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with --adapter-root), GET /health,
-GET /metrics (Prometheus) and a playground page at /. Binds 127.0.0.1 unless --host says otherwise."""
+GET /metrics (Prometheus) and a playground page at /. Binds 127.0.0.1 unless --host says otherwise; the
+address is taken before the model loads, so a busy port is said at once. SIGTERM, SIGHUP and Ctrl-C drain:
+no new requests, running ones finish (up to --drain-timeout), then the server exits with status 0."""
 
 
 def named_adapter(value: str) -> tuple[str, str, float]:
@@ -27,17 +43,15 @@ def named_adapter(value: str) -> tuple[str, str, float]:
     return name or Path(path).resolve().name, path, scale
 
 
-def add_serve_verb(verb, model_options) -> None:
-    """Add ``serve`` through ``verb(name, help, description)``; ``model_options(parser, adapters=False)`` adds
-    the model-loading options ``generate`` has."""
-    p = verb("serve", "serve the base and adapters over an OpenAI-compatible HTTP API, batched", SERVE_HELP)
-    model_options(p, adapters=False)
+def add_parser(verb) -> None:
+    p = verb(NAME, "serve the base and adapters over an OpenAI-compatible HTTP API, batched", SERVE_HELP)
+    add_model_options(p, adapters=False)
     p.add_argument("--adapter", "-a", action="append", default=[], type=named_adapter, metavar="NAME=DIR[:SCALE]",
                    help="an adapter to serve as NAME (default: the directory's name) at a strength (default 1); "
                         "repeatable; these stay in memory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--api-key", default=None, metavar="KEY",
+    p.add_argument("--port", type=port, default=8000, help="port, 1 to 65535 (default: 8000)")
+    p.add_argument("--api-key", default=None, type=api_key, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every endpoint except /health and the playground page")
     p.add_argument("--adapter-root", default=None, metavar="DIR",
                    help="allow POST /v1/load_lora_adapter for adapter directories inside DIR (off without it)")
@@ -53,16 +67,28 @@ def add_serve_verb(verb, model_options) -> None:
                         "for long (default: 512)")
     p.add_argument("--max-waiting", type=positive_int, default=256, metavar="N",
                    help="requests queued before new ones get 429 with Retry-After (default: 256)")
-    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
-                   help="fail a request still running after S seconds (default: 600)")
-    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
-                   help="on SIGTERM/Ctrl-C, wait up to S seconds for running requests (default: 30)")
+    p.add_argument("--request-timeout", type=positive_seconds, default=600.0, metavar="S",
+                   help="fail a request still running after S seconds, more than 0 (default: 600)")
+    p.add_argument("--drain-timeout", type=non_negative_seconds, default=30.0, metavar="S",
+                   help="on SIGTERM, SIGHUP or Ctrl-C, wait up to S seconds for running requests; 0: stop at once "
+                        "(default: 30)")
 
 
-def run_serve(args) -> int:
+def api_key(text: str) -> str:
+    """An API key: any text but an empty one (which every client would match)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty; give a secret, or leave --api-key out for no key")
+    return text
+
+
+def writes(args) -> Writes:
+    return NOTHING  # adapters loaded at run time are read, never written (see serve.adapters)
+
+
+def run(args) -> int:
     from loratune.models.loader import load_model, resolve_model_dir
     from loratune.models.quantized import stored_in_4bit
-    from loratune.serve import build, run
+    from loratune.serve import build, run as serve
 
     names = [name for name, _, _ in args.adapter]
     duplicated = sorted({n for n in names if names.count(n) > 1})
@@ -70,16 +96,19 @@ def run_serve(args) -> int:
         raise ConfigError(f"two adapters are named {duplicated[0]!r}; name them apart with NAME=DIR")
     if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
         raise ConfigError(f"--adapter-root {args.adapter_root} is not a directory")
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     name = base_model_for(args, adapters=[path for _, path, _ in args.adapter])
-    quantize = args.quantize or stored_in_4bit(resolve_model_dir(name))
-    model, tokenizer = load_model(name, quantize=quantize, dtype=args.dtype, device=args.device,
-                                  trust_remote_code=args.trust_remote_code)
-    service = build(model, tokenizer, name, args.adapter, max_batch=args.max_batch,
-                    prefill_tokens=args.prefill_tokens, max_waiting=args.max_waiting, max_loaded=args.max_loaded,
-                    adapter_root=args.adapter_root, max_tokens_limit=args.max_tokens_limit,
-                    request_timeout=args.request_timeout)
+    listener = bind(args.host, args.port)  # before the model loads: a busy port is said at once
+    try:
+        quantize = args.quantize or stored_in_4bit(resolve_model_dir(name))
+        model, tokenizer = load_model(name, quantize=quantize, dtype=args.dtype, device=args.device,
+                                      trust_remote_code=args.trust_remote_code)
+        service = build(model, tokenizer, name, args.adapter, max_batch=args.max_batch,
+                        prefill_tokens=args.prefill_tokens, max_waiting=args.max_waiting, max_loaded=args.max_loaded,
+                        adapter_root=args.adapter_root, max_tokens_limit=args.max_tokens_limit,
+                        request_timeout=args.request_timeout)
+    except BaseException:
+        listener.close()
+        raise
     if not _is_loopback(args.host) and args.api_key is None:
         print(f"loratune serve: warning: listening on {args.host} without --api-key: anyone who reaches this "
               "port can use the model", file=sys.stderr)
@@ -90,8 +119,34 @@ def run_serve(args) -> int:
         print(f"loratune serve: {name} with adapters: {adapters}; API at {where}/v1, playground at {where}/ "
               "(Ctrl-C stops)", file=sys.stderr, flush=True)
 
-    run(service, args.host, args.port, args.api_key, args.drain_timeout, on_ready=ready)
+    serve(service, api_key=args.api_key, drain_timeout=args.drain_timeout, on_ready=ready, sock=listener)
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port``. Raises ``ConfigError`` for an address that does not resolve
+    or cannot be bound (in use, not this machine's, a privileged port)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as error:
+        raise ConfigError(f"--host {host}: not an address of this machine ({error.args[-1]})") from None
+    family, kind, proto, _, address = infos[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as error:
+        listener.close()
+        reason = error.strerror or str(error)
+        hint = {errno.EADDRINUSE: "another server listens there; choose another --port",
+                errno.EADDRNOTAVAIL: "it is not an address of this machine; give one of its addresses (or 0.0.0.0)",
+                errno.EACCES: "ports below 1024 need privileges; choose a port above 1023"}.get(error.errno, "")
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}" + (f"; {hint}" if hint else "")) from None
+    listener.setblocking(False)
+    return listener
 
 
 def _is_loopback(host: str) -> bool:

@@ -4,9 +4,10 @@ word's tag on its first sub-token.
 
 Rows are ``{"text", "label"}``, sentence pairs ``{"sentence1", "sentence2", "label"}``, or GLUE's own columns
 (``sentence``; ``question``/``sentence``; ``premise``/``hypothesis``; ``question1``/``question2``), from any file
-``data.readers`` reads. Labels are strings or integers (classes) or non-integer numbers (regression, as STS-B).
-The ``LabelSpace`` fixes the order of the head's outputs: integers keep their value as the class index (GLUE's
-files use 0..K-1), strings are sorted; it is written beside an adapter as ``labels.json``.
+``data.readers`` reads. Labels are names or integers (classes) or numbers with fractions (regression, as STS-B);
+one file never mixes kinds (``check_label_kinds``). The ``LabelSpace`` fixes the order of the head's outputs:
+the distinct labels sorted, integers by value (so GLUE's 0..K-1 keep their value as the class index; 1, 5, 9 become
+classes 0, 1, 2), names alphabetically; it is written beside an adapter as ``labels.json``.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def _label(row: dict, location: str, required: bool):
 
 def read_classification(path: str | os.PathLike, *, require_labels: bool = True) -> list[ClassExample]:
     """The rows of a classification file. Every row must use the same text columns (a file mixing single
-    sentences and pairs is refused at the first row that differs). Raises ``DataError`` naming file and line."""
+    sentences and pairs is refused at the first row that differs) and labels of one kind (``check_label_kinds``).
+    Raises ``DataError`` naming file and line."""
     examples, layout = [], None
     for location, row in read_rows(path):
         columns = _columns(row, location)
@@ -119,7 +121,50 @@ def read_classification(path: str | os.PathLike, *, require_labels: bool = True)
         first, second = columns
         pair = _text(row, second, location) if second else None
         examples.append(ClassExample(_text(row, first, location), pair, _label(row, location, require_labels), location))
+    check_label_kinds([(ex.label, ex.location) for ex in examples], "label")
     return examples
+
+
+def _written_as_integer(label) -> bool:
+    if isinstance(label, int):
+        return True
+    return isinstance(label, str) and label.strip().lstrip("+-").isdigit()
+
+
+def check_label_kinds(labels: Sequence[tuple], what: str = "label") -> None:
+    """Refuse (``DataError`` naming the row and an earlier one) a file whose labels ``(label, location)`` mix
+    kinds, which would otherwise turn silently into classes nobody meant: a name among numbers (``3`` among
+    ``"positive"``/``"negative"``), or a fractional number among integers (``2.5`` among ``0``, ``1``, ``3``: a
+    regression written partly as integers, or a typo). Labels of one kind: all names (classes), all integers
+    (classes), or numbers with decimals (``2.5``, ``3.0``: a regression)."""
+    first: dict[str, tuple] = {}  # kind → (label, location) of the first row of that kind
+    for label, location in labels:
+        if label is None:
+            continue
+        if not _is_number(label):
+            kinds = {"name"}
+        else:
+            kinds = {"number"} | ({"integer"} if _written_as_integer(label) else set()) | (
+                {"fraction"} if not float(label).is_integer() else set())
+        for kind in kinds:
+            first.setdefault(kind, (label, location))
+        for one, other, fix in (
+            ("name", "number", f"a file's {what}s are all names or all numbers"),
+            ("integer", "fraction", f"write every {what} of a regression as a decimal number (3.0), or every {what} "
+                                    "of a classification as an integer or a name"),
+        ):
+            if one in first and other in first and kinds & {one, other}:
+                earlier, at = first[other if one in kinds else one]
+                raise DataError(f"{location}: {what} {label!r} is {_kind_name(label)}, but {earlier!r} at {at} is "
+                                f"{_kind_name(earlier)}; {fix}")
+
+
+def _kind_name(label) -> str:
+    if not _is_number(label):
+        return "a name"
+    if _written_as_integer(label):
+        return "an integer"
+    return "a number with a fraction" if not float(label).is_integer() else "a decimal number"
 
 
 def _describe(columns: tuple[str, str | None]) -> str:
@@ -304,6 +349,7 @@ def read_token_classification(path: str | os.PathLike, *, require_labels: bool =
         if not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in tags):
             raise DataError(f"{location}: {column!r} must hold strings or integers")
         examples.append(TokenExample(tokens, tags, location))
+    check_label_kinds([(tag, ex.location) for ex in examples for tag in dict.fromkeys(ex.tags or ())], "tag")
     return examples
 
 
@@ -370,6 +416,7 @@ __all__ = [
     "LabelSpace",
     "TokenExample",
     "TokenizedClassExample",
+    "check_label_kinds",
     "check_layout",
     "collate_classification",
     "is_pair_data",

@@ -13,7 +13,7 @@ from typing import Any
 
 from loratune.analysis.plots import save_figure
 from loratune.experiments.grid import PlannedRun, run_name
-from loratune.files import write_text_atomic
+from loratune.outputs import write_text_atomic
 from loratune.train.run_dir import SUMMARY_FILE
 
 COLUMNS = ("method", "r", "target_modules", "trainable_params", "adapter_mb", "train_seconds", "tokens_per_s",

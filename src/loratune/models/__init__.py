@@ -13,6 +13,7 @@ from loratune.models.loader import (
     load_classifier,
     load_model,
     load_tokenizer,
+    model_sources,
     resolve_model_dir,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "load_classifier",
     "load_model",
     "load_tokenizer",
+    "model_sources",
     "resolve_device",
     "resolve_dtype",
     "resolve_model_dir",

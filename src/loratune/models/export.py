@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loratune.files import check_output_dir, write_output_dir
+from loratune.outputs import check_output_dir, write_output_dir
 
 
 def weights_are_tied(model: nn.Module) -> bool:
@@ -29,7 +29,7 @@ def save_hf_model(
     Built in a directory beside ``out_dir`` and swapped in, so ``out_dir`` is complete or as it was. When the
     embeddings and output head are no longer the same tensor (merging untied them), the config says so, or
     transformers would re-tie them on load. Raises ``ConfigError`` when ``out_dir`` exists and is not empty
-    without ``overwrite``, or cannot be replaced (see ``loratune.files.check_output_dir``).
+    without ``overwrite``, or cannot be replaced (see ``loratune.outputs.check_output_dir``).
     """
     check_output_dir(out_dir, overwrite=overwrite)
     if dtype is not None:
@@ -40,7 +40,7 @@ def save_hf_model(
         for name, text in (extras or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
 
-    return write_output_dir(out_dir, "model", fill)
+    return write_output_dir(out_dir, "model", fill, overwrite=overwrite)
 
 
 def write_hf_model(model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:

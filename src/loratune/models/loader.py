@@ -10,7 +10,7 @@ import torch
 from loratune.errors import ConfigError, LoratuneError, ModelNotFoundError
 from loratune.models.aliases import alias_gguf_path, alias_names, get_alias
 from loratune.models.devices import resolve_device, resolve_dtype
-from loratune.models.gguf_cache import cached_hf_dir
+from loratune.models.gguf_cache import cached_hf_dir, gguf_cache_dir
 from loratune.models.quantized import DEFAULT_UNQUANTIZED, stored_in_4bit
 from loratune.models.streamed import load_streamed
 from loratune.quant import QuantSpec, checkpoint_files
@@ -211,6 +211,25 @@ def check_quantize(quantize: str | None) -> None:
         return
     valid = ", ".join("null" if choice is None else repr(choice) for choice in QUANTIZE_CHOICES)
     raise ConfigError(f"unknown quantize value {quantize!r}; use one of: {valid}")
+
+
+def model_sources(name: str | Path) -> list[Path]:
+    """The local files and directories a model name reads, without converting anything (for an output guard to
+    keep clear of): the directory itself; a ``.gguf`` file and its cache directory; an alias's shipped file and its
+    cache directory. Empty for a name that does not exist (loading it then says why)."""
+    alias = get_alias(str(name))
+    try:
+        source = alias_gguf_path(alias) if alias is not None else Path(name).expanduser()
+    except ModelNotFoundError:
+        return []
+    if not source.exists():
+        return []
+    if source.is_file():
+        try:
+            return [source, gguf_cache_dir(source)]
+        except ModelNotFoundError:
+            return [source]
+    return [source]
 
 
 def resolve_model_dir(name: str | Path) -> Path:

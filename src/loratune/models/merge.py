@@ -9,6 +9,7 @@ error that adds reported), see ``merge_4bit``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,11 +18,11 @@ from pathlib import Path
 import torch
 
 from loratune.adapters import load_adapter, read_adapter_config, unload
-from loratune.errors import ConfigError
-from loratune.files import check_output_dir
+from loratune.errors import ConfigError, LoratuneError
+from loratune.outputs import check_free_space, guard_output
 from loratune.models.devices import DTYPE_NAMES, resolve_dtype
 from loratune.models.export import save_hf_model
-from loratune.models.loader import load_classifier, load_model, resolve_model_dir
+from loratune.models.loader import load_classifier, load_model, model_sources, resolve_model_dir
 from loratune.models.merge_4bit import (
     dequantize_model,
     merged_delta_norms,
@@ -83,31 +84,48 @@ def merge_to_directory(
     """
     if not adapters:
         raise ConfigError("merging needs at least one adapter")
-    check_output_dir(out, overwrite=overwrite)
-    for path, _ in adapters:
-        read_adapter_config(path)  # a wrong path fails now, not after loading the model
-    model_dir = resolve_model_dir(model)
-    quantize = quantize or stored_in_4bit(model_dir)
-    if requantize and not quantize:
-        raise ConfigError("requantize re-quantizes a 4-bit base; load the base in 4 bits as training did "
-                          "(--quantize nf4, or quantize='nf4'; fp4 likewise)")
-    written = None if out_dtype is None else resolve_dtype(out_dtype)
-    if quantize and labels is not None:
-        raise ConfigError("classifiers train over an unquantized base; merge without --quantize")
-    if quantize:
-        return _merge_over_4bit(model, adapters, Path(out), quantize, requantize, written, device, trust_remote_code,
-                                overwrite)
-    stored = stored_dtype(model_dir)
-    written = written or stored
-    if labels is not None:
-        base, tokenizer = load_classifier(model, labels, _wider(stored, written), device, trust_remote_code)
-    else:
-        base, tokenizer = load_model(model, dtype=_wider(stored, written), device=device,
-                                     trust_remote_code=trust_remote_code)
-    for path, scale in adapters:
-        load_adapter(base, path, scale=scale)
-    plain = unload(base, merge=True, safe=True)
-    return MergeResult(save_hf_model(plain, tokenizer, out, dtype=written, overwrite=overwrite, extras=extras), written)
+    inputs = [*(("the adapter", path) for path, _ in adapters), *(("the base model", p) for p in model_sources(model))]
+    with guard_output(out, overwrite=overwrite, inputs=inputs):
+        for path, _ in adapters:
+            read_adapter_config(path)  # a wrong path fails now, not after loading the model
+        model_dir = resolve_model_dir(model)
+        quantize = quantize or stored_in_4bit(model_dir)
+        if requantize and not quantize:
+            raise ConfigError("requantize re-quantizes a 4-bit base; load the base in 4 bits as training did "
+                              "(--quantize nf4, or quantize='nf4'; fp4 likewise)")
+        written = None if out_dtype is None else resolve_dtype(out_dtype)
+        if quantize and labels is not None:
+            raise ConfigError("classifiers train over an unquantized base; merge without --quantize")
+        stored = stored_dtype(model_dir)
+        check_free_space(out, merged_size(model_dir, None if requantize else written or (
+            torch.bfloat16 if quantize else stored)), "merged model")
+        if quantize:
+            return _merge_over_4bit(model, adapters, Path(out), quantize, requantize, written, device,
+                                    trust_remote_code, overwrite)
+        written = written or stored
+        if labels is not None:
+            base, tokenizer = load_classifier(model, labels, _wider(stored, written), device, trust_remote_code)
+        else:
+            base, tokenizer = load_model(model, dtype=_wider(stored, written), device=device,
+                                         trust_remote_code=trust_remote_code)
+        for path, scale in adapters:
+            load_adapter(base, path, scale=scale)
+        plain = unload(base, merge=True, safe=True)
+        return MergeResult(save_hf_model(plain, tokenizer, out, dtype=written, overwrite=overwrite, extras=extras),
+                           written)
+
+
+def merged_size(model_dir: Path, dtype: torch.dtype | None) -> int | None:
+    """About how many bytes a merged copy of the model in ``model_dir`` takes with its weights in ``dtype`` (None:
+    re-quantized to 4 bits), from its safetensors headers; None when they cannot be read."""
+    from loratune.quant.safetensors_stream import checkpoint_files, read_header
+
+    try:
+        elements = sum(math.prod(entry["shape"]) for file in checkpoint_files(model_dir)
+                       for entry in read_header(file)[1].values())
+    except (OSError, ValueError, KeyError, LoratuneError):
+        return None
+    return int(elements * (0.55 if dtype is None else dtype.itemsize))
 
 
 def _merge_over_4bit(model, adapters, out: Path, quantize: str, requantize: bool, written, device,

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loratune.adapters.surgery import lora_layers
-from loratune.files import check_output_dir, write_output_dir
+from loratune.outputs import check_output_dir, write_output_dir
 from loratune.models.export import weights_are_tied
 from loratune.quant import Linear4bit, QuantSpec, dequantize_weight, quantize_weight
 
@@ -79,7 +79,7 @@ def save_quantized_model(model: nn.Module, tokenizer, out_dir: str | Path, *, ov
     """Write ``model`` with its ``Linear4bit`` layers as a Hugging Face directory in bitsandbytes' 4-bit format
     (``quantization_config`` in config.json, packed weights + quantization state in safetensors), which
     transformers + bitsandbytes and ``load_model(quantize=...)`` read. Built beside ``out_dir`` and swapped in;
-    ``ConfigError`` when ``out_dir`` cannot be replaced (see ``loratune.files.check_output_dir``)."""
+    ``ConfigError`` when ``out_dir`` cannot be replaced (see ``loratune.outputs.check_output_dir``)."""
     layers = {p: m for p, m in model.named_modules() if isinstance(m, Linear4bit)}
     spec = next(iter(layers.values())).spec
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -102,4 +102,4 @@ def save_quantized_model(model: nn.Module, tokenizer, out_dir: str | Path, *, ov
         model.generation_config.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
 
-    return write_output_dir(out_dir, "model", fill)
+    return write_output_dir(out_dir, "model", fill, overwrite=overwrite)

@@ -20,6 +20,7 @@ from pathlib import Path
 from loratune.adapters import delete_adapter, load_adapter, read_adapter_config, set_active
 from loratune.adapters.peft_format import model_name_of
 from loratune.errors import AdapterLoadError, ConfigError, LoratuneError
+from loratune.outputs import being_written
 from loratune.serve.engine import Engine
 from loratune.serve.protocol import RequestError
 
@@ -155,6 +156,7 @@ class AdapterPool:
         is not an adapter directory or records another base model."""
         if not name or name.strip() != name or name.startswith("__"):
             raise RequestError(f"adapter name {name!r} is not usable; give a plain name such as 'support-bot'")
+        _refuse_while_written(path)
         try:
             config = read_adapter_config(path)
         except (AdapterLoadError, ConfigError) as error:
@@ -175,6 +177,7 @@ class AdapterPool:
         if adapter.resident:
             return
         self._evict_for_one_more(keep=adapter.name)
+        _refuse_while_written(adapter.path)
         try:
             load_adapter(self.model, adapter.path, name=adapter.name, as_plain=True)
         except (AdapterLoadError, ConfigError) as error:
@@ -201,6 +204,14 @@ class AdapterPool:
             delete_adapter(self.model, victim.name)
             log.info("evicted adapter %s (least recently used; --max-loaded %d)", victim.name, self.max_loaded)
 
+
+
+def _refuse_while_written(path: Path) -> None:
+    """A 409 while another loratune process writes the adapter (or the run around it): it may be half replaced."""
+    writer = being_written(path)
+    if writer is not None:
+        raise RequestError(f"adapter {path} cannot be read now: {writer}; load it when that finishes", 409,
+                           "invalid_request_error", "adapter_busy")
 
 
 def _same_base(ours: str, theirs: str) -> bool:

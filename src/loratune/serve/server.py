@@ -1,13 +1,16 @@
 """Put the pieces together and run them: engine thread, adapters, service, HTTP app under uvicorn.
 
 ``build`` makes a ``Service`` for a loaded model (tests and the command line both use it); ``run`` serves it
-until SIGINT/SIGTERM, then drains: no new requests, running ones finish (up to ``drain_timeout``), exit.
+until SIGINT, SIGTERM or SIGHUP, then drains: no new requests, running ones finish (up to ``drain_timeout``),
+and it returns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import socket
 import threading
 import time
 
@@ -37,9 +40,13 @@ def build(model, tokenizer, base_id: str, adapters: list[tuple[str, str, float]]
     return service
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def run(service: Service, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-        drain_timeout: float = 30.0, on_ready=None) -> None:
-    """Serve over HTTP until interrupted, then drain and stop the engine."""
+        drain_timeout: float = 30.0, on_ready=None, sock: socket.socket | None = None) -> None:
+    """Serve over HTTP (on ``sock`` when given: a socket already bound, else on ``host``:``port``) until SIGINT,
+    SIGTERM or SIGHUP, then drain, stop the engine and return."""
     import uvicorn
 
     from loratune.serve.app import create_app
@@ -49,6 +56,19 @@ def run(service: Service, host: str = "127.0.0.1", port: int = 8000, api_key: st
             service.draining = True  # new requests get 503 while running ones finish
             super().handle_exit(sig, frame)
 
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own re-raises the signal once drained, which would kill the process: a drain is the end
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if on_ready is not None and self.started:
@@ -57,9 +77,11 @@ def run(service: Service, host: str = "127.0.0.1", port: int = 8000, api_key: st
     config = uvicorn.Config(create_app(service, api_key), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=drain_timeout, access_log=False)
     try:
-        DrainingServer(config).run()
+        DrainingServer(config).run(sockets=[sock] if sock is not None else None)
     finally:
         service.close()
+        if sock is not None:
+            sock.close()
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from loratune.errors import LoratuneError
-from loratune.files import give_default_modes, read_safetensors, swap_into_place, temp_dir_beside, writing
+from loratune.files import read_safetensors, temp_dir_beside, writing
+from loratune.outputs import publish_dir, remove_written
 from loratune.train.distributed import shard_like, whole_tensor
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -98,13 +99,12 @@ def save_checkpoint(
             save_file(rng, staging / "rng.safetensors")
             state = {**trainer_state, "step": step, "optimizer": opt_meta, "python_random": _jsonable(random.getstate())}
             (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-            give_default_modes(staging)
-            swap_into_place(staging, final)
+            publish_dir(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_written(old)
     return final
 
 

@@ -251,6 +251,10 @@ def resolve_data_paths(config: TrainConfig, config_dir: Path) -> TrainConfig:
         candidates = [Path(value)] if Path(value).is_absolute() else [Path(value), config_dir / value]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
+            directory = next((c for c in candidates if c.is_dir()), None)
+            if directory is not None:
+                raise ConfigError(f"data.{key}: {directory} is a directory; give one data file in it "
+                                  "(.jsonl, .json, .csv, .tsv or .parquet)")
             raise ConfigError(f"data.{key}: file {value!r} not found (looked in {', '.join(map(str, candidates))})")
         updates[key] = str(found.resolve())
     return config.model_copy(update={"data": config.data.model_copy(update=updates)})

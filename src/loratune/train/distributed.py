@@ -239,18 +239,30 @@ def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> f
     return norm
 
 
+def check_nproc(nproc: int) -> None:
+    """Refuse (``ConfigError``) more processes than the machine can give one core each (one GPU each, with CUDA)."""
+    from loratune.errors import ConfigError
+
+    if torch.cuda.is_available():
+        if nproc > torch.cuda.device_count():
+            raise ConfigError(f"--nproc {nproc} asks for more processes than this machine's "
+                              f"{torch.cuda.device_count()} GPU(s); give at most one process per GPU")
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if nproc > cores:
+        raise ConfigError(f"--nproc {nproc} asks for more processes than the {cores} CPU cores this process may use; "
+                          f"each needs at least one core — give --nproc {cores} or fewer")
+
+
 def launch(loratune_args: list[str], nproc: int) -> int:
     """Run ``loratune <loratune_args>`` as ``nproc`` processes on this machine through torchrun (``--standalone``:
     a local rendezvous on a free port) and return its exit status. Each process gets its share of the CPU
     threads; torchrun dies with this process, and its workers with it (``die_with_parent``)."""
+    import signal
     import subprocess
     import sys
 
-    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        from loratune.errors import ConfigError
-
-        raise ConfigError(f"--nproc {nproc} asks for more processes than this machine's {torch.cuda.device_count()} "
-                          "GPU(s); give at most one process per GPU")
+    check_nproc(nproc)
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
@@ -258,10 +270,13 @@ def launch(loratune_args: list[str], nproc: int) -> int:
     process = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
     try:
         return process.wait()
-    except KeyboardInterrupt:  # torchrun passes it on to the workers, which checkpoint; wait for them
+    except KeyboardInterrupt as stop:  # the workers checkpoint; wait for them
+        signum = getattr(stop, "signum", signal.SIGINT)
+        if signum != signal.SIGINT:  # Ctrl-C reached the whole process group; a scheduler's signal only this one
+            process.send_signal(signum)
         return process.wait()
 
 
-__all__ = ["Processes", "TIMEOUT", "average_gradients", "barrier", "die_with_parent", "from_main", "gathered",
+__all__ = ["Processes", "TIMEOUT", "average_gradients", "barrier", "check_nproc", "die_with_parent", "from_main", "gathered",
            "gradient_norm", "is_sharded", "launch", "shard_block", "shard_like", "shard_model", "start",
            "step_seed", "stop", "total", "whole_tensor"]

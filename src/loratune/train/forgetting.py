@@ -39,3 +39,17 @@ def retain_loss(model, examples: list[TokenizedExample], pad_id: int, batch_size
     """The mean loss per target token of ``model`` on the retain examples."""
     loss, _ = evaluate_loss(model, examples, pad_id, batch_size=batch_size)
     return loss
+
+
+def retention(model, tokenizer, source: str, max_length: int, batch_size: int) -> dict:
+    """The retain set's loss with the model's active adapters (``retain_loss``) and without them
+    (``retain_loss_base``), and ``forgetting`` = their difference; the last two are None without an adapter."""
+    from loratune.adapters import active_adapters, disabled_adapters
+
+    examples = retain_examples(source, tokenizer, max_length)
+    adapted = retain_loss(model, examples, tokenizer.pad_token_id, batch_size)
+    if not active_adapters(model):
+        return {"retain_loss": adapted, "retain_loss_base": None, "forgetting": None}
+    with disabled_adapters(model):
+        base = retain_loss(model, examples, tokenizer.pad_token_id, batch_size)
+    return {"retain_loss": adapted, "retain_loss_base": base, "forgetting": adapted - base}

@@ -149,3 +149,30 @@ def apply_intrinsic(model: nn.Module, directory: str | Path) -> IntrinsicWeights
     for param in weights.parameters():
         param.requires_grad_(False)
     return weights
+
+
+def merge_intrinsic(artefact: str | Path, out: str | Path, *, model: str | None = None, out_dtype=None,
+                    device: str | None = None, trust_remote_code: bool = False, overwrite: bool = False) -> tuple[Path, str]:
+    """Write θ₀ + P·θ_d of an intrinsic-dimension run's artefact into its base's weights (in float32) and save the
+    result as a model directory at ``out`` in the base's stored dtype (or ``out_dtype``); return (``out``, the base
+    model's name). ``model`` defaults to the base the artefact records. Raises ``ConfigError`` when neither names
+    a base, or ``out`` may not be written."""
+    from loratune.models import load_model, model_sources, resolve_dtype
+    from loratune.models.base_config import model_name_for
+    from loratune.models.export import save_hf_model
+    from loratune.models.loader import resolve_model_dir
+    from loratune.models.merge import stored_dtype
+    from loratune.outputs import guard_output
+
+    path = Path(artefact)
+    recorded = json.loads((path / CONFIG_FILE).read_text()).get("base_model_name_or_path")
+    name = model or (model_name_for(recorded) if recorded else None)
+    if name is None:
+        raise ConfigError(f"{path} does not record its base model; give --model")
+    inputs = [("the intrinsic-dimension artefact", path), *(("the base model", p) for p in model_sources(name))]
+    with guard_output(out, overwrite=overwrite, inputs=inputs):
+        stored = stored_dtype(resolve_model_dir(name))
+        base, tokenizer = load_model(name, dtype="fp32", device=device, trust_remote_code=trust_remote_code)
+        apply_intrinsic(base, path).bake()
+        written = resolve_dtype(out_dtype) if out_dtype else stored
+        return save_hf_model(base, tokenizer, out, written, overwrite=overwrite), name

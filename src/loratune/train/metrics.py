@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from loratune.errors import ConfigError
-from loratune.files import write_atomic, write_text_atomic
+from loratune.outputs import record_published, write_atomic, write_text_atomic
 
 
 class MetricsLog:
@@ -15,6 +15,8 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, tensorboard: bool = False):
         self.path = run_dir / "metrics.jsonl"
+        self.path.touch()
+        record_published(self.path, appended=True)  # a log: recorded once, it only grows
         self._writer = None
         if tensorboard:
             try:
@@ -22,12 +24,14 @@ class MetricsLog:
             except ImportError:
                 raise ConfigError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
             self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            record_published(run_dir / "tensorboard", appended=True)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (a resumed run repeats them)."""
         if self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+            record_published(self.path, appended=True)
 
     def log(self, record: dict) -> None:
         with self.path.open("a") as handle:

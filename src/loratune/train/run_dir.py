@@ -1,39 +1,44 @@
 """The run directory ``train`` writes: where a run goes (never over anything loratune did not write), the
 resolved ``config.yaml``, data hashes, and what ``--resume`` may change.
 
-A new run writes straight into ``output_dir``. ``--overwrite`` of an existing run builds the new run beside
-it (``.<name>.loratune-replacement``) and swaps it in when it completes, so the old run stays whole until
-then; ``--resume`` continues an unfinished replacement first. A run that fails before its first step is
-removed again (or, after a crash, recognised and replaced), so it never blocks the corrected rerun.
+``run_directory`` guards the run for as long as it trains (``loratune.outputs``: inputs kept apart, the lock,
+the record of every file written). A new run writes straight into ``output_dir``. ``--overwrite`` of an
+existing run builds the new run beside it (``.<name>.loratune-tmp-replacement``) and swaps it in when it
+completes, so the old run stays whole until then; ``--resume`` continues an unfinished replacement first. A run
+that fails before its first step is removed again (or, after a crash, recognised and replaced), so it never
+blocks the corrected rerun.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
 import platform
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from loratune.errors import ConfigError
-from loratune.files import (
-    check_location,
+from loratune.files import TEMP_MARK, swap_into_place
+from loratune.outputs import (
+    Manifest,
     check_only_ours,
+    guard_output,
     is_nonempty_dir,
-    read_manifest,
-    swap_into_place,
-    write_manifest,
+    open_record,
+    record_published,
+    remove_written,
     write_text_atomic,
 )
 from loratune.train.config import TrainConfig, load_config, validate_config
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
-RUN_ENTRIES = ("adapter", "model", "intrinsic", "best", "checkpoints", CONFIG_FILE, "metrics.jsonl", "loss.png", SUMMARY_FILE, "tensorboard")
 _VERSIONED = ("loratune", "torch", "transformers", "safetensors", "peft", "bitsandbytes")
 
 # What --resume may change in a run's config: how long it trains, how it is evaluated, logged and saved.
@@ -57,21 +62,49 @@ class RunDirs:
 
 def replacement_dir(final: Path) -> Path:
     """Where ``--overwrite`` builds the run that replaces ``final``."""
-    return final.parent / f".{final.name}.loratune-replacement"
+    return final.parent / f".{final.name}{TEMP_MARK}replacement"
 
 
-def prepare_run_dir(path: str | os.PathLike, *, resume: bool, overwrite: bool, log=print) -> RunDirs:
-    """Decide where this invocation of ``train`` writes, creating it for a new run.
+def run_inputs(config: TrainConfig, config_file: str | os.PathLike | None = None, *,
+               resume: bool = False) -> list[tuple[str, Path]]:
+    """What a run reads, which its output directory must stay clear of: the data files, a local base model, the
+    config file (unless a resumed run reads its own ``config.yaml`` back)."""
+    from loratune.models import model_sources
 
-    Raises ``ConfigError`` (one line) when ``resume`` and ``overwrite`` are both given, when ``resume`` finds
-    no run, when a non-empty ``path`` exists without either, and when ``overwrite`` would replace a path
-    loratune never replaces (see ``loratune.files``) or one holding files loratune did not write.
+    found = [(f"data.{key}", Path(value)) for key in ("train", "eval", "retain")
+             if (value := getattr(config.data, key)) and value != "builtin"]
+    found += [("the base model", path) for path in model_sources(config.model.name)]
+    final = Path(config.output_dir)
+    own = {(place / CONFIG_FILE).resolve() for place in (final, replacement_dir(final))}
+    if config_file is not None and not (resume and Path(config_file).resolve() in own):
+        found.append(("the config file", Path(config_file)))
+    return found
+
+
+@contextlib.contextmanager
+def run_directory(path: str | os.PathLike, *, resume: bool, overwrite: bool, log=print,
+                  inputs: Iterable[tuple[str, str | os.PathLike]] = ()) -> Iterator[RunDirs]:
+    """Guard the run directory ``path`` for the block and decide where this invocation writes (created for a new
+    run), keeping the record of what the run writes there current.
+
+    Raises ``ConfigError`` (one line) when ``resume`` and ``overwrite`` are both given, when ``resume`` finds no
+    run, when a non-empty output directory exists without either, when ``overwrite`` would replace a path
+    loratune never replaces or one holding files loratune did not write, and when the directory is, contains or
+    lies inside one of ``inputs`` (what the run reads: ``run_inputs``); ``OutputInUse`` when another process
+    writes it.
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     final = Path(path)
     pending = replacement_dir(final)
-    check_location(final)
+    with guard_output(final, existing="continue", inputs=inputs, what="output directory", covers=[pending]):
+        dirs = _decide(final, pending, resume, overwrite, log)
+        with open_record(dirs.work, "run"):
+            record_published(final, dirs.work)  # in the record of a sweep around it
+            yield dirs
+
+
+def _decide(final: Path, pending: Path, resume: bool, overwrite: bool, log) -> RunDirs:
     if resume:
         for candidate in (pending, final):
             if (candidate / CONFIG_FILE).is_file():
@@ -83,21 +116,20 @@ def prepare_run_dir(path: str | os.PathLike, *, resume: bool, overwrite: bool, l
     if is_nonempty_dir(final):
         if never_started(final):
             log(f"{final} holds a run that never completed a step; starting afresh")
-            shutil.rmtree(final)
+            remove_written(final)
         elif not overwrite:
             raise ConfigError(
                 f"output directory {final} already exists and is not empty; use --resume to continue that run "
                 "or --overwrite to replace it (or set output_dir)"
             )
         else:
-            check_only_ours(final, adopt=is_legacy_run)
+            check_only_ours(final)
             replace = True
     if pending.exists():  # a replacement that never finished: it is superseded now
         check_only_ours(pending)
         shutil.rmtree(pending)
     work = pending if replace else final
     work.mkdir(parents=True, exist_ok=True)
-    write_manifest(work, "run", RUN_ENTRIES)
     return RunDirs(final, work, created=True)
 
 
@@ -110,50 +142,40 @@ def finish_run_dir(dirs: RunDirs) -> None:
 def abandon_run_dir(dirs: RunDirs) -> None:
     """Remove what a run that failed before its first step created (an existing run is never touched)."""
     if dirs.created:
-        shutil.rmtree(dirs.work, ignore_errors=True)
+        remove_written(dirs.work)
 
 
 def never_started(path: Path) -> bool:
-    """A loratune run directory with nothing to lose: no checkpoint, no adapter or model and no logged step."""
-    is_run = (read_manifest(path) or {}).get("kind") == "run" or is_legacy_run(path)
-    if not is_run:
+    """A loratune run directory with nothing to lose: only files loratune recorded, and no checkpoint, no adapter
+    or model and no logged step among them."""
+    manifest = Manifest.read(path)
+    if manifest is None or manifest.legacy or manifest.kind != "run" or manifest.foreign(path):
         return False
     if any((path / name).exists() for name in ("adapter", "model", "intrinsic")) or any(
             (path / "checkpoints").glob("step-*")):
         return False
     metrics = path / "metrics.jsonl"
-    return not (metrics.is_file() and metrics.stat().st_size > 0) and all(
-        p.name in RUN_ENTRIES or _is_our_temp(p.name) or p.name.startswith(".loratune-output") for p in path.iterdir()
-    )
-
-
-def is_legacy_run(path: Path) -> bool:
-    """A run directory written before loratune kept manifests: its config.yaml records loratune's version
-    and everything in it has a run directory's names."""
-    try:
-        data = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
-        return False
-    versions = ((data or {}).get("meta") or {}).get("versions") if isinstance(data, dict) else None
-    if not isinstance(versions, dict) or "loratune" not in versions:
-        return False
-    return all(p.name in RUN_ENTRIES or _is_our_temp(p.name) for p in path.iterdir())
-
-
-def _is_our_temp(name: str) -> bool:
-    # temporary names of this and earlier versions: .adapter.tmp, .config.yaml.XXXX, .loss.png.tmp.png, ...
-    return name.startswith(".") and any(name[1:].startswith(entry) for entry in RUN_ENTRIES)
+    return not (metrics.is_file() and metrics.stat().st_size > 0)
 
 
 # --- config.yaml ------------------------------------------------------------------------------------------
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The SHA-256 of a data file (remembered while its size and modification time stay the same: a sweep checks
+    the same files for every run)."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _hashed:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _hashed[key] = digest.hexdigest()
+    return _hashed[key]
+
+
+_hashed: dict[tuple, str] = {}
 
 
 def package_versions() -> dict[str, str]:
@@ -166,15 +188,44 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_run_config(path: Path, config: TrainConfig, meta: dict | None = None) -> TrainConfig:
-    """Write the fully resolved config into run directory ``path``, with package versions and data hashes
-    under ``meta`` (or the given ``meta``, for a resumed run); return it."""
+def data_hashes(config: TrainConfig) -> dict[str, str]:
+    """SHA-256 of the run's training and evaluation data files, by key (``train``, ``eval``)."""
+    return {key: file_sha256(value) for key in ("train", "eval") if (value := getattr(config.data, key))}
+
+
+def requested_settings(config: TrainConfig) -> dict:
+    """A config as it was asked for (before the run fitted it to the model), as plain data: what identifies a run."""
+    return {k: v for k, v in config.to_yaml_dict().items() if k not in ("meta", "output_dir")}
+
+
+def write_run_config(path: Path, config: TrainConfig, meta: dict | None = None,
+                     requested: TrainConfig | None = None) -> TrainConfig:
+    """Write the fully resolved config into run directory ``path``, with package versions, data hashes and the
+    config as ``requested`` (before fitting) under ``meta`` (or the given ``meta``, for a resumed run); return
+    it."""
     if meta is None:
-        hashes = {key: file_sha256(value) for key in ("train", "eval") if (value := getattr(config.data, key))}
-        meta = {"versions": package_versions(), "data_sha256": hashes}
+        meta = {"versions": package_versions(), "data_sha256": data_hashes(config)}
+    if requested is not None:
+        meta = {**meta, "requested": requested_settings(requested)}
     config = config.model_copy(update={"meta": meta})
     write_text_atomic(path / CONFIG_FILE, yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))
     return config
+
+
+def differences(run_dir: Path, config: TrainConfig) -> list[tuple[str, object, object]]:
+    """How ``config`` differs from what trained the run in ``run_dir`` (its ``config.yaml``: the config as it was
+    requested, and the data files' hashes): (dotted key, then, now) for each setting, ("data.KEY", "file with
+    SHA-256 …", "changed since") for a data file. Empty when the run is this config's."""
+    saved = load_config(run_dir / CONFIG_FILE)
+    meta = saved.meta or {}
+    then = meta.get("requested") or requested_settings(saved)
+    old, new = _leaves(then), _leaves(requested_settings(config))
+    found = [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    for key, digest in (meta.get("data_sha256") or {}).items():
+        path = getattr(config.data, key, None)
+        if path and Path(path).is_file() and file_sha256(path) != digest and not any(k == f"data.{key}" for k, *_ in found):
+            found.append((f"data.{key}", f"{path} as it was", "its contents changed since"))
+    return found
 
 
 def saved_run_config(run_dir: Path) -> TrainConfig:

@@ -15,6 +15,7 @@ import json
 import math
 import random
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -39,7 +40,8 @@ from loratune.data import (
     split_eval,
 )
 from loratune.errors import ConfigError, LoratuneError
-from loratune.files import write_output_dir, write_text_atomic
+from loratune.outputs import write_output_dir, write_text_atomic
+from loratune import signals
 from loratune.data.classification import (
     LabelSpace,
     collate_classification,
@@ -66,7 +68,6 @@ from loratune.train.dropout import patch_dropout
 from loratune.train.evaluate import EvalResult, evaluate
 from loratune.train.generation import model_device
 from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
-from loratune.train.interrupt import StepInterrupts
 from loratune.train.loss import causal_lm_loss_sum
 from loratune.train.metrics import MetricsLog, NoMetrics, plot_losses
 from loratune.train.forgetting import retain_examples, retain_loss
@@ -77,8 +78,9 @@ from loratune.train.run_dir import (
     RunDirs,
     abandon_run_dir,
     finish_run_dir,
-    prepare_run_dir,
     resume_config,
+    run_directory,
+    run_inputs,
     saved_run_config,
     write_run_config,
 )
@@ -201,16 +203,21 @@ def save_trained(trained, tokenizer, path: Path, base_name: str, labels: LabelSp
         if labels is not None:
             write_labels(staging, labels)
 
-    write_output_dir(path, trained.output_name, fill)
+    write_output_dir(path, trained.output_name, fill, overwrite=True)
 
 
 class TrainingInterrupted(LoratuneError):
-    """Training stopped by Ctrl-C; ``checkpoint`` is the checkpoint to resume from (None when no step
-    completed, so there is nothing to resume)."""
+    """Training stopped by a signal (Ctrl-C, SIGTERM, SIGHUP: ``signum``); ``checkpoint`` is the checkpoint to resume
+    from (None when no step completed, so there is nothing to resume)."""
 
-    def __init__(self, message: str, checkpoint: Path | None, run_dir: Path):
+    def __init__(self, message: str, checkpoint: Path | None, run_dir: Path, signum: int = 2):
         super().__init__(message)
-        self.checkpoint, self.run_dir = checkpoint, run_dir
+        self.checkpoint, self.run_dir, self.signum = checkpoint, run_dir, signum
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status for a command stopped by this signal: 128 + its number (130 for Ctrl-C)."""
+        return 128 + self.signum
 
 
 def train(
@@ -237,8 +244,9 @@ def train(
     processes = distributed.start()
     dirs = None
     try:
-        dirs = _shared_run_dir(config, resume, overwrite, log, processes)
-        return _run(config, dirs, resume, progress, log if processes.main else _quiet, processes)
+        with signals.stop_on_signals(), contextlib.ExitStack() as guarded:
+            dirs = _shared_run_dir(config, resume, overwrite, log, processes, guarded)
+            return _run(config, dirs, resume, progress, log if processes.main else _quiet, processes)
     except BaseException as error:
         if processes.main and dirs is not None and not isinstance(error, TrainingInterrupted) \
                 and not _first_step_done(dirs):
@@ -252,12 +260,15 @@ def _quiet(*_args, **_kwargs) -> None:
     """The log of processes other than rank 0: the run speaks once."""
 
 
-def _shared_run_dir(config: TrainConfig, resume: bool, overwrite: bool, log, processes: Processes) -> RunDirs:
-    """Rank 0 prepares the run directory; every process gets its paths (or rank 0's error, raised everywhere)."""
+def _shared_run_dir(config: TrainConfig, resume: bool, overwrite: bool, log, processes: Processes,
+                    guarded: contextlib.ExitStack) -> RunDirs:
+    """Rank 0 guards the run directory (held in ``guarded`` for the run) and decides where it writes; every process
+    gets its paths (or rank 0's error, raised everywhere)."""
     prepared = None
     if processes.main:
         try:
-            prepared = prepare_run_dir(config.output_dir, resume=resume, overwrite=overwrite, log=log)
+            prepared = guarded.enter_context(run_directory(config.output_dir, resume=resume, overwrite=overwrite,
+                                                           log=log, inputs=run_inputs(config, resume=resume)))
         except LoratuneError as error:
             prepared = error
     prepared = distributed.from_main(processes, prepared)
@@ -267,7 +278,8 @@ def _shared_run_dir(config: TrainConfig, resume: bool, overwrite: bool, log, pro
 
 
 def _first_step_done(dirs) -> bool:
-    return (dirs.work / "checkpoints").is_dir() or MetricsLog(dirs.work).records() != []
+    metrics = dirs.work / "metrics.jsonl"
+    return (dirs.work / "checkpoints").is_dir() or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
 def _load_base(config: TrainConfig, on_block=None):
@@ -306,12 +318,13 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
     reset_peak_memory()
     run_dir = dirs.work
     changes: list[str] = []
+    requested = config
     if resume:
         saved = saved_run_config(run_dir)
         config, changes = resume_config(saved, config)
         config = config.model_copy(update={"output_dir": str(dirs.final)})
         if changes and processes.main:
-            write_run_config(run_dir, config, meta=saved.meta)
+            write_run_config(run_dir, config, meta=saved.meta, requested=requested)
             log("resume with changes: " + "; ".join(changes))
     t = config.train
     random.seed(t.seed)
@@ -339,7 +352,7 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
     else:
         data = prepare_data(config, tokenizer)
     if not resume and processes.main:
-        config = write_run_config(run_dir, config)
+        config = write_run_config(run_dir, config, requested=requested)
     torch.manual_seed(t.seed)  # the adapter's start depends on the seed only
     if t.method == "full":
         trained = TrainedModel(model, t.full_modules)
@@ -440,82 +453,84 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
     done = start_step
     after_step = _rng_state()  # what a checkpoint of the last completed step must restore
     try:
-        with StepInterrupts() as interrupts:
-            for step in range(start_step, total_steps):
-                started = time.perf_counter()
-                if processes.active:
-                    torch.manual_seed(distributed.step_seed(t.seed, processes.rank, step))
-                batches = [stream.next() for _ in range(t.grad_accum)]
-                targets = int(distributed.total(processes, sum(_targets(b, classifier) for b in batches)))
-                lr = learning_rate(step, total_steps=total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps,
-                                   kind=t.scheduler)
-                loss_total = 0.0
-                for index, batch in enumerate(batches):
-                    # one gradient all-reduce per step, at its last micro-batch
-                    sync = wrapped.no_sync() if wrapped is not None and index < len(batches) - 1 \
-                        else contextlib.nullcontext()
-                    with sync, recompute_norm_outputs():
-                        loss_sum, _ = step_loss(batch)
-                        # DDP averages over the processes; the step wants the sum over all targets
-                        (loss_sum * (processes.world / max(1, targets))).backward()
-                    if sharded and index == len(batches) - 1:
-                        distributed.average_gradients(processes, params)  # FSDP reduces only what it shards
-                    loss_total += float(loss_sum.detach())
-                    # Drop the step's graph now: kept until the next forward reassigns the name, its many small
-                    # nodes sit in the freed activation memory and the next forward cannot reuse it whole.
-                    del loss_sum
-                loss = distributed.total(processes, loss_total) / max(1, targets)
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {_last_good(run_dir)}. "
-                                           "Lower train.lr or check the data")
-                grad_norm = distributed.gradient_norm(params, t.max_grad_norm)
-                if not math.isfinite(grad_norm):
-                    raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step + 1}; "
-                                           f"{_last_good(run_dir)}. Lower train.lr or check the data")
-                tokens = int(distributed.total(processes, sum(
-                    int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)))
-                with interrupts.protected():
-                    set_learning_rate(optimizer, lr)
-                    trained.before_step()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    trained.after_step()
-                    if sharded and device.type == "cpu":
-                        release_freed_memory()  # the gathered blocks' freed memory, or the heap keeps it resident
-                    seconds = time.perf_counter() - started
-                    state["tokens"] += tokens
-                    state["train_seconds"] += seconds
-                    state["epoch"], state["index"] = stream.epoch, stream.index
-                    done = step + 1
-                    after_step = _rng_state()
-                tokens_per_s = tokens / seconds
-                if bar is not None:
-                    bar.update(0, completed=done, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
-                if done % t.log_every == 0 or done == total_steps or done == 1:
-                    record = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
-                              "grad_norm": grad_norm, "epoch": done * t.grad_accum / stream.batches_per_epoch}
-                    metrics.log(record)
-                    if bar is None:
-                        log(f"step {done}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
-                if t.eval_every and (data.eval or data.retain) and (done % t.eval_every == 0 or done == total_steps):
-                    result = _evaluate(model, tokenizer, data, t, evaluating) if data.eval else None
-                    last_eval_step = done
-                    retention = _retention(model, tokenizer, data, state, t) if lockstep else {}
-                    if processes.main:
-                        _log_evaluation(metrics, log, done, result, retention)
-                    if result is not None and writes:
-                        _keep_best(trained, tokenizer, run_dir, config, state, result, done, data.labels,
-                                   write=processes.main)
-                if done % t.save_every == 0 and done < total_steps and writes:
-                    save_checkpoint(run_dir, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints,
-                                    write=processes.main)
-    except KeyboardInterrupt:
+        for step in range(start_step, total_steps):
+            started = time.perf_counter()
+            if processes.active:
+                torch.manual_seed(distributed.step_seed(t.seed, processes.rank, step))
+            batches = [stream.next() for _ in range(t.grad_accum)]
+            targets = int(distributed.total(processes, sum(_targets(b, classifier) for b in batches)))
+            lr = learning_rate(step, total_steps=total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps,
+                               kind=t.scheduler)
+            loss_total = 0.0
+            for index, batch in enumerate(batches):
+                # one gradient all-reduce per step, at its last micro-batch
+                sync = wrapped.no_sync() if wrapped is not None and index < len(batches) - 1 \
+                    else contextlib.nullcontext()
+                with sync, recompute_norm_outputs():
+                    loss_sum, _ = step_loss(batch)
+                    # DDP averages over the processes; the step wants the sum over all targets
+                    (loss_sum * (processes.world / max(1, targets))).backward()
+                if sharded and index == len(batches) - 1:
+                    distributed.average_gradients(processes, params)  # FSDP reduces only what it shards
+                loss_total += float(loss_sum.detach())
+                # Drop the step's graph now: kept until the next forward reassigns the name, its many small
+                # nodes sit in the freed activation memory and the next forward cannot reuse it whole.
+                del loss_sum
+            loss = distributed.total(processes, loss_total) / max(1, targets)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {_last_good(run_dir)}. "
+                                       "Lower train.lr or check the data")
+            grad_norm = distributed.gradient_norm(params, t.max_grad_norm)
+            if not math.isfinite(grad_norm):
+                raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step + 1}; "
+                                       f"{_last_good(run_dir)}. Lower train.lr or check the data")
+            tokens = int(distributed.total(processes, sum(
+                int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)))
+            with signals.deferred():
+                set_learning_rate(optimizer, lr)
+                trained.before_step()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                trained.after_step()
+                if sharded and device.type == "cpu":
+                    release_freed_memory()  # the gathered blocks' freed memory, or the heap keeps it resident
+                seconds = time.perf_counter() - started
+                state["tokens"] += tokens
+                state["train_seconds"] += seconds
+                state["epoch"], state["index"] = stream.epoch, stream.index
+                done = step + 1
+                after_step = _rng_state()
+            tokens_per_s = tokens / seconds
+            if bar is not None:
+                bar.update(0, completed=done, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
+            if done % t.log_every == 0 or done == total_steps or done == 1:
+                record = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                          "grad_norm": grad_norm, "epoch": done * t.grad_accum / stream.batches_per_epoch}
+                metrics.log(record)
+                if bar is None:
+                    log(f"step {done}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
+            if t.eval_every and (data.eval or data.retain) and (done % t.eval_every == 0 or done == total_steps):
+                result = _evaluate(model, tokenizer, data, t, evaluating) if data.eval else None
+                last_eval_step = done
+                retention = _retention(model, tokenizer, data, state, t) if lockstep else {}
+                if processes.main:
+                    _log_evaluation(metrics, log, done, result, retention)
+                if result is not None and writes:
+                    _keep_best(trained, tokenizer, run_dir, config, state, result, done, data.labels,
+                               write=processes.main)
+            if done % t.save_every == 0 and done < total_steps and writes:
+                save_checkpoint(run_dir, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints,
+                                write=processes.main)
+    except KeyboardInterrupt as stop:
         if bar is not None:
             bar.stop()
             bar = None
+        signum = signals.signal_of(stop)
         if not processes.main:
-            raise TrainingInterrupted("interrupted", None, dirs.final) from None
-        raise _interrupted(dirs, done, start_step, total_steps, after_step, trained, optimizer, state, t) from None
+            raise TrainingInterrupted("interrupted", None, dirs.final, signum) from None
+        with signals.stopping():
+            raise _interrupted(dirs, done, start_step, total_steps, after_step, trained, optimizer, state, t,
+                               signum) from None
     finally:
         if bar is not None:
             bar.stop()
@@ -584,22 +599,24 @@ def _set_rng_state(saved: tuple) -> None:
     random.setstate(python)
 
 
-def _interrupted(dirs, done, start_step, total_steps, rng, trained, optimizer, state, t) -> TrainingInterrupted:
+def _interrupted(dirs, done, start_step, total_steps, rng, trained, optimizer, state, t,
+                 signum: int) -> TrainingInterrupted:
     """Checkpoint the last completed step (as an uninterrupted run would have had it) and describe it. Weights FSDP
     split across the processes cannot be gathered while they stop: then the last checkpoint written stands."""
     checkpoint, saved = latest_checkpoint(dirs.work), done > start_step and not trained.collective
     if saved:
         _set_rng_state(rng)
         checkpoint = save_checkpoint(dirs.work, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints)
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     if checkpoint is None:
         abandon_run_dir(dirs)
-        return TrainingInterrupted("interrupted before the first step completed; nothing was saved"
+        return TrainingInterrupted(f"{how} before the first step completed; nothing was saved"
                                    if done == start_step else
-                                   f"interrupted at step {done} before the first checkpoint (a full fine-tune under "
-                                   "FSDP saves at train.save_every only); nothing was saved", None, dirs.final)
+                                   f"{how} at step {done} before the first checkpoint (a full fine-tune under "
+                                   "FSDP saves at train.save_every only); nothing was saved", None, dirs.final, signum)
     where = "checkpoint saved in" if saved else "the last checkpoint is"
-    return TrainingInterrupted(f"interrupted at step {done} of {total_steps}; {where} {checkpoint}", checkpoint,
-                               dirs.final)
+    return TrainingInterrupted(f"{how} at step {done} of {total_steps}; {where} {checkpoint}", checkpoint,
+                               dirs.final, signum)
 
 
 def _last_good(run_dir: Path) -> str:
