@@ -2,7 +2,7 @@
 # Both set up ./.venv first (scripts/setup.sh; skipped when already done).
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lint format clean
 setup:
 	@bash scripts/setup.sh
 
@@ -14,6 +14,14 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: setup
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
 
 clean:
 	rm -rf .venv .pytest_cache build *.egg-info src/*.egg-info src/loratune/layers/*.so src/loratune/train/*.so

@@ -17,10 +17,19 @@ SHARED = ["src/loratune/_vec16.h", "src/loratune/_per_isa.h"]
 
 def kernel(module: str, path: str, extra: tuple[str, ...] = ()) -> Extension:
     """The optional extension ``loratune.<module>`` from ``src/loratune/<path>.c`` and its ``_body.h``."""
-    return Extension(f"loratune.{module}", sources=[f"src/loratune/{path}.c"],
-                     depends=[f"src/loratune/{path}_body.h", *SHARED], extra_compile_args=[*flags, *extra],
-                     extra_link_args=list(extra), optional=True)
+    return Extension(
+        f"loratune.{module}",
+        sources=[f"src/loratune/{path}.c"],
+        depends=[f"src/loratune/{path}_body.h", *SHARED],
+        extra_compile_args=[*flags, *extra],
+        extra_link_args=list(extra),
+        optional=True,
+    )
 
 
-setup(ext_modules=[kernel("layers._lowrank_cpu", "layers/_lowrank_cpu"),
-                   kernel("train._fused_cpu", "train/_fused_cpu", openmp)])
+setup(
+    ext_modules=[
+        kernel("layers._lowrank_cpu", "layers/_lowrank_cpu"),
+        kernel("train._fused_cpu", "train/_fused_cpu", openmp),
+    ]
+)

@@ -67,11 +67,17 @@ def main() -> None:
                 times.setdefault((name, backward), []).append(timed(fn, backward))
     median = {key: statistics.median(value) * 1e3 for key, value in times.items()}
     kernel = fused_cpu._fused_cpu
-    path = ("AMX tiles" if kernel.AMX and dtype == torch.bfloat16 and d % 32 == 0 and h // kv * n % 16 == 0
-            else "AVX512-BF16 pair products" if kernel.BF16_PAIRS and dtype == torch.bfloat16 and d % 2 == 0
-            else "float32 FMAs")
-    print(f"attention, causal, {args.dtype}, batch {b} x {n}, {h} query / {kv} key-value heads of {d}; "
-          f"{torch.get_num_threads()} threads; kernel: {kernel.ISA}, products: {path}; medians of {args.reps}")
+    path = (
+        "AMX tiles"
+        if kernel.AMX and dtype == torch.bfloat16 and d % 32 == 0 and h // kv * n % 16 == 0
+        else "AVX512-BF16 pair products"
+        if kernel.BF16_PAIRS and dtype == torch.bfloat16 and d % 2 == 0
+        else "float32 FMAs"
+    )
+    print(
+        f"attention, causal, {args.dtype}, batch {b} x {n}, {h} query / {kv} key-value heads of {d}; "
+        f"{torch.get_num_threads()} threads; kernel: {kernel.ISA}, products: {path}; medians of {args.reps}"
+    )
     print("| | forward (ms) | forward + backward (ms) | backward alone (ms) |")
     print("|---|---|---|---|")
     for name, label in (("sdpa", "PyTorch SDPA (CPU flash)"), ("loratune", "loratune")):
@@ -79,7 +85,8 @@ def main() -> None:
         print(f"| {label} | {f:.1f} | {fb:.1f} | {fb - f:.1f} |")
     ratio = lambda key: median[("sdpa", key)] / median[("loratune", key)]  # noqa: E731
     backward_ratio = (median[("sdpa", True)] - median[("sdpa", False)]) / (
-        median[("loratune", True)] - median[("loratune", False)])
+        median[("loratune", True)] - median[("loratune", False)]
+    )
     print(f"| **speed-up** | {ratio(False):.2f}× | {ratio(True):.2f}× | {backward_ratio:.2f}× |")
 
 

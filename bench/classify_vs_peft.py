@@ -55,8 +55,16 @@ def run_loratune(args) -> dict:
         "model": {"name": args.model, "dtype": args.dtype},
         "lora": {"r": args.r, "lora_alpha": 2 * args.r, "lora_dropout": 0.0},
         "data": {"train": args.data_file, "max_length": args.length},
-        "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 1e-3, "scheduler": "constant",
-                  "log_every": 1, "save_every": 10_000, "max_grad_norm": None, "seed": 0},
+        "train": {
+            "max_steps": args.steps,
+            "batch_size": args.batch,
+            "lr": 1e-3,
+            "scheduler": "constant",
+            "log_every": 1,
+            "save_every": 10_000,
+            "max_grad_norm": None,
+            "seed": 0,
+        },
         "output_dir": str(run),
     }
     path = Path(args.workdir) / "config.yaml"
@@ -64,8 +72,11 @@ def run_loratune(args) -> dict:
     train(load_config(path), overwrite=True, progress=False, log=lambda *_: None)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps[args.warmup :]),
-            "losses": [r["loss"] for r in steps], "peak_rss_mib": peak_rss_mib()}
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps[args.warmup :]),
+        "losses": [r["loss"] for r in steps],
+        "peak_rss_mib": peak_rss_mib(),
+    }
 
 
 def run_peft(args) -> dict:
@@ -82,15 +93,21 @@ def run_peft(args) -> dict:
     space = label_space(examples)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=space.num_labels,
-                                                               dtype=resolve_dtype(args.dtype))
-    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
-                                             target_modules=["query", "value"]))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir), num_labels=space.num_labels, dtype=resolve_dtype(args.dtype)
+    )
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="SEQ_CLS", r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, target_modules=["query", "value"]
+        ),
+    )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
     labels = torch.tensor([space.encode(e) for e in examples])
-    encoded = tokenizer([e.text for e in examples], truncation=True, max_length=args.length, padding=True,
-                        return_tensors="pt")
+    encoded = tokenizer(
+        [e.text for e in examples], truncation=True, max_length=args.length, padding=True, return_tensors="pt"
+    )
     generator = torch.Generator().manual_seed(0)
     speeds, losses = [], []
     for _ in range(args.steps):
@@ -107,9 +124,30 @@ def run_peft(args) -> dict:
 
 
 def run_child(args, impl: str, workdir: Path, data_file: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, "--workdir", str(workdir), "--data-file", str(data_file),
-           "--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch), "--length", str(args.length),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--r", str(args.r)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        impl,
+        "--workdir",
+        str(workdir),
+        "--data-file",
+        str(data_file),
+        "--model",
+        args.model,
+        "--dtype",
+        args.dtype,
+        "--batch",
+        str(args.batch),
+        "--length",
+        str(args.length),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--r",
+        str(args.r),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     if out.returncode != 0:
         raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
@@ -145,10 +183,14 @@ def main() -> None:
             for impl in ("loratune", "peft"):
                 result = run_child(args, impl, workdir, data_file)
                 results[impl].append(result)
-                print(f"rep {rep + 1} {impl:8s} {result['tokens_per_s']:8.1f} tok/s  peak RSS "
-                      f"{result['peak_rss_mib']:7.0f} MiB  first losses {[round(x, 3) for x in result['losses'][:3]]}")
-    med = {impl: {key: statistics.median(r[key] for r in rs) for key in ("tokens_per_s", "peak_rss_mib")}
-           for impl, rs in results.items()}
+                print(
+                    f"rep {rep + 1} {impl:8s} {result['tokens_per_s']:8.1f} tok/s  peak RSS "
+                    f"{result['peak_rss_mib']:7.0f} MiB  first losses {[round(x, 3) for x in result['losses'][:3]]}"
+                )
+    med = {
+        impl: {key: statistics.median(r[key] for r in rs) for key in ("tokens_per_s", "peak_rss_mib")}
+        for impl, rs in results.items()
+    }
     lt, pt = med["loratune"]["tokens_per_s"], med["peft"]["tokens_per_s"]
     lm, pm = med["loratune"]["peak_rss_mib"], med["peft"]["peak_rss_mib"]
     print(f"\n{args.model}, {args.dtype}, batch {args.batch} x {args.length}, r={args.r} on query+value, head in full")

@@ -29,8 +29,15 @@ def run(nproc: int, threads: int, args, workdir: Path, distributed: str = "auto"
         "model": {"name": args.model, "dtype": args.dtype},
         "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
         "data": {"train": str(ROOT / "examples" / "demo" / "train.jsonl"), "max_length": args.length},
-        "train": {"max_steps": args.steps, "batch_size": args.batch // nproc, "lr": 2e-4, "log_every": 1,
-                  "save_every": 10_000, "seed": 0, "distributed": distributed},
+        "train": {
+            "max_steps": args.steps,
+            "batch_size": args.batch // nproc,
+            "lr": 2e-4,
+            "log_every": 1,
+            "save_every": 10_000,
+            "seed": 0,
+            "distributed": distributed,
+        },
         "output_dir": str(out),
     }
     path = workdir / f"config-{nproc}-{distributed}.yaml"
@@ -62,10 +69,14 @@ def main() -> None:
         one = run(1, args.threads, args, Path(tmp))
         many = run(args.nproc, args.threads, args, Path(tmp))
         sharded = run(args.nproc, args.threads, args, Path(tmp), "fsdp")
-    print(f"{args.model}, {args.dtype}, global batch {args.batch} x {args.length} (demo rows), {args.threads} thread(s) "
-          f"per process")
-    print(f"| processes | tokens/s |\n|---|---|\n| 1 | {one:.0f} |\n| {args.nproc}, DDP | {many:.0f} |\n"
-          f"| {args.nproc}, FSDP2 | {sharded:.0f} |")
+    print(
+        f"{args.model}, {args.dtype}, global batch {args.batch} x {args.length} (demo rows), {args.threads} thread(s) "
+        f"per process"
+    )
+    print(
+        f"| processes | tokens/s |\n|---|---|\n| 1 | {one:.0f} |\n| {args.nproc}, DDP | {many:.0f} |\n"
+        f"| {args.nproc}, FSDP2 | {sharded:.0f} |"
+    )
     print(f"speed-up {many / one:.2f}x (DDP), {sharded / one:.2f}x (FSDP2) on {args.nproc} processes")
 
 

@@ -27,9 +27,24 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_model(args) -> Path:
     out = args.workdir / f"llama-{args.layers}x{args.hidden}"
     if not (out / "config.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "bench" / "make_random_llama.py"), str(out),
-                        "--layers", str(args.layers), "--hidden", str(args.hidden), "--intermediate",
-                        str(args.intermediate), "--heads", str(args.heads), "--kv-heads", str(args.heads)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "make_random_llama.py"),
+                str(out),
+                "--layers",
+                str(args.layers),
+                "--hidden",
+                str(args.hidden),
+                "--intermediate",
+                str(args.intermediate),
+                "--heads",
+                str(args.heads),
+                "--kv-heads",
+                str(args.heads),
+            ],
+            check=True,
+        )
     return out
 
 
@@ -40,23 +55,39 @@ def run(model: Path, args, distributed: str, quantize: str | None) -> dict:
         "model": {"name": str(model), "dtype": "bf16", "quantize": quantize},
         "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
         "data": {"train": str(ROOT / "examples" / "demo" / "train.jsonl"), "max_length": args.length},
-        "train": {"max_steps": args.steps, "batch_size": 1, "lr": 2e-4, "log_every": 1, "save_every": 10_000,
-                  "seed": 0, "distributed": distributed},
+        "train": {
+            "max_steps": args.steps,
+            "batch_size": 1,
+            "lr": 2e-4,
+            "log_every": 1,
+            "save_every": 10_000,
+            "seed": 0,
+            "distributed": distributed,
+        },
         "output_dir": str(out),
     }
     path = args.workdir / f"config-{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TRANSFORMERS_VERBOSITY": "error"}  # --nproc 2: one each
-    result = subprocess.run([sys.executable, "-m", "loratune", "train", str(path), "--nproc", "2", "--no-progress",
-                             "--overwrite"], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "loratune", "train", str(path), "--nproc", "2", "--no-progress", "--overwrite"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     summary = json.loads((out / "summary.json").read_text())
-    held = re.search(r"each holds ([0-9.]+) of the weights' ([0-9.]+) MiB.*peak memory so far ([0-9., ]+) MiB",
-                     result.stdout)
-    return {"run": name, "peaks": summary["peak_memory_mb_per_process"],
-            "held": float(held[1]) if held else None, "weights": float(held[2]) if held else None,
-            "loading": held[3] if held else None}
+    held = re.search(
+        r"each holds ([0-9.]+) of the weights' ([0-9.]+) MiB.*peak memory so far ([0-9., ]+) MiB", result.stdout
+    )
+    return {
+        "run": name,
+        "peaks": summary["peak_memory_mb_per_process"],
+        "held": float(held[1]) if held else None,
+        "weights": float(held[2]) if held else None,
+        "loading": held[3] if held else None,
+    }
 
 
 def main() -> None:
@@ -78,10 +109,16 @@ def main() -> None:
         for distributed in ("ddp", "fsdp"):
             result = run(model, args, distributed, quantize)
             results[result["run"]] = result
-            held = (f"; holds {result['held']:,.0f} of {result['weights']:,.0f} MiB, peak after loading "
-                    f"{result['loading']} MiB" if result["held"] else "")
-            print(f"{result['run']:>10}: peak per process {', '.join(f'{p:,.0f}' for p in result['peaks'])} MiB"
-                  f"{held}", flush=True)
+            held = (
+                f"; holds {result['held']:,.0f} of {result['weights']:,.0f} MiB, peak after loading "
+                f"{result['loading']} MiB"
+                if result["held"]
+                else ""
+            )
+            print(
+                f"{result['run']:>10}: peak per process {', '.join(f'{p:,.0f}' for p in result['peaks'])} MiB{held}",
+                flush=True,
+            )
     for quantize in ("bf16", "nf4"):
         ddp, fsdp = (max(results[f"{d}-{quantize}"]["peaks"]) for d in ("ddp", "fsdp"))
         print(f"{quantize}: FSDP2 / DDP peak per process {fsdp / ddp:.2f}×")

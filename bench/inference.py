@@ -56,8 +56,10 @@ def main() -> None:
     text = "Summarise the plot of a novel about a lighthouse keeper who finds a message in a bottle."
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-    print(f"model {args.model}, {args.dtype}, prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
-          f"{args.reps} reps (medians), ms per generated token (per row-batch step)")
+    print(
+        f"model {args.model}, {args.dtype}, prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
+        f"{args.reps} reps (medians), ms per generated token (per row-batch step)"
+    )
     print("| batch | " + " | ".join(models) + " | unmerged / base | merged / base | PEFT unmerged / base |")
     print("|---" * (len(models) + 4) + "|")
     for batch in (int(b) for b in args.batches.split(",")):
@@ -71,8 +73,11 @@ def main() -> None:
         med = {name: statistics.median(values) for name, values in times.items()}
         base = med["base"]
         cells = " | ".join(f"{1000 * med[name]:.1f}" for name in models)
-        print(f"| {batch} | {cells} | {med['loratune unmerged'] / base:.2f}x | {med['loratune merged'] / base:.2f}x | "
-              f"{med['PEFT unmerged'] / base:.2f}x |", flush=True)
+        print(
+            f"| {batch} | {cells} | {med['loratune unmerged'] / base:.2f}x | {med['loratune merged'] / base:.2f}x | "
+            f"{med['PEFT unmerged'] / base:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

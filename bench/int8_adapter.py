@@ -71,14 +71,19 @@ def main() -> None:
     effect = (exact - reference).norm()
     print(f"adapter: {source} ({config.r=}, {len(tensors)} tensors); {reference.shape[0]} tokens from {args.rows} rows")
     print(f"adapter effect on logits: max |fp32 - base| = {(exact - reference).abs().max():.4f}")
-    print("| storage | file bytes | vs fp32 | vs bf16 | max abs logit diff vs fp32 | rel. diff / adapter effect | argmax changed |")
+    print(
+        "| storage | file bytes | vs fp32 | vs bf16 | max abs logit diff vs fp32 | rel. diff / adapter effect "
+        "| argmax changed |"
+    )
     print("|---|---|---|---|---|---|---|")
     for label, out in outputs.items():
         size = sizes[label.split()[0]]
         diff = out - exact
         changed = (out.argmax(-1) != exact.argmax(-1)).float().mean()
-        print(f"| {label} | {size:,} | {size / sizes['fp32']:.3f} | {size / sizes['bf16']:.3f} | "
-              f"{diff.abs().max():.2e} | {diff.norm() / effect:.2e} | {100 * changed:.2f}% |")
+        print(
+            f"| {label} | {size:,} | {size / sizes['fp32']:.3f} | {size / sizes['bf16']:.3f} | "
+            f"{diff.abs().max():.2e} | {diff.norm() / effect:.2e} | {100 * changed:.2f}% |"
+        )
 
 
 if __name__ == "__main__":

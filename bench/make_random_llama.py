@@ -55,8 +55,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--shard-gb", type=float, default=2.0)
-    parser.add_argument("--tokenizer-from", type=Path,
-                        default=None, help="a model directory whose tokenizer files are copied (default: smollm2-135m)")
+    parser.add_argument(
+        "--tokenizer-from",
+        type=Path,
+        default=None,
+        help="a model directory whose tokenizer files are copied (default: smollm2-135m)",
+    )
     args = parser.parse_args()
 
     if args.tokenizer_from is None:
@@ -102,12 +106,23 @@ def main() -> None:
     index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
     (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
-        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
-        "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "vocab_size": vocab,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "dtype": "bfloat16",
-        "bos_token_id": tok_config.get("bos_token_id"), "eos_token_id": tok_config.get("eos_token_id"),
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "dtype": "bfloat16",
+        "bos_token_id": tok_config.get("bos_token_id"),
+        "eos_token_id": tok_config.get("eos_token_id"),
         "pad_token_id": tok_config.get("pad_token_id"),
     }
     (staging / "config.json").write_text(json.dumps(config, indent=1))

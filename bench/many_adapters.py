@@ -94,33 +94,60 @@ def main() -> None:
 
     def generate(model, names):
         with torch.no_grad():
-            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), adapter_names=names,
-                           max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                adapter_names=names,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
 
     def generate_ours(names):
         routing = loratune.mixed_batch(ours, names) if names else contextlib.nullcontext()
         with torch.no_grad(), routing:  # transformers' generate refuses unknown kwargs
-            ours.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                          max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            ours.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
 
-    print(f"model {args.model}, {args.dtype}, {args.rows} rows over {len(ADAPTERS)} adapters (r=8, all linear), "
-          f"medians of {args.reps}; tokens/s (higher is better)")
-    print("| test | loratune single | loratune mixed | mixed / single | PEFT single | PEFT mixed | "
-          "mixed / single | loratune mixed / PEFT mixed |")
+    print(
+        f"model {args.model}, {args.dtype}, {args.rows} rows over {len(ADAPTERS)} adapters (r=8, all linear), "
+        f"medians of {args.reps}; tokens/s (higher is better)"
+    )
+    print(
+        "| test | loratune single | loratune mixed | mixed / single | PEFT single | PEFT mixed | "
+        "mixed / single | loratune mixed / PEFT mixed |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     tests = {
-        f"forward {args.rows}×{args.seq}": (lambda names: forward(ours, names), lambda names: forward(theirs, names),
-                                            args.rows * args.seq),
+        f"forward {args.rows}×{args.seq}": (
+            lambda names: forward(ours, names),
+            lambda names: forward(theirs, names),
+            args.rows * args.seq,
+        ),
         f"generate {args.rows}×{new}": (generate_ours, lambda names: generate(theirs, names), args.rows * new),
     }
     for label, (run_ours, run_theirs, tokens) in tests.items():
-        variants = {"ours single": lambda: run_ours(single), "theirs single": lambda: run_theirs(single),
-                    "ours mixed": lambda: run_ours(mixed), "theirs mixed": lambda: run_theirs(mixed)}
+        variants = {
+            "ours single": lambda run=run_ours: run(single),
+            "theirs single": lambda run=run_theirs: run(single),
+            "ours mixed": lambda run=run_ours: run(mixed),
+            "theirs mixed": lambda run=run_theirs: run(mixed),
+        }
         rate = {key: tokens / seconds for key, seconds in timed_alternating(variants, args.reps).items()}
-        print(f"| {label} | {rate['ours single']:.0f} | {rate['ours mixed']:.0f} | "
-              f"{rate['ours mixed'] / rate['ours single']:.2f}× | {rate['theirs single']:.0f} | "
-              f"{rate['theirs mixed']:.0f} | {rate['theirs mixed'] / rate['theirs single']:.2f}× | "
-              f"{rate['ours mixed'] / rate['theirs mixed']:.2f}× |", flush=True)
+        print(
+            f"| {label} | {rate['ours single']:.0f} | {rate['ours mixed']:.0f} | "
+            f"{rate['ours mixed'] / rate['ours single']:.2f}× | {rate['theirs single']:.0f} | "
+            f"{rate['theirs mixed']:.0f} | {rate['theirs mixed'] / rate['theirs single']:.2f}× | "
+            f"{rate['ours mixed'] / rate['theirs mixed']:.2f}× |",
+            flush=True,
+        )
 
     extra = paths[ADAPTERS[1]]
 
@@ -133,9 +160,11 @@ def main() -> None:
         theirs.delete_adapter("hot")
 
     load = timed_alternating({"ours": load_ours, "theirs": load_theirs}, args.load_reps)
-    print(f"\nhot load + delete of one adapter (r=8, all linear, median of {args.load_reps}): "
-          f"loratune {1000 * load['ours']:.1f} ms, PEFT {1000 * load['theirs']:.1f} ms, "
-          f"ratio {load['ours'] / load['theirs']:.2f}×")
+    print(
+        f"\nhot load + delete of one adapter (r=8, all linear, median of {args.load_reps}): "
+        f"loratune {1000 * load['ours']:.1f} ms, PEFT {1000 * load['theirs']:.1f} ms, "
+        f"ratio {load['ours'] / load['theirs']:.2f}×"
+    )
 
 
 if __name__ == "__main__":

@@ -73,9 +73,11 @@ def main() -> None:
         model.save_pretrained(work / "peft", selected_adapters=[name])
         peft_config, peft_tensors = read_adapter(work / "peft" / name)
         mine, peers = statistics.median(ours), statistics.median(theirs)
-        print(f"| {method} | {mine:.2f} | {peers:.2f} | {peers / mine:.1f}× | "
-              f"{relative_error(result.config, result.tensors, exact):.1e} | "
-              f"{relative_error(peft_config, peft_tensors, exact):.1e} |")
+        print(
+            f"| {method} | {mine:.2f} | {peers:.2f} | {peers / mine:.1f}× | "
+            f"{relative_error(result.config, result.tensors, exact):.1e} | "
+            f"{relative_error(peft_config, peft_tensors, exact):.1e} |"
+        )
 
 
 if __name__ == "__main__":

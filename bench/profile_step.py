@@ -19,10 +19,13 @@ from collections import defaultdict
 import torch
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::mm_out"}
-ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu",
-                 "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
-                 "aten::_scaled_dot_product_efficient_attention", "aten::_efficient_attention_backward",
-                 "AttentionFunctionBackward"}  # loratune's backward: its own time, the products are matmuls
+ATTENTION_OPS = {
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_efficient_attention_backward",
+    "AttentionFunctionBackward",
+}  # loratune's backward: its own time, the products are matmuls
 
 
 def copy_bandwidth_gbs(megabytes: int = 512) -> float:
@@ -50,7 +53,9 @@ def build(args):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, foreach=True)
-    ids = torch.randint(100, tokenizer.vocab_size, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        100, tokenizer.vocab_size, (args.batch, args.length), generator=torch.Generator().manual_seed(0)
+    )
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     return model, optimizer, params, batch
 
@@ -70,8 +75,11 @@ def step(model, optimizer, params, batch) -> float:
 
 def element_bytes(shapes) -> int:
     """Bytes of the tensors in a recorded shape list, counted as bf16 (the activations' dtype here)."""
-    return sum(2 * math.prod(shape) for shape in shapes if isinstance(shape, (list, tuple)) and shape
-               and all(isinstance(n, int) for n in shape))
+    return sum(
+        2 * math.prod(shape)
+        for shape in shapes
+        if isinstance(shape, (list, tuple)) and shape and all(isinstance(n, int) for n in shape)
+    )
 
 
 def main() -> None:
@@ -106,11 +114,16 @@ def main() -> None:
     total = sum(by_op.values())
     matmul = sum(t for op, t in by_op.items() if op in MATMUL_OPS)
     attention = sum(t for op, t in by_op.items() if op in ATTENTION_OPS)
-    print(f"{args.model}{' ' + args.quantize + ' base' if args.quantize else ''}, {args.dtype}, batch {args.batch} x {args.length}, r=8 all linear; {args.steps} profiled steps")
+    print(
+        f"{args.model}{' ' + args.quantize + ' base' if args.quantize else ''}, {args.dtype}, "
+        f"batch {args.batch} x {args.length}, r=8 all linear; {args.steps} profiled steps"
+    )
     print(f"step {wall:.2f} s wall ({tokens / wall:.0f} tokens/s under the profiler); operator self time {total:.2f} s")
-    print(f"matrix products {matmul:.2f} s ({100 * matmul / total:.0f}%), attention {attention:.2f} s "
-          f"({100 * attention / total:.0f}%), everything else {total - matmul - attention:.2f} s "
-          f"({100 * (total - matmul - attention) / total:.0f}%)")
+    print(
+        f"matrix products {matmul:.2f} s ({100 * matmul / total:.0f}%), attention {attention:.2f} s "
+        f"({100 * attention / total:.0f}%), everything else {total - matmul - attention:.2f} s "
+        f"({100 * (total - matmul - attention) / total:.0f}%)"
+    )
     print(f"memory bandwidth (one large copy): {bandwidth:.1f} GB/s\n")
     print("| operator | calls/step | self s/step | share | bytes moved/step | at bandwidth | × from bandwidth |")
     print("|---|---|---|---|---|---|---|")
@@ -118,8 +131,10 @@ def main() -> None:
     for seconds, op in others[: args.top]:
         ideal = moved[op] / (bandwidth * 1e9)
         ratio = f"{seconds / ideal:.1f}×" if ideal > 0 else "-"
-        print(f"| {op} | {calls[op]} | {seconds:.3f} | {100 * seconds / total:.1f}% | {moved[op] / 1e9:.2f} GB | "
-              f"{ideal:.3f} s | {ratio} |")
+        print(
+            f"| {op} | {calls[op]} | {seconds:.3f} | {100 * seconds / total:.1f}% | {moved[op] / 1e9:.2f} GB | "
+            f"{ideal:.3f} s | {ratio} |"
+        )
 
 
 if __name__ == "__main__":

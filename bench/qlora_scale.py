@@ -49,7 +49,9 @@ def run_loratune(args) -> dict:
     load_s, load_rss = time.perf_counter() - started, peak_rss_gib()
     summary = quantized_summary(model)
     torch.manual_seed(0)
-    loratune.add_adapter(model, loratune.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["q_proj", "v_proj"]))
+    loratune.add_adapter(
+        model, loratune.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["q_proj", "v_proj"])
+    )
     patch_for_training(model)
     enable_checkpointing(args, model)
     model.train()
@@ -62,14 +64,20 @@ def run_peft(args) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     started = time.perf_counter()
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map="cpu")
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, quantization_config=quant, dtype=torch.bfloat16, device_map="cpu"
+    )
     load_s, load_rss = time.perf_counter() - started, peak_rss_gib()
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["q_proj", "v_proj"],
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     enable_checkpointing(args, model)
     model.train()
     return train_steps(args, model, model.config.vocab_size, load_s, load_rss, None)
@@ -99,10 +107,20 @@ def train_steps(args, model, vocab, load_s, load_rss, summary) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step_s.append(time.perf_counter() - started)
         losses.append(loss.item())
-        print(f"step {step + 1}: {step_s[-1]:.1f} s, loss {losses[-1]:.3f}, peak RSS {peak_rss_gib():.2f} GiB",
-              file=sys.stderr, flush=True)
-    return {"load_s": load_s, "load_peak_rss_gib": load_rss, "step_s": step_s, "losses": losses,
-            "peak_rss_gib": peak_rss_gib(), "trainable": sum(p.numel() for p in params), "quantized": summary}
+        print(
+            f"step {step + 1}: {step_s[-1]:.1f} s, loss {losses[-1]:.3f}, peak RSS {peak_rss_gib():.2f} GiB",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {
+        "load_s": load_s,
+        "load_peak_rss_gib": load_rss,
+        "step_s": step_s,
+        "losses": losses,
+        "peak_rss_gib": peak_rss_gib(),
+        "trainable": sum(p.numel() for p in params),
+        "quantized": summary,
+    }
 
 
 def watch(cmd: list[str], limit_gib: float) -> tuple[dict | None, str, float]:
@@ -124,10 +142,10 @@ def watch(cmd: list[str], limit_gib: float) -> tuple[dict | None, str, float]:
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     sys.stderr.write(stderr[-2000:])
-    line = next((l for l in stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((text for text in stdout.splitlines() if text.startswith("RESULT ")), None)
     if line is None and not note:
         note = f"failed (exit {proc.returncode}): {stderr.strip().splitlines()[-1] if stderr.strip() else ''}"
-    return (json.loads(line[len("RESULT "):]) if line else None), note, highest
+    return (json.loads(line[len("RESULT ") :]) if line else None), note, highest
 
 
 def main() -> None:
@@ -137,8 +155,11 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--rss-limit-gb", type=float, default=16.0, help="watchdog limit for each process (GiB)")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute each block's activations in backward (both sides)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each block's activations in backward (both sides)",
+    )
     parser.add_argument("--only", choices=("loratune", "peft"), default=None)
     parser.add_argument("--child", choices=("loratune", "peft"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,10 +167,18 @@ def main() -> None:
         result = run_loratune(args) if args.child == "loratune" else run_peft(args)
         print("RESULT " + json.dumps(result), flush=True)
         return
-    passthrough = [args.model, "--steps", str(args.steps), "--length", str(args.length), "--r", str(args.r),
-                   *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
+    passthrough = [
+        args.model,
+        "--steps",
+        str(args.steps),
+        "--length",
+        str(args.length),
+        "--r",
+        str(args.r),
+        *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+    ]
     for impl in [args.only] if args.only else ["loratune", "peft"]:
-        result, note, highest = watch([sys.executable, __file__, "--child", impl, *passthrough], args.rss_limit_gb)
+        result, note, _highest = watch([sys.executable, __file__, "--child", impl, *passthrough], args.rss_limit_gb)
         if result is None:
             print(f"{impl}: {note}", flush=True)
             continue
@@ -157,10 +186,13 @@ def main() -> None:
         after_first = steps[1:] or steps
         q = result["quantized"]
         size = f", {q['bytes'] / 2**30:.2f} GiB in 4 bits ({q['bytes_per_parameter']:.4f} B/param)" if q else ""
-        print(f"{impl}: load {result['load_s']:.0f} s (peak RSS {result['load_peak_rss_gib']:.2f} GiB){size}; "
-              f"steps {', '.join(f'{s:.1f}' for s in steps)} s (median after the first "
-              f"{sorted(after_first)[len(after_first) // 2]:.1f} s/step); peak RSS of the process "
-              f"{result['peak_rss_gib']:.2f} GiB; losses {', '.join(f'{l:.3f}' for l in result['losses'])}", flush=True)
+        print(
+            f"{impl}: load {result['load_s']:.0f} s (peak RSS {result['load_peak_rss_gib']:.2f} GiB){size}; "
+            f"steps {', '.join(f'{s:.1f}' for s in steps)} s (median after the first "
+            f"{sorted(after_first)[len(after_first) // 2]:.1f} s/step); peak RSS of the process "
+            f"{result['peak_rss_gib']:.2f} GiB; losses {', '.join(f'{loss:.3f}' for loss in result['losses'])}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

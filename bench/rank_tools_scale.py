@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_models(out: Path, layers: int, true_rank: int) -> tuple[Path, Path]:
     base, tuned = out / "base", out / "tuned"
     if not (base / "config.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "bench" / "make_random_llama.py"), str(base), "--layers",
-                        str(layers)], check=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "make_random_llama.py"), str(base), "--layers", str(layers)],
+            check=True,
+        )
     if (tuned / "config.json").is_file():
         return base, tuned
     tuned.mkdir(parents=True, exist_ok=True)
@@ -57,8 +59,13 @@ def make_models(out: Path, layers: int, true_rank: int) -> tuple[Path, Path]:
 def run_watched(cmd: list[str]) -> tuple[float, float, str]:
     """(peak RSS in MiB, seconds, stdout) of ``cmd``, polling /proc every 20 ms."""
     started = time.perf_counter()
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
+    process = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())},
+    )
     peak = [0.0]
 
     def poll():
@@ -102,23 +109,58 @@ def main() -> None:
             largest, count = max(largest, math.prod(shape) * 2), count + 1
     largest_mib = largest / 2**20
     loratune = [sys.executable, "-m", "loratune.cli.main"]
-    baseline, _, _ = run_watched([sys.executable, "-c", "import loratune.cli.main, loratune.cli.rank_tools, "
-                                  "loratune.analysis, loratune.models.structure, transformers, torch"])
+    baseline, _, _ = run_watched(
+        [
+            sys.executable,
+            "-c",
+            "import loratune.cli.main, loratune.cli.rank_tools, "
+            "loratune.analysis, loratune.models.structure, transformers, torch",
+        ]
+    )
     print(f"{count} weight matrices, the largest {largest_mib:.0f} MiB (bf16); baseline process {baseline:.0f} MiB")
     rows = []
     for label, cmd in (
-        (f"rank --tuned --max-rank {args.max_rank}",
-         [*loratune, "rank", "--model", str(base), "--tuned", str(tuned), "--max-rank", str(args.max_rank), "--json"]),
-        (f"extract --rank {args.rank}",
-         [*loratune, "extract", "--model", str(base), "--tuned", str(tuned), "--rank", str(args.rank),
-          "--out", str(args.workdir / "extracted"), "--overwrite", "--json"]),
+        (
+            f"rank --tuned --max-rank {args.max_rank}",
+            [
+                *loratune,
+                "rank",
+                "--model",
+                str(base),
+                "--tuned",
+                str(tuned),
+                "--max-rank",
+                str(args.max_rank),
+                "--json",
+            ],
+        ),
+        (
+            f"extract --rank {args.rank}",
+            [
+                *loratune,
+                "extract",
+                "--model",
+                str(base),
+                "--tuned",
+                str(tuned),
+                "--rank",
+                str(args.rank),
+                "--out",
+                str(args.workdir / "extracted"),
+                "--overwrite",
+                "--json",
+            ],
+        ),
     ):
         peak, seconds, out = run_watched(cmd)
         extra = peak - baseline
         methods = {m.get("method") for m in json.loads(out)["modules"]}
         rows.append((label, peak, extra, extra / largest_mib, seconds, seconds / count, methods))
-        print(f"{label}: peak {peak:.0f} MiB, extra {extra:.0f} MiB = {extra / largest_mib:.2f}x the largest matrix, "
-              f"{seconds:.0f} s ({seconds / count:.1f} s per matrix, SVD {', '.join(sorted(methods))})", flush=True)
+        print(
+            f"{label}: peak {peak:.0f} MiB, extra {extra:.0f} MiB = {extra / largest_mib:.2f}x the largest matrix, "
+            f"{seconds:.0f} s ({seconds / count:.1f} s per matrix, SVD {', '.join(sorted(methods))})",
+            flush=True,
+        )
     print()
     print("| command | peak RSS (MiB) | extra over imports (MiB) | × largest matrix | seconds | s per matrix |")
     print("|---|---|---|---|---|---|")

@@ -20,6 +20,7 @@ The server runs as its own process (`loratune serve`, every CPU thread); the cli
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import socket
 import statistics
@@ -33,15 +34,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
-from common import random_adapter
 from openai import OpenAI
 
+from common import random_adapter
+
 PROMPTS = [
-    "Give three tips for staying healthy.", "What is the capital of France?", "Explain photosynthesis briefly.",
-    "Write a haiku about the sea.", "How do I reverse a list in Python?", "Name the planets of the solar system.",
-    "What is 17 times 23?", "Summarize the plot of Hamlet in two sentences.", "Why is the sky blue?",
-    "Translate 'good morning' into Spanish.", "What does a compiler do?", "Suggest a name for a coffee shop.",
-    "List four primary colors of light.", "How many legs does a spider have?", "What is machine learning?",
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+    "Explain photosynthesis briefly.",
+    "Write a haiku about the sea.",
+    "How do I reverse a list in Python?",
+    "Name the planets of the solar system.",
+    "What is 17 times 23?",
+    "Summarize the plot of Hamlet in two sentences.",
+    "Why is the sky blue?",
+    "Translate 'good morning' into Spanish.",
+    "What does a compiler do?",
+    "Suggest a name for a coffee shop.",
+    "List four primary colors of light.",
+    "How many legs does a spider have?",
+    "What is machine learning?",
     "Describe a cat to someone who has never seen one.",
 ]
 ADAPTERS = ["a", "b", "c"]
@@ -56,8 +68,20 @@ def free_port() -> int:
 @contextmanager
 def server(model: str, adapters: dict[str, Path], dtype: str, root: Path, threads: int | None = None):
     port = free_port()
-    command = [sys.executable, "-m", "loratune", "serve", "--model", model, "--dtype", dtype, "--port", str(port),
-               "--adapter-root", str(root)]
+    command = [
+        sys.executable,
+        "-m",
+        "loratune",
+        "serve",
+        "--model",
+        model,
+        "--dtype",
+        dtype,
+        "--port",
+        str(port),
+        "--adapter-root",
+        str(root),
+    ]
     for name, path in adapters.items():
         command += ["--adapter", f"{name}={path}"]
     env = dict(os.environ)
@@ -90,19 +114,34 @@ def chat(client: OpenAI, model: str, prompt: str, max_tokens: int, stream: bool 
     messages = [{"role": "user", "content": prompt}]
     if not stream:
         answer = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
-        return {"text": answer.choices[0].message.content, "tokens": answer.usage.completion_tokens,
-                "seconds": time.perf_counter() - started}
+        return {
+            "text": answer.choices[0].message.content,
+            "tokens": answer.usage.completion_tokens,
+            "seconds": time.perf_counter() - started,
+        }
     pieces, stamps, tokens = [], [], 0
-    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
-                                                stream=True, stream_options={"include_usage": True}, **extra):
+    for chunk in client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        **extra,
+    ):
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
             stamps.append(time.perf_counter())
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"text": "".join(pieces), "tokens": tokens, "seconds": time.perf_counter() - started,
-            "ttft": stamps[0] - started if stamps else None, "gaps": gaps}
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    return {
+        "text": "".join(pieces),
+        "tokens": tokens,
+        "seconds": time.perf_counter() - started,
+        "ttft": stamps[0] - started if stamps else None,
+        "gaps": gaps,
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -115,19 +154,28 @@ def run_requests(client: OpenAI, jobs: list[tuple[str, str]], max_tokens: int, c
     that runs with different adapters do the same work."""
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda job: chat(client, job[0], job[1], max_tokens,
-                                                 extra_body={"ignore_eos": True}), jobs))
+        results = list(
+            pool.map(lambda job: chat(client, job[0], job[1], max_tokens, extra_body={"ignore_eos": True}), jobs)
+        )
     seconds = time.perf_counter() - started
     tokens = sum(r["tokens"] for r in results)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "ttft": [r["ttft"] for r in results if r["ttft"] is not None],
-            "gaps": [g for r in results for g in r["gaps"]], "texts": [r["text"] for r in results]}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "ttft": [r["ttft"] for r in results if r["ttft"] is not None],
+        "gaps": [g for r in results for g in r["gaps"]],
+        "texts": [r["text"] for r in results],
+    }
 
 
 def describe(name: str, run: dict) -> str:
-    return (f"{name:<28} {run['tokens']:>6} tokens in {run['seconds']:6.1f} s = {run['tokens_per_s']:7.1f} tok/s;"
-            f" TTFT p50 {percentile(run['ttft'], .5) * 1000:6.0f} ms p95 {percentile(run['ttft'], .95) * 1000:6.0f} ms;"
-            f" per token p50 {percentile(run['gaps'], .5) * 1000:5.1f} ms p95 {percentile(run['gaps'], .95) * 1000:5.1f} ms")
+    return (
+        f"{name:<28} {run['tokens']:>6} tokens in {run['seconds']:6.1f} s = {run['tokens_per_s']:7.1f} tok/s;"
+        f" TTFT p50 {percentile(run['ttft'], 0.5) * 1000:6.0f} ms p95 {percentile(run['ttft'], 0.95) * 1000:6.0f} ms;"
+        f" per token p50 {percentile(run['gaps'], 0.5) * 1000:5.1f} ms"
+        f" p95 {percentile(run['gaps'], 0.95) * 1000:5.1f} ms"
+    )
 
 
 def throughput(args, adapters, root) -> None:
@@ -173,19 +221,23 @@ def hot_load(args, adapters, root) -> None:
         loads, availability, first_answers, unloads = [], [], [], []
         for _ in range(args.load_reps):
             started = time.perf_counter()
-            response = httpx2.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "hot", "lora_path": "hot"},
-                                   timeout=120)
+            response = httpx2.post(
+                f"{url}/v1/load_lora_adapter", json={"lora_name": "hot", "lora_path": "hot"}, timeout=120
+            )
             returned = time.perf_counter()
             assert response.status_code == 200, response.text
             listed = "hot" in {m.id for m in client.models.list().data}
             availability.append(time.perf_counter() - returned if listed else float("inf"))
-            answer = client.chat.completions.create(model="hot", messages=[{"role": "user", "content": "hi"}],
-                                                    max_tokens=1, temperature=0)
+            answer = client.chat.completions.create(
+                model="hot", messages=[{"role": "user", "content": "hi"}], max_tokens=1, temperature=0
+            )
             assert answer.choices[0].message.content is not None
             first_answers.append(time.perf_counter() - returned)
             loads.append(returned - started)
             started = time.perf_counter()
-            assert httpx2.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "hot"}, timeout=120).status_code == 200
+            assert (
+                httpx2.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "hot"}, timeout=120).status_code == 200
+            )
             unloads.append(time.perf_counter() - started)
         stop.set()
         for w in workers:
@@ -208,8 +260,11 @@ def invariance(args, adapters, root) -> None:
             jobs = [([*ADAPTERS, base][i % 4], PROMPTS[i % len(PROMPTS)], bool(i % 2)) for i in range(32)]
             alone = [chat(client, m, p, args.invariance_tokens, s)["text"] for m, p, s in jobs]
             with ThreadPoolExecutor(32) as pool:
-                together = list(pool.map(lambda job: chat(client, job[0], job[1], args.invariance_tokens, job[2])["text"],
-                                         jobs))
+                together = list(
+                    pool.map(
+                        lambda job, c=client: chat(c, job[0], job[1], args.invariance_tokens, job[2])["text"], jobs
+                    )
+                )
         differing = sum(a != b for a, b in zip(alone, together))
         print(f"{dtype}: {32 - differing}/32 identical to the request sent alone ({differing} differ)")
 
@@ -227,8 +282,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        adapters = {name: random_adapter(args.model, root / name, dtype=args.dtype, seed=i, std=0.02)
-                    for i, name in enumerate(ADAPTERS)}
+        adapters = {
+            name: random_adapter(args.model, root / name, dtype=args.dtype, seed=i, std=0.02)
+            for i, name in enumerate(ADAPTERS)
+        }
         for part in (throughput, hot_load, invariance):
             if args.only in (None, part.__name__):
                 part(args, adapters, root)

@@ -5,7 +5,8 @@ median tokens/s over the timed steps (model loading and the first warm-up steps 
 the whole process, and their ratios; and the matmul roofline: the tokens/s this machine would reach if a step
 were nothing but its matrix products (every frozen weight's forward and input-gradient product, lm_head
 included, attention's batched products, the LoRA factors' products), each timed here at its own shape and
-dtype, so "loratune runs at N% of the roofline" is measured, not estimated. Both start from the same adapter weights (loratune writes its initial
+dtype, so "loratune runs at N% of the roofline" is measured, not estimated. Both start from the same adapter weights
+(loratune writes its initial
 adapter, PEFT loads it trainable) and see the same batches, so their losses must agree.
 
     python bench/train_vs_peft.py                       # smollm2-135m, bf16, batch 8 x 256, r=8 all-linear
@@ -19,7 +20,8 @@ through ``model.quantize``, PEFT over transformers' ``BitsAndBytesConfig(load_in
 compute bf16)`` (no ``prepare_model_for_kbit_training``: it would turn on gradient checkpointing).
 ``--dora`` trains DoRA adapters on both sides (``use_dora``). ``--full`` compares full fine-tuning: loratune's
 ``train.method: full`` (bf16 weights, float32 master weights) against what transformers' ``Trainer(bf16=True)``
-does (float32 weights, the forward and backward under ``torch.autocast`` in bf16, AdamW on the float32 weights). ``--with-lora`` adds loratune's plain LoRA run
+does (float32 weights, the forward and backward under ``torch.autocast`` in bf16, AdamW on the float32 weights).
+``--with-lora`` adds loratune's plain LoRA run
 (unquantized, no DoRA), for what quantization or DoRA costs.
 """
 
@@ -82,8 +84,15 @@ def matmul_roofline(config, batch: int, length: int, r: int, dtype: str) -> tupl
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
-    linears = [(hidden, heads * head_dim), (hidden, kv), (hidden, kv), (heads * head_dim, hidden),
-               (hidden, inter), (hidden, inter), (inter, hidden)]
+    linears = [
+        (hidden, heads * head_dim),
+        (hidden, kv),
+        (hidden, kv),
+        (heads * head_dim, hidden),
+        (hidden, inter),
+        (hidden, inter),
+        (inter, hidden),
+    ]
     cache: dict[tuple, float] = {}
 
     def mm(m: int, k: int, n: int, count: int = 1) -> tuple[float, float]:
@@ -102,15 +111,26 @@ def matmul_roofline(config, batch: int, length: int, r: int, dtype: str) -> tupl
     for d_in, d_out in linears:
         parts += [mm(tokens, d_in, d_out), mm(tokens, d_out, d_in)]  # frozen forward, input gradient
         # LoRA: x·Aᵀ, ·Bᵀ forward; grad·B, ·A input gradient; grad_B = gradᵀ·xa, grad_A = hᵀ·x
-        parts += [mm(tokens, d_in, r), mm(tokens, r, d_out), mm(tokens, d_out, r), mm(tokens, r, d_in),
-                  mm(d_out, tokens, r), mm(r, tokens, d_in)]
+        parts += [
+            mm(tokens, d_in, r),
+            mm(tokens, r, d_out),
+            mm(tokens, d_out, r),
+            mm(tokens, r, d_in),
+            mm(d_out, tokens, r),
+            mm(r, tokens, d_in),
+        ]
     g = batch * heads
-    parts += [bmm(g, length, head_dim, length, 1), bmm(g, length, length, head_dim, 1),  # scores, output
-              bmm(g, length, head_dim, length, 1), bmm(g, length, length, head_dim, 3)]  # their gradients
+    parts += [
+        bmm(g, length, head_dim, length, 1),
+        bmm(g, length, length, head_dim, 1),  # scores, output
+        bmm(g, length, head_dim, length, 1),
+        bmm(g, length, length, head_dim, 3),
+    ]  # their gradients
     layer_seconds = sum(p[0] for p in parts)
     layer_flops = sum(p[1] for p in parts)
-    head_seconds, head_flops = (sum(x) for x in zip(mm(tokens, hidden, config.vocab_size),
-                                                    mm(tokens, config.vocab_size, hidden)))
+    head_seconds, head_flops = (
+        sum(x) for x in zip(mm(tokens, hidden, config.vocab_size), mm(tokens, config.vocab_size, hidden))
+    )
     seconds = config.num_hidden_layers * layer_seconds + head_seconds
     flops = config.num_hidden_layers * layer_flops + head_flops
     return tokens / seconds, flops / tokens / 1e9
@@ -128,13 +148,30 @@ def run_loratune(args) -> dict:
     run = Path(args.workdir) / "loratune-run"
     config_path = Path(args.workdir) / "config.yaml"
     config = {
-        "model": {"name": args.model, "dtype": args.dtype, "quantize": None if args.impl == "loratune-lora" else args.quantize},
-        "lora": {"r": args.r, "lora_alpha": 2 * args.r, "lora_dropout": 0.0, "target_modules": "all-linear",
-                 "use_dora": args.dora and args.impl != "loratune-lora"},
+        "model": {
+            "name": args.model,
+            "dtype": args.dtype,
+            "quantize": None if args.impl == "loratune-lora" else args.quantize,
+        },
+        "lora": {
+            "r": args.r,
+            "lora_alpha": 2 * args.r,
+            "lora_dropout": 0.0,
+            "target_modules": "all-linear",
+            "use_dora": args.dora and args.impl != "loratune-lora",
+        },
         "train_method": "full" if args.full and args.impl != "loratune-lora" else "lora",
         "data": {"train": args.data_file, "max_length": args.length, "packing": args.packing},
-        "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 2e-4, "scheduler": "constant",
-                  "log_every": 1, "save_every": 10_000, "max_grad_norm": None, "seed": 0},
+        "train": {
+            "max_steps": args.steps,
+            "batch_size": args.batch,
+            "lr": 2e-4,
+            "scheduler": "constant",
+            "log_every": 1,
+            "save_every": 10_000,
+            "max_grad_norm": None,
+            "seed": 0,
+        },
         "output_dir": str(run),
     }
     config["train"]["method"] = config.pop("train_method")
@@ -163,9 +200,15 @@ def run_peft(args) -> dict:
     if args.quantize:
         from transformers import BitsAndBytesConfig
 
-        quant = {"device_map": "cpu", "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=args.quantize, bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=resolve_dtype(args.dtype))}
+        quant = {
+            "device_map": "cpu",
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=args.quantize,
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=resolve_dtype(args.dtype),
+            ),
+        }
     weights_dtype = torch.float32 if args.full else resolve_dtype(args.dtype)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=weights_dtype, **quant)
     from transformers import AutoTokenizer
@@ -173,13 +216,25 @@ def run_peft(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if args.full:
         return _train_plain(args, model, tokenizer, torch.autocast("cpu", dtype=resolve_dtype(args.dtype)))
-    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, use_dora=args.dora,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=args.r,
+            lora_alpha=2 * args.r,
+            lora_dropout=0.0,
+            use_dora=args.dora,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     # Start from loratune's initial adapter: same seed, same init as the loratune run.
     start = Path(args.workdir) / "initial-adapter"
-    state = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
-             .replace(".lora_magnitude_vector", ".lora_magnitude_vector.default.weight"): v
-             for k, v in _load_safetensors(start / "adapter_model.safetensors").items()}
+    state = {
+        k.replace(".lora_A.weight", ".lora_A.default.weight")
+        .replace(".lora_B.weight", ".lora_B.default.weight")
+        .replace(".lora_magnitude_vector", ".lora_magnitude_vector.default.weight"): v
+        for k, v in _load_safetensors(start / "adapter_model.safetensors").items()
+    }
     missing = model.load_state_dict(state, strict=False)
     assert not missing.unexpected_keys, missing.unexpected_keys[:3]
     return _train_plain(args, model, tokenizer, contextlib.nullcontext())
@@ -225,8 +280,9 @@ def write_initial_adapter(args) -> None:
 
     model, _ = loratune.load_model(args.model, dtype=args.dtype)
     torch.manual_seed(0)
-    loratune.add_adapter(model, loratune.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear",
-                                                    use_dora=args.dora))
+    loratune.add_adapter(
+        model, loratune.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", use_dora=args.dora)
+    )
     loratune.save_adapter(model, Path(args.workdir) / "initial-adapter")
 
 
@@ -258,8 +314,12 @@ def parent(args) -> None:
         for impl in ("loratune", "peft") if rep % 2 == 0 else ("peft", "loratune"):
             result = run_child(args, impl, workdir, data_file)
             results[impl].append(result)
-            print(f"rep {rep + 1} {impl:8s} {result['tokens_per_s']:8.1f} tok/s  peak RSS {result['peak_rss_mib']:7.0f} MiB  "
-                  f"loss@1 {result['losses'][0]:.4f}  loss@{args.steps} {result['losses'][-1]:.4f}", flush=True)
+            print(
+                f"rep {rep + 1} {impl:8s} {result['tokens_per_s']:8.1f} tok/s  "
+                f"peak RSS {result['peak_rss_mib']:7.0f} MiB  "
+                f"loss@1 {result['losses'][0]:.4f}  loss@{args.steps} {result['losses'][-1]:.4f}",
+                flush=True,
+            )
     if args.with_lora and (args.quantize or args.dora or args.full):
         results["loratune-lora"] = [run_child(args, "loratune-lora", workdir, data_file)]
         lora = results["loratune-lora"][0]
@@ -268,13 +328,22 @@ def parent(args) -> None:
 
 
 def run_child(args, impl, workdir, data_file) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, "--workdir", str(workdir), "--data-file", str(data_file),
-           *_passthrough(args)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        impl,
+        "--workdir",
+        str(workdir),
+        "--data-file",
+        str(data_file),
+        *_passthrough(args),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
     if line is None:
         sys.exit(f"{impl} run failed:\n{out.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def print_quantized_size(args) -> None:
@@ -284,8 +353,11 @@ def print_quantized_size(args) -> None:
 
     model, _ = loratune.load_model(args.model, quantize=args.quantize, dtype=args.dtype)
     s = quantized_summary(model)
-    print(f"loratune {args.quantize}: {s['layers']} quantized layers, {s['parameters'] / 1e6:.1f}M parameters in "
-          f"{s['bytes'] / 2**20:.1f} MiB = {s['bytes_per_parameter']:.4f} bytes/parameter", flush=True)
+    print(
+        f"loratune {args.quantize}: {s['layers']} quantized layers, {s['parameters'] / 1e6:.1f}M parameters in "
+        f"{s['bytes'] / 2**20:.1f} MiB = {s['bytes_per_parameter']:.4f} bytes/parameter",
+        flush=True,
+    )
 
 
 def report(args, results, roofline: tuple[float, float]) -> None:
@@ -297,8 +369,12 @@ def report(args, results, roofline: tuple[float, float]) -> None:
     l_loss, p_loss = results["loratune"][0]["losses"], results["peft"][0]["losses"]
     rel = [abs(a - b) / abs(b) for a, b in zip(l_loss, p_loss)]
     print()
-    print(f"model {args.model}{' ' + args.quantize + ' base' if args.quantize else ''}, {args.dtype}, batch {args.batch} x {args.length} ({args.data} data), {'full fine-tuning' if args.full else f'r={args.r} all-linear'}{' DoRA' if args.dora else ''}, "
-          f"{args.steps} steps ({args.warmup} warm-up excluded), {args.reps} reps, medians")
+    print(
+        f"model {args.model}{' ' + args.quantize + ' base' if args.quantize else ''}, {args.dtype}, "
+        f"batch {args.batch} x {args.length} ({args.data} data), "
+        f"{'full fine-tuning' if args.full else f'r={args.r} all-linear'}{' DoRA' if args.dora else ''}, "
+        f"{args.steps} steps ({args.warmup} warm-up excluded), {args.reps} reps, medians"
+    )
     print("| trainer | tokens/s | peak RSS (MiB) |")
     print("|---|---|---|")
     print(f"| {'transformers (full, bf16 autocast)' if args.full else 'PEFT + transformers'} | {pt:.0f} | {pm:.0f} |")
@@ -308,19 +384,41 @@ def report(args, results, roofline: tuple[float, float]) -> None:
         lora = results["loratune-lora"][0]
         print(f"| loratune plain LoRA, unquantized base | {lora['tokens_per_s']:.0f} | {lora['peak_rss_mib']:.0f} |")
         if args.dora:
-            print(f"DoRA's cost over plain LoRA in loratune: {lora['tokens_per_s'] / lt:.2f}x the time per token, "
-                  f"{lm / lora['peak_rss_mib']:.2f}x the memory")
+            print(
+                f"DoRA's cost over plain LoRA in loratune: {lora['tokens_per_s'] / lt:.2f}x the time per token, "
+                f"{lm / lora['peak_rss_mib']:.2f}x the memory"
+            )
     ceiling, gflop = roofline
-    print(f"matmul roofline ({gflop:.2f} GFLOP per token, each product timed at its shape): {ceiling:.0f} tokens/s; "
-          f"loratune at {100 * lt / ceiling:.0f}% of it, PEFT at {100 * pt / ceiling:.0f}%")
+    print(
+        f"matmul roofline ({gflop:.2f} GFLOP per token, each product timed at its shape): {ceiling:.0f} tokens/s; "
+        f"loratune at {100 * lt / ceiling:.0f}% of it, PEFT at {100 * pt / ceiling:.0f}%"
+    )
     print(f"loss agreement: step 1 {100 * rel[0]:.3f}% , step {len(rel)} {100 * rel[-1]:.3f}% relative difference")
 
 
 def _passthrough(args) -> list[str]:
-    return ["--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch), "--length", str(args.length),
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--r", str(args.r), "--data", args.data,
-            *(["--packing"] if args.packing else []), *(["--quantize", args.quantize] if args.quantize else []),
-            *(["--dora"] if args.dora else []), *(["--full"] if args.full else [])]
+    return [
+        "--model",
+        args.model,
+        "--dtype",
+        args.dtype,
+        "--batch",
+        str(args.batch),
+        "--length",
+        str(args.length),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--r",
+        str(args.r),
+        "--data",
+        args.data,
+        *(["--packing"] if args.packing else []),
+        *(["--quantize", args.quantize] if args.quantize else []),
+        *(["--dora"] if args.dora else []),
+        *(["--full"] if args.full else []),
+    ]
 
 
 def main() -> None:
@@ -333,16 +431,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps excluded from the speed median")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--data", choices=("fixed", "demo"), default="fixed",
-                        help="fixed: batch x length text rows; demo: the variable-length demo chat data")
+    parser.add_argument(
+        "--data",
+        choices=("fixed", "demo"),
+        default="fixed",
+        help="fixed: batch x length text rows; demo: the variable-length demo chat data",
+    )
     parser.add_argument("--packing", action="store_true", help="loratune packs rows (demo data)")
-    parser.add_argument("--quantize", choices=("nf4", "fp4"), default=None,
-                        help="QLoRA: train over a 4-bit base on both sides (bitsandbytes for PEFT)")
+    parser.add_argument(
+        "--quantize",
+        choices=("nf4", "fp4"),
+        default=None,
+        help="QLoRA: train over a 4-bit base on both sides (bitsandbytes for PEFT)",
+    )
     parser.add_argument("--dora", action="store_true", help="train DoRA adapters (use_dora) on both sides")
-    parser.add_argument("--full", action="store_true",
-                        help="full fine-tuning on both sides (the peer: transformers with bf16 autocast)")
-    parser.add_argument("--with-lora", action="store_true",
-                        help="with --quantize or --dora: also run loratune's plain LoRA once, for comparison")
+    parser.add_argument(
+        "--full", action="store_true", help="full fine-tuning on both sides (the peer: transformers with bf16 autocast)"
+    )
+    parser.add_argument(
+        "--with-lora",
+        action="store_true",
+        help="with --quantize or --dora: also run loratune's plain LoRA once, for comparison",
+    )
     parser.add_argument("--child", choices=("loratune", "peft", "loratune-lora"), dest="impl", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--data-file", help=argparse.SUPPRESS)

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 import loratune
-from loratune.adapters import lora_layers
-from loratune.adapters import read_adapter
+from loratune.adapters import lora_layers, read_adapter
 from loratune.adapters.gguf_export import GgufBase, gguf_lora_tensors, write_gguf_lora
 from loratune.models.aliases import alias_gguf_path, get_alias
 from loratune.models.base_config import base_model_config
@@ -36,8 +35,9 @@ PROMPT = "What is the capital of France? Answer in one sentence, then name two f
 def make_adapter(model, path: Path, std: float, targets) -> None:
     """r=8 on ``targets`` (v_proj r=4, down_proj alpha 32) with B ~ N(0, std²), saved at ``path``."""
     torch.manual_seed(0)
-    config = loratune.LoraConfig(r=8, lora_alpha=16, target_modules=targets,
-                                 rank_pattern={"v_proj": 4}, alpha_pattern={"down_proj": 32})
+    config = loratune.LoraConfig(
+        r=8, lora_alpha=16, target_modules=targets, rank_pattern={"v_proj": 4}, alpha_pattern={"down_proj": 32}
+    )
     loratune.add_adapter(model, config)
     with torch.no_grad():
         for _, layer in lora_layers(model):
@@ -61,7 +61,7 @@ def loratune_greedy(model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             sequence.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
-    return sequence[len(ids):]
+    return sequence[len(ids) :]
 
 
 def llama_cpp_run(base_gguf: Path, lora_gguf: Path | None, ids: list[int], n: int) -> tuple[np.ndarray, list[int]]:
@@ -141,21 +141,30 @@ def main() -> None:
     parser.add_argument("--std", type=float, default=0.02, help="std of the random lora_B entries")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"], help="GGUF tensor type")
-    parser.add_argument("--targets", default="all-linear",
-                        help="all-linear or comma-separated module names (q_proj,k_proj isolates the permutation)")
+    parser.add_argument(
+        "--targets",
+        default="all-linear",
+        help="all-linear or comma-separated module names (q_proj,k_proj isolates the permutation)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
     base_gguf = alias_gguf_path(get_alias("smollm2-135m"))
     model, tokenizer = loratune.load_model("smollm2-135m", dtype="fp32", device="cpu")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    results: dict = {"prompt_tokens": len(ids), "base_gguf": base_gguf.name, "dtype": args.dtype, "std": args.std,
-                     "targets": args.targets}
+    results: dict = {
+        "prompt_tokens": len(ids),
+        "base_gguf": base_gguf.name,
+        "dtype": args.dtype,
+        "std": args.std,
+        "targets": args.targets,
+    }
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
         targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
         make_adapter(model, tmp / "adapter", args.std, targets)
         ours_base = loratune_logits(model, ids, use_adapter=False)
@@ -168,11 +177,15 @@ def main() -> None:
         base = GgufBase.from_config(base_model_config("smollm2-135m"))
         config, tensors = read_adapter(tmp / "adapter")
         files = {
-            "export": write_gguf_lora(gguf_lora_tensors(tensors, config, base), base, tmp / "right.gguf",
-                                      dtype=args.dtype),
+            "export": write_gguf_lora(
+                gguf_lora_tensors(tensors, config, base), base, tmp / "right.gguf", dtype=args.dtype
+            ),
             "no_qk_permutation": write_gguf_lora(
-                gguf_lora_tensors(tensors, config, dataclasses.replace(base, permute_qk=False)), base,
-                tmp / "wrong.gguf", dtype=args.dtype),
+                gguf_lora_tensors(tensors, config, dataclasses.replace(base, permute_qk=False)),
+                base,
+                tmp / "wrong.gguf",
+                dtype=args.dtype,
+            ),
         }
 
         ours_delta = ours_lora - ours_base

@@ -31,15 +31,23 @@ def with_worked_examples(example: Example, shots: list[Example]) -> Example:
 
 def score(model, tokenizer, examples, batch_size: int) -> tuple[float, list[str], float]:
     start = time.perf_counter()
-    em, predictions, _ = score_exact_match(model, tokenizer, examples, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size)
+    em, predictions, _ = score_exact_match(
+        model, tokenizer, examples, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size
+    )
     return em, predictions, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(CONFIG), help="training config (default: examples/demo/config.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.max_steps=50")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.max_steps=50",
+    )
     parser.add_argument("--show", type=int, default=8, help="generations to show side by side (default: 8)")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -68,16 +76,23 @@ def main() -> None:
     print("\n== side by side ==")
     for ex, zero, fewp, adapted in list(zip(eval_examples, zero_pred, few_pred, adapted_pred))[: args.show]:
         print(f"Q: {ex.messages[-2]['content']}")
-        print(f"   expected {reference(ex)!r:14} zero-shot {zero.strip()[:24]!r:28} 3-shot {fewp.strip()[:24]!r:28} "
-              f"adapted {adapted.strip()!r}")
+        print(
+            f"   expected {reference(ex)!r:14} zero-shot {zero.strip()[:24]!r:28} 3-shot {fewp.strip()[:24]!r:28} "
+            f"adapted {adapted.strip()!r}"
+        )
 
     best_base = max(zero_em, few_em)
     total = time.perf_counter() - started
     print("\n== summary ==")
-    print(f"base zero-shot {100 * zero_em:5.1f}%   base 3-shot {100 * few_em:5.1f}%   adapted {100 * adapted_em:5.1f}%   "
-          f"(+{100 * (adapted_em - best_base):.1f} points over the better base score)")
-    print(f"training: {summary['steps']} steps, {summary['train_seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; "
-          f"adapter {summary['adapter_bytes'] / 2**20:.1f} MiB in {config.output_dir}/adapter")
+    print(
+        f"base zero-shot {100 * zero_em:5.1f}%   base 3-shot {100 * few_em:5.1f}%   adapted {100 * adapted_em:5.1f}%   "
+        f"(+{100 * (adapted_em - best_base):.1f} points over the better base score)"
+    )
+    print(
+        f"training: {summary['steps']} steps, {summary['train_seconds']:.0f} s, "
+        f"{summary['tokens_per_s']:,.0f} tokens/s; "
+        f"adapter {summary['adapter_bytes'] / 2**20:.1f} MiB in {config.output_dir}/adapter"
+    )
     print(f"demo wall time (fine-tune + all evaluation): {total / 60:.1f} min")
 
 

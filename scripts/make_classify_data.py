@@ -21,33 +21,95 @@ from pathlib import Path
 
 # intent -> (training phrasings, held-out phrasings for evaluation)
 PHRASINGS = {
-    "alarm": (["set an alarm for {time}", "wake me up at {time}", "i need an alarm at {time} tomorrow",
-               "alarm at {time} please", "can you set my alarm to {time}", "get me up at {time}"],
-              ["make sure i'm awake by {time}", "ring me at {time} in the morning", "put an alarm on for {time}"]),
-    "timer": (["set a timer for {minutes} minutes", "start a {minutes} minute timer", "timer for {minutes} minutes",
-               "count down {minutes} minutes", "can you time {minutes} minutes for me"],
-              ["let me know when {minutes} minutes have passed", "begin a countdown of {minutes} minutes",
-               "i need {minutes} minutes on the clock"]),
-    "reminder": (["remind me to {chore} at {time}", "don't let me forget to {chore}", "set a reminder to {chore}",
-                  "remind me {day} to {chore}", "i need a reminder to {chore}"],
-                 ["make a note for me to {chore} {day}", "ping me about having to {chore}",
-                  "can you nudge me to {chore} later"]),
-    "flight": (["book a flight to {city}", "find me flights to {city} {day}", "i want to fly to {city}",
-                "get me a plane ticket to {city}", "are there flights to {city} {day}"],
-               ["i'd like to travel to {city} by plane", "search air tickets for {city}",
-                "what does it cost to fly to {city} {day}"]),
-    "weather": (["what's the weather in {city}", "will it rain {day}", "how hot is it in {city} {day}",
-                 "weather forecast for {day}", "do i need an umbrella {day}"],
-                ["is it going to be sunny in {city}", "how cold will it get {day}", "what's it like outside in {city}"]),
-    "music": (["play some {artist}", "put on {artist}", "i want to listen to {artist}", "play music by {artist}",
-               "start my {artist} playlist"],
-              ["could you throw on a few songs by {artist}", "queue up tracks from {artist}", "let's hear {artist}"]),
-    "food_order": (["order a {dish} for delivery", "i want to order {dish}", "get me {dish} delivered",
-                    "can you order {dish} from the usual place", "order dinner: {dish}"],
-                   ["have a {dish} brought to my door", "i'm hungry, send over a {dish}", "place a delivery order for {dish}"]),
-    "shopping_list": (["add {item} to my shopping list", "put {item} on the list", "we need {item}, add it",
-                       "shopping list: {item}", "remember to buy {item}"],
-                      ["note that we're out of {item}", "include {item} in the groceries", "make sure {item} is on the list"]),
+    "alarm": (
+        [
+            "set an alarm for {time}",
+            "wake me up at {time}",
+            "i need an alarm at {time} tomorrow",
+            "alarm at {time} please",
+            "can you set my alarm to {time}",
+            "get me up at {time}",
+        ],
+        ["make sure i'm awake by {time}", "ring me at {time} in the morning", "put an alarm on for {time}"],
+    ),
+    "timer": (
+        [
+            "set a timer for {minutes} minutes",
+            "start a {minutes} minute timer",
+            "timer for {minutes} minutes",
+            "count down {minutes} minutes",
+            "can you time {minutes} minutes for me",
+        ],
+        [
+            "let me know when {minutes} minutes have passed",
+            "begin a countdown of {minutes} minutes",
+            "i need {minutes} minutes on the clock",
+        ],
+    ),
+    "reminder": (
+        [
+            "remind me to {chore} at {time}",
+            "don't let me forget to {chore}",
+            "set a reminder to {chore}",
+            "remind me {day} to {chore}",
+            "i need a reminder to {chore}",
+        ],
+        ["make a note for me to {chore} {day}", "ping me about having to {chore}", "can you nudge me to {chore} later"],
+    ),
+    "flight": (
+        [
+            "book a flight to {city}",
+            "find me flights to {city} {day}",
+            "i want to fly to {city}",
+            "get me a plane ticket to {city}",
+            "are there flights to {city} {day}",
+        ],
+        [
+            "i'd like to travel to {city} by plane",
+            "search air tickets for {city}",
+            "what does it cost to fly to {city} {day}",
+        ],
+    ),
+    "weather": (
+        [
+            "what's the weather in {city}",
+            "will it rain {day}",
+            "how hot is it in {city} {day}",
+            "weather forecast for {day}",
+            "do i need an umbrella {day}",
+        ],
+        ["is it going to be sunny in {city}", "how cold will it get {day}", "what's it like outside in {city}"],
+    ),
+    "music": (
+        [
+            "play some {artist}",
+            "put on {artist}",
+            "i want to listen to {artist}",
+            "play music by {artist}",
+            "start my {artist} playlist",
+        ],
+        ["could you throw on a few songs by {artist}", "queue up tracks from {artist}", "let's hear {artist}"],
+    ),
+    "food_order": (
+        [
+            "order a {dish} for delivery",
+            "i want to order {dish}",
+            "get me {dish} delivered",
+            "can you order {dish} from the usual place",
+            "order dinner: {dish}",
+        ],
+        ["have a {dish} brought to my door", "i'm hungry, send over a {dish}", "place a delivery order for {dish}"],
+    ),
+    "shopping_list": (
+        [
+            "add {item} to my shopping list",
+            "put {item} on the list",
+            "we need {item}, add it",
+            "shopping list: {item}",
+            "remember to buy {item}",
+        ],
+        ["note that we're out of {item}", "include {item} in the groceries", "make sure {item} is on the list"],
+    ),
 }
 SLOTS = {
     "time": ["six am", "7:30", "seven thirty", "noon", "8 pm", "half past six", "5:45"],

@@ -93,7 +93,7 @@ TRAIN_TEMPLATES = [
     "Change the date {date} to the format year-month-day (YYYY-MM-DD).",
     "Our shop reopens {date}. Give me that date in ISO format, please.",
     "ISO date for: {date}",
-    "Standardize this date as YYYY-MM-DD: \"{date}\"",
+    'Standardize this date as YYYY-MM-DD: "{date}"',
     "The contract was signed on {date}. Output the signing date as YYYY-MM-DD.",
 ]
 EVAL_TEMPLATES = [
@@ -106,7 +106,7 @@ EVAL_TEMPLATES = [
     "Input date: {date}\nOutput the same date as YYYY-MM-DD.",
     "In YYYY-MM-DD notation, how is {date} written?",
     "The package arrived {date}. Convert the arrival date to ISO 8601.",
-    "Represent \"{date}\" as an ISO-8601 date.",
+    'Represent "{date}" as an ISO-8601 date.',
 ]
 
 

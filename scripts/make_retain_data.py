@@ -16,14 +16,56 @@ import json
 from pathlib import Path
 
 TOPICS = [
-    "photosynthesis", "the water cycle", "gravity", "volcanoes", "the human heart", "vaccines", "the moon",
-    "rainbows", "electricity", "magnets", "the Roman Empire", "the printing press", "the Great Wall of China",
-    "the Industrial Revolution", "democracy", "the Olympic Games", "the Amazon rainforest", "deserts", "oceans",
-    "honeybees", "dinosaurs", "recycling", "healthy sleep", "drinking water", "exercise", "cooking rice",
-    "making tea", "saving money", "writing a letter", "learning a language", "reading books", "friendship",
-    "time management", "public libraries", "bicycles", "trains", "airplanes", "the internet", "computers",
-    "smartphones", "music", "painting", "chess", "football", "gardening", "weather forecasts", "maps",
-    "prime numbers", "fractions", "the metric system",
+    "photosynthesis",
+    "the water cycle",
+    "gravity",
+    "volcanoes",
+    "the human heart",
+    "vaccines",
+    "the moon",
+    "rainbows",
+    "electricity",
+    "magnets",
+    "the Roman Empire",
+    "the printing press",
+    "the Great Wall of China",
+    "the Industrial Revolution",
+    "democracy",
+    "the Olympic Games",
+    "the Amazon rainforest",
+    "deserts",
+    "oceans",
+    "honeybees",
+    "dinosaurs",
+    "recycling",
+    "healthy sleep",
+    "drinking water",
+    "exercise",
+    "cooking rice",
+    "making tea",
+    "saving money",
+    "writing a letter",
+    "learning a language",
+    "reading books",
+    "friendship",
+    "time management",
+    "public libraries",
+    "bicycles",
+    "trains",
+    "airplanes",
+    "the internet",
+    "computers",
+    "smartphones",
+    "music",
+    "painting",
+    "chess",
+    "football",
+    "gardening",
+    "weather forecasts",
+    "maps",
+    "prime numbers",
+    "fractions",
+    "the metric system",
 ]
 TEMPLATES = [
     "Explain {topic} in a few simple sentences.",
@@ -46,10 +88,13 @@ def main() -> None:
 
     model, tokenizer = loratune.load_model("smollm2-135m", dtype="bf16", device="cpu")
     prompts = [template.format(topic=topic) for topic in TOPICS for template in TEMPLATES]
-    answers = generate_greedy(model, tokenizer, [chat_prompt_ids(tokenizer, p) for p in prompts],
-                              args.max_new_tokens, batch_size=25)
-    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.strip()}]}
-            for p, a in zip(prompts, answers)]
+    answers = generate_greedy(
+        model, tokenizer, [chat_prompt_ids(tokenizer, p) for p in prompts], args.max_new_tokens, batch_size=25
+    )
+    rows = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.strip()}]}
+        for p, a in zip(prompts, answers)
+    ]
     write_text_atomic(args.out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     print(f"wrote {len(rows)} rows to {args.out}")
 

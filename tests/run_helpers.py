@@ -16,8 +16,9 @@ def addition_rows(n: int = 12, start: int = 0) -> list[dict]:
     rows = []
     for i in range(start, start + n):
         a, b = (i * 7) % 10, (i * 389) % (10 ** (1 + i % 4))
-        rows.append({"messages": [{"role": "user", "content": f"add {a} {b}"},
-                                  {"role": "assistant", "content": str(a + b)}]})
+        rows.append(
+            {"messages": [{"role": "user", "content": f"add {a} {b}"}, {"role": "assistant", "content": str(a + b)}]}
+        )
     return rows
 
 
@@ -42,8 +43,15 @@ def config_dict(model_dir, train_file, output_dir, **sections) -> dict:
         "model": {"name": str(model_dir), "dtype": "fp32", "device": "cpu"},
         "lora": {"r": 4, "lora_alpha": 8},
         "data": {"train": str(train_file), "max_length": 64},
-        "train": {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "log_every": 1, "lr": 1e-3,
-                  "eval_batch_size": 8, "eval_max_new_tokens": 4},
+        "train": {
+            "max_steps": 2,
+            "batch_size": 2,
+            "grad_accum": 1,
+            "log_every": 1,
+            "lr": 1e-3,
+            "eval_batch_size": 8,
+            "eval_max_new_tokens": 4,
+        },
         "output_dir": str(output_dir),
     }
     for name, values in sections.items():
@@ -89,8 +97,9 @@ def train_through_cli(model_dir, root: Path, targets, name: str = "run") -> dict
     from loratune.cli.main import main
 
     data = write_jsonl(root / "train.jsonl", addition_rows(8))
-    config = write_config(root / f"{name}.yaml", config_dict(model_dir, data, root / name,
-                                                             lora={"target_modules": targets}))
+    config = write_config(
+        root / f"{name}.yaml", config_dict(model_dir, data, root / name, lora={"target_modules": targets})
+    )
     with contextlib.redirect_stdout(None):
         assert main(["train", str(config), "--no-progress"]) == 0
     return {"root": root, "data": data, "config": config, "run": root / name, "adapter": root / name / "adapter"}

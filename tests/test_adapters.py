@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from tiny_models import TwoLayerNet, tiny_gpt2, tiny_llama, token_batch
 
 import loratune
 from loratune import LoraConfig
 from loratune.adapters import adapter_parameters, find_targets, lora_layers, merged_adapters
 from loratune.errors import ConfigError
 from loratune.layers import LoraEmbedding, LoraLinear
+from tiny_models import TwoLayerNet, tiny_gpt2, tiny_llama, token_batch
 
 
 def randomize_b(model, name="default", seed=1):
@@ -67,8 +67,13 @@ def test_exclude_modules_and_layers_to_transform_narrow_the_targets():
 
 def test_rank_and_alpha_patterns_set_per_module_rank_and_scaling():
     model = tiny_llama()
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
-                        alpha_pattern={r"layers\.1\.self_attn\.q_proj": 32})
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={r"layers\.1\.self_attn\.q_proj": 32},
+    )
     loratune.add_adapter(model, config)
     layers = dict(lora_layers(model))
     assert layers["model.layers.0.self_attn.v_proj"].specs["default"].r == 2
@@ -358,7 +363,10 @@ def test_unknown_config_field_names_the_closest_valid_one():
         ({"init_lora_weights": "kaiming"}, "LoraConfig.init_lora_weights.*'gaussian', 'pissa'"),
         ({"target_modules": []}, "LoraConfig.target_modules: must name at least one"),
         ({"rank_pattern": {"q_proj": 0}}, "rank_pattern.*'q_proj' must be positive"),
-        ({"target_modules": "q_proj", "layers_to_transform": [0]}, "layers_to_transform needs target_modules as a list"),
+        (
+            {"target_modules": "q_proj", "layers_to_transform": [0]},
+            "layers_to_transform needs target_modules as a list",
+        ),
     ],
 )
 def test_invalid_config_values_raise_one_line_errors_naming_the_field(kwargs, message):
@@ -417,9 +425,8 @@ def test_changing_active_adapters_or_deleting_while_merged_asks_to_unmerge():
         loratune.set_active(model, "a")
     with pytest.raises(ConfigError, match="'b' is merged; unmerge"):
         loratune.delete_adapter(model, "b")
-    with pytest.raises(ConfigError, match="cannot run the base model.*merged"):
-        with loratune.disabled_adapters(model):
-            pass
+    with pytest.raises(ConfigError, match="cannot run the base model.*merged"), loratune.disabled_adapters(model):
+        pass
 
 
 def test_two_active_adapters_with_their_own_copy_of_a_module_are_refused():

@@ -30,8 +30,14 @@ from tiny_models import tiny_gpt2, tiny_llama, token_batch
 peft = pytest.importorskip("peft")
 
 # Ranks and alphas that differ per module, rsLoRA, an embedding.
-CONFIG = dict(r=6, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"],
-              rank_pattern={"v_proj": 3}, alpha_pattern={"up_proj": 2})
+CONFIG = dict(
+    r=6,
+    lora_alpha=8,
+    use_rslora=True,
+    target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"],
+    rank_pattern={"v_proj": 3},
+    alpha_pattern={"up_proj": 2},
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +70,9 @@ def test_singular_values_and_energy_match_a_float64_svd_of_the_dense_update(adap
     assert by_name["model.layers.0.self_attn.v_proj"]["r"] == 3  # rank_pattern
     assert by_name["model.layers.0.mlp.up_proj"]["scale"] == pytest.approx(2 / 6**0.5)  # alpha_pattern, rsLoRA
     assert by_name["model.embed_tokens"]["shape"] == [96, 32]  # an embedding's weight shape
-    assert report["recommended_rank"] == {t: max(m["rank_at"][t] for m in report["modules"]) for t in ("0.5", "0.9", "0.99")}
+    assert report["recommended_rank"] == {
+        t: max(m["rank_at"][t] for m in report["modules"]) for t in ("0.5", "0.9", "0.99")
+    }
 
 
 def test_conv1d_update_spectrum_matches_the_dense_update():
@@ -128,8 +136,12 @@ def test_subspace_similarity_matches_its_definition():
 def test_compare_reports_phi_for_common_modules_and_the_amplification(adapted, tmp_path):
     adapted_base = tiny_llama()
     adapted_base.save_pretrained(tmp_path / "base", safe_serialization=True)
-    report = compare_adapters(as_input(adapted, "a"), as_input(adapted, "b"), base=WeightReader(tmp_path / "base"),
-                              kinds=model_structure(tmp_path / "base").kinds)
+    report = compare_adapters(
+        as_input(adapted, "a"),
+        as_input(adapted, "b"),
+        base=WeightReader(tmp_path / "base"),
+        kinds=model_structure(tmp_path / "base").kinds,
+    )
     names = [m["name"] for m in report["modules"]]
     assert names == sorted(names) and all(n.endswith(("q_proj", "v_proj")) for n in names)
     assert "model.embed_tokens" in report["only_in_a"]
@@ -142,7 +154,7 @@ def test_compare_reports_phi_for_common_modules_and_the_amplification(adapted, t
     # the amplification factor, by hand, for one module
     layer = dict(loratune.adapters.lora_layers(adapted))["model.layers.1.self_attn.q_proj"]
     delta = deltas(adapted, "a")["model.layers.1.self_attn.q_proj"]
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    U, _S, Vh = torch.linalg.svd(delta, full_matrices=False)
     r = layer.specs["a"].r
     W = layer.base_layer.weight.double()
     expected = float(delta.norm()) / float((U[:, :r].T @ W @ Vh[:r].T).norm())
@@ -274,8 +286,9 @@ def adapter_dirs(adapted, tmp_path_factory):
 
 
 def test_rank_json_is_the_report_and_nothing_else_on_stdout(adapter_dirs, capsys, tmp_path):
-    status, out, err = cli(capsys, "rank", adapter_dirs / "a", "--energy", "0.9,0.5", "--json",
-                           "--plot", tmp_path / "energy.png")
+    status, out, err = cli(
+        capsys, "rank", adapter_dirs / "a", "--energy", "0.9,0.5", "--json", "--plot", tmp_path / "energy.png"
+    )
     assert status == 0, err
     report = json.loads(out)
     assert set(report["recommended_rank"]) == {"0.5", "0.9"}
@@ -290,8 +303,9 @@ def test_resize_and_compare_from_the_command_line(adapter_dirs, capsys, tmp_path
     status, out, err = cli(capsys, "resize", adapter_dirs / "a", "--rank", "2", "--out", tmp_path / "small", "--json")
     assert status == 0, err
     assert all(m["k"] == 2 for m in json.loads(out)["modules"])
-    status, out, err = cli(capsys, "compare", adapter_dirs / "a", tmp_path / "small", "--json", "--plot",
-                           tmp_path / "phi.png")
+    status, out, err = cli(
+        capsys, "compare", adapter_dirs / "a", tmp_path / "small", "--json", "--plot", tmp_path / "phi.png"
+    )
     assert status == 0, err
     report = json.loads(out)
     assert all(len(m["phi"]) == m["r_a"] and len(m["phi"][0]) == 2 for m in report["modules"])
@@ -302,8 +316,9 @@ def test_resize_and_compare_from_the_command_line(adapter_dirs, capsys, tmp_path
 
 def test_extract_from_the_command_line_writes_an_adapter_loratune_loads(checkpoints, capsys, tmp_path):
     base_dir, tuned_dir = checkpoints[True]
-    status, out, err = cli(capsys, "extract", "--model", base_dir, "--tuned", tuned_dir, "--rank", "64",
-                           "--out", tmp_path / "x", "--json")
+    status, out, err = cli(
+        capsys, "extract", "--model", base_dir, "--tuned", tuned_dir, "--rank", "64", "--out", tmp_path / "x", "--json"
+    )
     assert status == 0, err
     assert json.loads(out)["modules"]
     model = loratune_free_model(base_dir)
@@ -332,9 +347,14 @@ def test_bad_input_is_one_line_and_writes_nothing(args, named, adapter_dirs, che
     (tmp_path / "empty").mkdir()
     other = tmp_path / "other"
     tiny_llama(layers=3).save_pretrained(other, safe_serialization=True)
-    values = {"empty": tmp_path / "empty", "a": adapter_dirs / "a", "out": tmp_path / "out",
-              "tuned": checkpoints[True][1], "other": other}
-    status, out, err = cli(capsys, *[a.format(**values) for a in args])
+    values = {
+        "empty": tmp_path / "empty",
+        "a": adapter_dirs / "a",
+        "out": tmp_path / "out",
+        "tuned": checkpoints[True][1],
+        "other": other,
+    }
+    status, _out, err = cli(capsys, *[a.format(**values) for a in args])
     assert_one_line_error(status, err, args[0], named)
     assert not (tmp_path / "out").exists()
 
@@ -351,8 +371,9 @@ def test_an_adapter_without_tensors_is_refused(adapter_dirs, capsys, tmp_path):
 def test_modules_named_to_save_are_copied_whole_and_still_reproduce_the_tuned_model(checkpoints, tmp_path):
     base_dir, tuned_dir = checkpoints[False]
     structure = model_structure(tuned_dir)
-    result = extract_adapter(WeightReader(base_dir), WeightReader(tuned_dir), structure.kinds, rank=64,
-                             save_modules=["lm_head", "up_proj"])
+    result = extract_adapter(
+        WeightReader(base_dir), WeightReader(tuned_dir), structure.kinds, rank=64, save_modules=["lm_head", "up_proj"]
+    )
     assert "lm_head" in result.modules_to_save and "model.layers.1.mlp.up_proj" in result.modules_to_save
     assert not any(name.endswith(("lm_head", "up_proj")) for name in result.config.target_modules)
     write_adapter(tmp_path / "x", result.config, result.tensors)

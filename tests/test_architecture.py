@@ -12,12 +12,27 @@ import loratune
 
 ROOT = Path(loratune.__file__).parent
 # Highest first; a package may import only itself and those after it. Top-level modules are the bottom.
-ORDER = ["cli", "serve", "experiments", "train", "data", "models", "analysis", "adapters", "layers", "quant", "outputs", ""]
+ORDER = [
+    "cli",
+    "serve",
+    "experiments",
+    "train",
+    "data",
+    "models",
+    "analysis",
+    "adapters",
+    "layers",
+    "quant",
+    "outputs",
+    "",
+]
 
 
 def modules() -> dict[str, Path]:
-    return {".".join(("loratune", *p.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__"): p
-            for p in ROOT.rglob("*.py")}
+    return {
+        ".".join(("loratune", *p.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__"): p
+        for p in ROOT.rglob("*.py")
+    }
 
 
 def imports_of(path: Path) -> set[str]:
@@ -58,10 +73,10 @@ def test_no_import_cycles():
 
     def visit(node: str, trail: list[str]) -> bool:
         state[node] = 1
-        for nxt in graph.get(node, ()):
-            nxt = nxt if nxt in graph else nxt.rsplit(".", 1)[0]
+        for imported in graph.get(node, ()):
+            nxt = imported if imported in graph else imported.rsplit(".", 1)[0]
             if state.get(nxt) == 1 and nxt != node:
-                cycle.extend(trail[trail.index(nxt):] + [nxt] if nxt in trail else [node, nxt])
+                cycle.extend([*trail[trail.index(nxt) :], nxt] if nxt in trail else [node, nxt])
                 return True
             if nxt not in state and visit(nxt, [*trail, nxt]):
                 return True
@@ -80,6 +95,10 @@ def test_no_import_cycles():
 
 def test_nothing_outside_layers_reaches_into_a_layers_private_members():
     private = re.compile(r"\blayer\w*\._(?!_)\w+")
-    wrong = [f"{name}: {hit}" for name, path in modules().items() if ".layers" not in name
-             for hit in private.findall(path.read_text())]
+    wrong = [
+        f"{name}: {hit}"
+        for name, path in modules().items()
+        if ".layers" not in name
+        for hit in private.findall(path.read_text())
+    ]
     assert not wrong, wrong

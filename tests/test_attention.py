@@ -4,13 +4,13 @@ scores pass) equals PyTorch's SDPA, and a patched model trains exactly as transf
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_encoder_dir, tiny_llama, token_batch
 
 import loratune
 from loratune import LoraConfig
 from loratune.train import fused_cpu
 from loratune.train.attention import AttentionFunction, _additive_mask, attention, patch_attention
 from loratune.train.loss import causal_lm_loss_sum
+from tiny_models import tiny_encoder_dir, tiny_llama, token_batch
 
 pytestmark = pytest.mark.skipif(not fused_cpu.kernel_available(), reason="the compiled kernels are not built")
 
@@ -45,8 +45,9 @@ def sdpa(q, k, v, grad, mask, causal, scale, dtype):
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     mask = mask.to(dtype) if mask is not None and mask.dtype != torch.bool else mask
-    out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                         attn_mask=mask, is_causal=causal, scale=scale)
+    out = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask, is_causal=causal, scale=scale
+    )
     out.backward(grad.to(dtype))
     return [out, q.grad, k.grad, v.grad]
 
@@ -168,8 +169,9 @@ def test_an_encoder_with_padding_and_attention_dropout_still_trains(tmp_path):
     grads = {}
     for patch in (True, False):
         torch.manual_seed(0)  # the classifier head is new
-        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=2, attention_probs_dropout_prob=0.0,
-                                                                   hidden_dropout_prob=0.0)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            directory, num_labels=2, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0
+        )
         if patch:
             assert patch_attention(model)
         model.train()
@@ -190,13 +192,17 @@ def test_calls_it_cannot_take_go_to_sdpa():
 
     module = Attention().train()
     q, k, v, _ = inputs(torch.float32, length=8)
-    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
-                                              is_causal=True).transpose(1, 2)
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True
+    ).transpose(1, 2)
     with torch.no_grad():  # no gradients wanted
         torch.testing.assert_close(attention(module, q, k, v, None)[0], expected)
     out = attention(module, q, k, v, None, dropout=0.0)[0]
     torch.testing.assert_close(out, expected)
     cropped = attention(module, q[:, :, :5], k, v, None)[0]  # fewer queries than keys: SDPA's own alignment
-    torch.testing.assert_close(cropped, F.scaled_dot_product_attention(
-        q[:, :, :5], k[:, :, :5].repeat_interleave(3, 1), v[:, :, :5].repeat_interleave(3, 1), is_causal=True
-    ).transpose(1, 2))
+    torch.testing.assert_close(
+        cropped,
+        F.scaled_dot_product_attention(
+            q[:, :, :5], k[:, :, :5].repeat_interleave(3, 1), v[:, :, :5].repeat_interleave(3, 1), is_causal=True
+        ).transpose(1, 2),
+    )

@@ -48,12 +48,14 @@ def write_jsonl(path, rows) -> None:
 
 # --- the metrics --------------------------------------------------------------------------------------------
 
+
 def test_the_glue_metrics_match_their_definitions():
     predicted, gold = [0, 1, 1, 0, 1, 0], [0, 1, 0, 0, 1, 1]
     tp, tn, fp, fn = 2, 2, 1, 1
     assert accuracy(predicted, gold) == 4 / 6
-    assert matthews(predicted, gold, 2) == pytest.approx((tp * tn - fp * fn) / math.sqrt(
-        (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    assert matthews(predicted, gold, 2) == pytest.approx(
+        (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    )
     assert macro_f1(predicted, gold, 2) == pytest.approx((2 * 2 / (2 * 2 + 1 + 1) + 2 * 2 / (2 * 2 + 1 + 1)) / 2)
     assert macro_f1([0, 0, 2], [0, 1, 2], 3) == pytest.approx((2 / 3 + 0 + 1) / 3)  # class 1 present, never predicted
     assert matthews([1, 1, 1], [0, 1, 0], 2) == 0.0  # a constant prediction
@@ -64,6 +66,7 @@ def test_the_glue_metrics_match_their_definitions():
 
 
 # --- data and labels ----------------------------------------------------------------------------------------
+
 
 def test_label_spaces_keep_integer_order_sort_strings_and_see_regression():
     rows = lambda labels: [ClassExample("t", None, label, f"f:{i}") for i, label in enumerate(labels)]  # noqa: E731
@@ -79,8 +82,10 @@ def test_label_spaces_keep_integer_order_sort_strings_and_see_regression():
         label_space(rows(["a", "b"])).encode(ClassExample("t", None, "c", "f:1"))
 
 
-@pytest.mark.parametrize("columns", [("sentence1", "sentence2"), ("premise", "hypothesis"),
-                                     ("question1", "question2"), ("question", "sentence")])
+@pytest.mark.parametrize(
+    "columns",
+    [("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"), ("question", "sentence")],
+)
 def test_glue_pair_columns_are_read_as_pairs(columns, tmp_path):
     path = tmp_path / "pairs.jsonl"
     write_jsonl(path, [{columns[0]: "play some jazz", columns[1]: "play a rock song", "label": 1}])
@@ -98,6 +103,7 @@ def test_glue_tsv_files_are_read(tmp_path):
 
 # --- training, eval and predict through the command line --------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("classify")
@@ -108,11 +114,13 @@ def workspace(tmp_path_factory):
 
 
 def write_config(root, name: str, **sections) -> str:
-    config = {"model": {"name": str(root / "bert"), "dtype": "fp32"},
-              "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 32},
-              "lora": {"r": 4, "lora_alpha": 8},
-              "train": {"max_steps": 60, "batch_size": 16, "lr": 5e-3, "log_every": 20, "save_every": 30},
-              "output_dir": str(root / name)}
+    config = {
+        "model": {"name": str(root / "bert"), "dtype": "fp32"},
+        "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 32},
+        "lora": {"r": 4, "lora_alpha": 8},
+        "train": {"max_steps": 60, "batch_size": 16, "lr": 5e-3, "log_every": 20, "save_every": 30},
+        "output_dir": str(root / name),
+    }
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
     path = root / f"{name}.yaml"
@@ -143,8 +151,9 @@ def test_a_classification_run_learns_the_task_and_writes_a_peft_seq_cls_adapter(
 
 
 def test_eval_reports_the_classification_metrics_and_predict_labels_rows(trained, workspace, capsys):
-    status, out, err = cli(capsys, "eval", "--adapter", trained / "adapter", "--data", workspace / "eval.jsonl",
-                           "--json")
+    status, out, err = cli(
+        capsys, "eval", "--adapter", trained / "adapter", "--data", workspace / "eval.jsonl", "--json"
+    )
     assert status == 0, err
     result = json.loads(out)
     assert result["perplexity"] is None and result["exact_match"] is None and result["n"] == 48
@@ -152,8 +161,16 @@ def test_eval_reports_the_classification_metrics_and_predict_labels_rows(trained
     assert result["accuracy"] == pytest.approx(summary["eval"]["eval_accuracy"])
     unlabelled = workspace / "unlabelled.jsonl"
     write_jsonl(unlabelled, [{"text": "play some jazz music"}, {"text": "book a flight to tokyo"}])
-    status, out, err = cli(capsys, "predict", "--adapter", trained / "adapter", "--data", unlabelled, "--out",
-                           workspace / "predictions.jsonl")
+    status, out, err = cli(
+        capsys,
+        "predict",
+        "--adapter",
+        trained / "adapter",
+        "--data",
+        unlabelled,
+        "--out",
+        workspace / "predictions.jsonl",
+    )
     assert status == 0, err
     rows = [json.loads(line) for line in (workspace / "predictions.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == ["play some jazz music", "book a flight to tokyo"]
@@ -165,14 +182,33 @@ def test_regression_and_pair_tasks_train_with_their_losses_and_metrics(workspace
     import random
 
     rng = random.Random(0)
-    words = "play some jazz music book a flight to paris set an alarm for seven am".split()
+    words = [
+        "play",
+        "some",
+        "jazz",
+        "music",
+        "book",
+        "a",
+        "flight",
+        "to",
+        "paris",
+        "set",
+        "an",
+        "alarm",
+        "for",
+        "seven",
+        "am",
+    ]
     pairs = []
     for _ in range(120):
         a, b = rng.sample(words, 4), rng.sample(words, 4)
         pairs.append({"sentence1": " ".join(a), "sentence2": " ".join(b), "label": len(set(a) & set(b)) + 0.5})
     write_jsonl(workspace / "sts.jsonl", pairs)
-    config = write_config(workspace, "sts", data={"train": str(workspace / "sts.jsonl"), "eval": None,
-                                                   "eval_split": 0.2, "max_length": 32})
+    config = write_config(
+        workspace,
+        "sts",
+        data={"train": str(workspace / "sts.jsonl"), "eval": None, "eval_split": 0.2, "max_length": 32},
+    )
     status, _, err = cli(capsys, "train", config, "--no-progress")
     assert status == 0, err
     summary = json.loads((workspace / "sts" / "summary.json").read_text())
@@ -204,8 +240,9 @@ def test_bad_classification_input_is_one_clear_line(workspace, tmp_path, capsys)
     config = write_config(workspace, "bad2", data={"eval": str(tmp_path / "unseen.jsonl")})
     assert_one_line_error(*cli(capsys, "train", config)[::2], "train", "unseen.jsonl:1", "greeting")
     (tmp_path / "codegen").mkdir()
-    (tmp_path / "codegen" / "config.json").write_text(json.dumps(
-        {"model_type": "codegen", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 10}))
+    (tmp_path / "codegen" / "config.json").write_text(
+        json.dumps({"model_type": "codegen", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 10})
+    )
     config = write_config(workspace, "bad3", model={"name": str(tmp_path / "codegen")})
     assert_one_line_error(*cli(capsys, "train", config)[::2], "train", "no sequence-classification head")
     assert not (workspace / "bad1").exists() and not (workspace / "bad3").exists()
@@ -224,8 +261,12 @@ def classifier(directory):
 
 
 def logits(model, tokenizer) -> torch.Tensor:
-    batch = tokenizer(["play some jazz music", "book a flight to paris please"], ["today", "i want hear rock"],
-                      return_tensors="pt", padding=True)
+    batch = tokenizer(
+        ["play some jazz music", "book a flight to paris please"],
+        ["today", "i want hear rock"],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         return model(**batch).logits
 
@@ -272,8 +313,12 @@ def test_a_peft_seq_cls_adapter_loads_in_loratune_with_the_same_logits(kind, tmp
 
     directory = tiny_encoder_dir(tmp_path / kind, kind)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    source = peft.get_peft_model(classifier(directory), peft.LoraConfig(
-        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False))
+    source = peft.get_peft_model(
+        classifier(directory),
+        peft.LoraConfig(
+            task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False
+        ),
+    )
     perturb(source)
     source.eval()
     expected = logits(source, tokenizer)
@@ -309,6 +354,7 @@ def test_data_preview_and_a_sweep_work_for_a_classifier(workspace, capsys):
 
 
 # --- token classification -----------------------------------------------------------------------------------
+
 
 def test_entities_are_read_as_conlleval_reads_them():
     from loratune.train.scores import entities, entity_scores
@@ -360,9 +406,12 @@ def ner_rows(n: int, seed: int) -> list[dict]:
 def test_a_token_classification_run_tags_words_and_reports_entity_f1(workspace, capsys):
     write_jsonl(workspace / "ner.jsonl", ner_rows(160, 0))
     write_jsonl(workspace / "ner_eval.jsonl", ner_rows(40, 1))
-    config = write_config(workspace, "ner", data={"train": str(workspace / "ner.jsonl"),
-                                                  "eval": str(workspace / "ner_eval.jsonl")},
-                          train={"max_steps": 60, "lr": 1e-2})
+    config = write_config(
+        workspace,
+        "ner",
+        data={"train": str(workspace / "ner.jsonl"), "eval": str(workspace / "ner_eval.jsonl")},
+        train={"max_steps": 60, "lr": 1e-2},
+    )
     status, out, err = cli(capsys, "train", config, "--no-progress")
     assert status == 0, err
     summary = json.loads((workspace / "ner" / "summary.json").read_text())
@@ -373,8 +422,9 @@ def test_a_token_classification_run_tags_words_and_reports_entity_f1(workspace, 
     adapter_config = json.loads((workspace / "ner" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "TOKEN_CLS"
     write_jsonl(workspace / "words.jsonl", [{"tokens": ["weather", "in", "paris", "today"]}])
-    status, out, err = cli(capsys, "predict", "--adapter", workspace / "ner" / "adapter", "--data",
-                           workspace / "words.jsonl")
+    status, out, err = cli(
+        capsys, "predict", "--adapter", workspace / "ner" / "adapter", "--data", workspace / "words.jsonl"
+    )
     assert status == 0, err
     (row,) = [json.loads(line) for line in out.splitlines()]
     assert row["tokens"] == ["weather", "in", "paris", "today"] and len(row["tags"]) == 4
@@ -382,7 +432,9 @@ def test_a_token_classification_run_tags_words_and_reports_entity_f1(workspace, 
     bad = ner_rows(3, 2)
     bad[1]["tags"] = bad[1]["tags"][:-1]
     write_jsonl(workspace / "ner_bad.jsonl", bad)
-    status, _, err = cli(capsys, "eval", "--adapter", workspace / "ner" / "adapter", "--data", workspace / "ner_bad.jsonl")
+    status, _, err = cli(
+        capsys, "eval", "--adapter", workspace / "ner" / "adapter", "--data", workspace / "ner_bad.jsonl"
+    )
     assert_one_line_error(status, err, "eval", "ner_bad.jsonl:2", "one tag per token")
 
 
@@ -391,11 +443,14 @@ def test_a_loratune_token_classifier_adapter_loads_in_peft_with_the_same_logits(
     assert_peft_gives_our_logits(tiny_encoder_dir(tmp_path / "bert"), space, tmp_path)
 
 
-@pytest.mark.parametrize("kind, targets, head", [
-    ("distilbert", ["q_lin", "v_lin"], ["classifier", "pre_classifier"]),
-    ("deberta-v2", ["query_proj", "value_proj"], ["classifier", "pooler"]),
-    ("modernbert", ["Wqkv"], ["classifier", "head"]),
-])
+@pytest.mark.parametrize(
+    "kind, targets, head",
+    [
+        ("distilbert", ["q_lin", "v_lin"], ["classifier", "pre_classifier"]),
+        ("deberta-v2", ["query_proj", "value_proj"], ["classifier", "pooler"]),
+        ("modernbert", ["Wqkv"], ["classifier", "head"]),
+    ],
+)
 def test_other_encoders_get_their_query_value_targets_and_a_fully_trained_new_head(kind, targets, head, tmp_path):
     def check(config):
         assert sorted(config.target_modules) == targets
@@ -411,7 +466,9 @@ def test_merge_writes_a_classifier_with_its_labels_that_gives_the_adapter_s_pred
     assert json.loads((merged / "labels.json").read_text())["id2label"]["0"] == "alarm"
     outputs = []
     for options in (["--adapter", trained / "adapter"], ["--model", merged]):
-        status, out, err = cli(capsys, "eval", *options, "--data", workspace / "eval.jsonl", "--json", "--dtype", "fp32")
+        status, out, err = cli(
+            capsys, "eval", *options, "--data", workspace / "eval.jsonl", "--json", "--dtype", "fp32"
+        )
         assert status == 0, err
         outputs.append(json.loads(out))
     assert outputs[0]["accuracy"] == outputs[1]["accuracy"]

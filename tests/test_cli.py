@@ -63,10 +63,16 @@ def files(tmp_path_factory):
 def train_through_cli(model_dir, files, name: str, targets) -> tuple[Path, str]:
     """Train with ``loratune train`` (a large learning rate, so the adapter clearly changes the model)."""
     root = files["root"]
-    config = write_config(root / f"{name}.yaml", config_dict(
-        model_dir, files["chat"], root / name,
-        lora={"target_modules": targets}, train={"max_steps": 4, "lr": 0.05},
-    ))
+    config = write_config(
+        root / f"{name}.yaml",
+        config_dict(
+            model_dir,
+            files["chat"],
+            root / name,
+            lora={"target_modules": targets},
+            train={"max_steps": 4, "lr": 0.05},
+        ),
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         status = main(["train", str(config), "--no-progress"])
@@ -92,17 +98,23 @@ def load_with_adapter(model_dir, adapter_dir, scale: float = 1.0):
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def greedy_text(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
     """What greedy decoding with plain ``transformers.generate`` produces, up to the end of the turn."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    new = out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = out[0, len(ids) :].tolist()
     stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
     cut = next((i for i, t in enumerate(new) if t in stops), len(new))
     return tokenizer.decode(new[:cut], skip_special_tokens=True)
@@ -120,8 +132,21 @@ def test_train_prints_a_summary_and_writes_the_run(embed_run):
 
 def test_eval_json_reports_loss_perplexity_exact_match_and_n(capsys, tiny_llama_dir, linear_run, files):
     run_dir, _ = linear_run
-    status, out, _ = cli(capsys, "eval", "--model", tiny_llama_dir, "--adapter", run_dir / "adapter",
-                         "--data", files["chat"], "--dtype", "fp32", "--max-new-tokens", "4", "--json")
+    status, out, _ = cli(
+        capsys,
+        "eval",
+        "--model",
+        tiny_llama_dir,
+        "--adapter",
+        run_dir / "adapter",
+        "--data",
+        files["chat"],
+        "--dtype",
+        "fp32",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
     assert status == 0
     result = json.loads(out)
     assert {"loss", "perplexity", "exact_match", "n"} <= result.keys()
@@ -131,7 +156,9 @@ def test_eval_json_reports_loss_perplexity_exact_match_and_n(capsys, tiny_llama_
 
 
 def test_eval_json_exact_match_is_null_for_text_data(capsys, tiny_llama_dir, files):
-    status, out, _ = cli(capsys, "eval", "--model", tiny_llama_dir, "--data", files["text"], "--dtype", "fp32", "--json")
+    status, out, _ = cli(
+        capsys, "eval", "--model", tiny_llama_dir, "--data", files["text"], "--dtype", "fp32", "--json"
+    )
     assert status == 0
     result = json.loads(out)
     assert result["exact_match"] is None and result["n"] == 4 and math.isfinite(result["loss"])
@@ -154,8 +181,19 @@ def test_generate_matches_greedy_transformers_generation(capsys, tiny_llama_dir,
     prompt = "add 3 4"
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if raw else chat_ids(tokenizer, prompt)
     expected = greedy_text(model, tokenizer, ids, 5)
-    args = ["generate", "--model", tiny_llama_dir, "--adapter", adapter, "--dtype", "fp32",
-            "--prompt", prompt, "--max-new-tokens", "5"]
+    args = [
+        "generate",
+        "--model",
+        tiny_llama_dir,
+        "--adapter",
+        adapter,
+        "--dtype",
+        "fp32",
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "5",
+    ]
     status, out, _ = cli(capsys, *args, *(["--raw"] if raw else []))
     assert status == 0
     assert out.rstrip("\n") == expected
@@ -166,8 +204,9 @@ def test_generate_without_prompt_chats_on_stdin(capsys, tiny_llama_dir, linear_r
     model, tokenizer = load_with_adapter(tiny_llama_dir, adapter)
     expected = greedy_text(model, tokenizer, chat_ids(tokenizer, "add 3 4"), 5)
     monkeypatch.setattr(sys, "stdin", io.StringIO("add 3 4\n\n"))
-    status, out, err = cli(capsys, "generate", "--model", tiny_llama_dir, "--adapter", adapter, "--dtype", "fp32",
-                           "--max-new-tokens", "5")
+    status, out, err = cli(
+        capsys, "generate", "--model", tiny_llama_dir, "--adapter", adapter, "--dtype", "fp32", "--max-new-tokens", "5"
+    )
     assert status == 0, err
     assert out.rstrip("\n") == expected
 
@@ -180,7 +219,7 @@ def test_merged_model_loads_in_plain_transformers_and_matches_base_plus_adapter(
 
     adapter = request.getfixturevalue(run_name)[0] / "adapter"
     out_dir = tmp_path / "merged"
-    status, out, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", adapter, "--out", out_dir)
+    status, _out, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", adapter, "--out", out_dir)
     assert status == 0, err
     merged = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
     merged_tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
@@ -220,8 +259,9 @@ def test_merge_of_an_embedding_adapter_unties_the_output_head(capsys, tiny_llama
     from transformers import AutoModelForCausalLM
 
     out_dir = tmp_path / "merged"
-    status, _, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", embed_run[0] / "adapter",
-                         "--out", out_dir)
+    status, _, err = cli(
+        capsys, "merge", "--model", tiny_llama_dir, "--adapter", embed_run[0] / "adapter", "--out", out_dir
+    )
     assert status == 0, err
     assert json.loads((out_dir / "config.json").read_text())["tie_word_embeddings"] is False
     merged = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
@@ -237,8 +277,9 @@ def test_merge_refuses_an_existing_output_dir_unless_overwrite(capsys, tiny_llam
     first = (out_dir / "model.safetensors").read_bytes()
     status, _, err = cli(capsys, *args)
     assert_one_line_error(status, err, "merge", out_dir, "--overwrite")
-    status, _, err = cli(capsys, *args[:-2], "--adapter", f"{linear_run[0] / 'adapter'}:0.5", "--out", out_dir,
-                         "--overwrite")
+    status, _, err = cli(
+        capsys, *args[:-2], "--adapter", f"{linear_run[0] / 'adapter'}:0.5", "--out", out_dir, "--overwrite"
+    )
     assert status == 0, err
     assert (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").read_bytes() != first
 
@@ -292,14 +333,17 @@ def test_inspect_table_mentions_rank_and_base(capsys, tiny_llama_dir, linear_run
 # --- adapter specs ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("a:b/dir:0.5", ("a:b/dir", 0.5)),
-    ("dir", ("dir", 1.0)),
-    ("c:/x", ("c:/x", 1.0)),
-    ("runs/x/adapter:0", ("runs/x/adapter", 0.0)),
-    ("runs/x/adapter:-1", ("runs/x/adapter", -1.0)),
-    ("runs/x/adapter:1e-1", ("runs/x/adapter", 0.1)),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("a:b/dir:0.5", ("a:b/dir", 0.5)),
+        ("dir", ("dir", 1.0)),
+        ("c:/x", ("c:/x", 1.0)),
+        ("runs/x/adapter:0", ("runs/x/adapter", 0.0)),
+        ("runs/x/adapter:-1", ("runs/x/adapter", -1.0)),
+        ("runs/x/adapter:1e-1", ("runs/x/adapter", 0.1)),
+    ],
+)
 def test_adapter_spec_splits_at_the_last_colon_before_a_number(spec, expected):
     assert adapter_spec(spec) == expected
 
@@ -309,7 +353,9 @@ def test_adapter_spec_splits_at_the_last_colon_before_a_number(spec, expected):
 
 @pytest.fixture(scope="module")
 def data_config(tiny_llama_dir, files):
-    return write_config(files["root"] / "preview.yaml", config_dict(tiny_llama_dir, files["chat"], files["root"] / "unused"))
+    return write_config(
+        files["root"] / "preview.yaml", config_dict(tiny_llama_dir, files["chat"], files["root"] / "unused")
+    )
 
 
 def test_data_prints_examples_and_length_statistics(capsys, data_config, files):
@@ -351,7 +397,9 @@ def test_adapter_directory_that_does_not_exist(capsys, tiny_llama_dir, tmp_path,
 
 
 def test_directory_that_is_not_an_adapter(capsys, tiny_llama_dir, files):
-    status, _, err = cli(capsys, "eval", "--model", tiny_llama_dir, "--adapter", tiny_llama_dir, "--data", files["chat"])
+    status, _, err = cli(
+        capsys, "eval", "--model", tiny_llama_dir, "--adapter", tiny_llama_dir, "--data", files["chat"]
+    )
     assert_one_line_error(status, err, "eval", "adapter_config.json")
 
 
@@ -423,17 +471,20 @@ def test_debug_shows_the_traceback(tmp_path, files):
 # --- help ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("verb, options", [
-    ("train", ["CONFIG", "--set", "--resume", "--overwrite"]),
-    ("data", ["CONFIG", "--set"]),
-    ("eval", ["--model", "--adapter", "--data", "--json"]),
-    ("generate", ["--model", "--adapter", "--prompt", "--max-new-tokens", "--raw"]),
-    ("merge", ["--model", "--adapter", "--out"]),
-    ("inspect", ["ADAPTER", "--json", "kohya"]),
-    ("mix", ["ADAPTER:WEIGHT", "--method", "--format", "--out"]),
-    ("convert", ["FILE_OR_DIR", "--to", "--model", "--out", "diffusers"]),
-    ("resize", ["ADAPTER", "--energy", "--format"]),
-])
+@pytest.mark.parametrize(
+    "verb, options",
+    [
+        ("train", ["CONFIG", "--set", "--resume", "--overwrite"]),
+        ("data", ["CONFIG", "--set"]),
+        ("eval", ["--model", "--adapter", "--data", "--json"]),
+        ("generate", ["--model", "--adapter", "--prompt", "--max-new-tokens", "--raw"]),
+        ("merge", ["--model", "--adapter", "--out"]),
+        ("inspect", ["ADAPTER", "--json", "kohya"]),
+        ("mix", ["ADAPTER:WEIGHT", "--method", "--format", "--out"]),
+        ("convert", ["FILE_OR_DIR", "--to", "--model", "--out", "diffusers"]),
+        ("resize", ["ADAPTER", "--energy", "--format"]),
+    ],
+)
 def test_help_of_every_verb(capsys, verb, options):
     status, out, _ = cli(capsys, verb, "--help")
     assert status == 0
@@ -462,9 +513,19 @@ def test_executable_reports_a_user_error_in_one_line(wider_llama_dir, linear_run
     # An adapter for another base: a real process shows everything on stderr (warnings included).
     adapter = linear_run[0] / "adapter"
     done = subprocess.run(
-        [loratune_executable(), "eval", "--model", str(wider_llama_dir), "--adapter", str(adapter),
-         "--data", str(files["chat"])],
-        capture_output=True, text=True, timeout=120,
+        [
+            loratune_executable(),
+            "eval",
+            "--model",
+            str(wider_llama_dir),
+            "--adapter",
+            str(adapter),
+            "--data",
+            str(files["chat"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

@@ -34,15 +34,32 @@ def ws(tiny_llama_dir, tmp_path_factory):
     bad_json.mkdir()
     (bad_json / "adapter_config.json").write_bytes(b"\xff\xfe not json")
     (bad_json / "adapter_model.safetensors").write_bytes(weights)
-    return {"root": root, "data": data, "config": config, "adapter": adapter, "model": tiny_llama_dir,
-            "truncated": truncated, "bad_json": bad_json, "weights_file": adapter / "adapter_model.safetensors"}
+    return {
+        "root": root,
+        "data": data,
+        "config": config,
+        "adapter": adapter,
+        "model": tiny_llama_dir,
+        "truncated": truncated,
+        "bad_json": bad_json,
+        "weights_file": adapter / "adapter_model.safetensors",
+    }
 
 
 def fill(args, ws, tmp_path):
     """Replace placeholders in an argument list by the workspace's paths."""
-    names = {"MODEL": ws["model"], "ADAPTER": ws["adapter"], "DATA": ws["data"], "CONFIG": ws["config"],
-             "TRUNCATED": ws["truncated"], "BADJSON": ws["bad_json"], "WEIGHTS": ws["weights_file"],
-             "OUT": tmp_path / "out", "TMP": tmp_path}
+    names = {
+        "MODEL": ws["model"],
+        "ADAPTER": ws["adapter"],
+        "DATA": ws["data"],
+        "CONFIG": ws["config"],
+        "TRUNCATED": ws["truncated"],
+        "BADJSON": ws["bad_json"],
+        "WEIGHTS": ws["weights_file"],
+        "OUT": tmp_path / "out",
+        "TMP": tmp_path,
+    }
+
     def one(arg: str) -> str:
         for name, value in names.items():
             if arg == name:
@@ -51,7 +68,7 @@ def fill(args, ws, tmp_path):
                 if arg.endswith(sep + name):
                     return arg[: -len(name)] + str(value)
                 if arg.startswith(name + sep):
-                    return str(value) + arg[len(name):]
+                    return str(value) + arg[len(name) :]
         return arg
 
     return [one(a) for a in args]
@@ -90,7 +107,11 @@ NONSENSE = [
     ("eval", ["--model", "MODEL", "--data", "DATA", "--adapter", "WEIGHTS"], ["WEIGHTS", "not an adapter directory"]),
     ("eval", ["--model", "TMP/none", "--data", "DATA"], ["none"]),
     # generate
-    ("generate", ["--model", "MODEL", "--prompt", "hi", "--temperature", "-1"], ["--temperature", "0 (greedy) or more"]),
+    (
+        "generate",
+        ["--model", "MODEL", "--prompt", "hi", "--temperature", "-1"],
+        ["--temperature", "0 (greedy) or more"],
+    ),
     ("generate", ["--model", "MODEL", "--prompt", "hi", "--temperature", "1", "--top-p", "0"], ["--top-p", "(0, 1]"]),
     ("generate", ["--model", "MODEL", "--prompt", "hi", "--temperature", "1", "--top-p", "1.5"], ["--top-p"]),
     ("generate", ["--model", "MODEL", "--prompt", "hi", "--temperature", "1", "--top-k", "0"], ["--top-k"]),
@@ -115,8 +136,11 @@ NONSENSE = [
     ("mix", ["ADAPTER", "--method", "svd", "--rank", "0", "--out", "OUT"], ["--rank"]),
     ("mix", ["ADAPTER", "--method", "svd", "--rank", "many", "--out", "OUT"], ["--rank"]),
     ("mix", ["ADAPTER", "--method", "mean", "--out", "OUT"], ["mean"]),
-    ("mix", ["ADAPTER", "--method", "ties", "--density", "0.5", "--majority-sign", "most", "--out", "OUT"],
-     ["--majority-sign"]),
+    (
+        "mix",
+        ["ADAPTER", "--method", "ties", "--density", "0.5", "--majority-sign", "most", "--out", "OUT"],
+        ["--majority-sign"],
+    ),
     ("mix", ["ADAPTER:x", "--method", "cat", "--out", "OUT"], ["'x'", "not a number"]),
     ("mix", ["WEIGHTS", "--method", "cat", "--out", "OUT"], ["WEIGHTS"]),
     ("mix", ["TRUNCATED", "--method", "cat", "--out", "OUT"], ["TRUNCATED"]),
@@ -154,7 +178,7 @@ NONSENSE = [
 @pytest.mark.parametrize("verb, args, named", NONSENSE, ids=[f"{v}-{i}" for i, (v, _, _) in enumerate(NONSENSE)])
 def test_nonsense_is_one_line_on_stderr_with_status_2(capsys, ws, tmp_path, verb, args, named):
     before = sorted(p.name for p in ws["root"].iterdir())
-    status, out, err = cli(capsys, verb, *fill(args, ws, tmp_path))
+    status, _out, err = cli(capsys, verb, *fill(args, ws, tmp_path))
     assert_one_line_error(status, err, verb, *fill(named, ws, tmp_path))
     assert sorted(p.name for p in ws["root"].iterdir()) == before
     assert not (tmp_path / "out").exists()
@@ -173,8 +197,15 @@ def run_limited(args: list[str], *, file_size: int | None = None, cwd=None) -> s
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([loratune_executable(), *map(str, args)], capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit, cwd=cwd, env=env)
+    return subprocess.run(
+        [loratune_executable(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+        cwd=cwd,
+        env=env,
+    )
 
 
 def assert_one_line(done: subprocess.CompletedProcess, verb: str, *named) -> None:
@@ -196,8 +227,9 @@ def test_a_full_disk_while_merging_is_one_line_and_leaves_nothing(ws, tmp_path):
 
 @pytest.mark.integration
 def test_a_full_disk_while_training_is_one_line(ws, tmp_path):
-    done = run_limited(["train", ws["config"], "--set", f"output_dir={tmp_path / 'run'}", "--no-progress"],
-                       file_size=2048)
+    done = run_limited(
+        ["train", ws["config"], "--set", f"output_dir={tmp_path / 'run'}", "--no-progress"], file_size=2048
+    )
     assert_one_line(done, "train")
 
 
@@ -252,7 +284,9 @@ def test_an_unexpected_failure_is_one_line_that_says_it_is_a_bug(capsys, ws, mon
     status, _, err = cli(capsys, "inspect", ws["adapter"])
     assert status == 1
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "internal error" in lines[0] and "--debug" in lines[0] and "ZeroDivisionError" in lines[0]
+    assert (
+        len(lines) == 1 and "internal error" in lines[0] and "--debug" in lines[0] and "ZeroDivisionError" in lines[0]
+    )
 
 
 @pytest.mark.integration

@@ -56,8 +56,9 @@ def dense_conv_output(layer: LoraConv, x: torch.Tensor, scale: float) -> torch.T
 
 
 def test_the_low_rank_path_is_the_change_of_kernel_s_b_a_and_merging_adds_exactly_that():
-    model = loratune.add_adapter(ConvNet(), loratune.LoraConfig(r=2, lora_alpha=6, target_modules=TARGETS,
-                                                                init_lora_weights=False))
+    model = loratune.add_adapter(
+        ConvNet(), loratune.LoraConfig(r=2, lora_alpha=6, target_modules=TARGETS, init_lora_weights=False)
+    )
     layer = model.down
     assert isinstance(layer, LoraConv)
     assert layer.lora_A["default"].shape == (2, 8, 3, 3) and layer.lora_B["default"].shape == (12, 2, 1, 1)
@@ -99,8 +100,9 @@ def test_training_moves_only_the_factors_and_lowers_the_loss():
 
 
 def test_peft_conv_adapter_loads_in_loratune_with_the_same_outputs_merged_and_unmerged(tmp_path):
-    source = peft.get_peft_model(ConvNet(), peft.LoraConfig(r=3, lora_alpha=5, target_modules=TARGETS,
-                                                            init_lora_weights=False))
+    source = peft.get_peft_model(
+        ConvNet(), peft.LoraConfig(r=3, lora_alpha=5, target_modules=TARGETS, init_lora_weights=False)
+    )
     perturb(source)
     expected = source(images())
     source.save_pretrained(tmp_path)
@@ -142,8 +144,9 @@ def test_what_convolutions_cannot_take_is_refused_in_one_line(case):
         model, config = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), loratune.LoraConfig(target_modules=["0"])
     else:
         model = ConvNet()
-        config = loratune.LoraConfig(target_modules=["conv_in"], **({"use_dora": True} if case == "dora" else
-                                                                     {"init_lora_weights": "pissa"}))
+        config = loratune.LoraConfig(
+            target_modules=["conv_in"], **({"use_dora": True} if case == "dora" else {"init_lora_weights": "pissa"})
+        )
     with pytest.raises(ConfigError) as error:
         loratune.add_adapter(model, config)
     message = str(error.value)

@@ -446,8 +446,11 @@ def test_chat_prompt_ids_are_the_training_tokens_before_the_final_answer(tiny_to
 
 
 def test_a_conversation_that_ends_with_a_user_turn_is_continued_whole(tiny_tokenizer):
-    turns = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."},
-             {"role": "user", "content": "And of Spain?"}]
+    turns = [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Spain?"},
+    ]
     ids = prompt_ids(Example("chat", messages=turns), tiny_tokenizer)
     assert ids == list(tiny_tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_dict=False))
     assert reference(Example("chat", messages=turns)) is None

@@ -12,15 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from run_helpers import addition_rows, adapter_tensors, config_dict, metrics, write_config, write_jsonl
+from run_helpers import adapter_tensors, addition_rows, config_dict, metrics, write_config, write_jsonl
 
 pytestmark = pytest.mark.integration  # starts torchrun and worker processes
 
 
 def loratune(*args, threads: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY": "error"}
-    return subprocess.run([sys.executable, "-m", "loratune", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "loratune", *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,13 @@ def setup(tmp_path_factory, make_tiny_llama_dir):
 
 
 def run_config(root: Path, model_dir, data, name: str, batch_size: int, dropout: float = 0.0, **train) -> Path:
-    config = config_dict(model_dir, data, root / name, lora={"r": 4, "lora_alpha": 8, "lora_dropout": dropout},
-                         train={"max_steps": 4, "batch_size": batch_size, "lr": 1e-2, "save_every": 2, **train})
+    config = config_dict(
+        model_dir,
+        data,
+        root / name,
+        lora={"r": 4, "lora_alpha": 8, "lora_dropout": dropout},
+        train={"max_steps": 4, "batch_size": batch_size, "lr": 1e-2, "save_every": 2, **train},
+    )
     return write_config(root / f"{name}.yaml", config)
 
 
@@ -56,7 +62,7 @@ def test_two_processes_make_the_update_one_process_makes_with_twice_the_micro_ba
 
 
 def test_too_few_rows_for_one_global_batch_is_one_line(setup, tmp_path):
-    root, model_dir, _ = setup
+    _root, model_dir, _ = setup
     small = write_jsonl(tmp_path / "small.jsonl", addition_rows(3))
     result = loratune("train", run_config(tmp_path, model_dir, small, "small", 2), "--nproc", 2, threads=2)
     assert result.returncode != 0
@@ -84,13 +90,18 @@ def test_a_killed_run_stops_every_process_and_resumes_to_the_uninterrupted_resul
 
     root, model_dir, data = setup
     steps = dict(max_steps=40, save_every=4, dropout=0.1)  # each process's masks are drawn again on resume
-    whole = loratune("train", run_config(root, model_dir, data, "whole", 2, **steps), "--nproc", 2, "--no-progress",
-                     threads=2)
+    whole = loratune(
+        "train", run_config(root, model_dir, data, "whole", 2, **steps), "--nproc", 2, "--no-progress", threads=2
+    )
     assert whole.returncode == 0, whole.stderr
     config = run_config(root, model_dir, data, "killed", 2, **steps)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TRANSFORMERS_VERBOSITY": "error"}
-    launcher = subprocess.Popen([sys.executable, "-m", "loratune", "train", str(config), "--nproc", "2",
-                                 "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "loratune", "train", str(config), "--nproc", "2", "--no-progress"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not (root / "killed" / "checkpoints" / "step-8").is_dir():
         assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
@@ -118,8 +129,9 @@ def test_full_fine_tuning_with_gradient_checkpointing_also_matches_one_process(s
     options = dict(method="full", gradient_checkpointing=True, lr=1e-3)
     single = loratune("train", run_config(root, model_dir, data, "full1", 4, **options), "--no-progress", threads=2)
     assert single.returncode == 0, single.stderr
-    double = loratune("train", run_config(root, model_dir, data, "full2", 2, **options), "--nproc", 2,
-                      "--no-progress", threads=2)
+    double = loratune(
+        "train", run_config(root, model_dir, data, "full2", 2, **options), "--nproc", 2, "--no-progress", threads=2
+    )
     assert double.returncode == 0, double.stderr
     ours, reference = (load_file(root / name / "model" / "model.safetensors") for name in ("full2", "full1"))
     for key in reference:
@@ -128,7 +140,7 @@ def test_full_fine_tuning_with_gradient_checkpointing_also_matches_one_process(s
 
 @pytest.mark.parametrize("task", ["causal", "classifier"])
 def test_evaluation_is_sharded_and_gathered_to_the_single_process_result(setup, tmp_path, task):
-    root, model_dir, data = setup
+    _root, model_dir, data = setup
     if task == "classifier":
         from test_classification import intent_rows
         from tiny_models import tiny_encoder_dir
@@ -140,10 +152,16 @@ def test_evaluation_is_sharded_and_gathered_to_the_single_process_result(setup, 
         evaluation = write_jsonl(tmp_path / "eval.jsonl", addition_rows(7, start=50))
     results = {}
     for name, batch, nproc in (("one", 4, 1), ("two", 2, 2)):
-        config = config_dict(model_dir, data, tmp_path / name, data={"eval": str(evaluation)},
-                             train={"max_steps": 2, "batch_size": batch, "eval_every": 2, "lr": 1e-2})
-        result = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", nproc,
-                          "--no-progress", threads=2)
+        config = config_dict(
+            model_dir,
+            data,
+            tmp_path / name,
+            data={"eval": str(evaluation)},
+            train={"max_steps": 2, "batch_size": batch, "eval_every": 2, "lr": 1e-2},
+        )
+        result = loratune(
+            "train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", nproc, "--no-progress", threads=2
+        )
         assert result.returncode == 0, result.stderr
         evaluations = [r for r in metrics(tmp_path / name) if "eval_loss" in r]
         # a classifier's step-0 evaluation (BERT's dropout makes the trained models differ); the LM's last one
@@ -156,23 +174,35 @@ def test_evaluation_is_sharded_and_gathered_to_the_single_process_result(setup, 
 
 def held_and_total(run: subprocess.CompletedProcess) -> tuple[float, float]:
     """(MiB of weights each process holds, MiB of all weights) from an FSDP run's log line."""
-    found = re.search(r"FSDP2: 2 blocks of the base sharded over 2 processes; each holds ([0-9.]+) of the "
-                      r"weights' ([0-9.]+) MiB", run.stdout + run.stderr)
+    found = re.search(
+        r"FSDP2: 2 blocks of the base sharded over 2 processes; each holds ([0-9.]+) of the "
+        r"weights' ([0-9.]+) MiB",
+        run.stdout + run.stderr,
+    )
     assert found, run.stdout + run.stderr
     return float(found[1]), float(found[2])
 
 
 def test_fsdp_shards_the_base_and_trains_and_evaluates_as_ddp_does(setup, tmp_path):
-    root, model_dir, data = setup
+    _root, model_dir, data = setup
     evaluation = write_jsonl(tmp_path / "eval.jsonl", addition_rows(5, start=50))
     runs = {}
-    for name, options in (("ddp", {}), ("fsdp", {"distributed": "fsdp"}), ("fsdp_ckpt", {"distributed": "fsdp",
-                                                                                      "gradient_checkpointing": True})):
-        config = config_dict(model_dir, data, tmp_path / name, lora={"r": 4, "lora_alpha": 8},
-                             data={"eval": str(evaluation)},
-                             train={"max_steps": 4, "batch_size": 2, "lr": 1e-2, "eval_every": 2, **options})
-        runs[name] = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2,
-                              "--no-progress", threads=2)
+    for name, options in (
+        ("ddp", {}),
+        ("fsdp", {"distributed": "fsdp"}),
+        ("fsdp_ckpt", {"distributed": "fsdp", "gradient_checkpointing": True}),
+    ):
+        config = config_dict(
+            model_dir,
+            data,
+            tmp_path / name,
+            lora={"r": 4, "lora_alpha": 8},
+            data={"eval": str(evaluation)},
+            train={"max_steps": 4, "batch_size": 2, "lr": 1e-2, "eval_every": 2, **options},
+        )
+        runs[name] = loratune(
+            "train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress", threads=2
+        )
         assert runs[name].returncode == 0, runs[name].stderr
     held, total = held_and_total(runs["fsdp"])  # the blocks are split; embeddings, head and adapter are whole
     assert 0.6 * total < held < 0.8 * total
@@ -192,12 +222,18 @@ def test_fsdp_shards_the_base_and_trains_and_evaluates_as_ddp_does(setup, tmp_pa
 
 
 def test_qlora_under_fsdp_shards_the_4bit_base_and_trains_what_ddp_trains(setup, tmp_path):
-    root, model_dir, data = setup
+    _root, model_dir, data = setup
     for name, options in (("ddp", {}), ("fsdp", {"distributed": "fsdp"})):
-        config = config_dict(model_dir, data, tmp_path / name, model={"quantize": "nf4"},
-                             train={"max_steps": 3, "batch_size": 2, "lr": 1e-2, **options})
-        result = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress",
-                          threads=2)
+        config = config_dict(
+            model_dir,
+            data,
+            tmp_path / name,
+            model={"quantize": "nf4"},
+            train={"max_steps": 3, "batch_size": 2, "lr": 1e-2, **options},
+        )
+        result = loratune(
+            "train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress", threads=2
+        )
         assert result.returncode == 0, result.stderr
     held, total = held_and_total(result)  # the 4-bit blocks' packed weights are split too
     assert held < total
@@ -208,12 +244,18 @@ def test_qlora_under_fsdp_shards_the_4bit_base_and_trains_what_ddp_trains(setup,
 
 
 def test_an_adapter_whose_start_reads_the_base_loads_it_whole_under_fsdp_and_matches_ddp(setup, tmp_path):
-    root, model_dir, data = setup
+    _root, model_dir, data = setup
     for name, options in (("ddp", {}), ("fsdp", {"distributed": "fsdp"})):
-        config = config_dict(model_dir, data, tmp_path / name, lora={"r": 4, "lora_alpha": 8, "use_dora": True},
-                             train={"max_steps": 3, "batch_size": 2, "lr": 1e-2, **options})
-        result = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress",
-                          threads=2)
+        config = config_dict(
+            model_dir,
+            data,
+            tmp_path / name,
+            lora={"r": 4, "lora_alpha": 8, "use_dora": True},
+            train={"max_steps": 3, "batch_size": 2, "lr": 1e-2, **options},
+        )
+        result = loratune(
+            "train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress", threads=2
+        )
         assert result.returncode == 0, result.stderr
     assert "the base was read whole, then sharded" in result.stdout  # DoRA's magnitudes need whole weights
     reference, ours = adapter_tensors(tmp_path / "ddp"), adapter_tensors(tmp_path / "fsdp")
@@ -238,16 +280,33 @@ def model_weights(run: Path, name: str = "model") -> dict[str, torch.Tensor]:
 
 
 def test_full_fine_tuning_under_fsdp_shards_the_trained_weights_and_matches_ddp(setup, tmp_path):
-    root, model_dir, data = setup
+    _root, model_dir, data = setup
     evaluation = write_jsonl(tmp_path / "eval.jsonl", addition_rows(5, start=50))
     runs = {}
-    for name, options in (("ddp", {}), ("fsdp", {"distributed": "fsdp"}),
-                          ("fsdp_ckpt", {"distributed": "fsdp", "gradient_checkpointing": True})):
-        config = config_dict(model_dir, data, tmp_path / name, data={"eval": str(evaluation)},
-                             train={"method": "full", "max_steps": 4, "batch_size": 2, "lr": 1e-3, "eval_every": 2,
-                                    "save_every": 2, "best_metric": "eval_loss", **options})
-        runs[name] = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2,
-                              "--no-progress", threads=2)
+    for name, options in (
+        ("ddp", {}),
+        ("fsdp", {"distributed": "fsdp"}),
+        ("fsdp_ckpt", {"distributed": "fsdp", "gradient_checkpointing": True}),
+    ):
+        config = config_dict(
+            model_dir,
+            data,
+            tmp_path / name,
+            data={"eval": str(evaluation)},
+            train={
+                "method": "full",
+                "max_steps": 4,
+                "batch_size": 2,
+                "lr": 1e-3,
+                "eval_every": 2,
+                "save_every": 2,
+                "best_metric": "eval_loss",
+                **options,
+            },
+        )
+        runs[name] = loratune(
+            "train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress", threads=2
+        )
         assert runs[name].returncode == 0, runs[name].stderr
     held, total = held_and_total(runs["fsdp"])  # the blocks' trained weights are split too
     assert "trained parameters sharded too" in runs["fsdp"].stdout + runs["fsdp"].stderr
@@ -266,15 +325,26 @@ def test_full_fine_tuning_under_fsdp_shards_the_trained_weights_and_matches_ddp(
 
 
 def test_an_fsdp_run_resumed_from_a_checkpoint_ends_where_the_uninterrupted_one_does(setup, tmp_path):
-    root, model_dir, data = setup
+    _root, model_dir, data = setup
 
     def train(name: str, *extra, steps: int = 4):
         # a constant lr: the schedule must not depend on max_steps, which the resume raises from 2 to 4
-        config = config_dict(model_dir, data, tmp_path / name, train={"max_steps": steps, "batch_size": 2,
-                                                                     "distributed": "fsdp", "save_every": 2,
-                                                                     "scheduler": "constant", "lr": 1e-2})
-        result = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress",
-                          *extra, threads=2)
+        config = config_dict(
+            model_dir,
+            data,
+            tmp_path / name,
+            train={
+                "max_steps": steps,
+                "batch_size": 2,
+                "distributed": "fsdp",
+                "save_every": 2,
+                "scheduler": "constant",
+                "lr": 1e-2,
+            },
+        )
+        result = loratune(
+            "train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress", *extra, threads=2
+        )
         assert result.returncode == 0, result.stderr
         return result
 
@@ -288,14 +358,27 @@ def test_an_fsdp_run_resumed_from_a_checkpoint_ends_where_the_uninterrupted_one_
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: each process keeps float32 masters of its share
 def test_a_full_fine_tune_under_fsdp_resumes_to_the_uninterrupted_result(setup, tmp_path, dtype):
-    root, model_dir, data = setup
+    _root, model_dir, data = setup
 
     def train(name: str, *extra, steps: int = 4):
-        config = config_dict(model_dir, data, tmp_path / name, model={"dtype": dtype},
-                             train={"method": "full", "max_steps": steps, "batch_size": 2, "distributed": "fsdp",
-                                    "save_every": 2, "scheduler": "constant", "lr": 1e-3})
-        result = loratune("train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress",
-                          *extra, threads=2)
+        config = config_dict(
+            model_dir,
+            data,
+            tmp_path / name,
+            model={"dtype": dtype},
+            train={
+                "method": "full",
+                "max_steps": steps,
+                "batch_size": 2,
+                "distributed": "fsdp",
+                "save_every": 2,
+                "scheduler": "constant",
+                "lr": 1e-3,
+            },
+        )
+        result = loratune(
+            "train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress", *extra, threads=2
+        )
         assert result.returncode == 0, result.stderr
         return result
 
@@ -305,8 +388,10 @@ def test_a_full_fine_tune_under_fsdp_resumes_to_the_uninterrupted_result(setup, 
     whole, resumed = model_weights(tmp_path / "whole"), model_weights(tmp_path / "resumed")
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], atol=1e-6, rtol=0)
-    masters = [load_file(tmp_path / name / "checkpoints" / "step-4" / "model_state.safetensors")
-               for name in ("whole", "resumed")]
+    masters = [
+        load_file(tmp_path / name / "checkpoints" / "step-4" / "model_state.safetensors")
+        for name in ("whole", "resumed")
+    ]
     assert all(t.dtype == torch.float32 for t in masters[0].values())
     for key in masters[0]:
         torch.testing.assert_close(masters[1][key], masters[0][key], atol=1e-6, rtol=0)

@@ -114,7 +114,7 @@ def test_no_grad_plans_match_the_reference_alone_and_in_a_mixed_batch(length):
         layer.set_routing(None)
         for row, name in enumerate(("d", "plain", None, "d")):
             layer.set_active(() if name is None else (name,))
-            torch.testing.assert_close(mixed[row], layer(x[row:row + 1])[0], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(mixed[row], layer(x[row : row + 1])[0], atol=1e-6, rtol=1e-5)
 
 
 def test_strength_scales_the_weight_change_so_zero_is_the_base():
@@ -142,8 +142,9 @@ def test_merge_gives_the_unmerged_output_and_unmerge_restores_the_weight(kind):
 def test_a_dora_adapter_merges_first_and_unmerges_last_beside_plain_lora():
     model = tiny_llama(0)
     loratune.add_adapter(model, loratune.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "plain")
-    loratune.add_adapter(model, loratune.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
-                                                    init_lora_weights=False), "dora")
+    loratune.add_adapter(
+        model, loratune.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False), "dora"
+    )
     ids = token_batch(1)
     loratune.set_active(model, ["plain", "dora"])
     original = model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
@@ -169,6 +170,7 @@ def test_dora_with_a_pissa_start_is_refused_in_one_line():
 
 # --- PEFT interoperability --------------------------------------------------------------------------------------
 
+
 def untied_llama(seed: int = 0):
     return tiny_llama(seed, tie=False)  # PEFT merging into a tied embedding would change the output head too
 
@@ -177,8 +179,17 @@ CASES = {
     "linear": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
     "embedding": (untied_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])),
     "conv1d": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
-    "rslora_patterns": (tiny_llama, dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["k_proj", "up_proj"],
-                                          rank_pattern={"up_proj": 2}, alpha_pattern={"k_proj": 3})),
+    "rslora_patterns": (
+        tiny_llama,
+        dict(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["k_proj", "up_proj"],
+            rank_pattern={"up_proj": 2},
+            alpha_pattern={"k_proj": 3},
+        ),
+    ),
 }
 
 
@@ -242,7 +253,8 @@ def test_loratune_dora_adapter_loads_in_peft_with_the_same_logits_merged_and_unm
 def test_loratune_writes_peft_dora_keys_and_shapes(tmp_path):
     build, lora = CASES["embedding"]
     peft.get_peft_model(build(0), peft.LoraConfig(use_dora=True, **lora)).save_pretrained(
-        tmp_path / "peft", save_embedding_layers=False)
+        tmp_path / "peft", save_embedding_layers=False
+    )
     loratune.save_adapter(loratune.add_adapter(build(0), loratune.LoraConfig(use_dora=True, **lora)), tmp_path / "ours")
     from safetensors.torch import load_file
 
@@ -268,7 +280,8 @@ def test_dora_training_steps_equal_peft_s(tmp_path):
     losses = []
     for model in (theirs, ours):
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * (32 * 4 + 4 * 32 + 32) + 2 * (
-            16 * 4 + 4 * 32 + 16) + 2 * (32 * 4 + 4 * 64 + 32)  # q, v, down: A, B and m in 2 blocks, nothing else
+            16 * 4 + 4 * 32 + 16
+        ) + 2 * (32 * 4 + 4 * 64 + 32)  # q, v, down: A, B and m in 2 blocks, nothing else
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses.append([])
         for _ in range(3):
@@ -309,17 +322,32 @@ def four_bit_llama(library: str):
     from loratune.quant import Linear4bit, QuantSpec
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     for path, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in QDORA_TARGETS:
             if library == "loratune":
                 quantized = Linear4bit.from_linear(module, QuantSpec("nf4", True, torch.float32))
             else:
-                quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                              compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-                quantized.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                                     compress_statistics=True)
+                quantized = bnb.nn.Linear4bit(
+                    module.in_features,
+                    module.out_features,
+                    bias=module.bias is not None,
+                    compute_dtype=torch.float32,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                )
+                quantized.weight = bnb.nn.Params4bit(
+                    module.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
+                )
                 quantized = quantized.to("cpu")  # quantizes
                 # bitsandbytes repacks a CPU layer for inference on its first no-grad call, rounding the block
                 # scales to bf16; keep its exact dequantization so that the comparison measures DoRA
@@ -333,14 +361,20 @@ def test_both_4bit_bases_hold_the_same_weights():
 
     ours, theirs = four_bit_llama("loratune"), four_bit_llama("bitsandbytes")
     ours_q, theirs_q = ours.model.layers[1].mlp.down_proj, theirs.model.layers[1].mlp.down_proj
-    torch.testing.assert_close(ours_q.dequantized_weight(torch.float32),
-                               dequantize_4bit(theirs_q.weight.data, theirs_q.weight.quant_state), atol=0, rtol=0)
+    torch.testing.assert_close(
+        ours_q.dequantized_weight(torch.float32),
+        dequantize_4bit(theirs_q.weight.data, theirs_q.weight.quant_state),
+        atol=0,
+        rtol=0,
+    )
 
 
 def test_qdora_adapters_give_peft_s_logits_both_ways(tmp_path):
     lora = dict(r=4, lora_alpha=8, target_modules=QDORA_TARGETS)
     ids = token_batch(1)
-    source = peft.get_peft_model(four_bit_llama("bitsandbytes"), peft.LoraConfig(use_dora=True, init_lora_weights=False, **lora))
+    source = peft.get_peft_model(
+        four_bit_llama("bitsandbytes"), peft.LoraConfig(use_dora=True, init_lora_weights=False, **lora)
+    )
     perturb(source)
     source.eval()
     source.save_pretrained(tmp_path / "from_peft")
@@ -349,7 +383,9 @@ def test_qdora_adapters_give_peft_s_logits_both_ways(tmp_path):
     loratune.load_adapter(ours, tmp_path / "from_peft")
     assert_close_logits(logits(ours, ids), logits(source, ids), base)
 
-    trained = loratune.add_adapter(four_bit_llama("loratune"), loratune.LoraConfig(use_dora=True, init_lora_weights=False, **lora))
+    trained = loratune.add_adapter(
+        four_bit_llama("loratune"), loratune.LoraConfig(use_dora=True, init_lora_weights=False, **lora)
+    )
     perturb(trained, seed=11)
     loratune.save_adapter(trained.eval(), tmp_path / "from_loratune")
     loaded = peft.PeftModel.from_pretrained(four_bit_llama("bitsandbytes"), str(tmp_path / "from_loratune")).eval()
@@ -358,9 +394,12 @@ def test_qdora_adapters_give_peft_s_logits_both_ways(tmp_path):
 
 def test_qdora_magnitudes_start_from_the_dequantized_weight_as_in_peft(tmp_path):
     lora = dict(r=4, lora_alpha=8, target_modules=QDORA_TARGETS)
-    peft.get_peft_model(four_bit_llama("bitsandbytes"), peft.LoraConfig(use_dora=True, **lora)).save_pretrained(tmp_path / "peft")
-    loratune.save_adapter(loratune.add_adapter(four_bit_llama("loratune"), loratune.LoraConfig(use_dora=True, **lora)),
-                          tmp_path / "ours")
+    peft.get_peft_model(four_bit_llama("bitsandbytes"), peft.LoraConfig(use_dora=True, **lora)).save_pretrained(
+        tmp_path / "peft"
+    )
+    loratune.save_adapter(
+        loratune.add_adapter(four_bit_llama("loratune"), loratune.LoraConfig(use_dora=True, **lora)), tmp_path / "ours"
+    )
     theirs, ours = read_tensors(tmp_path / "peft"), read_tensors(tmp_path / "ours")
     magnitudes = [k for k in theirs if k.endswith("lora_magnitude_vector")]
     assert len(magnitudes) == 6
@@ -390,8 +429,9 @@ def test_a_qdora_adapter_merged_into_the_dequantized_base_gives_the_4bit_model_s
 @pytest.fixture
 def dora_adapter(tiny_llama_dir, tmp_path):
     model, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
-    loratune.add_adapter(model, loratune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True,
-                                                    init_lora_weights=False))
+    loratune.add_adapter(
+        model, loratune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
+    )
     perturb(model)
     return loratune.save_adapter(model, tmp_path / "dora")
 
@@ -409,8 +449,10 @@ def test_an_int8_compressed_dora_adapter_keeps_its_magnitudes_exactly(capsys, do
     full, small = (loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")[0] for _ in range(2))
     loratune.load_adapter(full, dora_adapter)
     loratune.load_adapter(small, tmp_path / "int8")
-    for (path, a), (_, b) in zip(loratune.adapters.lora_layers(full), loratune.adapters.lora_layers(small)):
-        torch.testing.assert_close(b.lora_magnitude_vector["default"], a.lora_magnitude_vector["default"], atol=0, rtol=0)
+    for (_, a), (_, b) in zip(loratune.adapters.lora_layers(full), loratune.adapters.lora_layers(small)):
+        torch.testing.assert_close(
+            b.lora_magnitude_vector["default"], a.lora_magnitude_vector["default"], atol=0, rtol=0
+        )
     ids = token_batch(1)
     assert (logits(small, ids) - logits(full, ids)).abs().max() < 1e-2
 
@@ -427,12 +469,21 @@ def test_tools_undefined_for_dora_refuse_it_in_one_line(capsys, verb, dora_adapt
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5])
-def test_loratune_merge_writes_a_model_that_gives_the_dora_adapter_s_logits(capsys, strength, dora_adapter,
-                                                                            tiny_llama_dir, tmp_path):
+def test_loratune_merge_writes_a_model_that_gives_the_dora_adapter_s_logits(
+    capsys, strength, dora_adapter, tiny_llama_dir, tmp_path
+):
     from transformers import AutoModelForCausalLM
 
-    status, _, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", f"{dora_adapter}:{strength}",
-                         "--out", tmp_path / "merged")
+    status, _, err = cli(
+        capsys,
+        "merge",
+        "--model",
+        tiny_llama_dir,
+        "--adapter",
+        f"{dora_adapter}:{strength}",
+        "--out",
+        tmp_path / "merged",
+    )
     assert status == 0, err
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
     adapted, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")

@@ -70,8 +70,9 @@ def test_a_patched_model_runs_its_dropout_through_the_kernel_and_is_unchanged_in
     mask = (ids != 0).long()
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
-                                   reference(input_ids=ids, attention_mask=mask).logits)
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits
+        )
     model.train()
     loss = model(input_ids=ids, attention_mask=mask).logits.sum()
     loss.backward()

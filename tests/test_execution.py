@@ -2,7 +2,8 @@
 
 {Linear, Conv1D, Embedding, 4-bit} × {LoRA, DoRA} × {training, no-grad few rows, no-grad many rows, mixed batch
 in training, mixed batch without grad} × {fp32, bf16} × {kernel, no kernel}: the output (and, with autograd, the
-gradients of the input, the factors and DoRA's magnitude) equals ``reference_forward``'s, and the backend that ran is the one the
+gradients of the input, the factors and DoRA's magnitude) equals ``reference_forward``'s, and the backend that ran is
+the one the
 design says (``execution.backend_for``), so a fast path that silently falls back cannot pass for one.
 """
 
@@ -102,8 +103,13 @@ def test_every_backend_equals_the_reference(monkeypatch, kind, variant, mode, dt
             assert out.dtype == ref.dtype and out.shape == ref.shape
             assert relative(out, ref) <= TOLERANCE[dtype]
             return
-        factors = [layer.lora_A["a"], layer.lora_B["a"], layer.lora_A["b"], layer.lora_B["b"],
-                   *layer.lora_magnitude_vector.values()]
+        factors = [
+            layer.lora_A["a"],
+            layer.lora_B["a"],
+            layer.lora_A["b"],
+            layer.lora_B["b"],
+            *layer.lora_magnitude_vector.values(),
+        ]
         leaves = [x.requires_grad_()] if x.is_floating_point() else []
         for factor in factors:
             factor.requires_grad_(True)
@@ -187,8 +193,14 @@ def test_the_fused_path_keeps_no_copy_of_the_base_weight():
 def test_one_layer_rerouted_batch_after_batch_equals_the_reference(kind, variant, positions):
     """A server's batches: the same layer sees routing after routing (rows join, leave, mix at weights)."""
     layer = make_layer(kind, torch.float32, variant)
-    routings = [("b", "__base__", "a", "b"), ("a", "b", "b"), ("b", "a"), ((("a", 0.5), ("b", 2.0)), "b", ()),
-                ("b", "b", "a", "__base__", "a"), ("b", "__base__", "a", "b")]
+    routings = [
+        ("b", "__base__", "a", "b"),
+        ("a", "b", "b"),
+        ("b", "a"),
+        ((("a", 0.5), ("b", 2.0)), "b", ()),
+        ("b", "b", "a", "__base__", "a"),
+        ("b", "__base__", "a", "b"),
+    ]
     for names in routings:
         layer.set_routing(Routing(names))
         x = make_input(kind, torch.float32, len(names), positions)

@@ -21,9 +21,16 @@ def retain_file(tmp_path):
 
 def forgetting_run(capsys, tiny_llama_dir, tmp_path, retain, **train):
     data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
-    config = write_config(tmp_path / "run.yaml", config_dict(
-        tiny_llama_dir, data, tmp_path / "run", data={"retain": str(retain)},
-        train={"max_steps": 4, "lr": 2e-2, "eval_every": 2, "save_every": 2, **train}))
+    config = write_config(
+        tmp_path / "run.yaml",
+        config_dict(
+            tiny_llama_dir,
+            data,
+            tmp_path / "run",
+            data={"retain": str(retain)},
+            train={"max_steps": 4, "lr": 2e-2, "eval_every": 2, "save_every": 2, **train},
+        ),
+    )
     status, _, err = cli(capsys, "train", config, "--no-progress")
     assert status == 0, err
     return config
@@ -35,7 +42,8 @@ def base_retain_loss(model_dir, retain) -> float:
 
 
 def test_a_run_measures_the_retain_loss_before_training_at_each_evaluation_and_at_the_end(
-        capsys, tiny_llama_dir, tmp_path, retain_file):
+    capsys, tiny_llama_dir, tmp_path, retain_file
+):
     forgetting_run(capsys, tiny_llama_dir, tmp_path, retain_file, method="full", lr=1e-2)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     retained = [r for r in records if "retain_loss" in r]
@@ -50,8 +58,7 @@ def test_a_run_measures_the_retain_loss_before_training_at_each_evaluation_and_a
     assert summary["forgetting"] > 0.01  # full fine-tuning on another task at a high lr: the retain loss rose
 
 
-def test_a_resumed_run_keeps_the_retain_loss_it_measured_before_training(capsys, tiny_llama_dir, tmp_path,
-                                                                         retain_file):
+def test_a_resumed_run_keeps_the_retain_loss_it_measured_before_training(capsys, tiny_llama_dir, tmp_path, retain_file):
     config = forgetting_run(capsys, tiny_llama_dir, tmp_path, retain_file)
     first = json.loads((tmp_path / "run" / "summary.json").read_text())["retain_loss_base"]
     status, _, err = cli(capsys, "train", config, "--no-progress", "--resume", "--set", "train.max_steps=6")
@@ -63,8 +70,20 @@ def test_a_resumed_run_keeps_the_retain_loss_it_measured_before_training(capsys,
 
 def test_eval_retain_compares_the_adapter_with_its_base(capsys, tiny_llama_dir, tmp_path, retain_file):
     forgetting_run(capsys, tiny_llama_dir, tmp_path, retain_file)
-    status, out, err = cli(capsys, "eval", "--model", tiny_llama_dir, "--adapter", tmp_path / "run" / "adapter",
-                           "--data", tmp_path / "chat.jsonl", "--retain", retain_file, "--no-exact-match", "--json")
+    status, out, err = cli(
+        capsys,
+        "eval",
+        "--model",
+        tiny_llama_dir,
+        "--adapter",
+        tmp_path / "run" / "adapter",
+        "--data",
+        tmp_path / "chat.jsonl",
+        "--retain",
+        retain_file,
+        "--no-exact-match",
+        "--json",
+    )
     assert status == 0, err
     report = json.loads(out)
     assert report["retain_loss_base"] == pytest.approx(base_retain_loss(tiny_llama_dir, retain_file), rel=1e-4)
@@ -77,18 +96,22 @@ def test_the_builtin_retain_set_ships_with_the_package(tiny_tokenizer):
     rows = [json.loads(line) for line in builtin_retain_path().read_text().splitlines()]
     assert len(rows) == 150 and all(row["messages"][1]["content"] for row in rows)
     assert len(retain_examples("builtin", tiny_tokenizer, 128)) == 150
-    config = loratune.train.validate_config({"data": {"train": "x.jsonl", "retain": "builtin"}},
-                                            default_output_dir="runs/x")
+    config = loratune.train.validate_config(
+        {"data": {"train": "x.jsonl", "retain": "builtin"}}, default_output_dir="runs/x"
+    )
     assert config.data.retain == "builtin"
 
 
 def test_a_missing_retain_file_is_one_line(capsys, tiny_llama_dir, tmp_path):
-    status, _, err = cli(capsys, "eval", "--model", tiny_llama_dir, "--data", tmp_path / "x.jsonl",
-                         "--retain", tmp_path / "nope.jsonl")
+    status, _, err = cli(
+        capsys, "eval", "--model", tiny_llama_dir, "--data", tmp_path / "x.jsonl", "--retain", tmp_path / "nope.jsonl"
+    )
     assert status == 2 and "nope.jsonl: no such file" in err and len(err.strip().splitlines()) == 1
     data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
-    config = write_config(tmp_path / "run.yaml", config_dict(tiny_llama_dir, data, tmp_path / "run",
-                                                             data={"retain": str(tmp_path / "nope.jsonl")}))
+    config = write_config(
+        tmp_path / "run.yaml",
+        config_dict(tiny_llama_dir, data, tmp_path / "run", data={"retain": str(tmp_path / "nope.jsonl")}),
+    )
     status, _, err = cli(capsys, "train", config, "--no-progress")
     assert_one_line_error(status, err, "train", "data.retain", "nope.jsonl")
 

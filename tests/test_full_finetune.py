@@ -19,8 +19,16 @@ ROWS = 8
 
 def full_config(tmp_path, model_dir, name="run", **train):
     data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(ROWS))
-    settings = {"method": "full", "max_steps": 5, "batch_size": ROWS, "lr": 1e-3, "scheduler": "constant",
-                "max_grad_norm": None, "save_every": 2, **train}
+    settings = {
+        "method": "full",
+        "max_steps": 5,
+        "batch_size": ROWS,
+        "lr": 1e-3,
+        "scheduler": "constant",
+        "max_grad_norm": None,
+        "save_every": 2,
+        **train,
+    }
     return write_config(tmp_path / f"{name}.yaml", config_dict(model_dir, data, tmp_path / name, train=settings))
 
 
@@ -105,8 +113,7 @@ def test_a_lora_run_reports_its_trainable_params_and_peak_memory_too(capsys, tin
 def test_full_modules_train_only_the_named_modules(capsys, tiny_llama_dir, tmp_path):
     run(capsys, full_config(tmp_path, tiny_llama_dir, max_steps=2, full_modules=["q_proj"]))
     base = load_file(tiny_llama_dir / "model.safetensors")
-    changed = {name for name, value in model_weights(tmp_path / "run").items()
-               if not torch.equal(value, base[name])}
+    changed = {name for name, value in model_weights(tmp_path / "run").items() if not torch.equal(value, base[name])}
     assert changed == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
 
 
@@ -135,15 +142,19 @@ def test_an_interrupted_full_run_resumes_to_the_same_weights(capsys, tiny_llama_
     assert all(torch.equal(straight[k], again[k]) for k in straight)
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"model": {"quantize": "nf4"}}, "train.method: full"),
-    ({"train": {"loraplus_lr_ratio": 4}}, "loraplus_lr_ratio"),
-    ({"train": {"full_modules": ["no_such_proj"]}}, "no_such_proj"),
-    ({"train": {"method": "lora", "full_modules": ["q_proj"]}}, "full_modules"),
-    ({"train": {"method": "partial"}}, "train.method"),
-])
-def test_full_fine_tuning_settings_that_make_no_sense_are_one_line_errors(capsys, tiny_llama_dir, tmp_path, change,
-                                                                          named):
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"model": {"quantize": "nf4"}}, "train.method: full"),
+        ({"train": {"loraplus_lr_ratio": 4}}, "loraplus_lr_ratio"),
+        ({"train": {"full_modules": ["no_such_proj"]}}, "no_such_proj"),
+        ({"train": {"method": "lora", "full_modules": ["q_proj"]}}, "full_modules"),
+        ({"train": {"method": "partial"}}, "train.method"),
+    ],
+)
+def test_full_fine_tuning_settings_that_make_no_sense_are_one_line_errors(
+    capsys, tiny_llama_dir, tmp_path, change, named
+):
     data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(ROWS))
     sections = {"train": {"method": "full", **change.get("train", {})}, "model": change.get("model", {})}
     config = write_config(tmp_path / "bad.yaml", config_dict(tiny_llama_dir, data, tmp_path / "bad", **sections))

@@ -68,8 +68,9 @@ def test_rms_norm_forward_and_backward_match_torch(dtype, width):
     assert_close(out, expected_out)
     assert torch.equal(fused_cpu.rms_norm_with_rstd(x, weight, rstd), out)  # what backward rebuilds: same bits
     terms = (grad.float() * weight.float() * rstd).abs().amax(-1, keepdim=True)
-    assert_close(fused_cpu.rms_norm_backward(grad, x, weight, rstd), torch_rms_norm_backward(grad, x, weight, rstd),
-                 scale=terms)
+    assert_close(
+        fused_cpu.rms_norm_backward(grad, x, weight, rstd), torch_rms_norm_backward(grad, x, weight, rstd), scale=terms
+    )
 
 
 @needs_kernel
@@ -95,8 +96,15 @@ def test_split_over_threads_gives_the_same_bits(dtype):
         torch.set_num_threads(threads)
         try:
             out, rstd = fused_cpu.rms_norm(x, weight, 1e-6)
-            results.append([fused_cpu.silu_mul(gate, up), *fused_cpu.silu_mul_backward(gate, up, grad), out, rstd,
-                            fused_cpu.rms_norm_backward(x, x, weight, rstd)])
+            results.append(
+                [
+                    fused_cpu.silu_mul(gate, up),
+                    *fused_cpu.silu_mul_backward(gate, up, grad),
+                    out,
+                    rstd,
+                    fused_cpu.rms_norm_backward(x, x, weight, rstd),
+                ]
+            )
         finally:
             torch.set_num_threads(previous)
     for other in results[1:]:
@@ -106,8 +114,9 @@ def test_split_over_threads_gives_the_same_bits(dtype):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_extremes_behave_like_torch(dtype):
-    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 100.0, -100.0, 0.0, -0.0, 1e-30] * 3,
-                           dtype=dtype)
+    special = torch.tensor(
+        [float("nan"), float("inf"), -float("inf"), 100.0, -100.0, 0.0, -0.0, 1e-30] * 3, dtype=dtype
+    )
     gate, up, grad = special, special.roll(1), special.roll(2)
     expected = F.silu(gate) * up
     result = fused_cpu.silu_mul(gate, up)

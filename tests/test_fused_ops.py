@@ -5,11 +5,9 @@ import contextlib
 import pytest
 import torch
 
-from loratune.layers import LoraLinear
-from tiny_models import tiny_gpt2, tiny_llama, token_batch
-
 import loratune
 from loratune import LoraConfig
+from loratune.layers import LoraLinear
 from loratune.layers.fused_linear import DoraLinearFunction
 from loratune.train.fused_ops import (
     RMSNormFunction,
@@ -19,6 +17,7 @@ from loratune.train.fused_ops import (
     patch_for_training,
 )
 from loratune.train.loss import causal_lm_loss_sum
+from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 
 def test_rms_norm_function_passes_gradcheck_in_float64():
@@ -44,8 +43,9 @@ def test_silu_mul_lora_down_function_passes_gradcheck_in_float64(bias):
     down = LoraLinear(weight)
     b = weight.bias.requires_grad_(True) if bias else None
     A, B = torch.randn(2, 6, **t), torch.randn(4, 2, **t)
-    assert torch.autograd.gradcheck(lambda g, u, b, A, B: SiluMulLoraDownFunction.apply(g, u, down, b, A, B, 0.7),
-                                    (gate, up, b, A, B))
+    assert torch.autograd.gradcheck(
+        lambda g, u, b, A, B: SiluMulLoraDownFunction.apply(g, u, down, b, A, B, 0.7), (gate, up, b, A, B)
+    )
 
 
 def dora_down(bias: bool, strength: float):
@@ -71,7 +71,8 @@ def test_dora_functions_pass_gradcheck_in_float64(bias, strength):
     # The row norms are a constant of DoRA's backward (the paper's §4.3), so A and B cannot vary numerically
     # here; their gradients are checked against autograd through the reference in test_dora.
     assert torch.autograd.gradcheck(
-        lambda g, u, b, m: SiluMulDoraDownFunction.apply(g, u, down, term, b, A, B, m), (gate, up, b, m))
+        lambda g, u, b, m: SiluMulDoraDownFunction.apply(g, u, down, term, b, A, B, m), (gate, up, b, m)
+    )
     assert torch.autograd.gradcheck(lambda x, b, m: DoraLinearFunction.apply(x, down, term, b, A, B, m), (x, b, m))
 
 

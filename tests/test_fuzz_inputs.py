@@ -22,16 +22,37 @@ from loratune.train import load_config
 from run_helpers import addition_rows, config_dict
 
 EXAMPLES = int(os.environ.get("LORATUNE_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="LORATUNE_FUZZ_EXAMPLES" not in os.environ,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize="LORATUNE_FUZZ_EXAMPLES" not in os.environ,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 # --- building blocks -----------------------------------------------------------------------------------------
 
-json_scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=12)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
-FIELDS = ["text", "prompt", "completion", "instruction", "input", "output", "messages", "conversations", "role",
-          "content", "from", "value"]
+json_scalars = (
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats(allow_nan=False) | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+FIELDS = [
+    "text",
+    "prompt",
+    "completion",
+    "instruction",
+    "input",
+    "output",
+    "messages",
+    "conversations",
+    "role",
+    "content",
+    "from",
+    "value",
+]
 ROLES = ["system", "user", "assistant", "human", "gpt", "tool", ""]
 
 
@@ -39,8 +60,9 @@ ROLES = ["system", "user", "assistant", "human", "gpt", "tool", ""]
 def turns(draw):
     """A list of chat turns with plausible and implausible keys and values."""
     key_role, key_content = draw(st.sampled_from([("role", "content"), ("from", "value"), ("role", "value")]))
-    turn = st.fixed_dictionaries({}, optional={key_role: st.sampled_from(ROLES) | json_values,
-                                               key_content: st.text(max_size=20) | json_values})
+    turn = st.fixed_dictionaries(
+        {}, optional={key_role: st.sampled_from(ROLES) | json_values, key_content: st.text(max_size=20) | json_values}
+    )
     return draw(st.lists(turn | json_values, max_size=4))
 
 
@@ -123,7 +145,7 @@ def test_a_damaged_parquet_file_raises_a_loratune_error(tiny_tokenizer, tmp_path
     path = tmp_path_factory.mktemp("fuzz-parquet") / "data.parquet"
     pq.write_table(pa.Table.from_pylist([{"text": f"row {i} " * 5} for i in range(20)]), path)
     content = path.read_bytes()
-    path.write_bytes(content[:cut] + noise + content[cut + len(noise):] if noise else content[:cut])
+    path.write_bytes(content[:cut] + noise + content[cut + len(noise) :] if noise else content[:cut])
     try:
         build_dataset(path, tiny_tokenizer, max_length=64)
     except LoratuneError as error:
@@ -134,11 +156,36 @@ def test_a_damaged_parquet_file_raises_a_loratune_error(tiny_tokenizer, tmp_path
 
 SECTION_KEYS = {
     "model": ["name", "quantize", "dtype", "device", "double_quant", "unquantized_modules", "trust_remote_code"],
-    "lora": ["r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
-             "init_lora_weights", "modules_to_save", "layers_to_transform", "exclude_modules", "bias"],
+    "lora": [
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+        "init_lora_weights",
+        "modules_to_save",
+        "layers_to_transform",
+        "exclude_modules",
+        "bias",
+    ],
     "data": ["train", "eval", "eval_split", "format", "max_length", "truncation", "packing", "eval_max_examples"],
-    "train": ["epochs", "max_steps", "batch_size", "grad_accum", "lr", "scheduler", "warmup_steps", "seed",
-              "save_every", "eval_every", "best_metric", "max_grad_norm", "log_every"],
+    "train": [
+        "epochs",
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "scheduler",
+        "warmup_steps",
+        "seed",
+        "save_every",
+        "eval_every",
+        "best_metric",
+        "max_grad_norm",
+        "log_every",
+    ],
 }
 
 
@@ -151,7 +198,7 @@ def config_documents(draw, data_file: str):
         if section in ("output_dir", "extra"):
             config[section] = draw(json_values)
             continue
-        if not isinstance(config.get(section), dict) or draw(st.booleans()) and draw(st.booleans()):
+        if not isinstance(config.get(section), dict) or (draw(st.booleans()) and draw(st.booleans())):
             config[section] = draw(json_values | st.just({}))
             continue
         key = draw(st.sampled_from(SECTION_KEYS[section]) | st.text(max_size=6))
@@ -174,8 +221,12 @@ def test_any_config_document_loads_or_raises_a_loratune_error(tmp_path_factory, 
 
 
 @FUZZ
-@given(st.sampled_from(["cut", "bytes", "encoding"]), st.integers(0, 400), st.binary(max_size=80),
-       st.sampled_from(["utf-16", "latin-1", "cp1252"]))
+@given(
+    st.sampled_from(["cut", "bytes", "encoding"]),
+    st.integers(0, 400),
+    st.binary(max_size=80),
+    st.sampled_from(["utf-16", "latin-1", "cp1252"]),
+)
 def test_a_damaged_config_file_raises_a_loratune_error(tmp_path_factory, kind, cut, noise, codec):
     root = tmp_path_factory.mktemp("fuzz-config-file")
     (root / "train.jsonl").write_bytes(valid_jsonl())
@@ -190,9 +241,30 @@ def test_a_damaged_config_file_raises_a_loratune_error(tmp_path_factory, kind, c
 
 
 @FUZZ
-@given(st.lists(st.text(max_size=20) | st.builds(lambda k, v: f"{k}={v}", st.sampled_from(
-    ["train.lr", "lora.r", "data.max_length", "model", "train", "lora.target_modules", "output_dir", "a.b.c",
-     "train.lr.x", ""]), st.text(max_size=12)), max_size=3))
+@given(
+    st.lists(
+        st.text(max_size=20)
+        | st.builds(
+            lambda k, v: f"{k}={v}",
+            st.sampled_from(
+                [
+                    "train.lr",
+                    "lora.r",
+                    "data.max_length",
+                    "model",
+                    "train",
+                    "lora.target_modules",
+                    "output_dir",
+                    "a.b.c",
+                    "train.lr.x",
+                    "",
+                ]
+            ),
+            st.text(max_size=12),
+        ),
+        max_size=3,
+    )
+)
 def test_any_set_override_is_applied_or_raises_a_loratune_error(tmp_path_factory, overrides):
     root = tmp_path_factory.mktemp("fuzz-set")
     (root / "train.jsonl").write_bytes(valid_jsonl())
@@ -207,8 +279,12 @@ def test_any_set_override_is_applied_or_raises_a_loratune_error(tmp_path_factory
 # --- the whole verb ------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=max(EXAMPLES // 6, 10), deadline=None, derandomize="LORATUNE_FUZZ_EXAMPLES" not in os.environ,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=max(EXAMPLES // 6, 10),
+    deadline=None,
+    derandomize="LORATUNE_FUZZ_EXAMPLES" not in os.environ,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data_files())
 def test_loratune_data_never_shows_a_traceback(tiny_llama_dir, tmp_path_factory, case):
     from loratune.cli.main import main

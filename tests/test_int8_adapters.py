@@ -72,7 +72,7 @@ def test_saving_plain_over_int8_removes_the_int8_file_and_back(trained, tmp_path
 
 
 def test_loaded_factors_are_within_the_quantization_error_bound(trained, tmp_path):
-    model, fp32_dir = trained
+    _model, fp32_dir = trained
     loratune.compress_adapter(fp32_dir, tmp_path / "q")
     _, original = read_adapter(fp32_dir)
     with safe_open(str(tmp_path / "q" / INT8_WEIGHTS_NAME), framework="pt") as handle:
@@ -89,7 +89,7 @@ def test_loaded_factors_are_within_the_quantization_error_bound(trained, tmp_pat
 
 
 def test_int8_adapter_output_stays_within_the_reported_error(trained, tmp_path):
-    model, fp32_dir = trained
+    _model, fp32_dir = trained
     loratune.compress_adapter(fp32_dir, tmp_path / "q")
     ids = token_batch()
     base, plain, compressed = tiny_llama(), tiny_llama(), tiny_llama()

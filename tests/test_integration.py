@@ -32,8 +32,21 @@ def eval_json(capsys, *args) -> dict:
 
 def test_short_fine_tune_of_smollm2_learns_the_task(small_demo, use_loratune_cache, capsys):
     run = small_demo / "run"
-    code = main(["train", str(small_demo / "config.yaml"), "--no-progress", "--set", f"output_dir={run}",
-                 "--set", "train.max_steps=12", "--set", "train.batch_size=8", "--set", "train.save_every=6"])
+    code = main(
+        [
+            "train",
+            str(small_demo / "config.yaml"),
+            "--no-progress",
+            "--set",
+            f"output_dir={run}",
+            "--set",
+            "train.max_steps=12",
+            "--set",
+            "train.batch_size=8",
+            "--set",
+            "train.save_every=6",
+        ]
+    )
     assert code == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["tokens_per_s"] > 0
@@ -45,4 +58,12 @@ def test_short_fine_tune_of_smollm2_learns_the_task(small_demo, use_loratune_cac
     assert adapted["exact_match"] > base["exact_match"]
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sorted(config["target_modules"]) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]

@@ -62,10 +62,23 @@ def test_the_same_seed_gives_the_same_projection_and_no_d_by_D_matrix_is_kept():
 def intrinsic_run(capsys, model_dir, tmp_path, steps: int = 4, **intrinsic):
     """8 rows, 4 per step (2 × grad_accum 2): every 2 steps are one epoch over the same rows."""
     data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
-    config = write_config(tmp_path / "run.yaml", config_dict(
-        model_dir, data, tmp_path / "run", train={"method": "intrinsic", "max_steps": steps, "lr": 0.5,
-                                                   "save_every": 2, "grad_accum": 2, "scheduler": "constant"},
-        intrinsic={"dim": 64, **intrinsic}))
+    config = write_config(
+        tmp_path / "run.yaml",
+        config_dict(
+            model_dir,
+            data,
+            tmp_path / "run",
+            train={
+                "method": "intrinsic",
+                "max_steps": steps,
+                "lr": 0.5,
+                "save_every": 2,
+                "grad_accum": 2,
+                "scheduler": "constant",
+            },
+            intrinsic={"dim": 64, **intrinsic},
+        ),
+    )
     status, _, err = cli(capsys, "train", config, "--no-progress")
     assert status == 0, err
     return config
@@ -108,8 +121,10 @@ def test_an_intrinsic_run_resumes_to_the_same_theta(capsys, tiny_llama_dir, tmp_
 @pytest.mark.parametrize("intrinsic, named", [({}, "intrinsic.dim"), ({"dim": 10**9}, "larger than")])
 def test_bad_intrinsic_settings_are_one_line(capsys, tiny_llama_dir, tmp_path, intrinsic, named):
     data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
-    config = write_config(tmp_path / "bad.yaml", config_dict(tiny_llama_dir, data, tmp_path / "bad",
-                                                             train={"method": "intrinsic"}, intrinsic=intrinsic))
+    config = write_config(
+        tmp_path / "bad.yaml",
+        config_dict(tiny_llama_dir, data, tmp_path / "bad", train={"method": "intrinsic"}, intrinsic=intrinsic),
+    )
     status, _, err = cli(capsys, "train", config, "--no-progress")
     assert_one_line_error(status, err, "train", named)
     assert not (tmp_path / "bad").exists()
@@ -119,8 +134,16 @@ def test_loratune_merge_writes_the_intrinsic_run_into_the_weights(capsys, tiny_l
     from transformers import AutoModelForCausalLM
 
     intrinsic_run(capsys, tiny_llama_dir, tmp_path)
-    status, _, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", tmp_path / "run" / "intrinsic",
-                         "--out", tmp_path / "merged")
+    status, _, err = cli(
+        capsys,
+        "merge",
+        "--model",
+        tiny_llama_dir,
+        "--adapter",
+        tmp_path / "run" / "intrinsic",
+        "--out",
+        tmp_path / "merged",
+    )
     assert status == 0, err
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
     model, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
@@ -133,8 +156,10 @@ def test_loratune_merge_writes_the_intrinsic_run_into_the_weights(capsys, tiny_l
 def test_d90_is_the_smallest_dim_reaching_90_percent_of_the_reference():
     from loratune.experiments.results import d90
 
-    rows = [{"intrinsic.dim": dim, "eval_exact_match": score} for dim, score in
-            [(10, 0.2), (10, 0.3), (100, 0.71), (100, 0.75), (1000, 0.80), (1000, 0.82)]]
+    rows = [
+        {"intrinsic.dim": dim, "eval_exact_match": score}
+        for dim, score in [(10, 0.2), (10, 0.3), (100, 0.71), (100, 0.75), (1000, 0.80), (1000, 0.82)]
+    ]
     reference = {"eval": {"eval_exact_match": 0.8}}
     assert d90(rows, reference) == (100, 0.8, "eval_exact_match")  # mean 0.73 ≥ 0.9 × 0.8
     assert d90(rows, {"eval": {"eval_exact_match": 0.95}})[0] is None
@@ -147,10 +172,26 @@ def test_a_sweep_over_intrinsic_dims_reports_d90_against_a_reference_run(capsys,
     reference = write_config(tmp_path / "ref.yaml", config_dict(tiny_llama_dir, data, tmp_path / "ref", **sections))
     status, _, err = cli(capsys, "train", reference, "--no-progress")
     assert status == 0, err
-    base = write_config(tmp_path / "base.yaml", config_dict(
-        tiny_llama_dir, data, tmp_path / "unused", **{**sections, "train": {**sections["train"], "method": "intrinsic"}}))
-    status, out, err = cli(capsys, "sweep", base, "--grid", "intrinsic.dim=8,64", "--reference", tmp_path / "ref",
-                           "--out", tmp_path / "sweep")
+    base = write_config(
+        tmp_path / "base.yaml",
+        config_dict(
+            tiny_llama_dir,
+            data,
+            tmp_path / "unused",
+            **{**sections, "train": {**sections["train"], "method": "intrinsic"}},
+        ),
+    )
+    status, out, err = cli(
+        capsys,
+        "sweep",
+        base,
+        "--grid",
+        "intrinsic.dim=8,64",
+        "--reference",
+        tmp_path / "ref",
+        "--out",
+        tmp_path / "sweep",
+    )
     assert status == 0, err
     assert "d90 " in out and "90% of" in (tmp_path / "sweep" / "results.md").read_text()
 
@@ -159,9 +200,19 @@ def test_a_reference_without_exact_match_is_refused_before_anything_runs(capsys,
     data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
     reference = write_config(tmp_path / "ref.yaml", config_dict(tiny_llama_dir, data, tmp_path / "ref"))
     assert cli(capsys, "train", reference, "--no-progress")[0] == 0
-    base = write_config(tmp_path / "base.yaml", config_dict(tiny_llama_dir, data, tmp_path / "unused",
-                                                            train={"method": "intrinsic"}))
-    status, _, err = cli(capsys, "sweep", base, "--grid", "intrinsic.dim=8,64", "--reference", tmp_path / "ref",
-                         "--out", tmp_path / "sweep")
+    base = write_config(
+        tmp_path / "base.yaml", config_dict(tiny_llama_dir, data, tmp_path / "unused", train={"method": "intrinsic"})
+    )
+    status, _, err = cli(
+        capsys,
+        "sweep",
+        base,
+        "--grid",
+        "intrinsic.dim=8,64",
+        "--reference",
+        tmp_path / "ref",
+        "--out",
+        tmp_path / "sweep",
+    )
     assert_one_line_error(status, err, "sweep", "eval_exact_match")
     assert not (tmp_path / "sweep").exists()

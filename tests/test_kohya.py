@@ -45,9 +45,15 @@ def perturb(model, seed: int) -> None:
 def trained_pipeline_adapter(root, seed: int = 1, r: int = 4):
     """A UNet and a text encoder with a perturbed ('trained') LoRA, saved as a PEFT pipeline adapter at ``root``
     (the UNet's at the root, the text encoder's in text_encoder/); returns the adapted models."""
-    unet = loratune.add_adapter(tiny_unet(), loratune.LoraConfig(r=r, lora_alpha=2 * r, target_modules=UNET_TARGETS,
-                                                                  rank_pattern={"conv_in": 2}, alpha_pattern={"conv1": 3}))
-    encoder = loratune.add_adapter(tiny_clip_text(), loratune.LoraConfig(r=r, lora_alpha=r, target_modules=TEXT_TARGETS))
+    unet = loratune.add_adapter(
+        tiny_unet(),
+        loratune.LoraConfig(
+            r=r, lora_alpha=2 * r, target_modules=UNET_TARGETS, rank_pattern={"conv_in": 2}, alpha_pattern={"conv1": 3}
+        ),
+    )
+    encoder = loratune.add_adapter(
+        tiny_clip_text(), loratune.LoraConfig(r=r, lora_alpha=r, target_modules=TEXT_TARGETS)
+    )
     perturb(unet, seed)
     perturb(encoder, seed + 100)
     loratune.save_adapter(unet, root)
@@ -61,9 +67,13 @@ def pipeline():
 
     return StableDiffusionPipeline(
         vae=AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, sample_size=8),
-        text_encoder=tiny_clip_text(), tokenizer=None, unet=tiny_unet(),
+        text_encoder=tiny_clip_text(),
+        tokenizer=None,
+        unet=tiny_unet(),
         scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -124,8 +134,10 @@ def test_peft_to_kohya_and_back_is_bit_identical_and_loads_in_peft(files, kohya_
     assert status == 0, err
     assert "unet: " in out and "text_encoder: 12 modules" in out  # 6 targets × 2 layers
     for sub in ("", "text_encoder"):
-        original, returned = load_file(root / "peft" / sub / "adapter_model.safetensors"), \
-            load_file(back / sub / "adapter_model.safetensors")
+        original, returned = (
+            load_file(root / "peft" / sub / "adapter_model.safetensors"),
+            load_file(back / sub / "adapter_model.safetensors"),
+        )
         assert original.keys() == returned.keys()
         for key in original:
             assert original[key].dtype == returned[key].dtype and torch.equal(original[key], returned[key]), key
@@ -158,7 +170,7 @@ def test_mix_of_two_kohya_files_is_the_weighted_sum_of_their_deltas(files, kohya
     other = tmp_path / "other.safetensors"
     assert cli(capsys, "convert", other_root, "--to", "kohya", "--out", other)[0] == 0
     mixed = tmp_path / "mixed.safetensors"
-    status, out, err = cli(capsys, "mix", f"{kohya_file}:0.7", f"{other}:-0.4", "--method", "cat", "--out", mixed)
+    status, _out, err = cli(capsys, "mix", f"{kohya_file}:0.7", f"{other}:-0.4", "--method", "cat", "--out", mixed)
     assert status == 0, err
     a, b, result = deltas(kohya_file), deltas(other), deltas(mixed)
     assert result.keys() == a.keys()
@@ -171,8 +183,11 @@ def test_mix_of_two_kohya_files_is_the_weighted_sum_of_their_deltas(files, kohya
 
 def test_resize_by_energy_of_a_kohya_file_is_the_optimal_truncation(kohya_file, tmp_path, capsys):
     source = tmp_path / "civitai.safetensors"  # a file as a trainer wrote it, with its ss_* settings
-    save_file(load_file(kohya_file), source, metadata={"ss_output_name": "mystyle", "ss_network_dim": "4",
-                                                       "ss_learning_rate": "0.0001"})
+    save_file(
+        load_file(kohya_file),
+        source,
+        metadata={"ss_output_name": "mystyle", "ss_network_dim": "4", "ss_learning_rate": "0.0001"},
+    )
     resized = tmp_path / "small.safetensors"
     status, out, err = cli(capsys, "resize", source, "--energy", "0.9", "--out", resized, "--json")
     assert status == 0, err
@@ -221,14 +236,24 @@ def test_conversion_errors_are_one_line(files, kohya_file, tmp_path, capsys):
     root, _, _ = files
     status, _, err = cli(capsys, "convert", kohya_file, "--to", "peft", "--out", tmp_path / "p")
     assert_one_line_error(status, err, "convert", "--model")
-    status, _, err = cli(capsys, "convert", kohya_file, "--to", "peft", "--model", root / "pipeline" / "unet",
-                         "--out", tmp_path / "p")
+    status, _, err = cli(
+        capsys, "convert", kohya_file, "--to", "peft", "--model", root / "pipeline" / "unet", "--out", tmp_path / "p"
+    )
     assert_one_line_error(status, err, "convert", "text_encoder")  # the file adapts a text encoder too
     tensors = load_file(kohya_file)
     renamed = {k.replace("attn1_to_q", "attn1_to_query"): v for k, v in tensors.items()}
     save_file(renamed, tmp_path / "other_model.safetensors")
-    status, _, err = cli(capsys, "convert", tmp_path / "other_model.safetensors", "--to", "peft", "--model",
-                         root / "pipeline", "--out", tmp_path / "p")
+    status, _, err = cli(
+        capsys,
+        "convert",
+        tmp_path / "other_model.safetensors",
+        "--to",
+        "peft",
+        "--model",
+        root / "pipeline",
+        "--out",
+        tmp_path / "p",
+    )
     assert_one_line_error(status, err, "convert", "attn1_to_query", "closest: ")
     assert not (tmp_path / "p").exists()
     status, _, err = cli(capsys, "resize", kohya_file, "--rank", "1", "--out", tmp_path / "dir")
@@ -253,8 +278,15 @@ def test_the_readme_example_runs_end_to_end(tmp_path, capsys):
         ["inspect", out / "style-a.safetensors"],
         ["rank", out / "style-a.safetensors", "--json"],
         ["resize", out / "style-a.safetensors", "--energy", "0.9", "--out", out / "style-a-small.safetensors"],
-        ["mix", f"{out / 'style-a.safetensors'}:0.7", f"{out / 'style-b.safetensors'}:0.5", "--method", "cat",
-         "--out", out / "mixed.safetensors"],
+        [
+            "mix",
+            f"{out / 'style-a.safetensors'}:0.7",
+            f"{out / 'style-b.safetensors'}:0.5",
+            "--method",
+            "cat",
+            "--out",
+            out / "mixed.safetensors",
+        ],
         ["convert", out / "mixed.safetensors", "--to", "peft", "--model", out / "pipeline", "--out", out / "mixed"],
     ]
     for step in steps:
@@ -277,27 +309,54 @@ def test_a_diffusers_lora_file_converts_to_kohya_and_back_bit_identically(tmp_pa
     from peft.utils import get_peft_model_state_dict
 
     unet, encoder = tiny_unet(), tiny_clip_text()
-    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_v", "conv1"], init_lora_weights=False,
-                                     rank_pattern={"conv1": 2}))
+    unet.add_adapter(
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=6,
+            target_modules=["to_q", "to_v", "conv1"],
+            init_lora_weights=False,
+            rank_pattern={"conv1": 2},
+        )
+    )
     text_config = peft.LoraConfig(r=2, lora_alpha=2, target_modules=TEXT_TARGETS, init_lora_weights=False)
     peft.inject_adapter_in_model(text_config, encoder)
     expected = unet_output(unet)
     StableDiffusionPipeline.save_lora_weights(  # diffusers' own writer
-        tmp_path / "diffusers", unet_lora_layers=get_peft_model_state_dict(unet),
+        tmp_path / "diffusers",
+        unet_lora_layers=get_peft_model_state_dict(unet),
         text_encoder_lora_layers=get_peft_model_state_dict(encoder),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        text_encoder_lora_adapter_metadata=text_config.to_dict())
+        text_encoder_lora_adapter_metadata=text_config.to_dict(),
+    )
     original = tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"
     status, out, err = cli(capsys, "convert", original, "--to", "kohya", "--out", tmp_path / "k.safetensors")
     assert status == 0 and "(diffusers)" in out, err
     info = json.loads(cli(capsys, "inspect", original, "--json")[1])
     assert info["components"] == {"text_encoder": 12, "unet": info["components"]["unet"]} and info["ranks"] == [2, 4]
-    status, _, err = cli(capsys, "convert", tmp_path / "k.safetensors", "--to", "diffusers", "--model",
-                         tmp_path / "pipeline-missing", "--out", tmp_path / "back.safetensors")
+    status, _, err = cli(
+        capsys,
+        "convert",
+        tmp_path / "k.safetensors",
+        "--to",
+        "diffusers",
+        "--model",
+        tmp_path / "pipeline-missing",
+        "--out",
+        tmp_path / "back.safetensors",
+    )
     assert_one_line_error(status, err, "convert", "pipeline-missing")
     pipeline().save_pretrained(tmp_path / "pipeline")
-    status, _, err = cli(capsys, "convert", tmp_path / "k.safetensors", "--to", "diffusers", "--model",
-                         tmp_path / "pipeline", "--out", tmp_path / "back.safetensors")
+    status, _, err = cli(
+        capsys,
+        "convert",
+        tmp_path / "k.safetensors",
+        "--to",
+        "diffusers",
+        "--model",
+        tmp_path / "pipeline",
+        "--out",
+        tmp_path / "back.safetensors",
+    )
     assert status == 0, err
     first, second = load_file(original), load_file(tmp_path / "back.safetensors")
     assert first.keys() == second.keys()

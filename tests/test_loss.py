@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 import loratune
 from loratune import LoraConfig
 from loratune.train.loss import LinearCrossEntropy, causal_lm_loss_sum, fused_head
+from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 
 def test_linear_cross_entropy_passes_gradcheck_in_float64():
@@ -89,8 +89,12 @@ def test_the_compiled_cross_entropy_equals_the_pytorch_operations(monkeypatch, d
     assert (fused - plain).abs() <= 1e-5 * plain.abs()
     if want_grad:
         assert fused_grad.dtype == dtype
-        torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-5 if dtype == torch.float32 else 1e-2,
-                                   atol=1e-6 if dtype == torch.float32 else 1e-3)
+        torch.testing.assert_close(
+            fused_grad,
+            plain_grad,
+            rtol=1e-5 if dtype == torch.float32 else 1e-2,
+            atol=1e-6 if dtype == torch.float32 else 1e-3,
+        )
 
 
 def test_a_target_outside_the_vocabulary_is_an_error_not_a_write_past_the_logits():

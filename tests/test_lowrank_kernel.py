@@ -19,7 +19,9 @@ def test_the_kernel_is_built_where_ci_and_users_run():
     # pip install builds it wherever a C compiler exists; a silent build failure must not pass unnoticed
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
         pytest.skip("not a platform the project builds on")
-    assert lowrank_cpu._lowrank_cpu is not None, "reinstall with `pip install -e .`: loratune.layers._lowrank_cpu is missing"
+    assert lowrank_cpu._lowrank_cpu is not None, (
+        "reinstall with `pip install -e .`: loratune.layers._lowrank_cpu is missing"
+    )
     assert lowrank_cpu.kernel_isa() in ("avx512", "avx2", "baseline")
 
 

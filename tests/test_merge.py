@@ -34,8 +34,9 @@ def peft_adapter(model_dir: Path, out: Path, dtype=torch.float32):
 
     torch.manual_seed(3)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                      init_lora_weights=False))
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    )
     model.save_pretrained(out)
     return model
 
@@ -43,8 +44,9 @@ def peft_adapter(model_dir: Path, out: Path, dtype=torch.float32):
 def test_an_fp32_base_merged_with_a_peft_adapter_equals_peft_merge_and_unload(capsys, tiny_llama_dir, tmp_path):
     model = peft_adapter(tiny_llama_dir, tmp_path / "adapter")
     expected = model.merge_and_unload().state_dict()
-    status, _, err = cli(capsys, "merge", "--model", tiny_llama_dir, "--adapter", tmp_path / "adapter",
-                         "--out", tmp_path / "merged")
+    status, _, err = cli(
+        capsys, "merge", "--model", tiny_llama_dir, "--adapter", tmp_path / "adapter", "--out", tmp_path / "merged"
+    )
     assert status == 0, err
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     assert {t.dtype for t in merged.values()} == {torch.float32}
@@ -55,20 +57,24 @@ def test_an_fp32_base_merged_with_a_peft_adapter_equals_peft_merge_and_unload(ca
     assert changed >= 2 * len(TARGETS)  # the adapted weights really moved
 
 
-@pytest.mark.parametrize("stored, asked, written", [
-    (torch.float32, None, torch.float32),
-    (torch.bfloat16, None, torch.bfloat16),
-    (torch.float32, "bf16", torch.bfloat16),
-    (torch.bfloat16, "fp32", torch.float32),
-])
+@pytest.mark.parametrize(
+    "stored, asked, written",
+    [
+        (torch.float32, None, torch.float32),
+        (torch.bfloat16, None, torch.bfloat16),
+        (torch.float32, "bf16", torch.bfloat16),
+        (torch.bfloat16, "fp32", torch.float32),
+    ],
+)
 def test_merge_writes_the_stored_dtype_unless_asked_and_never_rounds_through_another(
     capsys, tiny_llama_dir, tmp_path, stored, asked, written
 ):
     base_dir = stored_as(tiny_llama_dir, stored, tmp_path / "base")
     peft_adapter(base_dir, tmp_path / "adapter")
     extra = ["--out-dtype", asked] if asked else []
-    status, out, err = cli(capsys, "merge", "--model", base_dir, "--adapter", tmp_path / "adapter",
-                           "--out", tmp_path / "merged", *extra)
+    status, out, err = cli(
+        capsys, "merge", "--model", base_dir, "--adapter", tmp_path / "adapter", "--out", tmp_path / "merged", *extra
+    )
     assert status == 0, err
     assert str(written).removeprefix("torch.") in out
     merged = load_file(tmp_path / "merged" / "model.safetensors")
@@ -77,10 +83,14 @@ def test_merge_writes_the_stored_dtype_unless_asked_and_never_rounds_through_ano
     assert config.get("dtype", config.get("torch_dtype")) == str(written).removeprefix("torch.")
     # the float32 merge of the stored weights, rounded once into the written dtype
     base = {k: v.float() for k, v in load_file(base_dir / "model.safetensors").items()}
-    reference = peft.PeftModel.from_pretrained(
-        __import__("transformers").AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
-        str(tmp_path / "adapter"),
-    ).merge_and_unload().state_dict()
+    reference = (
+        peft.PeftModel.from_pretrained(
+            __import__("transformers").AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
+            str(tmp_path / "adapter"),
+        )
+        .merge_and_unload()
+        .state_dict()
+    )
     for key, tensor in merged.items():
         want = reference[key].to(written)
         assert (tensor.float() - want.float()).abs().max() <= 2 * torch.finfo(written).eps * want.float().abs().max()
@@ -90,17 +100,29 @@ def test_merge_writes_the_stored_dtype_unless_asked_and_never_rounds_through_ano
 def test_without_model_verbs_use_the_base_the_adapter_records(capsys, tiny_llama_dir, tmp_path):
     peft_adapter(tiny_llama_dir, tmp_path / "adapter")
     data = write_jsonl(tmp_path / "d.jsonl", addition_rows(3))
-    status, with_model, err = cli(capsys, "eval", "--model", tiny_llama_dir, "--adapter", tmp_path / "adapter",
-                                  "--data", data, "--json", "--no-exact-match")
+    status, with_model, err = cli(
+        capsys,
+        "eval",
+        "--model",
+        tiny_llama_dir,
+        "--adapter",
+        tmp_path / "adapter",
+        "--data",
+        data,
+        "--json",
+        "--no-exact-match",
+    )
     assert status == 0, err
-    status, without, err = cli(capsys, "eval", "--adapter", tmp_path / "adapter", "--data", data, "--json",
-                               "--no-exact-match")
+    status, without, err = cli(
+        capsys, "eval", "--adapter", tmp_path / "adapter", "--data", data, "--json", "--no-exact-match"
+    )
     assert status == 0, err
     assert json.loads(without) == json.loads(with_model)
     status, _, err = cli(capsys, "merge", "--adapter", tmp_path / "adapter", "--out", tmp_path / "merged")
     assert status == 0, err
-    status, out, err = cli(capsys, "generate", "--adapter", tmp_path / "adapter", "--prompt", "add 1 2",
-                           "--max-new-tokens", "3")
+    status, _out, err = cli(
+        capsys, "generate", "--adapter", tmp_path / "adapter", "--prompt", "add 1 2", "--max-new-tokens", "3"
+    )
     assert status == 0, err
 
 

@@ -22,8 +22,13 @@ from tiny_models import tiny_llama, token_batch
 
 WEIGHTS = [0.7, -1.3]
 # Different ranks, rank and alpha patterns, rsLoRA, an embedding, and modules only one adapter touches.
-CONFIG_A = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
-                rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})
+CONFIG_A = dict(
+    r=4,
+    lora_alpha=8,
+    target_modules=["q_proj", "v_proj", "embed_tokens"],
+    rank_pattern={"v_proj": 2},
+    alpha_pattern={"q_proj": 3},
+)
 CONFIG_B = dict(r=6, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"])
 # Equal ranks in every module, for ``linear``.
 CONFIG_A_EQUAL = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -250,18 +255,29 @@ def test_linear_refuses_unequal_ranks(source):
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties", "magnitude_prune"])
 def test_pruning_methods_equal_their_dense_definition(source, tmp_path, method):
     density = 0.4
-    result = mix_adapters([as_input(source, "a"), as_input(source, "b")], WEIGHTS, method, density=density, seed=7,
-                          rank="full")
-    expected = {path: reference(method, tasks, path, density, seed=7)
-                for path, tasks in weighted_tasks(source, "ab", WEIGHTS).items()}
+    result = mix_adapters(
+        [as_input(source, "a"), as_input(source, "b")], WEIGHTS, method, density=density, seed=7, rank="full"
+    )
+    expected = {
+        path: reference(method, tasks, path, density, seed=7)
+        for path, tasks in weighted_tasks(source, "ab", WEIGHTS).items()
+    }
     assert_deltas_match(loaded_deltas(result, tmp_path), expected)
 
 
 def test_ties_with_frequency_sign_election_equals_its_definition(source, tmp_path):
-    result = mix_adapters([as_input(source, "a"), as_input(source, "b")], WEIGHTS, "ties", density=0.5,
-                          majority_sign="frequency", rank="full")
-    expected = {path: reference("ties", tasks, path, 0.5, majority_sign="frequency")
-                for path, tasks in weighted_tasks(source, "ab", WEIGHTS).items()}
+    result = mix_adapters(
+        [as_input(source, "a"), as_input(source, "b")],
+        WEIGHTS,
+        "ties",
+        density=0.5,
+        majority_sign="frequency",
+        rank="full",
+    )
+    expected = {
+        path: reference("ties", tasks, path, 0.5, majority_sign="frequency")
+        for path, tasks in weighted_tasks(source, "ab", WEIGHTS).items()
+    }
     assert_deltas_match(loaded_deltas(result, tmp_path), expected)
 
 
@@ -337,16 +353,19 @@ def test_different_modules_to_save_are_refused():
         mix_adapters([as_input(model, "a"), as_input(model, "b")], [1, 1], "cat")
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(method="tie", density=0.5), "unknown mix method 'tie'; did you mean 'ties'"),
-    (dict(method="ties"), "ties needs a density"),
-    (dict(method="ties", density=0.0), r"density must be in \(0, 1\]"),
-    (dict(method="dare_linear", density=1.5), r"density must be in \(0, 1\]"),
-    (dict(method="cat", density=0.5), "density applies to"),
-    (dict(method="cat", rank=2), "--rank applies to"),
-    (dict(method="svd", rank=0), "rank must be a positive integer"),
-    (dict(method="ties", density=0.5, majority_sign="most"), "majority_sign must be one of"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(method="tie", density=0.5), "unknown mix method 'tie'; did you mean 'ties'"),
+        (dict(method="ties"), "ties needs a density"),
+        (dict(method="ties", density=0.0), r"density must be in \(0, 1\]"),
+        (dict(method="dare_linear", density=1.5), r"density must be in \(0, 1\]"),
+        (dict(method="cat", density=0.5), "density applies to"),
+        (dict(method="cat", rank=2), "--rank applies to"),
+        (dict(method="svd", rank=0), "rank must be a positive integer"),
+        (dict(method="ties", density=0.5, majority_sign="most"), "majority_sign must be one of"),
+    ],
+)
 def test_invalid_options_are_refused_in_one_line(source, options, message):
     with pytest.raises(ConfigError, match=message) as caught:
         mix_adapters([as_input(source, "a"), as_input(source, "b")], WEIGHTS, **options)
@@ -399,8 +418,18 @@ def saved(source, tmp_path_factory):
 
 
 def test_cli_mix_writes_a_loadable_adapter(capsys, saved, tmp_path):
-    status, out, err = cli(capsys, "mix", f"{saved / 'a'}:0.7", f"{saved / 'b'}:-1.3", "--method", "svd",
-                           "--rank", "3", "--out", tmp_path / "m")
+    status, out, err = cli(
+        capsys,
+        "mix",
+        f"{saved / 'a'}:0.7",
+        f"{saved / 'b'}:-1.3",
+        "--method",
+        "svd",
+        "--rank",
+        "3",
+        "--out",
+        tmp_path / "m",
+    )
     assert status == 0, err
     assert "energy kept" in out and "rank 3" in out
     config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
@@ -410,14 +439,17 @@ def test_cli_mix_writes_a_loadable_adapter(capsys, saved, tmp_path):
     assert {layer.specs["default"].r for _, layer in lora_layers(model)} == {3}
 
 
-@pytest.mark.parametrize("arguments, named", [
-    (["a", "b", "--method", "catt"], ["'catt'", "did you mean 'cat'"]),
-    (["a", "other", "--method", "cat"], ["different base models", "org/another"]),
-    (["a", "b", "--method", "linear"], ["equal ranks"]),
-    (["a4", "b4", "--method", "ties", "--density", "1.5"], ["--density", "must be in (0, 1]"]),
-    (["--method", "cat"], ["at least one adapter"]),
-    (["missing", "--method", "cat"], ["missing"]),
-])
+@pytest.mark.parametrize(
+    "arguments, named",
+    [
+        (["a", "b", "--method", "catt"], ["'catt'", "did you mean 'cat'"]),
+        (["a", "other", "--method", "cat"], ["different base models", "org/another"]),
+        (["a", "b", "--method", "linear"], ["equal ranks"]),
+        (["a4", "b4", "--method", "ties", "--density", "1.5"], ["--density", "must be in (0, 1]"]),
+        (["--method", "cat"], ["at least one adapter"]),
+        (["missing", "--method", "cat"], ["missing"]),
+    ],
+)
 def test_cli_mix_bad_input_is_one_line(capsys, saved, tmp_path, arguments, named):
     paths = [str(saved / a) if a in ("a", "b", "a4", "b4", "other", "missing") else a for a in arguments]
     status, _, err = cli(capsys, "mix", *paths, "--out", tmp_path / "m")
@@ -435,7 +467,21 @@ def test_cli_mix_refuses_a_non_empty_output_directory(capsys, saved, tmp_path):
 def test_cli_mix_help_defines_every_method(capsys):
     status, out, _ = cli(capsys, "mix", "--help")
     assert status == 0
-    for word in ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "--rank",
-                 "--density", "--seed", "--majority-sign", "--int8", "--out", "numerical rank", "1/density"):
+    for word in (
+        "cat",
+        "svd",
+        "linear",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "magnitude_prune",
+        "--rank",
+        "--density",
+        "--seed",
+        "--majority-sign",
+        "--int8",
+        "--out",
+        "numerical rank",
+        "1/density",
+    ):
         assert word in out
-

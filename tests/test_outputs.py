@@ -88,8 +88,9 @@ VERBS = ["train", "merge", "mix", "compress", "export-gguf"]
 
 
 @pytest.mark.parametrize("verb", VERBS)
-def test_overwrite_refuses_the_current_directory_and_keeps_its_files(capsys, workspace, tiny_llama_dir, tmp_path,
-                                                                    monkeypatch, verb):
+def test_overwrite_refuses_the_current_directory_and_keeps_its_files(
+    capsys, workspace, tiny_llama_dir, tmp_path, monkeypatch, verb
+):
     project = user_folder(tmp_path / "project")
     before = snapshot(project)
     monkeypatch.chdir(project)
@@ -100,15 +101,17 @@ def test_overwrite_refuses_the_current_directory_and_keeps_its_files(capsys, wor
 
 
 @pytest.mark.parametrize("where", ["parent of the current directory", "home directory", "filesystem root"])
-def test_overwrite_refuses_a_parent_of_the_current_directory_home_and_root(capsys, workspace, tiny_llama_dir,
-                                                                          tmp_path, monkeypatch, where):
+def test_overwrite_refuses_a_parent_of_the_current_directory_home_and_root(
+    capsys, workspace, tiny_llama_dir, tmp_path, monkeypatch, where
+):
     home = user_folder(tmp_path / "home")
     inner = home / "work" / "project"
     inner.mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(inner)
-    target = {"parent of the current directory": home / "work", "home directory": home,
-              "filesystem root": Path("/")}[where]
+    target = {"parent of the current directory": home / "work", "home directory": home, "filesystem root": Path("/")}[
+        where
+    ]
     before = snapshot(home)
     args = writing_commands(workspace, tiny_llama_dir, target)["merge"]
     status, _, err = cli(capsys, *args, "--overwrite")
@@ -118,8 +121,9 @@ def test_overwrite_refuses_a_parent_of_the_current_directory_home_and_root(capsy
 
 
 @pytest.mark.parametrize("verb", ["train", "merge", "mix", "compress"])
-def test_overwrite_refuses_a_folder_holding_files_loratune_did_not_write(capsys, workspace, tiny_llama_dir, tmp_path,
-                                                                        verb):
+def test_overwrite_refuses_a_folder_holding_files_loratune_did_not_write(
+    capsys, workspace, tiny_llama_dir, tmp_path, verb
+):
     folder = user_folder(tmp_path / "folder")
     before = snapshot(folder)
     status, _, err = cli(capsys, *writing_commands(workspace, tiny_llama_dir, folder)[verb], "--overwrite")
@@ -127,8 +131,9 @@ def test_overwrite_refuses_a_folder_holding_files_loratune_did_not_write(capsys,
     assert snapshot(folder) == before
 
 
-def test_overwrite_refuses_to_add_loratune_files_to_a_user_folder_after_an_earlier_output(capsys, workspace,
-                                                                                         tiny_llama_dir, tmp_path):
+def test_overwrite_refuses_to_add_loratune_files_to_a_user_folder_after_an_earlier_output(
+    capsys, workspace, tiny_llama_dir, tmp_path
+):
     out = tmp_path / "merged"
     args = writing_commands(workspace, tiny_llama_dir, out)["merge"]
     assert cli(capsys, *args)[0] == 0

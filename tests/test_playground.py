@@ -21,9 +21,17 @@ import pytest
 pytestmark = pytest.mark.integration
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-proxy-server"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-proxy-server",
+]
 API_KEY = "sekret"
 ADAPTER = "alpha"
 MIX = "__mix__"  # the #model option of the page's "mix adapters" mode
@@ -47,6 +55,7 @@ def free_port() -> int:
 
 
 # ---- fixtures: adapter, server, browser ----
+
 
 @pytest.fixture(scope="module")
 def model_dir(make_tiny_llama_dir) -> Path:
@@ -72,8 +81,20 @@ def server(model_dir, adapter_dir, tmp_path_factory):
     """``loratune serve`` in a subprocess; yields its base URL once ``/health`` answers 200."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    command = [sys.executable, "-m", "loratune", "serve", "--model", str(model_dir),
-               "--adapter", f"{ADAPTER}={adapter_dir}", "--port", str(port), "--api-key", API_KEY]
+    command = [
+        sys.executable,
+        "-m",
+        "loratune",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--adapter",
+        f"{ADAPTER}={adapter_dir}",
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # leave the other core to the browser
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -138,7 +159,7 @@ def page(browser, server, base_id):
     page.api_requests = []
     page.on("request", lambda r: page.api_requests.append(r) if "/v1/" in r.url else None)
     errors = []
-    page.on("pageerror", lambda error: errors.append(error))
+    page.on("pageerror", errors.append)
     response = page.goto(server + "/")
     assert response.status == 200, "the page itself must load without an API key"
     enter_key(page)
@@ -163,6 +184,7 @@ def enter_key(page):
 
 # ---- helpers ----
 
+
 def send(page, prompt: str, expect: str = "done") -> str:
     """Type ``prompt``, click Send, wait for the stream to end; return the text of #answer."""
     page.evaluate("document.body.dataset.state = 'idle'")
@@ -183,18 +205,25 @@ def last_body(page, path: str) -> dict:
 
 def check_usage(page, usage) -> None:
     shown = page.text_content("#usage")
-    for part in (f"prompt {usage.prompt_tokens}", f"completion {usage.completion_tokens}",
-                 f"total {usage.total_tokens}", "tok/s"):
+    for part in (
+        f"prompt {usage.prompt_tokens}",
+        f"completion {usage.completion_tokens}",
+        f"total {usage.total_tokens}",
+        "tok/s",
+    ):
         assert part in shown, f"{part!r} not in #usage {shown!r}"
 
 
 def set_slider(page, adapter: str, value: float) -> None:
-    page.eval_on_selector(f"#adapters input[data-adapter='{adapter}']",
-                          "(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }",
-                          value)
+    page.eval_on_selector(
+        f"#adapters input[data-adapter='{adapter}']",
+        "(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }",
+        value,
+    )
 
 
 # ---- tests ----
+
 
 def test_chat_streams_the_same_answer_as_the_openai_client(page, client, base_id):
     options = page.eval_on_selector_all("#model option", "els => els.map(e => e.value)")
@@ -246,21 +275,23 @@ def test_completion_mode_streams_the_continuation(page, client, base_id):
 def test_an_error_is_shown_and_the_page_keeps_working(page, client, base_id):
     openai = require("openai")
     with pytest.raises(openai.APIStatusError) as refused:
-        client.chat.completions.create(model=base_id, messages=[{"role": "user", "content": "Hello"}],
-                                       max_tokens=100000, temperature=0)
+        client.chat.completions.create(
+            model=base_id, messages=[{"role": "user", "content": "Hello"}], max_tokens=100000, temperature=0
+        )
     page.fill("#max-tokens", "100000")
     send(page, "Hello", expect="error")
     shown = page.text_content("#error")
     assert page.locator("#error").is_visible()
     assert f"HTTP {refused.value.status_code}" in shown and refused.value.body["message"] in shown
     assert page.locator("#transcript .msg").count() == 0  # the failed turn is undone...
-    assert page.input_value("#prompt") == "Hello"         # ...and its prompt given back
+    assert page.input_value("#prompt") == "Hello"  # ...and its prompt given back
 
     page.fill("#max-tokens", "16")
     answer = send(page, "Hello")
     assert page.locator("#error").is_hidden()
     expected = client.chat.completions.create(
-        model=base_id, messages=[{"role": "user", "content": "Hello"}], max_tokens=16, temperature=0)
+        model=base_id, messages=[{"role": "user", "content": "Hello"}], max_tokens=16, temperature=0
+    )
     assert answer and answer == expected.choices[0].message.content
 
 
@@ -273,8 +304,9 @@ def test_mix_mode_sends_the_adapter_strengths(page, client, base_id):
     answer = send(page, messages[0]["content"])
     body = last_body(page, "/v1/chat/completions")
     assert body["model"] == base_id and body["adapters"] == {ADAPTER: 0.5}
-    expected = client.chat.completions.create(model=base_id, messages=messages, max_tokens=24, temperature=0,
-                                              extra_body={"adapters": {ADAPTER: 0.5}})
+    expected = client.chat.completions.create(
+        model=base_id, messages=messages, max_tokens=24, temperature=0, extra_body={"adapters": {ADAPTER: 0.5}}
+    )
     assert answer and answer == expected.choices[0].message.content
     for model in (base_id, ADAPTER):  # the half-strength mix is neither the base nor the full adapter
         other = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)

@@ -32,11 +32,17 @@ def rel(a, b) -> float:
 
 def train_run(model_dir, root, name, quantize):
     data = write_jsonl(root / "chat.jsonl", addition_rows(8))
-    config = write_config(root / f"{name}.yaml", config_dict(
-        model_dir, data, root / name,
-        model={"quantize": quantize, "dtype": "fp32", "compute_dtype": "fp32"},
-        lora={"target_modules": "all-linear"}, train={"max_steps": 4, "lr": 0.05},
-    ))
+    config = write_config(
+        root / f"{name}.yaml",
+        config_dict(
+            model_dir,
+            data,
+            root / name,
+            model={"quantize": quantize, "dtype": "fp32", "compute_dtype": "fp32"},
+            lora={"target_modules": "all-linear"},
+            train={"max_steps": 4, "lr": 0.05},
+        ),
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         status = main(["train", str(config), "--no-progress"])
@@ -101,10 +107,15 @@ def test_qlora_adapter_loads_in_peft_over_a_bitsandbytes_4bit_base(qlora_model, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=bnb, dtype=torch.float32,
-                                                device_map="cpu")
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), quantization_config=bnb, dtype=torch.float32, device_map="cpu"
+    )
     peft_model = PeftModel.from_pretrained(base, str(qlora_run / "adapter")).eval()
     # Same NF4 codes from the same float32 weights; bitsandbytes' CPU kernel rounds the block scales to bf16,
     # hence agreement to ~1e-2 rather than float rounding — still far below what the adapter changes (> 0.05).
@@ -118,8 +129,24 @@ def test_merge_over_a_4bit_base_matches_the_unmerged_4bit_model(capsys, qlora_mo
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    assert main(["merge", "--model", str(model_dir), "--quantize", "nf4", "--adapter",
-                 str(qlora_run / "adapter"), "--out", str(out), "--out-dtype", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(model_dir),
+                "--quantize",
+                "nf4",
+                "--adapter",
+                str(qlora_run / "adapter"),
+                "--out",
+                str(out),
+                "--out-dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert rel(logits(merged), logits(qlora_model)) <= 1e-5
 
@@ -152,7 +179,9 @@ def test_requantized_merge_loads_in_4bit_and_reports_the_error_it_adds(capsys, q
     merged = load_file(tmp_path / "fp32" / "model.safetensors")
     layers = {p: m for p, m in requantized.named_modules() if isinstance(m, Linear4bit)}
     assert len(layers) == 14
-    err = sum(float((m.dequantized_weight(torch.float32) - merged[f"{p}.weight"]).norm()) ** 2 for p, m in layers.items())
+    err = sum(
+        float((m.dequantized_weight(torch.float32) - merged[f"{p}.weight"]).norm()) ** 2 for p, m in layers.items()
+    )
     ref = sum(float(merged[f"{p}.weight"].norm()) ** 2 for p in layers)
     assert reported == pytest.approx((err / ref) ** 0.5, abs=1e-4)
     assert 0 < reported < 0.15
@@ -161,16 +190,41 @@ def test_requantized_merge_loads_in_4bit_and_reports_the_error_it_adds(capsys, q
 def test_a_model_stored_in_4bits_refuses_to_load_unquantized(qlora_run, model_dir, tmp_path):
     out = tmp_path / "requantized"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["merge", "--model", str(model_dir), "--quantize", "nf4", "--adapter",
-                     str(qlora_run / "adapter"), "--out", str(out), "--requantize"]) == 0
+        assert (
+            main(
+                [
+                    "merge",
+                    "--model",
+                    str(model_dir),
+                    "--quantize",
+                    "nf4",
+                    "--adapter",
+                    str(qlora_run / "adapter"),
+                    "--out",
+                    str(out),
+                    "--requantize",
+                ]
+            )
+            == 0
+        )
     with pytest.raises(ConfigError, match="stored in 4 bits.*quantize='nf4'"):
         loratune.load_model(out)
 
 
 def test_requantize_without_a_4bit_base_is_a_one_line_error(capsys, qlora_run, model_dir, tmp_path):
     capsys.readouterr()
-    status = main(["merge", "--model", str(model_dir), "--adapter", str(qlora_run / "adapter"),
-                   "--out", str(tmp_path / "x"), "--requantize"])
+    status = main(
+        [
+            "merge",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(qlora_run / "adapter"),
+            "--out",
+            str(tmp_path / "x"),
+            "--requantize",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and "--quantize nf4" in err[0]
 
@@ -179,8 +233,12 @@ def test_config_rejects_unquantized_modules_without_norms(model_dir, tmp_path):
     from loratune.train import load_config, train
 
     data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(4))
-    config = write_config(tmp_path / "c.yaml", config_dict(
-        model_dir, data, tmp_path / "run", model={"quantize": "nf4", "unquantized_modules": ["embeddings"]}))
+    config = write_config(
+        tmp_path / "c.yaml",
+        config_dict(
+            model_dir, data, tmp_path / "run", model={"quantize": "nf4", "unquantized_modules": ["embeddings"]}
+        ),
+    )
     with pytest.raises(ConfigError, match="norms"):
         train(load_config(config), progress=False, log=lambda line: None)
 
@@ -188,9 +246,16 @@ def test_config_rejects_unquantized_modules_without_norms(model_dir, tmp_path):
 def test_gradient_checkpointing_over_a_4bit_base_gives_the_same_adapter(model_dir, tmp_path):
     def run(name, checkpointing):
         data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
-        config = write_config(tmp_path / f"{name}.yaml", config_dict(
-            model_dir, data, tmp_path / name, model={"quantize": "nf4", "dtype": "fp32", "compute_dtype": "fp32"},
-            train={"max_steps": 2, "lr": 0.05, "gradient_checkpointing": checkpointing}))
+        config = write_config(
+            tmp_path / f"{name}.yaml",
+            config_dict(
+                model_dir,
+                data,
+                tmp_path / name,
+                model={"quantize": "nf4", "dtype": "fp32", "compute_dtype": "fp32"},
+                train={"max_steps": 2, "lr": 0.05, "gradient_checkpointing": checkpointing},
+            ),
+        )
         with contextlib.redirect_stdout(io.StringIO()):
             assert main(["train", str(config), "--no-progress"]) == 0
         return load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")

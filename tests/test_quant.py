@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import loratune
-from loratune.errors import ConfigError
 from loratune.adapters.peft_keys import factor_keys
+from loratune.errors import ConfigError
 from loratune.layers import LoraLinear, lora_class_for
 from loratune.quant import Linear4bit, QuantSpec, dequantize_weight, quantize_weight
 
@@ -105,8 +105,14 @@ def test_quantized_layer_round_trips_through_a_safetensors_state_dict(tmp_path):
 
 def test_state_dict_uses_the_bitsandbytes_key_names():
     keys = set(make_layer().state_dict())
-    assert keys == {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
-                    "weight.quant_state.bitsandbytes__nf4"}
+    assert keys == {
+        "weight",
+        "weight.absmax",
+        "weight.quant_map",
+        "weight.nested_absmax",
+        "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__nf4",
+    }
 
 
 def test_casting_the_module_to_another_dtype_leaves_the_quantized_weight_unchanged():
@@ -153,7 +159,14 @@ def test_lora_4bit_forward_matches_lora_over_the_dequantized_weight(dtype, bias)
     layer = lora_over(make_layer(dtype, bias=bias))
     x = torch.randn(2, 7, IN, dtype=dtype)
     A, B = layer.lora_A["default"], layer.lora_B["default"]
-    ref = reference(x, layer.base_layer.dequantized_weight(torch.float32), layer.base_layer.bias, A, B, layer.specs["default"].scaling)
+    ref = reference(
+        x,
+        layer.base_layer.dequantized_weight(torch.float32),
+        layer.base_layer.bias,
+        A,
+        B,
+        layer.specs["default"].scaling,
+    )
     out = layer(x)
     assert out.dtype == dtype
     assert rel(out, ref) <= TOLERANCE[dtype]
@@ -170,7 +183,9 @@ def test_lora_4bit_gradients_of_input_and_factors_match_an_fp32_reference(dtype)
     A = layer.lora_A["default"].detach().clone().requires_grad_()
     B = layer.lora_B["default"].detach().clone().requires_grad_()
     x_ref = x.detach().float().requires_grad_()
-    reference(x_ref, layer.base_layer.dequantized_weight(torch.float32), None, A, B, layer.specs["default"].scaling).backward(grad.float())
+    reference(
+        x_ref, layer.base_layer.dequantized_weight(torch.float32), None, A, B, layer.specs["default"].scaling
+    ).backward(grad.float())
     assert rel(x.grad, x_ref.grad) <= TOLERANCE[dtype]
     assert rel(layer.lora_A["default"].grad, A.grad) <= TOLERANCE[dtype]
     assert rel(layer.lora_B["default"].grad, B.grad) <= TOLERANCE[dtype]
@@ -233,8 +248,8 @@ def test_pissa_on_a_4bit_layer_refuses():
 
 
 def test_model_merge_over_4bit_layers_refuses_and_changes_nothing():
-    from tiny_models import tiny_llama
     from loratune.models.quantized import quantize_model
+    from tiny_models import tiny_llama
 
     model = tiny_llama()
     model.lm_head = nn.Linear(32, 96, bias=False)  # an untied plain Linear that LoRA also adapts

@@ -3,7 +3,6 @@ layers, giving exactly what quantizing the fully loaded model gives; what stays 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -90,8 +89,12 @@ def test_double_quant_can_be_turned_off(tiny_llama_dir):
 
 
 def test_named_unquantized_modules_stay_in_the_model_dtype(tiny_llama_dir):
-    model, _ = load_model(tiny_llama_dir, quantize="nf4", dtype="fp32",
-                          unquantized_modules=["embeddings", "output_head", "norms", "down_proj"])
+    model, _ = load_model(
+        tiny_llama_dir,
+        quantize="nf4",
+        dtype="fp32",
+        unquantized_modules=["embeddings", "output_head", "norms", "down_proj"],
+    )
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert isinstance(model.model.layers[0].mlp.up_proj, Linear4bit)
 

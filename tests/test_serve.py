@@ -57,12 +57,21 @@ def served(make_tiny_llama_dir, tmp_path_factory):
     """(model dir, {name: adapter dir}, adapter root, service) — the service runs until the module ends."""
     model_dir = make_tiny_llama_dir()
     root = tmp_path_factory.mktemp("adapters")
-    dirs = {name: _make_adapter(model_dir, root / name, 10 + i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
+    dirs = {
+        name: _make_adapter(model_dir, root / name, 10 + i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())
+    }
     _make_adapter(model_dir, root / "spare", 20, **ADAPTERS["a"])
     _make_adapter(model_dir, root / "spare2", 21, **ADAPTERS["b"])
     model, tokenizer = load_model(str(model_dir), dtype="fp32")
-    service = build(model, tokenizer, "tiny", [(n, str(d), 1.0) for n, d in dirs.items()], adapter_root=root,
-                    max_tokens_limit=64, max_loaded=4)
+    service = build(
+        model,
+        tokenizer,
+        "tiny",
+        [(n, str(d), 1.0) for n, d in dirs.items()],
+        adapter_root=root,
+        max_tokens_limit=64,
+        max_loaded=4,
+    )
     yield model_dir, dirs, root, service
     service.close()
 
@@ -82,19 +91,22 @@ def _complete(client, model, prompt, max_tokens=12, stream=False, **extra):
     if not stream:
         answer = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, **extra)
         return answer.choices[0].text
-    chunks = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-                                       **extra)
+    chunks = client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, **extra
+    )
     return "".join(c.choices[0].text for c in chunks if c.choices)
 
 
 def _chat(client, model, text, max_tokens=12, stream=False, **extra):
     messages = [{"role": "user", "content": text}]
     if not stream:
-        answer = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
-                                                **extra)
+        answer = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0, **extra
+        )
         return answer.choices[0].message.content
-    chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
-                                            stream=True, **extra)
+    chunks = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True, **extra
+    )
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
@@ -108,15 +120,64 @@ def test_models_lists_the_base_and_every_adapter(client, served):
 def test_greedy_answers_are_what_generate_prints(client, served, capsys):
     model_dir, dirs = served[0], served[1]
     for name in ("a", "c"):
-        assert main(["generate", "--model", str(model_dir), "--adapter", str(dirs[name]), "--prompt", PROMPTS[0],
-                     "--max-new-tokens", "12", "--dtype", "fp32"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    str(model_dir),
+                    "--adapter",
+                    str(dirs[name]),
+                    "--prompt",
+                    PROMPTS[0],
+                    "--max-new-tokens",
+                    "12",
+                    "--dtype",
+                    "fp32",
+                ]
+            )
+            == 0
+        )
         chat_expected = capsys.readouterr().out.removesuffix("\n")
-        assert main(["generate", "--model", str(model_dir), "--adapter", str(dirs[name]), "--prompt", PROMPTS[1],
-                     "--raw", "--max-new-tokens", "12", "--dtype", "fp32"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    str(model_dir),
+                    "--adapter",
+                    str(dirs[name]),
+                    "--prompt",
+                    PROMPTS[1],
+                    "--raw",
+                    "--max-new-tokens",
+                    "12",
+                    "--dtype",
+                    "fp32",
+                ]
+            )
+            == 0
+        )
         raw_expected = capsys.readouterr().out.removesuffix("\n")
         assert _chat(client, name, PROMPTS[0]) == chat_expected
         assert _complete(client, name, PROMPTS[1]) == raw_expected
-    assert main(["generate", "--model", str(model_dir), "--prompt", PROMPTS[2], "--raw", "--max-new-tokens", "12", "--dtype", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model_dir),
+                "--prompt",
+                PROMPTS[2],
+                "--raw",
+                "--max-new-tokens",
+                "12",
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     assert _complete(client, "tiny", PROMPTS[2]) == capsys.readouterr().out.removesuffix("\n")
 
 
@@ -128,8 +189,10 @@ def test_streamed_text_joins_to_the_unstreamed_text(client):
 
 
 def test_32_concurrent_requests_over_3_adapters_and_the_base_equal_each_sent_alone(client):
-    jobs = [(model, PROMPTS[i % len(PROMPTS)], bool(i % 2), "chat" if i % 3 == 0 else "completion")
-            for i, model in enumerate(["tiny", "a", "b", "c"] * 8)]
+    jobs = [
+        (model, PROMPTS[i % len(PROMPTS)], bool(i % 2), "chat" if i % 3 == 0 else "completion")
+        for i, model in enumerate(["tiny", "a", "b", "c"] * 8)
+    ]
 
     def run(job):
         model, prompt, stream, kind = job
@@ -151,7 +214,10 @@ def test_a_per_request_mix_equals_the_adapters_active_together(client, served):
     ids = encode_texts(tokenizer, [PROMPTS[0]])[0]
     expected = stream_greedy(model, tokenizer, ids, 16, lambda _: None)
     assert _complete(client, "tiny", PROMPTS[0], 16, extra_body={"adapters": {"a": 0.5, "b": -0.3}}) == expected
-    assert _complete(client, "tiny", PROMPTS[0], 16, stream=True, extra_body={"adapters": {"a": 0.5, "b": -0.3}}) == expected
+    assert (
+        _complete(client, "tiny", PROMPTS[0], 16, stream=True, extra_body={"adapters": {"a": 0.5, "b": -0.3}})
+        == expected
+    )
     # a strength of one adapter alone, beside plain requests in the same batch
     set_active(model, ["b"], [0.5])
     alone = stream_greedy(model, tokenizer, ids, 16, lambda _: None)
@@ -173,15 +239,33 @@ def test_usage_logprobs_stop_and_n(client):
     stop = full[3:5]
     cut = client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=8, temperature=0, stop=[stop])
     assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=8, temperature=0, stop=stop,
-                                         stream=True)
+    streamed = client.completions.create(
+        model="a", prompt=PROMPTS[0], max_tokens=8, temperature=0, stop=stop, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.choices[0].text
-    chat = client.chat.completions.create(model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
-                                          temperature=0, logprobs=True, top_logprobs=3, n=2)
-    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
+    chat = client.chat.completions.create(
+        model="b",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        n=2,
+    )
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[
+        1
+    ].message.content
     assert len(chat.choices[0].logprobs.content) == 5 and len(chat.choices[0].logprobs.content[0].top_logprobs) == 3
-    chunks = list(client.chat.completions.create(model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
-                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="b",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage.completion_tokens == 5 and not chunks[-1].choices
 
 
@@ -197,16 +281,28 @@ def test_ignore_eos_runs_to_max_tokens(make_tiny_llama_dir, tmp_path):
     with own_server(model, tokenizer, [("eos", str(tmp_path / "eos"), 1.0)]) as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         ended = client.completions.create(model="eos", prompt=PROMPTS[0], max_tokens=20, temperature=0)
-        ran = client.completions.create(model="eos", prompt=PROMPTS[0], max_tokens=20, temperature=0,
-                                        extra_body={"ignore_eos": True})
+        ran = client.completions.create(
+            model="eos", prompt=PROMPTS[0], max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+        )
     assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 20
     assert ran.choices[0].finish_reason == "length" and ran.usage.completion_tokens == 20
 
 
 def test_sampling_with_a_seed_repeats_and_differs_from_greedy(client):
     def sample(seed):
-        return client.completions.create(model="b", prompt=PROMPTS[1], max_tokens=16, temperature=1.0, top_p=0.9,
-                                         seed=seed, extra_body={"top_k": 50}).choices[0].text
+        return (
+            client.completions.create(
+                model="b",
+                prompt=PROMPTS[1],
+                max_tokens=16,
+                temperature=1.0,
+                top_p=0.9,
+                seed=seed,
+                extra_body={"top_k": 50},
+            )
+            .choices[0]
+            .text
+        )
 
     assert sample(1) == sample(1)
     assert len({sample(s) for s in range(4)}) > 1
@@ -223,18 +319,21 @@ def test_max_tokens_defaults_to_the_context_left_and_limits_are_refused(client, 
     assert answer.usage.completion_tokens <= 33
 
 
-@pytest.mark.parametrize("body, status, words", [
-    (b"{not json", 400, "not valid JSON"),
-    (b"[1, 2]", 400, "JSON object"),
-    (json.dumps({"prompt": "x"}).encode(), 400, "model"),
-    (json.dumps({"model": "a"}).encode(), 400, "prompt"),
-    (json.dumps({"model": "a", "prompt": "x", "temperature": -1}).encode(), 400, "temperature"),
-    (json.dumps({"model": "a", "prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
-    (json.dumps({"model": "a", "prompt": "x", "presence_penalty": 1}).encode(), 400, "presence_penalty"),
-    (json.dumps({"model": "a", "prompt": [10**9]}).encode(), 400, "vocabulary"),
-    (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "available: tiny, a, b, c"),
-    (json.dumps({"model": "tiny", "prompt": "x", "adapters": {"zz": 1}}).encode(), 404, "zz"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (json.dumps({"prompt": "x"}).encode(), 400, "model"),
+        (json.dumps({"model": "a"}).encode(), 400, "prompt"),
+        (json.dumps({"model": "a", "prompt": "x", "temperature": -1}).encode(), 400, "temperature"),
+        (json.dumps({"model": "a", "prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
+        (json.dumps({"model": "a", "prompt": "x", "presence_penalty": 1}).encode(), 400, "presence_penalty"),
+        (json.dumps({"model": "a", "prompt": [10**9]}).encode(), 400, "vocabulary"),
+        (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "available: tiny, a, b, c"),
+        (json.dumps({"model": "tiny", "prompt": "x", "adapters": {"zz": 1}}).encode(), 404, "zz"),
+    ],
+)
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(url, client, body, status, words):
     response = httpx2.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == status
@@ -292,18 +391,22 @@ def test_hot_load_and_unload_while_other_requests_run(url, client):
     assert not errors
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"lora_name": "x", "lora_path": "does-not-exist"}, 400, "does-not-exist"),
-    ({"lora_name": "x", "lora_path": "../outside"}, 400, ".."),
-    ({"lora_name": "x", "lora_path": "/etc"}, 400, "outside the adapter root"),
-    ({"lora_name": "x", "lora_path": "link-out"}, 400, "outside the adapter root"),
-    ({"lora_name": "x", "lora_path": "other-base"}, 400, "trained on"),
-    ({"lora_name": "x", "lora_path": "misfit"}, 400, "has shape (4, 48)"),
-    ({"lora_name": "a", "lora_path": "spare"}, 400, "already loaded"),
-    ({"lora_name": "x"}, 400, "lora_path"),
-])
-def test_bad_loads_are_refused_and_load_nothing(url, client, served, tmp_path_factory, make_tiny_llama_dir, body,
-                                                status, words):
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"lora_name": "x", "lora_path": "does-not-exist"}, 400, "does-not-exist"),
+        ({"lora_name": "x", "lora_path": "../outside"}, 400, ".."),
+        ({"lora_name": "x", "lora_path": "/etc"}, 400, "outside the adapter root"),
+        ({"lora_name": "x", "lora_path": "link-out"}, 400, "outside the adapter root"),
+        ({"lora_name": "x", "lora_path": "other-base"}, 400, "trained on"),
+        ({"lora_name": "x", "lora_path": "misfit"}, 400, "has shape (4, 48)"),
+        ({"lora_name": "a", "lora_path": "spare"}, 400, "already loaded"),
+        ({"lora_name": "x"}, 400, "lora_path"),
+    ],
+)
+def test_bad_loads_are_refused_and_load_nothing(
+    url, client, served, tmp_path_factory, make_tiny_llama_dir, body, status, words
+):
     root = served[2]
     if not (root / "link-out").exists():
         outside = tmp_path_factory.mktemp("outside")
@@ -326,7 +429,9 @@ def test_evicted_adapters_come_back_when_asked_for(url, client, served):
     # max_loaded 4 with three pinned: loading two more evicts the older of them, which a request reads back
     expected = None
     for name in ("spare", "spare2"):
-        assert httpx2.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": name}).status_code == 200
+        assert (
+            httpx2.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": name}).status_code == 200
+        )
         if name == "spare":
             expected = _complete(client, "spare", PROMPTS[2], 12)
     metrics = httpx2.get(f"{url}/metrics").text
@@ -386,8 +491,10 @@ def _peft_pissa_adapter(model_dir: Path, out: Path) -> Path:
     import peft
     from transformers import AutoModelForCausalLM
 
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], init_lora_weights="pissa"))
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], init_lora_weights="pissa"),
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -403,10 +510,20 @@ def test_any_adapter_loratune_loads_is_servable(make_tiny_llama_dir, tmp_path, b
     the others, and in a mix."""
     model_dir = make_tiny_llama_dir(tie_word_embeddings=False)
     kinds = {
-        "saved": _make_adapter(model_dir, tmp_path / "saved", 1, r=4, target_modules=["q_proj", "k_proj"],
-                               modules_to_save=["lm_head"]),
-        "patterned": _make_adapter(model_dir, tmp_path / "patterned", 2, r=8, lora_alpha=8, use_rslora=True,
-                                   target_modules="all-linear", rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 4}),
+        "saved": _make_adapter(
+            model_dir, tmp_path / "saved", 1, r=4, target_modules=["q_proj", "k_proj"], modules_to_save=["lm_head"]
+        ),
+        "patterned": _make_adapter(
+            model_dir,
+            tmp_path / "patterned",
+            2,
+            r=8,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules="all-linear",
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"o_proj": 4},
+        ),
     }
     kinds["int8"] = compress_adapter(kinds["patterned"], tmp_path / "int8")
     kinds["pissa"] = _peft_pissa_adapter(model_dir, tmp_path / "pissa")  # its residual start, as PEFT saves it
@@ -426,8 +543,9 @@ def test_any_adapter_loratune_loads_is_servable(make_tiny_llama_dir, tmp_path, b
         client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         with ThreadPoolExecutor(4) as pool:
             answers = dict(zip(kinds, pool.map(lambda n: _complete(client, n, PROMPTS[0], 16), kinds)))
-            mix = pool.submit(_complete, client, "tiny", PROMPTS[0], 16,
-                              extra_body={"adapters": {"patterned": 0.5, "int8": 0.5}}).result()
+            mix = pool.submit(
+                _complete, client, "tiny", PROMPTS[0], 16, extra_body={"adapters": {"patterned": 0.5, "int8": 0.5}}
+            ).result()
     for name in kinds:
         alone, _ = loaded(name)
         assert answers[name] == stream_greedy(alone, tokenizer, ids, 16, lambda _: None), name
@@ -450,8 +568,23 @@ def test_a_stop_signal_drains_running_requests_then_exits_cleanly(make_tiny_llam
     model_dir = make_tiny_llama_dir(hidden_size=512, intermediate_size=1024, num_hidden_layers=6)
     adapter = _make_adapter(model_dir, tmp_path / "b", 1, **ADAPTERS["b"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "loratune", "serve", "--model", str(model_dir), "--adapter",
-                               f"b={adapter}", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loratune",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            f"b={adapter}",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):

@@ -25,9 +25,16 @@ TARGETS = "lora.target_modules=[q_proj],[q_proj,v_proj]"
 def base_config(tiny_llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
     evaluation = write_jsonl(tmp_path / "eval.jsonl", addition_rows(4, start=20))
-    return write_config(tmp_path / "base.yaml", config_dict(
-        tiny_llama_dir, data, tmp_path / "unused", data={"eval": str(evaluation)},
-        train={"max_steps": 2, "save_every": 1, "exact_match": True}))
+    return write_config(
+        tmp_path / "base.yaml",
+        config_dict(
+            tiny_llama_dir,
+            data,
+            tmp_path / "unused",
+            data={"eval": str(evaluation)},
+            train={"max_steps": 2, "save_every": 1, "exact_match": True},
+        ),
+    )
 
 
 def rows(out):
@@ -41,18 +48,19 @@ def test_parse_grid_keeps_lists_whole_and_parses_yaml_values():
     assert parse_grid("train.method=lora,full") == ("train.method", ["lora", "full"])
 
 
-def test_a_sweep_of_ranks_targets_and_seeds_runs_every_combination_with_every_column(capsys, base_config,
-                                                                                     tmp_path):
+def test_a_sweep_of_ranks_targets_and_seeds_runs_every_combination_with_every_column(capsys, base_config, tmp_path):
     out = tmp_path / "sweep"
-    status, stdout, err = cli(capsys, "sweep", base_config, "--grid", "lora.r=2,4", "--grid", TARGETS,
-                              "--seeds", "2", "--out", out)
+    status, stdout, err = cli(
+        capsys, "sweep", base_config, "--grid", "lora.r=2,4", "--grid", TARGETS, "--seeds", "2", "--out", out
+    )
     assert status == 0, err
     table = rows(out)
     assert len(table) == 8
     assert {"run", "lora.r", "lora.target_modules", "train.seed", *COLUMNS} <= set(table[0])
     assert all(row["eval_loss"] and row["trainable_params"] and row["peak_memory_mb"] for row in table)
     assert {(row["r"], row["target_modules"]) for row in table} == {
-        (r, t) for r in ("2", "4") for t in ("[q_proj]", "[q_proj, v_proj]")}
+        (r, t) for r in ("2", "4") for t in ("[q_proj]", "[q_proj, v_proj]")
+    }
     params = {(row["r"], row["target_modules"]): int(row["trainable_params"]) for row in table}
     assert params[("4", "[q_proj]")] == 2 * params[("2", "[q_proj]")]  # r · (in + out) per module
     markdown = (out / "results.md").read_text()
@@ -63,18 +71,21 @@ def test_a_sweep_of_ranks_targets_and_seeds_runs_every_combination_with_every_co
 
     # the same command again: nothing retrains
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
-    status, _, err = cli(capsys, "sweep", base_config, "--grid", "lora.r=2,4", "--grid", TARGETS,
-                         "--seeds", "2", "--out", out)
+    status, _, err = cli(
+        capsys, "sweep", base_config, "--grid", "lora.r=2,4", "--grid", TARGETS, "--seeds", "2", "--out", out
+    )
     assert status == 0 and err.count("done before, skipped") == 8
     assert before == {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
 
 
-def test_budget_mode_picks_for_each_target_set_the_rank_closest_to_the_budget(capsys, base_config, tiny_llama_dir,
-                                                                              tmp_path):
+def test_budget_mode_picks_for_each_target_set_the_rank_closest_to_the_budget(
+    capsys, base_config, tiny_llama_dir, tmp_path
+):
     from loratune import LoraConfig
 
-    status, out, err = cli(capsys, "sweep", base_config, "--grid", TARGETS, "--budget", "2000", "--out",
-                           tmp_path / "budget", "--dry-run")
+    status, out, err = cli(
+        capsys, "sweep", base_config, "--grid", TARGETS, "--budget", "2000", "--out", tmp_path / "budget", "--dry-run"
+    )
     assert status == 0, err
     ranks = {line.split("(r=")[1].rstrip(")") for line in out.splitlines() if "(r=" in line}
     assert len(ranks) == 2  # two target sets, two ranks
@@ -105,13 +116,16 @@ def test_a_killed_sweep_continues_where_it_stopped(base_config, tmp_path):
     assert len(rows(out)) == 3
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--grid", "lora.rank=4,8"], "lora.r"),
-    (["--grid", "lora.r=4,,8"], "empty value"),
-    (["--grid", "lora.r=4,8", "--budget", "10"], "smaller than a rank-1 adapter"),
-    (["--grid", "lora.r=0,4"], "lora.r"),
-    ([], "nothing to sweep"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--grid", "lora.rank=4,8"], "lora.r"),
+        (["--grid", "lora.r=4,,8"], "empty value"),
+        (["--grid", "lora.r=4,8", "--budget", "10"], "smaller than a rank-1 adapter"),
+        (["--grid", "lora.r=0,4"], "lora.r"),
+        ([], "nothing to sweep"),
+    ],
+)
 def test_bad_sweeps_are_one_line_errors_and_run_nothing(capsys, base_config, tmp_path, args, named):
     status, _, err = cli(capsys, "sweep", base_config, *args, "--out", tmp_path / "sweep")
     assert status == 2 and named in err and len(err.strip().splitlines()) == 1, err

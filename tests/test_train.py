@@ -7,6 +7,7 @@ Every run trains a tiny random Llama (``tiny_llama_dir``) in float32 on CPU for 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path
@@ -20,14 +21,14 @@ from safetensors.torch import load_file
 import loratune.train.trainer as trainer_module
 from loratune.adapters import LoraConfig
 from loratune.errors import ConfigError, ModelNotFoundError
+from loratune.outputs import write_text_atomic
 from loratune.train import TrainingDiverged, load_config, prepare_data, train, validate_config
 from loratune.train.config import DataSection, ModelSection, TrainSection, parse_override
-from loratune.outputs import write_text_atomic
 from loratune.train.run_dir import finish_run_dir, run_directory, write_run_config
 from loratune.train.schedule import learning_rate
 from run_helpers import (
-    addition_rows,
     adapter_tensors,
+    addition_rows,
     assert_same_tensors,
     config_dict,
     metrics,
@@ -71,10 +72,18 @@ def finished_run(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("finished-run")
     data = write_jsonl(root / "train.jsonl", addition_rows(12))
     config = make_config(
-        tiny_llama_dir, data, root / "run",
+        tiny_llama_dir,
+        data,
+        root / "run",
         data={"eval_split": 0.25},
-        train={"max_steps": 6, "save_every": 2, "keep_checkpoints": 2, "eval_every": 3,
-               "best_metric": "eval_loss", "log_every": 1},
+        train={
+            "max_steps": 6,
+            "save_every": 2,
+            "keep_checkpoints": 2,
+            "eval_every": 3,
+            "best_metric": "eval_loss",
+            "log_every": 1,
+        },
     )
     summary = run(config)
     return config, root / "run", data, summary
@@ -177,9 +186,18 @@ def test_no_best_directory_without_evaluation(tiny_llama_dir, tmp_path):
 
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny_llama_dir, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", addition_rows(12))
-    settings = dict(lora={"lora_dropout": 0.1},  # dropout masks come from the RNG: restoring it matters
-                    train={"max_steps": 6, "batch_size": 2, "grad_accum": 2, "save_every": 2,
-                           "keep_checkpoints": 5, "lr": 1e-2, "seed": 3})
+    settings = dict(
+        lora={"lora_dropout": 0.1},  # dropout masks come from the RNG: restoring it matters
+        train={
+            "max_steps": 6,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "save_every": 2,
+            "keep_checkpoints": 5,
+            "lr": 1e-2,
+            "seed": 3,
+        },
+    )
     straight = make_config(tiny_llama_dir, data, tmp_path / "straight", **settings)
     run(straight)
 
@@ -211,8 +229,11 @@ def test_same_seed_gives_the_same_adapter_and_another_seed_a_different_one(tiny_
     data = write_jsonl(tmp_path / "train.jsonl", addition_rows(8))
     adapters = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        run(make_config(tiny_llama_dir, data, tmp_path / name,
-                        lora={"lora_dropout": 0.1}, train={"max_steps": 2, "seed": seed}))
+        run(
+            make_config(
+                tiny_llama_dir, data, tmp_path / name, lora={"lora_dropout": 0.1}, train={"max_steps": 2, "seed": seed}
+            )
+        )
         adapters[name] = adapter_tensors(tmp_path / name)
     assert_same_tensors(adapters["a"], adapters["b"])
     assert any(not torch.equal(adapters["a"][k], adapters["c"][k]) for k in adapters["a"])
@@ -220,8 +241,14 @@ def test_same_seed_gives_the_same_adapter_and_another_seed_a_different_one(tiny_
 
 def test_epochs_set_the_number_of_steps_without_max_steps(tiny_llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", addition_rows(8))
-    summary = run(make_config(tiny_llama_dir, data, tmp_path / "run",
-                              train={"max_steps": None, "epochs": 1.5, "batch_size": 2, "grad_accum": 2}))
+    summary = run(
+        make_config(
+            tiny_llama_dir,
+            data,
+            tmp_path / "run",
+            train={"max_steps": None, "epochs": 1.5, "batch_size": 2, "grad_accum": 2},
+        )
+    )
     assert summary["steps"] == 3  # 4 micro-batches per epoch, 6 in 1.5 epochs, 2 per step
     assert [r["step"] for r in train_records(tmp_path / "run")] == [1, 2, 3]
     assert train_records(tmp_path / "run")[-1]["epoch"] == pytest.approx(1.5)
@@ -261,13 +288,26 @@ def one_step_runs(tiny_llama_dir, four_example_data, tmp_path_factory):
     checkpointing: run dirs."""
     root = tmp_path_factory.mktemp("one-step")
     runs = {}
-    settings = (("4x1", 4, 1, False, False), ("2x2", 2, 2, False, False), ("packed", 4, 1, True, False),
-                ("checkpointed", 4, 1, False, True))
+    settings = (
+        ("4x1", 4, 1, False, False),
+        ("2x2", 2, 2, False, False),
+        ("packed", 4, 1, True, False),
+        ("checkpointed", 4, 1, False, True),
+    )
     for name, batch_size, grad_accum, packing, checkpointing in settings:
-        config = make_config(tiny_llama_dir, four_example_data, root / name,
-                             data={"packing": packing, "eval_split": 0},
-                             train={"max_steps": 1, "batch_size": batch_size, "grad_accum": grad_accum,
-                                    "max_grad_norm": None, "gradient_checkpointing": checkpointing})
+        config = make_config(
+            tiny_llama_dir,
+            four_example_data,
+            root / name,
+            data={"packing": packing, "eval_split": 0},
+            train={
+                "max_steps": 1,
+                "batch_size": batch_size,
+                "grad_accum": grad_accum,
+                "max_grad_norm": None,
+                "gradient_checkpointing": checkpointing,
+            },
+        )
         run(config)
         runs[name] = (config, root / name)
     return runs
@@ -332,8 +372,9 @@ def test_non_finite_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_l
 def test_non_finite_loss_before_any_checkpoint_says_so(tiny_llama_dir, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", addition_rows(4))
     config = make_config(tiny_llama_dir, data, tmp_path / "run", train={"max_steps": 2})
-    monkeypatch.setattr(trainer_module, "causal_lm_loss_sum",
-                        CallCounter(lambda call, loss, count: (loss * float("inf"), count)))
+    monkeypatch.setattr(
+        trainer_module, "causal_lm_loss_sum", CallCounter(lambda call, loss, count: (loss * float("inf"), count))
+    )
     with pytest.raises(TrainingDiverged, match=r"step 1\b.*no checkpoint"):
         run(config)
     assert not (tmp_path / "run" / "adapter").exists()
@@ -467,7 +508,9 @@ def test_unknown_key_without_a_close_match_lists_the_valid_keys():
 
 
 def test_unknown_top_level_key_and_section():
-    assert "'outptu_dir'" in config_error(minimal(outptu_dir="x")) and "output_dir" in config_error(minimal(outptu_dir="x"))
+    assert "'outptu_dir'" in config_error(minimal(outptu_dir="x")) and "output_dir" in config_error(
+        minimal(outptu_dir="x")
+    )
     assert "'tarin'" in config_error(minimal(tarin={}))
 
 
@@ -479,16 +522,19 @@ def test_common_synonym_suggests_the_real_key(section, typo, meant):
     assert f"'{section}.{meant}'" in message
 
 
-@pytest.mark.parametrize("section, key, value", [
-    ("train", "batch_size", 0),
-    ("train", "lr", -1.0),
-    ("train", "scheduler", "exponential"),
-    ("lora", "r", 0),
-    ("lora", "lora_dropout", 1.5),
-    ("data", "eval_split", 1.0),
-    ("data", "truncation", "cut"),
-    ("model", "quantize", "int3"),
-])
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("train", "batch_size", 0),
+        ("train", "lr", -1.0),
+        ("train", "scheduler", "exponential"),
+        ("lora", "r", 0),
+        ("lora", "lora_dropout", 1.5),
+        ("data", "eval_split", 1.0),
+        ("data", "truncation", "cut"),
+        ("model", "quantize", "int3"),
+    ],
+)
 def test_invalid_value_names_the_dotted_key(section, key, value):
     data = minimal()
     data.setdefault(section, {})[key] = value
@@ -544,24 +590,38 @@ def test_config_that_is_not_a_mapping_is_an_error(tmp_path):
         load_config(config)
 
 
-@pytest.mark.parametrize("item, path, value", [
-    ("train.max_steps=5", ["train", "max_steps"], 5),
-    ("train.lr=0.001", ["train", "lr"], 0.001),
-    ("lora.target_modules=[q_proj, v_proj]", ["lora", "target_modules"], ["q_proj", "v_proj"]),
-    ("train.max_steps=null", ["train", "max_steps"], None),
-    ("data.eval=", ["data", "eval"], None),
-    ("data.packing=true", ["data", "packing"], True),
-    ("output_dir=runs/a=b", ["output_dir"], "runs/a=b"),
-])
+@pytest.mark.parametrize(
+    "item, path, value",
+    [
+        ("train.max_steps=5", ["train", "max_steps"], 5),
+        ("train.lr=0.001", ["train", "lr"], 0.001),
+        ("lora.target_modules=[q_proj, v_proj]", ["lora", "target_modules"], ["q_proj", "v_proj"]),
+        ("train.max_steps=null", ["train", "max_steps"], None),
+        ("data.eval=", ["data", "eval"], None),
+        ("data.packing=true", ["data", "packing"], True),
+        ("output_dir=runs/a=b", ["output_dir"], "runs/a=b"),
+    ],
+)
 def test_set_values_are_parsed_as_yaml(item, path, value):
     assert parse_override(item) == (path, value)
 
 
 def test_set_overrides_reach_the_validated_config(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", addition_rows(2))
-    config = write_config(tmp_path / "c.yaml", {"data": {"train": str(tmp_path / "t.jsonl")}, "train": {"max_steps": 9}})
-    loaded = load_config(config, ["train.max_steps=null", "train.lr=1e-3", "train.warmup_steps=3",
-                                  "lora.target_modules=[q_proj,v_proj]", "lora.r=16", "output_dir=elsewhere"])
+    config = write_config(
+        tmp_path / "c.yaml", {"data": {"train": str(tmp_path / "t.jsonl")}, "train": {"max_steps": 9}}
+    )
+    loaded = load_config(
+        config,
+        [
+            "train.max_steps=null",
+            "train.lr=1e-3",
+            "train.warmup_steps=3",
+            "lora.target_modules=[q_proj,v_proj]",
+            "lora.r=16",
+            "output_dir=elsewhere",
+        ],
+    )
     assert loaded.train.max_steps is None
     assert loaded.train.lr == pytest.approx(1e-3)
     assert loaded.train.warmup_steps == 3
@@ -607,7 +667,7 @@ def test_linear_schedule_decays_to_zero_at_the_end():
 def test_cosine_schedule_halves_at_the_midpoint_and_decreases():
     values = lrs("cosine", total=12, warmup=2)
     decay = values[2:]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(decay))
     assert learning_rate(7, total_steps=12, base_lr=1.0, warmup_steps=2, kind="cosine") == pytest.approx(0.5)
     assert learning_rate(12, total_steps=12, base_lr=1.0, warmup_steps=2, kind="cosine") == pytest.approx(0.0)
     assert values[-1] > 0
@@ -620,5 +680,7 @@ def test_schedule_rejects_an_unknown_kind():
 
 def test_run_logs_the_scheduled_learning_rate(finished_run):
     config, run_dir, _, _ = finished_run
-    expected = [learning_rate(s, total_steps=6, base_lr=config.train.lr, warmup_steps=0, kind="cosine") for s in range(6)]
+    expected = [
+        learning_rate(s, total_steps=6, base_lr=config.train.lr, warmup_steps=0, kind="cosine") for s in range(6)
+    ]
     assert [r["lr"] for r in train_records(run_dir)] == pytest.approx(expected)

@@ -37,10 +37,12 @@ def logits(model, ids):
 
 
 def test_olora_factors_and_residual_base_equal_peft_s():
-    theirs = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                                init_lora_weights="olora"))
-    ours = loratune.add_adapter(tiny_llama(0), loratune.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                                    init_lora_weights="olora"))
+    theirs = peft.get_peft_model(
+        tiny_llama(0), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="olora")
+    )
+    ours = loratune.add_adapter(
+        tiny_llama(0), loratune.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="olora")
+    )
     peft_modules = dict(theirs.base_model.model.named_modules())
     for path, layer in layers(ours).items():
         their = peft_modules[path]
@@ -62,8 +64,9 @@ def test_pissa_niter_has_pissa_s_defining_properties():
         linear.weight.copy_(U[:, :40] * S @ V.T)
     original = linear.weight.detach().clone()
     model = nn.Sequential(linear)
-    loratune.add_adapter(model, loratune.LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
-                                                    init_lora_weights="pissa_niter_4"))
+    loratune.add_adapter(
+        model, loratune.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights="pissa_niter_4")
+    )
     layer = model[0]
     A, B, s = layer.lora_A["default"].detach(), layer.lora_B["default"].detach(), layer.specs["default"].scaling
     top = U[:, :4] * S[:4] @ V[:, :4].T
@@ -76,8 +79,9 @@ def test_pissa_niter_has_pissa_s_defining_properties():
 
 @pytest.mark.parametrize("init", ["olora", "pissa_niter_2"])
 def test_residual_start_adapters_save_as_plain_lora_that_peft_loads_on_the_original_base(init, tmp_path):
-    model = loratune.add_adapter(tiny_llama(0), loratune.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                                     init_lora_weights=init))
+    model = loratune.add_adapter(
+        tiny_llama(0), loratune.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init)
+    )
     with torch.no_grad():
         for param in (p for p in model.parameters() if p.requires_grad):
             param.add_(0.05 * torch.randn_like(param))
@@ -102,7 +106,9 @@ def test_an_unknown_start_names_the_choices_in_one_line():
 
 def peft_key(name: str) -> str:
     """A PEFT parameter name in loratune's spelling."""
-    name = name.removeprefix("base_model.model.").replace("lora_embedding_", "lora_").replace("modules_to_save", "copies")
+    name = (
+        name.removeprefix("base_model.model.").replace("lora_embedding_", "lora_").replace("modules_to_save", "copies")
+    )
     for factor in ("lora_A", "lora_B", "lora_magnitude_vector"):
         name = name.replace(f".{factor}.default.weight", f".{factor}.default")
     return name
@@ -111,11 +117,17 @@ def peft_key(name: str) -> str:
 def test_loraplus_groups_give_every_parameter_peft_s_learning_rate():
     from peft.optimizers import create_loraplus_optimizer
 
-    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"],
-                use_dora=True)
+    lora = dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        modules_to_save=["lm_head"],
+        use_dora=True,
+    )
     theirs = peft.get_peft_model(tiny_llama(0, tie=False), peft.LoraConfig(**lora))
-    peft_optimizer = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
-                                               loraplus_lr_embedding=1e-5)
+    peft_optimizer = create_loraplus_optimizer(
+        theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, loraplus_lr_embedding=1e-5
+    )
     ours = loratune.add_adapter(tiny_llama(0, tie=False), loratune.LoraConfig(**lora))
     train = TrainSection(lr=1e-3, loraplus_lr_ratio=16, loraplus_lr_embedding=1e-5)
     optimizer = build_optimizer(ours, train)
@@ -135,9 +147,16 @@ def test_a_loraplus_run_keeps_its_groups_in_checkpoints_and_through_a_resume(cap
     from run_helpers import addition_rows, config_dict, write_config, write_jsonl
 
     data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
-    config = write_config(tmp_path / "run.yaml", config_dict(
-        tiny_llama_dir, data, tmp_path / "run", lora={"target_modules": ["q_proj", "v_proj"]},
-        train={"max_steps": 4, "save_every": 2, "lr": 1e-3, "loraplus_lr_ratio": 8, "scheduler": "constant"}))
+    config = write_config(
+        tmp_path / "run.yaml",
+        config_dict(
+            tiny_llama_dir,
+            data,
+            tmp_path / "run",
+            lora={"target_modules": ["q_proj", "v_proj"]},
+            train={"max_steps": 4, "save_every": 2, "lr": 1e-3, "loraplus_lr_ratio": 8, "scheduler": "constant"},
+        ),
+    )
     status, _, err = cli(capsys, "train", config, "--no-progress", "--set", "train.max_steps=2")
     assert status == 0, err
     checkpoint = tmp_path / "run" / "checkpoints" / "step-2"

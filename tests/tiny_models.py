@@ -59,9 +59,16 @@ def tiny_unet(seed: int = 0):
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
     ).eval()
 
 
@@ -70,22 +77,86 @@ def tiny_clip_text(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
-                            vocab_size=100, max_position_embeddings=16, projection_dim=16, bos_token_id=0,
-                            eos_token_id=1, pad_token_id=1)
+    config = CLIPTextConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=100,
+        max_position_embeddings=16,
+        projection_dim=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return CLIPTextModel(config).eval()
 
 
 def unet_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noisy latents, timesteps, text embeddings) for ``tiny_unet``."""
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10, 500]),
-            torch.randn(2, 5, 16, generator=generator))
+    return (
+        torch.randn(2, 4, 8, 8, generator=generator),
+        torch.tensor([10, 500]),
+        torch.randn(2, 5, 16, generator=generator),
+    )
 
 
-ENCODER_WORDS = ("book a flight to paris london tokyo please play some music song jazz rock what is the weather "
-                 "like today tomorrow in set an alarm for seven eight am pm cancel my order refund where package "
-                 "is it going to rain turn up volume wake me at i want hear need ticket train").split()
+ENCODER_WORDS = [
+    "book",
+    "a",
+    "flight",
+    "to",
+    "paris",
+    "london",
+    "tokyo",
+    "please",
+    "play",
+    "some",
+    "music",
+    "song",
+    "jazz",
+    "rock",
+    "what",
+    "is",
+    "the",
+    "weather",
+    "like",
+    "today",
+    "tomorrow",
+    "in",
+    "set",
+    "an",
+    "alarm",
+    "for",
+    "seven",
+    "eight",
+    "am",
+    "pm",
+    "cancel",
+    "my",
+    "order",
+    "refund",
+    "where",
+    "package",
+    "is",
+    "it",
+    "going",
+    "to",
+    "rain",
+    "turn",
+    "up",
+    "volume",
+    "wake",
+    "me",
+    "at",
+    "i",
+    "want",
+    "hear",
+    "need",
+    "ticket",
+    "train",
+]
 
 
 def tiny_encoder_dir(path, kind: str = "bert", seed: int = 0):
@@ -96,30 +167,58 @@ def tiny_encoder_dir(path, kind: str = "bert", seed: int = 0):
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, RobertaConfig, RobertaModel
 
     bert_like = kind != "roberta"
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if bert_like else ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]
+    specials = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if bert_like else ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]
+    )
     vocab = {token: i for i, token in enumerate([*specials, *dict.fromkeys(ENCODER_WORDS)])}
     pad, unk, cls, sep, mask = specials
     backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     pair_template = f"{cls} $A {sep} $B:1 {sep}:1" if bert_like else f"{cls} $A {sep} {sep} $B {sep}"
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}", pair=pair_template, special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=pad, unk_token=unk, cls_token=cls,
-                                        sep_token=sep, mask_token=mask, model_max_length=64)
+        single=f"{cls} $A {sep}", pair=pair_template, special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=pad,
+        unk_token=unk,
+        cls_token=cls,
+        sep_token=sep,
+        mask_token=mask,
+        model_max_length=64,
+    )
     torch.manual_seed(seed)
-    size = dict(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=32, max_position_embeddings=72 if kind == "roberta" else 64,
-                initializer_range=0.3)  # large enough that different inputs give different outputs
+    size = dict(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=72 if kind == "roberta" else 64,
+        initializer_range=0.3,
+    )  # large enough that different inputs give different outputs
     if kind == "bert":
         model = BertModel(BertConfig(**size))
     elif kind == "roberta":
-        model = RobertaModel(RobertaConfig(**size, pad_token_id=vocab[pad], bos_token_id=vocab[cls],
-                                           eos_token_id=vocab[sep], type_vocab_size=1))
+        model = RobertaModel(
+            RobertaConfig(
+                **size, pad_token_id=vocab[pad], bos_token_id=vocab[cls], eos_token_id=vocab[sep], type_vocab_size=1
+            )
+        )
     elif kind == "distilbert":
         from transformers import DistilBertConfig, DistilBertModel
 
-        model = DistilBertModel(DistilBertConfig(vocab_size=len(vocab), dim=16, n_layers=2, n_heads=2, hidden_dim=32,
-                                                 max_position_embeddings=64, initializer_range=0.3))
+        model = DistilBertModel(
+            DistilBertConfig(
+                vocab_size=len(vocab),
+                dim=16,
+                n_layers=2,
+                n_heads=2,
+                hidden_dim=32,
+                max_position_embeddings=64,
+                initializer_range=0.3,
+            )
+        )
     elif kind == "deberta-v2":
         from transformers import DebertaV2Config, DebertaV2Model
 
@@ -127,8 +226,13 @@ def tiny_encoder_dir(path, kind: str = "bert", seed: int = 0):
     else:
         from transformers import ModernBertConfig, ModernBertModel
 
-        ids = dict(pad_token_id=vocab[pad], bos_token_id=vocab[cls], eos_token_id=vocab[sep], cls_token_id=vocab[cls],
-                   sep_token_id=vocab[sep])
+        ids = dict(
+            pad_token_id=vocab[pad],
+            bos_token_id=vocab[cls],
+            eos_token_id=vocab[sep],
+            cls_token_id=vocab[cls],
+            sep_token_id=vocab[sep],
+        )
         model = ModernBertModel(ModernBertConfig(**size, **ids))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

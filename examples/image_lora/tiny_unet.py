@@ -18,12 +18,30 @@ import torch.nn.functional as F
 
 import loratune
 
-UNET_SIZE = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=2,
-                 norm_num_groups=4)
-TEXT_SIZE = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, vocab_size=100,
-                 max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+UNET_SIZE = dict(
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16,
+    attention_head_dim=2,
+    norm_num_groups=4,
+)
+TEXT_SIZE = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_attention_heads=2,
+    num_hidden_layers=2,
+    vocab_size=100,
+    max_position_embeddings=16,
+    projection_dim=16,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
 
 
 def tiny_pipeline(seed: int = 0):
@@ -34,9 +52,13 @@ def tiny_pipeline(seed: int = 0):
     torch.manual_seed(seed)
     return StableDiffusionPipeline(
         vae=AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, sample_size=8),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_SIZE)), tokenizer=None,
-        unet=UNet2DConditionModel(**UNET_SIZE), scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_SIZE)),
+        tokenizer=None,
+        unet=UNet2DConditionModel(**UNET_SIZE),
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -73,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     tiny_pipeline().save_pretrained(out / "pipeline")
     styles = {
-        "style-a": (["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], ["q_proj", "k_proj", "v_proj", "out_proj"], 1),
+        "style-a": (
+            ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+            ["q_proj", "k_proj", "v_proj", "out_proj"],
+            1,
+        ),
         "style-b": (["to_q", "to_k", "to_v", "to_out.0"], [], 2),
     }
     for name, (unet_targets, text_targets, seed) in styles.items():

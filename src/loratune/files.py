@@ -52,7 +52,7 @@ def give_default_modes(root: Path) -> None:
     """``give_default_mode`` for ``root`` and everything below it. Libraries that write through a temporary
     file (safetensors does) leave owner-only files behind; this is applied before anything is published."""
     mask = current_umask()
-    for directory, subdirs, files in os.walk(root):
+    for directory, _subdirs, files in os.walk(root):
         os.chmod(directory, 0o777 & ~mask)
         for name in files:
             path = os.path.join(directory, name)
@@ -153,7 +153,8 @@ def read_safetensors(
 ) -> dict:
     """All tensors of the safetensors file at ``path`` (on the CPU).
 
-    Raises ``error`` (default ``FileAccessError``) naming the file when it is missing, unreadable, truncated or not safetensors.
+    Raises ``error`` (default ``FileAccessError``) naming the file when it is missing, unreadable, truncated or not
+    safetensors.
     """
     from safetensors import safe_open
 

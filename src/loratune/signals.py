@@ -99,9 +99,13 @@ def stopping(acknowledge: Callable[[int], None] | None = None) -> Iterator[None]
     of interrupting it (default: a line on stderr)."""
     before = (_state.stopping, _state.acknowledge)
     _state.stopping = True
-    _state.acknowledge = acknowledge or (lambda signum: print(
-        f"loratune: {signal.Signals(signum).name} received while stopping; finishing the save first",
-        file=sys.stderr, flush=True))
+    _state.acknowledge = acknowledge or (
+        lambda signum: print(
+            f"loratune: {signal.Signals(signum).name} received while stopping; finishing the save first",
+            file=sys.stderr,
+            flush=True,
+        )
+    )
     try:
         yield
     finally:

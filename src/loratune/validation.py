@@ -11,7 +11,6 @@ from pydantic import BaseModel, ValidationError
 
 from loratune.errors import ConfigError
 
-
 # Names other tools use for our keys; checked before spelling similarity, which would suggest e.g.
 # rank_pattern for "rank".
 SYNONYMS = {

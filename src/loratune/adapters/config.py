@@ -6,7 +6,7 @@ The config is immutable: derive a changed copy with ``config.model_copy(update={
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -58,20 +58,20 @@ class LoraConfig(BaseModel):
     r: int = Field(8, gt=0)
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: Union[str, list[str]] = ALL_LINEAR
-    exclude_modules: Union[str, list[str], None] = None
-    layers_to_transform: Union[int, list[int], None] = None
-    layers_pattern: Union[str, list[str], None] = None
+    target_modules: str | list[str] = ALL_LINEAR
+    exclude_modules: str | list[str] | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     use_rslora: bool = False
-    init_lora_weights: Union[bool, str] = True
-    modules_to_save: Union[list[str], None] = None
+    init_lora_weights: bool | str = True
+    modules_to_save: list[str] | None = None
     use_dora: bool = False
     bias: str = "none"
     fan_in_fan_out: bool = False  # accepted for PEFT compatibility; Conv1D layers are detected by type
-    task_type: Union[str, None] = None
-    base_model_name_or_path: Union[str, None] = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
 
     def __init__(self, **data: Any):
         check_known_keys(data, type(self).model_fields, "LoraConfig.")
@@ -110,7 +110,9 @@ class LoraConfig(BaseModel):
     @model_validator(mode="after")
     def _dora_start(self):
         if self.use_dora and is_residual_start(self.init_lora_weights):
-            raise ValueError(f"use_dora cannot start from init_lora_weights={self.init_lora_weights!r}; use the default init")
+            raise ValueError(
+                f"use_dora cannot start from init_lora_weights={self.init_lora_weights!r}; use the default init"
+            )
         return self
 
     @model_validator(mode="after")
@@ -130,7 +132,7 @@ class LoraConfig(BaseModel):
         return data
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
+    def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
         """Read a PEFT ``adapter_config.json`` dict; unknown keys are ignored, non-LoRA adapters refused.
 
         Raises ``AdapterLoadError`` for another PEFT method or a LoRA variant loratune does not implement.

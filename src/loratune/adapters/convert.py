@@ -86,9 +86,17 @@ def output_format(inputs: Iterable[AdapterFile], requested: str | None, out: str
     return chosen
 
 
-def write_any(out: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor], fmt: str, *,
-              metadata: Mapping[str, str] | None = None, overwrite: bool = False,
-              copy_from: str | os.PathLike | None = None, compress: str | None = None) -> Path:
+def write_any(
+    out: str | os.PathLike,
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    fmt: str,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+    copy_from: str | os.PathLike | None = None,
+    compress: str | None = None,
+) -> Path:
     """Write a verb's result in format ``fmt``: a PEFT directory (see ``write_adapter_dir``) or a kohya file.
     A result keyed by module paths becomes kohya names as the UNet's (``lora_unet_…``); one keyed by kohya
     names becomes a PEFT adapter keyed by them (load it on a model with ``convert`` first)."""
@@ -111,6 +119,7 @@ def _kohya_named(config: LoraConfig) -> bool:
 
 # --- conversion ----------------------------------------------------------------------------------------------
 
+
 def read_pipeline_adapter(path: str | os.PathLike) -> dict[str, tuple[LoraConfig, dict[str, torch.Tensor]]]:
     """``{component: (config, tensors)}`` of a PEFT pipeline adapter directory: the UNet's at the root (when
     it has an adapter config), the text encoders' in their subdirectories."""
@@ -128,8 +137,11 @@ def is_diffusers_file(path: str | os.PathLike) -> bool:
     """Whether the ``.safetensors`` file at ``path`` is in diffusers' LoRA layout (``unet.….lora_A.weight``)."""
     with reading(path, "LoRA file", AdapterLoadError), safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
-    return bool(keys) and all(k.split(".", 1)[0] in PIPELINE_COMPONENTS for k in keys) and \
-        any(".lora_A." in k or k.endswith(".lora_A.weight") for k in keys)
+    return (
+        bool(keys)
+        and all(k.split(".", 1)[0] in PIPELINE_COMPONENTS for k in keys)
+        and any(".lora_A." in k or k.endswith(".lora_A.weight") for k in keys)
+    )
 
 
 def read_diffusers_file(path: str | os.PathLike) -> dict[str, tuple[LoraConfig, dict[str, torch.Tensor]]]:
@@ -149,28 +161,41 @@ def read_diffusers_file(path: str | os.PathLike) -> dict[str, tuple[LoraConfig, 
         if fields:
             config = LoraConfig.from_peft_dict({"peft_type": "LORA", **fields}, source=f"{path} ({component})")
         else:
-            ranks = {parse_factor_key(k).path: t.shape[0] for k, t in tensors.items()
-                     if parse_factor_key(k) is not None and parse_factor_key(k).factor == "A"}
+            ranks = {
+                parse_factor_key(k).path: t.shape[0]
+                for k, t in tensors.items()
+                if parse_factor_key(k) is not None and parse_factor_key(k).factor == "A"
+            }
             config = config_for(ranks, {p: float(r) for p, r in ranks.items()})
         out[component] = (config, tensors)
     return out
 
 
-def write_diffusers_file(out: str | os.PathLike, parts: Mapping[str, tuple[LoraConfig, Mapping[str, torch.Tensor]]],
-                         *, overwrite: bool = False) -> Path:
+def write_diffusers_file(
+    out: str | os.PathLike,
+    parts: Mapping[str, tuple[LoraConfig, Mapping[str, torch.Tensor]]],
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Write ``{component: (config, PEFT-keyed tensors)}`` as a diffusers single-file LoRA at ``out``: PEFT's
     keys without ``base_model.model.`` under the component's name, the configs packed in the header."""
     target = Path(out)
     if target.suffix != ".safetensors":
-        raise ConfigError(f"a diffusers LoRA file is a .safetensors file; give --out ending in .safetensors, not {target}")
-    with guard_output(target, kind="file", overwrite=overwrite, what="diffusers LoRA file",
-                      record_kind="diffusers-lora"):
+        raise ConfigError(
+            f"a diffusers LoRA file is a .safetensors file; give --out ending in .safetensors, not {target}"
+        )
+    with guard_output(
+        target, kind="file", overwrite=overwrite, what="diffusers LoRA file", record_kind="diffusers-lora"
+    ):
         tensors, packed = {}, {}
         for component, (config, part) in parts.items():
             tensors.update({f"{component}.{module_path(key)}": t.contiguous() for key, t in part.items()})
             packed.update({f"{component}.{k}": v for k, v in config.to_peft_dict().items()})
-        header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
-                  WRITER_KEY: __version__}
+        header = {
+            "format": "pt",
+            DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
+            WRITER_KEY: __version__,
+        }
         return write_atomic(target, lambda temp: save_file(tensors, temp, metadata=header))
 
 
@@ -180,21 +205,28 @@ def source_format(path: str | os.PathLike) -> str:
     ``path`` is instead: missing, a file of another kind, a directory without an adapter."""
     source = Path(path)
     if not source.exists():
-        raise ConfigError(f"{source}: no such file or directory; give a kohya or diffusers .safetensors file or a "
-                          "PEFT adapter directory")
+        raise ConfigError(
+            f"{source}: no such file or directory; give a kohya or diffusers .safetensors file or a "
+            "PEFT adapter directory"
+        )
     if source.is_dir():
         if (source / CONFIG_NAME).is_file() or any((source / c / CONFIG_NAME).is_file() for c in TEXT_ENCODERS):
             return "peft"
-        raise ConfigError(f"{source} is a directory without {CONFIG_NAME}, so not a PEFT adapter; give an adapter "
-                          "directory or a .safetensors LoRA file")
+        raise ConfigError(
+            f"{source} is a directory without {CONFIG_NAME}, so not a PEFT adapter; give an adapter "
+            "directory or a .safetensors LoRA file"
+        )
     if source.suffix != ".safetensors":
-        raise ConfigError(f"{source} is not a LoRA file (convert reads a kohya or diffusers .safetensors file, or a "
-                          "PEFT adapter directory)")
+        raise ConfigError(
+            f"{source} is not a LoRA file (convert reads a kohya or diffusers .safetensors file, or a "
+            "PEFT adapter directory)"
+        )
     return "diffusers" if is_diffusers_file(source) else "kohya"
 
 
-def pipeline_parts(source: str | os.PathLike, module_paths: Mapping[str, Iterable[str]] | None = None
-                   ) -> dict[str, tuple[LoraConfig, dict[str, torch.Tensor]]]:
+def pipeline_parts(
+    source: str | os.PathLike, module_paths: Mapping[str, Iterable[str]] | None = None
+) -> dict[str, tuple[LoraConfig, dict[str, torch.Tensor]]]:
     """``{component: (config, tensors)}`` of any pipeline LoRA: a PEFT pipeline directory, a diffusers
     single file, or a kohya file (whose names need ``module_paths``, ``{component: paths}``)."""
     if not is_kohya_path(source):
@@ -202,13 +234,21 @@ def pipeline_parts(source: str | os.PathLike, module_paths: Mapping[str, Iterabl
     if is_diffusers_file(source):
         return read_diffusers_file(source)
     if module_paths is None:
-        raise ConfigError("converting a kohya file needs --model DIFFUSERS_DIR (a pipeline or UNet directory): kohya "
-                          "names replace '.' by '_', so only the model's module names tell them apart")
+        raise ConfigError(
+            "converting a kohya file needs --model DIFFUSERS_DIR (a pipeline or UNet directory): kohya "
+            "names replace '.' by '_', so only the model's module names tell them apart"
+        )
     return to_module_paths(read_kohya(source), module_paths, str(source))
 
 
-def kohya_to_peft(source: str | os.PathLike, out: str | os.PathLike, module_paths: Mapping[str, Iterable[str]] | None,
-                  *, base_model: str | None = None, overwrite: bool = False) -> dict[str, int]:
+def kohya_to_peft(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    module_paths: Mapping[str, Iterable[str]] | None,
+    *,
+    base_model: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, int]:
     """Convert the kohya (or diffusers single-file) LoRA ``source`` to a PEFT pipeline adapter directory at
     ``out`` (the UNet's adapter at the root, text encoders' in subdirectories), kohya names resolved with
     ``module_paths`` (``{component: paths}``). Tensors are copied bit for bit. Returns the number of modules
@@ -216,8 +256,10 @@ def kohya_to_peft(source: str | os.PathLike, out: str | os.PathLike, module_path
     with guard_output(out, overwrite=overwrite, inputs=[("the LoRA file", source)]):
         parts = pipeline_parts(source, module_paths)
         if base_model:
-            parts = {c: (config.model_copy(update={"base_model_name_or_path": base_model}), tensors)
-                     for c, (config, tensors) in parts.items()}
+            parts = {
+                c: (config.model_copy(update={"base_model_name_or_path": base_model}), tensors)
+                for c, (config, tensors) in parts.items()
+            }
 
         def fill(staging: Path) -> None:
             for component, (config, tensors) in parts.items():
@@ -234,16 +276,25 @@ def peft_to_kohya(source: str | os.PathLike, out: str | os.PathLike, *, overwrit
     parts = pipeline_parts(source)
     adapter: KohyaAdapter = from_module_paths(parts)
     write_kohya(out, adapter.config, adapter.tensors, metadata=adapter.metadata, overwrite=overwrite)
-    return {component: len(module_ranks_and_alphas(config, tensors)[0]) for component, (config, tensors) in parts.items()}
+    return {
+        component: len(module_ranks_and_alphas(config, tensors)[0]) for component, (config, tensors) in parts.items()
+    }
 
 
-def to_diffusers_file(source: str | os.PathLike, out: str | os.PathLike,
-                      module_paths: Mapping[str, Iterable[str]] | None = None, *, overwrite: bool = False) -> dict[str, int]:
+def to_diffusers_file(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    module_paths: Mapping[str, Iterable[str]] | None = None,
+    *,
+    overwrite: bool = False,
+) -> dict[str, int]:
     """Convert any pipeline LoRA (see ``pipeline_parts``) to a diffusers single file at ``out``; tensors are
     copied bit for bit. Returns the modules per component."""
     parts = pipeline_parts(source, module_paths)
     write_diffusers_file(out, parts, overwrite=overwrite)
-    return {component: len(module_ranks_and_alphas(config, tensors)[0]) for component, (config, tensors) in parts.items()}
+    return {
+        component: len(module_ranks_and_alphas(config, tensors)[0]) for component, (config, tensors) in parts.items()
+    }
 
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 Adapter modules change their weight by Δ = s·B·A (A: r × in, B: out × r; s = alpha/r or alpha/√r with
 rsLoRA, after rank_pattern and alpha_pattern). A convolution's factors (A: r × in × k…, B: out × r × 1…) are
-held flattened to those matrices, Δ being the change of the flattened kernel, and reshaped when written. ``mix`` combines these; ``loratune.analysis`` measures and
+held flattened to those matrices, Δ being the change of the flattened kernel, and reshaped when written. ``mix``
+combines these; ``loratune.analysis`` measures and
 truncates them.
 """
 
@@ -98,7 +99,7 @@ def numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
     matrix exact in float32."""
     if S.numel() == 0 or S[0] == 0:
         return 0
-    return int((S > S[0] * max(shape) * torch.finfo(torch.float32).eps).sum())
+    return int((S[0] * max(shape) * torch.finfo(torch.float32).eps < S).sum())
 
 
 def unit_scaling_fields(ranks: dict[str, int]) -> dict:

@@ -38,8 +38,8 @@ from loratune.adapters.peft_format import read_adapter
 from loratune.adapters.peft_keys import is_base_copy_key, parse_factor_key
 from loratune.adapters.targets import rank_and_alpha
 from loratune.errors import AdapterLoadError, ConfigError
-from loratune.outputs import guard_output, write_atomic
 from loratune.layers import lora_scaling
+from loratune.outputs import guard_output, write_atomic
 
 # Hugging Face architecture (config.json ``architectures[0]``, what llama.cpp's converter dispatches on) ->
 # (GGUF architecture, whether the converter permutes q/k rows for it).
@@ -71,15 +71,14 @@ class GgufBase:
     tied_embeddings: bool
 
     @classmethod
-    def from_config(cls, config: Mapping) -> "GgufBase":
+    def from_config(cls, config: Mapping) -> GgufBase:
         """Read a Hugging Face ``config.json`` dict. Raises ``ConfigError`` for an unsupported architecture."""
         names = config.get("architectures") or []
         hf_architecture = names[0] if names else str(config.get("model_type"))
         if hf_architecture not in ARCHITECTURES:
             supported = ", ".join(ARCHITECTURES)
             raise ConfigError(
-                f"GGUF export does not support the base architecture {hf_architecture!r} "
-                f"(supported: {supported})"
+                f"GGUF export does not support the base architecture {hf_architecture!r} (supported: {supported})"
             )
         arch, permute_qk = ARCHITECTURES[hf_architecture]
         n_head = int(config["num_attention_heads"])
@@ -151,8 +150,10 @@ def gguf_lora_tensors(
     if not math.isfinite(scale):
         raise ConfigError(f"--scale must be a finite number, got {scale}")
     if config.use_dora:
-        raise ConfigError("llama.cpp has no DoRA adapters; merge this one into the base (`loratune merge`) and "
-                          "convert the merged model instead")
+        raise ConfigError(
+            "llama.cpp has no DoRA adapters; merge this one into the base (`loratune merge`) and "
+            "convert the merged model instead"
+        )
     names = gguf.TensorNameMap(base.arch, base.n_layers)
     alpha = float(config.lora_alpha)
     out: dict[str, np.ndarray] = {}
@@ -198,8 +199,9 @@ def gguf_lora_tensors(
     return GgufLora(tensors=out, alpha=alpha, folded=folded)
 
 
-def write_gguf_lora(lora: GgufLora, base: GgufBase, out: str | os.PathLike, *, dtype: str = "f32",
-                    name: str | None = None) -> Path:
+def write_gguf_lora(
+    lora: GgufLora, base: GgufBase, out: str | os.PathLike, *, dtype: str = "f32", name: str | None = None
+) -> Path:
     """Write ``lora`` as a GGUF LoRA file at ``out`` (temporary name, then renamed); return the path.
 
     ``dtype`` is the tensor type: ``f32`` (llama.cpp's converter default), ``f16`` or ``bf16``.
@@ -230,8 +232,15 @@ def write_gguf_lora(lora: GgufLora, base: GgufBase, out: str | os.PathLike, *, d
     return write_atomic(out, write)
 
 
-def export_gguf(adapter_dir: str | os.PathLike, out: str | os.PathLike, base_config: Mapping, *,
-                dtype: str = "f32", scale: float = 1.0, overwrite: bool = False) -> GgufLora:
+def export_gguf(
+    adapter_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    base_config: Mapping,
+    *,
+    dtype: str = "f32",
+    scale: float = 1.0,
+    overwrite: bool = False,
+) -> GgufLora:
     """Export the PEFT adapter at ``adapter_dir`` to a llama.cpp GGUF LoRA file at ``out`` (an existing file only
     with ``overwrite``, and only one loratune wrote).
 
@@ -240,8 +249,14 @@ def export_gguf(adapter_dir: str | os.PathLike, out: str | os.PathLike, base_con
     or inconsistent adapter and ``ConfigError`` for what llama.cpp cannot represent or an ``out`` that may not
     be written.
     """
-    with guard_output(out, kind="file", overwrite=overwrite, inputs=[("the adapter", adapter_dir)],
-                      what="GGUF file", record_kind="gguf-lora"):
+    with guard_output(
+        out,
+        kind="file",
+        overwrite=overwrite,
+        inputs=[("the adapter", adapter_dir)],
+        what="GGUF file",
+        record_kind="gguf-lora",
+    ):
         base = GgufBase.from_config(base_config)
         config, tensors = read_adapter(adapter_dir)
         lora = gguf_lora_tensors(tensors, config, base, scale=scale)

@@ -18,12 +18,40 @@ from loratune.adapters.peft_keys import parse_factor_key
 from loratune.errors import AdapterLoadError
 from loratune.files import reading
 
-PEFT_FIELDS = ("base_model", "r", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "init_lora_weights",
-               "target_modules", "modules_to_save", "n_modules", "ranks", "trainable_params", "dtype", "compression",
-               "size_bytes")
-KOHYA_FIELDS = ("base_model", "base_model_version", "network_module", "components", "n_modules", "conv_modules", "r",
-                "lora_alpha", "ranks", "alphas", "trainable_params", "dtype", "size_bytes", "output_name",
-                "training_comment")
+PEFT_FIELDS = (
+    "base_model",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "use_dora",
+    "lora_dropout",
+    "init_lora_weights",
+    "target_modules",
+    "modules_to_save",
+    "n_modules",
+    "ranks",
+    "trainable_params",
+    "dtype",
+    "compression",
+    "size_bytes",
+)
+KOHYA_FIELDS = (
+    "base_model",
+    "base_model_version",
+    "network_module",
+    "components",
+    "n_modules",
+    "conv_modules",
+    "r",
+    "lora_alpha",
+    "ranks",
+    "alphas",
+    "trainable_params",
+    "dtype",
+    "size_bytes",
+    "output_name",
+    "training_comment",
+)
 
 
 def describe_adapter(path: str | os.PathLike) -> dict:

@@ -27,6 +27,8 @@ FORMAT_KEY = "loratune_compression"
 FORMAT = "int8-rowwise-absmax"
 DTYPE_KEY = "loratune_factor_dtype"  # the factors' dtype before compression; loading returns it
 _QMAX = 127
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)``: int8 codes shaped like ``x`` (2-D) and one float32 scale per row (0 for a zero row)."""
     x = x.detach().float()

@@ -113,10 +113,14 @@ def read_kohya(path: str | os.PathLike) -> KohyaAdapter:
         if kind is None:
             variant = next((what for mark, what in UNSUPPORTED.items() if suffix.startswith(mark)), None)
             if variant is not None:
-                raise AdapterLoadError(f"{file} holds {variant}, a LyCORIS type loratune cannot represent as LoRA "
-                                       f"(e.g. {key}); nothing was loaded")
-            raise AdapterLoadError(f"{file}: {key} is not a kohya LoRA key (expected <name>.lora_down.weight, "
-                                   "<name>.lora_up.weight or <name>.alpha); nothing was loaded")
+                raise AdapterLoadError(
+                    f"{file} holds {variant}, a LyCORIS type loratune cannot represent as LoRA "
+                    f"(e.g. {key}); nothing was loaded"
+                )
+            raise AdapterLoadError(
+                f"{file}: {key} is not a kohya LoRA key (expected <name>.lora_down.weight, "
+                "<name>.lora_up.weight or <name>.alpha); nothing was loaded"
+            )
         try:
             split_name(name)
         except ConfigError as exc:
@@ -142,36 +146,52 @@ def read_kohya(path: str | os.PathLike) -> KohyaAdapter:
     return KohyaAdapter(config, tensors, metadata)
 
 
-def config_for(ranks: Mapping[str, int], alphas: Mapping[str, float], base_model: str | None = None,
-               **fields) -> LoraConfig:
+def config_for(
+    ranks: Mapping[str, int], alphas: Mapping[str, float], base_model: str | None = None, **fields
+) -> LoraConfig:
     """A ``LoraConfig`` giving each module path its rank and alpha exactly: the most common (r, alpha) as
     the defaults, the others in ``rank_pattern`` / ``alpha_pattern`` under their full paths."""
     counts = Counter((ranks[p], alphas[p]) for p in ranks)
     r, alpha = max(counts, key=lambda pair: (counts[pair], pair))
     return LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=sorted(ranks), base_model_name_or_path=base_model,
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(ranks),
+        base_model_name_or_path=base_model,
         rank_pattern={p: k for p, k in sorted(ranks.items()) if k != r},
-        alpha_pattern={p: a for p, a in sorted(alphas.items()) if a != alpha}, **fields,
+        alpha_pattern={p: a for p, a in sorted(alphas.items()) if a != alpha},
+        **fields,
     )
 
 
-def module_ranks_and_alphas(config: LoraConfig, tensors: Mapping[str, torch.Tensor],
-                            source: str = "adapter") -> tuple[dict[str, int], dict[str, float]]:
+def module_ranks_and_alphas(
+    config: LoraConfig, tensors: Mapping[str, torch.Tensor], source: str = "adapter"
+) -> tuple[dict[str, int], dict[str, float]]:
     """Each module's rank and the kohya alpha that gives its scaling (alpha/r; with rsLoRA alpha·√r)."""
     factors, others = adapter_factors(config, dict(tensors), source)
     if others:
-        raise ConfigError(f"{source} has tensors a kohya file cannot hold (modules_to_save or DoRA magnitudes, e.g. "
-                          f"{sorted(others)[0]}); keep it in the PEFT format")
+        raise ConfigError(
+            f"{source} has tensors a kohya file cannot hold (modules_to_save or DoRA magnitudes, e.g. "
+            f"{sorted(others)[0]}); keep it in the PEFT format"
+        )
     if any(f.embedding for f in factors.values()):
-        raise ConfigError(f"{source} adapts an embedding layer, which a kohya file cannot hold; keep it in the PEFT format")
+        raise ConfigError(
+            f"{source} adapts an embedding layer, which a kohya file cannot hold; keep it in the PEFT format"
+        )
     ranks = {path: f.rank for path, f in factors.items()}
     if config.use_rslora:
         return ranks, {path: f.scaling * f.rank for path, f in factors.items()}
     return ranks, {path: rank_and_alpha(config, path)[1] for path in factors}
 
 
-def write_kohya(path: str | os.PathLike, config: LoraConfig, tensors: Mapping[str, torch.Tensor], *,
-                metadata: Mapping[str, str] | None = None, overwrite: bool = False) -> Path:
+def write_kohya(
+    path: str | os.PathLike,
+    config: LoraConfig,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a PEFT-keyed adapter whose module paths are kohya names as a kohya file at ``path`` (atomically).
 
     ``alpha`` is a 0-d float32 tensor per module, as kohya writes it. ``metadata`` (e.g. the input's ``ss_*``)
@@ -185,8 +205,9 @@ def write_kohya(path: str | os.PathLike, config: LoraConfig, tensors: Mapping[st
         return _write_kohya_file(target, config, tensors, metadata)
 
 
-def _write_kohya_file(target: Path, config: LoraConfig, tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str] | None) -> Path:
+def _write_kohya_file(
+    target: Path, config: LoraConfig, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+) -> Path:
     ranks, alphas = module_ranks_and_alphas(config, tensors)
     out = {}
     for name in sorted(ranks):
@@ -221,8 +242,9 @@ def component_part(adapter: KohyaAdapter, component: str) -> KohyaAdapter:
     return KohyaAdapter(config, tensors, adapter.metadata)
 
 
-def to_module_paths(adapter: KohyaAdapter, module_paths: Mapping[str, Iterable[str]],
-                    source: str = "kohya file") -> dict[str, tuple[LoraConfig, dict[str, torch.Tensor]]]:
+def to_module_paths(
+    adapter: KohyaAdapter, module_paths: Mapping[str, Iterable[str]], source: str = "kohya file"
+) -> dict[str, tuple[LoraConfig, dict[str, torch.Tensor]]]:
     """Split a kohya adapter by component into PEFT adapters keyed by real module paths.
 
     ``module_paths``: for each component the file adapts (``unet``, ``text_encoder``, ``text_encoder_2``),
@@ -234,8 +256,10 @@ def to_module_paths(adapter: KohyaAdapter, module_paths: Mapping[str, Iterable[s
         prefix, _ = split_name(name)
         component = COMPONENTS[prefix]
         if component not in module_paths:
-            raise ConfigError(f"{source} adapts the {component} ({prefix}_*), but no {component} was given; "
-                              f"give a model with one (a diffusers pipeline directory has {component}/)")
+            raise ConfigError(
+                f"{source} adapts the {component} ({prefix}_*), but no {component} was given; "
+                f"give a model with one (a diffusers pipeline directory has {component}/)"
+            )
         by_component.setdefault(component, {})[name] = prefix
     parts = {}
     for component, names in by_component.items():
@@ -248,9 +272,11 @@ def to_module_paths(adapter: KohyaAdapter, module_paths: Mapping[str, Iterable[s
         for name in sorted(names):
             if name not in lookup:
                 hint = closest(name, list(lookup))
-                raise ConfigError(f"{source}: {name} names no module of the {component}"
-                                  + (f"; closest: {hint}" if hint else "")
-                                  + " (is the file for another model, e.g. SDXL's original block names?)")
+                raise ConfigError(
+                    f"{source}: {name} names no module of the {component}"
+                    + (f"; closest: {hint}" if hint else "")
+                    + " (is the file for another model, e.g. SDXL's original block names?)"
+                )
             mapping[name] = lookup[name]
         parts[component] = _renamed(adapter.config, adapter.tensors, mapping, ranks, alphas)
     return parts
@@ -259,8 +285,11 @@ def to_module_paths(adapter: KohyaAdapter, module_paths: Mapping[str, Iterable[s
 def from_module_paths(parts: Mapping[str, tuple[LoraConfig, Mapping[str, torch.Tensor]]]) -> KohyaAdapter:
     """PEFT adapters keyed by module paths, one per component (``unet``, ``text_encoder``,
     ``text_encoder_2``), as one kohya adapter (``lora_te1`` / ``lora_te2`` when there are two text encoders)."""
-    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1" if "text_encoder_2" in parts else "lora_te",
-                "text_encoder_2": "lora_te2"}
+    prefixes = {
+        "unet": "lora_unet",
+        "text_encoder": "lora_te1" if "text_encoder_2" in parts else "lora_te",
+        "text_encoder_2": "lora_te2",
+    }
     ranks, alphas, tensors = {}, {}, {}
     for component, (config, part) in parts.items():
         if component not in prefixes:
@@ -275,8 +304,13 @@ def from_module_paths(parts: Mapping[str, tuple[LoraConfig, Mapping[str, torch.T
     return KohyaAdapter(config_for(ranks, alphas, base), tensors, metadata)
 
 
-def _renamed(config: LoraConfig, tensors: Mapping[str, torch.Tensor], mapping: Mapping[str, str],
-             ranks: Mapping[str, int], alphas: Mapping[str, float]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def _renamed(
+    config: LoraConfig,
+    tensors: Mapping[str, torch.Tensor],
+    mapping: Mapping[str, str],
+    ranks: Mapping[str, int],
+    alphas: Mapping[str, float],
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The factors of the modules in ``mapping`` under their new paths, with a config giving each its rank
     and alpha (rsLoRA folded into alpha)."""
     out = {}

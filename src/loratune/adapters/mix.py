@@ -63,7 +63,8 @@ The last four act on the full out × in deltas τᵢ and factorise the result by
 the sum of the input ranks in that module (the inputs' size together; the energy kept is printed).
 --rank full keeps the numerical rank (singular values above σ₁·max(out, in)·ε_float32), which is exact but
 can be as large as min(out, in): hundreds of MB for a small model. Where PEFT differs: its
-ties/dare_*/magnitude_prune act on A and B separately (ours: on the deltas, like its *_svd variants); it elects the sign from unweighted deltas
+ties/dare_*/magnitude_prune act on A and B separately (ours: on the deltas, like its *_svd variants); it elects the
+sign from unweighted deltas
 (ours: from wᵢ·Δᵢ, so a negative weight votes with its sign); its DARE masks are unseeded.
 modules_to_save: carried over when every input has identical tensors for them; anything else is refused.
 """
@@ -153,7 +154,9 @@ def _dense(method, parts, path, density, seed, majority_sign):
 # --- checks -------------------------------------------------------------------------------------------------
 
 
-def check_options(method: str, n_adapters: int, rank: int | str | None, density: float | None, majority_sign: str) -> None:
+def check_options(
+    method: str, n_adapters: int, rank: int | str | None, density: float | None, majority_sign: str
+) -> None:
     """Raise ``ConfigError`` (one line, saying what to do) for an unknown method or options it cannot use."""
     if method not in METHODS:
         hint = closest(method, METHODS)
@@ -198,7 +201,6 @@ def _check_shapes(factor_sets: Sequence[dict[str, Factors]], names: Sequence[str
                 )
 
 
-
 def _common_others(other_sets: Sequence[dict], configs: Sequence[LoraConfig], names: Sequence[str]) -> dict:
     """The tensors besides the factors: modules_to_save copies, which every input must have identical (else
     ``ConfigError``), and base-weight copies, kept from whichever input has them (identical where shared)."""
@@ -214,9 +216,7 @@ def _common_others(other_sets: Sequence[dict], configs: Sequence[LoraConfig], na
     first, first_config = trained[0], configs[0]
     for others, config, name in zip(trained[1:], configs[1:], names[1:]):
         same_modules = sorted(config.modules_to_save or []) == sorted(first_config.modules_to_save or [])
-        differing = sorted(others.keys() ^ first.keys()) or [
-            k for k in first if not torch.equal(first[k], others[k])
-        ]
+        differing = sorted(others.keys() ^ first.keys()) or [k for k in first if not torch.equal(first[k], others[k])]
         if differing or not same_modules:
             what = differing[0] if differing else "modules_to_save"
             raise ConfigError(
@@ -340,7 +340,8 @@ def _warn_if_much_larger(tensors: dict[str, torch.Tensor], factor_sets: Sequence
         warnings.warn(
             f"the mixed adapter's factors take {size / 1e6:.1f} MB, {size / inputs:.0f}× its inputs' "
             f"{inputs / 1e6:.1f} MB; give a rank (--rank R) for a smaller approximation (the energy kept is "
-            "reported)", stacklevel=3,
+            "reported)",
+            stacklevel=3,
         )
 
 
@@ -373,14 +374,28 @@ def mix_adapter_dirs(
     refuse_aliasing(out, [("the adapter", path) for path, _ in inputs], "the output")
     adapters = [read_any(path) for path, _ in inputs]
     fmt = output_format(adapters, format, out)
-    with guard_output(out, kind="file" if fmt == "kohya" else "directory", overwrite=overwrite,
-                      record_kind="kohya-lora"):
+    with guard_output(
+        out, kind="file" if fmt == "kohya" else "directory", overwrite=overwrite, record_kind="kohya-lora"
+    ):
         result = mix_adapters(
-            [(a.config, a.tensors) for a in adapters], [w for _, w in inputs], method, rank=rank, density=density,
-            seed=seed, majority_sign=majority_sign, names=[str(path) for path, _ in inputs],
+            [(a.config, a.tensors) for a in adapters],
+            [w for _, w in inputs],
+            method,
+            rank=rank,
+            density=density,
+            seed=seed,
+            majority_sign=majority_sign,
+            names=[str(path) for path, _ in inputs],
         )
-        write_any(out, result.config, result.tensors, fmt, metadata=adapters[0].metadata, overwrite=overwrite,
-                  compress=compress)
+        write_any(
+            out,
+            result.config,
+            result.tensors,
+            fmt,
+            metadata=adapters[0].metadata,
+            overwrite=overwrite,
+            compress=compress,
+        )
     return result
 
 

@@ -46,11 +46,14 @@ def _check_names(routing: Routing, known: list[str], layers: list[tuple[str, nn.
             )
     merged = sorted({name for _, layer in layers for name in layer.state.merged_names})
     if merged:
-        raise ConfigError(f"mixed-adapter batches need unmerged adapters, but {merged} are merged; unmerge(model) first")
+        raise ConfigError(
+            f"mixed-adapter batches need unmerged adapters, but {merged} are merged; unmerge(model) first"
+        )
     for path, layer in layers:
         if layer.pissa:
             raise ConfigError(
-                f"{path!r} holds an adapter from a PiSSA or OLoRA start, whose base weight is rewritten, so its rows cannot share a base "
+                f"{path!r} holds an adapter from a PiSSA or OLoRA start, whose base weight is rewritten, so its rows "
+                "cannot share a base "
                 "pass with others; save it (as plain LoRA) and load it back to use it in mixed batches"
             )
 
@@ -72,8 +75,10 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
         raise ConfigError(f"{ADAPTER_NAMES_KWARG} must be a list with one adapter name per row, got {adapter_names!r}")
     routing = routing_for(tuple(adapter_names))
     _check_names(routing, known, layers)
-    before = [(module, module.state.routing if isinstance(module, LoraLayer) else module.routing)
-              for module in (*(layer for _, layer in layers), *wrappers)]
+    before = [
+        (module, module.state.routing if isinstance(module, LoraLayer) else module.routing)
+        for module in (*(layer for _, layer in layers), *wrappers)
+    ]
     for module, _ in before:
         _route(module, routing)
     try:

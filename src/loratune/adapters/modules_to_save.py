@@ -50,8 +50,10 @@ class ModulesToSaveWrapper(nn.Module):
         if len(groups) > 1:
             taken = [set(indices) for name, indices in self.routing.groups if name in self.copies]
             if len(set().union(*taken)) < sum(map(len, taken)):
-                raise ConfigError("a row mixes two adapters that each replace this whole module (modules_to_save); "
-                                  "such adapters cannot be mixed on one row")
+                raise ConfigError(
+                    "a row mixes two adapters that each replace this whole module (modules_to_save); "
+                    "such adapters cannot be mixed on one row"
+                )
         if len(groups) == 1 and groups[0][1] is None:
             return groups[0][0](x, *args, **kwargs)
         result = self.original_module(x, *args, **kwargs)

@@ -28,9 +28,16 @@ from loratune.adapters.registry import active_adapters, adapters_of, get_entry, 
 from loratune.adapters.surgery import delete_adapter, inject_adapter, set_active, set_strength
 from loratune.adapters.targets import find_targets, portable_target_modules
 from loratune.errors import AdapterLoadError, ConfigError
-from loratune.files import describe_read_error, give_default_modes, is_temp_name, read_safetensors, temp_dir_beside, writing
-from loratune.outputs import MANIFEST_NAME, guard_output, record_published, record_removed, write_output_dir
+from loratune.files import (
+    describe_read_error,
+    give_default_modes,
+    is_temp_name,
+    read_safetensors,
+    temp_dir_beside,
+    writing,
+)
 from loratune.layers import UNINITIALISED, LoraLayer
+from loratune.outputs import MANIFEST_NAME, guard_output, record_published, record_removed, write_output_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -90,9 +97,7 @@ def adapter_tensors(model: nn.Module, name: str, *, convert_pissa: bool = True) 
                 "init_lora_weights": True,
             }
         )
-    config = config.model_copy(
-        update={"target_modules": portable_target_modules(model, config, entry.lora_paths)}
-    )
+    config = config.model_copy(update={"target_modules": portable_target_modules(model, config, entry.lora_paths)})
     return tensors, config
 
 
@@ -185,7 +190,9 @@ def write_adapter_dir(
     extras = []
     if copy_from is not None:
         skip = {CONFIG_NAME, WEIGHTS_NAME, INT8_WEIGHTS_NAME, MANIFEST_NAME}
-        extras = [p for p in Path(copy_from).iterdir() if p.is_file() and p.name not in skip and not is_temp_name(p.name)]
+        extras = [
+            p for p in Path(copy_from).iterdir() if p.is_file() and p.name not in skip and not is_temp_name(p.name)
+        ]
 
     def fill(staging: Path) -> None:
         for extra in extras:
@@ -304,7 +311,9 @@ def load_adapter(
     init = config.init_lora_weights if config.init_lora_weights in ("pissa", "olora") else UNINITIALISED
     plain = as_plain and init is not UNINITIALISED
     # the start rewrites the targets' weights; converting gives them back only up to rounding, so keep them
-    originals = {path: _base_weight(module).detach().clone() for path, module in find_targets(model, config)} if plain else {}
+    originals = (
+        {path: _base_weight(module).detach().clone() for path, module in find_targets(model, config)} if plain else {}
+    )
     try:
         inject_adapter(model, config, name, dtype=dtype, init=init)
     except ConfigError as exc:
@@ -350,8 +359,10 @@ def _kohya_for(model: nn.Module, path: Path, component: str | None) -> tuple[Lor
                 raise AdapterLoadError(f"adapter {path} does not fit this model: {exc}") from None
     if len(fitting) != 1:
         found = ", ".join(components_in(adapter))
-        raise AdapterLoadError(f"{path} adapts {found}, and {'several' if fitting else 'none'} of them fit this "
-                               "model; say which one it is with component=")
+        raise AdapterLoadError(
+            f"{path} adapts {found}, and {'several' if fitting else 'none'} of them fit this "
+            "model; say which one it is with component="
+        )
     return next(iter(fitting.values()))
 
 

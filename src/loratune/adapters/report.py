@@ -37,7 +37,9 @@ def parameter_report(model: nn.Module, name: str | None = None) -> ParameterRepo
     the active adapters together)."""
     params = list(model.parameters())  # deduplicates tied weights
     # Packed 4-bit data holds two parameters per byte: count what it stands for.
-    packed = sum(m.in_features * m.out_features - m.weight.numel() for m in model.modules() if isinstance(m, Linear4bit))
+    packed = sum(
+        m.in_features * m.out_features - m.weight.numel() for m in model.modules() if isinstance(m, Linear4bit)
+    )
     names = [name] if name is not None else active_adapters(model)
     owned = {id(t): t for n in names for _, t in adapter_slots(model, n)}
     return ParameterReport(

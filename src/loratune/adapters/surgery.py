@@ -93,10 +93,10 @@ def inject_adapter(
     saved_paths = []
     for path, module in list(candidate_modules(model)) if config.modules_to_save else []:
         if is_module_to_save(path, config.modules_to_save):
-            if not isinstance(module, ModulesToSaveWrapper):
-                module = ModulesToSaveWrapper(module)
-                model.set_submodule(path, module)
-            module.add(name)
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+            if wrapper is not module:
+                model.set_submodule(path, wrapper)
+            wrapper.add(name)
             saved_paths.append(path)
     if config.modules_to_save and not saved_paths:
         delete_adapter_layers(model, name)
@@ -228,7 +228,9 @@ def disabled_adapters(model: nn.Module):
             wrapper.active = active
 
 
-def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, *, safe: bool = False, on_tied: str = "untie") -> None:
+def merge_adapters(
+    model: nn.Module, names: Sequence[str] | None = None, *, safe: bool = False, on_tied: str = "untie"
+) -> None:
     """Write ``s·strength·B·A`` of ``names`` (default: the active adapters) into the base weights.
 
     Math in float32, cast back to the base dtype. An adapter already merged is skipped with a warning.
@@ -264,8 +266,10 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None, *, safe
             try:
                 layer.check_merge(name, safe=safe)
                 if layer.is_dora(name) and id(layer) in merging:
-                    raise ConfigError(f"DoRA adapter {name!r} merges into the original weight, which another "
-                                      "adapter in this merge changes; merge one DoRA adapter per layer")
+                    raise ConfigError(
+                        f"DoRA adapter {name!r} merges into the original weight, which another "
+                        "adapter in this merge changes; merge one DoRA adapter per layer"
+                    )
             except (ConfigError, ValueError) as error:
                 raise type(error)(f"{path}: {error}") from None
             merging.add(id(layer))

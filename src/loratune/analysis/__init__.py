@@ -17,10 +17,10 @@ from loratune.analysis.resize import ResizeResult, resize_adapter
 from loratune.analysis.similarity import amplification, compare_adapters, subspace_similarity
 from loratune.analysis.spectrum import (
     adapter_spectrum,
+    delta_svd,
     energy_curve,
     factor_singular_values,
     full_finetune_spectrum,
-    delta_svd,
     rank_for_energy,
 )
 from loratune.analysis.weights import WeightReader
@@ -32,11 +32,11 @@ __all__ = [
     "adapter_spectrum",
     "amplification",
     "compare_adapters",
+    "delta_svd",
     "energy_curve",
     "extract_adapter",
     "factor_singular_values",
     "full_finetune_spectrum",
-    "delta_svd",
     "rank_for_energy",
     "resize_adapter",
     "subspace_similarity",

@@ -84,9 +84,12 @@ def extract_adapter(
     matrices = [key for key, shape in layout.items() if len(shape) == 2]
     # the module that owns a changed norm weight or bias; changed matrices LoRA does not take (or named)
     saved = {key.rsplit(".", 1)[0] for key in changed_others(base, tuned, layout)}
-    saved |= {module_of(key) for key in matrices
-              if (_named(module_of(key), save_modules) or kinds.get(module_of(key)) not in LORA_KINDS)
-              and matrix_changed(base, tuned, key, layout[key])}
+    saved |= {
+        module_of(key)
+        for key in matrices
+        if (_named(module_of(key), save_modules) or kinds.get(module_of(key)) not in LORA_KINDS)
+        and matrix_changed(base, tuned, key, layout[key])
+    }
     if tied is not None and tied[0] in saved:
         saved.add(tied[1])  # the head shares the embedding's weight: a saved copy must carry both
     lora = [key for key in matrices if module_of(key) not in saved]
@@ -97,7 +100,7 @@ def extract_adapter(
         path, shape = module_of(key), layout[key]
         if progress is not None:
             progress(f"[{index}/{len(lora)}] {path} {list(shape)}")
-        want = min(rank, min(shape)) if rank is not None else min(max_rank, min(shape))
+        want = min(rank, *shape) if rank is not None else min(max_rank, *shape)
         svd = delta_svd(delta_reader(base, tuned, key), shape, want, vectors=True)
         if svd.total == 0:
             unchanged += 1
@@ -124,8 +127,10 @@ def extract_adapter(
     if not ranks and not saved:
         raise ConfigError("the tuned model equals the base; there is nothing to extract")
     if not ranks:
-        raise ConfigError(f"no changed weight matrix is left for LoRA (changed and saved whole: "
-                          f"{', '.join(sorted(saved)[:5])}); merge-style copies need no adapter")
+        raise ConfigError(
+            f"no changed weight matrix is left for LoRA (changed and saved whole: "
+            f"{', '.join(sorted(saved)[:5])}); merge-style copies need no adapter"
+        )
     config = LoraConfig(
         **unit_scaling_fields(ranks),
         target_modules=sorted(ranks),

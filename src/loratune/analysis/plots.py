@@ -66,12 +66,20 @@ def plot_similarity(report: dict, path: str | Path, labels: tuple[str, str] = ("
     import matplotlib.pyplot as plt
 
     modules = report["modules"][:limit]
-    fig, axes = plt.subplots(1, len(modules), figsize=(2.4 * len(modules) + 1.2, 3), dpi=100, squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(modules), figsize=(2.4 * len(modules) + 1.2, 3), dpi=100, squeeze=False, layout="constrained"
+    )
     image = None
     for ax, module in zip(axes[0], modules):
-        image = ax.imshow(module["phi"], vmin=0, vmax=1, cmap="viridis", origin="upper", aspect="auto",
-                          extent=(0.5, module["r_b"] + 0.5, module["r_a"] + 0.5, 0.5))
+        image = ax.imshow(
+            module["phi"],
+            vmin=0,
+            vmax=1,
+            cmap="viridis",
+            origin="upper",
+            aspect="auto",
+            extent=(0.5, module["r_b"] + 0.5, module["r_a"] + 0.5, 0.5),
+        )
         ax.set_title(module["name"].replace("model.layers.", "L"), fontsize=8)
         ax.set_xlabel(f"j ({labels[1]})", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -47,8 +47,10 @@ def _base_weight(base: WeightReader, kinds: dict[str, str], path: str, factors: 
         weight = weight.T
     expected = (factors.B.shape[0], factors.A.shape[1])
     if tuple(weight.shape) != expected:
-        raise ConfigError(f"{key} is {list(weight.shape)}, the adapter's update is {list(expected)}; "
-                          "is this the base these adapters were trained on?")
+        raise ConfigError(
+            f"{key} is {list(weight.shape)}, the adapter's update is {list(expected)}; "
+            "is this the base these adapters were trained on?"
+        )
     return weight
 
 
@@ -74,12 +76,21 @@ def compare_adapters(
         fa, fb = factors_a[path], factors_b[path]
         phi = subspace_similarity(fa.A, fb.A)
         m = min(fa.rank, fb.rank)
-        entry = {"name": path, "r_a": fa.rank, "r_b": fb.rank, "phi": phi.tolist(), "phi_top": float(phi[0, 0]),
-                 "phi_full": float(phi[m - 1, m - 1])}
+        entry = {
+            "name": path,
+            "r_a": fa.rank,
+            "r_b": fb.rank,
+            "phi": phi.tolist(),
+            "phi_top": float(phi[0, 0]),
+            "phi_full": float(phi[m - 1, m - 1]),
+        }
         if base is not None:
             weight = _base_weight(base, kinds or {}, path, fa)
             entry["amplification_a"] = amplification(fa, weight)
             entry["amplification_b"] = amplification(fb, weight)
         modules.append(entry)
-    return {"modules": modules, "only_in_a": sorted(set(factors_a) - set(factors_b)),
-            "only_in_b": sorted(set(factors_b) - set(factors_a))}
+    return {
+        "modules": modules,
+        "only_in_a": sorted(set(factors_a) - set(factors_b)),
+        "only_in_b": sorted(set(factors_b) - set(factors_a)),
+    }

@@ -132,8 +132,15 @@ def _blocks(rows: int, columns: int):
         yield start, min(rows, start + step)
 
 
-def delta_svd(read_rows: RowReader, shape: tuple[int, int], k: int, *, vectors: bool = False,
-              seed: int = 0, power_iterations: int = 4) -> DeltaSVD:
+def delta_svd(
+    read_rows: RowReader,
+    shape: tuple[int, int],
+    k: int,
+    *,
+    vectors: bool = False,
+    seed: int = 0,
+    power_iterations: int = 4,
+) -> DeltaSVD:
     """The top ``k`` singular values (and vectors, with ``vectors``) of the matrix whose rows ``read_rows(a, b)``
     returns, holding at most one block of rows and the sketches (out × q, in × q) at a time — unless the matrix
     is small (≤ 4M elements) or k is at least half its rank, when it is read whole and decomposed exactly in
@@ -159,9 +166,13 @@ def delta_svd(read_rows: RowReader, shape: tuple[int, int], k: int, *, vectors: 
         total += float(block.double().square().sum())
         Y[a:b] = block.float() @ omega
     if total == 0:  # unchanged: nothing to decompose, no more passes
-        return DeltaSVD(torch.zeros(rows, k, dtype=torch.float64) if vectors else None,
-                        torch.zeros(k, dtype=torch.float64),
-                        torch.zeros(k, columns, dtype=torch.float64) if vectors else None, 0.0, "randomized")
+        return DeltaSVD(
+            torch.zeros(rows, k, dtype=torch.float64) if vectors else None,
+            torch.zeros(k, dtype=torch.float64),
+            torch.zeros(k, columns, dtype=torch.float64) if vectors else None,
+            0.0,
+            "randomized",
+        )
     for _ in range(power_iterations):
         Q = torch.linalg.qr(Y)[0]
         Z = torch.zeros(columns, q)
@@ -256,5 +267,8 @@ def full_finetune_spectrum(
         modules.append(entry)
     if not modules:
         raise ConfigError("no weight matrix differs between the base and the tuned model; nothing to measure")
-    return {"modules": modules, "recommended_rank": _recommended(modules, thresholds),
-            "other_changed": changed_others(base, tuned, layout)}
+    return {
+        "modules": modules,
+        "recommended_rank": _recommended(modules, thresholds),
+        "other_changed": changed_others(base, tuned, layout),
+    }

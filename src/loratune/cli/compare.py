@@ -11,18 +11,19 @@ NAME = "compare"
 
 
 def add_parser(verb) -> None:
-    p = verb(NAME, "how alike two adapters' learned subspaces are (φ per module, LoRA paper §7)",
-             "Subspace similarity φ(i, j) of the two adapters' A matrices in every module both adapt; with "
-             "--model also the amplification factor ‖ΔW‖_F / ‖Uᵀ·W·V‖_F of each (§7.3; U, V: ΔW's top-r "
-             "singular vectors, W the base weight).\n\n" + DEFINITIONS)
+    p = verb(
+        NAME,
+        "how alike two adapters' learned subspaces are (φ per module, LoRA paper §7)",
+        "Subspace similarity φ(i, j) of the two adapters' A matrices in every module both adapt; with "
+        "--model also the amplification factor ‖ΔW‖_F / ‖Uᵀ·W·V‖_F of each (§7.3; U, V: ΔW's top-r "
+        "singular vectors, W the base weight).\n\n" + DEFINITIONS,
+    )
     p.add_argument("adapter_a", metavar="ADAPTER_A", help="adapter directory (PEFT format) or kohya .safetensors file")
     p.add_argument("adapter_b", metavar="ADAPTER_B")
     p.add_argument("--model", "-m", metavar="BASE", help="the base model, for the amplification factor")
     p.add_argument("--plot", metavar="FILE.png", help="draw φ(i, j) heat maps (up to six modules) into FILE.png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing FILE.png that loratune drew")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-
-
 
 
 def writes(args) -> Writes:
@@ -62,10 +63,14 @@ def run(args) -> int:
     console = Console(highlight=False)
     console.print(table)
     tops = [m["phi_top"] for m in report["modules"]]
-    console.print(f"mean φ(1,1) {sum(tops) / len(tops):.3f} over {len(tops)} modules (1: both adapters' top direction "
-                  "is the same; two random directions give about 1/in)")
-    for side, names in (("only in " + str(args.adapter_a), report["only_in_a"]),
-                        ("only in " + str(args.adapter_b), report["only_in_b"])):
+    console.print(
+        f"mean φ(1,1) {sum(tops) / len(tops):.3f} over {len(tops)} modules (1: both adapters' top direction "
+        "is the same; two random directions give about 1/in)"
+    )
+    for side, names in (
+        ("only in " + str(args.adapter_a), report["only_in_a"]),
+        ("only in " + str(args.adapter_b), report["only_in_b"]),
+    ):
         if names:
             console.print(f"{side}: {len(names)} modules")
     if args.plot:

@@ -37,8 +37,14 @@ def run(args) -> int:
     for label, path in (("train", d.train), ("eval", d.eval)):
         if path is None:
             continue
-        examples, stats = build_dataset(path, tokenizer, format=d.format, max_length=max_length,
-                                        truncation=d.truncation, train_on_prompt=d.train_on_prompt)
+        examples, stats = build_dataset(
+            path,
+            tokenizer,
+            format=d.format,
+            max_length=max_length,
+            truncation=d.truncation,
+            train_on_prompt=d.train_on_prompt,
+        )
         out.rule(f"{label}: {path}")
         if out.is_terminal:
             out.print(render_preview_rich(examples, tokenizer, n=args.examples))
@@ -75,6 +81,9 @@ def _preview_classification(config, tokenizer, max_length: int, out, n: int) -> 
             out.print(tokenizer.decode(row.input_ids), markup=False, soft_wrap=True)
         lengths = sorted(len(row) for row in rows)
         cut = sum(1 for length in lengths if length >= max_length)
-        out.print(f"tokens per row: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
-                  f"{cut} at max_length {max_length} (truncated)", markup=False)
+        out.print(
+            f"tokens per row: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
+            f"{cut} at max_length {max_length} (truncated)",
+            markup=False,
+        )
     return 0

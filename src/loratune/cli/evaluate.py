@@ -15,24 +15,42 @@ NAME = "eval"
 
 
 def add_parser(verb) -> None:
-    p = verb(NAME, "loss, perplexity and exact match of a model (+ adapters) on a data file",
-             "Loss, perplexity and exact match of a language model (+ adapters) on a data file; for a classifier "
-             "(an adapter or model with labels.json, trained with task: seq_cls) the loss and the GLUE metrics "
-             "that fit it: accuracy, macro_f1 and mcc (Matthews), or pearson, spearman and mse for regression.")
+    p = verb(
+        NAME,
+        "loss, perplexity and exact match of a model (+ adapters) on a data file",
+        "Loss, perplexity and exact match of a language model (+ adapters) on a data file; for a classifier "
+        "(an adapter or model with labels.json, trained with task: seq_cls) the loss and the GLUE metrics "
+        "that fit it: accuracy, macro_f1 and mcc (Matthews), or pearson, spearman and mse for regression.",
+    )
     add_model_options(p)
     p.add_argument("--data", required=True, metavar="FILE", help="JSONL/JSON/CSV/Parquet in a supported format")
-    p.add_argument("--format", default="auto", choices=("auto", *FORMATS), metavar="FORMAT",
-                   help=f"data format: auto (detected, default), {', '.join(FORMATS)}")
-    p.add_argument("--max-length", type=positive_int, default=None,
-                   help="truncate longer rows (default: 512, or the model's context when shorter)")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", *FORMATS),
+        metavar="FORMAT",
+        help=f"data format: auto (detected, default), {', '.join(FORMATS)}",
+    )
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="truncate longer rows (default: 512, or the model's context when shorter)",
+    )
     p.add_argument("--max-examples", type=positive_int, default=None, help="evaluate only the first N rows")
-    p.add_argument("--max-new-tokens", type=positive_int, default=32,
-                   help="generation limit for exact match (default: 32)")
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=32, help="generation limit for exact match (default: 32)"
+    )
     p.add_argument("--batch-size", type=positive_int, default=32, help="rows per batch (default: 32)")
     p.add_argument("--no-exact-match", action="store_true", help="skip generation; loss and perplexity only")
-    p.add_argument("--retain", metavar="FILE", default=None, type=retain_source,
-                   help="also the loss on FILE (or 'builtin': text smollm2-135m wrote) with the adapters and without "
-                        "them: retain_loss, retain_loss_base and forgetting = their difference")
+    p.add_argument(
+        "--retain",
+        metavar="FILE",
+        default=None,
+        type=retain_source,
+        help="also the loss on FILE (or 'builtin': text smollm2-135m wrote) with the adapters and without "
+        "them: retain_loss, retain_loss_base and forgetting = their difference",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -59,14 +77,23 @@ def run(args) -> int:
         from loratune.train.forgetting import retention as measure_retention
 
         retention = measure_retention(model, tokenizer, args.retain, max_length, max(1, args.batch_size // 2))
-    result = evaluate(model, tokenizer, tokenized, examples, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, with_exact_match=not args.no_exact_match)
+    result = evaluate(
+        model,
+        tokenizer,
+        tokenized,
+        examples,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        with_exact_match=not args.no_exact_match,
+    )
     if args.json:
         print(json.dumps({**result.as_dict(), **retention}))
         return 0
     em = "n/a (no references)" if result.exact_match is None else f"{100 * result.exact_match:.1f}%"
-    print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  exact match {em}  "
-          f"({result.n} examples, {result.n_tokens} target tokens)")
+    print(
+        f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  exact match {em}  "
+        f"({result.n} examples, {result.n_tokens} target tokens)"
+    )
     if retention:
         base = "n/a (no adapter)" if retention["retain_loss_base"] is None else f"{retention['retain_loss_base']:.4f}"
         change = "" if retention["forgetting"] is None else f"  forgetting {retention['forgetting']:+.4f}"
@@ -85,4 +112,3 @@ def _eval_classifier(model, tokenizer, args, max_length: int) -> int:
     shown = "  ".join(f"{name} {value:.4f}" for name, value in result.metrics.items())
     print(f"loss {result.loss:.4f}  {shown}  ({result.n} examples)")
     return 0
-

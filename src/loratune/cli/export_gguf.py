@@ -11,19 +11,31 @@ NAME = "export-gguf"
 
 
 def add_parser(verb) -> None:
-    p = verb(NAME, "export an adapter to llama.cpp's GGUF LoRA format (llama-cli --lora FILE.gguf)",
-             "Write the adapter as a GGUF LoRA file that llama.cpp loads next to a GGUF of its base model with "
-             "--lora: tensor names, shapes and metadata as llama.cpp's convert_lora_to_gguf.py writes them, Llama "
-             "q/k rows permuted like the base's. Per-module alpha, rsLoRA and --scale are folded into lora_b. "
-             "Refused: modules_to_save, LoRA on a tied output head or tied embeddings, architectures other than "
-             "Llama, Mistral and Qwen2.")
+    p = verb(
+        NAME,
+        "export an adapter to llama.cpp's GGUF LoRA format (llama-cli --lora FILE.gguf)",
+        "Write the adapter as a GGUF LoRA file that llama.cpp loads next to a GGUF of its base model with "
+        "--lora: tensor names, shapes and metadata as llama.cpp's convert_lora_to_gguf.py writes them, Llama "
+        "q/k rows permuted like the base's. Per-module alpha, rsLoRA and --scale are folded into lora_b. "
+        "Refused: modules_to_save, LoRA on a tied output head or tied embeddings, architectures other than "
+        "Llama, Mistral and Qwen2.",
+    )
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter directory (PEFT format)")
     p.add_argument("--out", "-o", required=True, metavar="FILE.gguf", help="the GGUF file to write")
-    p.add_argument("--model", "-m", default=None, metavar="M",
-                   help="the base model (alias, .gguf or HF directory; only its config is read); default: the "
-                        "adapter's base_model_name_or_path")
-    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32",
-                   help="tensor type of lora_a/lora_b (default: f32, as llama.cpp's converter)")
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        metavar="M",
+        help="the base model (alias, .gguf or HF directory; only its config is read); default: the "
+        "adapter's base_model_name_or_path",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["f32", "f16", "bf16"],
+        default="f32",
+        help="tensor type of lora_a/lora_b (default: f32, as llama.cpp's converter)",
+    )
     p.add_argument("--scale", type=finite_float, default=1.0, help="strength baked into the file (default: 1.0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing FILE.gguf that loratune wrote")
 

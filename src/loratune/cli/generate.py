@@ -15,19 +15,33 @@ NAME = "generate"
 
 
 def add_parser(verb) -> None:
-    p = verb(NAME, "generate text from a prompt (chat-formatted unless --raw), streamed to the terminal",
-             "Generate from --prompt, or chat interactively when no --prompt is given. The prompt goes through the "
-             "model's chat template, exactly as chat-style training data did, unless --raw.")
+    p = verb(
+        NAME,
+        "generate text from a prompt (chat-formatted unless --raw), streamed to the terminal",
+        "Generate from --prompt, or chat interactively when no --prompt is given. The prompt goes through the "
+        "model's chat template, exactly as chat-style training data did, unless --raw.",
+    )
     add_model_options(p)
     p.add_argument("--prompt", "-p", help="the prompt; without it, an interactive chat on stdin")
     p.add_argument("--system", help="a system message (chat format only)")
     p.add_argument("--raw", action="store_true", help="use the prompt as written, no chat template")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation limit (default: 256)")
-    p.add_argument("--temperature", type=temperature, default=0.0,
-                   help="0 = greedy (default); above 0, sample from softmax(logits / T)")
-    p.add_argument("--top-p", type=probability, default=None, metavar="P",
-                   help="sampling: keep the smallest set of tokens with probability mass P, in (0, 1]")
-    p.add_argument("--top-k", type=positive_int, default=None, metavar="K", help="sampling: keep the K most likely tokens")
+    p.add_argument(
+        "--temperature",
+        type=temperature,
+        default=0.0,
+        help="0 = greedy (default); above 0, sample from softmax(logits / T)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=probability,
+        default=None,
+        metavar="P",
+        help="sampling: keep the smallest set of tokens with probability mass P, in (0, 1]",
+    )
+    p.add_argument(
+        "--top-k", type=positive_int, default=None, metavar="K", help="sampling: keep the K most likely tokens"
+    )
     p.add_argument("--seed", type=seed, default=0, help="sampling seed (default: 0)")
 
 
@@ -43,8 +57,10 @@ def run(args) -> int:
 
     sampling = [name for name, value in (("--top-p", args.top_p), ("--top-k", args.top_k)) if value is not None]
     if sampling and args.temperature == 0:
-        raise ConfigError(f"{' and '.join(sampling)} shape sampling, but --temperature 0 decodes greedily; "
-                          "give --temperature above 0 (e.g. 0.7) to sample")
+        raise ConfigError(
+            f"{' and '.join(sampling)} shape sampling, but --temperature 0 decodes greedily; "
+            "give --temperature above 0 (e.g. 0.7) to sample"
+        )
     if args.raw and args.prompt is None:
         raise ConfigError("interactive chat uses the chat template; give --prompt to generate from raw text")
     model, tokenizer = load_for_verb(args)
@@ -66,8 +82,11 @@ def run(args) -> int:
         return text
 
     if args.prompt is not None:
-        ids = encode_texts(tokenizer, [args.prompt])[0] if args.raw else chat_prompt_ids(tokenizer, args.prompt,
-                                                                                          system=args.system)
+        ids = (
+            encode_texts(tokenizer, [args.prompt])[0]
+            if args.raw
+            else chat_prompt_ids(tokenizer, args.prompt, system=args.system)
+        )
         answer(ids)
         return 0
     history = [{"role": "system", "content": args.system}] if args.system else []

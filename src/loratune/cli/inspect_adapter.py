@@ -11,9 +11,12 @@ NAME = "inspect"
 
 
 def add_parser(verb) -> None:
-    p = verb(NAME, "describe an adapter: base model, rank, targets, parameters, size",
-             "Describe a PEFT adapter directory or a kohya .safetensors file (image-model LoRA: its components, "
-             "Linear and Conv modules, ranks and alphas, and the training settings in its ss_* metadata).")
+    p = verb(
+        NAME,
+        "describe an adapter: base model, rank, targets, parameters, size",
+        "Describe a PEFT adapter directory or a kohya .safetensors file (image-model LoRA: its components, "
+        "Linear and Conv modules, ranks and alphas, and the training settings in its ss_* metadata).",
+    )
     p.add_argument("adapter", metavar="ADAPTER", help="adapter directory (PEFT format) or kohya .safetensors file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -54,7 +54,9 @@ def classifier_labels(args, model_name: str):
         raise ConfigError("the adapters are classifiers with different labels; give adapters of one task")
     if spaces and None in found.values():
         plain = next(path for path, space in found.items() if space is None)
-        raise ConfigError(f"adapter {plain} has no labels.json but the others are classifiers; give adapters of one task")
+        raise ConfigError(
+            f"adapter {plain} has no labels.json but the others are classifiers; give adapters of one task"
+        )
     if spaces:
         return spaces.pop()
     return read_labels(model_name) if Path(model_name).is_dir() else None
@@ -72,8 +74,9 @@ def fit_max_length(max_length: int, limit: int | None, what: str) -> int:
     """``max_length`` capped at the model's context ``limit``, with a warning when it is longer."""
     if limit is None or max_length <= limit:
         return max_length
-    warnings.warn(f"{what} {max_length} is longer than the model's context ({limit} positions); using {limit}",
-                  stacklevel=2)
+    warnings.warn(
+        f"{what} {max_length} is longer than the model's context ({limit} positions); using {limit}", stacklevel=2
+    )
     return limit
 
 

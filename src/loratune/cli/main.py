@@ -37,8 +37,25 @@ from loratune.errors import LoratuneError
 
 # Each verb is a module: NAME, add_parser(verb), writes(args) -> Writes (what it writes and reads, for the guard
 # every writing verb goes through) and run(args) -> exit status. In the order ``--help`` lists them.
-VERBS = (train, data, evaluate, predict, generate, merge, export_gguf, mix, convert, compress, rank, resize, extract,
-         compare, sweep, serve, inspect_adapter)
+VERBS = (
+    train,
+    data,
+    evaluate,
+    predict,
+    generate,
+    merge,
+    export_gguf,
+    mix,
+    convert,
+    compress,
+    rank,
+    resize,
+    extract,
+    compare,
+    sweep,
+    serve,
+    inspect_adapter,
+)
 
 EPILOG = """\
 models (M): a Hugging Face model directory, a .gguf file (converted once into ~/.cache/loratune and
@@ -73,8 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
     def verb(name, help_text, description=None):
-        return verbs.add_parser(name, help=help_text, description=description or help_text, epilog=EPILOG,
-                                parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
+        return verbs.add_parser(
+            name,
+            help=help_text,
+            description=description or help_text,
+            epilog=EPILOG,
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     for module in VERBS:
         module.add_parser(verb)
@@ -102,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from loratune import signals
     from loratune.cli.writes import guarded
 
-    module = next(m for m in VERBS if m.NAME == args.verb)
+    module = next(m for m in VERBS if args.verb == m.NAME)
     notices = _show_notices(verb)
     # Warnings (e.g. an adapter trained on another base) as one line each, like errors, whatever filters the
     # caller set; restored afterwards (main() also runs in-process: tests, notebooks).
@@ -111,10 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.showwarning = lambda message, *_, **__: print(f"{verb}: warning: {message}", file=sys.stderr)
         try:
-            with signals.stop_on_signals():
-                with guarded(module.writes(args)):
-                    return module.run(args) or 0
-        except Exception as error:  # noqa: BLE001 - every failure becomes one line unless --debug
+            with signals.stop_on_signals(), guarded(module.writes(args)):
+                return module.run(args) or 0
+        except Exception as error:
             if args.debug:
                 raise
             status, message = describe_failure(error)
@@ -139,11 +161,15 @@ def describe_failure(error: Exception) -> tuple[int, str]:
         where = f"{error.filename}: " if error.filename else ""
         return 2, f"error: {where}{error.strerror or error}"
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        return 2, ("error: out of memory; lower the batch size or max_length, or load the model in 4 bits "
-                   "(--quantize nf4 / model.quantize: nf4)")
+        return 2, (
+            "error: out of memory; lower the batch size or max_length, or load the model in 4 bits "
+            "(--quantize nf4 / model.quantize: nf4)"
+        )
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return 1, (f"internal error: {type(error).__name__}: {first} — this is a bug in loratune; "
-               "run again with --debug for the traceback and report it")
+    return 1, (
+        f"internal error: {type(error).__name__}: {first} — this is a bug in loratune; "
+        "run again with --debug for the traceback and report it"
+    )
 
 
 def _show_notices(verb: str) -> logging.Handler:

@@ -21,21 +21,42 @@ class Parser(argparse.ArgumentParser):
 def add_model_options(parser: argparse.ArgumentParser, dtype: bool = True, adapters: bool = True) -> None:
     """``--model`` (and ``--adapter``, ``--dtype``), ``--device``, ``--trust-remote-code`` and ``--quantize``: how a
     verb that runs a model loads it."""
-    parser.add_argument("--model", "-m", default=None, metavar="M",
-                        help="base model: alias, .gguf or HF directory (default: the base recorded in the adapter; "
-                             "without an adapter, smollm2-135m)")
+    parser.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        metavar="M",
+        help="base model: alias, .gguf or HF directory (default: the base recorded in the adapter; "
+        "without an adapter, smollm2-135m)",
+    )
     if adapters:
-        parser.add_argument("--adapter", "-a", action="append", default=[], type=adapter_spec, metavar="DIR[:SCALE]",
-                            help="adapter directory (PEFT format) with an optional strength; repeatable")
+        parser.add_argument(
+            "--adapter",
+            "-a",
+            action="append",
+            default=[],
+            type=adapter_spec,
+            metavar="DIR[:SCALE]",
+            help="adapter directory (PEFT format) with an optional strength; repeatable",
+        )
     if dtype:
-        parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, metavar="DTYPE",
-                            help="auto (bf16 where supported), bf16, fp16 or fp32")
+        parser.add_argument(
+            "--dtype",
+            default="auto",
+            choices=DTYPE_CHOICES,
+            metavar="DTYPE",
+            help="auto (bf16 where supported), bf16, fp16 or fp32",
+        )
     parser.add_argument("--device", default="auto", type=device, help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
-    parser.add_argument("--quantize", choices=("nf4", "fp4"), default=None,
-                        help="load the base with its Linear layers in 4 bits, as a QLoRA run trained it (automatic "
-                             "for a model stored in 4 bits); safetensors bases stream tensor by tensor, a .gguf base "
-                             "is converted through transformers, which holds the whole model (fine for small models)")
+    parser.add_argument(
+        "--quantize",
+        choices=("nf4", "fp4"),
+        default=None,
+        help="load the base with its Linear layers in 4 bits, as a QLoRA run trained it (automatic "
+        "for a model stored in 4 bits); safetensors bases stream tensor by tensor, a .gguf base "
+        "is converted through transformers, which holds the whole model (fine for small models)",
+    )
 
 
 def _number(text: str, kind, what: str):
@@ -174,14 +195,17 @@ def retain_source(text: str) -> str:
 def add_adapter_output(parser, default_format: str) -> None:
     """``--out``, ``--format`` and ``--overwrite`` of a verb that writes an adapter in either file format
     (``default_format`` says, in the help, which format it writes unless told)."""
-    parser.add_argument("--out", required=True, metavar="OUT",
-                        help="directory for a PEFT adapter, FILE.safetensors for a kohya file")
+    parser.add_argument(
+        "--out", required=True, metavar="OUT", help="directory for a PEFT adapter, FILE.safetensors for a kohya file"
+    )
     from loratune.adapters.convert import FORMATS
 
-    parser.add_argument("--format", choices=FORMATS, default=None,
-                        help=f"format of the result (default: {default_format})")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing OUT that loratune wrote (see OVERWRITE)")
+    parser.add_argument(
+        "--format", choices=FORMATS, default=None, help=f"format of the result (default: {default_format})"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing OUT that loratune wrote (see OVERWRITE)"
+    )
 
 
 DEFAULT_MODEL = "smollm2-135m"

@@ -14,18 +14,26 @@ NAME = "predict"
 
 
 def add_parser(verb) -> None:
-    p = verb(NAME, "label each row of a data file with a classifier (labels and probabilities as JSONL)",
-             "Run a classifier (an adapter trained with task: seq_cls, or a full fine-tune's model/ directory: "
-             "either carries labels.json) over --data and write one JSON object per row: the text (and text_pair), "
-             "the predicted label and the probability of each label; for regression, the score. Rows need the "
-             "text columns the classifier was trained on; a label column is not needed.")
+    p = verb(
+        NAME,
+        "label each row of a data file with a classifier (labels and probabilities as JSONL)",
+        "Run a classifier (an adapter trained with task: seq_cls, or a full fine-tune's model/ directory: "
+        "either carries labels.json) over --data and write one JSON object per row: the text (and text_pair), "
+        "the predicted label and the probability of each label; for regression, the score. Rows need the "
+        "text columns the classifier was trained on; a label column is not needed.",
+    )
     add_model_options(p)
     p.add_argument("--data", required=True, metavar="FILE", help="JSONL/JSON/CSV/TSV/Parquet rows to label")
     p.add_argument("--out", metavar="FILE.jsonl", default=None, help="write the predictions here (default: stdout)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out file that loratune wrote (see OVERWRITE)")
-    p.add_argument("--max-length", type=positive_int, default=None,
-                   help="truncate longer rows (default: 512, or the model's context when shorter)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out file that loratune wrote (see OVERWRITE)"
+    )
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="truncate longer rows (default: 512, or the model's context when shorter)",
+    )
     p.add_argument("--max-examples", type=positive_int, default=None, help="label only the first N rows")
     p.add_argument("--batch-size", type=positive_int, default=32, help="rows per batch (default: 32)")
 
@@ -43,8 +51,10 @@ def run(args) -> int:
 
     model, tokenizer = load_for_verb(args)
     if getattr(model, "labels", None) is None:
-        raise ConfigError("predict labels rows with a classifier (an adapter with labels.json, trained with task: "
-                          "seq_cls); for a language model use: loratune generate")
+        raise ConfigError(
+            "predict labels rows with a classifier (an adapter with labels.json, trained with task: "
+            "seq_cls); for a language model use: loratune generate"
+        )
     max_length = eval_max_length(model, args.max_length)
     examples, rows = classifier_rows(model, tokenizer, args, max_length, labelled=False)
     logits = classifier_logits(model, rows, tokenizer.pad_token_id, args.batch_size)

@@ -13,22 +13,36 @@ NAME = "rank"
 
 
 def add_parser(verb) -> None:
-    p = verb(NAME, "how much rank each update needs: singular values and energy per module",
-             "Singular values σ and energy E(k) of each adapted module's update s·B·A (from the factors: QR of "
-             "each, SVD of an r × r core), or with --model/--tuned of each weight a full fine-tune changed "
-             "(W_tuned − W_base, read a block of rows at a time; the top --max-rank σ by an exact or randomized "
-             "SVD, E relative to the exact ‖ΔW‖_F²).\n\n" + DEFINITIONS)
-    p.add_argument("adapter", nargs="?", metavar="ADAPTER", help="adapter directory (PEFT format) or kohya .safetensors file")
+    p = verb(
+        NAME,
+        "how much rank each update needs: singular values and energy per module",
+        "Singular values σ and energy E(k) of each adapted module's update s·B·A (from the factors: QR of "
+        "each, SVD of an r × r core), or with --model/--tuned of each weight a full fine-tune changed "
+        "(W_tuned − W_base, read a block of rows at a time; the top --max-rank σ by an exact or randomized "
+        "SVD, E relative to the exact ‖ΔW‖_F²).\n\n" + DEFINITIONS,
+    )
+    p.add_argument(
+        "adapter", nargs="?", metavar="ADAPTER", help="adapter directory (PEFT format) or kohya .safetensors file"
+    )
     p.add_argument("--model", "-m", metavar="BASE", help="with --tuned: the base model (alias, .gguf or HF directory)")
     p.add_argument("--tuned", metavar="TUNED_DIR", help="a fully fine-tuned model directory (safetensors) of BASE")
-    p.add_argument("--max-rank", type=positive_int, default=64, metavar="K",
-                   help="with --tuned: how many singular values per weight (default: 64)")
-    p.add_argument("--energy", type=energy_list, default=[0.5, 0.9, 0.99], metavar="T,T,...",
-                   help="thresholds for rank_at, each in (0, 1] (default: 0.5,0.9,0.99)")
+    p.add_argument(
+        "--max-rank",
+        type=positive_int,
+        default=64,
+        metavar="K",
+        help="with --tuned: how many singular values per weight (default: 64)",
+    )
+    p.add_argument(
+        "--energy",
+        type=energy_list,
+        default=[0.5, 0.9, 0.99],
+        metavar="T,T,...",
+        help="thresholds for rank_at, each in (0, 1] (default: 0.5,0.9,0.99)",
+    )
     p.add_argument("--plot", metavar="FILE.png", help="draw E(k) per module type into FILE.png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing FILE.png that loratune drew")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (nothing else goes there)")
-
 
 
 def writes(args) -> Writes:
@@ -51,8 +65,7 @@ def run(args) -> int:
         raise ConfigError("rank --tuned needs --model BASE, the model the fine-tune started from")
     if args.tuned is not None:
         base, tuned = weights(args.model), weights(args.tuned)
-        report = full_finetune_spectrum(base, tuned, args.energy, args.max_rank,
-                                        progress=None if args.json else status)
+        report = full_finetune_spectrum(base, tuned, args.energy, args.max_rank, progress=None if args.json else status)
         source = args.tuned
     else:
         adapter = read_any(args.adapter)
@@ -79,16 +92,22 @@ def _print_rank_table(report: dict, source: str) -> None:
         table.add_column(column, justify="left" if column == "module" else "right")
     for m in report["modules"]:
         sv = m["singular_values"]
-        table.add_row(m["name"], "×".join(map(str, m["shape"])), "-" if m["r"] is None else str(m["r"]),
-                      f"{sv[0]:.3g}" if sv else "-",
-                      *("-" if m["rank_at"][t] is None else str(m["rank_at"][t]) for t in thresholds))
+        table.add_row(
+            m["name"],
+            "×".join(map(str, m["shape"])),
+            "-" if m["r"] is None else str(m["r"]),
+            f"{sv[0]:.3g}" if sv else "-",
+            *("-" if m["rank_at"][t] is None else str(m["rank_at"][t]) for t in thresholds),
+        )
     console = Console(highlight=False)
     console.print(table)
-    rec = ", ".join(f"{float(t):.0%} energy → rank {'> ' + str(len(report['modules'][0]['singular_values'])) if k is None else k}"
-                    for t, k in report["recommended_rank"].items())
+    rec = ", ".join(
+        f"{float(t):.0%} energy → rank {'> ' + str(len(report['modules'][0]['singular_values'])) if k is None else k}"
+        for t, k in report["recommended_rank"].items()
+    )
     console.print(f"recommended rank (the largest over modules): {rec}")
     if report.get("other_changed"):
-        console.print(f"also changed (not matrices): {len(report['other_changed'])} tensors, e.g. "
-                      f"{', '.join(report['other_changed'][:3])}")
-
-
+        console.print(
+            f"also changed (not matrices): {len(report['other_changed'])} tensors, e.g. "
+            f"{', '.join(report['other_changed'][:3])}"
+        )

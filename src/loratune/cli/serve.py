@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from loratune.cli.options import (
-    add_model_options,
     adapter_spec,
+    add_model_options,
     base_model_for,
     non_negative_seconds,
     port,
@@ -46,32 +46,82 @@ def named_adapter(value: str) -> tuple[str, str, float]:
 def add_parser(verb) -> None:
     p = verb(NAME, "serve the base and adapters over an OpenAI-compatible HTTP API, batched", SERVE_HELP)
     add_model_options(p, adapters=False)
-    p.add_argument("--adapter", "-a", action="append", default=[], type=named_adapter, metavar="NAME=DIR[:SCALE]",
-                   help="an adapter to serve as NAME (default: the directory's name) at a strength (default 1); "
-                        "repeatable; these stay in memory")
+    p.add_argument(
+        "--adapter",
+        "-a",
+        action="append",
+        default=[],
+        type=named_adapter,
+        metavar="NAME=DIR[:SCALE]",
+        help="an adapter to serve as NAME (default: the directory's name) at a strength (default 1); "
+        "repeatable; these stay in memory",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=port, default=8000, help="port, 1 to 65535 (default: 8000)")
-    p.add_argument("--api-key", default=None, type=api_key, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on every endpoint except /health and the playground page")
-    p.add_argument("--adapter-root", default=None, metavar="DIR",
-                   help="allow POST /v1/load_lora_adapter for adapter directories inside DIR (off without it)")
-    p.add_argument("--max-loaded", type=positive_int, default=16, metavar="N",
-                   help="adapters held in memory at once; beyond, the least recently used idle one is freed and "
-                        "read back when asked for (default: 16; --adapter ones always stay)")
-    p.add_argument("--max-batch", type=positive_int, default=32, metavar="B",
-                   help="sequences decoded together in one step (default: 32)")
-    p.add_argument("--max-tokens-limit", type=positive_int, default=None, metavar="T",
-                   help="refuse requests for more than T new tokens (default: only the model's context limits)")
-    p.add_argument("--prefill-tokens", type=positive_int, default=512, metavar="N",
-                   help="prompt tokens read between two decoding steps, so new requests never stall running ones "
-                        "for long (default: 512)")
-    p.add_argument("--max-waiting", type=positive_int, default=256, metavar="N",
-                   help="requests queued before new ones get 429 with Retry-After (default: 256)")
-    p.add_argument("--request-timeout", type=positive_seconds, default=600.0, metavar="S",
-                   help="fail a request still running after S seconds, more than 0 (default: 600)")
-    p.add_argument("--drain-timeout", type=non_negative_seconds, default=30.0, metavar="S",
-                   help="on SIGTERM, SIGHUP or Ctrl-C, wait up to S seconds for running requests; 0: stop at once "
-                        "(default: 30)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        type=api_key,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every endpoint except /health and the playground page",
+    )
+    p.add_argument(
+        "--adapter-root",
+        default=None,
+        metavar="DIR",
+        help="allow POST /v1/load_lora_adapter for adapter directories inside DIR (off without it)",
+    )
+    p.add_argument(
+        "--max-loaded",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="adapters held in memory at once; beyond, the least recently used idle one is freed and "
+        "read back when asked for (default: 16; --adapter ones always stay)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=32,
+        metavar="B",
+        help="sequences decoded together in one step (default: 32)",
+    )
+    p.add_argument(
+        "--max-tokens-limit",
+        type=positive_int,
+        default=None,
+        metavar="T",
+        help="refuse requests for more than T new tokens (default: only the model's context limits)",
+    )
+    p.add_argument(
+        "--prefill-tokens",
+        type=positive_int,
+        default=512,
+        metavar="N",
+        help="prompt tokens read between two decoding steps, so new requests never stall running ones "
+        "for long (default: 512)",
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="requests queued before new ones get 429 with Retry-After (default: 256)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=positive_seconds,
+        default=600.0,
+        metavar="S",
+        help="fail a request still running after S seconds, more than 0 (default: 600)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=non_negative_seconds,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, SIGHUP or Ctrl-C, wait up to S seconds for running requests; 0: stop at once (default: 30)",
+    )
 
 
 def api_key(text: str) -> str:
@@ -88,7 +138,8 @@ def writes(args) -> Writes:
 def run(args) -> int:
     from loratune.models.loader import load_model, resolve_model_dir
     from loratune.models.quantized import stored_in_4bit
-    from loratune.serve import build, run as serve
+    from loratune.serve import build
+    from loratune.serve import run as serve
 
     names = [name for name, _, _ in args.adapter]
     duplicated = sorted({n for n in names if names.count(n) > 1})
@@ -100,24 +151,41 @@ def run(args) -> int:
     listener = bind(args.host, args.port)  # before the model loads: a busy port is said at once
     try:
         quantize = args.quantize or stored_in_4bit(resolve_model_dir(name))
-        model, tokenizer = load_model(name, quantize=quantize, dtype=args.dtype, device=args.device,
-                                      trust_remote_code=args.trust_remote_code)
-        service = build(model, tokenizer, name, args.adapter, max_batch=args.max_batch,
-                        prefill_tokens=args.prefill_tokens, max_waiting=args.max_waiting, max_loaded=args.max_loaded,
-                        adapter_root=args.adapter_root, max_tokens_limit=args.max_tokens_limit,
-                        request_timeout=args.request_timeout)
+        model, tokenizer = load_model(
+            name, quantize=quantize, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+        )
+        service = build(
+            model,
+            tokenizer,
+            name,
+            args.adapter,
+            max_batch=args.max_batch,
+            prefill_tokens=args.prefill_tokens,
+            max_waiting=args.max_waiting,
+            max_loaded=args.max_loaded,
+            adapter_root=args.adapter_root,
+            max_tokens_limit=args.max_tokens_limit,
+            request_timeout=args.request_timeout,
+        )
     except BaseException:
         listener.close()
         raise
     if not _is_loopback(args.host) and args.api_key is None:
-        print(f"loratune serve: warning: listening on {args.host} without --api-key: anyone who reaches this "
-              "port can use the model", file=sys.stderr)
+        print(
+            f"loratune serve: warning: listening on {args.host} without --api-key: anyone who reaches this "
+            "port can use the model",
+            file=sys.stderr,
+        )
     where = f"http://{args.host}:{args.port}"
 
     def ready() -> None:
         adapters = ", ".join(a.name for a in service.pool.listed()) or "none"
-        print(f"loratune serve: {name} with adapters: {adapters}; API at {where}/v1, playground at {where}/ "
-              "(Ctrl-C stops)", file=sys.stderr, flush=True)
+        print(
+            f"loratune serve: {name} with adapters: {adapters}; API at {where}/v1, playground at {where}/ "
+            "(Ctrl-C stops)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     serve(service, api_key=args.api_key, drain_timeout=args.drain_timeout, on_ready=ready, sock=listener)
     return 0
@@ -141,9 +209,11 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as error:
         listener.close()
         reason = error.strerror or str(error)
-        hint = {errno.EADDRINUSE: "another server listens there; choose another --port",
-                errno.EADDRNOTAVAIL: "it is not an address of this machine; give one of its addresses (or 0.0.0.0)",
-                errno.EACCES: "ports below 1024 need privileges; choose a port above 1023"}.get(error.errno, "")
+        hint = {
+            errno.EADDRINUSE: "another server listens there; choose another --port",
+            errno.EADDRNOTAVAIL: "it is not an address of this machine; give one of its addresses (or 0.0.0.0)",
+            errno.EACCES: "ports below 1024 need privileges; choose a port above 1023",
+        }.get(error.errno, "")
         raise ConfigError(f"cannot listen on {host}:{port}: {reason}" + (f"; {hint}" if hint else "")) from None
     listener.setblocking(False)
     return listener
@@ -154,4 +224,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-

@@ -33,25 +33,51 @@ NAME = "sweep"
 
 
 def add_parser(verb) -> None:
-    p = verb(NAME, "train a grid of runs (ranks, target sets, methods, seeds) and tabulate their results",
-             SWEEP_HELP)
+    p = verb(NAME, "train a grid of runs (ranks, target sets, methods, seeds) and tabulate their results", SWEEP_HELP)
     p.add_argument("config", metavar="CONFIG.yaml", help="the base training config every run starts from")
-    p.add_argument("--grid", action="append", default=[], type=_grid, metavar="KEY=V1,V2,...",
-                   help="a config key and the values to try; repeatable (runs: the product of all grids)")
-    p.add_argument("--seeds", type=positive_int, default=1, metavar="N",
-                   help="run each combination with train.seed = 0..N-1 and report mean ± std (default: 1)")
-    p.add_argument("--budget", type=positive_int, metavar="PARAMS",
-                   help="choose lora.r per run so the adapter has about PARAMS trainable parameters")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value for every run (as in train); repeatable")
-    p.add_argument("--reference", metavar="RUN_DIR",
-                   help="with --grid intrinsic.dim=...: report d90, the smallest dim reaching 90%% of this run's "
-                        "exact match (a LoRA or full run on the same task)")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        type=_grid,
+        metavar="KEY=V1,V2,...",
+        help="a config key and the values to try; repeatable (runs: the product of all grids)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run each combination with train.seed = 0..N-1 and report mean ± std (default: 1)",
+    )
+    p.add_argument(
+        "--budget",
+        type=positive_int,
+        metavar="PARAMS",
+        help="choose lora.r per run so the adapter has about PARAMS trainable parameters",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value for every run (as in train); repeatable",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="RUN_DIR",
+        help="with --grid intrinsic.dim=...: report d90, the smallest dim reaching 90%% of this run's "
+        "exact match (a LoRA or full run on the same task)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="the sweep's directory (run directories, results)")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and what state each is in")
-    p.add_argument("--restart-changed", action="store_true",
-                   help="train afresh the runs whose directories hold runs trained with other settings (each is "
-                        "replaced when its new run completes)")
+    p.add_argument(
+        "--restart-changed",
+        action="store_true",
+        help="train afresh the runs whose directories hold runs trained with other settings (each is "
+        "replaced when its new run completes)",
+    )
 
 
 def _grid(text: str):
@@ -95,8 +121,10 @@ def run(args) -> int:
         for planned in runs:
             r = f"  (r={planned.config.lora.r})" if args.budget else ""
             print(f"{run_state(planned):8s} {out / planned.name}{r}")
-        print(f"{len(runs)} runs; state: new, partial (resumes), extend (more steps), changed (trained with other "
-              "settings: refused without --restart-changed) or done (skipped)")
+        print(
+            f"{len(runs)} runs; state: new, partial (resumes), extend (more steps), changed (trained with other "
+            "settings: refused without --restart-changed) or done (skipped)"
+        )
         return 0
     _check_sweep_dir(out)
     if not args.restart_changed:
@@ -108,8 +136,12 @@ def run(args) -> int:
     again = shlex.join(["loratune", *args.command_line])
     with open_record(out, "sweep"):
         try:
-            run_sweep(runs, progress=say, on_result=lambda done: write_results(runs, out),
-                      restart_changed=args.restart_changed)
+            run_sweep(
+                runs,
+                progress=say,
+                on_result=lambda done: write_results(runs, out),
+                restart_changed=args.restart_changed,
+            )
         except TrainingInterrupted as stop:
             say(f"loratune sweep: {stop}")
             say(f"loratune sweep: continue with: {again}")
@@ -134,12 +166,15 @@ def _check_sweep_dir(out: Path) -> None:
     if manifest is None or manifest.kind != "sweep":
         raise ConfigError(f"{out} exists and is not a loratune sweep directory; choose another --out")
     if manifest.legacy:
-        raise ConfigError(f"{out} is a sweep directory of an earlier loratune that recorded only names; continue it "
-                          "with that version, or start this sweep in a new --out")
+        raise ConfigError(
+            f"{out} is a sweep directory of an earlier loratune that recorded only names; continue it "
+            "with that version, or start this sweep in a new --out"
+        )
     strangers = manifest.foreign(out)
     if strangers:
-        raise ConfigError(f"{out} holds files loratune did not write ({', '.join(strangers[:3])}); "
-                          "choose another --out or move them")
+        raise ConfigError(
+            f"{out} holds files loratune did not write ({', '.join(strangers[:3])}); choose another --out or move them"
+        )
 
 
 def _reference_summary(run_dir: str) -> dict:
@@ -150,8 +185,10 @@ def _reference_summary(run_dir: str) -> dict:
         raise ConfigError(f"--reference {run_dir}: no summary.json (give a finished run directory)")
     data = json.loads(summary.read_text())
     if (data.get("eval") or {}).get("eval_exact_match") is None:
-        raise ConfigError(f"--reference {run_dir}: d90 needs the run's eval_exact_match (evaluation data with "
-                          "references and train.exact_match: true)")
+        raise ConfigError(
+            f"--reference {run_dir}: d90 needs the run's eval_exact_match (evaluation data with "
+            "references and train.exact_match: true)"
+        )
     return data
 
 

@@ -16,24 +16,41 @@ CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "mcc", "pearson", "spearman")
 
 
 def add_parser(verb) -> None:
-    p = verb(NAME, "fine-tune an adapter as a YAML config says",
-             "Fine-tune a LoRA adapter (train.method: lora) or every weight (train.method: full, the baseline). "
-             "Writes OUTPUT_DIR/adapter (PEFT format + tokenizer; OUTPUT_DIR/model for a full fine-tune), "
-             "checkpoints/, metrics.jsonl, config.yaml, loss.png and summary.json. Ctrl-C, SIGTERM and SIGHUP save a "
-             "checkpoint of the last completed step and print the command that resumes it.")
+    p = verb(
+        NAME,
+        "fine-tune an adapter as a YAML config says",
+        "Fine-tune a LoRA adapter (train.method: lora) or every weight (train.method: full, the baseline). "
+        "Writes OUTPUT_DIR/adapter (PEFT format + tokenizer; OUTPUT_DIR/model for a full fine-tune), "
+        "checkpoints/, metrics.jsonl, config.yaml, loss.png and summary.json. Ctrl-C, SIGTERM and SIGHUP save a "
+        "checkpoint of the last completed step and print the command that resumes it.",
+    )
     p.add_argument("config", metavar="CONFIG.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, dotted key, YAML value (e.g. --set train.lr=1e-4); repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, dotted key, YAML value (e.g. --set train.lr=1e-4); repeatable",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest checkpoint")
-    mode.add_argument("--overwrite", action="store_true",
-                      help="replace an existing run in output_dir (only a directory loratune wrote: see OVERWRITE "
-                           "below); the old run stays whole until the new one completes")
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run in output_dir (only a directory loratune wrote: see OVERWRITE "
+        "below); the old run stays whole until the new one completes",
+    )
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a live progress bar")
-    p.add_argument("--nproc", type=positive_int, default=1, metavar="N",
-                   help="train as N processes on this machine (torchrun; DDP, or FSDP2 with --set "
-                        "train.distributed=fsdp; each gets its share of the CPU threads or one GPU); the effective "
-                        "batch is batch_size × grad_accum × N")
+    p.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="train as N processes on this machine (torchrun; DDP, or FSDP2 with --set "
+        "train.distributed=fsdp; each gets its share of the CPU threads or one GPU); the effective "
+        "batch is batch_size × grad_accum × N",
+    )
 
 
 def _launching(args) -> bool:
@@ -50,9 +67,14 @@ def writes(args) -> Writes:
         check_nproc(args.nproc)
     # a launcher's rank-0 worker takes the lock; the other workers only read
     lock = not _launching(args) and os.environ.get("RANK", "0") == "0"
-    return Writes(config.output_dir, inputs_of(run_inputs(config, args.config, resume=args.resume)),
-                  existing="continue", what="output directory", lock=lock,
-                  covers=(replacement_dir(Path(config.output_dir)),))
+    return Writes(
+        config.output_dir,
+        inputs_of(run_inputs(config, args.config, resume=args.resume)),
+        existing="continue",
+        what="output directory",
+        lock=lock,
+        covers=(replacement_dir(Path(config.output_dir)),),
+    )
 
 
 def run(args) -> int:
@@ -63,8 +85,16 @@ def run(args) -> int:
         from loratune.train.distributed import launch
 
         sets = [part for override in args.overrides for part in ("--set", override)]
-        flags = [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite),
-                                       ("--no-progress", args.no_progress), ("--debug", args.debug)) if on]
+        flags = [
+            flag
+            for flag, on in (
+                ("--resume", args.resume),
+                ("--overwrite", args.overwrite),
+                ("--no-progress", args.no_progress),
+                ("--debug", args.debug),
+            )
+            if on
+        ]
         return launch(["train", str(args.config), *sets, *flags], args.nproc)
     out = console()
     try:
@@ -119,5 +149,3 @@ def print_summary(out, summary: dict) -> None:
     if summary["model_bytes"]:
         table.add_row("model", f"{summary['model_bytes'] / 2**20:.1f} MiB in {summary['output_dir']}/model")
     out.print(table)
-
-

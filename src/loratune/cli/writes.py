@@ -59,7 +59,15 @@ def guarded(writes: Writes) -> Iterator[None]:
     if writes.output is None:
         yield
         return
-    with guard_output(writes.output, kind=writes.kind, overwrite=writes.overwrite, existing=writes.existing,
-                      inputs=writes.inputs, what=writes.what, lock=writes.lock, covers=writes.covers,
-                      record_kind=writes.record_kind):
+    with guard_output(
+        writes.output,
+        kind=writes.kind,
+        overwrite=writes.overwrite,
+        existing=writes.existing,
+        inputs=writes.inputs,
+        what=writes.what,
+        lock=writes.lock,
+        covers=writes.covers,
+        record_kind=writes.record_kind,
+    ):
         yield

@@ -82,8 +82,10 @@ def _columns(row: dict, location: str) -> tuple[str, str | None]:
         if first in row and (second is None or second in row):
             return first, second
     known = ", ".join(f"{a}/{b}" if b else a for a, b in TEXT_COLUMNS)
-    raise DataError(f"{location}: no text column for classification (columns: {', '.join(map(str, row)) or 'none'}); "
-                    f"use one of: {known}")
+    raise DataError(
+        f"{location}: no text column for classification (columns: {', '.join(map(str, row)) or 'none'}); "
+        f"use one of: {known}"
+    )
 
 
 def _text(row: dict, column: str, location: str) -> str:
@@ -116,11 +118,15 @@ def read_classification(path: str | os.PathLike, *, require_labels: bool = True)
         if layout is None:
             layout = columns
         elif columns != layout:
-            raise DataError(f"{location}: uses columns {_describe(columns)} but earlier rows use {_describe(layout)}; "
-                            "a file holds one kind of row")
+            raise DataError(
+                f"{location}: uses columns {_describe(columns)} but earlier rows use {_describe(layout)}; "
+                "a file holds one kind of row"
+            )
         first, second = columns
         pair = _text(row, second, location) if second else None
-        examples.append(ClassExample(_text(row, first, location), pair, _label(row, location, require_labels), location))
+        examples.append(
+            ClassExample(_text(row, first, location), pair, _label(row, location, require_labels), location)
+        )
     check_label_kinds([(ex.label, ex.location) for ex in examples], "label")
     return examples
 
@@ -144,19 +150,28 @@ def check_label_kinds(labels: Sequence[tuple], what: str = "label") -> None:
         if not _is_number(label):
             kinds = {"name"}
         else:
-            kinds = {"number"} | ({"integer"} if _written_as_integer(label) else set()) | (
-                {"fraction"} if not float(label).is_integer() else set())
+            kinds = (
+                {"number"}
+                | ({"integer"} if _written_as_integer(label) else set())
+                | ({"fraction"} if not float(label).is_integer() else set())
+            )
         for kind in kinds:
             first.setdefault(kind, (label, location))
         for one, other, fix in (
             ("name", "number", f"a file's {what}s are all names or all numbers"),
-            ("integer", "fraction", f"write every {what} of a regression as a decimal number (3.0), or every {what} "
-                                    "of a classification as an integer or a name"),
+            (
+                "integer",
+                "fraction",
+                f"write every {what} of a regression as a decimal number (3.0), or every {what} "
+                "of a classification as an integer or a name",
+            ),
         ):
             if one in first and other in first and kinds & {one, other}:
                 earlier, at = first[other if one in kinds else one]
-                raise DataError(f"{location}: {what} {label!r} is {_kind_name(label)}, but {earlier!r} at {at} is "
-                                f"{_kind_name(earlier)}; {fix}")
+                raise DataError(
+                    f"{location}: {what} {label!r} is {_kind_name(label)}, but {earlier!r} at {at} is "
+                    f"{_kind_name(earlier)}; {fix}"
+                )
 
 
 def _kind_name(label) -> str:
@@ -208,13 +223,17 @@ class LabelSpace:
                 try:
                     return float(example.label)
                 except ValueError:
-                    raise DataError(f"{example.location}: label {example.label!r} is not a number; this task is "
-                                    "regression (its training labels were numbers)") from None
+                    raise DataError(
+                        f"{example.location}: label {example.label!r} is not a number; this task is "
+                        "regression (its training labels were numbers)"
+                    ) from None
             return float(example.label)
         name = _label_name(example.label)
         if name not in self._index:
-            raise DataError(f"{example.location}: label {name!r} never occurs in the training data "
-                            f"(labels: {', '.join(self.names[:10])}{', …' if len(self.names) > 10 else ''})")
+            raise DataError(
+                f"{example.location}: label {name!r} never occurs in the training data "
+                f"(labels: {', '.join(self.names[:10])}{', …' if len(self.names) > 10 else ''})"
+            )
         return self._index[name]
 
     @property
@@ -223,11 +242,16 @@ class LabelSpace:
 
     def to_json(self) -> dict:
         """``labels.json``: ``id2label`` (index order = the head's output order) and ``problem_type``."""
-        return {"id2label": {str(i): name for i, name in self.id2label.items()}, "problem_type": self.problem_type,
-                "num_labels": self.num_labels, "pair": self.pair, "task": "token_cls" if self.token else "seq_cls"}
+        return {
+            "id2label": {str(i): name for i, name in self.id2label.items()},
+            "problem_type": self.problem_type,
+            "num_labels": self.num_labels,
+            "pair": self.pair,
+            "task": "token_cls" if self.token else "seq_cls",
+        }
 
     @classmethod
-    def from_json(cls, data: dict, source: str = LABELS_FILE) -> "LabelSpace":
+    def from_json(cls, data: dict, source: str = LABELS_FILE) -> LabelSpace:
         try:
             regression = data["problem_type"] == REGRESSION
             names = None if regression else tuple(data["id2label"][str(i)] for i in range(len(data["id2label"])))
@@ -239,8 +263,10 @@ class LabelSpace:
         """The class index of a token's tag; ``DataError`` for a tag the space does not have."""
         name = _label_name(tag)
         if name not in self._index:
-            raise DataError(f"{location}: tag {name!r} never occurs in the training data "
-                            f"(tags: {', '.join(self.names[:10])}{', …' if len(self.names) > 10 else ''})")
+            raise DataError(
+                f"{location}: tag {name!r} never occurs in the training data "
+                f"(tags: {', '.join(self.names[:10])}{', …' if len(self.names) > 10 else ''})"
+            )
         return self._index[name]
 
 
@@ -272,11 +298,12 @@ def label_space(examples: Sequence[ClassExample], regression: bool | None = None
             bad = next(ex for ex in examples if not _is_number(ex.label))
             raise DataError(f"{bad.location}: label {bad.label!r} is not a number, but the task is regression")
         return LabelSpace(None, pair)
-    names = sorted({_label_name(label) for label in labels},
-                   key=lambda n: (0, float(n), n) if numbers else (1, 0.0, n))
+    names = sorted({_label_name(label) for label in labels}, key=lambda n: (0, float(n), n) if numbers else (1, 0.0, n))
     if len(names) < 2:
-        raise DataError(f"{examples[0].location if examples else 'data'}: the training data has a single label "
-                        f"({names[0] if names else 'none'}); classification needs at least two")
+        raise DataError(
+            f"{examples[0].location if examples else 'data'}: the training data has a single label "
+            f"({names[0] if names else 'none'}); classification needs at least two"
+        )
     return LabelSpace(tuple(names), pair)
 
 
@@ -287,8 +314,9 @@ def check_layout(space: LabelSpace, examples: Sequence[ClassExample], what: str)
         raise DataError(f"{examples[0].location}: {what} holds {got}, but the task takes {want}")
 
 
-def tokenize_classification(examples: Iterable[ClassExample], tokenizer, space: LabelSpace | None,
-                            max_length: int) -> list[TokenizedClassExample]:
+def tokenize_classification(
+    examples: Iterable[ClassExample], tokenizer, space: LabelSpace | None, max_length: int
+) -> list[TokenizedClassExample]:
     """Token ids (the tokenizer's own special tokens and pair layout, truncated to ``max_length``) and the
     encoded label (None without a ``space`` or a label)."""
     examples = list(examples)
@@ -300,7 +328,9 @@ def tokenize_classification(examples: Iterable[ClassExample], tokenizer, space: 
     out = []
     for i, ex in enumerate(examples):
         label = space.encode(ex) if space is not None and ex.label is not None else None
-        out.append(TokenizedClassExample(encoded["input_ids"][i], type_ids[i] if type_ids else None, label, ex.location))
+        out.append(
+            TokenizedClassExample(encoded["input_ids"][i], type_ids[i] if type_ids else None, label, ex.location)
+        )
     return out
 
 
@@ -308,8 +338,10 @@ def collate_classification(rows: Sequence[TokenizedClassExample], pad_id: int) -
     """Right-padded ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer makes them) and
     ``labels`` (long for classes, float for regression; absent when a row has none)."""
     width = max(len(row) for row in rows)
-    batch = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+    }
     if rows[0].token_type_ids is not None:
         batch["token_type_ids"] = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -339,8 +371,9 @@ def read_token_classification(path: str | os.PathLike, *, require_labels: bool =
         column = next((c for c in TAG_COLUMNS if row.get(c) is not None), None)
         if column is None:
             if require_labels:
-                raise DataError(f"{location}: no 'tags' (or 'ner_tags'); every training and evaluation row needs "
-                                "one tag per token")
+                raise DataError(
+                    f"{location}: no 'tags' (or 'ner_tags'); every training and evaluation row needs one tag per token"
+                )
             examples.append(TokenExample(tokens, None, location))
             continue
         tags = row[column]
@@ -362,13 +395,16 @@ def tag_space(examples: Sequence[TokenExample]) -> LabelSpace:
     else:
         names = sorted(tags, key=lambda tag: (tag != "O", tag))
     if len(names) < 2:
-        raise DataError(f"{examples[0].location if examples else 'data'}: the training data has a single tag; "
-                        "token classification needs at least two")
+        raise DataError(
+            f"{examples[0].location if examples else 'data'}: the training data has a single tag; "
+            "token classification needs at least two"
+        )
     return LabelSpace(tuple(names), token=True)
 
 
-def tokenize_tokens(examples: Iterable[TokenExample], tokenizer, space: LabelSpace | None,
-                    max_length: int) -> list[TokenizedClassExample]:
+def tokenize_tokens(
+    examples: Iterable[TokenExample], tokenizer, space: LabelSpace | None, max_length: int
+) -> list[TokenizedClassExample]:
     """Sub-token ids of each row's words (truncated to ``max_length``); each word's tag on its first sub-token,
     ``IGNORE`` elsewhere (label None without a ``space`` or tags). Needs a fast tokenizer (word ids)."""
     examples = list(examples)
@@ -376,8 +412,9 @@ def tokenize_tokens(examples: Iterable[TokenExample], tokenizer, space: LabelSpa
         return []
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError("token classification needs a fast tokenizer (tokenizer.json) to map words to sub-tokens")
-    encoded = tokenizer([ex.tokens for ex in examples], is_split_into_words=True, truncation=True,
-                        max_length=max_length)
+    encoded = tokenizer(
+        [ex.tokens for ex in examples], is_split_into_words=True, truncation=True, max_length=max_length
+    )
     type_ids = encoded.get("token_type_ids")
     out = []
     for i, ex in enumerate(examples):
@@ -388,8 +425,16 @@ def tokenize_tokens(examples: Iterable[TokenExample], tokenizer, space: LabelSpa
             labels = [IGNORE] * len(word_ids)
             for k in first:
                 labels[k] = space.tag_id(ex.tags[word_ids[k]], ex.location)
-        out.append(TokenizedClassExample(encoded["input_ids"][i], type_ids[i] if type_ids else None, labels,
-                                         ex.location, tuple((k, word_ids[k]) for k in first), len(ex.tokens)))
+        out.append(
+            TokenizedClassExample(
+                encoded["input_ids"][i],
+                type_ids[i] if type_ids else None,
+                labels,
+                ex.location,
+                tuple((k, word_ids[k]) for k in first),
+                len(ex.tokens),
+            )
+        )
     return out
 
 

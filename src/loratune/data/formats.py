@@ -60,7 +60,7 @@ def check_format_name(name: str) -> str:
     """Return ``name`` if it is ``"auto"`` or one of ``FORMATS``; raise ``ConfigError`` naming the closest one."""
     if name == "auto" or name in FORMATS:
         return name
-    choices = ("auto",) + FORMATS
+    choices = ("auto", *FORMATS)
     close = get_close_matches(str(name), choices, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise ConfigError(f"unknown data format '{name}'; {hint}use one of: {', '.join(choices)}")

@@ -44,8 +44,13 @@ def read_rows(path: str | os.PathLike) -> Iterator[LocatedRow]:
         raise DataError(f"{name}: no such file")
     if not path.is_file():
         raise DataError(f"{name}: not a file")
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
-              ".parquet": _read_parquet}[suffix]
+    reader = {
+        ".jsonl": _read_jsonl,
+        ".json": _read_json,
+        ".csv": _read_csv,
+        ".tsv": _read_tsv,
+        ".parquet": _read_parquet,
+    }[suffix]
     count = 0
     for located in reader(path, name):
         count += 1

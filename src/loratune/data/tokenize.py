@@ -118,7 +118,7 @@ def _render_chats(tokenizer, conversations: list, add_generation_prompt: bool, l
         for conversation, location in zip(conversations, locations):
             try:
                 tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - a template is user code: whatever it raises names the row
                 raise DataError(f"{location}: the chat template failed on this conversation ({err})") from None
         raise
 
@@ -235,7 +235,7 @@ def _tokenize_chunk(examples, tokenizer, facts, blank, train_on_prompt) -> list[
         elif plan[0] == "prompt_completion":
             prompt, completion = next(raw_ids), next(raw_ids)
             head = facts.leading_ids + prompt
-            tail = completion + [facts.eos_id] if plan[2] is not None else []
+            tail = [*completion, facts.eos_id] if plan[2] is not None else []
             input_ids = head + tail
             labels = list(input_ids) if train_on_prompt else [IGNORE_INDEX] * len(head) + tail
         else:

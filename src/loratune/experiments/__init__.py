@@ -5,7 +5,7 @@ their results tables. Read top to bottom: ``grid`` (plan), ``budget`` (rank for 
 from loratune.experiments.budget import adapter_parameters, rank_for_budget
 from loratune.experiments.grid import PlannedRun, parse_grid, plan_runs
 from loratune.experiments.results import write_results
-from loratune.experiments.sweep import apply_budget, run_sweep, run_state
+from loratune.experiments.sweep import apply_budget, run_state, run_sweep
 
 __all__ = [
     "PlannedRun",

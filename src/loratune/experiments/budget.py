@@ -17,7 +17,9 @@ def adapter_parameters(model_name: str, lora: LoraConfig, *, trust_remote_code: 
     return parameter_report(model).trainable
 
 
-def rank_for_budget(model_name: str, lora: LoraConfig, budget: int, *, trust_remote_code: bool = False) -> tuple[int, int]:
+def rank_for_budget(
+    model_name: str, lora: LoraConfig, budget: int, *, trust_remote_code: bool = False
+) -> tuple[int, int]:
     """(r, its parameter count): the rank whose adapter is closest to ``budget`` parameters (the smaller on a
     tie). Raises ``ConfigError`` when even rank 1 is larger than the budget, or ranks are set per module."""
     if lora.rank_pattern:
@@ -26,8 +28,9 @@ def rank_for_budget(model_name: str, lora: LoraConfig, budget: int, *, trust_rem
     two = adapter_parameters(model_name, lora.model_copy(update={"r": 2}), trust_remote_code=trust_remote_code)
     per_rank, fixed = two - one, 2 * one - two  # count = fixed + r · per_rank
     if one > budget:
-        raise ConfigError(f"--budget {budget:,} is smaller than a rank-1 adapter on {lora.target_modules} "
-                          f"({one:,} parameters)")
+        raise ConfigError(
+            f"--budget {budget:,} is smaller than a rank-1 adapter on {lora.target_modules} ({one:,} parameters)"
+        )
     low = max(1, (budget - fixed) // per_rank)
     r = min((low, low + 1), key=lambda k: (abs(fixed + k * per_rank - budget), k))
     return r, fixed + r * per_rank

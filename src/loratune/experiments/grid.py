@@ -81,8 +81,14 @@ def run_name(settings: dict[str, Any]) -> str:
     return ",".join(parts) or "run"
 
 
-def plan_runs(config_path: str | Path, grids: list[tuple[str, list[Any]]], out: str | Path, *, seeds: int = 1,
-              overrides: list[str] | None = None) -> list[PlannedRun]:
+def plan_runs(
+    config_path: str | Path,
+    grids: list[tuple[str, list[Any]]],
+    out: str | Path,
+    *,
+    seeds: int = 1,
+    overrides: list[str] | None = None,
+) -> list[PlannedRun]:
     """Every run of the sweep, in order: the product of ``grids`` (in the order given) and, with ``seeds`` > 1,
     seeds 0..seeds-1 (``train.seed``). Each config is ``config_path`` with ``overrides`` and the run's values,
     writing into ``out/<name>``. Raises ``ConfigError`` (naming the grid key) for a key the config does not
@@ -98,8 +104,11 @@ def plan_runs(config_path: str | Path, grids: list[tuple[str, list[Any]]], out: 
     for values in itertools.product(*(values for _, values in grids), *([range(seeds)] if seeds > 1 else [])):
         settings = dict(zip([*keys, *(["train.seed"] if seeds > 1 else [])], values))
         name = run_name(settings)
-        sets = [*(overrides or []), *(f"{key}={json.dumps(value)}" for key, value in settings.items()),
-                f"output_dir={json.dumps(str(Path(out) / name))}"]
+        sets = [
+            *(overrides or []),
+            *(f"{key}={json.dumps(value)}" for key, value in settings.items()),
+            f"output_dir={json.dumps(str(Path(out) / name))}",
+        ]
         try:
             config = load_config(config_path, sets)
         except ConfigError as error:

@@ -16,9 +16,22 @@ from loratune.experiments.grid import PlannedRun, run_name
 from loratune.outputs import write_text_atomic
 from loratune.train.run_dir import SUMMARY_FILE
 
-COLUMNS = ("method", "r", "target_modules", "trainable_params", "adapter_mb", "train_seconds", "tokens_per_s",
-           "peak_memory_mb", "final_loss", "eval_loss", "eval_exact_match", "retain_loss_base", "retain_loss",
-           "forgetting")
+COLUMNS = (
+    "method",
+    "r",
+    "target_modules",
+    "trainable_params",
+    "adapter_mb",
+    "train_seconds",
+    "tokens_per_s",
+    "peak_memory_mb",
+    "final_loss",
+    "eval_loss",
+    "eval_exact_match",
+    "retain_loss_base",
+    "retain_loss",
+    "forgetting",
+)
 FILES = ("results.csv", "results.md", "results.png")
 # a classifier's quality metrics, as training logs them (a language model's is eval_exact_match, in COLUMNS)
 CLASSIFIER_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_mcc", "eval_pearson", "eval_spearman")
@@ -34,23 +47,25 @@ def run_row(run: PlannedRun) -> dict[str, Any] | None:
     lora_run = summary.get("method", "lora") == "lora"  # r and target_modules describe a LoRA run only
     lora = run.config.lora
     row = {"run": run.name, **{key: _cell(value) for key, value in run.settings.items()}}
-    row.update({
-        "method": summary.get("method", "lora"),
-        "r": lora.r if lora_run else None,
-        "target_modules": _cell(lora.target_modules) if lora_run else None,
-        "trainable_params": summary.get("trainable_params"),
-        "adapter_mb": round(summary["adapter_bytes"] / 2**20, 3) if summary.get("adapter_bytes") else None,
-        "train_seconds": summary.get("train_seconds"),
-        "tokens_per_s": summary.get("tokens_per_s"),
-        "peak_memory_mb": summary.get("peak_memory_mb"),
-        "final_loss": summary.get("final_loss"),
-        "eval_loss": evaluation.get("eval_loss"),
-        "eval_exact_match": evaluation.get("eval_exact_match"),
-        **{name: evaluation[name] for name in CLASSIFIER_METRICS if evaluation.get(name) is not None},
-        "retain_loss_base": summary.get("retain_loss_base"),
-        "retain_loss": summary.get("retain_loss"),
-        "forgetting": summary.get("forgetting"),
-    })
+    row.update(
+        {
+            "method": summary.get("method", "lora"),
+            "r": lora.r if lora_run else None,
+            "target_modules": _cell(lora.target_modules) if lora_run else None,
+            "trainable_params": summary.get("trainable_params"),
+            "adapter_mb": round(summary["adapter_bytes"] / 2**20, 3) if summary.get("adapter_bytes") else None,
+            "train_seconds": summary.get("train_seconds"),
+            "tokens_per_s": summary.get("tokens_per_s"),
+            "peak_memory_mb": summary.get("peak_memory_mb"),
+            "final_loss": summary.get("final_loss"),
+            "eval_loss": evaluation.get("eval_loss"),
+            "eval_exact_match": evaluation.get("eval_exact_match"),
+            **{name: evaluation[name] for name in CLASSIFIER_METRICS if evaluation.get(name) is not None},
+            "retain_loss_base": summary.get("retain_loss_base"),
+            "retain_loss": summary.get("retain_loss"),
+            "forgetting": summary.get("forgetting"),
+        }
+    )
     return row
 
 
@@ -71,8 +86,7 @@ def write_results(runs: list[PlannedRun], out: Path) -> list[dict[str, Any]]:
     writer.writerows(rows)
     write_text_atomic(out / "results.csv", buffer.getvalue())
     groups = _groups(rows, [k for k in keys if k != "train.seed"])
-    write_text_atomic(out / "results.md", _markdown(groups, [k for k in keys if k != "train.seed"], len(runs),
-                                                    metrics))
+    write_text_atomic(out / "results.md", _markdown(groups, [k for k in keys if k != "train.seed"], len(runs), metrics))
     _plot(groups, out / "results.png")
     return rows
 
@@ -97,15 +111,27 @@ def _stat(rows: list[dict], column: str, digits: int) -> str:
 
 def _markdown(groups, keys: list[str], planned: int, metrics: list[str] = ()) -> str:
     scores = [(name, 3) for name in metrics] or [("eval_exact_match", 3)]
-    shown = [("trainable_params", 0), ("adapter_mb", 2), ("train_seconds", 1), ("tokens_per_s", 0),
-             ("peak_memory_mb", 0), ("final_loss", 4), ("eval_loss", 4), *scores, ("forgetting", 4)]
+    shown = [
+        ("trainable_params", 0),
+        ("adapter_mb", 2),
+        ("train_seconds", 1),
+        ("tokens_per_s", 0),
+        ("peak_memory_mb", 0),
+        ("final_loss", 4),
+        ("eval_loss", 4),
+        *scores,
+        ("forgetting", 4),
+    ]
     # method and r, unless a grid already shows them (train.method, lora.r: the budget's choice)
     fixed = [name for name, key in (("method", "train.method"), ("r", "lora.r")) if key not in keys]
     seeds = max((len(rows) for _, rows in groups), default=0)
-    lines = [f"{sum(len(rows) for _, rows in groups)} of {planned} runs finished"
-             + (f"; mean ± std over up to {seeds} seeds" if seeds > 1 else ""), "",
-             "| " + " | ".join([*keys, *fixed, "runs", *(name for name, _ in shown)]) + " |",
-             "|" + "---|" * (len(keys) + len(fixed) + 1 + len(shown))]
+    lines = [
+        f"{sum(len(rows) for _, rows in groups)} of {planned} runs finished"
+        + (f"; mean ± std over up to {seeds} seeds" if seeds > 1 else ""),
+        "",
+        "| " + " | ".join([*keys, *fixed, "runs", *(name for name, _ in shown)]) + " |",
+        "|" + "---|" * (len(keys) + len(fixed) + 1 + len(shown)),
+    ]
     for values, rows in groups:
         cells = [str(values[key]) for key in keys] + [str(rows[0][name] or "–") for name in fixed] + [str(len(rows))]
         cells += [_stat(rows, name, digits) for name, digits in shown]
@@ -145,8 +171,10 @@ def d90(rows: list[dict[str, Any]], reference: dict[str, Any]) -> tuple[int | No
 
     value = (reference.get("eval") or {}).get("eval_exact_match")
     if value is None:
-        raise ConfigError("--reference: d90 needs the reference run's eval_exact_match (evaluation data with "
-                          "references and train.exact_match: true)")
+        raise ConfigError(
+            "--reference: d90 needs the reference run's eval_exact_match (evaluation data with "
+            "references and train.exact_match: true)"
+        )
     by_dim: dict[int, list[float]] = {}
     for row in rows:
         if row.get("eval_exact_match") is None or "intrinsic.dim" not in row:

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from loratune.errors import ConfigError
 from loratune.experiments.budget import rank_for_budget
 from loratune.experiments.grid import PlannedRun
-from loratune.errors import ConfigError
 from loratune.outputs import Manifest
 from loratune.train import TrainingDiverged, train
 from loratune.train.run_dir import CONFIG_FILE, SUMMARY_FILE, differences, never_started
@@ -33,8 +33,9 @@ def apply_budget(runs: list[PlannedRun], budget: int) -> list[PlannedRun]:
         lora = run.config.lora
         key = lora.model_dump_json()
         if key not in chosen:
-            chosen[key], _ = rank_for_budget(run.config.model.name, lora,
-                                             budget, trust_remote_code=run.config.model.trust_remote_code)
+            chosen[key], _ = rank_for_budget(
+                run.config.model.name, lora, budget, trust_remote_code=run.config.model.trust_remote_code
+            )
         config = run.config.model_copy(update={"lora": lora.model_copy(update={"r": chosen[key]})})
         planned.append(replace(run, settings={**run.settings, "lora.r": chosen[key]}, config=config))
     return planned
@@ -67,8 +68,10 @@ def changes(run: PlannedRun) -> list[tuple[str, object, object]]:
 
 def describe_changes(found: list[tuple[str, object, object]], limit: int = 3) -> str:
     """``"train.lr 0.0002 → 0.001, lora.r 8 → 16 (+1 more)"``."""
-    shown = ", ".join(f"{key} {then!r} → {now!r}" if not key.startswith("data.") or "changed" not in str(now)
-                      else f"{key}: {now}" for key, then, now in found[:limit])
+    shown = ", ".join(
+        f"{key} {then!r} → {now!r}" if not key.startswith("data.") or "changed" not in str(now) else f"{key}: {now}"
+        for key, then, now in found[:limit]
+    )
     return shown + (f" (+{len(found) - limit} more)" if len(found) > limit else "")
 
 
@@ -80,13 +83,20 @@ def refuse_changed(runs: list[PlannedRun]) -> None:
         return
     first = changed[0]
     more = f"; {len(changed) - 1} more runs changed too" if len(changed) > 1 else ""
-    raise ConfigError(f"{first.config.output_dir} was trained with other settings than this sweep plans "
-                      f"({describe_changes(changes(first))}){more}; pass --restart-changed to train changed runs "
-                      "afresh, or give another --out")
+    raise ConfigError(
+        f"{first.config.output_dir} was trained with other settings than this sweep plans "
+        f"({describe_changes(changes(first))}){more}; pass --restart-changed to train changed runs "
+        "afresh, or give another --out"
+    )
 
 
-def run_sweep(runs: list[PlannedRun], *, progress: Callable[[str], None] = print,
-              on_result: Callable[[PlannedRun], None] = lambda run: None, restart_changed: bool = False) -> None:
+def run_sweep(
+    runs: list[PlannedRun],
+    *,
+    progress: Callable[[str], None] = print,
+    on_result: Callable[[PlannedRun], None] = lambda run: None,
+    restart_changed: bool = False,
+) -> None:
     """Train every run that is not done (resuming partial ones, extending ones asked for more steps), saying which
     run is where and how long the rest should take; a run whose loss diverges is reported and skipped;
     ``on_result`` is called after each finished or skipped run (the results table is rewritten then, so an
@@ -102,8 +112,10 @@ def run_sweep(runs: list[PlannedRun], *, progress: Callable[[str], None] = print
             on_result(run)
             continue
         if state == "changed" and not restart_changed:
-            raise ConfigError(f"{run.config.output_dir} was trained with other settings ("
-                              f"{describe_changes(changes(run))}); pass --restart-changed to train it afresh")
+            raise ConfigError(
+                f"{run.config.output_dir} was trained with other settings ("
+                f"{describe_changes(changes(run))}); pass --restart-changed to train it afresh"
+            )
         left = len(runs) - index + 1
         eta = f"; about {_duration(left * sum(seconds) / len(seconds))} left" if seconds else ""
         doing = {"partial": "resuming", "extend": "extending", "changed": "training afresh"}.get(state, "training")
@@ -113,15 +125,18 @@ def run_sweep(runs: list[PlannedRun], *, progress: Callable[[str], None] = print
         started = time.perf_counter()
         existing = Path(run.config.output_dir).exists()
         try:
-            summary = train(run.config, resume=state in ("partial", "extend"),
-                            overwrite=state == "changed" or (state == "new" and existing), progress=False,
-                            log=lambda line: None)
+            summary = train(
+                run.config,
+                resume=state in ("partial", "extend"),
+                overwrite=state == "changed" or (state == "new" and existing),
+                progress=False,
+                log=lambda line: None,
+            )
         except TrainingDiverged as error:  # a setting that does not train is a result too; the others go on
             progress(f"{head}: diverged ({error}); left out of the table, run the sweep again to retry it")
             continue
         seconds.append(time.perf_counter() - started)
-        progress(f"{head}: final loss {summary['final_loss']:.4f}{_eval_text(summary)} "
-                 f"({_duration(seconds[-1])})")
+        progress(f"{head}: final loss {summary['final_loss']:.4f}{_eval_text(summary)} ({_duration(seconds[-1])})")
         on_result(run)
 
 
@@ -134,5 +149,5 @@ def _eval_text(summary: dict) -> str:
 
 
 def _duration(seconds: float) -> str:
-    minutes, rest = divmod(int(round(seconds)), 60)
+    minutes, rest = divmod(round(seconds), 60)
     return f"{minutes} min {rest} s" if minutes else f"{rest} s"

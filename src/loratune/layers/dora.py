@@ -12,7 +12,8 @@ strength 0 is the base model, 1 the adapter as trained, and weighted sums of ada
 changes. (PEFT's ``set_scale`` multiplies ``s`` inside the norm instead, which leaves ``m/‖W0‖ ⊙ W0`` at
 scale 0; the two agree at strength 1.)
 
-The row norms never form the out × in sum: ``‖W0 + sBA‖²`` per row is ``‖W0‖² + 2s·(W0·Aᵀ ⊙ B)·1 + s²·(B·(A·Aᵀ) ⊙ B)·1``,
+The row norms never form the out × in sum: ``‖W0 + sBA‖²`` per row is ``‖W0‖² + 2s·(W0·Aᵀ ⊙ B)·1 + s²·(B·(A·Aᵀ) ⊙
+B)·1``,
 an out × r product and an r × r Gram matrix on top of the base's row norms (constant, computed once).
 """
 
@@ -30,8 +31,9 @@ def squared_row_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight.to(_exact_dtype(weight.dtype)).square().sum(1)
 
 
-def row_norms(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
-              weight_sq: torch.Tensor | None = None) -> torch.Tensor:
+def row_norms(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, weight_sq: torch.Tensor | None = None
+) -> torch.Tensor:
     """``‖W0 + scale·B·A‖`` of each output row (float32, or float64 for a float64 weight; no gradient), without
     forming the sum.
 
@@ -48,15 +50,17 @@ def row_norms(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: flo
         return squares.clamp_min_(0).sqrt_()
 
 
-def weight_change(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, gain: torch.Tensor,
-                  strength: float) -> torch.Tensor:
+def weight_change(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, gain: torch.Tensor, strength: float
+) -> torch.Tensor:
     """``t·(W' − W0) = t·((g − 1) ⊙ W0 + g ⊙ s·B·A)`` (out × in, float32) for gain ``g`` and strength ``t``."""
     g = gain.float()[:, None]
     return strength * ((g - 1) * weight.float() + (g * scale) * (B.float() @ A.float()))
 
 
-def undo_change(merged: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, gain: torch.Tensor,
-                strength: float) -> torch.Tensor:
+def undo_change(
+    merged: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, gain: torch.Tensor, strength: float
+) -> torch.Tensor:
     """W0 from ``merged = W0 + weight_change(W0, …)`` (float32): ``(merged − t·g ⊙ s·B·A) / (1 + t·(g − 1))``."""
     g = gain.float()[:, None]
     return (merged.float() - (strength * scale) * g * (B.float() @ A.float())) / (1 + strength * (g - 1))

@@ -11,8 +11,8 @@
   mask) and kept in ``layer.execution_cache`` while the layer's state and training flag, the input's dtype
   and size regime, and the factors (their version counters; a move empties the cache) stay the same. A
   single adapter is the one-group case. A DoRA term folds in as a low-rank block with B scaled by its gain
-  plus a per-row scaling of the base product. On a CPU with few rows (decoding) the compiled kernel (``lowrank_cpu``) adds the update in
-  one call, reading each row's block of the stacked factors.
+  plus a per-row scaling of the base product. On a CPU with few rows (decoding) the compiled kernel
+  (``lowrank_cpu``) adds the update in one call, reading each row's block of the stacked factors.
 - **reference** for everything else: embeddings, dropout in training, a trainable base weight, extra
   arguments, an input in another dtype than the base computes in, DoRA in a mixed batch with autograd on.
 """
@@ -191,13 +191,29 @@ class Plan:
     training, an input dtype the base does not compute in). ``kernel`` holds the fixed arguments of the
     compiled CPU kernel when it takes the update."""
 
-    __slots__ = ("state", "training", "dtype", "factors", "stamp", "usable", "base", "A", "sBt", "mask", "kernel",
-                 "blocks", "base_scale", "bias_shift", "names", "ranks", "few_kernel_fits")
+    __slots__ = (
+        "A",
+        "base",
+        "base_scale",
+        "bias_shift",
+        "blocks",
+        "dtype",
+        "factors",
+        "few_kernel_fits",
+        "kernel",
+        "mask",
+        "names",
+        "ranks",
+        "sBt",
+        "stamp",
+        "state",
+        "training",
+        "usable",
+    )
 
     def fits(self, layer, x: torch.Tensor) -> bool:
         """Whether this plan still computes the layer's output for ``x`` (its state aside)."""
-        return (self.training is layer.training and self.dtype is x.dtype
-                and self.stamp == _stamp(self.factors))
+        return self.training is layer.training and self.dtype is x.dtype and self.stamp == _stamp(self.factors)
 
     def __init__(self, layer, x: torch.Tensor, terms):
         self.state, self.training, self.dtype = layer.state, layer.training, x.dtype
@@ -233,25 +249,41 @@ class Plan:
         # the kernel takes 0/1 masks only: rows that mix adapters at weights run the plain products
         weighted = routing is not None and routing.weighted
         plan.few_kernel_fits = few and lowrank_cpu.kernel_fits(x.dtype, plan.A, plan.sBt)
-        if plan.few_kernel_fits and not weighted:
-            if plan.mask is None or plan.blocks is not None:
-                plan.kernel = (lowrank_cpu.raw_kernel(), plan.A.data_ptr(), plan.sBt.data_ptr(), plan.A.shape[1],
-                               plan.A.shape[0], plan.sBt.shape[1], int(x.dtype == torch.bfloat16),
-                               0 if plan.blocks is None else plan.blocks.data_ptr())
+        if plan.few_kernel_fits and not weighted and (plan.mask is None or plan.blocks is not None):
+            plan.kernel = (
+                lowrank_cpu.raw_kernel(),
+                plan.A.data_ptr(),
+                plan.sBt.data_ptr(),
+                plan.A.shape[1],
+                plan.A.shape[0],
+                plan.sBt.shape[1],
+                int(x.dtype == torch.bfloat16),
+                0 if plan.blocks is None else plan.blocks.data_ptr(),
+            )
         return plan
 
     def rerouted(self, layer, x: torch.Tensor) -> Plan | None:
         """This plan for the layer's new routing when nothing else changed and the same adapters act (a
         server's batch gaining or losing rows): only the mask and kernel blocks differ. None otherwise."""
         old, new = self.state, layer.state
-        if (self.A is None or self.base_scale is not None or layer.pissa or old.routing is None
-                or new.routing is None or replace(old, routing=None) != replace(new, routing=None)
-                or not self.fits(layer, x) or layer.routed_names() != self.names):
+        if (
+            self.A is None
+            or self.base_scale is not None
+            or layer.pissa
+            or old.routing is None
+            or new.routing is None
+            or replace(old, routing=None) != replace(new, routing=None)
+            or not self.fits(layer, x)
+            or layer.routed_names() != self.names
+        ):
             return None
         routing, dtype = new.routing, self.A.dtype
         rows_of = routing.rows(self.A.device)
-        layout = (tuple((id(rows_of[n][0]), id(rows_of[n][1]), r) for n, r in zip(self.names, self.ranks)), dtype,
-                  str(self.A.device))
+        layout = (
+            tuple((id(rows_of[n][0]), id(rows_of[n][1]), r) for n, r in zip(self.names, self.ranks)),
+            dtype,
+            str(self.A.device),
+        )
         plan = object.__new__(Plan)
         for slot in Plan.__slots__:
             setattr(plan, slot, getattr(self, slot))
@@ -306,13 +338,25 @@ class Plan:
         x2 = x.reshape(-1, x.shape[-1])
         rows = 1 if self.mask is None else self.mask.shape[0]
         if self.mask is not None and x.shape[0] != rows:
-            raise ConfigError(f"adapter_names has {rows} names but the batch has {x.shape[0]} rows; "
-                              "give exactly one name per row")
+            raise ConfigError(
+                f"adapter_names has {rows} names but the batch has {x.shape[0]} rows; give exactly one name per row"
+            )
         if self.kernel is not None and x2.is_contiguous():
             out = self._scaled_base(x2).contiguous()  # (it is; the kernel writes raw rows)
             add_low_rank, A_address, sBt_address, in_features, rank, out_features, is_bf16, blocks = self.kernel
-            add_low_rank(out.data_ptr(), x2.data_ptr(), A_address, sBt_address, x2.shape[0], in_features, rank,
-                         out_features, is_bf16, blocks, max(x2.shape[0] // rows, 1))
+            add_low_rank(
+                out.data_ptr(),
+                x2.data_ptr(),
+                A_address,
+                sBt_address,
+                x2.shape[0],
+                in_features,
+                rank,
+                out_features,
+                is_bf16,
+                blocks,
+                max(x2.shape[0] // rows, 1),
+            )
             return out.view(*x.shape[:-1], out_features)
         A, sBt = self.A, self.sBt
         # F.linear(x, A) with A as r × in: on a CPU, for a few rows, several times cheaper than x @ Aᵀ stored

@@ -57,8 +57,14 @@ class LoraLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         weight = ctx.source.dense_weight(x.dtype) if needs[0] else None
         grad_x, grad_bias, grad_A, grad_B = lora_linear_backward(
-            grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]), xa, weight, lora_A, lora_B,
-            ctx.scale, (needs[0], needs[2], needs[3], needs[4]),
+            grad_out.reshape(-1, grad_out.shape[-1]),
+            x.reshape(-1, x.shape[-1]),
+            xa,
+            weight,
+            lora_A,
+            lora_B,
+            ctx.scale,
+            (needs[0], needs[2], needs[3], needs[4]),
         )
         grad_x = grad_x.view(x.shape) if grad_x is not None else None
         grad_bias = grad_bias.to(ctx.bias_dtype) if grad_bias is not None else None
@@ -90,8 +96,22 @@ def dora_linear_forward(x2, weight, bias, lora_A, lora_B, magnitude, norms, scal
     return out, xa, kept, kept_is_out
 
 
-def dora_linear_backward(g2, x2, xa, kept, kept_is_out: bool, weight, bias, lora_A, lora_B, magnitude, norms,
-                         scale: float, strength: float, needs):
+def dora_linear_backward(
+    g2,
+    x2,
+    xa,
+    kept,
+    kept_is_out: bool,
+    weight,
+    bias,
+    lora_A,
+    lora_B,
+    magnitude,
+    norms,
+    scale: float,
+    strength: float,
+    needs,
+):
     """Gradients (x2, bias, A, B, m) of ``dora_linear_forward`` for output gradient ``g2`` (N × out); ``needs``
     says which (5 flags); ``kept`` and ``kept_is_out`` as that function returned them."""
     A, B = lora_A.to(x2.dtype), lora_B.to(x2.dtype)
@@ -109,7 +129,8 @@ def dora_linear_backward(g2, x2, xa, kept, kept_is_out: bool, weight, bias, lora
     if needs[3]:
         grad_B = (scale * (grad_v.T @ xa)).to(lora_B.dtype)
     if needs[4]:
-        # dout/dm = t·v / norms; with kept = out (t = 1), v = (out − bias)·norms/m, so the gradient is Σ g2⊙(out − bias) / m
+        # dout/dm = t·v / norms; with kept = out (t = 1), v = (out − bias)·norms/m, so the gradient is Σ g2⊙(out −
+        # bias) / m
         product = (g2 * kept).sum(0, dtype=norms.dtype)
         if not kept_is_out:
             grad_m = strength * product / norms
@@ -129,8 +150,9 @@ class DoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         weight = layer.dense_weight(x.dtype)
         norms = dora.row_norms(weight, lora_A, lora_B, term.scaling, layer.base_row_norms_squared())
-        out, xa, kept, ctx.kept_is_out = dora_linear_forward(x2, weight, bias, lora_A, lora_B, magnitude, norms,
-                                                             term.scaling, term.strength)
+        out, xa, kept, ctx.kept_is_out = dora_linear_forward(
+            x2, weight, bias, lora_A, lora_B, magnitude, norms, term.scaling, term.strength
+        )
         del weight
         ctx.save_for_backward(x, lora_A, lora_B, magnitude, xa, kept, norms, bias)
         ctx.layer, ctx.scaling, ctx.strength = layer, term.scaling, term.strength
@@ -142,8 +164,20 @@ class DoraLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         weight = ctx.layer.dense_weight(x.dtype) if needs[0] else None
         grad_x, grad_bias, grad_A, grad_B, grad_m = dora_linear_backward(
-            grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]), xa, kept, ctx.kept_is_out, weight,
-            bias, lora_A, lora_B, magnitude, norms, ctx.scaling, ctx.strength, (needs[0], *needs[3:7]),
+            grad_out.reshape(-1, grad_out.shape[-1]),
+            x.reshape(-1, x.shape[-1]),
+            xa,
+            kept,
+            ctx.kept_is_out,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
+            magnitude,
+            norms,
+            ctx.scaling,
+            ctx.strength,
+            (needs[0], *needs[3:7]),
         )
         grad_x = grad_x.view(x.shape) if grad_x is not None else None
         grad_bias = grad_bias.to(bias.dtype) if needs[3] else None

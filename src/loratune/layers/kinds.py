@@ -3,7 +3,8 @@
 ``LoraLinear`` wraps ``nn.Linear`` or a quantized Linear (``QuantizedLinear``: ``quant.Linear4bit``, weight
 out × in); ``LoraConv1D`` wraps transformers' GPT-2 ``Conv1D`` (weight in × out); ``LoraEmbedding`` wraps
 ``nn.Embedding`` (A is a lookup table); ``LoraConv`` wraps ``nn.Conv1d``/``Conv2d``/``Conv3d`` (A a convolution
-like the base's with r output channels, B a 1 × 1 one). The Linear-like kinds also tell ``layers.execution`` how to compute
+like the base's with r output channels, B a 1 × 1 one). The Linear-like kinds also tell ``layers.execution`` how to
+compute
 their base product and dense weight, which its fast paths need.
 """
 
@@ -79,8 +80,10 @@ class LoraLinear(LoraLayer):
 
     def _check_pissa(self, weight_is_shared: bool) -> None:
         if self.quantized:
-            raise ConfigError("PiSSA and OLoRA starts rewrite the base weight, which is stored in 4 bits here; load the base "
-                              "unquantized (model.quantize: null) to start from them")
+            raise ConfigError(
+                "PiSSA and OLoRA starts rewrite the base weight, which is stored in 4 bits here; load the base "
+                "unquantized (model.quantize: null) to start from them"
+            )
         super()._check_pissa(weight_is_shared)
 
     def check_merge(self, name: str, *, safe: bool = False) -> None:
@@ -134,7 +137,9 @@ class LoraEmbedding(LoraLayer):
     def down(self, ids: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         table = A.to(ids.device).T
-        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return F.embedding(
+            ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
 
     def _check_pissa(self, weight_is_shared: bool) -> None:
         raise ConfigError("PiSSA and OLoRA starts are not supported for embeddings; use init_lora_weights=True")
@@ -174,8 +179,10 @@ class LoraConv(LoraLayer):
         return self.base_layer._conv_forward(x, self.base_weight, None)
 
     def _check_dora(self) -> None:
-        raise ConfigError("DoRA is not supported on convolution layers yet; use plain LoRA there (use_dora: false) or "
-                          "leave convolutions out of target_modules")
+        raise ConfigError(
+            "DoRA is not supported on convolution layers yet; use plain LoRA there (use_dora: false) or "
+            "leave convolutions out of target_modules"
+        )
 
     def _check_pissa(self, weight_is_shared: bool) -> None:
         raise ConfigError("PiSSA and OLoRA starts are not supported for convolutions; use init_lora_weights=True")
@@ -197,12 +204,12 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a Linear layer LoRA can wrap: ``nn.Linear``, a quantized Linear or a ``Conv1D``."""
-    return isinstance(module, nn.Linear) or isinstance(module, QuantizedLinear) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, QuantizedLinear)) or is_conv1d(module)
 
 
 def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA layer class that can wrap ``module``, or None when LoRA does not support its type."""
-    if isinstance(module, nn.Linear) or isinstance(module, QuantizedLinear):
+    if isinstance(module, (nn.Linear, QuantizedLinear)):
         return LoraLinear
     if isinstance(module, nn.Embedding):
         return LoraEmbedding

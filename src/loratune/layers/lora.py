@@ -30,6 +30,7 @@ from loratune.layers import dora, execution
 from loratune.layers.init import UNINITIALISED, PissaStart, check_init, init_factors, is_residual_start, residual_start
 from loratune.layers.state import LayerState, Routing, Term
 
+
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """The factor ``s`` in ``h = W0·x + s·B·A·x``: ``alpha/r``, or ``alpha/√r`` with rsLoRA."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -140,7 +141,9 @@ class LoraLayer(nn.Module):
         if name in self.lora_A:
             raise ConfigError(f"adapter {name!r} already exists on this layer")
         if use_dora and is_residual_start(init):
-            raise ConfigError(f"DoRA with init_lora_weights={init!r} is not supported; use the default init with use_dora")
+            raise ConfigError(
+                f"DoRA with init_lora_weights={init!r} is not supported; use the default init with use_dora"
+            )
         if use_dora:
             self._check_dora()
         self.execution_cache.clear()  # the set of factors changes
@@ -162,7 +165,9 @@ class LoraLayer(nn.Module):
         elif init != UNINITIALISED:
             init_factors(self.lora_A[name], self.lora_B[name], init, embedding=self.embedding)
         if use_dora:
-            magnitude = dora.row_norms(self.dense_weight(), self.lora_A[name], self.lora_B[name], self.specs[name].scaling)
+            magnitude = dora.row_norms(
+                self.dense_weight(), self.lora_A[name], self.lora_B[name], self.specs[name].scaling
+            )
             self.lora_magnitude_vector[name] = nn.Parameter(magnitude.to(dtype))
 
     def _check_dora(self) -> None:
@@ -171,12 +176,14 @@ class LoraLayer(nn.Module):
     def _check_pissa(self, weight_is_shared: bool) -> None:
         if weight_is_shared:
             raise ConfigError(
-                "PiSSA and OLoRA starts rewrite the base weight, which this module shares with another one (tied weights); "
+                "PiSSA and OLoRA starts rewrite the base weight, which this module shares with another one "
+                "(tied weights); "
                 "use init_lora_weights=True for this module or exclude it"
             )
 
     def remove_adapter(self, name: str) -> None:
-        """Delete adapter ``name``. An adapter from a residual start (PiSSA, OLoRA) gives what it took back to the base weight."""
+        """Delete adapter ``name``. An adapter from a residual start (PiSSA, OLoRA) gives what it took back to the base
+        weight."""
         if self._state.merged_scale(name) is not None:
             raise ConfigError(f"adapter {name!r} is merged; unmerge it before deleting it")
         self.execution_cache.clear()
@@ -239,13 +246,16 @@ class LoraLayer(nn.Module):
         return name in self.lora_A and self._state.merged_scale(name) is None
 
     def _term(self, name: str, rows=None, row_weights=None) -> Term:
-        term = Term(self.lora_A[name], self.lora_B[name], self.effective_scale(name), self.lora_dropout[name], rows,
-                    row_weights)
+        term = Term(
+            self.lora_A[name], self.lora_B[name], self.effective_scale(name), self.lora_dropout[name], rows, row_weights
+        )
         if name not in self.lora_magnitude_vector:
             return term
         if self._state.merged:
-            raise ConfigError(f"DoRA adapter {name!r} cannot run beside adapters merged into the same weight "
-                              f"{list(self._state.merged_names)}; unmerge them first")
+            raise ConfigError(
+                f"DoRA adapter {name!r} cannot run beside adapters merged into the same weight "
+                f"{list(self._state.merged_names)}; unmerge them first"
+            )
         return replace(term, magnitude=self.lora_magnitude_vector[name], scaling=self.specs[name].scaling)
 
     def base_row_norms_squared(self) -> torch.Tensor:
@@ -278,7 +288,7 @@ class LoraLayer(nn.Module):
                 delta = (term.scale * low_rank).to(result.dtype)
             else:
                 gain = self.dora_gain(term).to(low_rank.dtype)
-                delta = (term.strength * ((gain - 1) * self.base_without_bias(rows) + gain * term.scaling * low_rank))
+                delta = term.strength * ((gain - 1) * self.base_without_bias(rows) + gain * term.scaling * low_rank)
                 delta = delta.to(result.dtype)
             if term.row_weights is not None:
                 delta = delta * term.row_weights.view(-1, *([1] * (delta.dim() - 1))).to(delta.dtype)
@@ -319,8 +329,10 @@ class LoraLayer(nn.Module):
         """Raise unless adapter ``name`` can be merged now (``safe``: also when a weight would become
         non-finite: ``ValueError``). A DoRA adapter merges only into the original weight (nothing merged yet)."""
         if self.is_dora(name) and self._state.merged:
-            raise ConfigError(f"DoRA adapter {name!r} merges into the original weight, but "
-                              f"{list(self._state.merged_names)} are merged already; merge the DoRA adapter first")
+            raise ConfigError(
+                f"DoRA adapter {name!r} merges into the original weight, but "
+                f"{list(self._state.merged_names)} are merged already; merge the DoRA adapter first"
+            )
         if safe and not torch.isfinite(self.base_weight.detach().float() + self.delta_weight(name)).all():
             raise ValueError(f"merging adapter {name!r} would write non-finite values; nothing was changed")
 
@@ -365,8 +377,9 @@ class LoraLayer(nn.Module):
             self._add_to_weight(-self._delta(name, scale))
             return
         s = self.specs[name].scaling
-        original = dora.undo_change(self.dense_weight(torch.float32), self.lora_A[name].detach(),
-                                    self.lora_B[name].detach(), s, gain, scale / s)
+        original = dora.undo_change(
+            self.dense_weight(torch.float32), self.lora_A[name].detach(), self.lora_B[name].detach(), s, gain, scale / s
+        )
         with torch.no_grad():
             self.base_weight.copy_(self.weight_layout(original).to(self.base_weight.dtype))
 

@@ -94,9 +94,15 @@ def add_low_rank_(
             f"A and sBt must be contiguous float32 CPU matrices of one rank ≤ {MAX_RANK}, x bf16 or float32"
         )
     if (
-        x.dim() != 2 or out.dim() != 2 or out.dtype != x.dtype or out.device.type != "cpu"
-        or x.device.type != "cpu" or not (x.is_contiguous() and out.is_contiguous())
-        or out.shape[0] != x.shape[0] or A.shape[1] != x.shape[1] or sBt.shape[1] != out.shape[1]
+        x.dim() != 2
+        or out.dim() != 2
+        or out.dtype != x.dtype
+        or out.device.type != "cpu"
+        or x.device.type != "cpu"
+        or not (x.is_contiguous() and out.is_contiguous())
+        or out.shape[0] != x.shape[0]
+        or A.shape[1] != x.shape[1]
+        or sBt.shape[1] != out.shape[1]
     ):
         raise ValueError(
             f"shapes or layout do not fit: x {tuple(x.shape)} {x.dtype}, out {tuple(out.shape)} {out.dtype}, "
@@ -105,13 +111,27 @@ def add_low_rank_(
     rows_per_block = 1
     if blocks is not None:
         if (
-            blocks.dtype != torch.int64 or blocks.device.type != "cpu" or not blocks.is_contiguous()
-            or blocks.dim() != 2 or blocks.shape[1] != 2 or blocks.shape[0] == 0 or x.shape[0] % blocks.shape[0]
+            blocks.dtype != torch.int64
+            or blocks.device.type != "cpu"
+            or not blocks.is_contiguous()
+            or blocks.dim() != 2
+            or blocks.shape[1] != 2
+            or blocks.shape[0] == 0
+            or x.shape[0] % blocks.shape[0]
         ):
             raise ValueError(f"blocks must be contiguous int64 (groups × 2) dividing the {x.shape[0]} rows")
         rows_per_block = max(x.shape[0] // blocks.shape[0], 1)
     _lowrank_cpu.add_low_rank(
-        out.data_ptr(), x.data_ptr(), A.data_ptr(), sBt.data_ptr(), x.shape[0], x.shape[1], A.shape[0], out.shape[1],
-        _DTYPES[x.dtype], 0 if blocks is None else blocks.data_ptr(), rows_per_block,
+        out.data_ptr(),
+        x.data_ptr(),
+        A.data_ptr(),
+        sBt.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        A.shape[0],
+        out.shape[1],
+        _DTYPES[x.dtype],
+        0 if blocks is None else blocks.data_ptr(),
+        rows_per_block,
     )
     return out

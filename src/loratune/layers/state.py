@@ -40,7 +40,9 @@ class Routing:
                 weights.setdefault(name, []).append(float(weight))
         # by name, so that routings of the same adapters list them (and layers stack them) in one order
         object.__setattr__(self, "groups", tuple((name, tuple(rows[name])) for name in sorted(rows)))
-        object.__setattr__(self, "_weights", {name: tuple(w) for name, w in weights.items() if any(x != 1.0 for x in w)})
+        object.__setattr__(
+            self, "_weights", {name: tuple(w) for name, w in weights.items() if any(x != 1.0 for x in w)}
+        )
         object.__setattr__(self, "_rows_on", {})
         object.__setattr__(self, "_prepared", {})
 
@@ -77,8 +79,10 @@ class Routing:
             for name, indices in self.groups:
                 weights = self._weights.get(name)
                 everywhere = len(indices) == self.n_rows and weights is None
-                found[name] = (None if everywhere else torch.tensor(indices, dtype=torch.long, device=device),
-                               None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device))
+                found[name] = (
+                    None if everywhere else torch.tensor(indices, dtype=torch.long, device=device),
+                    None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device),
+                )
             self._rows_on[device] = found
         return found
 

@@ -40,9 +40,7 @@ def resolve_device(device: str | torch.device | None = None) -> str:
     try:
         parsed = torch.device(device.strip() if isinstance(device, str) else device)
     except (RuntimeError, TypeError) as error:
-        raise ConfigError(
-            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
-        ) from error
+        raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from error
     # Fail here with one clear line instead of deep inside the first .to(device).
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was asked for but CUDA is not available; use device 'auto' or 'cpu'")

@@ -36,8 +36,10 @@ def _module_paths_of(config_file: Path) -> list[str]:
             try:
                 import diffusers
             except ImportError:
-                raise ConfigError(f"{config_file} is a diffusers model; reading its module names needs the diffusers "
-                                  "package: pip install diffusers") from None
+                raise ConfigError(
+                    f"{config_file} is a diffusers model; reading its module names needs the diffusers "
+                    "package: pip install diffusers"
+                ) from None
 
             cls = getattr(diffusers, config["_class_name"], None)
             if cls is None:
@@ -49,8 +51,9 @@ def _module_paths_of(config_file: Path) -> list[str]:
             names = config.get("architectures") or []
             cls = getattr(transformers, names[0], None) if names else None
             if cls is None:
-                raise ConfigError(f"{config_file}: no model class the installed transformers knows "
-                                  f"(architectures: {names})")
+                raise ConfigError(
+                    f"{config_file}: no model class the installed transformers knows (architectures: {names})"
+                )
             model = cls(transformers.AutoConfig.from_pretrained(config_file.parent))
     return [path for path, _ in model.named_modules() if path]
 
@@ -66,15 +69,19 @@ def diffusers_module_paths(path: str | os.PathLike) -> dict[str, list[str]]:
         component = "unet" if "_class_name" in _read_config(root) else "text_encoder"
         return {component: _module_paths_of(root)}
     if (root / "model_index.json").is_file():
-        found = {c: _module_paths_of(root / c / "config.json") for c in COMPONENTS if (root / c / "config.json").is_file()}
+        found = {
+            c: _module_paths_of(root / c / "config.json") for c in COMPONENTS if (root / c / "config.json").is_file()
+        }
         if not found:
             raise ConfigError(f"{root} is a diffusers pipeline without unet/ or text_encoder/ configs")
         return found
     if (root / "config.json").is_file():
         component = "unet" if "_class_name" in _read_config(root / "config.json") else "text_encoder"
         return {component: _module_paths_of(root / "config.json")}
-    raise ConfigError(f"{root} is not a diffusers pipeline directory (model_index.json), a model directory "
-                      "(config.json) or a config file; give --model one of those")
+    raise ConfigError(
+        f"{root} is not a diffusers pipeline directory (model_index.json), a model directory "
+        "(config.json) or a config file; give --model one of those"
+    )
 
 
 __all__ = ["COMPONENTS", "diffusers_module_paths"]

@@ -20,7 +20,12 @@ def weights_are_tied(model: nn.Module) -> bool:
 
 
 def save_hf_model(
-    model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None, *, overwrite: bool = False,
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    *,
+    overwrite: bool = False,
     extras: dict[str, str] | None = None,
 ) -> Path:
     """Save ``model`` (safetensors), its tokenizer and chat template and generation config into ``out_dir``

@@ -1,7 +1,8 @@
 """Convert a GGUF file (or extract a zipped model directory) once into a Hugging Face safetensors
 directory, and reuse it afterwards.
 
-Dequantizing a GGUF on every load is slow while loading safetensors is fast, so the first use of a ``.gguf`` writes the dequantized model, tokenizer, chat template
+Dequantizing a GGUF on every load is slow while loading safetensors is fast, so the first use of a ``.gguf`` writes
+the dequantized model, tokenizer, chat template
 and generation config to ``<cache root>/models/<stem>-<hash>``; later loads read that directory.
 
 Storage dtype: whatever transformers dequantizes the GGUF to — float32 for the legacy GGUF loader, which
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -122,7 +123,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike)
             local_files_only=True,
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure here means "this file cannot be read"
+    except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelNotFoundError(
             f"cannot convert GGUF file {gguf_path} with transformers {transformers.__version__}: {first_line}"
@@ -162,14 +163,21 @@ def extract_model_zip(zip_path: str | os.PathLike, out_dir: str | os.PathLike) -
                 if Path(name).is_absolute() or ".." in Path(name).parts:
                     raise ModelNotFoundError(f"{zip_path}: member {name!r} would land outside the model directory")
                 if name.endswith((".bin", ".pt", ".pth", ".pkl")):
-                    raise ModelNotFoundError(f"{zip_path} holds pickle weights ({name}); loratune loads safetensors only")
-            top = "" if "config.json" in names else next(
-                (n[: -len("config.json")] for n in names if n.endswith("/config.json") and n.count("/") == 1), None)
+                    raise ModelNotFoundError(
+                        f"{zip_path} holds pickle weights ({name}); loratune loads safetensors only"
+                    )
+            top = (
+                ""
+                if "config.json" in names
+                else next(
+                    (n[: -len("config.json")] for n in names if n.endswith("/config.json") and n.count("/") == 1), None
+                )
+            )
             if top is None:
                 raise ModelNotFoundError(f"{zip_path} holds no config.json; it is not a zipped model directory")
             for name in names:
                 if name.startswith(top):
-                    target = out / name[len(top):]
+                    target = out / name[len(top) :]
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with archive.open(name) as source, open(target, "wb") as sink:
                         shutil.copyfileobj(source, sink, 1 << 20)

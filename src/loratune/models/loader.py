@@ -75,16 +75,18 @@ def load_model(
         if quantize is None and stored:
             raise ConfigError(f"{name} is stored in 4 bits ({stored}); load it with quantize={stored!r}")
         if quantize is None and on_block is not None and _has_safetensors(model_dir):
-            model = load_streamed(model_dir, None, torch_dtype, device, trust_remote_code=trust_remote_code,
-                                  on_block=on_block)
+            model = load_streamed(
+                model_dir, None, torch_dtype, device, trust_remote_code=trust_remote_code, on_block=on_block
+            )
         elif quantize is None:
             model = AutoModelForCausalLM.from_pretrained(
                 str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True
             )
         else:
             spec = QuantSpec(quantize.strip().lower(), double_quant, resolve_dtype(compute_dtype, device))
-            model = load_streamed(model_dir, spec, torch_dtype, device, unquantized_modules, trust_remote_code,
-                                  on_block)
+            model = load_streamed(
+                model_dir, spec, torch_dtype, device, unquantized_modules, trust_remote_code, on_block
+            )
         tokenizer = _tokenizer_from(model_dir, trust_remote_code)
     except LoratuneError:
         raise  # already says what is wrong (e.g. a weight that cannot be quantized)
@@ -116,7 +118,8 @@ def load_classifier(
     """Load model ``name`` with a classification head for ``labels`` (a ``data.classification.LabelSpace``: its
     outputs, names, problem type, and whether it labels sequences or tokens); return ``(model, tokenizer)``.
 
-    transformers' ``AutoModelForSequenceClassification`` (``AutoModelForTokenClassification``) builds the head: kept from the checkpoint when it has
+    transformers' ``AutoModelForSequenceClassification`` (``AutoModelForTokenClassification``) builds the head: kept
+    from the checkpoint when it has
     one of that size, else new (drawn from torch's generator: seed first for a reproducible start). Nothing is
     downloaded. Raises ``ConfigError`` when transformers has no classification head for this kind of model,
     ``ModelNotFoundError`` when it cannot be read. ``model.new_head_modules`` names the head's modules the
@@ -132,14 +135,23 @@ def load_classifier(
         auto = AutoModelForTokenClassification if labels.token else AutoModelForSequenceClassification
         what = "token" if labels.token else "sequence"
         if type(config) not in auto._model_mapping:
-            raise ConfigError(f"transformers has no {what}-classification head for {name} (a {config.model_type} "
-                              "model); use an encoder (BERT, RoBERTa, DeBERTa, …) or a model type that has one")
+            raise ConfigError(
+                f"transformers has no {what}-classification head for {name} (a {config.model_type} "
+                "model); use an encoder (BERT, RoBERTa, DeBERTa, …) or a model type that has one"
+            )
         tokenizer = _tokenizer_from(model_dir, trust_remote_code)
         extra = {} if labels.token else {"problem_type": labels.problem_type}
         model, info = auto.from_pretrained(
-            str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=True,
-            num_labels=labels.num_labels, id2label=labels.id2label, output_loading_info=True,
-            label2id={v: k for k, v in labels.id2label.items()}, pad_token_id=tokenizer.pad_token_id, **extra,
+            str(model_dir),
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,
+            num_labels=labels.num_labels,
+            id2label=labels.id2label,
+            output_loading_info=True,
+            label2id={v: k for k, v in labels.id2label.items()},
+            pad_token_id=tokenizer.pad_token_id,
+            **extra,
         )
     except LoratuneError:
         raise
@@ -177,7 +189,9 @@ def load_tokenizer(name: str | Path, trust_remote_code: bool = False):
 def _tokenizer_from(model_dir: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True
+    )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # Batching needs a pad token; EOS is the usual choice and the one SmolLM2 itself ships with.
         tokenizer.pad_token = tokenizer.eos_token

@@ -19,7 +19,6 @@ import torch
 
 from loratune.adapters import load_adapter, read_adapter_config, unload
 from loratune.errors import ConfigError, LoratuneError
-from loratune.outputs import check_free_space, guard_output
 from loratune.models.devices import DTYPE_NAMES, resolve_dtype
 from loratune.models.export import save_hf_model
 from loratune.models.loader import load_classifier, load_model, model_sources, resolve_model_dir
@@ -30,6 +29,7 @@ from loratune.models.merge_4bit import (
     save_quantized_model,
 )
 from loratune.models.quantized import stored_in_4bit
+from loratune.outputs import check_free_space, guard_output
 
 
 @dataclass(frozen=True)
@@ -91,28 +91,36 @@ def merge_to_directory(
         model_dir = resolve_model_dir(model)
         quantize = quantize or stored_in_4bit(model_dir)
         if requantize and not quantize:
-            raise ConfigError("requantize re-quantizes a 4-bit base; load the base in 4 bits as training did "
-                              "(--quantize nf4, or quantize='nf4'; fp4 likewise)")
+            raise ConfigError(
+                "requantize re-quantizes a 4-bit base; load the base in 4 bits as training did "
+                "(--quantize nf4, or quantize='nf4'; fp4 likewise)"
+            )
         written = None if out_dtype is None else resolve_dtype(out_dtype)
         if quantize and labels is not None:
             raise ConfigError("classifiers train over an unquantized base; merge without --quantize")
         stored = stored_dtype(model_dir)
-        check_free_space(out, merged_size(model_dir, None if requantize else written or (
-            torch.bfloat16 if quantize else stored)), "merged model")
+        check_free_space(
+            out,
+            merged_size(model_dir, None if requantize else written or (torch.bfloat16 if quantize else stored)),
+            "merged model",
+        )
         if quantize:
-            return _merge_over_4bit(model, adapters, Path(out), quantize, requantize, written, device,
-                                    trust_remote_code, overwrite)
+            return _merge_over_4bit(
+                model, adapters, Path(out), quantize, requantize, written, device, trust_remote_code, overwrite
+            )
         written = written or stored
         if labels is not None:
             base, tokenizer = load_classifier(model, labels, _wider(stored, written), device, trust_remote_code)
         else:
-            base, tokenizer = load_model(model, dtype=_wider(stored, written), device=device,
-                                         trust_remote_code=trust_remote_code)
+            base, tokenizer = load_model(
+                model, dtype=_wider(stored, written), device=device, trust_remote_code=trust_remote_code
+            )
         for path, scale in adapters:
             load_adapter(base, path, scale=scale)
         plain = unload(base, merge=True, safe=True)
-        return MergeResult(save_hf_model(plain, tokenizer, out, dtype=written, overwrite=overwrite, extras=extras),
-                           written)
+        return MergeResult(
+            save_hf_model(plain, tokenizer, out, dtype=written, overwrite=overwrite, extras=extras), written
+        )
 
 
 def merged_size(model_dir: Path, dtype: torch.dtype | None) -> int | None:
@@ -121,19 +129,30 @@ def merged_size(model_dir: Path, dtype: torch.dtype | None) -> int | None:
     from loratune.quant.safetensors_stream import checkpoint_files, read_header
 
     try:
-        elements = sum(math.prod(entry["shape"]) for file in checkpoint_files(model_dir)
-                       for entry in read_header(file)[1].values())
+        elements = sum(
+            math.prod(entry["shape"]) for file in checkpoint_files(model_dir) for entry in read_header(file)[1].values()
+        )
     except (OSError, ValueError, KeyError, LoratuneError):
         return None
     return int(elements * (0.55 if dtype is None else dtype.itemsize))
 
 
-def _merge_over_4bit(model, adapters, out: Path, quantize: str, requantize: bool, written, device,
-                     trust_remote_code: bool, overwrite: bool) -> MergeResult:
+def _merge_over_4bit(
+    model,
+    adapters,
+    out: Path,
+    quantize: str,
+    requantize: bool,
+    written,
+    device,
+    trust_remote_code: bool,
+    overwrite: bool,
+) -> MergeResult:
     """Dequantize the 4-bit base to float32, merge there, write bf16/fp16/fp32 (or re-quantize, reporting the
     error)."""
-    base, tokenizer = load_model(model, quantize=quantize, dtype="fp32", device=device,
-                                 trust_remote_code=trust_remote_code)
+    base, tokenizer = load_model(
+        model, quantize=quantize, dtype="fp32", device=device, trust_remote_code=trust_remote_code
+    )
     specs = dequantize_model(base, torch.float32)
     for path, scale in adapters:
         load_adapter(base, path, scale=scale)

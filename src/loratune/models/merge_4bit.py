@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loratune.adapters.surgery import lora_layers
-from loratune.outputs import check_output_dir, write_output_dir
 from loratune.models.export import weights_are_tied
+from loratune.outputs import check_output_dir, write_output_dir
 from loratune.quant import Linear4bit, QuantSpec, dequantize_weight, quantize_weight
 
 
@@ -28,8 +28,13 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> di
     specs = {}
     for path, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device=module.weight.device, dtype=dtype)
+            linear = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device=module.weight.device,
+                dtype=dtype,
+            )
             with torch.no_grad():
                 linear.weight.copy_(module.dequantized_weight(dtype))
                 if module.bias is not None:
@@ -40,7 +45,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> di
     return specs
 
 
-def requantize_model(model: nn.Module, specs: dict[str, QuantSpec], reference_deltas: dict[str, float] | None = None) -> dict:
+def requantize_model(
+    model: nn.Module, specs: dict[str, QuantSpec], reference_deltas: dict[str, float] | None = None
+) -> dict:
     """Quantize the Linear layers at ``specs``' paths back to 4 bits (in place); return the error this adds:
     ``relative_error`` = ‖Q(W) − W‖ / ‖W‖ over all those weights together, the worst layer's, and, given
     ``reference_deltas`` ({path: ‖ΔW‖², the merged adapters' change}), ``error_vs_delta`` = ‖Q(W) − W‖ / ‖ΔW‖:
@@ -56,8 +63,11 @@ def requantize_model(model: nn.Module, specs: dict[str, QuantSpec], reference_de
         err_sq, ref_sq = err_sq + layer_err, ref_sq + layer_ref
         worst = max(worst, math.sqrt(layer_err / layer_ref) if layer_ref else 0.0)
         model.set_submodule(path, Linear4bit.from_weight(dense, linear.bias, spec, name=f"{path}.weight"))
-    report = {"layers": len(specs), "relative_error": math.sqrt(err_sq / ref_sq) if ref_sq else 0.0,
-              "worst_layer_relative_error": worst}
+    report = {
+        "layers": len(specs),
+        "relative_error": math.sqrt(err_sq / ref_sq) if ref_sq else 0.0,
+        "worst_layer_relative_error": worst,
+    }
     if reference_deltas:
         delta_sq = sum(reference_deltas.get(p, 0.0) for p in specs)
         report["error_vs_delta"] = math.sqrt(err_sq / delta_sq) if delta_sq else None
@@ -89,10 +99,14 @@ def save_quantized_model(model: nn.Module, tokenizer, out_dir: str | Path, *, ov
     keep = sorted({p for p, m in model.named_modules() if isinstance(m, nn.Linear) and p not in layers})
     config = model.config.to_dict()
     config["quantization_config"] = {
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-        "bnb_4bit_quant_type": spec.quant_type, "bnb_4bit_use_double_quant": spec.double_quant,
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": spec.quant_type,
+        "bnb_4bit_use_double_quant": spec.double_quant,
         "bnb_4bit_compute_dtype": str(spec.compute_dtype).removeprefix("torch."),
-        "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": [p.rsplit(".", 1)[-1] for p in keep] or None,
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": [p.rsplit(".", 1)[-1] for p in keep] or None,
     }
     check_output_dir(out_dir, overwrite=overwrite)
 

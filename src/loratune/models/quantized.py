@@ -38,9 +38,9 @@ def modules_to_quantize(model: nn.Module, unquantized: Sequence[str] = DEFAULT_U
     names = [n for n in unquantized if n not in DEFAULT_UNQUANTIZED]
     head = output_head_path(model) if OUTPUT_HEAD in unquantized else None
     return [
-        path for path, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and path != head and not (names and module_name_matches(names, path))
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear) and path != head and not (names and module_name_matches(names, path))
     ]
 
 
@@ -77,6 +77,9 @@ def quantized_summary(model: nn.Module) -> dict:
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     params = sum(m.in_features * m.out_features for m in layers)
     stored = sum(m.storage_bytes() for m in layers)
-    return {"layers": len(layers), "parameters": params, "bytes": stored,
-            "bytes_per_parameter": stored / params if params else None}
-
+    return {
+        "layers": len(layers),
+        "parameters": params,
+        "bytes": stored,
+        "bytes_per_parameter": stored / params if params else None,
+    }

@@ -81,7 +81,9 @@ def load_streamed(
         model.set_submodule(path, Linear4bit(meta.in_features, meta.out_features, meta.bias is not None, spec, device))
     quantized = {path + ".weight": model.get_submodule(path) for path in modules_to_quantize_in(model)}
     # packed data + state tensors of each pre-quantized layer, gathered until all of them have been read
-    expected = {p + ".weight": {n for n in names if n == p + ".weight" or n.startswith(p + ".weight.")} for p in prequantized}
+    expected = {
+        p + ".weight": {n for n in names if n == p + ".weight" or n.startswith(p + ".weight.")} for p in prequantized
+    }
     pending: dict[str, dict[str, torch.Tensor]] = {}
     blocks = _BlocksInProgress(model, on_block)
 
@@ -90,7 +92,7 @@ def load_streamed(
         for name, tensor in iter_tensors(file):
             owner = _owner_of(name, expected)
             if owner is not None:
-                pending.setdefault(owner, {})[name[len(owner) + 1:] if name != owner else ""] = tensor.to(device)
+                pending.setdefault(owner, {})[name[len(owner) + 1 :] if name != owner else ""] = tensor.to(device)
                 if len(pending[owner]) == len(expected[owner]):
                     parts = pending.pop(owner)
                     quantized.pop(owner).set_packed(parts.pop(""), parts, owner)
@@ -112,7 +114,7 @@ def load_streamed(
             del tensor
     model.tie_weights()  # shares the output head with the embeddings when the config says so
     missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
-    missing += [n for n in quantized]
+    missing += list(quantized)
     problems = []
     if mismatched:
         problems.append(f"shapes differ from config.json: {', '.join(mismatched[:3])}")

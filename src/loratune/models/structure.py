@@ -29,8 +29,9 @@ def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
     kinds = set(getattr(model, "_no_split_modules", None) or ())
     blocks: dict[str, nn.Module] = {}
     for path, module in model.named_modules():
-        if any(c.__name__ in kinds for c in type(module).__mro__) and \
-                not any(path.startswith(outer + ".") for outer in blocks):
+        if any(c.__name__ in kinds for c in type(module).__mro__) and not any(
+            path.startswith(outer + ".") for outer in blocks
+        ):
             blocks[path] = module
     return blocks
 

@@ -25,9 +25,9 @@ from loratune.outputs.write import publish_dir, remove_written, write_atomic, wr
 
 __all__ = [
     "MANIFEST_NAME",
-    "being_written",
     "Manifest",
     "OutputInUse",
+    "being_written",
     "check_free_space",
     "check_location",
     "check_only_ours",

@@ -203,19 +203,23 @@ def _refuse_writers_around(key: Path, what: str) -> None:
             return
         holder = locks.holder(parent)
         if holder is not None:
-            raise locks.OutputInUse(f"{what} {key} lies inside {parent}, which {holder} is writing; wait for it to "
-                                    "finish, or write elsewhere")
+            raise locks.OutputInUse(
+                f"{what} {key} lies inside {parent}, which {holder} is writing; wait for it to "
+                "finish, or write elsewhere"
+            )
 
 
 def _refuse_writers_inside(key: Path, what: str) -> None:
-    for directory, subdirs, names in os.walk(key):
+    for directory, _subdirs, names in os.walk(key):
         for name in names:
             if locks.is_lock_name(name):
                 inner = Path(directory) / name[1:].removesuffix(locks.LOCK_SUFFIX)
                 holder = locks.holder(inner)
                 if holder is not None:
-                    raise locks.OutputInUse(f"{what} {key} contains {inner}, which {holder} is writing; wait for it "
-                                            "to finish, or write elsewhere")
+                    raise locks.OutputInUse(
+                        f"{what} {key} contains {inner}, which {holder} is writing; wait for it "
+                        "to finish, or write elsewhere"
+                    )
 
 
 def check_free_space(target: str | os.PathLike, expected_bytes: int | None, what: str = "output") -> None:
@@ -226,8 +230,10 @@ def check_free_space(target: str | os.PathLike, expected_bytes: int | None, what
         return
     free = shutil.disk_usage(nearest_existing(target)).free
     if free < expected_bytes * 1.05:
-        raise FileAccessError(f"not enough space for {what} {target}: about {_size(expected_bytes)} to write, "
-                              f"{_size(free)} free there; free some space or write elsewhere")
+        raise FileAccessError(
+            f"not enough space for {what} {target}: about {_size(expected_bytes)} to write, "
+            f"{_size(free)} free there; free some space or write elsewhere"
+        )
 
 
 def _size(n: float) -> str:
@@ -253,8 +259,9 @@ def _check_existing(target: Path, kind: str, existing: str, overwrite: bool, wha
 def is_nonempty_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory with something in it (loratune's temporary leftovers do not count)."""
     target = Path(path)
-    return target.is_dir() and any(not is_temp_name(p.name) and not locks.is_lock_name(p.name)
-                                   for p in target.iterdir())
+    return target.is_dir() and any(
+        not is_temp_name(p.name) and not locks.is_lock_name(p.name) for p in target.iterdir()
+    )
 
 
 def _shown(entries: list[str]) -> str:
@@ -268,16 +275,22 @@ def check_only_ours(path: str | os.PathLike, action: str = "--overwrite replaces
     target = Path(path)
     manifest = Manifest.read(target)
     if manifest is None:
-        raise ConfigError(f"{action} only what loratune wrote, and {target} holds no record of loratune's "
-                          f"({_shown(sorted(p.name for p in target.iterdir()))}); choose another path or move those "
-                          "files yourself")
+        raise ConfigError(
+            f"{action} only what loratune wrote, and {target} holds no record of loratune's "
+            f"({_shown(sorted(p.name for p in target.iterdir()))}); choose another path or move those "
+            "files yourself"
+        )
     if manifest.legacy:
-        raise ConfigError(f"{action} only files loratune recorded, and {target} was written by an earlier loratune "
-                          "that recorded only names; remove it yourself or choose another path")
+        raise ConfigError(
+            f"{action} only files loratune recorded, and {target} was written by an earlier loratune "
+            "that recorded only names; remove it yourself or choose another path"
+        )
     foreign = manifest.foreign(target)
     if foreign:
-        raise ConfigError(f"{action} only what loratune wrote, but {target} also holds {_shown(foreign)}; "
-                          "choose another path or move those files yourself")
+        raise ConfigError(
+            f"{action} only what loratune wrote, but {target} also holds {_shown(foreign)}; "
+            "choose another path or move those files yourself"
+        )
 
 
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool, what: str = "output directory") -> bool:
@@ -301,8 +314,13 @@ def written_by_loratune(path: str | os.PathLike) -> bool:
     return record is not None and unchanged(record, target)
 
 
-def check_output_file(path: str | os.PathLike, *, overwrite: bool, what: str = "output file",
-                      ours: Callable[[Path], bool] = written_by_loratune) -> None:
+def check_output_file(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool,
+    what: str = "output file",
+    ours: Callable[[Path], bool] = written_by_loratune,
+) -> None:
     """Check that a single output file may be written at ``path``: refused (``ConfigError``) when it is a
     directory or a link, when it exists without ``overwrite``, and when loratune did not write it (or it changed
     since)."""
@@ -313,5 +331,7 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool, what: str = "
     if not overwrite:
         raise ConfigError(f"{what} {target} exists; pass --overwrite to replace it")
     if not target.is_file() or not ours(target):
-        raise ConfigError(f"--overwrite replaces only files loratune wrote (and nobody changed since), and {target} "
-                          "is not one; choose another path or move it yourself")
+        raise ConfigError(
+            f"--overwrite replaces only files loratune wrote (and nobody changed since), and {target} "
+            "is not one; choose another path or move it yourself"
+        )

@@ -95,8 +95,9 @@ def acquire(target: Path, command: str, what: str = "output") -> HeldLock | None
         except BlockingIOError:
             holder = _describe_holder(fd)
             os.close(fd)
-            raise OutputInUse(f"{what} {target} is in use by {holder}; wait for it to finish, or write elsewhere") \
-                from None
+            raise OutputInUse(
+                f"{what} {target} is in use by {holder}; wait for it to finish, or write elsewhere"
+            ) from None
         except BaseException:
             os.close(fd)
             raise

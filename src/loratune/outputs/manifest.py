@@ -109,9 +109,21 @@ class Manifest:
     def to_json(self) -> str:
         from loratune.version import __version__
 
-        return json.dumps({"written_by": "loratune", "format": FORMAT, "version": __version__, "kind": self.kind,
-                           "files": dict(sorted(self.files.items())), "directories": sorted(self.directories),
-                           "outputs": sorted(self.outputs)}, indent=1) + "\n"
+        return (
+            json.dumps(
+                {
+                    "written_by": "loratune",
+                    "format": FORMAT,
+                    "version": __version__,
+                    "kind": self.kind,
+                    "files": dict(sorted(self.files.items())),
+                    "directories": sorted(self.directories),
+                    "outputs": sorted(self.outputs),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
     def write(self, directory: Path) -> None:
         """Write this manifest into ``directory`` (atomically)."""
@@ -174,8 +186,12 @@ class Manifest:
         """What ``directory`` holds that this manifest does not list as written by loratune, or that changed since
         (relative paths; directories end in ``/``). Nested outputs are checked against their own manifests."""
         found: list[str] = []
-        parents = {p.as_posix() for rel in (*self.files, *self.outputs, *self.directories)
-                   for p in Path(rel).parents if p.as_posix() != "."}
+        parents = {
+            p.as_posix()
+            for rel in (*self.files, *self.outputs, *self.directories)
+            for p in Path(rel).parents
+            if p.as_posix() != "."
+        }
         known_dirs = self.directories | parents
 
         def visit(path: Path, prefix: str) -> None:
@@ -188,8 +204,11 @@ class Manifest:
                 elif entry.is_dir():
                     if rel in self.outputs:
                         nested = Manifest.read(Path(entry.path))
-                        found.extend([rel + "/"] if nested is None or nested.legacy else
-                                     [f"{rel}/{inner}" for inner in nested.foreign(Path(entry.path))])
+                        found.extend(
+                            [rel + "/"]
+                            if nested is None or nested.legacy
+                            else [f"{rel}/{inner}" for inner in nested.foreign(Path(entry.path))]
+                        )
                     elif rel in known_dirs:
                         visit(Path(entry.path), rel + "/")
                     else:
@@ -202,8 +221,11 @@ class Manifest:
         if not self.legacy:
             visit(Path(directory), "")
         else:
-            found = [e.name + ("/" if e.is_dir() else "") for e in sorted(Path(directory).iterdir())
-                     if e.name != MANIFEST_NAME and not ours_by_name(e.name)]
+            found = [
+                e.name + ("/" if e.is_dir() else "")
+                for e in sorted(Path(directory).iterdir())
+                if e.name != MANIFEST_NAME and not ours_by_name(e.name)
+            ]
         return found
 
 
@@ -267,8 +289,7 @@ def _records_over(final: Path) -> list[tuple[_OpenRecord, str]]:
     return found
 
 
-def record_published(final: str | os.PathLike, source: str | os.PathLike | None = None,
-                     appended: bool = False) -> None:
+def record_published(final: str | os.PathLike, source: str | os.PathLike | None = None, appended: bool = False) -> None:
     """Record in every open record over ``final`` that loratune wrote it, as ``source`` is now (the temporary file
     or directory about to be renamed to ``final``; ``final`` itself when already in place). ``appended``: a log
     that keeps growing."""

@@ -34,8 +34,9 @@ def relation(output: str | os.PathLike, source: str | os.PathLike) -> str | None
     return None
 
 
-def refuse_aliasing(output: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]],
-                    what: str = "the output") -> None:
+def refuse_aliasing(
+    output: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]], what: str = "the output"
+) -> None:
     """Raise ``ConfigError`` when ``output`` is, contains or lies inside one of ``inputs`` (pairs of (what the input
     is, its path)): writing there would destroy what the command reads."""
     for label, source in inputs:
@@ -43,8 +44,10 @@ def refuse_aliasing(output: str | os.PathLike, inputs: Iterable[tuple[str, str |
         if overlap is None:
             continue
         plain = overlap if overlap != "is" else ("is the same file as" if Path(source).is_file() else "is")
-        raise ConfigError(f"{what} {output} {plain} {label} {source}; writing it would destroy what this command "
-                          "reads — choose an output path outside every input")
+        raise ConfigError(
+            f"{what} {output} {plain} {label} {source}; writing it would destroy what this command "
+            "reads — choose an output path outside every input"
+        )
 
 
 def protected_reason(path: Path) -> str | None:

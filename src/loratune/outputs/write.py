@@ -9,8 +9,14 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from loratune.files import give_default_mode, give_default_modes, swap_into_place, temp_dir_beside, temp_file_beside, \
-    writing
+from loratune.files import (
+    give_default_mode,
+    give_default_modes,
+    swap_into_place,
+    temp_dir_beside,
+    temp_file_beside,
+    writing,
+)
 from loratune.outputs.guard import guard_output
 from loratune.outputs.manifest import Manifest, record_published, record_removed
 
@@ -56,8 +62,9 @@ def remove_written(path: str | os.PathLike) -> None:
     record_removed(target)
 
 
-def write_output_dir(path: str | os.PathLike, kind: str, fill: Callable[[Path], None], *,
-                     overwrite: bool = False) -> Path:
+def write_output_dir(
+    path: str | os.PathLike, kind: str, fill: Callable[[Path], None], *, overwrite: bool = False
+) -> Path:
     """Build an output directory: ``fill(staging)`` writes everything into a new directory beside ``path``, which
     gets a record of every file ``fill`` wrote (``Manifest``) and is swapped into place.
 

@@ -10,9 +10,9 @@ from loratune.quant.spec import BLOCKSIZE, QUANT_TYPES, QuantSpec
 
 __all__ = [
     "BLOCKSIZE",
+    "QUANT_TYPES",
     "Dequantized4bitMatmul",
     "Linear4bit",
-    "QUANT_TYPES",
     "QuantSpec",
     "checkpoint_files",
     "dequantize_weight",

@@ -41,7 +41,8 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "weight")
     """(packed uint8 data, bitsandbytes ``QuantState``) for a 2-D float ``weight`` on its own device.
 
     bitsandbytes computes in float32 whatever the input dtype (a bf16 weight and its float32 copy give the same
-    codes), so the weight is passed as it is, without a float32 copy. The state's dtype is ``spec.compute_dtype``: dequantizing gives the compute dtype directly.
+    codes), so the weight is passed as it is, without a float32 copy. The state's dtype is ``spec.compute_dtype``:
+    dequantizing gives the compute dtype directly.
     Raises ``ConfigError`` (naming ``name``) for a weight that is not 2-D, empty, or not a float dtype.
     """
     if weight.dtype not in _QUANTIZABLE_DTYPES:
@@ -55,7 +56,9 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str = "weight")
             "keep this module unquantized (model.unquantized_modules) or load with quantize=null"
         )
     packed, state = _bnb_functional().quantize_4bit(
-        weight.detach().contiguous(), blocksize=spec.blocksize, compress_statistics=spec.double_quant,
+        weight.detach().contiguous(),
+        blocksize=spec.blocksize,
+        compress_statistics=spec.double_quant,
         quant_type=spec.quant_type,
     )
     state.dtype = spec.compute_dtype
@@ -105,7 +108,9 @@ class Linear4bit(nn.Module):
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.weight = nn.Parameter(torch.empty(0, 1, dtype=torch.uint8, device=device), requires_grad=False)
         self.quant_state = None
-        self.bias = None if not bias else nn.Parameter(torch.zeros(out_features, dtype=spec.compute_dtype, device=device))
+        self.bias = (
+            None if not bias else nn.Parameter(torch.zeros(out_features, dtype=spec.compute_dtype, device=device))
+        )
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec, name: str = "weight"):
@@ -184,16 +189,25 @@ class Linear4bit(nn.Module):
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.quant_state = state
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        extra = {k[len(prefix) + len("weight."):]: state_dict.pop(k) for k in list(state_dict)
-                 if k.startswith(prefix + "weight.")}
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        extra = {
+            k[len(prefix) + len("weight.") :]: state_dict.pop(k)
+            for k in list(state_dict)
+            if k.startswith(prefix + "weight.")
+        }
         packed = state_dict.pop(prefix + "weight", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if packed is not None:
             missing_keys[:] = [k for k in missing_keys if k != prefix + "weight"]
             self.set_packed(packed.to(self.weight.device), extra, prefix + "weight")
 
     def extra_repr(self) -> str:
         s = self.spec
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{s.quant_type}, double_quant={s.double_quant}, compute_dtype={s.compute_dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{s.quant_type}, double_quant={s.double_quant}, compute_dtype={s.compute_dtype}"
+        )

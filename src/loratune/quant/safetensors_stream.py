@@ -20,9 +20,18 @@ from loratune.errors import ModelNotFoundError
 
 # safetensors dtype names -> torch dtypes (the ones torch has)
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -40,7 +49,9 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
         names = list(dict.fromkeys(weight_map.values()))
         missing = [n for n in names if not (model_dir / n).is_file()]
         if missing:
-            raise ModelNotFoundError(f"{model_dir}: shards listed in {INDEX_NAME} are missing: {', '.join(missing[:3])}")
+            raise ModelNotFoundError(
+                f"{model_dir}: shards listed in {INDEX_NAME} are missing: {', '.join(missing[:3])}"
+            )
         return [model_dir / n for n in names]
     if (model_dir / SINGLE_NAME).is_file():
         return [model_dir / SINGLE_NAME]
@@ -71,7 +82,9 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         for name, entry in entries:
             dtype = _DTYPES.get(entry["dtype"])
             if dtype is None:
-                raise ModelNotFoundError(f"{path.name}: tensor {name} has dtype {entry['dtype']}, which torch cannot read")
+                raise ModelNotFoundError(
+                    f"{path.name}: tensor {name} has dtype {entry['dtype']}, which torch cannot read"
+                )
             begin, end = entry["data_offsets"]
             buffer = torch.empty(end - begin, dtype=torch.uint8)
             handle.seek(start + begin)

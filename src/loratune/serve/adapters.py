@@ -47,7 +47,9 @@ class ServedAdapter:
 class AdapterPool:
     """Known adapters of one served base model (see the module docstring)."""
 
-    def __init__(self, model, engine: Engine, *, max_loaded: int = DEFAULT_MAX_LOADED, adapter_root: Path | None = None):
+    def __init__(
+        self, model, engine: Engine, *, max_loaded: int = DEFAULT_MAX_LOADED, adapter_root: Path | None = None
+    ):
         self.model = model
         self.engine = engine
         self.max_loaded = max_loaded
@@ -72,7 +74,9 @@ class AdapterPool:
         with self._lock:
             missing = [n for n in names if n not in self._adapters or self._adapters[n].unloading]
             if missing:
-                raise RequestError(f"adapter {missing[0]!r} is not loaded", 404, "invalid_request_error", "model_not_found")
+                raise RequestError(
+                    f"adapter {missing[0]!r} is not loaded", 404, "invalid_request_error", "model_not_found"
+                )
             for name in names:
                 adapter = self._adapters[name]
                 adapter.in_flight += 1
@@ -103,8 +107,9 @@ class AdapterPool:
     async def load(self, name: str, lora_path: str) -> ServedAdapter:
         """``POST /v1/load_lora_adapter``: load ``lora_path`` (inside ``--adapter-root``) as ``name``."""
         if self.adapter_root is None:
-            raise RequestError("loading adapters at run time is off; start the server with --adapter-root DIR", 403,
-                               "permission_error")
+            raise RequestError(
+                "loading adapters at run time is off; start the server with --adapter-root DIR", 403, "permission_error"
+            )
         path = self.inside_root(lora_path)
         adapter = await asyncio.to_thread(self._checked, name, path, 1.0, False)
         with self._lock:
@@ -147,8 +152,10 @@ class AdapterPool:
             raise RequestError(f"lora_path {lora_path!r} contains '..'; give a path inside the adapter root")
         resolved = (given if given.is_absolute() else self.adapter_root / given).resolve()
         if not resolved.is_relative_to(self.adapter_root):
-            raise RequestError(f"lora_path {lora_path!r} is outside the adapter root {self.adapter_root} "
-                               "(symbolic links out of it are refused too)")
+            raise RequestError(
+                f"lora_path {lora_path!r} is outside the adapter root {self.adapter_root} "
+                "(symbolic links out of it are refused too)"
+            )
         return resolved
 
     def _checked(self, name: str, path: Path, strength: float, pinned: bool) -> ServedAdapter:
@@ -163,8 +170,9 @@ class AdapterPool:
             raise RequestError(str(error)) from None
         ours, theirs = model_name_of(self.model), config.base_model_name_or_path
         if ours and theirs and not _same_base(ours, theirs):
-            raise RequestError(f"adapter {path} was trained on {theirs!r}, but this server runs {ours!r}; "
-                               "serve it with its own base")
+            raise RequestError(
+                f"adapter {path} was trained on {theirs!r}, but this server runs {ours!r}; serve it with its own base"
+            )
         tokenizer = None
         if any((path / f).is_file() for f in _TOKENIZER_FILES):
             from transformers import AutoTokenizer
@@ -195,8 +203,9 @@ class AdapterPool:
         # and reads it back (its call runs after this one, before its sequence is submitted).
         with self._lock:
             resident = [a for a in self._adapters.values() if a.resident]
-            idle = sorted((a for a in resident if not a.pinned and a.in_flight == 0 and a.name != keep),
-                          key=lambda a: a.last_used)
+            idle = sorted(
+                (a for a in resident if not a.pinned and a.in_flight == 0 and a.name != keep), key=lambda a: a.last_used
+            )
             victims = idle[: max(0, len(resident) + 1 - self.max_loaded)]
             for victim in victims:
                 victim.resident = False
@@ -205,13 +214,16 @@ class AdapterPool:
             log.info("evicted adapter %s (least recently used; --max-loaded %d)", victim.name, self.max_loaded)
 
 
-
 def _refuse_while_written(path: Path) -> None:
     """A 409 while another loratune process writes the adapter (or the run around it): it may be half replaced."""
     writer = being_written(path)
     if writer is not None:
-        raise RequestError(f"adapter {path} cannot be read now: {writer}; load it when that finishes", 409,
-                           "invalid_request_error", "adapter_busy")
+        raise RequestError(
+            f"adapter {path} cannot be read now: {writer}; load it when that finishes",
+            409,
+            "invalid_request_error",
+            "adapter_busy",
+        )
 
 
 def _same_base(ours: str, theirs: str) -> bool:

@@ -73,11 +73,15 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         if api_key is not None and request.url.path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
-                              "authentication_error", "invalid_api_key")
+                return _error(
+                    401,
+                    "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
+                    "authentication_error",
+                    "invalid_api_key",
+                )
         try:
             return await call_next(request)
-        except Exception:  # noqa: BLE001 - a bug answers with an error body; the server keeps serving
+        except Exception:
             log.exception("request failed: %s %s", request.method, request.url.path)
             return _error(500, "internal error in loratune serve (see the server's log)", "server_error")
 
@@ -110,10 +114,27 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         created = now()
-        data = [{"id": service.base_id, "object": "model", "created": created, "owned_by": "loratune",
-                 "parent": None, "root": service.base_id}]
-        data += [{"id": a.name, "object": "model", "created": created, "owned_by": "loratune",
-                  "parent": service.base_id, "root": str(a.path)} for a in service.pool.listed()]
+        data = [
+            {
+                "id": service.base_id,
+                "object": "model",
+                "created": created,
+                "owned_by": "loratune",
+                "parent": None,
+                "root": service.base_id,
+            }
+        ]
+        data += [
+            {
+                "id": a.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "loratune",
+                "parent": service.base_id,
+                "root": str(a.path),
+            }
+            for a in service.pool.listed()
+        ]
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
@@ -166,8 +187,11 @@ async def _answer(request: Request, service: Service, body, chat: bool):
         if body.stream:
             events = service.events(job)
             first = await anext(events)  # errors before the first token (a full queue, say) keep their status
-            answer = StreamingResponse(_stream(first, events, job, body, chat), media_type="text/event-stream",
-                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            answer = StreamingResponse(
+                _stream(first, events, job, body, chat),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         else:
             answer = await _collect(request, service, job, chat)
     except RequestError as error:
@@ -199,17 +223,35 @@ async def _collect(request: Request, service: Service, job: Job, chat: bool):
         await events.aclose()
     wants_logprobs = job.params.logprobs is not None
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": {"content": chat_logprobs(job.tokenizer, logprobs[i])} if wants_logprobs else None,
-                    "finish_reason": reasons[i]} for i in range(count)]
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": texts[i]},
+                "logprobs": {"content": chat_logprobs(job.tokenizer, logprobs[i])} if wants_logprobs else None,
+                "finish_reason": reasons[i],
+            }
+            for i in range(count)
+        ]
         kind, prefix = "chat.completion", "chatcmpl"
     else:
-        choices = [{"index": i, "text": texts[i],
-                    "logprobs": completion_logprobs(job.tokenizer, logprobs[i], 0) if wants_logprobs else None,
-                    "finish_reason": reasons[i]} for i in range(count)]
+        choices = [
+            {
+                "index": i,
+                "text": texts[i],
+                "logprobs": completion_logprobs(job.tokenizer, logprobs[i], 0) if wants_logprobs else None,
+                "finish_reason": reasons[i],
+            }
+            for i in range(count)
+        ]
         kind, prefix = "text_completion", "cmpl"
-    return {"id": new_id(prefix), "object": kind, "created": now(), "model": job.model_name, "choices": choices,
-            "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": new_id(prefix),
+        "object": kind,
+        "created": now(),
+        "model": job.model_name,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 async def _until_disconnected(request: Request, events):
@@ -241,8 +283,14 @@ async def _stream(first, events, job: Job, body, chat: bool):
     completion_tokens = 0
 
     def chunk(choices: list, **extra) -> str:
-        payload = {"id": ident, "object": kind, "created": created, "model": job.model_name, "choices": choices,
-                   **extra}
+        payload = {
+            "id": ident,
+            "object": kind,
+            "created": created,
+            "model": job.model_name,
+            "choices": choices,
+            **extra,
+        }
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     def piece(index: int, text: str | None, entries, reason=None) -> dict:
@@ -255,8 +303,12 @@ async def _stream(first, events, job: Job, body, chat: bool):
 
     try:
         if chat:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(len(offsets))])
+            yield chunk(
+                [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    for i in range(len(offsets))
+                ]
+            )
         item = first
         while item is not None:
             index, event = item

@@ -74,8 +74,15 @@ class Engine:
     it took.
     """
 
-    def __init__(self, model, *, max_batch: int = 32, prefill_tokens: int = 512, max_waiting: int = 256,
-                 on_step: Callable[[int, float], None] | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch: int = 32,
+        prefill_tokens: int = 512,
+        max_waiting: int = 256,
+        on_step: Callable[[int, float], None] | None = None,
+    ):
         self.model = model
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
@@ -140,7 +147,7 @@ class Engine:
                 self._run_calls()
                 try:
                     self._step()
-                except Exception as error:  # noqa: BLE001 - a failed step fails its sequences, never the server
+                except Exception as error:
                     log.exception("engine step failed")
                     self._fail_all(Failed(f"generation failed: {type(error).__name__}: {error}"))
             self._run_calls()
@@ -176,7 +183,7 @@ class Engine:
         if self._prefill is not None:
             try:
                 self._prefill_chunk()
-            except Exception as error:  # noqa: BLE001 - fails the sequences being read, not the running ones
+            except Exception as error:
                 log.exception("prefill failed")
                 for seq in self._prefill.seqs:
                     seq.fail(Failed(f"generation failed: {type(error).__name__}: {error}"))
@@ -211,8 +218,8 @@ class Engine:
         ids = torch.zeros((len(taken), width), dtype=torch.long)
         mask = torch.zeros((len(taken), width), dtype=torch.long)
         for i, seq in enumerate(taken):
-            ids[i, width - len(seq.prompt_ids):] = torch.as_tensor(seq.prompt_ids)
-            mask[i, width - len(seq.prompt_ids):] = 1
+            ids[i, width - len(seq.prompt_ids) :] = torch.as_tensor(seq.prompt_ids)
+            mask[i, width - len(seq.prompt_ids) :] = 1
         return _Prefill(taken, ids.to(self._device), mask.to(self._device))
 
     def _prefill_chunk(self) -> None:
@@ -222,9 +229,14 @@ class Engine:
         end = min(width, job.done + chunk)
         positions = (job.mask.cumsum(-1) - 1).clamp(min=0)
         with self._routed(job.seqs):
-            out = self.model(input_ids=job.ids[:, job.done:end], attention_mask=job.mask[:, :end],
-                             position_ids=positions[:, job.done:end], cache=job.cache, use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(
+                input_ids=job.ids[:, job.done : end],
+                attention_mask=job.mask[:, :end],
+                position_ids=positions[:, job.done : end],
+                cache=job.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         job.cache, job.done = out.cache, end
         if not self._checked_cache:
             kv.check_cache(job.cache)
@@ -240,8 +252,13 @@ class Engine:
         rows = self._running
         rows.mask = torch.cat([rows.mask, rows.mask.new_ones((rows.mask.shape[0], 1))], dim=-1)
         with self._routed(rows.seqs):
-            out = self.model(input_ids=rows.last, attention_mask=rows.mask, position_ids=rows.positions,
-                             cache=rows.cache, use_cache=True)
+            out = self.model(
+                input_ids=rows.last,
+                attention_mask=rows.mask,
+                position_ids=rows.positions,
+                cache=rows.cache,
+                use_cache=True,
+            )
         rows.cache = out.cache
         rows.positions = rows.positions + 1
         self._accept(rows, out.logits[:, -1, :])
@@ -270,7 +287,7 @@ class Engine:
         for i, seq in enumerate(rows.seqs):
             if seq.params.temperature:
                 p = seq.params
-                chosen[i] = sample_next(logits[i:i + 1], p.temperature, p.top_p, p.top_k, seq.generator)[0]
+                chosen[i] = sample_next(logits[i : i + 1], p.temperature, p.top_p, p.top_k, seq.generator)[0]
         tokens = chosen.tolist()
         rows.last = chosen[:, None].to(rows.last.device)
         now = time.monotonic()
@@ -278,8 +295,9 @@ class Engine:
             if seq.done or seq.cancelled:
                 continue
             if seq.deadline is not None and now > seq.deadline:
-                seq.fail(Failed("the request took longer than the server's time limit (--request-timeout)",
-                                "timeout", 504))
+                seq.fail(
+                    Failed("the request took longer than the server's time limit (--request-timeout)", "timeout", 504)
+                )
                 continue
             logprob = _logprob(logits[i], tokens[i], seq.params.logprobs) if seq.params.logprobs is not None else None
             seq.accept(tokens[i], logprob)
@@ -300,8 +318,13 @@ class Engine:
                 kv.pad_left(rows.cache, extra)
                 rows.mask = torch.cat([rows.mask.new_zeros((rows.mask.shape[0], extra)), rows.mask], dim=-1)
         kv.stack_rows(old.cache, new.cache)
-        self._running = _Rows(old.seqs + new.seqs, old.cache, torch.cat([old.mask, new.mask]),
-                              torch.cat([old.positions, new.positions]), torch.cat([old.last, new.last]))
+        self._running = _Rows(
+            old.seqs + new.seqs,
+            old.cache,
+            torch.cat([old.mask, new.mask]),
+            torch.cat([old.positions, new.positions]),
+            torch.cat([old.last, new.last]),
+        )
 
     def _drop_finished(self) -> None:
         rows = self._running
@@ -321,8 +344,13 @@ def _select(rows: _Rows, keep: list[int]) -> _Rows | None:
     mask = rows.mask.index_select(0, index)
     unused = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
     kv.drop_left(rows.cache, unused)
-    return _Rows([rows.seqs[i] for i in keep], rows.cache, mask[:, unused:], rows.positions.index_select(0, index),
-                 rows.last.index_select(0, index))
+    return _Rows(
+        [rows.seqs[i] for i in keep],
+        rows.cache,
+        mask[:, unused:],
+        rows.positions.index_select(0, index),
+        rows.last.index_select(0, index),
+    )
 
 
 def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -20,8 +20,10 @@ def check_cache(cache) -> None:
     """Raise ``ConfigError`` unless every layer of ``cache`` is a plain growing KV cache."""
     kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [None])}
     if kinds != {DynamicLayer.__name__}:
-        raise ConfigError(f"serve batches requests over a plain KV cache, but this model's cache has {sorted(kinds)} "
-                          "layers (sliding-window or hybrid attention); such models cannot be served yet")
+        raise ConfigError(
+            f"serve batches requests over a plain KV cache, but this model's cache has {sorted(kinds)} "
+            "layers (sliding-window or hybrid attention); such models cannot be served yet"
+        )
 
 
 def pad_left(cache, columns: int) -> None:
@@ -54,4 +56,3 @@ def keep_rows(cache, rows: torch.Tensor) -> None:
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, rows)
         layer.values = layer.values.index_select(0, rows)
-

@@ -16,21 +16,37 @@ class ServeMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("loratune_requests", "Requests answered, by endpoint, model and status",
-                                ["endpoint", "model", "status"], registry=r)
-        self.cancelled = Counter("loratune_cancelled_sequences", "Sequences stopped early: the client went away",
-                                 ["model"], registry=r)
+        self.requests = Counter(
+            "loratune_requests",
+            "Requests answered, by endpoint, model and status",
+            ["endpoint", "model", "status"],
+            registry=r,
+        )
+        self.cancelled = Counter(
+            "loratune_cancelled_sequences", "Sequences stopped early: the client went away", ["model"], registry=r
+        )
         self.prompt_tokens = Counter("loratune_prompt_tokens", "Prompt tokens read", ["model"], registry=r)
         self.generated_tokens = Counter("loratune_generated_tokens", "Tokens generated", ["model"], registry=r)
-        self.time_to_first_token = Histogram("loratune_time_to_first_token_seconds",
-                                             "From a request's arrival to its first token", ["model"],
-                                             buckets=LATENCY_BUCKETS, registry=r)
-        self.request_seconds = Histogram("loratune_request_duration_seconds", "From arrival to the last token",
-                                         ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_rows = Histogram("loratune_batch_size", "Sequences in each decoding step", buckets=BATCH_BUCKETS,
-                                    registry=r)
-        self.step_seconds = Histogram("loratune_decode_step_seconds", "Time of each decoding step",
-                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "loratune_time_to_first_token_seconds",
+            "From a request's arrival to its first token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "loratune_request_duration_seconds",
+            "From arrival to the last token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "loratune_batch_size", "Sequences in each decoding step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.step_seconds = Histogram(
+            "loratune_decode_step_seconds", "Time of each decoding step", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("loratune_queue_depth", "Sequences waiting to start", registry=r)
         self.running = Gauge("loratune_running_sequences", "Sequences being prefilled or decoded", registry=r)
         self.adapters_loaded = Gauge("loratune_adapters_in_memory", "Adapters held in memory", registry=r)

@@ -24,8 +24,14 @@ class RequestError(LoratuneError):
     """A request that cannot be answered as asked: ``status`` is the HTTP status, ``kind``/``code``/``param``
     fill OpenAI's error object."""
 
-    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.kind, self.code, self.param = status, kind, code, param
 
@@ -141,8 +147,9 @@ class ChatCompletionRequest(_Common):
 # --- answers ---------------------------------------------------------------------------------------------------
 
 
-def error_body(message: str, kind: str = "invalid_request_error", code: str | int | None = None,
-               param: str | None = None) -> dict:
+def error_body(
+    message: str, kind: str = "invalid_request_error", code: str | int | None = None, param: str | None = None
+) -> dict:
     """OpenAI's error object."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -156,8 +163,11 @@ def now() -> int:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int) -> dict:
@@ -167,12 +177,17 @@ def completion_logprobs(tokenizer, entries: list[TokenLogprob], offset: int) -> 
     for token in tokens:
         offsets.append(position)
         position += len(token)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{tokenizer.decode([i]): p for i, p in e.top} for e in entries], "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{tokenizer.decode([i]): p for i, p in e.top} for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> list[dict]:
     """Chat completions' ``logprobs.content`` entries."""
+
     def one(token_id: int, logprob: float) -> dict:
         text = tokenizer.decode([token_id])
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence picks its tokens. ``temperature`` 0 is greedy; ``logprobs``: None for none, else how
@@ -131,7 +132,7 @@ class Sequence:
 
     def _emit(self, text: str) -> None:
         if len(text) > len(self.emitted) and text.startswith(self.emitted):
-            self.sink(Delta(text[len(self.emitted):], tuple(self._pending)))
+            self.sink(Delta(text[len(self.emitted) :], tuple(self._pending)))
             self.emitted, self._pending = text, []
 
     def _finish(self, reason: str, counted: int = 0) -> None:

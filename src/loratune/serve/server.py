@@ -22,20 +22,39 @@ from loratune.serve.service import Service
 log = logging.getLogger("loratune.serve")
 
 
-def build(model, tokenizer, base_id: str, adapters: list[tuple[str, str, float]] = (), *,
-          max_batch: int = 32, prefill_tokens: int = 512, max_waiting: int = 256,
-          max_loaded: int = DEFAULT_MAX_LOADED, adapter_root=None, max_tokens_limit: int | None = None,
-          request_timeout: float = 600.0) -> Service:
+def build(
+    model,
+    tokenizer,
+    base_id: str,
+    adapters: list[tuple[str, str, float]] = (),
+    *,
+    max_batch: int = 32,
+    prefill_tokens: int = 512,
+    max_waiting: int = 256,
+    max_loaded: int = DEFAULT_MAX_LOADED,
+    adapter_root=None,
+    max_tokens_limit: int | None = None,
+    request_timeout: float = 600.0,
+) -> Service:
     """A started service for ``model`` with ``adapters`` given as (name, directory, strength), pinned."""
     metrics = ServeMetrics()
-    engine = Engine(model, max_batch=max_batch, prefill_tokens=prefill_tokens, max_waiting=max_waiting,
-                    on_step=metrics.on_step)
+    engine = Engine(
+        model, max_batch=max_batch, prefill_tokens=prefill_tokens, max_waiting=max_waiting, on_step=metrics.on_step
+    )
     pool = AdapterPool(model, engine, max_loaded=max(max_loaded, len(adapters)), adapter_root=adapter_root)
     for name, path, strength in adapters:
         pool.add_at_start(name, path, strength)
     metrics.watch(engine, pool)
-    service = Service(model, tokenizer, base_id, engine, pool, metrics, max_tokens_limit=max_tokens_limit,
-                      request_timeout=request_timeout)
+    service = Service(
+        model,
+        tokenizer,
+        base_id,
+        engine,
+        pool,
+        metrics,
+        max_tokens_limit=max_tokens_limit,
+        request_timeout=request_timeout,
+    )
     engine.start()
     return service
 
@@ -43,8 +62,15 @@ def build(model, tokenizer, base_id: str, adapters: list[tuple[str, str, float]]
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-def run(service: Service, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-        drain_timeout: float = 30.0, on_ready=None, sock: socket.socket | None = None) -> None:
+def run(
+    service: Service,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    drain_timeout: float = 30.0,
+    on_ready=None,
+    sock: socket.socket | None = None,
+) -> None:
     """Serve over HTTP (on ``sock`` when given: a socket already bound, else on ``host``:``port``) until SIGINT,
     SIGTERM or SIGHUP, then drain, stop the engine and return."""
     import uvicorn
@@ -74,8 +100,14 @@ def run(service: Service, host: str = "127.0.0.1", port: int = 8000, api_key: st
             if on_ready is not None and self.started:
                 on_ready()
 
-    config = uvicorn.Config(create_app(service, api_key), host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=drain_timeout, access_log=False)
+    config = uvicorn.Config(
+        create_app(service, api_key),
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=drain_timeout,
+        access_log=False,
+    )
     try:
         DrainingServer(config).run(sockets=[sock] if sock is not None else None)
     finally:

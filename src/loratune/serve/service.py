@@ -43,8 +43,18 @@ class Job:
 class Service:
     """Everything a request needs: the model's name and context, the tokenizer, the engine and the adapters."""
 
-    def __init__(self, model, tokenizer, base_id: str, engine: Engine, pool: AdapterPool, metrics: ServeMetrics, *,
-                 max_tokens_limit: int | None = None, request_timeout: float = 600.0):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        base_id: str,
+        engine: Engine,
+        pool: AdapterPool,
+        metrics: ServeMetrics,
+        *,
+        max_tokens_limit: int | None = None,
+        request_timeout: float = 600.0,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.base_id = base_id
@@ -84,8 +94,15 @@ class Service:
         if any(i < 0 or i >= vocab for ids in prompts for i in ids):
             raise RequestError(f"the prompt has token ids outside the vocabulary (0..{vocab - 1})", param="prompt")
         max_tokens = self._max_tokens(limit, max(len(ids) for ids in prompts))
-        params = SamplingParams(max_tokens, request.sampling_temperature, request.top_p, request.sampling_top_k,
-                                request.seed, tuple(request.stop or ()), alternatives)
+        params = SamplingParams(
+            max_tokens,
+            request.sampling_temperature,
+            request.top_p,
+            request.sampling_top_k,
+            request.seed,
+            tuple(request.stop or ()),
+            alternatives,
+        )
         if not params.temperature:  # greedy: top_p and top_k mean nothing
             params = replace(params, top_p=None, top_k=None)
         return Job(request.model, mix, tokenizer, prompts, request.n, params, time.monotonic(), request.ignore_eos)
@@ -93,19 +110,30 @@ class Service:
     def _mix(self, request) -> dict[str, float]:
         names = self.model_ids()
         if request.model not in names:
-            raise RequestError(f"model {request.model!r} is not served here; available: {', '.join(names)}", 404,
-                               code="model_not_found", param="model")
+            raise RequestError(
+                f"model {request.model!r} is not served here; available: {', '.join(names)}",
+                404,
+                code="model_not_found",
+                param="model",
+            )
         if request.adapters is not None:
             unknown = [n for n in request.adapters if self.pool.get(n) is None]
             if unknown:
                 listed = ", ".join(a.name for a in self.pool.listed()) or "none"
-                raise RequestError(f"adapters names {unknown[0]!r}, which is not loaded; loaded adapters: {listed}",
-                                   404, code="model_not_found", param="adapters")
+                raise RequestError(
+                    f"adapters names {unknown[0]!r}, which is not loaded; loaded adapters: {listed}",
+                    404,
+                    code="model_not_found",
+                    param="adapters",
+                )
             mix = {name: float(strength) for name, strength in request.adapters.items() if strength != 0}
             whole = [n for n in mix if self.pool.get(n).replaces_modules]
             if whole and len(mix) > 1:
-                raise RequestError(f"adapter {whole[0]!r} replaces whole modules (modules_to_save), so it cannot be "
-                                   "mixed with others in one request; request it alone", param="adapters")
+                raise RequestError(
+                    f"adapter {whole[0]!r} replaces whole modules (modules_to_save), so it cannot be "
+                    "mixed with others in one request; request it alone",
+                    param="adapters",
+                )
             return mix
         if request.model == self.base_id:
             return {}
@@ -131,16 +159,24 @@ class Service:
     def _max_tokens(self, asked: int | None, prompt_length: int) -> int:
         left = None if self.context is None else self.context - prompt_length
         if left is not None and left < 1:
-            raise RequestError(f"the prompt has {prompt_length} tokens, which fills the model's context of "
-                               f"{self.context}; shorten it", param="messages")
+            raise RequestError(
+                f"the prompt has {prompt_length} tokens, which fills the model's context of {self.context}; shorten it",
+                param="messages",
+            )
         if asked is None:
             return min(x for x in (left, self.max_tokens_limit, 2**31) if x is not None)
         if self.max_tokens_limit is not None and asked > self.max_tokens_limit:
-            raise RequestError(f"max_tokens is {asked}, above this server's limit of {self.max_tokens_limit} "
-                               "(--max-tokens-limit); ask for fewer", param="max_tokens")
+            raise RequestError(
+                f"max_tokens is {asked}, above this server's limit of {self.max_tokens_limit} "
+                "(--max-tokens-limit); ask for fewer",
+                param="max_tokens",
+            )
         if left is not None and asked > left:
-            raise RequestError(f"max_tokens is {asked}, but the prompt ({prompt_length} tokens) leaves {left} of the "
-                               f"model's context of {self.context}; ask for at most {left}", param="max_tokens")
+            raise RequestError(
+                f"max_tokens is {asked}, but the prompt ({prompt_length} tokens) leaves {left} of the "
+                f"model's context of {self.context}; ask for at most {left}",
+                param="max_tokens",
+            )
         return asked
 
     def _stop_ids(self, tokenizer) -> frozenset[int]:
@@ -169,14 +205,16 @@ class Service:
                     params = job.params
                     if params.seed is not None and job.n > 1:  # n samples, each reproducible and different
                         params = replace(params, seed=params.seed + j)
-                    seqs.append(Sequence(ids, job.mix, params, job.tokenizer, stops,
-                                         _sink(loop, inbox, index), deadline))
+                    seqs.append(
+                        Sequence(ids, job.mix, params, job.tokenizer, stops, _sink(loop, inbox, index), deadline)
+                    )
             try:
                 for seq in seqs:
                     self.engine.submit(seq)
             except QueueFull:
-                raise RequestError("the server is busy (its queue is full); retry in a moment", 429,
-                                   "rate_limit_error") from None
+                raise RequestError(
+                    "the server is busy (its queue is full); retry in a moment", 429, "rate_limit_error"
+                ) from None
             open_ = len(seqs)
             while open_:
                 index, event = await inbox.get()

@@ -26,8 +26,11 @@ def _mask_rows(mask: torch.Tensor, batch: int, heads: int, q_len: int) -> torch.
     """The offset of each query row's mask row (rows ordered batch, head, query) in ``mask``'s storage."""
     expanded = mask.expand(batch, heads, q_len, mask.shape[-1])
     sb, sh, sq, _ = expanded.stride()
-    return (torch.arange(batch)[:, None, None] * sb + torch.arange(heads)[None, :, None] * sh
-            + torch.arange(q_len)[None, None, :] * sq).reshape(-1)
+    return (
+        torch.arange(batch)[:, None, None] * sb
+        + torch.arange(heads)[None, :, None] * sh
+        + torch.arange(q_len)[None, None, :] * sq
+    ).reshape(-1)
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -56,8 +59,17 @@ class AttentionFunction(torch.autograd.Function):
         v = value.contiguous().view(batch * kv_heads, k_len, head_dim)
         grad = grad_out.contiguous().view_as(q)
         probs, grad_scores = fused_cpu.attention_backward_scores(
-            q, grad, out.contiguous().view_as(q), k, v, lse.contiguous(), mask,
-            None if mask is None else _mask_rows(mask, batch, heads, q_len), q_len, ctx.causal, ctx.scale,
+            q,
+            grad,
+            out.contiguous().view_as(q),
+            k,
+            v,
+            lse.contiguous(),
+            mask,
+            None if mask is None else _mask_rows(mask, batch, heads, q_len),
+            q_len,
+            ctx.causal,
+            ctx.scale,
         )
         grad_v = torch.bmm(probs.transpose(1, 2), grad)
         grad_q = torch.bmm(grad_scores, k)
@@ -98,32 +110,48 @@ def fits(module: nn.Module, query, key, value, attention_mask, dropout: float, k
     key lengths equal, and a 4-D mask (if any) for every head or one for all."""
     tensors = (query, key, value)
     return (
-        module.training and dropout == 0.0 and torch.is_grad_enabled()
+        module.training
+        and dropout == 0.0
+        and torch.is_grad_enabled()
         and any(t.requires_grad for t in tensors)
-        and fused_cpu.attention_fits(*tensors) and all(t.dim() == 4 for t in tensors)
-        and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-        and query.shape[1] % key.shape[1] == 0 and key.shape == value.shape
-        and query.shape[0] == key.shape[0] and query.shape[2] == key.shape[2] and query.shape[3] == key.shape[3]
-        and (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] in (1, query.shape[1])
-                                        and attention_mask.shape[0] in (1, query.shape[0])
-                                        and attention_mask.shape[2:] == (query.shape[2], key.shape[2])))
+        and fused_cpu.attention_fits(*tensors)
+        and all(t.dim() == 4 for t in tensors)
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and query.shape[1] % key.shape[1] == 0
+        and key.shape == value.shape
+        and query.shape[0] == key.shape[0]
+        and query.shape[2] == key.shape[2]
+        and query.shape[3] == key.shape[3]
+        and (
+            attention_mask is None
+            or (
+                attention_mask.dim() == 4
+                and attention_mask.shape[1] in (1, query.shape[1])
+                and attention_mask.shape[0] in (1, query.shape[0])
+                and attention_mask.shape[2:] == (query.shape[2], key.shape[2])
+            )
+        )
     )
 
 
-def attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-              is_causal=None, **kwargs):
+def attention(
+    module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs
+):
     """transformers' SDPA attention, with the backward above while training on a CPU (and the compiled dropout
     mask when there is attention dropout, ``dropout.attention``). Other calls go to SDPA unchanged."""
     if not fits(module, query, key, value, attention_mask, dropout, kwargs):
         from loratune.train import dropout as kernel_dropout
 
-        return kernel_dropout.attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                        is_causal=is_causal, **kwargs)
+        return kernel_dropout.attention(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal and attention_mask is None and query.shape[2] > 1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = AttentionFunction.apply(query, key, value, _shared_additive_mask(attention_mask, query.dtype), causal,
-                                   float(scale))
+    out = AttentionFunction.apply(
+        query, key, value, _shared_additive_mask(attention_mask, query.dtype), causal, float(scale)
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -131,8 +159,11 @@ def patch_attention(model: nn.Module) -> bool:
     """Route a transformers model's SDPA attention through ``attention``; True when it now does (its attention
     was SDPA, the kernels are built and the model takes a registered implementation)."""
     config = getattr(model, "config", None)
-    if not fused_cpu.kernel_available() or getattr(config, "_attn_implementation", None) != "sdpa" \
-            or not hasattr(model, "set_attn_implementation"):
+    if (
+        not fused_cpu.kernel_available()
+        or getattr(config, "_attn_implementation", None) != "sdpa"
+        or not hasattr(model, "set_attn_implementation")
+    ):
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

@@ -32,7 +32,9 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -97,7 +99,12 @@ def save_checkpoint(
             if torch.cuda.is_available():
                 rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
             save_file(rng, staging / "rng.safetensors")
-            state = {**trainer_state, "step": step, "optimizer": opt_meta, "python_random": _jsonable(random.getstate())}
+            state = {
+                **trainer_state,
+                "step": step,
+                "optimizer": opt_meta,
+                "python_random": _jsonable(random.getstate()),
+            }
             (staging / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
             publish_dir(staging, final)
         except BaseException:
@@ -117,7 +124,9 @@ def load_checkpoint(path: Path, trained, optimizer: torch.optim.Optimizer) -> di
         _restore_optimizer(optimizer, read_safetensors(path / "optimizer.safetensors"), state["optimizer"])
         rng = read_safetensors(path / "rng.safetensors")
     except (OSError, KeyError, ValueError, TypeError, LoratuneError) as exc:
-        raise LoratuneError(f"checkpoint {path} cannot be read ({exc}); delete it to resume from an older one") from None
+        raise LoratuneError(
+            f"checkpoint {path} cannot be read ({exc}); delete it to resume from an older one"
+        ) from None
     torch.set_rng_state(rng["torch"])
     cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
     if cuda_states and torch.cuda.is_available():

@@ -38,11 +38,21 @@ TOKEN_TASK_TYPE = "TOKEN_CLS"  # and for token classification
 HEAD_MODULES = ("classifier", "score")
 # the attention query and value projections, by transformers model type (the paper's W_q, W_v)
 QUERY_VALUE = {
-    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"], "albert": ["query", "value"], "camembert": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"], "distilbert": ["q_lin", "v_lin"],
-    "mpnet": ["q", "v"], "modernbert": ["Wqkv"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "albert": ["query", "value"],
+    "camembert": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "mpnet": ["q", "v"],
+    "modernbert": ["Wqkv"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
 }
 
 
@@ -58,8 +68,10 @@ def classification_lora(lora: LoraConfig, model: nn.Module, token: bool = False)
     """``lora`` for a classifier (``token``: a token classifier): the head trained in full (added to
     ``modules_to_save``), PEFT's task type, and — unless ``target_modules`` was given — the attention's query
     and value projections."""
-    update = {"modules_to_save": sorted({*(lora.modules_to_save or []), *head_modules(model)}),
-              "task_type": TOKEN_TASK_TYPE if token else TASK_TYPE}
+    update = {
+        "modules_to_save": sorted({*(lora.modules_to_save or []), *head_modules(model)}),
+        "task_type": TOKEN_TASK_TYPE if token else TASK_TYPE,
+    }
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if "target_modules" not in lora.model_fields_set and model_type in QUERY_VALUE:
         update["target_modules"] = QUERY_VALUE[model_type]
@@ -76,16 +88,18 @@ def classification_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor
     logits = model(**_inputs(batch)).logits.float()
     labels = batch["labels"]
     if labels.ndim == 2:
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"), \
-            int((labels != IGNORE).sum())
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"), int(
+            (labels != IGNORE).sum()
+        )
     if labels.dtype.is_floating_point:
         return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum"), labels.shape[0]
     return F.cross_entropy(logits, labels, reduction="sum"), labels.shape[0]
 
 
 @torch.no_grad()
-def classifier_logits(model: nn.Module, rows: Sequence[TokenizedClassExample], pad_id: int,
-                      batch_size: int = 32) -> torch.Tensor:
+def classifier_logits(
+    model: nn.Module, rows: Sequence[TokenizedClassExample], pad_id: int, batch_size: int = 32
+) -> torch.Tensor:
     """The model's outputs (float32, rows × outputs; a token classifier's: one tensor per row) in the order of
     ``rows``, batched by length."""
     if not rows:
@@ -107,8 +121,9 @@ def classifier_logits(model: nn.Module, rows: Sequence[TokenizedClassExample], p
     return out if out and out[0].ndim == 2 else torch.stack(out)
 
 
-def evaluate_classification(model: nn.Module, rows: Sequence[TokenizedClassExample], space: LabelSpace,
-                            pad_id: int, batch_size: int = 32) -> EvalResult:
+def evaluate_classification(
+    model: nn.Module, rows: Sequence[TokenizedClassExample], space: LabelSpace, pad_id: int, batch_size: int = 32
+) -> EvalResult:
     """Loss (mean over rows; over labelled words for tokens) and the metrics that fit the task (``accuracy``,
     ``macro_f1``, ``mcc``; ``pearson``, ``spearman``, ``mse`` for regression; entity ``precision``, ``recall``,
     ``f1`` and word ``accuracy`` for tokens); perplexity and exact match do not apply (None)."""
@@ -152,10 +167,13 @@ def predictions(logits, space: LabelSpace, rows: Sequence[TokenizedClassExample]
     if space.regression:
         return [{"score": float(value)} for value in logits.squeeze(-1)]
     probabilities = logits.softmax(-1)
-    return [{"label": space.names[int(p.argmax())],
-             "probabilities": {name: round(float(q), 6) for name, q in zip(space.names, p)}} for p in probabilities]
-
-
+    return [
+        {
+            "label": space.names[int(p.argmax())],
+            "probabilities": {name: round(float(q), 6) for name, q in zip(space.names, p)},
+        }
+        for p in probabilities
+    ]
 
 
 def check_classifier_config(config) -> None:
@@ -170,8 +188,10 @@ def check_classifier_config(config) -> None:
         if given:
             raise ConfigError(f"{option} does not apply to a classification run (task: seq_cls); remove it")
     if config.train.best_metric == "eval_exact_match":
-        raise ConfigError("train.best_metric: eval_exact_match is for language models; use eval_accuracy, "
-                          "eval_macro_f1, eval_mcc (or eval_pearson / eval_spearman for regression) or eval_loss")
+        raise ConfigError(
+            "train.best_metric: eval_exact_match is for language models; use eval_accuracy, "
+            "eval_macro_f1, eval_mcc (or eval_pearson / eval_spearman for regression) or eval_loss"
+        )
 
 
 def classification_examples(config, token: bool = False) -> tuple[LabelSpace, list, list]:
@@ -204,12 +224,26 @@ def classification_examples(config, token: bool = False) -> tuple[LabelSpace, li
 
 def describe_labels(space: LabelSpace, n_train: int, n_eval: int) -> str:
     """One line for the run log: rows, and the labels or regression."""
-    what = "regression (one score)" if space.regression else f"{space.num_labels} labels ({', '.join(space.names[:8])}" \
-        + (", …)" if space.num_labels > 8 else ")")
+    what = (
+        "regression (one score)"
+        if space.regression
+        else f"{space.num_labels} labels ({', '.join(space.names[:8])}" + (", …)" if space.num_labels > 8 else ")")
+    )
     layout = "tagged sentences" if space.token else "text pairs" if space.pair else "texts"
     return f"classification: {n_train} training and {n_eval} eval {layout}; {what}"
 
 
-__all__ = ["QUERY_VALUE", "TASK_TYPE", "check_classifier_config", "classification_examples", "classification_lora",
-           "classification_loss_sum", "classification_result", "classifier_logits", "describe_labels", "evaluate_classification",
-           "head_modules", "predictions"]
+__all__ = [
+    "QUERY_VALUE",
+    "TASK_TYPE",
+    "check_classifier_config",
+    "classification_examples",
+    "classification_lora",
+    "classification_loss_sum",
+    "classification_result",
+    "classifier_logits",
+    "describe_labels",
+    "evaluate_classification",
+    "head_modules",
+    "predictions",
+]

@@ -8,7 +8,7 @@ Relative data paths are looked up from the working directory first, then from th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -20,8 +20,15 @@ from loratune.validation import check_known_keys, validate_model
 
 DATA_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
 TASKS = ("causal_lm", "seq_cls", "token_cls")
-BEST_METRICS = ("eval_loss", "eval_exact_match", "eval_accuracy", "eval_macro_f1", "eval_mcc", "eval_pearson",
-                "eval_spearman")
+BEST_METRICS = (
+    "eval_loss",
+    "eval_exact_match",
+    "eval_accuracy",
+    "eval_macro_f1",
+    "eval_mcc",
+    "eval_pearson",
+    "eval_spearman",
+)
 
 
 class _Section(BaseModel):
@@ -30,7 +37,7 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     name: str = "smollm2-135m"
-    quantize: Optional[Literal["nf4", "fp4"]] = None
+    quantize: Literal["nf4", "fp4"] | None = None
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
@@ -42,38 +49,38 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     train: str
-    eval: Optional[str] = None
+    eval: str | None = None
     eval_split: float = Field(0.0, ge=0.0, lt=1.0)
     format: Literal[DATA_FORMATS] = "auto"
     max_length: int = Field(512, gt=0)
     truncation: Literal["truncate", "drop"] = "truncate"
     train_on_prompt: bool = False
     packing: bool = False
-    eval_max_examples: Optional[int] = Field(None, gt=0)  # cap on eval rows (exact match generates text)
-    retain: Optional[str] = None  # a data file (or "builtin") whose loss measures forgetting (train.forgetting)
+    eval_max_examples: int | None = Field(None, gt=0)  # cap on eval rows (exact match generates text)
+    retain: str | None = None  # a data file (or "builtin") whose loss measures forgetting (train.forgetting)
 
 
 class TrainSection(_Section):
     method: Literal["lora", "full", "intrinsic"] = "lora"  # full: every weight (or full_modules); intrinsic: see below
-    full_modules: Optional[list[str]] = None  # with method full: module names or dotted suffixes that train
+    full_modules: list[str] | None = None  # with method full: module names or dotted suffixes that train
     epochs: float = Field(1.0, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(2.0e-4, gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    loraplus_lr_ratio: Optional[float] = Field(None, gt=0)  # LoRA+: B's lr = ratio × lr (see train.optimizer)
+    loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B's lr = ratio × lr (see train.optimizer)
     loraplus_lr_embedding: float = Field(1e-6, gt=0)  # LoRA+: the lr of adapted embeddings' factors (PEFT's default)
-    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # with several processes; auto: ddp (see train.distributed)
     seed: int = 0
     save_every: int = Field(200, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
-    eval_every: Optional[int] = Field(None, gt=0)
-    best_metric: Optional[Literal[BEST_METRICS]] = None
+    eval_every: int | None = Field(None, gt=0)
+    best_metric: Literal[BEST_METRICS] | None = None
     log_every: int = Field(10, gt=0)
     eval_batch_size: int = Field(32, gt=0)
     eval_max_new_tokens: int = Field(32, gt=0)
@@ -89,12 +96,13 @@ class TrainSection(_Section):
 
 
 class IntrinsicSection(_Section):
-    """``train.method: intrinsic``: a ``dim``-dimensional θ projected into the ``targets``' weights (train.intrinsic)."""
+    """``train.method: intrinsic``: a ``dim``-dimensional θ projected into the ``targets``' weights
+    (train.intrinsic)."""
 
-    dim: Optional[int] = Field(None, gt=0)
+    dim: int | None = Field(None, gt=0)
     said: bool = True  # SAID: one trained scalar per target tensor
-    targets: Union[str, list[str]] = "all-linear"
-    seed: Optional[int] = None  # of the projection; default: train.seed
+    targets: str | list[str] = "all-linear"
+    seed: int | None = None  # of the projection; default: train.seed
 
 
 class TrainConfig(_Section):
@@ -103,7 +111,7 @@ class TrainConfig(_Section):
     per row) or ``token_cls`` (a tag per word); by default ``seq_cls`` when the training rows have a ``label``,
     ``token_cls`` when they have ``tokens`` and ``tags``, else ``causal_lm``."""
 
-    task: Optional[Literal[TASKS]] = None
+    task: Literal[TASKS] | None = None
 
     model: ModelSection = ModelSection()
     lora: LoraConfig = LoraConfig()
@@ -111,22 +119,28 @@ class TrainConfig(_Section):
     train: TrainSection = TrainSection()
     intrinsic: IntrinsicSection = IntrinsicSection()
     output_dir: str
-    meta: Optional[dict[str, Any]] = None  # written by loratune into a run's config.yaml; ignored on input
+    meta: dict[str, Any] | None = None  # written by loratune into a run's config.yaml; ignored on input
 
     @model_validator(mode="after")
     def _method_fits(self):
         method = self.train.method
         if method != "lora" and self.model.quantize is not None:
-            raise ValueError(f"train.method: {method} changes the base weights, which a {self.model.quantize} base "
-                             "stores in 4 bits and cannot update; set model.quantize: null, or train LoRA over it")
+            raise ValueError(
+                f"train.method: {method} changes the base weights, which a {self.model.quantize} base "
+                "stores in 4 bits and cannot update; set model.quantize: null, or train LoRA over it"
+            )
         if method != "lora" and self.train.loraplus_lr_ratio is not None:
-            raise ValueError(f"train.loraplus_lr_ratio sets the lr of LoRA's B factors; with train.method: {method} "
-                             "there are none, so remove it")
+            raise ValueError(
+                f"train.loraplus_lr_ratio sets the lr of LoRA's B factors; with train.method: {method} "
+                "there are none, so remove it"
+            )
         if method == "intrinsic" and self.intrinsic.dim is None:
             raise ValueError("train.method: intrinsic needs intrinsic.dim (how many parameters train), e.g. 1000")
         if self.train.distributed == "fsdp" and method == "intrinsic":
-            raise ValueError("train.distributed: fsdp shards the base's weights, and train.method: intrinsic adds a "
-                             "projection into all of them to each forward; use train.distributed: ddp")
+            raise ValueError(
+                "train.distributed: fsdp shards the base's weights, and train.method: intrinsic adds a "
+                "projection into all of them to each forward; use train.distributed: ddp"
+            )
         if self.train.method != "full" and self.train.full_modules is not None:
             raise ValueError("train.full_modules applies to train.method: full; remove it or set the method")
         return self
@@ -136,8 +150,13 @@ class TrainConfig(_Section):
         return self.model_dump(mode="json", exclude_none=False)
 
 
-_SECTIONS = {"model": ModelSection, "lora": LoraConfig, "data": DataSection, "train": TrainSection,
-             "intrinsic": IntrinsicSection}
+_SECTIONS = {
+    "model": ModelSection,
+    "lora": LoraConfig,
+    "data": DataSection,
+    "train": TrainSection,
+    "intrinsic": IntrinsicSection,
+}
 _TOP_KEYS = [*_SECTIONS, "task", "output_dir", "meta"]
 
 
@@ -253,8 +272,10 @@ def resolve_data_paths(config: TrainConfig, config_dir: Path) -> TrainConfig:
         if found is None:
             directory = next((c for c in candidates if c.is_dir()), None)
             if directory is not None:
-                raise ConfigError(f"data.{key}: {directory} is a directory; give one data file in it "
-                                  "(.jsonl, .json, .csv, .tsv or .parquet)")
+                raise ConfigError(
+                    f"data.{key}: {directory} is a directory; give one data file in it "
+                    "(.jsonl, .json, .csv, .tsv or .parquet)"
+                )
             raise ConfigError(f"data.{key}: file {value!r} not found (looked in {', '.join(map(str, candidates))})")
         updates[key] = str(found.resolve())
     return config.model_copy(update={"data": config.data.model_copy(update=updates)})

@@ -129,8 +129,9 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return random.Random(f"{seed}:{rank}:{step}").getrandbits(63)
 
 
-def shard_model(model: torch.nn.Module, trained: list[torch.nn.Parameter],
-                shard_trained: bool) -> tuple[int, int, int, int]:
+def shard_model(
+    model: torch.nn.Module, trained: list[torch.nn.Parameter], shard_trained: bool
+) -> tuple[int, int, int, int]:
     """FSDP2 (``fully_shard``) over the model: each transformer block is a unit whose weights are split across the
     processes and gathered only for its forward and backward; the base model (``model.base_model``) is the root.
 
@@ -146,14 +147,15 @@ def shard_model(model: torch.nn.Module, trained: list[torch.nn.Parameter],
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from loratune.errors import ConfigError
-
     from loratune.models.structure import transformer_blocks
 
     root = getattr(model, "base_model", model)
     blocks = list(transformer_blocks(model).values())
     if not blocks:
-        raise ConfigError("train.distributed: fsdp shards a model's transformer blocks, and this model names none "
-                          "(_no_split_modules); use train.distributed: ddp")
+        raise ConfigError(
+            "train.distributed: fsdp shards a model's transformer blocks, and this model names none "
+            "(_no_split_modules); use train.distributed: ddp"
+        )
     inside = {id(p) for block in blocks for p in block.parameters()}
     whole = {p for p in root.parameters() if id(p) not in inside} | (set() if shard_trained else set(trained))
     loaded = [block for block in blocks if isinstance(block, FSDPModule)]
@@ -214,7 +216,7 @@ def average_gradients(processes: Processes, params: list[torch.nn.Parameter]) ->
     flat /= processes.world
     offset = 0
     for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
         offset += grad.numel()
 
 
@@ -231,7 +233,7 @@ def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> f
     squares = float(whole_tensor(torch.nn.utils.get_total_norm(sharded))) ** 2
     if plain:
         squares += float(torch.nn.utils.get_total_norm(plain)) ** 2
-    norm = squares ** 0.5
+    norm = squares**0.5
     if max_norm is not None and norm > max_norm:
         scale = max_norm / (norm + 1e-6)  # as clip_grad_norm_
         for grad in grads:
@@ -245,13 +247,17 @@ def check_nproc(nproc: int) -> None:
 
     if torch.cuda.is_available():
         if nproc > torch.cuda.device_count():
-            raise ConfigError(f"--nproc {nproc} asks for more processes than this machine's "
-                              f"{torch.cuda.device_count()} GPU(s); give at most one process per GPU")
+            raise ConfigError(
+                f"--nproc {nproc} asks for more processes than this machine's "
+                f"{torch.cuda.device_count()} GPU(s); give at most one process per GPU"
+            )
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if nproc > cores:
-        raise ConfigError(f"--nproc {nproc} asks for more processes than the {cores} CPU cores this process may use; "
-                          f"each needs at least one core — give --nproc {cores} or fewer")
+        raise ConfigError(
+            f"--nproc {nproc} asks for more processes than the {cores} CPU cores this process may use; "
+            f"each needs at least one core — give --nproc {cores} or fewer"
+        )
 
 
 def launch(loratune_args: list[str], nproc: int) -> int:
@@ -265,9 +271,20 @@ def launch(loratune_args: list[str], nproc: int) -> int:
     check_nproc(nproc)
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "--max-restarts", "0", "-m", "loratune", *loratune_args]
-    process = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "--max-restarts",
+        "0",
+        "-m",
+        "loratune",
+        *loratune_args,
+    ]
+    process = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)  # noqa: PLW1509 - no threads yet
     try:
         return process.wait()
     except KeyboardInterrupt as stop:  # the workers checkpoint; wait for them
@@ -277,6 +294,24 @@ def launch(loratune_args: list[str], nproc: int) -> int:
         return process.wait()
 
 
-__all__ = ["Processes", "TIMEOUT", "average_gradients", "barrier", "check_nproc", "die_with_parent", "from_main", "gathered",
-           "gradient_norm", "is_sharded", "launch", "shard_block", "shard_like", "shard_model", "start",
-           "step_seed", "stop", "total", "whole_tensor"]
+__all__ = [
+    "TIMEOUT",
+    "Processes",
+    "average_gradients",
+    "barrier",
+    "check_nproc",
+    "die_with_parent",
+    "from_main",
+    "gathered",
+    "gradient_norm",
+    "is_sharded",
+    "launch",
+    "shard_block",
+    "shard_like",
+    "shard_model",
+    "start",
+    "step_seed",
+    "stop",
+    "total",
+    "whole_tensor",
+]

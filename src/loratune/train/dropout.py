@@ -18,6 +18,7 @@ from torch import nn
 
 from loratune.train import fused_cpu
 
+
 def _seed() -> int:
     return int(torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64))
 
@@ -49,21 +50,28 @@ class KernelDropout(nn.Dropout):
         return dropout(x, self.p, self.training) if not self.inplace else F.dropout(x, self.p, self.training, True)
 
 
-def attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-              is_causal=None, **kwargs):
+def attention(
+    module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs
+):
     """transformers' SDPA attention, with the probabilities' dropout drawn by the kernel while training on a
     CPU: softmax((q·scaling)·kᵀ + mask), dropped, times v. Other calls go to SDPA unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     kernel_takes = fused_cpu.dropout_fits(query.new_empty(0))  # the probabilities' device and dtype (made contiguous)
-    plain = (dropout > 0.0 and module.training and kernel_takes
-             and not (causal and attention_mask is None)
-             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-             and getattr(module, "num_key_value_groups", 1) == 1)
+    plain = (
+        dropout > 0.0
+        and module.training
+        and kernel_takes
+        and not (causal and attention_mask is None)
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and getattr(module, "num_key_value_groups", 1) == 1
+    )
     if not plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query * scale, key.transpose(-1, -2))  # scaling q: L/d× fewer products than the scores
     if attention_mask is not None:

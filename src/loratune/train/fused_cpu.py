@@ -44,7 +44,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     if gate.shape != up.shape or not _fits(gate, up):
         return None
     out = torch.empty_like(gate)
-    _fused_cpu.silu_mul(out.data_ptr(), gate.data_ptr(), up.data_ptr(), gate.numel(), _DTYPES[gate.dtype], torch.get_num_threads())
+    _fused_cpu.silu_mul(
+        out.data_ptr(), gate.data_ptr(), up.data_ptr(), gate.numel(), _DTYPES[gate.dtype], torch.get_num_threads()
+    )
     return out
 
 
@@ -62,8 +64,14 @@ def silu_mul_backward(
         return None
     grad_gate, grad_up = out
     _fused_cpu.silu_mul_backward(
-        grad_gate.data_ptr(), grad_up.data_ptr(), gate.data_ptr(), up.data_ptr(), grad.data_ptr(), gate.numel(),
-        _DTYPES[gate.dtype], torch.get_num_threads(),
+        grad_gate.data_ptr(),
+        grad_up.data_ptr(),
+        gate.data_ptr(),
+        up.data_ptr(),
+        grad.data_ptr(),
+        gate.numel(),
+        _DTYPES[gate.dtype],
+        torch.get_num_threads(),
     )
     return grad_gate, grad_up
 
@@ -77,8 +85,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     out = torch.empty_like(x)
     rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
     _fused_cpu.rms_norm(
-        out.data_ptr(), rstd.data_ptr(), x.data_ptr(), weight.data_ptr(), x.numel() // max(h, 1), h, float(eps),
-        _DTYPES[x.dtype], torch.get_num_threads(),
+        out.data_ptr(),
+        rstd.data_ptr(),
+        x.data_ptr(),
+        weight.data_ptr(),
+        x.numel() // max(h, 1),
+        h,
+        float(eps),
+        _DTYPES[x.dtype],
+        torch.get_num_threads(),
     )
     return out, rstd
 
@@ -86,8 +101,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
 def _norm_fits(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, *more: torch.Tensor) -> bool:
     """Whether the kernels can take a norm's input, weight and its float32 rstd (one per row of x)."""
     return (
-        x.dim() > 0 and weight.shape == x.shape[-1:] and rstd.dtype == torch.float32 and rstd.is_contiguous()
-        and rstd.numel() * x.shape[-1] == x.numel() and _fits(x, weight, *more)
+        x.dim() > 0
+        and weight.shape == x.shape[-1:]
+        and rstd.dtype == torch.float32
+        and rstd.is_contiguous()
+        and rstd.numel() * x.shape[-1] == x.numel()
+        and _fits(x, weight, *more)
     )
 
 
@@ -99,7 +118,13 @@ def rms_norm_with_rstd(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
     h = x.shape[-1]
     out = torch.empty_like(x)
     _fused_cpu.rms_norm_apply(
-        out.data_ptr(), rstd.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.numel(), h, _DTYPES[x.dtype],
+        out.data_ptr(),
+        rstd.data_ptr(),
+        x.data_ptr(),
+        weight.data_ptr(),
+        rstd.numel(),
+        h,
+        _DTYPES[x.dtype],
         torch.get_num_threads(),
     )
     return out
@@ -114,8 +139,15 @@ def rms_norm_backward(
     h = x.shape[-1]
     grad_x = torch.empty_like(x)
     _fused_cpu.rms_norm_backward(
-        grad_x.data_ptr(), grad.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), rstd.numel(), h,
-        _DTYPES[x.dtype], torch.get_num_threads(),
+        grad_x.data_ptr(),
+        grad.data_ptr(),
+        x.data_ptr(),
+        weight.data_ptr(),
+        rstd.data_ptr(),
+        rstd.numel(),
+        h,
+        _DTYPES[x.dtype],
+        torch.get_num_threads(),
     )
     return grad_x
 
@@ -135,8 +167,16 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
         return None
     keep_below = min(round((1.0 - p) * 2**32), 2**32 - 1)
     out = torch.empty_like(x)
-    _fused_cpu.dropout(out.data_ptr(), x.data_ptr(), x.numel(), seed, keep_below, 1.0 / (1.0 - p), _DTYPES[x.dtype],
-                       torch.get_num_threads())
+    _fused_cpu.dropout(
+        out.data_ptr(),
+        x.data_ptr(),
+        x.numel(),
+        seed,
+        keep_below,
+        1.0 / (1.0 - p),
+        _DTYPES[x.dtype],
+        torch.get_num_threads(),
+    )
     return out
 
 
@@ -148,8 +188,16 @@ def attention_fits(*tensors: torch.Tensor) -> bool:
 
 
 def attention_backward_scores(
-    q: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    lse: torch.Tensor, mask: torch.Tensor | None, mask_rows: torch.Tensor | None, q_len: int, causal: bool,
+    q: torch.Tensor,
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    mask_rows: torch.Tensor | None,
+    q_len: int,
+    causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The probabilities and the scores' gradient of attention, for its backward: ``(p, ds)``, each
@@ -180,10 +228,26 @@ def attention_backward_scores(
     grad_scores = torch.empty_like(probs)
     tiles = batch * ((rows + 3) // 4)
     _fused_cpu.attention_backward_scores(
-        probs.data_ptr(), grad_scores.data_ptr(), q32.data_ptr(), grad32.data_ptr(), out.contiguous().data_ptr(),
-        kt.data_ptr(), vt.data_ptr(), lse.contiguous().data_ptr(), 0 if mask is None else mask.data_ptr(),
-        0 if mask_rows is None else mask_rows.data_ptr(), tiles, rows, q_len, keys, head_dim, int(causal),
-        float(scale), _DTYPES[out.dtype], int(pairs), torch.get_num_threads(),
+        probs.data_ptr(),
+        grad_scores.data_ptr(),
+        q32.data_ptr(),
+        grad32.data_ptr(),
+        out.contiguous().data_ptr(),
+        kt.data_ptr(),
+        vt.data_ptr(),
+        lse.contiguous().data_ptr(),
+        0 if mask is None else mask.data_ptr(),
+        0 if mask_rows is None else mask_rows.data_ptr(),
+        tiles,
+        rows,
+        q_len,
+        keys,
+        head_dim,
+        int(causal),
+        float(scale),
+        _DTYPES[out.dtype],
+        int(pairs),
+        torch.get_num_threads(),
     )
     return probs[..., :keys], grad_scores[..., :keys]
 
@@ -198,6 +262,14 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, want_grad: b
         return None  # an id outside the vocabulary: PyTorch's indexing raises its error
     targets = targets.contiguous()
     lse = torch.empty(logits.shape[0], dtype=torch.float32)
-    _fused_cpu.cross_entropy_rows(logits.data_ptr(), lse.data_ptr(), targets.data_ptr(), logits.shape[0],
-                                  logits.shape[1], int(want_grad), _DTYPES[logits.dtype], torch.get_num_threads())
+    _fused_cpu.cross_entropy_rows(
+        logits.data_ptr(),
+        lse.data_ptr(),
+        targets.data_ptr(),
+        logits.shape[0],
+        logits.shape[1],
+        int(want_grad),
+        _DTYPES[logits.dtype],
+        torch.get_num_threads(),
+    )
     return lse

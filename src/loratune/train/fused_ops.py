@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune.layers import LoraLayer
+from loratune.layers import LoraLayer, dora
 from loratune.layers.execution import fused_term
-from loratune.layers import dora
 from loratune.layers.fused_linear import (
     dora_linear_backward,
     dora_linear_forward,
@@ -33,8 +32,13 @@ from loratune.train import fused_cpu
 
 # Architectures whose RMSNorm is ``weight * (x·rstd).to(dtype)`` and whose MLP is down(silu(gate(x)) * up(x)):
 # model_type -> the prefix of their transformers class names.
-LLAMA_LIKE_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
-                          "smollm3": "SmolLM3"}
+LLAMA_LIKE_MODEL_TYPES = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "smollm3": "SmolLM3",
+}
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -46,7 +50,7 @@ class _NormRecipe:
     its weight and rstd. The first unpack recomputes the output; the layers sharing it (q/k/v, gate/up) reuse
     that one copy until the last of them has run its backward."""
 
-    __slots__ = ("x", "weight", "rstd", "value")
+    __slots__ = ("rstd", "value", "weight", "x")
 
     def __init__(self, x, weight, rstd):
         self.x, self.weight, self.rstd, self.value = x, weight, rstd, None
@@ -186,8 +190,9 @@ class SiluMulLoraDownFunction(torch.autograd.Function):
             grad_out.reshape(-1, grad_out.shape[-1]), product, xa, dense, lora_A, lora_B, ctx.scale, needs
         )
         # grad_product and product are this backward's own: the gradients overwrite them instead of new tensors
-        grad_gate, grad_up = _silu_mul_backward(gate, up, grad_product.view(gate.shape),
-                                                out=(grad_product.view(gate.shape), product.view(up.shape)))
+        grad_gate, grad_up = _silu_mul_backward(
+            gate, up, grad_product.view(gate.shape), out=(grad_product.view(gate.shape), product.view(up.shape))
+        )
         grad_bias = grad_bias.to(ctx.bias_dtype) if grad_bias is not None else None
         return grad_gate, grad_up, None, grad_bias, grad_A, grad_B, None
 
@@ -201,8 +206,9 @@ class SiluMulDoraDownFunction(torch.autograd.Function):
         product = _silu_mul(gate, up).reshape(-1, gate.shape[-1])
         dense = layer.dense_weight(product.dtype)
         norms = dora.row_norms(dense, lora_A, lora_B, term.scaling, layer.base_row_norms_squared())
-        out, xa, kept, ctx.kept_is_out = dora_linear_forward(product, dense, bias, lora_A, lora_B, magnitude, norms,
-                                                             term.scaling, term.strength)
+        out, xa, kept, ctx.kept_is_out = dora_linear_forward(
+            product, dense, bias, lora_A, lora_B, magnitude, norms, term.scaling, term.strength
+        )
         ctx.save_for_backward(gate, up, lora_A, lora_B, magnitude, xa, kept, norms, bias)
         ctx.layer, ctx.scaling, ctx.strength = layer, term.scaling, term.strength
         return out.view(*gate.shape[:-1], dense.shape[0])
@@ -214,11 +220,24 @@ class SiluMulDoraDownFunction(torch.autograd.Function):
         dense = ctx.layer.dense_weight(product.dtype)
         needs = (True, *ctx.needs_input_grad[4:8])
         grad_product, grad_bias, grad_A, grad_B, grad_m = dora_linear_backward(
-            grad_out.reshape(-1, grad_out.shape[-1]), product, xa, kept, ctx.kept_is_out, dense, bias, lora_A, lora_B,
-            magnitude, norms, ctx.scaling, ctx.strength, needs,
+            grad_out.reshape(-1, grad_out.shape[-1]),
+            product,
+            xa,
+            kept,
+            ctx.kept_is_out,
+            dense,
+            bias,
+            lora_A,
+            lora_B,
+            magnitude,
+            norms,
+            ctx.scaling,
+            ctx.strength,
+            needs,
         )
-        grad_gate, grad_up = _silu_mul_backward(gate, up, grad_product.view(gate.shape),
-                                                out=(grad_product.view(gate.shape), product.view(up.shape)))
+        grad_gate, grad_up = _silu_mul_backward(
+            gate, up, grad_product.view(gate.shape), out=(grad_product.view(gate.shape), product.view(up.shape))
+        )
         grad_bias = grad_bias.to(bias.dtype) if ctx.needs_input_grad[4] else None
         return grad_gate, grad_up, None, None, grad_bias, grad_A, grad_B, grad_m
 
@@ -258,8 +277,10 @@ def patch_for_training(model: nn.Module) -> int:
     if classes is None:
         return 0
     norm_class, mlp_class = classes
-    silu_classes = (nn.SiLU, *filter(None, [getattr(importlib.import_module("transformers.activations"),
-                                                    "SiLUActivation", None)]))
+    silu_classes = (
+        nn.SiLU,
+        *filter(None, [getattr(importlib.import_module("transformers.activations"), "SiLUActivation", None)]),
+    )
     patched = 0
     for module in model.modules():
         if type(module) is norm_class:

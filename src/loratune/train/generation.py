@@ -168,7 +168,9 @@ def check_sampling(temperature: float | None, top_p: float | None, top_k: int | 
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
     if not temperature and (top_p is not None or top_k is not None):
-        raise ConfigError("top_p and top_k shape sampling, but temperature 0 decodes greedily; give a temperature above 0")
+        raise ConfigError(
+            "top_p and top_k shape sampling, but temperature 0 decodes greedily; give a temperature above 0"
+        )
 
 
 # --- the decoding loop ------------------------------------------------------------------------------------

@@ -35,8 +35,12 @@ def intrinsic_targets(model: nn.Module, targets: str | Sequence[str]) -> list[tu
     a list: names or dotted suffixes; a string: a regex over the whole path), in module order. Raises
     ``ConfigError`` when nothing matches."""
     head = output_head_path(model)
-    found = [(path, module) for path, module in model.named_modules() if isinstance(module, nn.Linear)
-             and (path != head if targets == "all-linear" else module_name_matches(targets, path))]
+    found = [
+        (path, module)
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and (path != head if targets == "all-linear" else module_name_matches(targets, path))
+    ]
     if not found:
         raise ConfigError(f"intrinsic.targets {targets!r} match no Linear layer of this model")
     return found
@@ -65,8 +69,9 @@ class IntrinsicWeights:
         sizes = [module.weight.numel() for _, module in modules]
         self.D = sum(sizes)
         if dim > self.D:
-            raise ConfigError(f"intrinsic.dim {dim:,} is larger than the {self.D:,} parameters of its targets; "
-                              "choose a smaller dim")
+            raise ConfigError(
+                f"intrinsic.dim {dim:,} is larger than the {self.D:,} parameters of its targets; choose a smaller dim"
+            )
         device = modules[0][1].weight.device
         self.dim, self.seed = dim, seed
         self.theta = nn.Parameter(torch.zeros(dim, device=device))
@@ -115,9 +120,16 @@ class IntrinsicWeights:
     def save(self, directory: Path, base_name: str) -> None:
         """Write θ_d (and λ) and what rebuilds P into ``directory`` (an existing, empty staging directory)."""
         save_file(self.state(), directory / WEIGHTS_FILE, metadata={"format": "pt"})
-        config = {"method": "intrinsic", "dim": self.dim, "seed": self.seed, "said": self.lambdas is not None,
-                  "targets": self.paths, "D": self.D, "projection": "fastfood",
-                  "base_model_name_or_path": base_name}
+        config = {
+            "method": "intrinsic",
+            "dim": self.dim,
+            "seed": self.seed,
+            "said": self.lambdas is not None,
+            "targets": self.paths,
+            "D": self.D,
+            "projection": "fastfood",
+            "base_model_name_or_path": base_name,
+        }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
 
     def bake(self) -> None:
@@ -141,9 +153,10 @@ def apply_intrinsic(model: nn.Module, directory: str | Path) -> IntrinsicWeights
     missing = [path for path in config["targets"] if not isinstance(modules.get(path), nn.Linear)]
     if missing:
         raise ConfigError(f"{directory}: its targets are not Linear layers of this model ({missing[:3]})")
-    weights = IntrinsicWeights(model, [(p, modules[p]) for p in config["targets"]], config["dim"], config["seed"],
-                               config["said"])
-    if weights.D != config["D"]:
+    weights = IntrinsicWeights(
+        model, [(p, modules[p]) for p in config["targets"]], config["dim"], config["seed"], config["said"]
+    )
+    if config["D"] != weights.D:
         raise ConfigError(f"{directory}: its targets hold {config['D']:,} parameters, this model's {weights.D:,}")
     weights.load_state(read_safetensors(directory / WEIGHTS_FILE), str(directory))
     for param in weights.parameters():
@@ -151,8 +164,16 @@ def apply_intrinsic(model: nn.Module, directory: str | Path) -> IntrinsicWeights
     return weights
 
 
-def merge_intrinsic(artefact: str | Path, out: str | Path, *, model: str | None = None, out_dtype=None,
-                    device: str | None = None, trust_remote_code: bool = False, overwrite: bool = False) -> tuple[Path, str]:
+def merge_intrinsic(
+    artefact: str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    out_dtype=None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> tuple[Path, str]:
     """Write θ₀ + P·θ_d of an intrinsic-dimension run's artefact into its base's weights (in float32) and save the
     result as a model directory at ``out`` in the base's stored dtype (or ``out_dtype``); return (``out``, the base
     model's name). ``model`` defaults to the base the artefact records. Raises ``ConfigError`` when neither names

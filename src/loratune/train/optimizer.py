@@ -38,9 +38,14 @@ def _loraplus_groups(model: nn.Module, lr: float, ratio: float, embedding_lr: fl
             groups["A"].append(param)
     scales = {"A": 1.0, "embedding": embedding_lr / lr, "B": ratio, "B_no_decay": ratio}
     return [
-        {"params": params, "lr": lr * scales[key], "lr_scale": scales[key],
-         "weight_decay": 0.0 if key == "B_no_decay" else weight_decay}
-        for key, params in groups.items() if params
+        {
+            "params": params,
+            "lr": lr * scales[key],
+            "lr_scale": scales[key],
+            "weight_decay": 0.0 if key == "B_no_decay" else weight_decay,
+        }
+        for key, params in groups.items()
+        if params
     ]
 
 
@@ -51,8 +56,9 @@ def build_optimizer(model: nn.Module, train, params: list[torch.Tensor] | None =
         params = [p for p in model.parameters() if p.requires_grad] if params is None else params
         groups = [{"params": params, "lr_scale": 1.0}]
     else:
-        groups = _loraplus_groups(model, train.lr, train.loraplus_lr_ratio, train.loraplus_lr_embedding,
-                                  train.weight_decay)
+        groups = _loraplus_groups(
+            model, train.lr, train.loraplus_lr_ratio, train.loraplus_lr_embedding, train.weight_decay
+        )
     return torch.optim.AdamW(_apart_from_shards(groups), lr=train.lr, weight_decay=train.weight_decay, foreach=True)
 
 

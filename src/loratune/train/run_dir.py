@@ -43,9 +43,17 @@ _VERSIONED = ("loratune", "torch", "transformers", "safetensors", "peft", "bitsa
 
 # What --resume may change in a run's config: how long it trains, how it is evaluated, logged and saved.
 RESUMABLE_CHANGES = (
-    "train.max_steps", "train.epochs", "train.eval_every", "train.log_every", "train.save_every",
-    "train.keep_checkpoints", "train.eval_batch_size", "train.eval_max_new_tokens", "train.exact_match",
-    "train.tensorboard", "data.eval_max_examples",
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.eval_batch_size",
+    "train.eval_max_new_tokens",
+    "train.exact_match",
+    "train.tensorboard",
+    "data.eval_max_examples",
 )
 
 
@@ -65,14 +73,18 @@ def replacement_dir(final: Path) -> Path:
     return final.parent / f".{final.name}{TEMP_MARK}replacement"
 
 
-def run_inputs(config: TrainConfig, config_file: str | os.PathLike | None = None, *,
-               resume: bool = False) -> list[tuple[str, Path]]:
+def run_inputs(
+    config: TrainConfig, config_file: str | os.PathLike | None = None, *, resume: bool = False
+) -> list[tuple[str, Path]]:
     """What a run reads, which its output directory must stay clear of: the data files, a local base model, the
     config file (unless a resumed run reads its own ``config.yaml`` back)."""
     from loratune.models import model_sources
 
-    found = [(f"data.{key}", Path(value)) for key in ("train", "eval", "retain")
-             if (value := getattr(config.data, key)) and value != "builtin"]
+    found = [
+        (f"data.{key}", Path(value))
+        for key in ("train", "eval", "retain")
+        if (value := getattr(config.data, key)) and value != "builtin"
+    ]
     found += [("the base model", path) for path in model_sources(config.model.name)]
     final = Path(config.output_dir)
     own = {(place / CONFIG_FILE).resolve() for place in (final, replacement_dir(final))}
@@ -82,8 +94,14 @@ def run_inputs(config: TrainConfig, config_file: str | os.PathLike | None = None
 
 
 @contextlib.contextmanager
-def run_directory(path: str | os.PathLike, *, resume: bool, overwrite: bool, log=print,
-                  inputs: Iterable[tuple[str, str | os.PathLike]] = ()) -> Iterator[RunDirs]:
+def run_directory(
+    path: str | os.PathLike,
+    *,
+    resume: bool,
+    overwrite: bool,
+    log=print,
+    inputs: Iterable[tuple[str, str | os.PathLike]] = (),
+) -> Iterator[RunDirs]:
     """Guard the run directory ``path`` for the block and decide where this invocation writes (created for a new
     run), keeping the record of what the run writes there current.
 
@@ -152,7 +170,8 @@ def never_started(path: Path) -> bool:
     if manifest is None or manifest.legacy or manifest.kind != "run" or manifest.foreign(path):
         return False
     if any((path / name).exists() for name in ("adapter", "model", "intrinsic")) or any(
-            (path / "checkpoints").glob("step-*")):
+        (path / "checkpoints").glob("step-*")
+    ):
         return False
     metrics = path / "metrics.jsonl"
     return not (metrics.is_file() and metrics.stat().st_size > 0)
@@ -198,8 +217,9 @@ def requested_settings(config: TrainConfig) -> dict:
     return {k: v for k, v in config.to_yaml_dict().items() if k not in ("meta", "output_dir")}
 
 
-def write_run_config(path: Path, config: TrainConfig, meta: dict | None = None,
-                     requested: TrainConfig | None = None) -> TrainConfig:
+def write_run_config(
+    path: Path, config: TrainConfig, meta: dict | None = None, requested: TrainConfig | None = None
+) -> TrainConfig:
     """Write the fully resolved config into run directory ``path``, with package versions, data hashes and the
     config as ``requested`` (before fitting) under ``meta`` (or the given ``meta``, for a resumed run); return
     it."""
@@ -220,10 +240,17 @@ def differences(run_dir: Path, config: TrainConfig) -> list[tuple[str, object, o
     meta = saved.meta or {}
     then = meta.get("requested") or requested_settings(saved)
     old, new = _leaves(then), _leaves(requested_settings(config))
-    found = [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    found = [
+        (key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)
+    ]
     for key, digest in (meta.get("data_sha256") or {}).items():
         path = getattr(config.data, key, None)
-        if path and Path(path).is_file() and file_sha256(path) != digest and not any(k == f"data.{key}" for k, *_ in found):
+        if (
+            path
+            and Path(path).is_file()
+            and file_sha256(path) != digest
+            and not any(k == f"data.{key}" for k, *_ in found)
+        ):
             found.append((f"data.{key}", f"{path} as it was", "its contents changed since"))
     return found
 
@@ -234,7 +261,9 @@ def saved_run_config(run_dir: Path) -> TrainConfig:
     for key, digest in ((config.meta or {}).get("data_sha256") or {}).items():
         path = getattr(config.data, key)
         if file_sha256(path) != digest:
-            raise ConfigError(f"--resume: data.{key} ({path}) changed since the run started; use --overwrite to start over")
+            raise ConfigError(
+                f"--resume: data.{key} ({path}) changed since the run started; use --overwrite to start over"
+            )
     return config
 
 

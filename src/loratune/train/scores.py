@@ -69,8 +69,11 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def classification_scores(predicted: Sequence[int], gold: Sequence[int], classes: int) -> dict[str, float]:
     """``accuracy``, ``macro_f1`` and ``mcc`` of class predictions."""
-    return {"accuracy": accuracy(predicted, gold), "macro_f1": macro_f1(predicted, gold, classes),
-            "mcc": matthews(predicted, gold, classes)}
+    return {
+        "accuracy": accuracy(predicted, gold),
+        "macro_f1": macro_f1(predicted, gold, classes),
+        "mcc": matthews(predicted, gold, classes),
+    }
 
 
 def regression_scores(predicted: Sequence[float], gold: Sequence[float]) -> dict[str, float]:
@@ -111,5 +114,15 @@ def entity_scores(predicted: Sequence[Sequence[str]], gold: Sequence[Sequence[st
     return {"accuracy": right / total if total else float("nan"), "precision": precision, "recall": recall, "f1": f1}
 
 
-__all__ = ["accuracy", "classification_scores", "entities", "entity_scores", "macro_f1", "matthews", "pearson", "ranks", "regression_scores",
-           "spearman"]
+__all__ = [
+    "accuracy",
+    "classification_scores",
+    "entities",
+    "entity_scores",
+    "macro_f1",
+    "matthews",
+    "pearson",
+    "ranks",
+    "regression_scores",
+    "spearman",
+]

@@ -121,8 +121,10 @@ class TrainedModel(Trained):
         return self.masters
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {name: whole_tensor(master.detach()).to("cpu", copy=True).contiguous()
-                for name, master in zip(self.names, self.masters)}
+        return {
+            name: whole_tensor(master.detach()).to("cpu", copy=True).contiguous()
+            for name, master in zip(self.names, self.masters)
+        }
 
     def load_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         missing = [name for name in self.names if name not in tensors]
@@ -131,8 +133,9 @@ class TrainedModel(Trained):
         with torch.no_grad():
             for name, param, master in zip(self.names, self.params, self.masters):
                 if tuple(tensors[name].shape) != tuple(param.shape):
-                    raise LoratuneError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, the model "
-                                        f"{tuple(param.shape)}")
+                    raise LoratuneError(
+                        f"{source}: {name} has shape {tuple(tensors[name].shape)}, the model {tuple(param.shape)}"
+                    )
                 master.copy_(shard_like(tensors[name], master))
                 if master is not param:
                     param.copy_(master)
@@ -159,8 +162,8 @@ class TrainedModel(Trained):
         parameters = dict(self.model.named_parameters(remove_duplicate=False))
         gathered: dict[int, torch.Tensor | None] = {}
         weights = {}
-        for name, value in self.model.state_dict().items():
-            value = parameters.get(name, value)
+        for name, stored in self.model.state_dict().items():
+            value = parameters.get(name, stored)
             if id(value) not in gathered:  # every process, in the same order: gathering a shard is collective
                 whole = whole_tensor(value.detach())
                 gathered[id(value)] = whole.cpu() if keep else None
@@ -182,8 +185,12 @@ def _chosen_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[
     name_of = {id(param): name for name, param in named.items()}
     chosen = {}
     for module_name in modules:
-        found = [param for path, module in model.named_modules() if module_name_matches([module_name], path)
-                 for param in module.parameters()]
+        found = [
+            param
+            for path, module in model.named_modules()
+            if module_name_matches([module_name], path)
+            for param in module.parameters()
+        ]
         if not found:
             raise ConfigError(f"train.full_modules: {module_name!r} matches no module of this model")
         chosen.update({name_of[id(param)]: param for param in found})

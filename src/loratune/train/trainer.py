@@ -25,9 +25,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from loratune import signals
 from loratune.adapters import add_adapter, parameter_report
-from loratune.layers.init import is_residual_start
-from loratune.quant.memory import release_freed_memory
 from loratune.data import (
     Example,
     TokenizedExample,
@@ -39,9 +38,6 @@ from loratune.data import (
     read_examples,
     split_eval,
 )
-from loratune.errors import ConfigError, LoratuneError
-from loratune.outputs import write_output_dir, write_text_atomic
-from loratune import signals
 from loratune.data.classification import (
     LabelSpace,
     collate_classification,
@@ -49,7 +45,13 @@ from loratune.data.classification import (
     tokenize_tokens,
     write_labels,
 )
+from loratune.errors import ConfigError, LoratuneError
+from loratune.layers.init import is_residual_start
 from loratune.models import context_length, load_classifier, load_model
+from loratune.outputs import write_output_dir, write_text_atomic
+from loratune.quant.memory import release_freed_memory
+from loratune.train import distributed
+from loratune.train.attention import patch_attention
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from loratune.train.classify import (
     check_classifier_config,
@@ -61,18 +63,15 @@ from loratune.train.classify import (
     describe_labels,
 )
 from loratune.train.config import TrainConfig, resolved_task
-from loratune.train import distributed
 from loratune.train.distributed import Processes
-from loratune.train.attention import patch_attention
 from loratune.train.dropout import patch_dropout
 from loratune.train.evaluate import EvalResult, evaluate
-from loratune.train.generation import model_device
+from loratune.train.forgetting import retain_examples, retain_loss
 from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
+from loratune.train.generation import model_device
 from loratune.train.loss import causal_lm_loss_sum
 from loratune.train.metrics import MetricsLog, NoMetrics, plot_losses
-from loratune.train.forgetting import retain_examples, retain_loss
 from loratune.train.optimizer import build_optimizer, set_learning_rate
-from loratune.train.trained import TrainedAdapter, TrainedIntrinsic, TrainedModel
 from loratune.train.run_dir import (
     SUMMARY_FILE,
     RunDirs,
@@ -85,8 +84,10 @@ from loratune.train.run_dir import (
     write_run_config,
 )
 from loratune.train.schedule import learning_rate
+from loratune.train.trained import TrainedAdapter, TrainedIntrinsic, TrainedModel
 
 ADAPTER_NAME = "default"
+SINGLE = Processes()  # one process: no distributed run
 
 
 class TrainingDiverged(LoratuneError):
@@ -134,18 +135,29 @@ class BatchStream:
     takes every ``world``-th row of it from its ``rank`` on; a final short batch too small to give every process
     a row is left out."""
 
-    def __init__(self, examples, config: TrainConfig, pad_id: int, device, collate_rows=collate,
-                 processes: Processes = Processes()):
+    def __init__(
+        self,
+        examples,
+        config: TrainConfig,
+        pad_id: int,
+        device,
+        collate_rows=collate,
+        processes: Processes = SINGLE,
+    ):
         packing = config.data.packing
         self.rows = pack(examples, config.data.max_length) if packing else examples
-        self.collate = (lambda rows: collate_packed(rows, pad_id)) if packing else (lambda rows: collate_rows(rows, pad_id))
+        self.collate = (
+            (lambda rows: collate_packed(rows, pad_id)) if packing else (lambda rows: collate_rows(rows, pad_id))
+        )
         self.lengths = None if packing else [len(e) for e in examples]
         self.world, self.rank = processes.world, processes.rank
         self.batch_size, self.seed, self.device = config.train.batch_size * self.world, config.train.seed, device
         if self.world > 1 and len(self.rows) < self.batch_size:
-            raise ConfigError(f"data.train has {len(self.rows)} training rows, fewer than one global batch "
-                              f"({config.train.batch_size} × {self.world} processes); use fewer processes or a "
-                              "smaller train.batch_size")
+            raise ConfigError(
+                f"data.train has {len(self.rows)} training rows, fewer than one global batch "
+                f"({config.train.batch_size} × {self.world} processes); use fewer processes or a "
+                "smaller train.batch_size"
+            )
         self.epoch, self.index = 0, 0
         self._order = self._epoch_order(0)
 
@@ -172,7 +184,14 @@ class BatchStream:
 def _progress(total: int, start: int, enabled: bool):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(
         TextColumn("[bold]train"),
@@ -189,8 +208,9 @@ def _progress(total: int, start: int, enabled: bool):
     return progress
 
 
-def save_trained(trained, tokenizer, path: Path, base_name: str, labels: LabelSpace | None = None,
-                 write: bool = True) -> None:
+def save_trained(
+    trained, tokenizer, path: Path, base_name: str, labels: LabelSpace | None = None, write: bool = True
+) -> None:
     """Write what the run trained (an adapter, or a full fine-tune's model) plus the tokenizer files (with the
     chat template) — and a classifier's ``labels.json`` — into ``path``, replacing it whole. When FSDP split what
     was trained (``trained.collective``) every process calls this, and only the one with ``write`` writes."""
@@ -248,8 +268,12 @@ def train(
             dirs = _shared_run_dir(config, resume, overwrite, log, processes, guarded)
             return _run(config, dirs, resume, progress, log if processes.main else _quiet, processes)
     except BaseException as error:
-        if processes.main and dirs is not None and not isinstance(error, TrainingInterrupted) \
-                and not _first_step_done(dirs):
+        if (
+            processes.main
+            and dirs is not None
+            and not isinstance(error, TrainingInterrupted)
+            and not _first_step_done(dirs)
+        ):
             abandon_run_dir(dirs)
         raise
     finally:
@@ -260,15 +284,23 @@ def _quiet(*_args, **_kwargs) -> None:
     """The log of processes other than rank 0: the run speaks once."""
 
 
-def _shared_run_dir(config: TrainConfig, resume: bool, overwrite: bool, log, processes: Processes,
-                    guarded: contextlib.ExitStack) -> RunDirs:
+def _shared_run_dir(
+    config: TrainConfig, resume: bool, overwrite: bool, log, processes: Processes, guarded: contextlib.ExitStack
+) -> RunDirs:
     """Rank 0 guards the run directory (held in ``guarded`` for the run) and decides where it writes; every process
     gets its paths (or rank 0's error, raised everywhere)."""
     prepared = None
     if processes.main:
         try:
-            prepared = guarded.enter_context(run_directory(config.output_dir, resume=resume, overwrite=overwrite,
-                                                           log=log, inputs=run_inputs(config, resume=resume)))
+            prepared = guarded.enter_context(
+                run_directory(
+                    config.output_dir,
+                    resume=resume,
+                    overwrite=overwrite,
+                    log=log,
+                    inputs=run_inputs(config, resume=resume),
+                )
+            )
         except LoratuneError as error:
             prepared = error
     prepared = distributed.from_main(processes, prepared)
@@ -300,8 +332,9 @@ def _shards_while_loading(config: TrainConfig) -> bool:
     """Whether FSDP may shard each block as it loads: not when the adapter's start reads the base weights
     whole (DoRA's magnitudes, PiSSA/OLoRA's factors) or copies modules (modules_to_save)."""
     lora = config.lora
-    return config.train.method == "full" or not (lora.use_dora or is_residual_start(lora.init_lora_weights)
-                                                 or lora.modules_to_save)
+    return config.train.method == "full" or not (
+        lora.use_dora or is_residual_start(lora.init_lora_weights) or lora.modules_to_save
+    )
 
 
 def fit_max_length(config: TrainConfig, model, log) -> TrainConfig:
@@ -309,12 +342,14 @@ def fit_max_length(config: TrainConfig, model, log) -> TrainConfig:
     limit = context_length(getattr(model, "config", None))
     if limit is None or config.data.max_length <= limit:
         return config
-    log(f"data.max_length {config.data.max_length} is longer than the model's context ({limit} positions); "
-        f"using {limit}")
+    log(
+        f"data.max_length {config.data.max_length} is longer than the model's context ({limit} positions); "
+        f"using {limit}"
+    )
     return config.model_copy(update={"data": config.data.model_copy(update={"max_length": limit})})
 
 
-def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, processes: Processes = Processes()) -> dict:
+def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, processes: Processes = SINGLE) -> dict:
     reset_peak_memory()
     run_dir = dirs.work
     changes: list[str] = []
@@ -378,22 +413,26 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
         blocks, loaded, held, total = distributed.shard_model(model, trained.parameters(), shard_trained=full)
         trained.after_sharding()
         loading = distributed.gathered(processes, peak_memory_mb())  # each process's peak so far
-        log(f"FSDP2: {blocks} blocks of the base sharded over {processes.world} processes; each holds "
+        log(
+            f"FSDP2: {blocks} blocks of the base sharded over {processes.world} processes; each holds "
             f"{held / 2**20:.4g} of the weights' {total / 2**20:.4g} MiB "
             f"(trained parameters {'sharded too' if full else 'whole'}); "
             + ("each block sharded as it was read" if loaded == blocks else "the base was read whole, then sharded")
-            + f"; peak memory so far {', '.join(f'{peak:,.0f}' for peak in loading or [])} MiB")
+            + f"; peak memory so far {', '.join(f'{peak:,.0f}' for peak in loading or [])} MiB"
+        )
     params = trained.parameters()
     optimizer = build_optimizer(model, t, trained.optimizer_parameters())
-    stream = BatchStream(data.train, config, tokenizer.pad_token_id, device,
-                         collate_classification if classifier else collate, processes)
+    stream = BatchStream(
+        data.train, config, tokenizer.pad_token_id, device, collate_classification if classifier else collate, processes
+    )
     loss_sum_of = classification_loss_sum if classifier else causal_lm_loss_sum
     # DDP all-reduces (averages) the gradients; every process runs the same steps on its shard. It wraps the loss
     # computation, so the fused loss (hidden states and the output head, no logits) runs under it too.
     wrapped, step_loss = None, lambda batch: loss_sum_of(model, batch)
     if processes.active and not sharded:
-        wrapped = DistributedDataParallel(StepLoss(model, loss_sum_of),
-                                          device_ids=[processes.local_rank] if device.type == "cuda" else None)
+        wrapped = DistributedDataParallel(
+            StepLoss(model, loss_sum_of), device_ids=[processes.local_rank] if device.type == "cuda" else None
+        )
         step_loss = wrapped
     # FSDP gathers each block's weights from every process at every forward: all of them run every evaluation
     # together (on all rows), where DDP shares the rows out
@@ -404,16 +443,26 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
     total_steps = t.max_steps or max(1, math.ceil(micro_batches / t.grad_accum))
 
     metrics = MetricsLog(run_dir, tensorboard=t.tensorboard) if processes.main else NoMetrics()
-    state = {"epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "best": None, "best_step": None,
-             "retain_loss_base": None, "processes": processes.world}
+    state = {
+        "epoch": 0,
+        "index": 0,
+        "tokens": 0,
+        "train_seconds": 0.0,
+        "best": None,
+        "best_step": None,
+        "retain_loss_base": None,
+        "processes": processes.world,
+    }
     start_step = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, trained, optimizer)
         saved_world = state.get("processes") or 1
         if saved_world != processes.world:
-            raise ConfigError(f"{checkpoint} was written by a run of {saved_world} process(es); resume it with "
-                              f"--nproc {saved_world} (its position in the data counts batches of that many processes)")
+            raise ConfigError(
+                f"{checkpoint} was written by a run of {saved_world} process(es); resume it with "
+                f"--nproc {saved_world} (its position in the data counts batches of that many processes)"
+            )
         start_step = state["step"]
         _check_steps_left(run_dir, start_step, total_steps)
         stream.seek(state["epoch"], state["index"])
@@ -429,9 +478,11 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
         log(describe_labels(data.labels, len(data.train), len(data.eval)))
         log(f"{total_steps} steps of {t.batch_size}×{t.grad_accum}; {report}")
     else:
-        log(f"data: {st.rows_read} rows read from {st.path}; longer than max_length ({st.max_length}): {st.too_long} "
+        log(
+            f"data: {st.rows_read} rows read from {st.path}; longer than max_length ({st.max_length}): {st.too_long} "
             f"({st.truncated} truncated, {st.dropped_too_long} dropped); dropped with no target token: "
-            f"{st.dropped_no_target}")
+            f"{st.dropped_no_target}"
+        )
         log(
             f"{len(data.train)} training examples ({st.trained_tokens:,} target tokens), "
             f"{len(data.eval)} eval; {total_steps} steps of {t.batch_size}×{t.grad_accum}; {report}"
@@ -459,13 +510,15 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
                 torch.manual_seed(distributed.step_seed(t.seed, processes.rank, step))
             batches = [stream.next() for _ in range(t.grad_accum)]
             targets = int(distributed.total(processes, sum(_targets(b, classifier) for b in batches)))
-            lr = learning_rate(step, total_steps=total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps,
-                               kind=t.scheduler)
+            lr = learning_rate(
+                step, total_steps=total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps, kind=t.scheduler
+            )
             loss_total = 0.0
             for index, batch in enumerate(batches):
                 # one gradient all-reduce per step, at its last micro-batch
-                sync = wrapped.no_sync() if wrapped is not None and index < len(batches) - 1 \
-                    else contextlib.nullcontext()
+                sync = (
+                    wrapped.no_sync() if wrapped is not None and index < len(batches) - 1 else contextlib.nullcontext()
+                )
                 with sync, recompute_norm_outputs():
                     loss_sum, _ = step_loss(batch)
                     # DDP averages over the processes; the step wants the sum over all targets
@@ -478,14 +531,24 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
                 del loss_sum
             loss = distributed.total(processes, loss_total) / max(1, targets)
             if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss became {loss} at step {step + 1}; {_last_good(run_dir)}. "
-                                       "Lower train.lr or check the data")
+                raise TrainingDiverged(
+                    f"loss became {loss} at step {step + 1}; {_last_good(run_dir)}. Lower train.lr or check the data"
+                )
             grad_norm = distributed.gradient_norm(params, t.max_grad_norm)
             if not math.isfinite(grad_norm):
-                raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step + 1}; "
-                                       f"{_last_good(run_dir)}. Lower train.lr or check the data")
-            tokens = int(distributed.total(processes, sum(
-                int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)))
+                raise TrainingDiverged(
+                    f"gradient norm became {grad_norm} at step {step + 1}; "
+                    f"{_last_good(run_dir)}. Lower train.lr or check the data"
+                )
+            tokens = int(
+                distributed.total(
+                    processes,
+                    sum(
+                        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                        for b in batches
+                    ),
+                )
+            )
             with signals.deferred():
                 set_learning_rate(optimizer, lr)
                 trained.before_step()
@@ -504,8 +567,14 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
             if bar is not None:
                 bar.update(0, completed=done, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
             if done % t.log_every == 0 or done == total_steps or done == 1:
-                record = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
-                          "grad_norm": grad_norm, "epoch": done * t.grad_accum / stream.batches_per_epoch}
+                record = {
+                    "step": done,
+                    "loss": loss,
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_s,
+                    "grad_norm": grad_norm,
+                    "epoch": done * t.grad_accum / stream.batches_per_epoch,
+                }
                 metrics.log(record)
                 if bar is None:
                     log(f"step {done}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
@@ -516,11 +585,13 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
                 if processes.main:
                     _log_evaluation(metrics, log, done, result, retention)
                 if result is not None and writes:
-                    _keep_best(trained, tokenizer, run_dir, config, state, result, done, data.labels,
-                               write=processes.main)
+                    _keep_best(
+                        trained, tokenizer, run_dir, config, state, result, done, data.labels, write=processes.main
+                    )
             if done % t.save_every == 0 and done < total_steps and writes:
-                save_checkpoint(run_dir, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints,
-                                write=processes.main)
+                save_checkpoint(
+                    run_dir, done, trained, optimizer, _trainer_state(state), t.keep_checkpoints, write=processes.main
+                )
     except KeyboardInterrupt as stop:
         if bar is not None:
             bar.stop()
@@ -529,8 +600,9 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
         if not processes.main:
             raise TrainingInterrupted("interrupted", None, dirs.final, signum) from None
         with signals.stopping():
-            raise _interrupted(dirs, done, start_step, total_steps, after_step, trained, optimizer, state, t,
-                               signum) from None
+            raise _interrupted(
+                dirs, done, start_step, total_steps, after_step, trained, optimizer, state, t, signum
+            ) from None
     finally:
         if bar is not None:
             bar.stop()
@@ -543,14 +615,14 @@ def _run(config: TrainConfig, dirs: RunDirs, resume: bool, progress, log, proces
     main = processes.main
     if writes:
         save_checkpoint(run_dir, total_steps, trained, optimizer, _trainer_state(state), t.keep_checkpoints, write=main)
-        save_trained(trained, tokenizer, run_dir / trained.output_name, _base_name(model, config), data.labels,
-                     write=main)
+        save_trained(
+            trained, tokenizer, run_dir / trained.output_name, _base_name(model, config), data.labels, write=main
+        )
         if (data.eval or data.retain) and last_eval_step != total_steps:
             if main:
                 _log_evaluation(metrics, log, total_steps, final_eval, final_retention)
             if t.best_metric and final_eval is not None:
-                _keep_best(trained, tokenizer, run_dir, config, state, final_eval, total_steps, data.labels,
-                           write=main)
+                _keep_best(trained, tokenizer, run_dir, config, state, final_eval, total_steps, data.labels, write=main)
     if not main:
         distributed.gathered(processes, round(peak_memory_mb(), 1))  # for rank 0's summary, once it has written
         distributed.barrier(processes)  # rank 0 writes the run; the others wait for it
@@ -579,11 +651,15 @@ class StepLoss(nn.Module):
 def _check_steps_left(run_dir: Path, reached: int, total_steps: int) -> None:
     """Refuse a resume with nothing to do: a finished run needs more steps, and steps cannot be undone."""
     if reached > total_steps:
-        raise ConfigError(f"--resume: the run already reached step {reached}, past the {total_steps} steps now "
-                          f"configured; give train.max_steps (or train.epochs) for more than {reached} steps")
+        raise ConfigError(
+            f"--resume: the run already reached step {reached}, past the {total_steps} steps now "
+            f"configured; give train.max_steps (or train.epochs) for more than {reached} steps"
+        )
     if reached == total_steps and (run_dir / SUMMARY_FILE).is_file():
-        raise ConfigError(f"--resume: the run already finished its {total_steps} steps; to train it further, "
-                          f"extend it, e.g. --set train.max_steps={2 * total_steps} (or a larger train.epochs)")
+        raise ConfigError(
+            f"--resume: the run already finished its {total_steps} steps; to train it further, "
+            f"extend it, e.g. --set train.max_steps={2 * total_steps} (or a larger train.epochs)"
+        )
 
 
 def _rng_state() -> tuple:
@@ -599,8 +675,9 @@ def _set_rng_state(saved: tuple) -> None:
     random.setstate(python)
 
 
-def _interrupted(dirs, done, start_step, total_steps, rng, trained, optimizer, state, t,
-                 signum: int) -> TrainingInterrupted:
+def _interrupted(
+    dirs, done, start_step, total_steps, rng, trained, optimizer, state, t, signum: int
+) -> TrainingInterrupted:
     """Checkpoint the last completed step (as an uninterrupted run would have had it) and describe it. Weights FSDP
     split across the processes cannot be gathered while they stop: then the last checkpoint written stands."""
     checkpoint, saved = latest_checkpoint(dirs.work), done > start_step and not trained.collective
@@ -610,13 +687,19 @@ def _interrupted(dirs, done, start_step, total_steps, rng, trained, optimizer, s
     how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     if checkpoint is None:
         abandon_run_dir(dirs)
-        return TrainingInterrupted(f"{how} before the first step completed; nothing was saved"
-                                   if done == start_step else
-                                   f"{how} at step {done} before the first checkpoint (a full fine-tune under "
-                                   "FSDP saves at train.save_every only); nothing was saved", None, dirs.final, signum)
+        return TrainingInterrupted(
+            f"{how} before the first step completed; nothing was saved"
+            if done == start_step
+            else f"{how} at step {done} before the first checkpoint (a full fine-tune under "
+            "FSDP saves at train.save_every only); nothing was saved",
+            None,
+            dirs.final,
+            signum,
+        )
     where = "checkpoint saved in" if saved else "the last checkpoint is"
-    return TrainingInterrupted(f"{how} at step {done} of {total_steps}; {where} {checkpoint}", checkpoint,
-                               dirs.final, signum)
+    return TrainingInterrupted(
+        f"{how} at step {done} of {total_steps}; {where} {checkpoint}", checkpoint, dirs.final, signum
+    )
 
 
 def _last_good(run_dir: Path) -> str:
@@ -633,7 +716,7 @@ def _targets(batch: dict, classifier: bool) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
-def _evaluate(model, tokenizer, data: RunData, t, processes: Processes = Processes()) -> EvalResult | None:
+def _evaluate(model, tokenizer, data: RunData, t, processes: Processes = SINGLE) -> EvalResult | None:
     """The evaluation of the run's model. Across processes each evaluates every N-th row and rank 0 combines
     them (sums of losses and matches, or all outputs for a classifier's metrics); the others get None."""
     rank, world = processes.rank, processes.world
@@ -645,23 +728,31 @@ def _evaluate(model, tokenizer, data: RunData, t, processes: Processes = Process
             return None
         every = [(logit, row) for part_logits, part_rows in parts for logit, row in zip(part_logits, part_rows)]
         logits_all = [logit for logit, _ in every]
-        return classification_result(logits_all if data.labels.token else torch.stack(logits_all),
-                                     [row for _, row in every], data.labels)
-    result = evaluate(model, tokenizer, data.eval[rank::world], data.eval_examples[rank::world],
-                      batch_size=t.eval_batch_size, max_new_tokens=t.eval_max_new_tokens, with_exact_match=t.exact_match)
+        return classification_result(
+            logits_all if data.labels.token else torch.stack(logits_all), [row for _, row in every], data.labels
+        )
+    result = evaluate(
+        model,
+        tokenizer,
+        data.eval[rank::world],
+        data.eval_examples[rank::world],
+        batch_size=t.eval_batch_size,
+        max_new_tokens=t.eval_max_new_tokens,
+        with_exact_match=t.exact_match,
+    )
     if not processes.active:
         return result
     matches = None if result.exact_match is None else result.exact_match * len(result.references)
     loss_sum = result.loss * result.n_tokens if result.n_tokens else 0.0  # (a share with no rows has a NaN mean)
-    parts = distributed.gathered(processes, (loss_sum, result.n_tokens, result.n, matches,
-                                             len(result.references)))
+    parts = distributed.gathered(processes, (loss_sum, result.n_tokens, result.n, matches, len(result.references)))
     if not processes.main:
         return None
     loss_sum, n_tokens, n, match_sum, references = (sum(p[i] or 0 for p in parts) for i in range(5))
     loss = loss_sum / n_tokens if n_tokens else float("nan")
     exact = match_sum / references if references and any(p[3] is not None for p in parts) else None
-    return EvalResult(loss=loss, perplexity=math.exp(loss) if loss < 50 else float("inf"), n=n, n_tokens=n_tokens,
-                      exact_match=exact)
+    return EvalResult(
+        loss=loss, perplexity=math.exp(loss) if loss < 50 else float("inf"), n=n, n_tokens=n_tokens, exact_match=exact
+    )
 
 
 def _retention(model, tokenizer, data: RunData, state: dict, t) -> dict:
@@ -693,8 +784,9 @@ def _describe_eval(step: int, result: EvalResult) -> str:
     return f"eval @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}{em} (n={result.n})"
 
 
-def _keep_best(trained, tokenizer, run_dir, config, state, result: EvalResult, step: int, labels=None,
-               write: bool = True) -> None:
+def _keep_best(
+    trained, tokenizer, run_dir, config, state, result: EvalResult, step: int, labels=None, write: bool = True
+) -> None:
     metric = config.train.best_metric
     if metric is None:
         return
@@ -717,12 +809,22 @@ def _base_name(model, config: TrainConfig) -> str:
 
 
 def _trainer_state(state: dict) -> dict:
-    return {k: state.get(k) for k in ("epoch", "index", "tokens", "train_seconds", "best", "best_step",
-                                      "retain_loss_base", "processes")}
+    return {
+        k: state.get(k)
+        for k in ("epoch", "index", "tokens", "train_seconds", "best", "best_step", "retain_loss_base", "processes")
+    }
 
 
-def _summary(final: Path, run_dir: Path, config: TrainConfig, state: dict, steps: int, report, records: list[dict],
-             peaks: list[float] | None = None) -> dict:
+def _summary(
+    final: Path,
+    run_dir: Path,
+    config: TrainConfig,
+    state: dict,
+    steps: int,
+    report,
+    records: list[dict],
+    peaks: list[float] | None = None,
+) -> dict:
     evals = [r for r in records if "eval_loss" in r]
     retained = [r for r in records if "retain_loss" in r]
     adapter_file = run_dir / "adapter" / "adapter_model.safetensors"
