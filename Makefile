@@ -24,4 +24,4 @@ format: setup
 	.venv/bin/ruff format .
 
 clean:
-	rm -rf .venv .pytest_cache build *.egg-info src/*.egg-info src/loratune/layers/*.so src/loratune/train/*.so
+	rm -rf .venv .pytest_cache build *.egg-info src/*.egg-info src/loratune/kernels/*.so

@@ -1,5 +1,5 @@
-"""Builds loratune's compiled pieces: the CPU low-rank kernel for decoding (``loratune.layers._lowrank_cpu``)
-and the fused elementwise kernels for training (``loratune.train._fused_cpu``).
+"""Builds loratune's compiled pieces, all in ``src/loratune/kernels``: the CPU low-rank kernel for decoding
+(``loratune.kernels._lowrank_cpu``) and the fused elementwise kernels for training (``loratune.kernels._fused_cpu``).
 
 Everything else is declared in pyproject.toml. Both extensions are optional: without a C compiler the install
 still succeeds and loratune runs the same arithmetic through PyTorch operations, only slower.
@@ -12,7 +12,7 @@ from setuptools import Extension, setup
 flags = [] if sys.platform == "win32" else ["-O3", "-Wno-psabi"]
 # The training kernels share PyTorch's OpenMP threads where PyTorch itself runs on libgomp (Linux wheels).
 openmp = ("-fopenmp",) if sys.platform.startswith("linux") else ()
-SHARED = ["src/loratune/_vec16.h", "src/loratune/_per_isa.h"]
+SHARED = ["src/loratune/kernels/_vec16.h", "src/loratune/kernels/_per_isa.h"]
 
 
 def kernel(module: str, path: str, extra: tuple[str, ...] = ()) -> Extension:
@@ -29,7 +29,7 @@ def kernel(module: str, path: str, extra: tuple[str, ...] = ()) -> Extension:
 
 setup(
     ext_modules=[
-        kernel("layers._lowrank_cpu", "layers/_lowrank_cpu"),
-        kernel("train._fused_cpu", "train/_fused_cpu", openmp),
+        kernel("kernels._lowrank_cpu", "kernels/_lowrank_cpu"),
+        kernel("kernels._fused_cpu", "kernels/_fused_cpu", openmp),
     ]
 )

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     args = parser.parse_args()
 
-    from loratune.train import fused_cpu
+    from loratune.kernels import fused as fused_cpu
     from loratune.train.attention import AttentionFunction
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import loratune
 from common import random_adapter
-from loratune.train.generation import generate_greedy
+from loratune.inference.decode import generate_greedy
 
 
 def variants(model_name: str, dtype: str, adapter: Path):

@@ -61,8 +61,8 @@ def build(args):
 
 
 def step(model, optimizer, params, batch) -> float:
+    from loratune.inference.loss import causal_lm_loss_sum
     from loratune.train.fused_ops import recompute_norm_outputs
-    from loratune.train.loss import causal_lm_loss_sum
 
     with recompute_norm_outputs():
         loss_sum, count = causal_lm_loss_sum(model, batch)

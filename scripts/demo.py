@@ -16,8 +16,8 @@ from pathlib import Path
 
 import loratune
 from loratune.data import Example, read_examples, reference
+from loratune.inference.evaluate import score_exact_match
 from loratune.train import load_config, train
-from loratune.train.evaluate import score_exact_match
 
 CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo" / "config.yaml"
 MAX_NEW_TOKENS = 16

@@ -83,8 +83,8 @@ def main() -> None:
 
     import loratune
     from loratune.data.tokenize import chat_prompt_ids
+    from loratune.inference.decode import generate_greedy
     from loratune.outputs import write_text_atomic
-    from loratune.train.generation import generate_greedy
 
     model, tokenizer = loratune.load_model("smollm2-135m", dtype="bf16", device="cpu")
     prompts = [template.format(topic=topic) for topic in TOPICS for template in TEMPLATES]

@@ -11,8 +11,7 @@ stamp="$VENV/.loratune-installed"
 
 # Done already, unless the packaging or the compiled kernels' sources changed since.
 up_to_date=1
-for f in pyproject.toml setup.py scripts/setup.sh src/loratune/_vec16.h src/loratune/_per_isa.h src/loratune/layers/_lowrank_cpu*.[ch] \
-         src/loratune/train/_fused_cpu*.[ch]; do
+for f in pyproject.toml setup.py scripts/setup.sh src/loratune/kernels/*.[ch]; do
   [ -f "$stamp" ] && [ "$stamp" -nt "$f" ] || up_to_date=0
 done
 [ "$up_to_date" = 1 ] && exit 0

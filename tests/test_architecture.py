@@ -17,11 +17,13 @@ ORDER = [
     "serve",
     "experiments",
     "train",
+    "inference",
     "data",
     "models",
     "analysis",
     "adapters",
     "layers",
+    "kernels",
     "quant",
     "outputs",
     "",
@@ -102,3 +104,17 @@ def test_nothing_outside_layers_reaches_into_a_layers_private_members():
         for hit in private.findall(path.read_text())
     ]
     assert not wrong, wrong
+
+
+def test_serving_imports_nothing_of_training():
+    """``loratune serve`` (its package, and the command line it starts from) never imports the trainer, its
+    distributed machinery or its kernels: inference lives below training."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, loratune.serve, loratune.cli.main\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('loratune.train', 'loratune.experiments'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

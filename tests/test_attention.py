@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 import loratune
 from loratune import LoraConfig
-from loratune.train import fused_cpu
+from loratune.inference.loss import causal_lm_loss_sum
+from loratune.kernels import fused as fused_cpu
 from loratune.train.attention import AttentionFunction, _additive_mask, attention, patch_attention
-from loratune.train.loss import causal_lm_loss_sum
 from tiny_models import tiny_encoder_dir, tiny_llama, token_batch
 
 pytestmark = pytest.mark.skipif(not fused_cpu.kernel_available(), reason="the compiled kernels are not built")

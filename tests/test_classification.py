@@ -14,9 +14,9 @@ import yaml
 import loratune
 from loratune.data.classification import ClassExample, LabelSpace, label_space, read_classification
 from loratune.errors import DataError
+from loratune.inference.scores import accuracy, macro_f1, matthews, pearson, ranks, spearman
 from loratune.models import load_classifier
 from loratune.train.classify import classification_lora
-from loratune.train.scores import accuracy, macro_f1, matthews, pearson, ranks, spearman
 from test_cli import assert_one_line_error, cli
 from tiny_models import tiny_encoder_dir
 
@@ -357,7 +357,7 @@ def test_data_preview_and_a_sweep_work_for_a_classifier(workspace, capsys):
 
 
 def test_entities_are_read_as_conlleval_reads_them():
-    from loratune.train.scores import entities, entity_scores
+    from loratune.inference.scores import entities, entity_scores
 
     tags = ["B-PER", "I-PER", "O", "I-LOC", "B-LOC", "B-LOC", "I-ORG", "O"]
     assert entities(tags) == {("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5), ("LOC", 5, 6), ("ORG", 6, 7)}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune.train import fused_cpu
+from loratune.kernels import fused as fused_cpu
 from loratune.train.attention import patch_attention
 from loratune.train.dropout import KernelDropout, attention, dropout, patch_dropout
 from tiny_models import tiny_encoder_dir

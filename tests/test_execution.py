@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from loratune.kernels.lowrank import kernel_available
 from loratune.layers import LoraLinear, Routing, lora_class_for
 from loratune.layers.execution import backend_for
 from loratune.layers.fused_linear import LoraLinearFunction
-from loratune.layers.lowrank_cpu import kernel_available
 from loratune.quant import Linear4bit, QuantSpec
 
 IN, OUT, VOCAB = 48, 40, 64

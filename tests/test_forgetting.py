@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import loratune
-from loratune.train.forgetting import builtin_retain_path, retain_examples, retain_loss
+from loratune.inference.forgetting import builtin_retain_path, retain_examples, retain_loss
 from run_helpers import addition_rows, config_dict, text_rows, write_config, write_jsonl
 from test_cli import assert_one_line_error, cli
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loratune.train import fused_cpu
+from loratune.kernels import fused as fused_cpu
 from loratune.train.fused_ops import RMSNormFunction, SiluMulFunction
 
 needs_kernel = pytest.mark.skipif(not fused_cpu.kernel_available(), reason="compiled kernels not built or off")

@@ -7,6 +7,7 @@ import torch
 
 import loratune
 from loratune import LoraConfig
+from loratune.inference.loss import causal_lm_loss_sum
 from loratune.layers import LoraLinear
 from loratune.layers.fused_linear import DoraLinearFunction
 from loratune.train.fused_ops import (
@@ -16,7 +17,6 @@ from loratune.train.fused_ops import (
     SiluMulLoraDownFunction,
     patch_for_training,
 )
-from loratune.train.loss import causal_lm_loss_sum
 from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 

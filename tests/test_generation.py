@@ -1,4 +1,4 @@
-"""Batched greedy generation, exact match and streaming (loratune.train.generation) on a tiny random Llama."""
+"""Batched greedy generation, exact match and streaming (loratune.inference.decode) on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from conftest import build_tiny_llama
 from loratune.errors import ConfigError
-from loratune.train.generation import exact_match, generate_greedy, stop_token_ids, stream_greedy
+from loratune.inference.decode import exact_match, generate_greedy, stop_token_ids, stream_greedy
 
 IM_END = 2  # "<|im_end|>" in the tiny tokenizer: its EOS and pad token
 
@@ -283,7 +283,7 @@ def expected_distribution(logits: torch.Tensor, temperature: float, top_p, top_k
     "temperature, top_p, top_k", [(1.0, None, None), (0.7, None, 8), (1.3, 0.6, None), (1.0, 0.9, 12)]
 )
 def test_sampled_token_frequencies_follow_the_tempered_and_truncated_softmax(model, prompts, temperature, top_p, top_k):
-    from loratune.train.generation import sample_next
+    from loratune.inference.sampling import sample_next
 
     with torch.no_grad():
         logits = model(torch.tensor([prompts[1]])).logits[0, -1].float()
@@ -298,7 +298,7 @@ def test_sampled_token_frequencies_follow_the_tempered_and_truncated_softmax(mod
 
 
 def test_streamed_sampling_draws_each_token_with_sample_next(model, tiny_tokenizer, prompts):
-    from loratune.train.generation import sample_next
+    from loratune.inference.sampling import sample_next
 
     with torch.no_grad():
         logits = model(torch.tensor([prompts[1]])).logits[0, -1].float()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import loratune
 from loratune import LoraConfig
-from loratune.train.loss import LinearCrossEntropy, causal_lm_loss_sum, fused_head
+from loratune.inference.loss import LinearCrossEntropy, causal_lm_loss_sum, fused_head
 from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 
@@ -98,7 +98,7 @@ def test_the_compiled_cross_entropy_equals_the_pytorch_operations(monkeypatch, d
 
 
 def test_a_target_outside_the_vocabulary_is_an_error_not_a_write_past_the_logits():
-    from loratune.train import fused_cpu
+    from loratune.kernels import fused as fused_cpu
 
     hidden, weight = torch.randn(3, 8), torch.randn(20, 8)
     with pytest.raises((IndexError, RuntimeError)):

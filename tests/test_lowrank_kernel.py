@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from loratune.kernels.lowrank import add_low_rank_, kernel_available, row_blocks
 from loratune.layers import LoraLinear, Routing
 from loratune.layers.execution import backend_for, lowrank_cpu
-from loratune.layers.lowrank_cpu import add_low_rank_, kernel_available, row_blocks
 
 needs_kernel = pytest.mark.skipif(not kernel_available(), reason="compiled kernel not built or switched off")
 

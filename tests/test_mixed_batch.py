@@ -8,7 +8,7 @@ from loratune import LoraConfig
 from loratune.adapters import BASE_ADAPTER, adapter_slots, lora_layers, mixed_batch
 from loratune.adapters.surgery import adapter_strength
 from loratune.errors import ConfigError
-from loratune.train.generation import generate_greedy
+from loratune.inference.decode import generate_greedy
 from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 ROW_NAMES = ["a", BASE_ADAPTER, "b", "a", "c", BASE_ADAPTER, "b"]

@@ -19,9 +19,9 @@ from openai import APIStatusError, OpenAI
 from loratune import LoraConfig, add_adapter, compress_adapter, load_adapter, save_adapter, set_active
 from loratune.cli import main
 from loratune.data import chat_prompt_ids, encode_texts
+from loratune.inference.decode import stream_greedy
 from loratune.models.loader import load_model
 from loratune.serve import build, serving
-from loratune.train.generation import stream_greedy
 
 pytestmark = pytest.mark.integration  # real HTTP servers (and one subprocess)
 

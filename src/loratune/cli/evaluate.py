@@ -60,7 +60,7 @@ def writes(args) -> Writes:
 
 def run(args) -> int:
     from loratune.data import build_dataset, read_examples
-    from loratune.train import evaluate
+    from loratune.inference import evaluate
 
     model, tokenizer = load_for_verb(args)
     max_length = eval_max_length(model, args.max_length)
@@ -74,7 +74,7 @@ def run(args) -> int:
         raise ConfigError(f"{args.data}: no rows left to evaluate")
     retention = {}
     if args.retain is not None:
-        from loratune.train.forgetting import retention as measure_retention
+        from loratune.inference.forgetting import retention as measure_retention
 
         retention = measure_retention(model, tokenizer, args.retain, max_length, max(1, args.batch_size // 2))
     result = evaluate(
@@ -102,7 +102,7 @@ def run(args) -> int:
 
 
 def _eval_classifier(model, tokenizer, args, max_length: int) -> int:
-    from loratune.train.classify import evaluate_classification
+    from loratune.inference.classify import evaluate_classification
 
     _, rows = classifier_rows(model, tokenizer, args, max_length, labelled=True)
     result = evaluate_classification(model, rows, model.labels, tokenizer.pad_token_id, args.batch_size)

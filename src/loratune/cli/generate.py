@@ -53,7 +53,7 @@ def run(args) -> int:
     import torch
 
     from loratune.data import Example, chat_prompt_ids, encode_texts, prompt_ids
-    from loratune.train import stream_greedy
+    from loratune.inference import stream_greedy
 
     sampling = [name for name, value in (("--top-p", args.top_p), ("--top-k", args.top_k)) if value is not None]
     if sampling and args.temperature == 0:

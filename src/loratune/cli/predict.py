@@ -46,8 +46,8 @@ def writes(args) -> Writes:
 
 
 def run(args) -> int:
+    from loratune.inference.classify import classifier_logits, predictions
     from loratune.outputs import write_text_atomic
-    from loratune.train.classify import classifier_logits, predictions
 
     model, tokenizer = load_for_verb(args)
     if getattr(model, "labels", None) is None:

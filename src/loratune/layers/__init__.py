@@ -7,7 +7,7 @@
 - ``kinds``: what A and B mean around a Linear (dense or 4-bit), a GPT-2 Conv1D, an Embedding and a convolution;
 - ``execution``: faster ways to compute the same output (fused training, stacked mixed batches, no-grad plans);
 - ``fused_linear``: the lean autograd function of the fused path;
-- ``lowrank_cpu`` (+ ``_lowrank_cpu.c``): the compiled CPU kernel that plans use for a few rows.
+- the compiled CPU kernel that plans use for a few rows lives in ``loratune.kernels.lowrank``.
 """
 
 from loratune.layers.init import INIT_CHOICES, UNINITIALISED, PissaStart, is_residual_start, is_valid_init

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.errors import ConfigError
-from loratune.layers import lowrank_cpu
+from loratune.kernels import lowrank as lowrank_cpu
 from loratune.layers.fused_linear import dora_linear, lora_linear
 from loratune.layers.state import Term
 

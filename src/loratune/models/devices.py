@@ -101,3 +101,11 @@ def cpu_has_native_bf16() -> bool:
         if key.strip().lower() in ("flags", "features"):
             return any(flag in value.split() for flag in _NATIVE_BF16_CPU_FLAGS)
     return False
+
+
+def model_device(model) -> torch.device:
+    """The device of ``model``'s parameters (the CPU for a model without any)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from loratune.errors import LoratuneError
+from loratune.memory import release_freed_memory
 from loratune.models.quantized import DEFAULT_UNQUANTIZED, modules_to_quantize, modules_to_quantize_in
 from loratune.models.structure import transformer_blocks
 from loratune.quant import Linear4bit, QuantSpec, checkpoint_files, iter_tensors, read_header
-from loratune.quant.memory import release_freed_memory
 
 
 @contextlib.contextmanager

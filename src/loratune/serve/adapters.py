@@ -20,8 +20,8 @@ from pathlib import Path
 from loratune.adapters import delete_adapter, load_adapter, read_adapter_config, set_active
 from loratune.adapters.peft_format import model_name_of
 from loratune.errors import AdapterLoadError, ConfigError, LoratuneError
+from loratune.inference.engine import Engine
 from loratune.outputs import being_written
-from loratune.serve.engine import Engine
 from loratune.serve.protocol import RequestError
 
 log = logging.getLogger("loratune.serve")

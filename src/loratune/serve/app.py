@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loratune.inference.sequence import Delta, Failed, Finished
 from loratune.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -29,7 +30,6 @@ from loratune.serve.protocol import (
     now,
     usage,
 )
-from loratune.serve.sequence import Delta, Failed, Finished
 from loratune.serve.service import Job, Service
 from loratune.version import __version__
 

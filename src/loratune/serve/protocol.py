@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loratune.errors import LoratuneError
-from loratune.serve.sequence import TokenLogprob
+from loratune.inference.sequence import TokenLogprob
 
 MAX_STOPS = 4
 MAX_N = 16

@@ -14,8 +14,8 @@ import socket
 import threading
 import time
 
+from loratune.inference.engine import Engine
 from loratune.serve.adapters import DEFAULT_MAX_LOADED, AdapterPool
-from loratune.serve.engine import Engine
 from loratune.serve.metrics import ServeMetrics
 from loratune.serve.service import Service
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass, replace
 
 from loratune.data import Example, encode_texts, prompt_ids
 from loratune.errors import LoratuneError
+from loratune.inference.decode import stop_token_ids
+from loratune.inference.engine import Engine, QueueFull
+from loratune.inference.sequence import Event, Failed, Finished, SamplingParams, Sequence
 from loratune.serve.adapters import AdapterPool
-from loratune.serve.engine import Engine, QueueFull
 from loratune.serve.metrics import ServeMetrics
 from loratune.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestError
-from loratune.serve.sequence import Event, Failed, Finished, SamplingParams, Sequence
-from loratune.train.generation import stop_token_ids
 
 
 @dataclass

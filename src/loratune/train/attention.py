@@ -16,7 +16,7 @@ import weakref
 import torch
 from torch import nn
 
-from loratune.train import fused_cpu
+from loratune.kernels import fused as fused_cpu
 
 ATTENTION = "loratune_sdpa"  # the attention implementation ``patch_attention`` registers and selects
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

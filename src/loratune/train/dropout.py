@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune.train import fused_cpu
+from loratune.kernels import fused as fused_cpu
 
 
 def _seed() -> int:

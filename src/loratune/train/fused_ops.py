@@ -4,7 +4,7 @@ save only their bf16 inputs (and one float per token), recomputing the cheap ele
 
 Left to autograd, HF's RMSNorm keeps float32 copies of its input and the MLP keeps six intermediates of the
 intermediate width per block. The math is unchanged (same float32 internals, same rounding points); on the
-CPU the elementwise work runs in the compiled kernels of ``train.fused_cpu``. Under
+CPU the elementwise work runs in the compiled kernels of ``kernels.fused``. Under
 ``recompute_norm_outputs`` the layers fed by a norm keep a recipe instead of its output. ``patch_for_training``
 swaps the forward of those modules in place; the patched model still runs eval and generation as before.
 """
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loratune.kernels import fused as fused_cpu
 from loratune.layers import LoraLayer, dora
 from loratune.layers.execution import fused_term
 from loratune.layers.fused_linear import (
@@ -28,7 +29,6 @@ from loratune.layers.fused_linear import (
     lora_linear_backward,
     lora_linear_forward,
 )
-from loratune.train import fused_cpu
 
 # Architectures whose RMSNorm is ``weight * (x·rstd).to(dtype)`` and whose MLP is down(silu(gate(x)) * up(x)):
 # model_type -> the prefix of their transformers class names.

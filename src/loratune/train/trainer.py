@@ -46,10 +46,15 @@ from loratune.data.classification import (
     write_labels,
 )
 from loratune.errors import ConfigError, LoratuneError
+from loratune.inference.classify import classification_loss_sum, classification_result, classifier_logits
+from loratune.inference.evaluate import EvalResult, evaluate
+from loratune.inference.forgetting import retain_examples, retain_loss
+from loratune.inference.loss import causal_lm_loss_sum
 from loratune.layers.init import is_residual_start
+from loratune.memory import release_freed_memory
 from loratune.models import context_length, load_classifier, load_model
+from loratune.models.devices import model_device
 from loratune.outputs import write_output_dir, write_text_atomic
-from loratune.quant.memory import release_freed_memory
 from loratune.train import distributed
 from loratune.train.attention import patch_attention
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -57,19 +62,12 @@ from loratune.train.classify import (
     check_classifier_config,
     classification_examples,
     classification_lora,
-    classification_loss_sum,
-    classification_result,
-    classifier_logits,
     describe_labels,
 )
 from loratune.train.config import TrainConfig, resolved_task
 from loratune.train.distributed import Processes
 from loratune.train.dropout import patch_dropout
-from loratune.train.evaluate import EvalResult, evaluate
-from loratune.train.forgetting import retain_examples, retain_loss
 from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
-from loratune.train.generation import model_device
-from loratune.train.loss import causal_lm_loss_sum
 from loratune.train.metrics import MetricsLog, NoMetrics, plot_losses
 from loratune.train.optimizer import build_optimizer, set_learning_rate
 from loratune.train.run_dir import (

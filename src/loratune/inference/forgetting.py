@@ -13,7 +13,7 @@ from pathlib import Path
 
 from loratune.data import TokenizedExample, build_dataset
 from loratune.errors import ConfigError
-from loratune.train.evaluate import evaluate_loss
+from loratune.inference.evaluate import evaluate_loss
 
 BUILTIN = "builtin"
 BUILTIN_FILE = "smollm2-135m.jsonl"

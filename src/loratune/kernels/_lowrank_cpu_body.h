@@ -2,7 +2,7 @@
  * to give every symbol here an ISA suffix (the vector width is fixed at 16 floats; the compiler lowers it to
  * one AVX-512 register, two AVX2 registers or four SSE registers). */
 
-#include "../_vec16.h"
+#include "_vec16.h"
 
 /* h[rr, k] = x[rr, :] · A[k, :] for NR consecutive rows of x (rows of in elements) and every k < rank. Eight
  * components at a time: each load of a row of x feeds eight accumulators, each load of A feeds NR of them. */

@@ -1,8 +1,8 @@
-/* loratune.train._fused_cpu: the elementwise parts of a training step as single passes over memory — a Llama
+/* loratune.kernels._fused_cpu: the elementwise parts of a training step as single passes over memory — a Llama
  * block's RMSNorm forward and backward and silu(gate)·up forward and backward, dropout from a counter-based
  * mask, attention's backward between its products, the cross-entropy's softmax — in float32 arithmetic on bf16
  * or float32 tensors. In PyTorch operations each is a chain of five to fifteen operations, each writing a fresh
- * intermediate tensor; here every element is read and written once. loratune/train/fused_cpu.py checks every
+ * intermediate tensor; here every element is read and written once. loratune/kernels/fused.py checks every
  * argument before it reaches these functions (they take raw addresses).
  *
  * Compiled for AVX-512 with BF16, AVX-512, AVX2+FMA and the baseline instruction set; the module picks the best
@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define KERNEL_BODY "train/_fused_cpu_body.h" /* relative to _per_isa.h */
+#define KERNEL_BODY "_fused_cpu_body.h"
 /* AVX512-BF16 and AMX need GCC 11 / Clang 12 intrinsics; AMX also Linux's permission call */
 #if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #define PER_ISA_AVX512_BF16 1
@@ -24,7 +24,7 @@
 #define WITH_AMX 1
 #endif
 #endif
-#include "../_per_isa.h"
+#include "_per_isa.h"
 
 typedef void (*silu_mul_fn)(void *, const void *, const void *, int64_t, int);
 typedef void (*silu_mul_backward_fn)(void *, void *, const void *, const void *, const void *, int64_t, int);

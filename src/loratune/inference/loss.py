@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune.train import fused_cpu
+from loratune.kernels import fused as fused_cpu
 
 IGNORE_INDEX = -100
 

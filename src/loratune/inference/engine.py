@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from loratune.adapters.mixed_batch import mixed_batch
-from loratune.serve import kv
-from loratune.serve.sequence import Failed, Sequence, TokenLogprob
-from loratune.train.generation import inference, model_device, sample_next
+from loratune.inference import kv
+from loratune.inference.decode import inference
+from loratune.inference.sampling import sample_next
+from loratune.inference.sequence import Failed, Sequence, TokenLogprob
+from loratune.models.devices import model_device
 
 log = logging.getLogger("loratune.serve")
 

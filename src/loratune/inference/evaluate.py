@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from loratune.data import Example, TokenizedExample, collate, prompt_ids, reference
-from loratune.train.generation import exact_match, generate_greedy, model_device
-from loratune.train.loss import causal_lm_loss_sum
+from loratune.inference.decode import exact_match, generate_greedy
+from loratune.inference.loss import causal_lm_loss_sum
+from loratune.models.devices import model_device
 
 
 @dataclass

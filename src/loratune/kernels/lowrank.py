@@ -15,7 +15,7 @@ import os
 import torch
 
 try:
-    from loratune.layers import _lowrank_cpu
+    from loratune.kernels import _lowrank_cpu
 except ImportError:  # built without a C compiler: the PyTorch path does the same arithmetic
     _lowrank_cpu = None
 

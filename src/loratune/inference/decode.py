@@ -7,7 +7,6 @@ Prompts are token ids, already formatted (chat template or raw) by the caller.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
@@ -15,6 +14,8 @@ import torch
 
 from loratune.adapters.mixed_batch import mixed_batch
 from loratune.errors import ConfigError
+from loratune.inference.sampling import argmax, check_sampling, sampler
+from loratune.models.devices import model_device
 
 END_OF_TURN = "<|im_end|>"  # ChatML's end-of-turn token (SmolLM2, Qwen, ...)
 
@@ -94,7 +95,7 @@ def _greedy_rows(model, input_ids, attention_mask, max_new_tokens: int, stops: s
     """The new token ids of each row, up to its first stop token (excluded) or the length limit."""
     generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-    for next_ids in _decode(model, input_ids, attention_mask, max_new_tokens, _argmax):
+    for next_ids in _decode(model, input_ids, attention_mask, max_new_tokens, argmax):
         for j, token in enumerate(next_ids.tolist()):
             if done[j]:
                 continue
@@ -137,7 +138,7 @@ def stream_greedy(
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
     stops = stop_token_ids(model, tokenizer) if stop_ids is None else set(stop_ids)
-    pick = _argmax if not temperature else _sampler(temperature, top_p, top_k, generator)
+    pick = argmax if not temperature else sampler(temperature, top_p, top_k, generator)
     input_ids = torch.tensor([list(prompt_ids)], device=model_device(model))
     attention_mask = torch.ones_like(input_ids)
     generated: list[int] = []
@@ -157,20 +158,6 @@ def stream_greedy(
     if text != emitted and text.startswith(emitted):
         on_text(text[len(emitted) :])
     return text
-
-
-def check_sampling(temperature: float | None, top_p: float | None, top_k: int | None) -> None:
-    """Raise ``ConfigError`` for sampling options that cannot mean anything (see ``stream_greedy``)."""
-    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
-        raise ConfigError(f"temperature must be 0 (greedy) or a positive number, got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if not temperature and (top_p is not None or top_k is not None):
-        raise ConfigError(
-            "top_p and top_k shape sampling, but temperature 0 decodes greedily; give a temperature above 0"
-        )
 
 
 # --- the decoding loop ------------------------------------------------------------------------------------
@@ -214,43 +201,6 @@ def _decode(
         cache = out.cache
 
 
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1)
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token id per row of ``logits`` (B × vocab), drawn from ``softmax(logits / temperature)`` restricted to
-    the ``top_k`` most likely tokens and then to the smallest set of them whose probability reaches ``top_p``
-    (the most likely token always stays). Raises ``ConfigError`` for options that cannot mean anything."""
-    check_sampling(temperature, top_p, top_k)
-    if not temperature:
-        raise ConfigError("temperature 0 is greedy decoding, not sampling; give a temperature above 0")
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-        probabilities = sorted_logits.softmax(-1)
-        # drop a token when the tokens before it already reach top_p
-        drop_sorted = (probabilities.cumsum(-1) - probabilities) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, sorted_idx, drop_sorted), float("-inf"))
-    probs = logits.softmax(-1)
-    if generator is not None and generator.device != probs.device:
-        probs = probs.to(generator.device)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
-
-
-def _sampler(temperature: float, top_p: float | None, top_k: int | None, generator: torch.Generator | None):
-    return lambda logits: sample_next(logits, temperature, top_p, top_k, generator)
-
-
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -260,14 +210,6 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
             input_ids[i, width - len(row) :] = torch.as_tensor(list(row), dtype=torch.long)
             attention_mask[i, width - len(row) :] = 1
     return input_ids.to(device), attention_mask.to(device)
-
-
-def model_device(model) -> torch.device:
-    """The device of ``model``'s parameters (the CPU for a model without any)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 @contextmanager

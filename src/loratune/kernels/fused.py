@@ -1,7 +1,7 @@
 """The compiled CPU kernels for a training step's work outside the big matrix products (``_fused_cpu.c``,
 built by ``pip install``): a Llama block's RMSNorm and ``silu(gate)·up``, forward and backward, each one pass
 over memory; dropout masks; attention's backward between its products (``train.attention``); the
-cross-entropy's softmax over each chunk of logits (``train.loss``).
+cross-entropy's softmax over each chunk of logits (``inference.loss``).
 
 In PyTorch operations each of these is a chain of five to fifteen operations that each write a fresh tensor;
 on a CPU that memory traffic, not the arithmetic, is what they cost. Every function here returns None when
@@ -18,7 +18,7 @@ import os
 import torch
 
 try:
-    from loratune.train import _fused_cpu
+    from loratune.kernels import _fused_cpu
 except ImportError:  # built without a C compiler: fused_ops.py runs the same arithmetic in PyTorch
     _fused_cpu = None
 

@@ -1,7 +1,7 @@
-/* loratune.layers._lowrank_cpu: the low-rank update of an unmerged LoRA layer for a few rows on a CPU,
+/* loratune.kernels._lowrank_cpu: the low-rank update of an unmerged LoRA layer for a few rows on a CPU,
  * out += (x·Aᵀ)·(s·Bᵀ), as one call instead of four PyTorch operations (cast, two small products, add).
  * Decoding runs hundreds of these per token, where each PyTorch operation costs microseconds of dispatch and
- * cold caches next to the base layer's product; see layers/lowrank_cpu.py, which checks every argument.
+ * cold caches next to the base layer's product; see kernels/lowrank.py, which checks every argument.
  *
  * The kernel is compiled for AVX-512, AVX2+FMA and the baseline instruction set; the module picks the best
  * one the CPU has when it is imported. */
@@ -12,8 +12,8 @@
 
 #define MAX_RANK 1024
 
-#define KERNEL_BODY "layers/_lowrank_cpu_body.h" /* relative to _per_isa.h */
-#include "../_per_isa.h"
+#define KERNEL_BODY "_lowrank_cpu_body.h"
+#include "_per_isa.h"
 
 typedef void (*kernel_fn)(void *, const void *, const float *, const float *, int64_t, int64_t, int64_t, int64_t,
                           const int64_t *, int64_t);
@@ -58,7 +58,7 @@ static PyObject *add_low_rank(PyObject *self, PyObject *const *args, Py_ssize_t 
 static PyMethodDef methods[] = {
     {"add_low_rank", (PyCFunction)(void (*)(void))add_low_rank, METH_FASTCALL,
      "add_low_rank(out, x, A, sBt, rows, in_features, rank, out_features, is_bf16, blocks, rows_per_block): "
-     "out += (x·Aᵀ)·sBt, all addresses of contiguous CPU tensors (see loratune.layers.lowrank_cpu)."},
+     "out += (x·Aᵀ)·sBt, all addresses of contiguous CPU tensors (see loratune.kernels.lowrank)."},
     {NULL, NULL, 0, NULL},
 };
 

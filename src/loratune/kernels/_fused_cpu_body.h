@@ -3,7 +3,7 @@
  * the PyTorch code it replaces rounds (see loratune/train/fused_ops.py), so results agree with it up to the
  * order of float32 sums. */
 
-#include "../_vec16.h"
+#include "_vec16.h"
 
 /* σ(g) = 1 / (1 + exp(-g)), from e = exp(-|g|) (at most 1, so 1 + e never overflows): 1/(1 + e) for g ≥ 0,
  * e/(1 + e) below. With AVX-512 the reciprocal is a 14-bit estimate and one Newton step (float32 accuracy, a
