@@ -16,7 +16,7 @@ from loratune.data.classification import ClassExample, LabelSpace, label_space, 
 from loratune.errors import DataError
 from loratune.inference.scores import accuracy, macro_f1, matthews, pearson, ranks, spearman
 from loratune.models import load_classifier
-from loratune.train.classify import classification_lora
+from loratune.train.objectives.classification import classification_lora
 from test_cli import assert_one_line_error, cli
 from tiny_models import tiny_encoder_dir
 

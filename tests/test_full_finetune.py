@@ -166,7 +166,7 @@ def test_full_fine_tuning_settings_that_make_no_sense_are_one_line_errors(
 def test_peak_memory_restarts_with_each_run_in_one_process():
     import sys
 
-    from loratune.train.trainer import peak_memory_mb, reset_peak_memory
+    from loratune.memory import peak_memory_mb, reset_peak_memory
 
     if not sys.platform.startswith("linux"):
         pytest.skip("the peak RSS restarts only on Linux (/proc/self/clear_refs)")

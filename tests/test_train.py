@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-import loratune.train.trainer as trainer_module
+import loratune.train.objectives.sft as trainer_module
 from loratune.adapters import LoraConfig
 from loratune.errors import ConfigError, ModelNotFoundError
 from loratune.outputs import write_text_atomic

@@ -1,4 +1,4 @@
-"""Giving freed heap memory back to the operating system while a model streams in.
+"""Process memory: its peak (for a run's summary) and giving freed heap memory back to the operating system.
 
 Quantizing tensor by tensor interleaves long-lived results (packed weights of a few MB) with short-lived
 temporaries of similar size on the C heap; glibc keeps the freed holes mapped, so resident memory creeps up
@@ -10,6 +10,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import resource
+from pathlib import Path
+
+import torch
 
 
 @functools.cache
@@ -26,3 +30,28 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def reset_peak_memory() -> None:
+    """Start measuring the peak afresh (several runs in one process, as in a sweep, each get their own): the
+    CUDA allocator's peak, and on Linux the process's peak RSS (``/proc/self/clear_refs``)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux (or not allowed): the peak then covers the whole process
+
+
+def peak_memory_mb() -> float:
+    """The peak memory since ``reset_peak_memory``, MiB: the CUDA allocator's peak when training on a GPU, else
+    the peak RSS (``VmHWM``; ``ru_maxrss``, the whole process's, where /proc is missing)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

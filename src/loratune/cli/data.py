@@ -60,8 +60,8 @@ def run(args) -> int:
 def _preview_classification(config, tokenizer, max_length: int, out, n: int) -> int:
     """``loratune data`` for a classification run: the labels, a few rows as the model sees them, lengths."""
     from loratune.data.classification import tokenize_classification, tokenize_tokens
-    from loratune.train.classify import classification_examples, describe_labels
     from loratune.train.config import resolved_task
+    from loratune.train.objectives.classification import classification_examples, describe_labels
 
     token = resolved_task(config) == "token_cls"
     space, train, evaluation = classification_examples(config, token=token)

@@ -1,5 +1,6 @@
-"""Training a sequence or token classifier: what LoRA adapts in an encoder, the head trained in full, the run's
-labels and data (its loss, evaluation and predictions are ``inference.classify``'s).
+"""Training a sequence or token classifier (``task: seq_cls`` / ``token_cls``): what LoRA adapts in an encoder, the
+head trained in full, the run's labels and data, and the objective the recipe runs (the loss, evaluation and
+predictions themselves are ``inference.classify``'s).
 
 The head (``classifier``; ``score`` for decoder models; and any other module outside the encoder that the
 checkpoint lacked, such as DistilBERT's ``pre_classifier`` or ModernBERT's ``head``) is new, so it is trained in
@@ -9,19 +10,30 @@ LoRA adapts the encoder's attention: W_q and W_v by default, the LoRA paper's ch
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from loratune.adapters import LoraConfig
 from loratune.data import split_eval
 from loratune.data.classification import (
+    IGNORE,
     LabelSpace,
     check_layout,
+    collate_classification,
     label_space,
     read_classification,
     read_token_classification,
     tag_space,
+    tokenize_classification,
+    tokenize_tokens,
 )
 from loratune.errors import ConfigError
+from loratune.inference.classify import classification_loss_sum, classification_result, classifier_logits
+from loratune.inference.evaluate import EvalResult
+from loratune.models import load_classifier
+from loratune.train import distributed
+from loratune.train.config import resolved_task
+from loratune.train.objectives.base import RunData
 
 TASK_TYPE = "SEQ_CLS"  # PEFT's task type for sequence classification
 TOKEN_TASK_TYPE = "TOKEN_CLS"  # and for token classification
@@ -125,9 +137,67 @@ def describe_labels(space: LabelSpace, n_train: int, n_eval: int) -> str:
     return f"classification: {n_train} training and {n_eval} eval {layout}; {what}"
 
 
+class Classification:
+    """A classifier learning its rows' labels: cross-entropy over the classes (squared error for regression; per
+    labelled word for tokens), evaluated with the GLUE metrics, and once before the first step (the new head's
+    chance level, for comparison)."""
+
+    evaluates_at_start = True
+
+    def __init__(self, config):
+        check_classifier_config(config)
+        self.token = resolved_task(config) == "token_cls"
+        # the labels decide the head, so the rows are read before the model
+        self.space, self.train_rows, self.eval_rows = classification_examples(config, token=self.token)
+
+    def load(self, config, load_hook):
+        m = config.model
+        return load_classifier(m.name, self.space, m.dtype, m.device, m.trust_remote_code)
+
+    def fit(self, config, model: nn.Module, log):
+        """``config`` with the task it runs and the LoRA targets that fit this encoder (``classification_lora``)."""
+        lora = classification_lora(config.lora, model, token=self.token)
+        return config.model_copy(update={"task": "token_cls" if self.token else "seq_cls", "lora": lora})
+
+    def data(self, config, tokenizer) -> RunData:
+        tokenize = tokenize_tokens if self.token else tokenize_classification
+        train, evaluation = (
+            tokenize(rows, tokenizer, self.space, config.data.max_length) for rows in (self.train_rows, self.eval_rows)
+        )
+        return RunData(train, evaluation, [], None, labels=self.space)
+
+    def collate(self, rows, pad_id: int):
+        return collate_classification(rows, pad_id)
+
+    def loss_sum(self, model, batch):
+        return classification_loss_sum(model, batch)
+
+    def count(self, batch) -> int:
+        """What a micro-batch's loss sums over: its rows, or a token classifier's labelled words."""
+        labels = batch["labels"]
+        return int((labels != IGNORE).sum()) if labels.ndim == 2 else labels.shape[0]
+
+    def evaluate(self, model, tokenizer, data: RunData, t, processes) -> EvalResult | None:
+        """Each process runs every N-th row; rank 0 scores all outputs together (the others get None)."""
+        rows = data.eval[processes.rank :: processes.world]
+        logits = classifier_logits(model, rows, tokenizer.pad_token_id, t.eval_batch_size)
+        parts = distributed.gathered(processes, (list(logits), rows))
+        if not processes.main:
+            return None
+        every = [(logit, row) for part_logits, part_rows in parts for logit, row in zip(part_logits, part_rows)]
+        outputs = [logit for logit, _ in every]
+        return classification_result(
+            outputs if data.labels.token else torch.stack(outputs), [row for _, row in every], data.labels
+        )
+
+    def describe(self, data: RunData) -> list[str]:
+        return [describe_labels(data.labels, len(data.train), len(data.eval))]
+
+
 __all__ = [
     "QUERY_VALUE",
     "TASK_TYPE",
+    "Classification",
     "check_classifier_config",
     "classification_examples",
     "classification_lora",

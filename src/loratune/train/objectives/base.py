@@ -1,0 +1,56 @@
+"""What every objective gives the training recipe (``Objective``), and the data it hands over (``RunData``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from loratune.data import Example, TokenizedExample
+from loratune.data.classification import LabelSpace
+from loratune.inference.evaluate import EvalResult
+
+
+@dataclass
+class RunData:
+    """Training and evaluation rows of a run (eval ``examples`` carry the references for exact match)."""
+
+    train: list
+    eval: list
+    eval_examples: list[Example]
+    stats: object
+    retain: list[TokenizedExample] = ()  # data.retain: what the base knows (see inference.forgetting)
+    labels: LabelSpace | None = None  # a classifier's outputs; its rows are TokenizedClassExample
+
+
+class Objective(Protocol):
+    """What a run trains a model to do. The recipe calls these and never asks which objective it runs.
+
+    - ``load`` the model and tokenizer (``load_hook``: what the loader hands each finished block to, for FSDP);
+    - ``fit`` the config to the loaded model (a context length cap, a classifier's LoRA targets);
+    - ``data``: the run's rows; ``collate`` them into a micro-batch;
+    - ``loss_sum``: a micro-batch's summed loss and what it sums over (its ``count``, known before the forward);
+    - ``evaluate`` on the held-out rows (shared over ``processes``; rank 0 gets the result, the others None);
+    - ``describe`` the data for the log; ``evaluates_at_start``: evaluate before the first step (a new head's
+      chance level, for comparison).
+    """
+
+    evaluates_at_start: bool
+
+    def load(self, config, load_hook) -> tuple[nn.Module, object]: ...
+
+    def fit(self, config, model: nn.Module, log) -> object: ...
+
+    def data(self, config, tokenizer) -> RunData: ...
+
+    def collate(self, rows: list, pad_id: int) -> dict[str, torch.Tensor]: ...
+
+    def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]: ...
+
+    def count(self, batch: dict) -> int: ...
+
+    def evaluate(self, model: nn.Module, tokenizer, data: RunData, t, processes) -> EvalResult | None: ...
+
+    def describe(self, data: RunData) -> list[str]: ...
