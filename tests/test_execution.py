@@ -2,9 +2,8 @@
 
 {Linear, Conv1D, Embedding, 4-bit} × {LoRA, DoRA} × {training, no-grad few rows, no-grad many rows, mixed batch
 in training, mixed batch without grad} × {fp32, bf16} × {kernel, no kernel}: the output (and, with autograd, the
-gradients of the input, the factors and DoRA's magnitude) equals ``reference_forward``'s, and the backend that ran is
-the one the
-design says (``execution.backend_for``), so a fast path that silently falls back cannot pass for one.
+gradients of the input, the factors and DoRA's magnitude) equals ``reference_forward``'s, and the backend that ran
+(``execution.trace``) is the one the design says, so a fast path that silently falls back cannot pass for one.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loratune.kernels.lowrank import kernel_available
 from loratune.layers import LoraLinear, Routing, lora_class_for
-from loratune.layers.execution import backend_for
+from loratune.layers.execution import trace
 from loratune.layers.fused_linear import LoraLinearFunction
 from loratune.quant import Linear4bit, QuantSpec
 
@@ -71,6 +70,14 @@ def expected_backend(kind: str, mode: str, kernel: bool, variant: str = "lora") 
     )
 
 
+def ran(layer, x: torch.Tensor) -> str:
+    """The backend that actually computed ``layer(x)`` (in the current grad mode)."""
+    with trace() as backends:
+        layer(x)
+    assert len(backends) == 1
+    return backends[0]
+
+
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
@@ -97,9 +104,11 @@ def test_every_backend_equals_the_reference(monkeypatch, kind, variant, mode, dt
     grad = mode in ("training", "mixed-training")
     layer.train(grad)
     with torch.set_grad_enabled(grad):
-        assert backend_for(layer, x) == expected_backend(kind, mode, kernel, variant)
         if not grad:
-            out, ref = layer(x), layer.reference_forward(x)
+            with trace() as backends:
+                out = layer(x)
+            assert backends == [expected_backend(kind, mode, kernel, variant)]
+            ref = layer.reference_forward(x)
             assert out.dtype == ref.dtype and out.shape == ref.shape
             assert relative(out, ref) <= TOLERANCE[dtype]
             return
@@ -113,7 +122,9 @@ def test_every_backend_equals_the_reference(monkeypatch, kind, variant, mode, dt
         leaves = [x.requires_grad_()] if x.is_floating_point() else []
         for factor in factors:
             factor.requires_grad_(True)
-        out = layer(x)
+        with trace() as backends:
+            out = layer(x)
+        assert backends == [expected_backend(kind, mode, kernel, variant)]
         upstream = torch.randn_like(out)
         grads = torch.autograd.grad(out, leaves + factors, upstream, allow_unused=True)
         ref = layer.reference_forward(x)
@@ -134,17 +145,17 @@ def test_dropout_in_training_and_a_trainable_base_take_the_reference():
     layer.set_active(("a",))
     x = torch.randn(2, IN)
     layer.train()
-    assert backend_for(layer, x) == "fused"
+    assert ran(layer, x) == "fused"
     layer.add_adapter("dropped", 2, 2, lora_dropout=0.1)
     layer.set_active(("dropped",))
-    assert backend_for(layer, x) == "reference"
+    assert ran(layer, x) == "reference"
     layer.eval()
-    assert backend_for(layer, x) == "fused"
+    assert ran(layer, x) == "fused"
     layer.set_active(("a",))
     layer.base_layer.weight.requires_grad_(True)  # the fused path gives the base weight no gradient
-    assert backend_for(layer, x) == "reference"
+    assert ran(layer, x) == "reference"
     with torch.no_grad():
-        assert backend_for(layer, x) in ("kernel", "plan")
+        assert ran(layer, x) in ("kernel", "plan")
 
 
 def test_a_subclass_of_linear_runs_as_it_is():
@@ -157,7 +168,7 @@ def test_a_subclass_of_linear_runs_as_it_is():
     layer.add_adapter("a", 2, 2)
     layer.set_active(("a",))
     x = torch.randn(3, IN)
-    assert backend_for(layer, x) == "reference"
+    assert ran(layer, x) == "reference"
     torch.testing.assert_close(layer(x), 2 * nn.functional.linear(x, base.weight, base.bias))
 
 

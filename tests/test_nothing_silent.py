@@ -252,9 +252,9 @@ def test_library_warnings_never_land_inside_streamed_text(capsys, monkeypatch, t
     load = generate.load_for_verb
 
     def load_with_a_chatty_library(args):
-        model, tokenizer = load(args)
+        model, tokenizer, labels = load(args)
         model.register_forward_hook(lambda *_: warnings.warn("a library deprecation", FutureWarning, stacklevel=2))
-        return model, tokenizer
+        return model, tokenizer, labels
 
     monkeypatch.setattr(generate, "load_for_verb", load_with_a_chatty_library)
     both = io.StringIO()  # stdout and stderr as a terminal shows them: one stream, in order

@@ -15,7 +15,7 @@ from torch import nn
 import loratune
 from loratune.adapters.peft_keys import factor_keys
 from loratune.errors import ConfigError
-from loratune.layers import LoraLinear, lora_class_for
+from loratune.layers import LoraLinear, LoraLinear4bit, lora_class_for
 from loratune.quant import Linear4bit, QuantSpec, dequantize_weight, quantize_weight
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -148,7 +148,7 @@ def test_4bit_linear_forward_and_input_gradient_match_the_dequantized_weight(dty
 
 def test_lora_wraps_a_4bit_linear_as_a_linear_layer_with_the_peft_key_names():
     layer = lora_over(make_layer())
-    assert isinstance(layer, LoraLinear) and layer.quantized and not layer.embedding
+    assert isinstance(layer, LoraLinear4bit) and isinstance(layer, LoraLinear) and not layer.embedding
     assert factor_keys("m", layer.embedding) == ("base_model.model.m.lora_A.weight", "base_model.model.m.lora_B.weight")
     assert layer.lora_A["default"].shape == (R, IN) and layer.lora_B["default"].shape == (OUT, R)
 

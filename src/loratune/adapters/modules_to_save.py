@@ -11,6 +11,7 @@ from torch import nn
 
 from loratune.errors import ConfigError
 from loratune.layers import Routing
+from loratune.layers.state import row_tensors
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -45,7 +46,7 @@ class ModulesToSaveWrapper(nn.Module):
     def _forward_routed(self, x, *args, **kwargs):
         """Each group of rows (dim 0 of ``x``) through its adapter's copy, or the original for the others."""
         self.routing.check_rows(x.shape[0])
-        rows_of = self.routing.rows(x.device)
+        rows_of = row_tensors(self.routing, x.device)
         groups = [(self.copies[name], rows) for name, (rows, _) in rows_of.items() if name in self.copies]
         if len(groups) > 1:
             taken = [set(indices) for name, indices in self.routing.groups if name in self.copies]

@@ -62,10 +62,10 @@ def run(args) -> int:
     from loratune.data import build_dataset, read_examples
     from loratune.inference import evaluate
 
-    model, tokenizer = load_for_verb(args)
+    model, tokenizer, labels = load_for_verb(args)
     max_length = eval_max_length(model, args.max_length)
-    if getattr(model, "labels", None) is not None:
-        return _eval_classifier(model, tokenizer, args, max_length)
+    if labels is not None:
+        return _eval_classifier(model, tokenizer, labels, args, max_length)
     tokenized, _ = build_dataset(args.data, tokenizer, format=args.format, max_length=max_length)
     examples, _ = read_examples(args.data, args.format)
     if args.max_examples is not None:
@@ -101,11 +101,11 @@ def run(args) -> int:
     return 0
 
 
-def _eval_classifier(model, tokenizer, args, max_length: int) -> int:
+def _eval_classifier(model, tokenizer, labels, args, max_length: int) -> int:
     from loratune.inference.classify import evaluate_classification
 
-    _, rows = classifier_rows(model, tokenizer, args, max_length, labelled=True)
-    result = evaluate_classification(model, rows, model.labels, tokenizer.pad_token_id, args.batch_size)
+    _, rows = classifier_rows(labels, tokenizer, args, max_length, labelled=True)
+    result = evaluate_classification(model, rows, labels, tokenizer.pad_token_id, args.batch_size)
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0

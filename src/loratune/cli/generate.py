@@ -63,7 +63,7 @@ def run(args) -> int:
         )
     if args.raw and args.prompt is None:
         raise ConfigError("interactive chat uses the chat template; give --prompt to generate from raw text")
-    model, tokenizer = load_for_verb(args)
+    model, tokenizer, _ = load_for_verb(args)
     generator = torch.Generator().manual_seed(args.seed)
     options = dict(temperature=args.temperature or None, top_p=args.top_p, top_k=args.top_k, generator=generator)
 

@@ -20,27 +20,27 @@ def console():
 
 
 def load_for_verb(args):
-    """The model ``--model`` names (see ``base_model_for``) with ``args.adapter`` loaded at their strengths: a
-    classifier when the adapters (or the model directory) carry ``labels.json``, its label space as ``labels``."""
+    """(model, tokenizer, labels): the model ``--model`` names (see ``base_model_for``) with ``args.adapter`` loaded
+    at their strengths — a classifier, with its label space as ``labels``, when the adapters (or the model
+    directory) carry ``labels.json``; else a causal LM (in 4 bits when asked, or stored so) and None."""
     from loratune.adapters import load_adapter
-    from loratune.models.loader import load_model, resolve_model_dir
-    from loratune.models.quantized import stored_in_4bit
+    from loratune.models.loader import load_classifier, load_model
 
     name = base_model_for(args)
     labels = classifier_labels(args, name)
     if labels is not None:
-        from loratune.models.loader import load_classifier
-
         model, tokenizer = load_classifier(name, labels, args.dtype, args.device, args.trust_remote_code)
-        model.labels = labels  # what eval and predict score and name
     else:
-        quantize = getattr(args, "quantize", None) or stored_in_4bit(resolve_model_dir(name))
         model, tokenizer = load_model(
-            name, quantize=quantize, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
+            name,
+            quantize=getattr(args, "quantize", None) or "auto",
+            dtype=args.dtype,
+            device=args.device,
+            trust_remote_code=args.trust_remote_code,
         )
     for path, scale in args.adapter:
         load_adapter(model, path, scale=scale)
-    return model, tokenizer
+    return model, tokenizer, labels
 
 
 def classifier_labels(args, model_name: str):
@@ -91,8 +91,8 @@ def eval_max_length(model, requested: int | None) -> int:
     return fit_max_length(requested, limit, "--max-length")
 
 
-def classifier_rows(model, tokenizer, args, max_length: int, *, labelled: bool):
-    """(rows as read, tokenized rows) of ``--data`` for the classifier ``model``."""
+def classifier_rows(space, tokenizer, args, max_length: int, *, labelled: bool):
+    """(rows as read, tokenized rows) of ``--data`` for a classifier with label space ``space``."""
     from loratune.data.classification import (
         check_layout,
         read_classification,
@@ -103,7 +103,6 @@ def classifier_rows(model, tokenizer, args, max_length: int, *, labelled: bool):
 
     if getattr(args, "retain", None) is not None:
         raise ConfigError("--retain measures forgetting of a language model; it does not apply to a classifier")
-    space = model.labels
     if space.token:
         examples = read_token_classification(args.data, require_labels=labelled)
     else:

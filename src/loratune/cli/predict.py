@@ -49,18 +49,18 @@ def run(args) -> int:
     from loratune.inference.classify import classifier_logits, predictions
     from loratune.outputs import write_text_atomic
 
-    model, tokenizer = load_for_verb(args)
-    if getattr(model, "labels", None) is None:
+    model, tokenizer, labels = load_for_verb(args)
+    if labels is None:
         raise ConfigError(
             "predict labels rows with a classifier (an adapter with labels.json, trained with task: "
             "seq_cls); for a language model use: loratune generate"
         )
     max_length = eval_max_length(model, args.max_length)
-    examples, rows = classifier_rows(model, tokenizer, args, max_length, labelled=False)
+    examples, rows = classifier_rows(labels, tokenizer, args, max_length, labelled=False)
     logits = classifier_logits(model, rows, tokenizer.pad_token_id, args.batch_size)
     lines = []
-    for example, prediction in zip(examples, predictions(logits, model.labels, rows)):
-        if model.labels.token:
+    for example, prediction in zip(examples, predictions(logits, labels, rows)):
+        if labels.token:
             record = {"tokens": example.tokens}
         else:
             record = {"text": example.text, **({"text_pair": example.pair} if example.pair is not None else {})}

@@ -4,8 +4,9 @@
 - ``init``: how factors start (LoRA's, gaussian, PiSSA and its randomized variant, OLoRA);
 - ``dora``: DoRA's math (row norms without the dense update, the weight change, strength);
 - ``lora``: the layer and its math (``reference_forward`` defines the output);
-- ``kinds``: what A and B mean around a Linear (dense or 4-bit), a GPT-2 Conv1D, an Embedding and a convolution;
-- ``execution``: faster ways to compute the same output (fused training, stacked mixed batches, no-grad plans);
+- ``kinds``: what A and B mean around a Linear, a 4-bit Linear, a GPT-2 Conv1D, an Embedding and a convolution;
+- ``execution``: faster ways to compute the same output, as backends ``select`` picks from (fused training,
+  stacked mixed batches, no-grad plans, the compiled kernel);
 - ``fused_linear``: the lean autograd function of the fused path;
 - the compiled CPU kernel that plans use for a few rows lives in ``loratune.kernels.lowrank``.
 """
@@ -17,6 +18,7 @@ from loratune.layers.kinds import (
     LoraConv1D,
     LoraEmbedding,
     LoraLinear,
+    LoraLinear4bit,
     QuantizedLinear,
     is_conv,
     is_conv1d,
@@ -38,6 +40,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraLinear4bit",
     "PissaStart",
     "QuantizedLinear",
     "Routing",

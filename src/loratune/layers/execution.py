@@ -1,71 +1,188 @@
 """Execution backends: faster ways to compute what ``LoraLayer.reference_forward`` defines.
 
-``run`` picks one per call, for Linear-like layers (a Linear, a 4-bit Linear, a GPT-2 ``Conv1D``):
+Each backend is an object with a ``name`` and a ``forward``; ``select`` is the one place that decides which one
+computes a call (``run`` and any introspection, ``backend_for``, share it), for Linear-like layers (a Linear, a
+4-bit Linear, a GPT-2 ``Conv1D``):
 
 - **fused** (autograd on, one term on every row): ``fused_linear``'s autograd functions, which save only x
   and A·x (DoRA: also one out-wide tensor for the magnitude's gradient, the output itself at strength 1); a
   4-bit base is dequantized in forward and again in backward.
 - **stacked** (autograd on, a mixed-adapter batch): the batch's adapters as one stacked adapter — A of every
-  adapter stacked (Σr × in), s·B side by side (out × Σr) — and a 0/1 row mask that keeps each row's own block.
-- **plan** (autograd off): the terms' factors prepared once (cast, B scaled and transposed, stacked, the row
-  mask) and kept in ``layer.execution_cache`` while the layer's state and training flag, the input's dtype
-  and size regime, and the factors (their version counters; a move empties the cache) stay the same. A
-  single adapter is the one-group case. A DoRA term folds in as a low-rank block with B scaled by its gain
-  plus a per-row scaling of the base product. On a CPU with few rows (decoding) the compiled kernel
-  (``lowrank_cpu``) adds the update in one call, reading each row's block of the stacked factors.
+  adapter stacked (Σr × in), s·B side by side (out × Σr) — and a row mask that keeps each row's own block.
+- **plan** (autograd off): the terms' factors prepared once (``Plan``: cast, B scaled and transposed, stacked,
+  the row mask) and kept in the layer's ``ExecutionCache`` while the layer's state and training flag, the
+  input's dtype and size regime, and the factors (their version counters; a move empties the cache) stay the
+  same. A single adapter is the one-group case. A DoRA term folds in as a low-rank block with B scaled by its
+  gain plus a per-row scaling of the base product.
+- **kernel**: a plan whose update the compiled CPU kernel (``kernels.lowrank``) adds in one call, reading each
+  row's block of the stacked factors (few rows on a CPU: decoding).
+- **base**: nothing to add (no adapter acts, or all are merged).
 - **reference** for everything else: embeddings, dropout in training, a trainable base weight, extra
   arguments, an input in another dtype than the base computes in, DoRA in a mixed batch with autograd on.
+
+``trace()`` records which backend each call ran, so tests assert what executed rather than a prediction.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from dataclasses import replace
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loratune.errors import ConfigError
-from loratune.kernels import lowrank as lowrank_cpu
+from loratune.kernels import lowrank as lowrank_kernel
 from loratune.layers.fused_linear import dora_linear, lora_linear
-from loratune.layers.state import Term
+from loratune.layers.state import LayerState, Routing, Term, row_tensors
 
 FEW_ROWS = 64  # rows up to which a CPU keeps the low-rank products in the factors' float32 (and the kernel)
+KEPT_PLANS = 8  # plans kept per layer for recent states (e.g. a server alternating single and mixed batches)
 _VERSION = operator.attrgetter("_version")
 
 
-def run(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """``layer``'s output for ``x``: ``reference_forward``'s result, from the fastest backend that can compute it."""
-    if args or kwargs or not layer.fast_paths:
-        return layer.reference_forward(x, *args, **kwargs)
+# --- the backends --------------------------------------------------------------------------------------------
+
+
+class Backend:
+    """A way to compute a layer's output; ``prepared`` is what ``select`` made for it (terms, a plan)."""
+
+    name = "backend"
+
+    def forward(self, layer, x: torch.Tensor, prepared) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Reference(Backend):
+    name = "reference"
+
+    def forward(self, layer, x, prepared):
+        return layer.reference_forward(x)
+
+
+class Base(Backend):
+    """No adapter adds anything: the base product alone (a plan's bound product when one is prepared)."""
+
+    name = "base"
+
+    def forward(self, layer, x, prepared):
+        return layer.base_layer(x) if prepared is None else prepared.base(x)
+
+
+class Fused(Backend):
+    """One term on every row, with autograd: ``fused_linear``'s functions (DoRA's when it has a magnitude)."""
+
+    name = "fused"
+
+    def forward(self, layer, x, term: Term):
+        if term.magnitude is not None:
+            return dora_linear(x, layer, term, layer.base_layer.bias)
+        return lora_linear(x, layer, layer.base_layer.bias, term.A, term.B, term.scale)
+
+
+class Stacked(Backend):
+    """A mixed batch with autograd: every term's A stacked, s·B side by side, a row mask between them."""
+
+    name = "stacked"
+
+    def forward(self, layer, x, terms: list[Term]):
+        A, sB = stacked_factors(terms, x.dtype)
+        h = F.linear(x, A)
+        mask = row_mask(terms, x.shape[0], x.dtype, x.device)
+        if mask is not None:
+            h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
+        result = layer.base_product()(x)
+        return result + F.linear(h, sB).to(result.dtype)
+
+
+class Planned(Backend):
+    """Without autograd: the prepared plan's products."""
+
+    name = "plan"
+
+    def forward(self, layer, x, plan: Plan):
+        return plan.run(x)
+
+
+class Kernel(Backend):
+    """Without autograd, few contiguous rows on a CPU: the plan's update added by the compiled kernel."""
+
+    name = "kernel"
+
+    def forward(self, layer, x, plan: Plan):
+        return plan.run_kernel(x)
+
+
+REFERENCE, BASE, FUSED, STACKED, PLAN, KERNEL = Reference(), Base(), Fused(), Stacked(), Planned(), Kernel()
+
+
+def select(layer, x: torch.Tensor) -> tuple[Backend, object]:
+    """The backend that computes ``layer``'s output for ``x`` in the current grad mode, and what it prepared for
+    it: the one decision ``run`` and ``backend_for`` share."""
+    if not layer.fast_paths:
+        return REFERENCE, None
     if torch.is_grad_enabled():
-        return _with_autograd(layer, x)
-    plan = _plan(layer, x)
-    return layer.reference_forward(x) if plan is None else plan.run(x)
+        terms = layer.terms()
+        if not terms:
+            return BASE, None
+        if not fast_path_applies(layer, x, terms):
+            return REFERENCE, None
+        if len(terms) == 1 and terms[0].rows is None:
+            return FUSED, terms[0]
+        return (REFERENCE, None) if any(t.magnitude is not None for t in terms) else (STACKED, terms)
+    plan = plan_for(layer, x)
+    if not plan.usable:
+        return REFERENCE, None
+    if plan.A is None:
+        return BASE, plan
+    return (KERNEL, plan) if plan.kernel is not None and x.is_contiguous() else (PLAN, plan)
+
+
+_trace: list[str] | None = None
+
+
+def run(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``layer``'s output for ``x``: ``reference_forward``'s result, from the backend ``select`` picks."""
+    if args or kwargs:
+        backend, prepared = REFERENCE, None
+    else:
+        routing = layer.state.routing
+        if routing is not None:
+            routing.check_rows(x.shape[0])
+        backend, prepared = select(layer, x)
+    if _trace is not None:
+        _trace.append(backend.name)
+    if backend is REFERENCE:
+        return layer.reference_forward(x, *args, **kwargs)
+    return backend.forward(layer, x, prepared)
 
 
 def backend_for(layer, x: torch.Tensor) -> str:
-    """Which backend ``run`` takes for ``x`` in the current grad mode: ``"reference"``, ``"base"`` (nothing to
-    add), ``"fused"``, ``"stacked"``, ``"plan"`` or ``"kernel"`` (a plan whose update the CPU kernel adds)."""
-    if not layer.fast_paths:
-        return "reference"
-    if torch.is_grad_enabled():
-        return _autograd_backend(layer, x, layer.terms())
-    plan = _plan(layer, x)
-    if plan is None:
-        return "reference"
-    if plan.A is None:
-        return "base"
-    return "kernel" if plan.kernel is not None and x.is_contiguous() else "plan"
+    """The name of the backend ``run`` takes for ``x`` in the current grad mode (``select``'s choice)."""
+    return select(layer, x)[0].name
 
 
-def _fast_path_applies(layer, x: torch.Tensor, terms) -> bool:
+@contextlib.contextmanager
+def trace() -> Iterator[list[str]]:
+    """For the block, the name of the backend every layer call ran, in order (tests: what actually executed)."""
+    global _trace
+    outer, _trace = _trace, []
+    try:
+        yield _trace
+    finally:
+        _trace = outer
+
+
+def fast_path_applies(layer, x: torch.Tensor, terms) -> bool:
     """Whether a backend may replace the reference: x in the dtype the base computes in, no dropout acting,
     and, with autograd on, a frozen base weight (the fused paths give it no gradient)."""
     if x.dtype != layer.compute_dtype:
         return False
-    if torch.is_grad_enabled() and not layer.quantized and layer.base_layer.weight.requires_grad:
+    if torch.is_grad_enabled() and layer.base_trains():
         return False
     return not (layer.training and any(not isinstance(t.dropout, nn.Identity) for t in terms))
 
@@ -79,41 +196,7 @@ def fused_term(layer, x: torch.Tensor) -> Term | None:
     terms = layer.terms()
     if len(terms) != 1 or terms[0].rows is not None:
         return None
-    return terms[0] if _fast_path_applies(layer, x, terms) else None
-
-
-def _autograd_backend(layer, x: torch.Tensor, terms) -> str:
-    if not terms:
-        return "base"
-    if not _fast_path_applies(layer, x, terms):
-        return "reference"
-    if len(terms) == 1 and terms[0].rows is None:
-        return "fused"
-    return "reference" if any(t.magnitude is not None for t in terms) else "stacked"
-
-
-def _with_autograd(layer, x: torch.Tensor) -> torch.Tensor:
-    routing = layer.state.routing
-    if routing is not None:
-        routing.check_rows(x.shape[0])
-    terms = layer.terms()
-    backend = _autograd_backend(layer, x, terms)
-    if backend == "base":
-        return layer.base_layer(x)
-    if backend == "reference":
-        return layer.reference_forward(x)
-    if backend == "fused":
-        term = terms[0]
-        if term.magnitude is not None:
-            return dora_linear(x, layer, term, layer.base_layer.bias)
-        return lora_linear(x, layer, layer.base_layer.bias, term.A, term.B, term.scale)
-    A, sB = stacked_factors(terms, x.dtype)
-    h = F.linear(x, A)
-    mask = row_mask(terms, x.shape[0], x.dtype, x.device)
-    if mask is not None:
-        h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
-    result = layer.base_product()(x)
-    return result + F.linear(h, sB).to(result.dtype)
+    return terms[0] if fast_path_applies(layer, x, terms) else None
 
 
 def stacked_factors(terms, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,40 +225,72 @@ def row_mask(terms, n_rows: int, dtype: torch.dtype, device) -> torch.Tensor | N
     return mask
 
 
-# --- no autograd: prepared plans ------------------------------------------------------------------------------
+# --- what execution keeps: per layer, and per routing ------------------------------------------------------------
+
+
+@dataclass
+class ExecutionCache:
+    """What execution keeps on one layer, each entry checked against what it was made from before it is used:
+    ``recent``, the plan used last per size regime (True: few rows on a CPU); ``by_state``, the plans of recent
+    states; ``stacked``, stacked factors reused across routings of the same adapters. The layer empties it
+    when its set of factors or their storage changes."""
+
+    recent: dict[bool, Plan] = field(default_factory=dict)
+    by_state: dict[tuple[bool, LayerState], Plan] = field(default_factory=dict)
+    stacked: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.recent.clear()
+        self.by_state.clear()
+        self.stacked.clear()
+
+
+# masks and kernel blocks derived from a routing, shared by every layer whose terms have the same rows and ranks;
+# they live as long as the routing does
+_per_routing: weakref.WeakKeyDictionary[Routing, dict] = weakref.WeakKeyDictionary()
+
+
+def _for_routing(routing: Routing, key, build):
+    found = _per_routing.setdefault(routing, {})
+    if key not in found:
+        found[key] = build()
+    return found[key]
+
+
+def _trim(kept: dict) -> None:
+    while len(kept) > KEPT_PLANS:
+        kept.pop(next(iter(kept)))
+
+
+# --- no autograd: prepared plans -----------------------------------------------------------------------------------
 
 
 def _few_cpu_rows(x: torch.Tensor) -> bool:
     return x.is_cpu and x.numel() <= FEW_ROWS * x.shape[-1]
 
 
-KEPT_PLANS = 8  # plans kept per layer for recent states (e.g. a server alternating single and mixed batches)
-
-
-def _plan(layer, x: torch.Tensor) -> Plan | None:
+def plan_for(layer, x: torch.Tensor) -> Plan:
     """The layer's prepared plan for ``x``, rebuilt only when something it depends on changed. Decoding runs
     hundreds of these layers per token, where per-call Python work costs as much as the rank-r products, so
     the plan used last in this size regime is checked first (the same state object: one identity test)."""
     few = _few_cpu_rows(x)
     cache = layer.execution_cache
-    plan = cache.get(few)
+    plan = cache.recent.get(few)
     if plan is None or plan.state is not layer.state or not plan.fits(layer, x):
-        plan = _kept_plan(layer, x, few)
-        cache[few] = plan
-    return plan if plan.usable else None
+        plan = cache.recent[few] = _kept_plan(layer, x, few)
+    return plan
 
 
 def _kept_plan(layer, x: torch.Tensor, few: bool) -> Plan:
     """The plan for the layer's state (an equal state's, when one was prepared before), else a new one."""
-    kept = layer.execution_cache.setdefault("by_state", {})
+    kept = layer.execution_cache.by_state
     key = (few, layer.state)
     plan = kept.pop(key, None)
     if plan is None or not plan.fits(layer, x):
-        previous = layer.execution_cache.get(few)
+        previous = layer.execution_cache.recent.get(few)
         plan = (previous is not None and previous.rerouted(layer, x)) or Plan.build(layer, x, few)
     kept[key] = plan  # most recent last
-    while len(kept) > KEPT_PLANS:
-        kept.pop(next(iter(kept)))
+    _trim(kept)
     return plan
 
 
@@ -185,22 +300,30 @@ def _stamp(factors) -> int:
     return sum(map(_VERSION, factors))
 
 
+@dataclass(frozen=True)
+class DoraFold:
+    """DoRA terms folded into a plan: the base product's per-row scaling ``1 + Σ t·(g − 1)`` (rows × 1 × out) and
+    ``(scaling − 1)·bias`` to take back out of it (None without a bias)."""
+
+    base_scale: torch.Tensor
+    bias_shift: torch.Tensor | None
+
+
 class Plan:
     """``base(x) + (x·Aᵀ ⊙ mask)·sBt`` with the terms' factors cast, stacked and scaled once (A: Σr × in,
     sBt: Σr × out, mask: rows × 1 × Σr or None). ``usable`` is False when the reference must run (dropout in
-    training, an input dtype the base does not compute in). ``kernel`` holds the fixed arguments of the
-    compiled CPU kernel when it takes the update."""
+    training, an input dtype the base does not compute in). ``kernel`` holds the fixed arguments of the compiled
+    CPU kernel when it takes the update; ``kernel_fits``: it could, routing aside."""
 
     __slots__ = (
         "A",
         "base",
-        "base_scale",
-        "bias_shift",
         "blocks",
+        "dora",
         "dtype",
         "factors",
-        "few_kernel_fits",
         "kernel",
+        "kernel_fits",
         "mask",
         "names",
         "ranks",
@@ -220,11 +343,11 @@ class Plan:
         self.base = layer.base_product()
         self.factors = tuple(t for term in terms for t in (term.A, term.B, term.magnitude) if t is not None)
         self.stamp = _stamp(self.factors)
-        self.usable = _fast_path_applies(layer, x, terms)
-        self.A = self.sBt = self.mask = self.kernel = self.blocks = self.base_scale = self.bias_shift = None
+        self.usable = fast_path_applies(layer, x, terms)
+        self.A = self.sBt = self.mask = self.kernel = self.blocks = self.dora = None
         self.names = layer.routed_names() if layer.state.routing is not None else None  # terms' adapters, in order
         self.ranks = tuple(t.A.shape[0] for t in terms)
-        self.few_kernel_fits = False
+        self.kernel_fits = False
 
     @classmethod
     def build(cls, layer, x: torch.Tensor, few: bool) -> Plan:
@@ -242,25 +365,29 @@ class Plan:
                 plan.A, plan.sBt = _kept_stacked(layer, terms, dtype)
         routing = layer.state.routing
         if routing is not None:
-            # A server's batches change rows often; every layer whose terms have the same rows and ranks
-            # shares one mask (and kernel blocks), prepared once per routing.
             layout = (tuple((id(t.rows), id(t.row_weights), t.A.shape[0]) for t in terms), dtype, str(plan.A.device))
-            plan.mask, plan.blocks = routing.prepared(layout, lambda: _mask_and_blocks(terms, routing, dtype))
-        # the kernel takes 0/1 masks only: rows that mix adapters at weights run the plain products
-        weighted = routing is not None and routing.weighted
-        plan.few_kernel_fits = few and lowrank_cpu.kernel_fits(x.dtype, plan.A, plan.sBt)
-        if plan.few_kernel_fits and not weighted and (plan.mask is None or plan.blocks is not None):
-            plan.kernel = (
-                lowrank_cpu.raw_kernel(),
-                plan.A.data_ptr(),
-                plan.sBt.data_ptr(),
-                plan.A.shape[1],
-                plan.A.shape[0],
-                plan.sBt.shape[1],
-                int(x.dtype == torch.bfloat16),
-                0 if plan.blocks is None else plan.blocks.data_ptr(),
-            )
+            plan.mask, plan.blocks = _for_routing(routing, layout, lambda: _mask_and_blocks(terms, routing, dtype))
+        plan.kernel_fits = few and lowrank_kernel.kernel_fits(x.dtype, plan.A, plan.sBt)
+        plan.kernel = plan._kernel_args(routing)
         return plan
+
+    def _kernel_args(self, routing: Routing | None):
+        """The kernel's fixed arguments for this plan's mask, or None where the kernel cannot take it: it reads
+        0/1 masks only, as one block of columns per row (rows that mix adapters at weights run the products)."""
+        if not self.kernel_fits or (routing is not None and routing.weighted):
+            return None
+        if self.mask is not None and self.blocks is None:
+            return None
+        return (
+            lowrank_kernel.raw_kernel(),
+            self.A.data_ptr(),
+            self.sBt.data_ptr(),
+            self.A.shape[1],
+            self.A.shape[0],
+            self.sBt.shape[1],
+            int(self.dtype == torch.bfloat16),
+            0 if self.blocks is None else self.blocks.data_ptr(),
+        )
 
     def rerouted(self, layer, x: torch.Tensor) -> Plan | None:
         """This plan for the layer's new routing when nothing else changed and the same adapters act (a
@@ -268,7 +395,7 @@ class Plan:
         old, new = self.state, layer.state
         if (
             self.A is None
-            or self.base_scale is not None
+            or self.dora is not None
             or layer.pissa
             or old.routing is None
             or new.routing is None
@@ -278,7 +405,7 @@ class Plan:
         ):
             return None
         routing, dtype = new.routing, self.A.dtype
-        rows_of = routing.rows(self.A.device)
+        rows_of = row_tensors(routing, self.A.device)
         layout = (
             tuple((id(rows_of[n][0]), id(rows_of[n][1]), r) for n, r in zip(self.names, self.ranks)),
             dtype,
@@ -288,19 +415,13 @@ class Plan:
         for slot in Plan.__slots__:
             setattr(plan, slot, getattr(self, slot))
         plan.state = new
-        plan.mask, plan.blocks = routing.prepared(layout, lambda: _mask_and_blocks(layer.terms(), routing, dtype))
-        if self.kernel is not None:
-            if routing.weighted or (plan.mask is not None and plan.blocks is None):
-                plan.kernel = None
-            else:
-                plan.kernel = (*self.kernel[:-1], 0 if plan.blocks is None else plan.blocks.data_ptr())
-        elif self.few_kernel_fits and not routing.weighted and (plan.mask is None or plan.blocks is not None):
-            return None  # the kernel could take this routing: build it
+        plan.mask, plan.blocks = _for_routing(routing, layout, lambda: _mask_and_blocks(layer.terms(), routing, dtype))
+        plan.kernel = plan._kernel_args(routing)
         return plan
 
     def _fold_dora(self, layer, terms, dtype: torch.dtype) -> list[Term]:
-        """DoRA terms as plain ones with B scaled by their gain ``g``, and the base product's per-row scaling
-        ``1 + Σ t·(g − 1)`` kept in ``base_scale`` (rows × 1 × out) with ``bias_shift`` = (scaling − 1)·bias."""
+        """DoRA terms as plain ones with B scaled by their gain ``g``, and the base product's per-row scaling in
+        ``dora`` (see ``DoraFold``)."""
         rows = 1 if layer.state.routing is None else layer.state.routing.n_rows
         extra = torch.zeros(rows, layer.out_features, dtype=torch.float32, device=terms[0].A.device)
         folded = []
@@ -317,47 +438,55 @@ class Plan:
             else:
                 extra.index_add_(0, term.rows, change.expand(len(term.rows), -1))
             folded.append(replace(term, B=term.B * gain[:, None].to(term.B.dtype), magnitude=None))
-        self.base_scale = (1 + extra)[:, None, :].to(dtype)
         bias = layer.base_layer.bias
-        self.bias_shift = None if bias is None else (extra * bias.float())[:, None, :].to(dtype)
+        self.dora = DoraFold(
+            (1 + extra)[:, None, :].to(dtype), None if bias is None else (extra * bias.float())[:, None, :].to(dtype)
+        )
         return folded
 
     def _scaled_base(self, x2: torch.Tensor) -> torch.Tensor:
         """The base product, scaled per row for DoRA terms (a no-op without them)."""
         out = self.base(x2)
-        if self.base_scale is not None:
-            view = out.view(self.base_scale.shape[0], -1, out.shape[-1])
-            view.mul_(self.base_scale)
-            if self.bias_shift is not None:
-                view.sub_(self.bias_shift)
+        if self.dora is not None:
+            view = out.view(self.dora.base_scale.shape[0], -1, out.shape[-1])
+            view.mul_(self.dora.base_scale)
+            if self.dora.bias_shift is not None:
+                view.sub_(self.dora.bias_shift)
         return out
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        if self.A is None:  # nothing to add: no adapter acts, or all are merged into the weight
-            return self.base(x)
-        x2 = x.reshape(-1, x.shape[-1])
+    def _rows(self, x: torch.Tensor) -> int:
         rows = 1 if self.mask is None else self.mask.shape[0]
         if self.mask is not None and x.shape[0] != rows:
             raise ConfigError(
                 f"adapter_names has {rows} names but the batch has {x.shape[0]} rows; give exactly one name per row"
             )
-        if self.kernel is not None and x2.is_contiguous():
-            out = self._scaled_base(x2).contiguous()  # (it is; the kernel writes raw rows)
-            add_low_rank, A_address, sBt_address, in_features, rank, out_features, is_bf16, blocks = self.kernel
-            add_low_rank(
-                out.data_ptr(),
-                x2.data_ptr(),
-                A_address,
-                sBt_address,
-                x2.shape[0],
-                in_features,
-                rank,
-                out_features,
-                is_bf16,
-                blocks,
-                max(x2.shape[0] // rows, 1),
-            )
-            return out.view(*x.shape[:-1], out_features)
+        return rows
+
+    def run_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The base product, then the update added by the compiled kernel (x contiguous, few rows)."""
+        rows = self._rows(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        out = self._scaled_base(x2).contiguous()  # (it is; the kernel writes raw rows)
+        add_low_rank, A_address, sBt_address, in_features, rank, out_features, is_bf16, blocks = self.kernel
+        add_low_rank(
+            out.data_ptr(),
+            x2.data_ptr(),
+            A_address,
+            sBt_address,
+            x2.shape[0],
+            in_features,
+            rank,
+            out_features,
+            is_bf16,
+            blocks,
+            max(x2.shape[0] // rows, 1),
+        )
+        return out.view(*x.shape[:-1], out_features)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The base product plus the update, as PyTorch products."""
+        rows = self._rows(x)
+        x2 = x.reshape(-1, x.shape[-1])
         A, sBt = self.A, self.sBt
         # F.linear(x, A) with A as r × in: on a CPU, for a few rows, several times cheaper than x @ Aᵀ stored
         # transposed, which the BLAS splits across threads.
@@ -387,12 +516,11 @@ def _kept_stacked(layer, terms, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     scales: a new routing of the same adapters only needs a new mask."""
     key = (tuple((id(t.A), id(t.B), t.scale) for t in terms), dtype)
     stamp = _stamp([f for t in terms for f in (t.A, t.B)])
-    kept = layer.execution_cache.setdefault("stacked", {})
+    kept = layer.execution_cache.stacked
     found = kept.get(key)
     if found is None or found[0] != stamp:
         found = kept[key] = (stamp, *_stacked_for_plan(terms, dtype))
-        while len(kept) > KEPT_PLANS:
-            kept.pop(next(iter(kept)))
+        _trim(kept)
     return found[1], found[2]
 
 
@@ -402,7 +530,7 @@ def _mask_and_blocks(terms, routing, dtype: torch.dtype) -> tuple[torch.Tensor |
     mask = row_mask(terms, routing.n_rows, dtype, terms[0].A.device)
     if mask is None:
         return None, None
-    blocks = None if routing.weighted else lowrank_cpu.row_blocks(mask)
+    blocks = None if routing.weighted else lowrank_kernel.row_blocks(mask)
     return mask[:, None, :].contiguous(), blocks
 
 

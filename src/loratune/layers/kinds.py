@@ -1,11 +1,10 @@
 """The kinds of LoRA layer: what A and B mean for each base module type.
 
-``LoraLinear`` wraps ``nn.Linear`` or a quantized Linear (``QuantizedLinear``: ``quant.Linear4bit``, weight
-out × in); ``LoraConv1D`` wraps transformers' GPT-2 ``Conv1D`` (weight in × out); ``LoraEmbedding`` wraps
-``nn.Embedding`` (A is a lookup table); ``LoraConv`` wraps ``nn.Conv1d``/``Conv2d``/``Conv3d`` (A a convolution
-like the base's with r output channels, B a 1 × 1 one). The Linear-like kinds also tell ``layers.execution`` how to
-compute
-their base product and dense weight, which its fast paths need.
+``LoraLinear`` wraps ``nn.Linear`` and ``LoraLinear4bit`` a quantized Linear (``QuantizedLinear``:
+``quant.Linear4bit``, weight out × in); ``LoraConv1D`` wraps transformers' GPT-2 ``Conv1D`` (weight in × out);
+``LoraEmbedding`` wraps ``nn.Embedding`` (A is a lookup table); ``LoraConv`` wraps ``nn.Conv1d``/``Conv2d``/
+``Conv3d`` (A a convolution like the base's with r output channels, B a 1 × 1 one). The Linear-like kinds also tell
+``layers.execution`` how to compute their base product and dense weight, which its fast paths need.
 """
 
 from __future__ import annotations
@@ -40,13 +39,12 @@ class QuantizedLinear(Protocol):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA around ``nn.Linear`` (weight out × in) or a quantized Linear (``QuantizedLinear``)."""
+    """LoRA around ``nn.Linear`` (weight out × in)."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.quantized = isinstance(base_layer, QuantizedLinear)
         # a subclass of nn.Linear may compute its own way: only the reference path calls it as it is
-        self.fast_paths = self.quantized or type(base_layer) is nn.Linear
+        self.fast_paths = type(base_layer) is nn.Linear
 
     @property
     def in_features(self) -> int:
@@ -59,14 +57,7 @@ class LoraLinear(LoraLayer):
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype the base multiplies in: inputs in it take the fused paths."""
-        return self.base_layer.compute_dtype if self.quantized else self.base_layer.weight.dtype
-
-    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The base weight (out × in) in ``dtype`` (default: the one it computes in): the weight itself, or
-        dequantized (a new tensor)."""
-        if self.quantized:
-            return self.base_layer.dequantized_weight(dtype or self.compute_dtype)
-        return super().dense_weight(dtype)
+        return self.base_layer.weight.dtype
 
     def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(x.dtype))
@@ -74,22 +65,39 @@ class LoraLinear(LoraLayer):
     def base_product(self):
         """A function computing the base output for an input (…, in), bound to the current base weight (for a
         plain Linear, ``F.linear`` itself: no module call per use)."""
-        if self.quantized:
-            return self.base_layer
         return functools.partial(F.linear, weight=self.base_layer.weight, bias=self.base_layer.bias)
 
+
+class LoraLinear4bit(LoraLinear):
+    """LoRA around a Linear whose frozen weight is stored in 4 bits (``QuantizedLinear``): the base is dequantized
+    on the fly to multiply; PiSSA/OLoRA starts and merging in place are refused (the weight cannot change)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.fast_paths = True
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.base_layer.compute_dtype
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight (out × in), dequantized into ``dtype`` (default: the compute dtype): a new tensor."""
+        return self.base_layer.dequantized_weight(dtype or self.compute_dtype)
+
+    def base_product(self):
+        return self.base_layer
+
+    def base_trains(self) -> bool:
+        return False
+
     def _check_pissa(self, weight_is_shared: bool) -> None:
-        if self.quantized:
-            raise ConfigError(
-                "PiSSA and OLoRA starts rewrite the base weight, which is stored in 4 bits here; load the base "
-                "unquantized (model.quantize: null) to start from them"
-            )
-        super()._check_pissa(weight_is_shared)
+        raise ConfigError(
+            "PiSSA and OLoRA starts rewrite the base weight, which is stored in 4 bits here; load the base "
+            "unquantized (model.quantize: null) to start from them"
+        )
 
     def check_merge(self, name: str, *, safe: bool = False) -> None:
-        if self.quantized:
-            raise ConfigError(MERGE_4BIT_HINT)
-        super().check_merge(name, safe=safe)
+        raise ConfigError(MERGE_4BIT_HINT)
 
 
 class LoraConv1D(LoraLinear):
@@ -209,7 +217,9 @@ def is_linear(module: nn.Module) -> bool:
 
 def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA layer class that can wrap ``module``, or None when LoRA does not support its type."""
-    if isinstance(module, (nn.Linear, QuantizedLinear)):
+    if isinstance(module, QuantizedLinear):
+        return LoraLinear4bit
+    if isinstance(module, nn.Linear):
         return LoraLinear
     if isinstance(module, nn.Embedding):
         return LoraEmbedding

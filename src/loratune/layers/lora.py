@@ -28,7 +28,7 @@ from torch import nn
 from loratune.errors import ConfigError
 from loratune.layers import dora, execution
 from loratune.layers.init import UNINITIALISED, PissaStart, check_init, init_factors, is_residual_start, residual_start
-from loratune.layers.state import LayerState, Routing, Term
+from loratune.layers.state import LayerState, Routing, Term, row_tensors
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -64,7 +64,7 @@ class LoraLayer(nn.Module):
         # (weight,) when merging into a weight shared with another module gave this layer a private copy; a tuple
         # so that nn.Module does not register the original as a parameter of this layer.
         self._shared_weight: tuple[nn.Parameter] | None = None
-        self.execution_cache: dict = {}  # owned by layers.execution: prepared factors, checked against the state
+        self.execution_cache = execution.ExecutionCache()  # prepared factors, checked against the state
         self._base_norms: tuple | None = None  # (weight identity and version, ‖W0‖² per row) for DoRA
         self._dora_merged_gains: dict[str, torch.Tensor] = {}  # the gain each merged DoRA adapter used
         self.fast_paths = False  # whether layers.execution may compute this layer's output its own way
@@ -112,6 +112,10 @@ class LoraLayer(nn.Module):
     def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         """``W0·x``: the base output without its bias (for DoRA's ``(g − 1) ⊙ W0·x``)."""
         return self.base_layer(x)
+
+    def base_trains(self) -> bool:
+        """Whether the base weight is trained too (a full fine-tune's module): the fused paths give it no gradient."""
+        return self.base_weight.requires_grad
 
     # --- adapters --------------------------------------------------------------------------------------------
     @property
@@ -228,7 +232,7 @@ class LoraLayer(nn.Module):
         if state.base_only:
             return [self._restoring(start) for start in self.pissa.values()]
         if state.routing is not None:
-            rows_of = state.routing.rows(self.base_weight.device)
+            rows_of = row_tensors(state.routing, self.base_weight.device)
             terms = [self._term(name, *rows_of[name]) for name in self.routed_names()]
             named = {name for name, _ in state.routing.groups}
         else:

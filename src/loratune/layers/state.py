@@ -8,6 +8,7 @@ state (or an equal one)?": execution backends key their caches on it.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -23,13 +24,13 @@ class Routing:
     """Which adapters act on each row (dim 0) of a batch. Each entry of ``names`` is one row: an adapter name
     (a name a layer lacks, e.g. ``"__base__"``, means no adapter on that row there), or a mix, a tuple of
     ``(name, weight)`` pairs: that row runs ``Σ weight·scale·B·A`` over them (an empty mix is the bare base).
-    Equal routings (same entries in the same order) are interchangeable."""
+    A plain value: equal routings (same entries in the same order) are interchangeable, and what backends derive
+    from one lives outside it (``row_tensors``, ``layers.execution``)."""
 
     names: tuple
     groups: tuple[tuple[str, tuple[int, ...]], ...] = field(init=False, repr=False, compare=False)
-    _weights: dict = field(init=False, repr=False, compare=False)  # name -> weight per row of its group
-    _rows_on: dict = field(init=False, repr=False, compare=False)  # device -> row index tensors, made once
-    _prepared: dict = field(init=False, repr=False, compare=False)  # what execution backends derive from it
+    weights: tuple[tuple[str, tuple[float, ...]], ...] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         rows: dict[str, list[int]] = {}
@@ -41,10 +42,14 @@ class Routing:
         # by name, so that routings of the same adapters list them (and layers stack them) in one order
         object.__setattr__(self, "groups", tuple((name, tuple(rows[name])) for name in sorted(rows)))
         object.__setattr__(
-            self, "_weights", {name: tuple(w) for name, w in weights.items() if any(x != 1.0 for x in w)}
+            self,
+            "weights",
+            tuple((name, tuple(w)) for name, w in sorted(weights.items()) if any(x != 1.0 for x in w)),
         )
-        object.__setattr__(self, "_rows_on", {})
-        object.__setattr__(self, "_prepared", {})
+        object.__setattr__(self, "_hash", hash(self.names))  # looked up once per layer per step: hash it once
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def n_rows(self) -> int:
@@ -53,7 +58,7 @@ class Routing:
     @property
     def weighted(self) -> bool:
         """Whether some row runs an adapter at a weight other than 1."""
-        return bool(self._weights)
+        return bool(self.weights)
 
     def check_rows(self, rows: int) -> None:
         """Raise ``ConfigError`` unless a batch of ``rows`` rows fits this routing."""
@@ -62,29 +67,28 @@ class Routing:
                 f"adapter_names has {self.n_rows} names but the batch has {rows} rows; give exactly one name per row"
             )
 
-    def prepared(self, key, build):
-        """``build()``, made once per ``key`` for this routing: backends keep what they derive from it here
-        (masks shared by every layer with the same terms), so it lives exactly as long as the routing."""
-        found = self._prepared.get(key)
-        if found is None:
-            found = self._prepared[key] = build()
-        return found
 
-    def rows(self, device: torch.device) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """(row indices, weight of each of those rows) of each name on ``device``: indices None for a name that
-        has every row at weight 1, weights None when they are all 1."""
-        found = self._rows_on.get(device)
-        if found is None:
-            found = {}
-            for name, indices in self.groups:
-                weights = self._weights.get(name)
-                everywhere = len(indices) == self.n_rows and weights is None
-                found[name] = (
-                    None if everywhere else torch.tensor(indices, dtype=torch.long, device=device),
-                    None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device),
-                )
-            self._rows_on[device] = found
-        return found
+_row_tensors: weakref.WeakKeyDictionary[Routing, dict] = weakref.WeakKeyDictionary()
+
+
+def row_tensors(routing: Routing, device: torch.device) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """(row indices, weight of each of those rows) of each adapter ``routing`` names, on ``device``: indices None
+    for a name that has every row at weight 1, weights None when they are all 1. Made once per routing and device
+    (every layer of a batch asks)."""
+    per_device = _row_tensors.setdefault(routing, {})
+    found = per_device.get(device)
+    if found is None:
+        weights_of = dict(routing.weights)
+        found = {}
+        for name, indices in routing.groups:
+            weights = weights_of.get(name)
+            everywhere = len(indices) == routing.n_rows and weights is None
+            found[name] = (
+                None if everywhere else torch.tensor(indices, dtype=torch.long, device=device),
+                None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device),
+            )
+        per_device[device] = found
+    return found
 
 
 @dataclass(frozen=True)

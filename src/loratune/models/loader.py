@@ -50,7 +50,8 @@ def load_model(
     set to ``hf_name_for(name)``. The tokenizer always has a pad token (its EOS token when it had none).
 
     ``quantize`` "nf4"/"fp4" stores the Linear layers in 4 bits (blocks of 64; ``double_quant`` quantizes the
-    block scales too) except ``unquantized_modules`` (see ``models.quantized``); they compute in
+    block scales too) except ``unquantized_modules`` (see ``models.quantized``); ``"auto"``: in 4 bits when the
+    model directory stores them so, at their format. They compute in
     ``compute_dtype`` ("auto"/None: bf16 where supported, else fp32). The safetensors weights are then read
     tensor by tensor, never holding the full-precision model. A ``.gguf`` base is first converted once into
     the cache through transformers, which holds that whole model in memory (fine for small models).
@@ -65,13 +66,16 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM  # slow import; only needed here
 
-    check_quantize(quantize)
+    if quantize != "auto":
+        check_quantize(quantize)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     model_dir = resolve_model_dir(name)
 
     try:
         stored = stored_in_4bit(model_dir)
+        if quantize == "auto":  # as the model is stored: 4 bits when it was saved in them
+            quantize = stored
         if quantize is None and stored:
             raise ConfigError(f"{name} is stored in 4 bits ({stored}); load it with quantize={stored!r}")
         if quantize is None and on_block is not None and _has_safetensors(model_dir):
