@@ -1,35 +1,30 @@
-"""Builds loratune's compiled pieces, all in ``src/loratune/kernels``: the CPU low-rank kernel for decoding
-(``loratune.kernels._lowrank_cpu``) and the fused elementwise kernels for training (``loratune.kernels._fused_cpu``).
+"""Builds loratune's compiled CPU kernels, ``loratune.kernels._cpu``, from ``src/loratune/kernels/csrc``: the
+low-rank update for decoding and the fused elementwise kernels for training, each compiled for every instruction
+set the compiler can target (see ``csrc/kernels.h``).
 
-Everything else is declared in pyproject.toml. Both extensions are optional: without a C compiler the install
+Everything else is declared in pyproject.toml. The extension is optional: without a C compiler the install
 still succeeds and loratune runs the same arithmetic through PyTorch operations, only slower.
 """
 
 import sys
+from glob import glob
 
 from setuptools import Extension, setup
 
+CSRC = "src/loratune/kernels/csrc"
 flags = [] if sys.platform == "win32" else ["-O3", "-Wno-psabi"]
 # The training kernels share PyTorch's OpenMP threads where PyTorch itself runs on libgomp (Linux wheels).
-openmp = ("-fopenmp",) if sys.platform.startswith("linux") else ()
-SHARED = ["src/loratune/kernels/_vec16.h", "src/loratune/kernels/_per_isa.h"]
-
-
-def kernel(module: str, path: str, extra: tuple[str, ...] = ()) -> Extension:
-    """The optional extension ``loratune.<module>`` from ``src/loratune/<path>.c`` and its ``_body.h``."""
-    return Extension(
-        f"loratune.{module}",
-        sources=[f"src/loratune/{path}.c"],
-        depends=[f"src/loratune/{path}_body.h", *SHARED],
-        extra_compile_args=[*flags, *extra],
-        extra_link_args=list(extra),
-        optional=True,
-    )
-
+openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 setup(
     ext_modules=[
-        kernel("kernels._lowrank_cpu", "kernels/_lowrank_cpu"),
-        kernel("kernels._fused_cpu", "kernels/_fused_cpu", openmp),
+        Extension(
+            "loratune.kernels._cpu",
+            sources=sorted(glob(f"{CSRC}/*.c")),
+            depends=sorted(glob(f"{CSRC}/*.h")),
+            extra_compile_args=[*flags, *openmp],
+            extra_link_args=openmp,
+            optional=True,
+        )
     ]
 )

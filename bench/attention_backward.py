@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     args = parser.parse_args()
 
-    from loratune.kernels import fused as fused_cpu
+    from loratune.kernels import isa
     from loratune.train.attention import AttentionFunction
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -66,17 +66,17 @@ def main() -> None:
             for backward in (False, True):
                 times.setdefault((name, backward), []).append(timed(fn, backward))
     median = {key: statistics.median(value) * 1e3 for key, value in times.items()}
-    kernel = fused_cpu._fused_cpu
+    variant = isa()
     path = (
         "AMX tiles"
-        if kernel.AMX and dtype == torch.bfloat16 and d % 32 == 0 and h // kv * n % 16 == 0
+        if variant == "amx" and dtype == torch.bfloat16 and d % 32 == 0 and h // kv * n % 16 == 0
         else "AVX512-BF16 pair products"
-        if kernel.BF16_PAIRS and dtype == torch.bfloat16 and d % 2 == 0
+        if variant in ("avx512bf16", "amx") and dtype == torch.bfloat16 and d % 2 == 0
         else "float32 FMAs"
     )
     print(
         f"attention, causal, {args.dtype}, batch {b} x {n}, {h} query / {kv} key-value heads of {d}; "
-        f"{torch.get_num_threads()} threads; kernel: {kernel.ISA}, products: {path}; medians of {args.reps}"
+        f"{torch.get_num_threads()} threads; kernel: {variant}, products: {path}; medians of {args.reps}"
     )
     print("| | forward (ms) | forward + backward (ms) | backward alone (ms) |")
     print("|---|---|---|---|")

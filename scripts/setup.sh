@@ -11,7 +11,7 @@ stamp="$VENV/.loratune-installed"
 
 # Done already, unless the packaging or the compiled kernels' sources changed since.
 up_to_date=1
-for f in pyproject.toml setup.py scripts/setup.sh src/loratune/kernels/*.[ch]; do
+for f in pyproject.toml setup.py scripts/setup.sh src/loratune/kernels/csrc/*.[ch]; do
   [ -f "$stamp" ] && [ "$stamp" -nt "$f" ] || up_to_date=0
 done
 [ "$up_to_date" = 1 ] && exit 0

@@ -1,14 +1,19 @@
-"""Shared fixtures: a tiny random Llama with an offline tokenizer, and a session-wide loratune cache.
+"""Shared fixtures: a tiny random Llama with an offline tokenizer, a session-wide loratune cache, and the kernel
+variants (``kernel_isa``: each compiled variant this CPU runs; ``any_isa``: those and ``none``, the PyTorch
+operations), so every compiled copy of every kernel is tested wherever the CPU can run it.
 
 Everything here is built in code (no hub access) and takes well under a second.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from loratune.kernels import runnable_isas, use_isa
 
 # A ChatML template like SmolLM2's (same special tokens), so chat formatting code sees realistic input.
 CHAT_TEMPLATE = (
@@ -122,3 +127,27 @@ def use_loratune_cache(loratune_cache, monkeypatch) -> Path:
     """Point ``LORATUNE_CACHE`` at the session cache for one test; return the cache directory."""
     monkeypatch.setenv("LORATUNE_CACHE", str(loratune_cache))
     return loratune_cache
+
+
+# --- kernel variants --------------------------------------------------------------------------------------------
+
+COMPILED = [name for name in runnable_isas() if name != "none"]
+
+
+def _run_as(name: str):
+    if name != "none" and os.environ.get("LORATUNE_NO_KERNEL", "") not in ("", "0"):
+        pytest.skip("LORATUNE_NO_KERNEL=1 switches the compiled kernels off")
+    with use_isa(name):
+        yield name
+
+
+@pytest.fixture(params=COMPILED)
+def kernel_isa(request):
+    """Each compiled variant this CPU runs in turn (no test where the kernels were not built)."""
+    yield from _run_as(request.param)
+
+
+@pytest.fixture(params=runnable_isas())
+def any_isa(request):
+    """``none`` and each compiled variant this CPU runs in turn."""
+    yield from _run_as(request.param)

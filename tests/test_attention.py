@@ -66,6 +66,7 @@ SHAPES = [(40, 16), (41, 16), (48, 64)]
 
 @pytest.mark.parametrize("length,head_dim", SHAPES)
 @pytest.mark.parametrize("kind,causal", CASES)
+@pytest.mark.usefixtures("kernel_isa")
 def test_float32_output_and_gradients_equal_sdpa(kind, causal, length, head_dim):
     q, k, v, grad = inputs(torch.float32, length=length, head_dim=head_dim)
     mask = masks(kind, length=length)
@@ -76,6 +77,7 @@ def test_float32_output_and_gradients_equal_sdpa(kind, causal, length, head_dim)
 
 @pytest.mark.parametrize("length,head_dim", SHAPES)
 @pytest.mark.parametrize("kind,causal", CASES)
+@pytest.mark.usefixtures("kernel_isa")
 def test_bf16_gradients_are_as_close_to_exact_as_sdpa_in_bf16(kind, causal, length, head_dim):
     q, k, v, grad = inputs(torch.bfloat16, length=length, head_dim=head_dim)
     mask = masks(kind, length=length)
@@ -87,6 +89,7 @@ def test_bf16_gradients_are_as_close_to_exact_as_sdpa_in_bf16(kind, causal, leng
 
 
 @pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.usefixtures("kernel_isa")
 def test_large_bf16_scores_keep_float32_accuracy(head_dim):
     """Scores rounded to bf16 before the exponent would cost a few percent of each probability."""
     q, k, v, grad = inputs(torch.bfloat16, length=64, head_dim=head_dim, seed=3)
@@ -99,6 +102,7 @@ def test_large_bf16_scores_keep_float32_accuracy(head_dim):
         assert (a.double() - c).norm() <= 1.1 * (b.double() - c).norm()
 
 
+@pytest.mark.usefixtures("kernel_isa")
 def test_a_query_row_that_sees_no_key_gets_zero_output_and_gradients_as_in_sdpa():
     q, k, v, grad = inputs(torch.float32, length=16)
     mask = torch.ones(2, 1, 16, 16, dtype=torch.bool)
@@ -129,6 +133,7 @@ def loss_and_grads(patch: bool, dtype=torch.float32, padded=False):
 
 
 @pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.usefixtures("kernel_isa")
 def test_a_patched_llama_gives_transformers_loss_and_adapter_gradients_in_float32(padded):
     patched_loss, patched = loss_and_grads(True, padded=padded)
     plain_loss, plain = loss_and_grads(False, padded=padded)
@@ -138,6 +143,7 @@ def test_a_patched_llama_gives_transformers_loss_and_adapter_gradients_in_float3
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-8
 
 
+@pytest.mark.usefixtures("kernel_isa")
 def test_a_patched_bf16_llama_is_as_close_to_float32_as_transformers_bf16():
     def error(grads, reference):
         return sum((a.float() - b).norm() for a, b in zip(grads, reference)) / sum(b.norm() for b in reference)

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(not fused_cpu.kernel_available(), reason="the co
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.usefixtures("kernel_isa")
 def test_the_mask_keeps_each_element_with_probability_one_minus_p_and_scales_the_rest(dtype, p):
     x = torch.ones(1_000_003, dtype=dtype)
     out = fused_cpu.dropout(x, p, seed=1234)
@@ -29,6 +30,7 @@ def test_the_mask_keeps_each_element_with_probability_one_minus_p_and_scales_the
     assert (kept[:-1] & kept[1:]).float().mean() == pytest.approx((1 - p) ** 2, abs=0.01)  # neighbours independent
 
 
+@pytest.mark.usefixtures("kernel_isa")
 def test_the_mask_depends_on_the_seed_only_not_on_the_threads():
     x = torch.randn(300_000)
     before = torch.get_num_threads()
@@ -43,6 +45,7 @@ def test_the_mask_depends_on_the_seed_only_not_on_the_threads():
     assert not torch.equal(one, fused_cpu.dropout(x, 0.3, seed=8))
 
 
+@pytest.mark.usefixtures("kernel_isa")
 def test_the_backward_drops_the_same_elements_and_the_generator_seeds_it():
     x = torch.randn(4, 1000, requires_grad=True)
     torch.manual_seed(0)

@@ -1,5 +1,6 @@
-"""The compiled training kernels (``train/_fused_cpu.c``): RMSNorm and silu(gate)·up, forward and backward,
-against the PyTorch arithmetic they replace, on every path a training step takes through them."""
+"""The compiled training kernels (``kernels/csrc``): RMSNorm and silu(gate)·up, forward and backward, against the
+PyTorch arithmetic they replace, on every path a training step takes through them, in every variant this CPU
+runs."""
 
 import platform
 import sys
@@ -9,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from loratune.kernels import fused as fused_cpu
+from loratune.kernels import runnable_isas
 from loratune.train.fused_ops import RMSNormFunction, SiluMulFunction
 
-needs_kernel = pytest.mark.skipif(not fused_cpu.kernel_available(), reason="compiled kernels not built or off")
 # Row widths around the kernels' 16-element vectors: shorter, a tail, exact multiples.
 WIDTHS = [1, 7, 16, 33, 576]
 
@@ -19,8 +20,8 @@ WIDTHS = [1, 7, 16, 33, 576]
 def test_the_kernels_are_built_where_ci_and_users_run():
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
         pytest.skip("not a platform the project builds on")
-    assert fused_cpu._fused_cpu is not None, "reinstall with `pip install -e .`: loratune.train._fused_cpu is missing"
-    assert fused_cpu._fused_cpu.ISA in ("avx512bf16", "avx512", "avx2", "baseline")
+    assert fused_cpu._cpu is not None, "reinstall with `pip install -e .`: loratune.kernels._cpu is missing"
+    assert runnable_isas()[:2] == ("none", "baseline")
 
 
 def torch_rms_norm(x, weight, eps):
@@ -54,9 +55,9 @@ def assert_close(result, expected, scale=None):
         assert (result != expected).float().mean() < 0.01 or scale is not None
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.usefixtures("kernel_isa")
 def test_rms_norm_forward_and_backward_match_torch(dtype, width):
     torch.manual_seed(width)
     x = torch.randn(3, 5, width, dtype=dtype) * 3
@@ -73,9 +74,9 @@ def test_rms_norm_forward_and_backward_match_torch(dtype, width):
     )
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.usefixtures("kernel_isa")
 def test_silu_mul_forward_and_backward_match_torch(dtype, width):
     torch.manual_seed(width)
     gate, up, grad = (torch.randn(4, width, dtype=dtype) * 4 for _ in range(3))
@@ -84,8 +85,8 @@ def test_silu_mul_forward_and_backward_match_torch(dtype, width):
         assert_close(result, expected)
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("kernel_isa")
 def test_split_over_threads_gives_the_same_bits(dtype):
     torch.manual_seed(0)
     gate, up, grad = (torch.randn(300, 1000, dtype=dtype) for _ in range(3))
@@ -111,8 +112,8 @@ def test_split_over_threads_gives_the_same_bits(dtype):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("kernel_isa")
 def test_extremes_behave_like_torch(dtype):
     special = torch.tensor(
         [float("nan"), float("inf"), -float("inf"), 100.0, -100.0, 0.0, -0.0, 1e-30] * 3, dtype=dtype
@@ -132,7 +133,7 @@ def test_extremes_behave_like_torch(dtype):
     torch.testing.assert_close(out[1:], expected[1:])
 
 
-@needs_kernel
+@pytest.mark.usefixtures("kernel_isa")
 def test_what_the_kernels_cannot_read_goes_to_torch():
     x = torch.randn(4, 16)
     assert fused_cpu.silu_mul(x.T, x.T) is None  # not contiguous
@@ -146,17 +147,15 @@ def test_what_the_kernels_cannot_read_goes_to_torch():
         assert fused_cpu.silu_mul(x.cuda(), x.cuda()) is None
 
 
-@needs_kernel
+@pytest.mark.usefixtures("kernel_isa")
 def test_switched_off_with_the_environment_variable(monkeypatch):
     monkeypatch.setenv("LORATUNE_NO_KERNEL", "1")
     assert not fused_cpu.kernel_available()
     assert fused_cpu.silu_mul(torch.randn(16), torch.randn(16)) is None
 
 
-@pytest.mark.parametrize("kernel", ["on", "off"])
-def test_autograd_functions_give_torch_gradients_in_float32(kernel, monkeypatch):
-    if kernel == "off":
-        monkeypatch.setenv("LORATUNE_NO_KERNEL", "1")
+@pytest.mark.usefixtures("any_isa")
+def test_autograd_functions_give_torch_gradients_in_float32():
     torch.manual_seed(0)
     x = torch.randn(2, 9, 40, requires_grad=True)
     weight = torch.randn(40, requires_grad=True)
@@ -174,8 +173,8 @@ def test_autograd_functions_give_torch_gradients_in_float32(kernel, monkeypatch)
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("kernel_isa")
 def test_silu_backward_may_write_over_its_inputs(dtype):
     torch.manual_seed(0)
     gate, up, grad = (torch.randn(37, 101, dtype=dtype) for _ in range(3))

@@ -94,6 +94,7 @@ def loss_and_grads(patch: bool, dtype=torch.float32, quantize: str | None = None
     return total.detach() / count, [p.grad for p in model.parameters() if p.requires_grad]
 
 
+@pytest.mark.usefixtures("any_isa")
 def test_patched_model_gives_the_same_loss_and_adapter_gradients_in_float32():
     patched_loss, patched_grads = loss_and_grads(True)
     plain_loss, plain_grads = loss_and_grads(False)
@@ -112,6 +113,7 @@ def test_patched_dora_model_gives_the_same_loss_and_adapter_gradients(quantize):
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-8
 
 
+@pytest.mark.usefixtures("any_isa")
 def test_patched_bf16_model_is_as_close_to_float32_as_the_plain_bf16_model():
     def error(grads, reference):
         return sum((a.float() - b).norm() for a, b in zip(grads, reference)) / sum(b.norm() for b in reference)
@@ -137,6 +139,7 @@ def test_patched_model_with_4bit_down_proj_gives_the_same_loss_and_adapter_gradi
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("any_isa")
 def test_recomputing_norm_outputs_gives_the_same_bits_and_keeps_no_norm_output(dtype):
     import weakref
 

@@ -72,6 +72,7 @@ def test_a_trained_output_head_uses_the_plain_path():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("want_grad", [True, False])
+@pytest.mark.usefixtures("kernel_isa")
 def test_the_compiled_cross_entropy_equals_the_pytorch_operations(monkeypatch, dtype, want_grad):
     """Vocabulary 1003 (not a multiple of the kernel's 16 lanes), large logits, chunks of 5 rows."""
     torch.manual_seed(0)

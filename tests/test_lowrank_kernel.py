@@ -1,5 +1,6 @@
-"""The compiled CPU kernel for a LoRA layer's update on a few rows (``layers/_lowrank_cpu.c``), alone and as
-the no-grad path of ``LoraLinear``; and the plan cache that decides when it runs."""
+"""The compiled CPU kernel for a LoRA layer's update on a few rows (``kernels/csrc/lowrank_body.h``), alone and as
+the no-grad path of ``LoraLinear``, in every variant this CPU runs; and the plan cache that decides when it
+runs."""
 
 import platform
 import sys
@@ -8,21 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from loratune.kernels.lowrank import add_low_rank_, kernel_available, row_blocks
+from loratune.kernels import lowrank as lowrank_cpu
+from loratune.kernels import runnable_isas
+from loratune.kernels.lowrank import add_low_rank_, row_blocks
 from loratune.layers import LoraLinear, Routing
-from loratune.layers.execution import backend_for, lowrank_cpu
-
-needs_kernel = pytest.mark.skipif(not kernel_available(), reason="compiled kernel not built or switched off")
+from loratune.layers.execution import trace
 
 
 def test_the_kernel_is_built_where_ci_and_users_run():
     # pip install builds it wherever a C compiler exists; a silent build failure must not pass unnoticed
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
         pytest.skip("not a platform the project builds on")
-    assert lowrank_cpu._lowrank_cpu is not None, (
-        "reinstall with `pip install -e .`: loratune.layers._lowrank_cpu is missing"
-    )
-    assert lowrank_cpu.kernel_isa() in ("avx512", "avx2", "baseline")
+    assert lowrank_cpu._cpu is not None, "reinstall with `pip install -e .`: loratune.kernels._cpu is missing"
+    assert lowrank_cpu._cpu.isa() in runnable_isas()[1:]
 
 
 def reference(out, x, A, sBt):
@@ -30,7 +29,6 @@ def reference(out, x, A, sBt):
     return out.double() + (x.double() @ A.double().T) @ sBt.double()
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     "rows, d_in, d_out, rank",
@@ -46,6 +44,7 @@ def reference(out, x, A, sBt):
         (0, 16, 16, 8),  # an empty batch writes nothing
     ],
 )
+@pytest.mark.usefixtures("kernel_isa")
 def test_kernel_matches_a_float64_reference(dtype, rows, d_in, d_out, rank):
     torch.manual_seed(rows * 1000 + d_in + d_out + rank)
     x = torch.randn(rows, d_in).to(dtype)
@@ -61,7 +60,7 @@ def test_kernel_matches_a_float64_reference(dtype, rows, d_in, d_out, rank):
         assert ((result.double() - expected).abs() <= step).all()
 
 
-@needs_kernel
+@pytest.mark.usefixtures("kernel_isa")
 def test_kernel_rounds_like_torch_and_keeps_nan_and_inf():
     torch.manual_seed(0)
     x = torch.randn(6, 96, dtype=torch.bfloat16)
@@ -79,7 +78,7 @@ def test_kernel_rounds_like_torch_and_keeps_nan_and_inf():
     assert torch.equal(result[0, 1:3], expected[0, 1:3])
 
 
-@needs_kernel
+@pytest.mark.usefixtures("kernel_isa")
 def test_kernel_refuses_what_it_cannot_read():
     x, out = torch.randn(2, 16), torch.randn(2, 8)
     A, sBt = torch.randn(4, 16), torch.randn(4, 8)
@@ -100,8 +99,8 @@ def test_kernel_refuses_what_it_cannot_read():
         add_low_rank_(out, x, torch.randn(too_many, 16), torch.randn(too_many, 8))
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.usefixtures("kernel_isa")
 def test_kernel_gives_each_group_of_rows_its_own_block_of_the_factors(dtype):
     torch.manual_seed(1)
     groups, per_group, d_in, d_out = 4, 3, 40, 24  # e.g. 4 prompts of 3 positions each
@@ -121,7 +120,7 @@ def test_kernel_gives_each_group_of_rows_its_own_block_of_the_factors(dtype):
     assert torch.equal(result[2 * per_group : 3 * per_group], out[2 * per_group : 3 * per_group])
 
 
-@needs_kernel
+@pytest.mark.usefixtures("kernel_isa")
 def test_kernel_refuses_blocks_outside_the_factors():
     x, out = torch.randn(4, 16), torch.randn(4, 8)
     A, sBt = torch.randn(6, 16), torch.randn(6, 8)
@@ -135,7 +134,7 @@ def test_kernel_refuses_blocks_outside_the_factors():
         add_low_rank_(out, x, A, sBt, torch.tensor([[0, 1], [0, 1]], dtype=torch.int32))
 
 
-@needs_kernel
+@pytest.mark.usefixtures("kernel_isa")
 def test_mixed_batch_rows_take_the_kernel_and_match_their_own_adapter():
     torch.manual_seed(2)
     layer = LoraLinear(nn.Linear(72, 40, dtype=torch.bfloat16))
@@ -146,14 +145,21 @@ def test_mixed_batch_rows_take_the_kernel_and_match_their_own_adapter():
     names = ["b", "__base__", "a", "b"]
     with torch.no_grad():
         layer.set_routing(Routing(tuple(names)))
-        assert backend_for(layer, x) == "kernel"
-        mixed = layer(x)
+        mixed, backend = ran(layer, x)
+        assert backend == "kernel"
         layer.set_routing(None)
         for i, name in enumerate(names):
             layer.set_active(() if name == "__base__" else (name,))
             torch.testing.assert_close(mixed[i], layer(x[i : i + 1])[0], rtol=1e-2, atol=1e-2)
         layer.set_active(())
         assert torch.equal(mixed[1], layer.base_layer(x[1]))  # no adapter: the base output, untouched
+
+
+def ran(layer, x) -> tuple[torch.Tensor, str]:
+    """``layer(x)`` and the backend that computed it."""
+    with trace() as backends:
+        out = layer(x)
+    return out, backends[0]
 
 
 def lora_layer(dtype, bias, seed=0):
@@ -164,20 +170,18 @@ def lora_layer(dtype, bias, seed=0):
     return layer
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1, 72), (8, 1, 72), (64, 72), (3, 5, 72)])
+@pytest.mark.usefixtures("kernel_isa")
 def test_layer_takes_the_kernel_and_agrees_with_the_pytorch_path(monkeypatch, dtype, bias, shape):
     x = torch.randn(*shape).to(dtype)
     with torch.no_grad():
-        with_kernel = lora_layer(dtype, bias)
-        assert backend_for(with_kernel, x) == "kernel"  # few rows on a CPU
-        out = with_kernel(x)
+        out, backend = ran(lora_layer(dtype, bias), x)
+        assert backend == "kernel"  # few rows on a CPU
         monkeypatch.setenv("LORATUNE_NO_KERNEL", "1")
-        without = lora_layer(dtype, bias)
-        assert backend_for(without, x) == "plan"
-        expected = without(x)
+        expected, backend = ran(lora_layer(dtype, bias), x)
+        assert backend == "plan"
     assert out.shape == expected.shape and out.dtype == expected.dtype
     if dtype == torch.float32:
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
@@ -186,15 +190,16 @@ def test_layer_takes_the_kernel_and_agrees_with_the_pytorch_path(monkeypatch, dt
         torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
 
 
-@needs_kernel
+@pytest.mark.usefixtures("kernel_isa")
 def test_layer_leaves_many_rows_and_non_contiguous_inputs_to_pytorch():
     layer = lora_layer(torch.bfloat16, bias=False)
     with torch.no_grad():
         many = torch.randn(65, 72, dtype=torch.bfloat16)
-        assert backend_for(layer, many) == "plan"  # a prompt's rows: bf16 products
+        assert ran(layer, many)[1] == "plan"  # a prompt's rows: bf16 products
         strided = torch.randn(4, 144, dtype=torch.bfloat16)[:, ::2]  # rows of 72 with a stride of 144
-        assert backend_for(layer, strided) == "plan" and backend_for(layer, strided.contiguous()) == "kernel"
-        torch.testing.assert_close(layer(strided), layer(strided.contiguous()), rtol=0, atol=0)
+        (by_plan, plan), (by_kernel, kernel) = ran(layer, strided), ran(layer, strided.contiguous())
+        assert (plan, kernel) == ("plan", "kernel")
+        torch.testing.assert_close(by_plan, by_kernel, rtol=0, atol=0)
 
 
 def test_no_grad_output_follows_strengths_training_mode_and_moves():

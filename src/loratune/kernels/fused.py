@@ -1,33 +1,25 @@
-"""The compiled CPU kernels for a training step's work outside the big matrix products (``_fused_cpu.c``,
-built by ``pip install``): a Llama block's RMSNorm and ``silu(gate)·up``, forward and backward, each one pass
-over memory; dropout masks; attention's backward between its products (``train.attention``); the
-cross-entropy's softmax over each chunk of logits (``inference.loss``).
+"""The compiled CPU kernels for a training step's work outside the big matrix products (``csrc/``, built by
+``pip install``): a Llama block's RMSNorm and ``silu(gate)·up``, forward and backward, each one pass over memory;
+dropout masks; attention's backward between its products (``train.attention``); the cross-entropy's softmax over
+each chunk of logits (``inference.loss``).
 
 In PyTorch operations each of these is a chain of five to fifteen operations that each write a fresh tensor;
 on a CPU that memory traffic, not the arithmetic, is what they cost. Every function here returns None when
-the kernel cannot take its tensors (not built, switched off with ``LORATUNE_NO_KERNEL=1``, not on the CPU,
-not contiguous, not one dtype of bf16 or float32), and the caller runs its PyTorch code instead: the two agree
-up to the order of float32 sums. Like PyTorch's own operations, the kernels split their work over
+the kernel cannot take its tensors (not built or switched off, see ``loader``; not on the CPU, not contiguous,
+not one dtype of bf16 or float32), and the caller runs its PyTorch code instead: the two agree up to the order
+of float32 sums. Like PyTorch's own operations, the kernels split their work over
 ``torch.get_num_threads()`` threads (PyTorch's own OpenMP threads where the module is built with OpenMP).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    from loratune.kernels import _fused_cpu
-except ImportError:  # built without a C compiler: fused_ops.py runs the same arithmetic in PyTorch
-    _fused_cpu = None
+from loratune.kernels.loader import compiled as _cpu
+from loratune.kernels.loader import kernel_available
 
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
-
-
-def kernel_available() -> bool:
-    """True when the compiled kernels are importable and not switched off with ``LORATUNE_NO_KERNEL=1``."""
-    return _fused_cpu is not None and os.environ.get("LORATUNE_NO_KERNEL", "") in ("", "0")
+_PAIR_ISAS = ("avx512bf16", "amx")  # the variants whose attention takes bf16 as it is (AVX512-BF16's pair products)
 
 
 def _fits(*tensors: torch.Tensor) -> bool:
@@ -44,7 +36,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     if gate.shape != up.shape or not _fits(gate, up):
         return None
     out = torch.empty_like(gate)
-    _fused_cpu.silu_mul(
+    _cpu.silu_mul(
         out.data_ptr(), gate.data_ptr(), up.data_ptr(), gate.numel(), _DTYPES[gate.dtype], torch.get_num_threads()
     )
     return out
@@ -63,7 +55,7 @@ def silu_mul_backward(
     elif not all(o.shape == gate.shape for o in out) or not _fits(gate, *out):
         return None
     grad_gate, grad_up = out
-    _fused_cpu.silu_mul_backward(
+    _cpu.silu_mul_backward(
         grad_gate.data_ptr(),
         grad_up.data_ptr(),
         gate.data_ptr(),
@@ -84,7 +76,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     h = x.shape[-1]
     out = torch.empty_like(x)
     rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
-    _fused_cpu.rms_norm(
+    _cpu.rms_norm(
         out.data_ptr(),
         rstd.data_ptr(),
         x.data_ptr(),
@@ -117,7 +109,7 @@ def rms_norm_with_rstd(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
         return None
     h = x.shape[-1]
     out = torch.empty_like(x)
-    _fused_cpu.rms_norm_apply(
+    _cpu.rms_norm_apply(
         out.data_ptr(),
         rstd.data_ptr(),
         x.data_ptr(),
@@ -138,7 +130,7 @@ def rms_norm_backward(
         return None
     h = x.shape[-1]
     grad_x = torch.empty_like(x)
-    _fused_cpu.rms_norm_backward(
+    _cpu.rms_norm_backward(
         grad_x.data_ptr(),
         grad.data_ptr(),
         x.data_ptr(),
@@ -167,7 +159,7 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
         return None
     keep_below = min(round((1.0 - p) * 2**32), 2**32 - 1)
     out = torch.empty_like(x)
-    _fused_cpu.dropout(
+    _cpu.dropout(
         out.data_ptr(),
         x.data_ptr(),
         x.numel(),
@@ -210,7 +202,7 @@ def attention_backward_scores(
     keys = key.shape[1]
     padded = (keys + 15) // 16 * 16
     # with AVX512-BF16 the kernel takes bf16 as it is, k and v transposed in pairs of dimensions; else float32
-    pairs = bool(_fused_cpu.BF16_PAIRS) and out.dtype == torch.bfloat16 and head_dim % 2 == 0
+    pairs = _cpu.isa() in _PAIR_ISAS and out.dtype == torch.bfloat16 and head_dim % 2 == 0
 
     def transposed(t):  # [batch, head_dim, padded] float32 or [batch, head_dim / 2, padded, 2] bf16, zero-padded
         if pairs:  # a pair as one int32: a plain transposing copy
@@ -227,7 +219,7 @@ def attention_backward_scores(
     probs = torch.empty(batch, rows, padded, dtype=out.dtype)
     grad_scores = torch.empty_like(probs)
     tiles = batch * ((rows + 3) // 4)
-    _fused_cpu.attention_backward_scores(
+    _cpu.attention_backward_scores(
         probs.data_ptr(),
         grad_scores.data_ptr(),
         q32.data_ptr(),
@@ -262,7 +254,7 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, want_grad: b
         return None  # an id outside the vocabulary: PyTorch's indexing raises its error
     targets = targets.contiguous()
     lse = torch.empty(logits.shape[0], dtype=torch.float32)
-    _fused_cpu.cross_entropy_rows(
+    _cpu.cross_entropy_rows(
         logits.data_ptr(),
         lse.data_ptr(),
         targets.data_ptr(),

@@ -3,41 +3,34 @@
 Decoding runs every LoRA layer once per token on one row (or one row per prompt). In PyTorch operations the
 update is four calls (cast x to float32, two rank-r products, the add), each of which costs microseconds of
 dispatch and cold caches right after the base layer's product: more than the arithmetic. The kernel
-(``_lowrank_cpu.c``, built by ``pip install``) does it in one call, in float32, and writes the rounded sum into
-the base output. When it was not built (no C compiler), or ``LORATUNE_NO_KERNEL=1`` is set, loratune runs the
-same arithmetic through PyTorch operations.
+(``csrc/lowrank_body.h``, built by ``pip install``) does it in one call, in float32, and writes the rounded sum
+into the base output. When it was not built (no C compiler), or the kernels are off (``LORATUNE_NO_KERNEL=1``,
+``LORATUNE_KERNEL_ISA=none``; see ``loader``), loratune runs the same arithmetic through PyTorch operations.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    from loratune.kernels import _lowrank_cpu
-except ImportError:  # built without a C compiler: the PyTorch path does the same arithmetic
-    _lowrank_cpu = None
+from loratune.kernels.loader import compiled as _cpu
+from loratune.kernels.loader import isa, kernel_available
 
-MAX_RANK = _lowrank_cpu.MAX_RANK if _lowrank_cpu is not None else 0
+MAX_RANK = _cpu.MAX_RANK if _cpu is not None else 0
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 
 
-def kernel_available() -> bool:
-    """True when the compiled kernel is importable and not switched off with ``LORATUNE_NO_KERNEL=1``."""
-    return _lowrank_cpu is not None and os.environ.get("LORATUNE_NO_KERNEL", "") in ("", "0")
-
-
 def kernel_isa() -> str | None:
-    """The instruction set the kernel runs with (``avx512``, ``avx2`` or ``baseline``); None without it."""
-    return _lowrank_cpu.ISA if _lowrank_cpu is not None else None
+    """The variant the kernel runs with (``baseline``, ``avx2``, ``avx512``, ``avx512bf16`` or ``amx``; the last
+    two run its AVX-512 code); None when the kernels are off or not built."""
+    current = isa()
+    return None if current == "none" else current
 
 
 def raw_kernel():
     """``add_low_rank(out, x, A, sBt, rows, in, rank, out_features, is_bf16, blocks, rows_per_block)`` taking
     addresses, unchecked: for callers that checked the tensors once with ``kernel_fits`` and keep them alive.
     None when unavailable."""
-    return _lowrank_cpu.add_low_rank if kernel_available() else None
+    return _cpu.add_low_rank if kernel_available() else None
 
 
 def kernel_fits(x_dtype: torch.dtype, A: torch.Tensor, sBt: torch.Tensor) -> bool:
@@ -121,7 +114,7 @@ def add_low_rank_(
         ):
             raise ValueError(f"blocks must be contiguous int64 (groups × 2) dividing the {x.shape[0]} rows")
         rows_per_block = max(x.shape[0] // blocks.shape[0], 1)
-    _lowrank_cpu.add_low_rank(
+    _cpu.add_low_rank(
         out.data_ptr(),
         x.data_ptr(),
         A.data_ptr(),

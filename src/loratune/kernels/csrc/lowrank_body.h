@@ -1,8 +1,8 @@
-/* The low-rank update kernel, compiled once per instruction set by _lowrank_cpu.c, which defines NAME(n)
- * to give every symbol here an ISA suffix (the vector width is fixed at 16 floats; the compiler lowers it to
- * one AVX-512 register, two AVX2 registers or four SSE registers). */
+/* The low-rank update of an unmerged LoRA layer for a few rows, out += (x·Aᵀ)·(s·Bᵀ), compiled once per
+ * instruction set by lowrank.c (NAME(n) gives every symbol here an ISA suffix; the vector width is fixed at 16
+ * floats, which the compiler lowers to one AVX-512 register, two AVX2 registers or four SSE registers). */
 
-#include "_vec16.h"
+#include "vec16.h"
 
 /* h[rr, k] = x[rr, :] · A[k, :] for NR consecutive rows of x (rows of in elements) and every k < rank. Eight
  * components at a time: each load of a row of x feeds eight accumulators, each load of A feeds NR of them. */
@@ -99,14 +99,12 @@ static inline __attribute__((always_inline)) void NAME(add_low_rank)(
     }
 }
 
-static void NAME(add_low_rank_bf16)(void *out, const void *x, const float *A, const float *sBt, int64_t rows,
-                                    int64_t in, int64_t rank, int64_t out_f, const int64_t *blocks,
-                                    int64_t rows_per_block) {
+void NAME(add_low_rank_bf16)(void *out, const void *x, const float *A, const float *sBt, int64_t rows, int64_t in,
+                             int64_t rank, int64_t out_f, const int64_t *blocks, int64_t rows_per_block) {
     NAME(add_low_rank)(out, x, A, sBt, rows, in, rank, out_f, blocks, rows_per_block, 1);
 }
 
-static void NAME(add_low_rank_f32)(void *out, const void *x, const float *A, const float *sBt, int64_t rows,
-                                   int64_t in, int64_t rank, int64_t out_f, const int64_t *blocks,
-                                   int64_t rows_per_block) {
+void NAME(add_low_rank_f32)(void *out, const void *x, const float *A, const float *sBt, int64_t rows, int64_t in,
+                            int64_t rank, int64_t out_f, const int64_t *blocks, int64_t rows_per_block) {
     NAME(add_low_rank)(out, x, A, sBt, rows, in, rank, out_f, blocks, rows_per_block, 0);
 }

@@ -1,0 +1,294 @@
+/* loratune.kernels._cpu: loratune's compiled CPU kernels as one Python module, each taking raw addresses that
+ * loratune/kernels/lowrank.py and fused.py check first.
+ *
+ * - add_low_rank: the low-rank update of an unmerged LoRA layer for a few rows, out += (x·Aᵀ)·(s·Bᵀ), as one
+ *   call instead of four PyTorch operations (cast, two small products, add). Decoding runs hundreds of these per
+ *   token, where each PyTorch operation costs microseconds of dispatch and cold caches next to the base layer's
+ *   product. It runs on the calling thread.
+ * - the elementwise parts of a training step as single passes over memory: a Llama block's RMSNorm and
+ *   silu(gate)·up, forward and backward, dropout from a counter-based mask, attention's backward between its
+ *   products, the cross-entropy's softmax; float32 arithmetic on bf16 or float32 tensors. In PyTorch operations
+ *   each is a chain of five to fifteen operations, each writing a fresh intermediate tensor; here every element
+ *   is read and written once. They split their work over the threads the caller gives (parallel.c).
+ *
+ * Every kernel is compiled for each instruction set (kernels.h); at import the module runs the best copy this
+ * CPU has, and select() switches all of them to another (loratune/kernels/loader.py, LORATUNE_KERNEL_ISA). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "parallel.h"
+
+#define PTR(i) ((void *)(intptr_t)v[i])
+
+/* v: out, gate, up, n, is_bf16 */
+static void run_silu_mul(const int64_t *v, float eps, int64_t b, int64_t e) {
+    (void)eps;
+    const int64_t es = v[4] ? 2 : 4;
+    silu_mul_impl((char *)PTR(0) + b * es, (char *)PTR(1) + b * es, (char *)PTR(2) + b * es, e - b, (int)v[4]);
+}
+
+/* v: grad_gate, grad_up, gate, up, grad, n, is_bf16 */
+static void run_silu_mul_backward(const int64_t *v, float eps, int64_t b, int64_t e) {
+    (void)eps;
+    const int64_t es = v[6] ? 2 : 4;
+    silu_mul_backward_impl((char *)PTR(0) + b * es, (char *)PTR(1) + b * es, (char *)PTR(2) + b * es,
+                           (char *)PTR(3) + b * es, (char *)PTR(4) + b * es, e - b, (int)v[6]);
+}
+
+/* v: out, rstd, x, weight, rows, h, is_bf16 */
+static void run_rms_norm(const int64_t *v, float eps, int64_t b, int64_t e) {
+    const int64_t row = v[5] * (v[6] ? 2 : 4);
+    rms_norm_impl((char *)PTR(0) + b * row, (float *)PTR(1) + b, (char *)PTR(2) + b * row, PTR(3), e - b, v[5],
+                  eps, (int)v[6]);
+}
+
+/* v: out, rstd, x, weight, rows, h, is_bf16 */
+static void run_rms_norm_apply(const int64_t *v, float eps, int64_t b, int64_t e) {
+    (void)eps;
+    const int64_t row = v[5] * (v[6] ? 2 : 4);
+    rms_norm_apply_impl((char *)PTR(0) + b * row, (const float *)PTR(1) + b, (char *)PTR(2) + b * row, PTR(3), e - b,
+                        v[5], (int)v[6]);
+}
+
+/* v: grad_x, grad, x, weight, rstd, rows, h, is_bf16 */
+static void run_rms_norm_backward(const int64_t *v, float eps, int64_t b, int64_t e) {
+    (void)eps;
+    const int64_t row = v[6] * (v[7] ? 2 : 4);
+    rms_norm_backward_impl((char *)PTR(0) + b * row, (char *)PTR(1) + b * row, (char *)PTR(2) + b * row, PTR(3),
+                           (const float *)PTR(4) + b, e - b, v[6], (int)v[7]);
+}
+
+/* v: out, x, n, seed, keep_below, is_bf16; eps: the scale. Spans start at multiples of 16 (the grain). */
+static void run_dropout(const int64_t *v, float scale, int64_t b, int64_t e) {
+    const int64_t es = v[5] ? 2 : 4;
+    dropout_impl((char *)PTR(0) + b * es, (char *)PTR(1) + b * es, b, e - b, (uint64_t)v[3], (uint32_t)v[4], scale,
+                 (int)v[5]);
+}
+
+/* Whether the AMX path takes a call (v as run_attention_backward_scores reads it): bf16 in pairs, head_dim a
+ * multiple of 32 and each batch entry's rows a multiple of 16. */
+static int amx_fits(const int64_t *v) {
+    return use_amx && v[16] && v[17] && v[14] % 32 == 0 && v[11] % 16 == 0;
+}
+
+/* v: probs, grad_scores, q, go, o, kt, vt, lse, mask, mask_row, tiles, rows_per_batch, q_len, k_len, head_dim,
+ * causal, is_bf16, pairs; eps: the scale. A span is a range of 4-row tiles (whole 16-row units where AMX takes it). */
+static void run_attention_backward_scores(const int64_t *v, float scale, int64_t b, int64_t e) {
+#ifdef HAVE_AMX
+    if (amx_fits(v)) {
+        attention_backward_scores_amx(PTR(0), PTR(1), PTR(2), PTR(3), PTR(4), PTR(5), PTR(6), (const float *)PTR(7),
+                                      (const float *)PTR(8), (const int64_t *)PTR(9), b, e - b, v[11], v[12], v[13],
+                                      v[14], (int)v[15], scale);
+        return;
+    }
+#endif
+    attention_backward_scores_impl(PTR(0), PTR(1), PTR(2), PTR(3), PTR(4), PTR(5), PTR(6), (const float *)PTR(7),
+                                   (const float *)PTR(8), (const int64_t *)PTR(9), b, e - b, v[11], v[12], v[13],
+                                   v[14], (int)v[15], scale, (int)v[16], (int)v[17]);
+}
+
+/* v: logits, lse, targets, rows, vocab, want_grad, is_bf16. A span is a range of rows; each thread has its own
+ * scratch row (without one it computes the exponentials twice). */
+static void run_cross_entropy_rows(const int64_t *v, float eps, int64_t b, int64_t e) {
+    (void)eps;
+    float *work = (float *)malloc((size_t)v[4] * sizeof(float));
+    const int64_t row = v[4] * (v[6] ? 2 : 4);
+    cross_entropy_rows_impl((char *)PTR(0) + b * row, (float *)PTR(1) + b, (const int64_t *)PTR(2) + b, e - b, v[4],
+                            (int)v[5], work, (int)v[6]);
+    free(work);
+}
+
+/* Reads the integer arguments (the float one at index float_at, if any, into *eps) and runs the job on
+ * args[nargs - 1] threads over n = v[n_at] items. */
+static PyObject *call(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, Py_ssize_t float_at, int n_at,
+                      int64_t grain, int64_t min_span, void (*run)(const int64_t *, float, int64_t, int64_t),
+                      const char *name) {
+    if (nargs != want + 1) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", name, want + 1);
+        return NULL;
+    }
+    job_t job = {.run = run, .eps = 0.f};
+    for (Py_ssize_t i = 0, k = 0; i < want; i++) {
+        if (i == float_at) job.eps = (float)PyFloat_AsDouble(args[i]);
+        else job.v[k++] = PyLong_AsLongLong(args[i]);
+    }
+    int64_t threads = PyLong_AsLongLong(args[want]);
+    if (PyErr_Occurred()) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(job, job.v[n_at], grain, min_span, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return call(args, nargs, 5, -1, 3, 16, 1 << 16, run_silu_mul, "silu_mul");
+}
+
+static PyObject *silu_mul_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return call(args, nargs, 7, -1, 5, 16, 1 << 16, run_silu_mul_backward, "silu_mul_backward");
+}
+
+static PyObject *rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return call(args, nargs, 8, 6, 4, 1, 64, run_rms_norm, "rms_norm");
+}
+
+static PyObject *rms_norm_apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return call(args, nargs, 7, -1, 4, 1, 64, run_rms_norm_apply, "rms_norm_apply");
+}
+
+static PyObject *rms_norm_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return call(args, nargs, 8, -1, 5, 1, 64, run_rms_norm_backward, "rms_norm_backward");
+}
+
+static PyObject *dropout(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return call(args, nargs, 7, 5, 2, 16, 1 << 16, run_dropout, "dropout");
+}
+
+static PyObject *attention_backward_scores(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    /* spans of whole 16-row units for AMX (4 tiles of 4 rows); amx_fits reads the same arguments */
+    int64_t v[20] = {0};
+    for (Py_ssize_t i = 0, k = 0; i < 19 && i < nargs; i++)
+        if (i != 16) v[k++] = PyLong_AsLongLong(args[i]);
+    if (PyErr_Occurred()) return NULL;
+    if (v[17] && current_isa() < ISA_AVX512BF16) {  /* the other copies would read bf16 pairs as float32 */
+        PyErr_SetString(PyExc_ValueError, "attention_backward_scores: pairs need the avx512bf16 or amx kernels");
+        return NULL;
+    }
+    return call(args, nargs, 19, 16, 10, amx_fits(v) ? 4 : 1, 4, run_attention_backward_scores,
+                "attention_backward_scores");
+}
+
+static PyObject *cross_entropy_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return call(args, nargs, 7, -1, 3, 1, 4, run_cross_entropy_rows, "cross_entropy_rows");
+}
+
+#define N_ARGS 11
+
+/* add_low_rank(out, x, A, sBt, rows, in, rank, out_features, is_bf16, blocks, rows_per_block): addresses as
+ * ints; blocks is 0 (every row uses all rank rows of A and sBt) or the address of an int64 array of
+ * (offset, n) pairs, one per group of rows_per_block rows. On the calling thread, which holds the GIL: a few
+ * rows are less work than waking other threads. */
+static PyObject *add_low_rank(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != N_ARGS) {
+        PyErr_SetString(PyExc_TypeError, "add_low_rank takes 11 arguments");
+        return NULL;
+    }
+    int64_t v[N_ARGS];
+    for (int i = 0; i < N_ARGS; i++) v[i] = PyLong_AsLongLong(args[i]);
+    if (PyErr_Occurred()) return NULL;
+    const int64_t rows = v[4], in = v[5], rank = v[6], out_f = v[7], rows_per_block = v[10];
+    const int64_t *blocks = (const int64_t *)(intptr_t)v[9];
+    if (rows < 0 || in < 1 || rank < 1 || rank > MAX_RANK || out_f < 1 || rows_per_block < 1) {
+        PyErr_SetString(PyExc_ValueError, "add_low_rank: bad sizes");
+        return NULL;
+    }
+    if (blocks != NULL) {
+        for (int64_t b = 0; b * rows_per_block < rows; b++) {
+            if (blocks[2 * b] < 0 || blocks[2 * b + 1] < 0 || blocks[2 * b] + blocks[2 * b + 1] > rank) {
+                PyErr_SetString(PyExc_ValueError, "add_low_rank: a block lies outside the factors");
+                return NULL;
+            }
+        }
+    }
+    add_low_rank_bf16_fn fn = v[8] ? add_low_rank_bf16_impl : add_low_rank_f32_impl;
+    fn((void *)(intptr_t)v[0], (const void *)(intptr_t)v[1], (const float *)(intptr_t)v[2],
+       (const float *)(intptr_t)v[3], rows, in, rank, out_f, blocks, rows_per_block);
+    Py_RETURN_NONE;
+}
+
+/* select(name) -> bool. Meant for start-up and tests: a training kernel that runs meanwhile on other threads
+ * may run part of its call with each copy. */
+static PyObject *select_(PyObject *self, PyObject *name) {
+    (void)self;
+    const char *wanted = PyUnicode_AsUTF8(name);
+    if (wanted == NULL) return NULL;
+    for (int isa = 0; isa < ISA_COUNT; isa++)
+        if (strcmp(wanted, isa_names[isa]) == 0) return PyBool_FromLong(select_isa(isa));
+    Py_RETURN_FALSE;
+}
+
+static PyObject *isa(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    return PyUnicode_FromString(isa_names[current_isa()]);
+}
+
+static PyMethodDef methods[] = {
+    {"add_low_rank", (PyCFunction)(void (*)(void))add_low_rank, METH_FASTCALL,
+     "add_low_rank(out, x, A, sBt, rows, in_features, rank, out_features, is_bf16, blocks, rows_per_block): "
+     "out += (x·Aᵀ)·sBt, all addresses of contiguous CPU tensors (see loratune.kernels.lowrank)."},
+    {"silu_mul", (PyCFunction)(void (*)(void))silu_mul, METH_FASTCALL,
+     "silu_mul(out, gate, up, n, is_bf16, threads): out = silu(gate)·up over n elements (addresses)."},
+    {"silu_mul_backward", (PyCFunction)(void (*)(void))silu_mul_backward, METH_FASTCALL,
+     "silu_mul_backward(grad_gate, grad_up, gate, up, grad, n, is_bf16, threads): silu(gate)·up's gradients."},
+    {"rms_norm", (PyCFunction)(void (*)(void))rms_norm, METH_FASTCALL,
+     "rms_norm(out, rstd, x, weight, rows, h, eps, is_bf16, threads): Llama's RMSNorm over rows of h elements."},
+    {"rms_norm_apply", (PyCFunction)(void (*)(void))rms_norm_apply, METH_FASTCALL,
+     "rms_norm_apply(out, rstd, x, weight, rows, h, is_bf16, threads): rms_norm's output for a known rstd."},
+    {"rms_norm_backward", (PyCFunction)(void (*)(void))rms_norm_backward, METH_FASTCALL,
+     "rms_norm_backward(grad_x, grad, x, weight, rstd, rows, h, is_bf16, threads): RMSNorm's input gradient."},
+    {"dropout", (PyCFunction)(void (*)(void))dropout, METH_FASTCALL,
+     "dropout(out, x, n, seed, keep_below, scale, is_bf16, threads): out = keep(seed, i) ? x·scale : 0."},
+    {"attention_backward_scores", (PyCFunction)(void (*)(void))attention_backward_scores, METH_FASTCALL,
+     "attention_backward_scores(probs, grad_scores, q, go, o, kt, vt, lse, mask, mask_row, tiles, rows_per_batch, "
+     "q_len, k_len, head_dim, causal, scale, is_bf16, pairs, threads): attention's probabilities and score "
+     "gradients (pairs: q, dO in bf16 and k, v in bf16 pairs, only with the avx512bf16 and amx kernels)."},
+    {"cross_entropy_rows", (PyCFunction)(void (*)(void))cross_entropy_rows, METH_FASTCALL,
+     "cross_entropy_rows(logits, lse, targets, rows, vocab, want_grad, is_bf16, threads): each row's log-sum-exp, "
+     "and with want_grad the row overwritten by softmax - onehot(target)."},
+    {"select", (PyCFunction)select_, METH_O,
+     "select(isa): runs every kernel as the copy for `isa` (one of RUNNABLE) from now on; False (nothing changed) "
+     "for one this CPU cannot run or that was not built."},
+    {"isa", (PyCFunction)isa, METH_NOARGS, "isa(): the instruction set the kernels run with now."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "loratune.kernels._cpu", NULL, -1, methods};
+
+/* RUNNABLE: the instruction sets this CPU runs, in the order of kernels.h (the best last); BUILT: every one
+ * compiled in, whatever the CPU. */
+static PyObject *isa_tuple(int runnable_only) {
+    PyObject *names = PyList_New(0);
+    for (int isa = 0; names != NULL && isa < ISA_COUNT; isa++) {
+        if (!(runnable_only ? isa_runnable(isa) : isa_built(isa))) continue;
+        PyObject *name = PyUnicode_FromString(isa_names[isa]);
+        if (name == NULL || PyList_Append(names, name) < 0) Py_CLEAR(names);
+        Py_XDECREF(name);
+    }
+    PyObject *tuple = names != NULL ? PyList_AsTuple(names) : NULL;
+    Py_XDECREF(names);
+    return tuple;
+}
+
+static int add_isa_tuple(PyObject *m, const char *name, int runnable_only) {
+    PyObject *tuple = isa_tuple(runnable_only);
+    const int result = PyModule_AddObjectRef(m, name, tuple);
+    Py_XDECREF(tuple);
+    return result;
+}
+
+PyMODINIT_FUNC PyInit__cpu(void) {
+    detect_isas();
+    int best = ISA_COUNT - 1;
+    while (!isa_runnable(best)) best--;  /* the baseline always runs */
+    select_isa(best);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && (add_isa_tuple(m, "RUNNABLE", 1) < 0 || add_isa_tuple(m, "BUILT", 0) < 0 ||
+                      PyModule_AddIntConstant(m, "MAX_RANK", MAX_RANK) < 0)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
