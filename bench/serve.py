@@ -12,8 +12,13 @@ The server runs as its own process (`loratune serve`, every CPU thread); the cli
    and unload.
 3. Batch invariance: 32 concurrent requests (streaming and not, 3 adapters + base, greedy), each compared
    with the same request sent alone: fp32 (bar: all identical) and bf16 (reported).
+4. Load stall: 4 greedy streams run (on a, b, c and the base) while `POST /v1/load_lora_adapter` loads a
+   ~30 MB adapter (r=24, all-linear, fp32) and `/v1/unload_lora_adapter` frees it again, the adapter's files
+   once in the page cache and once dropped from it (read from the disk); the time between consecutive chunks
+   of each stream before, during and after each call. Bar: the longest gap that overlaps a load is at most
+   2× the median gap of the quiet stretches.
 
-    python bench/serve.py                   # all three, ~5 minutes on 2 cores
+    python bench/serve.py                   # all four, ~6 minutes on 2 cores
     python bench/serve.py --only throughput
 """
 
@@ -22,7 +27,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import socket
+import queue
+import re
 import statistics
 import subprocess
 import sys
@@ -34,9 +40,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
+import torch
 from openai import OpenAI
 
+import loratune
 from common import random_adapter
+from loratune.adapters import lora_layers
 
 PROMPTS = [
     "Give three tips for staying healthy.",
@@ -57,17 +66,12 @@ PROMPTS = [
     "Describe a cat to someone who has never seen one.",
 ]
 ADAPTERS = ["a", "b", "c"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+READY = re.compile(r"API at (http://\S+?)/v1")  # the line `loratune serve` prints once it listens
 
 
 @contextmanager
 def server(model: str, adapters: dict[str, Path], dtype: str, root: Path, threads: int | None = None):
-    port = free_port()
+    """``loratune serve`` on a port it picks itself (``--port 0``); yields its URL once its ready line says it."""
     command = [
         sys.executable,
         "-m",
@@ -78,7 +82,7 @@ def server(model: str, adapters: dict[str, Path], dtype: str, root: Path, thread
         "--dtype",
         dtype,
         "--port",
-        str(port),
+        "0",
         "--adapter-root",
         str(root),
     ]
@@ -88,16 +92,21 @@ def server(model: str, adapters: dict[str, Path], dtype: str, root: Path, thread
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    found: queue.Queue = queue.Queue()
+    lines: list[str] = []
+
+    def drain() -> None:  # read all of stderr, so the server never blocks on a full pipe
+        for line in process.stderr:
+            lines.append(line)
+            if match := READY.search(line):
+                found.put(match.group(1))
+        found.put(None)
+
+    threading.Thread(target=drain, daemon=True).start()
     try:
-        for _ in range(1200):
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {process.stderr.read()}")
-            try:
-                if httpx2.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx2.TransportError:
-                time.sleep(0.1)
+        url = found.get(timeout=600)
+        if url is None:
+            raise RuntimeError(f"the server exited: {''.join(lines)}")
         yield url
     finally:
         process.terminate()
@@ -269,6 +278,144 @@ def invariance(args, adapters, root) -> None:
         print(f"{dtype}: {32 - differing}/32 identical to the request sent alone ({differing} differ)")
 
 
+def big_adapter(model_name: str, path: Path, rank: int = 24) -> Path:
+    """An all-linear adapter of rank ``rank`` in float32 (r=24 on smollm2-135m: ~29 MB), B drawn small."""
+    model, _ = loratune.load_model(model_name, dtype="fp32", device="cpu")
+    torch.manual_seed(3)
+    loratune.add_adapter(model, loratune.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].normal_(std=0.002)
+    return loratune.save_adapter(model, path)
+
+
+class Stream:
+    """One greedy chat stream in a thread, stamping each chunk's arrival, until ``stop`` is set."""
+
+    def __init__(self, client: OpenAI, model: str, prompt: str, stop: threading.Event, max_tokens: int):
+        self.stamps: list[float] = []
+        self.measured_from = float("inf")
+        self.arrived = threading.Condition()
+        self.error: Exception | None = None
+        self._args = (client, model, prompt, stop, max_tokens)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        client, model, prompt, stop, max_tokens = self._args
+        try:
+            with client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+            ) as chunks:
+                for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        with self.arrived:
+                            self.stamps.append(time.perf_counter())
+                            self.arrived.notify_all()
+                    if stop.is_set():
+                        break
+        except Exception as error:  # noqa: BLE001 - reported
+            self.error = error
+        with self.arrived:
+            self.stamps.append(float("nan"))  # the end, so that waiters wake up
+            self.arrived.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 120) -> None:
+        """Block until the stream has ``count`` chunks (or ended)."""
+        with self.arrived:
+            self.arrived.wait_for(lambda: len(self.stamps) >= count, timeout)
+
+    def gaps(self) -> list[tuple[float, float]]:
+        """(start, end) of each gap between consecutive chunks from ``measured_from`` on."""
+        stamps = [t for t in self.stamps if t == t and t >= self.measured_from]
+        return list(itertools.pairwise(stamps))
+
+
+def evict_from_page_cache(directory: Path) -> None:
+    """Drop ``directory``'s files from the page cache, so that the next read goes to the disk."""
+    for path in (p for p in directory.iterdir() if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages stay cached
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# what each cycle does, in order, between quiet stretches: (label, call, whether the files leave the page cache first)
+STALL_CALLS = [
+    ("load, file cached", "load", False),
+    ("unload", "unload", False),
+    ("load, file on disk", "load", True),
+    ("unload", "unload", False),
+]
+
+
+def load_stall(args, adapters, root) -> None:
+    big = big_adapter(args.model, root / "big")
+    size = sum(f.stat().st_size for f in big.iterdir()) / 1e6
+    windows: list[list[tuple[float, float]]] = [[] for _ in STALL_CALLS]  # (start, end) of each call, per cycle
+    streams: list[Stream] = []
+    with server(args.model, adapters, args.dtype, root) as url:
+        client = client_for(url)
+        base = client.models.list().data[0].id
+        chat(client, base, PROMPTS[0], 4)  # warm up
+        for _ in range(args.load_reps):
+            stop = threading.Event()
+            group = [
+                Stream(client, model, f"Write a long story about {topic}.", stop, args.stall_tokens)
+                for model, topic in zip([*ADAPTERS, base], ["a lighthouse", "a dragon", "the moon", "a baker"])
+            ]
+            streams += group
+            for s in group:  # every stream decoding, past its prefill, and a quiet stretch before the first call
+                s.wait_for(25)
+            for s in group:
+                s.measured_from = time.perf_counter()  # the start (first prefills, first routing) is not measured
+            for spans, (_, kind, cold) in zip(windows, STALL_CALLS):
+                if cold:
+                    evict_from_page_cache(big)
+                body = {"lora_name": "big", "lora_path": "big"} if kind == "load" else {"lora_name": "big"}
+                started = time.perf_counter()
+                response = httpx2.post(f"{url}/v1/{kind}_lora_adapter", json=body, timeout=120)
+                spans.append((started, time.perf_counter()))
+                assert response.status_code == 200, response.text
+                targets = [len(s.stamps) + 20 for s in group]
+                for s, target in zip(group, targets):  # a quiet stretch after it
+                    s.wait_for(target)
+            stop.set()
+            for s in group:
+                s.thread.join()
+    errors = [s.error for s in streams if s.error is not None]
+
+    def overlaps(gap, spans):
+        return any(gap[0] < end and gap[1] > start for start, end in spans)
+
+    every = [gap for s in streams for gap in s.gaps()]
+    quiet = [b - a for a, b in every if not overlaps((a, b), [span for spans in windows for span in spans])]
+    median = statistics.median(quiet)
+    print(
+        f"\n## load stall: 4 greedy streams while a {size:.0f} MB adapter (r=24, all-linear) is loaded and "
+        f"unloaded, {args.load_reps} cycles, {args.dtype}"
+    )
+    print(
+        f"gaps between chunks away from the calls ({len(quiet)}): median {median * 1000:.1f} ms, "
+        f"p99 {percentile(quiet, 0.99) / median:.2f}x, longest {max(quiet) / median:.2f}x the median"
+    )
+    for (label, kind, _), spans in zip(STALL_CALLS, windows):
+        worst = [max((b - a for a, b in every if overlaps((a, b), [span])), default=0.0) for span in spans]
+        calls = statistics.median(end - start for start, end in spans)
+        print(
+            f"{label:<19} call median {calls * 1000:4.0f} ms; longest gap overlapping it, each cycle: "
+            f"{', '.join(f'{w * 1000:.0f}' for w in worst)} ms = {', '.join(f'{w / median:.2f}' for w in worst)}x "
+            "the median" + (" (bar 2x)" if kind == "load" else "")
+        )
+    print(f"streams failed: {len(errors)}" + (f" ({errors[0]!r})" if errors else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -278,7 +425,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--invariance-tokens", type=int, default=32)
     parser.add_argument("--load-reps", type=int, default=5)
-    parser.add_argument("--only", choices=("throughput", "hot_load", "invariance"), default=None)
+    parser.add_argument("--stall-tokens", type=int, default=1500, help="most tokens of each load_stall stream")
+    parser.add_argument("--only", choices=("throughput", "hot_load", "invariance", "load_stall"), default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -286,7 +434,7 @@ def main() -> None:
             name: random_adapter(args.model, root / name, dtype=args.dtype, seed=i, std=0.02)
             for i, name in enumerate(ADAPTERS)
         }
-        for part in (throughput, hot_load, invariance):
+        for part in (throughput, hot_load, invariance, load_stall):
             if args.only in (None, part.__name__):
                 part(args, adapters, root)
 

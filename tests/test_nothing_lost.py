@@ -761,6 +761,7 @@ def bad_values(ws) -> dict:
         options.port: "70000",
         sweep._grid: "lora.r",
         serve.named_adapter: f"a={ws['adapter']}:strong",
+        serve.listen_port: "70000",
     }
 
 

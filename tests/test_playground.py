@@ -8,12 +8,11 @@ Set ``LORATUNE_PLAYGROUND_SCREENSHOT=path.png`` to write a screenshot of the pag
 from __future__ import annotations
 
 import os
-import socket
+import queue
+import re
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,6 +35,7 @@ API_KEY = "sekret"
 ADAPTER = "alpha"
 MIX = "__mix__"  # the #model option of the page's "mix adapters" mode
 TIMEOUT_MS = 60_000  # generous: the two CPU cores are shared by the server and the browser
+READY = re.compile(r"API at (http://\S+?)/v1")  # what `loratune serve` prints once it listens
 
 
 def require(module: str):
@@ -46,12 +46,6 @@ def require(module: str):
         if os.environ.get("CI"):
             pytest.fail(f"{module} is not installed")
         pytest.skip(f"{module} is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---- fixtures: adapter, server, browser ----
@@ -78,8 +72,8 @@ def adapter_dir(model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir, adapter_dir, tmp_path_factory):
-    """``loratune serve`` in a subprocess; yields its base URL once ``/health`` answers 200."""
-    port = free_port()
+    """``loratune serve`` in a subprocess on a port it binds itself (``--port 0``); yields its base URL once
+    its ready line names the port. Its stderr is kept in a log file, shown when it fails."""
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     command = [
         sys.executable,
@@ -91,28 +85,32 @@ def server(model_dir, adapter_dir, tmp_path_factory):
         "--adapter",
         f"{ADAPTER}={adapter_dir}",
         "--port",
-        str(port),
+        "0",
         "--api-key",
         API_KEY,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # leave the other core to the browser
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    found: queue.Queue = queue.Queue()
+
+    def drain() -> None:  # to the log file, to its end, so the server never blocks on a full pipe
+        with open(log_path, "w") as log:
+            for line in process.stderr:
+                log.write(line)
+                log.flush()
+                if match := READY.search(line):
+                    found.put(match.group(1))
+        found.put(None)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"loratune serve exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"loratune serve did not answer /health within 60 s:\n{log_path.read_text()}")
-            time.sleep(0.25)
+        try:
+            url = found.get(timeout=60)
+        except queue.Empty:
+            pytest.fail(f"loratune serve was not ready within 60 s:\n{log_path.read_text()}")
+        if url is None:
+            pytest.fail(f"loratune serve exited with {process.wait()}:\n{log_path.read_text()}")
         yield url
     finally:
         process.terminate()
@@ -121,6 +119,7 @@ def server(model_dir, adapter_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        reader.join(timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +158,7 @@ def page(browser, server, base_id):
     page.api_requests = []
     page.on("request", lambda r: page.api_requests.append(r) if "/v1/" in r.url else None)
     errors = []
-    page.on("pageerror", errors.append)
+    page.on("pageerror", lambda error: errors.append(error))  # noqa: PLW0108 - playwright cannot wrap a builtin
     response = page.goto(server + "/")
     assert response.status == 200, "the page itself must load without an API key"
     enter_key(page)

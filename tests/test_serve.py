@@ -1,10 +1,17 @@
 """`loratune serve`: a real HTTP server (uvicorn on loopback) over a tiny Llama with three adapters, spoken to
-with the real `openai` client (and raw HTTP for what the client cannot send)."""
+with the real `openai` client (and raw HTTP for what the client cannot send).
+
+Servers bind port 0 themselves and say which port they got (no free-port-then-bind race), and tests wait on
+what they can observe (a ready line, a streamed chunk, the engine's published stats), never on a timer."""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import re
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +27,10 @@ from loratune import LoraConfig, add_adapter, compress_adapter, load_adapter, sa
 from loratune.cli import main
 from loratune.data import chat_prompt_ids, encode_texts
 from loratune.inference.decode import stream_greedy
+from loratune.inference.engine import Engine
+from loratune.inference.sequence import Finished, SamplingParams, Sequence
 from loratune.models.loader import load_model
-from loratune.serve import build, serving
+from loratune.serve import build, reading, serving
 
 pytestmark = pytest.mark.integration  # real HTTP servers (and one subprocess)
 
@@ -95,6 +104,27 @@ def _complete(client, model, prompt, max_tokens=12, stream=False, **extra):
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, **extra
     )
     return "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def _first_chunk_then_rest(client, model, prompt, max_tokens, started: threading.Event) -> tuple[str, str]:
+    """A streamed completion that sets ``started`` once its first chunk has arrived; its whole text and its
+    finish reason."""
+    pieces, reason = [], None
+    for chunk in client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+    ):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+            reason = chunk.choices[0].finish_reason or reason
+        started.set()
+    return "".join(pieces), reason
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels, if any) in Prometheus' text format."""
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert found, f"{name} not in the metrics"
+    return float(found.group(1))
 
 
 def _chat(client, model, text, max_tokens=12, stream=False, **extra):
@@ -375,11 +405,13 @@ def test_hot_load_and_unload_while_other_requests_run(url, client):
         assert _complete(client, "spare", PROMPTS[0], 8)  # usable as soon as the call returned
         assert "spare" in {m.id for m in client.models.list().data}
         # an unload waits for the requests running on it, which finish whole
+        started = threading.Event()
         with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(_complete, client, "spare", PROMPTS[1], 40, True)
-            time.sleep(0.05)
+            running = pool.submit(_first_chunk_then_rest, client, "spare", PROMPTS[1], 40, started)
+            assert started.wait(timeout=60)
             assert httpx2.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "spare"}).status_code == 200
-            assert len(running.result()) > 0
+            text, reason = running.result()
+            assert text and reason in ("stop", "length")  # ran to its end
         assert "spare" not in {m.id for m in client.models.list().data}
         with pytest.raises(APIStatusError) as gone:
             _complete(client, "spare", PROMPTS[0], 4)
@@ -448,11 +480,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, served):
     with httpx2.stream("POST", f"{url}/v1/completions", json=body) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data:")
-    for _ in range(200):
-        if service.engine.stats.running == 0:
-            break
-        time.sleep(0.02)
-    assert service.engine.stats.running == 0
+    assert service.engine.wait_for_stats(lambda stats: stats.running == 0, timeout=30).running == 0
     metrics = httpx2.get(f"{url}/metrics").text
     assert "loratune_running_sequences 0.0" in metrics and "loratune_batch_size_count" in metrics
     assert 'loratune_cancelled_sequences_total{model="b"} 1.0' in metrics
@@ -554,65 +582,153 @@ def test_any_adapter_loratune_loads_is_servable(make_tiny_llama_dir, tmp_path, b
     assert mix == stream_greedy(both, tokenizer, ids, 16, lambda _: None)
 
 
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
-def test_a_stop_signal_drains_running_requests_then_exits_cleanly(make_tiny_llama_dir, tmp_path, signum):
-    import signal
-    import socket
-    import subprocess
-    import sys
+READY = re.compile(r"API at (http://\S+?)/v1")  # what `loratune serve` prints once it listens
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # big enough that a long answer is still streaming when the signal comes
-    model_dir = make_tiny_llama_dir(hidden_size=512, intermediate_size=1024, num_hidden_layers=6)
-    adapter = _make_adapter(model_dir, tmp_path / "b", 1, **ADAPTERS["b"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+@contextmanager
+def serve_process(*arguments: str):
+    """``loratune serve ARGUMENTS --port 0`` in a subprocess (one thread for torch); yields (process, URL, the
+    stderr lines so far) once its ready line names the port it bound. Stderr is read to its end meanwhile."""
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loratune",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--adapter",
-            f"b={adapter}",
-            "--port",
-            str(port),
-        ],
-        env=env,
+        [sys.executable, "-m", "loratune", "serve", *arguments, "--port", "0"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines: list[str] = []
+    found: queue.Queue = queue.Queue()
+
+    def drain() -> None:
+        for line in server.stderr:
+            lines.append(line)
+            if match := READY.search(line):
+                found.put(match.group(1))
+        found.put(None)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx2.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx2.TransportError:
-                time.sleep(0.1)
+        url = found.get(timeout=120)
+        assert url is not None, f"loratune serve exited before it was ready:\n{''.join(lines)}"
+        yield server, url, lines
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+        reader.join(timeout=30)
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_drains_running_requests_then_exits_cleanly(make_tiny_llama_dir, tmp_path, signum):
+    import signal
+
+    # big enough that a long answer is still streaming when the signal comes
+    model_dir = make_tiny_llama_dir(hidden_size=512, intermediate_size=1024, num_hidden_layers=6)
+    adapter = _make_adapter(model_dir, tmp_path / "b", 1, **ADAPTERS["b"])
+    with serve_process("--model", str(model_dir), "--adapter", f"b={adapter}") as (server, url, lines):
+        assert httpx2.get(f"{url}/health").status_code == 200
         body = {"model": "b", "prompt": PROMPTS[0], "max_tokens": 120, "temperature": 0, "stream": True}
         with httpx2.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data:")
+            stream = response.iter_lines()
+            assert next(stream).startswith("data:")
             server.send_signal(getattr(signal, signum))
             signalled = time.monotonic()
-            time.sleep(0.5)
-            try:  # draining: a new request is refused (the port is closed, or 503)
-                assert httpx2.post(f"{url}/v1/completions", json={**body, "stream": False}).status_code == 503
-            except httpx2.TransportError:
-                pass
-            rest = [line for line in lines if line]
+            while True:  # draining: new requests are refused (503, or the port is closed) once the signal lands
+                try:
+                    probe = httpx2.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 1})
+                except httpx2.TransportError:
+                    break
+                if probe.status_code == 503:
+                    break
+                assert probe.status_code == 200 and time.monotonic() - signalled < 30
+            rest = [line for line in stream if line]
             streamed_after_signal = time.monotonic() - signalled
         assert rest[-1] == "data: [DONE]"
         finish = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
         assert finish[-1] == "length"
         print(f"streamed for {streamed_after_signal:.2f} s after {signum}")
         assert server.wait(timeout=60) == 0  # a completed drain is a clean end
-        assert "Traceback" not in server.stderr.read()
+    assert "Traceback" not in "".join(lines)
+
+
+def test_max_loras_caps_the_distinct_adapters_of_every_batch(served):
+    """Five adapters and the base under --max-loras 2: every answer equals the one sent alone, and no decoding
+    step ran more than 2 distinct adapters (the batch-adapters histogram, as /metrics reports it)."""
+    model_dir, dirs, root = served[0], served[1], served[2]
+    adapters = [(n, str(d), 1.0) for n, d in dirs.items()]
+    adapters += [(n, str(root / n), 1.0) for n in ("spare", "spare2")]
+    model, tokenizer = load_model(str(model_dir), dtype="fp32")
+    with own_server(model, tokenizer, adapters, max_loras=2, max_batch=8) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        jobs = [(m, PROMPTS[i % len(PROMPTS)]) for i, m in enumerate(["tiny", "a", "b", "c", "spare", "spare2"] * 4)]
+        alone = [_complete(client, m, p, 16) for m, p in jobs]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(lambda job: _complete(client, job[0], job[1], 16, stream=True), jobs))
+        with pytest.raises(APIStatusError) as refused:
+            _complete(client, "tiny", PROMPTS[0], 4, extra_body={"adapters": {"a": 0.5, "b": 0.5, "c": 0.5}})
+        metrics = httpx2.get(f"{url}/metrics").text
+    assert together == alone
+    assert refused.value.status_code == 400 and "--max-loras" in refused.value.message
+    assert _metric(metrics, "loratune_max_loras") == 2
+    steps = _metric(metrics, "loratune_batch_adapters_count")
+    assert steps > 0 and _metric(metrics, 'loratune_batch_adapters_bucket{le="2.0"}') == steps
+    assert _metric(metrics, 'loratune_batch_adapters_bucket{le="1.0"}') < steps, "no step mixed two adapters"
+
+
+def test_a_sequence_held_back_by_the_adapter_cap_is_not_starved(served):
+    """max_adapters 1, max_batch 2: a long sequence on "a" runs; one on "b" waits; later ones on "a" may start
+    ahead of it, but at most max_batch of them — then "b" goes before the rest."""
+    model_dir, dirs = served[0], served[1]
+    model, tokenizer = load_model(str(model_dir), dtype="fp32")
+    for name in ("a", "b"):
+        load_adapter(model, dirs[name], name=name)
+    set_active(model, [])
+    ids = encode_texts(tokenizer, [PROMPTS[0]])[0]
+    finished = queue.Queue()
+
+    def sequence(name: str, tokens: int) -> Sequence:
+        sink = lambda event: finished.put(event) if isinstance(event, Finished) else None  # noqa: E731
+        return Sequence(ids, {name: 1.0}, SamplingParams(tokens), tokenizer, frozenset(), sink)
+
+    order = [("a", 30), ("b", 3)] + [("a", 3)] * 5  # a0 (long), b, then a1..a5
+    seqs = [sequence(name, tokens) for name, tokens in order]
+    engine = Engine(model, max_batch=2, max_adapters=1)
+    for seq in seqs:
+        engine.submit(seq)  # all queued before the engine looks: the order is the arrival order
+    engine.start()
+    try:
+        for _ in seqs:
+            assert isinstance(finished.get(timeout=60), Finished)
     finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
+        engine.stop()
+    started = {i: seq.first_token_at for i, seq in enumerate(seqs)}
+    b = started[1]
+    overtook = [i for i in range(2, len(seqs)) if started[i] < b]
+    assert overtook == [2, 3], f"sequences started ahead of the held one: {overtook}"  # max_batch = 2 of them
+    assert engine.stats.most_adapters == 1
+
+
+def test_adapter_files_and_prompts_are_read_off_the_engine_thread_and_the_event_loop(url, client, monkeypatch):
+    """Reading an adapter (config, tokenizer, tensors) runs on the pool's reader thread and tokenizing on the
+    service's preparing thread, so neither holds up the engine's steps or the streams' delivery."""
+    from loratune.serve.service import Service
+
+    threads: dict[str, set[str]] = {"reading": set(), "preparing": set()}
+
+    def recorded(kind, function):
+        def run(*args, **kwargs):
+            threads[kind].add(threading.current_thread().name.split("_")[0])  # an executor's name_N
+            return function(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(reading, "read", recorded("reading", reading.read))
+    monkeypatch.setattr(reading, "inspect", recorded("reading", reading.inspect))
+    monkeypatch.setattr(Service, "prepare", recorded("preparing", Service.prepare))
+    load = {"lora_name": "spare", "lora_path": "spare"}
+    assert httpx2.post(f"{url}/v1/load_lora_adapter", json=load).status_code == 200
+    try:
+        assert _chat(client, "spare", PROMPTS[0], 4)
+    finally:
+        assert httpx2.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "spare"}).status_code == 200
+    assert threads == {"reading": {"loratune-adapter-reader"}, "preparing": {"loratune-prepare"}}

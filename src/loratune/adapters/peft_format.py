@@ -167,7 +167,8 @@ def write_adapter(
 
 def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The config and PEFT-keyed tensors of the adapter directory at ``path``, without a model
-    (an int8-compressed adapter comes back dequantized). Raises ``AdapterLoadError`` for an unreadable one."""
+    (an int8-compressed adapter comes back dequantized): the first half of ``load_adapter``, which
+    ``attach_adapter`` completes. Raises ``AdapterLoadError`` for an unreadable one."""
     return read_adapter_config(path), _read_weights(Path(path))
 
 
@@ -299,12 +300,45 @@ def load_adapter(
     ``as_plain``: an adapter saved from a PiSSA or OLoRA start with its residual (PEFT's default) is loaded as
     the ordinary LoRA it amounts to on the unmodified base (rank 2r), so the base weights stay shared (mixed
     batches, a server).
+
+    The same as ``read_adapter`` (the files, no model) followed by ``attach_adapter`` (the model, no files),
+    which a caller can run on different threads (a server reads on one and changes the model on another).
     """
     source = Path(path)
     if is_kohya_path(source):
         config, tensors = _kohya_for(model, source, component)
     else:
-        config, tensors = read_adapter_config(source), _read_weights(source)
+        config, tensors = read_adapter(source)
+    return _attach(model, config, tensors, source, name, scale, trainable, dtype, as_plain)
+
+
+def attach_adapter(
+    model: nn.Module,
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    source: str | os.PathLike,
+    name: str | None = None,
+    scale: float = 1.0,
+    *,
+    trainable: bool = False,
+    dtype: torch.dtype = torch.float32,
+    as_plain: bool = False,
+    activate: bool = True,
+) -> str:
+    """Put an adapter already read from disk (``config`` and PEFT-keyed ``tensors``, as ``read_adapter``
+    gives them) into ``model`` as ``name`` and add it to the active adapters; the second half of
+    ``load_adapter``, which documents ``name``, ``scale``, ``trainable``, ``dtype`` and ``as_plain``.
+    ``activate=False`` leaves it inactive (for callers that route each row themselves, ``mixed_batch``).
+
+    It reads no file: ``source`` (where the tensors came from) only names the adapter in errors, the warning
+    and the default name. ``tensors`` are copied, not kept. Raises ``AdapterLoadError`` as ``load_adapter``
+    does (the model is left as it was).
+    """
+    return _attach(model, config, tensors, Path(source), name, scale, trainable, dtype, as_plain, activate)
+
+
+def _attach(model, config, tensors, source: Path, name, scale, trainable, dtype, as_plain, activate=True) -> str:
+    # called by load_adapter and attach_adapter only: the warning's stacklevel 3 points at their caller
     if name is None:
         name = _free_name(model, source)
     # The file fills every factor (checked strictly), except that a PiSSA adapter must rebuild its residual base.
@@ -319,7 +353,7 @@ def load_adapter(
     except ConfigError as exc:
         raise AdapterLoadError(f"adapter {source} does not fit this model: {exc}") from None
     try:
-        _copy_into_slots(model, name, tensors, source)
+        slots = _copy_into_slots(model, name, tensors, source)
     except AdapterLoadError:
         delete_adapter(model, name)
         raise
@@ -330,14 +364,17 @@ def load_adapter(
             for path, weight in originals.items():
                 _base_weight(model.get_submodule(path)).copy_(weight)
         inject_adapter(model, config, name, dtype=dtype, init=UNINITIALISED)
-        _copy_into_slots(model, name, tensors, source)
-    for param in (p for _, p in adapter_slots(model, name)):
+        slots = _copy_into_slots(model, name, tensors, source)
+    # each of these walks every layer, and a server attaches between two decoding steps: only the needed ones
+    for param in slots:
         param.requires_grad_(trainable)
-    set_strength(model, name, scale)
-    set_active(model, [*active_adapters(model), name])
+    if scale != 1.0:  # a new adapter's strength is 1
+        set_strength(model, name, scale)
+    if activate:
+        set_active(model, [*active_adapters(model), name])
     ours, theirs = model_name_of(model), config.base_model_name_or_path
     if ours and theirs and ours != theirs and not is_kohya_path(source):
-        warnings.warn(f"adapter {source} was trained on {theirs!r}, this model is {ours!r}", stacklevel=2)
+        warnings.warn(f"adapter {source} was trained on {theirs!r}, this model is {ours!r}", stacklevel=3)
     return name
 
 
@@ -397,7 +434,10 @@ def _drop_base_weight_copies(model: nn.Module, name: str, tensors: dict, directo
     return kept
 
 
-def _copy_into_slots(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+def _copy_into_slots(
+    model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: Path
+) -> list[torch.Tensor]:
+    """Copy ``tensors`` into adapter ``name``'s slots (strict on keys and shapes); return the slots."""
     slots = dict(adapter_slots(model, name))
     tensors = _drop_base_weight_copies(model, name, tensors, directory)
     missing, unexpected = slots.keys() - tensors.keys(), tensors.keys() - slots.keys()
@@ -417,3 +457,4 @@ def _copy_into_slots(model: nn.Module, name: str, tensors: dict[str, torch.Tenso
     with torch.no_grad():
         for key, slot in slots.items():
             slot.copy_(tensors[key])
+    return list(slots.values())

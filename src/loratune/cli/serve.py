@@ -57,7 +57,12 @@ def add_parser(verb) -> None:
         "repeatable; these stay in memory",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=port, default=8000, help="port, 1 to 65535 (default: 8000)")
+    p.add_argument(
+        "--port",
+        type=listen_port,
+        default=8000,
+        help="port, 1 to 65535, or 0 for any free one (the ready line says which) (default: 8000)",
+    )
     p.add_argument(
         "--api-key",
         default=None,
@@ -78,6 +83,14 @@ def add_parser(verb) -> None:
         metavar="N",
         help="adapters held in memory at once; beyond, the least recently used idle one is freed and "
         "read back when asked for (default: 16; --adapter ones always stay)",
+    )
+    p.add_argument(
+        "--max-loras",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="distinct adapters in one decoding step, a mix counting each of its adapters; a request that "
+        "would exceed it waits while others run (default: 8: each adapter in a step adds to every step's cost)",
     )
     p.add_argument(
         "--max-batch",
@@ -124,6 +137,17 @@ def add_parser(verb) -> None:
     )
 
 
+def listen_port(text: str) -> int:
+    """A port to listen on: 1 to 65535, or 0 for one the system picks."""
+    value = text.strip()
+    if value.isdigit() and int(value) == 0:
+        return 0
+    try:
+        return port(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or 0 for any free port)") from None
+
+
 def api_key(text: str) -> str:
     """An API key: any text but an empty one (which every client would match)."""
     if not text.strip():
@@ -163,6 +187,7 @@ def run(args) -> int:
             prefill_tokens=args.prefill_tokens,
             max_waiting=args.max_waiting,
             max_loaded=args.max_loaded,
+            max_loras=args.max_loras,
             adapter_root=args.adapter_root,
             max_tokens_limit=args.max_tokens_limit,
             request_timeout=args.request_timeout,
@@ -176,7 +201,7 @@ def run(args) -> int:
             "port can use the model",
             file=sys.stderr,
         )
-    where = f"http://{args.host}:{args.port}"
+    where = f"http://{args.host}:{listener.getsockname()[1]}"  # the port the system gave, for --port 0
 
     def ready() -> None:
         adapters = ", ".join(a.name for a in service.pool.listed()) or "none"

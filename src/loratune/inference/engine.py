@@ -2,10 +2,20 @@
 
 Continuous batching: sequences join and leave the running batch between steps. Each step runs one forward
 of the whole batch — the base once, every row's adapters (or mix of adapters, or none) through the stacked
-mixed-adapter path — over a left-padded KV cache (``serve.kv``). New sequences are prefilled in chunks of at
-most ``prefill_tokens`` tokens between decoding steps, so a long prompt never stalls running requests for
-more than one chunk. Everything else (HTTP, tokenizing, streaming) happens outside this thread: it talks to
-the engine through ``submit`` and ``call`` and hears back through each sequence's sink.
+mixed-adapter path — over a left-padded KV cache (``inference.kv``). New sequences are prefilled in chunks of
+at most ``prefill_tokens`` tokens between decoding steps, so a long prompt never stalls running requests for
+more than one chunk. Everything else (reading files, tokenizing, HTTP, streaming) happens outside this
+thread: it talks to the engine through ``submit`` and ``call`` (short work on the model between two steps,
+such as attaching an adapter read elsewhere) and hears back through each sequence's sink.
+
+Admission: waiting sequences start in arrival order, as many as the batch has room for, their prompts within
+``prefill_tokens``. With ``max_adapters`` N, a decoding batch never runs more than N distinct adapters (a
+row with a mix counts each adapter of the mix). A sequence that would bring the batch over N waits; behind it
+only sequences that add no adapter to the batch may start, and at most ``max_batch`` of them: after that
+nothing new starts until it fits (the running rows finish, their adapters leave), so it is never starved.
+
+One writer per piece of state: the engine thread alone changes the batch and publishes ``stats`` (an
+immutable snapshot, read from any thread); the waiting queue is shared under one lock.
 """
 
 from __future__ import annotations
@@ -59,12 +69,16 @@ class _Prefill:
     cache: object = None
 
 
+@dataclass(frozen=True)
 class EngineStats:
-    """Counters the engine updates (read by the metrics endpoint; plain attributes, written by one thread)."""
+    """What the engine was doing when it last published (after each step, and when it wakes up): a snapshot
+    written by the engine thread only, so every reader sees one consistent set of numbers."""
 
-    def __init__(self):
-        self.waiting = 0  # sequences queued
-        self.running = 0  # sequences being read or decoded
+    waiting: int = 0  # sequences queued
+    running: int = 0  # sequences being read or decoded
+    steps: int = 0  # decoding steps run so far
+    adapters: int = 0  # distinct adapters in the last decoding step
+    most_adapters: int = 0  # the most distinct adapters any decoding step has run
 
 
 class Engine:
@@ -72,8 +86,9 @@ class Engine:
 
     ``max_batch``: most sequences decoding at once; ``prefill_tokens``: most prompt tokens read between two
     decoding steps; ``max_waiting``: most sequences queued before ``submit`` raises ``QueueFull``;
-    ``on_step``: called (in the engine thread) after each decoding step with the number of rows and the time
-    it took.
+    ``max_adapters``: most distinct adapters in one decoding batch (None: no limit; see the module docstring
+    for the admission rule); ``on_step``: called (in the engine thread) after each decoding step with the
+    number of rows, the number of distinct adapters and the time it took.
     """
 
     def __init__(
@@ -83,25 +98,36 @@ class Engine:
         max_batch: int = 32,
         prefill_tokens: int = 512,
         max_waiting: int = 256,
-        on_step: Callable[[int, float], None] | None = None,
+        max_adapters: int | None = None,
+        on_step: Callable[[int, int, float], None] | None = None,
     ):
+        if max_adapters is not None and max_adapters < 1:
+            raise ValueError(f"max_adapters must be at least 1 (or None for no limit), got {max_adapters}")
         self.model = model
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self.max_waiting = max_waiting
+        self.max_adapters = max_adapters
         self.on_step = on_step
-        self.stats = EngineStats()
+        self._stats = EngineStats()
+        self._published = threading.Condition()  # notified whenever the engine thread publishes stats
         self._device = model_device(model)
         self._waiting: deque[Sequence] = deque()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Condition()
+        self._wake = threading.Condition()  # guards _waiting, _stop and _closed
         self._running: _Rows | None = None
         self._prefill: _Prefill | None = None
         self._stop = False
+        self._closed = False  # the thread has ended: calls are refused
         self._thread = threading.Thread(target=self._loop, name="loratune-engine", daemon=True)
         self._checked_cache = False
         self._routing = contextlib.ExitStack()
         self._routing_key: tuple | None = None
+        self._held: Sequence | None = None  # the oldest sequence that max_adapters holds back
+        self._overtaken = 0  # how many sequences started ahead of it
+        self._steps = 0  # what _publish reports (engine thread only)
+        self._step_adapters = 0
+        self._most_adapters = 0
 
     # --- from any thread ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,21 +140,39 @@ class Engine:
             self._wake.notify()
         self._thread.join(timeout=30)
 
+    @property
+    def stats(self) -> EngineStats:
+        """The latest snapshot the engine thread published."""
+        return self._stats
+
+    def wait_for_stats(self, predicate: Callable[[EngineStats], bool], timeout: float) -> EngineStats:
+        """Block until a published snapshot satisfies ``predicate`` (or ``timeout`` seconds pass); return the
+        latest snapshot either way."""
+        with self._published:
+            self._published.wait_for(lambda: predicate(self._stats), timeout)
+            return self._stats
+
     def submit(self, seq: Sequence) -> None:
-        """Queue ``seq``; raises ``QueueFull`` when ``max_waiting`` sequences already wait."""
+        """Queue ``seq``; raises ``QueueFull`` when ``max_waiting`` sequences already wait, ``ValueError`` when
+        it uses more adapters than ``max_adapters`` (it could never start)."""
+        if self.max_adapters is not None and len(seq.adapters) > self.max_adapters:
+            raise ValueError(f"the sequence uses {len(seq.adapters)} adapters, above max_adapters {self.max_adapters}")
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting")
             self._waiting.append(seq)
-            self.stats.waiting = len(self._waiting)
             self._wake.notify()
 
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
-        """Run ``fn`` in the engine thread between two steps (e.g. load an adapter); its result or exception
-        arrives in the returned future."""
+        """Run ``fn`` in the engine thread between two steps (e.g. attach an adapter read elsewhere); its result
+        or exception arrives in the returned future (a ``RuntimeError`` once the engine has stopped). ``fn``
+        holds up every running sequence while it runs: keep it short."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._calls.put((fn, future))
         with self._wake:
+            if self._closed:
+                future.set_exception(RuntimeError("the engine has stopped"))
+                return future
+            self._calls.put((fn, future))
             self._wake.notify()
         return future
 
@@ -143,7 +187,7 @@ class Engine:
             while True:
                 with self._wake:
                     while not self._stop and not self._has_work():
-                        self._wake.wait(timeout=1.0)
+                        self._wake.wait()
                     if self._stop:
                         break
                 self._run_calls()
@@ -152,9 +196,23 @@ class Engine:
                 except Exception as error:
                     log.exception("engine step failed")
                     self._fail_all(Failed(f"generation failed: {type(error).__name__}: {error}"))
+                self._publish()
+            with self._wake:
+                self._closed = True  # calls made from now on are refused, so none is left unanswered
             self._run_calls()
             self._unroute()
             self._fail_all(Failed("the server is shutting down", "server_shutdown", 503))
+            self._publish()
+
+    def _publish(self) -> None:
+        with self._wake:
+            waiting = len(self._waiting)
+        running = len(self._running.seqs) if self._running else 0
+        running += len(self._prefill.seqs) if self._prefill else 0
+        stats = EngineStats(waiting, running, self._steps, self._step_adapters, self._most_adapters)
+        with self._published:
+            self._stats = stats
+            self._published.notify_all()
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._running or self._prefill or not self._calls.empty())
@@ -175,8 +233,7 @@ class Engine:
             waiting, self._waiting = list(self._waiting), deque()
         for seq in [*waiting, *self._in_flight()]:
             seq.fail(failure)
-        self._running = self._prefill = None
-        self.stats.running = self.stats.waiting = 0
+        self._running = self._prefill = self._held = None
 
     def _step(self) -> None:
         self._drop_finished()
@@ -190,30 +247,61 @@ class Engine:
                 for seq in self._prefill.seqs:
                     seq.fail(Failed(f"generation failed: {type(error).__name__}: {error}"))
                 self._prefill = None
-        self._run_calls()  # a load or unload waits for one prefill chunk or one step, not both
+        self._run_calls()  # an engine call waits for one prefill chunk or one step, not both
         if self._running is not None:
             started = time.perf_counter()
             rows = len(self._running.seqs)
+            adapters = len(_adapters_of(self._running.seqs))
             self._decode()
+            self._steps += 1
+            self._step_adapters = adapters
+            self._most_adapters = max(self._most_adapters, adapters)
             if self.on_step is not None:
-                self.on_step(rows, time.perf_counter() - started)
-        self.stats.running = len(self._running.seqs) if self._running else 0
+                self.on_step(rows, adapters, time.perf_counter() - started)
 
     def _next_prefill(self) -> _Prefill | None:
-        """The oldest waiting sequences that fit: as many as the batch has room for, their prompts together
-        within ``prefill_tokens`` (a longer prompt goes alone, in chunks)."""
-        room = self.max_batch - (len(self._running.seqs) if self._running else 0)
+        """The waiting sequences to start now (see the module docstring): in arrival order, as many as the
+        batch has room for, their prompts together within ``prefill_tokens`` (a longer prompt goes alone, in
+        chunks), the batch's distinct adapters within ``max_adapters``."""
+        running = self._running.seqs if self._running else []
+        room = self.max_batch - len(running)
+        if room <= 0:
+            return None
+        in_batch = _adapters_of(running)
         taken: list[Sequence] = []
+        tokens = 0
+        held = None
+        scanned_all = True
         with self._wake:
-            while self._waiting and len(taken) < room:
-                seq = self._waiting[0]
+            left: deque[Sequence] = deque()
+            while self._waiting:
+                seq = self._waiting.popleft()
                 if seq.cancelled:
-                    self._waiting.popleft()
                     continue
-                if taken and sum(len(s.prompt_ids) for s in taken) + len(seq.prompt_ids) > self.prefill_tokens:
+                if len(taken) >= room or (taken and tokens + len(seq.prompt_ids) > self.prefill_tokens):
+                    left.append(seq)
+                    left.extend(self._waiting)
+                    self._waiting.clear()
+                    scanned_all = False
                     break
-                taken.append(self._waiting.popleft())
-            self.stats.waiting = len(self._waiting)
+                new = seq.adapters.keys() - in_batch
+                if held is not None and (new or self._overtaken >= self.max_batch):
+                    left.append(seq)  # behind a held sequence: only a bounded number that add no adapter
+                    continue
+                if new and self.max_adapters is not None and len(in_batch) + len(new) > self.max_adapters:
+                    held = seq
+                    if seq is not self._held:
+                        self._held, self._overtaken = seq, 0
+                    left.append(seq)
+                    continue
+                if held is not None:
+                    self._overtaken += 1
+                taken.append(seq)
+                tokens += len(seq.prompt_ids)
+                in_batch |= new
+            self._waiting = left
+        if held is None and scanned_all:
+            self._held = None  # (a scan cut short may not have reached it: keep its count)
         if not taken:
             return None
         width = max(len(s.prompt_ids) for s in taken)
@@ -335,6 +423,11 @@ class Engine:
         keep = [i for i, s in enumerate(rows.seqs) if not (s.done or s.cancelled)]
         if len(keep) < len(rows.seqs):
             self._running = _select(rows, keep)
+
+
+def _adapters_of(seqs: list[Sequence]) -> set[str]:
+    """The distinct adapters ``seqs`` run (each adapter of a mix counts)."""
+    return {name for seq in seqs for name in seq.adapters}
 
 
 def _select(rows: _Rows, keep: list[int]) -> _Rows | None:

@@ -150,7 +150,13 @@ class LoraLayer(nn.Module):
             )
         if use_dora:
             self._check_dora()
-        self.execution_cache.clear()  # the set of factors changes
+        state = self._state
+        named = name in state.active or (state.routing is not None and name in dict(state.routing.groups))
+        if named or is_residual_start(init):
+            # the terms of some state change: a named adapter appears, or a residual start changes W0 and adds a
+            # restoring term to every state that does not name it (plans of other states stay valid: a server
+            # loading an adapter keeps every running batch's plans)
+            self.execution_cache.clear()
         if is_residual_start(init):
             self._check_pissa(weight_is_shared)
         device = self.base_weight.device

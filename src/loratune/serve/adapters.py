@@ -1,10 +1,16 @@
 """The adapters a server knows, which of them are in memory, and who is using them.
 
 Every known adapter has a name, a directory and a default strength. At most ``max_loaded`` are held in
-memory; loading one more evicts the least recently used that no request is using (adapters given on the
+memory; bringing one more in evicts the least recently used that no request is using (adapters given on the
 command line are pinned, never evicted). An evicted adapter stays known and is read back from its directory
-by the next request that names it. Changes to the model happen in the engine thread (``Engine.call``); the
-bookkeeping here is guarded by one lock, so HTTP handlers can read it from the event loop.
+by the next request that names it.
+
+Three threads take part, each with its own share of the work: the event loop asks (``load``, ``unload``,
+``make_resident``, ``acquire``/``release``); the reader thread does the disk work (``serve.reading``: config,
+tokenizer, tensors); the engine thread attaches the read tensors to the model, evicts and frees, between two
+decoding steps (``Engine.call``), so no running stream waits for a disk. Every field of a ``ServedAdapter``
+that changes is written under the pool's lock; ``unload`` waits on a future that the last ``release``
+completes, not on a timer.
 """
 
 from __future__ import annotations
@@ -14,34 +20,39 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loratune.adapters import delete_adapter, load_adapter, read_adapter_config, set_active
+from loratune.adapters import attach_adapter, delete_adapter, set_active
 from loratune.adapters.peft_format import model_name_of
-from loratune.errors import AdapterLoadError, ConfigError, LoratuneError
+from loratune.errors import LoratuneError
 from loratune.inference.engine import Engine
-from loratune.outputs import being_written
+from loratune.serve import reading
 from loratune.serve.protocol import RequestError
 
 log = logging.getLogger("loratune.serve")
 
 DEFAULT_MAX_LOADED = 16
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-@dataclass
+@dataclass(eq=False)
 class ServedAdapter:
+    """A known adapter. ``name`` to ``replaces_modules`` never change; the fields after them are the pool's,
+    written under its lock."""
+
     name: str
     path: Path
     strength: float = 1.0
     pinned: bool = False
     tokenizer: object | None = None  # the adapter directory's own tokenizer, when it has one
-    resident: bool = False
     replaces_modules: bool = False  # carries modules_to_save (whole modules, not low-rank terms)
+    resident: bool = False  # attached to the model (written by the engine thread)
     last_used: float = field(default_factory=time.monotonic)
-    in_flight: int = 0
+    in_flight: int = 0  # requests using it (and a load in progress)
     unloading: bool = False
+    arriving: Future | None = None  # being read and attached
+    idle: Future | None = None  # completed when in_flight drops to 0 (an unload waits on it)
 
 
 class AdapterPool:
@@ -56,12 +67,25 @@ class AdapterPool:
         self.adapter_root = None if adapter_root is None else Path(adapter_root).resolve()
         self._adapters: dict[str, ServedAdapter] = {}
         self._lock = threading.Lock()
+        set_active(model, [])  # nothing acts outside a request's routing; attached adapters stay inactive
+        # One reader: reads run one at a time, so a burst of loads crowds neither the CPU nor the memory. (Not at a
+        # lower priority: descheduled while it holds the GIL, it would stall the engine thread instead.)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="loratune-adapter-reader")
+
+    def close(self) -> None:
+        """Stop the reader thread (reads not started are dropped)."""
+        self._reader.shutdown(wait=False, cancel_futures=True)
 
     # --- what requests see ---------------------------------------------------------------------------------
     def listed(self) -> list[ServedAdapter]:
         """Known adapters in the order they were added (without those being unloaded)."""
         with self._lock:
             return [a for a in self._adapters.values() if not a.unloading]
+
+    def in_memory(self) -> int:
+        """How many known adapters are attached to the model now."""
+        with self._lock:
+            return sum(a.resident for a in self._adapters.values() if not a.unloading)
 
     def get(self, name: str) -> ServedAdapter | None:
         with self._lock:
@@ -83,49 +107,60 @@ class AdapterPool:
                 adapter.last_used = time.monotonic()
 
     def release(self, names: list[str]) -> None:
+        """The end of an ``acquire``."""
         with self._lock:
             for name in names:
                 if name in self._adapters:
-                    self._adapters[name].in_flight -= 1
+                    self._release(self._adapters[name])
+
+    def _release(self, adapter: ServedAdapter) -> None:  # under the lock
+        adapter.in_flight -= 1
+        if adapter.in_flight == 0 and adapter.idle is not None:
+            adapter.idle.set_result(None)
+            adapter.idle = None
 
     async def make_resident(self, names: list[str]) -> None:
-        """Read back any of ``names`` that were evicted (in the engine thread, between steps)."""
+        """Bring back any of ``names`` that were evicted: read on the reader thread, attached by the engine
+        between two steps. The caller must hold them (``acquire``)."""
         with self._lock:
-            missing = [self._adapters[n] for n in names if not self._adapters[n].resident]
-        if missing:
-            await asyncio.wrap_future(self.engine.call(lambda: [self._bring_in(a) for a in missing]))
+            arrivals = [self._arrival(self._adapters[n]) for n in names if not self._adapters[n].resident]
+        for arrival in arrivals:
+            await asyncio.wrap_future(arrival)
 
     # --- loading and unloading -----------------------------------------------------------------------------
     def add_at_start(self, name: str, path: str | os.PathLike, strength: float = 1.0) -> ServedAdapter:
-        """Load an adapter given on the command line (pinned), before the engine starts."""
-        adapter = self._checked(name, Path(path), strength, pinned=True)
-        self._bring_in(adapter)
+        """Load an adapter given on the command line (pinned), before the engine starts (in this thread)."""
+        adapter = self._new(name, Path(path), strength, pinned=True)
+        config, tensors = reading.read(adapter.path)
         with self._lock:
             self._adapters[name] = adapter
+        self._attach(adapter, config, tensors)
         return adapter
 
     async def load(self, name: str, lora_path: str) -> ServedAdapter:
-        """``POST /v1/load_lora_adapter``: load ``lora_path`` (inside ``--adapter-root``) as ``name``."""
+        """``POST /v1/load_lora_adapter``: load ``lora_path`` (inside ``--adapter-root``) as ``name``; returns
+        once requests can use it."""
         if self.adapter_root is None:
             raise RequestError(
                 "loading adapters at run time is off; start the server with --adapter-root DIR", 403, "permission_error"
             )
-        path = self.inside_root(lora_path)
-        adapter = await asyncio.to_thread(self._checked, name, path, 1.0, False)
+        adapter = await asyncio.wrap_future(self._reader.submit(self._new_inside_root, name, lora_path))
         with self._lock:
             if name in self._adapters:
                 raise RequestError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
             self._adapters[name] = adapter
             adapter.in_flight += 1  # not evictable while it loads
+            arrival = self._arrival(adapter)
         try:
-            await asyncio.wrap_future(self.engine.call(lambda: self._bring_in(adapter)))
-        except LoratuneError as error:
+            await asyncio.wrap_future(arrival)
+        except Exception:
             with self._lock:
-                del self._adapters[name]
-            raise RequestError(str(error)) from None
-        finally:
-            adapter.in_flight -= 1
-        log.info("loaded adapter %s from %s", name, path)
+                self._release(adapter)
+                self._forget(adapter)
+            raise
+        with self._lock:
+            self._release(adapter)
+        log.info("loaded adapter %s from %s", name, adapter.path)
         return adapter
 
     async def unload(self, name: str) -> None:
@@ -136,12 +171,20 @@ class AdapterPool:
             if adapter is None or adapter.unloading:
                 raise RequestError(f"adapter {name!r} is not loaded", 404, "invalid_request_error", "model_not_found")
             adapter.unloading = True
-        while adapter.in_flight > 0:
-            await asyncio.sleep(0.01)
+            if adapter.in_flight > 0:
+                adapter.idle = Future()
+            waits = [f for f in (adapter.idle, adapter.arriving) if f is not None]
+        for wait in waits:
+            # a failed read or attach leaves nothing to free
+            await asyncio.wait([asyncio.wrap_future(wait)])
         await asyncio.wrap_future(self.engine.call(lambda: self._take_out(adapter)))
         with self._lock:
-            del self._adapters[name]
+            self._forget(adapter)
         log.info("unloaded adapter %s", name)
+
+    def _forget(self, adapter: ServedAdapter) -> None:  # under the lock
+        if self._adapters.get(adapter.name) is adapter:
+            del self._adapters[adapter.name]
 
     def inside_root(self, lora_path: str) -> Path:
         """``lora_path`` (absolute or relative to ``--adapter-root``) resolved, when it lies inside the root."""
@@ -158,49 +201,68 @@ class AdapterPool:
             )
         return resolved
 
-    def _checked(self, name: str, path: Path, strength: float, pinned: bool) -> ServedAdapter:
-        """A new entry for the adapter at ``path``, after reading its config: raises ``RequestError`` when it
-        is not an adapter directory or records another base model."""
-        if not name or name.strip() != name or name.startswith("__"):
-            raise RequestError(f"adapter name {name!r} is not usable; give a plain name such as 'support-bot'")
-        _refuse_while_written(path)
+    # --- on the reader thread ----------------------------------------------------------------------------------
+    def _new_inside_root(self, name: str, lora_path: str) -> ServedAdapter:
+        return self._new(name, self.inside_root(lora_path), 1.0, pinned=False)
+
+    def _new(self, name: str, path: Path, strength: float, pinned: bool) -> ServedAdapter:
+        """A new entry for the adapter at ``path``, after reading its config (see ``reading.inspect``)."""
+        reading.check_name(name)
+        found = reading.inspect(path, model_name_of(self.model))
+        return ServedAdapter(name, path, strength, pinned, found.tokenizer, found.replaces_modules)
+
+    def _arrival(self, adapter: ServedAdapter) -> Future:
+        """The future of ``adapter`` being read and attached, started unless it already is (call under the
+        lock)."""
+        if adapter.arriving is None:
+            arrival: Future = Future()
+            try:
+                self._reader.submit(self._bring_in, adapter, arrival)
+            except RuntimeError:  # the reader has stopped: the server is closing
+                raise RequestError("the server is shutting down", 503, "server_shutdown") from None
+            adapter.arriving = arrival
+        return adapter.arriving
+
+    def _bring_in(self, adapter: ServedAdapter, arrival: Future) -> None:
+        """Read ``adapter``'s tensors (on the reader thread) and hand them to the engine to attach; ``arrival``
+        completes when it is attached (or failed to be)."""
         try:
-            config = read_adapter_config(path)
-        except (AdapterLoadError, ConfigError) as error:
-            raise RequestError(str(error)) from None
-        ours, theirs = model_name_of(self.model), config.base_model_name_or_path
-        if ours and theirs and not _same_base(ours, theirs):
-            raise RequestError(
-                f"adapter {path} was trained on {theirs!r}, but this server runs {ours!r}; serve it with its own base"
-            )
-        tokenizer = None
-        if any((path / f).is_file() for f in _TOKENIZER_FILES):
-            from transformers import AutoTokenizer
+            config, tensors = reading.read(adapter.path)
+            attached = self.engine.call(lambda: self._attach(adapter, config, tensors))
+        except BaseException as error:  # noqa: BLE001 - handed to whoever waits
+            self._arrived(adapter, arrival, error)
+            return
+        attached.add_done_callback(lambda done: self._arrived(adapter, arrival, done.exception()))
 
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        return ServedAdapter(name, path, strength, pinned, tokenizer, replaces_modules=bool(config.modules_to_save))
+    def _arrived(self, adapter: ServedAdapter, arrival: Future, error: BaseException | None) -> None:
+        with self._lock:
+            adapter.arriving = None
+        if error is None:
+            arrival.set_result(None)
+        else:
+            arrival.set_exception(error)
 
-    # --- in the engine thread ------------------------------------------------------------------------------------
-    def _bring_in(self, adapter: ServedAdapter) -> None:
+    # --- on the engine thread (or before it starts) -------------------------------------------------------------
+    def _attach(self, adapter: ServedAdapter, config, tensors) -> None:
         if adapter.resident:
             return
         self._evict_for_one_more(keep=adapter.name)
-        _refuse_while_written(adapter.path)
-        try:
-            load_adapter(self.model, adapter.path, name=adapter.name, as_plain=True)
-        except (AdapterLoadError, ConfigError) as error:
+        try:  # inactive: each request's rows route to it (and activating would walk the model once more)
+            attach_adapter(self.model, config, tensors, adapter.path, name=adapter.name, as_plain=True, activate=False)
+        except LoratuneError as error:
             raise RequestError(str(error)) from None
-        set_active(self.model, [])  # nothing acts outside a request's routing
-        adapter.resident = True
+        with self._lock:
+            adapter.resident = True
 
     def _take_out(self, adapter: ServedAdapter) -> None:
         if adapter.resident:
+            with self._lock:
+                adapter.resident = False
             delete_adapter(self.model, adapter.name)
-            adapter.resident = False
 
     def _evict_for_one_more(self, keep: str) -> None:
         # Chosen and marked under the lock: a request that takes a victim right after sees it as not in memory
-        # and reads it back (its call runs after this one, before its sequence is submitted).
+        # and reads it back (its attach runs after this one, before its sequence is submitted).
         with self._lock:
             resident = [a for a in self._adapters.values() if a.resident]
             idle = sorted(
@@ -212,23 +274,3 @@ class AdapterPool:
         for victim in victims:
             delete_adapter(self.model, victim.name)
             log.info("evicted adapter %s (least recently used; --max-loaded %d)", victim.name, self.max_loaded)
-
-
-def _refuse_while_written(path: Path) -> None:
-    """A 409 while another loratune process writes the adapter (or the run around it): it may be half replaced."""
-    writer = being_written(path)
-    if writer is not None:
-        raise RequestError(
-            f"adapter {path} cannot be read now: {writer}; load it when that finishes",
-            409,
-            "invalid_request_error",
-            "adapter_busy",
-        )
-
-
-def _same_base(ours: str, theirs: str) -> bool:
-    """Whether two recorded base names mean the same model: equal, or paths to the same directory."""
-    if ours == theirs:
-        return True
-    mine, other = Path(ours), Path(theirs)
-    return mine.exists() and other.exists() and mine.resolve() == other.resolve()

@@ -1,7 +1,9 @@
 """The HTTP layer (FastAPI): OpenAI's endpoints, vLLM's adapter loading, health, metrics and the playground.
 
-It only checks, queues and streams; the model runs in the engine thread. Every error is OpenAI's error JSON
-with a fitting status (400 for a bad body, not FastAPI's 422), and no request can stop the server.
+It only parses, queues and streams: requests are tokenized on the service's preparing thread, adapters read
+on the pool's reader thread, and the model runs in the engine thread, so the event loop never waits on them.
+Every error is OpenAI's error JSON with a fitting status (400 for a bad body, not FastAPI's 422), and no
+request can stop the server.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ async def _parse(request: Request, model: type[BaseModel]):
 async def _answer(request: Request, service: Service, body, chat: bool):
     endpoint = "chat_completions" if chat else "completions"
     try:
-        job = service.prepare(body)
+        job = await service.check(body)  # tokenizing runs off the event loop
         if body.stream:
             events = service.events(job)
             first = await anext(events)  # errors before the first token (a full queue, say) keep their status

@@ -12,7 +12,6 @@ import logging
 import signal
 import socket
 import threading
-import time
 
 from loratune.inference.engine import Engine
 from loratune.serve.adapters import DEFAULT_MAX_LOADED, AdapterPool
@@ -20,6 +19,12 @@ from loratune.serve.metrics import ServeMetrics
 from loratune.serve.service import Service
 
 log = logging.getLogger("loratune.serve")
+
+# A decoding step stacks the factors of every distinct adapter in the batch and (beyond the few-row CPU kernel)
+# multiplies every row by all of them, masked, so its cost grows with their total rank: 8 bounds that at a few
+# times one adapter's while a 32-row batch still serves many tenants at once. (vLLM's default is 1: it
+# preallocates GPU slots per adapter, which loratune does not.)
+DEFAULT_MAX_LORAS = 8
 
 
 def build(
@@ -32,14 +37,23 @@ def build(
     prefill_tokens: int = 512,
     max_waiting: int = 256,
     max_loaded: int = DEFAULT_MAX_LOADED,
+    max_loras: int | None = DEFAULT_MAX_LORAS,
     adapter_root=None,
     max_tokens_limit: int | None = None,
     request_timeout: float = 600.0,
 ) -> Service:
-    """A started service for ``model`` with ``adapters`` given as (name, directory, strength), pinned."""
+    """A started service for ``model`` with ``adapters`` given as (name, directory, strength), pinned.
+
+    ``max_loras``: most distinct adapters in one decoding batch (None: no limit); requests beyond it wait
+    for room (see ``inference.engine``'s admission rule). The other options are ``loratune serve``'s."""
     metrics = ServeMetrics()
     engine = Engine(
-        model, max_batch=max_batch, prefill_tokens=prefill_tokens, max_waiting=max_waiting, on_step=metrics.on_step
+        model,
+        max_batch=max_batch,
+        prefill_tokens=prefill_tokens,
+        max_waiting=max_waiting,
+        max_adapters=max_loras,
+        on_step=metrics.on_step,
     )
     pool = AdapterPool(model, engine, max_loaded=max(max_loaded, len(adapters)), adapter_root=adapter_root)
     for name, path, strength in adapters:
@@ -124,14 +138,21 @@ def serving(service: Service, host: str = "127.0.0.1", port: int = 0, api_key: s
 
     from loratune.serve.app import create_app
 
+    started = threading.Event()
+
+    class StartedServer(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                started.set()
+
     config = uvicorn.Config(create_app(service, api_key), host=host, port=port, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
+    server = StartedServer(config)
     thread = threading.Thread(target=server.run, name="loratune-http", daemon=True)
     thread.start()
-    while not server.started:
+    while not started.wait(timeout=0.1):
         if not thread.is_alive():
             raise RuntimeError(f"the HTTP server did not start on {host}:{port}")
-        time.sleep(0.01)
     bound = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://{host}:{bound}"

@@ -1,8 +1,10 @@
 """From an OpenAI request to sequences in the engine and back to answers, independent of the HTTP layer.
 
 ``Service.prepare`` checks a request against what is served (model name, adapters, context, limits) and
-tokenizes it; ``Service.events`` runs it and yields ``(choice index, event)`` pairs as the engine produces
-them, cancelling the sequences when the consumer stops listening (a closed connection).
+tokenizes it (chat template included); ``Service.check`` runs it on the service's own thread, so a long
+prompt never holds up the event loop that streams everyone's tokens. ``Service.events`` runs a prepared
+request and yields ``(choice index, event)`` pairs as the engine produces them, cancelling the sequences
+when the consumer stops listening (a closed connection).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from loratune.data import Example, encode_texts, prompt_ids
@@ -33,7 +36,7 @@ class Job:
     n: int
     params: SamplingParams
     arrived: float
-    ignore_eos: bool = False
+    stops: frozenset[int] = frozenset()  # token ids that end a sequence (none with ignore_eos)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -64,17 +67,29 @@ class Service:
         self.max_tokens_limit = max_tokens_limit
         self.request_timeout = request_timeout
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
-        self._stops: dict[int, frozenset[int]] = {}
+        self._stops: dict[int, frozenset[int]] = {}  # written by the preparing thread only
+        # one thread, so a tokenizer never encodes two requests at once (a fast tokenizer shared between threads
+        # can fail with "Already borrowed")
+        self._preparing = ThreadPoolExecutor(1, thread_name_prefix="loratune-prepare")
         self.draining = False
 
     def close(self) -> None:
-        """Stop the engine; whatever still runs fails with 503."""
+        """Stop the engine (whatever still runs fails with 503) and the service's threads."""
         self.engine.stop()
+        self.pool.close()
+        self._preparing.shutdown(wait=False, cancel_futures=True)
 
     def model_ids(self) -> list[str]:
         return [self.base_id, *(a.name for a in self.pool.listed())]
 
     # --- checking a request --------------------------------------------------------------------------------
+    async def check(self, request: CompletionRequest | ChatCompletionRequest) -> Job:
+        """``prepare`` on the service's preparing thread, off the event loop (the request's time counts from
+        now, its wait for that thread included)."""
+        arrived = time.monotonic()
+        job = await asyncio.get_running_loop().run_in_executor(self._preparing, self.prepare, request)
+        return replace(job, arrived=arrived)
+
     def prepare(self, request: CompletionRequest | ChatCompletionRequest) -> Job:
         """Check and tokenize ``request``; raises ``RequestError`` with the status to answer."""
         mix = self._mix(request)
@@ -105,7 +120,8 @@ class Service:
         )
         if not params.temperature:  # greedy: top_p and top_k mean nothing
             params = replace(params, top_p=None, top_k=None)
-        return Job(request.model, mix, tokenizer, prompts, request.n, params, time.monotonic(), request.ignore_eos)
+        stops = frozenset() if request.ignore_eos else self._stop_ids(tokenizer)
+        return Job(request.model, mix, tokenizer, prompts, request.n, params, time.monotonic(), stops)
 
     def _mix(self, request) -> dict[str, float]:
         names = self.model_ids()
@@ -127,6 +143,13 @@ class Service:
                     param="adapters",
                 )
             mix = {name: float(strength) for name, strength in request.adapters.items() if strength != 0}
+            cap = self.engine.max_adapters
+            if cap is not None and len(mix) > cap:
+                raise RequestError(
+                    f"'adapters' mixes {len(mix)} adapters, but this server runs at most {cap} distinct "
+                    "adapters in one batch (--max-loras); mix fewer",
+                    param="adapters",
+                )
             whole = [n for n in mix if self.pool.get(n).replaces_modules]
             if whole and len(mix) > 1:
                 raise RequestError(
@@ -198,7 +221,6 @@ class Service:
         try:
             await self.pool.make_resident(job.adapter_names)
             deadline = time.monotonic() + self.request_timeout
-            stops = frozenset() if job.ignore_eos else self._stop_ids(job.tokenizer)
             for p, ids in enumerate(job.prompts):
                 for j in range(job.n):
                     index = p * job.n + j
@@ -206,7 +228,7 @@ class Service:
                     if params.seed is not None and job.n > 1:  # n samples, each reproducible and different
                         params = replace(params, seed=params.seed + j)
                     seqs.append(
-                        Sequence(ids, job.mix, params, job.tokenizer, stops, _sink(loop, inbox, index), deadline)
+                        Sequence(ids, job.mix, params, job.tokenizer, job.stops, _sink(loop, inbox, index), deadline)
                     )
             try:
                 for seq in seqs:
