@@ -3,8 +3,9 @@ evaluation and its rollouts:
 
 - ``decode``: greedy generation in batches (left-padded, one KV cache), streaming for the terminal, stop tokens,
   exact match; ``sampling``: the next token, greedy or sampled (temperature, top-k, top-p).
-- ``engine``: the continuous-batching engine (one thread owns the model; every row its own adapter or mix),
-  over a KV cache per row (``kv``); ``sequence``: one generated sequence, tokens to text, stop strings.
+- ``engine``: the continuous-batching engine (one thread owns the model; every row its own adapter or mix; at
+  most ``max_adapters`` distinct adapters per step) over a KV cache per row (``kv``); ``sequence``: one generated
+  sequence, tokens to text, stop strings.
 - ``loss``: a causal LM's loss over its target tokens (chunked, never the whole logits); ``evaluate``: loss,
   perplexity and exact match over a data set; ``forgetting``: the loss on a retain set with and without adapters.
 - ``classify``: a classifier's loss, logits, GLUE metrics (``scores``) and predictions.
