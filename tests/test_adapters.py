@@ -361,7 +361,7 @@ def test_unknown_config_field_names_the_closest_valid_one():
         ({"lora_dropout": 1.5}, "LoraConfig.lora_dropout"),
         ({"bias": "all"}, "LoraConfig.bias: only 'none'"),
         ({"init_lora_weights": "kaiming"}, "LoraConfig.init_lora_weights.*'gaussian', 'pissa'"),
-        ({"target_modules": []}, "LoraConfig.target_modules: must name at least one"),
+        ({"target_modules": []}, "LoraConfig: target_modules must name at least one"),
         ({"rank_pattern": {"q_proj": 0}}, "rank_pattern.*'q_proj' must be positive"),
         (
             {"target_modules": "q_proj", "layers_to_transform": [0]},

@@ -237,3 +237,78 @@ def tiny_encoder_dir(path, kind: str = "bert", seed: int = 0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+MOE_KINDS = ("qwen3_moe", "mixtral", "gpt_oss", "olmoe", "deepseek_v3")
+
+
+def tiny_moe(
+    kind: str = "qwen3_moe",
+    seed: int = 0,
+    *,
+    dtype=torch.float32,
+    layers: int = 2,
+    experts: int = 4,
+    vocab: int = VOCAB,
+):
+    """A tiny mixture-of-experts causal LM of family ``kind`` (``MOE_KINDS``: hidden 32, ``experts`` experts,
+    top-2, fused 3-D expert weights as transformers 5 stores them), every weight random, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    specific = {
+        "qwen3_moe": dict(
+            num_experts=experts,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=48,
+            head_dim=8,
+            norm_topk_prob=True,
+        ),
+        "mixtral": dict(num_local_experts=experts, num_experts_per_tok=2, intermediate_size=16),
+        "gpt_oss": dict(
+            max_position_embeddings=131072,
+            num_local_experts=experts,
+            num_experts_per_tok=2,
+            intermediate_size=16,
+            head_dim=8,
+            layer_types=["full_attention"] * layers,
+            sliding_window=16,
+        ),
+        "olmoe": dict(num_experts=experts, num_experts_per_tok=2, intermediate_size=16),
+        "deepseek_v3": dict(
+            num_key_value_heads=4,
+            n_routed_experts=experts,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=48,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            n_group=1,
+            topk_group=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        ),
+    }[kind]
+    config = AutoConfig.for_model(kind, **{**common, **specific})
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # routers and biases start at zero in some families: every expert choice a tie
+        for name, param in model.named_parameters():
+            if "experts" in name or "gate" in name or "router" in name or "bias" in name:
+                param.normal_(0, 0.2 if param.dim() > 1 else 0.05)
+    return model.to(dtype).eval()

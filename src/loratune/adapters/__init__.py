@@ -30,7 +30,7 @@ from loratune.adapters.registry import (
     merged_adapters,
     saved_modules,
 )
-from loratune.adapters.report import ParameterReport, parameter_report
+from loratune.adapters.report import ParameterReport, expert_report, parameter_report
 from loratune.adapters.surgery import (
     adapter_parameters,
     adapter_strength,
@@ -71,6 +71,7 @@ __all__ = [
     "compress_adapter",
     "delete_adapter",
     "disabled_adapters",
+    "expert_report",
     "find_targets",
     "get_entry",
     "inject_adapter",

@@ -21,7 +21,6 @@ ALL_LINEAR = "all-linear"
 _UNSUPPORTED_PEFT_FEATURES = {
     "lora_bias": False,
     "layer_replication": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "use_qalora": False,
     "alora_invocation_tokens": None,
@@ -40,6 +39,10 @@ class LoraConfig(BaseModel):
 
     - ``target_modules``: a list (exact module path or dotted suffix, e.g. ``"q_proj"``), a string (regex
       that must match the whole module path), or ``"all-linear"`` (every Linear/Conv1D except the output head).
+    - ``target_parameters``: parameters adapted directly, each named by its full name or a dotted suffix
+      (``"mlp.experts.gate_up_proj"``): the 3-D expert stacks of mixture-of-experts models (one low-rank
+      update per expert), or a 2-D weight used outside a Linear. Unset, ``"all-linear"`` adapts every fused
+      expert stack as well (and the saved config lists them); ``[]`` adapts none.
     - ``exclude_modules``: same forms; matching modules are skipped.
     - ``layers_to_transform`` / ``layers_pattern``: only adapt blocks with these indices (list targets only).
     - ``rank_pattern`` / ``alpha_pattern``: per-module r / alpha; a key is a regex matched against the end
@@ -59,6 +62,7 @@ class LoraConfig(BaseModel):
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = ALL_LINEAR
+    target_parameters: list[str] | None = None
     exclude_modules: str | list[str] | None = None
     layers_to_transform: int | list[int] | None = None
     layers_pattern: str | list[str] | None = None
@@ -85,12 +89,30 @@ class LoraConfig(BaseModel):
             raise ValueError(f"must be one of {', '.join(map(repr, INIT_CHOICES))} (N: a positive integer)")
         return value
 
-    @field_validator("target_modules")
+    @field_validator("target_parameters")
     @classmethod
-    def _non_empty_targets(cls, value):
-        if not value:
-            raise ValueError("must name at least one module (or be 'all-linear')")
+    def _parameter_names(cls, value):
+        if value is not None and any(not name.strip() for name in value):
+            raise ValueError("entries must be parameter names such as 'mlp.experts.gate_up_proj'")
         return value
+
+    @model_validator(mode="after")
+    def _something_targeted(self):
+        if not self.target_modules and not self.target_parameters:
+            raise ValueError(
+                "target_modules must name at least one module (or be 'all-linear'), unless target_parameters names "
+                "parameters"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _experts_without_dropout(self):
+        if self.target_parameters and self.lora_dropout:
+            raise ValueError(
+                "lora_dropout must be 0 with target_parameters (dropout cannot apply to a parameter's update, and "
+                "PEFT refuses such an adapter); set lora_dropout: 0"
+            )
+        return self
 
     @field_validator("bias")
     @classmethod
@@ -126,7 +148,7 @@ class LoraConfig(BaseModel):
         """The ``adapter_config.json`` content PEFT reads (``peft_type`` LORA, PEFT's key names)."""
         data = self.model_dump()
         data["peft_type"] = "LORA"
-        data["target_modules"] = _json_list(self.target_modules)
+        data["target_modules"] = _json_list(self.target_modules) or None  # PEFT's "parameters only"
         data["exclude_modules"] = _json_list(self.exclude_modules)
         data["inference_mode"] = True
         return data
@@ -144,6 +166,8 @@ class LoraConfig(BaseModel):
             if data.get(key, default) not in (default, [], {}):
                 raise AdapterLoadError(f"{source}: uses {key}={data[key]!r}, a LoRA variant loratune does not support")
         known = {k: v for k, v in data.items() if k in cls.model_fields}
+        if known.get("target_modules") is None and known.get("target_parameters"):
+            known["target_modules"] = []  # PEFT: parameters only
         init = known.get("init_lora_weights", True)
         if isinstance(init, str) and init.startswith(_BASE_REWRITING_STARTS):
             raise AdapterLoadError(

@@ -57,10 +57,19 @@ def adapter_factors(
             "not s·B·A); load it with loratune and save it again, which converts it to plain LoRA, and use that"
         )
     factors, used = {}, set()
+    owners = {name.rpartition(".")[0] for name in config.target_parameters or ()}
     for key in tensors:
         parsed = parse_factor_key(key)
         if parsed is None or parsed.factor != "A":
             continue
+        module = parsed.path.removesuffix(".base_layer")
+        while module.endswith(".base_layer"):
+            module = module.removesuffix(".base_layer")
+        if any(module == owner or module.endswith("." + owner) for owner in owners):
+            raise ConfigError(
+                f"{source} adapts parameters directly (target_parameters: {module}'s expert weights); this command "
+                "handles LoRA on modules only so far (load, merge, serve and train handle expert adapters)"
+            )
         b_key = parsed.partner()
         A, B = tensors[key], tensors.get(b_key)
         kernel = tuple(A.shape[2:])

@@ -154,6 +154,11 @@ def gguf_lora_tensors(
             "llama.cpp has no DoRA adapters; merge this one into the base (`loratune merge`) and "
             "convert the merged model instead"
         )
+    if config.target_parameters:
+        raise ConfigError(
+            f"the adapter adapts expert weights ({', '.join(config.target_parameters)}: target_parameters), which "
+            "this export does not write yet; merge the adapter (loratune merge) and convert the merged model"
+        )
     names = gguf.TensorNameMap(base.arch, base.n_layers)
     alpha = float(config.lora_alpha)
     out: dict[str, np.ndarray] = {}

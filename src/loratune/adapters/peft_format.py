@@ -21,12 +21,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loratune.adapters.config import LoraConfig
+from loratune.adapters.fused_experts_peft import misread_by_peft, misread_warning
 from loratune.adapters.int8 import INT8_WEIGHTS_NAME, compress_tensors, read_int8_weights
 from loratune.adapters.kohya import component_part, components_in, is_kohya_path, read_kohya, to_module_paths
-from loratune.adapters.peft_keys import factor_keys, magnitude_key, module_key
+from loratune.adapters.peft_keys import factor_keys, magnitude_key, module_key, parameter_module_path
 from loratune.adapters.registry import active_adapters, adapters_of, get_entry, lora_layers, saved_modules
 from loratune.adapters.surgery import delete_adapter, inject_adapter, set_active, set_strength
-from loratune.adapters.targets import find_targets, portable_target_modules
+from loratune.adapters.targets import find_targets, portable_target_modules, portable_target_parameters
 from loratune.errors import AdapterLoadError, ConfigError
 from loratune.files import (
     describe_read_error,
@@ -36,7 +37,7 @@ from loratune.files import (
     temp_dir_beside,
     writing,
 )
-from loratune.layers import UNINITIALISED, LoraLayer
+from loratune.layers import UNINITIALISED, LoraLayer, LoraParameter
 from loratune.outputs import MANIFEST_NAME, guard_output, record_published, record_removed, write_output_dir
 
 CONFIG_NAME = "adapter_config.json"
@@ -45,13 +46,21 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 def adapter_slots(model: nn.Module, name: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(PEFT key, tensor) for every tensor adapter ``name`` owns, found by walking its modules."""
-    for path, layer in lora_layers(model):
-        if name in layer.lora_A:
-            a_key, b_key = factor_keys(path, layer.embedding)
-            yield a_key, layer.lora_A[name]
-            yield b_key, layer.lora_B[name]
-            if layer.is_dora(name):
-                yield magnitude_key(path), layer.lora_magnitude_vector[name]
+    layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.lora_A]
+    siblings: dict[str, list[str]] = {}  # owner path -> its parameters adapter ``name`` adapts, in order
+    for path, layer in layers:
+        if isinstance(layer, LoraParameter):
+            siblings.setdefault(path.rpartition(".")[0], []).append(path)
+    for path, layer in layers:
+        key_path = path
+        if isinstance(layer, LoraParameter):
+            owner = path.rpartition(".")[0]
+            key_path = parameter_module_path(owner, siblings[owner].index(path), len(siblings[owner]))
+        a_key, b_key = factor_keys(key_path, layer.embedding)
+        yield a_key, layer.lora_A[name]
+        yield b_key, layer.lora_B[name]
+        if layer.is_dora(name):
+            yield magnitude_key(path), layer.lora_magnitude_vector[name]
     for path, wrapper in saved_modules(model):
         if name in wrapper.copies:
             for key, tensor in wrapper.copies[name].state_dict(keep_vars=True).items():
@@ -97,8 +106,14 @@ def adapter_tensors(model: nn.Module, name: str, *, convert_pissa: bool = True) 
                 "init_lora_weights": True,
             }
         )
-    config = config.model_copy(update={"target_modules": portable_target_modules(model, config, entry.lora_paths)})
-    return tensors, config
+    misread = misread_by_peft(model, entry.lora_paths)
+    if misread:
+        warnings.warn(misread_warning(model, misread), stacklevel=3)
+    portable = {
+        "target_modules": portable_target_modules(model, config, entry.lora_paths) if entry.lora_paths else [],
+        "target_parameters": portable_target_parameters(model, config, entry.parameter_paths),
+    }
+    return tensors, config.model_copy(update=portable)
 
 
 def save_adapter(

@@ -8,6 +8,10 @@
     base_model.model.<module path>.<key>                a modules_to_save copy's own state-dict keys
     base_model.model.<module path>.base_layer.weight    PEFT's copy of an adapted embedding's base weight
 
+A parameter adapted directly (``target_parameters``) has the factor keys of its module, nested as PEFT wraps
+one parameter per layer: of the k adapted parameters of a module, in the module's parameter order, the last is
+``<module path>.lora_A.weight``, the one before ``<module path>.base_layer.lora_A.weight``, and so on.
+
 The adapter's own name never appears in the keys.
 """
 
@@ -39,6 +43,12 @@ def factor_key(path: str, factor: str, embedding: bool = False) -> str:
     """The key of factor ``"A"`` or ``"B"`` of the module at ``path``."""
     suffixes = EMBEDDING_SUFFIXES if embedding else LINEAR_SUFFIXES
     return f"{PREFIX}{path}.{suffixes[0 if factor == 'A' else 1]}"
+
+
+def parameter_module_path(owner_path: str, position: int, count: int) -> str:
+    """The module path PEFT files the ``position``-th (from 0) of ``count`` adapted parameters of the module at
+    ``owner_path`` under."""
+    return owner_path + ".base_layer" * (count - 1 - position)
 
 
 def factor_keys(path: str, embedding: bool = False) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from torch import nn
 from loratune.adapters.config import LoraConfig
 from loratune.adapters.modules_to_save import ModulesToSaveWrapper
 from loratune.errors import ConfigError
-from loratune.layers import LoraLayer
+from loratune.layers import AdaptedModule, LoraLayer, LoraParameter
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,9 @@ class AdapterEntry:
     """An adapter of a model: its config and the module paths it touches."""
 
     config: LoraConfig
-    lora_paths: list[str]
+    lora_paths: list[str]  # LoRA on modules (Linear, Embedding, ...)
     saved_paths: list[str] = field(default_factory=list)  # modules_to_save copies
+    parameter_paths: list[str] = field(default_factory=list)  # LoRA on parameters (expert stacks): their keys
 
 
 def walk_modules(model: nn.Module, skip_inside: tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
@@ -45,32 +46,42 @@ def walk_modules(model: nn.Module, skip_inside: tuple[type, ...]) -> Iterator[tu
     return walk(model, "")
 
 
+_WRAPPERS = (LoraLayer, ModulesToSaveWrapper, AdaptedModule)
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """(path, layer) for every LoRA layer in ``model``."""
-    for path, module in walk_modules(model, (LoraLayer, ModulesToSaveWrapper)):
+    """(path, layer) for every LoRA layer in ``model``; a ``LoraParameter``'s path is its parameter's full name."""
+    for path, module in walk_modules(model, _WRAPPERS):
         if isinstance(module, LoraLayer):
             yield path, module
+        elif isinstance(module, AdaptedModule):
+            for name, layer in module.parameter_layers():
+                yield f"{path}.{name}", layer
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
     """(path, wrapper) for every modules_to_save wrapper in ``model``."""
-    for path, module in walk_modules(model, (LoraLayer, ModulesToSaveWrapper)):
+    for path, module in walk_modules(model, _WRAPPERS):
         if isinstance(module, ModulesToSaveWrapper):
             yield path, module
 
 
 def adapters_of(model: nn.Module) -> dict[str, AdapterEntry]:
     """The adapters on ``model`` by name, in creation order (empty when there are none)."""
-    found: dict[str, tuple[int, LoraConfig, list[str]]] = {}
+    found: dict[str, tuple[int, LoraConfig, list[str], list[str]]] = {}
     for path, layer in lora_layers(model):
         for name, spec in layer.specs.items():
-            found.setdefault(name, (spec.order, spec.config, []))[2].append(path)
+            paths = found.setdefault(name, (spec.order, spec.config, [], []))
+            paths[3 if isinstance(layer, LoraParameter) else 2].append(path)
     saved: dict[str, list[str]] = {}
     for path, wrapper in saved_modules(model):
         for name in wrapper.copies:
             saved.setdefault(name, []).append(path)
     ordered = sorted(found.items(), key=lambda item: item[1][0])
-    return {name: AdapterEntry(config, paths, saved.get(name, [])) for name, (_, config, paths) in ordered}
+    return {
+        name: AdapterEntry(config, paths, saved.get(name, []), parameters)
+        for name, (_, config, paths, parameters) in ordered
+    }
 
 
 def get_entry(model: nn.Module, name: str) -> AdapterEntry:

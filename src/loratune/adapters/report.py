@@ -1,4 +1,5 @@
-"""How big an adapter is: trainable parameters, their share of the model, and bytes on disk."""
+"""How big an adapter is: trainable parameters, their share of the model, and bytes on disk; which experts of a
+mixture-of-experts model it adapts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from loratune.adapters.peft_format import adapter_slots
-from loratune.adapters.registry import active_adapters
+from loratune.adapters.registry import active_adapters, adapters_of
+from loratune.adapters.targets import expert_blocks
+from loratune.layers.experts import expert_weight_names
 from loratune.quant import Linear4bit
 
 
@@ -47,4 +50,29 @@ def parameter_report(model: nn.Module, name: str | None = None) -> ParameterRepo
         total=sum(p.numel() for p in params) + packed,
         adapter_params=sum(t.numel() for t in owned.values()),
         adapter_bytes=sum(t.numel() * t.element_size() for t in owned.values()),
+    )
+
+
+def expert_report(model: nn.Module, name: str | None = None) -> str | None:
+    """One line on the experts of a mixture-of-experts ``model``: which of their weight stacks adapter ``name``
+    (default: every adapter) adapts, or that it leaves them frozen and how to change that. None for a dense
+    model."""
+    blocks = expert_blocks(model)
+    if not blocks:
+        return None
+    entries = adapters_of(model)
+    keys = {k for n, e in entries.items() if name in (None, n) for k in e.parameter_paths}
+    stacks = {key.rpartition(".")[2] for key in keys}
+    experts = blocks[0][1].num_experts
+    weights = sum(getattr(owner, n).numel() for _, owner in blocks for n in expert_weight_names(owner))
+    share = 100.0 * weights / sum(p.numel() for p in model.parameters())
+    if not keys:
+        return (
+            f"experts: NOT adapted — {len(blocks)} MoE blocks of {experts} experts hold {share:.0f}% of the weights "
+            "and stay frozen; adapt them with lora.target_modules: all-linear or lora.target_parameters"
+        )
+    adapted_blocks = len({key.rpartition(".")[0] for key in keys})
+    return (
+        f"experts: LoRA on {', '.join(sorted(stacks))} of {adapted_blocks} of {len(blocks)} MoE blocks "
+        f"({experts} experts each, {share:.0f}% of the weights)"
     )

@@ -1,6 +1,8 @@
 """Adapter surgery on any ``nn.Module``: inject, activate, disable, merge, unmerge, delete, unload.
 
-LoRA layers replace the targeted modules in place (the original becomes ``<path>.base_layer``). What
+LoRA layers replace the targeted modules in place (the original becomes ``<path>.base_layer``); a module with
+adapted parameters (``target_parameters``: expert stacks) is replaced by an ``AdaptedModule`` holding the original
+and a ``LoraParameter`` per parameter. What
 adapters exist, which are active, their strengths and what is merged live in the layers themselves (see
 ``registry``); the functions here change them on every layer at once, through the layers' own methods.
 """
@@ -28,9 +30,15 @@ from loratune.adapters.registry import (
     merged_adapters,
     saved_modules,
 )
-from loratune.adapters.targets import candidate_modules, find_targets, is_module_to_save, rank_and_alpha
+from loratune.adapters.targets import (
+    candidate_modules,
+    find_parameter_targets,
+    find_targets,
+    is_module_to_save,
+    rank_and_alpha,
+)
 from loratune.errors import ConfigError
-from loratune.layers import BASE_ADAPTER, LoraLayer, lora_class_for
+from loratune.layers import BASE_ADAPTER, AdaptedModule, LoraLayer, LoraParameter, is_residual_start, lora_class_for
 
 _creation = itertools.count()  # orders adapters by creation, across models
 
@@ -65,8 +73,9 @@ def inject_adapter(
     if name in entries:
         raise ConfigError(f"an adapter named {name!r} already exists; pick another name or delete_adapter() it")
     targets = find_targets(model, config)
-    shared = _shared_weight_ids(model)
     init = config.init_lora_weights if init is None else init
+    parameters = _parameter_layers(model, config, init, [path for path, _ in targets])
+    shared = _shared_weight_ids(model)
     order = next(_creation)
     lora_paths = []
     for path, module in targets:
@@ -75,6 +84,8 @@ def inject_adapter(
         else:
             layer = lora_class_for(module)(module)
             model.set_submodule(path, layer)
+        lora_paths.append(path)
+    for path, layer in [*zip(lora_paths, (model.get_submodule(p) for p in lora_paths)), *parameters]:
         r, alpha = rank_and_alpha(config, path)
         layer.add_adapter(
             name,
@@ -89,7 +100,6 @@ def inject_adapter(
             order=order,
             use_dora=config.use_dora,
         )
-        lora_paths.append(path)
     saved_paths = []
     for path, module in list(candidate_modules(model)) if config.modules_to_save else []:
         if is_module_to_save(path, config.modules_to_save):
@@ -102,12 +112,70 @@ def inject_adapter(
         delete_adapter_layers(model, name)
         raise ConfigError(f"modules_to_save={config.modules_to_save} matches no module of this model")
     enable_adapter_names_argument(model)
-    return AdapterEntry(config, lora_paths, saved_paths)
+    return AdapterEntry(config, lora_paths, saved_paths, [path for path, _ in parameters])
+
+
+def _parameter_layers(model: nn.Module, config: LoraConfig, init, module_paths: list[str]):
+    """(parameter key, ``LoraParameter``) for the parameters ``config`` adapts directly, their owners wrapped
+    in ``AdaptedModule``s; every refusal comes before the model changes."""
+    found = find_parameter_targets(model, config)
+    if not found:
+        return []
+    keys = [f"{owner}.{name}" for owner, name in found]
+    clash = sorted({owner for owner, _ in found} & set(module_paths))
+    if clash:
+        raise ConfigError(
+            f"{clash[0]!r} is adapted as a module (target_modules) and through its parameters (target_parameters); "
+            "name it in one of them"
+        )
+    if config.lora_dropout:
+        raise ConfigError(
+            f"lora_dropout={config.lora_dropout} cannot apply to parameter updates such as {keys[0]!r} (PEFT "
+            "refuses them too); set lora.lora_dropout: 0, or leave the experts out with lora.target_parameters: []"
+        )
+    if config.use_dora:
+        raise ConfigError(
+            f"DoRA is not supported on parameters such as {keys[0]!r} (PEFT has none there either); set "
+            "use_dora: false, or leave the experts out with lora.target_parameters: []"
+        )
+    if is_residual_start(init):
+        raise ConfigError(
+            f"init_lora_weights={init!r} is not supported on parameters such as {keys[0]!r}; use the default init"
+        )
+    for owner_path, _ in found:
+        owner = model.get_submodule(owner_path)
+        owner = owner.base_layer if isinstance(owner, AdaptedModule) else owner
+        if any(True for child in owner.children() for _ in child.parameters()):
+            raise ConfigError(
+                f"target_parameters names parameters of {owner_path!r}, which holds other modules with weights; "
+                "name parameters of modules without submodules (such as mlp.experts)"
+            )
+    layers = []
+    for owner_path, name in found:
+        owner = model.get_submodule(owner_path)
+        if not isinstance(owner, AdaptedModule):
+            owner = AdaptedModule(owner)
+            model.set_submodule(owner_path, owner)
+        layers.append((f"{owner_path}.{name}", owner.layer_for(name)))
+    return layers
+
+
+def _unwrap(model: nn.Module, path: str, layer: LoraLayer) -> None:
+    """Put back what ``layer`` (now without adapters) replaced: its module, or for a ``LoraParameter`` drop it
+    from its ``AdaptedModule`` and that module once it holds no other."""
+    if not isinstance(layer, LoraParameter):
+        model.set_submodule(path, layer.base_layer)
+        return
+    owner_path, _, name = path.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    owner.remove_layer(name)
+    if not owner.parameter_layers():
+        model.set_submodule(owner_path, owner.base_layer)
 
 
 def adapter_parameters(model: nn.Module, name: str) -> Iterator[nn.Parameter]:
-    """The parameters adapter ``name`` trains: its A and B factors (and DoRA magnitudes) and its
-    modules_to_save copies."""
+    """The parameters adapter ``name`` trains: its A and B factors (and DoRA magnitudes), expert factors
+    included, and its modules_to_save copies."""
     for _, layer in lora_layers(model):
         if name in layer.lora_A:
             yield layer.lora_A[name]
@@ -299,7 +367,7 @@ def delete_adapter_layers(model: nn.Module, name: str) -> None:
         if name in layer.specs:
             layer.remove_adapter(name)
             if not layer.adapter_names:
-                model.set_submodule(path, layer.base_layer)
+                _unwrap(model, path, layer)
     for path, wrapper in list(saved_modules(model)):
         if name in wrapper.copies:
             wrapper.remove(name)
@@ -339,7 +407,7 @@ def unload(model: nn.Module, merge: bool = False, *, safe: bool = False) -> nn.M
         for name in layer.adapter_names:
             if name not in merged:
                 layer.remove_adapter(name)  # gives a PiSSA adapter's principal part back to W0
-        model.set_submodule(path, layer.base_layer)
+        _unwrap(model, path, layer)
     for path, wrapper in list(saved_modules(model)):
         keep = wrapper.copies[wrapper.active] if merge and wrapper.active else wrapper.original_module
         model.set_submodule(path, keep)

@@ -8,6 +8,9 @@
 - ``execution``: faster ways to compute the same output, as backends ``select`` picks from (fused training,
   stacked mixed batches, no-grad plans, the compiled kernel);
 - ``fused_linear``: the lean autograd function of the fused path;
+- ``experts``: a fused mixture-of-experts block with adapted experts, computed per expert group;
+- ``parameters``: LoRA on parameters that are not a Linear's weight (PEFT's ``target_parameters``): 3-D expert
+  stacks and other 2-D weights (``LoraParameter``), held by the ``AdaptedModule`` that replaces their owner;
 - the compiled CPU kernel that plans use for a few rows lives in ``loratune.kernels.lowrank``.
 """
 
@@ -26,6 +29,7 @@ from loratune.layers.kinds import (
     lora_class_for,
 )
 from loratune.layers.lora import AdapterSpec, LoraLayer, lora_scaling
+from loratune.layers.parameters import AdaptedModule, LoraParameter
 from loratune.layers.state import BASE_ADAPTER, LayerState, Routing, Term
 
 __all__ = [
@@ -33,6 +37,7 @@ __all__ = [
     "INIT_CHOICES",
     "MERGE_4BIT_HINT",
     "UNINITIALISED",
+    "AdaptedModule",
     "AdapterSpec",
     "LayerState",
     "LoraConv",
@@ -41,6 +46,7 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "LoraLinear4bit",
+    "LoraParameter",
     "PissaStart",
     "QuantizedLinear",
     "Routing",

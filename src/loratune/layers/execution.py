@@ -161,6 +161,12 @@ def run(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return backend.forward(layer, x, prepared)
 
 
+def record(name: str) -> None:
+    """Note in an open ``trace()`` that a call ran backend ``name`` (modules that choose their own paths)."""
+    if _trace is not None:
+        _trace.append(name)
+
+
 def backend_for(layer, x: torch.Tensor) -> str:
     """The name of the backend ``run`` takes for ``x`` in the current grad mode (``select``'s choice)."""
     return select(layer, x)[0].name

@@ -43,8 +43,9 @@ def check_init(init) -> None:
         raise ConfigError(f"init_lora_weights={init!r} is not one of {INIT_CHOICES} (N: a positive integer)")
 
 
-def init_factors(A: torch.Tensor, B: torch.Tensor, init, *, embedding: bool = False) -> None:
-    """Fill ``A`` (r × in) and ``B`` (out × r) in place as ``init`` says (not ``"pissa"``, see ``pissa_start``)."""
+def init_factors(A: torch.Tensor, B: torch.Tensor, init, *, embedding: bool = False, rank: int | None = None) -> None:
+    """Fill ``A`` (r × in) and ``B`` (out × r) in place as ``init`` says (not ``"pissa"``, see ``pissa_start``).
+    ``rank``: r when A stacks several adapters' rows (experts: E·r × in); default A's row count."""
     with torch.no_grad():
         if embedding:
             if init not in (True, False, "gaussian"):
@@ -55,7 +56,7 @@ def init_factors(A: torch.Tensor, B: torch.Tensor, init, *, embedding: bool = Fa
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # bound = 1/√in
             nn.init.zeros_(B)
         elif init == "gaussian":
-            nn.init.normal_(A, std=1 / A.shape[0])
+            nn.init.normal_(A, std=1 / (rank or A.shape[0]))
             nn.init.zeros_(B)
         elif init is False:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))

@@ -173,7 +173,7 @@ class LoraLayer(nn.Module):
             self.pissa[name] = start
             self._add_to_weight(-start.delta())
         elif init != UNINITIALISED:
-            init_factors(self.lora_A[name], self.lora_B[name], init, embedding=self.embedding)
+            init_factors(self.lora_A[name], self.lora_B[name], init, embedding=self.embedding, rank=r)
         if use_dora:
             magnitude = dora.row_norms(
                 self.dense_weight(), self.lora_A[name], self.lora_B[name], self.specs[name].scaling

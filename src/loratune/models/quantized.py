@@ -4,6 +4,7 @@ one in 4 bits from its checkpoint, without the full-precision model ever in memo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,7 +55,26 @@ def quantize_model(model: nn.Module, spec: QuantSpec, unquantized: Sequence[str]
         linear = model.get_submodule(path)
         layer = Linear4bit.from_weight(linear.weight, linear.bias, spec, name=f"{path}.weight")
         model.set_submodule(path, layer)
+    warn_unquantized_experts(model)
     return model
+
+
+def warn_unquantized_experts(model: nn.Module) -> None:
+    """Say that a mixture-of-experts model's fused experts stay in the model dtype under 4-bit loading (only
+    Linear layers are stored in 4 bits so far), with their share of the weights."""
+    from loratune.adapters.targets import expert_blocks
+    from loratune.layers.experts import expert_weight_names
+
+    blocks = expert_blocks(model)
+    if not blocks:
+        return
+    weights = sum(getattr(owner, name).numel() for _, owner in blocks for name in expert_weight_names(owner))
+    total = sum(p.numel() for p in model.parameters())
+    warnings.warn(
+        f"4-bit loading stores Linear layers only: the experts of this mixture-of-experts model ({len(blocks)} "
+        f"blocks, {100 * weights / total:.0f}% of the weights) stay in the model dtype",
+        stacklevel=3,
+    )
 
 
 def stored_in_4bit(model_dir: str | Path) -> str | None:

@@ -23,7 +23,12 @@ from torch import nn
 
 from loratune.errors import LoratuneError
 from loratune.memory import release_freed_memory
-from loratune.models.quantized import DEFAULT_UNQUANTIZED, modules_to_quantize, modules_to_quantize_in
+from loratune.models.quantized import (
+    DEFAULT_UNQUANTIZED,
+    modules_to_quantize,
+    modules_to_quantize_in,
+    warn_unquantized_experts,
+)
 from loratune.models.structure import transformer_blocks
 from loratune.quant import Linear4bit, QuantSpec, checkpoint_files, iter_tensors, read_header
 
@@ -125,6 +130,8 @@ def load_streamed(
     if problems:
         how = " in 4 bits" if spec or prequantized else ""
         raise LoratuneError(f"cannot load {model_dir}{how}: {'; '.join(problems)}")
+    if spec or prequantized:
+        warn_unquantized_experts(model)
     generation = model_dir / "generation_config.json"
     if generation.is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(model_dir))

@@ -32,12 +32,18 @@ from loratune.layers.fused_linear import (
 
 # Architectures whose RMSNorm is ``weight * (x·rstd).to(dtype)`` and whose MLP is down(silu(gate(x)) * up(x)):
 # model_type -> the prefix of their transformers class names.
+# The mixture-of-experts families among them have such norms (and such MLPs in their dense layers and shared
+# experts, where they have any); their experts are ``layers.experts``'s.
 LLAMA_LIKE_MODEL_TYPES = {
     "llama": "Llama",
     "mistral": "Mistral",
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
     "smollm3": "SmolLM3",
+    "mixtral": "Mixtral",
+    "qwen3_moe": "Qwen3Moe",
+    "olmoe": "Olmoe",
+    "deepseek_v3": "DeepseekV3",
 }
 
 
@@ -256,8 +262,9 @@ def _mlp_forward(self, x):
     return SiluMulLoraDownFunction.apply(gate, up, down, down.base_layer.bias, term.A, term.B, term.scale)
 
 
-def _llama_family_classes(model_type: str) -> tuple[type, type] | None:
-    """(RMSNorm class, MLP class) of a Llama-family architecture in transformers, or None."""
+def _llama_family_classes(model_type: str) -> tuple[type, type | None] | None:
+    """(RMSNorm class, MLP class or None when it has none) of a Llama-family architecture in transformers, or
+    None."""
     prefix = LLAMA_LIKE_MODEL_TYPES.get(model_type)
     if prefix is None:
         return None
@@ -266,7 +273,7 @@ def _llama_family_classes(model_type: str) -> tuple[type, type] | None:
     except ImportError:
         return None
     norm, mlp = getattr(modeling, f"{prefix}RMSNorm", None), getattr(modeling, f"{prefix}MLP", None)
-    return (norm, mlp) if norm is not None and mlp is not None else None
+    return (norm, mlp) if norm is not None else None
 
 
 def patch_for_training(model: nn.Module) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from loratune import signals
-from loratune.adapters import add_adapter, parameter_report
+from loratune.adapters import add_adapter, expert_report, parameter_report
 from loratune.data.classification import LabelSpace, write_labels
 from loratune.errors import ConfigError, LoratuneError
 from loratune.inference.evaluate import EvalResult
@@ -250,6 +250,9 @@ class Recipe:
         for line in self.objective.describe(data):
             self.log(line)
         self.log(f"{self.total_steps} steps of {t.batch_size}×{t.grad_accum}; {self.report}")
+        experts = expert_report(self.model)
+        if experts is not None:
+            self.log(experts)
         if self.dirs.work != self.dirs.final:
             self.log(f"building the new run in {self.dirs.work}; it replaces {self.dirs.final} when it completes")
         if data.retain and self.state.retain_loss_base is None and self.topology.lockstep:

@@ -1,0 +1,182 @@
+"""LoRA on fused expert weights: the fast way to run a mixture-of-experts block whose experts are adapted.
+
+transformers' mixture-of-experts models (Qwen3-MoE, Mixtral, gpt-oss, DeepSeek-V3, OLMoE, Granite-MoE, … every
+experts class decorated with ``@use_experts_implementation``) keep all experts' weights of a projection in one
+3-D parameter: ``gate_up_proj`` (E × 2I × H, or E × H × 2I when the module ``is_transposed``, as gpt-oss's) and
+``down_proj``. The module is called with the flattened tokens and, per token, the top-k experts and their
+routing weights.
+
+For the copies of tokens routed to expert e (x: n_e × in), an adapted projection computes
+
+    x·W_eᵀ (+ b_e)  +  Σ_terms  scale · (x·A_eᵀ)·B_eᵀ
+
+``grouped_forward`` runs the whole block that way: the (token, expert) pairs sorted by expert, one grouped
+product per projection for the base and two of rank r per adapter term, so the update of expert e touches only
+the tokens routed to it, ΔW_e is never formed and no product runs over all experts. ``grouped_mm`` is that
+product (PyTorch's where it runs, else one matmul per expert).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loratune.errors import ConfigError
+
+# what transformers' @use_experts_implementation sets on an experts module (and the forward it dispatches)
+_EXPERT_FLAGS = ("has_gate", "has_bias", "is_transposed", "num_experts")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers experts module holding every expert in 3-D parameters."""
+    if not all(hasattr(module, flag) for flag in _EXPERT_FLAGS):
+        return False
+    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+
+
+def projection_names(module: nn.Module) -> tuple[str, str]:
+    """(input projection, output projection) parameter names of a fused experts module."""
+    return ("gate_up_proj" if module.has_gate else "up_proj"), "down_proj"
+
+
+def expert_weight_names(module: nn.Module) -> list[str]:
+    """The expert weight stacks of a fused experts module (its 3-D float parameters, not biases or norms), in
+    the module's parameter order: what ``all-linear`` adapts."""
+    return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
+
+
+def grouped_path_covers(module: nn.Module, adapted: set[str]) -> bool:
+    """Whether ``grouped_forward`` can run ``module`` with LoRA on the parameters ``adapted``."""
+    if not is_fused_experts(module) or getattr(module, "_is_expert_parallel", False):
+        return False
+    names = projection_names(module)
+    return adapted <= set(names) and all(isinstance(getattr(module, n, None), torch.Tensor) for n in names)
+
+
+# --- the grouped product -----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _native_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether PyTorch's grouped_mm runs on this device and dtype (tried once on a tiny problem)."""
+    grouped = getattr(F, "grouped_mm", None)
+    if grouped is None or device_type not in ("cpu", "cuda"):
+        return False
+    if device_type == "cuda" and (dtype != torch.bfloat16 or torch.cuda.get_device_capability() < (8, 0)):
+        return False
+    try:
+        a = torch.ones(4, 8, device=device_type, dtype=dtype)
+        b = torch.ones(2, 8, 8, device=device_type, dtype=dtype)
+        out = grouped(a, b, offs=torch.tensor([1, 4], dtype=torch.int32, device=device_type))
+        return bool(out[0, 0] == 8)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``x[rows of group e] @ weight[e]`` for every group, stacked: x (S × in) sorted by group, weight (E × in ×
+    out), ``offsets`` the int32 end row of each group, ``counts`` the same as sizes."""
+    if x.shape[0] == 0:
+        return x.new_zeros(0, weight.shape[-1])
+    dims_fit = x.device.type != "cuda" or (weight.shape[-1] % 8 == 0 and weight.shape[-2] % 8 == 0)
+    if dims_fit and _native_grouped_mm(x.device.type, x.dtype):
+        return F.grouped_mm(x, weight, offs=offsets)
+    parts = [x_e @ weight[e] for e, x_e in enumerate(x.split(counts)) if counts[e]]
+    return torch.cat(parts)
+
+
+# --- the block ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _call_parameters(forward) -> tuple[str, ...]:
+    return tuple(inspect.signature(forward).parameters)
+
+
+def routing_arguments(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states (N × H), top-k expert indices (N × k), their weights (N × k)) from a call of an experts
+    module, whatever its forward names them (``top_k_index``, ``router_indices``, …)."""
+    names = _call_parameters(type(module).forward)[1:]  # after self
+    values = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
+    if len(values) != 3:
+        raise ConfigError(
+            f"{type(module).__name__} was called with arguments {names}; LoRA on its experts expects "
+            "(hidden_states, top-k indices, top-k weights)"
+        )
+    return values[0], values[1], values[2]
+
+
+class Routed:
+    """The (token, expert) pairs of one call, sorted by expert: which token each copy is (``tokens``), its
+    routing weight, the group sizes (``counts``, ``offsets``) and the order that puts them back."""
+
+    def __init__(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int):
+        n, k = top_k_index.shape
+        experts = top_k_index.reshape(-1)
+        self.experts, self.order = torch.sort(experts, stable=True)
+        self.tokens = self.order // k
+        self.weights = top_k_weights.reshape(-1)[self.order]
+        counts = torch.bincount(self.experts, minlength=num_experts)
+        self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        self.counts = counts.tolist()
+        self.n_tokens, self.k = n, k
+
+    def token_weights(self, rows: torch.Tensor | None, row_weights: torch.Tensor | None, n_rows: int, dtype):
+        """Per sorted copy, the weight a term on batch ``rows`` (None: all rows) gives it: 0 off its rows."""
+        if rows is None and row_weights is None:
+            return None
+        if self.n_tokens % n_rows:
+            raise ConfigError(
+                f"a mixed-adapter batch of {n_rows} rows reached the experts with {self.n_tokens} tokens; "
+                "give one adapter name per sequence"
+            )
+        per_row = torch.zeros(n_rows, dtype=torch.float32, device=self.tokens.device)
+        index = torch.arange(n_rows, device=per_row.device) if rows is None else rows
+        per_row[index] = 1.0 if row_weights is None else row_weights.to(per_row.device)
+        return per_row[self.tokens // (self.n_tokens // n_rows)].to(dtype).unsqueeze(1)
+
+    def combine(self, out: torch.Tensor) -> torch.Tensor:
+        """The sum over each token's k copies of ``out`` (sorted copies × H), weighted: N × H."""
+        weighted = out * self.weights.unsqueeze(1).to(out.dtype)
+        unsorted = torch.empty_like(weighted).index_copy_(0, self.order, weighted)
+        return unsorted.view(self.n_tokens, self.k, -1).sum(1)
+
+
+def project(module: nn.Module, name: str, x: torch.Tensor, routed: Routed, layer, n_rows: int | None) -> torch.Tensor:
+    """Projection ``name`` of the sorted copies ``x``: the base grouped product, its bias, and the grouped
+    low-rank products of ``layer``'s terms (``layer`` None: not adapted)."""
+    weight = getattr(module, name)
+    as_in_out = weight if module.is_transposed else weight.transpose(1, 2)
+    if x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    out = grouped_mm(x, as_in_out, routed.offsets, routed.counts)
+    if module.has_bias:
+        out = out + getattr(module, f"{name}_bias")[routed.experts]
+    for term in layer.terms() if layer is not None else ():
+        A, B = layer.grouped_factors(term, x.dtype)  # E × in × r, E × r × out (scale folded in)
+        h = grouped_mm(term.dropout(x), A, routed.offsets, routed.counts)
+        mask = routed.token_weights(term.rows, term.row_weights, n_rows or 1, h.dtype)
+        if mask is not None:
+            h = h * mask
+        out = out + grouped_mm(h, B, routed.offsets, routed.counts)
+    return out
+
+
+def grouped_forward(module: nn.Module, layers: dict, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The experts block of ``module`` with the LoRA ``layers`` (parameter name → ``LoraParameter``) on its
+    projections, computed per expert group (see the module docstring)."""
+    hidden, top_k_index, top_k_weights = routing_arguments(module, args, kwargs)
+    routed = Routed(top_k_index, top_k_weights, module.num_experts)
+    n_rows = next((layer.state.routing.n_rows for layer in layers.values() if layer.state.routing), None)
+    first, second = projection_names(module)
+    x = hidden[routed.tokens]
+    h = project(module, first, x, routed, layers.get(first), n_rows)
+    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+    out = project(module, second, h, routed, layers.get(second), n_rows)
+    if getattr(module, "has_post_expert_norm", False):
+        out = module.post_expert_norm(out)
+    return routed.combine(out).to(hidden.dtype)

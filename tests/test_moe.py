@@ -1,0 +1,319 @@
+"""LoRA on the experts of mixture-of-experts models (PEFT's ``target_parameters``).
+
+Every family transformers 5 ships with fused 3-D expert weights that we test (Qwen3-MoE, Mixtral, gpt-oss with its
+transposed layout and biases, OLMoE, DeepSeek-V3 with shared experts) as a tiny random model: the grouped expert
+path against the reference definition (the module's forward with W + ΔW), adapters crossing to and from the real
+PEFT merged and unmerged, merging into the fused weights, mixed-adapter batches, the refusals, and a training run.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import build_tiny_llama, build_tiny_tokenizer
+from loratune.adapters import (
+    LoraConfig,
+    adapters_of,
+    add_adapter,
+    expert_report,
+    load_adapter,
+    merge_adapters,
+    mix_adapter_dirs,
+    read_adapter,
+    save_adapter,
+    unmerge_adapters,
+)
+from loratune.adapters.gguf_export import gguf_lora_tensors
+from loratune.errors import ConfigError
+from loratune.inference.engine import Engine
+from loratune.inference.sequence import Finished, SamplingParams, Sequence
+from loratune.layers import AdaptedModule, LoraLayer, execution
+from loratune.models.quantized import quantize_model
+from loratune.models.upcycle import upcycle_to_mixtral
+from loratune.quant import QuantSpec
+from loratune.train import train
+from loratune.train.fused_ops import patch_for_training
+from run_helpers import addition_rows, write_jsonl
+from test_train import make_config
+from tiny_models import MOE_KINDS, VOCAB, tiny_moe, token_batch
+
+peft = pytest.importorskip("peft")
+
+ATOL = 1e-5
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+def lora(kind: str, **overrides) -> LoraConfig:
+    """All-linear rank-4 LoRA with random B, so that every expert factor changes the output. DeepSeek-V3's shared
+    experts are left out where PEFT must judge: PEFT reads their Linears as expert projections (peft#3711)."""
+    extra = {"exclude_modules": r".*shared_experts.*"} if kind == "deepseek_v3" else {}
+    return LoraConfig(**{"r": 4, "init_lora_weights": False, **extra, **overrides})
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def reference_logits(model, ids):
+    """Logits with every adapted experts module run by its reference definition (``W + ΔW`` in its own forward)."""
+    modules = [m for m in model.modules() if isinstance(m, AdaptedModule)]
+    for module in modules:
+        module.forward = module.reference_forward
+    try:
+        return model(ids).logits
+    finally:
+        for module in modules:
+            del module.forward
+
+
+def randomise(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_grouped_expert_path_equals_the_reference_in_outputs_and_gradients(kind):
+    model = tiny_moe(kind)
+    add_adapter(model, lora(kind))
+    ids = token_batch(batch=3)
+    with execution.trace() as ran:
+        fast = model(ids).logits
+    assert "experts" in ran
+    fast_grads = torch.autograd.grad(fast.square().sum(), [p for p in model.parameters() if p.requires_grad])
+    reference = reference_logits(model, ids)
+    reference_grads = torch.autograd.grad(reference.square().sum(), [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(fast, reference, atol=ATOL, rtol=1e-5)
+    for a, b in zip(fast_grads, reference_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert (fast - logits(tiny_moe(kind), ids)).abs().max() > 1e-2  # the adapter does change the output
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_all_linear_adapts_every_expert_stack_and_not_the_router(kind):
+    model = tiny_moe(kind)
+    add_adapter(model, LoraConfig(r=4))
+    entry = adapters_of(model)["default"]
+    stacks = {key.rpartition(".")[2] for key in entry.parameter_paths}
+    assert stacks == {"gate_up_proj", "down_proj"}
+    assert len(entry.parameter_paths) == 2 * 2  # two stacks in each of the two blocks
+    assert not any(path.endswith(("router", "gate")) for path in entry.lora_paths)
+    assert "LoRA on down_proj, gate_up_proj of 2 of 2 MoE blocks" in expert_report(model)
+
+
+def test_a_target_list_without_experts_is_reported_in_one_line():
+    model = tiny_moe("qwen3_moe")
+    add_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    report = expert_report(model)
+    assert report.startswith("experts: NOT adapted") and "target_parameters" in report
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_expert_adapter_loads_in_peft_with_the_same_logits_merged_and_unmerged(kind, tmp_path):
+    model = tiny_moe(kind)
+    add_adapter(model, lora(kind))
+    ids = token_batch()
+    ours = logits(model, ids)
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(config["target_parameters"]) == {"experts.gate_up_proj", "experts.down_proj"}
+    theirs = peft.PeftModel.from_pretrained(tiny_moe(kind), tmp_path)
+    torch.testing.assert_close(logits(theirs, ids), ours, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(theirs.merge_and_unload(), ids), ours, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_peft_expert_adapter_loads_here_with_the_same_logits_merged_and_unmerged(kind, tmp_path):
+    saving = peft.get_peft_model(
+        tiny_moe(kind),
+        peft.LoraConfig(
+            r=4, target_modules=["q_proj", "o_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+        ),
+    )
+    randomise(saving)
+    ids = token_batch()
+    theirs = logits(saving, ids)
+    saving.save_pretrained(tmp_path)
+    model = tiny_moe(kind)
+    load_adapter(model, tmp_path)
+    torch.testing.assert_close(logits(model, ids), theirs, atol=ATOL, rtol=0)
+    merge_adapters(model)
+    torch.testing.assert_close(logits(model, ids), theirs, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])  # out × in and in × out expert layouts
+def test_merge_writes_into_the_fused_weights_and_unmerge_restores_them(kind):
+    model = tiny_moe(kind, dtype=torch.bfloat16)
+    experts = model.model.layers[0].mlp.experts  # the original module: it stays the owner of the fused weights
+    before = experts.gate_up_proj.detach().clone()
+    add_adapter(model, lora(kind))
+    ids = token_batch()
+    unmerged = logits(model, ids).float()
+    merge_adapters(model)
+    assert experts.gate_up_proj.dtype == torch.bfloat16
+    assert not torch.equal(experts.gate_up_proj, before)
+    with execution.trace() as ran:
+        merged = logits(model, ids).float()
+    assert "experts" not in ran  # nothing left to add at run time
+    torch.testing.assert_close(merged, unmerged, atol=0.1, rtol=0.05)  # bf16 weights, rounded once
+    unmerge_adapters(model)
+    assert (experts.gate_up_proj.float() - before.float()).abs().max() <= 2e-2
+
+
+def test_mixed_batch_rows_on_experts_equal_one_adapter_at_a_time():
+    model = tiny_moe("mixtral")
+    add_adapter(model, lora("mixtral"), name="a")
+    add_adapter(model, lora("mixtral"), name="b")
+    randomise(model)
+    ids = token_batch(batch=3)
+    names = ["a", "b", "__base__"]
+    with torch.no_grad(), execution.trace() as ran:
+        mixed = model(ids, adapter_names=names).logits
+    assert "experts" in ran
+    for row, name in enumerate(names):
+        with torch.no_grad():
+            alone = model(ids[row : row + 1], adapter_names=[name]).logits
+        torch.testing.assert_close(mixed[row : row + 1], alone, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lora_dropout": 0.1}, "lora_dropout=0.1 cannot apply to parameter updates"),
+        ({"use_dora": True}, "DoRA is not supported on parameters"),
+        ({"target_parameters": ["experts.up_proj_typo"]}, "matches no parameter of this model"),
+        ({"target_modules": ["experts"], "target_parameters": None}, "target_parameters"),
+    ],
+)
+def test_what_cannot_apply_to_experts_is_refused_in_one_line_and_leaves_the_model_as_it_was(overrides, message):
+    model = tiny_moe("qwen3_moe")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        add_adapter(model, LoraConfig(r=4, **overrides))
+    assert not any(isinstance(m, (LoraLayer, AdaptedModule)) for m in model.modules())
+
+
+def test_saving_warns_when_peft_would_read_shared_expert_linears_as_experts(tmp_path):
+    model = tiny_moe("deepseek_v3")
+    add_adapter(model, LoraConfig(r=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_adapter(model, tmp_path)
+    assert any("huggingface/peft#3711" in str(w.message) for w in caught)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "model.layers.0.mlp.shared_experts.gate_proj" in config["target_modules"]  # full paths: kept as modules
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_a_training_run_on_an_moe_trains_the_experts_and_saves_them_for_peft(kind, tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_moe(kind, vocab=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "train.jsonl", addition_rows(8))
+    lines = []
+    shared = {"exclude_modules": ".*shared_experts.*"} if kind == "deepseek_v3" else {}  # as in lora(): peft#3711
+    config = make_config(model_dir, data, tmp_path / "run", train={"max_steps": 3}, lora=shared)
+    train(config, progress=False, log=lines.append)
+    assert any(line.startswith("experts: LoRA on down_proj, gate_up_proj of 2 of 2") for line in lines)
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert set(config["target_parameters"]) == {"experts.gate_up_proj", "experts.down_proj"}
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    expert_B = [t for k, t in tensors.items() if "experts" in k and "lora_B" in k]
+    assert expert_B and all(t.abs().max() > 0 for t in expert_B)  # B starts at zero: the experts were trained
+    peft.PeftModel.from_pretrained(tiny_moe(kind, vocab=len(tokenizer)), adapter)  # and PEFT loads them
+
+
+def test_an_upcycled_dense_model_computes_what_the_dense_model_computes():
+    dense = build_tiny_llama(VOCAB, seed=3).eval()
+    moe = upcycle_to_mixtral(dense, experts=4, top_k=2)
+    ids = token_batch(batch=3, length=12)
+    routed = moe.model.layers[0].mlp.gate(moe.model.embed_tokens(ids))[2]
+    assert routed.unique().numel() > 2  # the random router spreads tokens over the experts
+    torch.testing.assert_close(logits(moe, ids), logits(dense, ids), rtol=1e-5, atol=1e-5)
+    add_adapter(moe, lora("mixtral"))
+    assert (logits(moe, ids) - logits(dense, ids)).abs().max() > 1e-2  # and its experts train apart
+
+
+def test_upcycling_refuses_what_it_cannot_build():
+    with pytest.raises(ConfigError, match="top_k must be between 1 and the number of experts"):
+        upcycle_to_mixtral(build_tiny_llama(VOCAB), experts=2, top_k=3)
+    with pytest.raises(ConfigError, match="from a Llama or Mistral model"):
+        upcycle_to_mixtral(tiny_moe("qwen3_moe"))
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_the_lean_norm_and_mlp_ops_apply_to_moe_families_and_change_nothing(kind):
+    plain, patched = tiny_moe(kind), tiny_moe(kind)
+    add_adapter(plain, lora(kind))
+    randomise(plain)
+    add_adapter(patched, lora(kind))
+    patched.load_state_dict(plain.state_dict())
+    assert patch_for_training(patched) >= 2 * 2 + 1  # two norms per block and the final one, at least
+    ids = token_batch(batch=2)
+    losses, grads = [], []
+    for model in (plain, patched):
+        model.train()
+        losses.append(model(ids, labels=ids).loss)
+        grads.append(torch.autograd.grad(losses[-1], [p for p in model.parameters() if p.requires_grad]))
+    assert (losses[0] - losses[1]).abs() <= 1e-5 * losses[0].abs()  # as tests/test_fused_ops.py asks of Llama
+    for a, b in zip(*grads, strict=True):
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-8
+
+
+def test_what_does_not_handle_expert_adapters_yet_says_so_in_one_line(tmp_path):
+    model = tiny_moe("qwen3_moe")
+    add_adapter(model, lora("qwen3_moe"))
+    save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ConfigError, match=r"adapts parameters directly \(target_parameters"):
+        mix_adapter_dirs([(tmp_path / "adapter", 1.0), (tmp_path / "adapter", 1.0)], tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
+    config, tensors = read_adapter(tmp_path / "adapter")
+    with pytest.raises(ConfigError, match="adapts expert weights .* merge the adapter"):
+        gguf_lora_tensors(tensors, config, base=None)
+    with pytest.warns(UserWarning, match=r"the experts of this mixture-of-experts model \(2 blocks, \d+% of the"):
+        quantize_model(tiny_moe("qwen3_moe"), QuantSpec())
+
+
+def test_the_serving_engine_runs_expert_adapters_per_row_as_each_alone(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    model = tiny_moe("qwen3_moe", vocab=len(tokenizer))
+    for name in ("a", "b"):
+        add_adapter(model, lora("qwen3_moe"), name=name)
+    randomise(model)
+    prompts = [tokenizer.encode(text) for text in ("add 1 2", "add 3 4 and 5", "the date")]
+    requests = [(0, {"a": 1.0}), (1, {"b": 1.0}), (2, {}), (0, {"b": 1.0}), (1, {"a": 0.5, "b": 0.5})]
+
+    def generate(batch):
+        done = queue.Queue()
+
+        def sink(event):
+            if isinstance(event, Finished):
+                done.put(event)
+
+        seqs = [
+            Sequence(prompts[p], adapters, SamplingParams(6), tokenizer, frozenset(), sink) for p, adapters in batch
+        ]
+        engine = Engine(model, max_batch=8)
+        for seq in seqs:
+            engine.submit(seq)
+        engine.start()
+        try:
+            for _ in seqs:
+                done.get(timeout=60)
+        finally:
+            engine.stop()
+        return [seq.tokens for seq in seqs]
+
+    together = generate(requests)
+    alone = [generate([request])[0] for request in requests]
+    assert together == alone
+    assert together[0] != together[3]  # the rows did run different experts' adapters
