@@ -85,6 +85,16 @@ class Server:
         found = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
         return float(found.group(1)) if found else 0.0
 
+    def wait_running(self, count: int, timeout: float = 10.0) -> float:
+        """The running sequences once they are ``count`` (the engine publishes them after each step, so they lag
+        a first token by a step), or what they are after ``timeout``."""
+        started = time.perf_counter()
+        while (
+            running := self.metric("loratune_running_sequences")
+        ) != count and time.perf_counter() - started < timeout:
+            time.sleep(0.05)
+        return running
+
     def wait_idle(self, timeout: float = WAIT) -> float:
         """Seconds until no sequence runs or waits (inf if that never happens within ``timeout``)."""
         started = time.perf_counter()
@@ -250,7 +260,7 @@ def disconnects(server: Server) -> bool:
                 first += sock.recv(4096)
         else:
             time.sleep(hold)
-        running = server.metric("loratune_running_sequences")
+        running = server.wait_running(0 if length is not None else 1, timeout=2.0)
         sock.close()
         freed = server.wait_idle()
         cancelled = server.metric("loratune_cancelled_sequences_total", '{model="a"}') - before
@@ -438,7 +448,7 @@ def sigterm(server: Server, tokens: int = 64) -> bool:
         thread.start()
     for _ in threads:
         began.get(timeout=WAIT)
-    running = server.metric("loratune_running_sequences")
+    running = server.wait_running(8)
     signalled = time.perf_counter()
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.2)

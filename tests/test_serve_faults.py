@@ -393,6 +393,35 @@ def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenized(make_
         _answers(client)
 
 
+def test_a_request_whose_output_overflows_gets_its_error_and_the_batch_goes_on(served, client):
+    """A finite strength far too large (3.4e38, just under float32's largest) overflows the model's output to NaN: that
+    request gets its own error, streaming or not, while a stream running beside it answers as if alone."""
+    url, service = served
+    _quiet(service)
+    ignore_eos = {"ignore_eos": True}
+    alone = client.completions.create(model="a", prompt="hello", max_tokens=40, temperature=0, extra_body=ignore_eos)
+    beside = client.completions.create(
+        model="a", prompt="hello", max_tokens=LONG, temperature=0, stream=True, extra_body=ignore_eos
+    )
+    pieces = [next(beside).choices[0].text]  # it runs (for minutes, unless cancelled) while the others fail
+    for stream in (False, True):
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "adapters": {"a": 3.4e38}, "stream": stream}
+        response = _post(url, json.dumps(body).encode())
+        if stream:  # the failure comes as the stream's first event: an error event
+            assert response.status_code == 200 and '"error"' in response.text and "not a number" in response.text
+        else:
+            assert response.status_code == 500 and "not a number" in response.json()["error"]["message"]
+    assert service.engine.stats.running == 1  # still running
+    for chunk in beside:
+        pieces.append(chunk.choices[0].text)
+        if len("".join(pieces)) >= len(alone.choices[0].text):
+            break
+    beside.close()
+    assert "".join(pieces).startswith(alone.choices[0].text)
+    _quiet(service)
+    _answers(client)
+
+
 # --- --max-tokens-default ---------------------------------------------------------------------------------------
 
 
