@@ -30,7 +30,7 @@ Setting the peers up (each outside the project's venv; paths are passed with --v
     cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
     cmake --build build --target llama-server -j2
 
-    python bench/serve_vs_peers.py --vllm /tmp/peers/vllm/bin/vllm \\
+    python bench/serve_vs_peers.py --vllm /tmp/peers/vllm/bin/vllm --convert-python /tmp/peers/vllm/bin/python \\
         --llama-server .../llama.cpp/build/bin/llama-server --llama-convert .../llama.cpp/convert_hf_to_gguf.py
 
 The base GGUF for llama.cpp is written by llama.cpp's own `convert_hf_to_gguf.py` from the same Hugging Face
@@ -161,7 +161,8 @@ def start_vllm(args, dtype: str, files: dict, log: Path) -> tuple[Server, dict]:
     command = [args.vllm, "serve", str(files["hf_dir"]), "--dtype", DTYPES[dtype][0], "--port", str(port)]
     command += ["--served-model-name", "base", "--enable-lora", "--max-loras", "3", "--max-lora-rank", "8"]
     command += ["--lora-modules", *[f"{n}={files['adapters'][n]}" for n in ADAPTERS], "--max-num-seqs", "16"]
-    env = thread_env(args.threads) | {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": args.cpus or "all"}
+    # 1 GiB of KV cache holds 16 x 200 tokens of a 135M model many times over; vLLM's 4 GiB would dominate RSS
+    env = thread_env(args.threads) | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": args.cpus or "all"}
     server = Server("vLLM CPU", pinned(command, args.cpus), env, port, log)
     return server, {name: (name, {}) for name in ADAPTERS} | {"base": ("base", {})}
 
@@ -203,7 +204,7 @@ def prepare(args, work: Path) -> dict:
         kind = DTYPES[dtype][1]
         base = work / f"base-{kind}.gguf"
         done = subprocess.run(
-            [sys.executable, args.llama_convert, str(hf_dir), "--outtype", kind, "--outfile", str(base)],
+            [args.convert_python, args.llama_convert, str(hf_dir), "--outtype", kind, "--outfile", str(base)],
             env=env,
             capture_output=True,
             text=True,
@@ -217,6 +218,8 @@ def prepare(args, work: Path) -> dict:
             command = [sys.executable, "-m", "loratune", "export-gguf", str(path), "--model", args.model]
             subprocess.run([*command, "--dtype", kind, "--out", str(ours[name])], check=True, capture_output=True)
         files["gguf"][dtype] = {"base": base, **ours}
+        sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:,.0f} MB" for p in (base, *ours.values()))
+        print(f"  llama.cpp files for {dtype}: {sizes}")
     return files
 
 
@@ -304,6 +307,12 @@ def main() -> int:
     parser.add_argument("--vllm", default=shutil.which("vllm"), help="the vllm executable of its own venv")
     parser.add_argument("--llama-server", default=shutil.which("llama-server"))
     parser.add_argument("--llama-convert", default=None, help="llama.cpp's convert_hf_to_gguf.py")
+    parser.add_argument(
+        "--convert-python",
+        default=sys.executable,
+        help="the Python that runs convert_hf_to_gguf.py: it needs torch, transformers and sentencepiece "
+        "(vLLM's venv has them all)",
+    )
     parser.add_argument("--fix-vllm-metadata", metavar="VENV", help="only make VENV's vllm-cpu findable as vllm")
     args = parser.parse_args()
     if args.fix_vllm_metadata:
