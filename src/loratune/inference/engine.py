@@ -48,7 +48,7 @@ class QueueFull(Exception):
 
 
 class NotANumber(Exception):
-    """A row of the model's output holds NaN or +infinity: no token can be chosen from it."""
+    """A row of the model's output holds NaN, or its largest value is infinite: no token can be chosen from it."""
 
 
 @dataclass
@@ -390,7 +390,8 @@ class Engine:
         the error, and the other rows take their tokens as if it were not there."""
         logits = logits.float()
         tokens = logits.argmax(dim=-1).tolist()
-        broken = (logits.isnan() | logits.isposinf()).any(dim=-1).tolist()
+        # NaN anywhere in a row makes its max NaN; a max of +inf or -inf leaves no token to choose either
+        broken = (~logits.amax(dim=-1).isfinite()).tolist()
         now = time.monotonic()
         for i, seq in enumerate(rows.seqs):
             if seq.done or seq.cancelled:
