@@ -107,6 +107,15 @@ def add_parser(verb) -> None:
         help="refuse requests for more than T new tokens (default: only the model's context limits)",
     )
     p.add_argument(
+        "--max-tokens-default",
+        type=positive_int,
+        default=None,
+        metavar="T",
+        help="new tokens for a request that gives no max_tokens, at most T (default: the rest of the model's "
+        "context, as OpenAI's API, vLLM and llama.cpp do; set it on a public endpoint so that a client that "
+        "forgets max_tokens does not run to the end of the context); at most --max-tokens-limit",
+    )
+    p.add_argument(
         "--prefill-tokens",
         type=positive_int,
         default=512,
@@ -155,6 +164,15 @@ def api_key(text: str) -> str:
     return text
 
 
+def check_token_limits(default: int | None, limit: int | None) -> None:
+    """Refuse a default answer length above the longest the server allows: every request that gives no
+    max_tokens would be refused for a number it did not ask for."""
+    if default is not None and limit is not None and default > limit:
+        raise ConfigError(
+            f"--max-tokens-default {default} is above --max-tokens-limit {limit}; a default must be allowed"
+        )
+
+
 def writes(args) -> Writes:
     return NOTHING  # adapters loaded at run time are read, never written (see serve.adapters)
 
@@ -171,6 +189,7 @@ def run(args) -> int:
         raise ConfigError(f"two adapters are named {duplicated[0]!r}; name them apart with NAME=DIR")
     if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
         raise ConfigError(f"--adapter-root {args.adapter_root} is not a directory")
+    check_token_limits(args.max_tokens_default, args.max_tokens_limit)
     name = base_model_for(args, adapters=[path for _, path, _ in args.adapter])
     listener = bind(args.host, args.port)  # before the model loads: a busy port is said at once
     try:
@@ -190,6 +209,7 @@ def run(args) -> int:
             max_loras=args.max_loras,
             adapter_root=args.adapter_root,
             max_tokens_limit=args.max_tokens_limit,
+            max_tokens_default=args.max_tokens_default,
             request_timeout=args.request_timeout,
         )
     except BaseException:

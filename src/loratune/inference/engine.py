@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from loratune.adapters.mixed_batch import mixed_batch
+from loratune.errors import ConfigError
 from loratune.inference import kv
 from loratune.inference.decode import inference
 from loratune.inference.sampling import sample_next
@@ -44,6 +45,10 @@ log = logging.getLogger("loratune.serve")
 
 class QueueFull(Exception):
     """More sequences wait than the engine accepts; the caller should retry later."""
+
+
+class NotANumber(Exception):
+    """A row of the model's output holds NaN, or its largest value is infinite: no token can be chosen from it."""
 
 
 @dataclass
@@ -237,16 +242,18 @@ class Engine:
 
     def _step(self) -> None:
         self._drop_finished()
+        self._drop_cancelled_waiting()
         if self._prefill is None:
             self._prefill = self._next_prefill()
         if self._prefill is not None:
+            job = self._prefill  # (held here: a chunk that completes the prompts takes it off self._prefill)
             try:
                 self._prefill_chunk()
             except Exception as error:
                 log.exception("prefill failed")
-                for seq in self._prefill.seqs:
-                    seq.fail(Failed(f"generation failed: {type(error).__name__}: {error}"))
                 self._prefill = None
+                for seq in job.seqs:
+                    seq.fail(Failed(f"generation failed: {type(error).__name__}: {error}"))
         self._run_calls()  # an engine call waits for one prefill chunk or one step, not both
         if self._running is not None:
             started = time.perf_counter()
@@ -258,6 +265,13 @@ class Engine:
             self._most_adapters = max(self._most_adapters, adapters)
             if self.on_step is not None:
                 self.on_step(rows, adapters, time.perf_counter() - started)
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Take cancelled sequences out of the queue at once, not when admission reaches them: a full batch may
+        not admit anyone for long, and meanwhile they would count as waiting and hold queue places."""
+        with self._wake:
+            if any(seq.cancelled for seq in self._waiting):
+                self._waiting = deque(seq for seq in self._waiting if not seq.cancelled)
 
     def _next_prefill(self) -> _Prefill | None:
         """The waiting sequences to start now (see the module docstring): in arrival order, as many as the
@@ -371,26 +385,41 @@ class Engine:
         self._routing_key = None
 
     def _accept(self, rows: _Rows, logits: torch.Tensor) -> None:
-        """Pick each row's next token and hand it to its sequence."""
+        """Pick each row's next token and hand it to its sequence. A row that cannot go on (past its deadline,
+        an output that is not a number, its sampling or its sequence failing) fails alone: its sequence gets
+        the error, and the other rows take their tokens as if it were not there."""
         logits = logits.float()
-        chosen = logits.argmax(dim=-1)
-        for i, seq in enumerate(rows.seqs):
-            if seq.params.temperature:
-                p = seq.params
-                chosen[i] = sample_next(logits[i : i + 1], p.temperature, p.top_p, p.top_k, seq.generator)[0]
-        tokens = chosen.tolist()
-        rows.last = chosen[:, None].to(rows.last.device)
+        tokens = logits.argmax(dim=-1).tolist()
+        # NaN anywhere in a row makes its max NaN; a max of +inf or -inf leaves no token to choose either
+        broken = (~logits.amax(dim=-1).isfinite()).tolist()
         now = time.monotonic()
         for i, seq in enumerate(rows.seqs):
             if seq.done or seq.cancelled:
                 continue
-            if seq.deadline is not None and now > seq.deadline:
-                seq.fail(
-                    Failed("the request took longer than the server's time limit (--request-timeout)", "timeout", 504)
-                )
-                continue
-            logprob = _logprob(logits[i], tokens[i], seq.params.logprobs) if seq.params.logprobs is not None else None
-            seq.accept(tokens[i], logprob)
+            try:
+                tokens[i] = self._next_token(seq, logits[i], tokens[i], broken[i], now)
+            except Exception as error:
+                log.exception("a sequence failed; the others go on")
+                seq.fail(_failure(error))
+        rows.last = torch.tensor(tokens, dtype=rows.last.dtype, device=rows.last.device)[:, None]
+
+    @staticmethod
+    def _next_token(seq: Sequence, logits: torch.Tensor, greedy: int, broken: bool, now: float) -> int:
+        """``seq``'s next token from its row of ``logits`` (``greedy``: their argmax), handed to it."""
+        if seq.deadline is not None and now > seq.deadline:
+            seq.fail(Failed("the request took longer than the server's time limit (--request-timeout)", "timeout", 504))
+            return greedy
+        if broken:
+            raise NotANumber(
+                "the model's output for this request is not a number (NaN or infinite), so no token can be "
+                "chosen; an extreme adapter strength can cause this"
+            )
+        p = seq.params
+        token = greedy
+        if p.temperature:
+            token = int(sample_next(logits[None], p.temperature, p.top_p, p.top_k, seq.generator)[0])
+        seq.accept(token, _logprob(logits, token, p.logprobs) if p.logprobs is not None else None)
+        return token
 
     def _join(self, new: _Rows) -> None:
         keep = [i for i, s in enumerate(new.seqs) if not (s.done or s.cancelled)]
@@ -423,6 +452,16 @@ class Engine:
         keep = [i for i, s in enumerate(rows.seqs) if not (s.done or s.cancelled)]
         if len(keep) < len(rows.seqs):
             self._running = _select(rows, keep)
+
+
+def _failure(error: Exception) -> Failed:
+    """What a sequence whose own step raised ``error`` tells its client: a 400 for sampling options that cannot
+    mean anything (the request's fault), else a 500."""
+    if isinstance(error, ConfigError):
+        return Failed(str(error), "invalid_request_error", 400)
+    if isinstance(error, NotANumber):
+        return Failed(str(error))
+    return Failed(f"generation failed: {type(error).__name__}: {error}")
 
 
 def _adapters_of(seqs: list[Sequence]) -> set[str]:

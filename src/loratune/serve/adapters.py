@@ -125,7 +125,9 @@ class AdapterPool:
         with self._lock:
             arrivals = [self._arrival(self._adapters[n]) for n in names if not self._adapters[n].resident]
         for arrival in arrivals:
-            await asyncio.wrap_future(arrival)
+            # shielded: the arrival is shared by every request waiting on it, and a request whose client goes
+            # away is cancelled here, which must not cancel the others' wait (nor the attach under way)
+            await asyncio.shield(asyncio.wrap_future(arrival))
 
     # --- loading and unloading -----------------------------------------------------------------------------
     def add_at_start(self, name: str, path: str | os.PathLike, strength: float = 1.0) -> ServedAdapter:

@@ -3,7 +3,8 @@
 It only parses, queues and streams: requests are tokenized on the service's preparing thread, adapters read
 on the pool's reader thread, and the model runs in the engine thread, so the event loop never waits on them.
 Every error is OpenAI's error JSON with a fitting status (400 for a bad body, not FastAPI's 422), and no
-request can stop the server.
+request can stop the server. A client that closes its connection before its answer is complete stops its
+sequences, whether it streams or not, and whether they run or still wait.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from loratune.inference.sequence import Delta, Failed, Finished
 from loratune.serve.protocol import (
+    STRICT,
     ChatCompletionRequest,
     CompletionRequest,
     RequestError,
@@ -30,6 +34,7 @@ from loratune.serve.protocol import (
     error_body,
     new_id,
     now,
+    parse_body,
     usage,
 )
 from loratune.serve.service import Job, Service
@@ -37,15 +42,24 @@ from loratune.version import __version__
 
 log = logging.getLogger("loratune.serve")
 OPEN_PATHS = {"/", "/health", "/favicon.ico"}  # no API key needed: the playground page asks for it
+CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection (counted, never sent)
 
 
 class LoadAdapter(BaseModel):
+    model_config = STRICT
+
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
 
 
 class UnloadAdapter(BaseModel):
+    model_config = STRICT
+
     lora_name: str = Field(min_length=1)
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was complete."""
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code=None, param=None, headers=None):
@@ -65,27 +79,55 @@ def _validation_message(errors) -> tuple[str, str | None]:
     return (f"{field}: {message}" if field else message), field
 
 
-def create_app(service: Service, api_key: str | None = None) -> FastAPI:
-    """The FastAPI application serving ``service`` (the engine must be started by the caller)."""
-    app = FastAPI(title="loratune serve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.service = service
+class _Guard:
+    """The outermost layer of every request (a plain ASGI middleware): checks the API key, and turns an
+    unexpected exception into OpenAI's 500 JSON (once an answer has started, the connection is closed instead).
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if api_key is not None and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(
+    Not FastAPI's ``@app.middleware("http")``: its wrapper receives on the handlers' behalf in a task group
+    that a zero-timeout poll cancels at once, so a handler never saw its client leave and a non-streaming
+    request kept its sequences running to the end."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+            given = Headers(scope=scope).get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                refused = _error(
                     401,
                     "missing or wrong API key; send the header 'Authorization: Bearer KEY'",
                     "authentication_error",
                     "invalid_api_key",
                 )
+                await refused(scope, receive, send)
+                return
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            return await call_next(request)
+            await self.app(scope, receive, tracked)
         except Exception:
-            log.exception("request failed: %s %s", request.method, request.url.path)
-            return _error(500, "internal error in loratune serve (see the server's log)", "server_error")
+            log.exception("request failed: %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            failed = _error(500, "internal error in loratune serve (see the server's log)", "server_error")
+            await failed(scope, receive, send)
+
+
+def create_app(service: Service, api_key: str | None = None) -> FastAPI:
+    """The FastAPI application serving ``service`` (the engine must be started by the caller)."""
+    app = FastAPI(title="loratune serve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    app.add_middleware(_Guard, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, error: RequestValidationError):
@@ -168,13 +210,11 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
 async def _parse(request: Request, model: type[BaseModel]):
     """The JSON body as ``model``; a body that is not JSON, or not what ``model`` needs, is a 400."""
-    raw = await request.body()
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(f"the request body is not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise RequestError("the request body must be a JSON object")
+        raw = await request.body()
+    except ClientDisconnect:  # left before sending the whole body: nobody reads the answer
+        raise RequestError("the client closed the connection before the end of its request body") from None
+    data = parse_body(raw)
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -186,33 +226,70 @@ async def _answer(request: Request, service: Service, body, chat: bool):
     endpoint = "chat_completions" if chat else "completions"
     try:
         job = await service.check(body)  # tokenizing runs off the event loop
-        if body.stream:
-            events = service.events(job)
-            first = await anext(events)  # errors before the first token (a full queue, say) keep their status
-            answer = StreamingResponse(
-                _stream(first, events, job, body, chat),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        else:
-            answer = await _collect(request, service, job, chat)
+        answer = await _unless_disconnected(request, _respond(service, job, body, chat))
     except RequestError as error:
         service.metrics.requests.labels(endpoint, body.model, str(error.status)).inc()
         raise
-    status = answer.status_code if isinstance(answer, JSONResponse) else 200
+    except ClientGone:
+        service.metrics.requests.labels(endpoint, body.model, str(CLIENT_GONE)).inc()
+        return Response(status_code=CLIENT_GONE)  # (the server drops it: the connection is closed)
+    status = answer.status_code if isinstance(answer, Response) else 200
     service.metrics.requests.labels(endpoint, body.model, str(status)).inc()
     return answer
 
 
-async def _collect(request: Request, service: Service, job: Job, chat: bool):
-    """Run ``job`` to its end and build the whole answer; stop if the client goes away."""
+async def _respond(service: Service, job: Job, body, chat: bool):
+    """The whole answer, or for a stream the response that streams it once its first event is there (errors
+    before the first token, a full queue say, keep their status)."""
+    events = service.events(job)
+    if not body.stream:
+        return await _collect(events, job, chat)
+    first = await anext(events)
+    return StreamingResponse(
+        _stream(first, events, job, body, chat),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await the coroutine ``work`` while watching the connection: if the client closes it first, ``work`` is
+    cancelled (which stops its sequences, queued or running: see ``Service.events``) and ``ClientGone`` is
+    raised. A stream's response watches for itself once it is returned (Starlette's ``StreamingResponse``)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself is cancelled (the server stops): so is the work
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()  # the stream's own watcher takes over from here
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    raise ClientGone
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the client has closed the connection. The body has been read, so the server's next message
+    is the disconnect (it arrives the moment the connection drops: no polling)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(events, job: Job, chat: bool):
+    """Run ``job`` to its end (``events`` are its events) and build the whole answer."""
     count = len(job.prompts) * job.n
     texts, logprobs, reasons = [""] * count, [[] for _ in range(count)], [None] * count
     prompt_tokens = sum(len(p) for p in job.prompts) * job.n
     completion_tokens = 0
-    events = service.events(job)
     try:
-        async for index, event in _until_disconnected(request, events):
+        async for index, event in events:
             if isinstance(event, Delta):
                 texts[index] += event.text
                 logprobs[index] += event.logprobs
@@ -254,25 +331,6 @@ async def _collect(request: Request, service: Service, job: Job, chat: bool):
         "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }
-
-
-async def _until_disconnected(request: Request, events):
-    """``events``, ending early when the client has closed its connection (checked between events)."""
-    pending = None
-    while True:
-        if pending is None:
-            pending = asyncio.ensure_future(anext(events))
-        done, _ = await asyncio.wait({pending}, timeout=0.5)
-        if pending in done:
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield item
-        elif await request.is_disconnected():
-            pending.cancel()
-            return
 
 
 async def _stream(first, events, job: Job, body, chat: bool):

@@ -40,6 +40,7 @@ def build(
     max_loras: int | None = DEFAULT_MAX_LORAS,
     adapter_root=None,
     max_tokens_limit: int | None = None,
+    max_tokens_default: int | None = None,
     request_timeout: float = 600.0,
 ) -> Service:
     """A started service for ``model`` with ``adapters`` given as (name, directory, strength), pinned.
@@ -67,6 +68,7 @@ def build(
         pool,
         metrics,
         max_tokens_limit=max_tokens_limit,
+        max_tokens_default=max_tokens_default,
         request_timeout=request_timeout,
     )
     engine.start()

@@ -22,7 +22,7 @@ from loratune.inference.engine import Engine, QueueFull
 from loratune.inference.sequence import Event, Failed, Finished, SamplingParams, Sequence
 from loratune.serve.adapters import AdapterPool
 from loratune.serve.metrics import ServeMetrics
-from loratune.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestError
+from loratune.serve.protocol import SEED_RANGE, ChatCompletionRequest, CompletionRequest, RequestError
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Service:
         metrics: ServeMetrics,
         *,
         max_tokens_limit: int | None = None,
+        max_tokens_default: int | None = None,
         request_timeout: float = 600.0,
     ):
         self.model = model
@@ -64,10 +65,14 @@ class Service:
         self.engine = engine
         self.pool = pool
         self.metrics = metrics
+        if None not in (max_tokens_default, max_tokens_limit) and max_tokens_default > max_tokens_limit:
+            raise ValueError(f"max_tokens_default {max_tokens_default} is above max_tokens_limit {max_tokens_limit}")
         self.max_tokens_limit = max_tokens_limit
+        self.max_tokens_default = max_tokens_default  # for a request that gives none (None: the context left)
         self.request_timeout = request_timeout
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self._stops: dict[int, frozenset[int]] = {}  # written by the preparing thread only
+        self._longest: dict[int, int] = {}  # characters of a tokenizer's longest token (the same thread)
         # one thread, so a tokenizer never encodes two requests at once (a fast tokenizer shared between threads
         # can fail with "Already borrowed")
         self._preparing = ThreadPoolExecutor(1, thread_name_prefix="loratune-prepare")
@@ -94,6 +99,11 @@ class Service:
         """Check and tokenize ``request``; raises ``RequestError`` with the status to answer."""
         mix = self._mix(request)
         tokenizer = self._tokenizer_for(mix)
+        if isinstance(request, ChatCompletionRequest):
+            self._check_length([sum(len(m["content"]) for m in request.chat())], tokenizer, "messages")
+        else:
+            texts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+            self._check_length([len(t) for t in texts if isinstance(t, str)], tokenizer, "prompt")
         try:
             if isinstance(request, ChatCompletionRequest):
                 prompts = [prompt_ids(Example(location="messages", messages=request.chat()), tokenizer)]
@@ -187,7 +197,7 @@ class Service:
                 param="messages",
             )
         if asked is None:
-            return min(x for x in (left, self.max_tokens_limit, 2**31) if x is not None)
+            return min(x for x in (left, self.max_tokens_default, self.max_tokens_limit, 2**31) if x is not None)
         if self.max_tokens_limit is not None and asked > self.max_tokens_limit:
             raise RequestError(
                 f"max_tokens is {asked}, above this server's limit of {self.max_tokens_limit} "
@@ -201,6 +211,23 @@ class Service:
                 param="max_tokens",
             )
         return asked
+
+    def _check_length(self, lengths: list[int], tokenizer, param: str) -> None:
+        """Refuse a text of ``lengths`` characters that cannot fit the context, before tokenizing it: encoding
+        megabytes takes seconds on the one preparing thread, and every other request would wait for it."""
+        if self.context is None or not lengths:
+            return
+        longest = self._longest.get(id(tokenizer))
+        if longest is None:
+            longest = self._longest[id(tokenizer)] = max(map(len, tokenizer.get_vocab()), default=1)
+        # no token covers more characters than its vocabulary entry has (×2: a normalizer may merge characters)
+        most = self.context * longest * 2
+        if max(lengths) > most:
+            raise RequestError(
+                f"the {param} is {max(lengths):,} characters long, more than the model's context of {self.context} "
+                f"tokens can hold (at most {most:,} characters); shorten it",
+                param=param,
+            )
 
     def _stop_ids(self, tokenizer) -> frozenset[int]:
         found = self._stops.get(id(tokenizer))
@@ -226,7 +253,7 @@ class Service:
                     index = p * job.n + j
                     params = job.params
                     if params.seed is not None and job.n > 1:  # n samples, each reproducible and different
-                        params = replace(params, seed=params.seed + j)
+                        params = replace(params, seed=_nth_seed(params.seed, j))
                     seqs.append(
                         Sequence(ids, job.mix, params, job.tokenizer, job.stops, _sink(loop, inbox, index), deadline)
                     )
@@ -260,6 +287,11 @@ class Service:
             if seq.first_token_at is not None:
                 m.time_to_first_token.labels(job.model_name).observe(seq.first_token_at - job.arrived)
             m.request_seconds.labels(job.model_name).observe(time.monotonic() - job.arrived)
+
+
+def _nth_seed(seed: int, j: int) -> int:
+    """The seed of a request's ``j``-th sample: ``seed + j``, wrapped to stay a seed (below 2**64)."""
+    return seed + j if seed + j < SEED_RANGE[1] else seed + j - 2**64
 
 
 def _sink(loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue, index: int):
