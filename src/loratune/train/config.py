@@ -1,6 +1,7 @@
 """The training config: one YAML file, validated, with ``--set KEY=VALUE`` overrides.
 
-Sections ``model``, ``lora`` (every ``LoraConfig`` field), ``data`` and ``train``, plus ``output_dir``.
+Sections ``model``, ``lora`` (every ``LoraConfig`` field), ``data``, ``train``, ``intrinsic`` and ``dpo``, plus
+``output_dir``.
 An unknown key is an error naming the closest valid key; an invalid value names its dotted path.
 Relative data paths are looked up from the working directory first, then from the config file's directory.
 """
@@ -20,6 +21,12 @@ from loratune.validation import check_known_keys, validate_model
 
 DATA_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
 TASKS = ("causal_lm", "seq_cls", "token_cls")
+# what a run is trained to do (train.objective): sft learns its data's target tokens, dpo preference pairs
+OBJECTIVES = ("sft", "dpo")
+# DPO's losses, by TRL's names (DPOConfig.loss_type)
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+# the evaluation metrics a DPO run can keep its best adapter by (eval_loss too)
+DPO_BEST_METRICS = ("eval_rewards/accuracies", "eval_rewards/margins")
 BEST_METRICS = (
     "eval_loss",
     "eval_exact_match",
@@ -28,6 +35,7 @@ BEST_METRICS = (
     "eval_mcc",
     "eval_pearson",
     "eval_spearman",
+    *DPO_BEST_METRICS,
 )
 
 
@@ -61,7 +69,9 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
+    objective: Literal[OBJECTIVES] = "sft"  # sft: the data's target tokens; dpo: preference pairs (see DPOSection)
     method: Literal["lora", "full", "intrinsic"] = "lora"  # full: every weight (or full_modules); intrinsic: see below
+    init_adapter: str | None = None  # a PEFT adapter directory whose adapter this run trains further (method lora)
     full_modules: list[str] | None = None  # with method full: module names or dotted suffixes that train
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
@@ -105,6 +115,19 @@ class IntrinsicSection(_Section):
     seed: int | None = None  # of the projection; default: train.seed
 
 
+class DPOSection(_Section):
+    """``train.objective: dpo``: Direct Preference Optimization, with TRL's names and meanings (``DPOConfig``).
+
+    ``beta``: how far the policy may move from the reference (larger: closer); for ``ipo`` the regularisation τ.
+    ``loss_type``: ``sigmoid`` (DPO), ``ipo`` (IPO, on length-averaged log-ratios as TRL computes it) or ``hinge``
+    (SLiC). ``reference``: ``base`` (the base model: the trained adapter disabled, no second copy of the weights) or
+    an adapter directory (e.g. the SFT adapter the run starts from, ``train.init_adapter``), loaded frozen."""
+
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal[DPO_LOSS_TYPES] = "sigmoid"
+    reference: str = "base"
+
+
 class TrainConfig(_Section):
     """The whole run: what to load, how to adapt it, what data, how to train, and where to write. ``task``:
     ``causal_lm`` (a language model learns to continue text), ``seq_cls`` (a classification head learns a label
@@ -118,6 +141,7 @@ class TrainConfig(_Section):
     data: DataSection
     train: TrainSection = TrainSection()
     intrinsic: IntrinsicSection = IntrinsicSection()
+    dpo: DPOSection = DPOSection()
     output_dir: str
     meta: dict[str, Any] | None = None  # written by loratune into a run's config.yaml; ignored on input
 
@@ -143,6 +167,38 @@ class TrainConfig(_Section):
             )
         if self.train.method != "full" and self.train.full_modules is not None:
             raise ValueError("train.full_modules applies to train.method: full; remove it or set the method")
+        if self.train.init_adapter is not None:
+            if method != "lora":
+                raise ValueError(
+                    f"train.init_adapter continues training an adapter; train.method: {method} trains no adapter"
+                )
+            if self.lora != LoraConfig():
+                raise ValueError(
+                    "train.init_adapter trains that adapter on with its own LoRA settings (its adapter_config.json); "
+                    "remove the lora section"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits(self):
+        objective, best = self.train.objective, self.train.best_metric
+        if objective != "dpo" and self.dpo != DPOSection():
+            raise ValueError(f"the dpo section applies to train.objective: dpo (this run's is {objective})")
+        if objective != "dpo" and best in DPO_BEST_METRICS:
+            raise ValueError(f"train.best_metric: {best} is a DPO metric; this run's train.objective is {objective}")
+        if objective == "dpo":
+            if self.train.method != "lora":
+                raise ValueError(
+                    f"train.objective: dpo trains an adapter against the model without it (or another adapter); "
+                    f"train.method: {self.train.method} has no adapter to turn off, so use train.method: lora"
+                )
+            if self.task not in (None, "causal_lm"):
+                raise ValueError(f"train.objective: dpo trains a language model; task: {self.task} is a classifier")
+            if best not in (None, "eval_loss", *DPO_BEST_METRICS):
+                raise ValueError(
+                    f"train.best_metric: {best} is not measured by a DPO run; use eval_loss or "
+                    + " or ".join(DPO_BEST_METRICS)
+                )
         return self
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -156,6 +212,7 @@ _SECTIONS = {
     "data": DataSection,
     "train": TrainSection,
     "intrinsic": IntrinsicSection,
+    "dpo": DPOSection,
 }
 _TOP_KEYS = [*_SECTIONS, "task", "output_dir", "meta"]
 
@@ -262,6 +319,7 @@ def resolved_task(config: TrainConfig) -> str:
 def resolve_data_paths(config: TrainConfig, config_dir: Path) -> TrainConfig:
     """Make data paths absolute: relative to the working directory if the file is there, else to
     ``config_dir``. ``ConfigError`` when a named data file exists in neither place."""
+    config = _resolve_adapter_paths(config, config_dir)
     updates = {}
     for key in ("train", "eval", "retain"):
         value = getattr(config.data, key)
@@ -279,3 +337,25 @@ def resolve_data_paths(config: TrainConfig, config_dir: Path) -> TrainConfig:
             raise ConfigError(f"data.{key}: file {value!r} not found (looked in {', '.join(map(str, candidates))})")
         updates[key] = str(found.resolve())
     return config.model_copy(update={"data": config.data.model_copy(update=updates)})
+
+
+def _resolve_adapter_paths(config: TrainConfig, config_dir: Path) -> TrainConfig:
+    """Make ``train.init_adapter`` and an adapter ``dpo.reference`` absolute, found as data paths are (the working
+    directory first, then ``config_dir``); ``ConfigError`` when the directory exists in neither place."""
+
+    def found(key: str, value: str) -> str:
+        candidates = [Path(value)] if Path(value).is_absolute() else [Path(value), config_dir / value]
+        directory = next((c for c in candidates if c.is_dir()), None)
+        if directory is None:
+            raise ConfigError(
+                f"{key}: adapter directory {value!r} not found (looked in {', '.join(map(str, candidates))})"
+            )
+        return str(directory.resolve())
+
+    if config.train.init_adapter is not None:
+        train = config.train.model_copy(update={"init_adapter": found("train.init_adapter", config.train.init_adapter)})
+        config = config.model_copy(update={"train": train})
+    if config.dpo.reference != "base":
+        dpo = config.dpo.model_copy(update={"reference": found("dpo.reference", config.dpo.reference)})
+        config = config.model_copy(update={"dpo": dpo})
+    return config

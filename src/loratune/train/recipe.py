@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from loratune import signals
-from loratune.adapters import add_adapter, parameter_report
+from loratune.adapters import add_adapter, load_adapter, parameter_report, set_active, set_trainable
 from loratune.data.classification import LabelSpace, write_labels
 from loratune.errors import ConfigError, LoratuneError
 from loratune.inference.evaluate import EvalResult
@@ -46,6 +46,7 @@ from loratune.train.dropout import patch_dropout
 from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
 from loratune.train.metrics import MetricsLog, NoMetrics, plot_losses
 from loratune.train.objectives import Objective, RunData
+from loratune.train.objectives.base import split_loss
 from loratune.train.optimizer import build_optimizer, set_learning_rate
 from loratune.train.run_dir import (
     SUMMARY_FILE,
@@ -170,6 +171,12 @@ class Recipe:
         elif t.method == "intrinsic":
             i = self.config.intrinsic
             self.trained = TrainedIntrinsic(model, i.dim, t.seed if i.seed is None else i.seed, i.said, i.targets)
+        elif t.init_adapter is not None:  # an existing adapter trains on (its own LoRA settings), alone
+            load_adapter(model, t.init_adapter, ADAPTER_NAME, trainable=True)
+            set_trainable(model, ADAPTER_NAME)
+            set_active(model, ADAPTER_NAME)
+            self.log(f"training on the adapter in {t.init_adapter}")
+            self.trained = TrainedAdapter(model, ADAPTER_NAME)
         else:
             add_adapter(model, self.config.lora, ADAPTER_NAME)
             self.trained = TrainedAdapter(model, ADAPTER_NAME)
@@ -202,6 +209,7 @@ class Recipe:
         self.metrics = MetricsLog(self.run_dir, tensorboard=t.tensorboard) if self.topology.main else NoMetrics()
         self.state = RunState(processes=self.topology.world)
         self.start_step = 0
+        self.step_metrics: dict[str, float] = {}
 
     def restore(self) -> None:
         """Continue a resumed run from its newest complete checkpoint (its steps, its position, its RNG)."""
@@ -274,7 +282,7 @@ class Recipe:
         try:
             for step in range(self.start_step, self.total_steps):
                 loss, lr, grad_norm, tokens, seconds = self.step(step)
-                self.report_step(loss, lr, grad_norm, tokens / seconds)
+                self.report_step(loss, lr, grad_norm, tokens / seconds, self.step_metrics)
                 if t.eval_every and (self.done % t.eval_every == 0 or self.done == self.total_steps):
                     self.evaluate_and_keep_best()
                 if self.done % t.save_every == 0 and self.done < self.total_steps and self.writes:
@@ -290,11 +298,12 @@ class Recipe:
             self._stop_bar()
 
     def step(self, step: int) -> tuple[float, float, float, int, float]:
-        """One optimizer step over ``grad_accum`` micro-batches: (loss, lr, grad norm, tokens, seconds).
+        """One optimizer step over ``grad_accum`` micro-batches: (loss, lr, grad norm, tokens, seconds); the
+        objective's metrics of the step (``Objective.loss_sum``) in ``step_metrics``.
 
         The loss is the sum over every micro-batch of every process divided by what all of them sum over (long
         and short micro-batches weigh by their targets); DDP averages the gradients over the processes, so each
-        process scales its part by world / targets."""
+        process scales its part by world / targets. The metrics are means over the same."""
         t, topology = self.t, self.topology
         started = time.perf_counter()
         topology.seed_step(t.seed, step)
@@ -303,18 +312,22 @@ class Recipe:
         lr = learning_rate(
             step, total_steps=self.total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps, kind=t.scheduler
         )
-        loss_total = 0.0
+        loss_total, metric_sums = 0.0, {}
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
             with topology.micro_batch(last), recompute_norm_outputs():
-                loss_sum, _ = self.step_loss(batch)
+                loss_sum, _, sums = split_loss(self.step_loss(batch))
                 (loss_sum * (topology.world / max(1, targets))).backward()
             topology.after_backward(last, self.params)
             loss_total += float(loss_sum.detach())
+            for name, value in sums.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value
             # Drop the step's graph now: kept until the next forward reassigns the name, its many small nodes sit
             # in the freed activation memory and the next forward cannot reuse it whole.
             del loss_sum
         loss = topology.total(loss_total) / max(1, targets)
+        # every process has the same names in the same order (one objective): one sum over the processes each
+        metrics = {name: topology.total(value) / max(1, targets) for name, value in metric_sums.items()}
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss} at step {step + 1}; {self._last_good()}. Lower train.lr or check the data"
@@ -345,17 +358,24 @@ class Recipe:
             self.state.epoch, self.state.index = self.stream.epoch, self.stream.index
             self.done = step + 1
             self.after_step = _rng_state()
+            self.step_metrics = metrics
         return loss, lr, grad_norm, tokens, seconds
 
-    def report_step(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> None:
-        done, t = self.done, self.t
+    def report_step(
+        self, loss: float, lr: float, grad_norm: float, tokens_per_s: float, metrics: dict[str, float] | None = None
+    ) -> None:
+        """Show the step on the progress bar; log it (``metrics.jsonl`` and, without a bar, a line) every
+        ``log_every`` steps, the first and the last. ``metrics``: the objective's, logged after the loss."""
+        done, t, metrics = self.done, self.t, metrics or {}
+        shown = "".join(f"  {name} {value:.4g}" for name, value in metrics.items())
         if self.bar is not None:
-            self.bar.update(0, completed=done, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
+            self.bar.update(0, completed=done, info=f"loss {loss:.4f}{shown}  {tokens_per_s:,.0f} tok/s")
         if done % t.log_every == 0 or done == self.total_steps or done == 1:
             epoch = done * t.grad_accum / self.stream.batches_per_epoch
             record = {
                 "step": done,
                 "loss": loss,
+                **metrics,
                 "lr": lr,
                 "tokens_per_s": tokens_per_s,
                 "grad_norm": grad_norm,
@@ -363,7 +383,9 @@ class Recipe:
             }
             self.metrics.log(record)
             if self.bar is None:
-                self.log(f"step {done}/{self.total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
+                self.log(
+                    f"step {done}/{self.total_steps}  loss {loss:.4f}{shown}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
+                )
 
     # --- evaluation and saving -------------------------------------------------------------------------------
 

@@ -25,14 +25,28 @@ class RunData:
     labels: LabelSpace | None = None  # a classifier's outputs; its rows are TokenizedClassExample
 
 
+# A micro-batch's (summed loss, count), or (summed loss, count, {metric name: its sum over the count}).
+LossSum = tuple[torch.Tensor, int] | tuple[torch.Tensor, int, dict[str, float]]
+
+
+def split_loss(result: LossSum) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """(summed loss, count, metric sums) of what ``Objective.loss_sum`` returned ({} when it has no metrics)."""
+    loss, count, *metrics = result
+    return loss, count, (metrics[0] if metrics else {})
+
+
 class Objective(Protocol):
     """What a run trains a model to do. The recipe calls these and never asks which objective it runs.
 
     - ``load`` the model and tokenizer (``load_hook``: what the loader hands each finished block to, for FSDP);
     - ``fit`` the config to the loaded model (a context length cap, a classifier's LoRA targets);
     - ``data``: the run's rows; ``collate`` them into a micro-batch;
-    - ``loss_sum``: a micro-batch's summed loss and what it sums over (its ``count``, known before the forward);
-    - ``evaluate`` on the held-out rows (shared over ``processes``; rank 0 gets the result, the others None);
+    - ``loss_sum``: a micro-batch's summed loss and what it sums over (its ``count``, known before the forward),
+      optionally followed by ``{metric: its sum over the same count}`` (DPO's rewards): the recipe adds those up
+      over the step's micro-batches and processes, divides them by the step's count and logs them beside the loss
+      under their names (``split_loss`` reads either form);
+    - ``evaluate`` on the held-out rows (shared over ``processes``; rank 0 gets the result, the others None); a
+      result with ``metrics`` is logged as ``eval_loss`` and ``eval_<name>`` for each of them;
     - ``describe`` the data for the log; ``evaluates_at_start``: evaluate before the first step (a new head's
       chance level, for comparison).
     """
@@ -47,7 +61,7 @@ class Objective(Protocol):
 
     def collate(self, rows: list, pad_id: int) -> dict[str, torch.Tensor]: ...
 
-    def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]: ...
+    def loss_sum(self, model: nn.Module, batch: dict) -> LossSum: ...
 
     def count(self, batch: dict) -> int: ...
 
