@@ -488,3 +488,14 @@ def test_data_previews_pairs_with_the_scored_completions_marked(tiny_llama_dir, 
     out = capsys.readouterr().out
     assert "chosen (" in out and "[[ yes 0<|im_end|>]]" in out and "[[ no 0<|im_end|>]]" in out
     assert "3 standard pairs read; 3 kept" in out
+
+
+def test_a_fresh_dora_adapter_starts_at_ln2_and_learns(tiny_llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "p.jsonl", yes_no_rows(8))
+    config = dpo_config(
+        tiny_llama_dir, data, tmp_path / "run", lora={"use_dora": True}, train={"max_steps": 4, "lr": 1e-2}
+    )
+    train(config, **QUIET)
+    records = train_records(tmp_path / "run")
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert records[-1]["loss"] < math.log(2) and records[-1]["rewards/margins"] > 0
