@@ -204,6 +204,7 @@ def trl_trainer(tmp_path, tokenizer, rows, loss_type: str, *, adapter=None):
         use_cpu=True,
         max_length=None,
         per_device_train_batch_size=len(rows),
+        bf16=False,  # the judge runs in float32
     )
     options = {}
     if adapter is None:
