@@ -102,7 +102,7 @@ def test_grpo_loss_and_gradients_equal_trl(tmp_path, tiny_tokenizer, loss_type, 
     dense_now = torch.zeros(mask.shape).masked_scatter(mask, now)
     old = dense_now + fixed["old_noise"]  # fixed old and reference log-probabilities, near the policy's
     ref = dense_now + fixed["ref_noise"]
-    advantages = group_advantages(fixed["rewards"], GROUP)
+    advantages, _ = group_advantages(fixed["rewards"], GROUP)
 
     logps, rows = target_logprobs(model, batch)
     losses = grpo_token_losses(
@@ -148,10 +148,10 @@ def test_grpo_loss_and_gradients_equal_trl(tmp_path, tiny_tokenizer, loss_type, 
 
 def test_advantages_are_centred_per_group_and_scaled_as_asked():
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 3.0, 3.0, 3.0, 3.0])
-    group = group_advantages(rewards, 4)
+    group, zero_std = group_advantages(rewards, 4)
     assert torch.allclose(group[:4], (rewards[:4] - 0.5) / (rewards[:4].std() + 1e-4))
     assert torch.equal(group[4:], torch.zeros(4))  # a group whose rewards are all equal teaches nothing
-    assert torch.equal(group_advantages(rewards, 4, "none"), torch.tensor([0.5, -0.5, 0.5, -0.5, 0, 0, 0, 0]))
-    assert torch.allclose(
-        group_advantages(rewards, 4, "batch"), group_advantages(rewards, 4, "none") / (rewards.std() + 1e-4)
-    )
+    assert zero_std.tolist() == [False] * 4 + [True] * 4
+    none, _ = group_advantages(rewards, 4, "none")
+    assert torch.equal(none, torch.tensor([0.5, -0.5, 0.5, -0.5, 0, 0, 0, 0]))
+    assert torch.allclose(group_advantages(rewards, 4, "batch")[0], none / (rewards.std() + 1e-4))

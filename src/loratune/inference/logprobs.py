@@ -17,12 +17,13 @@ from loratune.inference.loss import IGNORE_INDEX, fused_head, linear_token_cross
 
 
 def target_logprobs(
-    model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 128
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 128, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probability of each target token, float32; the row it belongs to), both of length N = the batch's
     target tokens in row-major order. Differentiable w.r.t. the model's trainable parameters.
 
-    ``batch`` has ``input_ids`` and ``labels`` and optionally ``attention_mask``/``position_ids``."""
+    ``batch`` has ``input_ids`` and ``labels`` and optionally ``attention_mask``/``position_ids``. ``temperature``:
+    the log-probabilities of ``softmax(logits / temperature)``, the distribution tokens were sampled from (GRPO)."""
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     rows = mask.nonzero()[:, 0]
@@ -31,9 +32,11 @@ def target_logprobs(
     head = fused_head(model)
     if head is None:
         logits = model(**inputs).logits[:, :-1]
-        return -F.cross_entropy(logits[mask].float(), targets[mask], reduction="none"), rows
-    hidden = model.base_model(**inputs).last_hidden_state[:, :-1]
-    return -linear_token_cross_entropy(hidden[mask], head.weight, targets[mask], chunk_size), rows
+        return -F.cross_entropy(logits[mask].float() / temperature, targets[mask], reduction="none"), rows
+    hidden = model.base_model(**inputs).last_hidden_state[:, :-1][mask]
+    if temperature != 1.0:
+        hidden = hidden / temperature  # (h / T)·Wᵀ = logits / T: the head stays fused
+    return -linear_token_cross_entropy(hidden, head.weight, targets[mask], chunk_size), rows
 
 
 def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 128) -> torch.Tensor:

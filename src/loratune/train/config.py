@@ -1,7 +1,7 @@
 """The training config: one YAML file, validated, with ``--set KEY=VALUE`` overrides.
 
-Sections ``model``, ``lora`` (every ``LoraConfig`` field), ``data``, ``train``, ``intrinsic`` and ``dpo``, plus
-``output_dir``.
+Sections ``model``, ``lora`` (every ``LoraConfig`` field), ``data``, ``train``, ``intrinsic``, ``dpo`` and
+``grpo``, plus ``output_dir``.
 An unknown key is an error naming the closest valid key; an invalid value names its dotted path.
 Relative data paths are looked up from the working directory first, then from the config file's directory.
 """
@@ -21,8 +21,14 @@ from loratune.validation import check_known_keys, validate_model
 
 DATA_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
 TASKS = ("causal_lm", "seq_cls", "token_cls")
-# what a run is trained to do (train.objective): sft learns its data's target tokens, dpo preference pairs
-OBJECTIVES = ("sft", "dpo")
+# what a run is trained to do (train.objective): sft learns its data's target tokens, dpo preference pairs, grpo
+# from rewards of its own sampled completions
+OBJECTIVES = ("sft", "dpo", "grpo")
+# GRPO's losses and reward scalings, by TRL's names (GRPOConfig.loss_type, scale_rewards)
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
+# the evaluation metric a GRPO run can keep its best adapter by: the held-out prompts' mean reward
+GRPO_BEST_METRICS = ("eval_reward",)
 # DPO's losses, by TRL's names (DPOConfig.loss_type)
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 # the evaluation metrics a DPO run can keep its best adapter by (eval_loss too)
@@ -36,6 +42,7 @@ BEST_METRICS = (
     "eval_pearson",
     "eval_spearman",
     *DPO_BEST_METRICS,
+    *GRPO_BEST_METRICS,
 )
 
 
@@ -69,7 +76,8 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    objective: Literal[OBJECTIVES] = "sft"  # sft: the data's target tokens; dpo: preference pairs (see DPOSection)
+    # sft: the data's target tokens; dpo: preference pairs (DPOSection); grpo: rewards of its samples (GRPOSection)
+    objective: Literal[OBJECTIVES] = "sft"
     method: Literal["lora", "full", "intrinsic"] = "lora"  # full: every weight (or full_modules); intrinsic: see below
     init_adapter: str | None = None  # a PEFT adapter directory whose adapter this run trains further (method lora)
     full_modules: list[str] | None = None  # with method full: module names or dotted suffixes that train
@@ -128,6 +136,48 @@ class DPOSection(_Section):
     reference: str = "base"
 
 
+class GRPOSection(_Section):
+    """``train.objective: grpo``: Group Relative Policy Optimization, with TRL's names, defaults and meanings
+    (``GRPOConfig``; ``group_size`` is its ``num_generations``, ``max_new_tokens`` its ``max_completion_length``).
+
+    Each prompt gets ``group_size`` completions sampled at ``temperature`` / ``top_p`` / ``top_k`` (0: off) from the
+    model being trained; ``rewards`` score them — ``"path/to/file.py:function"`` with TRL's signature
+    ``f(prompts, completions, **columns) -> list[float | None]`` or a built-in (``exact_match`` against an ``answer``
+    column, ``regex:PATTERN``, ``json_valid``) — summed with ``reward_weights`` (default 1 each). ``beta``: the weight
+    of the KL to the base (the adapter disabled; 0: none). ``epsilon`` / ``epsilon_high`` (default ``epsilon``): the
+    clip range of the probability ratio. ``loss_type``: ``grpo``, ``dr_grpo`` or ``dapo``; ``scale_rewards``:
+    ``group``, ``batch`` or ``none``. One generation serves ``steps_per_generation`` micro-batches (default:
+    ``train.grad_accum``, one optimizer step), each ``num_iterations`` times. ``mask_truncated_completions``:
+    completions cut by ``max_new_tokens`` are left out of the loss."""
+
+    group_size: int = Field(8, ge=2)
+    max_new_tokens: int = Field(512, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    beta: float = Field(0.0, ge=0)
+    epsilon: float = Field(0.2, gt=0)
+    epsilon_high: float | None = Field(None, gt=0)
+    loss_type: Literal[GRPO_LOSS_TYPES] = "dapo"
+    scale_rewards: Literal[GRPO_SCALE_REWARDS] = "group"
+    steps_per_generation: int | None = Field(None, gt=0)
+    num_iterations: int = Field(1, gt=0)
+    mask_truncated_completions: bool = False
+    rewards: list[str] = ["exact_match"]
+    reward_weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _weights_fit(self):
+        if not self.rewards:
+            raise ValueError("grpo.rewards: give at least one reward function")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(
+                f"grpo.reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} rewards; "
+                "give one per reward"
+            )
+        return self
+
+
 class TrainConfig(_Section):
     """The whole run: what to load, how to adapt it, what data, how to train, and where to write. ``task``:
     ``causal_lm`` (a language model learns to continue text), ``seq_cls`` (a classification head learns a label
@@ -142,6 +192,7 @@ class TrainConfig(_Section):
     train: TrainSection = TrainSection()
     intrinsic: IntrinsicSection = IntrinsicSection()
     dpo: DPOSection = DPOSection()
+    grpo: GRPOSection = GRPOSection()
     output_dir: str
     meta: dict[str, Any] | None = None  # written by loratune into a run's config.yaml; ignored on input
 
@@ -186,19 +237,33 @@ class TrainConfig(_Section):
             raise ValueError(f"the dpo section applies to train.objective: dpo (this run's is {objective})")
         if objective != "dpo" and best in DPO_BEST_METRICS:
             raise ValueError(f"train.best_metric: {best} is a DPO metric; this run's train.objective is {objective}")
-        if objective == "dpo":
+        if objective != "grpo" and self.grpo != GRPOSection():
+            raise ValueError(f"the grpo section applies to train.objective: grpo (this run's is {objective})")
+        if objective != "grpo" and best in GRPO_BEST_METRICS:
+            raise ValueError(f"train.best_metric: {best} is a GRPO metric; this run's train.objective is {objective}")
+        if objective in ("dpo", "grpo"):
             if self.train.method != "lora":
                 raise ValueError(
-                    f"train.objective: dpo trains an adapter against the model without it (or another adapter); "
+                    f"train.objective: {objective} trains an adapter against the model without it; "
                     f"train.method: {self.train.method} has no adapter to turn off, so use train.method: lora"
                 )
             if self.task not in (None, "causal_lm"):
-                raise ValueError(f"train.objective: dpo trains a language model; task: {self.task} is a classifier")
-            if best not in (None, "eval_loss", *DPO_BEST_METRICS):
                 raise ValueError(
-                    f"train.best_metric: {best} is not measured by a DPO run; use eval_loss or "
-                    + " or ".join(DPO_BEST_METRICS)
+                    f"train.objective: {objective} trains a language model; task: {self.task} is a classifier"
                 )
+        if objective == "grpo":
+            if self.train.distributed == "fsdp":
+                raise ValueError(
+                    "train.objective: grpo generates on each process alone, and train.distributed: fsdp runs every "
+                    "forward on all of them together; use train.distributed: ddp"
+                )
+            if best not in (None, *GRPO_BEST_METRICS):
+                raise ValueError(f"train.best_metric: {best} is not measured by a GRPO run; use eval_reward")
+        if objective == "dpo" and best not in (None, "eval_loss", *DPO_BEST_METRICS):
+            raise ValueError(
+                f"train.best_metric: {best} is not measured by a DPO run; use eval_loss or "
+                + " or ".join(DPO_BEST_METRICS)
+            )
         return self
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -213,6 +278,7 @@ _SECTIONS = {
     "train": TrainSection,
     "intrinsic": IntrinsicSection,
     "dpo": DPOSection,
+    "grpo": GRPOSection,
 }
 _TOP_KEYS = [*_SECTIONS, "task", "output_dir", "meta"]
 
@@ -355,7 +421,20 @@ def _resolve_adapter_paths(config: TrainConfig, config_dir: Path) -> TrainConfig
     if config.train.init_adapter is not None:
         train = config.train.model_copy(update={"init_adapter": found("train.init_adapter", config.train.init_adapter)})
         config = config.model_copy(update={"train": train})
+    rewards = [_resolved_reward(spec, config_dir) for spec in config.grpo.rewards]
+    if rewards != config.grpo.rewards:
+        config = config.model_copy(update={"grpo": config.grpo.model_copy(update={"rewards": rewards})})
     if config.dpo.reference != "base":
         dpo = config.dpo.model_copy(update={"reference": found("dpo.reference", config.dpo.reference)})
         config = config.model_copy(update={"dpo": dpo})
     return config
+
+
+def _resolved_reward(spec: str, config_dir: Path) -> str:
+    """A ``grpo.rewards`` entry with its file made absolute when found beside the config (not in the working
+    directory); built-ins and files not found as they are stay (the reward loader names what is missing)."""
+    file, sep, name = spec.rpartition(":")
+    if not sep or not file.endswith(".py") or Path(file).is_absolute() or Path(file).is_file():
+        return spec
+    beside = config_dir / file
+    return f"{beside.resolve()}:{name}" if beside.is_file() else spec

@@ -41,7 +41,7 @@ from loratune.models.devices import model_device
 from loratune.outputs import write_output_dir, write_text_atomic
 from loratune.train.attention import patch_attention
 from loratune.train.batches import BatchStream
-from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, load_objective_state, save_checkpoint
 from loratune.train.dropout import patch_dropout
 from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
 from loratune.train.metrics import MetricsLog, NoMetrics, plot_losses
@@ -204,12 +204,15 @@ class Recipe:
         self.step_loss = self.topology.step_loss(model, self.objective.loss_sum)
         # the processes that take part in what rank 0 writes (FSDP gathers split weights collectively)
         self.writes = self.topology.main or self.trained.collective
-        micro_batches = math.ceil(t.epochs * self.stream.batches_per_epoch)
+        # an objective may train on each micro-batch of rows several times (GRPO's num_iterations)
+        self.batches_per_epoch = self.stream.batches_per_epoch * self.objective.passes_per_batch
+        micro_batches = math.ceil(t.epochs * self.batches_per_epoch)
         self.total_steps = t.max_steps or max(1, math.ceil(micro_batches / t.grad_accum))
         self.metrics = MetricsLog(self.run_dir, tensorboard=t.tensorboard) if self.topology.main else NoMetrics()
         self.state = RunState(processes=self.topology.world)
         self.start_step = 0
         self.step_metrics: dict[str, float] = {}
+        self.objective_state: dict[str, torch.Tensor] = {}  # the objective's state after the last completed step
 
     def restore(self) -> None:
         """Continue a resumed run from its newest complete checkpoint (its steps, its position, its RNG)."""
@@ -228,6 +231,8 @@ class Recipe:
                 f"--nproc {self.state.processes} (its position in the data counts batches of that many processes)"
             )
         self.start_step = saved["step"]
+        self.objective_state = load_objective_state(checkpoint)
+        self.objective.load_state(self.objective_state, self.device)
         self._check_steps_left()
         self.stream.seek(self.state.epoch, self.state.index)
         self.metrics.truncate_after(self.start_step)
@@ -283,6 +288,8 @@ class Recipe:
             for step in range(self.start_step, self.total_steps):
                 loss, lr, grad_norm, tokens, seconds = self.step(step)
                 self.report_step(loss, lr, grad_norm, tokens / seconds, self.step_metrics)
+                if self._logs(self.done) and self.topology.main:
+                    self.objective.log_samples(self.run_dir, self.done)
                 if t.eval_every and (self.done % t.eval_every == 0 or self.done == self.total_steps):
                     self.evaluate_and_keep_best()
                 if self.done % t.save_every == 0 and self.done < self.total_steps and self.writes:
@@ -298,16 +305,18 @@ class Recipe:
             self._stop_bar()
 
     def step(self, step: int) -> tuple[float, float, float, int, float]:
-        """One optimizer step over ``grad_accum`` micro-batches: (loss, lr, grad norm, tokens, seconds); the
-        objective's metrics of the step (``Objective.loss_sum``) in ``step_metrics``.
+        """One optimizer step over ``grad_accum`` micro-batches: (loss, lr, grad norm, tokens, seconds: the time of
+        the forwards, backwards and update, without the objective's making of the micro-batches — GRPO's rollouts);
+        the objective's metrics of the step (``Objective.loss_sum``) in ``step_metrics``.
 
         The loss is the sum over every micro-batch of every process divided by what all of them sum over (long
         and short micro-batches weigh by their targets); DDP averages the gradients over the processes, so each
         process scales its part by world / targets. The metrics are means over the same."""
         t, topology = self.t, self.topology
-        started = time.perf_counter()
+        begun = time.perf_counter()
         topology.seed_step(t.seed, step)
-        batches = [self.stream.next() for _ in range(t.grad_accum)]
+        batches = self.objective.micro_batches(self.model, self.stream, t.grad_accum, step)
+        started = time.perf_counter()
         targets = int(topology.total(sum(self.objective.count(b) for b in batches)))
         lr = learning_rate(
             step, total_steps=self.total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps, kind=t.scheduler
@@ -352,12 +361,14 @@ class Recipe:
             self.optimizer.zero_grad(set_to_none=True)
             self.trained.after_step()
             topology.after_update(self.device)
-            seconds = time.perf_counter() - started
+            now = time.perf_counter()
+            seconds = now - started
             self.state.tokens += tokens
-            self.state.train_seconds += seconds
+            self.state.train_seconds += now - begun
             self.state.epoch, self.state.index = self.stream.epoch, self.stream.index
             self.done = step + 1
             self.after_step = _rng_state()
+            self.objective_state = self.objective.state()
             self.step_metrics = metrics
         return loss, lr, grad_norm, tokens, seconds
 
@@ -370,8 +381,8 @@ class Recipe:
         shown = "".join(f"  {name} {value:.4g}" for name, value in metrics.items())
         if self.bar is not None:
             self.bar.update(0, completed=done, info=f"loss {loss:.4f}{shown}  {tokens_per_s:,.0f} tok/s")
-        if done % t.log_every == 0 or done == self.total_steps or done == 1:
-            epoch = done * t.grad_accum / self.stream.batches_per_epoch
+        if self._logs(done):
+            epoch = done * t.grad_accum / self.batches_per_epoch
             record = {
                 "step": done,
                 "loss": loss,
@@ -386,6 +397,10 @@ class Recipe:
                 self.log(
                     f"step {done}/{self.total_steps}  loss {loss:.4f}{shown}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
                 )
+
+    def _logs(self, done: int) -> bool:
+        """Whether step ``done`` is logged: every ``log_every`` steps, the first and the last."""
+        return done % self.t.log_every == 0 or done == self.total_steps or done == 1
 
     # --- evaluation and saving -------------------------------------------------------------------------------
 
@@ -415,7 +430,8 @@ class Recipe:
         record = {"step": step, **retention}
         if result is not None:
             if result.metrics:
-                record.update(eval_loss=result.loss, **{f"eval_{k}": v for k, v in result.metrics.items()})
+                loss = {} if result.loss is None else {"eval_loss": result.loss}  # GRPO's evaluation has no loss
+                record.update(**loss, **{f"eval_{k}": v for k, v in result.metrics.items()})
             else:
                 record.update(
                     eval_loss=result.loss, eval_perplexity=result.perplexity, eval_exact_match=result.exact_match
@@ -464,6 +480,7 @@ class Recipe:
             self.state.saved(),
             self.t.keep_checkpoints,
             write=self.topology.main,
+            objective_state=self.objective_state,
         )
 
     def _interrupted(self, signum: int) -> TrainingInterrupted:
@@ -530,7 +547,7 @@ class Recipe:
 
     def summary(self, records: list[dict], peaks: list[float] | None) -> dict:
         """What ``summary.json`` holds: the run's totals, its last evaluation and best, its size and memory."""
-        evals = [r for r in records if "eval_loss" in r]
+        evals = [r for r in records if any(key.startswith("eval_") for key in r)]
         retained = [r for r in records if "retain_loss" in r]
         state = self.state
         adapter_file = self.run_dir / "adapter" / "adapter_model.safetensors"
@@ -579,7 +596,8 @@ def save_trained(
 def _describe_eval(step: int, result: EvalResult) -> str:
     if result.metrics:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
-        return f"eval @ step {step}: loss {result.loss:.4f}, {shown} (n={result.n})"
+        loss = "" if result.loss is None else f"loss {result.loss:.4f}, "
+        return f"eval @ step {step}: {loss}{shown} (n={result.n})"
     em = f", exact match {100 * result.exact_match:.1f}%" if result.exact_match is not None else ""
     return f"eval @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}{em} (n={result.n})"
 

@@ -35,6 +35,27 @@ def split_loss(result: LossSum) -> tuple[torch.Tensor, int, dict[str, float]]:
     return loss, count, (metrics[0] if metrics else {})
 
 
+class ObjectiveDefaults:
+    """What an objective that trains on its data's rows as they come does for the recipe's batch and state hooks
+    (``Objective.micro_batches`` and after); GRPO, which generates what it trains on, overrides them."""
+
+    passes_per_batch = 1  # how many training micro-batches each micro-batch of data rows becomes
+
+    def micro_batches(self, model: nn.Module, stream, n: int, step: int) -> list[dict]:
+        """The step's ``n`` micro-batches: the stream's next ones."""
+        return [stream.next() for _ in range(n)]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the objective besides the trained weights (nothing)."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], device) -> None:
+        """Restore what ``state`` returned."""
+
+    def log_samples(self, run_dir, step: int) -> None:
+        """Write what the objective shows of the step besides its metrics (nothing), on log steps."""
+
+
 class Objective(Protocol):
     """What a run trains a model to do. The recipe calls these and never asks which objective it runs.
 
@@ -48,10 +69,18 @@ class Objective(Protocol):
     - ``evaluate`` on the held-out rows (shared over ``processes``; rank 0 gets the result, the others None); a
       result with ``metrics`` is logged as ``eval_loss`` and ``eval_<name>`` for each of them;
     - ``describe`` the data for the log; ``evaluates_at_start``: evaluate before the first step (a new head's
-      chance level, for comparison).
+      chance level, for comparison);
+    - ``micro_batches``: the step's micro-batches, drawn from the run's stream of collated rows (GRPO generates its
+      completions from them); ``passes_per_batch``: how many training micro-batches one of the stream's becomes
+      (what the number of steps of ``train.epochs`` counts);
+    - ``state`` / ``load_state``: tensors a checkpoint keeps besides the trained weights (GRPO's unused rollouts);
+      ``log_samples``: called on rank 0 on each logged step (GRPO's ``completions.jsonl``).
+
+    ``ObjectiveDefaults`` gives the last four for objectives that train on their rows as they come.
     """
 
     evaluates_at_start: bool
+    passes_per_batch: int
 
     def load(self, config, load_hook) -> tuple[nn.Module, object]: ...
 
@@ -68,3 +97,11 @@ class Objective(Protocol):
     def evaluate(self, model: nn.Module, tokenizer, data: RunData, t, processes) -> EvalResult | None: ...
 
     def describe(self, data: RunData) -> list[str]: ...
+
+    def micro_batches(self, model: nn.Module, stream, n: int, step: int) -> list[dict]: ...
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state(self, tensors: dict[str, torch.Tensor], device) -> None: ...
+
+    def log_samples(self, run_dir, step: int) -> None: ...

@@ -37,7 +37,7 @@ from loratune.inference.logprobs import sequence_logprobs, target_counts
 from loratune.models.devices import model_device
 from loratune.train import distributed
 from loratune.train.config import DPO_LOSS_TYPES
-from loratune.train.objectives.base import RunData
+from loratune.train.objectives.base import ObjectiveDefaults, RunData
 from loratune.train.objectives.sft import CausalLM
 
 REFERENCE_ADAPTER = "reference"  # the name of a reference adapter loaded beside the trained one
@@ -87,7 +87,7 @@ def metric_sums(policy: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rew
     }
 
 
-class DPO:
+class DPO(ObjectiveDefaults):
     """An adapter learning preference pairs (``train.objective: dpo``, configured by the ``dpo`` section)."""
 
     evaluates_at_start = False  # a fresh adapter is the reference: every metric is 0 (or ln 2) there
