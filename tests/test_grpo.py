@@ -90,6 +90,17 @@ def test_a_grpo_run_samples_scores_and_logs_trl_metric_names(tiny_llama_dir, tmp
     assert summary["steps"] == 3
 
 
+def test_overwrite_replaces_a_grpo_run_with_its_completions_log(tiny_llama_dir, tmp_path):
+    """completions.jsonl is in the run's record of what loratune wrote, so --overwrite may replace the run."""
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(4))
+    config = grpo_config(tiny_llama_dir, data, tmp_path / "run", train={"max_steps": 1, "log_every": 1})
+    train(config, **QUIET)
+    assert (tmp_path / "run" / COMPLETIONS_FILE).is_file()
+    train(config, overwrite=True, **QUIET)
+    samples = (tmp_path / "run" / COMPLETIONS_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in samples] == [1] * 8  # the new run's, not appended to the old
+
+
 def test_conversational_prompts_hand_message_lists_to_the_rewards(tiny_llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", chat_prompt_rows(4))
     rewards = write_rewards(

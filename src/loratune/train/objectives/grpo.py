@@ -52,6 +52,7 @@ from loratune.inference.evaluate import EvalResult
 from loratune.inference.logprobs import target_logprobs
 from loratune.inference.sequence import Delta, Failed, Finished, SamplingParams, Sequence
 from loratune.models.devices import model_device
+from loratune.outputs import record_published, write_text_atomic
 from loratune.train import distributed
 from loratune.train.objectives.base import ObjectiveDefaults, RunData
 from loratune.train.objectives.sft import CausalLM
@@ -463,7 +464,9 @@ class GRPO(ObjectiveDefaults):
             self.completions_started = True
             if path.is_file():
                 kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
-                path.write_text("".join(line + "\n" for line in kept))
+                write_text_atomic(path, "".join(line + "\n" for line in kept))
+            path.touch()
+            record_published(path, appended=True)  # a log: recorded once, it only grows (--overwrite may replace it)
         if not self.samples or self.samples_logged == self.samples[0]["generation"]:
             return
         self.samples_logged = self.samples[0]["generation"]
