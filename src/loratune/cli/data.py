@@ -32,6 +32,8 @@ def run(args) -> int:
     d = config.data
     max_length = fit_max_length(d.max_length, base_context(config.model.name), "data.max_length")
     out = console()
+    if config.train.objective == "dpo":
+        return _preview_preferences(config, tokenizer, max_length, out, args.examples)
     if resolved_task(config) != "causal_lm":
         return _preview_classification(config, tokenizer, max_length, out, args.examples)
     for label, path in (("train", d.train), ("eval", d.eval)):
@@ -86,4 +88,39 @@ def _preview_classification(config, tokenizer, max_length: int, out, n: int) -> 
             f"{cut} at max_length {max_length} (truncated)",
             markup=False,
         )
+    return 0
+
+
+def _preview_preferences(config, tokenizer, max_length: int, out, n: int) -> int:
+    """``loratune data`` for a DPO run: a few pairs as the model sees them (each completion's scored tokens marked),
+    and what reading the files kept and dropped."""
+    from loratune.data.preference import build_preferences, check_preference_options
+    from loratune.data.preview import TRAINED_CLOSE, TRAINED_OPEN, segments
+
+    check_preference_options(config.data)
+    d = config.data
+    for label, path in (("train", d.train), ("eval", d.eval)):
+        if path is None:
+            continue
+        pairs, st = build_preferences(path, tokenizer, max_length=max_length, truncation=d.truncation)
+        out.rule(f"{label}: {path}")
+        for pair in pairs[:n]:
+            out.print(f"── {pair.location} ──", markup=False, style="dim")
+            for side, sequence in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+                body = "".join(
+                    f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if scored else text
+                    for text, scored in segments(sequence, tokenizer)
+                )
+                out.print(f"{side} ({len(sequence)} tokens, {sequence.n_trained} scored): {body}", markup=False)
+        out.print(
+            f"{st.rows_read} {st.kind} pairs read; {st.kept} kept; longer than max_length ({st.max_length}): "
+            f"{st.too_long} ({st.truncated} truncated, {st.dropped_too_long} dropped); no completion token left: "
+            f"{st.dropped_no_completion}; sequence lengths min {st.lengths.min}, median {st.lengths.median:g}, "
+            f"max {st.lengths.max}",
+            markup=False,
+            soft_wrap=True,
+        )
+    out.print(
+        f"scored completion tokens inside {TRAINED_OPEN} {TRAINED_CLOSE}; the prompts are context only", markup=False
+    )
     return 0

@@ -79,6 +79,11 @@ def detect_format(first_row: dict, location: str = "data") -> str:
     Raises ``DataError`` naming ``location`` when the fields match no format.
     """
     found = _matching_format(first_row)
+    if found is None and "chosen" in first_row and "rejected" in first_row:
+        raise DataError(
+            f"{location}: this row is a preference pair (chosen, rejected); train on preference pairs with "
+            "train.objective: dpo"
+        )
     if found is None:
         fields = ", ".join(repr(key) for key in first_row) or "none"
         raise DataError(
@@ -139,6 +144,22 @@ def _chat_turns(row: dict, location: str, fmt: str) -> list[dict[str, str]]:
             raise DataError(f"{location}: unknown role '{role}' in {where}; use {role_names}")
         content = _string(turn, content_key, location, f"{where}.{content_key}", fmt)
         turns.append({"role": roles[role], "content": content})
+    return turns
+
+
+def chat_messages(value, location: str, field: str) -> list[dict[str, str]]:
+    """The turns of a row's field ``field`` holding chat messages in OpenAI's form (``[{"role": system|user|assistant,
+    "content": str}, ...]``, as TRL's conversational rows do), checked; a ``DataError`` naming ``location`` and
+    the field for anything else (a JSON-encoded list in a CSV cell is accepted)."""
+    turns = []
+    for index, turn in enumerate(_turn_list({field: value}, field, location, "chat messages")):
+        where = f"{field}[{index}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{location}: {where} must be an object, got {_kind(turn)}")
+        role = _string(turn, "role", location, f"{where}.role", "chat messages")
+        if role not in CHAT_ROLES:
+            raise DataError(f"{location}: unknown role '{role}' in {where}; use system, user or assistant")
+        turns.append({"role": role, "content": _string(turn, "content", location, f"{where}.content", "chat messages")})
     return turns
 
 

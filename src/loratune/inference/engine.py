@@ -181,6 +181,26 @@ class Engine:
             self._wake.notify()
         return future
 
+    def run(self, seqs: list[Sequence]) -> None:
+        """Run ``seqs`` to their end on the calling thread, then return: for a caller that owns the model between
+        uses, such as a training run generating its rollouts on the weights it trains (no thread, no queue
+        limit). Only for an engine whose thread was never started; an error in a step propagates, the engine
+        left empty."""
+        if self._thread.is_alive():
+            raise RuntimeError("Engine.run drives an engine on the calling thread; this one runs its own thread")
+        with inference(self.model):
+            with self._wake:
+                self._waiting.extend(seqs)
+            try:
+                while self._has_work():
+                    self._run_calls()
+                    self._step()
+            except BaseException:
+                self._fail_all(Failed("generation stopped"))
+                raise
+            finally:
+                self._unroute()
+
     def _in_flight(self) -> list[Sequence]:
         running = self._running.seqs if self._running else []
         prefill = self._prefill.seqs if self._prefill else []

@@ -25,7 +25,7 @@ class BatchStream:
             (lambda rows: collate_packed(rows, pad_id)) if packing else (lambda rows: collate_rows(rows, pad_id))
         )
         self.lengths = None if packing else [len(e) for e in examples]
-        self.world, self.rank = processes.world, processes.rank
+        self.processes, self.world, self.rank = processes, processes.world, processes.rank
         self.batch_size, self.seed, self.device = config.train.batch_size * self.world, config.train.seed, device
         if self.world > 1 and len(self.rows) < self.batch_size:
             raise ConfigError(

@@ -25,6 +25,7 @@ from loratune.train.distributed import shard_like, whole_tensor
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+OBJECTIVE_FILE = "objective.safetensors"  # the objective's own state, when it has one (GRPO's unused rollouts)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -81,8 +82,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
     write: bool = True,
+    objective_state: dict[str, torch.Tensor] | None = None,
 ) -> Path | None:
     """Write ``checkpoints/step-{step}`` atomically and prune to the newest ``keep``; return its path.
+    ``objective_state``: the objective's tensors (``Objective.state``), written when there are any.
     ``trained`` (``train.trained``) gives the trained tensors and the file they go in. When FSDP split them
     (``trained.collective``) every process calls this, and only the one with ``write`` writes."""
     tensors = trained.state()
@@ -95,6 +98,8 @@ def save_checkpoint(
         try:
             save_file(tensors, staging / trained.state_file)
             save_file(opt_tensors, staging / "optimizer.safetensors")
+            if objective_state:  # copies: safetensors refuses tensors that share memory (a reused micro-batch)
+                save_file({k: v.clone() for k, v in objective_state.items()}, staging / OBJECTIVE_FILE)
             rng = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -133,6 +138,19 @@ def load_checkpoint(path: Path, trained, optimizer: torch.optim.Optimizer) -> di
         torch.cuda.set_rng_state_all(cuda_states)
     random.setstate(_tupled(state["python_random"]))
     return state
+
+
+def load_objective_state(path: Path) -> dict[str, torch.Tensor]:
+    """The objective's tensors a checkpoint kept ({} when it kept none)."""
+    file = Path(path) / OBJECTIVE_FILE
+    if not file.is_file():
+        return {}
+    try:
+        return read_safetensors(file)
+    except (OSError, ValueError, LoratuneError) as exc:
+        raise LoratuneError(
+            f"checkpoint {path} cannot be read ({exc}); delete it to resume from an older one"
+        ) from None
 
 
 def _jsonable(value):

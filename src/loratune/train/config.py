@@ -1,6 +1,7 @@
 """The training config: one YAML file, validated, with ``--set KEY=VALUE`` overrides.
 
-Sections ``model``, ``lora`` (every ``LoraConfig`` field), ``data`` and ``train``, plus ``output_dir``.
+Sections ``model``, ``lora`` (every ``LoraConfig`` field), ``data``, ``train``, ``intrinsic``, ``dpo`` and
+``grpo``, plus ``output_dir``.
 An unknown key is an error naming the closest valid key; an invalid value names its dotted path.
 Relative data paths are looked up from the working directory first, then from the config file's directory.
 """
@@ -20,6 +21,18 @@ from loratune.validation import check_known_keys, validate_model
 
 DATA_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
 TASKS = ("causal_lm", "seq_cls", "token_cls")
+# what a run is trained to do (train.objective): sft learns its data's target tokens, dpo preference pairs, grpo
+# from rewards of its own sampled completions
+OBJECTIVES = ("sft", "dpo", "grpo")
+# GRPO's losses and reward scalings, by TRL's names (GRPOConfig.loss_type, scale_rewards)
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
+# the evaluation metric a GRPO run can keep its best adapter by: the held-out prompts' mean reward
+GRPO_BEST_METRICS = ("eval_reward",)
+# DPO's losses, by TRL's names (DPOConfig.loss_type)
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+# the evaluation metrics a DPO run can keep its best adapter by (eval_loss too)
+DPO_BEST_METRICS = ("eval_rewards/accuracies", "eval_rewards/margins")
 BEST_METRICS = (
     "eval_loss",
     "eval_exact_match",
@@ -28,6 +41,8 @@ BEST_METRICS = (
     "eval_mcc",
     "eval_pearson",
     "eval_spearman",
+    *DPO_BEST_METRICS,
+    *GRPO_BEST_METRICS,
 )
 
 
@@ -61,7 +76,10 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
+    # sft: the data's target tokens; dpo: preference pairs (DPOSection); grpo: rewards of its samples (GRPOSection)
+    objective: Literal[OBJECTIVES] = "sft"
     method: Literal["lora", "full", "intrinsic"] = "lora"  # full: every weight (or full_modules); intrinsic: see below
+    init_adapter: str | None = None  # a PEFT adapter directory whose adapter this run trains further (method lora)
     full_modules: list[str] | None = None  # with method full: module names or dotted suffixes that train
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
@@ -105,6 +123,61 @@ class IntrinsicSection(_Section):
     seed: int | None = None  # of the projection; default: train.seed
 
 
+class DPOSection(_Section):
+    """``train.objective: dpo``: Direct Preference Optimization, with TRL's names and meanings (``DPOConfig``).
+
+    ``beta``: how far the policy may move from the reference (larger: closer); for ``ipo`` the regularisation τ.
+    ``loss_type``: ``sigmoid`` (DPO), ``ipo`` (IPO, on length-averaged log-ratios as TRL computes it) or ``hinge``
+    (SLiC). ``reference``: ``base`` (the base model: the trained adapter disabled, no second copy of the weights) or
+    an adapter directory (e.g. the SFT adapter the run starts from, ``train.init_adapter``), loaded frozen."""
+
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal[DPO_LOSS_TYPES] = "sigmoid"
+    reference: str = "base"
+
+
+class GRPOSection(_Section):
+    """``train.objective: grpo``: Group Relative Policy Optimization, with TRL's names, defaults and meanings
+    (``GRPOConfig``; ``group_size`` is its ``num_generations``, ``max_new_tokens`` its ``max_completion_length``).
+
+    Each prompt gets ``group_size`` completions sampled at ``temperature`` / ``top_p`` / ``top_k`` (0: off) from the
+    model being trained; ``rewards`` score them — ``"path/to/file.py:function"`` with TRL's signature
+    ``f(prompts, completions, **columns) -> list[float | None]`` or a built-in (``exact_match`` against an ``answer``
+    column, ``regex:PATTERN``, ``json_valid``) — summed with ``reward_weights`` (default 1 each). ``beta``: the weight
+    of the KL to the base (the adapter disabled; 0: none). ``epsilon`` / ``epsilon_high`` (default ``epsilon``): the
+    clip range of the probability ratio. ``loss_type``: ``grpo``, ``dr_grpo`` or ``dapo``; ``scale_rewards``:
+    ``group``, ``batch`` or ``none``. One generation serves ``steps_per_generation`` micro-batches (default:
+    ``train.grad_accum``, one optimizer step), each ``num_iterations`` times. ``mask_truncated_completions``:
+    completions cut by ``max_new_tokens`` are left out of the loss."""
+
+    group_size: int = Field(8, ge=2)
+    max_new_tokens: int = Field(512, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    beta: float = Field(0.0, ge=0)
+    epsilon: float = Field(0.2, gt=0)
+    epsilon_high: float | None = Field(None, gt=0)
+    loss_type: Literal[GRPO_LOSS_TYPES] = "dapo"
+    scale_rewards: Literal[GRPO_SCALE_REWARDS] = "group"
+    steps_per_generation: int | None = Field(None, gt=0)
+    num_iterations: int = Field(1, gt=0)
+    mask_truncated_completions: bool = False
+    rewards: list[str] = ["exact_match"]
+    reward_weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _weights_fit(self):
+        if not self.rewards:
+            raise ValueError("grpo.rewards: give at least one reward function")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(
+                f"grpo.reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} rewards; "
+                "give one per reward"
+            )
+        return self
+
+
 class TrainConfig(_Section):
     """The whole run: what to load, how to adapt it, what data, how to train, and where to write. ``task``:
     ``causal_lm`` (a language model learns to continue text), ``seq_cls`` (a classification head learns a label
@@ -118,6 +191,8 @@ class TrainConfig(_Section):
     data: DataSection
     train: TrainSection = TrainSection()
     intrinsic: IntrinsicSection = IntrinsicSection()
+    dpo: DPOSection = DPOSection()
+    grpo: GRPOSection = GRPOSection()
     output_dir: str
     meta: dict[str, Any] | None = None  # written by loratune into a run's config.yaml; ignored on input
 
@@ -143,6 +218,52 @@ class TrainConfig(_Section):
             )
         if self.train.method != "full" and self.train.full_modules is not None:
             raise ValueError("train.full_modules applies to train.method: full; remove it or set the method")
+        if self.train.init_adapter is not None:
+            if method != "lora":
+                raise ValueError(
+                    f"train.init_adapter continues training an adapter; train.method: {method} trains no adapter"
+                )
+            if self.lora != LoraConfig():
+                raise ValueError(
+                    "train.init_adapter trains that adapter on with its own LoRA settings (its adapter_config.json); "
+                    "remove the lora section"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits(self):
+        objective, best = self.train.objective, self.train.best_metric
+        if objective != "dpo" and self.dpo != DPOSection():
+            raise ValueError(f"the dpo section applies to train.objective: dpo (this run's is {objective})")
+        if objective != "dpo" and best in DPO_BEST_METRICS:
+            raise ValueError(f"train.best_metric: {best} is a DPO metric; this run's train.objective is {objective}")
+        if objective != "grpo" and self.grpo != GRPOSection():
+            raise ValueError(f"the grpo section applies to train.objective: grpo (this run's is {objective})")
+        if objective != "grpo" and best in GRPO_BEST_METRICS:
+            raise ValueError(f"train.best_metric: {best} is a GRPO metric; this run's train.objective is {objective}")
+        if objective in ("dpo", "grpo"):
+            if self.train.method != "lora":
+                raise ValueError(
+                    f"train.objective: {objective} trains an adapter against the model without it; "
+                    f"train.method: {self.train.method} has no adapter to turn off, so use train.method: lora"
+                )
+            if self.task not in (None, "causal_lm"):
+                raise ValueError(
+                    f"train.objective: {objective} trains a language model; task: {self.task} is a classifier"
+                )
+        if objective == "grpo":
+            if self.train.distributed == "fsdp":
+                raise ValueError(
+                    "train.objective: grpo generates on each process alone, and train.distributed: fsdp runs every "
+                    "forward on all of them together; use train.distributed: ddp"
+                )
+            if best not in (None, *GRPO_BEST_METRICS):
+                raise ValueError(f"train.best_metric: {best} is not measured by a GRPO run; use eval_reward")
+        if objective == "dpo" and best not in (None, "eval_loss", *DPO_BEST_METRICS):
+            raise ValueError(
+                f"train.best_metric: {best} is not measured by a DPO run; use eval_loss or "
+                + " or ".join(DPO_BEST_METRICS)
+            )
         return self
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -156,6 +277,8 @@ _SECTIONS = {
     "data": DataSection,
     "train": TrainSection,
     "intrinsic": IntrinsicSection,
+    "dpo": DPOSection,
+    "grpo": GRPOSection,
 }
 _TOP_KEYS = [*_SECTIONS, "task", "output_dir", "meta"]
 
@@ -262,6 +385,7 @@ def resolved_task(config: TrainConfig) -> str:
 def resolve_data_paths(config: TrainConfig, config_dir: Path) -> TrainConfig:
     """Make data paths absolute: relative to the working directory if the file is there, else to
     ``config_dir``. ``ConfigError`` when a named data file exists in neither place."""
+    config = _resolve_adapter_paths(config, config_dir)
     updates = {}
     for key in ("train", "eval", "retain"):
         value = getattr(config.data, key)
@@ -279,3 +403,38 @@ def resolve_data_paths(config: TrainConfig, config_dir: Path) -> TrainConfig:
             raise ConfigError(f"data.{key}: file {value!r} not found (looked in {', '.join(map(str, candidates))})")
         updates[key] = str(found.resolve())
     return config.model_copy(update={"data": config.data.model_copy(update=updates)})
+
+
+def _resolve_adapter_paths(config: TrainConfig, config_dir: Path) -> TrainConfig:
+    """Make ``train.init_adapter`` and an adapter ``dpo.reference`` absolute, found as data paths are (the working
+    directory first, then ``config_dir``); ``ConfigError`` when the directory exists in neither place."""
+
+    def found(key: str, value: str) -> str:
+        candidates = [Path(value)] if Path(value).is_absolute() else [Path(value), config_dir / value]
+        directory = next((c for c in candidates if c.is_dir()), None)
+        if directory is None:
+            raise ConfigError(
+                f"{key}: adapter directory {value!r} not found (looked in {', '.join(map(str, candidates))})"
+            )
+        return str(directory.resolve())
+
+    if config.train.init_adapter is not None:
+        train = config.train.model_copy(update={"init_adapter": found("train.init_adapter", config.train.init_adapter)})
+        config = config.model_copy(update={"train": train})
+    rewards = [_resolved_reward(spec, config_dir) for spec in config.grpo.rewards]
+    if rewards != config.grpo.rewards:
+        config = config.model_copy(update={"grpo": config.grpo.model_copy(update={"rewards": rewards})})
+    if config.dpo.reference != "base":
+        dpo = config.dpo.model_copy(update={"reference": found("dpo.reference", config.dpo.reference)})
+        config = config.model_copy(update={"dpo": dpo})
+    return config
+
+
+def _resolved_reward(spec: str, config_dir: Path) -> str:
+    """A ``grpo.rewards`` entry with its file made absolute when found beside the config (not in the working
+    directory); built-ins and files not found as they are stay (the reward loader names what is missing)."""
+    file, sep, name = spec.rpartition(":")
+    if not sep or not file.endswith(".py") or Path(file).is_absolute() or Path(file).is_file():
+        return spec
+    beside = config_dir / file
+    return f"{beside.resolve()}:{name}" if beside.is_file() else spec

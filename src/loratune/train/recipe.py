@@ -31,7 +31,14 @@ from pathlib import Path
 import torch
 
 from loratune import signals
-from loratune.adapters import add_adapter, expert_report, parameter_report
+from loratune.adapters import (
+    add_adapter,
+    expert_report,
+    load_adapter,
+    parameter_report,
+    set_active,
+    set_trainable,
+)
 from loratune.data.classification import LabelSpace, write_labels
 from loratune.errors import ConfigError, LoratuneError
 from loratune.inference.evaluate import EvalResult
@@ -41,11 +48,12 @@ from loratune.models.devices import model_device
 from loratune.outputs import write_output_dir, write_text_atomic
 from loratune.train.attention import patch_attention
 from loratune.train.batches import BatchStream
-from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, load_objective_state, save_checkpoint
 from loratune.train.dropout import patch_dropout
 from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
 from loratune.train.metrics import MetricsLog, NoMetrics, plot_losses
 from loratune.train.objectives import Objective, RunData
+from loratune.train.objectives.base import split_loss
 from loratune.train.optimizer import build_optimizer, set_learning_rate
 from loratune.train.run_dir import (
     SUMMARY_FILE,
@@ -170,6 +178,12 @@ class Recipe:
         elif t.method == "intrinsic":
             i = self.config.intrinsic
             self.trained = TrainedIntrinsic(model, i.dim, t.seed if i.seed is None else i.seed, i.said, i.targets)
+        elif t.init_adapter is not None:  # an existing adapter trains on (its own LoRA settings), alone
+            load_adapter(model, t.init_adapter, ADAPTER_NAME, trainable=True)
+            set_trainable(model, ADAPTER_NAME)
+            set_active(model, ADAPTER_NAME)
+            self.log(f"training on the adapter in {t.init_adapter}")
+            self.trained = TrainedAdapter(model, ADAPTER_NAME)
         else:
             add_adapter(model, self.config.lora, ADAPTER_NAME)
             self.trained = TrainedAdapter(model, ADAPTER_NAME)
@@ -197,11 +211,15 @@ class Recipe:
         self.step_loss = self.topology.step_loss(model, self.objective.loss_sum)
         # the processes that take part in what rank 0 writes (FSDP gathers split weights collectively)
         self.writes = self.topology.main or self.trained.collective
-        micro_batches = math.ceil(t.epochs * self.stream.batches_per_epoch)
+        # an objective may train on each micro-batch of rows several times (GRPO's num_iterations)
+        self.batches_per_epoch = self.stream.batches_per_epoch * self.objective.passes_per_batch
+        micro_batches = math.ceil(t.epochs * self.batches_per_epoch)
         self.total_steps = t.max_steps or max(1, math.ceil(micro_batches / t.grad_accum))
         self.metrics = MetricsLog(self.run_dir, tensorboard=t.tensorboard) if self.topology.main else NoMetrics()
         self.state = RunState(processes=self.topology.world)
         self.start_step = 0
+        self.step_metrics: dict[str, float] = {}
+        self.objective_state: dict[str, torch.Tensor] = {}  # the objective's state after the last completed step
 
     def restore(self) -> None:
         """Continue a resumed run from its newest complete checkpoint (its steps, its position, its RNG)."""
@@ -220,6 +238,8 @@ class Recipe:
                 f"--nproc {self.state.processes} (its position in the data counts batches of that many processes)"
             )
         self.start_step = saved["step"]
+        self.objective_state = load_objective_state(checkpoint)
+        self.objective.load_state(self.objective_state, self.device)
         self._check_steps_left()
         self.stream.seek(self.state.epoch, self.state.index)
         self.metrics.truncate_after(self.start_step)
@@ -277,7 +297,9 @@ class Recipe:
         try:
             for step in range(self.start_step, self.total_steps):
                 loss, lr, grad_norm, tokens, seconds = self.step(step)
-                self.report_step(loss, lr, grad_norm, tokens / seconds)
+                self.report_step(loss, lr, grad_norm, tokens / seconds, self.step_metrics)
+                if self._logs(self.done) and self.topology.main:
+                    self.objective.log_samples(self.run_dir, self.done)
                 if t.eval_every and (self.done % t.eval_every == 0 or self.done == self.total_steps):
                     self.evaluate_and_keep_best()
                 if self.done % t.save_every == 0 and self.done < self.total_steps and self.writes:
@@ -293,31 +315,38 @@ class Recipe:
             self._stop_bar()
 
     def step(self, step: int) -> tuple[float, float, float, int, float]:
-        """One optimizer step over ``grad_accum`` micro-batches: (loss, lr, grad norm, tokens, seconds).
+        """One optimizer step over ``grad_accum`` micro-batches: (loss, lr, grad norm, tokens, seconds: the time of
+        the forwards, backwards and update, without the objective's making of the micro-batches — GRPO's rollouts);
+        the objective's metrics of the step (``Objective.loss_sum``) in ``step_metrics``.
 
         The loss is the sum over every micro-batch of every process divided by what all of them sum over (long
         and short micro-batches weigh by their targets); DDP averages the gradients over the processes, so each
-        process scales its part by world / targets."""
+        process scales its part by world / targets. The metrics are means over the same."""
         t, topology = self.t, self.topology
-        started = time.perf_counter()
+        begun = time.perf_counter()
         topology.seed_step(t.seed, step)
-        batches = [self.stream.next() for _ in range(t.grad_accum)]
+        batches = self.objective.micro_batches(self.model, self.stream, t.grad_accum, step)
+        started = time.perf_counter()
         targets = int(topology.total(sum(self.objective.count(b) for b in batches)))
         lr = learning_rate(
             step, total_steps=self.total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps, kind=t.scheduler
         )
-        loss_total = 0.0
+        loss_total, metric_sums = 0.0, {}
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
             with topology.micro_batch(last), recompute_norm_outputs():
-                loss_sum, _ = self.step_loss(batch)
+                loss_sum, _, sums = split_loss(self.step_loss(batch))
                 (loss_sum * (topology.world / max(1, targets))).backward()
             topology.after_backward(last, self.params)
             loss_total += float(loss_sum.detach())
+            for name, value in sums.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value
             # Drop the step's graph now: kept until the next forward reassigns the name, its many small nodes sit
             # in the freed activation memory and the next forward cannot reuse it whole.
             del loss_sum
         loss = topology.total(loss_total) / max(1, targets)
+        # every process has the same names in the same order (one objective): one sum over the processes each
+        metrics = {name: topology.total(value) / max(1, targets) for name, value in metric_sums.items()}
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss} at step {step + 1}; {self._last_good()}. Lower train.lr or check the data"
@@ -342,23 +371,32 @@ class Recipe:
             self.optimizer.zero_grad(set_to_none=True)
             self.trained.after_step()
             topology.after_update(self.device)
-            seconds = time.perf_counter() - started
+            now = time.perf_counter()
+            seconds = now - started
             self.state.tokens += tokens
-            self.state.train_seconds += seconds
+            self.state.train_seconds += now - begun
             self.state.epoch, self.state.index = self.stream.epoch, self.stream.index
             self.done = step + 1
             self.after_step = _rng_state()
+            self.objective_state = self.objective.state()
+            self.step_metrics = metrics
         return loss, lr, grad_norm, tokens, seconds
 
-    def report_step(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> None:
-        done, t = self.done, self.t
+    def report_step(
+        self, loss: float, lr: float, grad_norm: float, tokens_per_s: float, metrics: dict[str, float] | None = None
+    ) -> None:
+        """Show the step on the progress bar; log it (``metrics.jsonl`` and, without a bar, a line) every
+        ``log_every`` steps, the first and the last. ``metrics``: the objective's, logged after the loss."""
+        done, t, metrics = self.done, self.t, metrics or {}
+        shown = "".join(f"  {name} {value:.4g}" for name, value in metrics.items())
         if self.bar is not None:
-            self.bar.update(0, completed=done, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
-        if done % t.log_every == 0 or done == self.total_steps or done == 1:
-            epoch = done * t.grad_accum / self.stream.batches_per_epoch
+            self.bar.update(0, completed=done, info=f"loss {loss:.4f}{shown}  {tokens_per_s:,.0f} tok/s")
+        if self._logs(done):
+            epoch = done * t.grad_accum / self.batches_per_epoch
             record = {
                 "step": done,
                 "loss": loss,
+                **metrics,
                 "lr": lr,
                 "tokens_per_s": tokens_per_s,
                 "grad_norm": grad_norm,
@@ -366,7 +404,13 @@ class Recipe:
             }
             self.metrics.log(record)
             if self.bar is None:
-                self.log(f"step {done}/{self.total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
+                self.log(
+                    f"step {done}/{self.total_steps}  loss {loss:.4f}{shown}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
+                )
+
+    def _logs(self, done: int) -> bool:
+        """Whether step ``done`` is logged: every ``log_every`` steps, the first and the last."""
+        return done % self.t.log_every == 0 or done == self.total_steps or done == 1
 
     # --- evaluation and saving -------------------------------------------------------------------------------
 
@@ -396,7 +440,8 @@ class Recipe:
         record = {"step": step, **retention}
         if result is not None:
             if result.metrics:
-                record.update(eval_loss=result.loss, **{f"eval_{k}": v for k, v in result.metrics.items()})
+                loss = {} if result.loss is None else {"eval_loss": result.loss}  # GRPO's evaluation has no loss
+                record.update(**loss, **{f"eval_{k}": v for k, v in result.metrics.items()})
             else:
                 record.update(
                     eval_loss=result.loss, eval_perplexity=result.perplexity, eval_exact_match=result.exact_match
@@ -445,6 +490,7 @@ class Recipe:
             self.state.saved(),
             self.t.keep_checkpoints,
             write=self.topology.main,
+            objective_state=self.objective_state,
         )
 
     def _interrupted(self, signum: int) -> TrainingInterrupted:
@@ -511,7 +557,7 @@ class Recipe:
 
     def summary(self, records: list[dict], peaks: list[float] | None) -> dict:
         """What ``summary.json`` holds: the run's totals, its last evaluation and best, its size and memory."""
-        evals = [r for r in records if "eval_loss" in r]
+        evals = [r for r in records if any(key.startswith("eval_") for key in r)]
         retained = [r for r in records if "retain_loss" in r]
         state = self.state
         adapter_file = self.run_dir / "adapter" / "adapter_model.safetensors"
@@ -560,7 +606,8 @@ def save_trained(
 def _describe_eval(step: int, result: EvalResult) -> str:
     if result.metrics:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
-        return f"eval @ step {step}: loss {result.loss:.4f}, {shown} (n={result.n})"
+        loss = "" if result.loss is None else f"loss {result.loss:.4f}, "
+        return f"eval @ step {step}: {loss}{shown} (n={result.n})"
     em = f", exact match {100 * result.exact_match:.1f}%" if result.exact_match is not None else ""
     return f"eval @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}{em} (n={result.n})"
 

@@ -33,7 +33,7 @@ from loratune.inference.evaluate import EvalResult
 from loratune.models import load_classifier
 from loratune.train import distributed
 from loratune.train.config import resolved_task
-from loratune.train.objectives.base import RunData
+from loratune.train.objectives.base import ObjectiveDefaults, RunData
 
 TASK_TYPE = "SEQ_CLS"  # PEFT's task type for sequence classification
 TOKEN_TASK_TYPE = "TOKEN_CLS"  # and for token classification
@@ -137,7 +137,7 @@ def describe_labels(space: LabelSpace, n_train: int, n_eval: int) -> str:
     return f"classification: {n_train} training and {n_eval} eval {layout}; {what}"
 
 
-class Classification:
+class Classification(ObjectiveDefaults):
     """A classifier learning its rows' labels: cross-entropy over the classes (squared error for regression; per
     labelled word for tokens), evaluated with the GLUE metrics, and once before the first step (the new head's
     chance level, for comparison)."""

@@ -15,10 +15,10 @@ from loratune.inference.forgetting import retain_examples
 from loratune.inference.loss import causal_lm_loss_sum
 from loratune.models import context_length, load_model
 from loratune.train import distributed
-from loratune.train.objectives.base import RunData
+from loratune.train.objectives.base import ObjectiveDefaults, RunData
 
 
-class CausalLM:
+class CausalLM(ObjectiveDefaults):
     """A causal LM learning its data's target tokens (``task: causal_lm``, the default)."""
 
     evaluates_at_start = False
