@@ -317,3 +317,16 @@ def test_the_serving_engine_runs_expert_adapters_per_row_as_each_alone(tmp_path)
     alone = [generate([request])[0] for request in requests]
     assert together == alone
     assert together[0] != together[3]  # the rows did run different experts' adapters
+
+
+def test_an_int8_compressed_expert_adapter_loads_with_nearly_the_same_logits(tmp_path):
+    model = tiny_moe("gpt_oss")
+    add_adapter(model, lora("gpt_oss"))
+    ids = token_batch()
+    expected = logits(model, ids)
+    save_adapter(model, tmp_path / "int8", compress="int8")
+    loaded = tiny_moe("gpt_oss")
+    load_adapter(loaded, tmp_path / "int8")
+    assert set(adapters_of(loaded)["default"].parameter_paths) == set(adapters_of(model)["default"].parameter_paths)
+    got = logits(loaded, ids)
+    assert (got - expected).abs().max() <= 0.02 * (expected - logits(tiny_moe("gpt_oss"), ids)).abs().max()
