@@ -24,12 +24,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_vs_peft import (
+from train_vs_peft import (  # the dense bench's data, initial adapter, loratune run and PEFT loop
     DEMO_TRAIN,
     _load_safetensors,
     _train_plain,
     make_fixed_length_data,
-    peak_rss_mib,
+    run_loratune,
+    write_initial_adapter,
 )
 
 EXPERT_STACKS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -78,52 +79,6 @@ def build_model_dir(args, directory: Path) -> None:
     )
     Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-
-
-def write_initial_adapter(args) -> None:
-    """The adapter both trainers start from: loratune's init under seed 0 (what ``train`` creates)."""
-    import torch
-
-    import loratune
-
-    model, _ = loratune.load_model(args.model, dtype=args.dtype)
-    torch.manual_seed(0)
-    loratune.add_adapter(model, loratune.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"))
-    loratune.save_adapter(model, Path(args.workdir) / "initial-adapter")
-
-
-def run_loratune(args) -> dict:
-    import yaml
-
-    from loratune.train import load_config, train
-
-    run = Path(args.workdir) / "loratune-run"
-    config = {
-        "model": {"name": args.model, "dtype": args.dtype},
-        "lora": {"r": args.r, "lora_alpha": 2 * args.r, "lora_dropout": 0.0, "target_modules": "all-linear"},
-        "data": {"train": args.data_file, "max_length": args.length},
-        "train": {
-            "max_steps": args.steps,
-            "batch_size": args.batch,
-            "lr": 2e-4,
-            "scheduler": "constant",
-            "log_every": 1,
-            "save_every": 10_000,
-            "max_grad_norm": None,
-            "seed": 0,
-        },
-        "output_dir": str(run),
-    }
-    path = Path(args.workdir) / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    train(load_config(path), overwrite=True, progress=False, log=lambda *_: None)
-    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if "loss" in r]
-    return {
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps[args.warmup :]),
-        "losses": [r["loss"] for r in steps],
-        "peak_rss_mib": peak_rss_mib(),
-    }
 
 
 def run_peft(args) -> dict:
@@ -228,6 +183,7 @@ def main() -> None:
     parser.add_argument("--data-file", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.quantize, args.dora, args.full, args.packing = None, False, False, False  # what the shared pieces read
     if args.impl:
         result = run_peft(args) if args.impl == "peft" else run_loratune(args)
         print("RESULT " + json.dumps(result), flush=True)
