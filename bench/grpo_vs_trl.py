@@ -32,8 +32,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dpo_vs_trl import Clock, write_initial_adapter  # the DPO bench's step clock and shared initial adapter
 
 TOPICS = [
     "the ocean",
@@ -75,33 +77,6 @@ def write_prompts(path: Path, rows: int) -> None:
             topic = TOPICS[i % len(TOPICS)]
             handle.write(json.dumps({"prompt": [{"role": "user", "content": f"Write a paragraph about {topic}."}]}))
             handle.write("\n")
-
-
-def write_initial_adapter(args) -> Path:
-    """The adapter both trainers start from: loratune's r=8 all-linear init under seed 0."""
-    import torch
-
-    import loratune
-
-    model, _ = loratune.load_model(args.model, dtype=args.dtype)
-    torch.manual_seed(0)
-    loratune.add_adapter(model, loratune.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"))
-    return loratune.save_adapter(model, Path(args.workdir) / "initial-adapter")
-
-
-class Clock:
-    """Wall and CPU seconds of each timed call."""
-
-    def __init__(self):
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-
-    def start(self) -> None:
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
-
-    def stop(self) -> None:
-        self.wall.append(time.perf_counter() - self._wall)
-        self.cpu.append(time.process_time() - self._cpu)
 
 
 def run_loratune(args) -> dict:

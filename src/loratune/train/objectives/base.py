@@ -8,8 +8,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from loratune.data import Example, TokenizedExample
+from loratune.data import Example, TokenizedExample, split_eval
 from loratune.data.classification import LabelSpace
+from loratune.errors import ConfigError
 from loratune.inference.evaluate import EvalResult
 
 
@@ -27,6 +28,25 @@ class RunData:
 
 # A micro-batch's (summed loss, count), or (summed loss, count, {metric name: its sum over the count}).
 LossSum = tuple[torch.Tensor, int] | tuple[torch.Tensor, int, dict[str, float]]
+
+
+def train_and_eval_rows(config, tokenizer, read, what: str) -> tuple[list, list, object]:
+    """(training rows, held-out rows, the training file's stats) as ``read(path, tokenizer, max_length=…,
+    truncation=…)`` gives them: held-out rows from ``data.eval`` or a seeded ``data.eval_split`` of the training
+    rows, cut to ``data.eval_max_examples``. Raises ``ConfigError`` naming ``what`` when no training row is left."""
+    d = config.data
+    options = dict(max_length=d.max_length, truncation=d.truncation)
+    train, stats = read(d.train, tokenizer, **options)
+    evaluation = []
+    if d.eval is not None:
+        evaluation, _ = read(d.eval, tokenizer, **options)
+    elif d.eval_split > 0:
+        train, evaluation = split_eval(train, d.eval_split, config.train.seed)
+    if d.eval_max_examples is not None:
+        evaluation = evaluation[: d.eval_max_examples]
+    if not train:
+        raise ConfigError(f"data.train: no usable {what} in {d.train} after length limits")
+    return train, evaluation, stats
 
 
 def split_loss(result: LossSum) -> tuple[torch.Tensor, int, dict[str, float]]:

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.adapters import active_adapters, disabled_adapters, load_adapter, set_active
-from loratune.data import split_eval
 from loratune.data.preference import build_preferences, check_preference_options, collate_preferences
 from loratune.errors import ConfigError
 from loratune.inference.evaluate import EvalResult
@@ -37,7 +36,7 @@ from loratune.inference.logprobs import sequence_logprobs, target_counts
 from loratune.models.devices import model_device
 from loratune.train import distributed
 from loratune.train.config import DPO_LOSS_TYPES
-from loratune.train.objectives.base import ObjectiveDefaults, RunData
+from loratune.train.objectives.base import ObjectiveDefaults, RunData, train_and_eval_rows
 from loratune.train.objectives.sft import CausalLM
 
 REFERENCE_ADAPTER = "reference"  # the name of a reference adapter loaded beside the trained one
@@ -125,17 +124,7 @@ class DPO(ObjectiveDefaults):
         """The training pairs and the held-out ones (``data.eval``, or a seeded ``data.eval_split``), and the
         retain set; raises ``ConfigError`` when no training pair is left after the length limits."""
         d = config.data
-        options = dict(max_length=d.max_length, truncation=d.truncation)
-        train, stats = build_preferences(d.train, tokenizer, **options)
-        evaluation = []
-        if d.eval is not None:
-            evaluation, _ = build_preferences(d.eval, tokenizer, **options)
-        elif d.eval_split > 0:
-            train, evaluation = split_eval(train, d.eval_split, config.train.seed)
-        if d.eval_max_examples is not None:
-            evaluation = evaluation[: d.eval_max_examples]
-        if not train:
-            raise ConfigError(f"data.train: no usable preference pairs in {d.train} after length limits")
+        train, evaluation, stats = train_and_eval_rows(config, tokenizer, build_preferences, "preference pairs")
         retain = retain_examples(d.retain, tokenizer, d.max_length) if d.retain is not None else []
         return RunData(train, evaluation, [], stats, retain)
 

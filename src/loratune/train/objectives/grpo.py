@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 
 from loratune.adapters import active_adapters, disabled_adapters
-from loratune.data import split_eval
 from loratune.data.batching import collate
 from loratune.data.prompts import CONVERSATIONAL, PromptRow, collate_prompts, read_prompts
 from loratune.data.tokenize import IGNORE_INDEX, TokenizedExample
@@ -54,7 +53,7 @@ from loratune.inference.sequence import Delta, Failed, Finished, SamplingParams,
 from loratune.models.devices import model_device
 from loratune.outputs import record_published, write_text_atomic
 from loratune.train import distributed
-from loratune.train.objectives.base import ObjectiveDefaults, RunData
+from loratune.train.objectives.base import ObjectiveDefaults, RunData, train_and_eval_rows
 from loratune.train.objectives.sft import CausalLM
 from loratune.train.rewards import Reward, load_rewards, score, trainer_state
 
@@ -230,18 +229,7 @@ class GRPO(ObjectiveDefaults):
 
     def data(self, config, tokenizer) -> RunData:
         """The training prompts and the held-out ones (``data.eval``, or a seeded ``data.eval_split``)."""
-        d = config.data
-        options = dict(max_length=d.max_length, truncation=d.truncation)
-        train, stats = read_prompts(d.train, tokenizer, **options)
-        evaluation = []
-        if d.eval is not None:
-            evaluation, _ = read_prompts(d.eval, tokenizer, **options)
-        elif d.eval_split > 0:
-            train, evaluation = split_eval(train, d.eval_split, config.train.seed)
-        if d.eval_max_examples is not None:
-            evaluation = evaluation[: d.eval_max_examples]
-        if not train:
-            raise ConfigError(f"data.train: no usable prompts in {d.train} after length limits")
+        train, evaluation, stats = train_and_eval_rows(config, tokenizer, read_prompts, "prompts")
         self.rows = [_reindexed(row, i) for i, row in enumerate(train)]
         self.tokenizer = tokenizer
         return RunData(self.rows, evaluation, [], stats)
