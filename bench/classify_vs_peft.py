@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 INTENTS = ROOT / "examples" / "classify" / "train.jsonl"
@@ -38,10 +40,6 @@ def make_data(tokenizer, path: Path, rows: int, length: int) -> None:
             i += 1
         out.append({"text": " ".join(words), "label": label})
     path.write_text("".join(json.dumps(row) + "\n" for row in out))
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_loratune(args) -> dict:

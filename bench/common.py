@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import torch
@@ -20,3 +21,12 @@ def random_adapter(model_name: str, path: Path, *, dtype: str = "fp32", seed: in
         for _, layer in lora_layers(model):
             layer.lora_B["default"].normal_(std=std)
     return loratune.save_adapter(model, path)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (MiB). On Linux the memory map's own mark (VmHWM): ``ru_maxrss`` carries the
+    parent's RSS at the fork over ``exec``, so a child started from a large parent would report at least that."""
+    try:
+        return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,12 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mib
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_TRAIN = ROOT / "examples" / "demo" / "train.jsonl"
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_pairs(tokenizer, path: Path, rows: int, prompt_tokens: int, completion_tokens: int) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mib
 from dpo_vs_trl import Clock, write_initial_adapter  # the DPO bench's step clock and shared initial adapter
 
 TOPICS = [
@@ -65,10 +65,6 @@ def short_words(prompts, completions, **kwargs):
         words = text.split()
         rewards.append(sum(len(w.strip(".,;:!?\"'")) <= 5 for w in words) / max(1, len(words)))
     return rewards
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_prompts(path: Path, rows: int) -> None:

@@ -1,5 +1,7 @@
 """Write a Llama-architecture checkpoint with random weights (default: Llama-2-7B shapes, ~6.9B parameters)
-straight into safetensors shards, layer by layer, so the whole model is never in memory.
+straight into safetensors shards, layer by layer, so the whole model is never in memory. With ``--experts N``
+it is a Qwen3-MoE instead (each block's MLP: N experts of width ``--expert-width`` behind a top-``--top-k``
+router), each expert's projections stored as their own tensors, as MoE checkpoints on the Hub are.
 
 Peak memory is about one shard (``--shard-gb``, default 2 GB). The tokenizer comes from ``--tokenizer-from``
 (default: the cached ``smollm2-135m`` conversion; its vocabulary sets ``vocab_size``).
@@ -19,29 +21,40 @@ import torch
 from safetensors.torch import save_file
 
 
-def layer_tensors(i: int, hidden: int, inter: int, kv_dim: int, std: float, gen: torch.Generator):
+def layer_tensors(i: int, args, kv_dim: int, std: float, gen: torch.Generator):
     """Yield (name, tensor) for decoder layer ``i``, bf16, normal(0, std) weights and unit norms."""
     p = f"model.layers.{i}."
+    hidden, inter, head_dim = args.hidden, args.intermediate, args.hidden // args.heads
     shapes = {
         "self_attn.q_proj.weight": (hidden, hidden),
         "self_attn.k_proj.weight": (kv_dim, hidden),
         "self_attn.v_proj.weight": (kv_dim, hidden),
         "self_attn.o_proj.weight": (hidden, hidden),
-        "mlp.gate_proj.weight": (inter, hidden),
-        "mlp.up_proj.weight": (inter, hidden),
-        "mlp.down_proj.weight": (hidden, inter),
     }
+    if args.experts:
+        shapes["mlp.gate.weight"] = (args.experts, hidden)
+        for e in range(args.experts):
+            shapes[f"mlp.experts.{e}.gate_proj.weight"] = (args.expert_width, hidden)
+            shapes[f"mlp.experts.{e}.up_proj.weight"] = (args.expert_width, hidden)
+            shapes[f"mlp.experts.{e}.down_proj.weight"] = (hidden, args.expert_width)
+    else:
+        shapes["mlp.gate_proj.weight"] = (inter, hidden)
+        shapes["mlp.up_proj.weight"] = (inter, hidden)
+        shapes["mlp.down_proj.weight"] = (hidden, inter)
     for name, shape in shapes.items():
         yield p + name, (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
-    yield p + "input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16)
-    yield p + "post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16)
+    norms = {"input_layernorm": hidden, "post_attention_layernorm": hidden}
+    if args.experts:  # Qwen3 normalises each head's queries and keys
+        norms.update({"self_attn.q_norm": head_dim, "self_attn.k_norm": head_dim})
+    for norm, size in norms.items():
+        yield p + norm + ".weight", torch.ones(size, dtype=torch.bfloat16)
 
 
 def all_tensors(args, vocab: int, gen: torch.Generator):
     kv_dim = args.hidden // args.heads * args.kv_heads
     yield "model.embed_tokens.weight", (torch.randn(vocab, args.hidden, generator=gen) * 0.02).to(torch.bfloat16)
     for i in range(args.layers):
-        yield from layer_tensors(i, args.hidden, args.intermediate, kv_dim, 0.02, gen)
+        yield from layer_tensors(i, args, kv_dim, 0.02, gen)
     yield "model.norm.weight", torch.ones(args.hidden, dtype=torch.bfloat16)
     yield "lm_head.weight", (torch.randn(vocab, args.hidden, generator=gen) * 0.02).to(torch.bfloat16)
 
@@ -55,6 +68,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--shard-gb", type=float, default=2.0)
+    parser.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many experts per block")
+    parser.add_argument("--expert-width", type=int, default=768, help="each expert's intermediate size")
+    parser.add_argument("--top-k", type=int, default=8, help="experts per token")
     parser.add_argument(
         "--tokenizer-from",
         type=Path,
@@ -125,6 +141,18 @@ def main() -> None:
         "eos_token_id": tok_config.get("eos_token_id"),
         "pad_token_id": tok_config.get("pad_token_id"),
     }
+    if args.experts:
+        config.update(
+            architectures=["Qwen3MoeForCausalLM"],
+            model_type="qwen3_moe",
+            head_dim=args.hidden // args.heads,
+            num_experts=args.experts,
+            num_experts_per_tok=args.top_k,
+            moe_intermediate_size=args.expert_width,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     (staging / "config.json").write_text(json.dumps(config, indent=1))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (args.tokenizer_from / name).is_file():

@@ -6,7 +6,8 @@ on the demo task's text. Both trainers adapt the attention projections and both 
 same initial adapter, see the same fixed-length batches and run in their own processes, alternating; PEFT runs on
 transformers' default experts implementation (``grouped_mm``, its fastest on CPU) with its ``ParamWrapper``
 adding ΔW to every expert's weight each step. Reported: median tokens/s over the timed steps, peak RSS, their
-ratios and the loss agreement (as ``bench/train_vs_peft.py`` reports them).
+the training memory (peak RSS less the RSS the libraries take before the model loads: at this size the
+libraries are most of a process), their ratios and the loss agreement (as ``bench/train_vs_peft.py`` reports them).
 
     python bench/moe_vs_peft.py                                   # bf16, batch 8 x 256, 12 steps, 2 reps
     python bench/moe_vs_peft.py --experts 64 --hidden 1024 --steps 10
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mib
 from train_vs_peft import (  # the dense bench's data, initial adapter, loratune run and PEFT loop
     DEMO_TRAIN,
     _load_safetensors,
@@ -81,6 +83,11 @@ def build_model_dir(args, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
+def training_mib(result: dict) -> float:
+    """What training adds to the process (weights, activations, optimizer): peak RSS less the libraries'."""
+    return result["peak_rss_mib"] - result["floor_rss_mib"]
+
+
 def run_peft(args) -> dict:
     import contextlib
 
@@ -88,6 +95,7 @@ def run_peft(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    args.floor_rss_mib = peak_rss_mib()  # the libraries, before the model loads
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     config = LoraConfig(
@@ -141,25 +149,31 @@ def parent(args) -> None:
             results[impl].append(result)
             print(
                 f"rep {rep + 1} {impl:8s} {result['tokens_per_s']:8.1f} tok/s  peak RSS {result['peak_rss_mib']:7.0f} "
-                f"MiB  loss@1 {result['losses'][0]:.4f}  loss@{args.steps} {result['losses'][-1]:.4f}",
+                f"MiB (training {training_mib(result):6.0f}, steps {result['step_memory_mib']:6.0f})  "
+                f"loss@1 {result['losses'][0]:.4f}  "
+                f"loss@{args.steps} {result['losses'][-1]:.4f}",
                 flush=True,
             )
 
     def median(impl, key):
-        return statistics.median(r[key] for r in results[impl])
+        return statistics.median(key(r) if callable(key) else r[key] for r in results[impl])
 
     lt, pt = median("loratune", "tokens_per_s"), median("peft", "tokens_per_s")
     lm, pm = median("loratune", "peak_rss_mib"), median("peft", "peak_rss_mib")
+    lw, pw = median("loratune", training_mib), median("peft", training_mib)
+    ls, ps = median("loratune", "step_memory_mib"), median("peft", "step_memory_mib")
     rel = [abs(a - b) / abs(b) for a, b in zip(results["loratune"][0]["losses"], results["peft"][0]["losses"])]
     shape = f"hidden {args.hidden}, {args.experts} experts (top-{args.top_k}, width {args.expert_width})"
     run = f"{args.dtype}, batch {args.batch} x {args.length}, r={args.r} on attention + experts"
     timing = f"{args.steps} steps ({args.warmup} warm-up excluded), {args.reps} reps, medians"
     print(f"\nrandom Qwen3-MoE: {shape}, {args.layers} layers, vocab {args.vocab}; {run}; {timing}")
-    print("| trainer | tokens/s | peak RSS (MiB) |")
-    print("|---|---|---|")
-    print(f"| PEFT target_parameters + transformers (grouped_mm experts) | {pt:.0f} | {pm:.0f} |")
-    print(f"| loratune | {lt:.0f} | {lm:.0f} |")
-    print(f"| ratio loratune / PEFT | {lt / pt:.2f}x | {lm / pm:.2f}x |")
+    print("| trainer | tokens/s | peak RSS (MiB) | training memory (MiB) | step memory (MiB) |")
+    print("|---|---|---|---|---|")
+    print(f"| PEFT target_parameters + transformers (grouped_mm experts) | {pt:.0f} | {pm:.0f} | {pw:.0f} | {ps:.0f} |")
+    print(f"| loratune | {lt:.0f} | {lm:.0f} | {lw:.0f} | {ls:.0f} |")
+    print(f"| ratio loratune / PEFT | {lt / pt:.2f}x | {lm / pm:.2f}x | {lw / pw:.2f}x | {ls / ps:.2f}x |")
+    print("training memory: peak RSS less the RSS of the process's libraries before the model loads")
+    print("step memory: the peak during the training steps less the RSS before the first (model and set-up loaded)")
     print(f"loss agreement: step 1 {100 * rel[0]:.3f}% , step {len(rel)} {100 * rel[-1]:.3f}% relative difference")
 
 

@@ -7,25 +7,32 @@ Each side runs in its own process; a watchdog polls its resident memory and stop
 
     python bench/make_random_llama.py /work/scratch-7b          # random weights, shards of <= 2 GB
     python bench/qlora_scale.py /work/scratch-7b --steps 3
+
+A mixture-of-experts checkpoint (``make_random_llama.py --experts N``) loads with its experts in 4 bits as they
+stream in; ``--targets all-linear`` trains them. Reported besides: the 4-bit model's size (quantized weights plus
+the modules kept in the model dtype) and the process's peak RSS against it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mib
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_mib() / 1024
 
 
 def batch(tokenizer_vocab: int, length: int, step: int):
@@ -37,25 +44,36 @@ def batch(tokenizer_vocab: int, length: int, step: int):
 
 
 def run_loratune(args) -> dict:
-    """Load through ``load_model(quantize="nf4")``, add LoRA on q/v, train with the trainer's patched ops."""
+    """Load through ``load_model(quantize="nf4")``, add LoRA on ``--targets``, train with the trainer's patched ops
+    and recomputation."""
     import torch
 
     import loratune
+    from loratune.layers.experts import recompute_in_backward
     from loratune.models.quantized import quantized_summary
-    from loratune.train.fused_ops import patch_for_training
+    from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
 
+    floor = peak_rss_gib()
     started = time.perf_counter()
-    model, tokenizer = loratune.load_model(args.model, quantize="nf4", dtype="bf16")
+    model, tokenizer = loratune.load_model(args.model, quantize="nf4", dtype=args.dtype)
     load_s, load_rss = time.perf_counter() - started, peak_rss_gib()
     summary = quantized_summary(model)
+    kept = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype != torch.uint8)
+    summary["model_bytes"] = summary["bytes"] + kept  # the 4-bit model: quantized weights + what stays in dtype
+    summary["floor_gib"] = floor
     torch.manual_seed(0)
-    loratune.add_adapter(
-        model, loratune.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["q_proj", "v_proj"])
-    )
+    loratune.add_adapter(model, loratune.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=targets(args)))
     patch_for_training(model)
     enable_checkpointing(args, model)
     model.train()
-    return train_steps(args, model, len(tokenizer), load_s, load_rss, summary)
+
+    def trainer_forward():  # what the trainer runs its forward under
+        stack = contextlib.ExitStack()
+        stack.enter_context(recompute_norm_outputs())
+        stack.enter_context(recompute_in_backward(not args.gradient_checkpointing))
+        return stack
+
+    return train_steps(args, model, len(tokenizer), load_s, load_rss, summary, trainer_forward)
 
 
 def run_peft(args) -> dict:
@@ -68,19 +86,28 @@ def run_peft(args) -> dict:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, quantization_config=quant, dtype=torch.bfloat16, device_map="cpu"
-    )
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quant, dtype=dtype, device_map="cpu")
     load_s, load_rss = time.perf_counter() - started, peak_rss_gib()
     torch.manual_seed(0)
-    model = get_peft_model(
-        model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    moe = args.targets == "all-linear" and any(p.dim() == 3 for p in model.parameters())  # fused experts
+    config = LoraConfig(
+        r=args.r,
+        lora_alpha=2 * args.r,
+        target_modules=targets(args),
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"] if moe else None,
+        task_type="CAUSAL_LM",
     )
+    model = get_peft_model(model, config)
     enable_checkpointing(args, model)
     model.train()
     return train_steps(args, model, model.config.vocab_size, load_s, load_rss, None)
+
+
+def targets(args) -> str | list[str]:
+    return "all-linear" if args.targets == "all-linear" else args.targets.split(",")
 
 
 def enable_checkpointing(args, model) -> None:
@@ -93,7 +120,7 @@ def enable_checkpointing(args, model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def train_steps(args, model, vocab, load_s, load_rss, summary) -> dict:
+def train_steps(args, model, vocab, load_s, load_rss, summary, forward_context=contextlib.nullcontext) -> dict:
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -101,8 +128,9 @@ def train_steps(args, model, vocab, load_s, load_rss, summary) -> dict:
     step_s, losses = [], []
     for step in range(args.steps):
         started = time.perf_counter()
-        loss = model(**batch(vocab, args.length, step)).loss
-        loss.backward()
+        with forward_context():
+            loss = model(**batch(vocab, args.length, step)).loss
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_s.append(time.perf_counter() - started)
@@ -154,6 +182,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--targets", default="q_proj,v_proj", help="comma-separated modules, or all-linear")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype")
     parser.add_argument("--rss-limit-gb", type=float, default=16.0, help="watchdog limit for each process (GiB)")
     parser.add_argument(
         "--gradient-checkpointing",
@@ -175,6 +205,10 @@ def main() -> None:
         str(args.length),
         "--r",
         str(args.r),
+        "--targets",
+        args.targets,
+        "--dtype",
+        args.dtype,
         *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
     ]
     for impl in [args.only] if args.only else ["loratune", "peft"]:
@@ -186,6 +220,13 @@ def main() -> None:
         after_first = steps[1:] or steps
         q = result["quantized"]
         size = f", {q['bytes'] / 2**30:.2f} GiB in 4 bits ({q['bytes_per_parameter']:.4f} B/param)" if q else ""
+        if q:
+            model_gib = q["model_bytes"] / 2**30
+            size += (
+                f"; the 4-bit model {model_gib:.2f} GiB, load peak {result['load_peak_rss_gib'] / model_gib:.2f}x it "
+                f"({(result['load_peak_rss_gib'] - q['floor_gib']) / model_gib:.2f}x above the libraries' "
+                f"{q['floor_gib']:.2f} GiB)"
+            )
         print(
             f"{impl}: load {result['load_s']:.0f} s (peak RSS {result['load_peak_rss_gib']:.2f} GiB){size}; "
             f"steps {', '.join(f'{s:.1f}' for s in steps)} s (median after the first "

@@ -31,13 +31,15 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_TRAIN = ROOT / "examples" / "demo" / "train.jsonl"
@@ -136,8 +138,23 @@ def matmul_roofline(config, batch: int, length: int, r: int, dtype: str) -> tupl
     return tokens / seconds, flops / tokens / 1e9
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def start_step_memory() -> float | None:
+    """Reset this process's peak-RSS mark (Linux) and return its RSS now (MiB): what the model and the trainer's
+    set-up hold before the first step. None where the mark cannot be reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return None
+
+
+def step_memory_mib(start: float | None) -> float | None:
+    """What the training steps added on top of ``start_step_memory``'s RSS at their peak (MiB): activations,
+    gradients, optimizer states and temporaries."""
+    if start is None:
+        return None
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024 - start
 
 
 def run_loratune(args) -> dict:
@@ -145,6 +162,7 @@ def run_loratune(args) -> dict:
 
     from loratune.train import load_config, train
 
+    floor = peak_rss_mib()  # the libraries, before the model loads
     run = Path(args.workdir) / "loratune-run"
     config_path = Path(args.workdir) / "config.yaml"
     config = {
@@ -176,13 +194,21 @@ def run_loratune(args) -> dict:
     }
     config["train"]["method"] = config.pop("train_method")
     config_path.write_text(yaml.safe_dump(config))
-    train(load_config(config_path), overwrite=True, progress=False, log=lambda *_: None)
+    before_steps = []
+
+    def log(line, *_):  # the trainer says "N steps of ..." right before its first step
+        if " steps of " in str(line) and not before_steps:
+            before_steps.append(start_step_memory())
+
+    train(load_config(config_path), overwrite=True, progress=False, log=log)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     return {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps[args.warmup :]),
         "losses": [r["loss"] for r in steps],
         "peak_rss_mib": peak_rss_mib(),
+        "floor_rss_mib": floor,
+        "step_memory_mib": step_memory_mib(before_steps[0] if before_steps else None),
     }
 
 
@@ -194,6 +220,7 @@ def run_peft(args) -> dict:
     from loratune.models import resolve_dtype
     from loratune.models.loader import resolve_model_dir
 
+    args.floor_rss_mib = peak_rss_mib()  # the libraries, before the model loads
     model_dir = resolve_model_dir(args.model)
     torch.manual_seed(0)
     quant = {}
@@ -249,10 +276,12 @@ def _train_plain(args, model, tokenizer, precision) -> dict:
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    floor = getattr(args, "floor_rss_mib", None)
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=TrainSection().weight_decay, foreach=True)
     examples, _ = build_dataset(args.data_file, tokenizer, max_length=args.length)
     order = batch_order(len(examples), args.batch, 0, 0, lengths=[len(e) for e in examples])
     speeds, losses = [], []
+    before_steps = start_step_memory()
     for step in range(args.steps):
         batch = collate([examples[i] for i in order[step % len(order)]], tokenizer.pad_token_id)
         started = time.perf_counter()
@@ -263,7 +292,13 @@ def _train_plain(args, model, tokenizer, precision) -> dict:
         optimizer.zero_grad(set_to_none=True)
         speeds.append(int(batch["attention_mask"].sum()) / (time.perf_counter() - started))
         losses.append(loss.item())
-    return {"tokens_per_s": statistics.median(speeds[args.warmup :]), "losses": losses, "peak_rss_mib": peak_rss_mib()}
+    return {
+        "tokens_per_s": statistics.median(speeds[args.warmup :]),
+        "losses": losses,
+        "peak_rss_mib": peak_rss_mib(),
+        "floor_rss_mib": floor,
+        "step_memory_mib": step_memory_mib(before_steps),
+    }
 
 
 def _load_safetensors(path):

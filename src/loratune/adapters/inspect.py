@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from collections import Counter
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from loratune.adapters.convert import is_diffusers_file, read_any
@@ -28,8 +30,10 @@ PEFT_FIELDS = (
     "init_lora_weights",
     "target_modules",
     "modules_to_save",
+    "target_parameters",
     "n_modules",
     "ranks",
+    "experts",
     "trainable_params",
     "dtype",
     "compression",
@@ -86,6 +90,9 @@ def describe_adapter(path: str | os.PathLike) -> dict:
             if parsed is not None and parsed.factor == "A":
                 modules.add(parsed.path)
                 ranks.add(shape[0])
+    experts = expert_summary(config, directory) if config.target_parameters else None
+    if experts:  # a stack's A holds E·r rows: its rank is r
+        ranks = {r for r in ranks if r not in experts["stack_rows"]} | set(experts["ranks"])
     return {
         "format": "peft",
         "path": str(directory),
@@ -98,6 +105,9 @@ def describe_adapter(path: str | os.PathLike) -> dict:
         "init_lora_weights": config.init_lora_weights,
         "target_modules": config.target_modules,
         "modules_to_save": config.modules_to_save,
+        "target_parameters": config.target_parameters,
+        "experts": experts and experts["text"],
+        "expert_stacks": experts and experts["stacks"],
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
         "task_type": config.task_type,
@@ -108,6 +118,37 @@ def describe_adapter(path: str | os.PathLike) -> dict:
         "compression": compression,
         "size_bytes": weights.stat().st_size,
     }
+
+
+def expert_summary(config, directory: Path) -> dict | None:
+    """The expert stacks of a ``target_parameters`` adapter: per stack its experts' ranks and ‖ΔW_e‖_F (the size
+    of each expert's update; 0 for an expert training never routed a token to), and one line saying it. None
+    without stacks."""
+    from loratune.adapters.factors import adapter_factors
+    from loratune.adapters.peft_format import read_adapter
+
+    _, tensors = read_adapter(directory)
+    stacks = {path: f for path, f in adapter_factors(config, tensors, str(directory))[0].items() if f.experts}
+    if not stacks:
+        return None
+    report, norms = {}, []
+    for path, f in sorted(stacks.items()):
+        E, r = f.experts, f.rank
+        A_e = f.A.double().view(E, r, -1)
+        B_e = f.B.double().view(f.B.shape[0], r, E).permute(2, 0, 1)
+        # ‖B_e A_e‖_F² = trace((B_eᵀB_e)(A_e A_eᵀ)): r × r products, never out × in
+        squares = torch.einsum("eij,eji->e", B_e.transpose(1, 2) @ B_e, A_e @ A_e.transpose(1, 2)).clamp_min(0)
+        stack_norms = (f.scaling * squares.sqrt()).tolist()
+        norms += stack_norms
+        report[path] = {"experts": E, "r": r, "norms": stack_norms}
+    untrained = sum(1 for n in norms if n == 0)
+    text = (
+        f"{len(stacks)} stacks of {', '.join(sorted({str(v['experts']) for v in report.values()}))} experts; "
+        f"‖ΔW_e‖ min {min(norms):.3g}, median {statistics.median(norms):.3g}, max {max(norms):.3g}"
+        + (f"; {untrained} experts unchanged (never routed to in training?)" if untrained else "")
+    )
+    rows = {f.A.shape[0] for f in stacks.values()}
+    return {"stacks": report, "ranks": sorted({v["r"] for v in report.values()}), "stack_rows": rows, "text": text}
 
 
 def describe_kohya(path: str | os.PathLike) -> dict:

@@ -25,8 +25,11 @@ from loratune.adapters.factors import (
     Factors,
     adapter_factors,
     balanced_factors,
+    is_expert_key,
     low_rank_svd,
     numerical_rank,
+    per_expert,
+    restack,
     unit_scaling_fields,
 )
 from loratune.adapters.peft_keys import is_base_copy_key
@@ -246,8 +249,13 @@ def _targeting(configs: Sequence[LoraConfig], paths: list[str]) -> dict:
     return {"target_modules": names, "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None}
 
 
-def _mixed_config(configs: Sequence[LoraConfig], ranks: dict[str, int]) -> LoraConfig:
-    return configs[0].model_copy(update={**unit_scaling_fields(ranks), **_targeting(configs, sorted(ranks))})
+def _mixed_config(configs: Sequence[LoraConfig], ranks: dict[str, int], stacks: set[str]) -> LoraConfig:
+    """The mixed adapter's config: ranks with unit scaling, targeting that selects its modules (expert ``stacks``
+    stay selected by ``target_parameters``: every input's)."""
+    modules = sorted(path for path in ranks if path not in stacks)
+    parameters = sorted({name for c in configs for name in c.target_parameters or ()}) or None
+    update = {**unit_scaling_fields(ranks), **_targeting(configs, modules), "target_parameters": parameters}
+    return configs[0].model_copy(update=update)
 
 
 # --- public API ---------------------------------------------------------------------------------------------
@@ -289,7 +297,7 @@ def mix_adapters(
             )
     _check_same_base(configs, names)
     split = [adapter_factors(config, tensors, name) for (config, tensors), name in zip(adapters, names)]
-    factor_sets = [factors for factors, _ in split]
+    factor_sets = [per_expert(factors) for factors, _ in split]  # an expert stack mixes expert by expert
     _check_shapes(factor_sets, names)
     others = _common_others([o for _, o in split], configs, names)
     dtypes = {f.A.dtype for factors in factor_sets for f in factors.values()} | {
@@ -298,7 +306,7 @@ def mix_adapters(
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     default_rank = max(f.rank for factors in factor_sets for f in factors.values())
 
-    tensors, ranks, energy = {}, {}, {}
+    tensors, ranks, energy, experts = {}, {}, {}, {}
     kept = total = 0.0
     paths = sorted({path for factors in factor_sets for path in factors})
     for path in paths:
@@ -322,12 +330,31 @@ def mix_adapters(
             A, B, energy[path] = balanced_factors(U, S, Vh, k)
             squares = float((S**2).sum())
             kept, total = kept + energy[path] * squares, total + squares
-        tensors.update(parts[0][2].tensors(path, A, B, dtype))
-        ranks[path] = A.shape[0]
+        if is_expert_key(path):
+            experts[path] = (A, B)
+        else:
+            tensors.update(parts[0][2].tensors(path, A, B, dtype))
+            ranks[path] = A.shape[0]
+    stacks, stack_ranks = restack(experts, dtype)
+    tensors.update(stacks)
+    ranks.update(stack_ranks)
+    _check_stack_ranks(stack_ranks, ranks)
     _warn_if_much_larger(tensors, factor_sets)
     tensors.update(others)
     energy_total = (kept / total if total > 0 else 1.0) if energy else None
-    return MixResult(_mixed_config(configs, ranks), tensors, ranks, energy, energy_total)
+    return MixResult(_mixed_config(configs, ranks, set(stack_ranks)), tensors, ranks, energy, energy_total)
+
+
+def _check_stack_ranks(stack_ranks: dict[str, int], ranks: dict[str, int]) -> None:
+    """``ConfigError`` unless every mixed expert stack has the mixed adapter's common rank: another rank would go in
+    ``rank_pattern`` under the parameter's name, which an adapter's factors do not carry."""
+    common = unit_scaling_fields(ranks)["r"] if ranks else None
+    odd = sorted({k for k in stack_ranks.values() if k != common})
+    if odd:
+        raise ConfigError(
+            f"the mixed expert stacks came out with rank {odd[0]}, the other modules with {common}; "
+            "give a rank (--rank) so that every module gets the same"
+        )
 
 
 LARGE_RESULT_FACTOR = 4  # a result this many times its inputs' size gets a warning

@@ -3,6 +3,7 @@ mixture-of-experts model it adapts."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -10,8 +11,9 @@ from torch import nn
 from loratune.adapters.peft_format import adapter_slots
 from loratune.adapters.registry import active_adapters, adapters_of
 from loratune.adapters.targets import expert_blocks
-from loratune.layers.experts import expert_weight_names
+from loratune.layers.experts import expert_weight_names, stack_shape
 from loratune.quant import Linear4bit
+from loratune.quant.experts4bit import is_experts_4bit
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ def parameter_report(model: nn.Module, name: str | None = None) -> ParameterRepo
     # Packed 4-bit data holds two parameters per byte: count what it stands for.
     packed = sum(
         m.in_features * m.out_features - m.weight.numel() for m in model.modules() if isinstance(m, Linear4bit)
-    )
+    ) + sum(math.prod(p.expert_shape) - p.numel() for p in params if is_experts_4bit(p))
     names = [name] if name is not None else active_adapters(model)
     owned = {id(t): t for n in names for _, t in adapter_slots(model, n)}
     return ParameterReport(
@@ -64,15 +66,22 @@ def expert_report(model: nn.Module, name: str | None = None) -> str | None:
     keys = {k for n, e in entries.items() if name in (None, n) for k in e.parameter_paths}
     stacks = {key.rpartition(".")[2] for key in keys}
     experts = blocks[0][1].num_experts
-    weights = sum(getattr(owner, n).numel() for _, owner in blocks for n in expert_weight_names(owner))
-    share = 100.0 * weights / sum(p.numel() for p in model.parameters())
+    weights = sum(math.prod(stack_shape(getattr(owner, n))) for _, owner in blocks for n in expert_weight_names(owner))
+    share = 100.0 * weights / parameter_report(model).total
+    stored = {
+        getattr(o, n).spec.quant_type
+        for _, o in blocks
+        for n in expert_weight_names(o)
+        if is_experts_4bit(getattr(o, n))
+    }
+    storage = f", stored in 4 bits ({', '.join(sorted(stored))})" if stored else ""
     if not keys:
         return (
-            f"experts: NOT adapted — {len(blocks)} MoE blocks of {experts} experts hold {share:.0f}% of the weights "
-            "and stay frozen; adapt them with lora.target_modules: all-linear or lora.target_parameters"
+            f"experts: NOT adapted — {len(blocks)} MoE blocks of {experts} experts hold {share:.0f}% of the weights"
+            f"{storage} and stay frozen; adapt them with lora.target_modules: all-linear or lora.target_parameters"
         )
     adapted_blocks = len({key.rpartition(".")[0] for key in keys})
     return (
         f"experts: LoRA on {', '.join(sorted(stacks))} of {adapted_blocks} of {len(blocks)} MoE blocks "
-        f"({experts} experts each, {share:.0f}% of the weights)"
+        f"({experts} experts each, {share:.0f}% of the weights{storage})"
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from loratune.adapters.config import LoraConfig
-from loratune.adapters.factors import Factors, adapter_factors, low_rank_svd
+from loratune.adapters.factors import Factors, adapter_factors, is_expert_key, low_rank_svd, per_expert
 from loratune.analysis.weights import WeightReader
 from loratune.errors import ConfigError
 
@@ -65,9 +65,10 @@ def compare_adapters(
     ``base`` (the base model's weights; ``kinds`` says which modules store a transposed weight: Conv1D), also
     ``amplification_a`` and ``amplification_b``. Top level: ``modules``, ``only_in_a``, ``only_in_b``.
 
-    Raises ``ConfigError`` when the adapters share no module or their inputs differ in size."""
-    factors_a, _ = adapter_factors(*a, source="first adapter")
-    factors_b, _ = adapter_factors(*b, source="second adapter")
+    An expert stack compares expert by expert (``path[e]``; no amplification: the base's fused stacks are not
+    read). Raises ``ConfigError`` when the adapters share no module or their inputs differ in size."""
+    factors_a = per_expert(adapter_factors(*a, source="first adapter")[0])
+    factors_b = per_expert(adapter_factors(*b, source="second adapter")[0])
     common = sorted(set(factors_a) & set(factors_b))
     if not common:
         raise ConfigError("the two adapters adapt no module in common; nothing to compare")
@@ -84,7 +85,7 @@ def compare_adapters(
             "phi_top": float(phi[0, 0]),
             "phi_full": float(phi[m - 1, m - 1]),
         }
-        if base is not None:
+        if base is not None and not is_expert_key(path):
             weight = _base_weight(base, kinds or {}, path, fa)
             entry["amplification_a"] = amplification(fa, weight)
             entry["amplification_b"] = amplification(fb, weight)

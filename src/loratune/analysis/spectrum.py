@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from loratune.adapters.config import LoraConfig
-from loratune.adapters.factors import Factors, adapter_factors, low_rank_svd
+from loratune.adapters.factors import Factors, adapter_factors, low_rank_svd, per_expert
 from loratune.analysis.weights import WeightReader
 from loratune.errors import ConfigError
 
@@ -95,10 +95,11 @@ def adapter_spectrum(
     """Per adapted module: ``name``, ``shape`` ([out, in]), ``r``, ``scale`` (s), ``singular_values`` (σ of
     s·B·A, descending), ``energy`` (E(1..r)), ``rank_at`` ({threshold: smallest k with E(k) ≥ threshold}); and
     ``recommended_rank``, the largest ``rank_at`` over modules per threshold. Thresholds are keys like "0.9".
+    An expert stack counts each expert as a module (``path[e]``).
 
     Raises ``ConfigError`` for thresholds outside (0, 1] or an adapter without LoRA factors."""
     thresholds = check_thresholds(thresholds)
-    factors, _ = adapter_factors(config, tensors)
+    factors = per_expert(adapter_factors(config, tensors)[0])
     if not factors:
         raise ConfigError("the adapter holds no LoRA factors (lora_A / lora_B tensors); nothing to measure")
     modules = [

@@ -90,7 +90,7 @@ def _print_rank_table(report: dict, source: str) -> None:
     table = Table(title=f"{source}: rank needed per module", title_justify="left")
     for column in ("module", "shape", "r", "σ₁", *(f"k @ {t}" for t in thresholds)):
         table.add_column(column, justify="left" if column == "module" else "right")
-    for m in report["modules"]:
+    for m in _stacks_as_rows(report["modules"]):
         sv = m["singular_values"]
         table.add_row(
             m["name"],
@@ -111,3 +111,43 @@ def _print_rank_table(report: dict, source: str) -> None:
             f"also changed (not matrices): {len(report['other_changed'])} tensors, e.g. "
             f"{', '.join(report['other_changed'][:3])}"
         )
+
+
+def _stacks_as_rows(modules: list[dict]) -> list[dict]:
+    """``modules`` with each expert stack's experts (``path[e]``) folded into one row: ``path[0..E-1]``, the
+    largest σ₁, and each ``rank_at`` as the range over its experts (``--json`` keeps every expert)."""
+    rows, stacks = [], {}
+    for m in modules:
+        path, bracket, _ = m["name"].rpartition("[")
+        if not (bracket and m["name"].endswith("]")):
+            rows.append(m)
+            continue
+        if path not in stacks:
+            stacks[path] = []
+            rows.append(stacks[path])  # placeholder, filled below in report order
+        stacks[path].append(m)
+    folded = []
+    for row in rows:
+        if isinstance(row, dict):
+            folded.append(row)
+            continue
+        first = row[0]
+        path = first["name"].rpartition("[")[0]
+
+        def spread(values):
+            known = [v for v in values if v is not None]
+            if not known:
+                return None
+            low, high = min(known), max(known)
+            return str(low) if low == high else f"{low}–{high}"
+
+        folded.append(
+            {
+                "name": f"{path}[0..{len(row) - 1}]",
+                "shape": first["shape"],
+                "r": first["r"],
+                "singular_values": [max(m["singular_values"][0] if m["singular_values"] else 0 for m in row)],
+                "rank_at": {t: spread([m["rank_at"][t] for m in row]) for t in first["rank_at"]},
+            }
+        )
+    return folded

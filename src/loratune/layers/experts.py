@@ -14,28 +14,47 @@ For the copies of tokens routed to expert e (x: n_e × in), an adapted projectio
 product per projection for the base and two of rank r per adapter term, so the update of expert e touches only
 the tokens routed to it, ΔW_e is never formed and no product runs over all experts. ``grouped_mm`` is that
 product (PyTorch's where it runs, else one matmul per expert).
+
+Under ``recompute_in_backward`` (the trainer's default) a block that runs with gradients keeps only its input
+and routing for backward and runs its forward again there: the routed copies of every token and the experts'
+intermediate activations, most of an MoE's activation memory, are never held across the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from loratune.errors import ConfigError
+from loratune.quant.experts4bit import Dequantized4bitGroupedMatmul, Experts4bit, is_experts_4bit
+from loratune.quant.spec import QuantSpec
 
 # what transformers' @use_experts_implementation sets on an experts module (and the forward it dispatches)
 _EXPERT_FLAGS = ("has_gate", "has_bias", "is_transposed", "num_experts")
+
+
+def is_expert_stack(parameter: torch.Tensor) -> bool:
+    """Whether ``parameter`` holds one projection of every expert: a 3-D float stack, or one in 4 bits."""
+    return is_experts_4bit(parameter) or (parameter.dim() == 3 and parameter.is_floating_point())
+
+
+def stack_shape(parameter: torch.Tensor) -> tuple[int, ...]:
+    """The shape of ``parameter`` in the model (E × d1 × d2 for a 4-bit stack, not its packed codes')."""
+    return parameter.expert_shape if is_experts_4bit(parameter) else tuple(parameter.shape)
 
 
 def is_fused_experts(module: nn.Module) -> bool:
     """Whether ``module`` is a transformers experts module holding every expert in 3-D parameters."""
     if not all(hasattr(module, flag) for flag in _EXPERT_FLAGS):
         return False
-    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+    return any(is_expert_stack(p) for p in module.parameters(recurse=False))
 
 
 def projection_names(module: nn.Module) -> tuple[str, str]:
@@ -46,7 +65,7 @@ def projection_names(module: nn.Module) -> tuple[str, str]:
 def expert_weight_names(module: nn.Module) -> list[str]:
     """The expert weight stacks of a fused experts module (its 3-D float parameters, not biases or norms), in
     the module's parameter order: what ``all-linear`` adapts."""
-    return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
+    return [n for n, p in module.named_parameters(recurse=False) if is_expert_stack(p)]
 
 
 def grouped_path_covers(module: nn.Module, adapted: set[str]) -> bool:
@@ -150,10 +169,12 @@ def project(module: nn.Module, name: str, x: torch.Tensor, routed: Routed, layer
     """Projection ``name`` of the sorted copies ``x``: the base grouped product, its bias, and the grouped
     low-rank products of ``layer``'s terms (``layer`` None: not adapted)."""
     weight = getattr(module, name)
-    as_in_out = weight if module.is_transposed else weight.transpose(1, 2)
-    if x.dtype != weight.dtype:
+    if is_experts_4bit(weight):
+        x = x.to(weight.compute_dtype)
+        out = Dequantized4bitGroupedMatmul.apply(x, weight, routed.counts, module.is_transposed)
+    else:
         x = x.to(weight.dtype)
-    out = grouped_mm(x, as_in_out, routed.offsets, routed.counts)
+        out = grouped_mm(x, weight if module.is_transposed else weight.transpose(1, 2), routed.offsets, routed.counts)
     if module.has_bias:
         out = out + getattr(module, f"{name}_bias")[routed.experts]
     for term in layer.terms() if layer is not None else ():
@@ -166,10 +187,31 @@ def project(module: nn.Module, name: str, x: torch.Tensor, routed: Routed, layer
     return out
 
 
+_recompute = False
+
+
+@contextlib.contextmanager
+def recompute_in_backward(enabled: bool = True):
+    """Inside the block, expert blocks that run with gradients are recomputed in backward instead of keeping
+    their intermediates (results are bit-identical; the block's forward runs twice)."""
+    global _recompute
+    outer, _recompute = _recompute, enabled
+    try:
+        yield
+    finally:
+        _recompute = outer
+
+
 def grouped_forward(module: nn.Module, layers: dict, args: tuple, kwargs: dict) -> torch.Tensor:
     """The experts block of ``module`` with the LoRA ``layers`` (parameter name → ``LoraParameter``) on its
     projections, computed per expert group (see the module docstring)."""
     hidden, top_k_index, top_k_weights = routing_arguments(module, args, kwargs)
+    if _recompute and torch.is_grad_enabled():
+        return checkpoint(_block, module, layers, hidden, top_k_index, top_k_weights, use_reentrant=False)
+    return _block(module, layers, hidden, top_k_index, top_k_weights)
+
+
+def _block(module, layers, hidden, top_k_index, top_k_weights) -> torch.Tensor:
     routed = Routed(top_k_index, top_k_weights, module.num_experts)
     n_rows = next((layer.state.routing.n_rows for layer in layers.values() if layer.state.routing), None)
     first, second = projection_names(module)
@@ -180,3 +222,22 @@ def grouped_forward(module: nn.Module, layers: dict, args: tuple, kwargs: dict) 
     if getattr(module, "has_post_expert_norm", False):
         out = module.post_expert_norm(out)
     return routed.combine(out).to(hidden.dtype)
+
+
+def _grouped_base_forward(self, *args, **kwargs):
+    return grouped_forward(self, {}, args, kwargs)
+
+
+def quantize_experts(module: nn.Module, spec: QuantSpec, path: str = "experts") -> None:
+    """Store every float expert stack of the fused experts ``module`` in 4 bits (in place); the module then runs
+    through ``grouped_forward``, which multiplies by 4-bit stacks, also without adapters."""
+    for name in expert_weight_names(module):
+        weight = getattr(module, name)
+        if not is_experts_4bit(weight):
+            setattr(module, name, Experts4bit.from_stack(weight.detach(), spec, f"{path}.{name}"))
+    run_grouped(module)
+
+
+def run_grouped(module: nn.Module) -> None:
+    """Route the fused experts ``module``'s own forward through ``grouped_forward`` (its stacks are 4-bit)."""
+    module.forward = types.MethodType(_grouped_base_forward, module)

@@ -25,8 +25,10 @@ from torch.func import functional_call
 
 from loratune.errors import ConfigError
 from loratune.layers import execution, experts
+from loratune.layers.kinds import MERGE_4BIT_HINT
 from loratune.layers.lora import LoraLayer
 from loratune.layers.state import Term
+from loratune.quant.experts4bit import is_experts_4bit
 
 
 class LoraParameter(LoraLayer):
@@ -38,19 +40,21 @@ class LoraParameter(LoraLayer):
         self._owner = (owner,)  # a tuple: the owner is registered once, as the AdaptedModule's base_layer
         self.parameter_name = parameter_name
         weight = getattr(owner, parameter_name)
-        if weight.dim() == 3:
-            self.num_experts, d1, d2 = weight.shape
+        self.quantized = is_experts_4bit(weight)
+        shape = experts.stack_shape(weight)
+        if len(shape) == 3:
+            self.num_experts, d1, d2 = shape
             self.transposed = bool(getattr(owner, "is_transposed", False))
             self.in_features, self.out_features = (d1, d2) if self.transposed else (d2, d1)
-        elif weight.dim() == 2:
+        elif len(shape) == 2:
             self.num_experts, self.transposed = 1, False
-            self.out_features, self.in_features = weight.shape
+            self.out_features, self.in_features = shape
         else:
             raise ConfigError(
-                f"parameter {parameter_name!r} has shape {tuple(weight.shape)}; target_parameters adapts 2-D "
+                f"parameter {parameter_name!r} has shape {shape}; target_parameters adapts 2-D "
                 "weights and 3-D expert stacks only"
             )
-        self.stacked = weight.dim() == 3
+        self.stacked = len(shape) == 3
 
     @property
     def owner(self) -> nn.Module:
@@ -122,6 +126,11 @@ class LoraParameter(LoraLayer):
             "set use_dora: false, or leave the experts out with target_parameters: []"
         )
 
+    def check_merge(self, name: str, *, safe: bool = False) -> None:
+        if self.quantized:
+            raise ConfigError(MERGE_4BIT_HINT)
+        super().check_merge(name, safe=safe)
+
     def _check_pissa(self, weight_is_shared: bool) -> None:
         raise ConfigError(
             f"PiSSA and OLoRA starts are not supported on {self.parameter_name!r} (target_parameters); "
@@ -188,5 +197,7 @@ class AdaptedModule(nn.Module):
             delta = layer.differentiable_delta()
             if delta is not None:
                 weight = layer.base_weight
+                if layer.quantized:
+                    weight = weight.dequantized(weight.compute_dtype)
                 replaced[name] = weight + delta.to(weight.device, weight.dtype)
         return functional_call(self.base_layer, replaced, args, kwargs, tie_weights=False, strict=False)

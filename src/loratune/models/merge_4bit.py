@@ -20,13 +20,19 @@ from loratune.adapters.surgery import lora_layers
 from loratune.models.export import weights_are_tied
 from loratune.outputs import check_output_dir, write_output_dir
 from loratune.quant import Linear4bit, QuantSpec, dequantize_weight, quantize_weight
+from loratune.quant.experts4bit import is_experts_4bit
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, QuantSpec]:
     """Replace every ``Linear4bit`` of ``model`` (in place) by an ``nn.Linear`` holding its dequantized weight in
-    ``dtype``; return {path: spec} of the replaced layers, for ``requantize_model``. Call before adding adapters."""
+    ``dtype``, and every 4-bit expert stack by its float stack; return {path: spec} of the replaced Linear layers,
+    for ``requantize_model`` (expert stacks stay float). Call before adding adapters."""
     specs = {}
     for path, module in list(model.named_modules()):
+        for name, param in list(module.named_parameters(recurse=False)):
+            if is_experts_4bit(param):
+                setattr(module, name, nn.Parameter(param.dequantized(dtype), requires_grad=False))
+                module.__dict__.pop("forward", None)  # its own forward again (``layers.experts.run_grouped``)
         if isinstance(module, Linear4bit):
             linear = nn.Linear(
                 module.in_features,

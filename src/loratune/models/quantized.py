@@ -4,7 +4,7 @@ one in 4 bits from its checkpoint, without the full-precision model ever in memo
 
 from __future__ import annotations
 
-import warnings
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,36 +45,34 @@ def modules_to_quantize(model: nn.Module, unquantized: Sequence[str] = DEFAULT_U
     ]
 
 
-def quantize_model(model: nn.Module, spec: QuantSpec, unquantized: Sequence[str] = DEFAULT_UNQUANTIZED) -> nn.Module:
-    """Replace the Linear layers ``modules_to_quantize`` picks by ``Linear4bit`` (in place); return ``model``.
+def expert_blocks_to_quantize(model: nn.Module, unquantized: Sequence[str] = DEFAULT_UNQUANTIZED) -> list[str]:
+    """Paths of the fused experts modules (mixture-of-experts models) whose expert stacks 4-bit loading stores in
+    4 bits: all of them except those ``unquantized`` names."""
+    from loratune.layers.experts import is_fused_experts
 
-    Raises ``ConfigError`` for a
-    weight that cannot be quantized.
+    names = [n for n in check_unquantized_modules(unquantized) if n not in DEFAULT_UNQUANTIZED]
+    return [
+        path
+        for path, module in model.named_modules()
+        if is_fused_experts(module) and not (names and module_name_matches(names, path))
+    ]
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec, unquantized: Sequence[str] = DEFAULT_UNQUANTIZED) -> nn.Module:
+    """Replace the Linear layers ``modules_to_quantize`` picks by ``Linear4bit`` and store the expert stacks of
+    ``expert_blocks_to_quantize`` in 4 bits (in place); return ``model``.
+
+    Raises ``ConfigError`` for a weight that cannot be quantized.
     """
+    from loratune.layers.experts import quantize_experts
+
     for path in modules_to_quantize(model, unquantized):
         linear = model.get_submodule(path)
         layer = Linear4bit.from_weight(linear.weight, linear.bias, spec, name=f"{path}.weight")
         model.set_submodule(path, layer)
-    warn_unquantized_experts(model)
+    for path in expert_blocks_to_quantize(model, unquantized):
+        quantize_experts(model.get_submodule(path), spec, path)
     return model
-
-
-def warn_unquantized_experts(model: nn.Module) -> None:
-    """Say that a mixture-of-experts model's fused experts stay in the model dtype under 4-bit loading (only
-    Linear layers are stored in 4 bits so far), with their share of the weights."""
-    from loratune.adapters.targets import expert_blocks
-    from loratune.layers.experts import expert_weight_names
-
-    blocks = expert_blocks(model)
-    if not blocks:
-        return
-    weights = sum(getattr(owner, name).numel() for _, owner in blocks for name in expert_weight_names(owner))
-    total = sum(p.numel() for p in model.parameters())
-    warnings.warn(
-        f"4-bit loading stores Linear layers only: the experts of this mixture-of-experts model ({len(blocks)} "
-        f"blocks, {100 * weights / total:.0f}% of the weights) stay in the model dtype",
-        stacklevel=3,
-    )
 
 
 def stored_in_4bit(model_dir: str | Path) -> str | None:
@@ -93,12 +91,16 @@ def modules_to_quantize_in(model: nn.Module) -> list[str]:
 
 
 def quantized_summary(model: nn.Module) -> dict:
-    """Counts for reports: quantized parameters, their storage bytes and bytes per parameter."""
+    """Counts for reports: quantized layers (a 4-bit expert stack counts as one), their parameters, their storage
+    bytes and bytes per parameter."""
+    from loratune.quant.experts4bit import is_experts_4bit
+
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    params = sum(m.in_features * m.out_features for m in layers)
-    stored = sum(m.storage_bytes() for m in layers)
+    stacks = [p for p in model.parameters() if is_experts_4bit(p)]
+    params = sum(m.in_features * m.out_features for m in layers) + sum(math.prod(p.expert_shape) for p in stacks)
+    stored = sum(m.storage_bytes() for m in layers) + sum(p.storage_bytes() for p in stacks)
     return {
-        "layers": len(layers),
+        "layers": len(layers) + len(stacks),
         "parameters": params,
         "bytes": stored,
         "bytes_per_parameter": stored / params if params else None,

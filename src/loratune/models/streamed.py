@@ -22,15 +22,18 @@ import torch
 from torch import nn
 
 from loratune.errors import LoratuneError
+from loratune.layers.experts import expert_weight_names, run_grouped
 from loratune.memory import release_freed_memory
+from loratune.models.expert_checkpoint import ExpertPieces, Piece
 from loratune.models.quantized import (
     DEFAULT_UNQUANTIZED,
+    expert_blocks_to_quantize,
     modules_to_quantize,
     modules_to_quantize_in,
-    warn_unquantized_experts,
 )
 from loratune.models.structure import transformer_blocks
 from loratune.quant import Linear4bit, QuantSpec, checkpoint_files, iter_tensors, read_header
+from loratune.quant.experts4bit import Experts4bit
 
 
 @contextlib.contextmanager
@@ -85,6 +88,12 @@ def load_streamed(
         meta = model.get_submodule(path)
         model.set_submodule(path, Linear4bit(meta.in_features, meta.out_features, meta.bias is not None, spec, device))
     quantized = {path + ".weight": model.get_submodule(path) for path in modules_to_quantize_in(model)}
+    for path in expert_blocks_to_quantize(model, unquantized) if spec and not prequantized else []:
+        experts = model.get_submodule(path)
+        for name in expert_weight_names(experts):
+            setattr(experts, name, Experts4bit.empty(tuple(getattr(experts, name).shape), spec, device))
+        run_grouped(experts)
+    pieces, stacks = ExpertPieces(model), _StacksInProgress(model, dtype, device)
     # packed data + state tensors of each pre-quantized layer, gathered until all of them have been read
     expected = {
         p + ".weight": {n for n in names if n == p + ".weight" or n.startswith(p + ".weight.")} for p in prequantized
@@ -94,7 +103,17 @@ def load_streamed(
 
     unknown, mismatched = [], []
     for file in files:
-        for name, tensor in iter_tensors(file):
+        for stored_name, tensor in iter_tensors(file):
+            name, piece = pieces.locate(stored_name)
+            if piece is not None:  # one expert's projection (or part of it), merged into its fused stack
+                problem = stacks.place(piece, tensor.to(device), stored_name)
+                if problem:
+                    mismatched.append(problem)
+                elif stacks.complete(piece.target):
+                    release_freed_memory()
+                    blocks.placed(piece.target)
+                del tensor
+                continue
             owner = _owner_of(name, expected)
             if owner is not None:
                 pending.setdefault(owner, {})[name[len(owner) + 1 :] if name != owner else ""] = tensor.to(device)
@@ -102,6 +121,14 @@ def load_streamed(
                     parts = pending.pop(owner)
                     quantized.pop(owner).set_packed(parts.pop(""), parts, owner)
                     blocks.placed(owner)
+                continue
+            if stacks.is_4bit(name):  # a fused stack as the checkpoint stores it (gpt-oss), quantized per expert
+                problem = stacks.place_stack(name, tensor.to(device))
+                if problem:
+                    mismatched.append(problem)
+                else:
+                    blocks.placed(name)
+                del tensor
                 continue
             if name in quantized:
                 quantized.pop(name).set_weight(tensor.to(device), name)
@@ -119,7 +146,7 @@ def load_streamed(
             del tensor
     model.tie_weights()  # shares the output head with the embeddings when the config says so
     missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
-    missing += list(quantized)
+    missing += list(quantized) + stacks.incomplete()
     problems = []
     if mismatched:
         problems.append(f"shapes differ from config.json: {', '.join(mismatched[:3])}")
@@ -130,8 +157,6 @@ def load_streamed(
     if problems:
         how = " in 4 bits" if spec or prequantized else ""
         raise LoratuneError(f"cannot load {model_dir}{how}: {'; '.join(problems)}")
-    if spec or prequantized:
-        warn_unquantized_experts(model)
     generation = model_dir / "generation_config.json"
     if generation.is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
@@ -195,3 +220,72 @@ class _BlocksInProgress:
         if not self.missing[path]:
             self.on_block(self.modules.pop(path))
             release_freed_memory()  # the whole block's weights, now freed: or the heap keeps them resident
+
+
+class _StacksInProgress:
+    """Fused expert stacks filled from a checkpoint's per-expert tensors (``Piece``s) as they arrive: a float
+    stack row by row, a 4-bit stack one expert at a time (quantized once all its pieces are in)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: str):
+        self.model, self.dtype, self.device = model, dtype, device
+        self.filled: dict[str, int] = {}  # stack key -> pieces placed
+        self.expected: dict[str, int] = {}
+        self.waiting: dict[tuple[str, int], dict[int, torch.Tensor]] = {}  # a 4-bit expert's pieces so far
+
+    def _stack(self, key: str) -> tuple[nn.Module, str, torch.Tensor]:
+        path, _, leaf = key.rpartition(".")
+        module = self.model.get_submodule(path)
+        return module, leaf, module._parameters[leaf]
+
+    def place(self, piece: Piece, tensor: torch.Tensor, stored_name: str) -> str | None:
+        """Put ``tensor`` where ``piece`` says; None when done, else what does not fit."""
+        try:
+            module, leaf, stack = self._stack(piece.target)
+        except (AttributeError, KeyError):
+            return f"{stored_name} (the model has no {piece.target})"
+        shape = stack.expert_shape if isinstance(stack, Experts4bit) else tuple(stack.shape)
+        rows = shape[1] // piece.chunks
+        if piece.expert >= shape[0] or tuple(tensor.shape) != (rows, shape[2]):
+            return f"{stored_name} {tuple(tensor.shape)} vs expert {piece.expert} of {piece.target} {shape}"
+        self.expected[piece.target] = shape[0] * piece.chunks
+        self.filled[piece.target] = self.filled.get(piece.target, 0) + 1
+        if isinstance(stack, Experts4bit):
+            parts = self.waiting.setdefault((piece.target, piece.expert), {})
+            parts[piece.chunk] = tensor
+            if len(parts) == piece.chunks:
+                del self.waiting[(piece.target, piece.expert)]
+                weight = torch.cat([parts[c] for c in range(piece.chunks)]) if piece.chunks > 1 else parts[0]
+                stack.set_expert(piece.expert, weight, f"{piece.target}[{piece.expert}]")
+            return None
+        if stack.device.type == "meta":
+            stack = nn.Parameter(torch.empty(shape, dtype=self.dtype, device=self.device), stack.requires_grad)
+            module._parameters[leaf] = stack
+        with torch.no_grad():
+            stack[piece.expert, piece.chunk * rows : (piece.chunk + 1) * rows].copy_(tensor)
+        return None
+
+    def is_4bit(self, key: str) -> bool:
+        """Whether ``key`` names a 4-bit expert stack of the model."""
+        path, _, leaf = key.rpartition(".")
+        try:
+            return isinstance(self.model.get_submodule(path)._parameters.get(leaf), Experts4bit)
+        except AttributeError:
+            return False
+
+    def place_stack(self, key: str, tensor: torch.Tensor) -> str | None:
+        """Quantize a whole fused stack ``tensor`` into the 4-bit stack ``key``; None when done, else what differs."""
+        stack = self._stack(key)[2]
+        if tuple(tensor.shape) != stack.expert_shape:
+            return f"{key} {tuple(tensor.shape)} vs {stack.expert_shape}"
+        for e in range(tensor.shape[0]):
+            stack.set_expert(e, tensor[e], f"{key}[{e}]")
+        self.expected[key] = self.filled[key] = 1
+        return None
+
+    def complete(self, key: str) -> bool:
+        """Whether every piece of stack ``key`` is in place."""
+        return self.filled.get(key, 0) == self.expected.get(key)
+
+    def incomplete(self) -> list[str]:
+        """Keys of the stacks that got some pieces but not all."""
+        return [key for key in self.filled if not self.complete(key)]

@@ -93,6 +93,8 @@ class TrainSection(_Section):
     loraplus_lr_embedding: float = Field(1e-6, gt=0)  # LoRA+: the lr of adapted embeddings' factors (PEFT's default)
     max_grad_norm: float | None = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
+    # mixture-of-experts blocks keep only their input for backward and run again there (see train.recipe)
+    recompute_experts: bool = True
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # with several processes; auto: ddp (see train.distributed)
     seed: int = 0
     save_every: int = Field(200, gt=0)

@@ -43,6 +43,7 @@ from loratune.data.classification import LabelSpace, write_labels
 from loratune.errors import ConfigError, LoratuneError
 from loratune.inference.evaluate import EvalResult
 from loratune.inference.forgetting import retain_loss
+from loratune.layers.experts import recompute_in_backward
 from loratune.memory import peak_memory_mb, reset_peak_memory
 from loratune.models.devices import model_device
 from loratune.outputs import write_output_dir, write_text_atomic
@@ -332,9 +333,10 @@ class Recipe:
             step, total_steps=self.total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps, kind=t.scheduler
         )
         loss_total, metric_sums = 0.0, {}
+        recompute_experts = t.recompute_experts and not t.gradient_checkpointing  # checkpointed blocks recompute anyway
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
-            with topology.micro_batch(last), recompute_norm_outputs():
+            with topology.micro_batch(last), recompute_norm_outputs(), recompute_in_backward(recompute_experts):
                 loss_sum, _, sums = split_loss(self.step_loss(batch))
                 (loss_sum * (topology.world / max(1, targets))).backward()
             topology.after_backward(last, self.params)
