@@ -31,7 +31,7 @@ from loratune.adapters import (
     save_adapter,
     unmerge_adapters,
 )
-from loratune.adapters.gguf_export import gguf_lora_tensors
+from loratune.adapters.gguf_export import GgufBase, gguf_lora_tensors
 from loratune.adapters.inspect import describe_adapter
 from loratune.adapters.peft_format import write_adapter
 from loratune.adapters.surgery import lora_layers
@@ -392,13 +392,34 @@ def test_rank_resize_compare_and_inspect_see_every_expert(tmp_path):
     assert info["experts"].startswith("4 stacks of 4 experts") and "1 experts unchanged" in info["experts"]
 
 
-def test_what_does_not_handle_expert_adapters_yet_says_so_in_one_line(tmp_path):
-    model = tiny_moe("qwen3_moe")
-    add_adapter(model, lora("qwen3_moe"))
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_gguf_export_writes_each_expert_as_llama_cpps_expert_indexed_lora(kind, tmp_path):
+    model = tiny_moe(kind)
+    add_adapter(model, lora(kind, lora_alpha=12))
     save_adapter(model, tmp_path / "adapter")
     config, tensors = read_adapter(tmp_path / "adapter")
-    with pytest.raises(ConfigError, match="adapts expert weights .* merge the adapter"):
-        gguf_lora_tensors(tensors, config, base=None)
+    base = GgufBase.from_config({**model.config.to_dict(), "architectures": [type(model).__name__]})
+    exported = gguf_lora_tensors(tensors, config, base)
+    scale = exported.alpha / 4  # llama.cpp's alpha / r, r read from lora_b
+    width = base.expert_width
+    for path, delta in expert_deltas(model).items():  # E × out × in (both families store experts out × in)
+        block = path.split(".")[2]
+        if path.endswith("gate_up_proj"):
+            halves = {"ffn_gate_exps": delta[:, :width], "ffn_up_exps": delta[:, width:]}
+        else:
+            halves = {"ffn_down_exps": delta}
+        for name, wanted in halves.items():
+            a = torch.from_numpy(exported.tensors[f"blk.{block}.{name}.weight.lora_a"])  # E × r × in
+            b = torch.from_numpy(exported.tensors[f"blk.{block}.{name}.weight.lora_b"])  # E × out × r
+            assert a.shape == (4, 4, wanted.shape[2]) and b.shape == (4, wanted.shape[1], 4)
+            torch.testing.assert_close(scale * b @ a, wanted, atol=1e-6, rtol=1e-5)
+    assert sum(name.endswith("lora_a") for name in exported.tensors) == 2 * (4 + 3)  # attention + 3 expert tensors
+
+
+def test_gguf_export_of_an_architecture_llama_cpp_has_no_mapping_for_is_one_line(tmp_path):
+    model = tiny_moe("gpt_oss")
+    with pytest.raises(ConfigError, match="does not support the base architecture 'GptOssForCausalLM'"):
+        GgufBase.from_config({**model.config.to_dict(), "architectures": [type(model).__name__]})
 
 
 NF4 = QuantSpec(quant_type="nf4", compute_dtype=torch.float32)

@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx2
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai import APIStatusError, OpenAI
 
 from loratune import LoraConfig, add_adapter, compress_adapter, load_adapter, save_adapter, set_active
@@ -732,3 +734,22 @@ def test_adapter_files_and_prompts_are_read_off_the_engine_thread_and_the_event_
     finally:
         assert httpx2.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "spare"}).status_code == 200
     assert threads == {"reading": {"loratune-adapter-reader"}, "preparing": {"loratune-prepare"}}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    text=st.text(min_size=1, max_size=40), extra=st.lists(st.integers(0, 255), max_size=6), stop_after=st.integers(0, 3)
+)
+def test_text_grown_token_by_token_is_the_text_of_all_the_tokens(tiny_tokenizer, text, extra, stop_after):
+    # any text (CJK, emoji, combining marks) plus random ids, which can split or break UTF-8 characters
+    stop = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False) + [t for t in extra if t != stop]
+    events = []
+    limit = len(ids) + (1 if stop_after else 0)
+    seq = Sequence([1], {}, SamplingParams(limit), tiny_tokenizer, frozenset({stop}), events.append)
+    for token in ids + ([stop] if stop_after else []):
+        seq.accept(token)
+        assert tiny_tokenizer.decode(seq.tokens, skip_special_tokens=True).startswith(seq.text)
+    assert isinstance(events[-1], Finished)
+    streamed = "".join(e.text for e in events if not isinstance(e, Finished))
+    assert streamed == tiny_tokenizer.decode(ids, skip_special_tokens=True)

@@ -11,6 +11,11 @@ The file follows llama.cpp's own converter (``convert_lora_to_gguf.py``):
   ``.lora_b`` is ``lora_embedding_B`` (dim, r): llama.cpp looks rows of A up by token id;
 - Llama's q/k rows are permuted (GGUF stores them in the interleaved RoPE order), so ``lora_B`` of q/k gets
   the same row permutation as the base weight: ``ΔW' = P·(B·A) = (P·B)·A``.
+- a mixture-of-experts block's expert stacks (``target_parameters``) become 3-D pairs, one matrix per expert,
+  which llama.cpp applies with its expert-indexed product (``build_lora_mm_id``): ``blk.N.ffn_{gate,up,down}_exps
+  .weight.lora_a`` with numpy shape (E, r, in) and ``.lora_b`` (E, out, r) — what llama.cpp's converter makes of
+  per-expert LoRA modules. A fused ``gate_up_proj`` stack splits as its base does: both halves share A_e, the
+  first I rows of B_e go to ``ffn_gate_exps``, the rest to ``ffn_up_exps``.
 
 llama.cpp scales every pair by ``alpha / r`` with one global alpha and r read from the tensor. Whatever that
 cannot express (``alpha_pattern``, rsLoRA's ``alpha/√r``, a baked-in strength) is folded into ``lora_b``,
@@ -47,6 +52,8 @@ ARCHITECTURES: dict[str, tuple[gguf.MODEL_ARCH, bool]] = {
     "LlamaForCausalLM": (gguf.MODEL_ARCH.LLAMA, True),
     "MistralForCausalLM": (gguf.MODEL_ARCH.LLAMA, True),
     "Qwen2ForCausalLM": (gguf.MODEL_ARCH.QWEN2, False),
+    "MixtralForCausalLM": (gguf.MODEL_ARCH.LLAMA, True),
+    "Qwen3MoeForCausalLM": (gguf.MODEL_ARCH.QWEN3MOE, False),
 }
 
 GGUF_DTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
@@ -69,6 +76,8 @@ class GgufBase:
     n_head: int
     n_head_kv: int
     tied_embeddings: bool
+    hidden: int = 0
+    expert_width: int = 0  # an expert's intermediate size (MoE bases)
 
     @classmethod
     def from_config(cls, config: Mapping) -> GgufBase:
@@ -90,6 +99,8 @@ class GgufBase:
             n_head=n_head,
             n_head_kv=int(config.get("num_key_value_heads") or n_head),
             tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            hidden=int(config.get("hidden_size") or 0),
+            expert_width=int(config.get("moe_intermediate_size") or config.get("intermediate_size") or 0),
         )
 
     @property
@@ -154,16 +165,17 @@ def gguf_lora_tensors(
             "llama.cpp has no DoRA adapters; merge this one into the base (`loratune merge`) and "
             "convert the merged model instead"
         )
-    if config.target_parameters:
-        raise ConfigError(
-            f"the adapter adapts expert weights ({', '.join(config.target_parameters)}: target_parameters), which "
-            "this export does not write yet; merge the adapter (loratune merge) and convert the merged model"
-        )
     names = gguf.TensorNameMap(base.arch, base.n_layers)
+    stacks = {path for path in _pairs(tensors, config) if _is_expert_stack(path, config)}
     alpha = float(config.lora_alpha)
     out: dict[str, np.ndarray] = {}
     folded: dict[str, float] = {}
     for path, pair in sorted(_pairs(tensors, config).items()):
+        if path in stacks:
+            factor = _expert_pairs(path, pair, config, base, names, scale, out)
+            if not math.isclose(factor, 1.0, rel_tol=1e-12):
+                folded[path] = factor
+            continue
         found = names.get_type_and_name(path)
         if found is None:
             raise AdapterLoadError(
@@ -202,6 +214,50 @@ def gguf_lora_tensors(
     if not out:
         raise AdapterLoadError("the adapter holds no LoRA tensors")
     return GgufLora(tensors=out, alpha=alpha, folded=folded)
+
+
+def _is_expert_stack(path: str, config: LoraConfig) -> bool:
+    """Whether the adapter key path ``path`` (PEFT nests a module's second adapted parameter under
+    ``base_layer``) is an adapted expert stack of ``config.target_parameters``."""
+    owner = path
+    while owner.endswith(".base_layer"):
+        owner = owner.removesuffix(".base_layer")
+    return any((owner + "." + name.rpartition(".")[2]).endswith(name) for name in config.target_parameters or ())
+
+
+def _expert_pairs(path, pair, config: LoraConfig, base: GgufBase, names, scale: float, out: dict) -> float:
+    """Write the 3-D lora_a / lora_b of the expert stack at ``path`` into ``out``; return what was folded into
+    lora_b. Which projection it is shows in its shapes: ``gate_up_proj`` reads the hidden size and writes twice
+    an expert's width, ``down_proj`` reads an expert's width."""
+    owner = path
+    while owner.endswith(".base_layer"):
+        owner = owner.removesuffix(".base_layer")
+    A, B = pair["A"].float(), pair["B"].float()
+    r, module_alpha = rank_and_alpha(config, owner)
+    width, hidden = base.expert_width, base.hidden
+    if A.shape[0] % r or B.shape[1] != A.shape[0]:
+        raise AdapterLoadError(f"expert adapter tensors of {path} do not hold r={r} rows per expert")
+    E = A.shape[0] // r
+    A_e = A.view(E, r, -1)
+    B_e = B.view(B.shape[0], r, E).permute(2, 0, 1)  # E × out × r
+    if A.shape[1] == hidden and B.shape[0] == 2 * width:
+        parts = {"gate_proj": B_e[:, :width], "up_proj": B_e[:, width:]}
+    elif A.shape[1] == width and B.shape[0] == hidden:
+        parts = {"down_proj": B_e}
+    else:
+        raise AdapterLoadError(
+            f"expert adapter {path} is {B.shape[0]} x {A.shape[1]} per expert, neither a gate_up_proj "
+            f"({2 * width} x {hidden}) nor a down_proj ({hidden} x {width}) of this base"
+        )
+    factor = scale * lora_scaling(r, module_alpha, config.use_rslora) / (float(config.lora_alpha) / r)
+    for projection, b in parts.items():
+        found = names.get_type_and_name(f"{owner}.{projection}")
+        if found is None:
+            raise AdapterLoadError(f"expert stack {owner} has no {projection} in llama.cpp's {base.arch_name!r}")
+        gguf_name = found[1]
+        out[f"{gguf_name}.weight.lora_a"] = A_e.contiguous().numpy()
+        out[f"{gguf_name}.weight.lora_b"] = (b * factor).contiguous().numpy()
+    return factor
 
 
 def write_gguf_lora(

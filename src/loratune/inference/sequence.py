@@ -3,6 +3,10 @@
 The engine hands each new token to ``Sequence.accept``; the sequence turns tokens into text deltas for its
 ``sink`` (called from the engine thread) and decides when it is finished: a stop token, a stop string, or the
 token limit. Streaming and non-streaming requests consume the same deltas, so their texts are equal.
+
+Text grows incrementally: each token decodes with the tokens since the last complete piece of text before it,
+never the whole answer again, so a long answer costs the same per token as a short one; the result is the
+text of decoding all tokens at once (a byte-level token that ends inside a character waits for the rest of it).
 """
 
 from __future__ import annotations
@@ -87,6 +91,9 @@ class Sequence:
     done: bool = False
     _pending: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
+    text: str = ""  # the text of ``tokens`` so far (without a trailing incomplete character)
+    _prefix: int = 0  # tokens[_prefix:_read] decode to the end of ``text``: the next token's context
+    _read: int = 0
 
     def __post_init__(self):
         if self.params.temperature:
@@ -108,11 +115,11 @@ class Sequence:
         if logprob is not None:
             self._pending.append(logprob)
         if token in self.stop_ids:
-            self._emit(self.tokenizer.decode(self.tokens, skip_special_tokens=True))  # what a stop string held back
+            self._emit(self.tokenizer.decode(self.tokens, skip_special_tokens=True))  # what was held back
             self._finish("stop", counted=1)
             return
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = self._extend()
         cut = _first_stop(text, self.params.stop, max(0, len(self.emitted) - _longest(self.params.stop)))
         if cut is not None:
             self._emit(text[:cut])
@@ -122,8 +129,18 @@ class Sequence:
         # An incomplete UTF-8 sequence decodes to U+FFFD; wait for the token that completes it.
         self._emit(ready.rstrip("\ufffd"))
         if len(self.tokens) >= self.params.max_tokens:
-            self._emit(text)
+            self._emit(self.tokenizer.decode(self.tokens, skip_special_tokens=True))  # with any partial character
             self._finish("length")
+
+    def _extend(self) -> str:
+        """``text`` with the newest token added, decoding only it and the window of tokens before it."""
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
+        after = decode(self.tokens[self._prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self.tokens)
+        return self.text
 
     def fail(self, failure: Failed) -> None:
         if not self.done:
