@@ -162,7 +162,9 @@ def start_vllm(args, dtype: str, files: dict, log: Path) -> tuple[Server, dict]:
     command += ["--served-model-name", "base", "--enable-lora", "--max-loras", "3", "--max-lora-rank", "8"]
     command += ["--lora-modules", *[f"{n}={files['adapters'][n]}" for n in ADAPTERS], "--max-num-seqs", "16"]
     # 1 GiB of KV cache holds 16 x 200 tokens of a 135M model many times over; vLLM's 4 GiB would dominate RSS
-    env = thread_env(args.threads) | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": args.cpus or "all"}
+    # vLLM binds its OpenMP threads to the CPUs it is given as a list ("all" is refused by 0.32)
+    cpus = args.cpus or f"0-{args.threads - 1}"
+    env = thread_env(args.threads) | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": cpus}
     server = Server("vLLM CPU", pinned(command, args.cpus), env, port, log)
     return server, {name: (name, {}) for name in ADAPTERS} | {"base": ("base", {})}
 

@@ -491,10 +491,13 @@ def test_data_previews_pairs_with_the_scored_completions_marked(tiny_llama_dir, 
     assert "3 standard pairs read; 3 kept" in out
 
 
-def test_a_fresh_dora_adapter_starts_at_ln2_and_learns(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize(
+    "model, lora", [({}, {"use_dora": True}), ({"quantize": "nf4", "dtype": "fp32"}, {})], ids=["dora", "qlora-nf4"]
+)
+def test_a_fresh_dora_or_qlora_adapter_starts_at_ln2_and_learns(tiny_llama_dir, tmp_path, model, lora):
     data = write_jsonl(tmp_path / "p.jsonl", yes_no_rows(8))
     config = dpo_config(
-        tiny_llama_dir, data, tmp_path / "run", lora={"use_dora": True}, train={"max_steps": 4, "lr": 1e-2}
+        tiny_llama_dir, data, tmp_path / "run", model=model, lora=lora, train={"max_steps": 4, "lr": 1e-2}
     )
     train(config, **QUIET)
     records = train_records(tmp_path / "run")

@@ -90,6 +90,37 @@ def test_a_grpo_run_samples_scores_and_logs_trl_metric_names(tiny_llama_dir, tmp
     assert summary["steps"] == 3
 
 
+@pytest.mark.parametrize(
+    "model, lora",
+    [({"quantize": "nf4", "dtype": "fp32"}, {}), ({}, {"use_dora": True})],
+    ids=["qlora-nf4", "dora"],
+)
+def test_grpo_trains_over_a_4bit_base_and_with_dora(tiny_llama_dir, tmp_path, model, lora):
+    data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(4))
+    # rewards that differ within every group, so that every step has advantages to learn from
+    rewards = write_rewards(
+        tmp_path / "rewards.py",
+        "def spread(prompts, completions, **kw):\n    return [float(i % 4) for i in range(len(completions))]\n",
+    )
+    config = grpo_config(
+        tiny_llama_dir,
+        data,
+        tmp_path / "run",
+        model=model,
+        lora=lora,
+        train={"max_steps": 2, "log_every": 1, "lr": 1e-2},
+        grpo={"rewards": [f"{rewards}:spread"], "beta": 0.04},
+    )
+    train(config, **QUIET)
+    records = train_records(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in records)
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the fresh adapter (DoRA's too) is the base
+    assert records[1]["kl"] > 0  # and the first step moved it
+    tensors = adapter_tensors(tmp_path / "run")
+    assert any("lora_magnitude_vector" in key for key in tensors) == bool(lora)
+
+
 def test_overwrite_replaces_a_grpo_run_with_its_completions_log(tiny_llama_dir, tmp_path):
     """completions.jsonl is in the run's record of what loratune wrote, so --overwrite may replace the run."""
     data = write_jsonl(tmp_path / "p.jsonl", prompt_rows(4))
