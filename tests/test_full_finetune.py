@@ -142,6 +142,26 @@ def test_an_interrupted_full_run_resumes_to_the_same_weights(capsys, tiny_llama_
     assert all(torch.equal(straight[k], again[k]) for k in straight)
 
 
+def test_8bit_adamw_keeps_a_quarter_of_the_states_trains_and_resumes_to_the_same_weights(
+    capsys, make_tiny_llama_dir, tmp_path
+):
+    model_dir = make_tiny_llama_dir(intermediate_size=128)  # MLP weights of 4,096: bitsandbytes' 8-bit minimum
+    run(capsys, full_config(tmp_path, model_dir, name="straight", max_steps=4, optimizer="adamw_8bit"))
+    resumed = full_config(tmp_path, model_dir, name="resumed", max_steps=4, optimizer="adamw_8bit")
+    run(capsys, resumed, "--set", "train.max_steps=2")
+    states = load_file(tmp_path / "resumed" / "checkpoints" / "step-2" / "optimizer.safetensors")
+    codes = [t for k, t in states.items() if k.endswith(".state1") and t.dtype == torch.uint8]
+    assert len(codes) >= 3  # bitsandbytes' 8-bit moments (their code tables, shared, were written too)
+    run(capsys, resumed, "--resume", "--set", "train.max_steps=4")
+    straight, again = model_weights(tmp_path / "straight"), model_weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+    losses = [r["loss"] for r in records(tmp_path / "straight") if "loss" in r]
+    assert losses[-1] < losses[0]
+    plain = full_config(tmp_path, model_dir, name="plain", max_steps=4)
+    run(capsys, plain)
+    assert any(not torch.equal(straight[k], model_weights(tmp_path / "plain")[k]) for k in straight)
+
+
 @pytest.mark.parametrize(
     "change, named",
     [
@@ -150,6 +170,8 @@ def test_an_interrupted_full_run_resumes_to_the_same_weights(capsys, tiny_llama_
         ({"train": {"full_modules": ["no_such_proj"]}}, "no_such_proj"),
         ({"train": {"method": "lora", "full_modules": ["q_proj"]}}, "full_modules"),
         ({"train": {"method": "partial"}}, "train.method"),
+        ({"train": {"optimizer": "paged_adamw_8bit"}}, "needs CUDA; on a CPU use adamw_8bit"),
+        ({"train": {"optimizer": "adam8"}}, "train.optimizer"),
     ],
 )
 def test_full_fine_tuning_settings_that_make_no_sense_are_one_line_errors(

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import build_tiny_llama, build_tiny_tokenizer
 from loratune.adapters import (
@@ -36,7 +36,7 @@ from loratune.adapters.inspect import describe_adapter
 from loratune.adapters.peft_format import write_adapter
 from loratune.adapters.surgery import lora_layers
 from loratune.analysis import adapter_spectrum, compare_adapters, resize_adapter
-from loratune.errors import ConfigError
+from loratune.errors import ConfigError, LoratuneError
 from loratune.inference.engine import Engine
 from loratune.inference.sequence import Finished, SamplingParams, Sequence
 from loratune.layers import AdaptedModule, LoraLayer, LoraParameter, execution
@@ -441,6 +441,16 @@ def test_a_4bit_moe_streams_in_expert_by_expert_as_quantizing_it_in_memory_would
     assert (logits(streamed, ids) - logits(original, ids)).abs().max() > 1e-3  # the experts are 4-bit
     # a float load streams the per-expert tensors into the fused stacks too (as FSDP loads)
     assert torch.equal(logits(load_streamed(tmp_path, None, torch.float32), ids), logits(original, ids))
+
+
+def test_a_checkpoint_without_some_experts_is_refused_naming_them(tmp_path):
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if ".experts.3." not in k}  # expert 3 of every block is gone
+    save_file(kept, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    for spec in (NF4, None):
+        with pytest.raises(LoratuneError, match=r"tensors missing from the checkpoint: model\.layers\.0\.mlp\.experts"):
+            load_streamed(tmp_path, spec, torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])

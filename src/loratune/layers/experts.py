@@ -63,8 +63,8 @@ def projection_names(module: nn.Module) -> tuple[str, str]:
 
 
 def expert_weight_names(module: nn.Module) -> list[str]:
-    """The expert weight stacks of a fused experts module (its 3-D float parameters, not biases or norms), in
-    the module's parameter order: what ``all-linear`` adapts."""
+    """The expert weight stacks of a fused experts module (its 3-D float parameters or 4-bit stacks, not biases
+    or norms), in the module's parameter order: what ``all-linear`` adapts."""
     return [n for n, p in module.named_parameters(recurse=False) if is_expert_stack(p)]
 
 

@@ -147,6 +147,8 @@ def load_streamed(
     model.tie_weights()  # shares the output head with the embeddings when the config says so
     missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
     missing += list(quantized) + stacks.incomplete()
+    missing += [n for n, p in model.named_parameters() if isinstance(p, Experts4bit) and not p.complete]
+    missing = list(dict.fromkeys(missing))  # a partly read stack is in both lists
     problems = []
     if mismatched:
         problems.append(f"shapes differ from config.json: {', '.join(mismatched[:3])}")

@@ -47,11 +47,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     state = optimizer.state_dict()
-    tensors, scalars = {}, {}
+    tensors, scalars, stored = {}, {}, set()
     for index, values in state["state"].items():
-        for key, value in values.items():
+        # bitsandbytes' 8-bit optimizers keep their quantized moments in one nested dict per parameter
+        flat = {
+            f"{key}.{inner}" if isinstance(value, dict) else key: item
+            for key, value in values.items()
+            for inner, item in (value.items() if isinstance(value, dict) else [(None, value)])
+        }
+        for key, value in flat.items():
             if torch.is_tensor(value):  # a sharded parameter's state is gathered whole
-                tensors[f"state.{index}.{key}"] = whole_tensor(value.detach()).cpu().contiguous()
+                tensor = whole_tensor(value.detach()).cpu().contiguous()
+                if tensor.untyped_storage().data_ptr() in stored:  # shared (8-bit optimizers' code tables)
+                    tensor = tensor.clone()
+                stored.add(tensor.untyped_storage().data_ptr())
+                tensors[f"state.{index}.{key}"] = tensor
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -59,12 +69,14 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in meta["scalars"].items():
+    entries = [(key.split(".", 1)[1], value) for key, value in tensors.items()] + list(meta["scalars"].items())
+    for key, value in entries:
         index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        outer, _, inner = name.partition(".")  # "key.inner": an entry of a nested dict (see _optimizer_tensors)
+        if inner:
+            state.setdefault(int(index), {}).setdefault(outer, {})[inner] = value
+        else:
+            state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     for group in optimizer.param_groups:  # a sharded parameter keeps its share of its state
         for param in group["params"]:

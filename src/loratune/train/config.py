@@ -24,6 +24,7 @@ TASKS = ("causal_lm", "seq_cls", "token_cls")
 # what a run is trained to do (train.objective): sft learns its data's target tokens, dpo preference pairs, grpo
 # from rewards of its own sampled completions
 OBJECTIVES = ("sft", "dpo", "grpo")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 # GRPO's losses and reward scalings, by TRL's names (GRPOConfig.loss_type, scale_rewards)
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
@@ -89,7 +90,9 @@ class TrainSection(_Section):
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B's lr = ratio × lr (see train.optimizer)
+    # adamw: torch's; adamw_8bit: bitsandbytes' AdamW with 8-bit states; paged_adamw_8bit: also paged (CUDA only)
+    optimizer: Literal[OPTIMIZERS] = "adamw"
+    loraplus_lr_ratio: float | None = Field(None, gt=0)  # LoRA+: B's lr = ratio × lr (see train/optimizer.py)
     loraplus_lr_embedding: float = Field(1e-6, gt=0)  # LoRA+: the lr of adapted embeddings' factors (PEFT's default)
     max_grad_norm: float | None = Field(1.0, gt=0)
     gradient_checkpointing: bool = False

@@ -1,5 +1,10 @@
 """The optimizer: AdamW over the trainable parameters, in LoRA+ groups when ``train.loraplus_lr_ratio`` is set.
 
+``train.optimizer`` picks the implementation: PyTorch's AdamW (float32 states, two per trained weight), or
+bitsandbytes' AdamW with 8-bit block-quantized states (``adamw_8bit``: a quarter of the states' memory, what
+QLoRA's paper pairs with a 4-bit base) and its paged variant (``paged_adamw_8bit``: states in CUDA unified
+memory, evicted to the CPU under memory pressure; CUDA only).
+
 LoRA+ (Hayou et al., 2024) trains B faster than A: B's learning rate is ``ratio × lr``. The groups follow PEFT's
 ``create_loraplus_optimizer``: the factors of adapted embeddings at ``loraplus_lr_embedding``; every B factor and
 every 1-D parameter (DoRA magnitudes, biases and norm weights of modules_to_save) at ``ratio × lr``, without
@@ -14,6 +19,7 @@ import torch
 from torch import nn
 
 from loratune.adapters import lora_layers
+from loratune.errors import ConfigError
 
 
 def _loraplus_groups(model: nn.Module, lr: float, ratio: float, embedding_lr: float, weight_decay: float):
@@ -49,9 +55,9 @@ def _loraplus_groups(model: nn.Module, lr: float, ratio: float, embedding_lr: fl
     ]
 
 
-def build_optimizer(model: nn.Module, train, params: list[torch.Tensor] | None = None) -> torch.optim.AdamW:
-    """AdamW as ``train`` (a ``TrainSection``) says: over ``params`` (default: ``model``'s trainable parameters)
-    in one group, or in LoRA+'s groups."""
+def build_optimizer(model: nn.Module, train, params: list[torch.Tensor] | None = None) -> torch.optim.Optimizer:
+    """AdamW as ``train`` (a ``TrainSection``) says (``train.optimizer``): over ``params`` (default: ``model``'s
+    trainable parameters) in one group, or in LoRA+'s groups."""
     if train.loraplus_lr_ratio is None:
         params = [p for p in model.parameters() if p.requires_grad] if params is None else params
         groups = [{"params": params, "lr_scale": 1.0}]
@@ -59,7 +65,36 @@ def build_optimizer(model: nn.Module, train, params: list[torch.Tensor] | None =
         groups = _loraplus_groups(
             model, train.lr, train.loraplus_lr_ratio, train.loraplus_lr_embedding, train.weight_decay
         )
-    return torch.optim.AdamW(_apart_from_shards(groups), lr=train.lr, weight_decay=train.weight_decay, foreach=True)
+    groups = _apart_from_shards(groups)
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
+    return _adamw_8bit(groups, train)
+
+
+def _adamw_8bit(groups: list[dict], train) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW (paged for ``paged_adamw_8bit``) over ``groups``; ``ConfigError`` where it cannot
+    run: paged states without CUDA, parameters FSDP shards, bitsandbytes missing."""
+    from loratune.train.distributed import is_sharded
+
+    params = [p for group in groups for p in group["params"]]
+    if train.optimizer == "paged_adamw_8bit" and not all(p.device.type == "cuda" for p in params):
+        raise ConfigError(
+            "train.optimizer: paged_adamw_8bit pages optimizer states between GPU and CPU memory, which needs "
+            "CUDA; on a CPU use adamw_8bit"
+        )
+    if any(is_sharded(p) for p in params):
+        raise ConfigError(
+            f"train.optimizer: {train.optimizer} does not take FSDP's sharded parameters; use adamw with FSDP, "
+            "or DDP (train.distributed: ddp)"
+        )
+    try:
+        import bitsandbytes.optim as bnb_optim
+    except ImportError as error:
+        raise ConfigError(
+            f"train.optimizer: {train.optimizer} needs bitsandbytes ({error}); pip install 'loratune[quant]'"
+        ) from None
+    kind = bnb_optim.PagedAdamW8bit if train.optimizer == "paged_adamw_8bit" else bnb_optim.AdamW8bit
+    return kind(groups, lr=train.lr, weight_decay=train.weight_decay)
 
 
 def _apart_from_shards(groups: list[dict]) -> list[dict]:
