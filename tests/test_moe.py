@@ -249,13 +249,18 @@ def test_saving_warns_when_peft_would_read_shared_expert_linears_as_experts(tmp_
     assert "model.layers.0.mlp.shared_experts.gate_proj" in config["target_modules"]  # full paths: kept as modules
 
 
-@pytest.mark.parametrize("kind", MOE_KINDS)
-def test_a_training_run_on_an_moe_trains_the_experts_and_saves_them_for_peft(kind, tmp_path):
+def moe_run_files(kind: str, tmp_path):
+    """(a tiny ``kind`` MoE saved with a tokenizer, eight training rows) for a training run."""
     tokenizer = build_tiny_tokenizer()
     model_dir = tmp_path / "model"
     tiny_moe(kind, vocab=len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    data = write_jsonl(tmp_path / "train.jsonl", addition_rows(8))
+    return model_dir, write_jsonl(tmp_path / "train.jsonl", addition_rows(8))
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_a_training_run_on_an_moe_trains_the_experts_and_saves_them_for_peft(kind, tmp_path):
+    model_dir, data = moe_run_files(kind, tmp_path)
     lines = []
     shared = {"exclude_modules": ".*shared_experts.*"} if kind == "deepseek_v3" else {}  # as in lora(): peft#3711
     config = make_config(model_dir, data, tmp_path / "run", train={"max_steps": 3}, lora=shared)
@@ -267,16 +272,12 @@ def test_a_training_run_on_an_moe_trains_the_experts_and_saves_them_for_peft(kin
     tensors = load_file(adapter / "adapter_model.safetensors")
     expert_B = [t for k, t in tensors.items() if "experts" in k and "lora_B" in k]
     assert expert_B and all(t.abs().max() > 0 for t in expert_B)  # B starts at zero: the experts were trained
-    peft.PeftModel.from_pretrained(tiny_moe(kind, vocab=len(tokenizer)), adapter)  # and PEFT loads them
+    peft.PeftModel.from_pretrained(tiny_moe(kind, vocab=len(build_tiny_tokenizer())), adapter)  # and PEFT loads them
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
 def test_qlora_on_an_moe_trains_the_experts_over_4bit_stacks(kind, tmp_path):
-    tokenizer = build_tiny_tokenizer()
-    model_dir = tmp_path / "model"
-    tiny_moe(kind, vocab=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = write_jsonl(tmp_path / "train.jsonl", addition_rows(8))
+    model_dir, data = moe_run_files(kind, tmp_path)
     lines = []
     config = make_config(
         model_dir, data, tmp_path / "run", model={"quantize": "nf4", "dtype": "fp32"}, train={"max_steps": 3}
