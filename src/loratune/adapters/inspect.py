@@ -74,7 +74,7 @@ def describe_adapter(path: str | os.PathLike) -> dict:
     compression = None
     if not weights.is_file() and (directory / INT8_WEIGHTS_NAME).is_file():
         weights, compression = directory / INT8_WEIGHTS_NAME, "int8"
-    params, dtypes, modules, ranks = 0, set(), set(), set()
+    params, dtypes, ranks = 0, set(), {}  # ranks: module path -> rows of its A
     if not weights.is_file():
         raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME}")
     with reading(weights, "adapter weights", AdapterLoadError), safe_open(str(weights), framework="pt") as handle:
@@ -88,11 +88,10 @@ def describe_adapter(path: str | os.PathLike) -> dict:
             dtypes.add(str(tensor.get_dtype()))
             parsed = parse_factor_key(key)
             if parsed is not None and parsed.factor == "A":
-                modules.add(parsed.path)
-                ranks.add(shape[0])
+                ranks[parsed.path] = shape[0]
     experts = expert_summary(config, directory) if config.target_parameters else None
-    if experts:  # a stack's A holds E·r rows: its rank is r
-        ranks = {r for r in ranks if r not in experts["stack_rows"]} | set(experts["ranks"])
+    stacks = experts["stacks"] if experts else {}
+    module_ranks = {r for path, r in ranks.items() if path not in stacks}  # a stack's A holds E·r rows, not r
     return {
         "format": "peft",
         "path": str(directory),
@@ -111,8 +110,8 @@ def describe_adapter(path: str | os.PathLike) -> dict:
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
         "task_type": config.task_type,
-        "n_modules": len(modules),
-        "ranks": sorted(ranks),
+        "n_modules": len(ranks),
+        "ranks": sorted(module_ranks | {v["r"] for v in stacks.values()}),
         "trainable_params": params,
         "dtype": ", ".join(sorted(dtypes)) + (f" (loads as {restored_dtype})" if compression else ""),
         "compression": compression,
@@ -147,8 +146,7 @@ def expert_summary(config, directory: Path) -> dict | None:
         f"‖ΔW_e‖ min {min(norms):.3g}, median {statistics.median(norms):.3g}, max {max(norms):.3g}"
         + (f"; {untrained} experts unchanged (never routed to in training?)" if untrained else "")
     )
-    rows = {f.A.shape[0] for f in stacks.values()}
-    return {"stacks": report, "ranks": sorted({v["r"] for v in report.values()}), "stack_rows": rows, "text": text}
+    return {"stacks": report, "text": text}
 
 
 def describe_kohya(path: str | os.PathLike) -> dict:
