@@ -14,6 +14,7 @@ import torch
 
 from loratune.adapters.mixed_batch import mixed_batch
 from loratune.errors import ConfigError
+from loratune.inference.lean import decoding_kernels
 from loratune.inference.sampling import argmax, check_sampling, sampler
 from loratune.models.devices import model_device
 
@@ -214,8 +215,9 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
 
 @contextmanager
 def inference(model):
-    """Eval mode (no dropout), no autograd and a contiguous input to the output head for the duration;
-    restores the model's training flag and removes the hook afterwards."""
+    """Eval mode (no dropout), no autograd, a contiguous input to the output head and decoding's kernels
+    (``inference.lean``) for the duration; restores the model's training flag and removes the hook and the
+    kernels afterwards."""
     was_training = model.training
     model.eval()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -224,7 +226,8 @@ def inference(model):
     # on a CPU. A contiguous input is folded into one plain matrix product instead.
     hook = head.register_forward_pre_hook(_contiguous_input) if isinstance(head, torch.nn.Module) else None
     try:
-        with torch.no_grad():  # not inference_mode: tensors a forward caches on the model stay usable in training
+        # not inference_mode: tensors a forward caches on the model stay usable in training
+        with torch.no_grad(), decoding_kernels(model):
             yield
     finally:
         if hook is not None:

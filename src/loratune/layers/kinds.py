@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.errors import ConfigError
+from loratune.kernels import rows
 from loratune.layers.lora import LoraLayer
 
 MERGE_4BIT_HINT = (
@@ -64,8 +65,9 @@ class LoraLinear(LoraLayer):
 
     def base_product(self):
         """A function computing the base output for an input (…, in), bound to the current base weight (for a
-        plain Linear, ``F.linear`` itself: no module call per use)."""
-        return functools.partial(F.linear, weight=self.base_layer.weight, bias=self.base_layer.bias)
+        plain Linear, ``F.linear`` itself, or the few-row kernel's product when decoding: no module call per
+        use)."""
+        return functools.partial(rows.linear, weight=self.base_layer.weight, bias=self.base_layer.bias)
 
 
 class LoraLinear4bit(LoraLinear):

@@ -3,6 +3,7 @@ the input embedding and output head share one weight."""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,22 @@ import torch
 from torch import nn
 
 from loratune.errors import ConfigError
+
+# Architectures whose RMSNorm is ``weight * (x·rstd).to(dtype)`` and whose MLP is down(silu(gate(x)) * up(x)):
+# model_type -> the prefix of their transformers class names.
+# The mixture-of-experts families among them have such norms (and such MLPs in their dense layers and shared
+# experts, where they have any); their experts are ``layers.experts``'s.
+LLAMA_LIKE_MODEL_TYPES = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "smollm3": "SmolLM3",
+    "mixtral": "Mixtral",
+    "qwen3_moe": "Qwen3Moe",
+    "olmoe": "Olmoe",
+    "deepseek_v3": "DeepseekV3",
+}
 
 
 @dataclass(frozen=True)
@@ -76,3 +93,25 @@ def model_structure(model_dir: str | Path, trust_remote_code: bool = False) -> M
     if inp is not None and out is not None and inp.weight is out.weight:
         tied = (names[id(inp)], names[id(out)])
     return ModelStructure(kinds, tied, getattr(config, "model_type", None))
+
+
+def llama_family_classes(model: nn.Module) -> tuple[type, type | None] | None:
+    """(RMSNorm class, MLP class or None when it has none) of ``model``'s architecture when it is a Llama-family
+    one in transformers (``LLAMA_LIKE_MODEL_TYPES``), else None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    prefix = LLAMA_LIKE_MODEL_TYPES.get(model_type)
+    if prefix is None:
+        return None
+    try:
+        modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return None
+    norm, mlp = getattr(modeling, f"{prefix}RMSNorm", None), getattr(modeling, f"{prefix}MLP", None)
+    return (norm, mlp) if norm is not None else None
+
+
+def has_silu_activation(mlp: nn.Module) -> bool:
+    """Whether a Llama-family MLP's ``act_fn`` is plain SiLU (torch's, or transformers' own class for it)."""
+    activations = importlib.import_module("transformers.activations")
+    kinds = (nn.SiLU, *filter(None, [getattr(activations, "SiLUActivation", None)]))
+    return isinstance(getattr(mlp, "act_fn", None), kinds)

@@ -12,7 +12,6 @@ swaps the forward of those modules in place; the patched model still runs eval a
 from __future__ import annotations
 
 import contextlib
-import importlib
 import types
 import weakref
 
@@ -29,22 +28,7 @@ from loratune.layers.fused_linear import (
     lora_linear_backward,
     lora_linear_forward,
 )
-
-# Architectures whose RMSNorm is ``weight * (x·rstd).to(dtype)`` and whose MLP is down(silu(gate(x)) * up(x)):
-# model_type -> the prefix of their transformers class names.
-# The mixture-of-experts families among them have such norms (and such MLPs in their dense layers and shared
-# experts, where they have any); their experts are ``layers.experts``'s.
-LLAMA_LIKE_MODEL_TYPES = {
-    "llama": "Llama",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2",
-    "qwen3": "Qwen3",
-    "smollm3": "SmolLM3",
-    "mixtral": "Mixtral",
-    "qwen3_moe": "Qwen3Moe",
-    "olmoe": "Olmoe",
-    "deepseek_v3": "DeepseekV3",
-}
+from loratune.models.structure import has_silu_activation, llama_family_classes
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -262,38 +246,20 @@ def _mlp_forward(self, x):
     return SiluMulLoraDownFunction.apply(gate, up, down, down.base_layer.bias, term.A, term.B, term.scale)
 
 
-def _llama_family_classes(model_type: str) -> tuple[type, type | None] | None:
-    """(RMSNorm class, MLP class or None when it has none) of a Llama-family architecture in transformers, or
-    None."""
-    prefix = LLAMA_LIKE_MODEL_TYPES.get(model_type)
-    if prefix is None:
-        return None
-    try:
-        modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    except ImportError:
-        return None
-    norm, mlp = getattr(modeling, f"{prefix}RMSNorm", None), getattr(modeling, f"{prefix}MLP", None)
-    return (norm, mlp) if norm is not None else None
-
-
 def patch_for_training(model: nn.Module) -> int:
     """Give the RMSNorm and SiLU-MLP modules of a Llama-family model their lean forward (exactly these
     transformers classes, whose math is the one above); return how many modules were patched (0 for other
     architectures, which keep their own code)."""
-    classes = _llama_family_classes(getattr(getattr(model, "config", None), "model_type", None))
+    classes = llama_family_classes(model)
     if classes is None:
         return 0
     norm_class, mlp_class = classes
-    silu_classes = (
-        nn.SiLU,
-        *filter(None, [getattr(importlib.import_module("transformers.activations"), "SiLUActivation", None)]),
-    )
     patched = 0
     for module in model.modules():
         if type(module) is norm_class:
             module.forward = types.MethodType(_rms_norm_forward, module)
             patched += 1
-        elif type(module) is mlp_class and isinstance(getattr(module, "act_fn", None), silu_classes):
+        elif type(module) is mlp_class and has_silu_activation(module):
             module.forward = types.MethodType(_mlp_forward, module)
             patched += 1
     return patched

@@ -5,6 +5,9 @@
  *   call instead of four PyTorch operations (cast, two small products, add). Decoding runs hundreds of these per
  *   token, where each PyTorch operation costs microseconds of dispatch and cold caches next to the base layer's
  *   product. It runs on the calling thread.
+ * - linear_rows: a linear layer's product for the few rows of a decoding step, x·Wᵀ + b, bound by reading the
+ *   weights: each is read once, split over the threads the caller gives (BLAS's matrix-vector products reach
+ *   about half the memory bandwidth here).
  * - the elementwise parts of a training step as single passes over memory: a Llama block's RMSNorm and
  *   silu(gate)·up, forward and backward, dropout from a counter-based mask, attention's backward between its
  *   products, the cross-entropy's softmax; float32 arithmetic on bf16 or float32 tensors. In PyTorch operations
@@ -102,6 +105,12 @@ static void run_cross_entropy_rows(const int64_t *v, float eps, int64_t b, int64
     free(work);
 }
 
+/* v: out, x, weight, bias, rows, in, out_features, is_bf16; a span of output columns */
+static void run_linear_rows(const int64_t *v, float eps, int64_t b, int64_t e) {
+    (void)eps;
+    linear_rows_impl(PTR(0), PTR(1), PTR(2), PTR(3), v[4], v[5], v[6], b, e, (int)v[7]);
+}
+
 /* Reads the integer arguments (the float one at index float_at, if any, into *eps) and runs the job on
  * args[nargs - 1] threads over n = v[n_at] items. */
 static PyObject *call(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, Py_ssize_t float_at, int n_at,
@@ -122,6 +131,12 @@ static PyObject *call(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, 
     parallel_for(job, job.v[n_at], grain, min_span, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
+}
+
+static PyObject *linear_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    /* spans of whole 4-row blocks of W, each at least 64 rows: fewer are not worth waking a thread for */
+    return call(args, nargs, 8, -1, 6, 4, 64, run_linear_rows, "linear_rows");
 }
 
 static PyObject *silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -229,6 +244,9 @@ static PyMethodDef methods[] = {
     {"add_low_rank", (PyCFunction)(void (*)(void))add_low_rank, METH_FASTCALL,
      "add_low_rank(out, x, A, sBt, rows, in_features, rank, out_features, is_bf16, blocks, rows_per_block): "
      "out += (x·Aᵀ)·sBt, all addresses of contiguous CPU tensors (see loratune.kernels.lowrank)."},
+    {"linear_rows", (PyCFunction)(void (*)(void))linear_rows, METH_FASTCALL,
+     "linear_rows(out, x, weight, bias, rows, in_features, out_features, is_bf16, threads): out = x·Wᵀ + bias for "
+     "a few rows, each weight read once (bias 0 for none)."},
     {"silu_mul", (PyCFunction)(void (*)(void))silu_mul, METH_FASTCALL,
      "silu_mul(out, gate, up, n, is_bf16, threads): out = silu(gate)·up over n elements (addresses)."},
     {"silu_mul_backward", (PyCFunction)(void (*)(void))silu_mul_backward, METH_FASTCALL,

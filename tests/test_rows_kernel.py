@@ -1,0 +1,132 @@
+"""The compiled few-row linear product (``kernels/csrc/linear_rows_body.h``) in every variant this CPU runs, where
+it applies and where it gives way to PyTorch, and decoding's lean modules (``inference.lean``) that use it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loratune
+from loratune.inference.decode import inference
+from loratune.inference.lean import decoding_kernels
+from loratune.kernels import rows
+from loratune.train.fused_ops import patch_for_training
+from tiny_models import tiny_llama, token_batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "n_rows, d_in, d_out",
+    [
+        (1, 576, 1536),  # one decoding row of SmolLM2's MLP
+        (2, 1536, 576),
+        (16, 64, 128),  # the most rows it takes
+        (3, 19, 7),  # remainders everywhere: an odd row, in % 8, out % 4
+        (5, 8, 4),
+        (1, 1, 1),
+        (2, 3, 130),  # spans over threads that are no multiple of four rows of W
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.usefixtures("kernel_isa")
+def test_kernel_matches_a_float64_reference(dtype, n_rows, d_in, d_out, bias):
+    if dtype == torch.bfloat16 and n_rows == 1:
+        n_rows = 2  # one bf16 row goes to PyTorch (see below)
+    torch.manual_seed(n_rows * 1000 + d_in + d_out)
+    x = torch.randn(n_rows, d_in).to(dtype)
+    weight = (torch.randn(d_out, d_in) / d_in**0.5).to(dtype)
+    b = torch.randn(d_out).to(dtype) if bias else None
+    expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    result = rows.product(x, weight, b)
+    assert result is not None and result.dtype == dtype and result.shape == (n_rows, d_out)
+    if dtype == torch.float32:
+        torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-5)
+    else:
+        # float32 sums, one rounding to bf16 at the end: within one bf16 step of the exact value
+        step = expected.abs().clamp_min(1e-30) * 2.0**-8
+        assert ((result.double() - expected).abs() <= step).all()
+
+
+@pytest.mark.usefixtures("kernel_isa")
+def test_leading_dimensions_are_kept_and_threads_agree():
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 3, 40), torch.randn(300, 40)
+    one = torch.get_num_threads()
+    result = rows.product(x, weight)
+    torch.set_num_threads(1)
+    try:
+        alone = rows.product(x, weight)
+    finally:
+        torch.set_num_threads(one)
+    assert result.shape == (2, 3, 300)
+    assert torch.equal(result, alone)  # each output is one row's sum, whichever thread computes it
+    torch.testing.assert_close(result, F.linear(x, weight))
+
+
+@pytest.mark.usefixtures("kernel_isa")
+def test_where_the_kernel_gives_way_to_pytorch():
+    torch.manual_seed(0)
+    weight, x = torch.randn(8, 16), torch.randn(2, 16)
+    refused = {
+        "more rows than it takes": (torch.randn(rows.MAX_ROWS + 1, 16), weight),
+        "one bf16 row": (x[:1].bfloat16(), weight.bfloat16()),
+        "float64": (x.double(), weight.double()),
+        "a strided x": (torch.randn(16, 2).T, weight),
+        "an input that needs its gradient": (x.clone().requires_grad_(), weight),
+        "a weight that needs its gradient": (x, weight.clone().requires_grad_()),
+        "no rows": (torch.randn(0, 16), weight),
+    }
+    for why, (inputs, w) in refused.items():
+        assert rows.product(inputs, w) is None, why
+        torch.testing.assert_close(rows.linear(inputs, w), F.linear(inputs, w))
+    with torch.no_grad():  # without autograd, a trainable weight is just a weight
+        assert rows.product(x, weight.clone().requires_grad_()) is not None
+    assert rows.product(x, weight, torch.randn(8).double()) is None  # a bias in another dtype
+
+
+def test_switched_off_kernels_leave_it_to_pytorch(monkeypatch):
+    monkeypatch.setenv("LORATUNE_NO_KERNEL", "1")
+    assert rows.product(torch.randn(1, 8), torch.randn(4, 8)) is None
+
+
+def _decode_logits(model, ids, steps: int = 3) -> torch.Tensor:
+    """The logits of a few greedy steps over the KV cache (the decoding regime: one row per step)."""
+    out = model(input_ids=ids, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for _ in range(steps):
+        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(input_ids=next_ids, cache=out.cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits)
+
+
+@pytest.mark.usefixtures("kernel_isa")
+def test_decoding_kernels_give_the_model_its_own_outputs_and_leave_no_trace():
+    model = tiny_llama(seed=3)
+    loratune.add_adapter(model, loratune.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    ids = token_batch(seed=1, batch=1, length=6)
+    model.eval()
+    with torch.no_grad():
+        expected = _decode_logits(model, ids)
+    with inference(model):
+        patched = {name for name, module in model.named_modules() if "forward" in module.__dict__}
+        result = _decode_logits(model, ids)
+    # the head, the Linears no adapter wraps, every RMSNorm and MLP took the kernels' forward
+    assert "lm_head" in patched and "model.layers.0.self_attn.k_proj" in patched
+    assert "model.norm" in patched and "model.layers.1.mlp" in patched
+    assert "model.layers.0.self_attn.q_proj" not in patched  # a LoRA layer: its base product takes the kernel
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+    assert not any("forward" in module.__dict__ for module in model.modules())
+
+
+def test_a_model_patched_for_training_keeps_its_lean_ops_while_decoding():
+    model = tiny_llama(seed=4)
+    patch_for_training(model)
+    own = {name: module.forward for name, module in model.named_modules() if "forward" in module.__dict__}
+    with decoding_kernels(model) as patched:
+        assert all(model.get_submodule(name).forward is forward for name, forward in own.items())
+        assert patched == sum(1 for m in model.modules() if type(m) is torch.nn.Linear)
+    assert {name for name, module in model.named_modules() if "forward" in module.__dict__} == set(own)
