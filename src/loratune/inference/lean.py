@@ -6,7 +6,9 @@ and the number of operations per module, not arithmetic. For the duration of ``d
 - a plain ``nn.Linear`` (the output head, layers no adapter wraps) multiplies through the few-row kernel
   (``kernels.rows``; LoRA layers' base products take it through their ``base_product``);
 - a Llama-family RMSNorm is one pass of the compiled kernel instead of eight PyTorch operations, and its SiLU
-  MLP computes ``silu(gate)·up`` in one (``kernels.fused``), the same math and rounding as transformers'.
+  MLP computes ``silu(gate)·up`` in one (``kernels.fused``), the same math and rounding as transformers';
+- the attention of Llama, Mistral, Qwen2 and Qwen3 rotates queries and keys in one kernel call, in the layout
+  the projections give (transformers' ``apply_rotary_pos_emb`` is a dozen operations, with the same bits).
 
 Each falls back to the module's own forward where a kernel does not take its tensors. Modules that already have
 a forward of their own (a training run's lean ops, someone's hook) are left alone.
@@ -15,13 +17,24 @@ a forward of their own (a training run's lean ops, someone's hook) are left alon
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from loratune.kernels import fused, rows
 from loratune.models.structure import has_silu_activation, llama_family_classes
+
+# model_type -> (its attention class, where the attention reads its sliding window: None for nowhere, "config" or
+# "module"), for the architectures whose attention is Llama's (plus Qwen3's per-head q/k norms)
+_ATTENTION = {
+    "llama": ("LlamaAttention", None),
+    "mistral": ("MistralAttention", "config"),
+    "qwen2": ("Qwen2Attention", "module"),
+    "qwen3": ("Qwen3Attention", "module"),
+}
 
 
 @contextmanager
@@ -29,6 +42,7 @@ def decoding_kernels(model: nn.Module) -> Iterator[int]:
     """Give ``model``'s plain Linear layers, and a Llama-family model's RMSNorms and SiLU MLPs, the kernels'
     forward inside the block (yields how many modules took it); their own forward afterwards."""
     norm_class, mlp_class = llama_family_classes(model) or (None, None)
+    attention_class = _attention_class(model)
     patched = []
     for module in model.modules():
         if "forward" in module.__dict__:
@@ -39,6 +53,8 @@ def decoding_kernels(model: nn.Module) -> Iterator[int]:
             forward = _rms_norm
         elif mlp_class is not None and type(module) is mlp_class and has_silu_activation(module):
             forward = _silu_mlp
+        elif attention_class is not None and type(module) is attention_class:
+            forward = _attention
         else:
             continue
         module.forward = functools.partial(forward, module)
@@ -63,3 +79,50 @@ def _silu_mlp(module: nn.Module, x):
     gate, up = module.gate_proj(x), module.up_proj(x)
     product = fused.silu_mul(gate, up)
     return module.down_proj(module.act_fn(gate) * up if product is None else product)
+
+
+def _attention_class(model: nn.Module) -> type | None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _ATTENTION:
+        return None
+    try:
+        modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return None
+    return getattr(modeling, _ATTENTION[model_type][0], None)
+
+
+def _attention(module: nn.Module, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    """transformers' forward of these attentions (see ``_ATTENTION``), RoPE by the kernel."""
+    model_type = module.config.model_type
+    modeling = importlib.import_module(type(module).__module__)  # its family's own functions
+    shape = (*hidden_states.shape[:-1], -1, module.head_dim)
+    query, key = module.q_proj(hidden_states).view(shape), module.k_proj(hidden_states).view(shape)
+    value = module.v_proj(hidden_states).view(shape).transpose(1, 2)
+    if hasattr(module, "q_norm"):
+        query, key = module.q_norm(query), module.k_norm(key)
+    cos, sin = position_embeddings
+    rotated = fused.rope(query, key, cos, sin)
+    if rotated is None:
+        query, key = modeling.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    else:
+        query, key = rotated[0].transpose(1, 2), rotated[1].transpose(1, 2)
+    if cache is not None:
+        key, value = cache.update(key, value, module.layer_idx, kwargs=kwargs)
+    window = _ATTENTION[model_type][1]
+    if window is not None:
+        source = module.config if window == "config" else module
+        kwargs["sliding_window"] = getattr(source, "sliding_window", None)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, modeling.eager_attention_forward)
+    output, weights = attend(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout,
+        scaling=module.scaling,
+        **kwargs,
+    )
+    output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+    return module.o_proj(output), weights

@@ -1,7 +1,7 @@
 """The compiled CPU kernels for a training step's work outside the big matrix products (``csrc/``, built by
 ``pip install``): a Llama block's RMSNorm and ``silu(gate)·up``, forward and backward, each one pass over memory;
 dropout masks; attention's backward between its products (``train.attention``); the cross-entropy's softmax over
-each chunk of logits (``inference.loss``).
+each chunk of logits (``inference.loss``); rotary position embedding of queries and keys (``inference.lean``).
 
 In PyTorch operations each of these is a chain of five to fifteen operations that each write a fresh tensor;
 on a CPU that memory traffic, not the arithmetic, is what they cost. Every function here returns None when
@@ -265,3 +265,44 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, want_grad: b
         torch.get_num_threads(),
     )
     return lse
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rotary position embedding of queries ``q`` (…, L, q_heads, D) and keys ``k`` (…, L, k_heads, D) for
+    ``cos``, ``sin`` (…, L, D), as transformers' ``apply_rotary_pos_emb`` computes it (rotate-half form, same
+    rounding) but in the tokens-major layout the projections give: new tensors shaped like q and k, or None
+    (the layouts do not fit, or the kernel cannot take the tensors)."""
+    dim = q.shape[-1]
+    rows = q.numel() // max(q.shape[-2] * dim, 1) if q.dim() >= 2 else 0
+    if (
+        q.dim() < 2
+        or k.dim() != q.dim()
+        or dim % 2
+        or k.shape[-1] != dim
+        or cos.shape != sin.shape
+        or cos.shape[-1] != dim
+        or cos.numel() != rows * dim
+        or k.numel() != rows * k.shape[-2] * dim
+        or q.shape[:-2] != k.shape[:-2]
+        or q.shape[:-2] != cos.shape[:-1]
+        or not _fits(q, k, cos, sin)
+    ):
+        return None
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    _cpu.rope(
+        q_out.data_ptr(),
+        q.data_ptr(),
+        q.shape[-2],
+        k_out.data_ptr(),
+        k.data_ptr(),
+        k.shape[-2],
+        cos.data_ptr(),
+        sin.data_ptr(),
+        rows,
+        dim,
+        _DTYPES[q.dtype],
+        torch.get_num_threads(),
+    )
+    return q_out, k_out

@@ -5,7 +5,7 @@ bound by reading the weights from memory, and BLAS's matrix-vector path reads th
 memory delivers on the CPUs measured (``docs/benchmarks.md``); the kernel (``csrc/linear_rows_body.h``) reads
 each weight once, four rows of W against two rows of x at a time, float32 sums, split over
 ``torch.get_num_threads()`` threads. ``product`` returns None where it does not apply (not built or switched
-off, see ``loader``; other dtypes, devices, layouts; more rows than ``MAX_ROWS``, where BLAS's products win),
+off, see ``loader``; other dtypes, devices, layouts; more rows than ``ROWS`` gives, where BLAS's products win),
 and the caller runs ``F.linear``.
 """
 
@@ -17,30 +17,56 @@ import torch.nn.functional as F
 from loratune.kernels.loader import compiled as _cpu
 from loratune.kernels.loader import kernel_available
 
-# Up to this many rows the kernel beats BLAS for float32 weights; one bf16 row is as fast through torch.
-MAX_ROWS = 16
+# The rows the kernel takes per dtype (fewest, most). Float32: up to 64 rows it beats BLAS on the CPUs measured
+# (docs/benchmarks.md), beyond that BLAS's blocking wins. bf16: one row is as fast through PyTorch, and on CPUs
+# with bf16 products of their own (AVX512-BF16, AMX) PyTorch's take over early, so 16 at most.
+ROWS = {torch.float32: (1, 64), torch.bfloat16: (2, 16)}
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
+
+
+def takes(rows: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel multiplies ``rows`` rows of ``dtype`` (see ``ROWS``)."""
+    fewest, most = ROWS.get(dtype, (1, 0))
+    return fewest <= rows <= most
+
+
+def weights_fit(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether the kernel reads ``weight`` (out × in) and ``bias`` (out, or None) for inputs of ``dtype``:
+    contiguous CPU tensors of that dtype, the kernels available."""
+    return (
+        dtype in _DTYPES
+        and weight.dtype == dtype
+        and weight.dim() == 2
+        and weight.device.type == "cpu"
+        and weight.is_contiguous()
+        and (bias is None or (bias.dtype == dtype and bias.shape == weight.shape[:1] and bias.is_contiguous()))
+        and kernel_available()
+    )
+
+
+def raw_lora():
+    """``lora_rows(out, x, weight, bias, rows, in, out_features, is_bf16, A, sBt, rank, blocks, rows_per_block,
+    threads)`` taking addresses, unchecked: an unmerged LoRA layer's whole output, the product over threads
+    and then ``kernels.lowrank``'s update, in one call. For plans that checked their tensors once
+    (``weights_fit``, ``lowrank.kernel_fits``) and keep them alive. None when unavailable."""
+    return _cpu.lora_rows if kernel_available() else None
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """``F.linear(x, weight, bias)`` computed by the kernel (float32 sums, rounded once into the dtype), or None
-    where the kernel does not take it: x (…, in) of at most ``MAX_ROWS`` rows, contiguous, on the CPU, in the
-    weight's dtype (float32, or bf16 from two rows up); weight (out × in) and bias (out) contiguous likewise;
+    where the kernel does not take it: x (…, in) of as many rows as ``ROWS`` gives, contiguous, on the CPU, in
+    the weight's dtype (float32 or bf16); weight (out × in) and bias (out) contiguous likewise;
     autograd off or nothing that needs a gradient."""
     dtype = weight.dtype
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     if (
-        dtype not in _DTYPES
-        or not 1 <= rows <= MAX_ROWS
-        or (dtype == torch.bfloat16 and rows == 1)
+        not takes(rows, dtype)
         or x.dtype != dtype
-        or weight.dim() != 2
-        or x.shape[-1] != weight.shape[1]
-        or not (x.device.type == "cpu" and weight.device.type == "cpu")
-        or not (x.is_contiguous() and weight.is_contiguous())
-        or (bias is not None and (bias.dtype != dtype or bias.shape != weight.shape[:1] or not bias.is_contiguous()))
+        or x.device.type != "cpu"
+        or not x.is_contiguous()
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        or not kernel_available()
+        or not weights_fit(weight, bias, dtype)
+        or x.shape[-1] != weight.shape[1]
     ):
         return None
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=dtype)

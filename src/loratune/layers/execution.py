@@ -37,6 +37,7 @@ from torch import nn
 
 from loratune.errors import ConfigError
 from loratune.kernels import lowrank as lowrank_kernel
+from loratune.kernels import rows as rows_kernel
 from loratune.layers.fused_linear import dora_linear, lora_linear
 from loratune.layers.state import LayerState, Routing, Term, row_tensors
 
@@ -319,7 +320,8 @@ class Plan:
     """``base(x) + (x·Aᵀ ⊙ mask)·sBt`` with the terms' factors cast, stacked and scaled once (A: Σr × in,
     sBt: Σr × out, mask: rows × 1 × Σr or None). ``usable`` is False when the reference must run (dropout in
     training, an input dtype the base does not compute in). ``kernel`` holds the fixed arguments of the compiled
-    CPU kernel when it takes the update; ``kernel_fits``: it could, routing aside."""
+    CPU kernel when it takes the update; ``kernel_fits``: it could, routing aside; ``whole``: those of the kernel
+    that computes the base product and the update in one call (``kernels.rows``), where it applies."""
 
     __slots__ = (
         "A",
@@ -338,6 +340,7 @@ class Plan:
         "state",
         "training",
         "usable",
+        "whole",
     )
 
     def fits(self, layer, x: torch.Tensor) -> bool:
@@ -350,7 +353,7 @@ class Plan:
         self.factors = tuple(t for term in terms for t in (term.A, term.B, term.magnitude) if t is not None)
         self.stamp = _stamp(self.factors)
         self.usable = fast_path_applies(layer, x, terms)
-        self.A = self.sBt = self.mask = self.kernel = self.blocks = self.dora = None
+        self.A = self.sBt = self.mask = self.kernel = self.blocks = self.dora = self.whole = None
         self.names = layer.routed_names() if layer.state.routing is not None else None  # terms' adapters, in order
         self.ranks = tuple(t.A.shape[0] for t in terms)
         self.kernel_fits = False
@@ -375,7 +378,17 @@ class Plan:
             plan.mask, plan.blocks = _for_routing(routing, layout, lambda: _mask_and_blocks(terms, routing, dtype))
         plan.kernel_fits = few and lowrank_kernel.kernel_fits(x.dtype, plan.A, plan.sBt)
         plan.kernel = plan._kernel_args(routing)
+        plan.whole = plan._whole_args(layer)
         return plan
+
+    def _whole_args(self, layer):
+        """``rows.raw_lora``'s fixed arguments (the base weight and bias as tensors, read at each call) where the
+        kernel computes the layer's whole output: a plain Linear base in the input's dtype, no DoRA scaling."""
+        weights = layer.plain_weights() if self.kernel is not None and self.dora is None else None
+        if weights is None or not rows_kernel.weights_fit(*weights, self.dtype):
+            return None
+        _, A, sBt, in_features, rank, out_features, is_bf16, blocks = self.kernel
+        return rows_kernel.raw_lora(), *weights, in_features, out_features, is_bf16, A, sBt, rank, blocks
 
     def _kernel_args(self, routing: Routing | None):
         """The kernel's fixed arguments for this plan's mask, or None where the kernel cannot take it: it reads
@@ -423,6 +436,7 @@ class Plan:
         plan.state = new
         plan.mask, plan.blocks = _for_routing(routing, layout, lambda: _mask_and_blocks(layer.terms(), routing, dtype))
         plan.kernel = plan._kernel_args(routing)
+        plan.whole = plan._whole_args(layer)
         return plan
 
     def _fold_dora(self, layer, terms, dtype: torch.dtype) -> list[Term]:
@@ -469,9 +483,30 @@ class Plan:
         return rows
 
     def run_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """The base product, then the update added by the compiled kernel (x contiguous, few rows)."""
+        """The base product, then the update added by the compiled kernel (x contiguous, few rows); both in one
+        call where the few-row product takes the base (``whole``)."""
         rows = self._rows(x)
         x2 = x.reshape(-1, x.shape[-1])
+        if self.whole is not None and rows_kernel.takes(x2.shape[0], self.dtype):
+            lora_rows, weight, bias, in_features, out_features, is_bf16, A, sBt, rank, blocks = self.whole
+            out = torch.empty(x2.shape[0], out_features, dtype=self.dtype)
+            lora_rows(
+                out.data_ptr(),
+                x2.data_ptr(),
+                weight.data_ptr(),
+                0 if bias is None else bias.data_ptr(),
+                x2.shape[0],
+                in_features,
+                out_features,
+                is_bf16,
+                A,
+                sBt,
+                rank,
+                blocks,
+                max(x2.shape[0] // rows, 1),
+                torch.get_num_threads(),
+            )
+            return out.view(*x.shape[:-1], out_features)
         out = self._scaled_base(x2).contiguous()  # (it is; the kernel writes raw rows)
         add_low_rank, A_address, sBt_address, in_features, rank, out_features, is_bf16, blocks = self.kernel
         add_low_rank(

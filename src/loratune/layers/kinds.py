@@ -63,6 +63,12 @@ class LoraLinear(LoraLayer):
     def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(x.dtype))
 
+    def plain_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) of a base that is exactly ``nn.Linear`` (what the few-row kernel multiplies by
+        itself), else None."""
+        base = self.base_layer
+        return (base.weight, base.bias) if type(base) is nn.Linear else None
+
     def base_product(self):
         """A function computing the base output for an input (…, in), bound to the current base weight (for a
         plain Linear, ``F.linear`` itself, or the few-row kernel's product when decoding: no module call per

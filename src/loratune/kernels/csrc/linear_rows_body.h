@@ -5,29 +5,7 @@
  * the L1 cache for the next row of x), with float32 accumulators. */
 
 #include "vec16.h"
-
-/* Eight floats: one AVX2 register. (Sixteen-float vectors, as the other kernels use, are two registers each
- * on AVX2, and GCC keeps four of them on the stack here: half the speed.) */
-typedef float NAME(f32x8) __attribute__((vector_size(32)));
-typedef uint16_t NAME(u16x8) __attribute__((vector_size(16)));
-typedef uint32_t NAME(u32x8) __attribute__((vector_size(32)));
-
-static inline __attribute__((always_inline)) NAME(f32x8) NAME(load8)(const void *p, int bf16) {
-    NAME(f32x8) f;
-    if (bf16) {
-        NAME(u16x8) h;
-        memcpy(&h, p, 16);
-        NAME(u32x8) u = __builtin_convertvector(h, NAME(u32x8)) << 16;
-        memcpy(&f, &u, 32);
-    } else {
-        memcpy(&f, p, 32);
-    }
-    return f;
-}
-
-static inline __attribute__((always_inline)) float NAME(lanes_sum)(NAME(f32x8) v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
+#include "vec8.h"
 
 /* out[r, j] for every row r: the sum (float32) of one row of W with each row of x, plus the bias. */
 static inline __attribute__((always_inline)) void NAME(linear_rows_finish)(
@@ -62,14 +40,14 @@ static inline __attribute__((always_inline)) void NAME(linear_rows_four)(
             w = NAME(load8)(w3 + i * esize, bf16);
             a3 += w * xv, b3 += w * yv;
         }
-        NAME(linear_rows_finish)(out, xr, w0, bias, r, in, out_f, j0, i, NAME(lanes_sum)(a0), bf16);
-        NAME(linear_rows_finish)(out, xr, w1, bias, r, in, out_f, j0 + 1, i, NAME(lanes_sum)(a1), bf16);
-        NAME(linear_rows_finish)(out, xr, w2, bias, r, in, out_f, j0 + 2, i, NAME(lanes_sum)(a2), bf16);
-        NAME(linear_rows_finish)(out, xr, w3, bias, r, in, out_f, j0 + 3, i, NAME(lanes_sum)(a3), bf16);
-        NAME(linear_rows_finish)(out, xs, w0, bias, r + 1, in, out_f, j0, i, NAME(lanes_sum)(b0), bf16);
-        NAME(linear_rows_finish)(out, xs, w1, bias, r + 1, in, out_f, j0 + 1, i, NAME(lanes_sum)(b1), bf16);
-        NAME(linear_rows_finish)(out, xs, w2, bias, r + 1, in, out_f, j0 + 2, i, NAME(lanes_sum)(b2), bf16);
-        NAME(linear_rows_finish)(out, xs, w3, bias, r + 1, in, out_f, j0 + 3, i, NAME(lanes_sum)(b3), bf16);
+        NAME(linear_rows_finish)(out, xr, w0, bias, r, in, out_f, j0, i, NAME(lanes_sum8)(a0), bf16);
+        NAME(linear_rows_finish)(out, xr, w1, bias, r, in, out_f, j0 + 1, i, NAME(lanes_sum8)(a1), bf16);
+        NAME(linear_rows_finish)(out, xr, w2, bias, r, in, out_f, j0 + 2, i, NAME(lanes_sum8)(a2), bf16);
+        NAME(linear_rows_finish)(out, xr, w3, bias, r, in, out_f, j0 + 3, i, NAME(lanes_sum8)(a3), bf16);
+        NAME(linear_rows_finish)(out, xs, w0, bias, r + 1, in, out_f, j0, i, NAME(lanes_sum8)(b0), bf16);
+        NAME(linear_rows_finish)(out, xs, w1, bias, r + 1, in, out_f, j0 + 1, i, NAME(lanes_sum8)(b1), bf16);
+        NAME(linear_rows_finish)(out, xs, w2, bias, r + 1, in, out_f, j0 + 2, i, NAME(lanes_sum8)(b2), bf16);
+        NAME(linear_rows_finish)(out, xs, w3, bias, r + 1, in, out_f, j0 + 3, i, NAME(lanes_sum8)(b3), bf16);
     }
     for (; r < rows; r++) {
         const char *xr = x + r * in * esize;
@@ -82,10 +60,10 @@ static inline __attribute__((always_inline)) void NAME(linear_rows_four)(
             a2 += NAME(load8)(w2 + i * esize, bf16) * xv;
             a3 += NAME(load8)(w3 + i * esize, bf16) * xv;
         }
-        NAME(linear_rows_finish)(out, xr, w0, bias, r, in, out_f, j0, i, NAME(lanes_sum)(a0), bf16);
-        NAME(linear_rows_finish)(out, xr, w1, bias, r, in, out_f, j0 + 1, i, NAME(lanes_sum)(a1), bf16);
-        NAME(linear_rows_finish)(out, xr, w2, bias, r, in, out_f, j0 + 2, i, NAME(lanes_sum)(a2), bf16);
-        NAME(linear_rows_finish)(out, xr, w3, bias, r, in, out_f, j0 + 3, i, NAME(lanes_sum)(a3), bf16);
+        NAME(linear_rows_finish)(out, xr, w0, bias, r, in, out_f, j0, i, NAME(lanes_sum8)(a0), bf16);
+        NAME(linear_rows_finish)(out, xr, w1, bias, r, in, out_f, j0 + 1, i, NAME(lanes_sum8)(a1), bf16);
+        NAME(linear_rows_finish)(out, xr, w2, bias, r, in, out_f, j0 + 2, i, NAME(lanes_sum8)(a2), bf16);
+        NAME(linear_rows_finish)(out, xr, w3, bias, r, in, out_f, j0 + 3, i, NAME(lanes_sum8)(a3), bf16);
     }
 }
 
@@ -100,7 +78,7 @@ static inline __attribute__((always_inline)) void NAME(linear_rows_one)(
         NAME(f32x8) a = {0};
         int64_t i = 0;
         for (; i + 8 <= in; i += 8) a += NAME(load8)(w + i * esize, bf16) * NAME(load8)(xr + i * esize, bf16);
-        NAME(linear_rows_finish)(out, xr, w, bias, r, in, out_f, j, i, NAME(lanes_sum)(a), bf16);
+        NAME(linear_rows_finish)(out, xr, w, bias, r, in, out_f, j, i, NAME(lanes_sum8)(a), bf16);
     }
 }
 

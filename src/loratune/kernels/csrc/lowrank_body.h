@@ -1,59 +1,66 @@
 /* The low-rank update of an unmerged LoRA layer for a few rows, out += (x·Aᵀ)·(s·Bᵀ), compiled once per
- * instruction set by lowrank.c (NAME(n) gives every symbol here an ISA suffix; the vector width is fixed at 16
- * floats, which the compiler lowers to one AVX-512 register, two AVX2 registers or four SSE registers). */
+ * instruction set by lowrank.c (NAME(n) gives every symbol here an ISA suffix; eight-float vectors, vec8.h). */
 
 #include "vec16.h"
+#include "vec8.h"
 
-/* h[rr, k] = x[rr, :] · A[k, :] for NR consecutive rows of x (rows of in elements) and every k < rank. Eight
- * components at a time: each load of a row of x feeds eight accumulators, each load of A feeds NR of them. */
+/* h[k] = x · A[k, :] for one row x (in elements) and every k < rank: four rows of A at a time, each load of x
+ * feeding four accumulators (separate variables, so that they stay in registers). */
 static inline __attribute__((always_inline)) void NAME(low_rank_h)(
-    const char *restrict x, int64_t in, const float *restrict A, int64_t rank, float *restrict h, const int NR,
-    const int bf16) {
+    const char *restrict x, int64_t in, const float *restrict A, int64_t rank, float *restrict h, const int bf16) {
     const int64_t esize = bf16 ? 2 : 4;
-    for (int64_t k0 = 0; k0 < rank; k0 += 8) {
-        const int64_t nk = rank - k0 < 8 ? rank - k0 : 8;
-        NAME(f32x16) acc[NR][8];
-        for (int rr = 0; rr < NR; rr++)
-            for (int k = 0; k < 8; k++) acc[rr][k] = (NAME(f32x16)){0};
+    int64_t k = 0;
+    for (; k + 4 <= rank; k += 4) {
+        const float *a0 = A + k * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;
+        NAME(f32x8) s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
         int64_t i = 0;
-        for (; i + 16 <= in; i += 16) {
-            NAME(f32x16) xv[NR];
-            for (int rr = 0; rr < NR; rr++) xv[rr] = NAME(load16)(x + (rr * in + i) * esize, bf16);
-            for (int64_t k = 0; k < nk; k++) {
-                NAME(f32x16) a;
-                memcpy(&a, A + (k0 + k) * in + i, 64);
-                for (int rr = 0; rr < NR; rr++) acc[rr][k] += xv[rr] * a;
-            }
+        for (; i + 8 <= in; i += 8) {
+            const NAME(f32x8) xv = NAME(load8)(x + i * esize, bf16);
+            s0 += NAME(load8)(a0 + i, 0) * xv;
+            s1 += NAME(load8)(a1 + i, 0) * xv;
+            s2 += NAME(load8)(a2 + i, 0) * xv;
+            s3 += NAME(load8)(a3 + i, 0) * xv;
         }
-        for (int rr = 0; rr < NR; rr++) {
-            for (int64_t k = 0; k < nk; k++) {
-                float s = 0.f;
-                for (int l = 0; l < 16; l++) s += acc[rr][k][l];
-                for (int64_t t = i; t < in; t++) s += NAME(load1)(x + rr * in * esize, t, bf16) * A[(k0 + k) * in + t];
-                h[rr * rank + k0 + k] = s;
-            }
+        float t0 = NAME(lanes_sum8)(s0), t1 = NAME(lanes_sum8)(s1), t2 = NAME(lanes_sum8)(s2),
+              t3 = NAME(lanes_sum8)(s3);
+        for (; i < in; i++) {
+            const float xi = NAME(load1)(x, i, bf16);
+            t0 += xi * a0[i], t1 += xi * a1[i], t2 += xi * a2[i], t3 += xi * a3[i];
         }
+        h[k] = t0, h[k + 1] = t1, h[k + 2] = t2, h[k + 3] = t3;
+    }
+    for (; k < rank; k++) {
+        const float *a = A + k * in;
+        NAME(f32x8) s0 = {0};
+        int64_t i = 0;
+        for (; i + 8 <= in; i += 8) s0 += NAME(load8)(a + i, 0) * NAME(load8)(x + i * esize, bf16);
+        float t = NAME(lanes_sum8)(s0);
+        for (; i < in; i++) t += NAME(load1)(x, i, bf16) * a[i];
+        h[k] = t;
     }
 }
 
-/* out[rr, :] += h[rr, :] · sBt for NR consecutive rows of out (rows of out_f elements), rounded once. Sixteen
- * outputs at a time: each load of sBt feeds NR accumulators. */
+/* out[rr, :] += h[rr, :] · sBt for NR (1 or 4) consecutive rows of out (rows of out_f elements), rounded once.
+ * Eight outputs at a time: each load of sBt feeds NR accumulators. */
 static inline __attribute__((always_inline)) void NAME(low_rank_update)(
     char *restrict out, int64_t out_f, const float *restrict sBt, int64_t rank, const float *restrict h,
     const int NR, const int bf16) {
     const int64_t esize = bf16 ? 2 : 4;
+    char *o0 = out, *o1 = out + out_f * esize, *o2 = o1 + out_f * esize, *o3 = o2 + out_f * esize;
+    const float *h0 = h, *h1 = h + rank, *h2 = h1 + rank, *h3 = h2 + rank;
     int64_t j = 0;
-    for (; j + 16 <= out_f; j += 16) {
-        NAME(f32x16) s[NR];
-        for (int rr = 0; rr < NR; rr++) s[rr] = (NAME(f32x16)){0};
+    for (; j + 8 <= out_f; j += 8) {
+        NAME(f32x8) s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
         for (int64_t k = 0; k < rank; k++) {
-            NAME(f32x16) b;
-            memcpy(&b, sBt + k * out_f + j, 64);
-            for (int rr = 0; rr < NR; rr++) s[rr] += h[rr * rank + k] * b;
+            const NAME(f32x8) b = NAME(load8)(sBt + k * out_f + j, 0);
+            s0 += h0[k] * b;
+            if (NR == 4) s1 += h1[k] * b, s2 += h2[k] * b, s3 += h3[k] * b;
         }
-        for (int rr = 0; rr < NR; rr++) {
-            char *p = out + (rr * out_f + j) * esize;
-            NAME(store16)(p, NAME(load16)(p, bf16) + s[rr], bf16);
+        NAME(store8)(o0 + j * esize, NAME(load8)(o0 + j * esize, bf16) + s0, bf16);
+        if (NR == 4) {
+            NAME(store8)(o1 + j * esize, NAME(load8)(o1 + j * esize, bf16) + s1, bf16);
+            NAME(store8)(o2 + j * esize, NAME(load8)(o2 + j * esize, bf16) + s2, bf16);
+            NAME(store8)(o3 + j * esize, NAME(load8)(o3 + j * esize, bf16) + s3, bf16);
         }
     }
     for (; j < out_f; j++) {
@@ -68,7 +75,7 @@ static inline __attribute__((always_inline)) void NAME(low_rank_update)(
 
 /* out[r, :] += (x[r, :] · Aᵀ) · sBt for every row r, all arithmetic in float32.
  * x: rows × in, out: rows × out_f (both bf16 or both float32, contiguous); A: rank × in, sBt: rank × out_f
- * (float32, contiguous). Rows go four at a time (two pairs for h, then one update), the rest one by one.
+ * (float32, contiguous). Rows go four at a time (h of each, then one update), the rest one by one.
  * With ``blocks`` (a mixed-adapter batch), row r uses only rows [offset, offset + n) of A and sBt, where
  * (offset, n) = blocks[2b], blocks[2b + 1] for b = r / rows_per_block; n = 0 adds nothing. */
 static inline __attribute__((always_inline)) void NAME(add_low_rank)(
@@ -81,7 +88,7 @@ static inline __attribute__((always_inline)) void NAME(add_low_rank)(
         for (int64_t r = 0; r < rows; r++) {
             const int64_t offset = blocks[2 * (r / rows_per_block)], n = blocks[2 * (r / rows_per_block) + 1];
             if (n == 0) continue;
-            NAME(low_rank_h)((const char *)x + r * in * esize, in, A + offset * in, n, h, 1, bf16);
+            NAME(low_rank_h)((const char *)x + r * in * esize, in, A + offset * in, n, h, bf16);
             NAME(low_rank_update)((char *)out + r * out_f * esize, out_f, sBt + offset * out_f, n, h, 1, bf16);
         }
         return;
@@ -89,12 +96,11 @@ static inline __attribute__((always_inline)) void NAME(add_low_rank)(
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
         const char *xr = (const char *)x + r * in * esize;
-        NAME(low_rank_h)(xr, in, A, rank, h, 2, bf16);
-        NAME(low_rank_h)(xr + 2 * in * esize, in, A, rank, h + 2 * rank, 2, bf16);
+        for (int rr = 0; rr < 4; rr++) NAME(low_rank_h)(xr + rr * in * esize, in, A, rank, h + rr * rank, bf16);
         NAME(low_rank_update)((char *)out + r * out_f * esize, out_f, sBt, rank, h, 4, bf16);
     }
     for (; r < rows; r++) {
-        NAME(low_rank_h)((const char *)x + r * in * esize, in, A, rank, h, 1, bf16);
+        NAME(low_rank_h)((const char *)x + r * in * esize, in, A, rank, h, bf16);
         NAME(low_rank_update)((char *)out + r * out_f * esize, out_f, sBt, rank, h, 1, bf16);
     }
 }

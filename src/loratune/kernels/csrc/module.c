@@ -7,7 +7,9 @@
  *   product. It runs on the calling thread.
  * - linear_rows: a linear layer's product for the few rows of a decoding step, x·Wᵀ + b, bound by reading the
  *   weights: each is read once, split over the threads the caller gives (BLAS's matrix-vector products reach
- *   about half the memory bandwidth here).
+ *   about half the memory bandwidth here); lora_rows: that product and add_low_rank's update in one call, an
+ *   unmerged LoRA layer's whole output.
+ * - rope: the rotary position embedding of a step's queries and keys in one call (decoding's attention).
  * - the elementwise parts of a training step as single passes over memory: a Llama block's RMSNorm and
  *   silu(gate)·up, forward and backward, dropout from a counter-based mask, attention's backward between its
  *   products, the cross-entropy's softmax; float32 arithmetic on bf16 or float32 tensors. In PyTorch operations
@@ -111,6 +113,12 @@ static void run_linear_rows(const int64_t *v, float eps, int64_t b, int64_t e) {
     linear_rows_impl(PTR(0), PTR(1), PTR(2), PTR(3), v[4], v[5], v[6], b, e, (int)v[7]);
 }
 
+/* v: q_out, q, q_heads, k_out, k, k_heads, cos, sin, rows, dim, is_bf16; a span of rows */
+static void run_rope(const int64_t *v, float eps, int64_t b, int64_t e) {
+    (void)eps;
+    rope_impl(PTR(0), PTR(1), v[2], PTR(3), PTR(4), v[5], PTR(6), PTR(7), v[9], b, e, (int)v[10]);
+}
+
 /* Reads the integer arguments (the float one at index float_at, if any, into *eps) and runs the job on
  * args[nargs - 1] threads over n = v[n_at] items. */
 static PyObject *call(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, Py_ssize_t float_at, int n_at,
@@ -137,6 +145,11 @@ static PyObject *linear_rows(PyObject *self, PyObject *const *args, Py_ssize_t n
     (void)self;
     /* spans of whole 4-row blocks of W, each at least 64 rows: fewer are not worth waking a thread for */
     return call(args, nargs, 8, -1, 6, 4, 64, run_linear_rows, "linear_rows");
+}
+
+static PyObject *rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return call(args, nargs, 11, -1, 8, 1, 16, run_rope, "rope");
 }
 
 static PyObject *silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -224,6 +237,41 @@ static PyObject *add_low_rank(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+/* lora_rows(out, x, weight, bias, rows, in, out_features, is_bf16, A, sBt, rank, blocks, rows_per_block, threads):
+ * an unmerged LoRA layer's whole output for a few rows in one call, linear_rows' product over `threads` threads
+ * and then add_low_rank's update on the calling thread (addresses as add_low_rank's; bias 0 for none). */
+static PyObject *lora_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "lora_rows takes 14 arguments");
+        return NULL;
+    }
+    int64_t v[14];
+    for (int i = 0; i < 14; i++) v[i] = PyLong_AsLongLong(args[i]);
+    if (PyErr_Occurred()) return NULL;
+    const int64_t rows = v[4], in = v[5], out_f = v[6], rank = v[10], rows_per_block = v[12];
+    const int64_t *blocks = (const int64_t *)(intptr_t)v[11];
+    if (rows < 0 || in < 1 || out_f < 1 || rank < 1 || rank > MAX_RANK || rows_per_block < 1) {
+        PyErr_SetString(PyExc_ValueError, "lora_rows: bad sizes");
+        return NULL;
+    }
+    for (int64_t b = 0; blocks != NULL && b * rows_per_block < rows; b++) {
+        if (blocks[2 * b] < 0 || blocks[2 * b + 1] < 0 || blocks[2 * b] + blocks[2 * b + 1] > rank) {
+            PyErr_SetString(PyExc_ValueError, "lora_rows: a block lies outside the factors");
+            return NULL;
+        }
+    }
+    job_t job = {.run = run_linear_rows, .eps = 0.f};
+    for (int i = 0; i < 8; i++) job.v[i] = v[i];
+    add_low_rank_bf16_fn update = v[7] ? add_low_rank_bf16_impl : add_low_rank_f32_impl;
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(job, out_f, 4, 64, v[13]);
+    update((void *)(intptr_t)v[0], (const void *)(intptr_t)v[1], (const float *)(intptr_t)v[8],
+           (const float *)(intptr_t)v[9], rows, in, rank, out_f, blocks, rows_per_block);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* select(name) -> bool. Meant for start-up and tests: a training kernel that runs meanwhile on other threads
  * may run part of its call with each copy. */
 static PyObject *select_(PyObject *self, PyObject *name) {
@@ -247,6 +295,12 @@ static PyMethodDef methods[] = {
     {"linear_rows", (PyCFunction)(void (*)(void))linear_rows, METH_FASTCALL,
      "linear_rows(out, x, weight, bias, rows, in_features, out_features, is_bf16, threads): out = x·Wᵀ + bias for "
      "a few rows, each weight read once (bias 0 for none)."},
+    {"lora_rows", (PyCFunction)(void (*)(void))lora_rows, METH_FASTCALL,
+     "lora_rows(out, x, weight, bias, rows, in_features, out_features, is_bf16, A, sBt, rank, blocks, rows_per_block, "
+     "threads): out = x·Wᵀ + bias + (x·Aᵀ)·sBt for a few rows, in one call (see loratune.kernels.rows)."},
+    {"rope", (PyCFunction)(void (*)(void))rope, METH_FASTCALL,
+     "rope(q_out, q, q_heads, k_out, k, k_heads, cos, sin, rows, head_dim, is_bf16, threads): rotary position "
+     "embedding (rotate-half) of queries and keys, as transformers' apply_rotary_pos_emb."},
     {"silu_mul", (PyCFunction)(void (*)(void))silu_mul, METH_FASTCALL,
      "silu_mul(out, gate, up, n, is_bf16, threads): out = silu(gate)·up over n elements (addresses)."},
     {"silu_mul_backward", (PyCFunction)(void (*)(void))silu_mul_backward, METH_FASTCALL,

@@ -1,14 +1,19 @@
-"""The compiled few-row linear product (``kernels/csrc/linear_rows_body.h``) in every variant this CPU runs, where
-it applies and where it gives way to PyTorch, and decoding's lean modules (``inference.lean``) that use it."""
+"""Decoding's kernels in every variant this CPU runs: the few-row linear product (``kernels/csrc/linear_rows_body.h``)
+where it applies and where it gives way to PyTorch, a LoRA layer's whole output in one call, RoPE; and decoding's
+lean modules (``inference.lean``) that use them, judged by the model's own outputs."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import loratune
 from loratune.inference.decode import inference
 from loratune.inference.lean import decoding_kernels
-from loratune.kernels import rows
+from loratune.kernels import fused, rows
+from loratune.layers import LoraLinear, Routing
+from loratune.layers.execution import plan_for
 from loratune.train.fused_ops import patch_for_training
 from tiny_models import tiny_llama, token_batch
 
@@ -19,7 +24,8 @@ from tiny_models import tiny_llama, token_batch
     [
         (1, 576, 1536),  # one decoding row of SmolLM2's MLP
         (2, 1536, 576),
-        (16, 64, 128),  # the most rows it takes
+        (16, 64, 128),  # the most bf16 rows it takes
+        (64, 24, 40),  # the most float32 rows it takes
         (3, 19, 7),  # remainders everywhere: an odd row, in % 8, out % 4
         (5, 8, 4),
         (1, 1, 1),
@@ -29,8 +35,8 @@ from tiny_models import tiny_llama, token_batch
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.usefixtures("kernel_isa")
 def test_kernel_matches_a_float64_reference(dtype, n_rows, d_in, d_out, bias):
-    if dtype == torch.bfloat16 and n_rows == 1:
-        n_rows = 2  # one bf16 row goes to PyTorch (see below)
+    fewest, most = rows.ROWS[dtype]
+    n_rows = min(max(n_rows, fewest), most)  # (one bf16 row goes to PyTorch: see below)
     torch.manual_seed(n_rows * 1000 + d_in + d_out)
     x = torch.randn(n_rows, d_in).to(dtype)
     weight = (torch.randn(d_out, d_in) / d_in**0.5).to(dtype)
@@ -67,7 +73,11 @@ def test_where_the_kernel_gives_way_to_pytorch():
     torch.manual_seed(0)
     weight, x = torch.randn(8, 16), torch.randn(2, 16)
     refused = {
-        "more rows than it takes": (torch.randn(rows.MAX_ROWS + 1, 16), weight),
+        "more rows than it takes": (torch.randn(rows.ROWS[torch.float32][1] + 1, 16), weight),
+        "more bf16 rows than it takes": (
+            torch.randn(rows.ROWS[torch.bfloat16][1] + 1, 16).bfloat16(),
+            weight.bfloat16(),
+        ),
         "one bf16 row": (x[:1].bfloat16(), weight.bfloat16()),
         "float64": (x.double(), weight.double()),
         "a strided x": (torch.randn(16, 2).T, weight),
@@ -86,6 +96,46 @@ def test_where_the_kernel_gives_way_to_pytorch():
 def test_switched_off_kernels_leave_it_to_pytorch(monkeypatch):
     monkeypatch.setenv("LORATUNE_NO_KERNEL", "1")
     assert rows.product(torch.randn(1, 8), torch.randn(4, 8)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_rows", [1, 3, 16])
+@pytest.mark.parametrize("routed", [False, True])
+@pytest.mark.usefixtures("kernel_isa")
+def test_a_lora_layer_in_one_call_equals_its_product_and_update_apart(dtype, n_rows, routed):
+    torch.manual_seed(n_rows)
+    layer = LoraLinear(torch.nn.Linear(40, 70, bias=True).to(dtype))
+    for name, rank in (("a", 4), ("b", 8)):
+        layer.add_adapter(name, r=rank, lora_alpha=8, init=False)
+    layer.set_active(("a", "b") if routed else ("a",))
+    if routed:  # a server's mixed batch: each row its own adapter (or none)
+        layer.set_routing(Routing(tuple(("a", "b", "__base__")[i % 3] for i in range(n_rows))))
+    x = torch.randn(n_rows, 1, 40).to(dtype)
+    with torch.no_grad():
+        whole = layer(x)
+        plan = plan_for(layer, x)
+        assert plan.whole is not None  # (it runs where rows.takes the rows: not one bf16 row)
+        plan.whole = None  # the same plan, its product and update in two calls
+        apart = plan.run_kernel(x)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(whole, apart, **tolerance)
+    torch.testing.assert_close(whole.double(), layer.reference_forward(x).double(), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("kernel_isa")
+def test_rope_has_transformers_bits(dtype):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 5, 6, 16).to(dtype), torch.randn(2, 5, 2, 16).to(dtype)
+    positions = torch.arange(5)[None].float() + torch.tensor([[0.0], [7.0]])
+    frequencies = positions[..., None] / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+    angles = torch.cat([frequencies, frequencies], dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    expected_q, expected_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    rotated_q, rotated_k = fused.rope(q, k, cos, sin)
+    assert torch.equal(rotated_q.transpose(1, 2), expected_q) and torch.equal(rotated_k.transpose(1, 2), expected_k)
+    assert fused.rope(q, k, cos[:1], sin[:1]) is None  # broadcast positions: transformers' code runs instead
+    assert fused.rope(q[..., :15], k[..., :15], cos[..., :15], sin[..., :15]) is None  # an odd head size
 
 
 def _decode_logits(model, ids, steps: int = 3) -> torch.Tensor:
@@ -116,10 +166,46 @@ def test_decoding_kernels_give_the_model_its_own_outputs_and_leave_no_trace():
         result = _decode_logits(model, ids)
     # the head, the Linears no adapter wraps, every RMSNorm and MLP took the kernels' forward
     assert "lm_head" in patched and "model.layers.0.self_attn.k_proj" in patched
-    assert "model.norm" in patched and "model.layers.1.mlp" in patched
+    assert "model.norm" in patched and "model.layers.1.mlp" in patched and "model.layers.0.self_attn" in patched
     assert "model.layers.0.self_attn.q_proj" not in patched  # a LoRA layer: its base product takes the kernel
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
     assert not any("forward" in module.__dict__ for module in model.modules())
+
+
+def _tiny(config_class, model_class, **extra):
+    torch.manual_seed(5)
+    config = config_class(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        **extra,
+    )
+    return model_class(config).eval()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _tiny(MistralConfig, MistralForCausalLM, sliding_window=4),  # the window reaches the attention
+        lambda: _tiny(Qwen2Config, Qwen2ForCausalLM),
+        lambda: _tiny(Qwen3Config, Qwen3ForCausalLM),  # per-head q/k norms before RoPE
+    ],
+    ids=["mistral", "qwen2", "qwen3"],
+)
+def test_every_family_with_llamas_attention_decodes_as_transformers_does(make):
+    model = make()
+    ids = token_batch(seed=2, batch=2, length=7)
+    with torch.no_grad():
+        expected = _decode_logits(model, ids, steps=6)
+    with inference(model):
+        assert "forward" in model.model.layers[0].self_attn.__dict__
+        result = _decode_logits(model, ids, steps=6)
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_patched_for_training_keeps_its_lean_ops_while_decoding():
@@ -128,5 +214,6 @@ def test_a_model_patched_for_training_keeps_its_lean_ops_while_decoding():
     own = {name: module.forward for name, module in model.named_modules() if "forward" in module.__dict__}
     with decoding_kernels(model) as patched:
         assert all(model.get_submodule(name).forward is forward for name, forward in own.items())
-        assert patched == sum(1 for m in model.modules() if type(m) is torch.nn.Linear)
+        # the Linears and the attentions took the kernels, the norms and MLPs kept training's
+        assert patched == sum(1 for m in model.modules() if type(m) is torch.nn.Linear) + len(model.model.layers)
     assert {name for name, module in model.named_modules() if "forward" in module.__dict__} == set(own)
