@@ -22,6 +22,7 @@ from loratune.kernels.loader import kernel_available
 # with bf16 products of their own (AVX512-BF16, AMX) PyTorch's take over early, so 16 at most.
 ROWS = {torch.float32: (1, 64), torch.bfloat16: (2, 16)}
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def takes(rows: int, dtype: torch.dtype) -> bool:
@@ -35,6 +36,8 @@ def weights_fit(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dt
     contiguous CPU tensors of that dtype, the kernels available."""
     return (
         dtype in _DTYPES
+        and type(weight) in _PLAIN  # not a tensor subclass (an FSDP shard), whose storage is not its values
+        and (bias is None or type(bias) in _PLAIN)
         and weight.dtype == dtype
         and weight.dim() == 2
         and weight.device.type == "cpu"

@@ -382,13 +382,14 @@ class Plan:
         return plan
 
     def _whole_args(self, layer):
-        """``rows.raw_lora``'s fixed arguments (the base weight and bias as tensors, read at each call) where the
-        kernel computes the layer's whole output: a plain Linear base in the input's dtype, no DoRA scaling."""
+        """``rows.raw_lora``'s fixed arguments where the kernel computes the layer's whole output (a plain Linear
+        base in the input's dtype, no DoRA scaling), with the layer itself: its weight and bias are read at each
+        call (FSDP, for one, puts other tensors there for each forward)."""
         weights = layer.plain_weights() if self.kernel is not None and self.dora is None else None
         if weights is None or not rows_kernel.weights_fit(*weights, self.dtype):
             return None
         _, A, sBt, in_features, rank, out_features, is_bf16, blocks = self.kernel
-        return rows_kernel.raw_lora(), *weights, in_features, out_features, is_bf16, A, sBt, rank, blocks
+        return rows_kernel.raw_lora(), layer, in_features, out_features, is_bf16, A, sBt, rank, blocks
 
     def _kernel_args(self, routing: Routing | None):
         """The kernel's fixed arguments for this plan's mask, or None where the kernel cannot take it: it reads
@@ -487,8 +488,10 @@ class Plan:
         call where the few-row product takes the base (``whole``)."""
         rows = self._rows(x)
         x2 = x.reshape(-1, x.shape[-1])
-        if self.whole is not None and rows_kernel.takes(x2.shape[0], self.dtype):
-            lora_rows, weight, bias, in_features, out_features, is_bf16, A, sBt, rank, blocks = self.whole
+        weights = self.whole[1].plain_weights() if self.whole is not None else None
+        if weights is not None and rows_kernel.takes(x2.shape[0], self.dtype) and type(weights[0]) is nn.Parameter:
+            lora_rows, _, in_features, out_features, is_bf16, A, sBt, rank, blocks = self.whole
+            weight, bias = weights
             out = torch.empty(x2.shape[0], out_features, dtype=self.dtype)
             lora_rows(
                 out.data_ptr(),

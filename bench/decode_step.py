@@ -1,0 +1,142 @@
+"""Decoding on a CPU, loratune's kernels against PyTorch's own operations, side by side in one script.
+
+1. The products: every weight of smollm2-135m (30 blocks' seven projections and the output head, random values
+   of the same shapes) multiplied by a few rows, as one decoding step does: the few-row kernel
+   (`kernels.rows`) against `F.linear` (BLAS), per number of rows and dtype, with the rate each reads the weights.
+2. The engine: one sequence of 64 greedy tokens through the serving engine on smollm2-135m with a random r=8
+   all-linear adapter, the median time per decoding step with the kernels (`inference.lean`, the LoRA layers'
+   one-call output) and without them (`LORATUNE_NO_KERNEL=1`: PyTorch's operations), each in its own process.
+
+    python bench/decode_step.py                  # both, ~2 minutes on 2 cores
+    python bench/decode_step.py --only products
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down
+HEAD = (49152, 576)
+
+
+def products(rows_list: list[int], repeats: int) -> None:
+    from loratune.kernels import rows
+
+    print("| dtype | rows | kernel (ms) | F.linear (ms) | F.linear / kernel | kernel reads |")
+    print("|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        weights = [(torch.randn(o, i) * 0.02).to(dtype) for _ in range(30) for o, i in SHAPES]
+        weights.append((torch.randn(*HEAD) * 0.02).to(dtype))
+        size = sum(w.numel() * w.element_size() for w in weights)
+        for n in rows_list:
+            if not rows.takes(n, dtype):
+                continue
+            inputs = {i: torch.randn(n, i).to(dtype) for i in (576, 1536)}
+
+            def kernel(weights=weights, inputs=inputs):
+                for w in weights:
+                    rows.product(inputs[w.shape[1]], w)
+
+            def blas(weights=weights, inputs=inputs):
+                for w in weights:
+                    F.linear(inputs[w.shape[1]], w)
+
+            times = {}
+            for name, run in (("kernel", kernel), ("blas", blas)):
+                run()
+                samples = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    run()
+                    samples.append(time.perf_counter() - start)
+                times[name] = min(samples)
+            rate, name = size / times["kernel"] / 1e9, str(dtype).removeprefix("torch.")
+            print(
+                f"| {name} | {n} | {times['kernel'] * 1e3:.1f} | {times['blas'] * 1e3:.1f} "
+                f"| **{times['blas'] / times['kernel']:.2f}×** | {rate:.1f} GB/s |"
+            )
+
+
+def engine_child(adapter: str, tokens: int, repeats: int) -> None:
+    import loratune
+    from loratune.inference.engine import Engine
+    from loratune.inference.sequence import SamplingParams, Sequence
+    from loratune.serve.adapters import AdapterPool
+
+    model, tokenizer = loratune.load_model("smollm2-135m", dtype="fp32", device="cpu")
+    steps: list[float] = []
+    engine = Engine(model, on_step=lambda rows, adapters, seconds: steps.append(seconds))
+    AdapterPool(model, engine, max_loaded=2).add_at_start("a", adapter)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Give three tips for staying healthy."}], add_generation_prompt=True
+    )
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+
+    def sequence(n: int) -> Sequence:
+        return Sequence(prompt, {"a": 1.0}, SamplingParams(max_tokens=n), tokenizer, frozenset(), lambda event: None)
+
+    engine.run([sequence(8)])
+    medians = []
+    for _ in range(repeats):
+        steps.clear()
+        engine.run([sequence(tokens)])
+        medians.append(statistics.median(steps))
+    print(f"RESULT {min(medians) * 1e3:.2f} {statistics.median(medians) * 1e3:.2f}")
+
+
+def engine(tokens: int, repeats: int) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import random_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = random_adapter("smollm2-135m", Path(tmp) / "a")
+        results = {}
+        for label, extra in (("kernels", {}), ("PyTorch operations", {"LORATUNE_NO_KERNEL": "1"})):
+            command = [sys.executable, __file__, "--child", str(adapter), "--tokens", str(tokens)]
+            done = subprocess.run(
+                [*command, "--repeats", str(repeats)], env={**os.environ, **extra}, capture_output=True, text=True
+            )
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
+            if line is None:
+                raise SystemExit(f"{label}: the child failed:\n{done.stderr[-2000:]}")
+            results[label] = [float(v) for v in line.split()[1:]]
+    print(f"\nsmollm2-135m fp32, one sequence, {tokens} greedy tokens, r=8 all-linear adapter, {repeats} repeats:")
+    print("| decoding with | step, best repeat (ms) | step, median repeat (ms) |")
+    print("|---|---|---|")
+    for label, (best, median) in results.items():
+        print(f"| {label} | {best:.1f} | {median:.1f} |")
+    ratio = results["PyTorch operations"][0] / results["kernels"][0]
+    print(f"| **PyTorch / kernels** | **{ratio:.2f}×** | |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["products", "engine"])
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        engine_child(args.child, args.tokens, args.repeats)
+        return
+    print(f"threads {torch.get_num_threads()}")
+    if args.only in (None, "products"):
+        products(args.rows, args.repeats)
+    if args.only in (None, "engine"):
+        engine(args.tokens, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
