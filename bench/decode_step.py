@@ -45,8 +45,9 @@ def products(rows_list: list[int], repeats: int) -> None:
             inputs = {i: torch.randn(n, i).to(dtype) for i in (576, 1536)}
 
             def kernel(weights=weights, inputs=inputs):
-                for w in weights:
-                    rows.product(inputs[w.shape[1]], w)
+                with rows.decoding():
+                    for w in weights:
+                        rows.product(inputs[w.shape[1]], w)
 
             def blas(weights=weights, inputs=inputs):
                 for w in weights:

@@ -2,6 +2,8 @@
 where it applies and where it gives way to PyTorch, a LoRA layer's whole output in one call, RoPE; and decoding's
 lean modules (``inference.lean``) that use them, judged by the model's own outputs."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,13 @@ from loratune.layers import LoraLinear, Routing
 from loratune.layers.execution import plan_for
 from loratune.train.fused_ops import patch_for_training
 from tiny_models import tiny_llama, token_batch
+
+
+@pytest.fixture
+def in_decoding():
+    """Inside ``rows.decoding()``, where products of a few rows take the kernel."""
+    with rows.decoding():
+        yield
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -33,7 +42,7 @@ from tiny_models import tiny_llama, token_batch
     ],
 )
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.usefixtures("kernel_isa")
+@pytest.mark.usefixtures("kernel_isa", "in_decoding")
 def test_kernel_matches_a_float64_reference(dtype, n_rows, d_in, d_out, bias):
     fewest, most = rows.ROWS[dtype]
     n_rows = min(max(n_rows, fewest), most)  # (one bf16 row goes to PyTorch: see below)
@@ -52,7 +61,7 @@ def test_kernel_matches_a_float64_reference(dtype, n_rows, d_in, d_out, bias):
         assert ((result.double() - expected).abs() <= step).all()
 
 
-@pytest.mark.usefixtures("kernel_isa")
+@pytest.mark.usefixtures("kernel_isa", "in_decoding")
 def test_leading_dimensions_are_kept_and_threads_agree():
     torch.manual_seed(0)
     x, weight = torch.randn(2, 3, 40), torch.randn(300, 40)
@@ -68,7 +77,7 @@ def test_leading_dimensions_are_kept_and_threads_agree():
     torch.testing.assert_close(result, F.linear(x, weight))
 
 
-@pytest.mark.usefixtures("kernel_isa")
+@pytest.mark.usefixtures("kernel_isa", "in_decoding")
 def test_where_the_kernel_gives_way_to_pytorch():
     torch.manual_seed(0)
     weight, x = torch.randn(8, 16), torch.randn(2, 16)
@@ -93,15 +102,36 @@ def test_where_the_kernel_gives_way_to_pytorch():
     assert rows.product(x, weight, torch.randn(8).double()) is None  # a bias in another dtype
 
 
+@pytest.mark.usefixtures("in_decoding")
 def test_switched_off_kernels_leave_it_to_pytorch(monkeypatch):
     monkeypatch.setenv("LORATUNE_NO_KERNEL", "1")
     assert rows.product(torch.randn(1, 8), torch.randn(4, 8)) is None
 
 
+@pytest.mark.usefixtures("kernel_isa")
+def test_only_decoding_takes_the_kernel_and_a_fresh_adapter_stays_the_base_there():
+    x, weight = torch.randn(2, 8), torch.randn(4, 8)
+    assert rows.product(x, weight) is None  # outside decoding(): BLAS's bits, as every other product
+    with rows.decoding():
+        assert rows.product(x, weight) is not None
+        other = []
+        worker = threading.Thread(target=lambda: other.append(rows.product(x, weight)))
+        worker.start()
+        worker.join()
+        assert other == [None]  # another thread is not decoding
+    assert not rows.active()
+    # while generating too, a fresh adapter (B = 0) computes exactly what its base computes
+    base, adapted = tiny_llama(seed=6), tiny_llama(seed=6)
+    loratune.add_adapter(adapted, loratune.LoraConfig(r=4, target_modules="all-linear"))
+    ids = token_batch(seed=3, batch=1, length=5)
+    with inference(base), inference(adapted):
+        assert torch.equal(_decode_logits(adapted, ids), _decode_logits(base, ids))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_rows", [1, 3, 16])
 @pytest.mark.parametrize("routed", [False, True])
-@pytest.mark.usefixtures("kernel_isa")
+@pytest.mark.usefixtures("kernel_isa", "in_decoding")
 def test_a_lora_layer_in_one_call_equals_its_product_and_update_apart(dtype, n_rows, routed):
     torch.manual_seed(n_rows)
     layer = LoraLinear(torch.nn.Linear(40, 70, bias=True).to(dtype))

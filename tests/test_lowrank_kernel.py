@@ -208,7 +208,7 @@ def test_no_grad_output_follows_strengths_training_mode_and_moves():
     layer = lora_layer(torch.float32, bias=False)
     x = torch.randn(3, 72)
     with torch.no_grad():
-        base = layer.base_product()(x)  # (the few-row kernel's product: the layer's own)
+        base = layer.base_layer(x)
         full = layer(x)
         layer.set_strength("a", 0.0)
         torch.testing.assert_close(layer(x), base, rtol=0, atol=0)

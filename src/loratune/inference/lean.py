@@ -3,8 +3,9 @@
 A decoding step runs every module of the model on one row per sequence, so what costs is reading the weights
 and the number of operations per module, not arithmetic. For the duration of ``decoding_kernels``:
 
-- a plain ``nn.Linear`` (the output head, layers no adapter wraps) multiplies through the few-row kernel
-  (``kernels.rows``; LoRA layers' base products take it through their ``base_product``);
+- products of a few rows take the few-row kernel (``kernels.rows.decoding``, in this thread): a plain
+  ``nn.Linear`` (the output head, layers no adapter wraps) through its forward, LoRA layers through their base
+  product, or their whole output in one call;
 - a Llama-family RMSNorm is one pass of the compiled kernel instead of eight PyTorch operations, and its SiLU
   MLP computes ``silu(gate)·up`` in one (``kernels.fused``), the same math and rounding as transformers';
 - the attention of Llama, Mistral, Qwen2 and Qwen3 rotates queries and keys in one kernel call, in the layout
@@ -60,7 +61,8 @@ def decoding_kernels(model: nn.Module) -> Iterator[int]:
         module.forward = functools.partial(forward, module)
         patched.append(module)
     try:
-        yield len(patched)
+        with rows.decoding():
+            yield len(patched)
     finally:
         for module in patched:
             module.__dict__.pop("forward", None)

@@ -4,12 +4,21 @@ Generating a token multiplies one row per sequence by every weight of the model.
 bound by reading the weights from memory, and BLAS's matrix-vector path reads them at about half the rate the
 memory delivers on the CPUs measured (``docs/benchmarks.md``); the kernel (``csrc/linear_rows_body.h``) reads
 each weight once, four rows of W against two rows of x at a time, float32 sums, split over
-``torch.get_num_threads()`` threads. ``product`` returns None where it does not apply (not built or switched
-off, see ``loader``; other dtypes, devices, layouts; more rows than ``ROWS`` gives, where BLAS's products win),
-and the caller runs ``F.linear``.
+``torch.get_num_threads()`` threads. ``product`` returns None where it does not apply (outside ``decoding()``;
+not built or switched off, see ``loader``; other dtypes, devices, layouts; more rows than ``ROWS`` gives, where
+BLAS's products win), and the caller runs ``F.linear``.
+
+The kernel sums in another order than BLAS, so its products differ from ``F.linear``'s in the last bits. It runs
+only inside ``decoding()`` (``inference.decode.inference`` enters it, in the thread that generates): there every
+product of a few rows takes it, so a model with a fresh adapter still computes exactly what its base computes,
+as it does everywhere else with BLAS.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +32,25 @@ from loratune.kernels.loader import kernel_available
 ROWS = {torch.float32: (1, 64), torch.bfloat16: (2, 16)}
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+_here = threading.local()  # .decoding: True inside decoding() in this thread
+
+
+@contextmanager
+def decoding() -> Iterator[None]:
+    """Products of a few rows take the kernel inside the block, in this thread (see the module docstring)."""
+    before = getattr(_here, "decoding", False)
+    _here.decoding = True
+    try:
+        yield
+    finally:
+        _here.decoding = before
+
+
+def active() -> bool:
+    """Whether this thread is inside ``decoding()``."""
+    return getattr(_here, "decoding", False)
 
 
 def takes(rows: int, dtype: torch.dtype) -> bool:
@@ -57,13 +85,14 @@ def raw_lora():
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """``F.linear(x, weight, bias)`` computed by the kernel (float32 sums, rounded once into the dtype), or None
-    where the kernel does not take it: x (…, in) of as many rows as ``ROWS`` gives, contiguous, on the CPU, in
-    the weight's dtype (float32 or bf16); weight (out × in) and bias (out) contiguous likewise;
-    autograd off or nothing that needs a gradient."""
+    where the kernel does not take it: outside ``decoding()``; x (…, in) of as many rows as ``ROWS`` gives,
+    contiguous, on the CPU, in the weight's dtype (float32 or bf16); weight (out × in) and bias (out) contiguous
+    likewise; autograd off or nothing that needs a gradient."""
     dtype = weight.dtype
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     if (
-        not takes(rows, dtype)
+        not active()
+        or not takes(rows, dtype)
         or x.dtype != dtype
         or x.device.type != "cpu"
         or not x.is_contiguous()

@@ -488,7 +488,7 @@ class Plan:
         call where the few-row product takes the base (``whole``)."""
         rows = self._rows(x)
         x2 = x.reshape(-1, x.shape[-1])
-        weights = self.whole[1].plain_weights() if self.whole is not None else None
+        weights = self.whole[1].plain_weights() if self.whole is not None and rows_kernel.active() else None
         if weights is not None and rows_kernel.takes(x2.shape[0], self.dtype) and type(weights[0]) is nn.Parameter:
             lora_rows, _, in_features, out_features, is_bf16, A, sBt, rank, blocks = self.whole
             weight, bias = weights
