@@ -393,6 +393,28 @@ def test_a_text_too_long_for_the_context_is_refused_before_it_is_tokenized(make_
         _answers(client)
 
 
+def test_a_body_over_the_limit_is_a_413_before_it_is_read(model_dir, adapter_dir):
+    """Announced (Content-Length) or not (chunked), a body over ``--max-body-bytes`` gets OpenAI's error JSON with
+    413, the server reads no more of it, and requests within the limit are served as before."""
+    with server(model_dir, adapter_dir, max_body_bytes=4096) as (url, _):
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=WAIT)
+        with pytest.raises(APIStatusError) as refused:
+            client.completions.create(model="a", prompt="x" * 5000, max_tokens=1)
+        error = refused.value.response.json()["error"]
+        assert refused.value.status_code == 413 and error["code"] == "request_too_large"
+        assert "4,096 bytes" in error["message"] and "--max-body-bytes" in error["message"]
+        body = json.dumps({"model": "a", "prompt": "x" * 5000, "max_tokens": 1}).encode()
+        chunked = httpx2.post(
+            f"{url}/v1/completions",
+            content=(body[i : i + 1000] for i in range(0, len(body), 1000)),  # no Content-Length: chunked
+            headers={"content-type": "application/json"},
+            timeout=WAIT,
+        )
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+        assert "content-length" not in chunked.request.headers
+        _answers(client)
+
+
 def test_a_request_whose_output_overflows_gets_its_error_and_the_batch_goes_on(served, client):
     """A finite strength far too large (3.4e38, just under float32's largest) overflows the model's output to NaN: that
     request gets its own error, streaming or not, while a stream running beside it answers as if alone."""

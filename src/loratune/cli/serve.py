@@ -138,6 +138,13 @@ def add_parser(verb) -> None:
         help="fail a request still running after S seconds, more than 0 (default: 600)",
     )
     p.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=8 * 2**20,
+        metavar="N",
+        help="refuse a request body over N bytes with 413, before reading it (default: 8388608, 8 MiB)",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=non_negative_seconds,
         default=30.0,
@@ -210,6 +217,7 @@ def run(args) -> int:
             adapter_root=args.adapter_root,
             max_tokens_limit=args.max_tokens_limit,
             max_tokens_default=args.max_tokens_default,
+            max_body_bytes=args.max_body_bytes,
             request_timeout=args.request_timeout,
         )
     except BaseException:

@@ -210,16 +210,36 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
 async def _parse(request: Request, model: type[BaseModel]):
     """The JSON body as ``model``; a body that is not JSON, or not what ``model`` needs, is a 400."""
-    try:
-        raw = await request.body()
-    except ClientDisconnect:  # left before sending the whole body: nobody reads the answer
-        raise RequestError("the client closed the connection before the end of its request body") from None
+    raw = await _body(request, request.app.state.service.max_body_bytes)
     data = parse_body(raw)
     try:
         return model.model_validate(data)
     except ValidationError as error:
         message, field = _validation_message(error.errors())
         raise RequestError(message, param=field) from None
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) as soon as it is known to exceed ``limit`` bytes: by its Content-Length
+    before anything is read, or while a body of unannounced length arrives."""
+    too_large = RequestError(
+        f"the request body is over the server's limit of {limit:,} bytes (loratune serve --max-body-bytes)",
+        status=413,
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # left before sending the whole body: nobody reads the answer
+        raise RequestError("the client closed the connection before the end of its request body") from None
+    return b"".join(chunks)
 
 
 async def _answer(request: Request, service: Service, body, chat: bool):

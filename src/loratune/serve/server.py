@@ -16,7 +16,7 @@ import threading
 from loratune.inference.engine import Engine
 from loratune.serve.adapters import DEFAULT_MAX_LOADED, AdapterPool
 from loratune.serve.metrics import ServeMetrics
-from loratune.serve.service import Service
+from loratune.serve.service import DEFAULT_MAX_BODY_BYTES, Service
 
 log = logging.getLogger("loratune.serve")
 
@@ -42,6 +42,7 @@ def build(
     max_tokens_limit: int | None = None,
     max_tokens_default: int | None = None,
     request_timeout: float = 600.0,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Service:
     """A started service for ``model`` with ``adapters`` given as (name, directory, strength), pinned.
 
@@ -70,6 +71,7 @@ def build(
         max_tokens_limit=max_tokens_limit,
         max_tokens_default=max_tokens_default,
         request_timeout=request_timeout,
+        max_body_bytes=max_body_bytes,
     )
     engine.start()
     return service

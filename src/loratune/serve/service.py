@@ -43,6 +43,11 @@ class Job:
         return list(self.mix)
 
 
+# A request body above this is refused unread (413). A prompt filling a 128k-token context is about half a
+# megabyte of text; 8 MiB leaves room for any JSON around it while keeping a hostile upload from being buffered.
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+
+
 class Service:
     """Everything a request needs: the model's name and context, the tokenizer, the engine and the adapters."""
 
@@ -58,6 +63,7 @@ class Service:
         max_tokens_limit: int | None = None,
         max_tokens_default: int | None = None,
         request_timeout: float = 600.0,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -70,6 +76,7 @@ class Service:
         self.max_tokens_limit = max_tokens_limit
         self.max_tokens_default = max_tokens_default  # for a request that gives none (None: the context left)
         self.request_timeout = request_timeout
+        self.max_body_bytes = max_body_bytes  # a longer request body is a 413, read no further
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self._stops: dict[int, frozenset[int]] = {}  # written by the preparing thread only
         self._longest: dict[int, int] = {}  # characters of a tokenizer's longest token (the same thread)
