@@ -40,8 +40,9 @@ _ATTENTION = {
 
 @contextmanager
 def decoding_kernels(model: nn.Module) -> Iterator[int]:
-    """Give ``model``'s plain Linear layers, and a Llama-family model's RMSNorms and SiLU MLPs, the kernels'
-    forward inside the block (yields how many modules took it); their own forward afterwards."""
+    """Inside the block, in this thread, products of a few rows take the few-row kernel, and ``model``'s plain
+    Linear layers, and a Llama-family model's RMSNorms, SiLU MLPs and attentions, the kernels' forward (yields
+    how many modules took one); their own forward afterwards."""
     norm_class, mlp_class = llama_family_classes(model) or (None, None)
     attention_class = _attention_class(model)
     patched = []
