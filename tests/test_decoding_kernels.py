@@ -247,3 +247,10 @@ def test_a_model_patched_for_training_keeps_its_lean_ops_while_decoding():
         # the Linears and the attentions took the kernels, the norms and MLPs kept training's
         assert patched == sum(1 for m in model.modules() if type(m) is torch.nn.Linear) + len(model.model.layers)
     assert {name for name, module in model.named_modules() if "forward" in module.__dict__} == set(own)
+
+
+def test_a_model_off_the_cpu_keeps_its_own_forward():
+    model = tiny_llama(seed=7).to("meta")  # the kernels are CPU code: a model elsewhere is left as it is
+    with decoding_kernels(model) as patched:
+        assert patched == 0 and rows.active()
+    assert not any("forward" in module.__dict__ for module in model.modules())

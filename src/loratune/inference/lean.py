@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,6 +27,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from loratune.kernels import fused, rows
+from loratune.models.devices import model_device
 from loratune.models.structure import has_silu_activation, llama_family_classes
 
 # model_type -> (its attention class, where the attention reads its sliding window: None for nowhere, "config" or
@@ -43,10 +45,11 @@ def decoding_kernels(model: nn.Module) -> Iterator[int]:
     """Inside the block, in this thread, products of a few rows take the few-row kernel, and ``model``'s plain
     Linear layers, and a Llama-family model's RMSNorms, SiLU MLPs and attentions, the kernels' forward (yields
     how many modules took one); their own forward afterwards."""
+    on_cpu = model_device(model).type == "cpu"  # the kernels are CPU code: elsewhere nothing is patched
     norm_class, mlp_class = llama_family_classes(model) or (None, None)
     attention_class = _attention_class(model)
     patched = []
-    for module in model.modules():
+    for module in model.modules() if on_cpu else ():
         if "forward" in module.__dict__:
             continue
         if type(module) is nn.Linear:
@@ -98,7 +101,7 @@ def _attention_class(model: nn.Module) -> type | None:
 def _attention(module: nn.Module, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
     """transformers' forward of these attentions (see ``_ATTENTION``), RoPE by the kernel."""
     model_type = module.config.model_type
-    modeling = importlib.import_module(type(module).__module__)  # its family's own functions
+    modeling = sys.modules[type(module).__module__]  # its family's own functions
     shape = (*hidden_states.shape[:-1], -1, module.head_dim)
     query, key = module.q_proj(hidden_states).view(shape), module.k_proj(hidden_states).view(shape)
     value = module.v_proj(hidden_states).view(shape).transpose(1, 2)

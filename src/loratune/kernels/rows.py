@@ -32,8 +32,6 @@ from loratune.kernels.loader import kernel_available
 ROWS = {torch.float32: (1, 64), torch.bfloat16: (2, 16)}
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
 _here = threading.local()  # .decoding: True inside decoding() in this thread
 
 
@@ -59,13 +57,19 @@ def takes(rows: int, dtype: torch.dtype) -> bool:
     return fewest <= rows <= most
 
 
+def plain(tensor: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` is None or a plain tensor or parameter, not a subclass (an FSDP shard, say) whose
+    storage does not hold its values."""
+    return tensor is None or type(tensor) in _PLAIN
+
+
 def weights_fit(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
     """Whether the kernel reads ``weight`` (out × in) and ``bias`` (out, or None) for inputs of ``dtype``:
     contiguous CPU tensors of that dtype, the kernels available."""
     return (
         dtype in _DTYPES
-        and type(weight) in _PLAIN  # not a tensor subclass (an FSDP shard), whose storage is not its values
-        and (bias is None or type(bias) in _PLAIN)
+        and plain(weight)
+        and plain(bias)
         and weight.dtype == dtype
         and weight.dim() == 2
         and weight.device.type == "cpu"

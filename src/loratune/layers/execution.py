@@ -489,7 +489,7 @@ class Plan:
         rows = self._rows(x)
         x2 = x.reshape(-1, x.shape[-1])
         weights = self.whole[1].plain_weights() if self.whole is not None and rows_kernel.active() else None
-        if weights is not None and rows_kernel.takes(x2.shape[0], self.dtype) and type(weights[0]) is nn.Parameter:
+        if weights is not None and rows_kernel.takes(x2.shape[0], self.dtype) and rows_kernel.plain(weights[0]):
             lora_rows, _, in_features, out_features, is_bf16, A, sBt, rank, blocks = self.whole
             weight, bias = weights
             out = torch.empty(x2.shape[0], out_features, dtype=self.dtype)
