@@ -11,6 +11,11 @@ libraries are most of a process), their ratios and the loss agreement (as ``benc
 
     python bench/moe_vs_peft.py                                   # bf16, batch 8 x 256, 12 steps, 2 reps
     python bench/moe_vs_peft.py --experts 64 --hidden 1024 --steps 10
+    python bench/moe_vs_peft.py --allocator-peak --steps 2 --reps 1   # what torch's allocator holds, not RSS
+
+RSS counts what the C library keeps of freed memory. ``--allocator-peak`` runs each trainer under torch's memory
+profiler (slower) and also reports the most the tensors alive at once exceeded their level before the first step:
+what ``torch.cuda.max_memory_allocated`` measures on a GPU.
 """
 
 from __future__ import annotations
@@ -117,11 +122,44 @@ def run_peft(args) -> dict:
     return _train_plain(args, model, tokenizer, contextlib.nullcontext())
 
 
+def with_allocator_peak(run, args) -> dict:
+    """``run(args)``'s result plus ``allocator_step_mib``: the peak of the bytes held by live tensors during the
+    training steps, less what was held right before the first step (from the memory profiler's timeline)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    import train_vs_peft
+
+    mark_bytes = 123_457  # a tensor of this size is allocated right before the first step
+    marks, start = [], train_vs_peft.start_step_memory
+
+    def marked():
+        marks.append(torch.empty(mark_bytes, dtype=torch.uint8))
+        return start()
+
+    train_vs_peft.start_step_memory = marked
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        result = run(args)
+    live, total, base, peak = {}, 0, None, 0
+    for _, action, (key, _version), size in p._memory_profile().timeline:
+        if action in (Action.CREATE, Action.PREEXISTING):
+            live[key] = size
+            total += size
+            if size == mark_bytes and base is None:
+                base = total
+        elif action == Action.DESTROY:
+            total -= live.pop(key, 0)
+        if base is not None:
+            peak = max(peak, total - base)
+    return {**result, "allocator_step_mib": peak / 2**20}
+
+
 def run_child(args, impl: str) -> dict:
     command = [sys.executable, __file__, "--child", impl, "--workdir", args.workdir, "--data-file", args.data_file]
     command += ["--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch)]
     command += ["--length", str(args.length), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    command += ["--r", str(args.r)]
+    command += ["--r", str(args.r)] + (["--allocator-peak"] if args.allocator_peak else [])
     out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
     if line is None:
@@ -149,7 +187,9 @@ def parent(args) -> None:
             results[impl].append(result)
             print(
                 f"rep {rep + 1} {impl:8s} {result['tokens_per_s']:8.1f} tok/s  peak RSS {result['peak_rss_mib']:7.0f} "
-                f"MiB (training {training_mib(result):6.0f}, steps {result['step_memory_mib']:6.0f})  "
+                f"MiB (training {training_mib(result):6.0f}, steps {result['step_memory_mib']:6.0f}"
+                + (f", allocator {result['allocator_step_mib']:6.1f}" if args.allocator_peak else "")
+                + ")  "
                 f"loss@1 {result['losses'][0]:.4f}  "
                 f"loss@{args.steps} {result['losses'][-1]:.4f}",
                 flush=True,
@@ -174,6 +214,9 @@ def parent(args) -> None:
     print(f"| ratio loratune / PEFT | {lt / pt:.2f}x | {lm / pm:.2f}x | {lw / pw:.2f}x | {ls / ps:.2f}x |")
     print("training memory: peak RSS less the RSS of the process's libraries before the model loads")
     print("step memory: the peak during the training steps less the RSS before the first (model and set-up loaded)")
+    if args.allocator_peak:
+        la, pa = median("loratune", "allocator_step_mib"), median("peft", "allocator_step_mib")
+        print(f"allocator step peak (MiB): PEFT {pa:.1f}, loratune {la:.1f}, ratio {la / pa:.2f}x")
     print(f"loss agreement: step 1 {100 * rel[0]:.3f}% , step {len(rel)} {100 * rel[-1]:.3f}% relative difference")
 
 
@@ -192,6 +235,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps excluded from the speed median")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--allocator-peak", action="store_true", help="also measure torch's allocator (slower)")
     parser.add_argument("--child", choices=("loratune", "peft"), dest="impl", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--data-file", help=argparse.SUPPRESS)
@@ -199,7 +243,8 @@ def main() -> None:
     args = parser.parse_args()
     args.quantize, args.dora, args.full, args.packing = None, False, False, False  # what the shared pieces read
     if args.impl:
-        result = run_peft(args) if args.impl == "peft" else run_loratune(args)
+        run = run_peft if args.impl == "peft" else run_loratune
+        result = with_allocator_peak(run, args) if args.allocator_peak else run(args)
         print("RESULT " + json.dumps(result), flush=True)
     else:
         parent(args)

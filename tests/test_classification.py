@@ -230,6 +230,43 @@ def test_full_fine_tuning_trains_a_classifier_too(workspace, capsys):
     assert 0 <= json.loads(out)["accuracy"] <= 1
 
 
+def test_bitfit_trains_only_the_biases_and_the_new_head(workspace, capsys):
+    from safetensors.torch import load_file
+
+    config = write_config(workspace, "bitfit", train={"method": "bitfit", "lr": 5e-2, "max_steps": 60})
+    status, _, err = cli(capsys, "train", config, "--no-progress")
+    assert status == 0, err
+    summary = json.loads((workspace / "bitfit" / "summary.json").read_text())
+    base = {f"bert.{name}": t for name, t in load_file(workspace / "bert" / "model.safetensors").items()}
+    tuned = load_file(workspace / "bitfit" / "model" / "model.safetensors")  # BertForSequenceClassification
+    changed = {name for name, tensor in tuned.items() if name in base and not torch.equal(tensor, base[name])}
+    new = set(tuned) - set(base)  # the head the checkpoint lacked
+    assert new and changed and all(name.endswith(".bias") for name in changed)
+    assert any("encoder" in name for name in changed)  # the encoder's biases, not only the head's
+    biases = sum(t.numel() for name, t in base.items() if name.endswith(".bias"))
+    assert summary["trainable_params"] == biases + sum(tuned[name].numel() for name in new)
+    evals = [json.loads(line) for line in (workspace / "bitfit" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval_loss" in r]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.1  # it learns, on biases alone
+    assert evals[-1]["eval_accuracy"] > 0.25  # four intents: chance is 0.25
+    status, _, err = cli(
+        capsys, "eval", "--model", workspace / "bitfit" / "model", "--data", workspace / "eval.jsonl", "--json"
+    )
+    assert status == 0, err
+
+
+def test_bitfit_on_a_model_without_biases_is_one_line(tiny_llama_dir, tmp_path, capsys):
+    from run_helpers import addition_rows, config_dict
+    from run_helpers import write_config as write_run_config
+    from run_helpers import write_jsonl as write_rows
+
+    data = write_rows(tmp_path / "train.jsonl", addition_rows(8))
+    config = write_run_config(
+        tmp_path / "c.yaml", config_dict(tiny_llama_dir, data, tmp_path / "run", train={"method": "bitfit"})
+    )
+    assert_one_line_error(*cli(capsys, "train", config)[::2], "train", "bitfit", "no", "lora")
+
+
 def test_bad_classification_input_is_one_clear_line(workspace, tmp_path, capsys):
     rows = intent_rows(20, 3)
     del rows[4]["label"]

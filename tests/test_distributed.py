@@ -395,3 +395,36 @@ def test_a_full_fine_tune_under_fsdp_resumes_to_the_uninterrupted_result(setup, 
     assert all(t.dtype == torch.float32 for t in masters[0].values())
     for key in masters[0]:
         torch.testing.assert_close(masters[1][key], masters[0][key], atol=1e-6, rtol=0)
+
+
+def test_grpo_across_two_processes_updates_as_one_process_does(setup, tmp_path):
+    """Greedy rollouts (the same completions in any process) and a KL to the base that a non-zero adapter gives a
+    gradient: one prompt in each of two processes must make the update two prompts make in one."""
+    _, model_dir, _ = setup
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(2)]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+    def grpo_run(name: str, batch_size: int) -> Path:
+        config = config_dict(
+            model_dir,
+            data,
+            tmp_path / name,
+            lora={"r": 4, "lora_alpha": 8, "init_lora_weights": False},
+            train={"objective": "grpo", "max_steps": 3, "batch_size": batch_size, "lr": 2e-3, "save_every": 10},
+            grpo={"group_size": 2, "max_new_tokens": 4, "temperature": 0.0, "beta": 0.5, "rewards": ["exact_match"]},
+        )
+        return write_config(tmp_path / f"{name}.yaml", config)
+
+    single = loratune("train", grpo_run("single", 2), "--no-progress", threads=2)
+    assert single.returncode == 0, single.stderr
+    double = loratune("train", grpo_run("double", 1), "--nproc", 2, "--no-progress", threads=2)
+    assert double.returncode == 0, double.stderr
+    ours, reference = adapter_tensors(tmp_path / "double"), adapter_tensors(tmp_path / "single")
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
+    steps, reference_steps = ([r for r in metrics(tmp_path / name) if "loss" in r] for name in ("double", "single"))
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for a, b in zip(steps, reference_steps, strict=True):
+        assert a["kl"] > 0 and a["kl"] == pytest.approx(b["kl"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
+    assert len({r["kl"] for r in steps}) == 3  # each update moved the adapter

@@ -138,6 +138,31 @@ def test_patched_model_with_4bit_down_proj_gives_the_same_loss_and_adapter_gradi
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-8
 
 
+@pytest.mark.usefixtures("any_isa")
+def test_norm_recipes_keep_no_activation_alive_in_a_recomputed_layer():
+    """Inside a checkpointed layer nothing saves the norm's output; its recipe must not keep the norm's input
+    (the residual stream after attention) alive until backward, or checkpointing saves nothing."""
+    import weakref
+
+    from loratune.train.fused_ops import recompute_norm_outputs
+
+    model = tiny_llama()
+    loratune.add_adapter(model, LoraConfig(r=4))
+    patch_for_training(model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    inputs = []
+    norm = model.model.layers[1].post_attention_layernorm
+    norm.register_forward_pre_hook(lambda module, args: inputs.append(weakref.ref(args[0])))
+    ids = token_batch(length=16)
+    with recompute_norm_outputs():
+        total, count = causal_lm_loss_sum(model, {"input_ids": ids, "labels": ids})
+        assert inputs[0]() is None  # forward done, the graph alive: the layer's inside is gone
+        (total / count).backward()
+    assert len(inputs) == 2  # and it ran again in backward
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.usefixtures("any_isa")
 def test_recomputing_norm_outputs_gives_the_same_bits_and_keeps_no_norm_output(dtype):

@@ -40,7 +40,7 @@ from loratune.errors import ConfigError, LoratuneError
 from loratune.inference.engine import Engine
 from loratune.inference.sequence import Finished, SamplingParams, Sequence
 from loratune.layers import AdaptedModule, LoraLayer, LoraParameter, execution
-from loratune.layers.experts import recompute_in_backward
+from loratune.layers.experts import recompute_expert_layers, recompute_in_backward
 from loratune.models.merge_4bit import dequantize_model
 from loratune.models.quantized import quantize_model
 from loratune.models.streamed import load_streamed
@@ -133,6 +133,26 @@ def test_recomputing_expert_blocks_in_backward_keeps_less_and_changes_no_gradien
     for a, b in zip(grads, grads_recomputing, strict=True):
         assert torch.equal(a, b)
     assert kept_recomputing < 0.75 * kept
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_recomputing_moe_layers_keeps_less_than_recomputing_expert_blocks_and_changes_no_gradient(kind):
+    model = tiny_moe(kind)
+    add_adapter(model, lora(kind))
+    model.train()
+    ids = token_batch(batch=3)
+    kept_blocks, grads = saved_bytes_and_grads(model, ids, recompute=True)
+    assert recompute_expert_layers(model) == model.config.num_hidden_layers
+    kept_layers, grads_layers = saved_bytes_and_grads(model, ids, recompute=False)
+    for a, b in zip(grads, grads_layers, strict=True):
+        assert torch.equal(a, b)
+    assert kept_layers < 0.5 * kept_blocks
+
+
+def test_recompute_expert_layers_leaves_a_dense_model_alone():
+    model = build_tiny_llama(VOCAB)
+    assert recompute_expert_layers(model) == 0
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 @pytest.mark.parametrize("kind", MOE_KINDS)

@@ -2,7 +2,9 @@
 
 Quantizing tensor by tensor interleaves long-lived results (packed weights of a few MB) with short-lived
 temporaries of similar size on the C heap; glibc keeps the freed holes mapped, so resident memory creeps up
-by hundreds of MB over a 7B load. ``malloc_trim`` returns those free pages. Elsewhere (no glibc) it does nothing.
+by hundreds of MB over a 7B load. ``malloc_trim`` returns those free pages. Training on a CPU shares one heap
+arena between threads (``one_heap_arena``): memory freed by one thread is then reused by the next allocation of
+any, where per-thread arenas each keep their own freed pages. Elsewhere (no glibc) both do nothing.
 """
 
 from __future__ import annotations
@@ -17,12 +19,26 @@ import torch
 
 
 @functools.cache
-def _malloc_trim():
+def _libc():
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name) if name else None
+    except OSError:
         return None
+
+
+def _malloc_trim():
+    return getattr(_libc(), "malloc_trim", None)
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def one_heap_arena() -> bool:
+    """Make threads created from now on allocate from the heap arenas that exist (glibc ``mallopt(M_ARENA_MAX,
+    1)``): freed memory is reused across threads instead of kept per thread. True when it took effect."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    return bool(mallopt is not None and mallopt(_M_ARENA_MAX, 1))
 
 
 def release_freed_memory() -> None:

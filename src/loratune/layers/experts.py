@@ -15,9 +15,11 @@ product per projection for the base and two of rank r per adapter term, so the u
 the tokens routed to it, ΔW_e is never formed and no product runs over all experts. ``grouped_mm`` is that
 product (PyTorch's where it runs, else one matmul per expert).
 
-Under ``recompute_in_backward`` (the trainer's default) a block that runs with gradients keeps only its input
-and routing for backward and runs its forward again there: the routed copies of every token and the experts'
-intermediate activations, most of an MoE's activation memory, are never held across the model.
+The trainer recomputes in backward by default: ``recompute_expert_layers`` makes each decoder layer holding
+experts keep only its input and run again there; where a layer cannot be checkpointed, under
+``recompute_in_backward`` an expert block that runs with gradients keeps only its input and routing. Either way
+the routed copies of every token and the experts' intermediate activations, most of an MoE's activation
+memory, are never held across the model.
 """
 
 from __future__ import annotations
@@ -161,8 +163,7 @@ class Routed:
     def combine(self, out: torch.Tensor) -> torch.Tensor:
         """The sum over each token's k copies of ``out`` (sorted copies × H), weighted: N × H."""
         weighted = out * self.weights.unsqueeze(1).to(out.dtype)
-        unsorted = torch.empty_like(weighted).index_copy_(0, self.order, weighted)
-        return unsorted.view(self.n_tokens, self.k, -1).sum(1)
+        return weighted.new_zeros(self.n_tokens, weighted.shape[1]).index_add_(0, self.tokens, weighted)
 
 
 def project(module: nn.Module, name: str, x: torch.Tensor, routed: Routed, layer, n_rows: int | None) -> torch.Tensor:
@@ -175,15 +176,16 @@ def project(module: nn.Module, name: str, x: torch.Tensor, routed: Routed, layer
     else:
         x = x.to(weight.dtype)
         out = grouped_mm(x, weight if module.is_transposed else weight.transpose(1, 2), routed.offsets, routed.counts)
+    # in place from here: the base product's backward needs its inputs, not its output
     if module.has_bias:
-        out = out + getattr(module, f"{name}_bias")[routed.experts]
+        out = out.add_(getattr(module, f"{name}_bias")[routed.experts])
     for term in layer.terms() if layer is not None else ():
         A, B = layer.grouped_factors(term, x.dtype)  # E × in × r, E × r × out (scale folded in)
         h = grouped_mm(term.dropout(x), A, routed.offsets, routed.counts)
         mask = routed.token_weights(term.rows, term.row_weights, n_rows or 1, h.dtype)
         if mask is not None:
             h = h * mask
-        out = out + grouped_mm(h, B, routed.offsets, routed.counts)
+        out = out.add_(grouped_mm(h, B, routed.offsets, routed.counts))
     return out
 
 
@@ -200,6 +202,23 @@ def recompute_in_backward(enabled: bool = True):
         yield
     finally:
         _recompute = outer
+
+
+def recompute_expert_layers(model: nn.Module) -> int:
+    """Make every decoder layer of ``model`` that holds fused experts keep only its input for backward and run
+    again there (transformers' non-reentrant layer checkpointing, on those layers only); the number of layers.
+    A recomputed layer keeps nothing of its attention, norms and experts across the model, at the cost of one
+    more forward of the layer; no expert block inside it needs its own recomputation then (see
+    ``recompute_in_backward``). Layers that transformers cannot checkpoint are left as they are."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and any(is_fused_experts(m) for m in module.modules()):
+            module._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+            module.gradient_checkpointing = True
+            count += 1
+    return count
 
 
 def grouped_forward(module: nn.Module, layers: dict, args: tuple, kwargs: dict) -> torch.Tensor:

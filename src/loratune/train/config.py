@@ -79,7 +79,8 @@ class DataSection(_Section):
 class TrainSection(_Section):
     # sft: the data's target tokens; dpo: preference pairs (DPOSection); grpo: rewards of its samples (GRPOSection)
     objective: Literal[OBJECTIVES] = "sft"
-    method: Literal["lora", "full", "intrinsic"] = "lora"  # full: every weight (or full_modules); intrinsic: see below
+    # full: every weight (or full_modules); bitfit: the biases (and full_modules); intrinsic: see below
+    method: Literal["lora", "full", "bitfit", "intrinsic"] = "lora"
     init_adapter: str | None = None  # a PEFT adapter directory whose adapter this run trains further (method lora)
     full_modules: list[str] | None = None  # with method full: module names or dotted suffixes that train
     epochs: float = Field(1.0, gt=0)
@@ -96,7 +97,7 @@ class TrainSection(_Section):
     loraplus_lr_embedding: float = Field(1e-6, gt=0)  # LoRA+: the lr of adapted embeddings' factors (PEFT's default)
     max_grad_norm: float | None = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
-    # mixture-of-experts blocks keep only their input for backward and run again there (see train.recipe)
+    # mixture-of-experts layers keep only their input for backward and run again there (see train.recipe)
     recompute_experts: bool = True
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # with several processes; auto: ddp (see train.distributed)
     seed: int = 0
@@ -221,8 +222,13 @@ class TrainConfig(_Section):
                 "train.distributed: fsdp shards the base's weights, and train.method: intrinsic adds a "
                 "projection into all of them to each forward; use train.distributed: ddp"
             )
-        if self.train.method != "full" and self.train.full_modules is not None:
-            raise ValueError("train.full_modules applies to train.method: full; remove it or set the method")
+        if method not in ("full", "bitfit") and self.train.full_modules is not None:
+            raise ValueError("train.full_modules applies to train.method: full or bitfit; remove it or set the method")
+        if self.train.distributed == "fsdp" and method == "bitfit":
+            raise ValueError(
+                "train.distributed: fsdp shards the trained weights whole; BitFit trains only their biases, "
+                "so use train.distributed: ddp"
+            )
         if self.train.init_adapter is not None:
             if method != "lora":
                 raise ValueError(

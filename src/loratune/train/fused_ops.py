@@ -56,6 +56,19 @@ class _NormRecipe:
 _norm_outputs: dict[int, tuple] | None = None
 
 
+def _register_norm_output(registry: dict, out: torch.Tensor, recipe: _NormRecipe) -> None:
+    """Enter ``out`` in ``registry`` until it dies. Its recipe holds the norm's input: kept beyond the output,
+    it would keep every block's input alive where nothing saved the output (a layer recomputed in backward)."""
+    key = out.data_ptr()
+
+    def forget(ref):
+        entry = registry.get(key)
+        if entry is not None and entry[0] is ref:
+            del registry[key]
+
+    registry[key] = (weakref.ref(out, forget), out._version, recipe)
+
+
 def _pack(tensor: torch.Tensor):
     entry = _norm_outputs.get(tensor.data_ptr()) if _norm_outputs else None
     if entry is not None and entry[0]() is tensor and tensor._version == entry[1]:
@@ -104,7 +117,7 @@ class RMSNormFunction(torch.autograd.Function):
             out = weight * (xf * rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
         if _norm_outputs is not None:
-            _norm_outputs[out.data_ptr()] = (weakref.ref(out), out._version, _NormRecipe(x, weight, rstd))
+            _register_norm_output(_norm_outputs, out, _NormRecipe(x, weight, rstd))
         return out
 
     @staticmethod

@@ -43,8 +43,8 @@ from loratune.data.classification import LabelSpace, write_labels
 from loratune.errors import ConfigError, LoratuneError
 from loratune.inference.evaluate import EvalResult
 from loratune.inference.forgetting import retain_loss
-from loratune.layers.experts import recompute_in_backward
-from loratune.memory import peak_memory_mb, reset_peak_memory
+from loratune.layers.experts import recompute_expert_layers, recompute_in_backward
+from loratune.memory import one_heap_arena, peak_memory_mb, reset_peak_memory
 from loratune.models.devices import model_device
 from loratune.outputs import write_output_dir, write_text_atomic
 from loratune.train.attention import patch_attention
@@ -134,6 +134,8 @@ class Recipe:
     def run(self) -> dict:
         """Every phase in order; returns the summary (rank 0's; the other processes get {})."""
         reset_peak_memory()
+        if not torch.cuda.is_available():
+            one_heap_arena()  # before the compute threads start: their freed memory is then reused by all
         self.setup_config()
         self.setup_model()
         self.setup_data()
@@ -165,6 +167,7 @@ class Recipe:
         self.model, self.tokenizer = self.objective.load(self.config, self.topology.load_hook(self.config))
         if not self.resume:
             self.config = self.objective.fit(self.config, self.model, self.log)
+            self.t = self.config.train
 
     def setup_data(self) -> None:
         self.data: RunData = self.objective.data(self.config, self.tokenizer)
@@ -174,8 +177,8 @@ class Recipe:
     def setup_training(self) -> None:
         t, model = self.t, self.model
         torch.manual_seed(t.seed)  # the adapter's start depends on the seed only
-        if t.method == "full":
-            self.trained = TrainedModel(model, t.full_modules)
+        if t.method in ("full", "bitfit"):
+            self.trained = TrainedModel(model, t.full_modules, biases=t.method == "bitfit")
         elif t.method == "intrinsic":
             i = self.config.intrinsic
             self.trained = TrainedIntrinsic(model, i.dim, t.seed if i.seed is None else i.seed, i.said, i.targets)
@@ -197,6 +200,10 @@ class Recipe:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # MoE layers recomputed whole in backward where transformers can; else their expert blocks alone (step)
+        self.recomputed_layers = 0
+        if t.recompute_experts and not t.gradient_checkpointing:
+            self.recomputed_layers = recompute_expert_layers(model)
         self.device = model_device(model)
         self.topology.prepare(model, self.trained, self.log)
         self.params = self.trained.parameters()
@@ -274,6 +281,9 @@ class Recipe:
         experts = expert_report(self.model)
         if experts is not None:
             self.log(experts)
+        if self.recomputed_layers:
+            layers = self.recomputed_layers
+            self.log(f"{layers} mixture-of-experts layers run again in backward (train.recompute_experts)")
         if self.dirs.work != self.dirs.final:
             self.log(f"building the new run in {self.dirs.work}; it replaces {self.dirs.final} when it completes")
         if data.retain and self.state.retain_loss_base is None and self.topology.lockstep:
@@ -333,7 +343,8 @@ class Recipe:
             step, total_steps=self.total_steps, base_lr=t.lr, warmup_steps=t.warmup_steps, kind=t.scheduler
         )
         loss_total, metric_sums = 0.0, {}
-        recompute_experts = t.recompute_experts and not t.gradient_checkpointing  # checkpointed blocks recompute anyway
+        # blocks inside checkpointed layers are recomputed with them
+        recompute_experts = t.recompute_experts and not t.gradient_checkpointing and not self.recomputed_layers
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
             with topology.micro_batch(last), recompute_norm_outputs(), recompute_in_backward(recompute_experts):
@@ -577,7 +588,7 @@ class Recipe:
             "trainable_params": self.report.trainable,
             "total_params": self.report.total,
             "adapter_bytes": adapter_file.stat().st_size if adapter_file.exists() else None,
-            "model_bytes": _model_bytes(self.run_dir / "model") if self.t.method == "full" else None,
+            "model_bytes": _model_bytes(self.run_dir / "model") if self.t.method in ("full", "bitfit") else None,
             "peak_memory_mb": round(peak_memory_mb(), 1),
             "peak_memory_mb_per_process": peaks,  # in rank order, from a run over several processes
             "retain_loss_base": state.retain_loss_base,

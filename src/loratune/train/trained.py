@@ -83,15 +83,16 @@ class TrainedAdapter(Trained):
 
 
 class TrainedModel(Trained):
-    """A full fine-tuning run: the model's parameters (all, or those of ``modules``) train, through float32
-    master copies when the model computes in a lower precision; the run writes a Hugging Face model directory."""
+    """A full fine-tuning run: the model's parameters (all, or those of ``modules``; with ``biases``, BitFit, its
+    bias vectors and those of ``modules``) train, through float32 master copies when the model computes in a
+    lower precision; the run writes a Hugging Face model directory."""
 
     output_name = "model"
     state_file = "model_state.safetensors"
 
-    def __init__(self, model: nn.Module, modules: Sequence[str] | None = None):
+    def __init__(self, model: nn.Module, modules: Sequence[str] | None = None, biases: bool = False):
         self.model = model
-        chosen = _chosen_parameters(model, modules)
+        chosen = _bias_parameters(model, modules) if biases else _chosen_parameters(model, modules)
         for param in model.parameters():
             param.requires_grad_(False)
         for param in chosen.values():
@@ -195,6 +196,18 @@ def _chosen_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[
             raise ConfigError(f"train.full_modules: {module_name!r} matches no module of this model")
         chosen.update({name_of[id(param)]: param for param in found})
     return chosen
+
+
+def _bias_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[str, nn.Parameter]:
+    """{name: parameter} that BitFit (Ben Zaken et al., 2021) trains: every bias vector, and every parameter of
+    the ``modules`` (a classifier's new head). Raises ``ConfigError`` for a model without biases."""
+    chosen = {name: param for name, param in model.named_parameters() if name.rpartition(".")[2] == "bias"}
+    if not chosen:
+        raise ConfigError(
+            f"train.method: bitfit trains bias vectors; this {type(model).__name__} has none (Llama-family models "
+            "have no biases): use train.method: lora"
+        )
+    return {**chosen, **(_chosen_parameters(model, modules) if modules else {})}
 
 
 class TrainedIntrinsic(Trained):

@@ -157,7 +157,11 @@ class Classification(ObjectiveDefaults):
     def fit(self, config, model: nn.Module, log):
         """``config`` with the task it runs and the LoRA targets that fit this encoder (``classification_lora``)."""
         lora = classification_lora(config.lora, model, token=self.token)
-        return config.model_copy(update={"task": "token_cls" if self.token else "seq_cls", "lora": lora})
+        update = {"task": "token_cls" if self.token else "seq_cls", "lora": lora}
+        if config.train.method == "bitfit":  # the new head trains whole beside the biases, as in BitFit
+            modules = sorted({*(config.train.full_modules or []), *head_modules(model)})
+            update["train"] = config.train.model_copy(update={"full_modules": modules})
+        return config.model_copy(update=update)
 
     def data(self, config, tokenizer) -> RunData:
         tokenize = tokenize_tokens if self.token else tokenize_classification
