@@ -10,6 +10,7 @@ import peft
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 import loratune
 from loratune.data.classification import ClassExample, LabelSpace, label_space, read_classification
@@ -231,8 +232,6 @@ def test_full_fine_tuning_trains_a_classifier_too(workspace, capsys):
 
 
 def test_bitfit_trains_only_the_biases_and_the_new_head(workspace, capsys):
-    from safetensors.torch import load_file
-
     config = write_config(workspace, "bitfit", train={"method": "bitfit", "lr": 5e-2, "max_steps": 60})
     status, _, err = cli(capsys, "train", config, "--no-progress")
     assert status == 0, err
@@ -253,6 +252,59 @@ def test_bitfit_trains_only_the_biases_and_the_new_head(workspace, capsys):
         capsys, "eval", "--model", workspace / "bitfit" / "model", "--data", workspace / "eval.jsonl", "--json"
     )
     assert status == 0, err
+
+
+def test_intrinsic_training_of_a_classifier_learns_and_merges_into_a_model_with_its_head(workspace, capsys):
+    config = write_config(
+        workspace,
+        "intrinsic",
+        train={"method": "intrinsic", "lr": 0.05, "max_steps": 60},
+        intrinsic={"dim": 200},
+    )
+    status, _, err = cli(capsys, "train", config, "--no-progress")
+    assert status == 0, err
+    run = workspace / "intrinsic"
+    summary = json.loads((run / "summary.json").read_text())
+    artefact = run / "intrinsic"
+    assert {"intrinsic.safetensors", "head.safetensors", "labels.json"} <= {p.name for p in artefact.iterdir()}
+    config_json = json.loads((artefact / "intrinsic_config.json").read_text())
+    assert config_json["dim"] == 200 and not any("classifier" in t for t in config_json["targets"])
+    head = sum(t.numel() for t in load_file(artefact / "head.safetensors").values())
+    assert summary["trainable_params"] == 200 + len(config_json["targets"]) + head  # θ_d, SAID's λ, the head
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.1
+    status, out, err = cli(capsys, "merge", "--adapter", artefact, "--out", workspace / "intrinsic-merged")
+    assert status == 0, err
+    assert (workspace / "intrinsic-merged" / "labels.json").is_file()
+    status, out, err = cli(
+        capsys, "eval", "--model", workspace / "intrinsic-merged", "--data", workspace / "eval.jsonl", "--json"
+    )
+    assert status == 0, err
+    assert json.loads(out)["accuracy"] == pytest.approx(evals[-1]["eval_accuracy"])
+
+
+def test_a_sweep_over_intrinsic_dims_of_a_classifier_reports_d90_by_accuracy(workspace, capsys):
+    reference = write_config(workspace, "d90-reference", train={"max_steps": 30})
+    status, _, err = cli(capsys, "train", reference, "--no-progress")
+    assert status == 0, err
+    base = write_config(
+        workspace, "d90-unused", train={"method": "intrinsic", "lr": 0.05, "max_steps": 10}, intrinsic={"dim": 8}
+    )
+    out_dir = workspace / "d90-sweep"
+    status, _, err = cli(
+        capsys,
+        "sweep",
+        base,
+        "--grid",
+        "intrinsic.dim=8,64",
+        "--reference",
+        workspace / "d90-reference",
+        "--out",
+        out_dir,
+    )
+    assert status == 0, err
+    accuracy = json.loads((workspace / "d90-reference" / "summary.json").read_text())["eval"]["eval_accuracy"]
+    assert f"eval_accuracy ({accuracy:.3f})" in (out_dir / "results.md").read_text()
 
 
 def test_bitfit_on_a_model_without_biases_is_one_line(tiny_llama_dir, tmp_path, capsys):

@@ -68,7 +68,7 @@ def add_parser(verb) -> None:
         "--reference",
         metavar="RUN_DIR",
         help="with --grid intrinsic.dim=...: report d90, the smallest dim reaching 90%% of this run's "
-        "exact match (a LoRA or full run on the same task)",
+        "exact match, or a classifier's accuracy (a LoRA or full run on the same task)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="the sweep's directory (run directories, results)")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and what state each is in")
@@ -183,11 +183,13 @@ def _reference_summary(run_dir: str) -> dict:
     summary = Path(run_dir) / "summary.json"
     if not summary.is_file():
         raise ConfigError(f"--reference {run_dir}: no summary.json (give a finished run directory)")
+    from loratune.experiments.results import d90_metric
+
     data = json.loads(summary.read_text())
-    if (data.get("eval") or {}).get("eval_exact_match") is None:
+    if d90_metric(data) is None:
         raise ConfigError(
             f"--reference {run_dir}: d90 needs the run's eval_exact_match (evaluation data with "
-            "references and train.exact_match: true)"
+            "references and train.exact_match: true) or a classifier's eval_accuracy"
         )
     return data
 

@@ -162,25 +162,37 @@ def _plot(groups, path: Path) -> None:
     save_figure(fig, path)
 
 
+# what d90 measures, by the first of these the reference run has: a language model's exact match, a classifier's
+# accuracy (the papers' MRPC figure)
+D90_METRICS = ("eval_exact_match", "eval_accuracy")
+
+
+def d90_metric(reference: dict[str, Any]) -> str | None:
+    """The metric of ``D90_METRICS`` the reference run's summary has, or None."""
+    evaluation = reference.get("eval") or {}
+    return next((name for name in D90_METRICS if evaluation.get(name) is not None), None)
+
+
 def d90(rows: list[dict[str, Any]], reference: dict[str, Any]) -> tuple[int | None, float, str]:
     """(d90, the reference's value, the metric): the smallest ``intrinsic.dim`` whose runs reach, on average
-    over seeds, 90% of the reference run's metric (``reference``: its summary.json) — exact match, which is
-    what "90% of the performance" means for a score where higher is better. None when no dim reaches it.
-    Raises ``ConfigError`` when the reference or the runs have no exact match."""
+    over seeds, 90% of the reference run's metric (``reference``: its summary.json) — exact match, or a
+    classifier's accuracy, which is what "90% of the performance" means for a score where higher is better.
+    None when no dim reaches it. Raises ``ConfigError`` when the reference or the runs have neither."""
     from loratune.errors import ConfigError
 
-    value = (reference.get("eval") or {}).get("eval_exact_match")
-    if value is None:
+    metric = d90_metric(reference)
+    if metric is None:
         raise ConfigError(
             "--reference: d90 needs the reference run's eval_exact_match (evaluation data with "
-            "references and train.exact_match: true)"
+            "references and train.exact_match: true) or a classifier's eval_accuracy"
         )
+    value = reference["eval"][metric]
     by_dim: dict[int, list[float]] = {}
     for row in rows:
-        if row.get("eval_exact_match") is None or "intrinsic.dim" not in row:
+        if row.get(metric) is None or "intrinsic.dim" not in row:
             continue
-        by_dim.setdefault(int(row["intrinsic.dim"]), []).append(float(row["eval_exact_match"]))
+        by_dim.setdefault(int(row["intrinsic.dim"]), []).append(float(row[metric]))
     if not by_dim:
-        raise ConfigError("--reference: d90 needs runs over --grid intrinsic.dim=... with eval_exact_match")
+        raise ConfigError(f"--reference: d90 needs runs over --grid intrinsic.dim=... with {metric}")
     reached = [dim for dim, scores in sorted(by_dim.items()) if statistics.fmean(scores) >= 0.9 * value]
-    return (reached[0] if reached else None), value, "eval_exact_match"
+    return (reached[0] if reached else None), value, metric

@@ -28,18 +28,23 @@ from loratune.train.projection import FastfoodProjection
 
 CONFIG_FILE = "intrinsic_config.json"
 WEIGHTS_FILE = "intrinsic.safetensors"
+HEAD_FILE = "head.safetensors"  # a classifier's new head, trained whole beside θ_d
 
 
-def intrinsic_targets(model: nn.Module, targets: str | Sequence[str]) -> list[tuple[str, nn.Module]]:
+def intrinsic_targets(
+    model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = ()
+) -> list[tuple[str, nn.Module]]:
     """(path, module) of the Linear layers ``targets`` names (``"all-linear"``: every one but the output head;
-    a list: names or dotted suffixes; a string: a regex over the whole path), in module order. Raises
-    ``ConfigError`` when nothing matches."""
+    a list: names or dotted suffixes; a string: a regex over the whole path), in module order, none inside the
+    modules ``exclude`` names (a classifier's head, which trains whole). Raises ``ConfigError`` when nothing
+    matches."""
     head = output_head_path(model)
     found = [
         (path, module)
         for path, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and (path != head if targets == "all-linear" else module_name_matches(targets, path))
+        and not any(path == name or path.startswith(name + ".") for name in exclude)
     ]
     if not found:
         raise ConfigError(f"intrinsic.targets {targets!r} match no Linear layer of this model")
@@ -161,7 +166,20 @@ def apply_intrinsic(model: nn.Module, directory: str | Path) -> IntrinsicWeights
     weights.load_state(read_safetensors(directory / WEIGHTS_FILE), str(directory))
     for param in weights.parameters():
         param.requires_grad_(False)
+    if (directory / HEAD_FILE).is_file():
+        load_head(model, read_safetensors(directory / HEAD_FILE), str(directory))
     return weights
+
+
+def load_head(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a classifier head's trained tensors (parameter name → tensor) into ``model``. Raises
+    ``ConfigError`` when one is not a parameter of this model or has another shape."""
+    named = dict(model.named_parameters())
+    for name, tensor in tensors.items():
+        if name not in named or named[name].shape != tensor.shape:
+            raise ConfigError(f"{source}: its head's {name} does not fit this model")
+        with torch.no_grad():
+            named[name].copy_(tensor)
 
 
 def merge_intrinsic(
@@ -178,7 +196,8 @@ def merge_intrinsic(
     result as a model directory at ``out`` in the base's stored dtype (or ``out_dtype``); return (``out``, the base
     model's name). ``model`` defaults to the base the artefact records. Raises ``ConfigError`` when neither names
     a base, or ``out`` may not be written."""
-    from loratune.models import load_model, model_sources, resolve_dtype
+    from loratune.data.classification import LABELS_FILE, read_labels
+    from loratune.models import load_classifier, load_model, model_sources, resolve_dtype
     from loratune.models.base_config import model_name_for
     from loratune.models.export import save_hf_model
     from loratune.models.loader import resolve_model_dir
@@ -193,7 +212,12 @@ def merge_intrinsic(
     inputs = [("the intrinsic-dimension artefact", path), *(("the base model", p) for p in model_sources(name))]
     with guard_output(out, overwrite=overwrite, inputs=inputs):
         stored = stored_dtype(resolve_model_dir(name))
-        base, tokenizer = load_model(name, dtype="fp32", device=device, trust_remote_code=trust_remote_code)
+        labels = read_labels(path) if (path / LABELS_FILE).is_file() else None
+        if labels is None:
+            base, tokenizer = load_model(name, dtype="fp32", device=device, trust_remote_code=trust_remote_code)
+        else:  # a classifier: its head is in the artefact
+            base, tokenizer = load_classifier(name, labels, "fp32", device, trust_remote_code)
         apply_intrinsic(base, path).bake()
         written = resolve_dtype(out_dtype) if out_dtype else stored
-        return save_hf_model(base, tokenizer, out, written, overwrite=overwrite), name
+        extras = {LABELS_FILE: json.dumps(labels.to_json(), indent=2) + "\n"} if labels is not None else None
+        return save_hf_model(base, tokenizer, out, written, overwrite=overwrite, extras=extras), name

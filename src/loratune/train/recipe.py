@@ -55,6 +55,7 @@ from loratune.train.fused_ops import patch_for_training, recompute_norm_outputs
 from loratune.train.metrics import MetricsLog, NoMetrics, plot_losses
 from loratune.train.objectives import Objective, RunData
 from loratune.train.objectives.base import split_loss
+from loratune.train.objectives.classification import head_modules
 from loratune.train.optimizer import build_optimizer, set_learning_rate
 from loratune.train.run_dir import (
     SUMMARY_FILE,
@@ -181,7 +182,9 @@ class Recipe:
             self.trained = TrainedModel(model, t.full_modules, biases=t.method == "bitfit")
         elif t.method == "intrinsic":
             i = self.config.intrinsic
-            self.trained = TrainedIntrinsic(model, i.dim, t.seed if i.seed is None else i.seed, i.said, i.targets)
+            head = head_modules(model) if self.config.task in ("seq_cls", "token_cls") else ()
+            seed = t.seed if i.seed is None else i.seed
+            self.trained = TrainedIntrinsic(model, i.dim, seed, i.said, i.targets, head=head)
         elif t.init_adapter is not None:  # an existing adapter trains on (its own LoRA settings), alone
             load_adapter(model, t.init_adapter, ADAPTER_NAME, trainable=True)
             set_trainable(model, ADAPTER_NAME)

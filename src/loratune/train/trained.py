@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from loratune.adapters import adapter_state, load_adapter_state, save_adapter
@@ -22,7 +23,7 @@ from loratune.adapters.targets import module_name_matches
 from loratune.errors import ConfigError, LoratuneError
 from loratune.models.export import write_hf_model
 from loratune.train.distributed import is_sharded, shard_like, whole_tensor
-from loratune.train.intrinsic import IntrinsicWeights, intrinsic_targets
+from loratune.train.intrinsic import HEAD_FILE, IntrinsicWeights, intrinsic_targets, load_head
 
 
 class Trained:
@@ -210,28 +211,44 @@ def _bias_parameters(model: nn.Module, modules: Sequence[str] | None) -> dict[st
     return {**chosen, **(_chosen_parameters(model, modules) if modules else {})}
 
 
+HEAD_PREFIX = "head."  # a classifier head's tensors in an intrinsic run's checkpoint state
+
+
 class TrainedIntrinsic(Trained):
-    """An intrinsic-dimension run: θ_d (and SAID's λ) train; the run writes ``intrinsic/`` (θ, seed, targets)."""
+    """An intrinsic-dimension run: θ_d (and SAID's λ) train, and the ``head`` modules whole (a classifier's new
+    head, outside the projection); the run writes ``intrinsic/`` (θ, seed, targets, the head's tensors)."""
 
     output_name = "intrinsic"
     state_file = "intrinsic_state.safetensors"
 
-    def __init__(self, model: nn.Module, dim: int, seed: int, said: bool, targets):
+    def __init__(self, model: nn.Module, dim: int, seed: int, said: bool, targets, head: Sequence[str] = ()):
         self.model = model
         for param in model.parameters():
             param.requires_grad_(False)
-        self.weights = IntrinsicWeights(model, intrinsic_targets(model, targets), dim, seed, said)
+        self.weights = IntrinsicWeights(model, intrinsic_targets(model, targets, exclude=head), dim, seed, said)
+        self.head = _chosen_parameters(model, head) if head else {}
+        for param in self.head.values():
+            param.requires_grad_(True)
 
     def parameters(self) -> list[nn.Parameter]:
-        return self.weights.parameters()
+        return self.weights.parameters() + list(self.head.values())
 
     def state(self) -> dict[str, torch.Tensor]:
-        return self.weights.state()
+        head = {f"{HEAD_PREFIX}{name}": p.detach().cpu().clone() for name, p in self.head.items()}
+        return {**self.weights.state(), **head}
 
     def load_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        self.weights.load_state(tensors, source)
+        head = {name[len(HEAD_PREFIX) :]: t for name, t in tensors.items() if name.startswith(HEAD_PREFIX)}
+        if head.keys() != self.head.keys():
+            raise LoratuneError(f"{source} does not hold this run's head ({sorted(self.head)[:3]})")
+        load_head(self.model, head, source)
+        self.weights.load_state({n: t for n, t in tensors.items() if not n.startswith(HEAD_PREFIX)}, source)
 
     def save(self, tokenizer, directory: Path, base_name: str, weights: dict | None = None) -> None:
-        """Write θ_d, λ, the seed and the targets (see ``train.intrinsic``) and the tokenizer into ``directory``."""
+        """Write θ_d, λ, the seed and the targets (see ``train.intrinsic``), a classifier's head and the tokenizer
+        into ``directory``."""
         self.weights.save(directory, base_name)
+        if self.head:
+            tensors = {name: p.detach().cpu().contiguous() for name, p in self.head.items()}
+            save_file(tensors, directory / HEAD_FILE, metadata={"format": "pt"})
         tokenizer.save_pretrained(str(directory))

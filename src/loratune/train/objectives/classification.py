@@ -86,7 +86,6 @@ def check_classifier_config(config) -> None:
         "data.retain": config.data.retain is not None,
         "data.packing": config.data.packing,
         "model.quantize": config.model.quantize is not None,
-        "train.method: intrinsic": config.train.method == "intrinsic",
     }
     for option, given in refused.items():
         if given:
