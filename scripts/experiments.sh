@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Reruns the experiments of docs/experiments.md, each a resumable `loratune sweep` (run the same command again to
+# continue after a stop), three seeds each, and copies each sweep's results.csv under docs/experiments/.
+#
+#   scripts/experiments.sh encoder            # the encoder table: ~10 minutes on a 2-core CPU
+#   scripts/experiments.sh table5 table6 full # the demo-task tables: hours on a 2-core CPU (see each section)
+#   scripts/experiments.sh all
+#
+# OUT (default runs/experiments) holds the run directories (full fine-tunes write whole models: gigabytes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/experiments}
+LORATUNE=${LORATUNE:-loratune}
+DEMO=examples/demo/config.yaml
+CLASSIFY=examples/classify/config.yaml
+
+sweep() {  # sweep NAME CONFIG ARGS...: run it, then keep its results.csv
+    local name=$1 config=$2
+    shift 2
+    local started=$SECONDS
+    "$LORATUNE" sweep "$config" --seeds 3 --out "$OUT/$name" "$@"
+    mkdir -p "docs/experiments/$(dirname "$name")"
+    cp "$OUT/$name/results.csv" "docs/experiments/$name.csv"
+    echo "$name: $((SECONDS - started)) s"
+}
+
+table5() {  # which matrices at a fixed budget (the LoRA paper's Table 5)
+    sweep demo/table5 "$DEMO" \
+        --grid 'lora.target_modules=[q_proj],[k_proj],[v_proj],[o_proj],[q_proj,k_proj],[q_proj,v_proj],[q_proj,k_proj,v_proj,o_proj]' \
+        --budget 276480 --set train.exact_match=true --set data.retain=builtin
+}
+
+table6() {  # how small a rank (Table 6)
+    sweep demo/table6 "$DEMO" --grid lora.r=1,2,4,8,64 \
+        --grid 'lora.target_modules=[q_proj],[q_proj,v_proj],[q_proj,k_proj,v_proj,o_proj]' \
+        --set train.exact_match=true --set data.retain=builtin
+}
+
+full() {  # LoRA against full fine-tuning on the demo task
+    sweep demo/full "$DEMO" --grid train.method=full --grid train.lr=2e-5,1e-4 \
+        --set train.exact_match=true --set data.retain=builtin
+    sweep demo/lora "$DEMO" --set train.exact_match=true --set data.retain=builtin
+}
+
+encoder() {  # LoRA, full, BitFit and the head alone on the classification demo (Table 2's question on an encoder)
+    sweep encoder/lora "$CLASSIFY" --set train.save_every=1000
+    sweep encoder/full "$CLASSIFY" --set train.method=full --set train.lr=1e-4 --set train.save_every=1000
+    sweep encoder/bitfit "$CLASSIFY" --set train.method=bitfit --set train.lr=5e-3 --set train.save_every=1000
+    sweep encoder/head "$CLASSIFY" --set train.method=full --set 'train.full_modules=[classifier]' \
+        --set train.lr=5e-3 --set train.save_every=1000
+}
+
+sections=("$@")
+[[ ${#sections[@]} -eq 0 ]] && { sed -n '2,8p' "$0"; exit 2; }
+[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 full)
+for section in "${sections[@]}"; do
+    case $section in
+        table5 | table6 | full | encoder) "$section" ;;
+        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 full encoder all)" >&2; exit 2 ;;
+    esac
+done
