@@ -307,6 +307,30 @@ def test_a_sweep_over_intrinsic_dims_of_a_classifier_reports_d90_by_accuracy(wor
     assert f"eval_accuracy ({accuracy:.3f})" in (out_dir / "results.md").read_text()
 
 
+def test_forgetting_of_a_classifier_is_its_representation_drift_and_resumes_with_its_base(workspace, capsys):
+    write_jsonl(workspace / "retain.jsonl", [{"text": f"the weather in town number {i} is mild"} for i in range(12)])
+    sections = dict(
+        data={"retain": str(workspace / "retain.jsonl")},
+        train={"method": "full", "lr": 1e-3, "max_steps": 4, "eval_every": 2, "save_every": 2, "scheduler": "constant"},
+    )
+    config = write_config(workspace, "forget", **sections)
+    status, _, err = cli(capsys, "train", config, "--no-progress")
+    assert status == 0, err
+    records = [json.loads(line) for line in (workspace / "forget" / "metrics.jsonl").read_text().splitlines()]
+    drift = [(r["step"], r["forgetting"]) for r in records if "forgetting" in r]
+    assert drift[0] == (0, 0.0) and [step for step, _ in drift] == [0, 2, 4]
+    assert 0 < drift[1][1] < drift[2][1] < 1  # full fine-tuning moves the encoder further with every step
+    summary = json.loads((workspace / "forget" / "summary.json").read_text())
+    assert summary["forgetting"] == pytest.approx(drift[-1][1])
+    # stopped after 2 steps and resumed: the drift is measured against the same base, so it ends the same
+    status, _, err = cli(capsys, "train", config, "--no-progress", "--overwrite", "--set", "train.max_steps=2")
+    assert status == 0, err
+    status, _, err = cli(capsys, "train", config, "--no-progress", "--resume", "--set", "train.max_steps=4")
+    assert status == 0, err
+    resumed = json.loads((workspace / "forget" / "summary.json").read_text())
+    assert resumed["forgetting"] == pytest.approx(summary["forgetting"], rel=1e-5)
+
+
 def test_bitfit_on_a_model_without_biases_is_one_line(tiny_llama_dir, tmp_path, capsys):
     from run_helpers import addition_rows, config_dict
     from run_helpers import write_config as write_run_config
@@ -562,3 +586,11 @@ def test_merge_writes_a_classifier_with_its_labels_that_gives_the_adapter_s_pred
         outputs.append(json.loads(out))
     assert outputs[0]["accuracy"] == outputs[1]["accuracy"]
     assert outputs[0]["loss"] == pytest.approx(outputs[1]["loss"], abs=1e-5)
+
+
+def test_the_builtin_retain_set_is_text_for_a_classifier():
+    from loratune.inference.forgetting import retain_texts
+
+    texts = retain_texts("builtin")
+    assert len(texts) == 150 and all(ex.text and ex.pair is None and ex.label is None for ex in texts)
+    assert texts[0].text.startswith("Explain photosynthesis")

@@ -4,12 +4,19 @@
 everyday instructions, shipped with loratune, see ``scripts/make_retain_data.py``). Its loss is measured on the
 base before the first step, at every evaluation and at the end; ``forgetting = retain_loss − retain_loss_base``
 (positive: the model got worse at it).
+
+A classifier has no language-model loss: for it the retain set is text (``text`` / ``text_pair`` rows, labels
+ignored; ``builtin``: the same answers' text), and ``retain_loss`` is how far its encoder's representations of
+that text moved from the base's, ``1 − mean cosine similarity`` of the mean-pooled last hidden states
+(``representation_drift``): 0 before training, so ``forgetting`` equals it.
 """
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+
+import torch
 
 from loratune.data import TokenizedExample, build_dataset
 from loratune.errors import ConfigError
@@ -33,6 +40,48 @@ def retain_examples(source: str, tokenizer, max_length: int) -> list[TokenizedEx
     if not examples:
         raise ConfigError(f"data.retain: no usable rows in {path}")
     return examples
+
+
+def retain_texts(source: str) -> list:
+    """The retain set ``source`` (a data file of ``text`` rows, or ``"builtin"``) as ``ClassExample`` texts for a
+    classifier. Raises ``ConfigError`` / ``DataError`` for a file without usable text."""
+    from loratune.data.classification import ClassExample, read_classification
+    from loratune.data.readers import read_rows
+
+    if source != BUILTIN:
+        return read_classification(source, require_labels=False)
+    return [
+        ClassExample(" ".join(m["content"] for m in row["messages"]), None, None, location)
+        for location, row in read_rows(builtin_retain_path())
+    ]
+
+
+@torch.no_grad()
+def encoder_representations(model, rows: list, pad_id: int, batch_size: int) -> torch.Tensor:
+    """Each row's mean-pooled last hidden state (float32, rows × hidden) from the classifier ``model``."""
+    from loratune.data.classification import collate_classification
+    from loratune.models.devices import model_device
+
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    out = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = collate_classification(rows[start : start + batch_size], pad_id)
+            batch.pop("labels", None)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            hidden = model(**batch, output_hidden_states=True).hidden_states[-1].float()
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def representation_drift(representations: torch.Tensor, base: torch.Tensor) -> float:
+    """``1 − mean cosine similarity`` between rows of ``representations`` and ``base`` (0: unchanged)."""
+    return float(1 - torch.nn.functional.cosine_similarity(representations, base, dim=1).mean())
 
 
 def retain_loss(model, examples: list[TokenizedExample], pad_id: int, batch_size: int) -> float:

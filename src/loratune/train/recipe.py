@@ -42,7 +42,6 @@ from loratune.adapters import (
 from loratune.data.classification import LabelSpace, write_labels
 from loratune.errors import ConfigError, LoratuneError
 from loratune.inference.evaluate import EvalResult
-from loratune.inference.forgetting import retain_loss
 from loratune.layers.experts import recompute_expert_layers, recompute_in_backward
 from loratune.memory import one_heap_arena, peak_memory_mb, reset_peak_memory
 from loratune.models.devices import model_device
@@ -290,7 +289,7 @@ class Recipe:
         if self.dirs.work != self.dirs.final:
             self.log(f"building the new run in {self.dirs.work}; it replaces {self.dirs.final} when it completes")
         if data.retain and self.state.retain_loss_base is None and self.topology.lockstep:
-            base = retain_loss(self.model, data.retain, self.tokenizer.pad_token_id, t.eval_batch_size)
+            base = self.objective.retain_loss(self.model, data.retain, self.tokenizer.pad_token_id, t.eval_batch_size)
             self.state.retain_loss_base = base
             self.metrics.log({"step": 0, "retain_loss": base, "forgetting": 0.0})
             self.log(f"retain set: loss {base:.4f} before training ({len(data.retain)} rows)")
@@ -447,7 +446,9 @@ class Recipe:
         """{"retain_loss", "forgetting"} now, or {} without a retain set (or on a process that does not run it)."""
         if not self.data.retain or not self.topology.lockstep:
             return {}
-        loss = retain_loss(self.model, self.data.retain, self.tokenizer.pad_token_id, self.t.eval_batch_size)
+        loss = self.objective.retain_loss(
+            self.model, self.data.retain, self.tokenizer.pad_token_id, self.t.eval_batch_size
+        )
         return {"retain_loss": loss, "forgetting": loss - self.state.retain_loss_base}
 
     def _log_evaluation(self, step: int, result: EvalResult | None, retention: dict) -> None:

@@ -285,9 +285,9 @@ def resume_config(saved: TrainConfig, requested: TrainConfig | None) -> tuple[Tr
     """
     if requested is None:
         return saved, []
-    ignore = {"meta", "output_dir"}
-    old = _leaves({k: v for k, v in saved.to_yaml_dict().items() if k not in ignore})
-    new = _leaves({k: v for k, v in requested.to_yaml_dict().items() if k not in ignore})
+    # compared as requested: what the run fitted to its model (a classifier's task and LoRA targets) is not a change
+    old = _leaves((saved.meta or {}).get("requested") or requested_settings(saved))
+    new = _leaves(requested_settings(requested))
     changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
     refused = [key for key in changed if key not in RESUMABLE_CHANGES]
     if refused:

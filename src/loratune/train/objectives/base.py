@@ -12,6 +12,7 @@ from loratune.data import Example, TokenizedExample, split_eval
 from loratune.data.classification import LabelSpace
 from loratune.errors import ConfigError
 from loratune.inference.evaluate import EvalResult
+from loratune.inference.forgetting import retain_loss
 
 
 @dataclass
@@ -75,6 +76,10 @@ class ObjectiveDefaults:
     def log_samples(self, run_dir, step: int) -> None:
         """Write what the objective shows of the step besides its metrics (nothing), on log steps."""
 
+    def retain_loss(self, model: nn.Module, retain: list, pad_id: int, batch_size: int) -> float:
+        """The model's loss on the retain set now (see ``inference.forgetting``): the language-model loss."""
+        return retain_loss(model, retain, pad_id, batch_size)
+
 
 class Objective(Protocol):
     """What a run trains a model to do. The recipe calls these and never asks which objective it runs.
@@ -93,10 +98,12 @@ class Objective(Protocol):
     - ``micro_batches``: the step's micro-batches, drawn from the run's stream of collated rows (GRPO generates its
       completions from them); ``passes_per_batch``: how many training micro-batches one of the stream's becomes
       (what the number of steps of ``train.epochs`` counts);
-    - ``state`` / ``load_state``: tensors a checkpoint keeps besides the trained weights (GRPO's unused rollouts);
-      ``log_samples``: called on rank 0 on each logged step (GRPO's ``completions.jsonl``).
+    - ``state`` / ``load_state``: tensors a checkpoint keeps besides the trained weights (GRPO's unused rollouts,
+      a classifier's base representations of the retain set);
+      ``log_samples``: called on rank 0 on each logged step (GRPO's ``completions.jsonl``);
+    - ``retain_loss``: the model's loss on ``data.retain`` (see ``inference.forgetting``).
 
-    ``ObjectiveDefaults`` gives the last four for objectives that train on their rows as they come.
+    ``ObjectiveDefaults`` gives the last five for objectives that train on their rows as they come.
     """
 
     evaluates_at_start: bool
@@ -123,5 +130,7 @@ class Objective(Protocol):
     def state(self) -> dict[str, torch.Tensor]: ...
 
     def load_state(self, tensors: dict[str, torch.Tensor], device) -> None: ...
+
+    def retain_loss(self, model: nn.Module, retain: list, pad_id: int, batch_size: int) -> float: ...
 
     def log_samples(self, run_dir, step: int) -> None: ...

@@ -30,6 +30,7 @@ from loratune.data.classification import (
 from loratune.errors import ConfigError
 from loratune.inference.classify import classification_loss_sum, classification_result, classifier_logits
 from loratune.inference.evaluate import EvalResult
+from loratune.inference.forgetting import encoder_representations, representation_drift, retain_texts
 from loratune.models import load_classifier
 from loratune.train import distributed
 from loratune.train.config import resolved_task
@@ -83,7 +84,6 @@ def classification_lora(lora: LoraConfig, model: nn.Module, token: bool = False)
 def check_classifier_config(config) -> None:
     """Raise ``ConfigError`` for options a classification run cannot take."""
     refused = {
-        "data.retain": config.data.retain is not None,
         "data.packing": config.data.packing,
         "model.quantize": config.model.quantize is not None,
     }
@@ -146,6 +146,7 @@ class Classification(ObjectiveDefaults):
     def __init__(self, config):
         check_classifier_config(config)
         self.token = resolved_task(config) == "token_cls"
+        self.retain_base: torch.Tensor | None = None  # the base's representations of the retain set
         # the labels decide the head, so the rows are read before the model
         self.space, self.train_rows, self.eval_rows = classification_examples(config, token=self.token)
 
@@ -167,7 +168,24 @@ class Classification(ObjectiveDefaults):
         train, evaluation = (
             tokenize(rows, tokenizer, self.space, config.data.max_length) for rows in (self.train_rows, self.eval_rows)
         )
-        return RunData(train, evaluation, [], None, labels=self.space)
+        retain = []
+        if config.data.retain is not None:
+            retain = tokenize_classification(retain_texts(config.data.retain), tokenizer, None, config.data.max_length)
+        return RunData(train, evaluation, [], None, retain, labels=self.space)
+
+    def retain_loss(self, model, retain, pad_id: int, batch_size: int) -> float:
+        """How far the encoder's representations of the retain texts moved from the base's (the first call's,
+        before training; kept in checkpoints): see ``inference.forgetting``."""
+        now = encoder_representations(model, retain, pad_id, batch_size)
+        if self.retain_base is None:
+            self.retain_base = now
+        return representation_drift(now, self.retain_base)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {} if self.retain_base is None else {"retain_base": self.retain_base}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], device) -> None:
+        self.retain_base = tensors.get("retain_base", self.retain_base)
 
     def collate(self, rows, pad_id: int):
         return collate_classification(rows, pad_id)
