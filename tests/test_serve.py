@@ -710,6 +710,56 @@ def test_a_sequence_held_back_by_the_adapter_cap_is_not_starved(served):
     assert engine.stats.most_adapters == 1
 
 
+def test_sequences_with_one_prompt_and_the_same_adapters_read_the_prompt_once(served):
+    """GRPO's group of completions, a request's n choices: sequences with the same prompt and adapters are
+    prefilled as one row and copied out; each still samples its own continuation, and a greedy one gets what it
+    gets alone."""
+    model_dir, dirs = served[0], served[1]
+    model, tokenizer = load_model(str(model_dir), dtype="fp32")
+    load_adapter(model, dirs["a"], name="a")
+    set_active(model, [])
+    ids, other = encode_texts(tokenizer, PROMPTS[:2])
+    prefilled = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: (
+            prefilled.append(kwargs["input_ids"].shape[0]) if kwargs["input_ids"].shape[1] > 1 else None
+        ),
+        with_kwargs=True,
+    )
+
+    def run(specs) -> list[list[int]]:
+        finished = queue.Queue()
+        sink = lambda event: finished.put(event) if isinstance(event, Finished) else None  # noqa: E731
+        seqs = [
+            Sequence(prompt, adapters, SamplingParams(8, temperature, seed=seed), tokenizer, frozenset(), sink)
+            for prompt, adapters, temperature, seed in specs
+        ]
+        engine = Engine(model, max_batch=8)
+        for seq in seqs:
+            engine.submit(seq)  # all queued before the engine looks: one prefill
+        engine.start()
+        try:
+            for _ in seqs:
+                assert isinstance(finished.get(timeout=60), Finished)
+        finally:
+            engine.stop()
+        return [seq.tokens for seq in seqs]
+
+    a = {"a": 1.0}
+    group = [
+        (ids, a, 0.0, None),
+        *((ids, a, 1.0, seed) for seed in range(4)),
+        (ids, {}, 0.0, None),
+        (other, a, 0.0, None),
+    ]
+    together = run(group)
+    assert prefilled == [3]  # one row per distinct (prompt, adapters), not seven
+    assert len({tuple(tokens) for tokens in together[1:5]}) > 1  # the sampled ones each sampled their own
+    for i in (0, 5, 6):
+        prefilled.clear()
+        assert run([group[i]]) == [together[i]] and prefilled == [1]
+
+
 def test_adapter_files_and_prompts_are_read_off_the_engine_thread_and_the_event_loop(url, client, monkeypatch):
     """Reading an adapter (config, tokenizer, tensors) runs on the pool's reader thread and tokenizing on the
     service's preparing thread, so neither holds up the engine's steps or the streams' delivery."""

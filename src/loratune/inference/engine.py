@@ -65,11 +65,16 @@ class _Rows:
 
 @dataclass
 class _Prefill:
-    """Sequences whose prompts are being read, ``done`` columns so far."""
+    """Sequences whose prompts are being read, ``done`` columns so far. Sequences with the same prompt and
+    adapters (a GRPO group, a request's ``n`` choices) share one row: ``rows[i]`` is ``seqs[i]``'s row of ``ids``,
+    whose routing is that of ``readers``, and the rows are copied out to every sequence when the prompts are
+    read."""
 
     seqs: list[Sequence]
-    ids: torch.Tensor  # rows × width, left-padded
+    ids: torch.Tensor  # distinct rows × width, left-padded
     mask: torch.Tensor
+    rows: torch.Tensor  # per sequence, its row of ids
+    readers: list[Sequence]  # per row, the first sequence reading it
     done: int = 0
     cache: object = None
 
@@ -338,21 +343,31 @@ class Engine:
             self._held = None  # (a scan cut short may not have reached it: keep its count)
         if not taken:
             return None
+        row_of: dict[tuple, int] = {}  # (prompt, adapters) -> its row
+        readers: list[Sequence] = []
+        rows = []
+        for seq in taken:
+            key = (tuple(seq.prompt_ids), seq.routing_key)
+            if key not in row_of:
+                row_of[key] = len(readers)
+                readers.append(seq)
+            rows.append(row_of[key])
         width = max(len(s.prompt_ids) for s in taken)
-        ids = torch.zeros((len(taken), width), dtype=torch.long)
-        mask = torch.zeros((len(taken), width), dtype=torch.long)
-        for i, seq in enumerate(taken):
+        ids = torch.zeros((len(readers), width), dtype=torch.long)
+        mask = torch.zeros((len(readers), width), dtype=torch.long)
+        for i, seq in enumerate(readers):
             ids[i, width - len(seq.prompt_ids) :] = torch.as_tensor(seq.prompt_ids)
             mask[i, width - len(seq.prompt_ids) :] = 1
-        return _Prefill(taken, ids.to(self._device), mask.to(self._device))
+        index = torch.tensor(rows, device=self._device)
+        return _Prefill(taken, ids.to(self._device), mask.to(self._device), index, readers)
 
     def _prefill_chunk(self) -> None:
         job = self._prefill
         width = job.ids.shape[1]
-        chunk = max(1, self.prefill_tokens // len(job.seqs))
+        chunk = max(1, self.prefill_tokens // len(job.readers))
         end = min(width, job.done + chunk)
         positions = (job.mask.cumsum(-1) - 1).clamp(min=0)
-        with self._routed(job.seqs):
+        with self._routed(job.readers):
             out = self.model(
                 input_ids=job.ids[:, job.done : end],
                 attention_mask=job.mask[:, :end],
@@ -368,8 +383,11 @@ class Engine:
         if end < width:
             return
         self._prefill = None
-        rows = _Rows(job.seqs, job.cache, job.mask, positions[:, -1:] + 1, torch.zeros_like(positions[:, -1:]))
-        self._accept(rows, out.logits[:, -1, :])
+        if len(job.readers) < len(job.seqs):  # each shared row copied out to its sequences
+            kv.keep_rows(job.cache, job.rows)
+        mask, positions = job.mask[job.rows], positions[job.rows]
+        rows = _Rows(job.seqs, job.cache, mask, positions[:, -1:] + 1, torch.zeros_like(positions[:, -1:]))
+        self._accept(rows, out.logits[job.rows, -1, :])
         self._join(rows)
 
     def _decode(self) -> None:

@@ -16,6 +16,7 @@ import datetime
 import os
 import random
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
@@ -72,12 +73,21 @@ def start() -> Processes:
     return Processes(world, rank, local_rank)
 
 
+# How long ``stop`` lets the collectives' threads finish before the group goes (see there).
+_SETTLE_SECONDS = 0.2
+
+
 def stop(processes: Processes) -> None:
-    """Leave the process group (a no-op for a single process)."""
+    """Leave the process group (a no-op for a single process).
+
+    First it waits a moment without the GIL: a gloo thread that drops the last reference to a finished
+    collective's tensor needs the GIL to free it, and the group's destructor (run later, when DDP's reducer is
+    freed) joins those threads while holding the GIL, so a thread still freeing one then hangs the process."""
     if processes.active:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            time.sleep(_SETTLE_SECONDS)
             dist.destroy_process_group()
 
 
