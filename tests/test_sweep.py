@@ -147,3 +147,24 @@ def test_a_diverging_run_is_reported_and_the_sweep_goes_on(capsys, base_config, 
     assert "lr=1e30: diverged" in err
     assert [row["train.lr"] for row in rows(out)] == ["1e-3"]
     assert "1 of 2 runs finished" in (out / "results.md").read_text()
+
+
+def test_a_run_directory_killed_before_anything_was_written_into_it_does_not_block_the_sweep(base_config, tmp_path):
+    """The window a SIGKILL can hit: the next run's directory made (with its own record) but not yet in the
+    sweep's record. Continuing the sweep must take it as that run's, not as someone else's files."""
+    from loratune.outputs import open_record
+
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "loratune", "sweep", str(base_config), "--grid", "lora.r=2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(command, env=env, capture_output=True, text=True, timeout=300).returncode == 0
+    with open_record(out / "r=4", "run"):
+        pass
+    (out / "elsewhere").mkdir()  # a directory loratune did not begin is still refused ...
+    command[command.index("lora.r=2")] = "lora.r=2,4"
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "elsewhere/" in refused.stderr and "r=4" not in refused.stderr
+    (out / "elsewhere").rmdir()
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert len(rows(out)) == 2 and (out / "r=4" / "summary.json").is_file()

@@ -211,7 +211,7 @@ class Manifest:
                         )
                     elif rel in known_dirs:
                         visit(Path(entry.path), rel + "/")
-                    else:
+                    elif not _begun_output(Path(entry.path)):
                         found.append(rel + "/")
                 elif rel not in self.files:
                     found.append(rel)
@@ -227,6 +227,16 @@ class Manifest:
                 if e.name != MANIFEST_NAME and not ours_by_name(e.name)
             ]
         return found
+
+
+def _begun_output(path: Path) -> bool:
+    """Whether ``path`` is an output loratune began and was stopped (killed) before it wrote anything into it or
+    recorded it above: nothing in it but its own valid record (and loratune's lock files)."""
+    names = [name for name in os.listdir(path) if not ours_by_name(name)]
+    if names != [MANIFEST_NAME]:
+        return False
+    manifest = Manifest.read(path)
+    return manifest is not None and not manifest.legacy and not (manifest.files or manifest.outputs)
 
 
 # --- the records open while a command writes --------------------------------------------------------------------
