@@ -677,6 +677,19 @@ def test_max_loras_caps_the_distinct_adapters_of_every_batch(served):
     assert _metric(metrics, 'loratune_batch_adapters_bucket{le="1.0"}') < steps, "no step mixed two adapters"
 
 
+def run_queued(engine: Engine, seqs: list[Sequence], finished: queue.Queue) -> None:
+    """Queue every sequence before the engine starts (so it sees them in this order, in one prefill), then wait
+    until each has finished (``finished`` gets their ``Finished`` events)."""
+    for seq in seqs:
+        engine.submit(seq)
+    engine.start()
+    try:
+        for _ in seqs:
+            assert isinstance(finished.get(timeout=60), Finished)
+    finally:
+        engine.stop()
+
+
 def test_a_sequence_held_back_by_the_adapter_cap_is_not_starved(served):
     """max_adapters 1, max_batch 2: a long sequence on "a" runs; one on "b" waits; later ones on "a" may start
     ahead of it, but at most max_batch of them — then "b" goes before the rest."""
@@ -695,14 +708,7 @@ def test_a_sequence_held_back_by_the_adapter_cap_is_not_starved(served):
     order = [("a", 30), ("b", 3)] + [("a", 3)] * 5  # a0 (long), b, then a1..a5
     seqs = [sequence(name, tokens) for name, tokens in order]
     engine = Engine(model, max_batch=2, max_adapters=1)
-    for seq in seqs:
-        engine.submit(seq)  # all queued before the engine looks: the order is the arrival order
-    engine.start()
-    try:
-        for _ in seqs:
-            assert isinstance(finished.get(timeout=60), Finished)
-    finally:
-        engine.stop()
+    run_queued(engine, seqs, finished)
     started = {i: seq.first_token_at for i, seq in enumerate(seqs)}
     b = started[1]
     overtook = [i for i in range(2, len(seqs)) if started[i] < b]
@@ -734,15 +740,7 @@ def test_sequences_with_one_prompt_and_the_same_adapters_read_the_prompt_once(se
             Sequence(prompt, adapters, SamplingParams(8, temperature, seed=seed), tokenizer, frozenset(), sink)
             for prompt, adapters, temperature, seed in specs
         ]
-        engine = Engine(model, max_batch=8)
-        for seq in seqs:
-            engine.submit(seq)  # all queued before the engine looks: one prefill
-        engine.start()
-        try:
-            for _ in seqs:
-                assert isinstance(finished.get(timeout=60), Finished)
-        finally:
-            engine.stop()
+        run_queued(Engine(model, max_batch=8), seqs, finished)
         return [seq.tokens for seq in seqs]
 
     a = {"a": 1.0}
