@@ -4,8 +4,10 @@
    of the same shapes) multiplied by a few rows, as one decoding step does: the few-row kernel
    (`kernels.rows`) against `F.linear` (BLAS), per number of rows and dtype, with the rate each reads the weights.
 2. The engine: one sequence of 64 greedy tokens through the serving engine on smollm2-135m with a random r=8
-   all-linear adapter, the median time per decoding step with the kernels (`inference.lean`, the LoRA layers'
-   one-call output) and without them (`LORATUNE_NO_KERNEL=1`: PyTorch's operations), each in its own process.
+   all-linear adapter, the median time per decoding step with the kernels and each block as kernel calls
+   (`inference.block_step`), with the kernels inside transformers' modules (`LORATUNE_BLOCK_STEP=0`:
+   `inference.lean`, the LoRA layers' one-call output) and without kernels (`LORATUNE_NO_KERNEL=1`: PyTorch's
+   operations), each in its own process.
 
     python bench/decode_step.py                  # both, ~2 minutes on 2 cores
     python bench/decode_step.py --only products
@@ -103,7 +105,11 @@ def engine(tokens: int, repeats: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapter = random_adapter("smollm2-135m", Path(tmp) / "a")
         results = {}
-        for label, extra in (("kernels", {}), ("PyTorch operations", {"LORATUNE_NO_KERNEL": "1"})):
+        for label, extra in (
+            ("kernels, blocks as kernel calls", {}),
+            ("kernels, transformers' modules", {"LORATUNE_BLOCK_STEP": "0"}),
+            ("PyTorch operations", {"LORATUNE_NO_KERNEL": "1"}),
+        ):
             command = [sys.executable, __file__, "--child", str(adapter), "--tokens", str(tokens)]
             done = subprocess.run(
                 [*command, "--repeats", str(repeats)], env={**os.environ, **extra}, capture_output=True, text=True
@@ -117,8 +123,9 @@ def engine(tokens: int, repeats: int) -> None:
     print("|---|---|---|")
     for label, (best, median) in results.items():
         print(f"| {label} | {best:.1f} | {median:.1f} |")
-    ratio = results["PyTorch operations"][0] / results["kernels"][0]
-    print(f"| **PyTorch / kernels** | **{ratio:.2f}×** | |")
+    best = results["kernels, blocks as kernel calls"][0]
+    for label in ("kernels, transformers' modules", "PyTorch operations"):
+        print(f"| **{label} / blocks as kernel calls** | **{results[label][0] / best:.2f}×** | |")
 
 
 def main() -> None:

@@ -124,6 +124,11 @@ def enable_adapter_names_argument(model: nn.Module) -> None:
     )
 
 
+def adapter_names_hooks(model: nn.Module) -> set[int]:
+    """The ids (keys of the module's hook dictionaries) of the hooks ``enable_adapter_names_argument`` installed."""
+    return {handle.id for handle in _hooks.get(model, ())}
+
+
 def disable_adapter_names_argument(model: nn.Module) -> None:
     """Remove what ``enable_adapter_names_argument`` installed (nothing when it was not)."""
     for handle in _hooks.pop(model, ()):

@@ -14,6 +14,7 @@ import torch
 
 from loratune.adapters.mixed_batch import mixed_batch
 from loratune.errors import ConfigError
+from loratune.inference.block_step import decode_logits
 from loratune.inference.lean import decoding_kernels
 from loratune.inference.sampling import argmax, check_sampling, sampler
 from loratune.models.devices import model_device
@@ -183,23 +184,16 @@ def _decode(
         use_cache=True,
         logits_to_keep=1,  # only the last position's logits: (B, 1, vocab) instead of (B, L, vocab)
     )
-    cache = out.cache
+    cache, logits = out.cache, out.logits[:, -1, :]
     position = position_ids[:, -1:]
     for step in range(max_new_tokens):
-        next_ids = pick(out.logits[:, -1, :].float())
+        next_ids = pick(logits.float())
         yield next_ids.cpu()
         if step + 1 == max_new_tokens:
             return
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
         position = position + 1
-        out = model(
-            input_ids=next_ids[:, None],
-            attention_mask=attention_mask,
-            position_ids=position,
-            cache=cache,
-            use_cache=True,
-        )
-        cache = out.cache
+        logits, cache = decode_logits(model, next_ids[:, None], attention_mask, position, cache)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ import torch
 from loratune.adapters.mixed_batch import mixed_batch
 from loratune.errors import ConfigError
 from loratune.inference import kv
+from loratune.inference.block_step import decode_logits
 from loratune.inference.decode import inference
 from loratune.inference.sampling import sample_next
 from loratune.inference.sequence import Failed, Sequence, TokenLogprob
@@ -394,16 +395,9 @@ class Engine:
         rows = self._running
         rows.mask = torch.cat([rows.mask, rows.mask.new_ones((rows.mask.shape[0], 1))], dim=-1)
         with self._routed(rows.seqs):
-            out = self.model(
-                input_ids=rows.last,
-                attention_mask=rows.mask,
-                position_ids=rows.positions,
-                cache=rows.cache,
-                use_cache=True,
-            )
-        rows.cache = out.cache
+            logits, rows.cache = decode_logits(self.model, rows.last, rows.mask, rows.positions, rows.cache)
         rows.positions = rows.positions + 1
-        self._accept(rows, out.logits[:, -1, :])
+        self._accept(rows, logits)
         self._drop_finished()
 
     @contextlib.contextmanager

@@ -162,6 +162,11 @@ def run(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return backend.forward(layer, x, prepared)
 
 
+def tracing() -> bool:
+    """Whether a ``trace()`` is open (code that runs layers' kernels itself records them only then)."""
+    return _trace is not None
+
+
 def record(name: str) -> None:
     """Note in an open ``trace()`` that a call ran backend ``name`` (modules that choose their own paths)."""
     if _trace is not None:
@@ -475,7 +480,8 @@ class Plan:
                 view.sub_(self.dora.bias_shift)
         return out
 
-    def _rows(self, x: torch.Tensor) -> int:
+    def routing_rows(self, x: torch.Tensor) -> int:
+        """The routing's rows (1 without one), checked against ``x``'s first dimension."""
         rows = 1 if self.mask is None else self.mask.shape[0]
         if self.mask is not None and x.shape[0] != rows:
             raise ConfigError(
@@ -483,33 +489,51 @@ class Plan:
             )
         return rows
 
+    def whole_call(self, x2: torch.Tensor, out: torch.Tensor, rows: int) -> tuple | None:
+        """(the kernel, its arguments) that write the layer's whole output for ``x2`` (n × in, contiguous) into
+        ``out`` (n × out, contiguous, the plan's dtype) in one call — the base product and the update — where that
+        kernel takes it (a plain Linear base, few rows, inside ``kernels.rows.decoding``); None where it does not.
+        ``rows``: the routing's rows (``x2``'s rows come in that many equal groups). The arguments hold the
+        tensors' addresses: valid while this plan and the base weight are the layer's."""
+        weights = self.whole[1].plain_weights() if self.whole is not None and rows_kernel.active() else None
+        if weights is None or not rows_kernel.takes(x2.shape[0], self.dtype) or not rows_kernel.plain(weights[0]):
+            return None
+        lora_rows, _, in_features, out_features, is_bf16, A, sBt, rank, blocks = self.whole
+        weight, bias = weights
+        return lora_rows, (
+            out.data_ptr(),
+            x2.data_ptr(),
+            weight.data_ptr(),
+            0 if bias is None else bias.data_ptr(),
+            x2.shape[0],
+            in_features,
+            out_features,
+            is_bf16,
+            A,
+            sBt,
+            rank,
+            blocks,
+            max(x2.shape[0] // rows, 1),
+            torch.get_num_threads(),
+        )
+
+    def whole_into(self, x2: torch.Tensor, out: torch.Tensor, rows: int) -> bool:
+        """``whole_call``'s kernel run: True when it wrote ``out``, False (nothing written) where it does not apply."""
+        call = self.whole_call(x2, out, rows)
+        if call is None:
+            return False
+        call[0](*call[1])
+        return True
+
     def run_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The base product, then the update added by the compiled kernel (x contiguous, few rows); both in one
-        call where the few-row product takes the base (``whole``)."""
-        rows = self._rows(x)
+        call where the few-row product takes the base (``whole_into``)."""
+        rows = self.routing_rows(x)
         x2 = x.reshape(-1, x.shape[-1])
-        weights = self.whole[1].plain_weights() if self.whole is not None and rows_kernel.active() else None
-        if weights is not None and rows_kernel.takes(x2.shape[0], self.dtype) and rows_kernel.plain(weights[0]):
-            lora_rows, _, in_features, out_features, is_bf16, A, sBt, rank, blocks = self.whole
-            weight, bias = weights
-            out = torch.empty(x2.shape[0], out_features, dtype=self.dtype)
-            lora_rows(
-                out.data_ptr(),
-                x2.data_ptr(),
-                weight.data_ptr(),
-                0 if bias is None else bias.data_ptr(),
-                x2.shape[0],
-                in_features,
-                out_features,
-                is_bf16,
-                A,
-                sBt,
-                rank,
-                blocks,
-                max(x2.shape[0] // rows, 1),
-                torch.get_num_threads(),
-            )
-            return out.view(*x.shape[:-1], out_features)
+        if self.whole is not None and rows_kernel.takes(x2.shape[0], self.dtype):
+            out = torch.empty(x2.shape[0], self.whole[3], dtype=self.dtype)
+            if self.whole_into(x2, out, rows):
+                return out.view(*x.shape[:-1], out.shape[-1])
         out = self._scaled_base(x2).contiguous()  # (it is; the kernel writes raw rows)
         add_low_rank, A_address, sBt_address, in_features, rank, out_features, is_bf16, blocks = self.kernel
         add_low_rank(
@@ -529,7 +553,7 @@ class Plan:
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The base product plus the update, as PyTorch products."""
-        rows = self._rows(x)
+        rows = self.routing_rows(x)
         x2 = x.reshape(-1, x.shape[-1])
         A, sBt = self.A, self.sBt
         # F.linear(x, A) with A as r × in: on a CPU, for a few rows, several times cheaper than x @ Aᵀ stored

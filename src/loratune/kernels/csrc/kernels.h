@@ -1,7 +1,7 @@
 /* Every compiled kernel of loratune.kernels._cpu with its signature, and the instruction sets they are built for.
  *
  * Each kernel is compiled once per instruction set (ISA) by its family's file (lowrank.c, linear_rows.c, norm.c,
- * rope.c, silu_mul.c, dropout.c, attention.c, cross_entropy.c through per_isa.h), the copies named name_baseline, name_avx2,
+ * rope.c, silu_mul.c, dropout.c, attention.c, decode_attention.c, cross_entropy.c through per_isa.h), the copies named name_baseline, name_avx2,
  * name_avx512 and name_avx512bf16. dispatch.c keeps one function pointer per kernel, name_impl, and points all
  * of them at one ISA's copies at a time (select_isa): a call through it is a plain indirect call. AMX is no copy
  * of its own but a refinement of AVX512-BF16: its copies, and attention's products in AMX tiles (attention.c),
@@ -46,6 +46,9 @@ enum isa { ISA_BASELINE, ISA_AVX2, ISA_AVX512, ISA_AVX512BF16, ISA_AMX, ISA_COUN
     X(rope, avx512bf16,                                                                                                \
       (void *, const void *, int64_t, void *, const void *, int64_t, const void *, const void *, int64_t, int64_t,   \
        int64_t, int))                                                                                                  \
+    X(decode_attention, avx512bf16,                                                                                    \
+      (void *, const void *, void *, void *, const void *, const void *, const int64_t *, int64_t, int64_t, int64_t,   \
+       int64_t, int64_t, float, float *, int64_t, int64_t, int))                                                       \
     X(silu_mul, avx512bf16, (void *, const void *, const void *, int64_t, int))                                       \
     X(silu_mul_backward, avx512bf16, (void *, void *, const void *, const void *, const void *, int64_t, int))        \
     X(rms_norm, avx512bf16, (void *, float *, const void *, const void *, int64_t, int64_t, float, int))              \

@@ -9,7 +9,8 @@
  *   weights: each is read once, split over the threads the caller gives (BLAS's matrix-vector products reach
  *   about half the memory bandwidth here); lora_rows: that product and add_low_rank's update in one call, an
  *   unmerged LoRA layer's whole output.
- * - rope: the rotary position embedding of a step's queries and keys in one call (decoding's attention).
+ * - rope: the rotary position embedding of a step's queries and keys in one call (decoding's attention);
+ *   decode_attention: that step's attention over the KV cache, appending the step's keys and values to it.
  * - the elementwise parts of a training step as single passes over memory: a Llama block's RMSNorm and
  *   silu(gate)·up, forward and backward, dropout from a counter-based mask, attention's backward between its
  *   products, the cross-entropy's softmax; float32 arithmetic on bf16 or float32 tensors. In PyTorch operations
@@ -119,6 +120,16 @@ static void run_rope(const int64_t *v, float eps, int64_t b, int64_t e) {
     rope_impl(PTR(0), PTR(1), v[2], PTR(3), PTR(4), v[5], PTR(6), PTR(7), v[9], b, e, (int)v[10]);
 }
 
+/* v: out, q, keys, values, k_new, v_new, mask, pairs, q_heads, kv_heads, dim, cols, capacity, is_bf16; eps: the
+ * scale. A span is a range of (row, query head) pairs; each thread has its own scratch (scores and the sum). */
+static void run_decode_attention(const int64_t *v, float scale, int64_t b, int64_t e) {
+    float *work = (float *)malloc((size_t)(v[11] + v[10]) * sizeof(float));
+    if (work == NULL) return;
+    decode_attention_impl(PTR(0), PTR(1), PTR(2), PTR(3), PTR(4), PTR(5), (const int64_t *)PTR(6), v[8], v[9], v[10],
+                          v[11], v[12], scale, work, b, e, (int)v[13]);
+    free(work);
+}
+
 /* Reads the integer arguments (the float one at index float_at, if any, into *eps) and runs the job on
  * args[nargs - 1] threads over n = v[n_at] items. */
 static PyObject *call(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, Py_ssize_t float_at, int n_at,
@@ -150,6 +161,11 @@ static PyObject *linear_rows(PyObject *self, PyObject *const *args, Py_ssize_t n
 static PyObject *rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     return call(args, nargs, 11, -1, 8, 1, 16, run_rope, "rope");
+}
+
+static PyObject *decode_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return call(args, nargs, 15, 13, 7, 1, 2, run_decode_attention, "decode_attention");
 }
 
 static PyObject *silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -272,6 +288,97 @@ static PyObject *lora_rows(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* run_program(ops, first, last, threads): ops[first:last] of a decoding step's program, one after the other,
+ * with the GIL released once (a step of a 30-block model is some 400 kernel calls: released and taken back
+ * around each, the GIL goes to whatever other thread wants it, an HTTP server's, and the step waits for it
+ * back). `ops` is the address of int64 rows of PROGRAM_WIDTH: the operation, a float's bits (an eps or a scale),
+ * then the operation's integer arguments as the Python function of the same name takes them, without the float
+ * and the thread count (see loratune/inference/block_step.py). Unchecked: addresses the caller keeps alive. */
+#define PROGRAM_WIDTH 24
+enum { OP_LINEAR_ROWS = 1, OP_LORA_ROWS, OP_RMS_NORM, OP_ROPE, OP_DECODE_ATTENTION, OP_SILU_MUL, OP_ADD };
+
+/* out += x over n elements (bf16 or float32), on the calling thread: a residual of a few rows */
+static void add_into(void *out, const void *x, int64_t n, int bf16) {
+    if (bf16) {
+        uint16_t *o = (uint16_t *)out;
+        const uint16_t *a = (const uint16_t *)x;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)o[i] << 16, w = (uint32_t)a[i] << 16;
+            float f, g;
+            memcpy(&f, &u, 4), memcpy(&g, &w, 4);
+            f += g;
+            memcpy(&u, &f, 4);
+            o[i] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    } else {
+        float *o = (float *)out;
+        const float *a = (const float *)x;
+        for (int64_t i = 0; i < n; i++) o[i] += a[i];
+    }
+}
+
+static void run_op(const int64_t *row, int64_t threads) {
+    job_t job = {.eps = 0.f};
+    int32_t bits = (int32_t)row[1];
+    memcpy(&job.eps, &bits, 4);
+    memcpy(job.v, row + 2, sizeof(job.v));
+    const int64_t *v = job.v;
+    switch (row[0]) {
+    case OP_LINEAR_ROWS:
+        job.run = run_linear_rows;
+        parallel_for(job, v[6], 4, 64, threads);
+        break;
+    case OP_LORA_ROWS:  /* linear_rows' 8 values, then A, sBt, rank, blocks, rows_per_block */
+        job.run = run_linear_rows;
+        parallel_for(job, v[6], 4, 64, threads);
+        (v[7] ? add_low_rank_bf16_impl : add_low_rank_f32_impl)(PTR(0), PTR(1), (const float *)PTR(8),
+                                                               (const float *)PTR(9), v[4], v[5], v[10], v[6],
+                                                               (const int64_t *)PTR(11), v[12]);
+        break;
+    case OP_RMS_NORM:
+        job.run = run_rms_norm;
+        parallel_for(job, v[4], 1, 64, threads);
+        break;
+    case OP_ROPE:
+        job.run = run_rope;
+        parallel_for(job, v[8], 1, 16, threads);
+        break;
+    case OP_DECODE_ATTENTION:
+        job.run = run_decode_attention;
+        parallel_for(job, v[7], 1, 2, threads);
+        break;
+    case OP_SILU_MUL:
+        job.run = run_silu_mul;
+        parallel_for(job, v[3], 16, 1 << 16, threads);
+        break;
+    case OP_ADD:
+        add_into(PTR(0), PTR(1), v[2], (int)v[3]);
+        break;
+    }
+}
+
+static PyObject *run_program(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "run_program takes 4 arguments");
+        return NULL;
+    }
+    const int64_t *ops = (const int64_t *)(intptr_t)PyLong_AsLongLong(args[0]);
+    const int64_t first = PyLong_AsLongLong(args[1]), last = PyLong_AsLongLong(args[2]);
+    const int64_t threads = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    for (int64_t i = first; i < last; i++) {
+        if (ops[i * PROGRAM_WIDTH] < OP_LINEAR_ROWS || ops[i * PROGRAM_WIDTH] > OP_ADD) {
+            PyErr_Format(PyExc_ValueError, "run_program: operation %lld is unknown", (long long)i);
+            return NULL;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t i = first; i < last; i++) run_op(ops + i * PROGRAM_WIDTH, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* select(name) -> bool. Meant for start-up and tests: a training kernel that runs meanwhile on other threads
  * may run part of its call with each copy. */
 static PyObject *select_(PyObject *self, PyObject *name) {
@@ -301,6 +408,10 @@ static PyMethodDef methods[] = {
     {"rope", (PyCFunction)(void (*)(void))rope, METH_FASTCALL,
      "rope(q_out, q, q_heads, k_out, k, k_heads, cos, sin, rows, head_dim, is_bf16, threads): rotary position "
      "embedding (rotate-half) of queries and keys, as transformers' apply_rotary_pos_emb."},
+    {"decode_attention", (PyCFunction)(void (*)(void))decode_attention, METH_FASTCALL,
+     "decode_attention(out, q, keys, values, k_new, v_new, mask, pairs, q_heads, kv_heads, head_dim, cols, capacity, "
+     "scale, is_bf16, threads): one new token per row attending to its cached keys and values and its own, which "
+     "it writes into the cache's column cols - 1 (see loratune.inference.block_step)."},
     {"silu_mul", (PyCFunction)(void (*)(void))silu_mul, METH_FASTCALL,
      "silu_mul(out, gate, up, n, is_bf16, threads): out = silu(gate)·up over n elements (addresses)."},
     {"silu_mul_backward", (PyCFunction)(void (*)(void))silu_mul_backward, METH_FASTCALL,
@@ -320,6 +431,10 @@ static PyMethodDef methods[] = {
     {"cross_entropy_rows", (PyCFunction)(void (*)(void))cross_entropy_rows, METH_FASTCALL,
      "cross_entropy_rows(logits, lse, targets, rows, vocab, want_grad, is_bf16, threads): each row's log-sum-exp, "
      "and with want_grad the row overwritten by softmax - onehot(target)."},
+    {"run_program", (PyCFunction)(void (*)(void))run_program, METH_FASTCALL,
+     "run_program(ops, first, last, threads): rows first..last of a decoding step's program (int64 rows of "
+     "PROGRAM_WIDTH: operation, float bits, arguments) with the GIL released once (see "
+     "loratune.inference.block_step)."},
     {"select", (PyCFunction)select_, METH_O,
      "select(isa): runs every kernel as the copy for `isa` (one of RUNNABLE) from now on; False (nothing changed) "
      "for one this CPU cannot run or that was not built."},
@@ -358,7 +473,8 @@ PyMODINIT_FUNC PyInit__cpu(void) {
     select_isa(best);
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (add_isa_tuple(m, "RUNNABLE", 1) < 0 || add_isa_tuple(m, "BUILT", 0) < 0 ||
-                      PyModule_AddIntConstant(m, "MAX_RANK", MAX_RANK) < 0)) {
+                      PyModule_AddIntConstant(m, "MAX_RANK", MAX_RANK) < 0 ||
+                      PyModule_AddIntConstant(m, "PROGRAM_WIDTH", PROGRAM_WIDTH) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

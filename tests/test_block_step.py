@@ -1,0 +1,239 @@
+"""Decoding's block step (``inference.block_step``): each block of a Llama-family model as kernel calls over a KV cache
+that grows in place, judged by the model's own forward over a copy of the same cache; and where it gives way."""
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import loratune
+from loratune.adapters.mixed_batch import mixed_batch
+from loratune.inference import kv
+from loratune.inference.block_step import BlockStep, decode_logits
+from loratune.inference.decode import generate_greedy, inference
+from loratune.kernels.loader import compiled as _cpu
+from loratune.layers import execution
+
+
+def _tiny(config_class, model_class, dtype=torch.float32, **extra):
+    torch.manual_seed(5)
+    config = config_class(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        **extra,
+    )
+    return model_class(config).eval().to(dtype)
+
+
+FAMILIES = {
+    "llama": lambda **k: _tiny(LlamaConfig, LlamaForCausalLM, **k),
+    "llama-biased": lambda **k: _tiny(LlamaConfig, LlamaForCausalLM, attention_bias=True, mlp_bias=True, **k),
+    "mistral": lambda **k: _tiny(MistralConfig, MistralForCausalLM, sliding_window=None, **k),
+    "qwen2": lambda **k: _tiny(Qwen2Config, Qwen2ForCausalLM, **k),  # q, k, v biases
+    "qwen3": lambda **k: _tiny(Qwen3Config, Qwen3ForCausalLM, **k),  # per-head q/k norms before RoPE
+}
+
+
+def _left_padded():
+    """Three rows of different lengths, left-padded (the engine's layout)."""
+    ids = torch.tensor([[0, 0, 0, 5, 6], [0, 7, 8, 9, 10], [11, 12, 13, 14, 15]])
+    mask = (torch.arange(5)[None] >= torch.tensor([[3], [1], [0]])).long()
+    return ids, mask
+
+
+def _steps_side_by_side(model, steps: int = 6, surgery=None, ran: list | None = None):
+    """Prefill, then ``steps`` greedy decoding steps twice over copies of one cache: by the block step and by the
+    model's forward. Returns both lists of logits and both caches; ``surgery(cache, mask)`` (-> mask, rows kept)
+    runs on both after the third step; ``ran`` collects the backends of the block step's layer calls."""
+    ids, mask = _left_padded()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    stepper = BlockStep.build(model)
+    assert stepper is not None
+    with inference(model):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        ours, theirs = out.cache, copy.deepcopy(out.cache)
+        last, position = out.logits[:, -1].argmax(-1, keepdim=True), positions[:, -1:]
+        got, expected = [], []
+        for step in range(steps):
+            if step == 3 and surgery is not None:
+                surgery(theirs, mask)
+                mask, keep = surgery(ours, mask)
+                last, position = last[keep], position[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            position = position + 1
+            with execution.trace() as backends:
+                logits = stepper.step(last, mask, position, ours)
+            assert logits is not None
+            if ran is not None:
+                ran.extend(backends)
+            reference = model(input_ids=last, attention_mask=mask, position_ids=position, cache=theirs, use_cache=True)
+            got.append(logits)
+            expected.append(reference.logits[:, -1])
+            last = reference.logits[:, -1].argmax(-1, keepdim=True)
+    return got, expected, ours, theirs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.usefixtures("kernel_isa")
+def test_each_family_decodes_as_its_own_forward(family):
+    got, expected, ours, theirs = _steps_side_by_side(FAMILIES[family]())
+    torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours.layers, theirs.layers):  # the cache holds what the forward's holds
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.usefixtures("kernel_isa")
+def test_bf16_decodes_within_bf16_rounding():
+    got, expected, _, _ = _steps_side_by_side(FAMILIES["llama"](dtype=torch.bfloat16), steps=4)
+    torch.testing.assert_close(torch.stack(got).float(), torch.stack(expected).float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.usefixtures("kernel_isa")
+def test_a_mixed_batch_runs_each_lora_layer_as_one_kernel_call():
+    model = FAMILIES["llama"]()
+    for name in ("a", "b"):
+        loratune.add_adapter(model, loratune.LoraConfig(r=4, target_modules="all-linear"), name)
+    with torch.no_grad():
+        for key, parameter in model.named_parameters():
+            if "lora_B" in key:
+                parameter.normal_(std=0.2)
+    model.eval()
+    ran = []
+    with mixed_batch(model, ["a", "b", "__base__"]):
+        got, expected, _, _ = _steps_side_by_side(model, ran=ran)
+    torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0][0], got[0][2], atol=1e-3)  # the adapters act, on their own rows
+    assert ran == ["kernel"] * (6 * 2 * 7)  # 6 steps: each of the 7 LoRA layers of both blocks in one call
+    ran.clear()
+    with mixed_batch(model, ["__base__"] * 3):  # no adapter acts: the LoRA layers' base weights alone
+        got, expected, _, _ = _steps_side_by_side(model, ran=ran)
+    torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=1e-5, atol=1e-5)
+    assert ran == ["base"] * (6 * 2 * 7)
+
+
+def _keep_two(cache, mask):
+    """The engine's row surgery: the middle row leaves, the columns no row uses go, two pad columns come."""
+    keep = torch.tensor([0, 2])
+    kv.keep_rows(cache, keep)
+    mask = mask[keep]
+    kv.drop_left(cache, 1)
+    kv.pad_left(cache, 2)
+    return torch.cat([mask.new_zeros(2, 2), mask[:, 1:]], dim=-1), keep
+
+
+@pytest.mark.usefixtures("kernel_isa")
+def test_the_cache_grows_in_place_and_survives_the_engines_row_surgery():
+    model = FAMILIES["qwen3"]()
+    got, expected, _, _ = _steps_side_by_side(model, steps=7, surgery=_keep_two)
+    torch.testing.assert_close(torch.stack(got[3:]), torch.stack(expected[3:]), rtol=1e-5, atol=1e-5)
+    # a step writes one column into the room the cache has: the keys stay where they were
+    ids, mask = _left_padded()
+    stepper = BlockStep.build(model)
+    with inference(model):
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+        mask = torch.cat([mask, mask.new_ones(3, 1)], dim=-1)
+        stepper.step(ids[:, -1:], mask, torch.full((3, 1), 5), cache)
+        where = cache.layers[0].keys.data_ptr()
+        mask = torch.cat([mask, mask.new_ones(3, 1)], dim=-1)
+        stepper.step(ids[:, -1:], mask, torch.full((3, 1), 6), cache)
+        assert cache.layers[0].keys.data_ptr() == where and cache.get_seq_length() == 7
+
+
+@pytest.mark.usefixtures("kernel_isa")
+def test_greedy_generation_is_the_same_with_and_without_it(monkeypatch, tiny_tokenizer):
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config).eval()
+    prompts = [tiny_tokenizer.encode(text) for text in ("hello there", "a longer prompt than the other one", "x")]
+    with_it = generate_greedy(model, tiny_tokenizer, prompts, max_new_tokens=12, stop_ids=set())
+    monkeypatch.setenv("LORATUNE_BLOCK_STEP", "0")
+    without = generate_greedy(model, tiny_tokenizer, prompts, max_new_tokens=12, stop_ids=set())
+    assert with_it == without and all(with_it)
+
+
+def test_where_it_gives_way_the_forward_runs():
+    assert BlockStep.build(_tiny(GPT2Config, GPT2LMHeadModel)) is None  # another architecture
+    assert BlockStep.build(_tiny(MistralConfig, MistralForCausalLM, sliding_window=4)) is None  # a window
+    model = FAMILIES["llama"]()
+    ids, mask = _left_padded()
+    seen = []
+    with inference(model):
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+        reference = copy.deepcopy(cache)
+        mask = torch.cat([mask, mask.new_ones(3, 1)], dim=-1)
+        positions = torch.full((3, 1), 5)
+        stepper = BlockStep.build(model)
+        hook = model.model.layers[1].mlp.register_forward_hook(lambda *args: seen.append("mlp"))
+        assert stepper.step(ids[:, -1:], mask, positions, cache) is None  # it would skip the hook
+        logits, _ = decode_logits(model, ids[:, -1:], mask, positions, cache)  # so the forward runs it
+        hook.remove()
+        expected = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions, cache=reference)
+        torch.testing.assert_close(logits, expected.logits[:, -1], rtol=1e-5, atol=1e-5)
+        assert seen == ["mlp"]
+        with torch.enable_grad():
+            assert stepper.step(ids[:, -1:], mask, positions, cache) is None  # autograd: the forward's business
+    with torch.no_grad():  # outside decoding (no few-row kernel), as everywhere else: PyTorch's own products
+        assert stepper.step(ids[:, -1:], mask, positions, cache) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [8, 12, 64])  # 12: a tail past the eight-float vectors
+@pytest.mark.usefixtures("kernel_isa")
+def test_decoding_attention_is_softmax_attention_over_the_unmasked_columns(dtype, dim):
+    torch.manual_seed(dim)
+    rows, q_heads, kv_heads, cols, capacity = 3, 6, 2, 9, 13
+    q = torch.randn(rows, q_heads, dim).to(dtype)
+    keys, values = torch.randn(rows, kv_heads, capacity, dim).to(dtype), torch.randn(rows, kv_heads, capacity, dim)
+    values = values.to(dtype)
+    k_new, v_new = torch.randn(rows, kv_heads, dim).to(dtype), torch.randn(rows, kv_heads, dim).to(dtype)
+    mask = (torch.rand(rows, cols) > 0.4).long()
+    mask[:, -1] = 1
+    out = torch.empty_like(q)
+    scale = dim**-0.5
+    _cpu.decode_attention(
+        *(t.data_ptr() for t in (out, q, keys, values, k_new, v_new, mask)),
+        rows * q_heads,
+        q_heads,
+        kv_heads,
+        dim,
+        cols,
+        capacity,
+        scale,
+        int(dtype == torch.bfloat16),
+        2,
+    )
+    assert torch.equal(keys[:, :, cols - 1], k_new) and torch.equal(values[:, :, cols - 1], v_new)  # appended
+    k, v = keys[:, :, :cols].double(), values[:, :, :cols].double()
+    k, v = k.repeat_interleave(q_heads // kv_heads, 1), v.repeat_interleave(q_heads // kv_heads, 1)
+    scores = torch.einsum("rhd,rhcd->rhc", q.double(), k) * scale
+    scores = scores.masked_fill(mask[:, None, :] == 0, float("-inf"))
+    expected = torch.einsum("rhc,rhcd->rhd", scores.softmax(-1), v)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
