@@ -240,6 +240,7 @@ class BlockStep:
             or layers is None
             or len(layers) != len(self.blocks)
             or set(model._forward_pre_hooks) | set(model._forward_hooks) > adapter_names_hooks(model)
+            or "forward" in model.__dict__
             or any(_replaced(m) for m in (inner, *self.blocks))
             or any(_hooked(m) for block in self.blocks for m in _bypassed(block))
             or not all(self._cached_fits(layer, rows, cols, dtype) for layer in layers)
@@ -263,9 +264,13 @@ class BlockStep:
         for layer, (keys, values) in zip(layers, grown):
             layer.keys, layer.values = keys[:, :, :cols], values[:, :, :cols]
         head = model.get_output_embeddings()
-        logits = torch.empty(rows, head.out_features, dtype=dtype)
-        name, arguments, _, backend, _ = self._bind(head, model, b.normed, logits)
-        _into(*arguments) if name == "module" else getattr(_cpu, name)(*arguments)
+        width = getattr(head, "out_features", None)  # (a Linear, or a LoRA layer around one)
+        if width is None:  # another module (modules_to_save's copies): its own forward
+            logits, name, backend = head(b.normed), "module", None
+        else:
+            logits = torch.empty(rows, width, dtype=dtype)
+            name, arguments, _, backend, _ = self._bind(head, model, b.normed, logits)
+            _into(*arguments) if name == "module" else getattr(_cpu, name)(*arguments)
         if execution.tracing():
             for traced in [*program.backends, *([backend] if backend and name != "module" else [])]:
                 execution.record(traced)
