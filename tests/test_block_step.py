@@ -25,22 +25,11 @@ from loratune.inference.block_step import BlockStep, decode_logits
 from loratune.inference.decode import generate_greedy, inference
 from loratune.kernels.loader import compiled as _cpu
 from loratune.layers import execution
+from tiny_models import tiny_llama_family
 
 
 def _tiny(config_class, model_class, dtype=torch.float32, **extra):
-    torch.manual_seed(5)
-    config = config_class(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        **extra,
-    )
-    return model_class(config).eval().to(dtype)
+    return tiny_llama_family(config_class, model_class, **extra).to(dtype)
 
 
 FAMILIES = {

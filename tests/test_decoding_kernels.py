@@ -17,7 +17,7 @@ from loratune.kernels import fused, rows
 from loratune.layers import LoraLinear, Routing
 from loratune.layers.execution import plan_for
 from loratune.train.fused_ops import patch_for_training
-from tiny_models import tiny_llama, token_batch
+from tiny_models import tiny_llama, tiny_llama_family, token_batch
 
 
 @pytest.fixture
@@ -202,28 +202,13 @@ def test_decoding_kernels_give_the_model_its_own_outputs_and_leave_no_trace():
     assert not any("forward" in module.__dict__ for module in model.modules())
 
 
-def _tiny(config_class, model_class, **extra):
-    torch.manual_seed(5)
-    config = config_class(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        **extra,
-    )
-    return model_class(config).eval()
-
-
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: _tiny(MistralConfig, MistralForCausalLM, sliding_window=4),  # the window reaches the attention
-        lambda: _tiny(Qwen2Config, Qwen2ForCausalLM),
-        lambda: _tiny(Qwen3Config, Qwen3ForCausalLM),  # per-head q/k norms before RoPE
+        # the window reaches the attention
+        lambda: tiny_llama_family(MistralConfig, MistralForCausalLM, sliding_window=4),
+        lambda: tiny_llama_family(Qwen2Config, Qwen2ForCausalLM),
+        lambda: tiny_llama_family(Qwen3Config, Qwen3ForCausalLM),  # per-head q/k norms before RoPE
     ],
     ids=["mistral", "qwen2", "qwen3"],
 )

@@ -25,6 +25,24 @@ def tiny_llama(seed: int = 0, *, tie: bool = True, layers: int = 2, dtype=torch.
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def tiny_llama_family(config_class, model_class, **extra) -> nn.Module:
+    """A tiny model of a Llama-like family (``config_class``/``model_class``: Mistral, Qwen2, Qwen3, ...) with grouped
+    queries (4 heads, 2 for keys and values, 8 wide), in eval mode; ``extra`` goes to the config."""
+    torch.manual_seed(5)
+    config = config_class(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        **extra,
+    )
+    return model_class(config).eval()
+
+
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     """A 2-block GPT-2 (Conv1D projections c_attn/c_proj/c_fc), in eval mode."""
     torch.manual_seed(seed)

@@ -3,15 +3,18 @@
 One token per sequence through a 135M-parameter model reads 541 MB of weights: about 20 ms at a laptop's memory
 rate. Run as transformers' modules, the same step also makes some twenty Python-level operations per block —
 module calls, the attention's cache concatenation and mask, the residual adds — which cost about as much again.
-``BlockStep`` runs each block as its kernel calls alone, on buffers it keeps between steps:
+``BlockStep`` runs each block as its kernel calls alone, on buffers it keeps between steps, the whole step one
+compiled program (``kernels._cpu.run_program``) that releases the GIL once — around each call, a server's HTTP
+thread would take it and the step wait for it back:
 
     RMSNorm → q, k, v (a LoRA layer's whole output in one call) → [Qwen3's q/k norms] → RoPE → attention over
     the cache, appending the step's key and value to it → o → residual → RMSNorm → gate, up → silu·up → down →
     residual
 
 and then the final norm and the output head. Each projection takes the few-row kernel where its layer's
-prepared plan allows (``layers.execution.Plan.whole_into``: plain Linear bases, any routing of unweighted
-adapters), else the module's own forward (4-bit bases, DoRA, weighted mixes). The KV cache stays transformers'
+prepared plan allows (``layers.execution.Plan.whole_call``: plain Linear bases, any routing of unweighted
+adapters, or none), else the module's own forward (4-bit bases, DoRA, weighted mixes). The calls' arguments are
+bound once per batch and checked before each step (``_Program.valid``). The KV cache stays transformers'
 ``DynamicCache``, whose layers' keys and values become views into buffers with room to grow: a step writes one
 column instead of copying the whole cache (``DynamicLayer.update`` concatenates), and the engine's row surgery
 (``inference.kv``) and any forward of the model keep working on it.
