@@ -226,3 +226,30 @@ def test_decoding_attention_is_softmax_attention_over_the_unmasked_columns(dtype
     expected = torch.einsum("rhc,rhcd->rhd", scores.softmax(-1), v)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.usefixtures("kernel_isa")
+def test_a_changed_adapter_or_weight_between_steps_is_what_the_next_step_computes():
+    """A training run samples its rollouts, trains, samples again: the program bound for one step must not outlive
+    the weights it was bound to (an optimizer step updates the factors in place; a weight may be replaced)."""
+    model = FAMILIES["llama"]()
+    loratune.add_adapter(model, loratune.LoraConfig(r=4, target_modules="all-linear"))
+    model.eval()
+    ids, mask = _left_padded()
+    stepper = BlockStep.build(model)
+    with inference(model):
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+        for change in range(3):
+            if change == 1:  # the factors change in place (their versions move)
+                for key, parameter in model.named_parameters():
+                    if "lora_B" in key:
+                        parameter.add_(0.3)
+            elif change == 2:  # a base weight is replaced
+                base = model.model.layers[0].mlp.down_proj.base_layer
+                base.weight = torch.nn.Parameter(torch.randn_like(base.weight) * 0.1, requires_grad=False)
+            reference = copy.deepcopy(cache)
+            mask = torch.cat([mask, mask.new_ones(3, 1)], dim=-1)
+            positions = mask.sum(-1, keepdim=True) - 1
+            got = stepper.step(ids[:, -1:], mask, positions, cache)
+            expected = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions, cache=reference)
+            torch.testing.assert_close(got, expected.logits[:, -1], rtol=1e-5, atol=1e-5)
