@@ -481,9 +481,37 @@ def one_thread_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def _one_ran(run: Path) -> None:
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    assert Manifest.read(run).foreign(run) == []
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2]  # one run's lines, not two interleaved
+
+
 @pytest.mark.integration
-def test_two_trainings_started_together_on_one_output_one_runs_the_other_says_who(ws, tmp_path):
-    for round_ in range(3):
+def test_a_training_started_on_an_output_another_one_writes_says_who(ws, tmp_path):
+    run = tmp_path / "run"
+    command = [loratune_executable(), "train", str(ws["config"]), "--set", f"output_dir={run}", "--no-progress"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread_env())
+    lock, deadline = lock_file_for(run), time.monotonic() + 120
+    while f'"pid": {first.pid},' not in (lock.read_text() if lock.exists() else ""):  # it holds the run now
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.005)
+    os.kill(first.pid, signal.SIGSTOP)  # and keeps it, however fast it would train
+    try:
+        second = subprocess.run(command, capture_output=True, text=True, env=one_thread_env(), timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"in use by loratune train (pid {first.pid}, since " in lines[0], second.stderr
+    _one_ran(run)
+
+
+@pytest.mark.integration
+def test_two_trainings_started_together_on_one_output_one_runs_the_other_refuses(ws, tmp_path):
+    for round_ in range(2):
         run = tmp_path / f"run{round_}"
         command = [loratune_executable(), "train", str(ws["config"]), "--set", f"output_dir={run}", "--no-progress"]
         first = subprocess.Popen(
@@ -498,10 +526,14 @@ def test_two_trainings_started_together_on_one_output_one_runs_the_other_says_wh
         winner = next(p for p, _, _ in done if p.returncode == 0)
         loser_err = next(err for p, _, err in done if p.returncode == 2)
         lines = loser_err.strip().splitlines()
-        assert len(lines) == 1 and f"in use by loratune train (pid {winner.pid}, since " in lines[0], loser_err
-        assert json.loads((run / "summary.json").read_text())["steps"] == 2
-        assert Manifest.read(run).foreign(run) == []
-        assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2]  # one run's lines, not two interleaved
+        # one line: who holds the run while it trains, or, when the winner was through before the other process
+        # got as far as the output (it takes seconds to start on a busy machine), that the run exists
+        assert len(lines) == 1, loser_err
+        assert (
+            f"in use by loratune train (pid {winner.pid}, since " in lines[0]
+            or f"output directory {run} already exists and is not empty" in lines[0]
+        ), loser_err
+        _one_ran(run)
 
 
 @pytest.mark.integration
