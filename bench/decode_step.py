@@ -9,7 +9,7 @@
    `inference.lean`, the LoRA layers' one-call output) and without kernels (`LORATUNE_NO_KERNEL=1`: PyTorch's
    operations), each in its own process.
 
-    python bench/decode_step.py                  # both, ~3 minutes on 2 cores
+    python bench/decode_step.py                  # both (the engine's part: about a minute on 2 cores)
     python bench/decode_step.py --only products
 """
 

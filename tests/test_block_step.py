@@ -19,6 +19,7 @@ from transformers import (
 )
 
 import loratune
+from conftest import build_tiny_llama
 from loratune.adapters.mixed_batch import mixed_batch
 from loratune.inference import kv
 from loratune.inference.block_step import BlockStep, decode_logits
@@ -149,17 +150,7 @@ def test_the_cache_grows_in_place_and_survives_the_engines_row_surgery():
 
 @pytest.mark.usefixtures("kernel_isa")
 def test_greedy_generation_is_the_same_with_and_without_it(monkeypatch, tiny_tokenizer):
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = build_tiny_llama(len(tiny_tokenizer), seed=3, max_position_embeddings=256)
     prompts = [tiny_tokenizer.encode(text) for text in ("hello there", "a longer prompt than the other one", "x")]
     with_it = generate_greedy(model, tiny_tokenizer, prompts, max_new_tokens=12, stop_ids=set())
     monkeypatch.setenv("LORATUNE_BLOCK_STEP", "0")

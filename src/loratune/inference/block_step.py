@@ -38,6 +38,7 @@ import weakref
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from loratune.adapters.mixed_batch import adapter_names_hooks
 from loratune.kernels import rows as rows_kernel
@@ -266,18 +267,25 @@ class BlockStep:
         program.run(program.key[-1])
         for layer, (keys, values) in zip(layers, grown):
             layer.keys, layer.values = keys[:, :, :cols], values[:, :, :cols]
-        head = model.get_output_embeddings()
-        width = getattr(head, "out_features", None)  # (a Linear, or a LoRA layer around one)
-        if width is None:  # another module (modules_to_save's copies): its own forward
-            logits, name, backend = head(b.normed), "module", None
-        else:
-            logits = torch.empty(rows, width, dtype=dtype)
-            name, arguments, _, backend, _ = self._bind(head, model, b.normed, logits)
-            _into(*arguments) if name == "module" else getattr(_cpu, name)(*arguments)
+        logits, backend = self._head(model, b.normed, rows, dtype)
         if execution.tracing():
-            for traced in [*program.backends, *([backend] if backend and name != "module" else [])]:
+            for traced in [*program.backends, *([backend] if backend else [])]:
                 execution.record(traced)
         return logits
+
+    def _head(self, model: nn.Module, x: torch.Tensor, rows: int, dtype) -> tuple[torch.Tensor, str | None]:
+        """(The output head's logits for ``x``, the LoRA backend its kernel call stands for or None): the few-row
+        kernel's where it takes the head (a Linear, or a LoRA layer around one, without hooks), else the head's
+        own forward, whose output is the logits as they are (modules_to_save's copies, a hooked head)."""
+        head = model.get_output_embeddings()
+        width = getattr(head, "out_features", None)
+        if width is not None:
+            logits = torch.empty(rows, width, dtype=dtype)
+            name, arguments, _, backend, _ = self._bind(head, model, x, logits)
+            if name != "module":
+                getattr(_cpu, name)(*arguments)
+                return logits, backend
+        return head(x), None
 
     # --- the program ------------------------------------------------------------------------------------------
     def _program_for(self, model: nn.Module, rows: int, hidden: int, dtype) -> _Program:
@@ -410,7 +418,7 @@ class BlockStep:
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         shape = (rows, self.kv_heads, cols - 1, self.head_dim)
         return (
-            type(layer).__name__ == "DynamicLayer"
+            type(layer) is DynamicLayer
             and keys is not None
             and values is not None
             and keys.shape == shape
