@@ -421,9 +421,10 @@ class Engine:
         an output that is not a number, its sampling or its sequence failing) fails alone: its sequence gets
         the error, and the other rows take their tokens as if it were not there."""
         logits = logits.float()
-        tokens = logits.argmax(dim=-1).tolist()
+        best, tokens = logits.max(dim=-1)
+        tokens = tokens.tolist()
         # NaN anywhere in a row makes its max NaN; a max of +inf or -inf leaves no token to choose either
-        broken = (~logits.amax(dim=-1).isfinite()).tolist()
+        broken = (~best.isfinite()).tolist()
         now = time.monotonic()
         for i, seq in enumerate(rows.seqs):
             if seq.done or seq.cancelled:

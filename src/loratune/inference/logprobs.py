@@ -4,7 +4,8 @@ logits tensor: what preference and policy-gradient objectives score sequences by
 The same chunked path as the training loss (``loss.py``): the output head runs only on positions that predict a
 target, fused with the log-softmax, and with a frozen head the gradient w.r.t. the hidden states is computed in
 the same pass. Targets are marked as in training (``labels``: the token where it is scored, ``IGNORE_INDEX``
-elsewhere; position t is predicted from t-1).
+elsewhere; position t is predicted from t-1). Rows that start with the same prompt read it once
+(``shared_prefix``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.inference.loss import IGNORE_INDEX, fused_head, linear_token_cross_entropy
+from loratune.inference.shared_prefix import shared_prefix_hidden
 
 
 def target_logprobs(
@@ -33,7 +35,9 @@ def target_logprobs(
     if head is None:
         logits = model(**inputs).logits[:, :-1]
         return -F.cross_entropy(logits[mask].float() / temperature, targets[mask], reduction="none"), rows
-    hidden = model.base_model(**inputs).last_hidden_state[:, :-1][mask]
+    hidden = shared_prefix_hidden(model, batch, mask)  # rows starting alike (a pair, a group) read it once
+    if hidden is None:
+        hidden = model.base_model(**inputs).last_hidden_state[:, :-1][mask]
     if temperature != 1.0:
         hidden = hidden / temperature  # (h / T)·Wᵀ = logits / T: the head stays fused
     return -linear_token_cross_entropy(hidden, head.weight, targets[mask], chunk_size), rows
