@@ -39,6 +39,8 @@ def in_decoding():
         (5, 8, 4),
         (1, 1, 1),
         (2, 3, 130),  # spans over threads that are no multiple of four rows of W
+        (7, 1003, 13),  # a wide input taken in parts: an odd row, in % 8, out % 4
+        (64, 700, 8),
     ],
 )
 @pytest.mark.parametrize("bias", [False, True])
@@ -59,6 +61,15 @@ def test_kernel_matches_a_float64_reference(dtype, n_rows, d_in, d_out, bias):
         # float32 sums, one rounding to bf16 at the end: within one bf16 step of the exact value
         step = expected.abs().clamp_min(1e-30) * 2.0**-8
         assert ((result.double() - expected).abs() <= step).all()
+
+
+@pytest.mark.usefixtures("kernel_isa", "in_decoding")
+def test_a_wide_input_taken_in_parts_sums_as_one_row_alone_does():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(9, 1541), torch.randn(21, 1541), torch.randn(21)
+    together = rows.product(x, weight, bias)  # several rows of a wide input: taken in parts
+    alone = torch.cat([rows.product(x[i : i + 1], weight, bias) for i in range(9)])  # one row: in one pass
+    assert torch.equal(together, alone)  # the same sums in the same order, bit for bit
 
 
 @pytest.mark.usefixtures("kernel_isa", "in_decoding")

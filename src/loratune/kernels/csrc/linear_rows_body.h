@@ -16,6 +16,14 @@ static inline __attribute__((always_inline)) void NAME(linear_rows_finish)(
     NAME(store1)(out + r * out_f * (bf16 ? 2 : 4), j, s, bf16);
 }
 
+/* linear_rows_finish for four consecutive rows of W (from wq, `in` elements each) and their four sums. */
+static inline __attribute__((always_inline)) void NAME(linear_rows_finish_four)(
+    char *restrict out, const char *restrict xr, const char *restrict wq, int64_t in, const char *restrict bias,
+    int64_t r, int64_t out_f, int64_t j, int64_t tail, NAME(f32x4) s, const int bf16) {
+    const int64_t stride = in * (bf16 ? 2 : 4);
+    for (int k = 0; k < 4; k++) NAME(linear_rows_finish)(out, xr, wq + k * stride, bias, r, in, out_f, j + k, tail, s[k], bf16);
+}
+
 /* Asks for the part of the next four rows of W (`next`, contiguous) that this step of the loop over four rows
  * consumes, so that it arrives while they are multiplied: the four rows read side by side are four short streams
  * (2 KB each at smollm2's width), which the hardware prefetcher keeps restarting; the whole span read in order is
@@ -26,57 +34,97 @@ static inline __attribute__((always_inline)) void NAME(prefetch_next)(const char
     if (!bf16) __builtin_prefetch(at + 64, 0, 3);
 }
 
-/* out[r, j0 .. j0 + 4) for every row r: four consecutive rows of W (in elements each), two rows of x at a time
- * (eight accumulators: each load of W feeds two of them, each load of x four). The accumulators are separate
- * variables so that they stay in registers. */
+/* Two rows of x (xr, xs) against four consecutive rows of W (w0 and the next three, `stride` bytes apart) over
+ * elements [i0, i1) (multiples of eight), added to the eight accumulators in acc (row xr's four, then xs's):
+ * each load of W feeds two products, each load of x four. The accumulators live in registers during the loop. */
+static inline __attribute__((always_inline)) void NAME(linear_rows_pair)(
+    const char *restrict xr, const char *restrict xs, const char *restrict w0, int64_t stride, const char *next,
+    int64_t i0, int64_t i1, NAME(f32x8) *restrict acc, const int bf16) {
+    const int64_t esize = bf16 ? 2 : 4;
+    const char *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;
+    NAME(f32x8) a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    NAME(f32x8) b0 = acc[4], b1 = acc[5], b2 = acc[6], b3 = acc[7];
+    for (int64_t i = i0; i < i1; i += 8) {
+        NAME(prefetch_next)(next, i, bf16);
+        const NAME(f32x8) xv = NAME(load8)(xr + i * esize, bf16), yv = NAME(load8)(xs + i * esize, bf16);
+        NAME(f32x8) w = NAME(in_register)(NAME(load8)(w0 + i * esize, bf16));
+        a0 += w * xv, b0 += w * yv;
+        w = NAME(in_register)(NAME(load8)(w1 + i * esize, bf16));
+        a1 += w * xv, b1 += w * yv;
+        w = NAME(in_register)(NAME(load8)(w2 + i * esize, bf16));
+        a2 += w * xv, b2 += w * yv;
+        w = NAME(in_register)(NAME(load8)(w3 + i * esize, bf16));
+        a3 += w * xv, b3 += w * yv;
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = b0, acc[5] = b1, acc[6] = b2, acc[7] = b3;
+}
+
+/* One row of x against four rows of W over [i0, i1), added to acc[0..4). */
+static inline __attribute__((always_inline)) void NAME(linear_rows_single)(
+    const char *restrict xr, const char *restrict w0, int64_t stride, const char *next, int64_t i0, int64_t i1,
+    NAME(f32x8) *restrict acc, const int bf16) {
+    const int64_t esize = bf16 ? 2 : 4;
+    const char *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;
+    NAME(f32x8) a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    for (int64_t i = i0; i < i1; i += 8) {
+        NAME(prefetch_next)(next, i, bf16);
+        const NAME(f32x8) xv = NAME(load8)(xr + i * esize, bf16);
+        a0 += NAME(load8)(w0 + i * esize, bf16) * xv;
+        a1 += NAME(load8)(w1 + i * esize, bf16) * xv;
+        a2 += NAME(load8)(w2 + i * esize, bf16) * xv;
+        a3 += NAME(load8)(w3 + i * esize, bf16) * xv;
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+}
+
+/* Rows of x that a wide input is split for (below) and the span of each part. */
+#define LINEAR_ROWS_SPLIT_ROWS 64
+#define LINEAR_ROWS_SPAN 256
+
+/* out[r, j0 .. j0 + 4) for every row r: four consecutive rows of W (in elements each), two rows of x at a time.
+ * For a few rows of a wide input (more than 640 elements: smollm2's down projection, 1536) the rows of x and
+ * the block of W no longer fit the L1 cache together, and the block would come from L2 for every pair of rows:
+ * there the input is taken in spans of 256 elements, every row of x over one span before the next, each row's
+ * sums kept between spans (summed in the same order, so the same bits). */
 static inline __attribute__((always_inline)) void NAME(linear_rows_four)(
     char *restrict out, const char *restrict x, const char *restrict W, const char *restrict bias, int64_t rows,
     int64_t in, int64_t out_f, int64_t j0, const int bf16) {
-    const int64_t esize = bf16 ? 2 : 4;
-    const char *w0 = W + j0 * in * esize, *w1 = w0 + in * esize, *w2 = w1 + in * esize, *w3 = w2 + in * esize;
-    const char *next = w3 + in * esize;  /* the next four rows, contiguous after these */
+    const int64_t esize = bf16 ? 2 : 4, stride = in * esize, whole = in & ~(int64_t)7;
+    const char *w0 = W + j0 * stride;
+    const char *next = w0 + 4 * stride; /* the next four rows, contiguous after these */
+    if (rows >= 2 && rows <= LINEAR_ROWS_SPLIT_ROWS && in > 640) {
+        NAME(f32x8) acc[LINEAR_ROWS_SPLIT_ROWS * 4];
+        memset(acc, 0, sizeof(NAME(f32x8)) * 4 * rows);
+        for (int64_t i0 = 0; i0 < whole; i0 += LINEAR_ROWS_SPAN) {
+            const int64_t i1 = i0 + LINEAR_ROWS_SPAN < whole ? i0 + LINEAR_ROWS_SPAN : whole;
+            int64_t r = 0;
+            for (; r + 2 <= rows; r += 2)
+                NAME(linear_rows_pair)(x + r * stride, x + (r + 1) * stride, w0, stride, next, i0, i1, acc + 4 * r, bf16);
+            if (r < rows) NAME(linear_rows_single)(x + r * stride, w0, stride, next, i0, i1, acc + 4 * r, bf16);
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            const NAME(f32x8) *a = acc + 4 * r;
+            NAME(linear_rows_finish_four)(out, x + r * stride, w0, in, bias, r, out_f, j0, whole,
+                                          NAME(lanes_sum8x4)(a[0], a[1], a[2], a[3]), bf16);
+        }
+        return;
+    }
     int64_t r = 0;
     for (; r + 2 <= rows; r += 2) {
-        const char *xr = x + r * in * esize, *xs = xr + in * esize;
-        NAME(f32x8) a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-        int64_t i = 0;
-        for (; i + 8 <= in; i += 8) {
-            NAME(prefetch_next)(next, i, bf16);
-            const NAME(f32x8) xv = NAME(load8)(xr + i * esize, bf16), yv = NAME(load8)(xs + i * esize, bf16);
-            NAME(f32x8) w = NAME(load8)(w0 + i * esize, bf16);
-            a0 += w * xv, b0 += w * yv;
-            w = NAME(load8)(w1 + i * esize, bf16);
-            a1 += w * xv, b1 += w * yv;
-            w = NAME(load8)(w2 + i * esize, bf16);
-            a2 += w * xv, b2 += w * yv;
-            w = NAME(load8)(w3 + i * esize, bf16);
-            a3 += w * xv, b3 += w * yv;
-        }
-        NAME(linear_rows_finish)(out, xr, w0, bias, r, in, out_f, j0, i, NAME(lanes_sum8)(a0), bf16);
-        NAME(linear_rows_finish)(out, xr, w1, bias, r, in, out_f, j0 + 1, i, NAME(lanes_sum8)(a1), bf16);
-        NAME(linear_rows_finish)(out, xr, w2, bias, r, in, out_f, j0 + 2, i, NAME(lanes_sum8)(a2), bf16);
-        NAME(linear_rows_finish)(out, xr, w3, bias, r, in, out_f, j0 + 3, i, NAME(lanes_sum8)(a3), bf16);
-        NAME(linear_rows_finish)(out, xs, w0, bias, r + 1, in, out_f, j0, i, NAME(lanes_sum8)(b0), bf16);
-        NAME(linear_rows_finish)(out, xs, w1, bias, r + 1, in, out_f, j0 + 1, i, NAME(lanes_sum8)(b1), bf16);
-        NAME(linear_rows_finish)(out, xs, w2, bias, r + 1, in, out_f, j0 + 2, i, NAME(lanes_sum8)(b2), bf16);
-        NAME(linear_rows_finish)(out, xs, w3, bias, r + 1, in, out_f, j0 + 3, i, NAME(lanes_sum8)(b3), bf16);
+        NAME(f32x8) acc[8] = {{0}};
+        const char *xr = x + r * stride, *xs = xr + stride;
+        NAME(linear_rows_pair)(xr, xs, w0, stride, next, 0, whole, acc, bf16);
+        NAME(linear_rows_finish_four)(out, xr, w0, in, bias, r, out_f, j0, whole,
+                                      NAME(lanes_sum8x4)(acc[0], acc[1], acc[2], acc[3]), bf16);
+        NAME(linear_rows_finish_four)(out, xs, w0, in, bias, r + 1, out_f, j0, whole,
+                                      NAME(lanes_sum8x4)(acc[4], acc[5], acc[6], acc[7]), bf16);
     }
     for (; r < rows; r++) {
-        const char *xr = x + r * in * esize;
-        NAME(f32x8) a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        int64_t i = 0;
-        for (; i + 8 <= in; i += 8) {
-            NAME(prefetch_next)(next, i, bf16);
-            const NAME(f32x8) xv = NAME(load8)(xr + i * esize, bf16);
-            a0 += NAME(load8)(w0 + i * esize, bf16) * xv;
-            a1 += NAME(load8)(w1 + i * esize, bf16) * xv;
-            a2 += NAME(load8)(w2 + i * esize, bf16) * xv;
-            a3 += NAME(load8)(w3 + i * esize, bf16) * xv;
-        }
-        NAME(linear_rows_finish)(out, xr, w0, bias, r, in, out_f, j0, i, NAME(lanes_sum8)(a0), bf16);
-        NAME(linear_rows_finish)(out, xr, w1, bias, r, in, out_f, j0 + 1, i, NAME(lanes_sum8)(a1), bf16);
-        NAME(linear_rows_finish)(out, xr, w2, bias, r, in, out_f, j0 + 2, i, NAME(lanes_sum8)(a2), bf16);
-        NAME(linear_rows_finish)(out, xr, w3, bias, r, in, out_f, j0 + 3, i, NAME(lanes_sum8)(a3), bf16);
+        NAME(f32x8) acc[4] = {{0}};
+        const char *xr = x + r * stride;
+        NAME(linear_rows_single)(xr, w0, stride, next, 0, whole, acc, bf16);
+        NAME(linear_rows_finish_four)(out, xr, w0, in, bias, r, out_f, j0, whole,
+                                      NAME(lanes_sum8x4)(acc[0], acc[1], acc[2], acc[3]), bf16);
     }
 }
 
