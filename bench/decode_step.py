@@ -3,11 +3,11 @@
 1. The products: every weight of smollm2-135m (30 blocks' seven projections and the output head, random values
    of the same shapes) multiplied by a few rows, as one decoding step does: the few-row kernel
    (`kernels.rows`) against `F.linear` (BLAS), per number of rows and dtype, with the rate each reads the weights.
-2. The engine: one sequence of 64 greedy tokens through the serving engine on smollm2-135m with a random r=8
-   all-linear adapter, the median time per decoding step with the kernels and each block as kernel calls
-   (`inference.block_step`), with the kernels inside transformers' modules (`LORATUNE_BLOCK_STEP=0`:
-   `inference.lean`, the LoRA layers' one-call output) and without kernels (`LORATUNE_NO_KERNEL=1`: PyTorch's
-   operations), each in its own process.
+2. The engine: one sequence (`--sequences`: several at once) of 64 greedy tokens through the serving engine on
+   smollm2-135m with a random r=8 all-linear adapter, the median time per decoding step with the kernels and
+   each block as kernel calls (`inference.block_step`), with the kernels inside transformers' modules
+   (`LORATUNE_BLOCK_STEP=0`: `inference.lean`, the LoRA layers' one-call output) and without kernels
+   (`LORATUNE_NO_KERNEL=1`: PyTorch's operations), each in its own process.
 
     python bench/decode_step.py                  # both (the engine's part: about a minute on 2 cores)
     python bench/decode_step.py --only products
@@ -71,7 +71,7 @@ def products(rows_list: list[int], repeats: int) -> None:
             )
 
 
-def engine_child(adapter: str, tokens: int, repeats: int) -> None:
+def engine_child(adapter: str, tokens: int, repeats: int, sequences: int) -> None:
     import loratune
     from loratune.inference.engine import Engine
     from loratune.inference.sequence import SamplingParams, Sequence
@@ -89,16 +89,16 @@ def engine_child(adapter: str, tokens: int, repeats: int) -> None:
     def sequence(n: int) -> Sequence:
         return Sequence(prompt, {"a": 1.0}, SamplingParams(max_tokens=n), tokenizer, frozenset(), lambda event: None)
 
-    engine.run([sequence(8)])
+    engine.run([sequence(8) for _ in range(sequences)])
     medians = []
     for _ in range(repeats):
         steps.clear()
-        engine.run([sequence(tokens)])
+        engine.run([sequence(tokens) for _ in range(sequences)])
         medians.append(statistics.median(steps))
     print(f"RESULT {min(medians) * 1e3:.2f} {statistics.median(medians) * 1e3:.2f}")
 
 
-def engine(tokens: int, repeats: int) -> None:
+def engine(tokens: int, repeats: int, sequences: int) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from common import random_adapter
 
@@ -111,6 +111,7 @@ def engine(tokens: int, repeats: int) -> None:
             ("PyTorch operations", {"LORATUNE_NO_KERNEL": "1"}),
         ):
             command = [sys.executable, __file__, "--child", str(adapter), "--tokens", str(tokens)]
+            command += ["--sequences", str(sequences)]
             done = subprocess.run(
                 [*command, "--repeats", str(repeats)], env={**os.environ, **extra}, capture_output=True, text=True
             )
@@ -118,7 +119,10 @@ def engine(tokens: int, repeats: int) -> None:
             if line is None:
                 raise SystemExit(f"{label}: the child failed:\n{done.stderr[-2000:]}")
             results[label] = [float(v) for v in line.split()[1:]]
-    print(f"\nsmollm2-135m fp32, one sequence, {tokens} greedy tokens, r=8 all-linear adapter, {repeats} repeats:")
+    print(
+        f"\nsmollm2-135m fp32, {sequences} sequence(s) at once, {tokens} greedy tokens, r=8 all-linear adapter, "
+        f"{repeats} repeats:"
+    )
     print("| decoding with | step, best repeat (ms) | step, median repeat (ms) |")
     print("|---|---|---|")
     for label, (best, median) in results.items():
@@ -134,16 +138,17 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,8,16,32,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--sequences", type=int, default=1, help="sequences decoded together by the engine")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        engine_child(args.child, args.tokens, args.repeats)
+        engine_child(args.child, args.tokens, args.repeats, args.sequences)
         return
     print(f"threads {torch.get_num_threads()}")
     if args.only in (None, "products"):
         products(args.rows, args.repeats)
     if args.only in (None, "engine"):
-        engine(args.tokens, args.repeats)
+        engine(args.tokens, args.repeats, args.sequences)
 
 
 if __name__ == "__main__":
