@@ -434,3 +434,39 @@ def test_grpo_across_two_processes_updates_as_one_process_does(setup, tmp_path):
         assert a["kl"] > 0 and a["kl"] == pytest.approx(b["kl"], rel=1e-4)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
     assert len({r["kl"] for r in steps}) == 3  # each update moved the adapter
+
+
+def test_dpo_across_two_processes_updates_as_one_process_does(setup, tmp_path):
+    """Two pairs in each of two processes must make the update four pairs make in one: the loss, TRL's metrics and
+    the adapter (each pair's prompt read once for its chosen and rejected rows, inside DDP's forward)."""
+    _, model_dir, _ = setup
+    rows = [
+        {"prompt": f"What is {i} + {i}?", "chosen": f" {2 * i}", "rejected": f" The answer is {2 * i + 1}." + " no" * i}
+        for i in range(4)
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+    def dpo_run(name: str, batch_size: int) -> Path:
+        config = config_dict(
+            model_dir,
+            data,
+            tmp_path / name,
+            lora={"r": 4, "lora_alpha": 8},
+            train={"objective": "dpo", "max_steps": 3, "batch_size": batch_size, "lr": 1e-2, "save_every": 10},
+        )
+        return write_config(tmp_path / f"{name}.yaml", config)
+
+    single = loratune("train", dpo_run("single", 4), "--no-progress", threads=2)
+    assert single.returncode == 0, single.stderr
+    double = loratune("train", dpo_run("double", 2), "--nproc", 2, "--no-progress", threads=2)
+    assert double.returncode == 0, double.stderr
+    ours, reference = adapter_tensors(tmp_path / "double"), adapter_tensors(tmp_path / "single")
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
+    steps, reference_steps = ([r for r in metrics(tmp_path / name) if "loss" in r] for name in ("double", "single"))
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # a fresh adapter: ln 2 in both
+    for a, b in zip(steps, reference_steps, strict=True):
+        for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), name
+    assert steps[-1]["loss"] < steps[0]["loss"]
