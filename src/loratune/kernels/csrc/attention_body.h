@@ -59,7 +59,7 @@ static inline __attribute__((always_inline)) void NAME(attention_scores16)(
         else
             for (int l = 0; l < 16; l++) x[l] += j + l < k_len ? mask[j + l] : 0.0f;
     }
-    NAME(i32x16) valid = (lanes + (int32_t)j) < (int32_t)end;
+    NAME(i32x16) valid = NAME(less16_i32)(lanes + (int32_t)j, (NAME(i32x16)){0} + (int32_t)end);
     NAME(f32x16) p = NAME(select16)(valid, NAME(exp16)(x - lse), (NAME(f32x16)){0});
     NAME(store16)(probs + j * es, p, bf16);
     NAME(store16)(grad_scores + j * es, p * (dp - delta) * scale, bf16);

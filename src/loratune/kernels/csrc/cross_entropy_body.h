@@ -16,7 +16,7 @@ void NAME(cross_entropy_rows)(void *logits, float *lse, const int64_t *targets, 
         int64_t j = 0;
         for (; j + 16 <= vocab; j += 16) {
             NAME(f32x16) x = NAME(load16)(row + j * es, bf16);
-            top16 = NAME(select16)(x > top16, x, top16);
+            top16 = NAME(select16)(NAME(less16)(top16, x), x, top16);
         }
         float top = -__builtin_inff();
         for (int l = 0; l < 16; l++) top = top16[l] > top ? top16[l] : top;

@@ -27,7 +27,7 @@ void NAME(dropout)(void *out, const void *x, int64_t first, int64_t n, uint64_t 
         NAME(u32x16) index = (uint32_t)at + lanes;  /* a block of 16 never crosses a 2^32 boundary: first % 16 == 0 */
         NAME(u32x16) h = NAME(mix16)(NAME(mix16)(index ^ seed_lo) + (seed_hi ^ (uint32_t)(at >> 32)));
         if (i + 16 <= n) {
-            NAME(u32x16) keep = (NAME(u32x16))(h < keep_below);
+            NAME(u32x16) keep = (NAME(u32x16))NAME(less16_u32)(h, (NAME(u32x16)){0} + keep_below);
             NAME(f32x16) v = NAME(load16)((const char *)x + i * es, bf16) * scale;
             NAME(store16)((char *)out + i * es, (NAME(f32x16))((NAME(u32x16))v & keep), bf16);
         } else {  /* the last few elements: the same hashes, one at a time */
