@@ -9,6 +9,29 @@
 static inline __attribute__((always_inline)) void NAME(tile_product)(NAME(f32x16) acc[4][4], const float *const *x,
                                                                     const float *yt, int64_t lp, int64_t j0,
                                                                     int64_t head_dim, const int NV) {
+#ifndef __AVX512F__
+    /* AVX2 has 16 registers of 8 floats: the 16 accumulators of 16 floats below would live on the stack. Here
+     * 16 keys at a time, as two halves of 8, four rows: 8 accumulators in registers. Each lane sums over the
+     * head dimensions in the same order, so the same bits. */
+    for (int v = 0; v < NV; v++) {
+        NAME(f32h) a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0};
+        const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+        for (int64_t c = 0; c < head_dim; c++) {
+            NAME(f32h) lo, hi;
+            memcpy(&lo, yt + c * lp + j0 + 16 * v, 32);
+            memcpy(&hi, yt + c * lp + j0 + 16 * v + 8, 32);
+            a0 += x0[c] * lo, a1 += x0[c] * hi;
+            b0 += x1[c] * lo, b1 += x1[c] * hi;
+            c0 += x2[c] * lo, c1 += x2[c] * hi;
+            d0 += x3[c] * lo, d1 += x3[c] * hi;
+        }
+        memcpy(&acc[0][v], &a0, 32), memcpy((char *)&acc[0][v] + 32, &a1, 32);
+        memcpy(&acc[1][v], &b0, 32), memcpy((char *)&acc[1][v] + 32, &b1, 32);
+        memcpy(&acc[2][v], &c0, 32), memcpy((char *)&acc[2][v] + 32, &c1, 32);
+        memcpy(&acc[3][v], &d0, 32), memcpy((char *)&acc[3][v] + 32, &d1, 32);
+    }
+    return;
+#endif
     for (int t = 0; t < 4; t++)
         for (int v = 0; v < NV; v++) acc[t][v] = (NAME(f32x16)){0};
     for (int64_t c = 0; c < head_dim; c++) {
