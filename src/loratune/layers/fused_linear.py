@@ -17,12 +17,16 @@ import torch
 
 from loratune.layers import dora
 
+# _SKINNY: the rank-r products (N × r results, N tokens) are taken as r × N products and transposed (a view):
+# BLAS on a CPU runs a product whose long side is the output's rows several times slower than the same product
+# with a few rows of output (MKL here: x·Aᵀ 1.4×, g·B 2.2–2.6×, gᵀ·xa up to 13× slower; docs/benchmarks.md).
+
 
 def lora_linear_forward(x2, weight, bias, lora_A, lora_B, scale: float):
     """(out, xa) for 2-D ``x2`` (N × in): ``out = x2·Wᵀ + bias + scale·xa·Bᵀ`` with ``xa = x2·Aᵀ`` (N × r)."""
     A, B = lora_A.to(x2.dtype), lora_B.to(x2.dtype)
     out = x2 @ weight.T if bias is None else torch.addmm(bias.to(x2.dtype), x2, weight.T)
-    xa = x2 @ A.T
+    xa = (A @ x2.T).T  # see _SKINNY
     out.addmm_(xa, B.T, alpha=scale)
     return out, xa
 
@@ -30,11 +34,11 @@ def lora_linear_forward(x2, weight, bias, lora_A, lora_B, scale: float):
 def lora_linear_backward(g2, x2, xa, weight, lora_A, lora_B, scale: float, needs):
     """Gradients (x2, bias, A, B) for output gradient ``g2`` (N × out); ``needs`` says which (4 flags)."""
     A, B = lora_A.to(x2.dtype), lora_B.to(x2.dtype)
-    gb = g2 @ B  # N × r
+    gb = (B.T @ g2.T).T  # N × r; see _SKINNY
     grad_x = (g2 @ weight).addmm_(gb, A, alpha=scale) if needs[0] else None
     grad_bias = g2.sum(0) if needs[1] else None
     grad_A = (scale * (gb.T @ x2)).to(lora_A.dtype) if needs[2] else None
-    grad_B = (scale * (g2.T @ xa)).to(lora_B.dtype) if needs[3] else None
+    grad_B = (scale * (xa.T @ g2).T).to(lora_B.dtype) if needs[3] else None
     return grad_x, grad_bias, grad_A, grad_B
 
 
