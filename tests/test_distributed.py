@@ -403,6 +403,20 @@ def test_a_full_fine_tune_under_fsdp_resumes_to_the_uninterrupted_result(setup, 
         torch.testing.assert_close(masters[1][key], masters[0][key], atol=1e-6, rtol=0)
 
 
+def two_processes_and_one(tmp_path, run_config, batch_size: int) -> tuple[list[dict], list[dict]]:
+    """Train ``run_config(name, batch_size)`` in one process, and with half the batch in each of two; assert their
+    adapters equal (1e-5) and return each run's per-step records (the two processes', the one's)."""
+    single = loratune("train", run_config("single", batch_size), "--no-progress", threads=2)
+    assert single.returncode == 0, single.stderr
+    double = loratune("train", run_config("double", batch_size // 2), "--nproc", 2, "--no-progress", threads=2)
+    assert double.returncode == 0, double.stderr
+    ours, reference = adapter_tensors(tmp_path / "double"), adapter_tensors(tmp_path / "single")
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
+    double_steps, single_steps = ([r for r in metrics(tmp_path / name) if "loss" in r] for name in ("double", "single"))
+    return double_steps, single_steps
+
+
 def test_grpo_across_two_processes_updates_as_one_process_does(setup, tmp_path):
     """Greedy rollouts (the same completions in any process) and a KL to the base that a non-zero adapter gives a
     gradient: one prompt in each of two processes must make the update two prompts make in one."""
@@ -421,14 +435,7 @@ def test_grpo_across_two_processes_updates_as_one_process_does(setup, tmp_path):
         )
         return write_config(tmp_path / f"{name}.yaml", config)
 
-    single = loratune("train", grpo_run("single", 2), "--no-progress", threads=2)
-    assert single.returncode == 0, single.stderr
-    double = loratune("train", grpo_run("double", 1), "--nproc", 2, "--no-progress", threads=2)
-    assert double.returncode == 0, double.stderr
-    ours, reference = adapter_tensors(tmp_path / "double"), adapter_tensors(tmp_path / "single")
-    for key in reference:
-        torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
-    steps, reference_steps = ([r for r in metrics(tmp_path / name) if "loss" in r] for name in ("double", "single"))
+    steps, reference_steps = two_processes_and_one(tmp_path, grpo_run, 2)
     assert [r["step"] for r in steps] == [1, 2, 3]
     for a, b in zip(steps, reference_steps, strict=True):
         assert a["kl"] > 0 and a["kl"] == pytest.approx(b["kl"], rel=1e-4)
@@ -456,14 +463,7 @@ def test_dpo_across_two_processes_updates_as_one_process_does(setup, tmp_path):
         )
         return write_config(tmp_path / f"{name}.yaml", config)
 
-    single = loratune("train", dpo_run("single", 4), "--no-progress", threads=2)
-    assert single.returncode == 0, single.stderr
-    double = loratune("train", dpo_run("double", 2), "--nproc", 2, "--no-progress", threads=2)
-    assert double.returncode == 0, double.stderr
-    ours, reference = adapter_tensors(tmp_path / "double"), adapter_tensors(tmp_path / "single")
-    for key in reference:
-        torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
-    steps, reference_steps = ([r for r in metrics(tmp_path / name) if "loss" in r] for name in ("double", "single"))
+    steps, reference_steps = two_processes_and_one(tmp_path, dpo_run, 4)
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # a fresh adapter: ln 2 in both
     for a, b in zip(steps, reference_steps, strict=True):

@@ -297,6 +297,17 @@ def test_sampled_token_frequencies_follow_the_tempered_and_truncated_softmax(mod
     assert (expected > 0).sum() > 1  # a real distribution, not a single certain token
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_logits_that_are_not_numbers_cannot_be_sampled(bad):
+    from loratune.inference.sampling import sample_next
+
+    logits = torch.zeros(2, 10)
+    logits[1, 3] = bad
+    with pytest.raises(ValueError, match="not numbers"):
+        sample_next(logits, 1.0, None, None, torch.Generator().manual_seed(0))
+    assert sample_next(logits[:1], 1.0, None, None, torch.Generator().manual_seed(0)).shape == (1,)
+
+
 def test_streamed_sampling_draws_each_token_with_sample_next(model, tiny_tokenizer, prompts):
     from loratune.inference.sampling import sample_next
 

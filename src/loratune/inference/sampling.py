@@ -60,6 +60,9 @@ def sample_next(
     # token's share measurably); torch.multinomial draws an exponential per vocabulary entry instead (about 20×
     # the time per row for a 50k vocabulary). A token of probability 0 is never drawn: its interval is empty.
     cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1]
+    if not bool((total.isfinite() & (total > 0)).all()):
+        raise ValueError("the logits are not numbers (NaN or infinite): no token can be sampled from them")
     draw = torch.rand((cdf.shape[0], 1), generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, draw, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
     return tokens.to(logits.device)

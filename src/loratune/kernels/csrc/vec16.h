@@ -52,18 +52,11 @@ static inline __attribute__((always_inline)) NAME(i32x16) NAME(less16_i32)(NAME(
 #endif
 }
 
-/* a < b, lane by lane (unsigned integers). */
+/* a < b, lane by lane (unsigned integers): AVX2 compares signed integers only, and flipping both sign bits turns
+ * the unsigned order into the signed one. */
 static inline __attribute__((always_inline)) NAME(i32x16) NAME(less16_u32)(NAME(u32x16) a, NAME(u32x16) b) {
-#ifdef __AVX512F__
-    return (NAME(i32x16))(a < b);
-#else
-    VEC16_SPLIT(NAME(u32h), a, a0, a1);
-    VEC16_SPLIT(NAME(u32h), b, b0, b1);
-    /* AVX2 compares signed integers only: flipping both sign bits turns the unsigned order into the signed one */
-    const NAME(u32h) sign = (NAME(u32h)){0} + 0x80000000u;
-    return NAME(join16)((NAME(i32h))(a0 ^ sign) < (NAME(i32h))(b0 ^ sign),
-                        (NAME(i32h))(a1 ^ sign) < (NAME(i32h))(b1 ^ sign));
-#endif
+    const NAME(u32x16) sign = (NAME(u32x16)){0} + 0x80000000u;
+    return NAME(less16_i32)((NAME(i32x16))(a ^ sign), (NAME(i32x16))(b ^ sign));
 }
 
 
