@@ -24,6 +24,8 @@ from loratune.adapters.mixed_batch import mixed_batch
 from loratune.inference import kv
 from loratune.inference.block_step import BlockStep, decode_logits
 from loratune.inference.decode import generate_greedy, inference
+from loratune.inference.engine import Engine
+from loratune.inference.sequence import SamplingParams, Sequence
 from loratune.kernels.loader import compiled as _cpu
 from loratune.layers import execution
 from tiny_models import tiny_llama_family
@@ -244,3 +246,59 @@ def test_a_changed_adapter_or_weight_between_steps_is_what_the_next_step_compute
             got = stepper.step(ids[:, -1:], mask, positions, cache)
             expected = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions, cache=reference)
             torch.testing.assert_close(got, expected.logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("kernel_isa")
+def test_a_vouched_step_skips_the_checks_only_right_after_its_own_step_on_that_cache():
+    """``unchanged=True`` is the caller's word that nothing touched the model or the cache since the step's own
+    previous step on that cache: taken then (the checks are skipped), and nowhere else."""
+    model = FAMILIES["llama"]()
+    ids, mask = _left_padded()
+    stepper = BlockStep.build(model)
+    mlp = model.model.layers[1].mlp
+    with inference(model):
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+        other = copy.deepcopy(cache)
+
+        def step(cache, columns):
+            full = torch.cat([mask, mask.new_ones(3, columns - mask.shape[1])], dim=-1)
+            return stepper.step(ids[:, -1:], full, full.sum(-1, keepdim=True) - 1, cache, unchanged=True)
+
+        hook = mlp.register_forward_hook(lambda *args: None)
+        assert step(cache, 6) is None  # no step of its own before: checked, and the hook seen
+        hook.remove()
+        reference = copy.deepcopy(cache)
+        got = step(cache, 6)
+        full = torch.cat([mask, mask.new_ones(3, 1)], dim=-1)
+        expected = model(input_ids=ids[:, -1:], attention_mask=full, position_ids=full.sum(-1, keepdim=True) - 1,
+                         cache=reference)  # fmt: skip
+        torch.testing.assert_close(got, expected.logits[:, -1], rtol=1e-5, atol=1e-5)
+        hook = mlp.register_forward_hook(lambda *args: None)
+        assert step(cache, 7) is not None  # right after its own step: the caller's word is taken
+        assert step(cache, 9) is None  # a column skipped: checked
+        hook.remove()
+        assert step(cache, 8) is not None
+        hook = mlp.register_forward_hook(lambda *args: None)
+        assert step(other, 6) is None  # another cache: checked
+        hook.remove()
+
+
+@pytest.mark.usefixtures("kernel_isa")
+def test_an_engine_call_between_decoding_steps_is_seen_by_the_next_step(tiny_tokenizer):
+    """The engine vouches for the steps of an unchanged batch; an engine call (which may attach adapters or
+    change the model) ends that, so a hook it adds runs from the next step on."""
+    model = build_tiny_llama(len(tiny_tokenizer), seed=3, max_position_embeddings=256)
+    engine = Engine(model)
+    fired, seqs = [], []
+
+    def sink(event) -> None:
+        if len(seqs[0].tokens) == 3 and not fired:
+            fired.append("call")
+            hook = model.model.layers[0].mlp.register_forward_hook(lambda *args: fired.append("mlp"))
+            engine.call(lambda: hook)  # (registered here, in the engine's thread; the call marks the change)
+
+    prompt = tiny_tokenizer.encode("hello there")
+    seqs.append(Sequence(prompt, {}, SamplingParams(10), tiny_tokenizer, frozenset(), sink))
+    engine.run(seqs)
+    assert len(seqs[0].tokens) == 10
+    assert fired.count("mlp") == 7  # each step after the third token ran the module's forward, hook and all

@@ -14,10 +14,12 @@ thread would take it and the step wait for it back:
 and then the final norm and the output head. Each projection takes the few-row kernel where its layer's
 prepared plan allows (``layers.execution.Plan.whole_call``: plain Linear bases, any routing of unweighted
 adapters, or none), else the module's own forward (4-bit bases, DoRA, weighted mixes). The calls' arguments are
-bound once per batch and checked before each step (``_Program.valid``). The KV cache stays transformers'
-``DynamicCache``, whose layers' keys and values become views into buffers with room to grow: a step writes one
-column instead of copying the whole cache (``DynamicLayer.update`` concatenates), and the engine's row surgery
-(``inference.kv``) and any forward of the model keep working on it.
+bound once per batch and checked before each step (``_Program.valid``), except where the caller vouches that
+nothing changed since the step's own previous step (``unchanged``: the serving engine, between two steps of an
+unchanged batch). The KV cache stays transformers' ``DynamicCache``, whose layers' keys and values become views
+into buffers with room to grow: a step writes one column instead of copying the whole cache
+(``DynamicLayer.update`` concatenates), and the engine's row surgery (``inference.kv``) and any forward of the
+model keep working on it.
 
 It takes the models whose blocks are exactly transformers' Llama, Mistral, Qwen2 or Qwen3 ones (no sliding
 window in reach, no hooks, norms and SiLU MLPs of the family's classes), in float32 or bf16 on a CPU with the
@@ -57,15 +59,20 @@ _GROWTH = 128  # columns of room a cache buffer gets beyond what it holds (plus 
 _steps: weakref.WeakKeyDictionary[nn.Module, BlockStep | None] = weakref.WeakKeyDictionary()
 
 
-def decode_logits(model: nn.Module, input_ids, attention_mask, position_ids, cache) -> tuple[torch.Tensor, object]:
+def decode_logits(
+    model: nn.Module, input_ids, attention_mask, position_ids, cache, *, unchanged: bool = False
+) -> tuple[torch.Tensor, object]:
     """(The next-token logits, rows × vocab; the KV cache) of one decoding step — ``input_ids`` (rows × 1),
     ``attention_mask`` (rows × columns, the new token's column included), ``position_ids`` (rows × 1) — by
-    ``BlockStep`` where it takes the model (``cache`` updated in place), else by the model's forward."""
+    ``BlockStep`` where it takes the model (``cache`` updated in place), else by the model's forward.
+    ``unchanged``: the caller vouches that since its previous call for this cache nothing touched the model or
+    the cache (see ``BlockStep.step``)."""
     stepper = _steps.get(model, False)
     if stepper is False:
         stepper = _steps[model] = BlockStep.build(model)
     enabled = os.environ.get("LORATUNE_BLOCK_STEP", "1") != "0"
-    logits = stepper.step(input_ids, attention_mask, position_ids, cache) if stepper and enabled else None
+    stepped = stepper and enabled
+    logits = stepper.step(input_ids, attention_mask, position_ids, cache, unchanged=unchanged) if stepped else None
     if logits is not None:
         return logits, cache
     out = model(
@@ -172,6 +179,7 @@ class BlockStep:
         self.heads = heads
         self.q_heads, self.kv_heads, self.head_dim = heads
         self._program: _Program | None = None
+        self._last: tuple | None = None  # (a weak reference to the cache, rows, columns) of the last step it ran
         self._kv: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache layer -> (keys, values) buffers
 
     @classmethod
@@ -221,10 +229,17 @@ class BlockStep:
         return cls(model, blocks, kinds["RMSNorm"], (q_heads, kv_heads, head_dim))
 
     # --- one step ---------------------------------------------------------------------------------------------
-    def step(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor | None:
+    def step(self, input_ids, attention_mask, position_ids, cache, *, unchanged: bool = False) -> torch.Tensor | None:
         """The next-token logits (rows × vocab) for one new token per row, the cache updated; None (nothing done)
         where this step cannot run here: no kernels, another device or dtype, hooks, a cache of another kind or
-        length, autograd on."""
+        length, autograd on.
+
+        ``unchanged``: the caller vouches that nothing but this object's own previous step touched the model
+        (modules, hooks, weights, adapters, their routing) or ``cache`` since that step — as the serving engine
+        can between two steps of the same batch. Where that previous step was this one's predecessor (the same
+        cache, rows, one column fewer), the checks of the model's structure and of the bound arguments are
+        skipped: they cost a tenth of a step of a small model."""
+        self._last, last = None, self._last
         model = self._model()
         if model is None:
             return None
@@ -233,6 +248,7 @@ class BlockStep:
         dtype = inner.norm.weight.dtype
         cols = attention_mask.shape[-1]
         layers = getattr(cache, "layers", None)
+        vouched = unchanged and last is not None and last[0]() is cache and last[1:] == (rows, cols - 1)
         if (
             torch.is_grad_enabled()
             or not kernel_available()
@@ -243,7 +259,10 @@ class BlockStep:
             or attention_mask.shape != (rows, cols)
             or layers is None
             or len(layers) != len(self.blocks)
-            or set(model._forward_pre_hooks) | set(model._forward_hooks) > adapter_names_hooks(model)
+        ):
+            return None
+        if not vouched and (
+            set(model._forward_pre_hooks) | set(model._forward_hooks) > adapter_names_hooks(model)
             or "forward" in model.__dict__
             or any(_replaced(m) for m in (inner, *self.blocks))
             or any(_hooked(m) for block in self.blocks for m in _bypassed(block))
@@ -253,7 +272,7 @@ class BlockStep:
         embedded = inner.embed_tokens(input_ids)  # (rows, 1, hidden): any embedding module, LoRA's included
         if embedded.dtype != dtype:
             return None
-        program = self._program_for(model, rows, embedded.shape[-1], dtype)
+        program = self._program_for(model, rows, embedded.shape[-1], dtype, vouched)
         b, ops = program.buffers, program.ops
         b.hidden.copy_(embedded.view(rows, -1))
         cos, sin = inner.rotary_emb(embedded, position_ids)
@@ -271,6 +290,7 @@ class BlockStep:
         if execution.tracing():
             for traced in [*program.backends, *([backend] if backend else [])]:
                 execution.record(traced)
+        self._last = (weakref.ref(cache), rows, cols)
         return logits
 
     def _head(self, model: nn.Module, x: torch.Tensor, rows: int, dtype) -> tuple[torch.Tensor, str | None]:
@@ -288,11 +308,12 @@ class BlockStep:
         return head(x), None
 
     # --- the program ------------------------------------------------------------------------------------------
-    def _program_for(self, model: nn.Module, rows: int, hidden: int, dtype) -> _Program:
-        """The step's kernel calls for ``rows`` rows: the last ones while still valid, else bound anew."""
+    def _program_for(self, model: nn.Module, rows: int, hidden: int, dtype, vouched: bool) -> _Program:
+        """The step's kernel calls for ``rows`` rows: the last ones while still valid (``vouched``: known to be),
+        else bound anew."""
         key = (rows, hidden, dtype, torch.get_num_threads())
         program = self._program
-        if program is not None and program.key == key and program.valid():
+        if program is not None and program.key == key and (vouched or program.valid()):
             return program
         buffers = program.buffers if program is not None and program.key[:3] == key[:3] else None
         program = self._program = _Program(key, buffers or _Buffers(rows, hidden, self.heads, self._inner(), dtype))

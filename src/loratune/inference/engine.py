@@ -134,6 +134,7 @@ class Engine:
         self._checked_cache = False
         self._routing = contextlib.ExitStack()
         self._routing_key: tuple | None = None
+        self._decoded: _Rows | None = None  # the rows the last step decoded, while nothing else happened since
         self._held: Sequence | None = None  # the oldest sequence that max_adapters holds back
         self._overtaken = 0  # how many sequences started ahead of it
         self._steps = 0  # what _publish reports (engine thread only)
@@ -364,6 +365,7 @@ class Engine:
 
     def _prefill_chunk(self) -> None:
         job = self._prefill
+        self._decoded = None  # (its forward may share the running rows' routing, and leave plans of its own)
         width = job.ids.shape[1]
         chunk = max(1, self.prefill_tokens // len(job.readers))
         end = min(width, job.done + chunk)
@@ -395,7 +397,13 @@ class Engine:
         rows = self._running
         rows.mask = torch.cat([rows.mask, rows.mask.new_ones((rows.mask.shape[0], 1))], dim=-1)
         with self._routed(rows.seqs):
-            logits, rows.cache = decode_logits(self.model, rows.last, rows.mask, rows.positions, rows.cache)
+            # the same rows as the last step with nothing in between (no prefill, engine call, rerouting or row
+            # surgery, each of which makes new _Rows or clears _decoded): the step may skip its checks
+            unchanged, self._decoded = self._decoded is rows, None
+            logits, rows.cache = decode_logits(
+                self.model, rows.last, rows.mask, rows.positions, rows.cache, unchanged=unchanged
+            )
+            self._decoded = rows
         rows.positions = rows.positions + 1
         self._accept(rows, logits)
         self._drop_finished()
@@ -407,7 +415,7 @@ class Engine:
         engine call (which may load or free adapters) sets it again."""
         key = tuple(s.routing_key for s in seqs)
         if key != self._routing_key:
-            self._unroute()
+            self._unroute()  # (which also ends what the last decoding step vouched for)
             self._routing.enter_context(mixed_batch(self.model, key))
             self._routing_key = key
         yield
@@ -415,6 +423,7 @@ class Engine:
     def _unroute(self) -> None:
         self._routing.close()
         self._routing_key = None
+        self._decoded = None
 
     def _accept(self, rows: _Rows, logits: torch.Tensor) -> None:
         """Pick each row's next token and hand it to its sequence. A row that cannot go on (past its deadline,
