@@ -183,87 +183,93 @@ def held_and_total(run: subprocess.CompletedProcess) -> tuple[float, float]:
     return float(found[1]), float(found[2])
 
 
-def test_fsdp_shards_the_base_and_trains_and_evaluates_as_ddp_does(setup, tmp_path):
+def two_processes_and_one_reference(tmp_path, runs: dict[str, dict], config) -> dict[str, subprocess.CompletedProcess]:
+    """Each of ``runs`` (name -> train options) trained across two processes, each with ``config(name, options)``'s
+    batch; and the reference ``"one"``: that config with the batch of both, trained in this process (two
+    processes update as one with their batches together: test_two_processes_make_the_update_...). Returns the
+    two-process runs' results, each asserted to have succeeded."""
+    from loratune.train import load_config, train
+
+    results = {}
+    for name, options in runs.items():
+        path = write_config(tmp_path / f"{name}.yaml", config(name, options))
+        results[name] = loratune("train", path, "--nproc", 2, "--no-progress", threads=2)
+        assert results[name].returncode == 0, results[name].stderr
+    one = config("one", {})
+    one["train"]["batch_size"] *= 2
+    train(load_config(write_config(tmp_path / "one.yaml", one)), progress=False, log=lambda *_: None)
+    return results
+
+
+def test_fsdp_shards_the_base_and_trains_and_evaluates_as_one_process_does(setup, tmp_path):
     _root, model_dir, data = setup
     evaluation = write_jsonl(tmp_path / "eval.jsonl", addition_rows(5, start=50))
-    runs = {}
-    for name, options in (
-        ("ddp", {}),
-        ("fsdp", {"distributed": "fsdp"}),
-        ("fsdp_ckpt", {"distributed": "fsdp", "gradient_checkpointing": True}),
-    ):
-        config = config_dict(
+    runs = two_processes_and_one_reference(
+        tmp_path,
+        {"fsdp": {"distributed": "fsdp"}, "fsdp_ckpt": {"distributed": "fsdp", "gradient_checkpointing": True}},
+        lambda name, options: config_dict(
             model_dir,
             data,
             tmp_path / name,
             lora={"r": 4, "lora_alpha": 8},
             data={"eval": str(evaluation)},
             train={"max_steps": 4, "batch_size": 2, "lr": 1e-2, "eval_every": 2, **options},
-        )
-        runs[name] = loratune(
-            "train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress", threads=2
-        )
-        assert runs[name].returncode == 0, runs[name].stderr
+        ),
+    )
     held, total = held_and_total(runs["fsdp"])  # the blocks are split; embeddings, head and adapter are whole
     assert 0.6 * total < held < 0.8 * total
     assert "each block sharded as it was read" in runs["fsdp"].stdout  # no process held the whole base
-    reference = adapter_tensors(tmp_path / "ddp")
+    reference = adapter_tensors(tmp_path / "one")
     for name in ("fsdp", "fsdp_ckpt"):
         ours = adapter_tensors(tmp_path / name)
         assert ours.keys() == reference.keys()
         for key in reference:
             torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
         evaluations = [r for r in metrics(tmp_path / name) if "eval_loss" in r]
-        expected = [r for r in metrics(tmp_path / "ddp") if "eval_loss" in r]
+        expected = [r for r in metrics(tmp_path / "one") if "eval_loss" in r]
         assert [r["step"] for r in evaluations] == [2, 4]
         for ours_eval, theirs in zip(evaluations, expected):
             assert ours_eval["eval_loss"] == pytest.approx(theirs["eval_loss"], abs=1e-5)
             assert ours_eval["eval_exact_match"] == theirs["eval_exact_match"]
 
 
-def test_qlora_under_fsdp_shards_the_4bit_base_and_trains_what_ddp_trains(setup, tmp_path):
+def test_qlora_under_fsdp_shards_the_4bit_base_and_trains_what_one_process_trains(setup, tmp_path):
     _root, model_dir, data = setup
-    for name, options in (("ddp", {}), ("fsdp", {"distributed": "fsdp"})):
-        config = config_dict(
+    runs = two_processes_and_one_reference(
+        tmp_path,
+        {"fsdp": {"distributed": "fsdp"}},
+        lambda name, options: config_dict(
             model_dir,
             data,
             tmp_path / name,
             model={"quantize": "nf4"},
             train={"max_steps": 3, "batch_size": 2, "lr": 1e-2, **options},
-        )
-        result = loratune(
-            "train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress", threads=2
-        )
-        assert result.returncode == 0, result.stderr
-    held, total = held_and_total(result)  # the 4-bit blocks' packed weights are split too
+        ),
+    )
+    held, total = held_and_total(runs["fsdp"])  # the 4-bit blocks' packed weights are split too
     assert held < total
-    reference, ours = adapter_tensors(tmp_path / "ddp"), adapter_tensors(tmp_path / "fsdp")
+    reference, ours = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "fsdp")
     assert ours.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
 
 
-def test_an_adapter_whose_start_reads_the_base_loads_it_whole_under_fsdp_and_matches_ddp(setup, tmp_path):
+def test_an_adapter_whose_start_reads_the_base_loads_it_whole_under_fsdp_and_matches_one_process(setup, tmp_path):
     _root, model_dir, data = setup
-    for name, options in (("ddp", {}), ("fsdp", {"distributed": "fsdp"})):
-        config = config_dict(
+    runs = two_processes_and_one_reference(
+        tmp_path,
+        {"fsdp": {"distributed": "fsdp"}},
+        lambda name, options: config_dict(
             model_dir,
             data,
             tmp_path / name,
             lora={"r": 4, "lora_alpha": 8, "use_dora": True},
             train={"max_steps": 3, "batch_size": 2, "lr": 1e-2, **options},
-        )
-        result = loratune(
-            "train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress", threads=2
-        )
-        assert result.returncode == 0, result.stderr
-    assert "the base was read whole, then sharded" in result.stdout  # DoRA's magnitudes need whole weights
-    reference, ours = adapter_tensors(tmp_path / "ddp"), adapter_tensors(tmp_path / "fsdp")
+        ),
+    )
+    assert "the base was read whole, then sharded" in runs["fsdp"].stdout  # DoRA's magnitudes need whole weights
+    reference, ours = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "fsdp")
     assert ours.keys() == reference.keys() and any("magnitude" in key for key in ours)
-    for key in reference:
-        torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
-    reference, ours = adapter_tensors(tmp_path / "ddp"), adapter_tensors(tmp_path / "fsdp")
-    assert ours.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=0)
 
@@ -283,16 +289,13 @@ def model_weights(run: Path, name: str = "model") -> dict[str, torch.Tensor]:
     return load_file(run / name / "model.safetensors")
 
 
-def test_full_fine_tuning_under_fsdp_shards_the_trained_weights_and_matches_ddp(setup, tmp_path):
+def test_full_fine_tuning_under_fsdp_shards_the_trained_weights_and_matches_one_process(setup, tmp_path):
     _root, model_dir, data = setup
     evaluation = write_jsonl(tmp_path / "eval.jsonl", addition_rows(5, start=50))
-    runs = {}
-    for name, options in (
-        ("ddp", {}),
-        ("fsdp", {"distributed": "fsdp"}),
-        ("fsdp_ckpt", {"distributed": "fsdp", "gradient_checkpointing": True}),
-    ):
-        config = config_dict(
+    runs = two_processes_and_one_reference(
+        tmp_path,
+        {"fsdp": {"distributed": "fsdp"}, "fsdp_ckpt": {"distributed": "fsdp", "gradient_checkpointing": True}},
+        lambda name, options: config_dict(
             model_dir,
             data,
             tmp_path / name,
@@ -307,23 +310,20 @@ def test_full_fine_tuning_under_fsdp_shards_the_trained_weights_and_matches_ddp(
                 "best_metric": "eval_loss",
                 **options,
             },
-        )
-        runs[name] = loratune(
-            "train", write_config(tmp_path / f"{name}.yaml", config), "--nproc", 2, "--no-progress", threads=2
-        )
-        assert runs[name].returncode == 0, runs[name].stderr
+        ),
+    )
     held, total = held_and_total(runs["fsdp"])  # the blocks' trained weights are split too
     assert "trained parameters sharded too" in runs["fsdp"].stdout + runs["fsdp"].stderr
     assert 0.6 * total < held < 0.8 * total
-    reference = model_weights(tmp_path / "ddp")
+    reference = model_weights(tmp_path / "one")
     for name in ("fsdp", "fsdp_ckpt"):
         for output in ("model", "best"):  # the final model and the best one, gathered whole
             ours = model_weights(tmp_path / name, output)
-            assert ours.keys() == model_weights(tmp_path / "ddp", output).keys()
-            for key, value in model_weights(tmp_path / "ddp", output).items():
+            assert ours.keys() == model_weights(tmp_path / "one", output).keys()
+            for key, value in model_weights(tmp_path / "one", output).items():
                 torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0)
         evaluations = [r["eval_loss"] for r in metrics(tmp_path / name) if "eval_loss" in r]
-        expected = [r["eval_loss"] for r in metrics(tmp_path / "ddp") if "eval_loss" in r]
+        expected = [r["eval_loss"] for r in metrics(tmp_path / "one") if "eval_loss" in r]
         assert evaluations == pytest.approx(expected, abs=1e-5)
     assert reference.keys() == model_weights(tmp_path / "fsdp").keys()
 
