@@ -26,6 +26,7 @@ STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
 
 def evaluate(adapter: Path, strength: float, args) -> dict:
+    """`loratune eval`'s JSON for ``adapter`` at ``strength`` (exact match on ``args.data``, forgetting)."""
     command = [sys.executable, "-m", "loratune", "eval", "--adapter", f"{adapter}:{strength}", "--data", str(args.data)]
     command += ["--retain", "builtin", "--json", "--dtype", args.dtype]
     if args.max_examples:
@@ -37,6 +38,7 @@ def evaluate(adapter: Path, strength: float, args) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Exact match (left axis) and forgetting (right) against the strength, as a PNG at ``path``."""
     figure, left = plt.subplots(figsize=(6, 3.5))
     strengths = [float(r["strength"]) for r in rows]
     left.plot(strengths, [100 * float(r["exact_match"]) for r in rows], "o-", color="tab:blue")
