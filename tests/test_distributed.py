@@ -183,13 +183,18 @@ def held_and_total(run: subprocess.CompletedProcess) -> tuple[float, float]:
     return float(found[1]), float(found[2])
 
 
+def train_in_this_process(config_path: Path) -> None:
+    """A reference run, trained in the test's own process (no interpreter and import start-up)."""
+    from loratune.train import load_config, train
+
+    train(load_config(config_path), progress=False, log=lambda *_: None)
+
+
 def two_processes_and_one_reference(tmp_path, runs: dict[str, dict], config) -> dict[str, subprocess.CompletedProcess]:
     """Each of ``runs`` (name -> train options) trained across two processes, each with ``config(name, options)``'s
     batch; and the reference ``"one"``: that config with the batch of both, trained in this process (two
     processes update as one with their batches together: test_two_processes_make_the_update_...). Returns the
     two-process runs' results, each asserted to have succeeded."""
-    from loratune.train import load_config, train
-
     results = {}
     for name, options in runs.items():
         path = write_config(tmp_path / f"{name}.yaml", config(name, options))
@@ -197,7 +202,7 @@ def two_processes_and_one_reference(tmp_path, runs: dict[str, dict], config) -> 
         assert results[name].returncode == 0, results[name].stderr
     one = config("one", {})
     one["train"]["batch_size"] *= 2
-    train(load_config(write_config(tmp_path / "one.yaml", one)), progress=False, log=lambda *_: None)
+    train_in_this_process(write_config(tmp_path / "one.yaml", one))
     return results
 
 
@@ -406,9 +411,7 @@ def test_a_full_fine_tune_under_fsdp_resumes_to_the_uninterrupted_result(setup, 
 def two_processes_and_one(tmp_path, run_config, batch_size: int) -> tuple[list[dict], list[dict]]:
     """Train ``run_config(name, batch_size)`` in this process, and with half the batch in each of two; assert their
     adapters equal (1e-5) and return each run's per-step records (the two processes', the one's)."""
-    from loratune.train import load_config, train
-
-    train(load_config(run_config("single", batch_size)), progress=False, log=lambda *_: None)
+    train_in_this_process(run_config("single", batch_size))
     double = loratune("train", run_config("double", batch_size // 2), "--nproc", 2, "--no-progress", threads=2)
     assert double.returncode == 0, double.stderr
     ours, reference = adapter_tensors(tmp_path / "double"), adapter_tensors(tmp_path / "single")

@@ -63,7 +63,7 @@ def sample_next(
     total = cdf[:, -1]
     if not bool((total.isfinite() & (total > 0)).all()):
         raise ValueError("the logits are not numbers (NaN or infinite): no token can be sampled from them")
-    draw = torch.rand((cdf.shape[0], 1), generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    draw = torch.rand((cdf.shape[0], 1), generator=generator, dtype=torch.float64, device=cdf.device) * total[:, None]
     tokens = torch.searchsorted(cdf, draw, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
     return tokens.to(logits.device)
 
