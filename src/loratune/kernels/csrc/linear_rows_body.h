@@ -7,6 +7,41 @@
 #include "vec16.h"
 #include "vec8.h"
 
+/* The products' vectors, one register each: 16 floats in the copies built for AVX-512 (twice the products per
+ * instruction of eight, which counts where a prompt's many rows make the product bound by arithmetic rather than
+ * by memory), else 8. LANES is the width, the multiple the loops step by. */
+#ifdef __AVX512F__
+#define LANES 16
+typedef NAME(f32x16) NAME(wide);
+static inline __attribute__((always_inline)) NAME(wide) NAME(load_wide)(const void *p, int bf16) {
+    return NAME(load16)(p, bf16);
+}
+static inline __attribute__((always_inline)) NAME(wide) NAME(wide_in_register)(NAME(wide) v) {
+    __asm__("" : "+v"(v));
+    return v;
+}
+static inline __attribute__((always_inline)) NAME(f32x8) NAME(fold8)(NAME(wide) v) {
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#else
+#define LANES 8
+typedef NAME(f32x8) NAME(wide);
+static inline __attribute__((always_inline)) NAME(wide) NAME(load_wide)(const void *p, int bf16) {
+    return NAME(load8)(p, bf16);
+}
+static inline __attribute__((always_inline)) NAME(wide) NAME(wide_in_register)(NAME(wide) v) {
+    return NAME(in_register)(v);
+}
+static inline __attribute__((always_inline)) NAME(f32x8) NAME(fold8)(NAME(wide) v) { return v; }
+#endif
+
+/* lanes_sum8x4 of four accumulators (folded to eight lanes first) */
+static inline __attribute__((always_inline)) NAME(f32x4)
+    NAME(wide_sum4)(NAME(wide) a, NAME(wide) b, NAME(wide) c, NAME(wide) d) {
+    return NAME(lanes_sum8x4)(NAME(fold8)(a), NAME(fold8)(b), NAME(fold8)(c), NAME(fold8)(d));
+}
+
 /* out[r, j] for every row r: the sum (float32) of one row of W with each row of x, plus the bias. */
 static inline __attribute__((always_inline)) void NAME(linear_rows_finish)(
     char *restrict out, const char *restrict xr, const char *restrict wq, const char *restrict bias, int64_t r,
@@ -35,25 +70,26 @@ static inline __attribute__((always_inline)) void NAME(prefetch_next)(const char
 }
 
 /* Two rows of x (xr, xs) against four consecutive rows of W (w0 and the next three, `stride` bytes apart) over
- * elements [i0, i1) (multiples of eight), added to the eight accumulators in acc (row xr's four, then xs's):
+ * elements [i0, i1) (multiples of LANES), added to the eight accumulators in acc (row xr's four, then xs's):
  * each load of W feeds two products, each load of x four. The accumulators live in registers during the loop. */
 static inline __attribute__((always_inline)) void NAME(linear_rows_pair)(
     const char *restrict xr, const char *restrict xs, const char *restrict w0, int64_t stride, const char *next,
-    int64_t i0, int64_t i1, NAME(f32x8) *restrict acc, const int bf16) {
+    int64_t i0, int64_t i1, NAME(wide) *restrict acc, const int bf16) {
     const int64_t esize = bf16 ? 2 : 4;
     const char *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;
-    NAME(f32x8) a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-    NAME(f32x8) b0 = acc[4], b1 = acc[5], b2 = acc[6], b3 = acc[7];
-    for (int64_t i = i0; i < i1; i += 8) {
+    NAME(wide) a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    NAME(wide) b0 = acc[4], b1 = acc[5], b2 = acc[6], b3 = acc[7];
+    for (int64_t i = i0; i < i1; i += LANES) {
         NAME(prefetch_next)(next, i, bf16);
-        const NAME(f32x8) xv = NAME(load8)(xr + i * esize, bf16), yv = NAME(load8)(xs + i * esize, bf16);
-        NAME(f32x8) w = NAME(in_register)(NAME(load8)(w0 + i * esize, bf16));
+        if (LANES == 16) NAME(prefetch_next)(next, i + 8, bf16);
+        const NAME(wide) xv = NAME(load_wide)(xr + i * esize, bf16), yv = NAME(load_wide)(xs + i * esize, bf16);
+        NAME(wide) w = NAME(wide_in_register)(NAME(load_wide)(w0 + i * esize, bf16));
         a0 += w * xv, b0 += w * yv;
-        w = NAME(in_register)(NAME(load8)(w1 + i * esize, bf16));
+        w = NAME(wide_in_register)(NAME(load_wide)(w1 + i * esize, bf16));
         a1 += w * xv, b1 += w * yv;
-        w = NAME(in_register)(NAME(load8)(w2 + i * esize, bf16));
+        w = NAME(wide_in_register)(NAME(load_wide)(w2 + i * esize, bf16));
         a2 += w * xv, b2 += w * yv;
-        w = NAME(in_register)(NAME(load8)(w3 + i * esize, bf16));
+        w = NAME(wide_in_register)(NAME(load_wide)(w3 + i * esize, bf16));
         a3 += w * xv, b3 += w * yv;
     }
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = b0, acc[5] = b1, acc[6] = b2, acc[7] = b3;
@@ -62,17 +98,18 @@ static inline __attribute__((always_inline)) void NAME(linear_rows_pair)(
 /* One row of x against four rows of W over [i0, i1), added to acc[0..4). */
 static inline __attribute__((always_inline)) void NAME(linear_rows_single)(
     const char *restrict xr, const char *restrict w0, int64_t stride, const char *next, int64_t i0, int64_t i1,
-    NAME(f32x8) *restrict acc, const int bf16) {
+    NAME(wide) *restrict acc, const int bf16) {
     const int64_t esize = bf16 ? 2 : 4;
     const char *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;
-    NAME(f32x8) a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-    for (int64_t i = i0; i < i1; i += 8) {
+    NAME(wide) a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    for (int64_t i = i0; i < i1; i += LANES) {
         NAME(prefetch_next)(next, i, bf16);
-        const NAME(f32x8) xv = NAME(load8)(xr + i * esize, bf16);
-        a0 += NAME(load8)(w0 + i * esize, bf16) * xv;
-        a1 += NAME(load8)(w1 + i * esize, bf16) * xv;
-        a2 += NAME(load8)(w2 + i * esize, bf16) * xv;
-        a3 += NAME(load8)(w3 + i * esize, bf16) * xv;
+        if (LANES == 16) NAME(prefetch_next)(next, i + 8, bf16);
+        const NAME(wide) xv = NAME(load_wide)(xr + i * esize, bf16);
+        a0 += NAME(load_wide)(w0 + i * esize, bf16) * xv;
+        a1 += NAME(load_wide)(w1 + i * esize, bf16) * xv;
+        a2 += NAME(load_wide)(w2 + i * esize, bf16) * xv;
+        a3 += NAME(load_wide)(w3 + i * esize, bf16) * xv;
     }
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 }
@@ -89,12 +126,12 @@ static inline __attribute__((always_inline)) void NAME(linear_rows_single)(
 static inline __attribute__((always_inline)) void NAME(linear_rows_four)(
     char *restrict out, const char *restrict x, const char *restrict W, const char *restrict bias, int64_t rows,
     int64_t in, int64_t out_f, int64_t j0, const int bf16) {
-    const int64_t esize = bf16 ? 2 : 4, stride = in * esize, whole = in & ~(int64_t)7;
+    const int64_t esize = bf16 ? 2 : 4, stride = in * esize, whole = in & ~(int64_t)(LANES - 1);
     const char *w0 = W + j0 * stride;
     const char *next = w0 + 4 * stride; /* the next four rows, contiguous after these */
     if (rows >= 2 && rows <= LINEAR_ROWS_SPLIT_ROWS && in > 640) {
-        NAME(f32x8) acc[LINEAR_ROWS_SPLIT_ROWS * 4];
-        memset(acc, 0, sizeof(NAME(f32x8)) * 4 * rows);
+        NAME(wide) acc[LINEAR_ROWS_SPLIT_ROWS * 4];
+        memset(acc, 0, sizeof(NAME(wide)) * 4 * rows);
         for (int64_t i0 = 0; i0 < whole; i0 += LINEAR_ROWS_SPAN) {
             const int64_t i1 = i0 + LINEAR_ROWS_SPAN < whole ? i0 + LINEAR_ROWS_SPAN : whole;
             int64_t r = 0;
@@ -103,28 +140,28 @@ static inline __attribute__((always_inline)) void NAME(linear_rows_four)(
             if (r < rows) NAME(linear_rows_single)(x + r * stride, w0, stride, next, i0, i1, acc + 4 * r, bf16);
         }
         for (int64_t r = 0; r < rows; r++) {
-            const NAME(f32x8) *a = acc + 4 * r;
+            const NAME(wide) *a = acc + 4 * r;
             NAME(linear_rows_finish_four)(out, x + r * stride, w0, in, bias, r, out_f, j0, whole,
-                                          NAME(lanes_sum8x4)(a[0], a[1], a[2], a[3]), bf16);
+                                          NAME(wide_sum4)(a[0], a[1], a[2], a[3]), bf16);
         }
         return;
     }
     int64_t r = 0;
     for (; r + 2 <= rows; r += 2) {
-        NAME(f32x8) acc[8] = {{0}};
+        NAME(wide) acc[8] = {{0}};
         const char *xr = x + r * stride, *xs = xr + stride;
         NAME(linear_rows_pair)(xr, xs, w0, stride, next, 0, whole, acc, bf16);
         NAME(linear_rows_finish_four)(out, xr, w0, in, bias, r, out_f, j0, whole,
-                                      NAME(lanes_sum8x4)(acc[0], acc[1], acc[2], acc[3]), bf16);
+                                      NAME(wide_sum4)(acc[0], acc[1], acc[2], acc[3]), bf16);
         NAME(linear_rows_finish_four)(out, xs, w0, in, bias, r + 1, out_f, j0, whole,
-                                      NAME(lanes_sum8x4)(acc[4], acc[5], acc[6], acc[7]), bf16);
+                                      NAME(wide_sum4)(acc[4], acc[5], acc[6], acc[7]), bf16);
     }
     for (; r < rows; r++) {
-        NAME(f32x8) acc[4] = {{0}};
+        NAME(wide) acc[4] = {{0}};
         const char *xr = x + r * stride;
         NAME(linear_rows_single)(xr, w0, stride, next, 0, whole, acc, bf16);
         NAME(linear_rows_finish_four)(out, xr, w0, in, bias, r, out_f, j0, whole,
-                                      NAME(lanes_sum8x4)(acc[0], acc[1], acc[2], acc[3]), bf16);
+                                      NAME(wide_sum4)(acc[0], acc[1], acc[2], acc[3]), bf16);
     }
 }
 
@@ -156,3 +193,5 @@ void NAME(linear_rows)(void *out, const void *x, const void *W, const void *bias
         for (; j < end; j++) NAME(linear_rows_one)(out, x, W, bias, rows, in, out_f, j, 0);
     }
 }
+
+#undef LANES
