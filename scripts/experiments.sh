@@ -5,23 +5,32 @@
 #   scripts/experiments.sh encoder            # the encoder table: ~10 minutes on a 2-core CPU
 #   scripts/experiments.sh table5 table6 full # the demo-task tables: hours on a 2-core CPU (see each section)
 #   scripts/experiments.sh all
+#   scripts/experiments.sh keep table5        # keep the finished runs' records of a sweep stopped half-way
 #
 # OUT (default runs/experiments) holds the run directories (full fine-tunes write whole models: gigabytes).
+# docs/experiments/NAME/runs/ keeps each finished run's record (config, summary, logged steps): the raw data of
+# the tables, and where a sweep continues from on another machine (scripts/experiment_records.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/experiments}
 LORATUNE=${LORATUNE:-loratune}
+PYTHON=${PYTHON:-python}
 DEMO=examples/demo/config.yaml
 CLASSIFY=examples/classify/config.yaml
 
-sweep() {  # sweep NAME CONFIG ARGS...: run it, then keep its results.csv
+sweep() {  # sweep NAME CONFIG ARGS...: run it (after the runs kept before), then keep its records and results.csv
     local name=$1 config=$2
     shift 2
     local started=$SECONDS
+    "$PYTHON" scripts/experiment_records.py restore "docs/experiments/$name/runs" "$OUT/$name"
     "$LORATUNE" sweep "$config" --seeds 3 --out "$OUT/$name" "$@"
-    mkdir -p "docs/experiments/$(dirname "$name")"
+    keep "$name"
     cp "$OUT/$name/results.csv" "docs/experiments/$name.csv"
     echo "$name: $((SECONDS - started)) s"
+}
+
+keep() {  # keep NAME: the records of the sweep's finished runs under docs/experiments/NAME/runs
+    "$PYTHON" scripts/experiment_records.py keep "$OUT/$1" "docs/experiments/$1/runs"
 }
 
 table5() {  # which matrices at a fixed budget (the LoRA paper's Table 5)
@@ -51,8 +60,19 @@ encoder() {  # LoRA, full, BitFit and the head alone on the classification demo 
 }
 
 sections=("$@")
-[[ ${#sections[@]} -eq 0 ]] && { sed -n '2,8p' "$0"; exit 2; }
+[[ ${#sections[@]} -eq 0 ]] && { sed -n '2,12p' "$0"; exit 2; }
 [[ ${sections[0]} == all ]] && sections=(encoder table5 table6 full)
+if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps, as far as they got
+    for section in "${sections[@]:1}"; do
+        case $section in
+            table5 | table6) keep "demo/$section" ;;
+            full) keep demo/full && keep demo/lora ;;
+            encoder) for name in lora full bitfit head; do keep "encoder/$name"; done ;;
+            *) echo "scripts/experiments.sh: no section '$section'" >&2; exit 2 ;;
+        esac
+    done
+    exit 0
+fi
 for section in "${sections[@]}"; do
     case $section in
         table5 | table6 | full | encoder) "$section" ;;

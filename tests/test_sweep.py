@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,24 @@ def test_a_run_directory_killed_before_anything_was_written_into_it_does_not_blo
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     assert len(rows(out)) == 2 and (out / "r=4" / "summary.json").is_file()
+
+
+def test_kept_run_records_continue_a_sweep_elsewhere_with_the_same_table(capsys, base_config, tmp_path):
+    """scripts/experiment_records.py: the records of a sweep's finished runs, restored into a new sweep directory,
+    are skipped as done by the same sweep and give the same results rows; a run that was not kept trains."""
+    records_script = [sys.executable, Path(__file__).parents[1] / "scripts" / "experiment_records.py"]
+    first, records, second = tmp_path / "first", tmp_path / "records", tmp_path / "second"
+    assert cli(capsys, "sweep", base_config, "--grid", "lora.r=2,4", "--out", first)[0] == 0
+    kept = subprocess.run([*records_script, "keep", first, records], capture_output=True, text=True, check=True)
+    assert "2 finished runs" in kept.stderr
+    assert sorted(p.name for p in records.iterdir()) == ["r=2", "r=4"]
+    assert sorted(p.name for p in (records / "r=2").iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
+
+    subprocess.run([*records_script, "restore", records, second], check=True, capture_output=True)
+    status, _, err = cli(capsys, "sweep", base_config, "--grid", "lora.r=2,4,8", "--out", second)
+    assert status == 0, err
+    assert err.count("done before, skipped") == 2 and "[3/3] r=8: training" in err
+    restored = {row["run"]: row for row in rows(second)}
+    for row in rows(first):
+        assert restored[row["run"]] == row
+    assert set(restored) == {"r=2", "r=4", "r=8"}
