@@ -4,7 +4,7 @@
    of the same shapes) multiplied by a few rows, as one decoding step does: the few-row kernel
    (`kernels.rows`) against `F.linear` (BLAS), per number of rows and dtype, with the rate each reads the weights.
 2. The engine: one sequence (`--sequences`: several at once) of 64 greedy tokens through the serving engine on
-   smollm2-135m with a random r=8 all-linear adapter, the median time per decoding step with the kernels and
+   smollm2-135m (`--dtype`: fp32 or bf16) with a random r=8 all-linear adapter, the median time per decoding step with the kernels and
    each block as kernel calls (`inference.block_step`), with the kernels inside transformers' modules
    (`LORATUNE_BLOCK_STEP=0`: `inference.lean`, the LoRA layers' one-call output) and without kernels
    (`LORATUNE_NO_KERNEL=1`: PyTorch's operations), each in its own process.
@@ -71,13 +71,13 @@ def products(rows_list: list[int], repeats: int) -> None:
             )
 
 
-def engine_child(adapter: str, tokens: int, repeats: int, sequences: int) -> None:
+def engine_child(adapter: str, tokens: int, repeats: int, sequences: int, dtype: str) -> None:
     import loratune
     from loratune.inference.engine import Engine
     from loratune.inference.sequence import SamplingParams, Sequence
     from loratune.serve.adapters import AdapterPool
 
-    model, tokenizer = loratune.load_model("smollm2-135m", dtype="fp32", device="cpu")
+    model, tokenizer = loratune.load_model("smollm2-135m", dtype=dtype, device="cpu")
     steps: list[float] = []
     engine = Engine(model, on_step=lambda rows, adapters, seconds: steps.append(seconds))
     AdapterPool(model, engine, max_loaded=2).add_at_start("a", adapter)
@@ -98,7 +98,7 @@ def engine_child(adapter: str, tokens: int, repeats: int, sequences: int) -> Non
     print(f"RESULT {min(medians) * 1e3:.2f} {statistics.median(medians) * 1e3:.2f}")
 
 
-def engine(tokens: int, repeats: int, sequences: int) -> None:
+def engine(tokens: int, repeats: int, sequences: int, dtype: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from common import random_adapter
 
@@ -111,7 +111,7 @@ def engine(tokens: int, repeats: int, sequences: int) -> None:
             ("PyTorch operations", {"LORATUNE_NO_KERNEL": "1"}),
         ):
             command = [sys.executable, __file__, "--child", str(adapter), "--tokens", str(tokens)]
-            command += ["--sequences", str(sequences)]
+            command += ["--sequences", str(sequences), "--dtype", dtype]
             done = subprocess.run(
                 [*command, "--repeats", str(repeats)], env={**os.environ, **extra}, capture_output=True, text=True
             )
@@ -120,7 +120,7 @@ def engine(tokens: int, repeats: int, sequences: int) -> None:
                 raise SystemExit(f"{label}: the child failed:\n{done.stderr[-2000:]}")
             results[label] = [float(v) for v in line.split()[1:]]
     print(
-        f"\nsmollm2-135m fp32, {sequences} sequence(s) at once, {tokens} greedy tokens, r=8 all-linear adapter, "
+        f"\nsmollm2-135m {dtype}, {sequences} sequence(s) at once, {tokens} greedy tokens, r=8 all-linear adapter, "
         f"{repeats} repeats:"
     )
     print("| decoding with | step, best repeat (ms) | step, median repeat (ms) |")
@@ -139,16 +139,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--sequences", type=int, default=1, help="sequences decoded together by the engine")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the engine's model dtype")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        engine_child(args.child, args.tokens, args.repeats, args.sequences)
+        engine_child(args.child, args.tokens, args.repeats, args.sequences, args.dtype)
         return
     print(f"threads {torch.get_num_threads()}")
     if args.only in (None, "products"):
         products(args.rows, args.repeats)
     if args.only in (None, "engine"):
-        engine(args.tokens, args.repeats, args.sequences)
+        engine(args.tokens, args.repeats, args.sequences, args.dtype)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ bound by reading the weights from memory, and BLAS's matrix-vector path reads th
 memory delivers on the CPUs measured (``docs/benchmarks.md``); the kernel (``csrc/linear_rows_body.h``) reads
 each weight once, four rows of W against two rows of x at a time, float32 sums, split over
 ``torch.get_num_threads()`` threads. ``product`` returns None where it does not apply (outside ``decoding()``;
-not built or switched off, see ``loader``; other dtypes, devices, layouts; more rows than ``ROWS`` gives, where
+not built or switched off, see ``loader``; other dtypes, devices, layouts; more rows than ``row_range`` gives, where
 BLAS's products win), and the caller runs ``F.linear``.
 
 The kernel sums in another order than BLAS, so its products differ from ``F.linear``'s in the last bits. It runs
@@ -16,6 +16,7 @@ as it does everywhere else with BLAS.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,12 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from loratune.kernels.loader import compiled as _cpu
-from loratune.kernels.loader import kernel_available
+from loratune.kernels.loader import kernel_available, runnable_isas
 
 # The rows the kernel takes per dtype (fewest, most). Float32: up to 64 rows it beats BLAS on the CPUs measured
-# (docs/benchmarks.md), beyond that BLAS's blocking wins. bf16: one row is as fast through PyTorch, and on CPUs
-# with bf16 products of their own (AVX512-BF16, AMX) PyTorch's take over early, so 16 at most.
-ROWS = {torch.float32: (1, 64), torch.bfloat16: (2, 16)}
+# (docs/benchmarks.md), beyond that BLAS's blocking wins. bf16: up to 16 where PyTorch widens bf16 to float32 for
+# its products; on CPUs with bf16 products of their own (AVX512-BF16, AMX) PyTorch's take over from 16 rows on,
+# so there the kernel stops at NATIVE_BF16_MOST.
+ROWS = {torch.float32: (1, 64), torch.bfloat16: (1, 16)}
+NATIVE_BF16_MOST = 8
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _here = threading.local()  # .decoding: True inside decoding() in this thread
@@ -51,9 +54,22 @@ def active() -> bool:
     return getattr(_here, "decoding", False)
 
 
-def takes(rows: int, dtype: torch.dtype) -> bool:
-    """Whether the kernel multiplies ``rows`` rows of ``dtype`` (see ``ROWS``)."""
+def row_range(dtype: torch.dtype) -> tuple[int, int]:
+    """(fewest, most) rows of ``dtype`` the kernel multiplies on this CPU (see ``ROWS``); (1, 0) for none."""
     fewest, most = ROWS.get(dtype, (1, 0))
+    if dtype == torch.bfloat16 and _native_bf16():
+        most = NATIVE_BF16_MOST
+    return fewest, most
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    return "avx512bf16" in runnable_isas()
+
+
+def takes(rows: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel multiplies ``rows`` rows of ``dtype`` (see ``row_range``)."""
+    fewest, most = row_range(dtype)
     return fewest <= rows <= most
 
 
@@ -89,7 +105,7 @@ def raw_lora():
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """``F.linear(x, weight, bias)`` computed by the kernel (float32 sums, rounded once into the dtype), or None
-    where the kernel does not take it: outside ``decoding()``; x (…, in) of as many rows as ``ROWS`` gives,
+    where the kernel does not take it: outside ``decoding()``; x (…, in) of as many rows as ``row_range`` gives,
     contiguous, on the CPU, in the weight's dtype (float32 or bf16); weight (out × in) and bias (out) contiguous
     likewise; autograd off or nothing that needs a gradient."""
     dtype = weight.dtype
