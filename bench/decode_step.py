@@ -4,10 +4,10 @@
    of the same shapes) multiplied by a few rows, as one decoding step does: the few-row kernel
    (`kernels.rows`) against `F.linear` (BLAS), per number of rows and dtype, with the rate each reads the weights.
 2. The engine: one sequence (`--sequences`: several at once) of 64 greedy tokens through the serving engine on
-   smollm2-135m (`--dtype`: fp32 or bf16) with a random r=8 all-linear adapter, the median time per decoding step with the kernels and
-   each block as kernel calls (`inference.block_step`), with the kernels inside transformers' modules
-   (`LORATUNE_BLOCK_STEP=0`: `inference.lean`, the LoRA layers' one-call output) and without kernels
-   (`LORATUNE_NO_KERNEL=1`: PyTorch's operations), each in its own process.
+   smollm2-135m (`--dtype`: fp32 or bf16) with a random r=8 all-linear adapter, the median time per decoding
+   step with the kernels and each block as kernel calls (`inference.block_step`), with the kernels inside
+   transformers' modules (`LORATUNE_BLOCK_STEP=0`: `inference.lean`, the LoRA layers' one-call output) and
+   without kernels (`LORATUNE_NO_KERNEL=1`: PyTorch's operations), each in its own process.
 
     python bench/decode_step.py                  # both (the engine's part: about a minute on 2 cores)
     python bench/decode_step.py --only products
