@@ -222,3 +222,43 @@ def test_no_grad_output_follows_strengths_training_mode_and_moves():
         torch.testing.assert_close(out, full.double(), rtol=1e-6, atol=1e-6)
         layer.lora_B["a"].zero_()  # an in-place change of a moved factor
         torch.testing.assert_close(layer(x.double()), layer.base_layer(x.double()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "rows, d_in, d_out, rank, grouped",
+    [
+        (1, 576, 1536, 8, False),  # a decoding row
+        (42, 576, 1536, 8, False),  # a prompt's rows
+        (7, 40, 300, 5, False),  # rows % 4, spans over threads that are no multiple of eight columns
+        (64, 48, 260, 200, False),  # more of h than fits the kernel's stack: h on the heap
+        (12, 40, 264, 11, True),  # a mixed-adapter batch: each group of rows its own block of the factors
+    ],
+)
+@pytest.mark.usefixtures("kernel_isa")
+def test_a_layer_call_spreads_its_update_over_threads_with_the_bits_of_the_update_alone(
+    dtype, rows, d_in, d_out, rank, grouped
+):
+    # lora_rows (one LoRA layer's output in one call) adds h·sBt by spans of output columns on every thread:
+    # bit for bit the product followed by add_low_rank on one thread, with any number of threads
+    from loratune.kernels import rows as rows_kernel
+
+    torch.manual_seed(rows + d_out + rank)
+    x = torch.randn(rows, d_in).to(dtype)
+    weight, bias = torch.randn(d_out, d_in).to(dtype), torch.randn(d_out).to(dtype)
+    A, sBt = torch.randn(rank, d_in) / d_in**0.5, torch.randn(rank, d_out) / rank**0.5
+    blocks = torch.tensor([[0, 5], [5, 0], [2, 9], [0, 11]]) if grouped else None
+    is_bf16 = int(dtype == torch.bfloat16)
+    expected = torch.empty(rows, d_out, dtype=dtype)
+    lowrank_cpu._cpu.linear_rows(
+        expected.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), rows, d_in, d_out, is_bf16, 1
+    )
+    add_low_rank_(expected, x, A, sBt, blocks)
+    for threads in (1, 2, 3):
+        out = torch.empty(rows, d_out, dtype=dtype)
+        rows_kernel.raw_lora()(
+            *(out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), rows, d_in, d_out),
+            *(is_bf16, A.data_ptr(), sBt.data_ptr(), rank),
+            *(0 if blocks is None else blocks.data_ptr(), rows // len(blocks) if grouped else 1, threads),
+        )
+        assert torch.equal(out, expected), threads

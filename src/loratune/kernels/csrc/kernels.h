@@ -41,6 +41,11 @@ enum isa { ISA_BASELINE, ISA_AVX2, ISA_AVX512, ISA_AVX512BF16, ISA_AMX, ISA_COUN
     X(add_low_rank_f32, avx512,                                                                                        \
       (void *, const void *, const float *, const float *, int64_t, int64_t, int64_t, int64_t, const int64_t *,       \
        int64_t))                                                                                                       \
+    X(low_rank_h_all, avx512,                                                                                         \
+      (const void *, const float *, int64_t, int64_t, int64_t, const int64_t *, int64_t, float *, int))               \
+    X(low_rank_add_cols, avx512,                                                                                      \
+      (void *, const float *, const float *, int64_t, int64_t, int64_t, const int64_t *, int64_t, int64_t, int64_t,  \
+       int))                                                                                                           \
     X(linear_rows, avx512bf16,                                                                                         \
       (void *, const void *, const void *, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, int))           \
     X(rope, avx512bf16,                                                                                                \

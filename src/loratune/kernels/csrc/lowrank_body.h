@@ -40,16 +40,17 @@ static inline __attribute__((always_inline)) void NAME(low_rank_h)(
     }
 }
 
-/* out[rr, :] += h[rr, :] · sBt for NR (1 or 4) consecutive rows of out (rows of out_f elements), rounded once.
- * Eight outputs at a time: each load of sBt feeds NR accumulators. */
+/* out[rr, j0:j1) += h[rr, :] · sBt[:, j0:j1) for NR (1 or 4) consecutive rows of out (rows of out_f elements),
+ * rounded once. Eight outputs at a time: each load of sBt feeds NR accumulators. Each output is the same sum
+ * over k in the same order whatever the span, so spans split over threads give the bits one call gives. */
 static inline __attribute__((always_inline)) void NAME(low_rank_update)(
     char *restrict out, int64_t out_f, const float *restrict sBt, int64_t rank, const float *restrict h,
-    const int NR, const int bf16) {
+    const int NR, int64_t j0, int64_t j1, const int bf16) {
     const int64_t esize = bf16 ? 2 : 4;
     char *o0 = out, *o1 = out + out_f * esize, *o2 = o1 + out_f * esize, *o3 = o2 + out_f * esize;
     const float *h0 = h, *h1 = h + rank, *h2 = h1 + rank, *h3 = h2 + rank;
-    int64_t j = 0;
-    for (; j + 8 <= out_f; j += 8) {
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) {
         NAME(f32x8) s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
         for (int64_t k = 0; k < rank; k++) {
             const NAME(f32x8) b = NAME(load8)(sBt + k * out_f + j, 0);
@@ -63,13 +64,48 @@ static inline __attribute__((always_inline)) void NAME(low_rank_update)(
             NAME(store8)(o3 + j * esize, NAME(load8)(o3 + j * esize, bf16) + s3, bf16);
         }
     }
-    for (; j < out_f; j++) {
+    for (; j < j1; j++) {
         for (int rr = 0; rr < NR; rr++) {
             float s = 0.f;
             for (int64_t k = 0; k < rank; k++) s += h[rr * rank + k] * sBt[k * out_f + j];
             char *row = out + rr * out_f * esize;
             NAME(store1)(row, j, NAME(load1)(row, j, bf16) + s, bf16);
         }
+    }
+}
+
+/* The (offset, n) rows of A and sBt that row r uses: all rank of them without blocks (see add_low_rank). */
+#define LOW_RANK_BLOCK(r, offset, n)                                                                                  \
+    const int64_t offset = blocks != NULL ? blocks[2 * ((r) / rows_per_block)] : 0;                                   \
+    const int64_t n = blocks != NULL ? blocks[2 * ((r) / rows_per_block) + 1] : rank
+
+/* h[r·rank + k] = x[r, :] · A[offset + k, :] for every row r and k < n (its block, LOW_RANK_BLOCK). */
+static inline __attribute__((always_inline)) void NAME(low_rank_h_rows)(
+    const void *restrict x, const float *restrict A, int64_t rows, int64_t in, int64_t rank,
+    const int64_t *restrict blocks, int64_t rows_per_block, float *restrict h, const int bf16) {
+    const int64_t esize = bf16 ? 2 : 4;
+    for (int64_t r = 0; r < rows; r++) {
+        LOW_RANK_BLOCK(r, offset, n);
+        if (n > 0) NAME(low_rank_h)((const char *)x + r * in * esize, in, A + offset * in, n, h + r * rank, bf16);
+    }
+}
+
+/* out[r, j0:j1) += h[r·rank, …] · sBt[offset…, j0:j1) for every row r (h from low_rank_h_rows): rows four at a
+ * time where they share one block, else one by one. */
+static inline __attribute__((always_inline)) void NAME(low_rank_add_span)(
+    void *restrict out, const float *restrict sBt, const float *restrict h, int64_t rows, int64_t rank,
+    int64_t out_f, const int64_t *restrict blocks, int64_t rows_per_block, int64_t j0, int64_t j1, const int bf16) {
+    const int64_t esize = bf16 ? 2 : 4;
+    int64_t r = 0;
+    if (blocks == NULL) {
+        for (; r + 4 <= rows; r += 4)
+            NAME(low_rank_update)((char *)out + r * out_f * esize, out_f, sBt, rank, h + r * rank, 4, j0, j1, bf16);
+    }
+    for (; r < rows; r++) {
+        LOW_RANK_BLOCK(r, offset, n);
+        if (n > 0)
+            NAME(low_rank_update)((char *)out + r * out_f * esize, out_f, sBt + offset * out_f, n, h + r * rank, 1,
+                                  j0, j1, bf16);
     }
 }
 
@@ -89,7 +125,8 @@ static inline __attribute__((always_inline)) void NAME(add_low_rank)(
             const int64_t offset = blocks[2 * (r / rows_per_block)], n = blocks[2 * (r / rows_per_block) + 1];
             if (n == 0) continue;
             NAME(low_rank_h)((const char *)x + r * in * esize, in, A + offset * in, n, h, bf16);
-            NAME(low_rank_update)((char *)out + r * out_f * esize, out_f, sBt + offset * out_f, n, h, 1, bf16);
+            NAME(low_rank_update)((char *)out + r * out_f * esize, out_f, sBt + offset * out_f, n, h, 1, 0, out_f,
+                                  bf16);
         }
         return;
     }
@@ -97,11 +134,11 @@ static inline __attribute__((always_inline)) void NAME(add_low_rank)(
     for (; r + 4 <= rows; r += 4) {
         const char *xr = (const char *)x + r * in * esize;
         for (int rr = 0; rr < 4; rr++) NAME(low_rank_h)(xr + rr * in * esize, in, A, rank, h + rr * rank, bf16);
-        NAME(low_rank_update)((char *)out + r * out_f * esize, out_f, sBt, rank, h, 4, bf16);
+        NAME(low_rank_update)((char *)out + r * out_f * esize, out_f, sBt, rank, h, 4, 0, out_f, bf16);
     }
     for (; r < rows; r++) {
         NAME(low_rank_h)((const char *)x + r * in * esize, in, A, rank, h, bf16);
-        NAME(low_rank_update)((char *)out + r * out_f * esize, out_f, sBt, rank, h, 1, bf16);
+        NAME(low_rank_update)((char *)out + r * out_f * esize, out_f, sBt, rank, h, 1, 0, out_f, bf16);
     }
 }
 
@@ -114,3 +151,20 @@ void NAME(add_low_rank_f32)(void *out, const void *x, const float *A, const floa
                             int64_t rank, int64_t out_f, const int64_t *blocks, int64_t rows_per_block) {
     NAME(add_low_rank)(out, x, A, sBt, rows, in, rank, out_f, blocks, rows_per_block, 0);
 }
+
+/* The update in two parts, for an update spread over threads (module.c's lora_rows): h of every row on one
+ * thread (h: rows × rank floats), then each thread adds its span of output columns; the same bits as
+ * add_low_rank. */
+void NAME(low_rank_h_all)(const void *x, const float *A, int64_t rows, int64_t in, int64_t rank,
+                          const int64_t *blocks, int64_t rows_per_block, float *h, int bf16) {
+    if (bf16) NAME(low_rank_h_rows)(x, A, rows, in, rank, blocks, rows_per_block, h, 1);
+    else NAME(low_rank_h_rows)(x, A, rows, in, rank, blocks, rows_per_block, h, 0);
+}
+
+void NAME(low_rank_add_cols)(void *out, const float *sBt, const float *h, int64_t rows, int64_t rank, int64_t out_f,
+                             const int64_t *blocks, int64_t rows_per_block, int64_t j0, int64_t j1, int bf16) {
+    if (bf16) NAME(low_rank_add_span)(out, sBt, h, rows, rank, out_f, blocks, rows_per_block, j0, j1, 1);
+    else NAME(low_rank_add_span)(out, sBt, h, rows, rank, out_f, blocks, rows_per_block, j0, j1, 0);
+}
+
+#undef LOW_RANK_BLOCK

@@ -114,6 +114,39 @@ static void run_linear_rows(const int64_t *v, float eps, int64_t b, int64_t e) {
     linear_rows_impl(PTR(0), PTR(1), PTR(2), PTR(3), v[4], v[5], v[6], b, e, (int)v[7]);
 }
 
+/* v: linear_rows' 8 values, then A, sBt, rank, blocks, rows_per_block, h (low_rank_h_all's, every row's); a span
+ * of output columns: their product, then their share of the low-rank update */
+static void run_lora_rows(const int64_t *v, float eps, int64_t b, int64_t e) {
+    run_linear_rows(v, eps, b, e);
+    low_rank_add_cols_impl(PTR(0), (const float *)PTR(9), (const float *)PTR(13), v[4], v[10], v[6],
+                           (const int64_t *)PTR(11), v[12], b, e, (int)v[7]);
+}
+
+/* An unmerged LoRA layer's output for a few rows (job.v as run_lora_rows takes it, without h): h = x·Aᵀ of
+ * every row on this thread, then product and update by spans of output columns over `threads` threads. */
+static void lora_rows_over_threads(job_t job, int64_t threads) {
+    const int64_t *v = job.v;
+    float small[4096];
+    const int64_t size = v[4] * v[10];
+    float *h = size <= 4096 ? small : malloc(size * sizeof(float));
+    if (h == NULL) { /* no memory for h: the update on this thread, after the product */
+        job.run = run_linear_rows;
+        parallel_for(job, v[6], 4, 64, threads);
+        (v[7] ? add_low_rank_bf16_impl : add_low_rank_f32_impl)(PTR(0), PTR(1), (const float *)PTR(8),
+                                                               (const float *)PTR(9), v[4], v[5], v[10], v[6],
+                                                               (const int64_t *)PTR(11), v[12]);
+        return;
+    }
+    low_rank_h_all_impl(PTR(1), (const float *)PTR(8), v[4], v[5], v[10], (const int64_t *)PTR(11), v[12], h,
+                        (int)v[7]);
+    job.v[13] = (int64_t)(intptr_t)h;
+    job.run = run_lora_rows;
+    /* spans of whole eight-column groups, so that each column is summed by the same code (vector or tail) as in
+     * one span */
+    parallel_for(job, v[6], 8, 64, threads);
+    if (h != small) free(h);
+}
+
 /* v: q_out, q, q_heads, k_out, k, k_heads, cos, sin, rows, dim, is_bf16; a span of rows */
 static void run_rope(const int64_t *v, float eps, int64_t b, int64_t e) {
     (void)eps;
@@ -254,8 +287,8 @@ static PyObject *add_low_rank(PyObject *self, PyObject *const *args, Py_ssize_t 
 }
 
 /* lora_rows(out, x, weight, bias, rows, in, out_features, is_bf16, A, sBt, rank, blocks, rows_per_block, threads):
- * an unmerged LoRA layer's whole output for a few rows in one call, linear_rows' product over `threads` threads
- * and then add_low_rank's update on the calling thread (addresses as add_low_rank's; bias 0 for none). */
+ * an unmerged LoRA layer's whole output for a few rows in one call: linear_rows' product and add_low_rank's update
+ * (the same bits), both spread over `threads` threads (addresses as add_low_rank's; bias 0 for none). */
 static PyObject *lora_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 14) {
@@ -277,13 +310,10 @@ static PyObject *lora_rows(PyObject *self, PyObject *const *args, Py_ssize_t nar
             return NULL;
         }
     }
-    job_t job = {.run = run_linear_rows, .eps = 0.f};
-    for (int i = 0; i < 8; i++) job.v[i] = v[i];
-    add_low_rank_bf16_fn update = v[7] ? add_low_rank_bf16_impl : add_low_rank_f32_impl;
+    job_t job = {.eps = 0.f};
+    for (int i = 0; i < 13; i++) job.v[i] = v[i];
     Py_BEGIN_ALLOW_THREADS
-    parallel_for(job, out_f, 4, 64, v[13]);
-    update((void *)(intptr_t)v[0], (const void *)(intptr_t)v[1], (const float *)(intptr_t)v[8],
-           (const float *)(intptr_t)v[9], rows, in, rank, out_f, blocks, rows_per_block);
+    lora_rows_over_threads(job, v[13]);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -329,11 +359,7 @@ static void run_op(const int64_t *row, int64_t threads) {
         parallel_for(job, v[6], 4, 64, threads);
         break;
     case OP_LORA_ROWS:  /* linear_rows' 8 values, then A, sBt, rank, blocks, rows_per_block */
-        job.run = run_linear_rows;
-        parallel_for(job, v[6], 4, 64, threads);
-        (v[7] ? add_low_rank_bf16_impl : add_low_rank_f32_impl)(PTR(0), PTR(1), (const float *)PTR(8),
-                                                               (const float *)PTR(9), v[4], v[5], v[10], v[6],
-                                                               (const int64_t *)PTR(11), v[12]);
+        lora_rows_over_threads(job, threads);
         break;
     case OP_RMS_NORM:
         job.run = run_rms_norm;
