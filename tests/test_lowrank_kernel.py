@@ -236,11 +236,9 @@ def test_no_grad_output_follows_strengths_training_mode_and_moves():
     ],
 )
 @pytest.mark.usefixtures("kernel_isa")
-def test_a_layer_call_spreads_its_update_over_threads_with_the_bits_of_the_update_alone(
-    dtype, rows, d_in, d_out, rank, grouped
-):
-    # lora_rows (one LoRA layer's output in one call) adds h·sBt by spans of output columns on every thread:
-    # bit for bit the product followed by add_low_rank on one thread, with any number of threads
+def test_the_update_spread_over_threads_has_the_bits_of_one_thread(dtype, rows, d_in, d_out, rank, grouped):
+    # lora_rows (one LoRA layer's output in one call) and add_low_rank with threads add h·sBt by spans of output
+    # columns on every thread: bit for bit the product followed by add_low_rank on one thread
     from loratune.kernels import rows as rows_kernel
 
     torch.manual_seed(rows + d_out + rank)
@@ -253,7 +251,8 @@ def test_a_layer_call_spreads_its_update_over_threads_with_the_bits_of_the_updat
     lowrank_cpu._cpu.linear_rows(
         expected.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr(), rows, d_in, d_out, is_bf16, 1
     )
-    add_low_rank_(expected, x, A, sBt, blocks)
+    expected_base = expected.clone()
+    add_low_rank_(expected, x, A, sBt, blocks, threads=1)
     for threads in (1, 2, 3):
         out = torch.empty(rows, d_out, dtype=dtype)
         rows_kernel.raw_lora()(
@@ -262,3 +261,6 @@ def test_a_layer_call_spreads_its_update_over_threads_with_the_bits_of_the_updat
             *(0 if blocks is None else blocks.data_ptr(), rows // len(blocks) if grouped else 1, threads),
         )
         assert torch.equal(out, expected), threads
+        # the update alone, spread the same way where the rows are many
+        spread = add_low_rank_(out.copy_(expected_base), x, A, sBt, blocks, threads=threads)
+        assert torch.equal(spread, expected), threads

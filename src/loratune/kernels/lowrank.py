@@ -27,9 +27,10 @@ def kernel_isa() -> str | None:
 
 
 def raw_kernel():
-    """``add_low_rank(out, x, A, sBt, rows, in, rank, out_features, is_bf16, blocks, rows_per_block)`` taking
-    addresses, unchecked: for callers that checked the tensors once with ``kernel_fits`` and keep them alive.
-    None when unavailable."""
+    """``add_low_rank(out, x, A, sBt, rows, in, rank, out_features, is_bf16, blocks, rows_per_block[, threads])``
+    taking addresses, unchecked: for callers that checked the tensors once with ``kernel_fits`` and keep them
+    alive. With ``threads`` a prompt's many rows spread over that many threads (the same bits). None when
+    unavailable."""
     return _cpu.add_low_rank if kernel_available() else None
 
 
@@ -70,15 +71,17 @@ def add_low_rank_(
     A: torch.Tensor,
     sBt: torch.Tensor,
     blocks: torch.Tensor | None = None,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """``out += (x·Aᵀ)·sBt`` in place, in float32, rounded once into ``out``'s dtype; returns ``out``.
 
     ``x`` (rows × in) and ``out`` (rows × out_features): contiguous CPU tensors of one dtype, bf16 or float32;
     ``A`` (rank × in) and ``sBt`` (rank × out_features) as ``kernel_fits`` requires. ``blocks`` (int64,
     groups × 2, see ``row_blocks``) gives each of ``groups`` equal runs of rows its own rows of A and sBt, as a
-    mixed-adapter batch does. Raises ValueError for anything else (the kernel reads raw memory, so nothing
-    unchecked reaches it) and RuntimeError when the kernel is not available. Layers check once per plan and
-    call ``raw_kernel()`` directly.
+    mixed-adapter batch does. ``threads`` (default ``torch.get_num_threads()``): a prompt's many rows spread over
+    that many (the same bits whatever the number). Raises ValueError for anything else (the kernel reads raw
+    memory, so nothing unchecked reaches it) and RuntimeError when the kernel is not available. Layers check
+    once per plan and call ``raw_kernel()`` directly.
     """
     if not kernel_available():
         raise RuntimeError("the compiled low-rank kernel is not available (reinstall loratune with a C compiler)")
@@ -126,5 +129,6 @@ def add_low_rank_(
         _DTYPES[x.dtype],
         0 if blocks is None else blocks.data_ptr(),
         rows_per_block,
+        torch.get_num_threads() if threads is None else threads,
     )
     return out

@@ -548,6 +548,7 @@ class Plan:
             is_bf16,
             blocks,
             max(x2.shape[0] // rows, 1),
+            torch.get_num_threads(),
         )
         return out.view(*x.shape[:-1], out_features)
 

@@ -253,18 +253,48 @@ static PyObject *cross_entropy_rows(PyObject *self, PyObject *const *args, Py_ss
 
 #define N_ARGS 11
 
-/* add_low_rank(out, x, A, sBt, rows, in, rank, out_features, is_bf16, blocks, rows_per_block): addresses as
- * ints; blocks is 0 (every row uses all rank rows of A and sBt) or the address of an int64 array of
+/* rows from which add_low_rank spreads over the threads it is given: a prompt's, not a decoding step's few */
+#define LOW_RANK_SPREAD_ROWS 16
+
+/* v: out, x, A, sBt, rows, in, rank, out_features, is_bf16, blocks, rows_per_block, and h; a span of columns */
+static void run_low_rank_cols(const int64_t *v, float eps, int64_t b, int64_t e) {
+    (void)eps;
+    low_rank_add_cols_impl(PTR(0), (const float *)PTR(3), (const float *)PTR(11), v[4], v[6], v[7],
+                           (const int64_t *)PTR(9), v[10], b, e, (int)v[8]);
+}
+
+/* add_low_rank's update (v as add_low_rank takes it) over `threads` threads: h of every row on this thread,
+ * then spans of whole eight-column groups (each column summed by the same code as in one call: the same bits) */
+static void low_rank_over_threads(const int64_t *v, int64_t threads) {
+    job_t job = {.run = run_low_rank_cols, .eps = 0.f};
+    memcpy(job.v, v, N_ARGS * sizeof(int64_t));
+    float *h = malloc(v[4] * v[6] * sizeof(float));
+    if (h == NULL) {
+        (v[8] ? add_low_rank_bf16_impl : add_low_rank_f32_impl)(PTR(0), PTR(1), (const float *)PTR(2),
+                                                               (const float *)PTR(3), v[4], v[5], v[6], v[7],
+                                                               (const int64_t *)PTR(9), v[10]);
+        return;
+    }
+    low_rank_h_all_impl(PTR(1), (const float *)PTR(2), v[4], v[5], v[6], (const int64_t *)PTR(9), v[10], h,
+                        (int)v[8]);
+    job.v[11] = (int64_t)(intptr_t)h;
+    parallel_for(job, v[7], 8, 64, threads);
+    free(h);
+}
+
+/* add_low_rank(out, x, A, sBt, rows, in, rank, out_features, is_bf16, blocks, rows_per_block[, threads]):
+ * addresses as ints; blocks is 0 (every row uses all rank rows of A and sBt) or the address of an int64 array of
  * (offset, n) pairs, one per group of rows_per_block rows. On the calling thread, which holds the GIL: a few
- * rows are less work than waking other threads. */
+ * rows are less work than waking other threads; with threads > 1, a prompt's many rows (LOW_RANK_SPREAD_ROWS)
+ * spread over them, the same bits. */
 static PyObject *add_low_rank(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != N_ARGS) {
-        PyErr_SetString(PyExc_TypeError, "add_low_rank takes 11 arguments");
+    if (nargs != N_ARGS && nargs != N_ARGS + 1) {
+        PyErr_SetString(PyExc_TypeError, "add_low_rank takes 11 arguments (12 with threads)");
         return NULL;
     }
-    int64_t v[N_ARGS];
-    for (int i = 0; i < N_ARGS; i++) v[i] = PyLong_AsLongLong(args[i]);
+    int64_t v[N_ARGS + 1] = {0};
+    for (int i = 0; i < nargs; i++) v[i] = PyLong_AsLongLong(args[i]);
     if (PyErr_Occurred()) return NULL;
     const int64_t rows = v[4], in = v[5], rank = v[6], out_f = v[7], rows_per_block = v[10];
     const int64_t *blocks = (const int64_t *)(intptr_t)v[9];
@@ -279,6 +309,12 @@ static PyObject *add_low_rank(PyObject *self, PyObject *const *args, Py_ssize_t 
                 return NULL;
             }
         }
+    }
+    if (v[N_ARGS] > 1 && rows >= LOW_RANK_SPREAD_ROWS) {
+        Py_BEGIN_ALLOW_THREADS
+        low_rank_over_threads(v, v[N_ARGS]);
+        Py_END_ALLOW_THREADS
+        Py_RETURN_NONE;
     }
     add_low_rank_bf16_fn fn = v[8] ? add_low_rank_bf16_impl : add_low_rank_f32_impl;
     fn((void *)(intptr_t)v[0], (const void *)(intptr_t)v[1], (const float *)(intptr_t)v[2],
@@ -423,7 +459,8 @@ static PyObject *isa(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"add_low_rank", (PyCFunction)(void (*)(void))add_low_rank, METH_FASTCALL,
-     "add_low_rank(out, x, A, sBt, rows, in_features, rank, out_features, is_bf16, blocks, rows_per_block): "
+     "add_low_rank(out, x, A, sBt, rows, in_features, rank, out_features, is_bf16, blocks, rows_per_block[, "
+     "threads]): "
      "out += (x·Aᵀ)·sBt, all addresses of contiguous CPU tensors (see loratune.kernels.lowrank)."},
     {"linear_rows", (PyCFunction)(void (*)(void))linear_rows, METH_FASTCALL,
      "linear_rows(out, x, weight, bias, rows, in_features, out_features, is_bf16, threads): out = x·Wᵀ + bias for "

@@ -6,6 +6,7 @@
 typedef float NAME(f32x8) __attribute__((vector_size(32)));
 typedef uint16_t NAME(u16x8) __attribute__((vector_size(16)));
 typedef uint32_t NAME(u32x8) __attribute__((vector_size(32)));
+typedef int32_t NAME(i32x8) __attribute__((vector_size(32)));
 
 static inline __attribute__((always_inline)) NAME(f32x8) NAME(load8)(const void *p, int bf16) {
     NAME(f32x8) f;
@@ -20,10 +21,18 @@ static inline __attribute__((always_inline)) NAME(f32x8) NAME(load8)(const void 
     return f;
 }
 
-/* Stores eight floats, rounded to bf16 (to nearest even, NaN kept) when bf16. */
+/* Stores eight floats, rounded to bf16 (to nearest even, NaN kept: f32_to_bf16 on every lane, as vector
+ * operations) when bf16. */
 static inline __attribute__((always_inline)) void NAME(store8)(void *p, NAME(f32x8) f, int bf16) {
     if (bf16) {
-        for (int l = 0; l < 8; l++) ((uint16_t *)p)[l] = NAME(f32_to_bf16)(f[l]);
+        NAME(u32x8) u;
+        memcpy(&u, &f, 32);
+        const NAME(u32x8) rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        /* NaN: |u| above infinity's bits (both below 2^31, so a signed comparison, which AVX2 has, gives it) */
+        const NAME(u32x8) is_nan = (NAME(u32x8))((NAME(i32x8))(u & 0x7fffffffu) > (NAME(i32x8)){0} + 0x7f800000);
+        const NAME(u32x8) bits = (((u >> 16) | 0x40u) & is_nan) | (rounded & ~is_nan);
+        const NAME(u16x8) h = __builtin_convertvector(bits, NAME(u16x8));
+        memcpy(p, &h, 16);
     } else {
         memcpy(p, &f, 32);
     }
