@@ -369,6 +369,61 @@ def test_unreadable_gguf_raises_model_not_found(fake_gguf):
     assert list((cache_root() / "models").iterdir()) == []
 
 
+# --- weights at 64-byte boundaries --------------------------------------------------------------------
+
+
+def test_a_padded_safetensors_header_starts_the_data_aligned_and_keeps_every_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from loratune.models.aligned import pad_safetensors_header, safetensors_data_offset
+
+    tensors = {"a": torch.randn(3, 16), "bb": torch.arange(32, dtype=torch.int64), "c": torch.randn(16).bfloat16()}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    assert safetensors_data_offset(path) % 64, "the test needs a file whose data starts misaligned"
+    assert pad_safetensors_header(path)
+    assert safetensors_data_offset(path) % 64 == 0
+    loaded = load_file(path)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert not pad_safetensors_header(path)  # already aligned: not rewritten
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary file left
+
+
+def test_misaligned_weights_are_copied_aligned_with_their_values_and_ties(tmp_path):
+    from loratune.models.aligned import align_weights
+
+    storage = torch.randn(10 + 8 * 16 + 16)
+    model = torch.nn.Sequential(torch.nn.Embedding(8, 16), torch.nn.Linear(16, 8, bias=True))
+    with torch.no_grad():
+        model[0].weight.data = storage[10 : 10 + 8 * 16].view(8, 16)  # 40 bytes past an aligned start
+        model[1].weight = model[0].weight  # tied, as an output head to its embedding
+    model[1].register_buffer("table", storage[2:18])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert align_weights(model) == 2  # the tied weight once, and the buffer
+    for name, tensor in model.state_dict().items():
+        assert tensor.data_ptr() % 64 == 0, name
+        assert torch.equal(tensor, before[name]), name
+    assert model[1].weight is model[0].weight
+    assert align_weights(model) == 0
+
+
+def test_a_cpu_model_loads_with_every_weight_aligned(make_tiny_llama_dir):
+    # transformers uses a float32 checkpoint's tensors in place, where the file puts them; loratune aligns them
+    import struct
+
+    directory = make_tiny_llama_dir()
+    (weights,) = directory.glob("*.safetensors")
+    data = weights.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + size].rstrip(b" ")
+    header += b" " * ((40 - 8 - len(header)) % 64)  # the data 40 bytes past a 64-byte boundary, as Hub files are
+    weights.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + size :])
+    model, _ = load_model(directory, dtype="fp32", device="cpu")
+    assert all(p.data_ptr() % 64 == 0 for p in model.parameters())
+    reference, _ = load_model(make_tiny_llama_dir(), dtype="fp32", device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
 # --- integration: the real smollm2-135m ---------------------------------------------------------------
 
 
@@ -391,6 +446,11 @@ def test_smollm2_cache_stores_float32_weights(smollm2_first_load):
     with safe_open(smollm2_first_load["cache_dir"] / "model.safetensors", "pt") as weights:
         dtypes = {weights.get_slice(key).get_dtype() for key in weights.keys()}
     assert dtypes == {"F32"}
+    # its data starts at a 64-byte boundary, so the weights are used in place aligned, without a copy
+    from loratune.models.aligned import safetensors_data_offset
+
+    assert safetensors_data_offset(smollm2_first_load["cache_dir"] / "model.safetensors") % 64 == 0
+    assert all(p.data_ptr() % 64 == 0 for p in smollm2_first_load["model"].parameters())
 
 
 @pytest.mark.integration

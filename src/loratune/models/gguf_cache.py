@@ -24,6 +24,7 @@ from pathlib import Path
 
 from loratune.errors import ModelNotFoundError
 from loratune.files import give_default_modes, temp_dir_beside, writing
+from loratune.models.aligned import pad_safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def cached_hf_dir(gguf_path: str | os.PathLike) -> Path:
     """
     final = gguf_cache_dir(gguf_path)
     if _is_complete(final):
+        _align_data(final)  # (a cache written before loratune aligned its data: once)
         return final
     logger.info("converting %s once into %s; later loads read that copy in about a second", gguf_path, final)
     with writing(final, "model cache"):
@@ -82,6 +84,7 @@ def cached_hf_dir(gguf_path: str | os.PathLike) -> Path:
             extract_model_zip(gguf_path, staging)
         else:
             convert_gguf_to_hf(gguf_path, staging)
+        _align_data(staging)
         give_default_modes(staging)
         try:
             os.rename(staging, final)  # atomic on one filesystem: readers see nothing or everything
@@ -188,3 +191,10 @@ def extract_model_zip(zip_path: str | os.PathLike, out_dir: str | os.PathLike) -
 def _is_complete(directory: Path) -> bool:
     # Directories are published by an atomic rename, so one that exists is complete.
     return (directory / "config.json").is_file()
+
+
+def _align_data(directory: Path) -> None:
+    """Start the data of every safetensors file in ``directory`` at a 64-byte boundary (``models.aligned``), so
+    that its weights are used in place at full speed."""
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        pad_safetensors_header(path)

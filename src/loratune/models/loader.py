@@ -9,6 +9,7 @@ import torch
 
 from loratune.errors import ConfigError, LoratuneError, ModelNotFoundError
 from loratune.models.aliases import alias_gguf_path, alias_names, get_alias
+from loratune.models.aligned import align_weights
 from loratune.models.devices import resolve_device, resolve_dtype
 from loratune.models.gguf_cache import cached_hf_dir, gguf_cache_dir
 from loratune.models.quantized import DEFAULT_UNQUANTIZED, stored_in_4bit
@@ -108,6 +109,8 @@ def load_model(
     tokenizer.name_or_path = recorded_name
 
     model.to(device)
+    if quantize is None and torch.device(device).type == "cpu":  # (weights used in place from the mapped file)
+        align_weights(model)
     model.eval()
     return model, tokenizer
 
@@ -170,6 +173,8 @@ def load_classifier(
     prefix = model.base_model_prefix + "."
     model.new_head_modules = sorted({key.split(".")[0] for key in info["missing_keys"] if not key.startswith(prefix)})
     model.to(device)
+    if torch.device(device).type == "cpu":  # (weights used in place from the mapped file)
+        align_weights(model)
     model.eval()
     return model, tokenizer
 
