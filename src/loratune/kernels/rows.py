@@ -25,14 +25,17 @@ import torch
 import torch.nn.functional as F
 
 from loratune.kernels.loader import compiled as _cpu
-from loratune.kernels.loader import kernel_available, runnable_isas
+from loratune.kernels.loader import isa, kernel_available, runnable_isas
 
 # The rows the kernel takes per dtype (fewest, most). Float32: up to 64 rows it beats BLAS on the CPUs measured
-# (docs/benchmarks.md), beyond that BLAS's blocking wins. bf16: up to 16 where PyTorch widens bf16 to float32 for
-# its products; on CPUs with bf16 products of their own (AVX512-BF16, AMX) PyTorch's take over from 16 rows on,
-# so there the kernel stops at NATIVE_BF16_MOST.
+# (docs/benchmarks.md), beyond that BLAS's blocking wins. bf16: up to 64 where the kernel multiplies bf16 pairs
+# itself (its AVX512-BF16 copy), as fast as PyTorch's bf16 products at 64 rows; else up to 16 where PyTorch
+# widens bf16 to float32 for its products, and up to WIDENED_BF16_MOST on CPUs whose PyTorch has bf16 products
+# of its own (there they win from 16 rows on over the kernel widening bf16).
 ROWS = {torch.float32: (1, 64), torch.bfloat16: (1, 16)}
-NATIVE_BF16_MOST = 8
+PAIR_PRODUCT_BF16_MOST = 64
+WIDENED_BF16_MOST = 8
+_PAIR_PRODUCTS = ("avx512bf16", "amx")  # the kernel variants with bf16 pair products
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _here = threading.local()  # .decoding: True inside decoding() in this thread
@@ -57,8 +60,10 @@ def active() -> bool:
 def row_range(dtype: torch.dtype) -> tuple[int, int]:
     """(fewest, most) rows of ``dtype`` the kernel multiplies on this CPU (see ``ROWS``); (1, 0) for none."""
     fewest, most = ROWS.get(dtype, (1, 0))
-    if dtype == torch.bfloat16 and _native_bf16():
-        most = NATIVE_BF16_MOST
+    if dtype == torch.bfloat16 and isa() in _PAIR_PRODUCTS:
+        most = PAIR_PRODUCT_BF16_MOST
+    elif dtype == torch.bfloat16 and _native_bf16():
+        most = WIDENED_BF16_MOST
     return fewest, most
 
 
