@@ -163,12 +163,13 @@ def test_a_lora_layer_in_one_call_equals_its_product_and_update_apart(dtype, n_r
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [16, 40, 64])  # half a head: the one-by-one rest only, both, whole vectors only
 @pytest.mark.usefixtures("kernel_isa")
-def test_rope_has_transformers_bits(dtype):
+def test_rope_has_transformers_bits(dtype, dim):
     torch.manual_seed(0)
-    q, k = torch.randn(2, 5, 6, 16).to(dtype), torch.randn(2, 5, 2, 16).to(dtype)
+    q, k = torch.randn(2, 5, 6, dim).to(dtype), torch.randn(2, 5, 2, dim).to(dtype)
     positions = torch.arange(5)[None].float() + torch.tensor([[0.0], [7.0]])
-    frequencies = positions[..., None] / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+    frequencies = positions[..., None] / 10000 ** (torch.arange(0, dim, 2).float() / dim)
     angles = torch.cat([frequencies, frequencies], dim=-1)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     expected_q, expected_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)

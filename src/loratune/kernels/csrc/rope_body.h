@@ -5,8 +5,23 @@
 
 #include "vec16.h"
 
+/* Stores sixteen floats, rounded to bf16 as store1 rounds (denormals kept, which AVX512-BF16's conversion would
+ * flush) when bf16. */
+static inline __attribute__((always_inline)) void NAME(store_rounded16)(char *p, NAME(f32x16) f, int bf16) {
+    if (!bf16) {
+        memcpy(p, &f, 64);
+        return;
+    }
+    const NAME(f32x16) rounded = NAME(round_bf16_16)(f);
+    NAME(u32x16) u;
+    memcpy(&u, &rounded, 64);
+    const NAME(u16x16) h = __builtin_convertvector(u >> 16, NAME(u16x16));
+    memcpy(p, &h, 32);
+}
+
 /* out[r, h, :] = x[r, h, :]·cos[r, :] + rotate_half(x[r, h, :])·sin[r, :] for `heads` heads of `dim` elements
- * (dim even) in each of rows [begin, end); x, out (rows × heads × dim) and cos, sin (rows × dim) contiguous. */
+ * (dim even) in each of rows [begin, end); x, out (rows × heads × dim) and cos, sin (rows × dim) contiguous.
+ * Sixteen pairs at a time, the same operations lane by lane, then the rest one by one. */
 static __attribute__((optimize("fp-contract=off"))) void NAME(rope_rows)(
     char *restrict out, const char *restrict x, const char *restrict cos, const char *restrict sin, int64_t heads,
     int64_t dim, int64_t begin, int64_t end, int bf16) {
@@ -17,7 +32,20 @@ static __attribute__((optimize("fp-contract=off"))) void NAME(rope_rows)(
             const int64_t at = (r * heads + h) * dim;
             const char *xr = x + at * es;
             char *o = out + at * es;
-            for (int64_t i = 0; i < half; i++) {
+            int64_t i = 0;
+            for (; i + 16 <= half; i += 16) {
+                const NAME(f32x16) x1 = NAME(load16)(xr + i * es, bf16), x2 = NAME(load16)(xr + (i + half) * es, bf16);
+                NAME(f32x16) a = x1 * NAME(load16)(c + i * es, bf16), b = -x2 * NAME(load16)(s + i * es, bf16);
+                NAME(f32x16) p = x2 * NAME(load16)(c + (i + half) * es, bf16);
+                NAME(f32x16) q = x1 * NAME(load16)(s + (i + half) * es, bf16);
+                if (bf16) {
+                    a = NAME(round_bf16_16)(a), b = NAME(round_bf16_16)(b);
+                    p = NAME(round_bf16_16)(p), q = NAME(round_bf16_16)(q);
+                }
+                NAME(store_rounded16)(o + i * es, a + b, bf16);
+                NAME(store_rounded16)(o + (i + half) * es, p + q, bf16);
+            }
+            for (; i < half; i++) {
                 const float x1 = NAME(load1)(xr, i, bf16), x2 = NAME(load1)(xr, i + half, bf16);
                 float a = x1 * NAME(load1)(c, i, bf16), b = -x2 * NAME(load1)(s, i, bf16);
                 float p = x2 * NAME(load1)(c, i + half, bf16), q = x1 * NAME(load1)(s, i + half, bf16);
