@@ -758,6 +758,80 @@ def test_sequences_with_one_prompt_and_the_same_adapters_read_the_prompt_once(se
         assert run([group[i]]) == [together[i]] and prefilled == [1]
 
 
+def test_a_prompt_that_starts_as_an_earlier_one_reads_only_the_rest_and_answers_the_same(served):
+    """The engine keeps recent prompts' keys and values: a prompt read alone that starts as one read before with
+    the same adapters reads only what follows (a repeat: its last token), never across adapters or an engine
+    call (which may change them), and every answer is the one an engine without the cache gives."""
+    model_dir, dirs = served[0], served[1]
+    model, tokenizer = load_model(str(model_dir), dtype="fp32")
+    load_adapter(model, dirs["a"], name="a")
+    set_active(model, [])
+    first = encode_texts(tokenizer, ["Translate to French: hello, and then say goodbye"])[0]
+    longer = first + encode_texts(tokenizer, [" twice please"])[0]
+    read = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: read.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    a = {"a": 1.0}
+    plan = [(first, a), (longer, a), (longer, {}), (first, a), ("call", None), (first, a)]
+
+    def answers(prefix_cache_mb: float) -> tuple[list[list[int]], list[int]]:
+        engine, tokens, prefills, finished = Engine(model, prefix_cache_mb=prefix_cache_mb), [], [], queue.Queue()
+        sink = lambda event: finished.put(event) if isinstance(event, Finished) else None  # noqa: E731
+        engine.start()
+        try:
+            for prompt, adapters in plan:
+                if prompt == "call":
+                    engine.call(lambda: None).result(timeout=60)
+                    continue
+                read[:] = []
+                seq = Sequence(prompt, adapters, SamplingParams(6), tokenizer, frozenset(), sink)
+                engine.submit(seq)
+                assert isinstance(finished.get(timeout=60), Finished)
+                tokens.append(seq.tokens)
+                prefills.append(read[0])  # the prompt tokens the prefill read
+        finally:
+            engine.stop()
+        return tokens, prefills
+
+    cached, read_cached = answers(64)
+    plain, read_plain = answers(0)
+    assert cached == plain
+    assert read_plain == [len(first), len(longer), len(longer), len(first), len(first)]
+    # the longer prompt after the first on "a": only its new tokens; on the base: all; a repeat: its last token;
+    # after an engine call: all again
+    assert read_cached == [len(first), len(longer) - len(first), len(longer), 1, len(first)]
+
+
+def test_kept_prompts_are_found_by_adapters_and_longest_start_and_fit_their_budget():
+    from transformers.cache_utils import DynamicCache
+
+    from loratune.inference.prefix_cache import MIN_SHARED, PromptPrefixes
+
+    def cache_of(tokens: int, layers: int = 2) -> DynamicCache:
+        cache = DynamicCache()
+        for index in range(layers):
+            cache.update(torch.full((1, 2, tokens, 4), float(index)), torch.full((1, 2, tokens, 4), -1.0), index)
+        return cache
+
+    size = 2 * 2 * (2 * 10 * 4) * 4  # bytes of a 10-token prompt: two layers of keys and values
+    kept = PromptPrefixes(budget_bytes=2 * size)
+    one, two = list(range(10)), list(range(50, 60))
+    kept.keep(("a", 1.0), one, cache_of(10))
+    kept.keep(("a", 1.0), two, cache_of(10))
+    shared, cache = kept.start_of(("a", 1.0), [*range(8), 99, 98], config=None)
+    assert shared == 8 and cache.layers[1].keys.shape == (1, 2, 8, 4) and cache.layers[1].keys.eq(1).all()
+    assert kept.start_of(("a", 1.0), one, config=None)[0] == 9  # a repeat leaves its last token to read
+    assert kept.start_of(("b", 1.0), one, config=None) is None  # other adapters: nothing
+    assert kept.start_of(("a", 1.0), [*range(MIN_SHARED - 1), 99], config=None) is None  # too little shared
+    kept.keep((), list(range(100, 110)), cache_of(10))  # over the budget: the least recently used goes
+    assert kept.start_of(("a", 1.0), two, config=None) is None and kept.start_of(("a", 1.0), one, config=None)
+    kept.keep((), list(range(40)), cache_of(40))  # larger than the whole budget: not kept
+    assert kept.start_of((), list(range(40)), config=None) is None
+    kept.clear()
+    assert kept.start_of(("a", 1.0), one, config=None) is None
+
+
 def test_adapter_files_and_prompts_are_read_off_the_engine_thread_and_the_event_loop(url, client, monkeypatch):
     """Reading an adapter (config, tokenizer, tensors) runs on the pool's reader thread and tokenizing on the
     service's preparing thread, so neither holds up the engine's steps or the streams' delivery."""

@@ -86,6 +86,11 @@ def non_negative_int(text: str) -> int:
     return _at_least(text, int, 0, "0 or more")
 
 
+def non_negative_float(text: str) -> float:
+    """A number ≥ 0."""
+    return _at_least(text, float, 0, "0 or more")
+
+
 def seed(text: str) -> int:
     """A random seed: an integer from -2^63 to 2^64 - 1 (what torch's generators take)."""
     value = _number(text, int, "an integer")

@@ -13,6 +13,7 @@ from loratune.cli.options import (
     adapter_spec,
     add_model_options,
     base_model_for,
+    non_negative_float,
     non_negative_seconds,
     port,
     positive_int,
@@ -124,6 +125,15 @@ def add_parser(verb) -> None:
         "for long (default: 512)",
     )
     p.add_argument(
+        "--prefix-cache-mb",
+        type=non_negative_float,
+        default=64,
+        metavar="MB",
+        help="memory for the keys and values of recent prompts, so that a prompt that starts as an earlier "
+        "one did with the same adapters (a chat template's system prompt, a conversation's earlier turns) "
+        "reads only the rest (default: 64; 0: off)",
+    )
+    p.add_argument(
         "--max-waiting",
         type=positive_int,
         default=256,
@@ -219,6 +229,7 @@ def run(args) -> int:
             max_tokens_default=args.max_tokens_default,
             max_body_bytes=args.max_body_bytes,
             request_timeout=args.request_timeout,
+            prefix_cache_mb=args.prefix_cache_mb,
         )
     except BaseException:
         listener.close()

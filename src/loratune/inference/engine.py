@@ -37,6 +37,7 @@ from loratune.errors import ConfigError
 from loratune.inference import kv
 from loratune.inference.block_step import decode_logits
 from loratune.inference.decode import inference
+from loratune.inference.prefix_cache import PromptPrefixes
 from loratune.inference.sampling import sample_next
 from loratune.inference.sequence import Failed, Sequence, TokenLogprob
 from loratune.models.devices import model_device
@@ -99,7 +100,9 @@ class Engine:
     decoding steps; ``max_waiting``: most sequences queued before ``submit`` raises ``QueueFull``;
     ``max_adapters``: most distinct adapters in one decoding batch (None: no limit; see the module docstring
     for the admission rule); ``on_step``: called (in the engine thread) after each decoding step with the
-    number of rows, the number of distinct adapters and the time it took.
+    number of rows, the number of distinct adapters and the time it took; ``prefix_cache_mb``: the most memory
+    the keys and values of recent prompts may take, kept so that a prompt read alone reads only what follows the
+    longest start it shares with one of them under the same adapters (``inference.prefix_cache``; 0: off).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class Engine:
         max_waiting: int = 256,
         max_adapters: int | None = None,
         on_step: Callable[[int, int, float], None] | None = None,
+        prefix_cache_mb: float = 64,
     ):
         if max_adapters is not None and max_adapters < 1:
             raise ValueError(f"max_adapters must be at least 1 (or None for no limit), got {max_adapters}")
@@ -140,6 +144,7 @@ class Engine:
         self._steps = 0  # what _publish reports (engine thread only)
         self._step_adapters = 0
         self._most_adapters = 0
+        self._prefixes = PromptPrefixes(int(prefix_cache_mb * 2**20))
 
     # --- from any thread ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -195,6 +200,7 @@ class Engine:
         left empty."""
         if self._thread.is_alive():
             raise RuntimeError("Engine.run drives an engine on the calling thread; this one runs its own thread")
+        self._prefixes.clear()  # (the caller may have changed the weights since its last run)
         with inference(self.model):
             with self._wake:
                 self._waiting.extend(seqs)
@@ -252,6 +258,7 @@ class Engine:
     def _run_calls(self) -> None:
         if not self._calls.empty():
             self._unroute()
+            self._prefixes.clear()  # a call may load or free adapters: no prompt read before stays valid
         while not self._calls.empty():
             fn, future = self._calls.get()
             if future.set_running_or_notify_cancel():
@@ -361,7 +368,12 @@ class Engine:
             ids[i, width - len(seq.prompt_ids) :] = torch.as_tensor(seq.prompt_ids)
             mask[i, width - len(seq.prompt_ids) :] = 1
         index = torch.tensor(rows, device=self._device)
-        return _Prefill(taken, ids.to(self._device), mask.to(self._device), index, readers)
+        job = _Prefill(taken, ids.to(self._device), mask.to(self._device), index, readers)
+        if len(readers) == 1:  # one prompt: it may start as one read before (see inference.prefix_cache)
+            found = self._prefixes.start_of(readers[0].routing_key, readers[0].prompt_ids, self.model.config)
+            if found is not None:
+                job.done, job.cache = found
+        return job
 
     def _prefill_chunk(self) -> None:
         job = self._prefill
@@ -386,6 +398,8 @@ class Engine:
         if end < width:
             return
         self._prefill = None
+        if len(job.readers) == 1:
+            self._prefixes.keep(job.readers[0].routing_key, job.readers[0].prompt_ids, job.cache)
         if len(job.readers) < len(job.seqs):  # each shared row copied out to its sequences
             kv.keep_rows(job.cache, job.rows)
         mask, positions = job.mask[job.rows], positions[job.rows]

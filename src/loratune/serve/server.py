@@ -43,6 +43,7 @@ def build(
     max_tokens_default: int | None = None,
     request_timeout: float = 600.0,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    prefix_cache_mb: float = 64,
 ) -> Service:
     """A started service for ``model`` with ``adapters`` given as (name, directory, strength), pinned.
 
@@ -56,6 +57,7 @@ def build(
         max_waiting=max_waiting,
         max_adapters=max_loras,
         on_step=metrics.on_step,
+        prefix_cache_mb=prefix_cache_mb,
     )
     pool = AdapterPool(model, engine, max_loaded=max(max_loaded, len(adapters)), adapter_root=adapter_root)
     for name, path, strength in adapters:
