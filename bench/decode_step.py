@@ -11,6 +11,7 @@
 
     python bench/decode_step.py                  # both (the engine's part: about a minute on 2 cores)
     python bench/decode_step.py --only products
+    python bench/decode_step.py --only products --rows 42 --offset-bytes 40   # weights as a mapped file puts them
 """
 
 from __future__ import annotations
@@ -31,15 +32,31 @@ SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 57
 HEAD = (49152, 576)
 
 
-def products(rows_list: list[int], repeats: int) -> None:
+def placed(tensors: list[torch.Tensor], offset_bytes: int) -> list[torch.Tensor]:
+    """Copies of ``tensors`` laid one after another in one buffer starting ``offset_bytes`` past a 64-byte
+    boundary, as a checkpoint file mapped into memory and used in place lays them out."""
+    element = tensors[0].element_size()
+    total = sum(t.numel() for t in tensors)
+    buffer = torch.empty(total + (64 + offset_bytes) // element, dtype=tensors[0].dtype)
+    at = (-buffer.data_ptr() % 64 + offset_bytes) // element
+    out = []
+    for t in tensors:
+        out.append(buffer[at : at + t.numel()].view(t.shape).copy_(t))
+        at += t.numel()
+    return out
+
+
+def products(rows_list: list[int], repeats: int, offset_bytes: int = 0) -> None:
     from loratune.kernels import rows
 
+    print(f"weights {offset_bytes} bytes past a 64-byte boundary")
     print("| dtype | rows | kernel (ms) | F.linear (ms) | F.linear / kernel | kernel reads |")
     print("|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         weights = [(torch.randn(o, i) * 0.02).to(dtype) for _ in range(30) for o, i in SHAPES]
         weights.append((torch.randn(*HEAD) * 0.02).to(dtype))
+        weights = placed(weights, offset_bytes)
         size = sum(w.numel() * w.element_size() for w in weights)
         for n in rows_list:
             if not rows.takes(n, dtype):
@@ -139,6 +156,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--sequences", type=int, default=1, help="sequences decoded together by the engine")
+    parser.add_argument(
+        "--offset-bytes",
+        type=int,
+        default=0,
+        help="products: the weights this many bytes past a 64-byte boundary (8-byte steps; a checkpoint used in "
+        "place from its file is where the file puts it)",
+    )
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the engine's model dtype")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,7 +171,7 @@ def main() -> None:
         return
     print(f"threads {torch.get_num_threads()}")
     if args.only in (None, "products"):
-        products(args.rows, args.repeats)
+        products(args.rows, args.repeats, args.offset_bytes)
     if args.only in (None, "engine"):
         engine(args.tokens, args.repeats, args.sequences, args.dtype)
 
