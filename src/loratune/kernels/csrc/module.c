@@ -114,16 +114,17 @@ static void run_linear_rows(const int64_t *v, float eps, int64_t b, int64_t e) {
     linear_rows_impl(PTR(0), PTR(1), PTR(2), PTR(3), v[4], v[5], v[6], b, e, (int)v[7]);
 }
 
-/* v: linear_rows' 8 values, then A, sBt, rank, blocks, rows_per_block, h (low_rank_h_all's, every row's); a span
- * of output columns: their product, then their share of the low-rank update */
+/* v: linear_rows' 8 values (weight 0: no product, the update alone), then A, sBt, rank, blocks, rows_per_block,
+ * h (low_rank_h_all's, every row's); a span of output columns: their product, then their share of the update */
 static void run_lora_rows(const int64_t *v, float eps, int64_t b, int64_t e) {
-    run_linear_rows(v, eps, b, e);
+    if (v[2] != 0) run_linear_rows(v, eps, b, e);
     low_rank_add_cols_impl(PTR(0), (const float *)PTR(9), (const float *)PTR(13), v[4], v[10], v[6],
                            (const int64_t *)PTR(11), v[12], b, e, (int)v[7]);
 }
 
 /* An unmerged LoRA layer's output for a few rows (job.v as run_lora_rows takes it, without h): h = x·Aᵀ of
- * every row on this thread, then product and update by spans of output columns over `threads` threads. */
+ * every row on this thread, then product and update by spans of output columns over `threads` threads; with
+ * weight 0, the update alone (add_low_rank's spread over threads). */
 static void lora_rows_over_threads(job_t job, int64_t threads) {
     const int64_t *v = job.v;
     float small[4096];
@@ -131,7 +132,7 @@ static void lora_rows_over_threads(job_t job, int64_t threads) {
     float *h = size <= 4096 ? small : malloc(size * sizeof(float));
     if (h == NULL) { /* no memory for h: the update on this thread, after the product */
         job.run = run_linear_rows;
-        parallel_for(job, v[6], 4, 64, threads);
+        if (v[2] != 0) parallel_for(job, v[6], 4, 64, threads);
         (v[7] ? add_low_rank_bf16_impl : add_low_rank_f32_impl)(PTR(0), PTR(1), (const float *)PTR(8),
                                                                (const float *)PTR(9), v[4], v[5], v[10], v[6],
                                                                (const int64_t *)PTR(11), v[12]);
@@ -256,32 +257,6 @@ static PyObject *cross_entropy_rows(PyObject *self, PyObject *const *args, Py_ss
 /* rows from which add_low_rank spreads over the threads it is given: a prompt's, not a decoding step's few */
 #define LOW_RANK_SPREAD_ROWS 16
 
-/* v: out, x, A, sBt, rows, in, rank, out_features, is_bf16, blocks, rows_per_block, and h; a span of columns */
-static void run_low_rank_cols(const int64_t *v, float eps, int64_t b, int64_t e) {
-    (void)eps;
-    low_rank_add_cols_impl(PTR(0), (const float *)PTR(3), (const float *)PTR(11), v[4], v[6], v[7],
-                           (const int64_t *)PTR(9), v[10], b, e, (int)v[8]);
-}
-
-/* add_low_rank's update (v as add_low_rank takes it) over `threads` threads: h of every row on this thread,
- * then spans of whole eight-column groups (each column summed by the same code as in one call: the same bits) */
-static void low_rank_over_threads(const int64_t *v, int64_t threads) {
-    job_t job = {.run = run_low_rank_cols, .eps = 0.f};
-    memcpy(job.v, v, N_ARGS * sizeof(int64_t));
-    float *h = malloc(v[4] * v[6] * sizeof(float));
-    if (h == NULL) {
-        (v[8] ? add_low_rank_bf16_impl : add_low_rank_f32_impl)(PTR(0), PTR(1), (const float *)PTR(2),
-                                                               (const float *)PTR(3), v[4], v[5], v[6], v[7],
-                                                               (const int64_t *)PTR(9), v[10]);
-        return;
-    }
-    low_rank_h_all_impl(PTR(1), (const float *)PTR(2), v[4], v[5], v[6], (const int64_t *)PTR(9), v[10], h,
-                        (int)v[8]);
-    job.v[11] = (int64_t)(intptr_t)h;
-    parallel_for(job, v[7], 8, 64, threads);
-    free(h);
-}
-
 /* add_low_rank(out, x, A, sBt, rows, in, rank, out_features, is_bf16, blocks, rows_per_block[, threads]):
  * addresses as ints; blocks is 0 (every row uses all rank rows of A and sBt) or the address of an int64 array of
  * (offset, n) pairs, one per group of rows_per_block rows. On the calling thread, which holds the GIL: a few
@@ -310,9 +285,10 @@ static PyObject *add_low_rank(PyObject *self, PyObject *const *args, Py_ssize_t 
             }
         }
     }
-    if (v[N_ARGS] > 1 && rows >= LOW_RANK_SPREAD_ROWS) {
+    if (v[N_ARGS] > 1 && rows >= LOW_RANK_SPREAD_ROWS) {  /* as lora_rows lays its values out, with no product */
+        job_t job = {.eps = 0.f, .v = {v[0], v[1], 0, 0, rows, in, out_f, v[8], v[2], v[3], rank, v[9], v[10]}};
         Py_BEGIN_ALLOW_THREADS
-        low_rank_over_threads(v, v[N_ARGS]);
+        lora_rows_over_threads(job, v[N_ARGS]);
         Py_END_ALLOW_THREADS
         Py_RETURN_NONE;
     }
