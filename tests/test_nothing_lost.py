@@ -790,6 +790,7 @@ def bad_values(ws) -> dict:
         options.seed: str(2**64),
         options.positive_seconds: "0",
         options.non_negative_seconds: "-1",
+        options.non_negative_float: "-1",
         options.port: "70000",
         sweep._grid: "lora.r",
         serve.named_adapter: f"a={ws['adapter']}:strong",
