@@ -826,8 +826,10 @@ def test_kept_prompts_are_found_by_adapters_and_longest_start_and_fit_their_budg
     assert kept.start_of(("a", 1.0), [*range(MIN_SHARED - 1), 99], config=None) is None  # too little shared
     kept.keep((), list(range(100, 110)), cache_of(10))  # over the budget: the least recently used goes
     assert kept.start_of(("a", 1.0), two, config=None) is None and kept.start_of(("a", 1.0), one, config=None)
-    kept.keep((), list(range(40)), cache_of(40))  # larger than the whole budget: not kept
-    assert kept.start_of((), list(range(40)), config=None) is None
+    kept.keep((), list(range(40)), cache_of(40))  # larger than the whole budget: its first 20 tokens kept
+    shared, cache = kept.start_of((), [*range(40), 7], config=None)
+    assert shared == 20 and cache.layers[0].keys.shape == (1, 2, 20, 4)
+    assert kept.start_of(("a", 1.0), one, config=None) is None  # (which took all the room)
     kept.clear()
     assert kept.start_of(("a", 1.0), one, config=None) is None
 

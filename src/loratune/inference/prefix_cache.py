@@ -5,8 +5,9 @@ and a conversation resends all of its earlier turns. A prompt's keys and values 
 tokens up to it (and on the weights and adapters it was read with), so the cache of an earlier prompt, cut to
 the tokens both share, is the start of the new prompt's cache: the engine reads only the tokens after it.
 
-``PromptPrefixes`` keeps the whole cache of the last prompts read alone (a prefill of one row), per routing key
-(the adapters and strengths a sequence runs with), least recently used first out, within a byte budget. It knows
+``PromptPrefixes`` keeps the cache of the last prompts read alone (a prefill of one row), per routing key (the
+adapters and strengths a sequence runs with), least recently used first out, within a byte budget (a prompt
+larger than the budget keeps the first tokens that fit). It knows
 nothing of weights: whoever changes them (loading or freeing an adapter, a training step between rollouts) calls
 ``clear``.
 """
@@ -37,14 +38,18 @@ class PromptPrefixes:
         self._bytes = 0
 
     def keep(self, routing_key: tuple, prompt: list[int], cache) -> None:
-        """Keep a copy of ``cache`` (one row, exactly ``prompt``'s columns) for prompts starting like ``prompt``."""
-        if self.budget_bytes <= 0:
+        """Keep a copy of ``cache`` (one row, exactly ``prompt``'s columns) for prompts starting like ``prompt``:
+        the whole prompt, or as many of its first tokens as the budget holds (a long conversation's start is
+        still worth reading from here)."""
+        if self.budget_bytes <= 0 or not prompt:
             return
-        layers = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        per_token = _bytes_of([(layer.keys, layer.values) for layer in cache.layers]) // len(prompt)
+        tokens = min(len(prompt), self.budget_bytes // max(per_token, 1))
+        if tokens < MIN_SHARED:
+            return
+        layers = [(layer.keys[:, :, :tokens].clone(), layer.values[:, :, :tokens].clone()) for layer in cache.layers]
         size = _bytes_of(layers)
-        if size > self.budget_bytes:
-            return
-        key = (routing_key, tuple(prompt))
+        key = (routing_key, tuple(prompt[:tokens]))
         if key in self._entries:
             self._bytes -= _bytes_of(self._entries.pop(key))
         while self._entries and self._bytes + size > self.budget_bytes:
