@@ -9,6 +9,7 @@ the tiny Llama and a tiny BERT classifier.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -629,6 +630,26 @@ def test_a_stop_signal_at_a_random_step_checkpoints_and_resumes_to_the_identical
     assert straight.returncode == 0, straight.stderr
     assert_same_tensors(adapter_tensors(run), adapter_tensors(tmp_path / "straight"))
     assert Manifest.read(run).foreign(run) == []
+
+
+@pytest.mark.integration
+def test_signals_after_the_stop_never_kill_the_exiting_process(long_config, tmp_path):
+    run = tmp_path / "run"
+    process = start_training(long_config, run)
+    wait_for_step(process, run, 2)
+    process.send_signal(signal.SIGTERM)
+    said = []
+    while not any("stopped by SIGTERM" in line for line in said):  # saved; the process is on its way out
+        line = process.stderr.readline()
+        assert line, "".join(said)
+        said.append(line)
+    # a scheduler (or an impatient user) that keeps signalling until the process is gone
+    signums = itertools.cycle((signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
+    while process.poll() is None:
+        process.send_signal(next(signums))
+        time.sleep(0.005)
+    said.append(process.stderr.read())
+    assert process.returncode == 143, "".join(said)
 
 
 @pytest.mark.integration

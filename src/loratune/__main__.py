@@ -1,8 +1,6 @@
 """``python -m loratune ...``: the same as the ``loratune`` command."""
 
-import sys
-
-from loratune.cli.main import main
+from loratune.cli.main import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

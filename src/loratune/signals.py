@@ -4,15 +4,16 @@ Kubernetes send) and SIGHUP (a closed terminal) all stop a command the same way 
 runs: temporary files are removed, locks released, a training run checkpoints its last completed step.
 
 Inside ``deferred()`` (an optimizer update, a checkpoint being written) a signal is held and raised when the
-block ends, so no state is ever cut in half. Inside ``stopping()`` (the saving that follows a stop) further
-signals are only acknowledged: the save completes.
+block ends, so no state is ever cut in half. A command stops once: after the first ``Stop`` (the saving that
+follows it, the way out, the process's exit) further signals are only acknowledged, so a scheduler that sends
+SIGTERM twice, or Ctrl-C pressed again, never cuts the save nor kills the process before its exit status.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -43,6 +44,8 @@ def signal_of(error: BaseException) -> int:
 class _State:
     held: int | None = None  # a signal that arrived inside deferred()
     depth = 0  # nesting of deferred()
+    blocks = 0  # nesting of stop_on_signals()
+    stopped: int | None = None  # the signal that stopped the command
     stopping = False
     acknowledge: Callable[[int], None] | None = None
 
@@ -50,14 +53,29 @@ class _State:
 _state = _State()
 
 
+def _say(line: str) -> None:
+    # straight to the descriptor: a handler may run while the main code is inside a write to sys.stderr, whose
+    # buffer refuses a reentrant call
+    with contextlib.suppress(OSError):
+        os.write(2, f"{line}\n".encode())
+
+
+def _already_stopping(signum: int) -> None:
+    _say(f"loratune: {signal.Signals(signum).name} received; already stopping")
+
+
 def _on_signal(signum, frame) -> None:
     if _state.stopping:
         if _state.acknowledge is not None:
             _state.acknowledge(signum)
         return
+    if _state.stopped is not None:
+        _already_stopping(signum)
+        return
     if _state.depth:
         _state.held = _state.held or signum
         return
+    _state.stopped = signum
     raise Stop(signum)
 
 
@@ -72,12 +90,37 @@ def stop_on_signals() -> Iterator[None]:
     if not _main_thread():
         yield
         return
+    if _state.blocks == 0:
+        _state.stopped = None  # a new command (main() also runs in-process, one call after another)
     previous = {signum: signal.signal(signum, _on_signal) for signum in STOP_SIGNALS}
+    _state.blocks += 1
     try:
         yield
     finally:
+        _state.blocks -= 1
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def stopped_by() -> int | None:
+    """The signal that stopped the last command, if one did."""
+    return _state.stopped
+
+
+def ignore_for_exit() -> None:
+    """Stop signals ignored from here on: the interpreter resets Python-level handlers to the default action
+    while it exits, so a signal then would kill a stopped process and replace its exit status."""
+    if _main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def handle_for_process() -> None:
+    """Stop signals handled as in ``stop_on_signals`` for the rest of the process: the ``loratune`` command's
+    exit (after its blocks end) is not cut by a signal that follows the one that stopped it."""
+    if _main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _on_signal)
 
 
 @contextlib.contextmanager
@@ -90,6 +133,7 @@ def deferred() -> Iterator[None]:
         _state.depth -= 1
     if _state.depth == 0 and _state.held is not None:
         signum, _state.held = _state.held, None
+        _state.stopped = signum
         raise Stop(signum)
 
 
@@ -100,11 +144,7 @@ def stopping(acknowledge: Callable[[int], None] | None = None) -> Iterator[None]
     before = (_state.stopping, _state.acknowledge)
     _state.stopping = True
     _state.acknowledge = acknowledge or (
-        lambda signum: print(
-            f"loratune: {signal.Signals(signum).name} received while stopping; finishing the save first",
-            file=sys.stderr,
-            flush=True,
-        )
+        lambda signum: _say(f"loratune: {signal.Signals(signum).name} received while stopping; finishing the save")
     )
     try:
         yield

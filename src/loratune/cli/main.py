@@ -182,5 +182,20 @@ def _show_notices(verb: str) -> logging.Handler:
     return handler
 
 
+def entry() -> None:
+    """The ``loratune`` command: ``main()`` with stop signals handled from the first import to the process's
+    exit, so a signal during start-up stops it quietly (128 + the signal) and one after a stop is acknowledged."""
+    from loratune import signals
+
+    signals.handle_for_process()
+    try:
+        status = main()
+    except KeyboardInterrupt as stop:  # before main()'s own handling began (parsing, imports)
+        status = 128 + signals.signal_of(stop)
+    if signals.stopped_by() is not None:
+        signals.ignore_for_exit()
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
