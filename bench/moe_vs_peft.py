@@ -12,6 +12,7 @@ libraries are most of a process), their ratios and the loss agreement (as ``benc
     python bench/moe_vs_peft.py                                   # bf16, batch 8 x 256, 12 steps, 2 reps
     python bench/moe_vs_peft.py --experts 64 --hidden 1024 --steps 10
     python bench/moe_vs_peft.py --allocator-peak --steps 2 --reps 1   # what torch's allocator holds, not RSS
+    python bench/moe_vs_peft.py --no-recompute                        # loratune keeps its MoE activations
 
 RSS counts what the C library keeps of freed memory. ``--allocator-peak`` runs each trainer under torch's memory
 profiler (slower) and also reports the most the tensors alive at once exceeded their level before the first step:
@@ -160,6 +161,7 @@ def run_child(args, impl: str) -> dict:
     command += ["--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch)]
     command += ["--length", str(args.length), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     command += ["--r", str(args.r)] + (["--allocator-peak"] if args.allocator_peak else [])
+    command += [] if args.recompute_experts else ["--no-recompute"]
     out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
     if line is None:
@@ -205,6 +207,7 @@ def parent(args) -> None:
     rel = [abs(a - b) / abs(b) for a, b in zip(results["loratune"][0]["losses"], results["peft"][0]["losses"])]
     shape = f"hidden {args.hidden}, {args.experts} experts (top-{args.top_k}, width {args.expert_width})"
     run = f"{args.dtype}, batch {args.batch} x {args.length}, r={args.r} on attention + experts"
+    run += "" if args.recompute_experts else ", loratune without recomputation"
     timing = f"{args.steps} steps ({args.warmup} warm-up excluded), {args.reps} reps, medians"
     print(f"\nrandom Qwen3-MoE: {shape}, {args.layers} layers, vocab {args.vocab}; {run}; {timing}")
     print("| trainer | tokens/s | peak RSS (MiB) | training memory (MiB) | step memory (MiB) |")
@@ -236,6 +239,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--allocator-peak", action="store_true", help="also measure torch's allocator (slower)")
+    parser.add_argument(
+        "--no-recompute",
+        dest="recompute_experts",
+        action="store_false",
+        help="loratune keeps the MoE layers' activations (train.recompute_experts: false): faster, more memory",
+    )
     parser.add_argument("--child", choices=("loratune", "peft"), dest="impl", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--data-file", help=argparse.SUPPRESS)

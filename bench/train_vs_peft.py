@@ -193,6 +193,8 @@ def run_loratune(args) -> dict:
         "output_dir": str(run),
     }
     config["train"]["method"] = config.pop("train_method")
+    if not getattr(args, "recompute_experts", True):  # bench/moe_vs_peft.py --no-recompute
+        config["train"]["recompute_experts"] = False
     config_path.write_text(yaml.safe_dump(config))
     before_steps = []
 

@@ -16,6 +16,7 @@ from loratune.train.fused_ops import (
     SiluMulFunction,
     SiluMulLoraDownFunction,
     patch_for_training,
+    rope_for_training,
 )
 from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
@@ -86,12 +87,49 @@ def loss_and_grads(patch: bool, dtype=torch.float32, quantize: str | None = None
     torch.manual_seed(1)
     loratune.add_adapter(model, LoraConfig(r=4, init_lora_weights=False, **lora))
     if patch:
-        assert patch_for_training(model) == 2 * 3 + 1  # two norms and an MLP per block, the final norm
+        assert patch_for_training(model) == 2 * 4 + 1  # two norms, the MLP and attention per block, the final norm
     model.train()
     ids = token_batch(length=16)
     total, count = causal_lm_loss_sum(model, {"input_ids": ids, "labels": ids})
     (total / count).backward()
     return total.detach() / count, [p.grad for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.usefixtures("kernel_isa")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_rope_gives_transformers_values_and_gradients(dtype):
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 7, 4, 16, generator=generator).to(dtype)  # tokens-major, as the projections give
+    k = torch.randn(2, 7, 2, 16, generator=generator).to(dtype)
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64))
+    cos, sin = rotary(q, torch.arange(7).expand(2, 7))
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    grads = torch.randn(2, 7, 4, 16, generator=generator).to(dtype), torch.randn(2, 7, 2, 16, generator=generator)
+    grads = grads[0], grads[1].to(dtype)
+
+    def run(rotate):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        out_q, out_k = rotate(qq, kk)
+        torch.autograd.backward((out_q, out_k), grads)
+        return out_q, out_k, qq.grad, kk.grad
+
+    ours = run(lambda a, b: rope_for_training(a, b, cos, sin))
+    theirs = run(
+        lambda a, b: [t.transpose(1, 2) for t in apply_rotary_pos_emb(a.transpose(1, 2), b.transpose(1, 2), cos, sin)]
+    )
+    for a, b in zip(ours, theirs, strict=True):
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)  # the same rounding points
+        else:
+            torch.testing.assert_close(a, b)
+
+
+def test_training_rope_leaves_other_angles_to_transformers():
+    q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8)
+    cos, sin = torch.rand(1, 3, 8), torch.rand(1, 3, 8)  # halves that differ: not transformers' form
+    assert rope_for_training(q, k, cos, sin) is None
 
 
 @pytest.mark.usefixtures("any_isa")

@@ -40,7 +40,8 @@ from loratune.errors import ConfigError, LoratuneError
 from loratune.inference.engine import Engine
 from loratune.inference.sequence import Finished, SamplingParams, Sequence
 from loratune.layers import AdaptedModule, LoraLayer, LoraParameter, execution
-from loratune.layers.experts import recompute_expert_layers, recompute_in_backward
+from loratune.layers import experts as expert_layers
+from loratune.layers.experts import Routed, group_granule, recompute_expert_layers, recompute_in_backward
 from loratune.models.merge_4bit import dequantize_model
 from loratune.models.quantized import quantize_model
 from loratune.models.streamed import load_streamed
@@ -105,6 +106,50 @@ def test_grouped_expert_path_equals_the_reference_in_outputs_and_gradients(kind)
     for a, b in zip(fast_grads, reference_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert (fast - logits(tiny_moe(kind), ids)).abs().max() > 1e-2  # the adapter does change the output
+
+
+def test_padded_expert_groups_route_and_combine_every_copy_once():
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 5, (23, 2), generator=generator)
+    weights = torch.rand(23, 2, generator=generator)
+    plain, padded = Routed(index, weights, 5), Routed(index, weights, 5, granule=4)
+    assert all(c % 4 == 0 for c in padded.counts) and sum(padded.counts) > sum(plain.counts) == 46
+    assert padded.offsets.tolist() == torch.tensor(padded.counts).cumsum(0).tolist()
+    # each group holds its expert's copies, then weightless padding
+    for e, (start, end) in enumerate(zip([0, *padded.offsets[:-1].tolist()], padded.offsets.tolist(), strict=True)):
+        assert (padded.experts[start:end] == e).all()
+    hidden = torch.randn(23, 6, generator=generator)
+    out = hidden.index_select(0, padded.tokens) * (1 + padded.experts.unsqueeze(1))  # a per-expert function
+    expected = plain.combine(hidden.index_select(0, plain.tokens) * (1 + plain.experts.unsqueeze(1)))
+    torch.testing.assert_close(padded.combine(out), expected)
+
+
+def test_expert_groups_are_padded_only_for_half_precision_cpu_products_of_large_groups():
+    cpu = torch.device("cpu")
+    assert group_granule(4096, 16, torch.bfloat16, cpu) == 64  # a training batch: a quarter of 256, at most 64
+    assert group_granule(16384, 128, torch.float16, cpu) == 32
+    assert group_granule(4096, 64, torch.bfloat16, cpu) == 16
+    assert group_granule(16, 16, torch.bfloat16, cpu) == 1  # decoding a few tokens
+    assert group_granule(4096, 16, torch.float32, cpu) == 1  # fp32 products are not oneDNN's
+    assert group_granule(4096, 16, torch.bfloat16, torch.device("meta")) == 1
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_padded_expert_groups_compute_the_same_outputs_and_gradients(kind, monkeypatch):
+    model = tiny_moe(kind)
+    add_adapter(model, lora(kind))
+    ids = token_batch(batch=3)
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def run(granule):
+        monkeypatch.setattr(expert_layers, "group_granule", lambda *_: granule)
+        out = model(ids).logits
+        return out, torch.autograd.grad(out.square().sum(), trained)
+
+    (padded, padded_grads), (plain, plain_grads) = run(8), run(1)
+    torch.testing.assert_close(padded, plain, atol=ATOL, rtol=1e-5)
+    for a, b in zip(padded_grads, plain_grads, strict=True):  # the same sums, in another order
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def saved_bytes_and_grads(model, ids, recompute: bool):
@@ -226,7 +271,9 @@ def test_merge_writes_into_the_fused_weights_and_unmerge_restores_them(kind):
     assert (experts.gate_up_proj.float() - before.float()).abs().max() <= 2e-2
 
 
-def test_mixed_batch_rows_on_experts_equal_one_adapter_at_a_time():
+@pytest.mark.parametrize("granule", [1, 8])
+def test_mixed_batch_rows_on_experts_equal_one_adapter_at_a_time(granule, monkeypatch):
+    monkeypatch.setattr(expert_layers, "group_granule", lambda *_: granule)
     model = tiny_moe("mixtral")
     add_adapter(model, lora("mixtral"), name="a")
     add_adapter(model, lora("mixtral"), name="b")

@@ -37,6 +37,8 @@ _ATTENTION = {
     "mistral": ("MistralAttention", "config"),
     "qwen2": ("Qwen2Attention", "module"),
     "qwen3": ("Qwen3Attention", "module"),
+    "qwen3_moe": ("Qwen3MoeAttention", "module"),
+    "mixtral": ("MixtralAttention", "config"),
 }
 
 
@@ -47,7 +49,7 @@ def decoding_kernels(model: nn.Module) -> Iterator[int]:
     how many modules took one); their own forward afterwards."""
     on_cpu = model_device(model).type == "cpu"  # the kernels are CPU code: elsewhere nothing is patched
     norm_class, mlp_class = llama_family_classes(model) or (None, None)
-    attention_class = _attention_class(model)
+    attention_class = attention_class_of(model)
     patched = []
     for module in model.modules() if on_cpu else ():
         if "forward" in module.__dict__:
@@ -59,7 +61,7 @@ def decoding_kernels(model: nn.Module) -> Iterator[int]:
         elif mlp_class is not None and type(module) is mlp_class and has_silu_activation(module):
             forward = _silu_mlp
         elif attention_class is not None and type(module) is attention_class:
-            forward = _attention
+            forward = attention
         else:
             continue
         module.forward = functools.partial(forward, module)
@@ -87,7 +89,8 @@ def _silu_mlp(module: nn.Module, x):
     return module.down_proj(module.act_fn(gate) * up if product is None else product)
 
 
-def _attention_class(model: nn.Module) -> type | None:
+def attention_class_of(model: nn.Module) -> type | None:
+    """The attention class of ``model`` if it is one whose forward ``attention`` reproduces, else None."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _ATTENTION:
         return None
@@ -98,8 +101,18 @@ def _attention_class(model: nn.Module) -> type | None:
     return getattr(modeling, _ATTENTION[model_type][0], None)
 
 
-def _attention(module: nn.Module, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-    """transformers' forward of these attentions (see ``_ATTENTION``), RoPE by the kernel."""
+def attention(
+    module: nn.Module,
+    hidden_states,
+    position_embeddings=None,
+    attention_mask=None,
+    cache=None,
+    *,
+    rotate=None,
+    **kwargs,
+):
+    """transformers' forward of these attentions (see ``_ATTENTION``), RoPE by the kernel: ``rotate`` (default
+    ``kernels.fused.rope``; training passes its differentiable one) or, where it returns None, transformers'."""
     model_type = module.config.model_type
     modeling = sys.modules[type(module).__module__]  # its family's own functions
     shape = (*hidden_states.shape[:-1], -1, module.head_dim)
@@ -108,7 +121,7 @@ def _attention(module: nn.Module, hidden_states, position_embeddings=None, atten
     if hasattr(module, "q_norm"):
         query, key = module.q_norm(query), module.k_norm(key)
     cos, sin = position_embeddings
-    rotated = fused.rope(query, key, cos, sin)
+    rotated = (rotate or fused.rope)(query, key, cos, sin)
     if rotated is None:
         query, key = modeling.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
     else:

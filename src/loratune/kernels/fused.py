@@ -267,16 +267,11 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, want_grad: b
     return lse
 
 
-def rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Rotary position embedding of queries ``q`` (…, L, q_heads, D) and keys ``k`` (…, L, k_heads, D) for
-    ``cos``, ``sin`` (…, L, D), as transformers' ``apply_rotary_pos_emb`` computes it (rotate-half form, same
-    rounding) but in the tokens-major layout the projections give: new tensors shaped like q and k, or None
-    (the layouts do not fit, or the kernel cannot take the tensors)."""
+def rope_fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether ``rope`` takes these tensors (layouts and dtypes, and the kernel is built)."""
     dim = q.shape[-1]
     rows = q.numel() // max(q.shape[-2] * dim, 1) if q.dim() >= 2 else 0
-    if (
+    return not (
         q.dim() < 2
         or k.dim() != q.dim()
         or dim % 2
@@ -288,8 +283,19 @@ def rope(
         or q.shape[:-2] != k.shape[:-2]
         or q.shape[:-2] != cos.shape[:-1]
         or not _fits(q, k, cos, sin)
-    ):
+    )
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rotary position embedding of queries ``q`` (…, L, q_heads, D) and keys ``k`` (…, L, k_heads, D) for
+    ``cos``, ``sin`` (…, L, D), as transformers' ``apply_rotary_pos_emb`` computes it (rotate-half form, same
+    rounding) but in the tokens-major layout the projections give: new tensors shaped like q and k, or None
+    (the layouts do not fit, or the kernel cannot take the tensors)."""
+    if not rope_fits(q, k, cos, sin):
         return None
+    rows, dim = cos.numel() // cos.shape[-1], q.shape[-1]
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     _cpu.rope(
         q_out.data_ptr(),

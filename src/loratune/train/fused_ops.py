@@ -3,8 +3,10 @@ save only their bf16 inputs (and one float per token), recomputing the cheap ele
 (with a LoRA ``down_proj``, the MLP's product is recomputed rather than kept).
 
 Left to autograd, HF's RMSNorm keeps float32 copies of its input and the MLP keeps six intermediates of the
-intermediate width per block. The math is unchanged (same float32 internals, same rounding points); on the
-CPU the elementwise work runs in the compiled kernels of ``kernels.fused``. Under
+intermediate width per block; its rotary embedding of queries and keys is a dozen operations each way, here one
+kernel call (``RopeFunction``: backward is the same rotation by the negated angle). The math is unchanged (same
+float32 internals, same rounding points); on the CPU the elementwise work runs in the compiled kernels of
+``kernels.fused``. Under
 ``recompute_norm_outputs`` the layers fed by a norm keep a recipe instead of its output. ``patch_for_training``
 swaps the forward of those modules in place; the patched model still runs eval and generation as before.
 """
@@ -12,6 +14,7 @@ swaps the forward of those modules in place; the patched model still runs eval a
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 import weakref
 
@@ -259,20 +262,55 @@ def _mlp_forward(self, x):
     return SiluMulLoraDownFunction.apply(gate, up, down, down.base_layer.bias, term.A, term.B, term.scale)
 
 
+class RopeFunction(torch.autograd.Function):
+    """Rotary embedding of queries and keys in one kernel call each way. transformers' cos and sin repeat their
+    first half in their second (``cat(freqs, freqs)``), so the rotation's transpose — its backward — is the
+    same rotation with ``-sin``."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return fused_cpu.rope(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        grad_q, grad_k = grad_q.contiguous(), grad_k.contiguous()
+        return (*fused_cpu.rope(grad_q, grad_k, cos, -sin), None, None)
+
+
+def rope_for_training(q, k, cos, sin):
+    """``kernels.fused.rope`` with a backward, or None where the kernel cannot take the tensors or cos and sin
+    are not in transformers' repeated-halves form (the attention then rotates as transformers does)."""
+    half = cos.shape[-1] // 2
+    if not fused_cpu.rope_fits(q, k, cos, sin) or cos.requires_grad or sin.requires_grad:
+        return None
+    if not torch.equal(sin[..., :half], sin[..., half:]):
+        return None
+    return RopeFunction.apply(q, k, cos, sin)
+
+
 def patch_for_training(model: nn.Module) -> int:
-    """Give the RMSNorm and SiLU-MLP modules of a Llama-family model their lean forward (exactly these
-    transformers classes, whose math is the one above); return how many modules were patched (0 for other
-    architectures, which keep their own code)."""
+    """Give the RMSNorm and SiLU-MLP modules of a Llama-family model, and the attention of the families whose
+    attention is Llama's (``inference.lean.attention``), their lean forward (exactly these transformers classes,
+    whose math is the one above); return how many modules were patched (0 for other architectures, which keep
+    their own code)."""
+    from loratune.inference.lean import attention, attention_class_of
+
     classes = llama_family_classes(model)
     if classes is None:
         return 0
     norm_class, mlp_class = classes
+    attention_class = attention_class_of(model)
     patched = 0
     for module in model.modules():
         if type(module) is norm_class:
             module.forward = types.MethodType(_rms_norm_forward, module)
-            patched += 1
         elif type(module) is mlp_class and has_silu_activation(module):
             module.forward = types.MethodType(_mlp_forward, module)
-            patched += 1
+        elif attention_class is not None and type(module) is attention_class:
+            module.forward = functools.partial(attention, module, rotate=rope_for_training)
+        else:
+            continue
+        patched += 1
     return patched
