@@ -6,9 +6,9 @@ Left to autograd, HF's RMSNorm keeps float32 copies of its input and the MLP kee
 intermediate width per block; its rotary embedding of queries and keys is a dozen operations each way, here one
 kernel call (``RopeFunction``: backward is the same rotation by the negated angle). The math is unchanged (same
 float32 internals, same rounding points); on the CPU the elementwise work runs in the compiled kernels of
-``kernels.fused``. Under
-``recompute_norm_outputs`` the layers fed by a norm keep a recipe instead of its output. ``patch_for_training``
-swaps the forward of those modules in place; the patched model still runs eval and generation as before.
+``kernels.fused``. Under ``recompute_norm_outputs`` the layers fed by a norm keep a recipe instead of its output.
+``patch_for_training`` swaps the forward of those modules in place; the patched model still runs eval and
+generation as before.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loratune.inference.lean import attention, attention_class_of
 from loratune.kernels import fused as fused_cpu
 from loratune.layers import LoraLayer, dora
 from loratune.layers.execution import fused_term
@@ -295,8 +296,6 @@ def patch_for_training(model: nn.Module) -> int:
     attention is Llama's (``inference.lean.attention``), their lean forward (exactly these transformers classes,
     whose math is the one above); return how many modules were patched (0 for other architectures, which keep
     their own code)."""
-    from loratune.inference.lean import attention, attention_class_of
-
     classes = llama_family_classes(model)
     if classes is None:
         return 0
