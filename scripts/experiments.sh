@@ -4,6 +4,7 @@
 #
 #   scripts/experiments.sh encoder            # the encoder table: ~10 minutes on a 2-core CPU
 #   scripts/experiments.sh table5 table6 full # the demo-task tables: hours on a 2-core CPU (see each section)
+#   scripts/experiments.sh subspace           # §7.2/§7.3 from table6's adapters: ~5 minutes
 #   scripts/experiments.sh all
 #   scripts/experiments.sh keep table5        # keep the finished runs' records of a sweep stopped half-way
 #
@@ -45,6 +46,10 @@ table6() {  # how small a rank (Table 6)
         --set train.exact_match=true --set data.retain=builtin
 }
 
+subspace() {  # the paper's §7.2 / §7.3 on Table 6's W_q + W_v adapters (after table6): subspace.csv and its plot
+    "$PYTHON" scripts/subspace_study.py --sweep "$OUT/demo/table6" --work "$OUT/demo/subspace" \
+        --loratune "$(command -v "$LORATUNE")"
+}
 full() {  # LoRA against full fine-tuning on the demo task
     sweep demo/full "$DEMO" --grid train.method=full --grid train.lr=2e-5,1e-4 \
         --set train.exact_match=true --set data.retain=builtin
@@ -60,8 +65,8 @@ encoder() {  # LoRA, full, BitFit and the head alone on the classification demo 
 }
 
 sections=("$@")
-[[ ${#sections[@]} -eq 0 ]] && { sed -n '2,12p' "$0"; exit 2; }
-[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 full)
+[[ ${#sections[@]} -eq 0 ]] && { sed -n '2,13p' "$0"; exit 2; }
+[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace full)
 if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps, as far as they got
     for section in "${sections[@]:1}"; do
         case $section in
@@ -75,7 +80,7 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
 fi
 for section in "${sections[@]}"; do
     case $section in
-        table5 | table6 | full | encoder) "$section" ;;
-        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 full encoder all)" >&2; exit 2 ;;
+        table5 | table6 | subspace | full | encoder) "$section" ;;
+        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace full encoder all)" >&2; exit 2 ;;
     esac
 done
