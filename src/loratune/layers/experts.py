@@ -171,7 +171,17 @@ class Routed:
             counts = padded
         self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         self.counts = counts.tolist()
-        self.n_tokens, self.k = n, k
+        self.n_tokens, self.k, self.granule = n, k, granule
+
+    def low_rank(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``x[rows of group e] @ factor[e]`` for every group: a rank-r factor's product. Padded groups are whole
+        chunks of ``granule`` rows, so it is one batched product over the chunks (each with its expert's factor)
+        instead of one small product per expert."""
+        if self.granule == 1:
+            return grouped_mm(x, factor, self.offsets, self.counts)
+        chunk_experts = self.experts[:: self.granule]
+        chunks = x.reshape(-1, self.granule, x.shape[-1])
+        return torch.bmm(chunks, factor.index_select(0, chunk_experts)).reshape(x.shape[0], factor.shape[-1])
 
     def token_weights(self, rows: torch.Tensor | None, row_weights: torch.Tensor | None, n_rows: int, dtype):
         """Per sorted copy, the weight a term on batch ``rows`` (None: all rows) gives it: 0 off its rows."""
@@ -208,11 +218,11 @@ def project(module: nn.Module, name: str, x: torch.Tensor, routed: Routed, layer
         out = out.add_(getattr(module, f"{name}_bias")[routed.experts])
     for term in layer.terms() if layer is not None else ():
         A, B = layer.grouped_factors(term, x.dtype)  # E × in × r, E × r × out (scale folded in)
-        h = grouped_mm(term.dropout(x), A, routed.offsets, routed.counts)
+        h = routed.low_rank(term.dropout(x), A)
         mask = routed.token_weights(term.rows, term.row_weights, n_rows or 1, h.dtype)
         if mask is not None:
             h = h * mask
-        out = out.add_(grouped_mm(h, B, routed.offsets, routed.counts))
+        out = out.add_(routed.low_rank(h, B))
     return out
 
 
