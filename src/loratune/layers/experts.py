@@ -13,7 +13,8 @@ For the copies of tokens routed to expert e (x: n_e × in), an adapted projectio
 ``grouped_forward`` runs the whole block that way: the (token, expert) pairs sorted by expert, one grouped
 product per projection for the base and two of rank r per adapter term, so the update of expert e touches only
 the tokens routed to it, ΔW_e is never formed and no product runs over all experts. ``grouped_mm`` is that
-product (PyTorch's where it runs, else one matmul per expert).
+product (PyTorch's where it runs, else one matmul per expert); where groups are padded (``group_granule``) the
+rank-r ones are a single batched product over chunks of rows (``Routed.low_rank``).
 
 The trainer recomputes in backward by default: ``recompute_expert_layers`` makes each decoder layer holding
 experts keep only its input and run again there; where a layer cannot be checkpointed, under
