@@ -644,8 +644,9 @@ def test_signals_after_the_stop_never_kill_the_exiting_process(long_config, tmp_
         assert line, "".join(said)
         said.append(line)
     # a scheduler (or an impatient user) that keeps signalling until the process is gone
-    signums = itertools.cycle((signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
+    signums, deadline = itertools.cycle((signal.SIGHUP, signal.SIGTERM, signal.SIGINT)), time.monotonic() + 120
     while process.poll() is None:
+        assert time.monotonic() < deadline, "the stopped process did not exit"
         process.send_signal(next(signums))
         time.sleep(0.005)
     said.append(process.stderr.read())

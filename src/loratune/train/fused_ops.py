@@ -32,6 +32,7 @@ from loratune.layers.fused_linear import (
     lora_linear_backward,
     lora_linear_forward,
 )
+from loratune.models.devices import model_device
 from loratune.models.structure import has_silu_activation, llama_family_classes
 
 
@@ -300,7 +301,8 @@ def patch_for_training(model: nn.Module) -> int:
     if classes is None:
         return 0
     norm_class, mlp_class = classes
-    attention_class = attention_class_of(model)
+    # the rotation kernel is CPU code: elsewhere the attention keeps transformers' own forward
+    attention_class = attention_class_of(model) if model_device(model).type == "cpu" else None
     patched = 0
     for module in model.modules():
         if type(module) is norm_class:
