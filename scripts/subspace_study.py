@@ -9,7 +9,8 @@ written to --work once). As a column of ours, not the paper's, the same φ(1, 1)
 (their top right-singular vector), which also sees what B learned.
 
 §7.3 (Table 7): the amplification factor ‖ΔW‖_F / ‖Uᵀ·W·V‖_F of W_q at r = 4, 8, 64 (U, V: ΔW's top-r singular
-vectors, W the base weight), per block and as the median over blocks.
+vectors, W the base weight), per block and as the median over blocks; and, as the paper's Table 7 compares,
+‖Uᵀ·W·V‖_F for U, V from ΔW, from W's own top-r singular vectors, and random orthonormal ones.
 
     python scripts/subspace_study.py                    # after `scripts/experiments.sh table6`
     python scripts/subspace_study.py --sweep runs/experiments/demo/table6 --out docs/experiments/demo
@@ -84,7 +85,7 @@ def main() -> None:
     paths = sorted(trained[(8, 0)], key=lambda p: (int(p.split(".layers.")[1].split(".")[0]), p))
     layers = sorted({int(p.split(".layers.")[1].split(".")[0]) for p in paths})
     shown = [layers[0], layers[len(layers) // 2], layers[-1]]
-    generator = torch.Generator().manual_seed(0)
+    generator, projections = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     rows, heat = [], {}
     for path in paths:
         layer, kind = int(path.split(".layers.")[1].split(".")[0]), path.rsplit(".", 1)[-1]
@@ -111,9 +112,20 @@ def main() -> None:
             moved = trained[(r, s)][path].A.double() - initial[(r, s)][path].A.double()
             row[f"A_moved_r{r}_s{s}"] = float(moved.norm() / initial[(r, s)][path].A.double().norm())
         if kind == "q_proj":
-            weight = base.get(f"{path}.weight")
+            weight = base.get(f"{path}.weight").double()
+            singular = torch.linalg.svdvals(weight)
+            row["norm_W"] = float(weight.norm())
             for r in (4, 8, 64):
-                row[f"amplification_r{r}"] = amplification(trained[(r, 0)][path], weight)
+                f = trained[(r, 0)][path]
+                row[f"amplification_r{r}"] = amplification(f, weight)
+                update = f.scaling * f.B.double() @ f.A.double()
+                row[f"norm_dW_r{r}"] = float(update.norm())
+                # Table 7's other rows: ‖UᵀWV‖ with U, V W's own top-r singular vectors, and random orthonormal
+                row[f"proj_W_r{r}"] = float(singular[:r].square().sum().sqrt())
+                U = torch.linalg.qr(torch.randn(weight.shape[0], r, generator=projections, dtype=torch.float64))[0]
+                V = torch.linalg.qr(torch.randn(weight.shape[1], r, generator=projections, dtype=torch.float64))[0]
+                row[f"proj_random_r{r}"] = float((U.T @ weight @ V).norm())
+                row[f"proj_dW_r{r}"] = row[f"norm_dW_r{r}"] / row[f"amplification_r{r}"]
         rows.append(row)
         if layer in shown:
             heat[(layer, kind)] = (phi_8_64, phi_seeds, phi_random)
@@ -152,6 +164,15 @@ def main() -> None:
     print("|---" * (1 + len(where)) + "|")
     for r in (4, 8, 64):
         print(f"| r = {r} | " + " | ".join(cell("q_proj", layer, f"amplification_r{r}") for layer, _ in where) + " |")
+    print()
+    print("| W_q (the paper's Table 7) | " + " | ".join(name for _, name in where) + " |")
+    print("|---" * (1 + len(where)) + "|")
+    table7 = [("‖W‖_F", "norm_W")]
+    for r in (4, 64):
+        table7 += [(f"‖ΔW‖_F, r={r}", f"norm_dW_r{r}"), (f"‖UᵀWV‖_F, U, V from ΔW, r={r}", f"proj_dW_r{r}")]
+        table7 += [(f"‖UᵀWV‖_F, W's own top-{r}", f"proj_W_r{r}"), (f"‖UᵀWV‖_F, random, r={r}", f"proj_random_r{r}")]
+    for name, key in table7:
+        print(f"| {name} | " + " | ".join(cell("q_proj", layer, key) for layer, _ in where) + " |")
 
     import matplotlib
 
