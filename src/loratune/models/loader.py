@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from loratune.errors import ConfigError, LoratuneError, ModelNotFoundError
+from loratune.memory import release_freed_memory
 from loratune.models.aliases import alias_gguf_path, alias_names, get_alias
 from loratune.models.aligned import align_weights
 from loratune.models.devices import resolve_device, resolve_dtype
@@ -112,6 +113,7 @@ def load_model(
     if quantize is None and torch.device(device).type == "cpu":  # (weights used in place from the mapped file)
         align_weights(model)
     model.eval()
+    release_freed_memory()  # what loading freed (conversions, the checkpoint's reading), or the heap keeps it
     return model, tokenizer
 
 
