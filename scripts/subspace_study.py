@@ -131,7 +131,7 @@ def main() -> None:
             heat[(layer, kind)] = (phi_8_64, phi_seeds, phi_random)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    columns = sorted({k for row in rows for k in row}, key=lambda k: list(rows[-1]).index(k) if k in rows[-1] else 99)
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # first-seen order (q_proj rows add amplification)
     with (args.out / "subspace.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()

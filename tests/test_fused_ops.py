@@ -106,8 +106,7 @@ def test_training_rope_gives_transformers_values_and_gradients(dtype):
     rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64))
     cos, sin = rotary(q, torch.arange(7).expand(2, 7))
     cos, sin = cos.to(dtype), sin.to(dtype)
-    grads = torch.randn(2, 7, 4, 16, generator=generator).to(dtype), torch.randn(2, 7, 2, 16, generator=generator)
-    grads = grads[0], grads[1].to(dtype)
+    grads = [torch.randn(*t.shape, generator=generator).to(dtype) for t in (q, k)]
 
     def run(rotate):
         qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()

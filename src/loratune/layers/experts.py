@@ -160,11 +160,8 @@ class Routed:
         counts = torch.bincount(self.experts, minlength=num_experts)
         if granule > 1:
             padded = (counts + granule - 1) // granule * granule
-            starts = torch.cumsum(padded, 0) - padded
-            rank = (
-                torch.arange(experts.numel(), device=experts.device) - (torch.cumsum(counts, 0) - counts)[self.experts]
-            )
-            at = starts[self.experts] + rank
+            shift = torch.cumsum(padded - counts, 0) - (padded - counts)  # padding before each group
+            at = torch.arange(experts.numel(), device=experts.device) + shift[self.experts]
             total = int(padded.sum())
             self.tokens = self.tokens.new_zeros(total).index_copy_(0, at, self.tokens)
             self.weights = self.weights.new_zeros(total).index_copy_(0, at, self.weights)
@@ -173,16 +170,16 @@ class Routed:
         self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         self.counts = counts.tolist()
         self.n_tokens, self.k, self.granule = n, k, granule
+        self.chunk_experts = self.experts[::granule] if granule > 1 else None  # each chunk of rows' expert
 
     def low_rank(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         """``x[rows of group e] @ factor[e]`` for every group: a rank-r factor's product. Padded groups are whole
         chunks of ``granule`` rows, so it is one batched product over the chunks (each with its expert's factor)
         instead of one small product per expert."""
-        if self.granule == 1:
+        if self.chunk_experts is None:
             return grouped_mm(x, factor, self.offsets, self.counts)
-        chunk_experts = self.experts[:: self.granule]
         chunks = x.reshape(-1, self.granule, x.shape[-1])
-        return torch.bmm(chunks, factor.index_select(0, chunk_experts)).reshape(x.shape[0], factor.shape[-1])
+        return torch.bmm(chunks, factor.index_select(0, self.chunk_experts)).reshape(x.shape[0], factor.shape[-1])
 
     def token_weights(self, rows: torch.Tensor | None, row_weights: torch.Tensor | None, n_rows: int, dtype):
         """Per sorted copy, the weight a term on batch ``rows`` (None: all rows) gives it: 0 off its rows."""
