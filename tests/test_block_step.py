@@ -2,6 +2,7 @@
 that grows in place, judged by the model's own forward over a copy of the same cache; and where it gives way."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -148,6 +149,33 @@ def test_the_cache_grows_in_place_and_survives_the_engines_row_surgery():
         mask = torch.cat([mask, mask.new_ones(3, 1)], dim=-1)
         stepper.step(ids[:, -1:], mask, torch.full((3, 1), 6), cache)
         assert cache.layers[0].keys.data_ptr() == where and cache.get_seq_length() == 7
+
+
+@pytest.mark.usefixtures("kernel_isa")
+def test_the_cache_takes_no_more_room_than_the_tokens_left_and_cuts_free_it():
+    """Told how many columns may still come (``room``), a step grows the cache's buffers by that much, not by a
+    growth step; a cut by the engine's row surgery frees each layer's buffers as it replaces them."""
+    model = FAMILIES["qwen3"]()
+    config = model.config
+    kv_heads, head_dim = config.num_key_value_heads, config.head_dim
+    ids, mask = _left_padded()
+    stepper = BlockStep.build(model)
+
+    def columns_held(cache) -> set[int]:
+        item = torch.finfo(torch.float32).bits // 8
+        return {layer.keys.untyped_storage().nbytes() // (3 * kv_heads * head_dim * item) for layer in cache.layers}
+
+    with inference(model):
+        for room, held in ((2, {8}), (None, {6 + 128})):
+            cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+            grown = mask
+            for step in range(3 if room else 1):
+                grown = torch.cat([grown, grown.new_ones(3, 1)], dim=-1)
+                stepper.step(ids[:, -1:], grown, torch.full((3, 1), 5 + step), cache, room=room and room - step)
+            assert columns_held(cache) == held and cache.get_seq_length() == grown.shape[1]
+        buffers = [weakref.ref(kv.held(layer)[0]) for layer in cache.layers]
+        kv.keep_rows(cache, torch.tensor([0, 2]))
+        assert [ref() for ref in buffers] == [None] * len(buffers)
 
 
 @pytest.mark.usefixtures("kernel_isa")

@@ -43,6 +43,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from loratune.adapters.mixed_batch import adapter_names_hooks
+from loratune.inference import kv
 from loratune.kernels import rows as rows_kernel
 from loratune.kernels.loader import compiled as _cpu
 from loratune.kernels.loader import kernel_available
@@ -60,19 +61,30 @@ _steps: weakref.WeakKeyDictionary[nn.Module, BlockStep | None] = weakref.WeakKey
 
 
 def decode_logits(
-    model: nn.Module, input_ids, attention_mask, position_ids, cache, *, unchanged: bool = False
+    model: nn.Module,
+    input_ids,
+    attention_mask,
+    position_ids,
+    cache,
+    *,
+    unchanged: bool = False,
+    room: int | None = None,
 ) -> tuple[torch.Tensor, object]:
     """(The next-token logits, rows × vocab; the KV cache) of one decoding step — ``input_ids`` (rows × 1),
     ``attention_mask`` (rows × columns, the new token's column included), ``position_ids`` (rows × 1) — by
     ``BlockStep`` where it takes the model (``cache`` updated in place), else by the model's forward.
     ``unchanged``: the caller vouches that since its previous call for this cache nothing touched the model or
-    the cache (see ``BlockStep.step``)."""
+    the cache; ``room``: the most columns any row may append after this one (see ``BlockStep.step``)."""
     stepper = _steps.get(model, False)
     if stepper is False:
         stepper = _steps[model] = BlockStep.build(model)
     enabled = os.environ.get("LORATUNE_BLOCK_STEP", "1") != "0"
     stepped = stepper and enabled
-    logits = stepper.step(input_ids, attention_mask, position_ids, cache, unchanged=unchanged) if stepped else None
+    logits = (
+        stepper.step(input_ids, attention_mask, position_ids, cache, unchanged=unchanged, room=room)
+        if stepped
+        else None
+    )
     if logits is not None:
         return logits, cache
     out = model(
@@ -180,7 +192,6 @@ class BlockStep:
         self.q_heads, self.kv_heads, self.head_dim = heads
         self._program: _Program | None = None
         self._last: tuple | None = None  # (a weak reference to the cache, rows, columns) of the last step it ran
-        self._kv: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache layer -> (keys, values) buffers
 
     @classmethod
     def build(cls, model: nn.Module) -> BlockStep | None:
@@ -229,7 +240,9 @@ class BlockStep:
         return cls(model, blocks, kinds["RMSNorm"], (q_heads, kv_heads, head_dim))
 
     # --- one step ---------------------------------------------------------------------------------------------
-    def step(self, input_ids, attention_mask, position_ids, cache, *, unchanged: bool = False) -> torch.Tensor | None:
+    def step(
+        self, input_ids, attention_mask, position_ids, cache, *, unchanged: bool = False, room: int | None = None
+    ) -> torch.Tensor | None:
         """The next-token logits (rows × vocab) for one new token per row, the cache updated; None (nothing done)
         where this step cannot run here: no kernels, another device or dtype, hooks, a cache of another kind or
         length, autograd on.
@@ -238,7 +251,9 @@ class BlockStep:
         (modules, hooks, weights, adapters, their routing) or ``cache`` since that step — as the serving engine
         can between two steps of the same batch. Where that previous step was this one's predecessor (the same
         cache, rows, one column fewer), the checks of the model's structure and of the bound arguments are
-        skipped: they cost a tenth of a step of a small model."""
+        skipped: they cost a tenth of a step of a small model. ``room``: the most columns any row may still
+        append after this step (its tokens left to generate), so the cache's buffers grow no larger than that.
+        """
         self._last, last = None, self._last
         model = self._model()
         if model is None:
@@ -279,7 +294,7 @@ class BlockStep:
         b.cos.copy_(cos.view(rows, -1))
         b.sin.copy_(sin.view(rows, -1))
         mask = attention_mask.to(torch.int64).contiguous()
-        grown = [self._grown(layer, rows, cols) for layer in layers]
+        grown = [self._grown(layer, rows, cols, room) for layer in layers]
         for at, (keys, values) in zip(program.attention, grown):
             ops[at + _KEYS], ops[at + _VALUES], ops[at + _CAPACITY] = keys.data_ptr(), values.data_ptr(), keys.shape[2]
             ops[at + _MASK], ops[at + _COLS] = mask.data_ptr(), cols
@@ -448,10 +463,11 @@ class BlockStep:
             and values.dtype == dtype
         )
 
-    def _grown(self, layer, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _grown(self, layer, rows: int, cols: int, room: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The buffers (rows × kv heads × capacity × head dim) holding ``layer``'s cached columns, with room for
-        column ``cols - 1``: the ones it already is a view of, else new ones it is copied into."""
-        kept = self._kv.get(layer)
+        column ``cols - 1``: the ones it already is a view of, else new ones it is copied into, with room for
+        ``room`` more columns (None: unknown; a growth step, an eighth of the columns and ``_GROWTH``, bounds it)."""
+        kept = kv.held(layer)
         keys, values = layer.keys, layer.values
         if kept is not None:
             kb, vb = kept
@@ -464,12 +480,13 @@ class BlockStep:
                 and kb.shape[0] == rows
             ):
                 return kb, vb
-        capacity = cols + _GROWTH + cols // 8
+        growth = _GROWTH + cols // 8
+        capacity = cols + (growth if room is None else max(0, min(room, growth)))
         kb = keys.new_empty(rows, self.kv_heads, capacity, self.head_dim)
         vb = values.new_empty(rows, self.kv_heads, capacity, self.head_dim)
         kb[:, :, : cols - 1].copy_(keys)
         vb[:, :, : cols - 1].copy_(values)
-        self._kv[layer] = (kb, vb)
+        kv.hold(layer, kb, vb)
         return kb, vb
 
 

@@ -193,7 +193,8 @@ def _decode(
             return
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
         position = position + 1
-        logits, cache = decode_logits(model, next_ids[:, None], attention_mask, position, cache)
+        room = max_new_tokens - step - 2  # the columns the steps after this one append
+        logits, cache = decode_logits(model, next_ids[:, None], attention_mask, position, cache, room=room)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -414,8 +414,10 @@ class Engine:
             # the same rows as the last step with nothing in between (no prefill, engine call, rerouting or row
             # surgery, each of which makes new _Rows or clears _decoded): the step may skip its checks
             unchanged, self._decoded = self._decoded is rows, None
+            # the columns the steps after this one may append: the most tokens a row has left, less this one's
+            room = max(seq.params.max_tokens - len(seq.tokens) for seq in rows.seqs) - 1
             logits, rows.cache = decode_logits(
-                self.model, rows.last, rows.mask, rows.positions, rows.cache, unchanged=unchanged
+                self.model, rows.last, rows.mask, rows.positions, rows.cache, unchanged=unchanged, room=room
             )
             self._decoded = rows
         rows.positions = rows.positions + 1

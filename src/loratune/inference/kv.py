@@ -5,9 +5,15 @@ column for all rows. A group of requests joins by padding the shorter side on th
 finished rows leave by selecting the others, and columns that became padding for every row are dropped.
 Only the plain growing cache (transformers' ``DynamicLayer``) can be cut this way; ``check_cache`` says so
 once, before anything runs.
+
+A decoding step (``inference.block_step``) keeps a layer's keys and values as views into buffers with room to
+grow, registered here (``hold``); every cut forgets them first, so a layer's old buffers are freed as soon as its
+new keys and values replace them — one layer's worth at a time, never a second copy of the whole cache.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +32,30 @@ def check_cache(cache) -> None:
         )
 
 
+_buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache layer -> (keys, values) buffers
+
+
+def held(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (keys, values) buffers ``layer``'s keys and values were last made views of (see ``hold``), if any."""
+    return _buffers.get(layer)
+
+
+def hold(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Record that ``layer``'s keys and values are views into the buffers ``keys`` and ``values``."""
+    _buffers[layer] = (keys, values)
+
+
+def _replace(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    _buffers.pop(layer, None)
+    layer.keys, layer.values = keys, values
+
+
 def pad_left(cache, columns: int) -> None:
     """Add ``columns`` empty (zero, to be masked) positions before every row's cached tokens."""
     if columns <= 0:
         return
     for layer in cache.layers:
-        layer.keys = F.pad(layer.keys, (0, 0, columns, 0))
-        layer.values = F.pad(layer.values, (0, 0, columns, 0))
+        _replace(layer, F.pad(layer.keys, (0, 0, columns, 0)), F.pad(layer.values, (0, 0, columns, 0)))
 
 
 def drop_left(cache, columns: int) -> None:
@@ -40,19 +63,17 @@ def drop_left(cache, columns: int) -> None:
     if columns <= 0:
         return
     for layer in cache.layers:
-        layer.keys = layer.keys[:, :, columns:, :]
+        layer.keys = layer.keys[:, :, columns:, :]  # (views of the same buffers: they stay held)
         layer.values = layer.values[:, :, columns:, :]
 
 
 def stack_rows(cache, other) -> None:
     """Append ``other``'s rows to ``cache``'s (same number of columns)."""
     for layer, extra in zip(cache.layers, other.layers):
-        layer.keys = torch.cat([layer.keys, extra.keys])
-        layer.values = torch.cat([layer.values, extra.values])
+        _replace(layer, torch.cat([layer.keys, extra.keys]), torch.cat([layer.values, extra.values]))
 
 
 def keep_rows(cache, rows: torch.Tensor) -> None:
     """Keep only ``rows`` (indices, in that order) of every layer."""
     for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, rows)
-        layer.values = layer.values.index_select(0, rows)
+        _replace(layer, layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
