@@ -270,7 +270,11 @@ def test_intrinsic_training_of_a_classifier_learns_and_merges_into_a_model_with_
     config_json = json.loads((artefact / "intrinsic_config.json").read_text())
     assert config_json["dim"] == 200 and not any("classifier" in t for t in config_json["targets"])
     head = sum(t.numel() for t in load_file(artefact / "head.safetensors").values())
-    assert summary["trainable_params"] == 200 + len(config_json["targets"]) + head  # θ_d, SAID's λ, the head
+    assert summary["trainable_params"] == 200 + head  # θ_d with SAID's λ inside it, and the head
+    assert (
+        any("LayerNorm" in t for t in config_json["targets"])
+        and "bert.embeddings.word_embeddings.weight" in (config_json["targets"])
+    )  # every parameter of the encoder by default
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.1
     status, out, err = cli(capsys, "merge", "--adapter", artefact, "--out", workspace / "intrinsic-merged")
@@ -288,7 +292,7 @@ def test_a_sweep_over_intrinsic_dims_of_a_classifier_reports_d90_by_accuracy(wor
     status, _, err = cli(capsys, "train", reference, "--no-progress")
     assert status == 0, err
     base = write_config(
-        workspace, "d90-unused", train={"method": "intrinsic", "lr": 0.05, "max_steps": 10}, intrinsic={"dim": 8}
+        workspace, "d90-unused", train={"method": "intrinsic", "lr": 0.05, "max_steps": 10}, intrinsic={"dim": 64}
     )
     out_dir = workspace / "d90-sweep"
     status, _, err = cli(
@@ -296,7 +300,7 @@ def test_a_sweep_over_intrinsic_dims_of_a_classifier_reports_d90_by_accuracy(wor
         "sweep",
         base,
         "--grid",
-        "intrinsic.dim=8,64",
+        "intrinsic.dim=64,256",
         "--reference",
         workspace / "d90-reference",
         "--out",

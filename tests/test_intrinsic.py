@@ -91,14 +91,16 @@ def test_an_intrinsic_run_trains_only_theta_and_its_artefact_loads_back(capsys, 
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert sum(losses[-2:]) < sum(losses[:2]) - 0.05  # the last epoch over the same rows: it trained
     summary = json.loads((run / "summary.json").read_text())
-    targets = 2 * 7  # all-linear: 7 Linear layers in each of 2 blocks
-    assert summary["trainable_params"] == 64 + (targets if said else 0)
+    assert summary["trainable_params"] == 64  # SAID's λ counted inside d
     config = json.loads((run / "intrinsic" / "intrinsic_config.json").read_text())
-    assert config["dim"] == 64 and config["said"] is said and len(config["targets"]) == targets
-    assert sum(f.stat().st_size for f in (run / "intrinsic").glob("intrinsic*")) < 10_000  # tiny
-
     model, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
     base, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    every = [name for name, _ in base.named_parameters()]  # the default: all of them, the tied embedding once
+    assert any("norm" in name for name in every) and any("embed" in name for name in every)
+    assert config["dim"] == 64 and config["said"] is said and config["targets"] == every
+    assert config["theta_dim"] == 64 - (len(every) if said else 0)
+    assert sum(f.stat().st_size for f in (run / "intrinsic").glob("intrinsic*")) < 10_000  # tiny
+
     weights = apply_intrinsic(model, run / "intrinsic")
     ids = torch.tensor([[1, 5, 9, 13, 2]])
     with torch.no_grad():
@@ -106,6 +108,40 @@ def test_an_intrinsic_run_trains_only_theta_and_its_artefact_loads_back(capsys, 
         assert (adapted - base(ids).logits).abs().max() > 1e-4
         weights.bake()
         torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tied_embedding_moves_as_one_tensor_and_stays_tied_when_baked(capsys, tiny_llama_dir, tmp_path):
+    intrinsic_run(capsys, tiny_llama_dir, tmp_path, steps=2)
+    model, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    weights = apply_intrinsic(model, tmp_path / "run" / "intrinsic")
+    before = model.get_input_embeddings().weight.detach().clone()
+    assert torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight)
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        adapted = model(ids).logits
+        weights.bake()
+        torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert torch.equal(model.get_input_embeddings().weight, before)  # the offset written once, not twice
+
+
+def test_an_artefact_from_before_parameter_targets_loads_the_same(capsys, tiny_llama_dir, tmp_path):
+    """Earlier artefacts list Linear layers (their weights the targets) and a dim without SAID's λ."""
+    intrinsic_run(capsys, tiny_llama_dir, tmp_path, targets="all-linear")
+    run = tmp_path / "run" / "intrinsic"
+    model, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    apply_intrinsic(model, run)
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        now = model(ids).logits
+    config = json.loads((run / "intrinsic_config.json").read_text())
+    config |= {"targets": [t.removesuffix(".weight") for t in config["targets"]], "dim": config.pop("theta_dim")}
+    (run / "intrinsic_config.json").write_text(json.dumps(config))
+    model, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    apply_intrinsic(model, run)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, now)
 
 
 def test_an_intrinsic_run_resumes_to_the_same_theta(capsys, tiny_llama_dir, tmp_path):
@@ -118,7 +154,10 @@ def test_an_intrinsic_run_resumes_to_the_same_theta(capsys, tiny_llama_dir, tmp_
     assert (tmp_path / "run" / "intrinsic" / "intrinsic.safetensors").read_bytes() == straight
 
 
-@pytest.mark.parametrize("intrinsic, named", [({}, "intrinsic.dim"), ({"dim": 10**9}, "larger than")])
+@pytest.mark.parametrize(
+    "intrinsic, named",
+    [({}, "intrinsic.dim"), ({"dim": 10**9}, "larger than"), ({"dim": 20}, "one λ per target tensor")],
+)
 def test_bad_intrinsic_settings_are_one_line(capsys, tiny_llama_dir, tmp_path, intrinsic, named):
     data = write_jsonl(tmp_path / "chat.jsonl", addition_rows(8))
     config = write_config(
@@ -186,7 +225,7 @@ def test_a_sweep_over_intrinsic_dims_reports_d90_against_a_reference_run(capsys,
         "sweep",
         base,
         "--grid",
-        "intrinsic.dim=8,64",
+        "intrinsic.dim=32,64",
         "--reference",
         tmp_path / "ref",
         "--out",
@@ -208,7 +247,7 @@ def test_a_reference_without_exact_match_is_refused_before_anything_runs(capsys,
         "sweep",
         base,
         "--grid",
-        "intrinsic.dim=8,64",
+        "intrinsic.dim=32,64",
         "--reference",
         tmp_path / "ref",
         "--out",

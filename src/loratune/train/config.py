@@ -120,12 +120,12 @@ class TrainSection(_Section):
 
 
 class IntrinsicSection(_Section):
-    """``train.method: intrinsic``: a ``dim``-dimensional θ projected into the ``targets``' weights
-    (train.intrinsic)."""
+    """``train.method: intrinsic``: ``dim`` trained numbers projected into the ``targets`` (``all``: every
+    parameter; ``all-linear`` or chosen Linear layers: their weights), SAID's λ among them (train.intrinsic)."""
 
     dim: int | None = Field(None, gt=0)
-    said: bool = True  # SAID: one trained scalar per target tensor
-    targets: str | list[str] = "all-linear"
+    said: bool = True  # SAID: one trained scalar per target tensor, counted inside dim
+    targets: str | list[str] = "all"
     seed: int | None = None  # of the projection; default: train.seed
 
 

@@ -1,13 +1,16 @@
-"""Intrinsic-dimension training (``train.method: intrinsic``): only a d-dimensional vector θ_d trains, mapped into
-the target weights as ``θ = θ₀ + P·θ_d`` (Li et al., 2018) with P the seeded Fastfood projection of
-``train.projection``, or with SAID (Aghajanyan et al., 2020) ``θ_i = θ₀,i + λ_i·(P·θ_d)_i``: one trained scalar
-per target tensor. θ_d starts at zero (the model starts as the base) and λ at one.
+"""Intrinsic-dimension training (``train.method: intrinsic``): only d numbers train, mapped into the target
+tensors as ``θ = θ₀ + P·θ_d`` (Li et al., 2018) with P the seeded Fastfood projection of ``train.projection``, or
+with SAID (Aghajanyan et al., 2020) ``θ_i = θ₀,i + λ_i·(P·θ_d)_i``: one trained scalar per target tensor, counted
+inside d as the paper does (θ_d has d − m entries for m target tensors). θ_d starts at zero (the model starts as the
+base) and λ at one.
 
-The target weights are concatenated in module order into one D-vector; ``P·θ_d`` is computed once per forward
-pass and each weight reads its slice (``torch.nn.utils.parametrize``), so the backward pass sums every weight's
-gradient into θ_d through ``Pᵀ``. Without autograd the offset is kept until θ_d or λ change (generation runs
-hundreds of forwards). The artefact a run writes is tiny: θ_d, λ, the seed and the target list
-(``intrinsic/``); ``apply_intrinsic`` puts it back onto the base, ``bake`` writes it into the weights.
+The targets are every parameter of the model by default (the papers' setting: embeddings, norms and biases too;
+a tied tensor once; a classifier's new head trains whole, outside P), or the weights of chosen Linear layers. They
+are concatenated in model order into one D-vector; ``P·θ_d`` is computed once per forward pass and each tensor
+reads its slice (``torch.nn.utils.parametrize``), so the backward pass sums every tensor's gradient into θ_d through
+``Pᵀ``. Without autograd the offset is kept until θ_d or λ change (generation runs hundreds of forwards). The
+artefact a run writes is tiny: θ_d, λ, the seed and the target list (``intrinsic/``); ``apply_intrinsic`` puts it
+back onto the base, ``bake`` writes it into the weights.
 """
 
 from __future__ import annotations
@@ -31,24 +34,41 @@ WEIGHTS_FILE = "intrinsic.safetensors"
 HEAD_FILE = "head.safetensors"  # a classifier's new head, trained whole beside θ_d
 
 
-def intrinsic_targets(
-    model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = ()
-) -> list[tuple[str, nn.Module]]:
-    """(path, module) of the Linear layers ``targets`` names (``"all-linear"``: every one but the output head;
-    a list: names or dotted suffixes; a string: a regex over the whole path), in module order, none inside the
-    modules ``exclude`` names (a classifier's head, which trains whole). Raises ``ConfigError`` when nothing
-    matches."""
-    head = output_head_path(model)
-    found = [
-        (path, module)
-        for path, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and (path != head if targets == "all-linear" else module_name_matches(targets, path))
-        and not any(path == name or path.startswith(name + ".") for name in exclude)
-    ]
+def intrinsic_targets(model: nn.Module, targets: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """The names of the parameters ``targets`` names, in model order, none inside the modules ``exclude`` names (a
+    classifier's head, which trains whole): ``"all"``, every parameter (a tied tensor under its first name);
+    ``"all-linear"``, the weight of every Linear layer but the output head; a list (names or dotted suffixes of
+    Linear layers) or a string (a regex over their whole path), those layers' weights. Raises ``ConfigError`` when
+    nothing matches."""
+    excluded = lambda path: any(path == name or path.startswith(name + ".") for name in exclude)  # noqa: E731
+    if targets == "all":
+        found = [name for name, _ in model.named_parameters() if not excluded(name.rpartition(".")[0])]
+    else:
+        head = output_head_path(model)
+        found = [
+            f"{path}.weight"
+            for path, module in model.named_modules()
+            if isinstance(module, nn.Linear)
+            and (path != head if targets == "all-linear" else module_name_matches(targets, path))
+            and not excluded(path)
+        ]
     if not found:
-        raise ConfigError(f"intrinsic.targets {targets!r} match no Linear layer of this model")
+        raise ConfigError(f"intrinsic.targets {targets!r} match no parameter of this model")
     return found
+
+
+def _holders(model: nn.Module, names: Sequence[str]) -> list[list[tuple[nn.Module, str]]]:
+    """For each parameter name, every (module, attribute) holding that tensor (a tied one has several)."""
+    modules = dict(model.named_modules())
+    by_tensor: dict[int, list[tuple[nn.Module, str]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        path, _, attribute = name.rpartition(".")
+        by_tensor.setdefault(id(param), []).append((modules[path], attribute))
+    params = dict(model.named_parameters())
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ConfigError(f"intrinsic targets {missing[:3]} are not parameters of this model")
+    return [by_tensor[id(params[name])] for name in names]
 
 
 class _Offset(nn.Module):
@@ -67,28 +87,39 @@ class _Offset(nn.Module):
 
 
 class IntrinsicWeights:
-    """θ_d (and SAID's λ) reparametrizing the target weights of ``model`` (see the module docstring)."""
+    """θ_d (and SAID's λ) reparametrizing the ``targets`` (parameter names) of ``model`` (see the module
+    docstring); ``dim``: the trained numbers, λ included."""
 
-    def __init__(self, model: nn.Module, modules: list[tuple[str, nn.Module]], dim: int, seed: int, said: bool):
-        self.paths = [path for path, _ in modules]
-        sizes = [module.weight.numel() for _, module in modules]
+    def __init__(self, model: nn.Module, targets: list[str], dim: int, seed: int, said: bool):
+        self.paths = list(targets)
+        holders = _holders(model, self.paths)
+        tensors = [getattr(*where[0]) for where in holders]
+        sizes = [t.numel() for t in tensors]
         self.D = sum(sizes)
+        lambdas = len(tensors) if said else 0
         if dim > self.D:
             raise ConfigError(
                 f"intrinsic.dim {dim:,} is larger than the {self.D:,} parameters of its targets; choose a smaller dim"
             )
-        device = modules[0][1].weight.device
+        if dim <= lambdas:
+            raise ConfigError(
+                f"intrinsic.dim {dim:,} leaves nothing for θ: SAID counts one λ per target tensor inside dim "
+                f"({lambdas:,} here); choose a dim above {lambdas:,}, fewer targets, or intrinsic.said: false"
+            )
+        device = tensors[0].device
         self.dim, self.seed = dim, seed
-        self.theta = nn.Parameter(torch.zeros(dim, device=device))
-        self.lambdas = nn.Parameter(torch.ones(len(modules), device=device)) if said else None
-        self.projection = FastfoodProjection(dim, self.D, seed, device=device)
+        self.theta = nn.Parameter(torch.zeros(dim - lambdas, device=device))
+        self.lambdas = nn.Parameter(torch.ones(lambdas, device=device)) if said else None
+        self.projection = FastfoodProjection(dim - lambdas, self.D, seed, device=device)
         self._kept: tuple | None = None
+        self.holders = holders
         start = 0
-        for index, ((_, module), size) in enumerate(zip(modules, sizes)):
-            module.weight.requires_grad_(False)
-            parametrize.register_parametrization(module, "weight", _Offset(self, index, start, module.weight.shape))
+        for index, (where, tensor, size) in enumerate(zip(holders, tensors, sizes)):
+            tensor.requires_grad_(False)
+            for module, attribute in where:  # a tied tensor: each holder reads the same slice
+                offset = _Offset(self, index, start, tensor.shape)
+                parametrize.register_parametrization(module, attribute, offset, unsafe=True)
             start += size
-        self.modules = [module for _, module in modules]
         # a new forward pass starts at the model or, for the fused loss, at its base model
         for entry in {id(m): m for m in (model, getattr(model, "base_model", model))}.values():
             entry.register_forward_pre_hook(lambda *_: self._new_pass())
@@ -128,6 +159,7 @@ class IntrinsicWeights:
         config = {
             "method": "intrinsic",
             "dim": self.dim,
+            "theta_dim": self.theta.numel(),
             "seed": self.seed,
             "said": self.lambdas is not None,
             "targets": self.paths,
@@ -138,10 +170,13 @@ class IntrinsicWeights:
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
 
     def bake(self) -> None:
-        """Write ``θ₀ + P·θ_d`` into the target weights and remove the reparametrization."""
+        """Write ``θ₀ + P·θ_d`` into the target tensors and remove the reparametrization."""
         with torch.no_grad():
-            for module in self.modules:
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            for where in self.holders:
+                (first, attribute), *others = where
+                parametrize.remove_parametrizations(first, attribute, leave_parametrized=True)
+                for module, other in others:  # the same tensor, written by the first holder
+                    parametrize.remove_parametrizations(module, other, leave_parametrized=False)
 
 
 def is_intrinsic_dir(path: str | Path) -> bool:
@@ -155,12 +190,16 @@ def apply_intrinsic(model: nn.Module, directory: str | Path) -> IntrinsicWeights
     directory = Path(directory)
     config = json.loads((directory / CONFIG_FILE).read_text())
     modules = dict(model.named_modules())
-    missing = [path for path in config["targets"] if not isinstance(modules.get(path), nn.Linear)]
+    # (artefacts before parameter targets list Linear layers, whose weights they projected into, and a dim that
+    # left SAID's λ out)
+    targets = [f"{t}.weight" if isinstance(modules.get(t), nn.Linear) else t for t in config["targets"]]
+    said = config["said"]
+    dim = config["dim"] + (len(targets) if said and "theta_dim" not in config else 0)
+    params = dict(model.named_parameters())
+    missing = [t for t in targets if t not in params]
     if missing:
-        raise ConfigError(f"{directory}: its targets are not Linear layers of this model ({missing[:3]})")
-    weights = IntrinsicWeights(
-        model, [(p, modules[p]) for p in config["targets"]], config["dim"], config["seed"], config["said"]
-    )
+        raise ConfigError(f"{directory}: its targets are not parameters of this model ({missing[:3]})")
+    weights = IntrinsicWeights(model, targets, dim, config["seed"], said)
     if config["D"] != weights.D:
         raise ConfigError(f"{directory}: its targets hold {config['D']:,} parameters, this model's {weights.D:,}")
     weights.load_state(read_safetensors(directory / WEIGHTS_FILE), str(directory))
