@@ -22,9 +22,10 @@ def sylvester(length: int) -> torch.Tensor:
     return H
 
 
-def test_hadamard_is_the_sylvester_matrix():
-    x = torch.randn(3, 16)
-    torch.testing.assert_close(hadamard(x), x @ sylvester(16))
+@pytest.mark.parametrize("length", [1, 2, 16, 64, 2048])  # one factor, two, three (32 · 32 · 2)
+def test_hadamard_is_the_sylvester_matrix(length):
+    x = torch.randn(3, length, dtype=torch.float64)
+    torch.testing.assert_close(hadamard(x), x @ sylvester(length).double())
 
 
 @pytest.mark.parametrize("d, D", [(5, 20), (8, 8), (3, 50)])

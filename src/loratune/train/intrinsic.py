@@ -72,15 +72,15 @@ def _holders(model: nn.Module, names: Sequence[str]) -> list[list[tuple[nn.Modul
 
 
 class _Offset(nn.Module):
-    """The parametrization of one target weight: the weight plus its slice of the shared offset."""
+    """The parametrization of one target tensor: the tensor plus its piece of the shared offset."""
 
-    def __init__(self, owner: IntrinsicWeights, index: int, start: int, shape: torch.Size):
+    def __init__(self, owner: IntrinsicWeights, index: int, shape: torch.Size):
         super().__init__()
-        self.owner, self.index, self.start, self.shape = (owner,), index, start, shape  # a tuple: not a submodule
+        self.owner, self.index, self.shape = (owner,), index, shape  # a tuple: not a submodule
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         owner = self.owner[0]
-        piece = owner.offset()[self.start : self.start + self.shape.numel()].view(self.shape)
+        piece = owner.pieces()[self.index].view(self.shape)
         if owner.lambdas is not None:
             piece = piece * owner.lambdas[self.index]
         return weight + piece.to(weight.dtype)
@@ -112,14 +112,11 @@ class IntrinsicWeights:
         self.lambdas = nn.Parameter(torch.ones(lambdas, device=device)) if said else None
         self.projection = FastfoodProjection(dim - lambdas, self.D, seed, device=device)
         self._kept: tuple | None = None
-        self.holders = holders
-        start = 0
-        for index, (where, tensor, size) in enumerate(zip(holders, tensors, sizes)):
+        self.holders, self.sizes = holders, sizes
+        for index, (where, tensor) in enumerate(zip(holders, tensors)):
             tensor.requires_grad_(False)
-            for module, attribute in where:  # a tied tensor: each holder reads the same slice
-                offset = _Offset(self, index, start, tensor.shape)
-                parametrize.register_parametrization(module, attribute, offset, unsafe=True)
-            start += size
+            for module, attribute in where:  # a tied tensor: each holder reads the same piece
+                parametrize.register_parametrization(module, attribute, _Offset(self, index, tensor.shape), unsafe=True)
         # a new forward pass starts at the model or, for the fused loss, at its base model
         for entry in {id(m): m for m in (model, getattr(model, "base_model", model))}.values():
             entry.register_forward_pre_hook(lambda *_: self._new_pass())
@@ -131,11 +128,13 @@ class IntrinsicWeights:
         if torch.is_grad_enabled():
             self._kept = None  # the previous pass's graph is spent
 
-    def offset(self) -> torch.Tensor:
-        """``P·θ_d`` (D values): once per forward pass with autograd, else until θ_d changes."""
+    def pieces(self) -> tuple[torch.Tensor, ...]:
+        """``P·θ_d`` split into each target's piece: once per forward pass with autograd, else until θ_d changes.
+        (One split, whose backward joins the pieces' gradients in one D-long tensor; a slice per target would
+        give each a D-long zero-filled gradient to add up.)"""
         key = (self.theta._version, torch.is_grad_enabled())
         if self._kept is None or self._kept[0] != key:
-            self._kept = (key, self.projection(self.theta))
+            self._kept = (key, self.projection(self.theta).split(self.sizes))
         return self._kept[1]
 
     def state(self) -> dict[str, torch.Tensor]:

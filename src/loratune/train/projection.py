@@ -2,35 +2,51 @@
 intrinsic-dimension paper (Li et al., 2018) uses it.
 
 Fastfood (Le, Sarlós and Smola, 2013) stands in for a Gaussian matrix with ``V = H·G·Π·H·B`` on blocks of
-L = 2^⌈log₂ d⌉: B a random ±1 diagonal, H the Walsh–Hadamard matrix (applied in O(L log L) additions), Π a random
-permutation, G a Gaussian diagonal. ``⌈D / L⌉`` independent blocks are stacked and the first D rows kept. Each
-block is divided by ``√(L·ΣG²)`` and the stack by ``√blocks``, so every column of P has unit norm (a column of a
-block is ``H·G·z`` for a ±1 vector z, whose norm is exactly ``√(L·ΣG²)``). A product costs O(D log d) time and
-O(D) memory, and its gradient (Pᵀ·g) flows through the same operations. Chosen over a sparse random matrix
-because its cost does not grow with d and it is the paper's own choice.
+L = 2^⌈log₂ d⌉: B a random ±1 diagonal, H the Walsh–Hadamard matrix (applied as a Kronecker product of small
+ones), Π a random permutation, G a Gaussian diagonal. ``⌈D / L⌉`` independent blocks are stacked and the first D
+rows kept. Each block is divided by ``√(L·ΣG²)`` and the stack by ``√blocks``, so every column of P has unit norm
+(a column of a block is ``H·G·z`` for a ±1 vector z, whose norm is exactly ``√(L·ΣG²)``). A product costs
+O(D log d) time and O(D) memory, and its gradient (Pᵀ·g) flows through the same operations. Chosen over a sparse
+random matrix because its cost does not grow with d and it is the paper's own choice.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
+_FACTOR = 32  # the largest Sylvester matrix one product uses: H_L is computed as H_32 ⊗ H_32 ⊗ … (fewest passes)
+
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """``x·H`` over the last dimension (a power of two), H the Sylvester–Hadamard matrix (entries ±1), in
-    log₂(L) passes of additions; differentiable."""
+    """``x·H`` over the last dimension (a power of two), H the Sylvester–Hadamard matrix (entries ±1);
+    differentiable. H_L is the Kronecker product of smaller Sylvester matrices (``H_a ⊗ H_b ⊗ …``, a·b·… = L), so it
+    runs as one matrix product per factor over the last axis, each followed by a rotation of the axes that brings
+    the next factor's axis last: a few BLAS products and copies instead of log₂(L) passes of additions."""
     length = x.shape[-1]
     if length & (length - 1):
         raise ValueError(f"the Walsh–Hadamard transform needs a power-of-two length, got {length}")
     lead = x.shape[:-1]
-    half = 1
-    while half < length:
-        pairs = x.reshape(*lead, length // (2 * half), 2, half)
-        first, second = pairs[..., 0, :], pairs[..., 1, :]
-        x = torch.stack((first + second, first - second), dim=-2).reshape(*lead, length)
-        half *= 2
-    return x
+    bits, sizes = length.bit_length() - 1, []
+    while bits > 0:
+        sizes.append(1 << min(bits, _FACTOR.bit_length() - 1))
+        bits -= sizes[-1].bit_length() - 1
+    y = x.reshape(-1, length)
+    rows = y.shape[0]
+    for size in sizes:
+        y = (y.reshape(-1, size) @ _sylvester(size, x.dtype, x.device)).reshape(rows, length // size, size)
+        y = y.transpose(1, 2).reshape(rows, length)  # (…, a, b) → (b, …, a): the next factor's axis last
+    return y.reshape(*lead, length)
+
+
+@functools.lru_cache(maxsize=32)
+def _sylvester(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    H = torch.ones(1, 1)
+    while H.shape[0] < size:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H.to(dtype=dtype, device=device)
 
 
 class FastfoodProjection:
