@@ -3,8 +3,10 @@
 # continue after a stop), three seeds each, and copies each sweep's results.csv under docs/experiments/.
 #
 #   scripts/experiments.sh encoder            # the encoder table: ~10 minutes on a 2-core CPU
-#   scripts/experiments.sh table5 table6 full # the demo-task tables: hours on a 2-core CPU (see each section)
+#   scripts/experiments.sh table5 table6 full # the demo-task tables: hours on a 2-core CPU (full: 39 minutes)
 #   scripts/experiments.sh subspace           # §7.2/§7.3 from table6's adapters: ~5 minutes
+#   scripts/experiments.sh numbers mix        # two task adapters mixed (after full): ~19 minutes
+#   scripts/experiments.sh pairs              # the sentence-pair task's full and LoRA references: ~8 minutes
 #   scripts/experiments.sh all
 #   scripts/experiments.sh keep table5        # keep the finished runs' records of a sweep stopped half-way
 #
@@ -53,7 +55,17 @@ subspace() {  # the paper's §7.2 / §7.3 on Table 6's W_q + W_v adapters (after
 full() {  # LoRA against full fine-tuning on the demo task
     sweep demo/full "$DEMO" --grid train.method=full --grid train.lr=2e-5,1e-4 \
         --set train.exact_match=true --set data.retain=builtin
-    sweep demo/lora "$DEMO" --set train.exact_match=true --set data.retain=builtin
+    # LoRA at the demo's learning rate and below it: how much of its forgetting is the rate
+    sweep demo/lora "$DEMO" --grid train.lr=5e-4,1e-3,2e-3 --set train.exact_match=true --set data.retain=builtin
+}
+
+numbers() {  # a second task on the demo's base (numbers in words to digits), for the mix study
+    sweep mix/numbers examples/numbers/config.yaml --set data.retain=builtin
+}
+
+mix() {  # the demo's date adapters and the numbers adapters, alone and mixed, on both tasks (after full, numbers)
+    "$PYTHON" scripts/mix_study.py --dates "$OUT/demo/lora" --numbers "$OUT/mix/numbers" --work "$OUT/mix/mixed" \
+        --loratune "$(command -v "$LORATUNE")"
 }
 
 encoder() {  # LoRA, full, BitFit and the head alone on the classification demo (Table 2's question on an encoder)
@@ -64,14 +76,22 @@ encoder() {  # LoRA, full, BitFit and the head alone on the classification demo 
         --set train.lr=5e-3 --set train.save_every=1000
 }
 
+PAIRS=examples/pairs/config.yaml
+pairs() {  # the sentence-pair task's references (full fine-tuning, LoRA) for d90 on a classifier
+    sweep pairs/full "$PAIRS" --set train.method=full --set train.lr=1e-4 --set train.save_every=1000
+    sweep pairs/lora "$PAIRS" --set train.save_every=1000
+}
+
 sections=("$@")
-[[ ${#sections[@]} -eq 0 ]] && { sed -n '2,13p' "$0"; exit 2; }
-[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace full)
+[[ ${#sections[@]} -eq 0 ]] && { sed -n '2,15p' "$0"; exit 2; }
+[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace full numbers mix pairs)
 if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps, as far as they got
     for section in "${sections[@]:1}"; do
         case $section in
             table5 | table6) keep "demo/$section" ;;
             full) keep demo/full && keep demo/lora ;;
+            numbers) keep mix/numbers ;;
+            pairs) keep pairs/full && keep pairs/lora ;;
             encoder) for name in lora full bitfit head; do keep "encoder/$name"; done ;;
             *) echo "scripts/experiments.sh: no section '$section'" >&2; exit 2 ;;
         esac
@@ -80,7 +100,7 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
 fi
 for section in "${sections[@]}"; do
     case $section in
-        table5 | table6 | subspace | full | encoder) "$section" ;;
-        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace full encoder all)" >&2; exit 2 ;;
+        table5 | table6 | subspace | full | numbers | mix | encoder | pairs) "$section" ;;
+        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace full numbers mix encoder pairs all)" >&2; exit 2 ;;
     esac
 done

@@ -56,7 +56,7 @@ _FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _VERSION = operator.attrgetter("_version")
 _MAX_HEAD_DIM = 1024
-_GROWTH = 128  # columns of room a cache buffer gets beyond what it holds (plus an eighth of it)
+_GROWTH = 128  # most columns of room a cache buffer gets beyond what it holds (plus an eighth of it)
 _steps: weakref.WeakKeyDictionary[nn.Module, BlockStep | None] = weakref.WeakKeyDictionary()
 
 
