@@ -162,8 +162,10 @@ def test_the_cache_takes_no_more_room_than_the_tokens_left_and_cuts_free_it():
     stepper = BlockStep.build(model)
 
     def columns_held(cache) -> set[int]:
-        item = torch.finfo(torch.float32).bits // 8
-        return {layer.keys.untyped_storage().nbytes() // (3 * kv_heads * head_dim * item) for layer in cache.layers}
+        return {
+            layer.keys.untyped_storage().nbytes() // (3 * kv_heads * head_dim * layer.keys.element_size())
+            for layer in cache.layers
+        }
 
     with inference(model):
         for room, held in ((2, {8}), (None, {6 + 128})):

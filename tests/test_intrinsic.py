@@ -145,6 +145,16 @@ def test_an_artefact_from_before_parameter_targets_loads_the_same(capsys, tiny_l
         assert torch.equal(model(ids).logits, now)
 
 
+def test_an_artefact_for_another_model_is_refused_by_name(capsys, tiny_llama_dir, tmp_path):
+    intrinsic_run(capsys, tiny_llama_dir, tmp_path, steps=2)
+    run = tmp_path / "run" / "intrinsic"
+    config = json.loads((run / "intrinsic_config.json").read_text())
+    (run / "intrinsic_config.json").write_text(json.dumps(config | {"targets": ["encoder.layer.0.query.weight"]}))
+    model, _ = loratune.load_model(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    with pytest.raises(loratune.ConfigError, match="its targets are not parameters of this model"):
+        apply_intrinsic(model, run)
+
+
 def test_an_intrinsic_run_resumes_to_the_same_theta(capsys, tiny_llama_dir, tmp_path):
     config = intrinsic_run(capsys, tiny_llama_dir, tmp_path)
     straight = (tmp_path / "run" / "intrinsic" / "intrinsic.safetensors").read_bytes()

@@ -58,16 +58,14 @@ def intrinsic_targets(model: nn.Module, targets: str | Sequence[str], exclude: S
 
 
 def _holders(model: nn.Module, names: Sequence[str]) -> list[list[tuple[nn.Module, str]]]:
-    """For each parameter name, every (module, attribute) holding that tensor (a tied one has several)."""
+    """For each parameter name (one of ``model``'s), every (module, attribute) holding that tensor (a tied one has
+    several)."""
     modules = dict(model.named_modules())
     by_tensor: dict[int, list[tuple[nn.Module, str]]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         path, _, attribute = name.rpartition(".")
         by_tensor.setdefault(id(param), []).append((modules[path], attribute))
     params = dict(model.named_parameters())
-    missing = [name for name in names if name not in params]
-    if missing:
-        raise ConfigError(f"intrinsic targets {missing[:3]} are not parameters of this model")
     return [by_tensor[id(params[name])] for name in names]
 
 

@@ -29,10 +29,10 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     if length & (length - 1):
         raise ValueError(f"the Walsh–Hadamard transform needs a power-of-two length, got {length}")
     lead = x.shape[:-1]
-    bits, sizes = length.bit_length() - 1, []
+    bits, most, sizes = length.bit_length() - 1, _FACTOR.bit_length() - 1, []
     while bits > 0:
-        sizes.append(1 << min(bits, _FACTOR.bit_length() - 1))
-        bits -= sizes[-1].bit_length() - 1
+        sizes.append(1 << min(bits, most))
+        bits -= min(bits, most)
     y = x.reshape(-1, length)
     rows = y.shape[0]
     for size in sizes:
