@@ -1,6 +1,6 @@
 """Builds loratune's compiled CPU kernels, ``loratune.kernels._cpu``, from ``src/loratune/kernels/csrc``: the
-low-rank update for decoding and the fused elementwise kernels for training, each compiled for every instruction
-set the compiler can target (see ``csrc/kernels.h``).
+low-rank update for decoding, the fused elementwise kernels for training and intrinsic training's projection,
+each compiled for every instruction set the compiler can target (see ``csrc/kernels.h``).
 
 Everything else is declared in pyproject.toml. The extension is optional: without a C compiler the install
 still succeeds and loratune runs the same arithmetic through PyTorch operations, only slower.

@@ -7,6 +7,7 @@
 #   scripts/experiments.sh subspace           # §7.2/§7.3 from table6's adapters: ~5 minutes
 #   scripts/experiments.sh numbers mix        # two task adapters mixed (after full): ~19 minutes
 #   scripts/experiments.sh pairs              # the sentence-pair task's full and LoRA references: ~8 minutes
+#   scripts/experiments.sh d90pairs           # d90 on the sentence-pair task (after pairs): ~2.5 hours
 #   scripts/experiments.sh all
 #   scripts/experiments.sh keep table5        # keep the finished runs' records of a sweep stopped half-way
 #
@@ -26,7 +27,7 @@ sweep() {  # sweep NAME CONFIG ARGS...: run it (after the runs kept before), the
     shift 2
     local started=$SECONDS
     "$PYTHON" scripts/experiment_records.py restore "docs/experiments/$name/runs" "$OUT/$name"
-    "$LORATUNE" sweep "$config" --seeds 3 --out "$OUT/$name" "$@"
+    "$LORATUNE" sweep "$config" --seeds "${SEEDS:-3}" --out "$OUT/$name" "$@"
     keep "$name"
     cp "$OUT/$name/results.csv" "docs/experiments/$name.csv"
     echo "$name: $((SECONDS - started)) s"
@@ -82,9 +83,20 @@ pairs() {  # the sentence-pair task's references (full fine-tuning, LoRA) for d9
     sweep pairs/lora "$PAIRS" --set train.save_every=1000
 }
 
+D90_DIMS=200,500,1000,2000
+d90pairs() {  # d90 by the paper's definition on the sentence-pair task: a learning rate per d, then three seeds
+    local intrinsic=(--set train.method=intrinsic --set train.save_every=1000)
+    SEEDS=1 sweep pairs/d90-lr "$PAIRS" "${intrinsic[@]}" --grid intrinsic.dim=$D90_DIMS --grid train.lr=0.1,0.3,1
+    "$PYTHON" scripts/d90_study.py choose docs/experiments/pairs/d90-lr/runs | while read -r dim lr; do
+        SEEDS=1 sweep "pairs/d90/dim=$dim" "$PAIRS" "${intrinsic[@]}" --set "intrinsic.dim=$dim" --set "train.lr=$lr" \
+            --grid train.seed=1,2
+    done
+    "$PYTHON" scripts/d90_study.py report docs/experiments/pairs
+}
+
 sections=("$@")
 [[ ${#sections[@]} -eq 0 ]] && { sed -n '2,15p' "$0"; exit 2; }
-[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace full numbers mix pairs)
+[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace full numbers mix pairs d90pairs)
 if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps, as far as they got
     for section in "${sections[@]:1}"; do
         case $section in
@@ -92,6 +104,7 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
             full) keep demo/full && keep demo/lora ;;
             numbers) keep mix/numbers ;;
             pairs) keep pairs/full && keep pairs/lora ;;
+            d90pairs) keep pairs/d90-lr && for run in "$OUT"/pairs/d90/*/; do keep "pairs/d90/$(basename "$run")"; done ;;
             encoder) for name in lora full bitfit head; do keep "encoder/$name"; done ;;
             *) echo "scripts/experiments.sh: no section '$section'" >&2; exit 2 ;;
         esac
@@ -100,7 +113,7 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
 fi
 for section in "${sections[@]}"; do
     case $section in
-        table5 | table6 | subspace | full | numbers | mix | encoder | pairs) "$section" ;;
-        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace full numbers mix encoder pairs all)" >&2; exit 2 ;;
+        table5 | table6 | subspace | full | numbers | mix | encoder | pairs | d90pairs) "$section" ;;
+        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace full numbers mix encoder pairs d90pairs all)" >&2; exit 2 ;;
     esac
 done

@@ -17,6 +17,9 @@ import math
 
 import torch
 
+from loratune.kernels.loader import compiled as _cpu
+from loratune.kernels.loader import kernel_available
+
 _FACTOR = 32  # the largest Sylvester matrix one product uses: H_L is computed as H_32 ⊗ H_32 ⊗ … (fewest passes)
 
 
@@ -52,7 +55,8 @@ def _sylvester(size: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
 class FastfoodProjection:
     """``P·θ`` for θ ∈ ℝ^d, P a seeded D × d Fastfood projection with unit-norm columns (see the module docstring).
     The random parts (B, Π, G) are drawn from a generator seeded with ``seed`` on the CPU, so a saved
-    (seed, d, D) rebuilds the same P anywhere."""
+    (seed, d, D) rebuilds the same P anywhere. On the CPU in float32 the compiled kernel computes ``P·θ`` and
+    ``Pᵀ·g`` block by block in the cache (one pass over D values each way); elsewhere PyTorch operations do."""
 
     def __init__(self, d: int, D: int, seed: int, device=None):
         if d < 1 or D < 1:
@@ -62,23 +66,73 @@ class FastfoodProjection:
         self.blocks = math.ceil(D / self.block)
         generator = torch.Generator().manual_seed(seed)
         shape = (self.blocks, self.block)
-        self.signs = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).float().to(device)
-        self.permutation = torch.argsort(torch.rand(shape, generator=generator), dim=1).to(device)
-        self.gaussian = torch.randn(shape, generator=generator).to(device)
-        norms = torch.sqrt(self.block * self.gaussian.square().sum(1, keepdim=True))
-        self.scale = (1.0 / (norms * math.sqrt(self.blocks))).to(device)
+        self.signs = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(torch.int8).to(device)
+        self.permutation = torch.argsort(torch.rand(shape, generator=generator), dim=1).to(torch.int32).to(device)
+        gaussian = torch.randn(shape, generator=generator)
+        norms = torch.sqrt(self.block * gaussian.square().sum(1, keepdim=True))
+        # G with each block's share of the normalisation folded in (the last transform is linear)
+        self.gaussian = (gaussian / (norms * math.sqrt(self.blocks))).to(device)
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         """``P·θ`` (D values, in θ's dtype) for θ of length d."""
         if theta.shape != (self.d,):
             raise ValueError(f"expected θ of shape ({self.d},), got {tuple(theta.shape)}")
+        if self._kernel_takes(theta):
+            return _FastfoodKernel.apply(theta, self)
         x = torch.nn.functional.pad(theta, (0, self.block - self.d)).expand(self.blocks, self.block)
         x = hadamard(x * self.signs.to(theta.dtype))
-        x = torch.gather(x, 1, self.permutation)
-        x = hadamard(x * self.gaussian.to(theta.dtype)) * self.scale.to(theta.dtype)
+        x = torch.gather(x, 1, self.permutation.long())
+        x = hadamard(x * self.gaussian.to(theta.dtype))
         return x.reshape(-1)[: self.D]
+
+    def _kernel_takes(self, x: torch.Tensor) -> bool:
+        return (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and self.signs.device.type == "cpu"
+            and (kernel_available() and hasattr(_cpu, "fastfood"))
+        )
+
+    def kernel(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``P·x`` (x: d values) or, with ``transpose``, ``Pᵀ·x`` (x: D values) by the compiled kernel (float32
+        CPU tensors; ``_kernel_takes``)."""
+        x = x.contiguous()
+        threads = max(1, min(torch.get_num_threads(), self.blocks))
+        chunk = math.ceil(self.blocks / threads)
+        chunks = math.ceil(self.blocks / chunk)
+        scratch = torch.empty(chunks, 2 * self.block)
+        out = torch.zeros(chunks, self.d) if transpose else torch.empty(self.D)
+        _cpu.fastfood(
+            out.data_ptr(),
+            x.data_ptr(),
+            self.signs.data_ptr(),
+            self.permutation.data_ptr(),
+            self.gaussian.data_ptr(),
+            self.d,
+            self.block,
+            self.D,
+            self.blocks,
+            int(transpose),
+            chunk,
+            scratch.data_ptr(),
+            threads,
+        )
+        return out.sum(0) if transpose else out
 
     def dense(self) -> torch.Tensor:
         """P as a D × d matrix, for tests on tiny sizes (its columns: P applied to the unit vectors)."""
         eye = torch.eye(self.d)
         return torch.stack([self(column) for column in eye], dim=1)
+
+
+class _FastfoodKernel(torch.autograd.Function):
+    """``P·θ`` by the compiled kernel, its gradient ``Pᵀ·g`` by the same kernel (P is linear: nothing is saved)."""
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, projection: FastfoodProjection) -> torch.Tensor:
+        ctx.projection = projection
+        return projection.kernel(theta, transpose=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.projection.kernel(grad, transpose=True), None

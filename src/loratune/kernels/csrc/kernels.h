@@ -1,7 +1,7 @@
 /* Every compiled kernel of loratune.kernels._cpu with its signature, and the instruction sets they are built for.
  *
  * Each kernel is compiled once per instruction set (ISA) by its family's file (lowrank.c, linear_rows.c, norm.c,
- * rope.c, silu_mul.c, dropout.c, attention.c, decode_attention.c, cross_entropy.c through per_isa.h), the copies named name_baseline, name_avx2,
+ * rope.c, silu_mul.c, dropout.c, attention.c, decode_attention.c, cross_entropy.c, fastfood.c through per_isa.h), the copies named name_baseline, name_avx2,
  * name_avx512 and name_avx512bf16. dispatch.c keeps one function pointer per kernel, name_impl, and points all
  * of them at one ISA's copies at a time (select_isa): a call through it is a plain indirect call. AMX is no copy
  * of its own but a refinement of AVX512-BF16: its copies, and attention's products in AMX tiles (attention.c),
@@ -64,7 +64,10 @@ enum isa { ISA_BASELINE, ISA_AVX2, ISA_AVX512, ISA_AVX512BF16, ISA_AMX, ISA_COUN
     X(attention_backward_scores, avx512bf16,                                                                           \
       (void *, void *, const void *, const void *, const void *, const void *, const void *, const float *,           \
        const float *, const int64_t *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, float, int, int))  \
-    X(cross_entropy_rows, avx512bf16, (void *, float *, const int64_t *, int64_t, int64_t, int, float *, int))
+    X(cross_entropy_rows, avx512bf16, (void *, float *, const int64_t *, int64_t, int64_t, int, float *, int))     \
+    X(fastfood_blocks, avx512,                                                                                         \
+      (float *, const float *, const int8_t *, const int32_t *, const float *, int64_t, int64_t, int64_t, int64_t,    \
+       int64_t, float *, float *, int))
 
 /* name_fn, the pointer name_impl calls go through, and the copies (declared for every ISA; only the built ones
  * are defined and referenced). */

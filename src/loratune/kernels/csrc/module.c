@@ -16,6 +16,9 @@
  *   products, the cross-entropy's softmax; float32 arithmetic on bf16 or float32 tensors. In PyTorch operations
  *   each is a chain of five to fifteen operations, each writing a fresh intermediate tensor; here every element
  *   is read and written once. They split their work over the threads the caller gives (parallel.c).
+ * - fastfood: intrinsic-dimension training's random projection P·θ and its transpose, block by block in the
+ *   cache (loratune/train/projection.py): one pass over the D values each way where PyTorch operations make a
+ *   dozen.
  *
  * Every kernel is compiled for each instruction set (kernels.h); at import the module runs the best copy this
  * CPU has, and select() switches all of them to another (loratune/kernels/loader.py, LORATUNE_KERNEL_ISA). */
@@ -164,6 +167,18 @@ static void run_decode_attention(const int64_t *v, float scale, int64_t b, int64
     free(work);
 }
 
+/* v: out, x, signs, perm, gs, d, L, D, blocks, transpose, chunk, scratch; a span is one chunk of `chunk`
+ * blocks, which works in its own 2·L floats of scratch and, in the transpose, sums into its own row of out (d
+ * floats per chunk), so the result does not depend on which thread finishes first. */
+static void run_fastfood(const int64_t *v, float eps, int64_t b, int64_t e) {
+    (void)eps;
+    const int64_t chunk = b / v[10];
+    float *work = (float *)PTR(11) + chunk * 2 * v[6];
+    float *out = (float *)PTR(0) + (v[9] ? chunk * v[5] : 0);
+    fastfood_blocks_impl(out, (const float *)PTR(1), (const int8_t *)PTR(2), (const int32_t *)PTR(3),
+                         (const float *)PTR(4), v[5], v[6], v[7], b, e - b, work, work + v[6], (int)v[9]);
+}
+
 /* Reads the integer arguments (the float one at index float_at, if any, into *eps) and runs the job on
  * args[nargs - 1] threads over n = v[n_at] items. */
 static PyObject *call(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, Py_ssize_t float_at, int n_at,
@@ -230,6 +245,26 @@ static PyObject *rms_norm_backward(PyObject *self, PyObject *const *args, Py_ssi
 static PyObject *dropout(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     return call(args, nargs, 7, 5, 2, 16, 1 << 16, run_dropout, "dropout");
+}
+
+static PyObject *fastfood(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "fastfood takes 13 arguments");
+        return NULL;
+    }
+    job_t job = {.run = run_fastfood, .eps = 0.f};
+    for (int i = 0; i < 12; i++) job.v[i] = PyLong_AsLongLong(args[i]);
+    const int64_t threads = PyLong_AsLongLong(args[12]);
+    if (PyErr_Occurred()) return NULL;
+    if (job.v[5] < 1 || job.v[5] > job.v[6] || job.v[10] < 1 || threads * job.v[10] < job.v[8]) {
+        PyErr_SetString(PyExc_ValueError, "fastfood needs 1 <= d <= L and threads * chunk >= blocks");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(job, job.v[8], job.v[10], job.v[10], threads); /* spans of exactly one chunk */
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
 }
 
 static PyObject *attention_backward_scores(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -470,6 +505,11 @@ static PyMethodDef methods[] = {
     {"cross_entropy_rows", (PyCFunction)(void (*)(void))cross_entropy_rows, METH_FASTCALL,
      "cross_entropy_rows(logits, lse, targets, rows, vocab, want_grad, is_bf16, threads): each row's log-sum-exp, "
      "and with want_grad the row overwritten by softmax - onehot(target)."},
+    {"fastfood", (PyCFunction)(void (*)(void))fastfood, METH_FASTCALL,
+     "fastfood(out, x, signs, perm, gs, d, L, D, blocks, transpose, chunk, scratch, threads): a Fastfood "
+     "projection's blocks in float32 (int8 signs, int32 permutation, scaled Gaussian diagonal; scratch: 2·L floats "
+     "per chunk of `chunk` blocks): out = P·x (D values), or with transpose each chunk adds its blocks' Pᵀ·x into "
+     "its own row of out (d floats per chunk; see loratune.train.projection)."},
     {"run_program", (PyCFunction)(void (*)(void))run_program, METH_FASTCALL,
      "run_program(ops, first, last, threads): rows first..last of a decoding step's program (int64 rows of "
      "PROGRAM_WIDTH: operation, float bits, arguments) with the GIL released once (see "
