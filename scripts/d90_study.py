@@ -140,7 +140,7 @@ def draw(readings: dict, lora: list[dict], rows: list[dict], path: Path) -> None
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, (reading, (reference, dims, means)) in zip(axes, readings.items()):
-        spreads = [statistics.pstdev([r[reading] for r in rows if r["dim"] == dim]) for dim in dims]
+        spreads = [statistics.stdev([r[reading] for r in rows if r["dim"] == dim]) for dim in dims]
         ax.errorbar(
             dims,
             [100 * m for m in means],
@@ -159,7 +159,9 @@ def draw(readings: dict, lora: list[dict], rows: list[dict], path: Path) -> None
                 label="LoRA r=8 (74,498 params)",
             )
         ax.set_xscale("log")
-        ax.set_xlabel("d (trained numbers in θ, SAID's λ included; the head trains apart)")
+        ax.set_xticks(dims, [f"{dim:,}" for dim in dims])
+        ax.minorticks_off()
+        ax.set_xlabel("d (θ and SAID's 104 λ; the head's 770 train apart)")
         ax.set_title("accuracy at the end" if reading == "accuracy_end" else "best evaluation (steps 100/200/300)")
     axes[0].set_ylabel("held-out accuracy (%)")
     axes[0].legend(loc="lower right", fontsize=8)

@@ -7,7 +7,7 @@
 #   scripts/experiments.sh subspace           # §7.2/§7.3 from table6's adapters: ~5 minutes
 #   scripts/experiments.sh numbers mix        # two task adapters mixed (after full): ~19 minutes
 #   scripts/experiments.sh pairs              # the sentence-pair task's full and LoRA references: ~8 minutes
-#   scripts/experiments.sh d90pairs           # d90 on the sentence-pair task (after pairs): ~2.5 hours
+#   scripts/experiments.sh d90pairs           # d90 on the sentence-pair task (after pairs): ~70 minutes
 #   scripts/experiments.sh all
 #   scripts/experiments.sh keep table5        # keep the finished runs' records of a sweep stopped half-way
 #
@@ -83,7 +83,7 @@ pairs() {  # the sentence-pair task's references (full fine-tuning, LoRA) for d9
     sweep pairs/lora "$PAIRS" --set train.save_every=1000
 }
 
-D90_DIMS=200,500,1000,2000
+D90_DIMS=120,150,200,300,500,1000
 d90pairs() {  # d90 by the paper's definition on the sentence-pair task: a learning rate per d, then three seeds
     local intrinsic=(--set train.method=intrinsic --set train.save_every=1000)
     SEEDS=1 sweep pairs/d90-lr "$PAIRS" "${intrinsic[@]}" --grid intrinsic.dim=$D90_DIMS --grid train.lr=0.1,0.3,1

@@ -48,3 +48,25 @@ def test_the_numbers_set_answers_in_digits_with_numbers_training_never_saw():
     train, held_out = rows("train.jsonl"), rows("eval.jsonl")
     assert all(answer.isdigit() and not any(c.isdigit() for c in prompt) for prompt, answer in train + held_out)
     assert not {answer for _, answer in held_out} & {answer for _, answer in train}
+
+
+def test_the_d90_table_is_what_the_kept_run_records_give(tmp_path):
+    """docs/experiments/pairs/d90.csv (the sentence-pair d90 table's rows) is recomputed from the runs' kept records,
+    and the report reads d90 from them as docs/experiments.md states it."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/d90_study.py"),
+            "report",
+            str(ROOT / "docs/experiments/pairs"),
+            "--csv",
+            str(tmp_path / "d90.csv"),
+            "--plot",
+            str(tmp_path / "d90.png"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert (tmp_path / "d90.csv").read_bytes() == (ROOT / "docs/experiments/pairs/d90.csv").read_bytes()
+    assert "→ d90 150 (interpolated 146)" in done.stdout and "→ d90 300 (interpolated 264)" in done.stdout

@@ -241,8 +241,23 @@ def test_d90_is_the_smallest_dim_reaching_90_percent_of_the_reference():
         for dim, score in [(10, 0.2), (10, 0.3), (100, 0.71), (100, 0.75), (1000, 0.80), (1000, 0.82)]
     ]
     reference = {"eval": {"eval_exact_match": 0.8}}
-    assert d90(rows, reference) == (100, 0.8, "eval_exact_match")  # mean 0.73 ≥ 0.9 × 0.8
+    assert d90(rows, reference) == (100, 0.8, "eval_exact_match", {})  # mean 0.73 ≥ 0.9 × 0.8
     assert d90(rows, {"eval": {"eval_exact_match": 0.95}})[0] is None
+
+
+def test_d90_takes_each_dims_best_learning_rate_of_a_grid_not_their_average():
+    from loratune.experiments.results import d90
+
+    rows = [  # at dim 100 lr 0.3 reaches the bar on average over its seeds; lr 1 diverges
+        {"intrinsic.dim": dim, "train.lr": lr, "train.seed": seed, "eval_accuracy": score}
+        for dim, lr, seed, score in [
+            (10, 0.3, 0, 0.5), (10, 0.3, 1, 0.6), (10, 1.0, 0, 0.5), (10, 1.0, 1, 0.5),
+            (100, 0.3, 0, 0.74), (100, 0.3, 1, 0.76), (100, 1.0, 0, 0.5), (100, 1.0, 1, 0.5),
+        ]
+    ]  # fmt: skip
+    settings = ["intrinsic.dim", "train.lr", "train.seed"]
+    assert d90(rows, {"eval": {"eval_accuracy": 0.8}}, settings) == (100, 0.8, "eval_accuracy", {"train.lr": 0.3})
+    assert d90(rows, {"eval": {"eval_accuracy": 0.8}})[0] is None  # lr 0.3 and 1 averaged: 0.625 at dim 100
 
 
 def test_a_sweep_over_intrinsic_dims_reports_d90_against_a_reference_run(capsys, tiny_llama_dir, tmp_path):

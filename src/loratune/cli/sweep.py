@@ -150,7 +150,8 @@ def run(args) -> int:
             say(f"loratune sweep: continue with: {again}")
             raise
         if reference is not None:
-            _report_d90(write_results(runs, out), reference, args.reference, out)
+            settings = list(dict.fromkeys(key for run in runs for key in run.settings))
+            _report_d90(write_results(runs, out), reference, args.reference, out, settings)
     print((out / "results.md").read_text(), end="")
     say(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'results.png'}")
     return 0
@@ -194,11 +195,12 @@ def _reference_summary(run_dir: str) -> dict:
     return data
 
 
-def _report_d90(rows: list[dict], reference: dict, reference_dir: str, out: Path) -> None:
+def _report_d90(rows: list[dict], reference: dict, reference_dir: str, out: Path, settings: list[str]) -> None:
     from loratune.experiments.results import d90
     from loratune.outputs import write_text_atomic
 
-    dim, value, metric = d90(rows, reference)
-    found = f"d90 = {dim}" if dim is not None else "d90 > the largest intrinsic.dim tried (none reached 90%)"
+    dim, value, metric, chosen = d90(rows, reference, settings)
+    at = f" (at {', '.join(f'{key}={value}' for key, value in chosen.items())})" if chosen else ""
+    found = f"d90 = {dim}{at}" if dim is not None else "d90 > the largest intrinsic.dim tried (none reached 90%)"
     line = f"{found}: 90% of {reference_dir}'s {metric} ({value:.3f}) is {0.9 * value:.3f}"
     write_text_atomic(out / "results.md", (out / "results.md").read_text() + "\n" + line + "\n")

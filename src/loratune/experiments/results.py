@@ -8,6 +8,7 @@ import io
 import json
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,11 +174,16 @@ def d90_metric(reference: dict[str, Any]) -> str | None:
     return next((name for name in D90_METRICS if evaluation.get(name) is not None), None)
 
 
-def d90(rows: list[dict[str, Any]], reference: dict[str, Any]) -> tuple[int | None, float, str]:
-    """(d90, the reference's value, the metric): the smallest ``intrinsic.dim`` whose runs reach, on average
-    over seeds, 90% of the reference run's metric (``reference``: its summary.json) — exact match, or a
-    classifier's accuracy, which is what "90% of the performance" means for a score where higher is better.
-    None when no dim reaches it. Raises ``ConfigError`` when the reference or the runs have neither."""
+def d90(
+    rows: list[dict[str, Any]], reference: dict[str, Any], settings: Sequence[str] = ()
+) -> tuple[int | None, float, str, dict[str, Any]]:
+    """(d90, the reference's value, the metric, the settings it was reached with): the smallest
+    ``intrinsic.dim`` whose runs reach, on average over seeds, 90% of the reference run's metric (``reference``:
+    its summary.json) — exact match, or a classifier's accuracy, which is what "90% of the performance" means for
+    a score where higher is better. ``settings``: the sweep's other grid keys (a learning rate, say): each dim
+    counts with its best combination of them (the mean over seeds of each combination), as the paper chooses a
+    learning rate per d. None (and no settings) when no dim reaches it. Raises ``ConfigError`` when the reference
+    or the runs have neither metric."""
     from loratune.errors import ConfigError
 
     metric = d90_metric(reference)
@@ -187,12 +193,17 @@ def d90(rows: list[dict[str, Any]], reference: dict[str, Any]) -> tuple[int | No
             "references and train.exact_match: true) or a classifier's eval_accuracy"
         )
     value = reference["eval"][metric]
-    by_dim: dict[int, list[float]] = {}
+    others = [key for key in settings if key not in ("intrinsic.dim", "train.seed")]
+    by_dim: dict[int, dict[str, list[float]]] = {}
     for row in rows:
         if row.get(metric) is None or "intrinsic.dim" not in row:
             continue
-        by_dim.setdefault(int(row["intrinsic.dim"]), []).append(float(row[metric]))
+        combination = json.dumps({key: row.get(key) for key in others}, sort_keys=True, default=str)
+        by_dim.setdefault(int(row["intrinsic.dim"]), {}).setdefault(combination, []).append(float(row[metric]))
     if not by_dim:
         raise ConfigError(f"--reference: d90 needs runs over --grid intrinsic.dim=... with {metric}")
-    reached = [dim for dim, scores in sorted(by_dim.items()) if statistics.fmean(scores) >= 0.9 * value]
-    return (reached[0] if reached else None), value, metric
+    for dim, combinations in sorted(by_dim.items()):
+        mean, combination = max((statistics.fmean(scores), c) for c, scores in combinations.items())
+        if mean >= 0.9 * value:
+            return dim, value, metric, json.loads(combination)
+    return None, value, metric, {}

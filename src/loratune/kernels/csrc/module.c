@@ -167,9 +167,9 @@ static void run_decode_attention(const int64_t *v, float scale, int64_t b, int64
     free(work);
 }
 
-/* v: out, x, signs, perm, gs, d, L, D, blocks, transpose, chunk, scratch; a span is one chunk of `chunk`
- * blocks, which works in its own 2·L floats of scratch and, in the transpose, sums into its own row of out (d
- * floats per chunk), so the result does not depend on which thread finishes first. */
+/* v: out, x, signs, perm, gs, d, L, D, blocks, transpose, chunk, scratch; a span starts at a chunk of `chunk`
+ * blocks and works in that chunk's 2·L floats of scratch and, in the transpose, sums into that chunk's row of
+ * out (d floats per chunk), so the result does not depend on which thread runs which span. */
 static void run_fastfood(const int64_t *v, float eps, int64_t b, int64_t e) {
     (void)eps;
     const int64_t chunk = b / v[10];
@@ -262,7 +262,7 @@ static PyObject *fastfood(PyObject *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    parallel_for(job, job.v[8], job.v[10], job.v[10], threads); /* spans of exactly one chunk */
+    parallel_for(job, job.v[8], job.v[10], job.v[10], threads); /* spans of whole chunks */
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
