@@ -21,6 +21,7 @@ from loratune.inference.decode import stop_token_ids
 from loratune.inference.engine import Engine, QueueFull
 from loratune.inference.sequence import Event, Failed, Finished, SamplingParams, Sequence
 from loratune.serve.adapters import AdapterPool
+from loratune.serve.delivery import Deliveries
 from loratune.serve.metrics import ServeMetrics
 from loratune.serve.protocol import SEED_RANGE, ChatCompletionRequest, CompletionRequest, RequestError
 
@@ -83,6 +84,7 @@ class Service:
         # one thread, so a tokenizer never encodes two requests at once (a fast tokenizer shared between threads
         # can fail with "Already borrowed")
         self._preparing = ThreadPoolExecutor(1, thread_name_prefix="loratune-prepare")
+        self._deliveries: Deliveries | None = None  # the engine's events to the serving loop (made on it)
         self.draining = False
 
     def close(self) -> None:
@@ -90,6 +92,8 @@ class Service:
         self.engine.stop()
         self.pool.close()
         self._preparing.shutdown(wait=False, cancel_futures=True)
+        if self._deliveries is not None:
+            self._deliveries.close()
 
     def model_ids(self) -> list[str]:
         return [self.base_id, *(a.name for a in self.pool.listed())]
@@ -243,13 +247,21 @@ class Service:
         return found
 
     # --- running it ----------------------------------------------------------------------------------------------
+    def _deliveries_on(self, loop: asyncio.AbstractEventLoop) -> Deliveries:
+        """The deliveries to ``loop`` (the loop serving the requests; made on its first request)."""
+        if self._deliveries is None or self._deliveries.loop is not loop:
+            if self._deliveries is not None:
+                self._deliveries.close()
+            self._deliveries = Deliveries(loop)
+        return self._deliveries
+
     async def events(self, job: Job) -> AsyncIterator[tuple[int, Event]]:
         """Run ``job``; yield (choice index, event) until every sequence has finished or failed. Leaving the
         iteration early cancels what still runs."""
         if self.draining:
             raise RequestError("the server is shutting down; retry on another instance", 503, "server_shutdown")
         self.pool.acquire(job.adapter_names)
-        loop = asyncio.get_running_loop()
+        deliveries = self._deliveries_on(asyncio.get_running_loop())
         inbox: asyncio.Queue = asyncio.Queue()
         seqs: list[Sequence] = []
         try:
@@ -261,9 +273,8 @@ class Service:
                     params = job.params
                     if params.seed is not None and job.n > 1:  # n samples, each reproducible and different
                         params = replace(params, seed=_nth_seed(params.seed, j))
-                    seqs.append(
-                        Sequence(ids, job.mix, params, job.tokenizer, job.stops, _sink(loop, inbox, index), deadline)
-                    )
+                    sink = _sink(deliveries, inbox, index)
+                    seqs.append(Sequence(ids, job.mix, params, job.tokenizer, job.stops, sink, deadline))
             try:
                 for seq in seqs:
                     self.engine.submit(seq)
@@ -301,8 +312,5 @@ def _nth_seed(seed: int, j: int) -> int:
     return seed + j if seed + j < SEED_RANGE[1] else seed + j - 2**64
 
 
-def _sink(loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue, index: int):
-    def put(event: Event) -> None:
-        loop.call_soon_threadsafe(inbox.put_nowait, (index, event))
-
-    return put
+def _sink(deliveries: Deliveries, inbox: asyncio.Queue, index: int):
+    return deliveries.sink(lambda event: inbox.put_nowait((index, event)))
