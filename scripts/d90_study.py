@@ -1,15 +1,17 @@
-"""d90 on the sentence-pair task by the intrinsic-dimension paper's definition (docs/experiments.md, "A
-sentence-pair classifier for d90"): the smallest d whose intrinsic run reaches 90% of full fine-tuning's accuracy,
-each d at the learning rate that did best on seed 0, then three seeds. `scripts/experiments.sh d90pairs` runs it:
+"""d90 by the intrinsic-dimension paper's definition (docs/experiments.md, "A sentence-pair classifier: d90 by the
+paper's definition"): the smallest d whose intrinsic run reaches 90% of full fine-tuning's score — a classifier's
+accuracy, a language model's exact match — each d at the learning rate that did best on seed 0, then three seeds.
+`scripts/experiments.sh d90pairs` (and `d90demo`, the demo task) runs it:
 
     python scripts/d90_study.py choose docs/experiments/pairs/d90-lr/runs   # "dim lr" per d: seed 0's best rate
     python scripts/d90_study.py report docs/experiments/pairs               # tables, d90.csv, docs/images plot
 
 Both read only the runs' records (config.yaml, summary.json, metrics.jsonl; scripts/experiment_records.py), so
-the report can be checked from the repository alone. Accuracy is read two ways, as the reference's: at the end
-of training, and the best of the evaluations every run makes (full fine-tuning overfits this set, so its best
-comes early). The crossing is interpolated linearly in log d between the grid's two points around it; a d90 the
-grid does not reach is reported as "> max d", one its smallest d already reaches as "≤ min d".
+the report can be checked from the repository alone. The score is read two ways, as the reference's: at the end
+of training, and the best of the evaluations every run makes (full fine-tuning overfits the sentence-pair set, so
+its best comes early; a run that evaluates only at its end has one reading). The crossing is interpolated
+linearly in log d between the grid's two points around it; a d90 the grid does not reach is reported as
+"> max d", one its smallest d already reaches as "≤ min d".
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+METRICS = ("eval_accuracy", "eval_exact_match")  # a classifier's accuracy, a language model's exact match
 FIELDS = ["dim", "lr", "seed", "accuracy_end", "accuracy_best", "best_step", "eval_loss", "train_seconds"]
 
 
@@ -32,14 +35,15 @@ def read_run(run: Path) -> dict:
     """One finished run's settings and accuracies from its record."""
     config = yaml.safe_load((run / "config.yaml").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval_accuracy"' in line]
-    best = max((e for e in evals if e["step"] > 0), key=lambda e: e["eval_accuracy"])
+    metric = next(name for name in METRICS if summary["eval"].get(name) is not None)
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if f'"{metric}"' in line]
+    best = max((e for e in evals if e["step"] > 0), key=lambda e: e[metric], default={"step": summary["steps"]})
     return {
         "dim": (config.get("intrinsic") or {}).get("dim") if config["train"]["method"] == "intrinsic" else None,
         "lr": config["train"]["lr"],
         "seed": config["train"]["seed"],
-        "accuracy_end": summary["eval"]["eval_accuracy"],
-        "accuracy_best": best["eval_accuracy"],
+        "accuracy_end": summary["eval"][metric],
+        "accuracy_best": best.get(metric, summary["eval"][metric]),
         "best_step": best["step"],
         "eval_loss": summary["eval"]["eval_loss"],
         "train_seconds": summary["train_seconds"],
@@ -77,9 +81,11 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.fmean(values):.1f} ± {100 * spread:.1f}%"
 
 
-def report(pairs: Path, csv_path: Path, plot: Path) -> int:
-    full = read_runs(pairs / "full/runs")
-    lora = read_runs(pairs / "lora/runs")
+def report(
+    pairs: Path, csv_path: Path, plot: Path, reference_lr: float | None, lora_lr: float | None, title: str
+) -> int:
+    full = [r for r in read_runs(pairs / "full/runs") if reference_lr is None or r["lr"] == reference_lr]
+    lora = [r for r in read_runs(pairs / "lora/runs") if lora_lr is None or r["lr"] == lora_lr]
     grid = read_runs(pairs / "d90-lr/runs")
     if not full or not grid:
         sys.exit(f"d90_study: no full fine-tuning records under {pairs / 'full/runs'} or no grid under {pairs}")
@@ -127,12 +133,12 @@ def report(pairs: Path, csv_path: Path, plot: Path) -> int:
             f"\nd90 {name}: full fine-tuning {100 * reference:.1f}% ({len(full)} seeds), 90% of it "
             f"{90 * reference:.1f}% → d90 {crossing(dims, means, 0.9 * reference)}"
         )
-    draw(readings, lora, rows, plot)
+    draw(readings, lora, rows, plot, title)
     print(f"\nwrote {csv_path} and {plot}")
     return 0
 
 
-def draw(readings: dict, lora: list[dict], rows: list[dict], path: Path) -> None:
+def draw(readings: dict, lora: list[dict], rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,16 +162,16 @@ def draw(readings: dict, lora: list[dict], rows: list[dict], path: Path) -> None
                 100 * statistics.fmean(r[reading] for r in lora),
                 color="tab:green",
                 linestyle=":",
-                label="LoRA r=8 (74,498 params)",
+                label="LoRA r=8",
             )
         ax.set_xscale("log")
         ax.set_xticks(dims, [f"{dim:,}" for dim in dims])
         ax.minorticks_off()
-        ax.set_xlabel("d (θ and SAID's 104 λ; the head's 770 train apart)")
-        ax.set_title("accuracy at the end" if reading == "accuracy_end" else "best evaluation (steps 100/200/300)")
-    axes[0].set_ylabel("held-out accuracy (%)")
+        ax.set_xlabel("d (θ and SAID's λ, one per target tensor)")
+        ax.set_title("at the end of training" if reading == "accuracy_end" else "at the best evaluation")
+    axes[0].set_ylabel("held-out accuracy or exact match (%)")
     axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle("d90 on the sentence-pair task (MiniLM, 22.7M parameters projected)")
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -177,15 +183,18 @@ def main() -> int:
     choose = commands.add_parser("choose", help='print "dim lr" for each d of the grid: seed 0\'s best rate')
     choose.add_argument("records", type=Path, help="the learning-rate grid's run records")
     done = commands.add_parser("report", help="the tables, the rows (CSV) and the plot")
-    done.add_argument("pairs", type=Path, help="docs/experiments/pairs (full/, lora/, d90-lr/, d90/)")
+    done.add_argument("pairs", type=Path, help="a task's records: docs/experiments/pairs (full/, lora/, d90-lr/, d90/)")
     done.add_argument("--csv", type=Path, default=ROOT / "docs/experiments/pairs/d90.csv")
     done.add_argument("--plot", type=Path, default=ROOT / "docs/images/d90_pairs.png")
+    done.add_argument("--reference-lr", type=float, help="only the full fine-tuning runs at this rate (default: all)")
+    done.add_argument("--lora-lr", type=float, help="only the LoRA runs at this rate (default: all)")
+    done.add_argument("--title", default="d90 on the sentence-pair task (MiniLM, 22.7M parameters projected)")
     args = parser.parse_args()
     if args.command == "choose":
         for dim, lr in chosen_rates(read_runs(args.records)).items():
             print(dim, lr)
         return 0
-    return report(args.pairs, args.csv, args.plot)
+    return report(args.pairs, args.csv, args.plot, args.reference_lr, args.lora_lr, args.title)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 #   scripts/experiments.sh subspace           # §7.2/§7.3 from table6's adapters: ~5 minutes
 #   scripts/experiments.sh numbers mix        # two task adapters mixed (after full): ~19 minutes
 #   scripts/experiments.sh pairs              # the sentence-pair task's full and LoRA references: ~8 minutes
-#   scripts/experiments.sh d90pairs           # d90 on the sentence-pair task (after pairs): ~70 minutes
+#   scripts/experiments.sh d90pairs           # d90 on the sentence-pair task (after pairs): ~50 minutes
+#   scripts/experiments.sh d90demo            # d90 on the demo task (after full): ~1 hour 40 minutes
 #   scripts/experiments.sh all
 #   scripts/experiments.sh keep table5        # keep the finished runs' records of a sweep stopped half-way
 #
@@ -94,9 +95,22 @@ d90pairs() {  # d90 by the paper's definition on the sentence-pair task: a learn
     "$PYTHON" scripts/d90_study.py report docs/experiments/pairs
 }
 
+D90_DEMO_DIMS=1000,3000,10000,30000,100000
+d90demo() {  # the same on the demo task, every one of smollm2-135m's weights projected (after full: the reference)
+    local intrinsic=(--set train.method=intrinsic --set train.exact_match=true)
+    SEEDS=1 sweep demo/d90-lr "$DEMO" "${intrinsic[@]}" --grid intrinsic.dim=$D90_DEMO_DIMS --grid train.lr=0.1,0.3,1
+    "$PYTHON" scripts/d90_study.py choose docs/experiments/demo/d90-lr/runs | while read -r dim lr; do
+        SEEDS=1 sweep "demo/d90/dim=$dim" "$DEMO" "${intrinsic[@]}" --set "intrinsic.dim=$dim" --set "train.lr=$lr" \
+            --grid train.seed=1,2
+    done
+    "$PYTHON" scripts/d90_study.py report docs/experiments/demo --reference-lr 1e-4 --lora-lr 2e-3 \
+        --csv docs/experiments/demo/d90.csv --plot docs/images/d90_demo.png \
+        --title "d90 on the demo task (smollm2-135m, 134.5M parameters projected)"
+}
+
 sections=("$@")
 [[ ${#sections[@]} -eq 0 ]] && { sed -n '2,15p' "$0"; exit 2; }
-[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace full numbers mix pairs d90pairs)
+[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace full numbers mix pairs d90pairs d90demo)
 if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps, as far as they got
     for section in "${sections[@]:1}"; do
         case $section in
@@ -104,7 +118,9 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
             full) keep demo/full && keep demo/lora ;;
             numbers) keep mix/numbers ;;
             pairs) keep pairs/full && keep pairs/lora ;;
-            d90pairs) keep pairs/d90-lr && for run in "$OUT"/pairs/d90/*/; do keep "pairs/d90/$(basename "$run")"; done ;;
+            d90pairs | d90demo)
+                task=$([[ $section == d90pairs ]] && echo pairs || echo demo)
+                keep "$task/d90-lr" && for run in "$OUT/$task"/d90/*/; do keep "$task/d90/$(basename "$run")"; done ;;
             encoder) for name in lora full bitfit head; do keep "encoder/$name"; done ;;
             *) echo "scripts/experiments.sh: no section '$section'" >&2; exit 2 ;;
         esac
@@ -113,7 +129,7 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
 fi
 for section in "${sections[@]}"; do
     case $section in
-        table5 | table6 | subspace | full | numbers | mix | encoder | pairs | d90pairs) "$section" ;;
-        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace full numbers mix encoder pairs d90pairs all)" >&2; exit 2 ;;
+        table5 | table6 | subspace | full | numbers | mix | encoder | pairs | d90pairs | d90demo) "$section" ;;
+        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace full numbers mix encoder pairs d90pairs d90demo all)" >&2; exit 2 ;;
     esac
 done
