@@ -7,8 +7,8 @@
 #   scripts/experiments.sh subspace           # §7.2/§7.3 from table6's adapters: ~5 minutes
 #   scripts/experiments.sh numbers mix        # two task adapters mixed (after full): ~19 minutes
 #   scripts/experiments.sh pairs              # the sentence-pair task's full and LoRA references: ~8 minutes
-#   scripts/experiments.sh d90pairs           # d90 on the sentence-pair task (after pairs): ~50 minutes
-#   scripts/experiments.sh d90demo            # d90 on the demo task (after full): ~1 hour 40 minutes
+#   scripts/experiments.sh d90pairs           # d90 on the sentence-pair task (after pairs): ~1 hour
+#   scripts/experiments.sh d90demo            # d90 on the demo task (after full): ~2 hours
 #   scripts/experiments.sh all
 #   scripts/experiments.sh keep table5        # keep the finished runs' records of a sweep stopped half-way
 #
@@ -95,7 +95,7 @@ d90pairs() {  # d90 by the paper's definition on the sentence-pair task: a learn
     "$PYTHON" scripts/d90_study.py report docs/experiments/pairs
 }
 
-D90_DEMO_DIMS=1000,3000,10000,30000,100000
+D90_DEMO_DIMS=1000,2000,3000,5000,10000,30000,100000
 d90demo() {  # the same on the demo task, every one of smollm2-135m's weights projected (after full: the reference)
     local intrinsic=(--set train.method=intrinsic --set train.exact_match=true)
     SEEDS=1 sweep demo/d90-lr "$DEMO" "${intrinsic[@]}" --grid intrinsic.dim=$D90_DEMO_DIMS --grid train.lr=0.1,0.3,1
@@ -120,7 +120,8 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
             pairs) keep pairs/full && keep pairs/lora ;;
             d90pairs | d90demo)
                 task=$([[ $section == d90pairs ]] && echo pairs || echo demo)
-                keep "$task/d90-lr" && for run in "$OUT/$task"/d90/*/; do keep "$task/d90/$(basename "$run")"; done ;;
+                keep "$task/d90-lr"
+                for run in "$OUT/$task"/d90/*/; do [[ -d $run ]] && keep "$task/d90/$(basename "$run")"; done ;;
             encoder) for name in lora full bitfit head; do keep "encoder/$name"; done ;;
             *) echo "scripts/experiments.sh: no section '$section'" >&2; exit 2 ;;
         esac
