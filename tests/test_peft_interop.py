@@ -111,8 +111,8 @@ CASES = [
         llama,
         dict(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["model.norm"]),
     ),
-    # PEFT matches modules_to_save by plain string suffix (``key.endswith(name)``): "norm" also selects
-    # every input_layernorm and post_attention_layernorm.
+    # PEFT before 0.22 matched modules_to_save by plain string suffix ("norm" also selected every
+    # input_layernorm); 0.22 by module name, as loratune does (files of older PEFTs load as they were written).
     Case(
         "modules_to_save_norm_suffix",
         llama,
@@ -572,3 +572,34 @@ def test_failed_load_of_an_unconverted_pissa_adapter_restores_the_original_base(
 
     assert_model_has_no_adapter(model)
     assert_same_logits(logits(model, input_ids), before)
+
+
+@pytest.mark.parametrize(
+    "peft_version, saved",
+    [
+        (None, {"model.norm"}),
+        ("0.22.0", {"model.norm"}),
+        (
+            "0.21.2",
+            {
+                "model.norm",
+                *(f"model.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")),
+            },
+        ),
+    ],
+)
+def test_modules_to_save_names_modules_as_the_peft_that_wrote_the_adapter(peft_version, saved):
+    """PEFT 0.22 matches modules_to_save by module name ("norm": model.norm); before, by a plain string suffix
+    ("norm" also selected every input_layernorm): an adapter those versions wrote (its peft_version) carries
+    those modules' tensors, and loads as written."""
+    from loratune.adapters.config import LoraConfig
+    from loratune.adapters.modules_to_save import ModulesToSaveWrapper
+    from loratune.adapters.surgery import inject_adapter
+
+    data = {"r": 4, "lora_alpha": 8, "target_modules": ["v_proj"], "modules_to_save": ["norm"]}
+    config = LoraConfig.from_peft_dict({**data, **({"peft_version": peft_version} if peft_version else {})})
+    model = llama()
+    inject_adapter(model, config, "a")
+    wrapped = {path for path, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)}
+    assert wrapped == saved
+    assert "modules_to_save_plain_suffix" not in config.to_peft_dict()  # never written out

@@ -76,6 +76,9 @@ class LoraConfig(BaseModel):
     fan_in_fan_out: bool = False  # accepted for PEFT compatibility; Conv1D layers are detected by type
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    # how modules_to_save names modules: by a plain string suffix in adapters PEFT before 0.22 wrote (read from
+    # their peft_version); never written out
+    modules_to_save_plain_suffix: bool = Field(False, exclude=True)
 
     def __init__(self, **data: Any):
         check_known_keys(data, type(self).model_fields, "LoraConfig.")
@@ -165,7 +168,8 @@ class LoraConfig(BaseModel):
         for key, default in _UNSUPPORTED_PEFT_FEATURES.items():
             if data.get(key, default) not in (default, [], {}):
                 raise AdapterLoadError(f"{source}: uses {key}={data[key]!r}, a LoRA variant loratune does not support")
-        known = {k: v for k, v in data.items() if k in cls.model_fields}
+        known = {k: v for k, v in data.items() if k in cls.model_fields and k != "modules_to_save_plain_suffix"}
+        known["modules_to_save_plain_suffix"] = _written_before(data.get("peft_version"), (0, 22))
         if known.get("target_modules") is None and known.get("target_parameters"):
             known["target_modules"] = []  # PEFT: parameters only
         init = known.get("init_lora_weights", True)
@@ -183,6 +187,16 @@ class LoraConfig(BaseModel):
             return cls(**known)
         except ConfigError as exc:
             raise AdapterLoadError(f"{source}: {exc}") from None
+
+
+def _written_before(version: object, release: tuple[int, int]) -> bool:
+    """Whether a recorded PEFT version (``"0.21.2"``, ``"0.17.1.dev0"``; None when not recorded) is older than
+    ``release`` (major, minor)."""
+    parts = str(version).split(".")[:2] if version else []
+    try:
+        return tuple(int(p) for p in parts) < release if len(parts) == 2 else False
+    except ValueError:
+        return False
 
 
 def _json_list(value):

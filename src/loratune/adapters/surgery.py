@@ -102,7 +102,7 @@ def inject_adapter(
         )
     saved_paths = []
     for path, module in list(candidate_modules(model)) if config.modules_to_save else []:
-        if is_module_to_save(path, config.modules_to_save):
+        if is_module_to_save(path, config.modules_to_save, config.modules_to_save_plain_suffix):
             wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
             if wrapper is not module:
                 model.set_submodule(path, wrapper)

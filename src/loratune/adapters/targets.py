@@ -72,10 +72,15 @@ def module_name_matches(names: str | list[str], path: str) -> bool:
     return path in names or any(path.endswith("." + name) for name in names)
 
 
-def is_module_to_save(path: str, modules_to_save: list[str] | None) -> bool:
-    """Whether ``path`` is one of ``modules_to_save``. PEFT matches a plain string suffix, so ``"norm"``
-    also selects ``input_layernorm``; we match the same way so that adapters load in both directions."""
-    return bool(modules_to_save) and any(path.endswith(name) for name in modules_to_save)
+def is_module_to_save(path: str, modules_to_save: list[str] | None, plain_suffix: bool = False) -> bool:
+    """Whether ``path`` is one of ``modules_to_save``: a module of that name (the whole path or its dotted
+    suffix), as PEFT matches since 0.22. ``plain_suffix``: a plain string suffix, as PEFT matched before (so
+    ``"norm"`` also selected ``input_layernorm``), for adapters those versions wrote."""
+    if not modules_to_save:
+        return False
+    if plain_suffix:
+        return any(path.endswith(name) for name in modules_to_save)
+    return module_name_matches(list(modules_to_save), path)
 
 
 def _inside_module_to_save(path: str, modules_to_save: list[str] | None) -> bool:
