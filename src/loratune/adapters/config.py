@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from loratune.errors import AdapterLoadError, ConfigError
 from loratune.layers import INIT_CHOICES, is_residual_start, is_valid_init
@@ -77,8 +77,13 @@ class LoraConfig(BaseModel):
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     # how modules_to_save names modules: by a plain string suffix in adapters PEFT before 0.22 wrote (read from
-    # their peft_version); never written out
-    modules_to_save_plain_suffix: bool = Field(False, exclude=True)
+    # their peft_version); not a setting, never written out
+    _plain_suffix: bool = PrivateAttr(False)
+
+    @property
+    def modules_to_save_plain_suffix(self) -> bool:
+        """Whether ``modules_to_save`` matches a plain string suffix (an adapter PEFT before 0.22 wrote)."""
+        return self._plain_suffix
 
     def __init__(self, **data: Any):
         check_known_keys(data, type(self).model_fields, "LoraConfig.")
@@ -168,8 +173,7 @@ class LoraConfig(BaseModel):
         for key, default in _UNSUPPORTED_PEFT_FEATURES.items():
             if data.get(key, default) not in (default, [], {}):
                 raise AdapterLoadError(f"{source}: uses {key}={data[key]!r}, a LoRA variant loratune does not support")
-        known = {k: v for k, v in data.items() if k in cls.model_fields and k != "modules_to_save_plain_suffix"}
-        known["modules_to_save_plain_suffix"] = _written_before(data.get("peft_version"), (0, 22))
+        known = {k: v for k, v in data.items() if k in cls.model_fields}
         if known.get("target_modules") is None and known.get("target_parameters"):
             known["target_modules"] = []  # PEFT: parameters only
         init = known.get("init_lora_weights", True)
@@ -184,9 +188,11 @@ class LoraConfig(BaseModel):
             if known.get(key) is None:
                 known[key] = {}
         try:
-            return cls(**known)
+            config = cls(**known)
         except ConfigError as exc:
             raise AdapterLoadError(f"{source}: {exc}") from None
+        config._plain_suffix = _written_before(data.get("peft_version"), (0, 22))
+        return config
 
 
 def _written_before(version: object, release: tuple[int, int]) -> bool:
