@@ -3,6 +3,7 @@ eval and predict, and interop with real PEFT on tiny random BERT and RoBERTa mod
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -465,8 +466,11 @@ def test_data_preview_and_a_sweep_work_for_a_classifier(workspace, capsys):
     assert "4 labels (alarm, flight, music, weather)" in out and "[CLS]" in out
     status, out, err = cli(capsys, "sweep", config, "--grid", "lora.r=2,4", "--out", workspace / "sweep")
     assert status == 0, err
-    header = (workspace / "sweep" / "results.csv").read_text().splitlines()[0].split(",")
-    assert {"eval_accuracy", "eval_macro_f1", "eval_mcc"} <= set(header)
+    with open(workspace / "sweep" / "results.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert {"eval_accuracy", "eval_macro_f1", "eval_mcc"} <= set(table[0])
+    # the targets the runs trained (the encoder's query and value), not the config's unset default
+    assert [(row["r"], row["target_modules"]) for row in table] == [("2", "[query, value]"), ("4", "[query, value]")]
     assert "eval_accuracy" in (workspace / "sweep" / "results.md").read_text()
 
 

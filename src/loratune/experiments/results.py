@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from loratune.analysis.plots import save_figure
 from loratune.experiments.grid import PlannedRun, run_name
 from loratune.outputs import write_text_atomic
-from loratune.train.run_dir import SUMMARY_FILE
+from loratune.train.run_dir import CONFIG_FILE, SUMMARY_FILE
 
 COLUMNS = (
     "method",
@@ -46,13 +48,13 @@ def run_row(run: PlannedRun) -> dict[str, Any] | None:
     summary = json.loads(summary_file.read_text())
     evaluation = summary.get("eval") or {}
     lora_run = summary.get("method", "lora") == "lora"  # r and target_modules describe a LoRA run only
-    lora = run.config.lora
+    lora = _trained_lora(run)
     row = {"run": run.name, **{key: _cell(value) for key, value in run.settings.items()}}
     row.update(
         {
             "method": summary.get("method", "lora"),
-            "r": lora.r if lora_run else None,
-            "target_modules": _cell(lora.target_modules) if lora_run else None,
+            "r": lora.get("r") if lora_run else None,
+            "target_modules": _cell(lora.get("target_modules")) if lora_run else None,
             "trainable_params": summary.get("trainable_params"),
             "adapter_mb": round(summary["adapter_bytes"] / 2**20, 3) if summary.get("adapter_bytes") else None,
             "train_seconds": summary.get("train_seconds"),
@@ -68,6 +70,17 @@ def run_row(run: PlannedRun) -> dict[str, Any] | None:
         }
     )
     return row
+
+
+def _trained_lora(run: PlannedRun) -> dict[str, Any]:
+    """The LoRA settings the run trained with, as its own ``config.yaml`` records them (a task may fill in what
+    the sweep's config left unset: a classifier's query and value projections), else the sweep's."""
+    written = Path(run.config.output_dir) / CONFIG_FILE
+    if written.is_file():
+        lora = (yaml.safe_load(written.read_text()) or {}).get("lora")
+        if isinstance(lora, dict):
+            return lora
+    return run.config.lora.model_dump()
 
 
 def _cell(value: Any) -> Any:
