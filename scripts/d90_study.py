@@ -165,7 +165,7 @@ def draw(readings: dict, lora: list[dict], rows: list[dict], path: Path, title: 
                 label="LoRA r=8",
             )
         ax.set_xscale("log")
-        ax.set_xticks(dims, [f"{dim:,}" for dim in dims])
+        ax.set_xticks(dims, [f"{dim:,}" for dim in dims], rotation=45, ha="right")
         ax.minorticks_off()
         ax.set_xlabel("d (θ and SAID's λ, one per target tensor)")
         ax.set_title("at the end of training" if reading == "accuracy_end" else "at the best evaluation")
