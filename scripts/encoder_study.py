@@ -1,6 +1,7 @@
 """The encoder table (docs/experiments.md, "An encoder: LoRA, full fine-tuning, BitFit and the head alone") with a
 learning rate per method, as the LoRA and BitFit papers tune theirs: each method's small grid on seed 0, the rate
-that did best on the eval split, then seeds 1 and 2 at it. `scripts/experiments.sh encoder` runs it:
+that did best on the eval split, then seeds 1 and 2 at it (METHOD/lr=RATE). `scripts/experiments.sh encoder` runs
+it:
 
     python scripts/encoder_study.py choose docs/experiments/encoder/lora-lr/runs   # the rate seed 0 did best with
     python scripts/encoder_study.py report docs/experiments/encoder                # the tables and encoder.csv
@@ -84,14 +85,15 @@ def report(encoder: Path, csv_path: Path) -> int:
     for method, grid in grids.items():
         chosen[method] = chosen_rate(grid)
         cells = ", ".join(
-            f"{r['lr']:g}: {100 * r['accuracy']:.1f}% / {r['eval_loss']:.3f}" for r in sorted(grid, key=lambda r: r["lr"])
+            f"{r['lr']:g}: {100 * r['accuracy']:.1f}% / {r['eval_loss']:.3f}"
+            for r in sorted(grid, key=lambda r: r["lr"])
         )
         print(f"| {METHODS[method]} | {cells} | {chosen[method]:g} |")
 
     rows = []
     for method, grid in grids.items():
         rows += [r for r in grid if r["lr"] == chosen[method]]
-        rows += [r for r in read_runs(encoder / f"{method}/runs", method) if r["lr"] == chosen[method]]
+        rows += read_runs(encoder / method / f"lr={chosen[method]}" / "runs", method)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, FIELDS)
@@ -119,7 +121,7 @@ def main() -> int:
     choose = commands.add_parser("choose", help="print the rate the grid's seed-0 run did best with")
     choose.add_argument("records", type=Path, help="one method's learning-rate grid records")
     done = commands.add_parser("report", help="the tables and the rows (CSV)")
-    done.add_argument("encoder", type=Path, help="docs/experiments/encoder (METHOD-lr/ and METHOD/ for each method)")
+    done.add_argument("encoder", type=Path, help="docs/experiments/encoder (METHOD-lr/ and METHOD/lr=RATE/ each)")
     done.add_argument("--csv", type=Path, default=ROOT / "docs/experiments/encoder.csv")
     args = parser.parse_args()
     if args.command == "choose":

@@ -2,7 +2,7 @@
 # Reruns the experiments of docs/experiments.md, each a resumable `loratune sweep` (run the same command again to
 # continue after a stop), three seeds each, and copies each sweep's results.csv under docs/experiments/.
 #
-#   scripts/experiments.sh encoder            # the encoder table, a rate per method: ~20 minutes on a 2-core CPU
+#   scripts/experiments.sh encoder            # the encoder table, a rate per method: ~11 minutes on a 2-core CPU
 #   scripts/experiments.sh table5 table6 full # the demo-task tables: hours on a 2-core CPU (full: 39 minutes)
 #   scripts/experiments.sh subspace           # §7.2/§7.3 from table6's adapters: ~5 minutes
 #   scripts/experiments.sh numbers mix        # two task adapters mixed (after full): ~19 minutes
@@ -71,7 +71,8 @@ mix() {  # the demo's date adapters and the numbers adapters, alone and mixed, o
 }
 
 # each method's learning-rate grid for the encoder table (seed 0), the best rate then taking seeds 1 and 2
-ENCODER_RATES=(full:3e-5,1e-4,3e-4 bitfit:1.5e-3,5e-3,1.5e-2 lora:1e-3,3e-3,1e-2 head:5e-3,1.5e-2,5e-2)
+ENCODER_RATES=(full:3e-5,1e-4,3e-4,1e-3 bitfit:1.5e-3,5e-3,1.5e-2,5e-2 lora:1e-3,3e-3,1e-2,3e-2
+    head:5e-3,1.5e-2,5e-2,1.5e-1)
 encoder() {  # LoRA, full, BitFit and the head alone on the classification demo (Table 2's question on an encoder)
     local entry name lr method
     for entry in "${ENCODER_RATES[@]}"; do
@@ -85,8 +86,8 @@ encoder() {  # LoRA, full, BitFit and the head alone on the classification demo 
         SEEDS=1 sweep "encoder/$name-lr" "$CLASSIFY" "${method[@]}" --set train.save_every=1000 \
             --grid "train.lr=${entry#*:}"
         lr=$("$PYTHON" scripts/encoder_study.py choose "docs/experiments/encoder/$name-lr/runs")
-        SEEDS=1 sweep "encoder/$name" "$CLASSIFY" "${method[@]}" --set train.save_every=1000 --set "train.lr=$lr" \
-            --grid train.seed=1,2
+        SEEDS=1 sweep "encoder/$name/lr=$lr" "$CLASSIFY" "${method[@]}" --set train.save_every=1000 \
+            --set "train.lr=$lr" --grid train.seed=1,2
     done
     "$PYTHON" scripts/encoder_study.py report docs/experiments/encoder
 }
@@ -135,7 +136,11 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
                 task=$([[ $section == d90pairs ]] && echo pairs || echo demo)
                 keep "$task/d90-lr"
                 for run in "$OUT/$task"/d90/*/; do [[ -d $run ]] && keep "$task/d90/$(basename "$run")"; done ;;
-            encoder) for name in full bitfit lora head; do keep "encoder/$name-lr" && keep "encoder/$name"; done ;;
+            encoder)
+                for name in full bitfit lora head; do
+                    keep "encoder/$name-lr"
+                    for run in "$OUT/encoder/$name"/lr=*/; do [[ -d $run ]] && keep "encoder/$name/$(basename "$run")"; done
+                done ;;
             *) echo "scripts/experiments.sh: no section '$section'" >&2; exit 2 ;;
         esac
     done

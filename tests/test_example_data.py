@@ -50,23 +50,52 @@ def test_the_numbers_set_answers_in_digits_with_numbers_training_never_saw():
     assert not {answer for _, answer in held_out} & {answer for _, answer in train}
 
 
-def test_the_d90_table_is_what_the_kept_run_records_give(tmp_path):
-    """docs/experiments/pairs/d90.csv (the sentence-pair d90 table's rows) is recomputed from the runs' kept records,
-    and the report reads d90 from them as docs/experiments.md states it."""
+D90_TASKS = {  # task: (the report's extra arguments, the d90 readings docs/experiments.md states)
+    "pairs": ([], ["→ d90 150 (interpolated 146)", "→ d90 300 (interpolated 264)"]),
+    "demo": (["--reference-lr", "1e-4", "--lora-lr", "2e-3"], ["→ d90 5,000 (interpolated 4,222)"]),
+}
+
+
+@pytest.mark.parametrize("task", D90_TASKS)
+def test_the_d90_table_is_what_the_kept_run_records_give(task, tmp_path):
+    """docs/experiments/TASK/d90.csv (a d90 table's rows) is recomputed from the runs' kept records, and the report
+    reads d90 from them as docs/experiments.md states it."""
+    extra, readings = D90_TASKS[task]
     done = subprocess.run(
         [
             sys.executable,
             str(ROOT / "scripts/d90_study.py"),
             "report",
-            str(ROOT / "docs/experiments/pairs"),
+            str(ROOT / "docs/experiments" / task),
             "--csv",
             str(tmp_path / "d90.csv"),
             "--plot",
             str(tmp_path / "d90.png"),
+            *extra,
         ],
         check=True,
         capture_output=True,
         text=True,
     )
-    assert (tmp_path / "d90.csv").read_bytes() == (ROOT / "docs/experiments/pairs/d90.csv").read_bytes()
-    assert "→ d90 150 (interpolated 146)" in done.stdout and "→ d90 300 (interpolated 264)" in done.stdout
+    assert (tmp_path / "d90.csv").read_bytes() == (ROOT / "docs/experiments" / task / "d90.csv").read_bytes()
+    assert all(reading in done.stdout for reading in readings), done.stdout
+
+
+def test_the_encoder_table_is_what_the_kept_run_records_give(tmp_path):
+    """docs/experiments/encoder.csv (the encoder table's rows, each method at its chosen rate) is recomputed from
+    the runs' kept records, with the rates docs/experiments.md states."""
+    script, records = ROOT / "scripts/encoder_study.py", ROOT / "docs/experiments/encoder"
+    done = subprocess.run(
+        [sys.executable, str(script), "report", str(records), "--csv", str(tmp_path / "encoder.csv")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert (tmp_path / "encoder.csv").read_bytes() == (ROOT / "docs/experiments/encoder.csv").read_bytes()
+    for row in (
+        "| full fine-tuning | 0.0003 | 3 | 22,716,296 | 99.3 ± 1.2 |",
+        "| BitFit (biases + head) | 0.015 | 3 | 29,192 | 100.0 ± 0.0 |",
+        "| LoRA r=8, W_q W_v (+ head) | 0.01 | 3 | 76,808 | 98.8 ± 2.0 |",
+        "| head only | 0.05 | 3 | 3,080 | 99.6 ± 0.5 |",
+    ):
+        assert row in done.stdout, done.stdout
