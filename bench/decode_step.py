@@ -8,10 +8,14 @@
    step with the kernels and each block as kernel calls (`inference.block_step`), with the kernels inside
    transformers' modules (`LORATUNE_BLOCK_STEP=0`: `inference.lean`, the LoRA layers' one-call output) and
    without kernels (`LORATUNE_NO_KERNEL=1`: PyTorch's operations), each in its own process.
+3. The prefill: the engine's time to the first token for one long prompt (`--prompt-tokens`) and for 16 prompts
+   of 64 tokens arriving at once (`--dtype`), by default and batch-invariant (`serve --batch-invariant`), each
+   in its own process.
 
-    python bench/decode_step.py                  # both (the engine's part: about a minute on 2 cores)
+    python bench/decode_step.py                  # all three (the engine's parts: about two minutes on 2 cores)
     python bench/decode_step.py --only products
     python bench/decode_step.py --only products --rows 42 --offset-bytes 40   # weights as a mapped file puts them
+    python bench/decode_step.py --only prefill --dtype bf16                    # time to the first token
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def products(rows_list: list[int], repeats: int, offset_bytes: int = 0) -> None:
         weights = placed(weights, offset_bytes)
         size = sum(w.numel() * w.element_size() for w in weights)
         for n in rows_list:
-            if not rows.takes(n, dtype):
+            if not rows.takes(n, dtype) and dtype != torch.bfloat16:  # (bf16: any rows, in spans)
                 continue
             inputs = {i: torch.randn(n, i).to(dtype) for i in (576, 1536)}
 
@@ -115,6 +119,50 @@ def engine_child(adapter: str, tokens: int, repeats: int, sequences: int, dtype:
     print(f"RESULT {min(medians) * 1e3:.2f} {statistics.median(medians) * 1e3:.2f}")
 
 
+def prefill_child(dtype: str, prompt_tokens: int, repeats: int, batch_invariant: bool) -> None:
+    import loratune
+    from loratune.inference.engine import Engine
+    from loratune.inference.sequence import SamplingParams, Sequence
+
+    model, tokenizer = loratune.load_model("smollm2-135m", dtype=dtype, device="cpu")
+    engine = Engine(model, batch_invariant=batch_invariant)
+
+    def first_token_seconds(prompts: list[list[int]]) -> float:
+        seqs = [Sequence(p, {}, SamplingParams(max_tokens=1), tokenizer, frozenset(), lambda e: None) for p in prompts]
+        start = time.perf_counter()
+        engine.run(seqs)
+        return time.perf_counter() - start
+
+    def prompt(n: int, shift: int) -> list[int]:  # ordinary tokens of the vocabulary, n of them
+        return [1000 + (7 * i + 131 * shift) % 20000 for i in range(n)]
+
+    cases = {f"one prompt of {prompt_tokens} tokens": [prompt(prompt_tokens, 0)]}
+    cases["16 prompts of 64 tokens at once"] = [prompt(64, k) for k in range(16)]
+    for label, prompts in cases.items():
+        first_token_seconds(prompts)
+        samples = sorted(first_token_seconds(prompts) for _ in range(repeats))
+        print(f"RESULT {label}: {statistics.median(samples) * 1e3:.0f}")
+
+
+def prefill(dtype: str, prompt_tokens: int, repeats: int) -> None:
+    results: dict[str, list[str]] = {}
+    for extra in ([], ["--batch-invariant"]):
+        command = [sys.executable, __file__, "--child", "prefill", "--dtype", dtype]
+        command += ["--prompt-tokens", str(prompt_tokens), "--repeats", str(repeats), *extra]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [x.removeprefix("RESULT ") for x in done.stdout.splitlines() if x.startswith("RESULT")]
+        if not lines:
+            raise SystemExit(f"prefill: the child failed:\n{done.stderr[-2000:]}")
+        for line in lines:
+            label, median = line.split(": ")
+            results.setdefault(label, []).append(median)
+    print(f"\nsmollm2-135m {dtype}, the engine's prefill and first token (no adapter), median of {repeats}:")
+    print("| prompts | default (ms) | batch-invariant (ms) | batch-invariant / default |")
+    print("|---|---|---|---|")
+    for label, (default, invariant) in results.items():
+        print(f"| {label} | {default} | {invariant} | {int(invariant) / int(default):.2f}× |")
+
+
 def engine(tokens: int, repeats: int, sequences: int, dtype: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from common import random_adapter
@@ -151,7 +199,7 @@ def engine(tokens: int, repeats: int, sequences: int, dtype: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["products", "engine"])
+    parser.add_argument("--only", choices=["products", "engine", "prefill"])
     parser.add_argument("--rows", default="1,2,4,8,16,32,64", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
@@ -164,8 +212,13 @@ def main() -> None:
         "place from its file is where the file puts it)",
     )
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the engine's model dtype")
+    parser.add_argument("--prompt-tokens", type=int, default=1000, help="prefill: the long prompt's length")
+    parser.add_argument("--batch-invariant", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "prefill":
+        prefill_child(args.dtype, args.prompt_tokens, args.repeats, args.batch_invariant)
+        return
     if args.child:
         engine_child(args.child, args.tokens, args.repeats, args.sequences, args.dtype)
         return
@@ -174,6 +227,8 @@ def main() -> None:
         products(args.rows, args.repeats, args.offset_bytes)
     if args.only in (None, "engine"):
         engine(args.tokens, args.repeats, args.sequences, args.dtype)
+    if args.only in (None, "prefill"):
+        prefill(args.dtype, args.prompt_tokens, args.repeats)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ The server runs as its own process (`loratune serve`, every CPU thread); the cli
    takes, how long until a request on the new adapter answers, and whether any request failed during load
    and unload.
 3. Batch invariance: 32 concurrent requests (streaming and not, 3 adapters + base, greedy), each compared
-   with the same request sent alone: fp32 (bar: all identical) and bf16 (reported).
+   with the same request sent alone: fp32 (bar: all identical) and bf16 (reported), each by default and with
+   `--batch-invariant` (all identical).
 4. Load stall: 4 greedy streams run (on a, b, c and the base) while `POST /v1/load_lora_adapter` loads a
    ~30 MB adapter (r=24, all-linear, fp32) and `/v1/unload_lora_adapter` frees it again, the adapter's files
    once in the page cache and once dropped from it (read from the disk); the time between consecutive chunks
@@ -70,8 +71,11 @@ READY = re.compile(r"API at (http://\S+?)/v1")  # the line `loratune serve` prin
 
 
 @contextmanager
-def server(model: str, adapters: dict[str, Path], dtype: str, root: Path, threads: int | None = None):
-    """``loratune serve`` on a port it picks itself (``--port 0``); yields its URL once its ready line says it."""
+def server(
+    model: str, adapters: dict[str, Path], dtype: str, root: Path, threads: int | None = None, extra: tuple = ()
+):
+    """``loratune serve`` (plus ``extra`` options) on a port it picks itself (``--port 0``); yields its URL once its
+    ready line says it."""
     command = [
         sys.executable,
         "-m",
@@ -85,6 +89,7 @@ def server(model: str, adapters: dict[str, Path], dtype: str, root: Path, thread
         "0",
         "--adapter-root",
         str(root),
+        *extra,
     ]
     for name, path in adapters.items():
         command += ["--adapter", f"{name}={path}"]
@@ -262,8 +267,8 @@ def hot_load(args, adapters, root) -> None:
 
 def invariance(args, adapters, root) -> None:
     print("\n## batch invariance: 32 concurrent requests (half streaming) vs each alone, greedy")
-    for dtype in ("fp32", "bf16"):
-        with server(args.model, adapters, dtype, root) as url:
+    for dtype, extra in itertools.product(("fp32", "bf16"), ((), ("--batch-invariant",))):
+        with server(args.model, adapters, dtype, root, extra=extra) as url:
             client = client_for(url)
             base = client.models.list().data[0].id
             jobs = [([*ADAPTERS, base][i % 4], PROMPTS[i % len(PROMPTS)], bool(i % 2)) for i in range(32)]
@@ -275,7 +280,9 @@ def invariance(args, adapters, root) -> None:
                     )
                 )
         differing = sum(a != b for a, b in zip(alone, together))
-        print(f"{dtype}: {32 - differing}/32 identical to the request sent alone ({differing} differ)")
+        print(
+            f"{' '.join((dtype, *extra))}: {32 - differing}/32 identical to the request sent alone ({differing} differ)"
+        )
 
 
 def big_adapter(model_name: str, path: Path, rank: int = 24) -> Path:

@@ -2,6 +2,7 @@
 that grows in place, judged by the model's own forward over a copy of the same cache; and where it gives way."""
 
 import copy
+import queue
 import weakref
 
 import pytest
@@ -26,7 +27,7 @@ from loratune.inference import kv
 from loratune.inference.block_step import BlockStep, decode_logits
 from loratune.inference.decode import generate_greedy, inference
 from loratune.inference.engine import Engine
-from loratune.inference.sequence import SamplingParams, Sequence
+from loratune.inference.sequence import Finished, SamplingParams, Sequence
 from loratune.kernels.loader import compiled as _cpu
 from loratune.layers import execution
 from tiny_models import tiny_llama_family
@@ -43,6 +44,16 @@ FAMILIES = {
     "qwen2": lambda **k: _tiny(Qwen2Config, Qwen2ForCausalLM, **k),  # q, k, v biases
     "qwen3": lambda **k: _tiny(Qwen3Config, Qwen3ForCausalLM, **k),  # per-head q/k norms before RoPE
 }
+
+
+def _two_acting_adapters(model) -> None:
+    """Adapters "a" and "b" on every Linear, their B drawn so that each changes the output."""
+    for name in ("a", "b"):
+        loratune.add_adapter(model, loratune.LoraConfig(r=4, target_modules="all-linear"), name)
+    with torch.no_grad():
+        for key, parameter in model.named_parameters():
+            if "lora_B" in key:
+                parameter.normal_(std=0.2)
 
 
 def _left_padded():
@@ -103,12 +114,7 @@ def test_bf16_decodes_within_bf16_rounding():
 @pytest.mark.usefixtures("kernel_isa")
 def test_a_mixed_batch_runs_each_lora_layer_as_one_kernel_call():
     model = FAMILIES["llama"]()
-    for name in ("a", "b"):
-        loratune.add_adapter(model, loratune.LoraConfig(r=4, target_modules="all-linear"), name)
-    with torch.no_grad():
-        for key, parameter in model.named_parameters():
-            if "lora_B" in key:
-                parameter.normal_(std=0.2)
+    _two_acting_adapters(model)
     model.eval()
     ran = []
     with mixed_batch(model, ["a", "b", "__base__"]):
@@ -314,6 +320,54 @@ def test_a_vouched_step_skips_the_checks_only_right_after_its_own_step_on_that_c
 
 
 @pytest.mark.usefixtures("kernel_isa")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("kernel_isa")
+def test_a_batch_invariant_engines_answers_and_logprobs_are_the_same_bits_alone_and_in_any_batch(dtype, tiny_tokenizer):
+    """PyTorch's products and attention round a row by what else its batch holds (other prompts, padding); an
+    engine made batch-invariant runs every product, low-rank update and prompt attention through kernels that
+    compute each row alone, so a request's answer does not depend on who else is served."""
+    model = build_tiny_llama(len(tiny_tokenizer), seed=5, max_position_embeddings=256).to(dtype)
+    _two_acting_adapters(model)
+    texts = ["hello there", "a longer prompt than the other ones, with a clause", "x", "the same words again"]
+    jobs = [(tiny_tokenizer.encode(text), adapters) for text in texts for adapters in ({"a": 1.0}, {"b": 1.0}, {})]
+
+    def answers(batch):
+        got = [[] for _ in batch]
+        seqs = [
+            Sequence(prompt, adapters, SamplingParams(8, logprobs=1), tiny_tokenizer, frozenset(), got[i].append)
+            for i, (prompt, adapters) in enumerate(batch)
+        ]
+        Engine(model, batch_invariant=True).run(seqs)
+        return [[(p.token_id, p.logprob) for event in events for p in getattr(event, "logprobs", ())] for events in got]
+
+    together = answers(jobs)
+    assert sum(len(prompt) for prompt, _ in jobs) > 64  # the batch's prompts: more rows than decoding's few
+    assert all(len(answer) == 8 for answer in together)
+    assert together == [answers([job])[0] for job in jobs]
+
+    # a prompt that starts as one read before reads only the rest, from the kept keys and values: the same bits
+    # (a hook counts what each forward reads; with it, every decoding step runs the model's forward, both times)
+    first, adapters = jobs[1]
+    longer = first + tiny_tokenizer.encode(" and then a few more words")
+    read, events = [], queue.Queue()
+    hook = model.register_forward_pre_hook(lambda m, a, k: read.append(k["input_ids"].shape[1]), with_kwargs=True)
+    engine = Engine(model, batch_invariant=True)
+    engine.start()
+    try:
+        for prompt in (first, longer):
+            got = []
+            sink = lambda event, got=got: (got.append(event), isinstance(event, Finished) and events.put(1))  # noqa: E731
+            engine.submit(Sequence(prompt, adapters, SamplingParams(8, logprobs=1), tiny_tokenizer, frozenset(), sink))
+            events.get(timeout=60)
+        engine.stop()
+        assert read[0] == len(first) and len(longer) - len(first) in read  # the longer prompt read only its rest
+        whole = answers([(longer, adapters)])[0]  # read whole by an engine of its own
+    finally:
+        engine.stop()
+        hook.remove()
+    assert [(p.token_id, p.logprob) for event in got for p in getattr(event, "logprobs", ())] == whole
+
+
 def test_an_engine_call_between_decoding_steps_is_seen_by_the_next_step(tiny_tokenizer):
     """The engine vouches for the steps of an unchanged batch; an engine call (which may attach adapters or
     change the model) ends that, so a hook it adds runs from the next step on."""

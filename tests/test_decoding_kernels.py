@@ -94,11 +94,11 @@ def test_where_the_kernel_gives_way_to_pytorch():
     weight, x = torch.randn(8, 16), torch.randn(2, 16)
     refused = {
         "more rows than it takes": (torch.randn(rows.row_range(torch.float32)[1] + 1, 16), weight),
+        "float64": (x.double(), weight.double()),
         "more bf16 rows than it takes": (
             torch.randn(rows.row_range(torch.bfloat16)[1] + 1, 16).bfloat16(),
             weight.bfloat16(),
         ),
-        "float64": (x.double(), weight.double()),
         "a strided x": (torch.randn(16, 2).T, weight),
         "an input that needs its gradient": (x.clone().requires_grad_(), weight),
         "a weight that needs its gradient": (x, weight.clone().requires_grad_()),
@@ -110,6 +110,85 @@ def test_where_the_kernel_gives_way_to_pytorch():
     with torch.no_grad():  # without autograd, a trainable weight is just a weight
         assert rows.product(x, weight.clone().requires_grad_()) is not None
     assert rows.product(x, weight, torch.randn(8).double()) is None  # a bias in another dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("kernel_isa", "in_decoding")
+def test_batch_invariant_rows_of_any_number_take_the_kernel_each_row_the_bits_it_has_alone(dtype):
+    # BLAS rounds a row differently by how many rows come with it; inside batch_invariant() a batch changes nothing
+    torch.manual_seed(0)
+    weight, bias = torch.randn(70, 40).to(dtype), torch.randn(70).to(dtype)
+    most = rows.row_range(dtype)[1]
+    x = torch.randn(2 * most + 5, 40).to(dtype)
+    assert rows.product(x, weight, bias) is None  # (outside it: BLAS's products, faster on many rows)
+    with rows.batch_invariant():
+        assert rows.invariant()
+        together = rows.product(x, weight, bias)
+        assert together is not None
+        for i in (0, 1, most - 1, most, 2 * most + 4):
+            assert torch.equal(together[i], rows.product(x[i : i + 1], weight, bias)[0]), i
+    assert not rows.invariant()
+    expected = F.linear(x.float(), weight.float(), bias.float())
+    torch.testing.assert_close(together.float(), expected, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("kernel_isa", "in_decoding")
+def test_a_batch_invariant_lora_layer_gives_each_row_of_a_prompt_batch_the_bits_it_has_alone(dtype):
+    torch.manual_seed(1)
+    layer = LoraLinear(torch.nn.Linear(40, 70, bias=True).to(dtype))
+    for name, rank in (("a", 4), ("b", 8)):
+        layer.add_adapter(name, r=rank, lora_alpha=8, init=False)
+    layer.set_active(("a", "b"))
+    names = ("a", "b", "__base__", "a")
+    x = torch.randn(len(names), 40, 40).to(dtype)  # four prompts of 40 tokens: 160 rows, more than few
+    with torch.no_grad(), rows.batch_invariant():
+        layer.set_routing(Routing(names))
+        together = layer(x)
+        for i, name in enumerate(names):
+            layer.set_routing(Routing((name,)))
+            assert torch.equal(together[i], layer(x[i : i + 1])[0]), name
+            assert torch.equal(together[i, :3], layer(x[i : i + 1, :3])[0]), name  # a prompt's start, read alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "queries, cols, dim",
+    [(5, 9, 40), (70, 100, 64)],  # short, any head size; long (keys four runs of 16 at a time), SmolLM2's heads
+)
+@pytest.mark.usefixtures("kernel_isa")
+def test_a_prompts_attention_matches_pytorchs_and_no_row_depends_on_its_batch(dtype, queries, cols, dim):
+    torch.manual_seed(2)
+    rows_, q_heads, kv_heads = 3, 6, 2
+    query = torch.randn(rows_, queries, q_heads, dim).to(dtype)
+    key, value = (torch.randn(rows_, kv_heads, cols, dim).to(dtype) for _ in range(2))
+    allowed = torch.ones(queries, cols, dtype=torch.bool).tril(cols - queries).repeat(rows_, 1, 1)
+    allowed[1, :, :3] = False  # row 1 left-padded by three columns
+    allowed[1, 0, :] = False  # and its first query a padding position: zeros
+    out = fused.rows_attention(query, key, value, allowed, 0.125)
+    expected = F.scaled_dot_product_attention(
+        query.transpose(1, 2).double(),
+        key.double().repeat_interleave(q_heads // kv_heads, 1),
+        value.double().repeat_interleave(q_heads // kv_heads, 1),
+        attn_mask=allowed[:, None],
+        scale=0.125,
+    ).transpose(1, 2)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(out[:, 1:].double(), expected[:, 1:], **tolerance)
+    assert not out[1, 0].any()
+    # row 1 alone, without its padding columns, one query at a time, and inside a cache buffer with room to grow
+    unpadded = allowed[1:2, :, 3:].contiguous()
+    alone = fused.rows_attention(query[1:2], key[1:2, :, 3:], value[1:2, :, 3:], unpadded, 0.125)
+    assert torch.equal(alone[0, 1:], out[1, 1:])
+    for t in range(1, queries):
+        single = allowed[1:2, t : t + 1].contiguous()
+        one = fused.rows_attention(query[1:2, t : t + 1], key[1:2], value[1:2], single, 0.125)
+        assert torch.equal(one[0, 0], out[1, t])
+    roomy_key, roomy_value = (torch.zeros(rows_, kv_heads, cols + 7, dim, dtype=dtype) for _ in range(2))
+    roomy_key[:, :, :cols], roomy_value[:, :, :cols] = key, value
+    roomy = fused.rows_attention(query, roomy_key[:, :, :cols], roomy_value[:, :, :cols], allowed, 0.125)
+    assert torch.equal(roomy, out)
+    assert fused.rows_attention(query, key.transpose(2, 3), value, allowed, 0.125) is None  # a layout it cannot read
 
 
 @pytest.mark.usefixtures("in_decoding")

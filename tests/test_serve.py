@@ -237,6 +237,31 @@ def test_32_concurrent_requests_over_3_adapters_and_the_base_equal_each_sent_alo
     assert together == alone
 
 
+def test_a_batch_invariant_bf16_server_answers_each_request_with_the_bits_it_gets_alone(served):
+    """``--batch-invariant``: in bf16 too, concurrent requests over the adapters (DoRA's among them), a weighted
+    mix and the base get the very tokens and logprobs each gets sent alone."""
+    model_dir, dirs = served[0], served[1]
+    model, tokenizer = load_model(str(model_dir), dtype="bf16")
+    adapters = [(name, str(path), 1.0) for name, path in dirs.items()]
+    with own_server(model, tokenizer, adapters, max_tokens_limit=64, batch_invariant=True) as base:
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def run(job):
+            model_id, prompt, mix = job
+            answer = client.completions.create(
+                model=model_id, prompt=prompt, max_tokens=16, temperature=0, logprobs=1, extra_body=mix
+            ).choices[0]
+            return answer.text, answer.logprobs.token_logprobs
+
+        models = [("tiny", {}), ("a", {}), ("b", {}), ("c", {}), ("tiny", {"adapters": {"a": 0.5, "b": -0.3}})]
+        jobs = [(model_id, PROMPTS[i % len(PROMPTS)], mix) for i, (model_id, mix) in enumerate(models * 4)]
+        alone = [run(job) for job in jobs]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(run, jobs))
+    assert len({alone[i][0] for i in range(len(models))}) == len(models)  # the adapters and the mix act
+    assert together == alone
+
+
 def test_a_per_request_mix_equals_the_adapters_active_together(client, served):
     model_dir, dirs = served[0], served[1]
     model, tokenizer = load_model(str(model_dir), dtype="fp32")

@@ -134,6 +134,12 @@ def add_parser(verb) -> None:
         "reads only the rest (default: 64; 0: off)",
     )
     p.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="compute every request alone, so that its answer is the same bits whatever else the server is "
+        "running (in bf16 too; greedy answers are then reproducible); reading long prompts takes longer",
+    )
+    p.add_argument(
         "--max-waiting",
         type=positive_int,
         default=256,
@@ -230,6 +236,7 @@ def run(args) -> int:
             max_body_bytes=args.max_body_bytes,
             request_timeout=args.request_timeout,
             prefix_cache_mb=args.prefix_cache_mb,
+            batch_invariant=args.batch_invariant,
         )
     except BaseException:
         listener.close()

@@ -14,6 +14,9 @@ row with a mix counts each adapter of the mix). A sequence that would bring the 
 only sequences that add no adapter to the batch may start, and at most ``max_batch`` of them: after that
 nothing new starts until it fits (the running rows finish, their adapters leave), so it is never starved.
 
+``batch_invariant``: every row computed alone (``kernels.rows.batch_invariant``), so that a request's answer is
+the same bits whatever else the batch holds, in bf16 too; it slows the reading of long prompts.
+
 One writer per piece of state: the engine thread alone changes the batch and publishes ``stats`` (an
 immutable snapshot, read from any thread); the waiting queue is shared under one lock.
 """
@@ -40,6 +43,7 @@ from loratune.inference.decode import inference
 from loratune.inference.prefix_cache import PromptPrefixes
 from loratune.inference.sampling import sample_next
 from loratune.inference.sequence import Failed, Sequence, TokenLogprob
+from loratune.kernels import rows as rows_kernel
 from loratune.models.devices import model_device
 
 log = logging.getLogger("loratune.serve")
@@ -115,6 +119,7 @@ class Engine:
         max_adapters: int | None = None,
         on_step: Callable[[int, int, float], None] | None = None,
         prefix_cache_mb: float = 64,
+        batch_invariant: bool = False,
     ):
         if max_adapters is not None and max_adapters < 1:
             raise ValueError(f"max_adapters must be at least 1 (or None for no limit), got {max_adapters}")
@@ -124,6 +129,7 @@ class Engine:
         self.max_waiting = max_waiting
         self.max_adapters = max_adapters
         self.on_step = on_step
+        self.batch_invariant = batch_invariant
         self._stats = EngineStats()
         self._published = threading.Condition()  # notified whenever the engine thread publishes stats
         self._device = model_device(model)
@@ -201,7 +207,7 @@ class Engine:
         if self._thread.is_alive():
             raise RuntimeError("Engine.run drives an engine on the calling thread; this one runs its own thread")
         self._prefixes.clear()  # (the caller may have changed the weights since its last run)
-        with inference(self.model):
+        with inference(self.model), rows_kernel.batch_invariant(self.batch_invariant):
             with self._wake:
                 self._waiting.extend(seqs)
             try:
@@ -221,7 +227,7 @@ class Engine:
 
     # --- the engine thread -------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        with inference(self.model):
+        with inference(self.model), rows_kernel.batch_invariant(self.batch_invariant):
             while True:
                 with self._wake:
                     while not self._stop and not self._has_work():

@@ -10,6 +10,11 @@ and the number of operations per module, not arithmetic. For the duration of ``d
   MLP computes ``silu(gate)·up`` in one (``kernels.fused``), the same math and rounding as transformers';
 - the attention of Llama, Mistral, Qwen2 and Qwen3 rotates queries and keys in one kernel call, in the layout
   the projections give (transformers' ``apply_rotary_pos_emb`` is a dozen operations, with the same bits).
+- inside ``rows.batch_invariant()``, a prompt's attention takes ``kernels.fused.rows_attention``, each query
+  computed alone (and every product and low-rank update the few-row kernels): each row's result is then the same
+  bits whatever else the batch holds, so a request's greedy answer does not change with the batch it is served
+  in (PyTorch's attention and products round a row by the other rows and the padding beside it: in bf16 enough
+  to change answers).
 
 Each falls back to the module's own forward where a kernel does not take its tensors. Modules that already have
 a forward of their own (a training run's lean ops, someone's hook) are left alone.
@@ -23,6 +28,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -132,6 +138,13 @@ def attention(
     if window is not None:
         source = module.config if window == "config" else module
         kwargs["sliding_window"] = getattr(source, "sliding_window", None)
+    if rows.invariant() and _rows_attention_applies(module, query) and kwargs.get("sliding_window") is None:
+        allowed = _allowed(attention_mask, query.shape[0], query.shape[2], key.shape[2])
+        output = None
+        if allowed is not None:
+            output = fused.rows_attention(query.transpose(1, 2).contiguous(), key, value, allowed, module.scaling)
+        if output is not None:
+            return module.o_proj(output.reshape(*hidden_states.shape[:-1], -1)), None
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, modeling.eager_attention_forward)
     output, weights = attend(
         module,
@@ -145,3 +158,21 @@ def attention(
     )
     output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()
     return module.o_proj(output), weights
+
+
+def _rows_attention_applies(module: nn.Module, query: torch.Tensor) -> bool:
+    """Whether ``kernels.fused.rows_attention`` may read this prompt: no autograd, no training, on the CPU."""
+    return not module.training and not torch.is_grad_enabled() and query.device.type == "cpu"
+
+
+def _allowed(mask, rows: int, queries: int, cols: int) -> torch.Tensor | None:
+    """The columns each query attends to (rows × queries × cols, bool) from the mask transformers hands an
+    attention: None (causal: the queries are the last ``queries`` columns), a boolean mask (rows × 1 × queries ×
+    cols, True where allowed) or an additive one (0 where allowed); None for any other."""
+    if mask is None:
+        causal = torch.ones(queries, cols, dtype=torch.bool).tril(cols - queries)
+        return causal.expand(rows, queries, cols).contiguous()
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2:] != (queries, cols) or mask.shape[0] not in (1, rows):
+        return None
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    return allowed.expand(rows, queries, cols).contiguous()

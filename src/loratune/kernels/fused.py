@@ -19,6 +19,7 @@ from loratune.kernels.loader import compiled as _cpu
 from loratune.kernels.loader import kernel_available
 
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
+QUERY_BLOCK = 16  # rows_attention's queries per work item: they share their keys, transposed once
 _PAIR_ISAS = ("avx512bf16", "amx")  # the variants whose attention takes bf16 as it is (AVX512-BF16's pair products)
 
 
@@ -167,6 +168,58 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
         keep_below,
         1.0 / (1.0 - p),
         _DTYPES[x.dtype],
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def rows_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scale: float
+) -> torch.Tensor | None:
+    """A prompt's attention, each query computed alone (float32: its scores, then its softmax and the weighted
+    sum of values over its allowed columns in order, rounded once), so that a row's output is the same bits
+    whatever the batch it is read in: other rows, padding, how many of its queries one call takes. ``query``
+    (rows × queries × q_heads × dim, contiguous); ``key``, ``value`` (rows × kv_heads × cols × dim, each head's
+    columns contiguous, as the KV cache's buffers with room to grow lay them out); ``allowed`` (rows × queries ×
+    cols, bool). The output is laid out as ``query``; a query with no allowed column (a padding position) gets
+    zeros. None where the kernel does not take these tensors."""
+    rows, queries, q_heads, dim = query.shape if query.dim() == 4 else (0, 0, 0, 0)
+    if (
+        not _fits(query)
+        or key.dim() != 4
+        or key.shape[0] != rows
+        or q_heads % max(key.shape[1], 1)
+        or key.shape[3] != dim
+        or value.shape != key.shape
+        or value.stride() != key.stride()
+        or not all(t.dtype == query.dtype and t.device.type == "cpu" for t in (key, value))
+        or key.stride(3) != 1
+        or key.stride(2) != dim
+        or key.stride(1) % dim
+        or key.stride(0) != key.shape[1] * key.stride(1)
+        or allowed.dtype != torch.bool
+        or allowed.shape != (rows, queries, key.shape[2])
+        or not allowed.is_contiguous()
+    ):
+        return None
+    out = torch.empty_like(query)
+    cols = key.shape[2]
+    _cpu.rows_attention(
+        out.data_ptr(),
+        query.data_ptr(),
+        key.data_ptr(),
+        value.data_ptr(),
+        allowed.data_ptr(),
+        rows * key.shape[1] * -(-queries // QUERY_BLOCK),
+        queries,
+        QUERY_BLOCK,
+        q_heads,
+        key.shape[1],
+        dim,
+        cols,
+        key.stride(1) // dim,
+        float(scale),
+        _DTYPES[query.dtype],
         torch.get_num_threads(),
     )
     return out

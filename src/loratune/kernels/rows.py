@@ -11,7 +11,10 @@ BLAS's products win), and the caller runs ``F.linear``.
 The kernel sums in another order than BLAS, so its products differ from ``F.linear``'s in the last bits. It runs
 only inside ``decoding()`` (``inference.decode.inference`` enters it, in the thread that generates): there every
 product of a few rows takes it, so a model with a fresh adapter still computes exactly what its base computes,
-as it does everywhere else with BLAS.
+as it does everywhere else with BLAS. Inside ``batch_invariant()`` as well it takes any number of rows, in spans
+of the most it takes (``row_range``): each row's sum is then the same bits whatever else the batch holds, where
+BLAS rounds a row by how many rows come with it (in bf16 enough to change a greedy answer with the batch), at
+the cost of BLAS's speed on a prompt's many rows (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -38,23 +41,41 @@ WIDENED_BF16_MOST = 8
 _PAIR_PRODUCTS = ("avx512bf16", "amx")  # the kernel variants with bf16 pair products
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-_here = threading.local()  # .decoding: True inside decoding() in this thread
+_here = threading.local()  # .decoding, .invariant: inside decoding(), batch_invariant() in this thread
 
 
 @contextmanager
-def decoding() -> Iterator[None]:
-    """Products of a few rows take the kernel inside the block, in this thread (see the module docstring)."""
-    before = getattr(_here, "decoding", False)
-    _here.decoding = True
+def _flag(name: str, value: bool) -> Iterator[None]:
+    """This thread's flag ``name`` set to ``value`` inside the block, as it was after it."""
+    before = getattr(_here, name, False)
+    setattr(_here, name, value)
     try:
         yield
     finally:
-        _here.decoding = before
+        setattr(_here, name, before)
+
+
+def decoding() -> AbstractContextManager[None]:
+    """Products of a few rows take the kernel inside the block, in this thread (see the module docstring)."""
+    return _flag("decoding", True)
 
 
 def active() -> bool:
     """Whether this thread is inside ``decoding()``."""
     return getattr(_here, "decoding", False)
+
+
+def batch_invariant(on: bool = True) -> AbstractContextManager[None]:
+    """Inside the block, in this thread, decoding computes each row alone (``on``): the kernel takes products of
+    any number of rows, and (``layers.execution``, ``inference.lean``) low-rank updates and a prompt's attention
+    take their kernels, so that no row's result depends on the other rows, the padding or the chunking of a batch.
+    A server's answers then do not change with who else is served, at a cost to long prompts."""
+    return _flag("invariant", on)
+
+
+def invariant() -> bool:
+    """Whether this thread decodes inside ``batch_invariant()`` (and ``decoding()``)."""
+    return getattr(_here, "invariant", False) and active()
 
 
 def row_range(dtype: torch.dtype) -> tuple[int, int]:
@@ -110,14 +131,15 @@ def raw_lora():
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """``F.linear(x, weight, bias)`` computed by the kernel (float32 sums, rounded once into the dtype), or None
-    where the kernel does not take it: outside ``decoding()``; x (…, in) of as many rows as ``row_range`` gives,
-    contiguous, on the CPU, in the weight's dtype (float32 or bf16); weight (out × in) and bias (out) contiguous
-    likewise; autograd off or nothing that needs a gradient."""
+    where the kernel does not take it: outside ``decoding()``; x (…, in) of as many rows as ``row_range`` gives
+    (inside ``batch_invariant()`` any number, in spans of the most it gives), contiguous, on the CPU,
+    in the weight's dtype (float32 or bf16); weight (out × in) and bias (out) contiguous likewise; autograd off
+    or nothing that needs a gradient."""
     dtype = weight.dtype
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     if (
         not active()
-        or not takes(rows, dtype)
+        or not (takes(rows, dtype) or (invariant() and rows > 0 and row_range(dtype)[1] > 0))
         or x.dtype != dtype
         or x.device.type != "cpu"
         or not x.is_contiguous()
@@ -127,17 +149,19 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     ):
         return None
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=dtype)
-    _cpu.linear_rows(
-        out.data_ptr(),
-        x.data_ptr(),
-        weight.data_ptr(),
-        0 if bias is None else bias.data_ptr(),
-        rows,
-        weight.shape[1],
-        weight.shape[0],
-        _DTYPES[dtype],
-        torch.get_num_threads(),
-    )
+    most = row_range(dtype)[1]
+    for first in range(0, rows, most):  # (more rows: batch_invariant(), in spans of the most the kernel takes)
+        _cpu.linear_rows(
+            out.data_ptr() + first * weight.shape[0] * out.element_size(),
+            x.data_ptr() + first * weight.shape[1] * x.element_size(),
+            weight.data_ptr(),
+            0 if bias is None else bias.data_ptr(),
+            min(most, rows - first),
+            weight.shape[1],
+            weight.shape[0],
+            _DTYPES[dtype],
+            torch.get_num_threads(),
+        )
     return out
 
 

@@ -278,7 +278,10 @@ def _trim(kept: dict) -> None:
 
 
 def _few_cpu_rows(x: torch.Tensor) -> bool:
-    return x.is_cpu and x.numel() <= FEW_ROWS * x.shape[-1]
+    """Whether the update runs as for a few rows on a CPU (the factors' float32, the kernel): up to ``FEW_ROWS``,
+    and rows of any number inside ``rows.batch_invariant()``, so that each row's update is the same bits whatever
+    else its batch holds (as ``kernels.rows`` does for the base product there)."""
+    return x.is_cpu and (x.numel() <= FEW_ROWS * x.shape[-1] or rows_kernel.invariant())
 
 
 def plan_for(layer, x: torch.Tensor) -> Plan:
@@ -326,7 +329,9 @@ class Plan:
     sBt: Σr × out, mask: rows × 1 × Σr or None). ``usable`` is False when the reference must run (dropout in
     training, an input dtype the base does not compute in). ``kernel`` holds the fixed arguments of the compiled
     CPU kernel when it takes the update; ``kernel_fits``: it could, routing aside; ``whole``: those of the kernel
-    that computes the base product and the update in one call (``kernels.rows``), where it applies."""
+    that computes the base product and the update in one call (``kernels.rows``), where it applies.
+    ``invariant``: built inside ``rows.batch_invariant()``, where the kernel takes every routing (rows of their
+    own in A and sBt for weighted or scattered ones) and any number of rows."""
 
     __slots__ = (
         "A",
@@ -335,6 +340,7 @@ class Plan:
         "dora",
         "dtype",
         "factors",
+        "invariant",
         "kernel",
         "kernel_fits",
         "mask",
@@ -350,7 +356,12 @@ class Plan:
 
     def fits(self, layer, x: torch.Tensor) -> bool:
         """Whether this plan still computes the layer's output for ``x`` (its state aside)."""
-        return self.training is layer.training and self.dtype is x.dtype and self.stamp == _stamp(self.factors)
+        return (
+            self.training is layer.training
+            and self.dtype is x.dtype
+            and self.stamp == _stamp(self.factors)
+            and self.invariant == rows_kernel.invariant()
+        )
 
     def __init__(self, layer, x: torch.Tensor, terms):
         self.state, self.training, self.dtype = layer.state, layer.training, x.dtype
@@ -362,6 +373,7 @@ class Plan:
         self.names = layer.routed_names() if layer.state.routing is not None else None  # terms' adapters, in order
         self.ranks = tuple(t.A.shape[0] for t in terms)
         self.kernel_fits = False
+        self.invariant = rows_kernel.invariant()
 
     @classmethod
     def build(cls, layer, x: torch.Tensor, few: bool) -> Plan:
@@ -382,6 +394,8 @@ class Plan:
             layout = (tuple((id(t.rows), id(t.row_weights), t.A.shape[0]) for t in terms), dtype, str(plan.A.device))
             plan.mask, plan.blocks = _for_routing(routing, layout, lambda: _mask_and_blocks(terms, routing, dtype))
         plan.kernel_fits = few and lowrank_kernel.kernel_fits(x.dtype, plan.A, plan.sBt)
+        if plan.invariant and plan.kernel_fits and plan.mask is not None and plan.blocks is None:
+            plan.A, plan.sBt, plan.blocks = _blocks_of_their_own(plan.A, plan.sBt, plan.mask)
         plan.kernel = plan._kernel_args(routing)
         plan.whole = plan._whole_args(layer)
         return plan
@@ -399,7 +413,7 @@ class Plan:
     def _kernel_args(self, routing: Routing | None):
         """The kernel's fixed arguments for this plan's mask, or None where the kernel cannot take it: it reads
         0/1 masks only, as one block of columns per row (rows that mix adapters at weights run the products)."""
-        if not self.kernel_fits or (routing is not None and routing.weighted):
+        if not self.kernel_fits or (routing is not None and routing.weighted and not self.invariant):
             return None
         if self.mask is not None and self.blocks is None:
             return None
@@ -421,6 +435,7 @@ class Plan:
         if (
             self.A is None
             or self.dora is not None
+            or self.invariant  # (its factors may hold blocks of the old routing's own: built anew)
             or layer.pissa
             or old.routing is None
             or new.routing is None
@@ -601,6 +616,33 @@ def _mask_and_blocks(terms, routing, dtype: torch.dtype) -> tuple[torch.Tensor |
         return None, None
     blocks = None if routing.weighted else lowrank_kernel.row_blocks(mask)
     return mask[:, None, :].contiguous(), blocks
+
+
+def _blocks_of_their_own(
+    A: torch.Tensor, sBt: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, sBt, kernel blocks) for a routing whose rows the kernel's blocks cannot give as they are (weights, or
+    columns in several runs; ``mask``: rows × 1 × Σr): a row whose columns are one run at weight 1 reads them in
+    place, and each other combination gets rows of its own appended, its weights folded into its rows of sBt. The
+    kernel then takes every row, a row's arithmetic whatever rows are beside it (``rows.batch_invariant``)."""
+    own_A, own_sBt, blocks, placed = [], [], [], {}
+    end = A.shape[0]
+    for row in mask[:, 0, :]:
+        columns = row.nonzero().flatten()
+        count = len(columns)
+        if count == 0 or (bool((row[columns] == 1).all()) and int(columns[-1]) - int(columns[0]) + 1 == count):
+            blocks.append((int(columns[0]) if count else 0, count))
+            continue
+        key = (tuple(columns.tolist()), tuple(row[columns].tolist()))
+        if key not in placed:
+            placed[key] = end
+            own_A.append(A[columns])
+            own_sBt.append(row[columns, None].to(sBt.dtype) * sBt[columns])
+            end += count
+        blocks.append((placed[key], count))
+    if own_A:
+        A, sBt = torch.cat([A, *own_A]).contiguous(), torch.cat([sBt, *own_sBt]).contiguous()
+    return A, sBt, torch.tensor(blocks, dtype=torch.int64, device=A.device)
 
 
 def _detached(term: Term) -> Term:

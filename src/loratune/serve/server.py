@@ -44,6 +44,7 @@ def build(
     request_timeout: float = 600.0,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     prefix_cache_mb: float = 64,
+    batch_invariant: bool = False,
 ) -> Service:
     """A started service for ``model`` with ``adapters`` given as (name, directory, strength), pinned.
 
@@ -58,6 +59,7 @@ def build(
         max_adapters=max_loras,
         on_step=metrics.on_step,
         prefix_cache_mb=prefix_cache_mb,
+        batch_invariant=batch_invariant,
     )
     pool = AdapterPool(model, engine, max_loaded=max(max_loaded, len(adapters)), adapter_root=adapter_root)
     for name, path, strength in adapters:

@@ -54,6 +54,9 @@ enum isa { ISA_BASELINE, ISA_AVX2, ISA_AVX512, ISA_AVX512BF16, ISA_AMX, ISA_COUN
     X(decode_attention, avx512bf16,                                                                                    \
       (void *, const void *, void *, void *, const void *, const void *, const int64_t *, int64_t, int64_t, int64_t,   \
        int64_t, int64_t, float, float *, int64_t, int64_t, int))                                                       \
+    X(rows_attention, avx512bf16,                                                                                      \
+      (void *, const void *, const void *, const void *, const uint8_t *, int64_t, int64_t, int64_t, int64_t, int64_t, \
+       int64_t, int64_t, float, float *, int64_t, int64_t, int))                                                       \
     X(silu_mul, avx512bf16, (void *, const void *, const void *, int64_t, int))                                       \
     X(silu_mul_backward, avx512bf16, (void *, void *, const void *, const void *, const void *, int64_t, int))        \
     X(rms_norm, avx512bf16, (void *, float *, const void *, const void *, int64_t, int64_t, float, int))              \

@@ -11,6 +11,8 @@
  *   unmerged LoRA layer's whole output.
  * - rope: the rotary position embedding of a step's queries and keys in one call (decoding's attention);
  *   decode_attention: that step's attention over the KV cache, appending the step's keys and values to it.
+ *   rows_attention: a prompt's attention, each query computed alone, so a row's result does not depend on the
+ *   batch it is read in.
  * - the elementwise parts of a training step as single passes over memory: a Llama block's RMSNorm and
  *   silu(gate)·up, forward and backward, dropout from a counter-based mask, attention's backward between its
  *   products, the cross-entropy's softmax; float32 arithmetic on bf16 or float32 tensors. In PyTorch operations
@@ -167,6 +169,17 @@ static void run_decode_attention(const int64_t *v, float scale, int64_t b, int64
     free(work);
 }
 
+/* v: out, q, keys, values, allowed, items, queries, block, q_heads, kv_heads, dim, cols, capacity, is_bf16; eps:
+ * the scale. A span is a range of (row, key/value head, block of queries) items; each thread has its own scratch. */
+static void run_rows_attention(const int64_t *v, float scale, int64_t b, int64_t e) {
+    const int64_t width = (v[11] + 15) / 16 * 16, group = v[8] / v[9];
+    float *work = (float *)malloc((size_t)(v[10] * width + group * (width + 2 * v[10])) * sizeof(float));
+    if (work == NULL) return;
+    rows_attention_impl(PTR(0), PTR(1), PTR(2), PTR(3), (const uint8_t *)PTR(4), v[6], v[7], v[8], v[9], v[10], v[11],
+                        v[12], scale, work, b, e, (int)v[13]);
+    free(work);
+}
+
 /* v: out, x, signs, perm, gs, d, L, D, blocks, transpose, chunk, scratch; a span starts at a chunk of `chunk`
  * blocks and works in that chunk's 2·L floats of scratch and, in the transpose, sums into that chunk's row of
  * out (d floats per chunk), so the result does not depend on which thread runs which span. */
@@ -215,6 +228,11 @@ static PyObject *rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 static PyObject *decode_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     return call(args, nargs, 15, 13, 7, 1, 2, run_decode_attention, "decode_attention");
+}
+
+static PyObject *rows_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    return call(args, nargs, 15, 13, 5, 1, 2, run_rows_attention, "rows_attention");
 }
 
 static PyObject *silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -486,6 +504,10 @@ static PyMethodDef methods[] = {
      "decode_attention(out, q, keys, values, k_new, v_new, mask, pairs, q_heads, kv_heads, head_dim, cols, capacity, "
      "scale, is_bf16, threads): one new token per row attending to its cached keys and values and its own, which "
      "it writes into the cache's column cols - 1 (see loratune.inference.block_step)."},
+    {"rows_attention", (PyCFunction)(void (*)(void))rows_attention, METH_FASTCALL,
+     "rows_attention(out, q, keys, values, allowed, items, queries, block, q_heads, kv_heads, head_dim, cols, "
+     "capacity, scale, is_bf16, threads): a prompt's attention, each query over its allowed columns in order, "
+     "whatever else the call holds (see loratune.kernels.fused.rows_attention)."},
     {"silu_mul", (PyCFunction)(void (*)(void))silu_mul, METH_FASTCALL,
      "silu_mul(out, gate, up, n, is_bf16, threads): out = silu(gate)·up over n elements (addresses)."},
     {"silu_mul_backward", (PyCFunction)(void (*)(void))silu_mul_backward, METH_FASTCALL,
