@@ -2,7 +2,8 @@
 
 1. The products: every weight of smollm2-135m (30 blocks' seven projections and the output head, random values
    of the same shapes) multiplied by a few rows, as one decoding step does: the few-row kernel
-   (`kernels.rows`) against `F.linear` (BLAS), per number of rows and dtype, with the rate each reads the weights.
+   (`kernels.rows`; more rows than it takes for decoding, in spans, as `serve --batch-invariant` runs them)
+   against `F.linear` (BLAS), per number of rows and dtype, with the rate each reads the weights.
 2. The engine: one sequence (`--sequences`: several at once) of 64 greedy tokens through the serving engine on
    smollm2-135m (`--dtype`: fp32 or bf16) with a random r=8 all-linear adapter, the median time per decoding
    step with the kernels and each block as kernel calls (`inference.block_step`), with the kernels inside
@@ -63,12 +64,10 @@ def products(rows_list: list[int], repeats: int, offset_bytes: int = 0) -> None:
         weights = placed(weights, offset_bytes)
         size = sum(w.numel() * w.element_size() for w in weights)
         for n in rows_list:
-            if not rows.takes(n, dtype) and dtype != torch.bfloat16:  # (bf16: any rows, in spans)
-                continue
             inputs = {i: torch.randn(n, i).to(dtype) for i in (576, 1536)}
 
             def kernel(weights=weights, inputs=inputs):
-                with rows.decoding():
+                with rows.decoding(), rows.batch_invariant():  # (more rows than few: in spans, as --batch-invariant)
                     for w in weights:
                         rows.product(inputs[w.shape[1]], w)
 
