@@ -11,10 +11,11 @@ BLAS's products win), and the caller runs ``F.linear``.
 The kernel sums in another order than BLAS, so its products differ from ``F.linear``'s in the last bits. It runs
 only inside ``decoding()`` (``inference.decode.inference`` enters it, in the thread that generates): there every
 product of a few rows takes it, so a model with a fresh adapter still computes exactly what its base computes,
-as it does everywhere else with BLAS. Inside ``batch_invariant()`` as well it takes any number of rows, in spans
-of the most it takes (``row_range``): each row's sum is then the same bits whatever else the batch holds, where
-BLAS rounds a row by how many rows come with it (in bf16 enough to change a greedy answer with the batch), at
-the cost of BLAS's speed on a prompt's many rows (``docs/benchmarks.md``).
+as it does everywhere else with BLAS. A prompt's many rows it takes in spans of the most it takes (``row_range``)
+in float32 where that is faster than BLAS (AVX-512 CPUs), and in any dtype inside ``batch_invariant()``: each
+row's sum is then the same bits whatever else the batch holds, where BLAS rounds a row by how many rows come with
+it (in bf16 enough to change a greedy answer with the batch), at the cost of BLAS's speed on a prompt's many bf16
+rows (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ ROWS = {torch.float32: (1, 64), torch.bfloat16: (1, 16)}
 PAIR_PRODUCT_BF16_MOST = 64
 WIDENED_BF16_MOST = 8
 _PAIR_PRODUCTS = ("avx512bf16", "amx")  # the kernel variants with bf16 pair products
+# the variants that take float32 rows of any number, in spans of 64 (a prompt's): with AVX-512 they run
+# 1.75-2.2x the speed of PyTorch's float32 products at 64-512 rows on the CPU measured (docs/benchmarks.md)
+_SPANS_FP32 = ("avx512", "avx512bf16", "amx")
 _DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _here = threading.local()  # .decoding, .invariant: inside decoding(), batch_invariant() in this thread
@@ -94,9 +98,16 @@ def _native_bf16() -> bool:
 
 
 def takes(rows: int, dtype: torch.dtype) -> bool:
-    """Whether the kernel multiplies ``rows`` rows of ``dtype`` (see ``row_range``)."""
+    """Whether the kernel multiplies ``rows`` rows of ``dtype`` in one call (see ``row_range``)."""
     fewest, most = row_range(dtype)
     return fewest <= rows <= most
+
+
+def takes_in_spans(rows: int, dtype: torch.dtype) -> bool:
+    """Whether ``product`` takes ``rows`` rows of ``dtype``, more than ``takes`` does, in spans of the most it
+    takes: inside ``batch_invariant()``, and float32 on the variants where that is faster than PyTorch's
+    products (``_SPANS_FP32``)."""
+    return rows > row_range(dtype)[1] > 0 and (invariant() or (dtype == torch.float32 and isa() in _SPANS_FP32))
 
 
 def plain(tensor: torch.Tensor | None) -> bool:
@@ -132,14 +143,14 @@ def raw_lora():
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """``F.linear(x, weight, bias)`` computed by the kernel (float32 sums, rounded once into the dtype), or None
     where the kernel does not take it: outside ``decoding()``; x (…, in) of as many rows as ``row_range`` gives
-    (inside ``batch_invariant()`` any number, in spans of the most it gives), contiguous, on the CPU,
+    (more in spans of the most it gives: ``takes_in_spans``), contiguous, on the CPU,
     in the weight's dtype (float32 or bf16); weight (out × in) and bias (out) contiguous likewise; autograd off
     or nothing that needs a gradient."""
     dtype = weight.dtype
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     if (
         not active()
-        or not (takes(rows, dtype) or (invariant() and rows > 0 and row_range(dtype)[1] > 0))
+        or not (takes(rows, dtype) or takes_in_spans(rows, dtype))
         or x.dtype != dtype
         or x.device.type != "cpu"
         or not x.is_contiguous()
