@@ -20,6 +20,20 @@ static inline __attribute__((always_inline)) float NAME(dot_dim)(const char *a, 
     return s;
 }
 
+/* acc[i] += e · v[i] for the dim values of v (bf16 or float32), in float32. */
+static inline __attribute__((always_inline)) void NAME(add_scaled)(float *acc, float e, const char *v, int64_t dim,
+                                                                  int bf16) {
+    const int64_t es = bf16 ? 2 : 4;
+    int64_t i = 0;
+    for (; i + 8 <= dim; i += 8) {
+        NAME(f32x8) a;
+        memcpy(&a, acc + i, 32);
+        a += e * NAME(load8)(v + i * es, bf16);
+        memcpy(acc + i, &a, 32);
+    }
+    for (; i < dim; i++) acc[i] += e * NAME(load1)(v, i, bf16);
+}
+
 /* For the (row, query head) pairs [begin, end), pair p being row p / q_heads and head p % q_heads (its key/value
  * head: head / (q_heads / kv_heads)):
  *   out[r, h] = softmax(scale · q[r, h]·K[r, g]ᵀ over the columns c with mask[r, c] ≠ 0) · V[r, g]
@@ -59,15 +73,7 @@ void NAME(decode_attention)(void *out, const void *q, void *keys, void *values, 
             if (!m[c]) continue;
             const float e = expf(scores[c] - top);
             total += e;
-            const char *v = c == cols - 1 ? vn : vc + c * dim * es;
-            int64_t i = 0;
-            for (; i + 8 <= dim; i += 8) {
-                NAME(f32x8) a;
-                memcpy(&a, acc + i, 32);
-                a += e * NAME(load8)(v + i * es, bf16);
-                memcpy(acc + i, &a, 32);
-            }
-            for (; i < dim; i++) acc[i] += e * NAME(load1)(v, i, bf16);
+            NAME(add_scaled)(acc, e, c == cols - 1 ? vn : vc + c * dim * es, dim, bf16);
         }
         char *o = (char *)out + (r * q_heads + h) * dim * es;
         const float inverse = 1.f / total;
@@ -177,14 +183,7 @@ void NAME(rows_attention)(void *out, const void *q, const void *keys, const void
                         const float e = sh[c - first];
                         const char *v = vc + c * dim * es;
                         total += e;
-                        int64_t d = 0;
-                        for (; d + 16 <= dim; d += 16) {
-                            NAME(f32x16) a;
-                            memcpy(&a, ah + d, 64);
-                            a += e * NAME(load16)(v + d * es, bf16);
-                            memcpy(ah + d, &a, 64);
-                        }
-                        for (; d < dim; d++) ah[d] += e * NAME(load1)(v, d, bf16);
+                        NAME(add_scaled)(ah, e, v, dim, bf16);
                     }
                 }
                 const float inverse = 1.f / total;
