@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from loratune.kernels.loader import compiled as _cpu
 from loratune.kernels.loader import isa, kernel_available, runnable_isas
 
-# The rows the kernel takes per dtype (fewest, most). Float32: up to 64 rows it beats BLAS on the CPUs measured
-# (docs/benchmarks.md), beyond that BLAS's blocking wins. bf16: up to 64 where the kernel multiplies bf16 pairs
-# itself (its AVX512-BF16 copy), as fast as PyTorch's bf16 products at 64 rows; else up to 16 where PyTorch
-# widens bf16 to float32 for its products, and up to WIDENED_BF16_MOST on CPUs whose PyTorch has bf16 products
-# of its own (there they win from 16 rows on over the kernel widening bf16).
+# The rows the kernel takes per dtype in one call (fewest, most). Float32: up to 64 rows it beats BLAS on the CPUs
+# measured (docs/benchmarks.md); beyond that, in spans of 64 on AVX-512 CPUs (_SPANS_FP32), BLAS elsewhere. bf16:
+# up to 64 where the kernel multiplies bf16 pairs itself (its AVX512-BF16 copy), as fast as PyTorch's bf16
+# products at 64 rows; else up to 16 where PyTorch widens bf16 to float32 for its products, and up to
+# WIDENED_BF16_MOST on CPUs whose PyTorch has bf16 products of its own (there they win from 16 rows on over the
+# kernel widening bf16).
 ROWS = {torch.float32: (1, 64), torch.bfloat16: (1, 16)}
 PAIR_PRODUCT_BF16_MOST = 64
 WIDENED_BF16_MOST = 8
@@ -143,9 +144,9 @@ def raw_lora():
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """``F.linear(x, weight, bias)`` computed by the kernel (float32 sums, rounded once into the dtype), or None
     where the kernel does not take it: outside ``decoding()``; x (…, in) of as many rows as ``row_range`` gives
-    (more in spans of the most it gives: ``takes_in_spans``), contiguous, on the CPU,
-    in the weight's dtype (float32 or bf16); weight (out × in) and bias (out) contiguous likewise; autograd off
-    or nothing that needs a gradient."""
+    (more in spans of the most it gives: ``takes_in_spans``), contiguous, on the CPU, in the weight's dtype
+    (float32 or bf16); weight (out × in) and bias (out) contiguous likewise; autograd off or nothing that needs a
+    gradient."""
     dtype = weight.dtype
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     if (
@@ -161,7 +162,7 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         return None
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=dtype)
     most = row_range(dtype)[1]
-    for first in range(0, rows, most):  # (more rows: batch_invariant(), in spans of the most the kernel takes)
+    for first in range(0, rows, most):  # (more rows than it takes in one call: in spans, see takes_in_spans)
         _cpu.linear_rows(
             out.data_ptr() + first * weight.shape[0] * out.element_size(),
             x.data_ptr() + first * weight.shape[1] * x.element_size(),
