@@ -923,3 +923,28 @@ def test_more_processes_than_cores_are_refused(capsys, ws, tmp_path, monkeypatch
     status, _, err = cli(capsys, "train", ws["config"], "--set", f"output_dir={tmp_path / 'run'}", "--nproc", "64")
     assert_one_line_error(status, err, "train", "--nproc 64", "CPU cores")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_log_stopped_while_it_starts_leaves_nothing_unrecorded(tmp_path, monkeypatch):
+    """A run's metrics.jsonl (and GRPO's completions.jsonl) is recorded before it appears under its name: a stop in
+    between (here: recording it raising, as a SIGKILL would stop there) leaves no file the run's record does not
+    list, which would make a sweep refuse to continue the run."""
+    import loratune.outputs.manifest as manifest_module
+    import loratune.train.metrics as metrics_module
+    from loratune.outputs import Manifest, open_record
+    from loratune.train.metrics import MetricsLog
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    for module in (manifest_module, metrics_module):
+        monkeypatch.setattr(module, "record_published", stopped, raising=False)
+    with open_record(run, "run"), pytest.raises(KeyboardInterrupt):
+        MetricsLog(run)
+    assert Manifest.read(run).foreign(run) == []
+    monkeypatch.undo()
+    with open_record(run, "run"):
+        MetricsLog(run).log({"step": 1, "loss": 1.0})
+    assert Manifest.read(run).foreign(run) == []
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'

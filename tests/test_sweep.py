@@ -107,6 +107,7 @@ def test_a_killed_sweep_continues_where_it_stopped(base_config, tmp_path):
         time.sleep(0.1)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    process.stderr.close()
     assert (out / "r=2" / "summary.json").exists(), "the first run did not finish in time"
     first = (out / "r=2" / "summary.json").stat().st_mtime_ns
 

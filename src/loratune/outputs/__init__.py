@@ -19,7 +19,14 @@ from loratune.outputs.guard import (
     written_by_loratune,
 )
 from loratune.outputs.lock import OutputInUse
-from loratune.outputs.manifest import MANIFEST_NAME, Manifest, open_record, record_published, record_removed
+from loratune.outputs.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    open_record,
+    record_published,
+    record_removed,
+    start_log,
+)
 from loratune.outputs.paths import check_location, refuse_aliasing, resolved
 from loratune.outputs.write import publish_dir, remove_written, write_atomic, write_output_dir, write_text_atomic
 
@@ -42,6 +49,7 @@ __all__ = [
     "refuse_aliasing",
     "remove_written",
     "resolved",
+    "start_log",
     "write_atomic",
     "write_output_dir",
     "write_text_atomic",

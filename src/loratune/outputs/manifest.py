@@ -310,6 +310,23 @@ def record_published(final: str | os.PathLike, source: str | os.PathLike | None 
             record.save()
 
 
+def start_log(path: str | os.PathLike) -> None:
+    """Make ``path`` a log loratune appends to, recorded as written (as ``record_published(..., appended=True)``).
+    A new one is created under a temporary name, recorded, then renamed into place: a process killed at any point
+    leaves no log the record does not list, which would make the directory refuse to be continued."""
+    path = Path(path)
+    if path.exists():
+        record_published(path, appended=True)
+        return
+    temp = temp_file_beside(path)
+    try:
+        record_published(path, temp, appended=True)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
 def record_removed(final: str | os.PathLike) -> None:
     """Forget ``final`` (removed by loratune) in every open record over it."""
     target = resolved(final)

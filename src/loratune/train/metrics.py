@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from loratune.errors import ConfigError
-from loratune.outputs import record_published, write_atomic, write_text_atomic
+from loratune.outputs import record_published, start_log, write_atomic, write_text_atomic
 
 
 class MetricsLog:
@@ -15,8 +15,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, tensorboard: bool = False):
         self.path = run_dir / "metrics.jsonl"
-        self.path.touch()
-        record_published(self.path, appended=True)  # a log: recorded once, it only grows
+        start_log(self.path)  # recorded once, it only grows
         self._writer = None
         if tensorboard:
             try:

@@ -51,7 +51,7 @@ from loratune.inference.evaluate import EvalResult
 from loratune.inference.logprobs import target_logprobs
 from loratune.inference.sequence import Delta, Failed, Finished, SamplingParams, Sequence
 from loratune.models.devices import model_device
-from loratune.outputs import record_published, write_text_atomic
+from loratune.outputs import start_log, write_text_atomic
 from loratune.train import distributed
 from loratune.train.objectives.base import ObjectiveDefaults, RunData, train_and_eval_rows
 from loratune.train.objectives.sft import CausalLM
@@ -453,8 +453,7 @@ class GRPO(ObjectiveDefaults):
             if path.is_file():
                 kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
                 write_text_atomic(path, "".join(line + "\n" for line in kept))
-            path.touch()
-            record_published(path, appended=True)  # a log: recorded once, it only grows (--overwrite may replace it)
+            start_log(path)  # recorded once, it only grows (--overwrite may replace it)
         if not self.samples or self.samples_logged == self.samples[0]["generation"]:
             return
         self.samples_logged = self.samples[0]["generation"]
