@@ -948,3 +948,20 @@ def test_a_log_stopped_while_it_starts_leaves_nothing_unrecorded(tmp_path, monke
         MetricsLog(run).log({"step": 1, "loss": 1.0})
     assert Manifest.read(run).foreign(run) == []
     assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+def test_a_checkpoint_killed_while_staged_leaves_a_run_that_can_be_continued(tmp_path):
+    """A SIGKILL while the first checkpoint is staged leaves ``checkpoints/`` holding only its staging directory
+    (a temporary name), not yet recorded: the run's record takes it as loratune's leftover, not as someone else's
+    files; an empty directory loratune did not record is still foreign."""
+    from loratune.files import temp_dir_beside
+    from loratune.outputs import Manifest, open_record
+
+    run = tmp_path / "run"
+    with open_record(run, "run"):
+        pass
+    staging = temp_dir_beside(run / "checkpoints" / "step-5")
+    (staging / "adapter_model.safetensors").write_bytes(b"partial")
+    assert Manifest.read(run).foreign(run) == []
+    (run / "elsewhere").mkdir()
+    assert Manifest.read(run).foreign(run) == ["elsewhere/"]

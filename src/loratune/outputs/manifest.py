@@ -211,7 +211,7 @@ class Manifest:
                         )
                     elif rel in known_dirs:
                         visit(Path(entry.path), rel + "/")
-                    elif not _begun_output(Path(entry.path)):
+                    elif not _begun_output(Path(entry.path)) and not _only_leftovers(Path(entry.path)):
                         found.append(rel + "/")
                 elif rel not in self.files:
                     found.append(rel)
@@ -227,6 +227,14 @@ class Manifest:
                 if e.name != MANIFEST_NAME and not ours_by_name(e.name)
             ]
         return found
+
+
+def _only_leftovers(path: Path) -> bool:
+    """Whether directory ``path`` holds loratune's temporary or lock entries and nothing else: made for something
+    loratune was writing (a checkpoint's staging inside ``checkpoints/``) when it was killed, before the result was
+    recorded. Nothing in it can be lost; an empty directory is not taken as loratune's."""
+    names = os.listdir(path)
+    return bool(names) and all(ours_by_name(name) for name in names)
 
 
 def _begun_output(path: Path) -> bool:
