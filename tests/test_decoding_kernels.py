@@ -146,11 +146,13 @@ def test_a_batch_invariant_lora_layer_gives_each_row_of_a_prompt_batch_the_bits_
     for name, rank in (("a", 4), ("b", 8)):
         layer.add_adapter(name, r=rank, lora_alpha=8, init=False)
     layer.set_active(("a", "b"))
-    names = ("a", "b", "__base__", "a")
-    x = torch.randn(len(names), 40, 40).to(dtype)  # four prompts of 40 tokens: 160 rows, more than few
+    names = ("a", "b", "__base__", "a", (("a", 0.5), ("b", -0.3)))  # the last: a weighted mix
+    x = torch.randn(len(names), 40, 40).to(dtype)  # five prompts of 40 tokens: 200 rows, more than few
     with torch.no_grad(), rows.batch_invariant():
         layer.set_routing(Routing(names))
         together = layer(x)
+        strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # the same values, not contiguous
+        assert torch.equal(layer(strided), together)
         for i, name in enumerate(names):
             layer.set_routing(Routing((name,)))
             assert torch.equal(together[i], layer(x[i : i + 1])[0]), name

@@ -110,12 +110,13 @@ class Planned(Backend):
 
 
 class Kernel(Backend):
-    """Without autograd, few contiguous rows on a CPU: the plan's update added by the compiled kernel."""
+    """Without autograd, few contiguous rows on a CPU (a batch-invariant plan: any rows): the plan's update added by
+    the compiled kernel."""
 
     name = "kernel"
 
     def forward(self, layer, x, plan: Plan):
-        return plan.run_kernel(x)
+        return plan.run_kernel(x.contiguous())  # (a batch-invariant plan's: any x, see select)
 
 
 REFERENCE, BASE, FUSED, STACKED, PLAN, KERNEL = Reference(), Base(), Fused(), Stacked(), Planned(), Kernel()
@@ -140,7 +141,10 @@ def select(layer, x: torch.Tensor) -> tuple[Backend, object]:
         return REFERENCE, None
     if plan.A is None:
         return BASE, plan
-    return (KERNEL, plan) if plan.kernel is not None and x.is_contiguous() else (PLAN, plan)
+    # A batch-invariant plan's update is the kernel's whatever x's layout: its factors may hold rows of their own
+    # for weighted mixes, which only the kernel's blocks read, and another path would round rows differently.
+    usable_kernel = plan.kernel is not None and (x.is_contiguous() or plan.invariant)
+    return (KERNEL, plan) if usable_kernel else (PLAN, plan)
 
 
 _trace: list[str] | None = None
