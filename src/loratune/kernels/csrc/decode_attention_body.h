@@ -89,15 +89,15 @@ void NAME(decode_attention)(void *out, const void *q, void *keys, void *values, 
  * weighted sum of values over the allowed columns in order: a query's output depends on its own allowed keys and
  * values alone, not on the other rows, padding columns or how many queries a call takes (the batch-invariant
  * serving's guarantee). q, out: rows × queries × q_heads × dim; keys, values: rows × kv_heads × capacity × dim
- * (the first cols columns read); allowed: rows × queries × cols bytes; work: dim · width + group · (width + 2 · dim)
- * floats of scratch, width = cols rounded up to 16. A query with no allowed column (a padding position) gets
+ * (the first cols columns read); allowed: rows × queries × cols bytes; work: (dim + 1) · width + 2 · dim floats of
+ * scratch, width = cols rounded up to 16. A query with no allowed column (a padding position) gets
  * zeros. */
 void NAME(rows_attention)(void *out, const void *q, const void *keys, const void *values, const uint8_t *allowed,
                           int64_t queries, int64_t block, int64_t q_heads, int64_t kv_heads, int64_t dim, int64_t cols,
                           int64_t capacity, float scale, float *work, int64_t begin, int64_t end, int bf16) {
     const int64_t es = bf16 ? 2 : 4, group = q_heads / kv_heads, blocks = (queries + block - 1) / block;
     const int64_t width = (cols + 15) / 16 * 16;
-    float *kt = work, *scores = kt + dim * width, *acc = scores + group * width, *qf = acc + group * dim;
+    float *kt = work, *sh = kt + dim * width, *ah = sh + width, *qh = ah + dim;  /* keys; one query head's own */
     for (int64_t p = begin; p < end; p++) {
         const int64_t b = p % blocks, g = (p / blocks) % kv_heads, r = p / (blocks * kv_heads);
         const int64_t t0 = b * block, t1 = t0 + block < queries ? t0 + block : queries;
@@ -132,7 +132,6 @@ void NAME(rows_attention)(void *out, const void *q, const void *keys, const void
                     for (int64_t d = 0; d < dim; d++) NAME(store1)(o, d, 0.f, bf16);
                     continue;
                 }
-                float *sh = scores + h * width, *ah = acc + h * dim, *qh = qf + h * dim;
                 for (int64_t d = 0; d < dim; d++) qh[d] = NAME(load1)((const char *)q + at * dim * es, d, bf16);
                 int64_t c0 = from / 16 * 16;
                 for (; c0 + 48 <= to; c0 += 64) {  /* four runs of 16 keys: four independent sums (latency) */
@@ -163,7 +162,6 @@ void NAME(rows_attention)(void *out, const void *q, const void *keys, const void
                     memcpy(sh + c0 - first, &e, 64);
                 }
                 float total = 0.f;
-                for (int64_t d = 0; d < dim; d++) ah[d] = 0.f;
                 if (dim == 64) {  /* the common head size: the weighted sum in registers */
                     NAME(f32x16) a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
                     for (int64_t c = from; c <= to; c++) {
@@ -178,6 +176,7 @@ void NAME(rows_attention)(void *out, const void *q, const void *keys, const void
                     }
                     memcpy(ah, &a0, 64), memcpy(ah + 16, &a1, 64), memcpy(ah + 32, &a2, 64), memcpy(ah + 48, &a3, 64);
                 } else {
+                    for (int64_t d = 0; d < dim; d++) ah[d] = 0.f;
                     for (int64_t c = from; c <= to; c++) {
                         if (!m[c]) continue;
                         const float e = sh[c - first];

@@ -172,8 +172,8 @@ static void run_decode_attention(const int64_t *v, float scale, int64_t b, int64
 /* v: out, q, keys, values, allowed, items, queries, block, q_heads, kv_heads, dim, cols, capacity, is_bf16; eps:
  * the scale. A span is a range of (row, key/value head, block of queries) items; each thread has its own scratch. */
 static void run_rows_attention(const int64_t *v, float scale, int64_t b, int64_t e) {
-    const int64_t width = (v[11] + 15) / 16 * 16, group = v[8] / v[9];
-    float *work = (float *)malloc((size_t)(v[10] * width + group * (width + 2 * v[10])) * sizeof(float));
+    const int64_t width = (v[11] + 15) / 16 * 16;
+    float *work = (float *)malloc((size_t)((v[10] + 1) * width + 2 * v[10]) * sizeof(float));
     if (work == NULL) return;
     rows_attention_impl(PTR(0), PTR(1), PTR(2), PTR(3), (const uint8_t *)PTR(4), v[6], v[7], v[8], v[9], v[10], v[11],
                         v[12], scale, work, b, e, (int)v[13]);
