@@ -574,18 +574,20 @@ def test_failed_load_of_an_unconverted_pissa_adapter_restores_the_original_base(
     assert_same_logits(logits(model, input_ids), before)
 
 
+SUFFIX_MATCHED = {
+    "model.norm",
+    *(f"model.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")),
+}
+
+
 @pytest.mark.parametrize(
     "peft_version, saved",
     [
         (None, {"model.norm"}),
         ("0.22.0", {"model.norm"}),
-        (
-            "0.21.2",
-            {
-                "model.norm",
-                *(f"model.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")),
-            },
-        ),
+        ("not a version", {"model.norm"}),  # unreadable: taken as current
+        ("0.21.2", SUFFIX_MATCHED),
+        ("0.17.1.dev0", SUFFIX_MATCHED),
     ],
 )
 def test_modules_to_save_names_modules_as_the_peft_that_wrote_the_adapter(peft_version, saved):

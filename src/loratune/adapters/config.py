@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from loratune.errors import AdapterLoadError, ConfigError
@@ -191,17 +192,16 @@ class LoraConfig(BaseModel):
             config = cls(**known)
         except ConfigError as exc:
             raise AdapterLoadError(f"{source}: {exc}") from None
-        config._plain_suffix = _written_before(data.get("peft_version"), (0, 22))
+        config._plain_suffix = _written_before(data.get("peft_version"), "0.22")
         return config
 
 
-def _written_before(version: object, release: tuple[int, int]) -> bool:
-    """Whether a recorded PEFT version (``"0.21.2"``, ``"0.17.1.dev0"``; None when not recorded) is older than
-    ``release`` (major, minor)."""
-    parts = str(version).split(".")[:2] if version else []
+def _written_before(version: object, release: str) -> bool:
+    """Whether a recorded PEFT version (``"0.21.2"``, ``"0.17.1.dev0"``; None when not recorded, or unreadable:
+    taken as current) is older than ``release``."""
     try:
-        return tuple(int(p) for p in parts) < release if len(parts) == 2 else False
-    except ValueError:
+        return version is not None and Version(str(version)) < Version(release)
+    except InvalidVersion:
         return False
 
 
