@@ -5,6 +5,7 @@
 #   scripts/experiments.sh encoder            # the encoder table, a rate per method: ~11 minutes on a 2-core CPU
 #   scripts/experiments.sh table5 table6 full # the demo-task tables: hours on a 2-core CPU (full: 39 minutes)
 #   scripts/experiments.sh subspace           # §7.2/§7.3 from table6's adapters: ~5 minutes
+#   scripts/experiments.sh strength           # table5's W_q adapters (3 seeds) at strengths 0..2: ~50 minutes
 #   scripts/experiments.sh numbers mix        # two task adapters mixed (after full): ~19 minutes
 #   scripts/experiments.sh pairs              # the sentence-pair task's full and LoRA references: ~8 minutes
 #   scripts/experiments.sh d90pairs           # d90 on the sentence-pair task (after pairs): ~1 hour
@@ -54,6 +55,12 @@ subspace() {  # the paper's §7.2 / §7.3 on Table 6's W_q + W_v adapters (after
     "$PYTHON" scripts/subspace_study.py --sweep "$OUT/demo/table6" --work "$OUT/demo/subspace" \
         --loratune "$(command -v "$LORATUNE")"
 }
+strength() {  # an adapter's strength as a dial: Table 5's W_q row, each seed's adapter at strengths 0 to 2 (after table5)
+    "$PYTHON" scripts/strength_curve.py "$OUT"/demo/table5/target_modules=q_proj,seed={0,1,2}/adapter \
+        --data examples/demo/eval.jsonl --max-examples 100 --csv docs/experiments/strength.csv \
+        --plot docs/images/strength.png
+}
+
 full() {  # LoRA against full fine-tuning on the demo task
     sweep demo/full "$DEMO" --grid train.method=full --grid train.lr=2e-5,1e-4 \
         --set train.exact_match=true --set data.retain=builtin
@@ -124,7 +131,7 @@ d90demo() {  # the same on the demo task, every one of smollm2-135m's weights pr
 
 sections=("$@")
 [[ ${#sections[@]} -eq 0 ]] && { sed -n '2,15p' "$0"; exit 2; }
-[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace full numbers mix pairs d90pairs d90demo)
+[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace strength full numbers mix pairs d90pairs d90demo)
 if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps, as far as they got
     for section in "${sections[@]:1}"; do
         case $section in
@@ -148,7 +155,7 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
 fi
 for section in "${sections[@]}"; do
     case $section in
-        table5 | table6 | subspace | full | numbers | mix | encoder | pairs | d90pairs | d90demo) "$section" ;;
-        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace full numbers mix encoder pairs d90pairs d90demo all)" >&2; exit 2 ;;
+        table5 | table6 | subspace | strength | full | numbers | mix | encoder | pairs | d90pairs | d90demo) "$section" ;;
+        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace strength full numbers mix encoder pairs d90pairs d90demo all)" >&2; exit 2 ;;
     esac
 done

@@ -1,8 +1,11 @@
 """The LoRA paper's §7.2 and §7.3 on the demo task, from Table 6's W_q + W_v adapters (docs/experiments.md).
 
+Every number for each of the sweep's three seeds (the tables: mean ± standard deviation over them).
+
 §7.2 (Figures 3 and 4): the subspace similarity φ(i, j) of the A matrices' right-singular vectors between r = 8
-and r = 64 (seed 0), between two seeds of r = 64, and between random Gaussian matrices of the same shapes (the
-baseline the paper draws); at the first, middle (the paper's choice: its 48th of 96 layers) and last block.
+and r = 64 of the same seed, between r = 64 of two seeds (0-1, 1-2, 2-0), and between random Gaussian matrices
+of the same shapes (the baseline the paper draws); at the first, middle (the paper's choice: its 48th of 96
+layers) and last block.
 How far A moved from its initialisation, ‖A − A₀‖_F / ‖A₀‖_F, says whether φ can be more than the random
 baseline: A₀ comes from a one-step run of the same configuration at lr 1e-12 (the trainer's own initialisation,
 written to --work once). As a column of ours, not the paper's, the same φ(1, 1) on the updates ΔW = s·B·A
@@ -14,6 +17,7 @@ vectors, W the base weight), per block and as the median over blocks; and, as th
 
     python scripts/subspace_study.py                    # after `scripts/experiments.sh table6`
     python scripts/subspace_study.py --sweep runs/experiments/demo/table6 --out docs/experiments/demo
+    python scripts/subspace_study.py --report docs/experiments/demo/subspace.csv   # the tables again
 
 Writes OUT/subspace.csv (every number below, per module) and docs/images/subspace-demo.png; prints the tables.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import statistics
 import subprocess
@@ -32,6 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = "q_proj+v_proj"
+RANKS, SEEDS = (4, 8, 64), (0, 1, 2)
 
 
 def run_dir(sweep: Path, r: int, seed: int) -> Path:
@@ -66,6 +72,61 @@ def top_direction(f) -> torch.Tensor:
     return Vh[:1]
 
 
+def blocks_shown(layers: list[int]) -> list[tuple[int | None, str]]:
+    """The tables' columns: the first, middle (the paper's choice: its 48th of 96 layers) and last block, and the
+    median over blocks (None)."""
+    shown = [layers[0], layers[len(layers) // 2], layers[-1]]
+    return [*[(layer, f"block {layer}") for layer in shown], (None, "median of blocks")]
+
+
+def tables(rows: list[dict], where: list[tuple[int | None, str]]) -> str:
+    """The markdown tables docs/experiments.md shows: each cell the mean ± standard deviation over the seeds of one
+    block's value, or of each seed's median over the blocks."""
+
+    def cell(kind: str, layer: int | None, key: str) -> str:
+        per_seed = []
+        for seed in SEEDS:
+            mine = [r for r in rows if r["kind"] == kind and int(r["seed"]) == seed]
+            values = [float(r[key]) for r in mine if layer is None or int(r["layer"]) == layer]
+            per_seed.append(statistics.median(values))
+        mean, spread = statistics.mean(per_seed), statistics.stdev(per_seed)
+        # three significant digits of the mean, the spread to the same decimal; none where the seeds agree (W)
+        decimals = max(0, 2 - math.floor(math.log10(abs(mean)))) if mean else 3
+        return f"{mean:.{decimals}f}" + (f" ± {spread:.{decimals}f}" if spread else "")
+
+    phi = [
+        ("phi11_r8_r64", "φ(1,1), r=8 vs r=64 (same seed)"),
+        ("phi88_r8_r64", "φ(8,8), r=8 vs r=64"),
+        ("phi11_r64_seeds", "φ(1,1), r=64 of two seeds"),
+        ("phi_mean_r64_seeds", "φ(64,64), r=64 of two seeds"),
+        ("phi11_random", "φ(1,1), Gaussian 8 × k vs 64 × k"),
+        ("phi88_random", "φ(8,8), Gaussian"),
+        ("update_phi11_r8_r64", "ΔW's top direction, r=8 vs r=64"),
+        ("A_moved_r8", "‖A − A₀‖/‖A₀‖, r=8"),
+        ("A_moved_r64", "‖A − A₀‖/‖A₀‖, r=64"),
+    ]
+    kinds = ("q_proj", "v_proj")
+    lines = ["| quantity | " + " | ".join(f"{kind} {name}" for kind in kinds for _, name in where) + " |"]
+    lines.append("|---" * (1 + len(kinds) * len(where)) + "|")
+    for key, name in phi:
+        lines.append(f"| {name} | " + " | ".join(cell(kind, layer, key) for kind in kinds for layer, _ in where) + " |")
+    lines += ["", "| W_q's amplification factor | " + " | ".join(name for _, name in where) + " |"]
+    lines.append("|---" * (1 + len(where)) + "|")
+    for r in RANKS:
+        lines.append(
+            f"| r = {r} | " + " | ".join(cell("q_proj", layer, f"amplification_r{r}") for layer, _ in where) + " |"
+        )
+    lines += ["", "| W_q (the paper's Table 7) | " + " | ".join(name for _, name in where) + " |"]
+    lines.append("|---" * (1 + len(where)) + "|")
+    table7 = [("‖W‖_F", "norm_W")]
+    for r in (4, 64):
+        table7 += [(f"‖ΔW‖_F, r={r}", f"norm_dW_r{r}"), (f"‖UᵀWV‖_F, U, V from ΔW, r={r}", f"proj_dW_r{r}")]
+        table7 += [(f"‖UᵀWV‖_F, W's own top-{r}", f"proj_W_r{r}"), (f"‖UᵀWV‖_F, random, r={r}", f"proj_random_r{r}")]
+    for name, key in table7:
+        lines.append(f"| {name} | " + " | ".join(cell("q_proj", layer, key) for layer, _ in where) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", type=Path, default=ROOT / "runs/experiments/demo/table6")
@@ -74,105 +135,81 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/images/subspace-demo.png")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--loratune", default=str(Path(sys.executable).parent / "loratune"))
+    parser.add_argument("--report", type=Path, help="print the tables from this subspace.csv (nothing is computed)")
     args = parser.parse_args()
+    if args.report:
+        with args.report.open() as handle:
+            rows = list(csv.DictReader(handle))
+        layers = sorted({int(r["layer"]) for r in rows})
+        print(tables(rows, blocks_shown(layers)))
+        return
 
     from loratune.analysis.similarity import amplification, subspace_similarity
     from loratune.cli.rank_tools import weights
 
-    trained = {(r, s): factors(run_dir(args.sweep, r, s) / "adapter") for r, s in [(4, 0), (8, 0), (64, 0), (64, 1)]}
+    trained = {(r, s): factors(run_dir(args.sweep, r, s) / "adapter") for r in RANKS for s in SEEDS}
     initial = {key: factors(initial_adapter(args.sweep, args.work, *key, args.loratune)) for key in trained}
     base = weights(args.model)
     paths = sorted(trained[(8, 0)], key=lambda p: (int(p.split(".layers.")[1].split(".")[0]), p))
     layers = sorted({int(p.split(".layers.")[1].split(".")[0]) for p in paths})
-    shown = [layers[0], layers[len(layers) // 2], layers[-1]]
+    where = blocks_shown(layers)
+    shown = [layer for layer, _ in where if layer is not None]
     generator, projections = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     rows, heat = [], {}
     for path in paths:
         layer, kind = int(path.split(".layers.")[1].split(".")[0]), path.rsplit(".", 1)[-1]
-        a8, a64, a64b = trained[(8, 0)][path], trained[(64, 0)][path], trained[(64, 1)][path]
-        width = a8.A.shape[1]
-        gauss8, gauss64 = torch.randn(8, width, generator=generator), torch.randn(64, width, generator=generator)
-        phi_8_64 = subspace_similarity(a8.A, a64.A)
-        phi_seeds = subspace_similarity(a64.A, a64b.A)
-        phi_random = subspace_similarity(gauss8, gauss64)
-        update_top = float((top_direction(a8) @ top_direction(a64).T).square().sum())
-        row = {
-            "module": path,
-            "layer": layer,
-            "kind": kind,
-            "phi11_r8_r64": float(phi_8_64[0, 0]),
-            "phi88_r8_r64": float(phi_8_64[7, 7]),
-            "phi11_r64_seeds": float(phi_seeds[0, 0]),
-            "phi_mean_r64_seeds": float(phi_seeds[63, 63]),
-            "phi11_random": float(phi_random[0, 0]),
-            "phi88_random": float(phi_random[7, 7]),
-            "update_phi11_r8_r64": update_top,
-        }
-        for r, s in trained:
-            moved = trained[(r, s)][path].A.double() - initial[(r, s)][path].A.double()
-            row[f"A_moved_r{r}_s{s}"] = float(moved.norm() / initial[(r, s)][path].A.double().norm())
-        if kind == "q_proj":
-            weight = base.get(f"{path}.weight").double()
-            singular = torch.linalg.svdvals(weight)
-            row["norm_W"] = float(weight.norm())
-            for r in (4, 8, 64):
-                f = trained[(r, 0)][path]
-                row[f"amplification_r{r}"] = amplification(f, weight)
-                update = f.scaling * f.B.double() @ f.A.double()
-                row[f"norm_dW_r{r}"] = float(update.norm())
-                # Table 7's other rows: ‖UᵀWV‖ with U, V W's own top-r singular vectors, and random orthonormal
-                row[f"proj_W_r{r}"] = float(singular[:r].square().sum().sqrt())
-                U = torch.linalg.qr(torch.randn(weight.shape[0], r, generator=projections, dtype=torch.float64))[0]
-                V = torch.linalg.qr(torch.randn(weight.shape[1], r, generator=projections, dtype=torch.float64))[0]
-                row[f"proj_random_r{r}"] = float((U.T @ weight @ V).norm())
-                row[f"proj_dW_r{r}"] = row[f"norm_dW_r{r}"] / row[f"amplification_r{r}"]
-        rows.append(row)
-        if layer in shown:
-            heat[(layer, kind)] = (phi_8_64, phi_seeds, phi_random)
+        weight = base.get(f"{path}.weight").double() if kind == "q_proj" else None
+        singular = torch.linalg.svdvals(weight) if weight is not None else None
+        for seed in SEEDS:
+            other = SEEDS[(SEEDS.index(seed) + 1) % len(SEEDS)]  # seed pairs 0-1, 1-2, 2-0
+            a8, a64, a64b = trained[(8, seed)][path], trained[(64, seed)][path], trained[(64, other)][path]
+            width = a8.A.shape[1]
+            gauss8, gauss64 = torch.randn(8, width, generator=generator), torch.randn(64, width, generator=generator)
+            phi_8_64 = subspace_similarity(a8.A, a64.A)
+            phi_seeds = subspace_similarity(a64.A, a64b.A)
+            phi_random = subspace_similarity(gauss8, gauss64)
+            row = {
+                "module": path,
+                "layer": layer,
+                "kind": kind,
+                "seed": seed,
+                "other_seed": other,
+                "phi11_r8_r64": float(phi_8_64[0, 0]),
+                "phi88_r8_r64": float(phi_8_64[7, 7]),
+                "phi11_r64_seeds": float(phi_seeds[0, 0]),
+                "phi_mean_r64_seeds": float(phi_seeds[63, 63]),
+                "phi11_random": float(phi_random[0, 0]),
+                "phi88_random": float(phi_random[7, 7]),
+                "update_phi11_r8_r64": float((top_direction(a8) @ top_direction(a64).T).square().sum()),
+            }
+            for r in RANKS:
+                start = initial[(r, seed)][path].A.double()
+                row[f"A_moved_r{r}"] = float((trained[(r, seed)][path].A.double() - start).norm() / start.norm())
+            if weight is not None:
+                row["norm_W"] = float(weight.norm())
+                for r in RANKS:
+                    f = trained[(r, seed)][path]
+                    row[f"amplification_r{r}"] = amplification(f, weight)
+                    row[f"norm_dW_r{r}"] = float((f.scaling * f.B.double() @ f.A.double()).norm())
+                    # Table 7's other rows: ‖UᵀWV‖ with U, V W's own top-r singular vectors, and random orthonormal
+                    row[f"proj_W_r{r}"] = float(singular[:r].square().sum().sqrt())
+                    U = torch.linalg.qr(torch.randn(weight.shape[0], r, generator=projections, dtype=torch.float64))[0]
+                    V = torch.linalg.qr(torch.randn(weight.shape[1], r, generator=projections, dtype=torch.float64))[0]
+                    row[f"proj_random_r{r}"] = float((U.T @ weight @ V).norm())
+                    row[f"proj_dW_r{r}"] = row[f"norm_dW_r{r}"] / row[f"amplification_r{r}"]
+            rows.append(row)
+            if layer in shown and seed == SEEDS[0]:
+                heat[(layer, kind)] = (phi_8_64, phi_seeds, phi_random)
 
     args.out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for row in rows for k in row))  # first-seen order (q_proj rows add amplification)
-    with (args.out / "subspace.csv").open("w", newline="") as handle:
+    temporary = args.out / "subspace.csv.tmp"
+    with temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-
-    def cell(kind: str, layer: int | None, key: str) -> str:
-        values = [row[key] for row in rows if row["kind"] == kind and (layer is None or row["layer"] == layer)]
-        values = [v for v in values if v is not None]
-        return f"{statistics.median(values):.3g}" if layer is None else f"{values[0]:.3g}"
-
-    keys = [
-        ("phi11_r8_r64", "φ(1,1) r=8 vs r=64"),
-        ("phi88_r8_r64", "φ(8,8) r=8 vs r=64"),
-        ("phi11_r64_seeds", "φ(1,1) r=64 seed 0 vs 1"),
-        ("phi_mean_r64_seeds", "φ(64,64) r=64 seeds"),
-        ("phi11_random", "φ(1,1) Gaussian"),
-        ("phi88_random", "φ(8,8) Gaussian"),
-        ("update_phi11_r8_r64", "ΔW top direction, r=8 vs r=64"),
-        ("A_moved_r8_s0", "‖A−A₀‖/‖A₀‖ r=8"),
-        ("A_moved_r64_s0", "‖A−A₀‖/‖A₀‖ r=64"),
-    ]
-    where = [*[(layer, f"block {layer}") for layer in shown], (None, "median of blocks")]
-    print("| quantity | " + " | ".join(f"{kind} {name}" for kind in ("q_proj", "v_proj") for _, name in where) + " |")
-    print("|---" * (1 + 2 * len(where)) + "|")
-    for key, name in keys:
-        values = [cell(kind, layer, key) for kind in ("q_proj", "v_proj") for layer, _ in where]
-        print(f"| {name} | " + " | ".join(values) + " |")
-    print()
-    print("| amplification of W_q | " + " | ".join(name for _, name in where) + " |")
-    print("|---" * (1 + len(where)) + "|")
-    for r in (4, 8, 64):
-        print(f"| r = {r} | " + " | ".join(cell("q_proj", layer, f"amplification_r{r}") for layer, _ in where) + " |")
-    print()
-    print("| W_q (the paper's Table 7) | " + " | ".join(name for _, name in where) + " |")
-    print("|---" * (1 + len(where)) + "|")
-    table7 = [("‖W‖_F", "norm_W")]
-    for r in (4, 64):
-        table7 += [(f"‖ΔW‖_F, r={r}", f"norm_dW_r{r}"), (f"‖UᵀWV‖_F, U, V from ΔW, r={r}", f"proj_dW_r{r}")]
-        table7 += [(f"‖UᵀWV‖_F, W's own top-{r}", f"proj_W_r{r}"), (f"‖UᵀWV‖_F, random, r={r}", f"proj_random_r{r}")]
-    for name, key in table7:
-        print(f"| {name} | " + " | ".join(cell("q_proj", layer, key) for layer, _ in where) + " |")
+    temporary.replace(args.out / "subspace.csv")
+    print(tables(rows, where))
 
     import matplotlib
 

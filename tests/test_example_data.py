@@ -99,3 +99,25 @@ def test_the_encoder_table_is_what_the_kept_run_records_give(tmp_path):
         "| head only | 0.05 | 3 | 3,080 | 99.6 ± 0.5 |",
     ):
         assert row in done.stdout, done.stdout
+
+
+EXPERIMENTS_DOC = ROOT / "docs/experiments.md"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["scripts/strength_curve.py", "--csv", "docs/experiments/strength.csv", "--plot", "{tmp}/strength.png"],
+        ["scripts/subspace_study.py", "--report", "docs/experiments/demo/subspace.csv"],
+    ],
+    ids=["strength", "subspace"],
+)
+def test_the_docs_tables_are_what_their_raw_rows_give(command, tmp_path):
+    """The strength dial's and §7's tables in docs/experiments.md are, row for row, what their scripts compute from
+    the committed CSVs (three seeds each)."""
+    arguments = [a.format(tmp=tmp_path) for a in command]
+    done = subprocess.run([sys.executable, *arguments], cwd=ROOT, check=True, capture_output=True, text=True)
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "|---" not in line]
+    assert len(rows) >= 3, done.stdout
+    doc = EXPERIMENTS_DOC.read_text()
+    assert [row for row in rows if row not in doc] == []
