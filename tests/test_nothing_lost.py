@@ -736,6 +736,12 @@ def test_a_rerun_sweep_refuses_runs_trained_with_other_settings_and_extends_long
     assert "lr: 0.005" in config
     assert Manifest.read(out).foreign(out) == []
 
+    # a setting no run of the sweep's method reads changes nothing: the runs are done as they were
+    status, _, err = cli(
+        capsys, *args, "--set", "train.max_steps=3", "--set", "train.lr=0.005", "--set", "intrinsic.dim=7"
+    )
+    assert status == 0 and err.count("done") >= 2 and "afresh" not in err, err
+
 
 def test_a_sweep_notices_changed_training_data(capsys, ws, tiny_llama_dir, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", addition_rows(8))

@@ -240,8 +240,11 @@ def differences(run_dir: Path, config: TrainConfig) -> list[tuple[str, object, o
     meta = saved.meta or {}
     then = meta.get("requested") or requested_settings(saved)
     old, new = _leaves(then), _leaves(requested_settings(config))
+    methods = {old.get("train.method", "lora"), new.get("train.method", "lora")}
     found = [
-        (key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)
+        (key, old.get(key), new.get(key))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and _used_by(key, methods)
     ]
     for key, digest in (meta.get("data_sha256") or {}).items():
         path = getattr(config.data, key, None)
@@ -265,6 +268,16 @@ def saved_run_config(run_dir: Path) -> TrainConfig:
                 f"--resume: data.{key} ({path}) changed since the run started; use --overwrite to start over"
             )
     return config
+
+
+# settings that only one training method reads: a change of them (a default loratune changed, say) leaves a run of
+# another method what it was
+_METHOD_SECTIONS = {"intrinsic.": "intrinsic"}
+
+
+def _used_by(key: str, methods: set[str]) -> bool:
+    """Whether setting ``key`` can change a run trained (then or now) by one of ``methods``."""
+    return all(not key.startswith(prefix) or method in methods for prefix, method in _METHOD_SECTIONS.items())
 
 
 def _leaves(data, prefix: str = "") -> dict:
