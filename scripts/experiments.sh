@@ -3,9 +3,11 @@
 # continue after a stop), three seeds each, and copies each sweep's results.csv under docs/experiments/.
 #
 #   scripts/experiments.sh encoder            # the encoder table, a rate per method: ~11 minutes on a 2-core CPU
-#   scripts/experiments.sh table5 table6 full # the demo-task tables: hours on a 2-core CPU (full: 39 minutes)
-#   scripts/experiments.sh subspace           # §7.2/§7.3 from table6's adapters: ~5 minutes
-#   scripts/experiments.sh strength           # table5's W_q adapters (3 seeds) at strengths 0..2: ~50 minutes
+#   scripts/experiments.sh table5 table6 full # the demo-task tables, on a 2-core CPU: ~35, ~70 and ~50 minutes
+#   scripts/experiments.sh subspace           # §7.2/§7.3 from table6's adapters: ~2 minutes
+#   scripts/experiments.sh strength           # table5's W_q adapters (3 seeds) at strengths 0..2: ~30 minutes
+#   scripts/experiments.sh adaptersize        # adapter sizes against 7B-shaped bases (configs only): ~2 minutes
+#   scripts/experiments.sh optimizer          # a full fine-tune's optimizer states, AdamW against 8-bit: ~5 minutes
 #   scripts/experiments.sh numbers mix        # two task adapters mixed (after full): ~19 minutes
 #   scripts/experiments.sh pairs              # the sentence-pair task's full and LoRA references: ~8 minutes
 #   scripts/experiments.sh d90pairs           # d90 on the sentence-pair task (after pairs): ~1 hour
@@ -61,11 +63,28 @@ strength() {  # an adapter's strength as a dial: Table 5's W_q row, each seed's 
         --plot docs/images/strength.png
 }
 
+adaptersize() {  # an adapter's file against its base at 7B scale, from the architectures' configs (no weights)
+    "$PYTHON" scripts/adapter_size.py --csv docs/experiments/adapter_size.csv
+}
+
+optimizer() {  # QLoRA's third ingredient: AdamW's states in 8 bits (bitsandbytes), on a full fine-tune of the demo's base
+    # (paged_adamw_8bit pages them to the CPU on CUDA only). Memory is the measure; one seed (it does not vary).
+    SEEDS=1 sweep demo/optimizer "$DEMO" --grid train.optimizer=adamw,adamw_8bit --set train.method=full \
+        --set train.lr=1e-4 --set model.dtype=fp32 --set train.max_steps=3 --set train.batch_size=4 \
+        --set train.save_every=3
+    local run states
+    echo "run,optimizer_states_bytes" > docs/experiments/demo/optimizer_states.csv
+    for run in "$OUT"/demo/optimizer/*/; do
+        states=$(stat -c %s "$run"checkpoints/*/optimizer.safetensors)
+        echo "$(basename "$run"),$states" >> docs/experiments/demo/optimizer_states.csv
+    done
+}
+
 full() {  # LoRA against full fine-tuning on the demo task
-    sweep demo/full "$DEMO" --grid train.method=full --grid train.lr=2e-5,1e-4 \
+    sweep demo/full "$DEMO" --grid train.method=full --grid train.lr=2e-5,1e-4,3e-4,1e-3 \
         --set train.exact_match=true --set data.retain=builtin
-    # LoRA at the demo's learning rate and below it: how much of its forgetting is the rate
-    sweep demo/lora "$DEMO" --grid train.lr=5e-4,1e-3,2e-3 --set train.exact_match=true --set data.retain=builtin
+    # LoRA at the demo's learning rate, below it and above it: its best rate, and how much of its forgetting is the rate
+    sweep demo/lora "$DEMO" --grid train.lr=5e-4,1e-3,2e-3,5e-3 --set train.exact_match=true --set data.retain=builtin
 }
 
 numbers() {  # a second task on the demo's base (numbers in words to digits), for the mix study
@@ -124,14 +143,14 @@ d90demo() {  # the same on the demo task, every one of smollm2-135m's weights pr
         SEEDS=1 sweep "demo/d90/dim=$dim" "$DEMO" "${intrinsic[@]}" --set "intrinsic.dim=$dim" --set "train.lr=$lr" \
             --grid train.seed=1,2
     done
-    "$PYTHON" scripts/d90_study.py report docs/experiments/demo --reference-lr 1e-4 --lora-lr 2e-3 \
+    "$PYTHON" scripts/d90_study.py report docs/experiments/demo --reference-lr 3e-4 --lora-lr 2e-3 \
         --csv docs/experiments/demo/d90.csv --plot docs/images/d90_demo.png \
         --title "d90 on the demo task (smollm2-135m, 134.5M parameters projected)"
 }
 
 sections=("$@")
 [[ ${#sections[@]} -eq 0 ]] && { sed -n '2,15p' "$0"; exit 2; }
-[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace strength full numbers mix pairs d90pairs d90demo)
+[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace strength adaptersize optimizer full numbers mix pairs d90pairs d90demo)
 if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps, as far as they got
     for section in "${sections[@]:1}"; do
         case $section in
@@ -155,7 +174,7 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
 fi
 for section in "${sections[@]}"; do
     case $section in
-        table5 | table6 | subspace | strength | full | numbers | mix | encoder | pairs | d90pairs | d90demo) "$section" ;;
-        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace strength full numbers mix encoder pairs d90pairs d90demo all)" >&2; exit 2 ;;
+        table5 | table6 | subspace | strength | adaptersize | optimizer | full | numbers | mix | encoder | pairs | d90pairs | d90demo) "$section" ;;
+        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace strength adaptersize optimizer full numbers mix encoder pairs d90pairs d90demo all)" >&2; exit 2 ;;
     esac
 done
