@@ -341,7 +341,8 @@ def main() -> int:
                         continue
                     rows.setdefault((peer, dtype), []).append(result)
                     speeds = f"{result['one_tok_s']:.1f} / {result['many_tok_s']:.1f} tok/s"
-                    print(f"  round {round_ + 1} {peer} {dtype}: 1 / {args.clients} clients {speeds}")
+                    alone = f"TTFT {result['one_ttft'] * 1000:.0f} ms, inter-token {result['one_gap'] * 1000:.1f} ms"
+                    print(f"  round {round_ + 1} {peer} {dtype}: 1 / {args.clients} clients {speeds} (alone: {alone})")
     report(rows, missing, args)
     return 0
 
@@ -356,7 +357,7 @@ def report(rows: dict, missing: dict, args) -> None:
         texts = runs[0]["texts"]
         same = f"{sum(a == b for a, b in zip(texts, ours[0]['texts'], strict=True))}/{len(texts)}" if ours else "-"
         print(
-            f"| {peer} | {dtype} | {m['one_tok_s']:.1f} ({m['one_ttft'] * 1000:.0f} ms, {m['one_gap'] * 1000:.0f} ms)"
+            f"| {peer} | {dtype} | {m['one_tok_s']:.1f} ({m['one_ttft'] * 1000:.0f} ms, {m['one_gap'] * 1000:.1f} ms)"
             f" | {m['many_tok_s']:.1f} | {m['many_ttft_p50'] * 1000:,.0f} / {m['many_ttft_p95'] * 1000:,.0f} ms"
             f" | {m['rss']:,.0f} MB | {same} |"
         )

@@ -72,11 +72,11 @@ def write_rows(rows: list[dict], path: Path) -> None:
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Per strength: the number of seeds, exact match and forgetting as mean and standard deviation over seeds."""
+    """Per strength: exact match and forgetting as mean and standard deviation over the seeds."""
     out = []
     for strength in sorted({float(r["strength"]) for r in rows}):
         at = [r for r in rows if float(r["strength"]) == strength]
-        entry = {"strength": strength, "seeds": len(at), "n": at[0]["n"]}
+        entry = {"strength": strength, "n": at[0]["n"]}
         for key in ("exact_match", "forgetting"):
             values = [float(r[key]) for r in at]
             entry[key] = statistics.mean(values)
