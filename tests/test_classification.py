@@ -336,6 +336,33 @@ def test_forgetting_of_a_classifier_is_its_representation_drift_and_resumes_with
     assert resumed["forgetting"] == pytest.approx(summary["forgetting"], rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    "method",
+    [{"method": "lora", "lr": 1e-2}, {"method": "intrinsic", "lr": 0.1}],
+    ids=["lora", "intrinsic"],
+)
+def test_forgetting_of_an_adapted_classifier_rises_from_zero_as_it_trains(workspace, capsys, method):
+    """LoRA and intrinsic training of a classifier report forgetting too: no drift before the first step, some after
+    it, the summary's figure the last one logged."""
+    write_jsonl(workspace / "retain.jsonl", [{"text": f"the weather in town number {i} is mild"} for i in range(12)])
+    name = f"forget-{method['method']}"
+    config = write_config(
+        workspace,
+        name,
+        data={"retain": str(workspace / "retain.jsonl")},
+        train={**method, "max_steps": 4, "eval_every": 2, "save_every": 4, "scheduler": "constant"},
+        **({"intrinsic": {"dim": 64}} if method["method"] == "intrinsic" else {}),
+    )
+    status, _, err = cli(capsys, "train", config, "--no-progress")
+    assert status == 0, err
+    records = [json.loads(line) for line in (workspace / name / "metrics.jsonl").read_text().splitlines()]
+    drift = [(r["step"], r["forgetting"]) for r in records if "forgetting" in r]
+    assert drift[0] == (0, 0.0) and [step for step, _ in drift] == [0, 2, 4]
+    assert drift[1][1] > 0 and drift[2][1] > 0
+    summary = json.loads((workspace / name / "summary.json").read_text())
+    assert summary["forgetting"] == pytest.approx(drift[-1][1])
+
+
 def test_bitfit_on_a_model_without_biases_is_one_line(tiny_llama_dir, tmp_path, capsys):
     from run_helpers import addition_rows, config_dict
     from run_helpers import write_config as write_run_config
