@@ -156,6 +156,7 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
         case $section in
             table5 | table6) keep "demo/$section" ;;
             full) keep demo/full && keep demo/lora ;;
+            optimizer) keep demo/optimizer ;;
             numbers) keep mix/numbers ;;
             pairs) keep pairs/full && keep pairs/lora ;;
             d90pairs | d90demo)

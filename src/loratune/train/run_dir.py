@@ -240,7 +240,7 @@ def differences(run_dir: Path, config: TrainConfig) -> list[tuple[str, object, o
     meta = saved.meta or {}
     then = meta.get("requested") or requested_settings(saved)
     old, new = _leaves(then), _leaves(requested_settings(config))
-    methods = {old.get("train.method", "lora"), new.get("train.method", "lora")}
+    methods = {old.get("train.method"), new.get("train.method")}
     found = [
         (key, old.get(key), new.get(key))
         for key in sorted(old.keys() | new.keys())
