@@ -6,12 +6,15 @@
 #   scripts/experiments.sh table5 table6 full # the demo-task tables, on a 2-core CPU: ~35, ~70 and ~50 minutes
 #   scripts/experiments.sh subspace           # §7.2/§7.3 from table6's adapters: ~2 minutes
 #   scripts/experiments.sh strength           # table5's W_q adapters (3 seeds) at strengths 0..2: ~30 minutes
+#   scripts/experiments.sh resize             # the README's resize table and spectra, 3 seeds: ~25 minutes
 #   scripts/experiments.sh adaptersize        # adapter sizes against 7B-shaped bases (configs only): ~2 minutes
 #   scripts/experiments.sh optimizer          # a full fine-tune's optimizer states, AdamW against 8-bit: ~5 minutes
 #   scripts/experiments.sh numbers mix        # two task adapters mixed (after full): ~19 minutes
 #   scripts/experiments.sh pairs              # the sentence-pair task's full and LoRA references: ~8 minutes
+#   scripts/experiments.sh pairsmethods       # the encoder table's four methods on the sentence-pair task: ~30 min
 #   scripts/experiments.sh d90pairs           # d90 on the sentence-pair task (after pairs): ~1 hour
 #   scripts/experiments.sh d90demo            # d90 on the demo task (after full): ~2 hours
+#   scripts/experiments.sh d90flat            # the demo's d90 curve at large d, more rates: ~35 minutes
 #   scripts/experiments.sh all
 #   scripts/experiments.sh keep table5        # keep the finished runs' records of a sweep stopped half-way
 #
@@ -63,6 +66,15 @@ strength() {  # an adapter's strength as a dial: Table 5's W_q row, each seed's 
         --plot docs/images/strength.png
 }
 
+resize() {  # the README's "Choosing a rank": r = 64 cut down by `resize` against r = 8 trained, and their spectra
+    sweep demo/resize-r64 "$DEMO" --set lora.r=64 --set lora.lora_alpha=128
+    sweep demo/resize-r8 "$DEMO"
+    "$PYTHON" scripts/resize_study.py --r64 "$OUT"/demo/resize-r64/seed={0,1,2}/adapter \
+        --r8 "$OUT"/demo/resize-r8/seed={0,1,2}/adapter --work "$OUT/demo/resize" --data examples/demo/eval.jsonl \
+        --csv docs/experiments/demo/resize.csv --ranks-csv docs/experiments/demo/resize_ranks.csv \
+        --phi-csv docs/experiments/demo/resize_phi.csv
+}
+
 adaptersize() {  # an adapter's file against its base at 7B scale, from the architectures' configs (no weights)
     "$PYTHON" scripts/adapter_size.py --csv docs/experiments/adapter_size.csv
 }
@@ -96,33 +108,39 @@ mix() {  # the demo's date adapters and the numbers adapters, alone and mixed, o
         --loratune "$(command -v "$LORATUNE")"
 }
 
-# each method's learning-rate grid for the encoder table (seed 0), the best rate then taking seeds 1 and 2
+# each method's learning-rate grid for the encoder tables (seed 0), the best rate then taking seeds 1 and 2; on the
+# sentence-pair task LoRA's best was the classification grid's lowest rate and the head's its highest: both extended
 ENCODER_RATES=(full:3e-5,1e-4,3e-4,1e-3 bitfit:1.5e-3,5e-3,1.5e-2,5e-2 lora:1e-3,3e-3,1e-2,3e-2
     head:5e-3,1.5e-2,5e-2,1.5e-1)
-encoder() {  # LoRA, full, BitFit and the head alone on the classification demo (Table 2's question on an encoder)
-    local entry name lr method
-    for entry in "${ENCODER_RATES[@]}"; do
-        name=${entry%%:*}
-        case $name in
+PAIRS_RATES=(full:3e-5,1e-4,3e-4,1e-3 bitfit:1.5e-3,5e-3,1.5e-2,5e-2 lora:3e-4,1e-3,3e-3,1e-2,3e-2
+    head:5e-3,1.5e-2,5e-2,1.5e-1,5e-1,1.5)
+encoder_methods() {  # encoder_methods CONFIG NAME METHOD:RATES...: LoRA, full, BitFit, the head alone (Table 2)
+    local config=$1 name=$2 entry method_name lr method
+    shift 2
+    for entry in "$@"; do
+        method_name=${entry%%:*}
+        case $method_name in
             full) method=(--set train.method=full) ;;
             bitfit) method=(--set train.method=bitfit) ;;
             lora) method=() ;;
             head) method=(--set train.method=full --set 'train.full_modules=[classifier]') ;;
         esac
-        SEEDS=1 sweep "encoder/$name-lr" "$CLASSIFY" "${method[@]}" --set train.save_every=1000 \
+        SEEDS=1 sweep "$name/$method_name-lr" "$config" "${method[@]}" --set train.save_every=1000 \
             --grid "train.lr=${entry#*:}"
-        lr=$("$PYTHON" scripts/encoder_study.py choose "docs/experiments/encoder/$name-lr/runs")
-        SEEDS=1 sweep "encoder/$name/lr=$lr" "$CLASSIFY" "${method[@]}" --set train.save_every=1000 \
+        lr=$("$PYTHON" scripts/encoder_study.py choose "docs/experiments/$name/$method_name-lr/runs")
+        SEEDS=1 sweep "$name/$method_name/lr=$lr" "$config" "${method[@]}" --set train.save_every=1000 \
             --set "train.lr=$lr" --grid train.seed=1,2
     done
-    "$PYTHON" scripts/encoder_study.py report docs/experiments/encoder
+    "$PYTHON" scripts/encoder_study.py report "docs/experiments/$name" --csv "docs/experiments/$name.csv"
 }
+encoder() { encoder_methods "$CLASSIFY" encoder "${ENCODER_RATES[@]}"; }  # on the classification demo
 
 PAIRS=examples/pairs/config.yaml
 pairs() {  # the sentence-pair task's references (full fine-tuning, LoRA) for d90 on a classifier
     sweep pairs/full "$PAIRS" --set train.method=full --set train.lr=1e-4 --set train.save_every=1000
     sweep pairs/lora "$PAIRS" --set train.save_every=1000
 }
+pairsmethods() { encoder_methods "$PAIRS" pairs/methods "${PAIRS_RATES[@]}"; }  # the same four methods on the sentence-pair task
 
 D90_DIMS=120,150,200,300,500,1000
 d90pairs() {  # d90 by the paper's definition on the sentence-pair task: a learning rate per d, then three seeds
@@ -148,25 +166,35 @@ d90demo() {  # the same on the demo task, every one of smollm2-135m's weights pr
         --title "d90 on the demo task (smollm2-135m, 134.5M parameters projected)"
 }
 
+d90flat() {  # where the demo's d90 curve stops rising (seed 0): d = 100,000 at rates below and between d90demo's
+    # grid (its 0.1 was the only rate that did not diverge), and d = 300,000 at a rate its size can take
+    local intrinsic=(--set train.method=intrinsic --set train.exact_match=true)
+    SEEDS=1 sweep demo/d90-flat "$DEMO" "${intrinsic[@]}" --set intrinsic.dim=100000 --grid train.lr=0.03,0.05,0.2
+    SEEDS=1 sweep demo/d90-flat-300k "$DEMO" "${intrinsic[@]}" --set intrinsic.dim=300000 --grid train.lr=0.05
+}
+
 sections=("$@")
-[[ ${#sections[@]} -eq 0 ]] && { sed -n '2,15p' "$0"; exit 2; }
-[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace strength adaptersize optimizer full numbers mix pairs d90pairs d90demo)
+[[ ${#sections[@]} -eq 0 ]] && { sed -n '2,18p' "$0"; exit 2; }
+[[ ${sections[0]} == all ]] && sections=(encoder table5 table6 subspace strength resize adaptersize optimizer full numbers mix pairs pairsmethods d90pairs d90demo d90flat)
 if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps, as far as they got
     for section in "${sections[@]:1}"; do
         case $section in
             table5 | table6) keep "demo/$section" ;;
             full) keep demo/full && keep demo/lora ;;
             optimizer) keep demo/optimizer ;;
+            d90flat) keep demo/d90-flat && keep demo/d90-flat-300k ;;
             numbers) keep mix/numbers ;;
             pairs) keep pairs/full && keep pairs/lora ;;
             d90pairs | d90demo)
                 task=$([[ $section == d90pairs ]] && echo pairs || echo demo)
                 keep "$task/d90-lr"
                 for run in "$OUT/$task"/d90/*/; do [[ -d $run ]] && keep "$task/d90/$(basename "$run")"; done ;;
-            encoder)
+            resize) keep demo/resize-r64 && keep demo/resize-r8 ;;
+            encoder | pairsmethods)
+                prefix=$([[ $section == encoder ]] && echo encoder || echo pairs/methods)
                 for name in full bitfit lora head; do
-                    keep "encoder/$name-lr"
-                    for run in "$OUT/encoder/$name"/lr=*/; do [[ -d $run ]] && keep "encoder/$name/$(basename "$run")"; done
+                    keep "$prefix/$name-lr"
+                    for run in "$OUT/$prefix/$name"/lr=*/; do [[ -d $run ]] && keep "$prefix/$name/$(basename "$run")"; done
                 done ;;
             *) echo "scripts/experiments.sh: no section '$section'" >&2; exit 2 ;;
         esac
@@ -175,7 +203,7 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
 fi
 for section in "${sections[@]}"; do
     case $section in
-        table5 | table6 | subspace | strength | adaptersize | optimizer | full | numbers | mix | encoder | pairs | d90pairs | d90demo) "$section" ;;
-        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace strength adaptersize optimizer full numbers mix encoder pairs d90pairs d90demo all)" >&2; exit 2 ;;
+        table5 | table6 | subspace | strength | resize | adaptersize | optimizer | full | numbers | mix | encoder | pairs | pairsmethods | d90pairs | d90demo | d90flat) "$section" ;;
+        *) echo "scripts/experiments.sh: no section '$section' (sections: table5 table6 subspace strength resize adaptersize optimizer full numbers mix encoder pairs pairsmethods d90pairs d90demo d90flat all)" >&2; exit 2 ;;
     esac
 done

@@ -81,43 +81,70 @@ def test_the_d90_table_is_what_the_kept_run_records_give(task, tmp_path):
     assert all(reading in done.stdout for reading in readings), done.stdout
 
 
-def test_the_encoder_table_is_what_the_kept_run_records_give(tmp_path):
-    """docs/experiments/encoder.csv (the encoder table's rows, each method at its chosen rate) is recomputed from
-    the runs' kept records, with the rates docs/experiments.md states."""
-    script, records = ROOT / "scripts/encoder_study.py", ROOT / "docs/experiments/encoder"
-    done = subprocess.run(
-        [sys.executable, str(script), "report", str(records), "--csv", str(tmp_path / "encoder.csv")],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    assert (tmp_path / "encoder.csv").read_bytes() == (ROOT / "docs/experiments/encoder.csv").read_bytes()
-    for row in (
+ENCODER_TABLES = {  # records under docs/experiments/NAME, rows in docs/experiments/NAME.csv: the rows the doc states
+    "encoder": (
         "| full fine-tuning | 0.0003 | 3 | 22,716,296 | 99.3 ± 1.2 |",
         "| BitFit (biases + head) | 0.015 | 3 | 29,192 | 100.0 ± 0.0 |",
         "| LoRA r=8, W_q W_v (+ head) | 0.01 | 3 | 76,808 | 98.8 ± 2.0 |",
         "| head only | 0.05 | 3 | 3,080 | 99.6 ± 0.5 |",
-    ):
+    ),
+    "pairs/methods": (
+        "| full fine-tuning | 0.0001 | 3 | 22,713,986 | 85.9 ± 1.7 |",
+        "| BitFit (biases + head) | 0.005 | 3 | 26,882 | 89.7 ± 0.5 |",
+        "| LoRA r=8, W_q W_v (+ head) | 0.001 | 3 | 74,498 | 88.7 ± 2.1 |",
+        "| head only | 0.15 | 3 | 770 | 62.5 ± 0.3 |",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ENCODER_TABLES)
+def test_the_encoder_tables_are_what_the_kept_run_records_give(name, tmp_path):
+    """docs/experiments/NAME.csv (an encoder table's rows, each method at its chosen rate) is recomputed from the
+    runs' kept records, with the rates docs/experiments.md states."""
+    script, records = ROOT / "scripts/encoder_study.py", ROOT / "docs/experiments" / name
+    done = subprocess.run(
+        [sys.executable, str(script), "report", str(records), "--csv", str(tmp_path / "table.csv")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert (tmp_path / "table.csv").read_bytes() == (ROOT / f"docs/experiments/{name}.csv").read_bytes()
+    for row in ENCODER_TABLES[name]:
         assert row in done.stdout, done.stdout
 
 
-EXPERIMENTS_DOC = ROOT / "docs/experiments.md"
-
-
 @pytest.mark.parametrize(
-    "command",
+    ("command", "doc", "readings"),
     [
-        ["scripts/strength_curve.py", "--csv", "docs/experiments/strength.csv", "--plot", "{tmp}/strength.png"],
-        ["scripts/subspace_study.py", "--report", "docs/experiments/demo/subspace.csv"],
+        (
+            ["scripts/strength_curve.py", "--csv", "docs/experiments/strength.csv", "--plot", "{tmp}/strength.png"],
+            "docs/experiments.md",
+            [],
+        ),
+        (["scripts/subspace_study.py", "--report", "docs/experiments/demo/subspace.csv"], "docs/experiments.md", []),
+        (
+            [
+                "scripts/resize_study.py",
+                "--csv",
+                "docs/experiments/demo/resize.csv",
+                "--ranks-csv",
+                "docs/experiments/demo/resize_ranks.csv",
+                "--phi-csv",
+                "docs/experiments/demo/resize_phi.csv",
+            ],
+            "README.md",
+            ["0.028 / 0.032 / 0.025"],  # φ(1, 1) per seed
+        ),
     ],
-    ids=["strength", "subspace"],
+    ids=["strength", "subspace", "resize"],
 )
-def test_the_docs_tables_are_what_their_raw_rows_give(command, tmp_path):
-    """The strength dial's and §7's tables in docs/experiments.md are, row for row, what their scripts compute from
-    the committed CSVs (three seeds each)."""
+def test_the_docs_tables_are_what_their_raw_rows_give(command, doc, readings, tmp_path):
+    """The strength dial's and §7's tables in docs/experiments.md, and the README's resize tables, are row for row
+    what their scripts compute from the committed CSVs (three seeds each); so are the readings the doc quotes."""
     arguments = [a.format(tmp=tmp_path) for a in command]
     done = subprocess.run([sys.executable, *arguments], cwd=ROOT, check=True, capture_output=True, text=True)
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "|---" not in line]
     assert len(rows) >= 3, done.stdout
-    doc = EXPERIMENTS_DOC.read_text()
-    assert [row for row in rows if row not in doc] == []
+    text = (ROOT / doc).read_text()
+    assert [row for row in rows if row not in text] == []
+    assert all(reading in done.stdout and reading in text for reading in readings), done.stdout
