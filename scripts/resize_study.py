@@ -18,7 +18,6 @@ then rename) after every adapter, and what they already hold is not measured aga
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -26,8 +25,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 from safetensors import safe_open
+
+from encoder_study import mean_std
+from strength_curve import read_rows, seed_of, write_csv
 
 KINDS = {  # the table's rows, in order: what each adapter is
     "r64": "trained at r = 64",
@@ -48,14 +49,6 @@ def loratune(*arguments: str) -> str:
     if done.returncode != 0:
         raise SystemExit(f"loratune {arguments[0]} failed: {done.stderr.strip().splitlines()[-1:]}")
     return done.stdout
-
-
-def seed_of(adapter: Path) -> int:
-    """The seed of the run that trained ``adapter`` (its config.yaml's train.seed)."""
-    config = adapter.parent / "config.yaml"
-    if not config.is_file():
-        raise SystemExit(f"{adapter}: no config.yaml beside it to read the run's seed from")
-    return int(yaml.safe_load(config.read_text())["train"]["seed"])
 
 
 def adapter_ranks(adapter: Path) -> list[int]:
@@ -117,28 +110,13 @@ def phi_line(rows: list[dict]) -> str:
     )
 
 
-def read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+def write_sorted(rows: list[dict], columns: tuple, path: Path) -> None:
+    """The rows, ordered by their first three columns (the seed as a number), written as the CSV."""
 
+    def key(row: dict) -> tuple:
+        return tuple(f"{int(row[c]):04d}" if c == "seed" else str(row[c]) for c in columns[:3])
 
-def write_csv(rows: list[dict], columns: tuple, path: Path) -> None:
-    """The rows, in a stable order, to a temporary name renamed into place."""
-    rows = sorted(rows, key=lambda r: tuple(str(r[c]) if c != "seed" else f"{int(r[c]):04d}" for c in columns[:3]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    temporary.replace(path)
-
-
-def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * spread:.{digits}f}"
+    write_csv(sorted(rows, key=key), columns, path)
 
 
 def span(values: list[int]) -> str:
@@ -200,7 +178,7 @@ def main() -> int:
     args = parser.parse_args()
     if (args.r64 or args.r8) and (args.work is None or args.data is None):
         parser.error("--work and --data are needed to measure adapters")
-    rows, ranks, phi = read_csv(args.csv), read_csv(args.ranks_csv), read_csv(args.phi_csv)
+    rows, ranks, phi = read_rows(args.csv), read_rows(args.ranks_csv), read_rows(args.phi_csv)
 
     def done(seed: int, kind: str, table: list[dict]) -> bool:
         return any(int(r["seed"]) == seed and r["adapter"] == kind for r in table)
@@ -208,7 +186,7 @@ def main() -> int:
     def add(adapter: Path, seed: int, kind: str) -> None:
         if not done(seed, kind, rows):
             rows.append(measure(adapter, seed, kind, args))
-            write_csv(rows, COLUMNS, args.csv)
+            write_sorted(rows, COLUMNS, args.csv)
             print(f"seed {seed}, {kind}: exact match {float(rows[-1]['exact_match']):.3f}", flush=True)
 
     for kind, adapters in (("r64", args.r64), ("r8", args.r8)):
@@ -216,7 +194,7 @@ def main() -> int:
             seed = seed_of(adapter)
             if not done(seed, kind, ranks):
                 ranks.extend(spectrum(adapter, seed, kind))
-                write_csv(ranks, RANK_COLUMNS, args.ranks_csv)
+                write_sorted(ranks, RANK_COLUMNS, args.ranks_csv)
             add(adapter, seed, kind)
             if kind != "r64":
                 continue
@@ -231,7 +209,7 @@ def main() -> int:
             raise SystemExit(f"{r8} and {r64} are of different seeds; pass --r8 and --r64 in the same seed order")
         if not any(int(r["seed"]) == seed for r in phi):
             phi.extend(similarity(r8, r64, seed))
-            write_csv(phi, PHI_COLUMNS, args.phi_csv)
+            write_sorted(phi, PHI_COLUMNS, args.phi_csv)
     if not rows:
         raise SystemExit(f"{args.csv}: no rows; pass the adapters to measure")
     print(results_table(rows))

@@ -59,16 +59,20 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def write_rows(rows: list[dict], path: Path) -> None:
-    """The rows, ordered by seed then strength, written to a temporary name and renamed into place."""
-    rows = sorted(rows, key=lambda r: (int(r["seed"]), float(r["strength"])))
+def write_csv(rows: list[dict], columns: tuple, path: Path) -> None:
+    """The rows as a CSV with ``columns``, written to a temporary name and renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     with temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     temporary.replace(path)
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """The rows, ordered by seed then strength, written as the CSV."""
+    write_csv(sorted(rows, key=lambda r: (int(r["seed"]), float(r["strength"]))), COLUMNS, path)
 
 
 def summary(rows: list[dict]) -> list[dict]:
