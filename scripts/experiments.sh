@@ -14,7 +14,7 @@
 #   scripts/experiments.sh pairsmethods       # the encoder table's four methods on the sentence-pair task: ~30 min
 #   scripts/experiments.sh d90pairs           # d90 on the sentence-pair task (after pairs): ~1 hour
 #   scripts/experiments.sh d90demo            # d90 on the demo task (after full): ~2 hours
-#   scripts/experiments.sh d90flat            # the demo's d90 curve at large d, more rates: ~35 minutes
+#   scripts/experiments.sh d90flat            # the demo's d90 curve at large d, finer rates: ~45 min
 #   scripts/experiments.sh all
 #   scripts/experiments.sh keep table5        # keep the finished runs' records of a sweep stopped half-way
 #
@@ -167,10 +167,14 @@ d90demo() {  # the same on the demo task, every one of smollm2-135m's weights pr
 }
 
 d90flat() {  # where the demo's d90 curve stops rising (seed 0): d = 100,000 at rates below and between d90demo's
-    # grid (its 0.1 was the only rate that did not diverge), and d = 300,000 at a rate its size can take
+    # grid (its 0.1 was the only rate that did not diverge), seeds 1 and 2 at the best; d = 300,000 at two rates
     local intrinsic=(--set train.method=intrinsic --set train.exact_match=true)
     SEEDS=1 sweep demo/d90-flat "$DEMO" "${intrinsic[@]}" --set intrinsic.dim=100000 --grid train.lr=0.03,0.05,0.2
-    SEEDS=1 sweep demo/d90-flat-300k "$DEMO" "${intrinsic[@]}" --set intrinsic.dim=300000 --grid train.lr=0.05
+    "$PYTHON" scripts/d90_study.py choose docs/experiments/demo/d90-flat/runs | while read -r dim lr; do
+        SEEDS=1 sweep "demo/d90-flat-seeds/dim=$dim" "$DEMO" "${intrinsic[@]}" --set "intrinsic.dim=$dim" \
+            --set "train.lr=$lr" --grid train.seed=1,2
+    done
+    SEEDS=1 sweep demo/d90-flat-300k "$DEMO" "${intrinsic[@]}" --set intrinsic.dim=300000 --grid train.lr=0.03,0.05
 }
 
 sections=("$@")
@@ -182,7 +186,9 @@ if [[ ${sections[0]} == keep ]]; then  # keep SECTION...: each section's sweeps,
             table5 | table6) keep "demo/$section" ;;
             full) keep demo/full && keep demo/lora ;;
             optimizer) keep demo/optimizer ;;
-            d90flat) keep demo/d90-flat && keep demo/d90-flat-300k ;;
+            d90flat)
+                keep demo/d90-flat && keep demo/d90-flat-300k
+                for run in "$OUT"/demo/d90-flat-seeds/*/; do [[ -d $run ]] && keep "demo/d90-flat-seeds/$(basename "$run")"; done ;;
             numbers) keep mix/numbers ;;
             pairs) keep pairs/full && keep pairs/lora ;;
             d90pairs | d90demo)
