@@ -154,9 +154,9 @@ def ranks_table(rows: list[dict]) -> str:
     for kind in ("r64", "r8"):
         at = [r for r in rows if r["adapter"] == kind]
         for mtype in sorted({module_type(r["module"]) for r in at}):
+            typed = [r for r in at if module_type(r["module"]) == mtype]
             cells = []
             for key in ("rank_at_0.5", "rank_at_0.9"):
-                typed = [r for r in at if module_type(r["module"]) == mtype]
                 medians = [
                     statistics.median(int(r[key]) for r in typed if r["seed"] == seed)
                     for seed in sorted({r["seed"] for r in typed})
