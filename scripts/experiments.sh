@@ -6,15 +6,15 @@
 #   scripts/experiments.sh table5 table6 full # the demo-task tables, on a 2-core CPU: ~35, ~70 and ~50 minutes
 #   scripts/experiments.sh subspace           # §7.2/§7.3 from table6's adapters: ~2 minutes
 #   scripts/experiments.sh strength           # table5's W_q adapters (3 seeds) at strengths 0..2: ~30 minutes
-#   scripts/experiments.sh resize             # the README's resize table and spectra, 3 seeds: ~25 minutes
+#   scripts/experiments.sh resize             # the README's resize table and spectra, 3 seeds: ~28 minutes
 #   scripts/experiments.sh adaptersize        # adapter sizes against 7B-shaped bases (configs only): ~2 minutes
 #   scripts/experiments.sh optimizer          # a full fine-tune's optimizer states, AdamW against 8-bit: ~5 minutes
 #   scripts/experiments.sh numbers mix        # two task adapters mixed (after full): ~19 minutes
 #   scripts/experiments.sh pairs              # the sentence-pair task's full and LoRA references: ~8 minutes
-#   scripts/experiments.sh pairsmethods       # the encoder table's four methods on the sentence-pair task: ~30 min
+#   scripts/experiments.sh pairsmethods       # the encoder table's four methods on the sentence-pair task: ~23 min
 #   scripts/experiments.sh d90pairs           # d90 on the sentence-pair task (after pairs): ~1 hour
 #   scripts/experiments.sh d90demo            # d90 on the demo task (after full): ~2 hours
-#   scripts/experiments.sh d90flat            # the demo's d90 curve at large d, finer rates: ~45 min
+#   scripts/experiments.sh d90flat            # the demo's d90 curve at large d, finer rates: ~48 min
 #   scripts/experiments.sh all
 #   scripts/experiments.sh keep table5        # keep the finished runs' records of a sweep stopped half-way
 #
